@@ -1,0 +1,287 @@
+/** Image commands: create, info, map, read, write, bench. */
+import * as fs from 'node:fs';
+import { Command, Option } from 'commander';
+import { openImage, checkRange, ImageInfo, LayerInfo } from '../image';
+import { createRawImage } from '../raw';
+import { runBench } from '../bench';
+import { writeAtomically } from '../atomic';
+import { invalid } from '../errors';
+import { formatSize } from '../size';
+import { action, printJson, sizeArg } from './util';
+
+const CHUNK = 4 * 2 ** 20;
+
+export function register(program: Command): void {
+  program
+    .command('create')
+    .description('create a sparse raw image')
+    .argument('<file>', 'image to create')
+    .argument('<size>', 'virtual size (bytes or 4k, 64K, 1M, 2G, ...)', sizeArg('size'))
+    .option('-f, --force', 'overwrite an existing file')
+    .action(
+      action(async (file: string, size: number, opts: { force?: boolean }) => {
+        await createRawImage(file, size, { force: opts.force });
+        process.stdout.write(`created ${file}: raw, ${formatSize(size)} (${size} bytes)\n`);
+      }),
+    );
+
+  program
+    .command('info')
+    .description('format, virtual size and allocation of an image (format detected from its content)')
+    .argument('<file>')
+    .option('--chain', 'show every layer of a differencing chain')
+    .option('--json', 'print JSON')
+    .action(
+      action((file: string, opts: { chain?: boolean; json?: boolean }) => {
+        const image = openImage(file, { ignoreParentGuard: true });
+        let info: ImageInfo;
+        try {
+          info = image.info(!!opts.chain);
+        } finally {
+          image.close();
+        }
+        if (opts.json) printJson(info);
+        else printInfo(info);
+      }),
+    );
+
+  program
+    .command('map')
+    .description('data and zero extents of an image, and the layer each comes from')
+    .argument('<file>')
+    .option('--json', 'print JSON')
+    .action(
+      action((file: string, opts: { json?: boolean }) => {
+        const image = openImage(file);
+        try {
+          const extents = image.map();
+          if (opts.json) {
+            printJson({ virtualSize: image.virtualSize, extents });
+            return;
+          }
+          const rows = extents.map((e) => [
+            String(e.offset),
+            String(e.length),
+            e.kind,
+            String(e.depth),
+            e.file ?? '-',
+          ]);
+          printTable(['offset', 'length', 'kind', 'depth', 'file'], rows);
+        } finally {
+          image.close();
+        }
+      }),
+    );
+
+  program
+    .command('read')
+    .description('read bytes of the guest view (to stdout, or to a new file with -o)')
+    .argument('<file>')
+    .argument('<offset>', 'guest offset', sizeArg('offset'))
+    .argument('<length>', 'bytes to read', sizeArg('length'))
+    .option('-o, --output <out>', 'write to this file instead of stdout')
+    .option('-f, --force', 'overwrite an existing output file')
+    .action(
+      action(async (file: string, offset: number, length: number, opts: { output?: string; force?: boolean }) => {
+        const image = openImage(file);
+        try {
+          checkRange(image, offset, length);
+          if (opts.output) {
+            await writeAtomically(opts.output, { force: opts.force }, (tmp) => {
+              const fd = fs.openSync(tmp, 'wx');
+              try {
+                copyOut(image, offset, length, (chunk) => fs.writeSync(fd, chunk));
+              } finally {
+                fs.closeSync(fd);
+              }
+            });
+          } else {
+            await copyOutAsync(image, offset, length, (chunk) => writeStdout(chunk));
+          }
+        } finally {
+          image.close();
+        }
+      }),
+    );
+
+  program
+    .command('write')
+    .description('write bytes (from a file, or stdin) into the guest view at an offset')
+    .argument('<file>')
+    .argument('<offset>', 'guest offset', sizeArg('offset'))
+    .option('-i, --input <in>', 'read the bytes from this file (default: stdin)')
+    .action(
+      action(async (file: string, offset: number, opts: { input?: string }) => {
+        const image = openImage(file, { write: true });
+        try {
+          // Everything is read and checked against the image's bounds before a byte is written.
+          const data = await readInput(opts.input, image.virtualSize - offset, file);
+          checkRange(image, offset, data.length);
+          for (let pos = 0; pos < data.length; pos += CHUNK) {
+            const chunk = data.subarray(pos, Math.min(data.length, pos + CHUNK));
+            image.writeSync(chunk, offset + pos);
+          }
+          image.flushSync();
+          process.stderr.write(`wrote ${data.length} bytes at offset ${offset} of ${file}\n`);
+        } finally {
+          image.close();
+        }
+      }),
+    );
+
+  program
+    .command('bench')
+    .description('I/O benchmark with the request pattern of `qemu-img bench`')
+    .argument('<file>')
+    .option('-w, --write', 'write requests (default: read)')
+    .option('-s, --size <size>', 'request size', sizeArg('size'), 4096)
+    .option('-c, --count <count>', 'number of requests', intArg('count'), 75000)
+    .option('-d, --depth <depth>', 'requests in flight (issued as one batch)', intArg('depth'), 64)
+    .option('-S, --step <step>', 'offset advance between requests (default: the request size)', sizeArg('step'))
+    .option('-o, --offset <offset>', 'offset of the first request', sizeArg('offset'), 0)
+    .option('--pattern <byte>', 'byte value written by write requests', intArg('pattern'), 0)
+    .option('--random', 'random size-aligned offsets instead of sequential ones')
+    .addOption(new Option('-n, --nocache', 'bypass the page cache (O_DIRECT)'))
+    .option('--json', 'print JSON')
+    .action(
+      action(
+        (
+          file: string,
+          opts: {
+            write?: boolean;
+            size: number;
+            count: number;
+            depth: number;
+            step?: number;
+            offset: number;
+            pattern: number;
+            random?: boolean;
+            nocache?: boolean;
+            json?: boolean;
+          },
+        ) => {
+          if (opts.pattern > 255) throw invalid(`pattern ${opts.pattern} is not a byte value (0-255)`);
+          const image = openImage(file, { write: !!opts.write, direct: !!opts.nocache });
+          try {
+            if (!opts.json) {
+              const step = opts.step ?? opts.size;
+              process.stderr.write(
+                `Sending ${opts.count} ${opts.write ? 'write' : 'read'} requests, ${opts.size} bytes each, ` +
+                  `${opts.depth} in parallel (starting at offset ${opts.offset}, ${opts.random ? 'random offsets' : `step size ${step}`})\n`,
+              );
+            }
+            const r = runBench(image, {
+              write: opts.write,
+              size: opts.size,
+              count: opts.count,
+              depth: opts.depth,
+              step: opts.step,
+              offset: opts.offset,
+              random: opts.random,
+              pattern: opts.pattern,
+            });
+            if (opts.json) printJson({ file, format: image.format, ...r });
+            else
+              process.stdout.write(
+                `Run completed in ${r.seconds.toFixed(3)} seconds: ${Math.round(r.iops)} requests/s, ` +
+                  `${formatSize(r.bytesPerSecond)}/s` +
+                  (r.operation === 'write' ? ` (final flush ${r.flushSeconds.toFixed(3)} s)` : '') +
+                  '\n',
+              );
+          } finally {
+            image.close();
+          }
+        },
+      ),
+    );
+}
+
+function intArg(what: string): (v: string) => number {
+  return sizeArg(what);
+}
+
+function printInfo(info: ImageInfo): void {
+  const layerLines = (l: LayerInfo, indent: string): string[] => {
+    const lines = [
+      `${indent}image: ${l.path}`,
+      `${indent}format: ${l.format}`,
+      `${indent}virtual size: ${formatSize(l.virtualSize)} (${l.virtualSize} bytes)`,
+      `${indent}allocated: ${formatSize(l.allocatedBytes)} (${l.allocatedBytes} bytes)`,
+    ];
+    if (l.clusterSize !== undefined) lines.push(`${indent}cluster size: ${l.clusterSize}`);
+    if (l.backing !== undefined) lines.push(`${indent}backing file: ${l.backing}`);
+    if (l.parentGuard !== undefined) lines.push(`${indent}parent guard: ${l.parentGuard}`);
+    for (const [k, v] of Object.entries(l)) {
+      if (['path', 'format', 'virtualSize', 'allocatedBytes', 'clusterSize', 'backing', 'parentGuard', 'chain'].includes(k)) continue;
+      if (v === undefined || typeof v === 'object') continue;
+      lines.push(`${indent}${k}: ${String(v)}`);
+    }
+    return lines;
+  };
+  if (info.chain && info.chain.length > 0) {
+    const out: string[] = [];
+    info.chain.forEach((layer, i) => {
+      out.push(`layer ${i}${i === 0 ? ' (top)' : ''}:`, ...layerLines(layer, '  '));
+    });
+    process.stdout.write(out.join('\n') + '\n');
+  } else {
+    process.stdout.write(layerLines(info, '').join('\n') + '\n');
+  }
+}
+
+export function printTable(header: string[], rows: string[][]): void {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]))).join('  ');
+  process.stdout.write([line(header), ...rows.map(line)].join('\n') + '\n');
+}
+
+function copyOut(image: ReturnType<typeof openImage>, offset: number, length: number, sink: (b: Buffer) => void): void {
+  const buf = Buffer.allocUnsafe(Math.min(CHUNK, Math.max(1, length)));
+  for (let pos = 0; pos < length; pos += buf.length) {
+    const chunk = buf.subarray(0, Math.min(buf.length, length - pos));
+    image.readSync(chunk, offset + pos);
+    sink(chunk);
+  }
+}
+
+async function copyOutAsync(
+  image: ReturnType<typeof openImage>,
+  offset: number,
+  length: number,
+  sink: (b: Buffer) => Promise<void>,
+): Promise<void> {
+  for (let pos = 0; pos < length; pos += CHUNK) {
+    const chunk = Buffer.allocUnsafe(Math.min(CHUNK, length - pos));
+    image.readSync(chunk, offset + pos);
+    await sink(chunk);
+  }
+}
+
+function writeStdout(chunk: Buffer): Promise<void> {
+  return new Promise((resolve, reject) => {
+    process.stdout.write(chunk, (err) => (err ? reject(err) : resolve()));
+  });
+}
+
+/** Reads all of `input` (or stdin), failing as soon as it exceeds `limit` bytes. */
+async function readInput(input: string | undefined, limit: number, image: string): Promise<Buffer> {
+  const tooLong = () =>
+    invalid(`the input is longer than the ${limit} bytes between the offset and the end of ${image}; nothing was written`, image);
+  if (input !== undefined) {
+    const st = fs.statSync(input);
+    if (st.isFile() && st.size > limit) throw tooLong();
+  }
+  const stream = input === undefined ? process.stdin : fs.createReadStream(input);
+  const chunks: Buffer[] = [];
+  let total = 0;
+  for await (const c of stream) {
+    const b = c as Buffer;
+    total += b.length;
+    if (total > limit) {
+      stream.destroy();
+      throw tooLong();
+    }
+    chunks.push(b);
+  }
+  return Buffer.concat(chunks, total);
+}

@@ -1,0 +1,95 @@
+/**
+ * What every command shares: error handling and exit codes, size options, JSON output,
+ * progress on stderr. A command is a few lines over a library call (STYLE.md).
+ *
+ * Exit codes: 0 success, 1 failure (one line on stderr), 2 bad usage (commander's own, and
+ * EINVALID raised while parsing arguments), or a command's documented code (diff check).
+ */
+import { Command, InvalidArgumentError } from 'commander';
+import { DisksnapError } from '../errors';
+import { parseSize } from '../size';
+
+/** Thrown by an action to end with a specific exit status after printing its result. */
+export class ExitStatus extends Error {
+  constructor(readonly status: number) {
+    super(`exit ${status}`);
+  }
+}
+
+/** Usage error: exit 2. */
+export class UsageError extends Error {}
+
+/** commander argument parser for sizes: `.argument('<size>', '...', sizeArg('size'))`. */
+export function sizeArg(what: string): (value: string) => number {
+  return (value: string) => {
+    try {
+      return parseSize(value, what);
+    } catch (e) {
+      throw new InvalidArgumentError((e as Error).message);
+    }
+  };
+}
+
+/** Repeatable option collector: `--tag K=V --tag K2=V2`. */
+export function collect(value: string, previous: string[] = []): string[] {
+  return [...previous, value];
+}
+
+export function printJson(value: unknown): void {
+  process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+}
+
+export function log(message: string): void {
+  process.stderr.write(message + '\n');
+}
+
+/**
+ * Wraps a command action: maps thrown errors to one line on stderr and the exit code.
+ * DisksnapError EINVALID raised before the action did anything is still a failure (exit 1):
+ * the argument was well-formed for the parser but wrong for the image (offset past the end).
+ */
+export function action<A extends unknown[]>(fn: (...args: A) => unknown | Promise<unknown>): (...args: A) => Promise<void> {
+  return async (...args: A) => {
+    try {
+      await fn(...args);
+    } catch (e) {
+      fail(e);
+    }
+  };
+}
+
+export function fail(e: unknown): never {
+  if (e instanceof ExitStatus) process.exit(e.status);
+  if (e instanceof UsageError) {
+    process.stderr.write(`disksnap: ${e.message}\n`);
+    process.exit(2);
+  }
+  if (e instanceof DisksnapError) {
+    process.stderr.write(`disksnap: ${e.message}${e.code && !e.message.includes(e.code) ? ` (${e.code})` : ''}\n`);
+    if (process.env.DISKSNAP_DEBUG) process.stderr.write(`${e.stack}\n`);
+    process.exit(1);
+  }
+  const err = e as NodeJS.ErrnoException;
+  if (err && typeof err.code === 'string' && typeof err.syscall === 'string') {
+    // node:fs errors already name the call and the path: "ENOENT: no such file or directory, open 'x'"
+    process.stderr.write(`disksnap: ${err.message}\n`);
+    process.exit(1);
+  }
+  process.stderr.write(`disksnap: internal error: ${err?.stack ?? String(e)}\n`);
+  process.exit(1);
+}
+
+/** A command group that a later version fills in: says so and exits 1, prints nothing on stdout. */
+export function notBuilt(program: Command, name: string, summary: string): void {
+  program
+    .command(name)
+    .description(`${summary} (not built yet)`)
+    .allowUnknownOption(true)
+    .allowExcessArguments(true)
+    .helpOption(false)
+    .argument('[args...]')
+    .action(() => {
+      process.stderr.write(`disksnap: '${name}' is not built yet in this version (${summary})\n`);
+      process.exit(1);
+    });
+}
