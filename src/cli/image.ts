@@ -7,7 +7,7 @@ import { runBench } from '../bench';
 import { writeAtomically } from '../atomic';
 import { invalid } from '../errors';
 import { formatSize } from '../size';
-import { action, printJson, sizeArg } from './util';
+import { action, intArg, printJson, sizeArg } from './util';
 
 const CHUNK = 4 * 2 ** 20;
 
@@ -135,8 +135,8 @@ export function register(program: Command): void {
     .argument('<file>')
     .option('-w, --write', 'write requests (default: read)')
     .option('-s, --size <size>', 'request size', sizeArg('size'), 4096)
-    .option('-c, --count <count>', 'number of requests', intArg('count'), 75000)
-    .option('-d, --depth <depth>', 'requests in flight (issued as one batch)', intArg('depth'), 64)
+    .option('-c, --count <count>', 'number of requests', intArg('count', 1), 75000)
+    .option('-d, --depth <depth>', 'requests in flight (issued as one batch)', intArg('depth', 1), 64)
     .option('-S, --step <step>', 'offset advance between requests (default: the request size)', sizeArg('step'))
     .option('-o, --offset <offset>', 'offset of the first request', sizeArg('offset'), 0)
     .option('--pattern <byte>', 'byte value written by write requests', intArg('pattern'), 0)
@@ -194,10 +194,6 @@ export function register(program: Command): void {
         },
       ),
     );
-}
-
-function intArg(what: string): (v: string) => number {
-  return sizeArg(what);
 }
 
 function printInfo(info: ImageInfo): void {

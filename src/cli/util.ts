@@ -5,7 +5,7 @@
  * Exit codes: 0 success, 1 failure (one line on stderr), 2 bad usage (commander's own, and
  * EINVALID raised while parsing arguments), or a command's documented code (diff check).
  */
-import { Command, InvalidArgumentError } from 'commander';
+import { Command } from 'commander';
 import { DisksnapError } from '../errors';
 import { parseSize } from '../size';
 
@@ -19,14 +19,22 @@ export class ExitStatus extends Error {
 /** Usage error: exit 2. */
 export class UsageError extends Error {}
 
-/** commander argument parser for sizes: `.argument('<size>', '...', sizeArg('size'))`. */
+/**
+ * commander argument parser for sizes: `.argument('<size>', '...', sizeArg('size'))`.
+ * A malformed size is a failure of the command (exit 1, EINVALID naming the argument), not
+ * a usage error: the command line had the right shape, one value was wrong.
+ */
 export function sizeArg(what: string): (value: string) => number {
+  return (value: string) => parseSize(value, what);
+}
+
+/** commander parser for a whole number (count, depth): exit 1 with a clear message if not. */
+export function intArg(what: string, min = 0): (value: string) => number {
   return (value: string) => {
-    try {
-      return parseSize(value, what);
-    } catch (e) {
-      throw new InvalidArgumentError((e as Error).message);
+    if (!/^\s*\d+\s*$/.test(value) || Number(value) < min || !Number.isSafeInteger(Number(value))) {
+      throw new DisksnapError(`${what} '${value}' is not a whole number${min > 0 ? ` of at least ${min}` : ''}`, 'EINVALID');
     }
+    return Number(value);
   };
 }
 

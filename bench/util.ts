@@ -1,0 +1,73 @@
+/** Shared helpers of the benchmarks: timing, medians, running peer commands. */
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import { randomFillSync } from 'node:crypto';
+
+export function median(values: number[]): number {
+  const s = [...values].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+/** Runs fn `runs` times and returns the median of what it returns (e.g. seconds). */
+export async function medianOf(runs: number, fn: () => number | Promise<number>): Promise<number> {
+  const out: number[] = [];
+  for (let i = 0; i < runs; i++) out.push(await fn());
+  return median(out);
+}
+
+/** Seconds taken by fn. */
+export async function timed(fn: () => unknown): Promise<number> {
+  const t0 = process.hrtime.bigint();
+  await fn();
+  return Number(process.hrtime.bigint() - t0) / 1e9;
+}
+
+/** Runs a command, throws with its stderr on failure, returns stdout and the seconds taken. */
+export function run(cmd: string, args: string[], opts: { env?: NodeJS.ProcessEnv; input?: string } = {}): { out: string; seconds: number } {
+  const t0 = process.hrtime.bigint();
+  const r = spawnSync(cmd, args, { env: { ...process.env, ...opts.env }, input: opts.input, maxBuffer: 1 << 28 });
+  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  if (r.error) throw r.error;
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.status}): ${r.stderr.toString().trim()}`);
+  return { out: r.stdout.toString(), seconds };
+}
+
+export function hasCommand(cmd: string): boolean {
+  return spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
+}
+
+/** Writes `bytes` of random data at `offset` of a file (created if missing), in 8 MiB pieces. */
+export function fillRandom(file: string, offset: number, bytes: number): void {
+  const fd = fs.openSync(file, fs.existsSync(file) ? 'r+' : 'w+');
+  try {
+    const buf = Buffer.alloc(8 * 2 ** 20);
+    for (let pos = 0; pos < bytes; pos += buf.length) {
+      const n = Math.min(buf.length, bytes - pos);
+      randomFillSync(buf, 0, n);
+      fs.writeSync(fd, buf, 0, n, offset + pos);
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Reads a file once so that the page cache holds it (benchmarks of the warm path). */
+export function warm(file: string): void {
+  run('sh', ['-c', 'cat "$1" > /dev/null', 'sh', file]);
+}
+
+/** Drops clean page-cache pages where allowed (root); returns false otherwise. */
+export function dropCaches(): boolean {
+  try {
+    spawnSync('sync');
+    fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export const MB = 1e6;
+export const MiB = 2 ** 20;
+export const GiB = 2 ** 30;
