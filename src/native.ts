@@ -112,12 +112,7 @@ export interface NativeAddon {
   isZero(buf: Uint8Array): boolean;
 }
 
-import * as fs from 'node:fs';
-
-/** The package root: src/ when run from TypeScript sources, dist/src/ when compiled. */
-const ROOT = [path.resolve(__dirname, '..'), path.resolve(__dirname, '..', '..')].find((dir) =>
-  fs.existsSync(path.join(dir, 'binding.gyp')),
-) ?? path.resolve(__dirname, '..', '..');
+import { PACKAGE_ROOT as ROOT } from './root';
 
 function load(): NativeAddon {
   const candidates = [

@@ -10,13 +10,14 @@ import * as snapshot from './snapshot';
 import * as loop from './loop';
 import * as compare from './compare';
 import { fail } from './util';
+import { VERSION } from '../root';
 
 export function buildProgram(): Command {
   const program = new Command();
   program
     .name('disksnap')
     .description('Differencing disks and storage snapshots for local disk images, side by side')
-    .version(require('../../package.json').version)
+    .version(VERSION)
     .showHelpAfterError('(run with --help for usage)')
     .exitOverride();
   image.register(program);
