@@ -1,0 +1,11 @@
+// Registration of the addon's parts (one Init per source file).
+#pragma once
+
+#include <napi.h>
+
+namespace disksnap {
+
+void InitFile(Napi::Env env, Napi::Object exports);
+void InitHash(Napi::Env env, Napi::Object exports);
+
+}  // namespace disksnap
