@@ -15,7 +15,9 @@
         "native/io.cc",
         "native/file.cc",
         "native/hash_engine.cc",
-        "native/hash.cc"
+        "native/hash.cc",
+        "native/loop.cc",
+        "native/fuse.cc"
       ],
       "include_dirs": [
         "<!@(node -p \"require('node-addon-api').include\")"

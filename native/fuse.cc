@@ -17,7 +17,7 @@
 
 #include "args.h"
 #include "error.h"
-#include "loop.h"
+#include "addon.h"
 
 namespace disksnap {
 

@@ -1,4 +1,6 @@
-// Loop devices (attach, detach, status), FIFREEZE/FITHAW and BLKGETSIZE64.
+// Loop devices (attach, detach, status), FIFREEZE/FITHAW and BLKGETSIZE64. The typed contract
+// is in src/native.ts (`loopAttach`, ...); the policy (which image may be attached, state
+// records, freeze lifetimes) lives in src/loop/.
 //
 // Attach is the sequence util-linux's losetup uses, without its policy:
 //   1. open the backing file (O_RDWR, or O_RDONLY for a read-only device);
@@ -14,7 +16,7 @@
 //
 // Everything here is a handful of ioctls and returns in well under a millisecond, except
 // FIFREEZE (it syncs the filesystem first), which also has an async form.
-#include "loop.h"
+#include "addon.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -63,6 +63,25 @@ export interface HashFileOptions {
   onProgress?: (done: number, total: number) => void;
 }
 
+/** `loopStatus` (LOOP_GET_STATUS64); `loopStatus` returns null for an unbound device. */
+export interface LoopStatus {
+  /** lo_number */
+  number: number;
+  /** st_dev of the backing file, in stat(2)'s encoding */
+  backingDev: number;
+  backingIno: bigint;
+  offset: number;
+  sizeLimit: number;
+  /** LO_FLAGS_*: 1 read-only, 4 autoclear, 8 partscan, 16 direct I/O */
+  flags: number;
+  /** lo_file_name: the first 63 bytes of the path given at attach (sysfs has the whole path) */
+  fileName: string;
+}
+
+export const LO_FLAGS_READ_ONLY = 1;
+export const LO_FLAGS_AUTOCLEAR = 4;
+export const LO_FLAGS_DIRECT_IO = 16;
+
 export interface NativeAddon {
   readonly version: string;
   setErrorClass(ctor: typeof DisksnapError): void;
@@ -110,6 +129,23 @@ export interface NativeAddon {
     onProgress: ((done: number, total: number) => void) | undefined,
   ): Promise<BlockHashes>;
   isZero(buf: Uint8Array): boolean;
+
+  // Loop devices, freeze, FUSE mounts (native/loop.cc, native/fuse.cc; policy in src/loop/).
+  /** LOOP_CTL_GET_FREE + LOOP_CONFIGURE (or LOOP_SET_FD + LOOP_SET_STATUS64), retried on races. */
+  loopAttach(backingPath: string, readOnly: boolean, directIo: boolean): { device: string; index: number; method: string };
+  /** LOOP_CLR_FD; ENXIO when nothing is attached. */
+  loopDetach(device: string): void;
+  loopStatus(device: string): LoopStatus | null;
+  /** FIFREEZE / FITHAW on any file or directory of a mounted filesystem. */
+  fsFreeze(mountpoint: string): void;
+  fsFreezeAsync(mountpoint: string): Promise<void>;
+  fsThaw(mountpoint: string): void;
+  /** BLKGETSIZE64 */
+  blockDeviceSize(fd: number): number;
+  /** Opens /dev/fuse and mounts it (type fuse.disksnap) at mountpoint; returns the /dev/fuse fd. */
+  fuseMount(mountpoint: string, fsname: string, readOnly: boolean, extraOptions: string): number;
+  /** umount2, MNT_DETACH when lazy. */
+  unmount(path: string, lazy: boolean): void;
 }
 
 import { PACKAGE_ROOT as ROOT } from './root';
