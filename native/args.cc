@@ -89,7 +89,7 @@ bool ArgRequests(const Napi::CallbackInfo& info, size_t i, size_t bufferLength,
   for (size_t k = 0; k < n / 3; k++) {
     double fo = d[3 * k], bo = d[3 * k + 1], len = d[3 * k + 2];
     if (!IsWholeNumber(fo) || !IsWholeNumber(bo) || !IsWholeNumber(len) || fo < 0 || bo < 0 ||
-        len < 0 || fo + len > kMaxSafe || bo + len > static_cast<double>(bufferLength)) {
+        len < 0 || fo > kMaxSafe - len || bo + len > static_cast<double>(bufferLength)) {
       ThrowInvalid(info.Env(), "request " + std::to_string(k) + " [" + Num(fo) + ", " + Num(bo) + ", " +
                                    Num(len) +
                                    "] is not inside the buffer of " + std::to_string(bufferLength) +

@@ -298,7 +298,7 @@ Napi::Value Pread(const Napi::CallbackInfo& info) {
 
 Napi::Value PreadAsync(const Napi::CallbackInfo& info) {
   PreadJob job{};
-  if (!ParsePread(info, &job)) return Napi::Value();
+  if (!ParsePread(info, &job)) return RejectPending(info.Env());
   return RunAsync(info.Env(), "disksnap.pread", std::move(job), {info[1]});
 }
 
@@ -310,7 +310,7 @@ Napi::Value Pwrite(const Napi::CallbackInfo& info) {
 
 Napi::Value PwriteAsync(const Napi::CallbackInfo& info) {
   PwriteJob job{};
-  if (!ParsePwrite(info, &job)) return Napi::Value();
+  if (!ParsePwrite(info, &job)) return RejectPending(info.Env());
   return RunAsync(info.Env(), "disksnap.pwrite", std::move(job), {info[1]});
 }
 
@@ -322,7 +322,7 @@ Napi::Value PreadBatchSync(const Napi::CallbackInfo& info) {
 
 Napi::Value PreadBatchAsync(const Napi::CallbackInfo& info) {
   PreadBatchJob job{};
-  if (!ParseBatch(info, &job)) return Napi::Value();
+  if (!ParseBatch(info, &job)) return RejectPending(info.Env());
   return RunAsync(info.Env(), "disksnap.preadBatch", std::move(job), {info[1]});
 }
 
@@ -334,7 +334,7 @@ Napi::Value PwriteBatchSync(const Napi::CallbackInfo& info) {
 
 Napi::Value PwriteBatchAsync(const Napi::CallbackInfo& info) {
   PwriteBatchJob job{};
-  if (!ParseBatch(info, &job)) return Napi::Value();
+  if (!ParseBatch(info, &job)) return RejectPending(info.Env());
   return RunAsync(info.Env(), "disksnap.pwriteBatch", std::move(job), {info[1]});
 }
 
@@ -349,7 +349,7 @@ Napi::Value FsyncSync(const Napi::CallbackInfo& info) {
 
 Napi::Value FsyncAsync(const Napi::CallbackInfo& info) {
   FsyncJob job{};
-  if (!ArgFd(info, 0, "fd", &job.fd) || !ArgBool(info, 1, "dataOnly", &job.dataOnly)) return Napi::Value();
+  if (!ArgFd(info, 0, "fd", &job.fd) || !ArgBool(info, 1, "dataOnly", &job.dataOnly)) return RejectPending(info.Env());
   return RunAsync(info.Env(), "disksnap.fsync", std::move(job), {});
 }
 
@@ -554,7 +554,7 @@ Napi::Value CopyRangeSync(const Napi::CallbackInfo& info) {
 
 Napi::Value CopyRangeAsync(const Napi::CallbackInfo& info) {
   CopyRangeJob job{};
-  if (!ParseCopyRange(info, &job)) return Napi::Value();
+  if (!ParseCopyRange(info, &job)) return RejectPending(info.Env());
   return RunAsync(info.Env(), "disksnap.copyRange", std::move(job), {});
 }
 

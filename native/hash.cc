@@ -126,7 +126,7 @@ Napi::Value HashBlocksAsync(const Napi::CallbackInfo& info) {
   HashArgs a;
   Outputs out;
   if (!ParseHash(info, &a) || !AllocOutputs(env, BlockCount(a.buf.length, a.blockSize), &out))
-    return Napi::Value();
+    return RejectPending(env);
   auto* worker = new HashBlocksWorker(env, std::move(a), out);
   worker->Keep(info[0]);
   return worker->Start();
@@ -153,11 +153,14 @@ class HashFileWorker : public PromiseWorkerT<Napi::AsyncProgressWorker<Progress>
   }
 
   FileHashJob& job() { return job_; }
-  void SetProgress(Napi::Function fn) { onProgress_ = Napi::Persistent(fn); }
+  void SetProgress(Napi::Function fn) {
+    onProgress_ = Napi::Persistent(fn);
+    reportProgress_ = true;
+  }
 
  protected:
   void Execute(const ExecutionProgress& progress) override {
-    const bool report = reportProgress_;
+    const bool report = reportProgress_ && job_.length > 0;
     const double total = static_cast<double>(job_.length);
     double last = -1;
     auto send = [&] {
@@ -188,11 +191,9 @@ class HashFileWorker : public PromiseWorkerT<Napi::AsyncProgressWorker<Progress>
     return ResultObject(env, digests_.Value(), zero_.Value());
   }
 
- public:
-  bool reportProgress_ = false;
-
  private:
-  static constexpr int kTickMs = 100;
+  static constexpr int kTickMs = 100;  // progress at most ten times a second
+  bool reportProgress_ = false;
   std::vector<uint8_t> key_;
   FileHashJob job_;
   Napi::Reference<Napi::Value> digests_;
@@ -210,17 +211,17 @@ Napi::Value HashFile(const Napi::CallbackInfo& info) {
   if (!ArgFd(info, 0, "fd", &fd) || !ArgU64(info, 1, "offset", &offset) ||
       !ArgU64(info, 2, "length", &length) || !ArgBlockSize(info, 3, &blockSize) ||
       !ArgI32(info, 4, "threads", &threads) || !ArgKey(info, 5, &keyed, &key))
-    return Napi::Value();
+    return RejectPending(env);
   if (!info[6].IsUndefined() && !info[6].IsNull() && !info[6].IsFunction()) {
     ThrowInvalid(env, "argument 7 (onProgress) must be a function");
-    return Napi::Value();
+    return RejectPending(env);
   }
   if (offset + length > static_cast<uint64_t>(kMaxSafe)) {
     ThrowInvalid(env, "hashFile: offset + length is beyond 2^53");
-    return Napi::Value();
+    return RejectPending(env);
   }
   Outputs out;
-  if (!AllocOutputs(env, BlockCount(length, blockSize), &out)) return Napi::Value();
+  if (!AllocOutputs(env, BlockCount(length, blockSize), &out)) return RejectPending(env);
   auto* worker = new HashFileWorker(env, std::move(key), keyed, out);
   FileHashJob& job = worker->job();
   job.fd = fd;
@@ -230,7 +231,6 @@ Napi::Value HashFile(const Napi::CallbackInfo& info) {
   job.threads = threads;
   if (info[6].IsFunction()) {
     worker->SetProgress(info[6].As<Napi::Function>());
-    worker->reportProgress_ = true;
   }
   return worker->Start();
 }

@@ -3,7 +3,8 @@
 // records, freeze lifetimes) lives in src/loop/.
 //
 // Attach is the sequence util-linux's losetup uses, without its policy:
-//   1. open the backing file (O_RDWR, or O_RDONLY for a read-only device);
+//   1. the caller opens the backing file (O_RDWR, or O_RDONLY for a read-only device) and
+//      locks it; the device keeps that open file description, and so the lock, while bound;
 //   2. LOOP_CTL_GET_FREE on /dev/loop-control -> N (the kernel creates loopN if needed; where
 //      no udev makes /dev/loopN, we mknod it from /sys/block/loopN/dev);
 //   3. LOOP_CONFIGURE (5.8+: fd, flags and file name in one atomic ioctl), or on kernels that
@@ -108,9 +109,8 @@ struct AttachResult {
   const char* method = "";
 };
 
-SysError Attach(const std::string& backing, bool readOnly, bool directIo, AttachResult* out) {
-  Fd file(OpenRetry(backing.c_str(), readOnly ? O_RDONLY : O_RDWR));
-  if (file.get() < 0) return SysError::Errno(errno, "open", backing);
+SysError Attach(int fileFd, const std::string& backing, bool readOnly, bool directIo,
+                AttachResult* out) {
   Fd control(OpenRetry("/dev/loop-control", O_RDWR));
   if (control.get() < 0) return SysError::Errno(errno, "open", "/dev/loop-control");
 
@@ -124,7 +124,7 @@ SysError Attach(const std::string& backing, bool readOnly, bool directIo, Attach
 
     loop_config cfg;
     memset(&cfg, 0, sizeof cfg);
-    cfg.fd = static_cast<uint32_t>(file.get());
+    cfg.fd = static_cast<uint32_t>(fileFd);
     cfg.info.lo_flags = (readOnly ? LO_FLAGS_READ_ONLY : 0) | (directIo ? LO_FLAGS_DIRECT_IO : 0);
     SetFileName(&cfg.info, backing);
     if (::ioctl(dev.get(), LOOP_CONFIGURE, &cfg) == 0) {
@@ -138,7 +138,7 @@ SysError Attach(const std::string& backing, bool readOnly, bool directIo, Attach
     if (e != EINVAL && e != ENOTTY) return SysError::Errno(e, "ioctl(LOOP_CONFIGURE)", device);
 
     // Kernels before 5.8: two steps. Read-only follows the backing descriptor's mode.
-    if (::ioctl(dev.get(), LOOP_SET_FD, file.get()) < 0) {
+    if (::ioctl(dev.get(), LOOP_SET_FD, fileFd) < 0) {
       e = errno;
       if (e == EBUSY) continue;
       return SysError::Errno(e, "ioctl(LOOP_SET_FD)", device);
@@ -162,16 +162,20 @@ SysError Attach(const std::string& backing, bool readOnly, bool directIo, Attach
                           "by another process first (64 attempts)");
 }
 
-// loopAttach(backingPath, readOnly, directIo) -> {device, index, method}
+// loopAttach(fd, readOnly, directIo, name) -> {device, index, method}
+// `fd` is the caller's open backing file (O_RDWR unless readOnly); the loop device takes its own
+// reference to that open file description, so the caller may close it afterwards — and any OFD
+// lock on it stays held until the device is detached.
 Napi::Value LoopAttach(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  std::string backing;
+  int fd;
+  std::string name;
   bool readOnly, directIo;
-  if (!ArgString(info, 0, "backingPath", &backing) || !ArgBool(info, 1, "readOnly", &readOnly) ||
-      !ArgBool(info, 2, "directIo", &directIo))
+  if (!ArgFd(info, 0, "fd", &fd) || !ArgBool(info, 1, "readOnly", &readOnly) ||
+      !ArgBool(info, 2, "directIo", &directIo) || !ArgString(info, 3, "name", &name))
     return Napi::Value();
   AttachResult r;
-  SysError err = Attach(backing, readOnly, directIo, &r);
+  SysError err = Attach(fd, name, readOnly, directIo, &r);
   if (err.failed()) {
     Throw(env, err);
     return Napi::Value();

@@ -89,4 +89,16 @@ class PromiseWorkerT : public Base {
 
 using PromiseWorker = PromiseWorkerT<Napi::AsyncWorker>;
 
+// For the async entry points: turns an exception raised while checking arguments into a
+// rejected promise, so that a Promise-returning function never throws synchronously.
+inline Napi::Value RejectPending(Napi::Env env) {
+  // The exception must be cleared first: napi refuses to create a promise while it is pending.
+  Napi::Value reason = env.IsExceptionPending()
+                           ? env.GetAndClearPendingException().Value()
+                           : Napi::Error::New(env, "disksnap: argument check failed").Value();
+  Napi::Promise::Deferred d = Napi::Promise::Deferred::New(env);
+  d.Reject(reason);
+  return d.Promise();
+}
+
 }  // namespace disksnap

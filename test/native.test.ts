@@ -1,0 +1,740 @@
+/**
+ * The native block engine (build/Release/disksnap.node) through its typed contract in
+ * src/native.ts: I/O round trips at awkward offsets, batched I/O, sparse-file extents,
+ * fallocate modes, OFD locks between processes (and against QEMU), block hashing against
+ * node:crypto, copy/clone, and every error path (code, errno, path, class).
+ */
+import t, { Test } from 'tap';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { createHash, createHmac, randomBytes } from 'node:crypto';
+import { spawn, spawnSync, ChildProcess } from 'node:child_process';
+import {
+  native,
+  OPEN_READ,
+  OPEN_WRITE,
+  OPEN_CREATE,
+  OPEN_EXCL,
+  OPEN_TRUNC,
+  LOCK_NONE,
+  LOCK_SHARED,
+  LOCK_EXCLUSIVE,
+  FALLOC_ALLOCATE,
+  FALLOC_PUNCH_HOLE,
+  FALLOC_ZERO_RANGE,
+} from '../src/native';
+import { DisksnapError } from '../src/errors';
+import { missing } from './helpers/tools';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const ADDON = path.resolve(__dirname, '..', 'build', 'Release', 'disksnap.node');
+const n = native();
+
+function pattern(len: number, seed: number): Buffer {
+  const b = Buffer.alloc(len);
+  for (let i = 0; i < len; i++) b[i] = (i * 31 + seed * 7 + (i >> 8) + 1) & 0xff;
+  return b;
+}
+
+/** The test's own temporary directory (t.testdir() empties it on every call, so call it once). */
+const dirs = new WeakMap<object, string>();
+function dirOf(t: Tap): string {
+  let d = dirs.get(t);
+  if (!d) {
+    d = t.testdir();
+    dirs.set(t, d);
+  }
+  return d;
+}
+
+/** A new file of `size` bytes (sparse), opened read-write; closed when the test ends. */
+function tempFile(t: Tap, name = 'f.img', size = 0): { file: string; fd: number } {
+  const file = path.join(dirOf(t), name);
+  const fd = n.open(file, OPEN_WRITE | OPEN_CREATE | OPEN_EXCL, 0o644);
+  if (size) n.ftruncate(fd, size);
+  t.teardown(() => {
+    try {
+      n.close(fd);
+    } catch {
+      /* closed by the test */
+    }
+  });
+  return { file, fd };
+}
+type Tap = Test;
+
+/** Asserts that `fn` throws (or rejects with) a DisksnapError with these fields. */
+async function rejectsWith(
+  t: Tap,
+  fn: () => unknown,
+  want: { code: string; errno?: number; path?: string; message?: RegExp },
+  what: string,
+): Promise<DisksnapError | undefined> {
+  let err: unknown;
+  try {
+    await fn();
+  } catch (e) {
+    err = e;
+  }
+  if (!(err instanceof DisksnapError)) {
+    t.fail(`${what}: expected a DisksnapError, got ${String(err)}`);
+    return undefined;
+  }
+  t.equal(err.code, want.code, `${what}: code`);
+  if ('errno' in want) t.equal(err.errno, want.errno, `${what}: errno`);
+  if ('path' in want) t.equal(err.path, want.path, `${what}: path`);
+  if (want.message) t.match(err.message, want.message, `${what}: message`);
+  return err;
+}
+
+const ENOENT = 2;
+const EBADF = 9;
+const EEXIST = 17;
+const EINVAL = 22;
+
+t.test('the addon loads through src/native.ts with a version', async (t) => {
+  t.equal(typeof n.version, 'string');
+  t.match(n.version, /^\d+\.\d+\.\d+/);
+});
+
+t.test('open errors carry code, errno and path as DisksnapError', async (t) => {
+  const dir = dirOf(t);
+  const file = path.join(dir, 'nope', 'x.img');
+  const err = await rejectsWith(t, () => n.open(file, OPEN_READ, 0), { code: 'ENOENT', errno: ENOENT, path: file }, 'open missing');
+  t.match(err?.message, /ENOENT.*open.*nope\/x\.img/);
+  t.equal(err?.name, 'DisksnapError');
+
+  const existing = path.join(dir, 'e.img');
+  fs.writeFileSync(existing, 'x');
+  await rejectsWith(t, () => n.open(existing, OPEN_WRITE | OPEN_CREATE | OPEN_EXCL, 0o644), { code: 'EEXIST', errno: EEXIST, path: existing }, 'open excl');
+
+  const fd = n.open(existing, OPEN_WRITE | OPEN_TRUNC, 0);
+  t.equal(n.fstat(fd).size, 0, 'OPEN_TRUNC truncates');
+  n.close(fd);
+  await rejectsWith(t, () => n.open(existing, 1 << 10, 0), { code: 'EINVAL' }, 'unknown flag bits');
+});
+
+t.test('O_CLOEXEC is always set (a child process does not inherit the descriptor)', async (t) => {
+  const { fd } = tempFile(t);
+  const r = spawnSync('sh', ['-c', `test -e /proc/self/fd/${fd} && echo inherited || echo closed`], { encoding: 'utf8' });
+  t.equal(r.stdout.trim(), 'closed');
+});
+
+t.test('pread/pwrite round trip 2 KiB at 63 KiB, short only at EOF', async (t) => {
+  const { file, fd } = tempFile(t);
+  const data = pattern(2 * KiB, 1);
+  n.pwrite(fd, data, 63 * KiB);
+  t.equal(n.fstat(fd).size, 65 * KiB);
+  const back = Buffer.alloc(2 * KiB);
+  t.equal(n.pread(fd, back, 63 * KiB), 2 * KiB);
+  t.same(back, data);
+  const onDisk = fs.readFileSync(file);
+  t.same(onDisk.subarray(63 * KiB), data, 'node:fs sees the same bytes');
+  t.ok(onDisk.subarray(0, 63 * KiB).every((b) => b === 0), 'bytes before it are zero');
+
+  // A read crossing EOF is short and fills only what it read.
+  const big = Buffer.alloc(4 * KiB, 0xee);
+  t.equal(n.pread(fd, big, 64 * KiB), KiB);
+  t.same(big.subarray(0, KiB), data.subarray(KiB));
+  t.ok(big.subarray(KiB).every((b) => b === 0xee), 'the rest of the buffer is untouched');
+  t.equal(n.pread(fd, big, 1 * MiB), 0, 'a read past EOF reads nothing');
+
+  // Views use their own offset and length.
+  const backing = Buffer.alloc(100, 0x11);
+  const view = new Uint8Array(backing.buffer, backing.byteOffset + 10, 20);
+  n.pwrite(fd, pattern(20, 9), 0);
+  t.equal(n.pread(fd, view, 0), 20);
+  t.same(backing.subarray(10, 30), pattern(20, 9));
+  t.equal(backing[9], 0x11);
+  t.equal(backing[30], 0x11);
+});
+
+t.test('async pread/pwrite round trip and reject with the caller stack', async (t) => {
+  const { fd } = tempFile(t);
+  const data = pattern(3 * KiB + 7, 2);
+  await n.pwriteAsync(fd, data, 63 * KiB + 1);
+  const back = Buffer.alloc(data.length);
+  t.equal(await n.preadAsync(fd, back, 63 * KiB + 1), data.length);
+  t.same(back, data);
+  t.equal(await n.preadAsync(fd, Buffer.alloc(10), 10 * MiB), 0);
+
+  const closed = n.open(path.join(dirOf(t), 'c'), OPEN_WRITE | OPEN_CREATE, 0o644);
+  n.close(closed);
+  const err = await rejectsWith(t, () => n.preadAsync(closed, Buffer.alloc(1), 0), { code: 'EBADF', errno: EBADF }, 'preadAsync closed');
+  t.match(err?.stack, /^DisksnapError: EBADF/);
+  t.match(err?.stack, /native\.test\.ts/, 'the rejection carries the stack of the call');
+  await rejectsWith(t, () => n.pwriteAsync(closed, Buffer.alloc(1), 0), { code: 'EBADF', errno: EBADF }, 'pwriteAsync closed');
+  // Argument errors reject too (a Promise-returning call never throws synchronously).
+  const p = n.preadAsync(-1, Buffer.alloc(1), 0);
+  t.type(p, Promise);
+  await rejectsWith(t, () => p, { code: 'EINVAL' }, 'preadAsync bad fd');
+});
+
+t.test('EBADF after close, for every kind of call', async (t) => {
+  const file = path.join(dirOf(t), 'x');
+  const fd = n.open(file, OPEN_WRITE | OPEN_CREATE, 0o644);
+  n.close(fd);
+  await rejectsWith(t, () => n.pread(fd, Buffer.alloc(4), 0), { code: 'EBADF', errno: EBADF }, 'pread');
+  await rejectsWith(t, () => n.pwrite(fd, Buffer.alloc(4), 0), { code: 'EBADF' }, 'pwrite');
+  await rejectsWith(t, () => n.fstat(fd), { code: 'EBADF' }, 'fstat');
+  await rejectsWith(t, () => n.fsync(fd, true), { code: 'EBADF' }, 'fsync');
+  await rejectsWith(t, () => n.fsyncAsync(fd, false), { code: 'EBADF' }, 'fsyncAsync');
+  await rejectsWith(t, () => n.ftruncate(fd, 10), { code: 'EBADF' }, 'ftruncate');
+  await rejectsWith(t, () => n.extents(fd, 0, 10), { code: 'EBADF' }, 'extents');
+  await rejectsWith(t, () => n.fallocate(fd, FALLOC_ALLOCATE, 0, 10), { code: 'EBADF' }, 'fallocate');
+  await rejectsWith(t, () => n.close(fd), { code: 'EBADF' }, 'close twice');
+  await rejectsWith(t, () => n.lock(fd, LOCK_SHARED, file), { code: 'EBADF', path: file }, 'lock');
+  await rejectsWith(t, () => n.hashFile(fd, 0, 10, 4, 1, undefined, undefined), { code: 'EBADF' }, 'hashFile');
+  await rejectsWith(t, () => n.preadBatch(fd, Buffer.alloc(4), new Float64Array([0, 0, 4])), { code: 'EBADF' }, 'preadBatch');
+});
+
+/** Requests for `count` pieces of `len` bytes, file offsets spread with gaps, packed in the buffer. */
+function scattered(count: number, len: number, stride: number, base: number): Float64Array {
+  const r = new Float64Array(count * 3);
+  for (let i = 0; i < count; i++) {
+    r[3 * i] = base + i * stride;
+    r[3 * i + 1] = i * len;
+    r[3 * i + 2] = len;
+  }
+  return r;
+}
+
+t.test('batched write then batched read of a known pattern, sync and async', async (t) => {
+  const { file, fd } = tempFile(t);
+  const count = 64;
+  const len = 3000; // not a multiple of anything
+  const reqs = scattered(count, len, 5000, 777);
+  const data = pattern(count * len, 3);
+  n.pwriteBatch(fd, data, reqs);
+  const onDisk = fs.readFileSync(file);
+  for (let i = 0; i < count; i++) {
+    const at = 777 + i * 5000;
+    t.same(onDisk.subarray(at, at + len), data.subarray(i * len, (i + 1) * len), `piece ${i} on disk`) || i;
+    if (i + 1 < count) t.ok(onDisk.subarray(at + len, at + 5000).every((b) => b === 0), `gap ${i} untouched`);
+  }
+  const back = Buffer.alloc(data.length);
+  t.equal(n.preadBatch(fd, back, reqs), data.length);
+  t.same(back, data);
+
+  const data2 = pattern(count * len, 4);
+  await n.pwriteBatchAsync(fd, data2, reqs);
+  const back2 = Buffer.alloc(data.length);
+  t.equal(await n.preadBatchAsync(fd, back2, reqs), data.length);
+  t.same(back2, data2);
+
+  // Requests in any order, overlapping buffer targets are allowed and executed in order.
+  const rev = new Float64Array([777 + 5000, 0, 10, 777, 0, 10]);
+  const small = Buffer.alloc(10);
+  t.equal(n.preadBatch(fd, small, rev), 20);
+  t.same(small, data2.subarray(0, 10), 'the later request wins');
+  t.equal(n.preadBatch(fd, Buffer.alloc(0), new Float64Array(0)), 0, 'an empty batch');
+});
+
+t.test('adjacent requests (merged into one preadv/pwritev) keep buffer order and EOF semantics', async (t) => {
+  const { file, fd } = tempFile(t);
+  // 2000 file-contiguous requests of 3 bytes (more than IOV_MAX = 1024 in one run), whose
+  // buffer slots are in reverse order, then a gap, then one more run.
+  const count = 2000;
+  const len = 3;
+  const reqs = new Float64Array((count + 2) * 3);
+  for (let i = 0; i < count; i++) reqs.set([100 + i * len, (count - 1 - i) * len, len], 3 * i);
+  reqs.set([50000, count * len, 5, 50005, count * len + 5, 7], 3 * count);
+  const data = pattern(count * len + 12, 11);
+  n.pwriteBatch(fd, data, reqs);
+  const onDisk = fs.readFileSync(file);
+  t.equal(onDisk.length, 50012);
+  let ok = true;
+  for (let i = 0; i < count && ok; i++) {
+    ok = onDisk.subarray(100 + i * len, 100 + (i + 1) * len).equals(data.subarray((count - 1 - i) * len, (count - i) * len));
+  }
+  t.ok(ok, 'every request landed at its file offset from its own buffer slot');
+  t.ok(onDisk.subarray(50000).equals(data.subarray(count * len)), 'the second run');
+  const back = Buffer.alloc(data.length);
+  t.equal(n.preadBatch(fd, back, reqs), data.length);
+  t.ok(back.equals(data), 'read back through the merged path');
+
+  // A merged run that crosses EOF: [49990, 20) + [50010, 10) with EOF at 50012.
+  const cross = new Float64Array([49990, 0, 20, 50010, 20, 10]);
+  const buf = Buffer.alloc(30, 0xaa);
+  t.equal(n.preadBatch(fd, buf, cross), 22);
+  t.ok(buf.subarray(0, 22).equals(onDisk.subarray(49990, 50012)));
+  t.ok(buf.subarray(22).every((b) => b === 0), 'zero-filled past EOF');
+  buf.fill(0xaa);
+  t.equal(await n.preadBatchAsync(fd, buf, cross), 22);
+  t.ok(buf.subarray(22).every((b) => b === 0), 'async: zero-filled past EOF');
+});
+
+t.test('batched reads past EOF are zero-filled and count only bytes read', async (t) => {
+  const { fd } = tempFile(t);
+  const data = pattern(10 * KiB, 5);
+  n.pwrite(fd, data, 0);
+  const buf = Buffer.alloc(12 * KiB, 0xaa);
+  // [8K, 4K) crosses EOF (2K real), [20K, 4K) is entirely past it, [0, 4K) is whole.
+  const reqs = new Float64Array([8 * KiB, 0, 4 * KiB, 20 * KiB, 4 * KiB, 4 * KiB, 0, 8 * KiB, 4 * KiB]);
+  t.equal(n.preadBatch(fd, buf, reqs), 2 * KiB + 4 * KiB);
+  t.same(buf.subarray(0, 2 * KiB), data.subarray(8 * KiB));
+  t.ok(buf.subarray(2 * KiB, 8 * KiB).every((b) => b === 0), 'past EOF reads as zero');
+  t.same(buf.subarray(8 * KiB), data.subarray(0, 4 * KiB));
+  buf.fill(0xaa);
+  t.equal(await n.preadBatchAsync(fd, buf, reqs), 6 * KiB);
+  t.ok(buf.subarray(2 * KiB, 8 * KiB).every((b) => b === 0), 'async: past EOF reads as zero');
+});
+
+t.test('an invalid batch triple is EINVAL, checked before any I/O', async (t) => {
+  const { file, fd } = tempFile(t);
+  const buf = Buffer.alloc(100);
+  const bad: [string, Float64Array][] = [
+    ['past the end of the buffer', new Float64Array([0, 0, 10, 0, 95, 6])],
+    ['negative file offset', new Float64Array([-1, 0, 10])],
+    ['fractional length', new Float64Array([0, 0, 1.5])],
+    ['NaN', new Float64Array([NaN, 0, 1])],
+    ['not a multiple of 3', new Float64Array([0, 0])],
+    ['file offset beyond 2^53', new Float64Array([2 ** 53, 0, 1])],
+  ];
+  for (const [why, reqs] of bad) {
+    await rejectsWith(t, () => n.pwriteBatch(fd, buf, reqs), { code: 'EINVAL', errno: EINVAL }, `pwriteBatch: ${why}`);
+    await rejectsWith(t, () => n.preadBatch(fd, buf, reqs), { code: 'EINVAL' }, `preadBatch: ${why}`);
+    await rejectsWith(t, () => n.pwriteBatchAsync(fd, buf, reqs), { code: 'EINVAL' }, `pwriteBatchAsync: ${why}`);
+    await rejectsWith(t, () => n.preadBatchAsync(fd, buf, reqs), { code: 'EINVAL' }, `preadBatchAsync: ${why}`);
+  }
+  t.equal(fs.statSync(file).size, 0, 'the valid first triple was not written either');
+  await rejectsWith(t, () => n.preadBatch(fd, buf, [0, 0, 1] as unknown as Float64Array), { code: 'EINVAL' }, 'a plain array');
+});
+
+t.test('fstat reports size, allocation, BigInt times and inode', async (t) => {
+  const { file, fd } = tempFile(t, 'f.img', 5 * MiB + 3);
+  n.pwrite(fd, pattern(8 * KiB, 6), 0);
+  const st = n.fstat(fd);
+  const ref = fs.statSync(file, { bigint: true });
+  t.equal(st.size, 5 * MiB + 3);
+  t.equal(st.allocated, Number(ref.blocks) * 512);
+  t.ok(st.allocated >= 8 * KiB && st.allocated < MiB, `sparse: ${st.allocated}`);
+  t.equal(typeof st.mtimeNs, 'bigint');
+  t.equal(st.mtimeNs, ref.mtimeNs);
+  t.equal(st.ctimeNs, ref.ctimeNs);
+  t.equal(st.ino, ref.ino);
+  t.equal(st.dev, Number(ref.dev));
+  t.equal(st.mode, Number(ref.mode));
+  t.equal(st.blockSize, Number(ref.blksize));
+  t.equal(st.isRegular, true);
+  t.equal(st.isBlockDevice, false);
+  n.ftruncate(fd, 100);
+  t.equal(n.fstat(fd).size, 100);
+});
+
+t.test('extents of a sparse file are exactly its data, rounded to the fs block size', async (t) => {
+  const { fd } = tempFile(t, 'sparse.img', 64 * MiB);
+  const bs = n.fstat(fd).blockSize;
+  t.same(Array.from(n.extents(fd, 0, 64 * MiB)), [], 'a new sparse file has no data');
+  n.pwrite(fd, pattern(1000, 7), 0);
+  n.pwrite(fd, pattern(5000, 8), 10 * MiB);
+  const roundUp = (x: number) => Math.ceil(x / bs) * bs;
+  const ext = n.extents(fd, 0, 64 * MiB);
+  t.type(ext, Float64Array);
+  t.same(Array.from(ext), [0, roundUp(1000), 10 * MiB, roundUp(5000)]);
+  // Clipped to the range asked for.
+  t.same(Array.from(n.extents(fd, 10 * MiB + 100, 50)), [10 * MiB + 100, 50]);
+  t.same(Array.from(n.extents(fd, 100, 20 * MiB)), [100, roundUp(1000) - 100, 10 * MiB, roundUp(5000)]);
+  t.same(Array.from(n.extents(fd, MiB, MiB)), [], 'a range inside a hole');
+  t.same(Array.from(n.extents(fd, 0, 0)), [], 'an empty range');
+  // A range past EOF has no data, and data ends at EOF.
+  n.ftruncate(fd, 10 * MiB + 2000);
+  t.same(Array.from(n.extents(fd, 0, 100 * MiB)), [0, roundUp(1000), 10 * MiB, 2000]);
+  t.same(Array.from(n.extents(fd, 50 * MiB, MiB)), []);
+});
+
+t.test('punch-hole reads back zero and releases space; zero-range zeroes; allocate reserves', async (t) => {
+  const { fd } = tempFile(t);
+  const data = Buffer.alloc(MiB, 0xff);
+  n.pwrite(fd, data, 0);
+  n.fsync(fd, false);
+  const before = n.fstat(fd);
+  n.fallocate(fd, FALLOC_PUNCH_HOLE, 256 * KiB, 256 * KiB);
+  const after = n.fstat(fd);
+  t.equal(after.size, MiB, 'KEEP_SIZE');
+  t.ok(before.allocated - after.allocated >= 256 * KiB, `allocated ${before.allocated} -> ${after.allocated}`);
+  const back = Buffer.alloc(MiB);
+  n.pread(fd, back, 0);
+  t.ok(back.subarray(256 * KiB, 512 * KiB).every((b) => b === 0), 'the hole reads zero');
+  t.ok(back.subarray(0, 256 * KiB).every((b) => b === 0xff), 'before the hole intact');
+  t.ok(back.subarray(512 * KiB).every((b) => b === 0xff), 'after the hole intact');
+  t.same(Array.from(n.extents(fd, 0, MiB)), [0, 256 * KiB, 512 * KiB, 512 * KiB], 'the hole is a hole');
+
+  n.fallocate(fd, FALLOC_ZERO_RANGE, 4 * KiB + 100, 8 * KiB);
+  n.pread(fd, back, 0);
+  t.ok(back.subarray(4 * KiB + 100, 12 * KiB + 100).every((b) => b === 0), 'zero-range reads zero');
+  t.equal(back[4 * KiB + 99], 0xff);
+  t.equal(back[12 * KiB + 100], 0xff);
+  t.equal(n.fstat(fd).size, MiB);
+  // Past EOF, zero-range grows the file like writing zeros would.
+  n.fallocate(fd, FALLOC_ZERO_RANGE, MiB, 64 * KiB);
+  t.equal(n.fstat(fd).size, MiB + 64 * KiB);
+
+  const { fd: fd2 } = tempFile(t, 'alloc.img');
+  n.fallocate(fd2, FALLOC_ALLOCATE, 0, 2 * MiB);
+  const st = n.fstat(fd2);
+  t.equal(st.size, 2 * MiB);
+  t.ok(st.allocated >= 2 * MiB, `allocated ${st.allocated}`);
+  const z = Buffer.alloc(2 * MiB, 1);
+  n.pread(fd2, z, 0);
+  t.ok(n.isZero(z), 'allocated space reads zero');
+  await rejectsWith(t, () => n.fallocate(fd2, 7, 0, 1), { code: 'EINVAL' }, 'unknown mode');
+});
+
+t.test('fsync and fsyncAsync succeed on a written file', async (t) => {
+  const { fd } = tempFile(t);
+  n.pwrite(fd, pattern(100, 1), 0);
+  n.fsync(fd, true);
+  n.fsync(fd, false);
+  await n.fsyncAsync(fd, true);
+  await n.fsyncAsync(fd, false);
+  t.pass();
+});
+
+// ---------------------------------------------------------------------------------------------
+// Locks between processes
+
+/** A child process that opens `file` and takes `mode` with the compiled addon. */
+class LockHolder {
+  private lines: string[] = [];
+  private waiters: ((line: string) => void)[] = [];
+  readonly child: ChildProcess;
+
+  constructor(file: string, mode: number) {
+    const script = `
+      const a = require(${JSON.stringify(ADDON)});
+      a.setErrorClass(class E extends Error { constructor(m, c, e, p) { super(m); this.code = c; this.errno = e; this.path = p; } });
+      const file = ${JSON.stringify(file)};
+      let fd = a.open(file, ${mode === LOCK_EXCLUSIVE ? OPEN_WRITE : OPEN_READ}, 0);
+      try { a.lock(fd, ${mode}, file); console.log('locked'); } catch (e) { console.log(e.code); }
+      require('readline').createInterface({ input: process.stdin }).on('line', (l) => {
+        if (l === 'close') { a.close(fd); console.log('closed'); }
+        if (l === 'unlock') { a.lock(fd, 0, file); console.log('unlocked'); }
+      }).on('close', () => process.exit(0));`;
+    this.child = spawn(process.execPath, ['-e', script], { stdio: ['pipe', 'pipe', 'inherit'] });
+    let buf = '';
+    this.child.stdout!.setEncoding('utf8').on('data', (d: string) => {
+      buf += d;
+      let i;
+      while ((i = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, i);
+        buf = buf.slice(i + 1);
+        const w = this.waiters.shift();
+        if (w) w(line);
+        else this.lines.push(line);
+      }
+    });
+  }
+
+  next(): Promise<string> {
+    const l = this.lines.shift();
+    if (l !== undefined) return Promise.resolve(l);
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+
+  async send(cmd: string): Promise<string> {
+    this.child.stdin!.write(cmd + '\n');
+    return this.next();
+  }
+
+  end(): Promise<void> {
+    return new Promise((resolve) => {
+      if (this.child.exitCode !== null) return resolve();
+      this.child.once('exit', () => resolve());
+      this.child.stdin!.end();
+    });
+  }
+}
+
+function lockFile(t: Tap): string {
+  const file = path.join(dirOf(t), 'locked.img');
+  fs.writeFileSync(file, Buffer.alloc(64 * KiB));
+  return file;
+}
+
+t.test('shared locks coexist across processes; exclusive conflicts both ways with ELOCKED', async (t) => {
+  const file = lockFile(t);
+  const other = new LockHolder(file, LOCK_SHARED);
+  t.teardown(() => other.end());
+  t.equal(await other.next(), 'locked', 'child takes a shared lock');
+
+  const rd = n.open(file, OPEN_READ, 0);
+  const rw = n.open(file, OPEN_WRITE, 0);
+  t.teardown(() => {
+    n.close(rd);
+    n.close(rw);
+  });
+  n.lock(rd, LOCK_SHARED, file);
+  t.pass('a second shared lock is granted');
+  const err = await rejectsWith(t, () => n.lock(rw, LOCK_EXCLUSIVE, file), { code: 'ELOCKED', path: file }, 'exclusive vs shared');
+  t.match(err?.message, /locked\.img/);
+  t.match(err?.message, /another process \(disksnap or QEMU\)/);
+  t.ok(err instanceof DisksnapError && err instanceof Error);
+
+  // Once both shared holders let go, the exclusive lock is granted.
+  t.equal(await other.send('unlock'), 'unlocked');
+  n.lock(rd, LOCK_NONE, file);
+  n.lock(rw, LOCK_EXCLUSIVE, file);
+  t.pass('exclusive granted once the shared locks are released');
+  const third = new LockHolder(file, LOCK_SHARED);
+  t.teardown(() => third.end());
+  t.equal(await third.next(), 'ELOCKED', 'a shared lock is refused while exclusive is held');
+  const fourth = new LockHolder(file, LOCK_EXCLUSIVE);
+  t.teardown(() => fourth.end());
+  t.equal(await fourth.next(), 'ELOCKED', 'an exclusive lock is refused while exclusive is held');
+
+  // Downgrade: exclusive -> shared lets readers in.
+  n.lock(rw, LOCK_SHARED, file);
+  const fifth = new LockHolder(file, LOCK_SHARED);
+  t.teardown(() => fifth.end());
+  t.equal(await fifth.next(), 'locked', 'after a downgrade to shared, readers get in');
+});
+
+t.test('an exclusive lock is released when its descriptor is closed', async (t) => {
+  const file = lockFile(t);
+  const holder = new LockHolder(file, LOCK_EXCLUSIVE);
+  t.teardown(() => holder.end());
+  t.equal(await holder.next(), 'locked');
+  const fd = n.open(file, OPEN_READ, 0);
+  t.teardown(() => n.close(fd));
+  await rejectsWith(t, () => n.lock(fd, LOCK_SHARED, file), { code: 'ELOCKED', path: file }, 'shared vs exclusive');
+  t.equal(await holder.send('close'), 'closed');
+  n.lock(fd, LOCK_SHARED, file);
+  t.pass('shared granted after the holder closed its descriptor');
+});
+
+t.test('locks are per open file: two descriptors in one process conflict', async (t) => {
+  const file = lockFile(t);
+  const a = n.open(file, OPEN_WRITE, 0);
+  const b = n.open(file, OPEN_WRITE, 0);
+  t.teardown(() => {
+    n.close(a);
+    n.close(b);
+  });
+  n.lock(a, LOCK_EXCLUSIVE, file);
+  await rejectsWith(t, () => n.lock(b, LOCK_EXCLUSIVE, file), { code: 'ELOCKED' }, 'second exclusive');
+  n.lock(a, LOCK_EXCLUSIVE, file);
+  t.pass('re-locking the same descriptor is fine');
+  n.lock(a, LOCK_NONE, file);
+  n.lock(b, LOCK_EXCLUSIVE, file);
+  t.pass('LOCK_NONE releases');
+
+  const ro = n.open(file, OPEN_READ, 0);
+  t.teardown(() => n.close(ro));
+  n.lock(b, LOCK_NONE, file);
+  await rejectsWith(t, () => n.lock(ro, LOCK_EXCLUSIVE, file), { code: 'EBADF', path: file, message: /not open for writing/ }, 'exclusive on read-only');
+  await rejectsWith(t, () => n.lock(ro, 3, file), { code: 'EINVAL' }, 'unknown mode');
+});
+
+t.test('locks interoperate with QEMU image locking', { skip: missing({ commands: ['qemu-io'] }) }, async (t) => {
+  const file = lockFile(t);
+  const qemu = (args: string[]) => spawnSync('qemu-io', ['-f', 'raw', ...args, file], { encoding: 'utf8' });
+
+  const fd = n.open(file, OPEN_WRITE, 0);
+  t.teardown(() => n.close(fd));
+  n.lock(fd, LOCK_SHARED, file);
+  let r = qemu(['-c', 'write 0 512']);
+  t.not(r.status, 0, 'a QEMU writer is refused while we hold a shared lock');
+  t.match(r.stderr, /lock/);
+  r = qemu(['-r', '-c', 'read 0 512']);
+  t.equal(r.status, 0, `a QEMU reader coexists with a shared lock: ${r.stderr}`);
+
+  n.lock(fd, LOCK_EXCLUSIVE, file);
+  r = qemu(['-r', '-c', 'read 0 512']);
+  t.not(r.status, 0, 'a QEMU reader is refused while we hold an exclusive lock');
+  n.lock(fd, LOCK_NONE, file);
+
+  // QEMU holding the image open for writing: both our lock modes are refused.
+  const q = spawn('qemu-io', ['-f', 'raw', '-c', 'sleep 3000', file], { stdio: 'ignore' });
+  t.teardown(() => q.kill());
+  const deadline = Date.now() + 2000;
+  let got: string | undefined;
+  while (Date.now() < deadline) {
+    try {
+      n.lock(fd, LOCK_SHARED, file);
+      n.lock(fd, LOCK_NONE, file);
+      await new Promise((res) => setTimeout(res, 20)); // QEMU not there yet
+    } catch (e) {
+      got = (e as DisksnapError).code;
+      break;
+    }
+  }
+  t.equal(got, 'ELOCKED', 'a shared lock is refused while QEMU writes');
+  await rejectsWith(t, () => n.lock(fd, LOCK_EXCLUSIVE, file), { code: 'ELOCKED' }, 'exclusive vs QEMU writer');
+});
+
+// ---------------------------------------------------------------------------------------------
+// Hashing
+
+function refDigests(buf: Uint8Array, bs: number, key?: Uint8Array): Buffer {
+  const out: Buffer[] = [];
+  for (let off = 0; off < buf.length; off += bs) {
+    const piece = buf.subarray(off, Math.min(buf.length, off + bs));
+    out.push((key ? createHmac('sha256', key) : createHash('sha256')).update(piece).digest());
+  }
+  return Buffer.concat(out);
+}
+
+function refZero(buf: Uint8Array, bs: number): number[] {
+  const out: number[] = [];
+  for (let off = 0; off < buf.length; off += bs) out.push(buf.subarray(off, Math.min(buf.length, off + bs)).every((b) => b === 0) ? 1 : 0);
+  return out;
+}
+
+/** 9 blocks of 64 KiB + a short last one, with zero blocks and near-zero blocks mixed in. */
+function mixedBuffer(bs: number): Buffer {
+  const buf = randomBytes(9 * bs + 1234);
+  buf.fill(0, 1 * bs, 2 * bs); // all zero
+  buf.fill(0, 3 * bs, 4 * bs - 1); // zero but the very last byte
+  buf.fill(0, 5 * bs + 1, 6 * bs); // zero but the very first byte
+  buf.fill(0, 6 * bs, 8 * bs); // two zero blocks in a row (reuses the cached digest)
+  buf.fill(0, 9 * bs); // a short zero last block
+  return buf;
+}
+
+t.test('hashBlocks equals node:crypto SHA-256 and HMAC, with zero detection', async (t) => {
+  const bs = 64 * KiB;
+  const buf = mixedBuffer(bs);
+  const keys: (Uint8Array | undefined)[] = [undefined, randomBytes(32), randomBytes(100), new Uint8Array(0)];
+  for (const key of keys) {
+    const what = key ? `hmac(key ${key.length} bytes)` : 'sha256';
+    const want = refDigests(buf, bs, key);
+    for (const threads of [1, 2, 0, 7]) {
+      const r = n.hashBlocks(buf, bs, threads, key);
+      t.ok(Buffer.isBuffer(r.digests), 'digests is a Buffer');
+      t.equal(r.digests.length, 10 * 32);
+      t.ok(r.digests.equals(want), `${what}, ${threads} threads: digests`);
+      t.same(Array.from(r.zero), [0, 1, 0, 0, 0, 0, 1, 1, 0, 1], `${what}, ${threads} threads: zero flags`);
+    }
+    const a = await n.hashBlocksAsync(buf, bs, 2, key);
+    t.ok(a.digests.equals(want), `${what}: async digests`);
+    t.same(Array.from(a.zero), refZero(buf, bs));
+  }
+  t.same(Array.from(refZero(buf, bs)), [0, 1, 0, 0, 0, 0, 1, 1, 0, 1], 'the reference agrees on the zero flags');
+
+  // Block sizes that do not divide anything, tiny blocks, a single short block, nothing.
+  const odd = randomBytes(10007);
+  for (const b of [1, 15, 16, 17, 4096, 10006, 10007, 1 << 20]) {
+    const r = n.hashBlocks(odd, b, 2);
+    t.ok(r.digests.equals(refDigests(odd, b)), `block size ${b}`);
+  }
+  const empty = n.hashBlocks(Buffer.alloc(0), bs, 1);
+  t.equal(empty.digests.length, 0);
+  t.equal(empty.zero.length, 0);
+  await rejectsWith(t, () => n.hashBlocks(odd, 0, 1), { code: 'EINVAL' }, 'block size 0');
+  await rejectsWith(t, () => n.hashBlocksAsync(odd, 0, 1), { code: 'EINVAL' }, 'async block size 0');
+});
+
+t.test('isZero finds a single non-zero byte anywhere', async (t) => {
+  for (const len of [0, 1, 15, 16, 17, 31, 32, 4096, 512 * KiB + 3]) {
+    const b = Buffer.alloc(len);
+    t.equal(n.isZero(b), true, `${len} zero bytes`);
+    for (const at of new Set([0, len >> 1, len - 1, 15, 16].filter((i) => i >= 0 && i < len))) {
+      b[at] = 0x80;
+      t.equal(n.isZero(b), false, `${len} bytes, non-zero at ${at}`);
+      b[at] = 0;
+    }
+  }
+  const backing = Buffer.alloc(64, 1);
+  t.equal(n.isZero(new Uint8Array(backing.buffer, backing.byteOffset + 8, 0)), true, 'an empty view');
+  backing.fill(0, 8, 40);
+  t.equal(n.isZero(backing.subarray(8, 40)), true, 'a zero view inside non-zero bytes');
+});
+
+t.test('hashFile equals hashBlocks of the same bytes and reports progress', async (t) => {
+  const bs = 512 * KiB;
+  const { file, fd } = tempFile(t, 'h.img', 24 * MiB + 5000); // holes, data, a short last block
+  n.pwrite(fd, randomBytes(3 * MiB), MiB + 100);
+  n.pwrite(fd, randomBytes(10), 20 * MiB - 1); // one byte in one block, one in the next
+  n.pwrite(fd, randomBytes(777), 24 * MiB + 1);
+  const bytes = fs.readFileSync(file);
+  for (const key of [undefined, randomBytes(32)]) {
+    const calls: [number, number][] = [];
+    const r = await n.hashFile(fd, 0, bytes.length, bs, 2, key, (done, total) => calls.push([done, total]));
+    const want = n.hashBlocks(bytes, bs, 1, key);
+    t.ok(r.digests.equals(want.digests), `${key ? 'hmac' : 'sha256'}: digests equal hashBlocks`);
+    t.ok(r.digests.equals(refDigests(bytes, bs, key)), 'and node:crypto');
+    t.same(Array.from(r.zero), Array.from(want.zero), 'zero flags equal');
+    t.ok(calls.length >= 1, `progress called (${calls.length} times)`);
+    t.ok(calls.length <= 1 + 100, 'progress is throttled, not per block');
+    t.same(calls[calls.length - 1], [bytes.length, bytes.length], 'the last progress says done');
+    t.ok(calls.every(([d, tot], i) => tot === bytes.length && (i === 0 || d >= calls[i - 1][0])), 'progress is monotonic');
+  }
+  const zeroFlags = Array.from(n.hashBlocks(bytes, bs, 1).zero);
+  t.same([zeroFlags[0], zeroFlags[2], zeroFlags[8], zeroFlags[10]], [1, 0, 0, 1], 'blocks in holes are zero, blocks with data are not');
+
+  // A sub-range at an unaligned offset, no progress callback, one thread.
+  const sub = await n.hashFile(fd, MiB + 12345, 5 * MiB, 64 * KiB, 1, undefined, undefined);
+  t.ok(sub.digests.equals(refDigests(bytes.subarray(MiB + 12345, 6 * MiB + 12345), 64 * KiB)), 'sub-range');
+  // Past EOF hashes as zeros.
+  const past = await n.hashFile(fd, bytes.length - 100, 200, 64, 2, undefined, undefined);
+  const padded = Buffer.concat([bytes.subarray(bytes.length - 100), Buffer.alloc(100)]);
+  t.ok(past.digests.equals(refDigests(padded, 64)), 'bytes past EOF hash as zeros');
+  const none = await n.hashFile(fd, 0, 0, bs, 2, undefined, () => t.fail('no progress for nothing'));
+  t.equal(none.digests.length, 0);
+});
+
+t.test('hashFile rejects with the error a progress callback throws', async (t) => {
+  const { fd } = tempFile(t, 'p.img', 64 * MiB);
+  n.pwrite(fd, randomBytes(MiB), 0);
+  const boom = new Error('stop here');
+  let calls = 0;
+  await t.rejects(
+    n.hashFile(fd, 0, 64 * MiB, 64 * KiB, 1, undefined, () => {
+      calls++;
+      throw boom;
+    }),
+    boom,
+  );
+  t.equal(calls, 1, 'no progress after the callback threw');
+});
+
+// ---------------------------------------------------------------------------------------------
+// copy_file_range and reflinks
+
+t.test('copyRange copies exact bytes at unaligned offsets and stops at EOF', async (t) => {
+  const src = tempFile(t, 'src.img');
+  const dst = tempFile(t, 'dst.img');
+  const data = randomBytes(3 * MiB + 123);
+  n.pwrite(src.fd, data, 0);
+  t.equal(n.copyRange(src.fd, 5, dst.fd, 7, 2 * MiB), 2 * MiB);
+  const out = fs.readFileSync(dst.file);
+  t.equal(out.length, 2 * MiB + 7);
+  t.ok(out.subarray(7).equals(data.subarray(5, 5 + 2 * MiB)), 'bytes equal');
+  t.ok(out.subarray(0, 7).every((b) => b === 0));
+  // Asking for more than there is copies up to EOF.
+  t.equal(await n.copyRangeAsync(src.fd, MiB, dst.fd, 0, 10 * MiB), data.length - MiB);
+  t.ok(fs.readFileSync(dst.file).subarray(0, data.length - MiB).equals(data.subarray(MiB)), 'async bytes equal');
+  t.equal(n.copyRange(src.fd, data.length + 10, dst.fd, 0, 100), 0, 'nothing past EOF');
+  // Within one file, non-overlapping.
+  t.equal(n.copyRange(src.fd, 0, src.fd, 8 * MiB, 1000), 1000);
+  const self = Buffer.alloc(1000);
+  n.pread(src.fd, self, 8 * MiB);
+  t.ok(self.equals(data.subarray(0, 1000)), 'same-file copy');
+  const ro = n.open(dst.file, OPEN_READ, 0);
+  t.teardown(() => n.close(ro));
+  await rejectsWith(t, () => n.copyRange(src.fd, 0, ro, 0, 10), { code: 'EBADF' }, 'destination not writable');
+});
+
+t.test('clone and cloneRange return a boolean, and equal bytes when true', async (t) => {
+  const src = tempFile(t, 'src.img');
+  const dst = tempFile(t, 'dst.img');
+  const data = randomBytes(256 * KiB);
+  n.pwrite(src.fd, data, 0);
+  n.fsync(src.fd, false);
+  const whole = n.clone(src.fd, dst.fd);
+  t.type(whole, 'boolean');
+  if (whole) t.ok(fs.readFileSync(dst.file).equals(data), 'FICLONE copied the bytes');
+  const part = n.cloneRange(src.fd, 64 * KiB, dst.fd, 0, 64 * KiB);
+  t.type(part, 'boolean');
+  if (part) {
+    const b = Buffer.alloc(64 * KiB);
+    n.pread(dst.fd, b, 0);
+    t.ok(b.equals(data.subarray(64 * KiB, 128 * KiB)), 'FICLONERANGE copied the bytes');
+  }
+  t.comment(`reflinks on this filesystem: clone ${whole}, cloneRange ${part}`);
+  const closed = n.open(path.join(dirOf(t), 'c'), OPEN_WRITE | OPEN_CREATE, 0o644);
+  n.close(closed);
+  await rejectsWith(t, () => n.clone(closed, dst.fd), { code: 'EBADF' }, 'clone from a closed descriptor');
+});
