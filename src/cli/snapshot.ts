@@ -1,8 +1,364 @@
+/**
+ * Storage snapshot commands: `snapshot …`, `volume …`, `store …`. Each is a few lines over
+ * src/snapshot.ts. Results on stdout (a table, or one JSON document with --json), progress
+ * bars on stderr when it is a terminal, failures as one line on stderr with exit 1.
+ *
+ * The store is `--store DIR`, else $DISKSNAP_STORE, else $XDG_DATA_HOME/disksnap/store
+ * (~/.local/share/disksnap/store). Its block size is fixed when it is created: by
+ * `store init --block-size`, or by `--block-size` on the `snapshot create` or
+ * `volume register` that creates it (512K by default).
+ */
 import { Command } from 'commander';
-import { notBuilt } from './util';
+import * as cliProgress from 'cli-progress';
+import * as snap from '../snapshot';
+import { parseTags } from '../store/records';
+import { DisksnapError } from '../errors';
+import { formatSize } from '../size';
+import { ExitStatus, action, collect, log, printJson, sizeArg } from './util';
+
+interface StoreFlag {
+  store?: string;
+  json?: boolean;
+  wait?: number;
+}
+
+function storeOpts(o: StoreFlag): snap.StoreOptions {
+  return { store: o.store, lockWaitMs: o.wait !== undefined ? o.wait * 1000 : undefined };
+}
+
+function secondsArg(value: string): number {
+  const n = Number(value);
+  if (!Number.isFinite(n) || n < 0) throw new DisksnapError(`--wait '${value}' is not a number of seconds`, 'EINVALID');
+  return n;
+}
+
+function noKeys(o: { keyFile?: string; encrypt?: boolean; encrypted?: boolean }): void {
+  if (o.keyFile !== undefined || o.encrypt || o.encrypted) {
+    throw new DisksnapError('encryption (--key-file, --encrypted) is not supported by this version yet', 'EUNSUPPORTED');
+  }
+}
+
+/** A progress bar on stderr when it is a terminal; otherwise nothing. */
+function progressBar(label: string): { update: snap.ProgressFn; stop: () => void } {
+  if (!process.stderr.isTTY) return { update: () => undefined, stop: () => undefined };
+  const bar = new cliProgress.SingleBar(
+    { stream: process.stderr, format: `${label} {phase} [{bar}] {percentage}% {value}/{total}`, hideCursor: true, clearOnComplete: true },
+    cliProgress.Presets.shades_classic,
+  );
+  let started = false;
+  let phase = '';
+  return {
+    update: (p) => {
+      if (!started) {
+        bar.start(p.total, p.done, { phase: p.phase });
+        started = true;
+      } else if (p.phase !== phase) bar.setTotal(p.total);
+      phase = p.phase;
+      bar.update(p.done, { phase: p.phase });
+    },
+    stop: () => {
+      if (started) bar.stop();
+    },
+  };
+}
+
+async function withBar<T>(label: string, fn: (update: snap.ProgressFn) => Promise<T>): Promise<T> {
+  const bar = progressBar(label);
+  try {
+    return await fn(bar.update);
+  } finally {
+    bar.stop();
+  }
+}
+
+function table(headers: string[], rows: string[][]): void {
+  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]))).join('  ');
+  process.stdout.write([line(headers), ...rows.map(line)].join('\n') + '\n');
+}
+
+function warnDamaged(damaged: { id: string; error: DisksnapError }[], what: string): void {
+  for (const d of damaged) log(`disksnap: ${what} ${d.id} is unreadable: ${d.error.message}`);
+}
+
+function printSnapshot(s: snap.SnapshotRecord): void {
+  const rows: [string, string][] = [
+    ['id', s.id],
+    ['volume', `${s.volumeId} (${s.volumePath})`],
+    ['state', s.state + (s.state === 'pending' ? ` ${s.progress}%` : '')],
+    ['name', s.name],
+    ['description', s.description],
+    ['tags', Object.entries(s.tags).map(([k, v]) => `${k}=${v}`).join(', ')],
+    ['encrypted', String(s.encrypted)],
+    ['started', s.startTime],
+    ['completed', s.completionTime ?? '-'],
+    ['volume size', `${formatSize(s.volumeSize)} (${s.volumeSize} bytes)`],
+    ['block size', formatSize(s.blockSize)],
+    ['parent', s.parentId ?? '- (full snapshot)'],
+    ['data blocks', `${s.stats.dataBlocks} (${s.stats.zeroBlocks} zero blocks not stored)`],
+    ['changed blocks', String(s.stats.changedBlocks)],
+    ['blocks added', `${s.stats.blocksAdded} (${formatSize(s.stats.bytesAdded)})`],
+  ];
+  if (s.error) rows.push(['error', s.error]);
+  const w = Math.max(...rows.map((r) => r[0].length));
+  process.stdout.write(rows.map(([k, v]) => `${k.padEnd(w)}  ${v}`).join('\n') + '\n');
+}
 
 export function register(program: Command): void {
-  notBuilt(program, 'snapshot', 'EBS-style incremental storage snapshots');
-  notBuilt(program, 'volume', 'volumes registered in a snapshot store');
-  notBuilt(program, 'store', 'snapshot store maintenance (gc)');
+  const snapshot = program.command('snapshot').description('EBS-style incremental storage snapshots of raw images');
+  const storeOption = '--store <dir>';
+  const storeHelp = 'snapshot store (default $DISKSNAP_STORE, else ~/.local/share/disksnap/store)';
+  const waitHelp = 'seconds to wait for a conflicting store lock (default 60)';
+
+  snapshot
+    .command('create')
+    .description('snapshot a raw image (stores only blocks the store does not hold yet)')
+    .argument('<volume>', 'raw image file or block device')
+    .option(storeOption, storeHelp)
+    .option('--name <name>', 'name of the snapshot', '')
+    .option('--description <text>', 'description', '')
+    .option('--tag <key=value>', 'tag (repeatable)', collect, [])
+    .option('--block-size <size>', 'block size of a store this command creates (default 512K)', sizeArg('block size'))
+    .option('--wait <seconds>', waitHelp, secondsArg)
+    .option('--json', 'print the snapshot as JSON')
+    .action(
+      action(async (volume: string, o: StoreFlag & { name: string; description: string; tag: string[]; blockSize?: number }) => {
+        const tags = parseTags(o.tag);
+        const rec = await withBar('snapshot', (onProgress) =>
+          snap.createSnapshot(volume, {
+            ...storeOpts(o),
+            name: o.name,
+            description: o.description,
+            tags,
+            blockSize: o.blockSize,
+            onProgress,
+            onLog: (m) => log(`disksnap: ${m}`),
+          }),
+        );
+        if (o.json) printJson(rec);
+        else {
+          process.stdout.write(
+            `${rec.id} ${rec.state}: ${rec.stats.dataBlocks} data blocks of ${formatSize(rec.blockSize)}, ` +
+              `${rec.stats.changedBlocks} changed${rec.parentId ? ` since ${rec.parentId}` : ''}, ` +
+              `${rec.stats.blocksAdded} added to the store (${formatSize(rec.stats.bytesAdded)})\n`,
+          );
+        }
+      }),
+    );
+
+  snapshot
+    .command('list')
+    .description('snapshots in the store, oldest first')
+    .option(storeOption, storeHelp)
+    .option('--volume <volume>', 'only snapshots of this volume (path or vol- id)')
+    .option('--json', 'print {"snapshots": [...]}')
+    .action(
+      action(async (o: StoreFlag & { volume?: string }) => {
+        const { snapshots, damaged } = await snap.listSnapshots({ ...storeOpts(o), volume: o.volume });
+        if (o.json) printJson({ snapshots });
+        else if (snapshots.length === 0) process.stdout.write('no snapshots\n');
+        else {
+          table(
+            ['ID', 'STATE', 'VOLUME', 'STARTED', 'SIZE', 'ADDED', 'NAME'],
+            snapshots.map((s) => [
+              s.id,
+              s.state === 'pending' ? `pending ${s.progress}%` : s.state,
+              s.volumeId,
+              s.startTime.replace(/\.\d+Z$/, 'Z'),
+              formatSize(s.volumeSize),
+              formatSize(s.stats.bytesAdded),
+              s.name,
+            ]),
+          );
+        }
+        warnDamaged(damaged, 'snapshot record');
+        if (damaged.length) throw new ExitStatus(1);
+      }),
+    );
+
+  snapshot
+    .command('show')
+    .description('one snapshot (by id, unique id prefix or unique name)')
+    .argument('<snap>')
+    .option(storeOption, storeHelp)
+    .option('--json', 'print the snapshot as JSON')
+    .action(
+      action(async (ref: string, o: StoreFlag) => {
+        const rec = await snap.showSnapshot(ref, storeOpts(o));
+        if (o.json) printJson(rec);
+        else printSnapshot(rec);
+      }),
+    );
+
+  snapshot
+    .command('restore')
+    .description('restore a snapshot into a new sparse image (--to) or roll a volume back (--in-place)')
+    .argument('<snap>')
+    .option('--to <file>', 'new raw image to write (refused if it exists, unless --force)')
+    .option('--in-place <volume>', 'roll this volume back, rewriting only the blocks that differ')
+    .option('-f, --force', 'with --to: replace an existing file')
+    .option(storeOption, storeHelp)
+    .option('--key-file <file>', 'key of an encrypted snapshot (not supported yet)')
+    .option('--wait <seconds>', waitHelp, secondsArg)
+    .option('--json', 'print a JSON report')
+    .action(
+      action(async (ref: string, o: StoreFlag & { to?: string; inPlace?: string; force?: boolean; keyFile?: string }) => {
+        noKeys(o);
+        const r = await withBar('restore', (onProgress) =>
+          snap.restoreSnapshot(ref, { ...storeOpts(o), to: o.to, inPlace: o.inPlace, force: o.force, onProgress }),
+        );
+        if (o.json) printJson(r);
+        else if (r.mode === 'file') {
+          process.stdout.write(`restored ${r.snapshotId} to ${r.target}: ${formatSize(r.volumeSize)}, ${r.blocksWritten} data blocks (${formatSize(r.bytesWritten)}) written, the rest left sparse\n`);
+        } else {
+          process.stdout.write(
+            `rolled ${r.target} back to ${r.snapshotId}: ${r.blocksWritten} blocks rewritten, ${r.blocksPunched} punched to holes, ${r.blocksUnchanged} already equal\n`,
+          );
+        }
+      }),
+    );
+
+  snapshot
+    .command('delete')
+    .description('delete a snapshot (the others stay restorable; `store gc` frees its blocks)')
+    .argument('<snap>')
+    .option(storeOption, storeHelp)
+    .option('--wait <seconds>', waitHelp, secondsArg)
+    .option('--json', 'print a JSON report')
+    .action(
+      action(async (ref: string, o: StoreFlag) => {
+        const r = await snap.deleteSnapshot(ref, storeOpts(o));
+        if (o.json) printJson({ deleted: r.id, state: r.state });
+        else process.stdout.write(`deleted ${r.id}\n`);
+      }),
+    );
+
+  snapshot
+    .command('diff')
+    .description('indexes of the blocks that differ between two snapshots of one volume')
+    .argument('<snap-a>')
+    .argument('<snap-b>')
+    .option(storeOption, storeHelp)
+    .option('--json', 'print {"blockSize": N, "changedBlocks": [...]}')
+    .action(
+      action(async (a: string, b: string, o: StoreFlag) => {
+        const r = await snap.diffSnapshots(a, b, storeOpts(o));
+        if (o.json) printJson(r);
+        else {
+          process.stdout.write(`${r.changedBlocks.length} changed blocks of ${formatSize(r.blockSize)}\n`);
+          if (r.changedBlocks.length) process.stdout.write(r.changedBlocks.join('\n') + '\n');
+        }
+      }),
+    );
+
+  snapshot
+    .command('verify')
+    .description('re-read every block of a snapshot and check its digest')
+    .argument('<snap>')
+    .option(storeOption, storeHelp)
+    .option('--key-file <file>', 'key of an encrypted snapshot (not supported yet)')
+    .option('--wait <seconds>', waitHelp, secondsArg)
+    .option('--json', 'print a JSON report')
+    .action(
+      action(async (ref: string, o: StoreFlag & { keyFile?: string }) => {
+        noKeys(o);
+        const r = await withBar('verify', (onProgress) => snap.verifySnapshot(ref, { ...storeOpts(o), onProgress }));
+        if (o.json) printJson(r);
+        else if (r.ok) process.stdout.write(`${r.snapshotId} ok: ${r.blocksChecked} blocks (${formatSize(r.bytesChecked)}) match their digests\n`);
+        if (!r.ok) {
+          if (r.manifestError) log(`disksnap: ${r.snapshotId}: ${r.manifestError}`);
+          const shown = r.badBlocks.slice(0, 10);
+          for (const b of shown) log(`disksnap: ${r.snapshotId}: block ${b.index}: ${b.reason}`);
+          if (r.badBlocks.length > shown.length) log(`disksnap: ... and ${r.badBlocks.length - shown.length} more bad blocks`);
+          log(`disksnap: ${r.snapshotId} is damaged: ${r.badBlocks.length} bad blocks${r.manifestError ? ', damaged manifest' : ''}`);
+          throw new ExitStatus(1);
+        }
+      }),
+    );
+
+  snapshot
+    .command('copy')
+    .description('copy a snapshot to another store (not built yet: comes with encryption)')
+    .argument('<snap>')
+    .allowUnknownOption(true)
+    .allowExcessArguments(true)
+    .action(
+      action(() => {
+        throw new DisksnapError("'snapshot copy' is not built yet in this version (copies and encryption)", 'ENOTBUILT');
+      }),
+    );
+
+  const volume = program.command('volume').description('volumes known to a snapshot store');
+  volume
+    .command('register')
+    .description("record a volume in the store (snapshot create does this for unknown volumes)")
+    .argument('<volume>')
+    .option(storeOption, storeHelp)
+    .option('--block-size <size>', 'block size of a store this command creates (default 512K)', sizeArg('block size'))
+    .option('--encrypted', 'encrypt every snapshot of the volume (not supported yet)')
+    .option('--key-file <file>', 'key for --encrypted (not supported yet)')
+    .option('--json', 'print the volume record as JSON')
+    .action(
+      action(async (v: string, o: StoreFlag & { blockSize?: number; encrypted?: boolean; keyFile?: string }) => {
+        noKeys(o);
+        const rec = await snap.registerVolume(v, { ...storeOpts(o), blockSize: o.blockSize });
+        if (o.json) printJson(rec);
+        else process.stdout.write(`${rec.id} ${rec.path} (${formatSize(rec.size)})\n`);
+      }),
+    );
+  volume
+    .command('list')
+    .description('volumes recorded in the store')
+    .option(storeOption, storeHelp)
+    .option('--json', 'print {"volumes": [...]}')
+    .action(
+      action(async (o: StoreFlag) => {
+        const { volumes, damaged } = await snap.listVolumes(storeOpts(o));
+        if (o.json) printJson({ volumes });
+        else if (volumes.length === 0) process.stdout.write('no volumes\n');
+        else {
+          table(
+            ['ID', 'SIZE', 'ENCRYPTED', 'PATH'],
+            volumes.map((v) => [v.id, formatSize(v.size), String(v.encrypted), v.path + (v.inPlaceRestore ? `  (unfinished in-place restore of ${v.inPlaceRestore.snapshotId})` : '')]),
+          );
+        }
+        warnDamaged(damaged, 'volume record');
+        if (damaged.length) throw new ExitStatus(1);
+      }),
+    );
+
+  const store = program.command('store').description('snapshot store maintenance');
+  store
+    .command('init')
+    .description('create a snapshot store (the block size is fixed from then on)')
+    .option(storeOption, storeHelp)
+    .option('--block-size <size>', 'block size (default 512K, power of two from 4K to 64M)', sizeArg('block size'))
+    .option('--json', 'print the store as JSON')
+    .action(
+      action(async (o: StoreFlag & { blockSize?: number }) => {
+        const info = await snap.initStore({ ...storeOpts(o), blockSize: o.blockSize });
+        if (o.json) printJson(info);
+        else process.stdout.write(`store ${info.path}: block size ${formatSize(info.blockSize)}, ${info.id}\n`);
+      }),
+    );
+  store
+    .command('gc')
+    .description('delete block objects no completed snapshot references (waits for running commands)')
+    .option(storeOption, storeHelp)
+    .option('--wait <seconds>', waitHelp, secondsArg)
+    .option('--json', 'print a JSON report')
+    .action(
+      action(async (o: StoreFlag) => {
+        const r = await snap.gc({ ...storeOpts(o), onWait: () => log('disksnap: waiting for running snapshot commands to finish...') });
+        if (o.json) printJson(r);
+        else {
+          process.stdout.write(
+            `freed ${r.blocksFreed} blocks (${formatSize(r.bytesFreed)}) and ${r.otherFilesRemoved} other files (${formatSize(r.otherBytesFreed)}); ` +
+              `kept ${r.blocksKept} blocks (${formatSize(r.bytesKept)}) of ${r.liveSnapshots} snapshots` +
+              (r.staleSnapshots.length ? `; marked ${r.staleSnapshots.length} abandoned snapshots as error` : '') +
+              '\n',
+          );
+        }
+      }),
+    );
 }

@@ -1,0 +1,1165 @@
+/**
+ * Storage snapshots, EBS style: the public library behind `disksnap snapshot|volume|store`.
+ *
+ * A snapshot is a manifest (block index -> digest, zero blocks omitted) plus the block
+ * objects it names, in a store (src/store/store.ts has the layout). The first snapshot of a
+ * volume stores every data block; later ones store only blocks whose digest the store lacks,
+ * so an incremental snapshot costs a read and hash of the volume's data plus the changed
+ * bytes. Every snapshot has a complete manifest: any one of them restores on its own.
+ *
+ * Create, per attempt (volume open read-only with a shared lock, store lock shared):
+ *
+ *   stat volume ──► extents (holes skipped) ──► for each chunk of data blocks (16 MiB):
+ *     read once into a buffer ─► hash on worker threads (digest + all-zero flag per block)
+ *     ─► zero: no entry | same digest as parent: entry | else: putIfAbsent(object) + entry
+ *   ──► stat volume again: size/mtime/ctime moved => the volume changed while being read:
+ *       retry once, then `error` with the reason (point-in-time capture of mounted
+ *       filesystems is the `freeze` hook, filled in by the loopback issue)
+ *
+ * Objects are written from the same buffer that was hashed, so an object's bytes always match
+ * its name even if the volume changes under us; only the mix of moments has to be detected.
+ *
+ * Durability order (a crash anywhere leaves pending/error snapshots and garbage, never a
+ * completed snapshot that cannot be restored):
+ *   1. each new object: temporary file, fdatasync, link to its name (many in flight at once)
+ *   2. fsync every block directory that got a new name            (backend.flush)
+ *   3. manifest: temporary file, fsync, rename, fsync snapshots/
+ *   4. record `completed`: temporary file, fsync, rename, fsync snapshots/
+ * Progress updates rewrite the pending record atomically (throttled to ~2/s), and are all
+ * settled before step 4 so a late one cannot overwrite the final state.
+ *
+ * Restore to a file: verify every object against its digest as it is read (batched native
+ * hashing), write into a temporary sparse file in the target's directory (zero blocks stay
+ * holes), check the manifest checksum at the end, fsync, then link (or rename with --force)
+ * onto the target. Any failure removes the temporary file: no partial output.
+ *
+ * Restore in place: pass 1 hashes the volume's data blocks and compares them with the
+ * manifest, making a plan (blocks to write, blocks to punch); then every object the plan
+ * needs is read and verified; only then is the volume record marked "in-place restore of X
+ * in progress" and pass 2 writes the planned blocks, punches holes where the snapshot has
+ * zeros, fsyncs, and clears the mark. Each step is idempotent: re-running after an
+ * interruption re-plans from the volume as it is and finishes the job. While the mark is set,
+ * snapshots of the volume are refused.
+ *
+ * Deliberately left unoptimised: unchanged data is re-read and re-hashed on every snapshot
+ * (correctness first — mtime or extent maps cannot prove a block unchanged); objects are
+ * written with write(2), not copy_file_range, because the bytes are already in the buffer
+ * that was hashed (a second read of the volume could see different bytes).
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { BlockFile } from './file';
+import { DisksnapError, invalid, isDisksnapError, fromNodeError } from './errors';
+import { native, NativeStat } from './native';
+import { Store, defaultStoreDir } from './store/store';
+import { Lease, StoreLock } from './store/lock';
+import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength } from './store/manifest';
+import { collectGarbage, GcReport } from './store/gc';
+import {
+  SnapshotRecord,
+  SnapshotStats,
+  VolumeRecord,
+  emptyStats,
+  isVolumeId,
+  newId,
+  snapshotJson,
+} from './store/records';
+
+export type { SnapshotRecord, SnapshotStats, VolumeRecord, GcReport };
+export { defaultStoreDir };
+
+/** Bytes per read/hash chunk; also the unit of pipelining. Four of them at most in memory. */
+const CHUNK_BYTES = 16 * 1024 * 1024;
+const MAX_BUFFERS = 4;
+/** Outstanding bytes of object writes before the reader waits for them. */
+const MAX_WRITE_BYTES = 64 * 1024 * 1024;
+const PROGRESS_INTERVAL_MS = 500;
+/** How long commands wait for a running gc (or gc for running commands) by default. */
+const DEFAULT_LOCK_WAIT_MS = 60_000;
+
+export interface StoreOptions {
+  /** store directory; default $DISKSNAP_STORE, else the per-user data directory */
+  store?: string;
+  /** how long to wait for a conflicting store lock (ms) */
+  lockWaitMs?: number;
+  /** hashing threads (default: one per CPU) */
+  threads?: number;
+}
+
+export interface Progress {
+  phase: 'scan' | 'plan' | 'verify' | 'write';
+  done: number;
+  total: number;
+}
+
+export type ProgressFn = (p: Progress) => void;
+
+function threadsOf(opts: StoreOptions): number {
+  return opts.threads ?? Math.max(1, os.availableParallelism());
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+// ---------------------------------------------------------------------------------------
+// small helpers
+
+/** A growable list of numbers in a Float64Array (never a JS object per block). */
+class NumberList {
+  private a = new Float64Array(1024);
+  length = 0;
+  push(v: number): void {
+    if (this.length === this.a.length) {
+      const b = new Float64Array(this.a.length * 2);
+      b.set(this.a);
+      this.a = b;
+    }
+    this.a[this.length++] = v;
+  }
+  get(i: number): number {
+    return this.a[i];
+  }
+  toArray(): number[] {
+    return Array.from(this.a.subarray(0, this.length));
+  }
+}
+
+/** Fixed-size buffers handed out and returned; at most `max` exist. */
+class BufferPool {
+  private free: Buffer[] = [];
+  private count = 0;
+  private waiters: ((b: Buffer) => void)[] = [];
+  constructor(
+    private readonly size: number,
+    private readonly max: number,
+  ) {}
+  async acquire(): Promise<Buffer> {
+    const b = this.free.pop();
+    if (b) return b;
+    if (this.count < this.max) {
+      this.count++;
+      return Buffer.allocUnsafeSlow(this.size);
+    }
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+  release(b: Buffer): void {
+    const w = this.waiters.shift();
+    if (w) w(b);
+    else this.free.push(b);
+  }
+}
+
+/** Runs async jobs with at most `limit` bytes outstanding; the first failure is rethrown. */
+class Throttle {
+  private inflight = new Set<Promise<void>>();
+  private bytes = 0;
+  private failure: unknown;
+  constructor(private readonly limit: number) {}
+  async add(bytes: number, job: () => Promise<void>): Promise<void> {
+    while (this.bytes > 0 && this.bytes + bytes > this.limit && this.inflight.size) await Promise.race(this.inflight);
+    this.check();
+    this.bytes += bytes;
+    const p: Promise<void> = job()
+      .catch((e) => {
+        this.failure ??= e;
+      })
+      .finally(() => {
+        this.bytes -= bytes;
+        this.inflight.delete(p);
+      });
+    this.inflight.add(p);
+  }
+  check(): void {
+    if (this.failure !== undefined) throw this.failure;
+  }
+  async drain(): Promise<void> {
+    while (this.inflight.size) await Promise.race(this.inflight);
+    this.check();
+  }
+  /** Waits for everything without throwing (cleanup paths). */
+  async settle(): Promise<void> {
+    while (this.inflight.size) await Promise.race(this.inflight);
+  }
+}
+
+/** Ranges of blocks [first, end) that hold any data byte, from the file's data extents. */
+function dataRuns(file: BlockFile, size: number, bs: number): Array<[number, number]> {
+  const runs: Array<[number, number]> = [];
+  for (const e of file.extents(0, size)) {
+    const first = Math.floor(e.offset / bs);
+    const end = Math.ceil(Math.min(size, e.offset + e.length) / bs);
+    if (end <= first) continue;
+    const last = runs[runs.length - 1];
+    if (last && first <= last[1]) last[1] = Math.max(last[1], end);
+    else runs.push([first, end]);
+  }
+  return runs;
+}
+
+/** Splits runs into chunks of at most `maxBlocks` blocks. */
+function* chunksOf(runs: Array<[number, number]>, maxBlocks: number): Generator<[number, number]> {
+  for (const [first, end] of runs) {
+    for (let a = first; a < end; a += maxBlocks) yield [a, Math.min(end, a + maxBlocks)];
+  }
+}
+
+function statOf(file: BlockFile): NativeStat {
+  return file.stat();
+}
+
+function volumeSizeOf(file: BlockFile, st: NativeStat): number {
+  if (!st.isRegular && !st.isBlockDevice) throw invalid(`volume ${file.path} is not a regular file or block device`, file.path);
+  return st.size;
+}
+
+function openVolume(p: string, write: boolean): BlockFile {
+  if (!fs.existsSync(p)) throw new DisksnapError(`volume ${p} does not exist`, 'ENOENT', 2, p);
+  try {
+    return BlockFile.open(p, write ? { write: true, lock: 'exclusive' } : { lock: 'shared' });
+  } catch (e) {
+    if (isDisksnapError(e, 'ELOCKED')) {
+      throw new DisksnapError(`volume ${p} is in use: ${(e as Error).message}`, 'ELOCKED', undefined, p);
+    }
+    throw e;
+  }
+}
+
+/** 'a/b' -> absolute real path (the volume identity); ENOENT when missing. */
+function realVolumePath(p: string): string {
+  try {
+    return fs.realpathSync(p);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new DisksnapError(`volume ${p} does not exist`, 'ENOENT', 2, p);
+    throw fromNodeError(e, p);
+  }
+}
+
+async function findVolumeByPath(store: Store, real: string): Promise<VolumeRecord | undefined> {
+  const { volumes } = await store.listVolumes();
+  return volumes.find((v) => v.path === real);
+}
+
+async function withStoreLock<T>(store: Store, mode: 'shared' | 'exclusive', opts: StoreOptions, fn: (lock: StoreLock) => Promise<T>): Promise<T> {
+  const lock = await store.lock(mode, { waitMs: opts.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS });
+  try {
+    return await fn(lock);
+  } finally {
+    lock.release();
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// store and volumes
+
+export interface InitStoreOptions extends StoreOptions {
+  blockSize?: number;
+}
+
+export interface StoreInfo {
+  path: string;
+  id: string;
+  blockSize: number;
+  digest: string;
+  created: string;
+}
+
+/** Creates a store (or opens an existing one with the same block size). */
+export async function initStore(opts: InitStoreOptions = {}): Promise<StoreInfo> {
+  const store = await Store.open(opts.store, { create: true, blockSize: opts.blockSize });
+  const c = store.config;
+  return { path: store.dir, id: c.id, blockSize: c.blockSize, digest: c.digest, created: c.created };
+}
+
+export interface RegisterVolumeOptions extends StoreOptions {
+  /** block size for a store this call creates */
+  blockSize?: number;
+  encrypted?: boolean;
+}
+
+/** The store's record of a volume; registers it when unknown (idempotent). */
+export async function registerVolume(volume: string, opts: RegisterVolumeOptions = {}): Promise<VolumeRecord> {
+  if (opts.encrypted) {
+    throw new DisksnapError('encrypted volumes are not supported by this version yet (snapshot encryption comes with its own issue)', 'EUNSUPPORTED');
+  }
+  const store = await Store.open(opts.store, { create: true, blockSize: opts.blockSize });
+  const file = openVolume(volume, false);
+  try {
+    return await ensureVolume(store, realVolumePath(volume), file, statOf(file));
+  } finally {
+    file.close();
+  }
+}
+
+async function ensureVolume(store: Store, real: string, file: BlockFile, st: NativeStat): Promise<VolumeRecord> {
+  const existing = await findVolumeByPath(store, real);
+  const size = volumeSizeOf(file, st);
+  if (existing) {
+    if (existing.size !== size || existing.dev !== st.dev || existing.ino !== String(st.ino)) {
+      existing.size = size;
+      existing.dev = st.dev;
+      existing.ino = String(st.ino);
+      await store.writeVolume(existing);
+    }
+    return existing;
+  }
+  const rec: VolumeRecord = {
+    id: newId('vol'),
+    path: real,
+    size,
+    dev: st.dev,
+    ino: String(st.ino),
+    encrypted: false,
+    keyId: null,
+    created: new Date().toISOString(),
+    inPlaceRestore: null,
+  };
+  await store.writeVolume(rec);
+  return rec;
+}
+
+export async function listVolumes(opts: StoreOptions = {}): Promise<{ volumes: VolumeRecord[]; damaged: { id: string; error: DisksnapError }[] }> {
+  const store = await Store.open(opts.store);
+  return store.listVolumes();
+}
+
+// ---------------------------------------------------------------------------------------
+// create
+
+export interface CreateSnapshotOptions extends StoreOptions {
+  name?: string;
+  description?: string;
+  tags?: Record<string, string>;
+  /** block size for a store this call creates */
+  blockSize?: number;
+  onProgress?: ProgressFn;
+  /** attempts after the first when the volume changes while being read (default 1) */
+  retries?: number;
+  /**
+   * Point-in-time hook (the loopback issue fills it in): called before each attempt reads the
+   * volume; the function it returns is called after the attempt.
+   */
+  freeze?: (volumePath: string) => Promise<(() => Promise<void>) | void>;
+  /** test hook: called after each chunk was read and hashed */
+  afterChunk?: (attempt: number, chunk: number) => void | Promise<void>;
+  /** called with a line of information for the user (a retry) */
+  onLog?: (message: string) => void;
+}
+
+class VolumeChanged extends Error {}
+
+/**
+ * Takes a snapshot of `volume` (a raw image file or block device). Registers the volume when
+ * the store does not know it, and creates the store when it does not exist.
+ */
+export async function createSnapshot(volume: string, opts: CreateSnapshotOptions = {}): Promise<SnapshotRecord> {
+  if (opts.name !== undefined && typeof opts.name !== 'string') throw invalid('name must be a string');
+  const store = await Store.open(opts.store, { create: true, blockSize: opts.blockSize });
+  const real = realVolumePath(volume);
+  const file = openVolume(real, false);
+  try {
+    return await withStoreLock(store, 'shared', opts, async () => {
+      const st0 = statOf(file);
+      const vol = await ensureVolume(store, real, file, st0);
+      if (vol.inPlaceRestore) {
+        throw new DisksnapError(
+          `volume ${real} (${vol.id}) has an unfinished in-place restore of ${vol.inPlaceRestore.snapshotId} (started ${vol.inPlaceRestore.startTime}); ` +
+            `it holds a mix of two moments — re-run \`disksnap snapshot restore ${vol.inPlaceRestore.snapshotId} --in-place ${real}\` first`,
+          'EBUSY',
+          undefined,
+          real,
+        );
+      }
+      const listing = await store.listSnapshots();
+      await store.reapStale(listing);
+      const parent = listing.snapshots
+        .filter((s) => s.volumeId === vol.id && s.state === 'completed' && s.blockSize === store.blockSize)
+        .pop();
+      const id = newId('snap');
+      const lease = Lease.take(store.dir, id);
+      const rec: SnapshotRecord = {
+        id,
+        volumeId: vol.id,
+        state: 'pending',
+        progress: 0,
+        name: opts.name ?? '',
+        description: opts.description ?? '',
+        tags: { ...(opts.tags ?? {}) },
+        encrypted: false,
+        startTime: new Date().toISOString(),
+        completionTime: null,
+        blockSize: store.blockSize,
+        volumeSize: volumeSizeOf(file, st0),
+        parentId: parent?.id ?? null,
+        volumePath: real,
+        stats: emptyStats(),
+        error: null,
+        creator: { pid: process.pid, host: os.hostname() },
+      };
+      try {
+        await store.writeSnapshot(rec);
+        return await runCapture(store, file, rec, parent, opts);
+      } finally {
+        lease.release();
+      }
+    });
+  } finally {
+    file.close();
+  }
+}
+
+async function runCapture(
+  store: Store,
+  file: BlockFile,
+  rec: SnapshotRecord,
+  parent: SnapshotRecord | undefined,
+  opts: CreateSnapshotOptions,
+): Promise<SnapshotRecord> {
+  // Progress writes are chained; the final record waits for them (see the note above).
+  let progressChain: Promise<void> = Promise.resolve();
+  let lastWrite = 0;
+  const saveProgress = (percent: number): void => {
+    const now = Date.now();
+    if (now - lastWrite < PROGRESS_INTERVAL_MS || percent === rec.progress) return;
+    lastWrite = now;
+    rec.progress = percent;
+    const snap = { ...rec, stats: { ...rec.stats } };
+    progressChain = progressChain.then(() => store.writeSnapshot(snap)).catch(() => undefined);
+  };
+  const attempts = 1 + Math.max(0, opts.retries ?? 1);
+  let writer: ManifestWriter | undefined;
+  try {
+    for (let attempt = 1; ; attempt++) {
+      const thaw = opts.freeze ? await opts.freeze(rec.volumePath) : undefined;
+      try {
+        writer = await capture(store, file, rec, parent, opts, attempt, saveProgress);
+      } catch (e) {
+        if (!(e instanceof VolumeChanged)) throw e;
+        if (attempt >= attempts) {
+          throw new DisksnapError(
+            `volume ${rec.volumePath} changed while it was being read (${e.message}), ${attempts} times; ` +
+              'stop the writers of the volume (or unmount it) and try again',
+            'EBUSY',
+            undefined,
+            rec.volumePath,
+          );
+        }
+        opts.onLog?.(`volume ${rec.volumePath} changed while it was being read (${e.message}); starting over`);
+        continue;
+      } finally {
+        if (thaw) await thaw();
+      }
+      break;
+    }
+    // Steps 2-4 of the durability order.
+    await store.backend.flush();
+    await writer.commit();
+    writer = undefined;
+    await progressChain;
+    rec.state = 'completed';
+    rec.progress = 100;
+    rec.completionTime = new Date().toISOString();
+    await store.writeSnapshot(rec);
+    return snapshotJson(rec);
+  } catch (e) {
+    await progressChain;
+    if (writer) await writer.abort().catch(() => undefined);
+    rec.state = 'error';
+    rec.error = e instanceof Error ? e.message : String(e);
+    await store.writeSnapshot(rec).catch(() => undefined);
+    throw e;
+  }
+}
+
+/** One attempt; returns the manifest writer, ready to commit. Throws VolumeChanged. */
+async function capture(
+  store: Store,
+  file: BlockFile,
+  rec: SnapshotRecord,
+  parent: SnapshotRecord | undefined,
+  opts: CreateSnapshotOptions,
+  attempt: number,
+  saveProgress: (percent: number) => void,
+): Promise<ManifestWriter> {
+  const n = native();
+  const bs = store.blockSize;
+  const threads = threadsOf(opts);
+  let st0 = statOf(file);
+  // mtime has the kernel's coarse clock granularity: wait until "now" is past the volume's
+  // last mtime, so that any write from here on moves it.
+  if (BigInt(Date.now()) * 1_000_000n - st0.mtimeNs < 20_000_000n) {
+    await sleep(25);
+    st0 = statOf(file);
+  }
+  const size = volumeSizeOf(file, st0);
+  rec.volumeSize = size;
+  rec.stats = emptyStats();
+  rec.progress = 0;
+  const blocks = blockCount(size, bs);
+  const runs = dataRuns(file, size, bs);
+  let totalBytes = 0;
+  for (const [a, b] of runs) totalBytes += Math.min(size, b * bs) - a * bs;
+
+  const writer = await store.createManifest({
+    blockSize: bs,
+    volumeSize: size,
+    snapshotId: rec.id,
+    volumeId: rec.volumeId,
+    digest: store.codec.digest,
+    sealed: store.codec.sealed,
+  });
+  let parentReader: ManifestReader | undefined;
+  let cursor: ManifestCursor | undefined;
+  if (parent) {
+    try {
+      parentReader = await store.openManifest(parent);
+      cursor = new ManifestCursor(parentReader);
+    } catch (e) {
+      // A damaged parent only costs speed: every block is then checked against the store.
+      opts.onLog?.(`parent snapshot ${parent.id} cannot be used (${(e as Error).message}); comparing with the store instead`);
+    }
+  }
+
+  const maxBlocks = Math.max(1, Math.floor(CHUNK_BYTES / bs));
+  const pool = new BufferPool(maxBlocks * bs, MAX_BUFFERS);
+  const writes = new Throttle(MAX_WRITE_BYTES);
+  let done = 0;
+  let chunkNo = 0;
+  let ok = false;
+
+  type Loaded = { buf: Buffer; first: number; end: number; len: number };
+  const load = async (first: number, end: number): Promise<Loaded> => {
+    const buf = await pool.acquire();
+    const len = Math.min(size, end * bs) - first * bs;
+    try {
+      const got = await file.read(buf.subarray(0, len), first * bs);
+      if (got < len) buf.fill(0, got, len); // the file shrank: the stat check will notice
+    } catch (e) {
+      pool.release(buf);
+      throw e;
+    }
+    return { buf, first, end, len };
+  };
+
+  try {
+    const it = chunksOf(runs, maxBlocks);
+    const firstChunk = it.next();
+    let next: Promise<Loaded> | undefined = firstChunk.done ? undefined : load(firstChunk.value[0], firstChunk.value[1]);
+    while (next) {
+      const cur = await next;
+      const nc = it.next();
+      next = nc.done ? undefined : load(nc.value[0], nc.value[1]);
+      next?.catch(() => undefined); // handled when awaited
+      let refs = 1;
+      const unref = () => {
+        if (--refs === 0) pool.release(cur.buf);
+      };
+      try {
+        const { digests, zero } = await n.hashBlocksAsync(cur.buf.subarray(0, cur.len), bs, threads, store.codec.digestKey);
+        for (let i = cur.first; i < cur.end; i++) {
+          const k = i - cur.first;
+          if (zero[k]) {
+            rec.stats.zeroBlocks++;
+            continue;
+          }
+          rec.stats.dataBlocks++;
+          const dOff = k * 32;
+          const prev = cursor ? await cursor.lookup(i) : undefined;
+          writer.append(i, digests, dOff);
+          if (prev && prev.compare(digests, dOff, dOff + 32) === 0) continue;
+          rec.stats.changedBlocks++;
+          // Two equal blocks in flight at once both try; putIfAbsent lets one of them win.
+          const digest = digests.subarray(dOff, dOff + 32);
+          const data = cur.buf.subarray(k * bs, k * bs + blockLength(i, size, bs));
+          refs++;
+          await writes.add(data.length, async () => {
+            try {
+              if (await store.putBlock(digest, data)) {
+                rec.stats.blocksAdded++;
+                rec.stats.bytesAdded += data.length;
+              }
+            } finally {
+              unref();
+            }
+          });
+        }
+      } finally {
+        unref();
+      }
+      done += cur.len;
+      rec.stats.bytesScanned = done;
+      opts.onProgress?.({ phase: 'scan', done, total: totalBytes });
+      saveProgress(totalBytes ? Math.min(99, Math.floor((done / totalBytes) * 100)) : 99);
+      await opts.afterChunk?.(attempt, chunkNo++);
+      writes.check();
+    }
+    await writes.drain();
+    rec.stats.zeroBlocks = blocks - rec.stats.dataBlocks;
+    const st1 = statOf(file);
+    const why =
+      st1.size !== st0.size
+        ? `size ${st0.size} -> ${st1.size}`
+        : st1.mtimeNs !== st0.mtimeNs
+          ? 'modification time moved'
+          : st1.ctimeNs !== st0.ctimeNs
+            ? 'change time moved'
+            : st1.ino !== st0.ino
+              ? 'replaced by another file'
+              : undefined;
+    if (why) throw new VolumeChanged(why);
+    ok = true;
+    return writer;
+  } finally {
+    await writes.settle();
+    if (parentReader) await parentReader.close();
+    if (!ok) await writer.abort().catch(() => undefined);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// list, show
+
+export interface ListSnapshotsOptions extends StoreOptions {
+  /** a volume path or `vol-` id */
+  volume?: string;
+}
+
+export async function listSnapshots(opts: ListSnapshotsOptions = {}): Promise<{ snapshots: SnapshotRecord[]; damaged: { id: string; error: DisksnapError }[] }> {
+  const store = await Store.open(opts.store);
+  const listing = await store.listSnapshots();
+  await store.reapStale(listing);
+  let snapshots = listing.snapshots;
+  if (opts.volume !== undefined) {
+    let volumeId: string | undefined;
+    if (isVolumeId(opts.volume)) volumeId = opts.volume;
+    else volumeId = (await findVolumeByPath(store, realVolumePath(opts.volume)))?.id;
+    snapshots = snapshots.filter((s) => s.volumeId === volumeId);
+  }
+  return { snapshots: snapshots.map(snapshotJson), damaged: listing.damaged };
+}
+
+export async function showSnapshot(ref: string, opts: StoreOptions = {}): Promise<SnapshotRecord> {
+  const store = await Store.open(opts.store);
+  const rec = await store.resolveSnapshot(ref);
+  if (rec.state === 'pending') {
+    await store.reapStale({ snapshots: [rec], damaged: [] });
+  }
+  return snapshotJson(rec);
+}
+
+// ---------------------------------------------------------------------------------------
+// reading blocks back: shared by restore and verify
+
+interface BatchEntry {
+  index: number;
+  digest: Buffer;
+}
+
+/**
+ * Reads the objects of `entries` into `buf` (block k at k*bs), checks each one's length and
+ * digest, and returns the indexes (within the batch) that are bad with why. Objects are
+ * fetched concurrently; the digests are computed in one native call.
+ */
+async function fetchVerified(
+  store: Store,
+  entries: BatchEntry[],
+  buf: Buffer,
+  volumeSize: number,
+  threads: number,
+): Promise<{ len: number; bad: { k: number; why: string }[] }> {
+  const bs = store.blockSize;
+  const bad: { k: number; why: string }[] = [];
+  const lens = new Array<number>(entries.length);
+  await Promise.all(
+    entries.map(async (e, k) => {
+      const want = blockLength(e.index, volumeSize, bs);
+      const slot = buf.subarray(k * bs, (k + 1) * bs);
+      try {
+        const got = await store.getBlock(e.digest, slot);
+        if (got.length !== want) {
+          bad.push({ k, why: `object ${store.backend.describe(store.blockKey(e.digest))} has ${got.length} bytes, expected ${want}` });
+        } else if (got.buffer !== slot.buffer || got.byteOffset !== slot.byteOffset) {
+          slot.set(got);
+        }
+      } catch (err) {
+        if (!(err instanceof DisksnapError) || (err.code !== 'ECORRUPT' && err.code !== 'ENOENT' && err.code !== 'EIO')) throw err;
+        bad.push({ k, why: err.message });
+      }
+      lens[k] = want;
+    }),
+  );
+  // Only the volume's last block can be short, and it is the last entry of its batch.
+  const len = entries.length ? (entries.length - 1) * bs + lens[entries.length - 1] : 0;
+  if (entries.length) {
+    const { digests } = await native().hashBlocksAsync(buf.subarray(0, len), bs, threads, store.codec.digestKey);
+    for (let k = 0; k < entries.length; k++) {
+      if (bad.some((b) => b.k === k)) continue;
+      if (digests.compare(entries[k].digest, 0, 32, k * 32, k * 32 + 32) !== 0) {
+        bad.push({ k, why: `object ${store.backend.describe(store.blockKey(entries[k].digest))} does not match its digest (damaged)` });
+      }
+    }
+  }
+  bad.sort((a, b) => a.k - b.k);
+  return { len, bad };
+}
+
+/** Pulls up to `max` entries from a manifest reader (digests copied). */
+async function nextBatch(reader: ManifestReader, max: number, filter?: (index: number) => boolean): Promise<BatchEntry[]> {
+  const out: BatchEntry[] = [];
+  while (out.length < max) {
+    const i = await reader.next();
+    if (i < 0) break;
+    if (filter && !filter(i)) continue;
+    out.push({ index: i, digest: Buffer.from(reader.digest) });
+  }
+  return out;
+}
+
+function corruptBlock(rec: SnapshotRecord, index: number, why: string): DisksnapError {
+  return new DisksnapError(`snapshot ${rec.id}, block ${index} (offset ${index * rec.blockSize}): ${why}`, 'ECORRUPT');
+}
+
+// ---------------------------------------------------------------------------------------
+// restore
+
+export interface RestoreOptions extends StoreOptions {
+  /** a new raw image file */
+  to?: string;
+  /** roll this volume back in place */
+  inPlace?: string;
+  /** with `to`: replace an existing file */
+  force?: boolean;
+  onProgress?: ProgressFn;
+  /** test hook (in-place): called before each write batch of pass 2 */
+  beforeWrite?: (batch: number) => void | Promise<void>;
+}
+
+export interface RestoreReport {
+  snapshotId: string;
+  target: string;
+  mode: 'file' | 'in-place';
+  volumeSize: number;
+  blockSize: number;
+  blocksWritten: number;
+  bytesWritten: number;
+  /** in place: blocks made holes because the snapshot has zeros there */
+  blocksPunched: number;
+  /** in place: data blocks that already matched */
+  blocksUnchanged: number;
+}
+
+export async function restoreSnapshot(ref: string, opts: RestoreOptions): Promise<RestoreReport> {
+  if ((opts.to === undefined) === (opts.inPlace === undefined)) throw invalid('restore needs exactly one of --to FILE and --in-place VOLUME');
+  const store = await Store.open(opts.store);
+  return withStoreLock(store, 'shared', opts, async () => {
+    const rec = await store.resolveSnapshot(ref);
+    if (rec.state !== 'completed') {
+      throw new DisksnapError(`snapshot ${rec.id} is ${rec.state}${rec.error ? ` (${rec.error})` : ''}; only completed snapshots can be restored`, 'EINVALID');
+    }
+    return opts.to !== undefined ? restoreToFile(store, rec, opts.to, opts) : restoreInPlace(store, rec, opts.inPlace!, opts);
+  });
+}
+
+async function restoreToFile(store: Store, rec: SnapshotRecord, to: string, opts: RestoreOptions): Promise<RestoreReport> {
+  const target = path.resolve(to);
+  const exists = fs.existsSync(target);
+  if (exists && !opts.force) throw new DisksnapError(`${target} exists; use --force to replace it`, 'EEXIST', 17, target);
+  if (exists && fs.statSync(target).isDirectory()) throw new DisksnapError(`${target} is a directory`, 'EISDIR', 21, target);
+  const dir = path.dirname(target);
+  if (!fs.existsSync(dir)) throw new DisksnapError(`directory ${dir} does not exist`, 'ENOENT', 2, dir);
+  const reader = await store.openManifest(rec);
+  const tmp = path.join(dir, `.${path.basename(target)}.disksnap-${randomBytes(4).toString('hex')}.tmp`);
+  let out: BlockFile | undefined;
+  const report: RestoreReport = {
+    snapshotId: rec.id,
+    target,
+    mode: 'file',
+    volumeSize: rec.volumeSize,
+    blockSize: rec.blockSize,
+    blocksWritten: 0,
+    bytesWritten: 0,
+    blocksPunched: 0,
+    blocksUnchanged: 0,
+  };
+  try {
+    out = BlockFile.open(tmp, { create: true, exclusive: true, lock: 'exclusive', mode: 0o644 });
+    out.truncateSync(rec.volumeSize);
+    const o = out;
+    await pipelineBlocks(store, rec, reader, threadsOf(opts), reader.entryCount, opts.onProgress, 'write', async (batch, buf) => {
+      const reqs = new Float64Array(batch.length * 3);
+      for (let k = 0; k < batch.length; k++) {
+        const len = blockLength(batch[k].index, rec.volumeSize, rec.blockSize);
+        reqs[k * 3] = batch[k].index * rec.blockSize;
+        reqs[k * 3 + 1] = k * rec.blockSize;
+        reqs[k * 3 + 2] = len;
+        report.bytesWritten += len;
+      }
+      await o.writeBatch(buf, reqs);
+      report.blocksWritten += batch.length;
+    });
+    await out.sync();
+    out.close();
+    out = undefined;
+    if (exists) fs.renameSync(tmp, target);
+    else {
+      try {
+        fs.linkSync(tmp, target); // never replaces a file that appeared meanwhile
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code === 'EEXIST') throw new DisksnapError(`${target} exists; use --force to replace it`, 'EEXIST', 17, target);
+        throw fromNodeError(e, target);
+      }
+      fs.unlinkSync(tmp);
+    }
+    const dfd = fs.openSync(dir, 'r');
+    try {
+      fs.fsyncSync(dfd);
+    } finally {
+      fs.closeSync(dfd);
+    }
+    return report;
+  } catch (e) {
+    out?.close();
+    fs.rmSync(tmp, { force: true });
+    throw e;
+  } finally {
+    await reader.close();
+  }
+}
+
+/**
+ * Streams a manifest in batches: fetch + verify batch k+1 while `consume` handles batch k.
+ * Throws ECORRUPT on the first bad block; the manifest checksum is verified at its end,
+ * before this returns.
+ */
+async function pipelineBlocks(
+  store: Store,
+  rec: SnapshotRecord,
+  reader: ManifestReader,
+  threads: number,
+  total: number,
+  onProgress: ProgressFn | undefined,
+  phase: Progress['phase'],
+  consume: (batch: BatchEntry[], buf: Buffer) => Promise<void>,
+  filter?: (index: number) => boolean,
+): Promise<void> {
+  const bs = rec.blockSize;
+  const maxBlocks = Math.max(1, Math.floor(CHUNK_BYTES / bs));
+  const pool = new BufferPool(maxBlocks * bs, 3);
+  let done = 0;
+  const fetch = async (): Promise<{ batch: BatchEntry[]; buf: Buffer } | undefined> => {
+    const batch = await nextBatch(reader, maxBlocks, filter);
+    if (!batch.length) return undefined;
+    const buf = await pool.acquire();
+    try {
+      const { bad } = await fetchVerified(store, batch, buf, rec.volumeSize, threads);
+      if (bad.length) throw corruptBlock(rec, batch[bad[0].k].index, bad[0].why);
+    } catch (e) {
+      pool.release(buf);
+      throw e;
+    }
+    return { batch, buf };
+  };
+  let next = fetch();
+  for (;;) {
+    const cur = await next;
+    if (!cur) break;
+    next = fetch();
+    next.catch(() => undefined);
+    try {
+      await consume(cur.batch, cur.buf);
+    } catch (e) {
+      await next.catch(() => undefined);
+      throw e;
+    } finally {
+      pool.release(cur.buf);
+    }
+    done += cur.batch.length;
+    onProgress?.({ phase, done, total });
+  }
+}
+
+async function restoreInPlace(store: Store, rec: SnapshotRecord, volume: string, opts: RestoreOptions): Promise<RestoreReport> {
+  const real = realVolumePath(volume);
+  const vol = await findVolumeByPath(store, real);
+  if (!vol || vol.id !== rec.volumeId) {
+    throw new DisksnapError(
+      `snapshot ${rec.id} is of volume ${rec.volumeId} (${rec.volumePath}), not of ${real}${vol ? ` (${vol.id})` : ' (not registered in this store)'}; refusing to roll back another volume — restore it with --to FILE instead`,
+      'EINVALID',
+      undefined,
+      real,
+    );
+  }
+  const file = openVolume(real, true);
+  const bs = rec.blockSize;
+  const threads = threadsOf(opts);
+  const report: RestoreReport = {
+    snapshotId: rec.id,
+    target: real,
+    mode: 'in-place',
+    volumeSize: rec.volumeSize,
+    blockSize: bs,
+    blocksWritten: 0,
+    bytesWritten: 0,
+    blocksPunched: 0,
+    blocksUnchanged: 0,
+  };
+  try {
+    const size = volumeSizeOf(file, statOf(file));
+    if (size !== rec.volumeSize) {
+      throw new DisksnapError(`volume ${real} is ${size} bytes, snapshot ${rec.id} is of ${rec.volumeSize} bytes; refusing to restore in place`, 'EINVALID', undefined, real);
+    }
+
+    // Pass 1: plan. toWrite: indexes whose content differs; toPunch: snapshot zero, volume data.
+    const toWrite = new NumberList();
+    const toPunch = new NumberList();
+    {
+      const reader = await store.openManifest(rec);
+      try {
+        const cursor = new ManifestCursor(reader);
+        const runs = dataRuns(file, size, bs);
+        const maxBlocks = Math.max(1, Math.floor(CHUNK_BYTES / bs));
+        const buf = Buffer.allocUnsafeSlow(maxBlocks * bs);
+        let done = 0;
+        const total = runs.reduce((s, [a, b]) => s + (b - a), 0);
+        let pos = 0; // blocks below pos are planned
+        const planGap = async (upTo: number) => {
+          // Blocks in [pos, upTo) are holes in the volume: every snapshot entry there is a write.
+          for (let i = await cursor.peek(pos); i >= 0 && i < upTo; i = await cursor.peek(i + 1)) toWrite.push(i);
+        };
+        for (const [a, b] of chunksOf(runs, maxBlocks)) {
+          await planGap(a);
+          const len = Math.min(size, b * bs) - a * bs;
+          const got = await file.read(buf.subarray(0, len), a * bs);
+          if (got < len) buf.fill(0, got, len);
+          const { digests, zero } = await native().hashBlocksAsync(buf.subarray(0, len), bs, threads, store.codec.digestKey);
+          for (let i = a; i < b; i++) {
+            const k = i - a;
+            const want = await cursor.lookup(i);
+            if (want) {
+              if (!zero[k] && want.compare(digests, k * 32, k * 32 + 32) === 0) report.blocksUnchanged++;
+              else toWrite.push(i);
+            } else {
+              toPunch.push(i); // allocated in the volume, zero in the snapshot
+            }
+          }
+          pos = b;
+          done += b - a;
+          opts.onProgress?.({ phase: 'plan', done, total });
+        }
+        await planGap(Number.MAX_SAFE_INTEGER);
+        await cursor.finish(); // checksum of the manifest
+      } finally {
+        await reader.close();
+      }
+    }
+    if (toWrite.length === 0 && toPunch.length === 0) return report;
+
+    // Verify every object the plan needs before the volume is touched.
+    const planned = (list: NumberList) => {
+      let j = 0;
+      return (index: number) => {
+        while (j < list.length && list.get(j) < index) j++;
+        return j < list.length && list.get(j) === index;
+      };
+    };
+    {
+      const reader = await store.openManifest(rec);
+      try {
+        await pipelineBlocks(store, rec, reader, threads, toWrite.length, opts.onProgress, 'verify', async () => undefined, planned(toWrite));
+      } finally {
+        await reader.close();
+      }
+    }
+
+    // Pass 2: mark, write, punch, sync, unmark.
+    vol.inPlaceRestore = { snapshotId: rec.id, startTime: new Date().toISOString() };
+    await store.writeVolume(vol);
+    {
+      const reader = await store.openManifest(rec);
+      let batchNo = 0;
+      try {
+        await pipelineBlocks(
+          store,
+          rec,
+          reader,
+          threads,
+          toWrite.length,
+          opts.onProgress,
+          'write',
+          async (batch, buf) => {
+            await opts.beforeWrite?.(batchNo++);
+            const reqs = new Float64Array(batch.length * 3);
+            for (let k = 0; k < batch.length; k++) {
+              const len = blockLength(batch[k].index, size, bs);
+              reqs[k * 3] = batch[k].index * bs;
+              reqs[k * 3 + 1] = k * bs;
+              reqs[k * 3 + 2] = len;
+              report.bytesWritten += len;
+            }
+            await file.writeBatch(buf, reqs);
+            report.blocksWritten += batch.length;
+          },
+          planned(toWrite),
+        );
+      } finally {
+        await reader.close();
+      }
+    }
+    for (let j = 0; j < toPunch.length; j++) {
+      const i = toPunch.get(j);
+      file.punchHoleSync(i * bs, blockLength(i, size, bs));
+      report.blocksPunched++;
+    }
+    await file.sync();
+    vol.inPlaceRestore = null;
+    await store.writeVolume(vol);
+    return report;
+  } finally {
+    file.close();
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// delete, diff, verify, gc
+
+export interface DeleteReport {
+  id: string;
+  state: string;
+}
+
+/** Deletes a snapshot's record and manifest; its blocks go at the next gc. Every other
+ * snapshot keeps its complete manifest, so stays restorable. */
+export async function deleteSnapshot(ref: string, opts: StoreOptions = {}): Promise<DeleteReport> {
+  const store = await Store.open(opts.store);
+  return withStoreLock(store, 'shared', opts, async () => {
+    let id: string;
+    let state = 'damaged';
+    try {
+      const rec = await store.resolveSnapshot(ref);
+      id = rec.id;
+      state = rec.state;
+      if (rec.state === 'pending' && !Lease.writerGone(store.dir, rec.id)) {
+        throw new DisksnapError(`snapshot ${rec.id} is still being created (pid ${rec.creator.pid}); wait for it to finish`, 'EBUSY');
+      }
+    } catch (e) {
+      // A damaged record can still be deleted by its exact id.
+      if (!isDisksnapError(e, 'ECORRUPT') || !/^snap-[0-9a-f]{16}$/.test(ref)) throw e;
+      id = ref;
+    }
+    // Record first: a crash in between leaves a stray manifest (gc removes it), never a
+    // record whose manifest is gone.
+    await store.backend.delete(store.snapshotKey(id));
+    await store.backend.delete(store.manifestKey(id));
+    Lease.remove(store.dir, id);
+    return { id, state };
+  });
+}
+
+export interface DiffResult {
+  blockSize: number;
+  changedBlocks: number[];
+}
+
+/** Indexes of the blocks that differ between two completed snapshots of one volume. */
+export async function diffSnapshots(refA: string, refB: string, opts: StoreOptions = {}): Promise<DiffResult> {
+  const store = await Store.open(opts.store);
+  const a = await store.resolveSnapshot(refA);
+  const b = await store.resolveSnapshot(refB);
+  for (const s of [a, b]) {
+    if (s.state !== 'completed') throw new DisksnapError(`snapshot ${s.id} is ${s.state}; only completed snapshots can be compared`, 'EINVALID');
+  }
+  if (a.volumeId !== b.volumeId) {
+    throw new DisksnapError(`snapshots ${a.id} (${a.volumeId}) and ${b.id} (${b.volumeId}) are of different volumes`, 'EINVALID');
+  }
+  if (a.blockSize !== b.blockSize) throw new DisksnapError(`snapshots ${a.id} and ${b.id} have different block sizes`, 'EINVALID');
+  const ra = await store.openManifest(a);
+  try {
+    const rb = await store.openManifest(b);
+    try {
+      const changed = new NumberList();
+      let ia = await ra.next();
+      let ib = await rb.next();
+      while (ia >= 0 || ib >= 0) {
+        if (ib < 0 || (ia >= 0 && ia < ib)) {
+          changed.push(ia);
+          ia = await ra.next();
+        } else if (ia < 0 || ib < ia) {
+          changed.push(ib);
+          ib = await rb.next();
+        } else {
+          if (!ra.digest.equals(rb.digest)) changed.push(ia);
+          ia = await ra.next();
+          ib = await rb.next();
+        }
+      }
+      return { blockSize: a.blockSize, changedBlocks: changed.toArray() };
+    } finally {
+      await rb.close();
+    }
+  } finally {
+    await ra.close();
+  }
+}
+
+export interface VerifyReport {
+  snapshotId: string;
+  ok: boolean;
+  blocksChecked: number;
+  bytesChecked: number;
+  /** bad blocks, in index order */
+  badBlocks: { index: number; digest: string; reason: string }[];
+  /** a problem with the manifest itself (then not every block could be checked) */
+  manifestError: string | null;
+}
+
+/** Re-reads every block object the snapshot references and checks its digest. */
+export async function verifySnapshot(ref: string, opts: StoreOptions & { onProgress?: ProgressFn } = {}): Promise<VerifyReport> {
+  const store = await Store.open(opts.store);
+  return withStoreLock(store, 'shared', opts, async () => {
+    const rec = await store.resolveSnapshot(ref);
+    if (rec.state !== 'completed') {
+      throw new DisksnapError(`snapshot ${rec.id} is ${rec.state}; only completed snapshots can be verified`, 'EINVALID');
+    }
+    const report: VerifyReport = { snapshotId: rec.id, ok: true, blocksChecked: 0, bytesChecked: 0, badBlocks: [], manifestError: null };
+    let reader: ManifestReader;
+    try {
+      reader = await store.openManifest(rec);
+    } catch (e) {
+      if (!isDisksnapError(e, 'ECORRUPT')) throw e;
+      report.ok = false;
+      report.manifestError = e.message;
+      return report;
+    }
+    const threads = threadsOf(opts);
+    const maxBlocks = Math.max(1, Math.floor(CHUNK_BYTES / rec.blockSize));
+    const buf = Buffer.allocUnsafeSlow(maxBlocks * rec.blockSize);
+    try {
+      for (;;) {
+        const batch = await nextBatch(reader, maxBlocks);
+        if (!batch.length) break;
+        const { len, bad } = await fetchVerified(store, batch, buf, rec.volumeSize, threads);
+        for (const b of bad) report.badBlocks.push({ index: batch[b.k].index, digest: batch[b.k].digest.toString('hex'), reason: b.why });
+        report.blocksChecked += batch.length;
+        report.bytesChecked += len;
+        opts.onProgress?.({ phase: 'verify', done: report.blocksChecked, total: reader.entryCount });
+      }
+    } catch (e) {
+      if (!isDisksnapError(e, 'ECORRUPT')) throw e;
+      report.manifestError = e.message;
+    } finally {
+      await reader.close();
+    }
+    report.ok = report.badBlocks.length === 0 && report.manifestError === null;
+    return report;
+  });
+}
+
+export interface GcOptions extends StoreOptions {
+  onWait?: () => void;
+}
+
+/** Mark and sweep of unreferenced blocks (see src/store/gc.ts). */
+export async function gc(opts: GcOptions = {}): Promise<GcReport> {
+  const store = await Store.open(opts.store);
+  return collectGarbage(store, { waitMs: opts.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS, onWait: opts.onWait });
+}
