@@ -1,7 +1,43 @@
-import { Command } from 'commander';
-import { notBuilt } from './util';
+/**
+ * `disksnap attach FILE [--read-only]` and `disksnap detach DEVICE|FILE`: thin wrappers over
+ * src/loop/attach.ts. attach prints the device (/dev/loopN) on stdout, or with --json the
+ * whole attachment; detach prints nothing unless --json.
+ */
+import { Command, Option } from 'commander';
+import { attach, detach } from '../loop/attach';
+import { action, log, printJson } from './util';
 
 export function register(program: Command): void {
-  notBuilt(program, 'attach', 'attach an image to a loop device');
-  notBuilt(program, 'detach', 'release a loop device');
+  program
+    .command('attach')
+    .description('attach an image to a loop device (a qcow2 child through a FUSE view of it) and print the device')
+    .argument('<file>', 'raw image or qcow2 child')
+    .option('-r, --read-only', 'attach read-only (required for a parent that has children)')
+    .addOption(new Option('--cache <mode>', 'FUSE caching for children').choices(['direct', 'page']).default('direct'))
+    .addOption(new Option('--via <how>', 'serve even a raw image through the FUSE view').choices(['auto', 'fuse']).default('auto').hideHelp())
+    .option('--json', 'print the attachment as JSON')
+    .action(
+      action(async (file: string, opts: { readOnly?: boolean; cache: 'direct' | 'page'; via: 'auto' | 'fuse'; json?: boolean }) => {
+        const a = await attach(file, { readOnly: !!opts.readOnly, cache: opts.cache, via: opts.via });
+        if (opts.json) printJson(a);
+        else process.stdout.write(`${a.device}\n`);
+      }),
+    );
+
+  program
+    .command('detach')
+    .description('release a loop device attached by `attach` (by device, or every attachment of an image)')
+    .argument('<target>', '/dev/loopN or the image file')
+    .option('--json', 'print what was detached as JSON')
+    .action(
+      action(async (target: string, opts: { json?: boolean }) => {
+        const results = await detach(target);
+        for (const r of results) {
+          if (r.serverWasDead) {
+            log(`disksnap: the FUSE server of ${r.image ?? r.device} had died; its mount is removed. Run \`disksnap diff check --repair ${r.image ?? ''}\` before using the child again.`);
+          }
+        }
+        if (opts.json) printJson({ detached: results });
+      }),
+    );
 }
