@@ -1,6 +1,167 @@
+/**
+ * `disksnap diff ...`: differencing disks (qcow2 children over read-only parents).
+ * Each command is a few lines over src/diff.ts; results on stdout (`--json` for machines),
+ * progress on stderr.
+ */
 import { Command } from 'commander';
-import { notBuilt } from './util';
+import * as diff from '../diff';
+import { formatSize } from '../size';
+import { action, ExitStatus, printJson, sizeArg } from './util';
+
+/** A progress line on stderr when it is a terminal (nothing otherwise). */
+function progress(label: string): diff.Progress | undefined {
+  if (!process.stderr.isTTY) return undefined;
+  let last = 0;
+  return (done, total) => {
+    const now = Date.now();
+    if (done < total && now - last < 200) return;
+    last = now;
+    const pct = total > 0 ? Math.floor((done / total) * 100) : 100;
+    process.stderr.write(`\r${label}: ${pct}% (${formatSize(done)} of ${formatSize(total)})${done >= total ? '\n' : ''}`);
+  };
+}
 
 export function register(program: Command): void {
-  notBuilt(program, 'diff', 'differencing disks: qcow2 children over read-only parents');
+  const group = program.command('diff').description('differencing disks: qcow2 children over read-only parents');
+
+  group
+    .command('create')
+    .description('make CHILD, a qcow2 child recording every write over PARENT (which becomes read-only)')
+    .argument('<parent>', 'raw image or qcow2 child')
+    .argument('<child>', 'qcow2 file to create')
+    .option('--cluster-size <size>', 'cluster size, 512 to 2M (default 64K)', sizeArg('cluster size'))
+    .option('-f, --force', 'replace an existing CHILD')
+    .option('--json', 'print JSON')
+    .action(
+      action(async (parent: string, child: string, opts: { clusterSize?: number; force?: boolean; json?: boolean }) => {
+        const r = await diff.createChild(parent, child, { clusterSize: opts.clusterSize, force: opts.force });
+        if (opts.json) printJson(r);
+        else
+          process.stdout.write(
+            `created ${r.child}: qcow2 child of ${r.parent} (${r.parentFormat}), ${formatSize(r.virtualSize)}, ${formatSize(r.clusterSize)} clusters; ${r.parent} is now read-only\n`,
+          );
+      }),
+    );
+
+  group
+    .command('rollback')
+    .description('discard CHILD: its parent is exactly as it was; writable again when its last child is gone')
+    .argument('<child>')
+    .option('--recursive', "also discard the child's own children")
+    .option('--json', 'print JSON')
+    .action(
+      action((child: string, opts: { recursive?: boolean; json?: boolean }) => {
+        const r = diff.rollback(child, { recursive: opts.recursive });
+        if (opts.json) printJson(r);
+        else {
+          process.stdout.write(`removed ${r.removed.join(', ')}\n`);
+          process.stdout.write(
+            r.remaining.length === 0
+              ? `${r.parent} has no children left and is writable again\n`
+              : `${r.parent} still has ${r.remaining.length} child${r.remaining.length > 1 ? 'ren' : ''} and stays read-only\n`,
+          );
+        }
+      }),
+    );
+
+  group
+    .command('reset')
+    .description('replace CHILD with a fresh empty child of the same parent (go back in one step)')
+    .argument('<child>')
+    .option('--accept-parent', 'accept a parent that changed since the child was made')
+    .option('--json', 'print JSON')
+    .action(
+      action(async (child: string, opts: { acceptParent?: boolean; json?: boolean }) => {
+        const r = await diff.reset(child, { acceptParent: opts.acceptParent });
+        if (opts.json) printJson(r);
+        else process.stdout.write(`reset ${r.child}: empty child of ${r.parent}\n`);
+      }),
+    );
+
+  group
+    .command('commit')
+    .description("write CHILD's data into its parent, then discard CHILD (or keep it, empty)")
+    .argument('<child>')
+    .option('--keep-child', 'keep CHILD as an empty child of the updated parent')
+    .option('--force', 'commit even though the parent has other children (they will see the change)')
+    .option('--json', 'print JSON')
+    .action(
+      action(async (child: string, opts: { keepChild?: boolean; force?: boolean; json?: boolean }) => {
+        const r = await diff.commit(child, { keepChild: opts.keepChild, force: opts.force, onProgress: progress('commit') });
+        if (opts.json) printJson(r);
+        else {
+          process.stdout.write(
+            `committed ${r.child} into ${r.parent}: ${formatSize(r.bytesCopied)} written, ${formatSize(r.bytesZeroed)} zeroed${r.resumed ? ' (resumed an interrupted commit)' : ''}; ` +
+              (r.keptChild ? `${r.child} is empty\n` : `${r.child} removed\n`),
+          );
+          if (r.siblings.length) {
+            process.stderr.write(
+              `warning: ${r.parent} changed under its other children (${r.siblings.join(', ')}); they will refuse to open until rolled back or re-accepted with 'disksnap diff accept-parent'\n`,
+            );
+          }
+        }
+      }),
+    );
+
+  group
+    .command('flatten')
+    .description('write OUT, a standalone sparse raw image of what CHILD shows')
+    .argument('<child>')
+    .argument('<out>')
+    .option('-f, --force', 'overwrite an existing OUT')
+    .option('--json', 'print JSON')
+    .action(
+      action(async (child: string, out: string, opts: { force?: boolean; json?: boolean }) => {
+        const r = await diff.flatten(child, out, { force: opts.force, onProgress: progress('flatten') });
+        if (opts.json) printJson(r);
+        else process.stdout.write(`wrote ${r.out}: raw, ${formatSize(r.virtualSize)}, ${formatSize(r.dataBytes)} of data\n`);
+      }),
+    );
+
+  group
+    .command('check')
+    .description('check refcounts and L1/L2 tables of a qcow2 image; exit 0 clean, 2 corruption, 3 leaks only')
+    .argument('<image>')
+    .option('--repair', 'free leaked clusters (never touches an image with corruption)')
+    .option('--json', 'print JSON')
+    .action(
+      action((image: string, opts: { repair?: boolean; json?: boolean }) => {
+        const r = diff.check(image, { repair: opts.repair });
+        if (opts.json) printJson(r);
+        else {
+          for (const m of r.messages) process.stdout.write(`${m}\n`);
+          if (r.corruptions > 0) process.stdout.write(`${r.corruptions} error${r.corruptions > 1 ? 's' : ''} were found on the image.\n`);
+          if (r.leaks > 0) process.stdout.write(`${r.leaks} leaked cluster${r.leaks > 1 ? 's' : ''} were found on the image (repair with --repair).\n`);
+          if (r.corruptions === 0 && r.leaks === 0) process.stdout.write('No errors were found on the image.\n');
+          process.stdout.write(`${r.allocatedClusters} clusters allocated; image end offset ${r.imageEndOffset}\n`);
+        }
+        if (r.exitCode !== 0) throw new ExitStatus(r.exitCode);
+      }),
+    );
+
+  group
+    .command('accept-parent')
+    .description("record CHILD's parent as it is now (after a deliberate change, or for a child made by qemu-img)")
+    .argument('<child>')
+    .option('--json', 'print JSON')
+    .action(
+      action((child: string, opts: { json?: boolean }) => {
+        const r = diff.acceptParent(child);
+        if (opts.json) printJson(r);
+        else process.stdout.write(`${r.child}: parent ${r.parent} accepted as it is now (guard was: ${r.before})\n`);
+      }),
+    );
+
+  group
+    .command('children')
+    .description('list the children disksnap knows a parent has')
+    .argument('<parent>')
+    .option('--json', 'print JSON')
+    .action(
+      action((parent: string, opts: { json?: boolean }) => {
+        const children = diff.childrenOf(parent);
+        if (opts.json) printJson({ parent, children });
+        else for (const c of children) process.stdout.write(`${c}\n`);
+      }),
+    );
 }
