@@ -347,3 +347,18 @@ export async function withPointInTime<T>(
     await view.release();
   }
 }
+
+/**
+ * The `freeze` hook of createSnapshot (src/snapshot.ts, CreateSnapshotOptions.freeze): before
+ * each attempt it freezes the filesystem mounted from the volume (if any) and returns the thaw,
+ * which createSnapshot calls in a `finally` after reading. Strategy 'frozen' (the volume is
+ * read while frozen); for the reflink strategy read from pointInTime()'s clone instead.
+ */
+export function snapshotFreezeHook(opts: { noGuard?: boolean } = {}): (volumePath: string) => Promise<(() => Promise<void>) | void> {
+  return async (volumePath: string) => {
+    const mountpoint = findMount(volumePath);
+    if (!mountpoint) return undefined;
+    await freeze(mountpoint, opts);
+    return async () => thaw(mountpoint);
+  };
+}

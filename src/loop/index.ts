@@ -15,6 +15,7 @@ export {
   cloneWhileFrozen,
   pointInTime,
   withPointInTime,
+  snapshotFreezeHook,
 } from './freeze';
 export type { Consistency, PointInTime, PointInTimeOptions } from './freeze';
 export type { AttachVia } from './state';
