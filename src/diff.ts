@@ -191,13 +191,13 @@ export async function reset(child: string, opts: ResetOptions = {}): Promise<Chi
     throw new DisksnapError(`${child} has children of its own (${grandchildren.join(', ')}); resetting it would corrupt them; roll them back first`, 'EBUSY', 16, child);
   }
   const { header, parent } = readChild(child);
-  const lock = lockExclusive(child);
+  // Opening for writing takes the child's exclusive lock (nobody else is using it) and
+  // verifies that the parent is the one the child was made on (unless told to accept it).
+  const img = Qcow2Image.open(child, { write: true, ignoreParentGuard: opts.acceptParent, l2CacheEntries: 1, refcountCacheEntries: 1 });
   try {
-    // verify the parent is the one the child was made on (unless told to accept it)
-    Qcow2Image.open(child, { ignoreParentGuard: opts.acceptParent, noBacking: false, write: false, l2CacheEntries: 1, refcountCacheEntries: 1 }).close();
     return await replaceWithEmpty(child, parent, header);
   } finally {
-    lock.close();
+    img.close();
   }
 }
 
