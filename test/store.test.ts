@@ -1,0 +1,260 @@
+/**
+ * The store's building blocks on their own: manifest format (round trip, every damaged field
+ * named), records (field-by-field validation), the digest set of gc, the directory backend's
+ * write-once semantics, store creation and block size rules, and the store lock.
+ */
+import t from 'tap';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { createHash, randomBytes } from 'node:crypto';
+import { DirectoryBackend } from '../src/store/dir';
+import { ManifestReader, ManifestWriter, ManifestCursor, HEADER_LENGTH, ENTRY_LENGTH } from '../src/store/manifest';
+import { DigestSet } from '../src/store/digestset';
+import { Store, defaultStoreDir } from '../src/store/store';
+import { StoreLock, Lease } from '../src/store/lock';
+import { parseSnapshotRecord, parseStoreConfig, parseTags } from '../src/store/records';
+import { isDisksnapError } from '../src/errors';
+import { flipByte } from '../fixtures/store/helpers';
+
+const digestOf = (i: number) => createHash('sha256').update(`block ${i}`).digest();
+
+async function writeManifest(dir: string, name: string, entries: number[], volumeSize = 100 * 65536) {
+  const be = new DirectoryBackend(dir);
+  const w = new ManifestWriter(await be.create(name), {
+    blockSize: 65536,
+    volumeSize,
+    snapshotId: 'snap-0123456789abcdef',
+    volumeId: 'vol-0123456789abcdef',
+    digest: 'sha256',
+    sealed: false,
+  });
+  for (const i of entries) w.append(i, digestOf(i));
+  await w.commit();
+  return be;
+}
+
+async function readAll(be: DirectoryBackend, name: string) {
+  const r = await ManifestReader.open(be.describe(name), await be.open(name));
+  const got: number[] = [];
+  let same = true;
+  try {
+    for (let i = await r.next(); i >= 0; i = await r.next()) {
+      same &&= r.digest.equals(digestOf(i));
+      got.push(i);
+    }
+  } finally {
+    await r.close();
+  }
+  if (!same) throw new Error('a digest differs, and the reader did not notice');
+  return { got, header: r.header };
+}
+
+t.test('a manifest round-trips sparse entries, ids and sizes, and is append-only sized', async (t) => {
+  const dir = t.testdir();
+  const entries = [0, 1, 7, 50, 99];
+  const be = await writeManifest(dir, 'm.map', entries, 100 * 65536 - 100);
+  const { got, header } = await readAll(be, 'm.map');
+  t.same(got, entries);
+  t.equal(header.volumeSize, 100 * 65536 - 100);
+  t.equal(header.snapshotId, 'snap-0123456789abcdef');
+  t.equal(header.volumeId, 'vol-0123456789abcdef');
+  t.equal(fs.statSync(path.join(dir, 'm.map')).size, HEADER_LENGTH + ENTRY_LENGTH * entries.length + 40);
+  t.same(fs.readdirSync(dir), ['m.map'], 'no temporary file left');
+});
+
+t.test('a manifest with more entries than one read chunk streams in order (cursor lookups too)', async (t) => {
+  const dir = t.testdir();
+  const entries = Array.from({ length: 60000 }, (_, i) => i * 3);
+  const be = await writeManifest(dir, 'big.map', entries, 200000 * 65536);
+  const { got } = await readAll(be, 'big.map');
+  t.equal(got.length, entries.length);
+  t.equal(got[59999], 179997);
+  const r = await ManifestReader.open('big.map', await be.open('big.map'));
+  const c = new ManifestCursor(r);
+  t.ok((await c.lookup(3))?.equals(digestOf(3)));
+  t.equal(await c.lookup(4), undefined, 'a block with no entry is a zero block');
+  t.ok((await c.lookup(179997))?.equals(digestOf(179997)));
+  await c.finish();
+  await r.close();
+});
+
+t.test('every damaged part of a manifest is an ECORRUPT error that names it', async (t) => {
+  const cases: [string, number | ((f: string) => void), RegExp][] = [
+    ['magic', 0, /magic/],
+    ['version', 8, /version/],
+    ['entry length', 12, /entry length/],
+    ['digest algorithm', 14, /digest algorithm/],
+    ['flags', 15, /flags/],
+    ['reserved', 100, /reserved/],
+    ['snapshot id', 40, /snapshot id|printable|checksum/],
+    ['an entry digest (checksum)', HEADER_LENGTH + ENTRY_LENGTH + 20, /checksum/],
+    ['an entry index (order)', HEADER_LENGTH + ENTRY_LENGTH, /block index|checksum/],
+    ['the trailer count', HEADER_LENGTH + 3 * ENTRY_LENGTH, /trailer counts|checksum/],
+    ['truncated', (f) => fs.truncateSync(f, fs.statSync(f).size - 7), /bytes: not a/],
+    ['cut to the header', (f) => fs.truncateSync(f, 60), /shorter than its/],
+  ];
+  for (const [what, where, re] of cases) {
+    const dir = t.testdir();
+    const be = await writeManifest(dir, 'm.map', [1, 2, 3]);
+    const f = path.join(dir, 'm.map');
+    if (typeof where === 'number') flipByte(f, where);
+    else where(f);
+    await t.rejects(readAll(be, 'm.map'), { code: 'ECORRUPT', message: re }, what);
+  }
+});
+
+t.test('a manifest header must agree with the snapshot record that names it', async (t) => {
+  const dir = t.testdir();
+  const be = await writeManifest(dir, 'm.map', [1]);
+  await t.rejects(
+    ManifestReader.open(be.describe('m.map'), await be.open('m.map'), { snapshotId: 'snap-ffffffffffffffff' }),
+    { code: 'ECORRUPT', message: /snapshotId.*record says/ },
+  );
+  await t.rejects(ManifestReader.open(be.describe('m.map'), await be.open('m.map'), { volumeSize: 1 }), { code: 'ECORRUPT', message: /volumeSize/ });
+});
+
+t.test('the manifest writer refuses entries out of order or past the volume', async (t) => {
+  const dir = t.testdir();
+  const be = new DirectoryBackend(dir);
+  const w = new ManifestWriter(await be.create('x.map'), {
+    blockSize: 65536,
+    volumeSize: 10 * 65536,
+    snapshotId: 'snap-0123456789abcdef',
+    volumeId: 'vol-0123456789abcdef',
+    digest: 'sha256',
+    sealed: false,
+  });
+  w.append(3, digestOf(3));
+  t.throws(() => w.append(3, digestOf(3)), { code: 'EINVALID' });
+  t.throws(() => w.append(10, digestOf(10)), { code: 'EINVALID' });
+  await w.abort();
+  t.same(fs.readdirSync(dir), [], 'abort leaves nothing');
+});
+
+t.test('records are validated field by field', async (t) => {
+  const good = {
+    id: 'snap-0123456789abcdef',
+    volumeId: 'vol-0123456789abcdef',
+    state: 'completed',
+    progress: 100,
+    name: 'n',
+    description: '',
+    tags: { a: 'b' },
+    encrypted: false,
+    startTime: new Date().toISOString(),
+    completionTime: null,
+    blockSize: 524288,
+    volumeSize: 1 << 30,
+    parentId: null,
+    volumePath: '/x',
+    stats: { dataBlocks: 1, zeroBlocks: 2, changedBlocks: 1, blocksAdded: 1, bytesAdded: 5, bytesScanned: 5 },
+    error: null,
+    creator: { pid: 1, host: 'h' },
+  };
+  t.equal(parseSnapshotRecord('f', JSON.stringify(good)).id, good.id);
+  t.throws(() => parseSnapshotRecord('f.json', '{"id": '), { code: 'ECORRUPT', message: /f\.json: not valid JSON/ });
+  t.throws(() => parseSnapshotRecord('f', JSON.stringify({ ...good, state: 'done' })), { message: /field 'state' is "done"/ });
+  t.throws(() => parseSnapshotRecord('f', JSON.stringify({ ...good, progress: 101 })), { message: /field 'progress'/ });
+  t.throws(() => parseSnapshotRecord('f', JSON.stringify({ ...good, id: 'snap-xyz' })), { message: /field 'id'/ });
+  t.throws(() => parseSnapshotRecord('f', JSON.stringify({ ...good, tags: { a: 1 } })), { message: /tag 'a'/ });
+  t.throws(() => parseSnapshotRecord('f', JSON.stringify({ ...good, stats: { ...good.stats, bytesAdded: -1 } })), { message: /bytesAdded/ });
+  t.throws(() => parseStoreConfig('s', JSON.stringify({ format: 'disksnap-store', version: 9 })), { message: /version.*upgrade/ });
+  t.same(parseTags(['a=b', 'c=d=e', 'e=']), { a: 'b', c: 'd=e', e: '' });
+  t.throws(() => parseTags(['=x']), { code: 'EINVALID' });
+  t.throws(() => parseTags(['novalue']), { code: 'EINVALID' });
+});
+
+t.test('the digest set holds many digests compactly and answers membership exactly', async (t) => {
+  const set = new DigestSet(16);
+  const ds = Array.from({ length: 20000 }, () => randomBytes(32));
+  for (const d of ds) set.add(d);
+  for (const d of ds) set.add(d);
+  t.equal(set.size, 20000);
+  t.ok(ds.every((d) => set.has(d)));
+  t.notOk(set.has(randomBytes(32)));
+  t.notOk(set.has(Buffer.alloc(32)));
+  set.add(Buffer.alloc(32));
+  t.ok(set.has(Buffer.alloc(32)), 'the all-zero digest is a member like any other');
+});
+
+t.test('the directory backend writes once, atomically, and lists leftovers as temporary', async (t) => {
+  const dir = t.testdir({ blocks: { ab: {} } });
+  const be = new DirectoryBackend(dir);
+  t.equal(await be.putIfAbsent('blocks/ab/x', Buffer.from('one')), true);
+  t.equal(await be.putIfAbsent('blocks/ab/x', Buffer.from('two')), false, 'an existing object is kept');
+  t.equal((await be.get('blocks/ab/x')).toString(), 'one');
+  await be.flush();
+  fs.writeFileSync(path.join(dir, 'blocks', 'ab', '.tmp-1-dead'), 'half');
+  const listed = [];
+  for await (const o of be.list('blocks/')) listed.push(o);
+  listed.sort((a, b) => a.key.localeCompare(b.key));
+  t.same(listed, [
+    { key: 'blocks/ab/.tmp-1-dead', size: 4, temporary: true },
+    { key: 'blocks/ab/x', size: 3, temporary: false },
+  ]);
+  await t.rejects(be.get('blocks/ab/none'), { code: 'ENOENT' });
+  t.equal(await be.stat('blocks/ab/none'), undefined);
+  t.equal(await be.delete('blocks/ab/x'), true);
+  t.equal(await be.delete('blocks/ab/x'), false);
+  await t.rejects(be.get('../etc/passwd'), { code: 'EINVALID' });
+  const small = Buffer.alloc(2);
+  await be.put('r.json', Buffer.from('12345'));
+  t.equal((await be.get('r.json', small)).toString(), '12345', 'an object larger than `into` is still read whole');
+});
+
+t.test('a store is created with its block size once; a different block size later is refused', async (t) => {
+  const base = t.testdir();
+  const dir = path.join(base, 'st');
+  await t.rejects(Store.open(dir), { code: 'ENOENT', message: /no snapshot store at .*store init/ });
+  const s = await Store.open(dir, { create: true, blockSize: 65536 });
+  t.equal(s.blockSize, 65536);
+  t.equal((await Store.open(dir)).blockSize, 65536);
+  t.equal((await Store.open(dir, { create: true })).blockSize, 65536, 'create on an existing store opens it');
+  await t.rejects(Store.open(dir, { create: true, blockSize: 4096 }), { code: 'EINVALID', message: /block size 65536/ });
+  await t.rejects(Store.open(path.join(base, 'x'), { create: true, blockSize: 3000 }), { code: 'EINVALID', message: /power of two/ });
+  fs.writeFileSync(path.join(dir, 'store.json'), '{"format": "disksnap-store", "version": 1}');
+  await t.rejects(Store.open(dir), { code: 'ECORRUPT', message: /store\.json.*field/ });
+});
+
+t.test('the default store is $DISKSNAP_STORE, else under $XDG_DATA_HOME, else ~/.local/share', async (t) => {
+  const saved = { s: process.env.DISKSNAP_STORE, x: process.env.XDG_DATA_HOME };
+  t.teardown(() => {
+    if (saved.s === undefined) delete process.env.DISKSNAP_STORE;
+    else process.env.DISKSNAP_STORE = saved.s;
+    if (saved.x === undefined) delete process.env.XDG_DATA_HOME;
+    else process.env.XDG_DATA_HOME = saved.x;
+  });
+  process.env.DISKSNAP_STORE = '/srv/snaps';
+  t.equal(defaultStoreDir(), '/srv/snaps');
+  delete process.env.DISKSNAP_STORE;
+  process.env.XDG_DATA_HOME = '/data';
+  t.equal(defaultStoreDir(), '/data/disksnap/store');
+  delete process.env.XDG_DATA_HOME;
+  t.match(defaultStoreDir(), /\/\.local\/share\/disksnap\/store$/);
+});
+
+t.test('the store lock: shared holders coexist, exclusive excludes them both ways', async (t) => {
+  const dir = t.testdir();
+  const a = await StoreLock.acquire(dir, 'shared');
+  const b = await StoreLock.acquire(dir, 'shared');
+  await t.rejects(StoreLock.acquire(dir, 'exclusive'), { code: 'ELOCKED', message: /in use/ });
+  a.release();
+  await t.rejects(StoreLock.acquire(dir, 'exclusive'), { code: 'ELOCKED' });
+  b.release();
+  const x = await StoreLock.acquire(dir, 'exclusive');
+  await t.rejects(StoreLock.acquire(dir, 'shared'), { code: 'ELOCKED', message: /running gc/ });
+  setTimeout(() => x.release(), 150);
+  const waited = await StoreLock.acquire(dir, 'shared', { waitMs: 5000 });
+  t.pass('a waiting holder gets the lock once the other is released');
+  waited.release();
+});
+
+t.test('a lease tells whether the writer of a pending snapshot is alive', async (t) => {
+  const dir = t.testdir();
+  const lease = Lease.take(dir, 'snap-0123456789abcdef');
+  t.equal(Lease.writerGone(dir, 'snap-0123456789abcdef'), false);
+  lease.release();
+  t.equal(Lease.writerGone(dir, 'snap-0123456789abcdef'), true);
+  t.notOk(fs.existsSync(path.join(dir, 'leases', 'snap-0123456789abcdef')));
+  t.ok(isDisksnapError(new (require('../src/errors').DisksnapError)('x', 'E')));
+});
