@@ -3,7 +3,7 @@
  * teardown that unmounts and detaches everything a test set up — in reverse order, even when
  * the test failed half-way — so that no loop device, mount or FUSE server outlives the test.
  */
-import { spawnSync, SpawnSyncReturns } from 'node:child_process';
+import { spawn, spawnSync, SpawnSyncReturns } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -28,10 +28,21 @@ export function shOk(cmd: string, args: string[], opts: { input?: string; timeou
   return r.stdout;
 }
 
-/** Writes `text` to a file inside a mounted filesystem, giving up after `ms` (a frozen fs blocks). */
-export function writeWithTimeout(file: string, text: string, ms = 5000): boolean {
-  const r = sh('timeout', [String(ms / 1000), 'sh', '-c', `printf %s "$1" > "$2" && sync "$2"`, 'sh', text, file]);
-  return r.status === 0;
+/**
+ * Writes `text` to a file inside a mounted filesystem from a separate process and reports
+ * whether that finished within `ms`. A write to a frozen filesystem sleeps uninterruptibly
+ * until the thaw, so the writer is never waited for nor killed: it finishes after the thaw.
+ */
+export function writeWithTimeout(file: string, text: string, ms = 5000): Promise<boolean> {
+  const child = spawn('sh', ['-c', 'printf %s "$1" > "$2" && sync "$2"', 'sh', text, file], { stdio: 'ignore', detached: true });
+  child.unref();
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve(false), ms);
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      resolve(code === 0);
+    });
+  });
 }
 
 export interface Scratch {
