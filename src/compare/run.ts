@@ -1,0 +1,449 @@
+/**
+ * `compare`: both strategies on the same image and the same work, measured, every result
+ * checked byte-exact.
+ *
+ *   user's image ──(read only)──▶ WORK/base.img   the state at the snapshot (hash H0)
+ *                                    │
+ *         ┌──────────────────────────┼─────────────────────────────┐
+ *         ▼                          ▼                             ▼
+ *   raw/volume.img             differencing-disk/             storage-snapshot/
+ *   (no snapshot: the          base.img + child.qcow2         volume.img + store/
+ *   baseline, and H1 =         snapshot, write, read,         snapshot, write, read,
+ *   H0 + workload)             restore, survival, rollback    restore, survival, rollback
+ *                                    then growth: 1, 4, 16 snapshots, each on a fresh copy
+ *
+ * Every copy is a reflink where the filesystem allows it, else a sparse copy of the data
+ * extents. The runner times each library call, measures space with st_blocks, and checks:
+ * the read-back of the workload, the whole image while the snapshot exists (== H1), the
+ * rollback (== H0), the restore (== H0), the state after each growth run (== the raw
+ * baseline after the same writes). A failed check fails the run (ECHECK) and no report is
+ * written: the figures are only of operations that worked.
+ *
+ * Deliberately simple: one operation at a time, page cache left as it is (figures are of
+ * warm-cache work on both sides alike), timings are single runs, not medians — compare
+ * answers "which strategy on this image", `npm run bench` answers "how fast, precisely".
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import { spawnSync } from 'node:child_process';
+import { DisksnapError, isDisksnapError } from '../errors';
+import { openImage } from '../image';
+import { formatSize } from '../size';
+import { WorkDir, checkRoom } from './workdir';
+import { copySparse, hashFile, hashImage, warm } from './files';
+import { checkSourceImage, generateImage, SourceInfo } from './source';
+import { amountBytes, applyPlan, footprint, makeWorkload, readBackPlan, Workload, WorkloadSpec, WritePlan } from './workload';
+import { captureFsWorkload, ensureExt4, fsWorkloadUnavailable } from './fsworkload';
+import { Progress, silentProgress } from './progress';
+import { Check, CompareReport, GrowthPoint, Strategy, StrategyMetrics, StrategyName, StrategyReport, StrategySession, STRATEGY_NAMES } from './types';
+import { strategyFor } from './strategies';
+import { verdict } from './verdict';
+
+export interface CompareOptions {
+  /** the user's image (only read) — or generate one: */
+  image?: string;
+  /** size of a generated demo image */
+  generate?: number;
+  workload: WorkloadSpec;
+  seed?: number;
+  /** where the temporary working directory goes (default os.tmpdir()) */
+  dir?: string;
+  /** growth points (default 1, 4, 16) */
+  growth?: number[];
+  /** which strategies (default both) */
+  strategies?: StrategyName[];
+  progress?: Progress;
+}
+
+const MB = 1e6;
+const MiB = 2 ** 20;
+
+export const DEFAULT_GROWTH = [1, 4, 16];
+
+function seconds(t0: bigint): number {
+  return Number(process.hrtime.bigint() - t0) / 1e9;
+}
+
+/**
+ * Reads do not change anything, so they are repeated and the median taken (3 passes up to
+ * 1 GiB, one pass above): one slow pass on a busy machine does not decide the figure.
+ */
+function readPasses(virtualSize: number): number {
+  return virtualSize <= 2 ** 30 ? 3 : 1;
+}
+
+async function medianPass<T extends { seconds: number }>(passes: number, fn: () => Promise<T>): Promise<T> {
+  const runs: T[] = [];
+  for (let i = 0; i < passes; i++) runs.push(await fn());
+  runs.sort((a, b) => a.seconds - b.seconds);
+  return runs[runs.length >> 1];
+}
+
+async function timed(fn: () => unknown): Promise<number> {
+  const t0 = process.hrtime.bigint();
+  await fn();
+  return seconds(t0);
+}
+
+function mbps(bytes: number, secs: number): number {
+  return secs > 0 ? bytes / secs / MB : Infinity;
+}
+
+/** A failed byte-exact check: the run stops, nothing is reported as a figure. */
+export class CheckFailed extends DisksnapError {
+  constructor(readonly check: Check) {
+    super(
+      `compare: ${check.strategy} ${check.name} check failed: expected ${check.expected}, got ${check.actual}${check.detail ? ` (${check.detail})` : ''}`,
+      'ECHECK',
+    );
+  }
+}
+
+class Checks {
+  readonly list: Check[] = [];
+  add(strategy: Check['strategy'], name: string, expected: string, actual: string, detail?: string): void {
+    const c: Check = { name, strategy, ok: expected === actual, expected, actual, ...(detail ? { detail } : {}) };
+    this.list.push(c);
+    if (!c.ok) throw new CheckFailed(c);
+  }
+}
+
+function short(h: string): string {
+  return `sha256:${h.slice(0, 16)}`;
+}
+
+/** Validates everything that can be validated before any byte is copied. */
+export function validate(opts: CompareOptions): void {
+  if ((opts.image === undefined) === (opts.generate === undefined)) {
+    throw new DisksnapError('compare needs an IMAGE or --generate SIZE (one of the two)', 'EINVALID');
+  }
+  if (opts.workload.kind === 'fs') {
+    const why = fsWorkloadUnavailable();
+    if (why) throw new DisksnapError(why, 'EPERM', 1);
+  }
+  const growth = opts.growth ?? DEFAULT_GROWTH;
+  if (growth.length === 0 || growth.some((n) => !Number.isSafeInteger(n) || n < 1 || n > 64)) {
+    throw new DisksnapError(`growth points ${growth.join(',')} must be whole numbers from 1 to 64`, 'EINVALID');
+  }
+  for (const s of opts.strategies ?? STRATEGY_NAMES) strategyFor(s).ensureAvailable();
+}
+
+/**
+ * Space the run needs at its peak, without counting on reflinks: the base copy, a
+ * strategy's volume + its snapshot/child + one restored image, the growth run's writes,
+ * the fs trace; 32 MiB for metadata and slack.
+ */
+export function spaceNeeded(allocated: number, generatedSource: number, touched512k: number, growthBytes: number, fsTrace: number): number {
+  const mainPeak = 3 * allocated + 2 * touched512k;
+  const growthPeak = 2 * allocated + 2 * growthBytes;
+  return generatedSource + allocated + fsTrace + Math.max(mainPeak, growthPeak) + 32 * MiB;
+}
+
+export async function compare(opts: CompareOptions): Promise<CompareReport> {
+  validate(opts);
+  const progress = opts.progress ?? silentProgress;
+  const seed = opts.seed ?? 1;
+  const growth = [...new Set(opts.growth ?? DEFAULT_GROWTH)].sort((a, b) => a - b);
+  const strategies = (opts.strategies ?? STRATEGY_NAMES).map(strategyFor);
+
+  let source: SourceInfo | undefined = opts.image !== undefined ? checkSourceImage(opts.image) : undefined;
+  const virtualSize = source?.virtualSize ?? opts.generate!;
+  // amounts are validated against the size before anything is written
+  const amount = amountBytes(opts.workload, virtualSize);
+
+  const parent = opts.dir ?? os.tmpdir();
+  const work = WorkDir.create(parent);
+  try {
+    const allocatedGuess = source?.allocatedBytes ?? Math.ceil(virtualSize * 0.6);
+    const growthBytes = Math.max(...growth) * Math.ceil(amount / 4) * 2;
+    const fsTrace = opts.workload.kind === 'fs' ? amount * 2 : 0;
+    const touched = opts.workload.kind === 'fs' ? amount * 2 : amount * 2;
+    checkRoom(work.path, spaceNeeded(allocatedGuess, source ? 0 : allocatedGuess, touched, growthBytes, fsTrace), 'this comparison');
+
+    const steps = 6 + strategies.length * (7 + growth.length);
+    progress.start(steps);
+
+    // 1. the starting state
+    const base = work.file('base.img');
+    if (!source) {
+      progress.step(`generate a ${formatSize(virtualSize)} demo image`);
+      source = await generateImage(work.file('source.img'), virtualSize, seed, { empty: opts.workload.kind === 'fs' });
+    } else {
+      progress.step(`copy ${source.path}`);
+    }
+    const copy = await copySparse(source.path, base);
+    if (source.generated) fs.rmSync(source.path);
+
+    let workload: Workload;
+    let fsAfter: string | undefined;
+    progress.step(`prepare workload ${opts.workload.text}`);
+    if (opts.workload.kind === 'fs') {
+      const formatted = ensureExt4(base);
+      const cap = await captureFsWorkload(work, base, amount, seed, formatted, (d) => progress.detail(d));
+      workload = makeWorkload(opts.workload, virtualSize, seed, cap.plan, cap.detail);
+      fsAfter = cap.afterSha256;
+    } else {
+      workload = makeWorkload(opts.workload, virtualSize, seed);
+    }
+    const rounds: WritePlan[] = [];
+    for (let i = 1; i <= growth[growth.length - 1]; i++) rounds.push(workload.round(i));
+
+    progress.step('hash the starting state');
+    const h0 = await hashFile(base);
+    const checks = new Checks();
+
+    // 2. baseline: the same writes on a plain raw copy, no snapshot anywhere. Three passes,
+    // each on a fresh copy of the base: the expected state after the workload (which also
+    // warms up the JIT and the caches), the expected states of the growth runs, and the
+    // timed raw figures, measured under the same conditions as the strategies' own.
+    progress.step('baseline: expected state after the workload');
+    const rawDir = work.mkdir('raw');
+    const rawVol = `${rawDir}/volume.img`;
+    let h1: string;
+    await copySparse(base, rawVol);
+    let rawImg = openImage(rawVol, { write: true });
+    try {
+      await applyPlan(rawImg, workload.main, (d) => progress.detail(pct(d, workload.main.bytes)));
+      const r = await readBackPlan(rawImg, workload.main);
+      checks.add('baseline', 'read-back', `${r.checked} ranges equal`, `${r.checked - r.mismatches} ranges equal`);
+      h1 = (await hashImage(rawImg)).sha256;
+    } finally {
+      rawImg.close();
+    }
+    fs.rmSync(rawVol);
+    if (fsAfter !== undefined) {
+      checks.add('baseline', 'fs-replay', short(fsAfter), short(h1), 'the captured ext4 writes replayed on a raw copy give the filesystem ext4 wrote');
+    }
+
+    progress.step('baseline: expected states for the growth runs');
+    const growthHashes = new Map<number, string>();
+    await copySparse(base, rawVol);
+    rawImg = openImage(rawVol, { write: true });
+    try {
+      for (let i = 1; i <= rounds.length; i++) {
+        await applyPlan(rawImg, rounds[i - 1]);
+        if (growth.includes(i)) growthHashes.set(i, (await hashImage(rawImg)).sha256);
+      }
+    } finally {
+      rawImg.close();
+    }
+    fs.rmSync(rawVol);
+
+    progress.step('baseline: raw volume without a snapshot');
+    let baseline: CompareReport['baseline'];
+    const passes = readPasses(virtualSize);
+    await copySparse(base, rawVol);
+    await warm(rawVol);
+    rawImg = openImage(rawVol, { write: true });
+    try {
+      const w = await applyPlan(rawImg, workload.main, (d) => progress.detail(pct(d, workload.main.bytes)));
+      const r = await medianPass(passes, () => readBackPlan(rawImg, workload.main));
+      const full = await medianPass(passes, () => hashImage(rawImg));
+      checks.add('baseline', 'state-after-workload', short(h1), short(full.sha256), 'the workload gives the same state every time');
+      baseline = { writeMBps: mbps(w.bytes, w.seconds), writeFlushSeconds: w.flushSeconds, readMBps: mbps(r.bytes, r.seconds), fullReadMBps: mbps(full.bytes, full.seconds) };
+    } finally {
+      rawImg.close();
+    }
+    fs.rmSync(rawDir, { recursive: true, force: true });
+
+    // 3. each strategy
+    const reports: StrategyReport[] = [];
+    for (const s of strategies) {
+      reports.push(await runStrategy(s, work, base, h0, h1, workload, rounds, growth, growthHashes, checks, progress));
+    }
+    progress.stop();
+
+    const report: CompareReport = {
+      version: 1,
+      date: new Date().toISOString(),
+      image: {
+        path: opts.image !== undefined ? source.path : `(generated ${formatSize(virtualSize)} demo image, seed ${seed})`,
+        generated: source.generated,
+        virtualSize,
+        allocatedBytes: source.allocatedBytes,
+        sha256: h0,
+      },
+      workload: {
+        spec: workload.spec.text,
+        kind: workload.spec.kind,
+        seed,
+        bytes: workload.main.bytes,
+        requests: workload.main.offsets.length,
+        touched: {
+          cluster64k: footprint([workload.main], 64 * 1024, virtualSize),
+          block512k: footprint([workload.main], 512 * 1024, virtualSize),
+        },
+        growthRoundBytes: rounds[0]?.bytes ?? 0,
+        ...(workload.fsDetail ? { fs: workload.fsDetail } : {}),
+      },
+      baseline,
+      strategies: reports,
+      checks: checks.list,
+      verdict: '',
+      host: { node: process.version, platform: `${os.platform()} ${os.release()}`, cpus: os.cpus().length, workDirFs: fsType(work.path), reflink: copy.cloned },
+    };
+    report.verdict = verdict(report);
+    return report;
+  } finally {
+    progress.stop();
+    work.cleanup();
+  }
+}
+
+function pct(done: number, total: number): string {
+  return total > 0 ? `${Math.round((done / total) * 100)}%` : '';
+}
+
+function fsType(dir: string): string | undefined {
+  const r = spawnSync('stat', ['-f', '-c', '%T', dir], { encoding: 'utf8' });
+  return r.status === 0 ? r.stdout.trim() : undefined;
+}
+
+async function runStrategy(
+  strategy: Strategy,
+  work: WorkDir,
+  base: string,
+  h0: string,
+  h1: string,
+  workload: Workload,
+  rounds: WritePlan[],
+  growth: number[],
+  growthHashes: Map<number, string>,
+  checks: Checks,
+  progress: Progress,
+): Promise<StrategyReport> {
+  const name = strategy.name;
+  const step = (what: string) => progress.step(`${name}: ${what}`);
+  const dir = work.mkdir(name);
+  const volume = `${dir}/volume.img`;
+  step('copy the volume');
+  await copySparse(base, volume);
+  await warm(volume);
+  const session = await strategy.open(dir, volume);
+  const m: Partial<StrategyMetrics> = {};
+  try {
+    step('take a snapshot');
+    m.snapshotSeconds = await timed(() => session.snapshot());
+    m.snapshotBytes = session.extraBytes();
+
+    step(`write ${formatSize(workload.main.bytes)} (${workload.spec.text})`);
+    let img = session.open(true);
+    try {
+      const w = await applyPlan(img, workload.main, (d) => progress.detail(pct(d, workload.main.bytes)));
+      m.writeSeconds = w.seconds;
+      m.writeFlushSeconds = w.flushSeconds;
+      m.writeMBps = mbps(w.bytes, w.seconds);
+    } finally {
+      img.close();
+    }
+    m.extraBytes = session.extraBytes();
+
+    step('read back while the snapshot exists');
+    img = session.open(false);
+    try {
+      const passes = readPasses(img.virtualSize);
+      const r = await medianPass(passes, () => readBackPlan(img, workload.main));
+      checks.add(name, 'read-back', `${r.checked} ranges equal`, `${r.checked - r.mismatches} ranges equal`);
+      m.readMBps = mbps(r.bytes, r.seconds);
+      const full = await medianPass(passes, () => hashImage(img, (d, t) => progress.detail(pct(d, t))));
+      checks.add(name, 'state-with-snapshot', short(h1), short(full.sha256), 'the whole image after the workload equals the raw baseline');
+      m.fullReadMBps = mbps(full.bytes, full.seconds);
+    } finally {
+      img.close();
+    }
+
+    step('restore into a new volume');
+    const restored = `${dir}/restored.img`;
+    m.restoreSeconds = await timed(() => session.restore(restored));
+    checks.add(name, 'restore', short(h0), short(await hashFile(restored)), 'the restored volume equals the volume at the snapshot');
+    fs.rmSync(restored, { force: true });
+
+    step('lose the volume and try to recover');
+    m.survival = await survival(strategy, session, `${dir}/recovered.img`, h0);
+    m.survivesVolumeLoss = m.survival.survives;
+
+    step('roll back');
+    m.rollbackSeconds = await timed(() => session.rollback());
+    img = session.open(false);
+    try {
+      checks.add(name, 'rollback', short(h0), short((await hashImage(img)).sha256), 'the volume after rollback equals the volume at the snapshot');
+    } finally {
+      img.close();
+    }
+  } finally {
+    await session.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+
+  m.growth = [];
+  for (const n of growth) {
+    step(`growth: ${n} snapshot${n === 1 ? '' : 's'}`);
+    m.growth.push(await growthRun(strategy, work, base, rounds.slice(0, n), growthHashes.get(n)!, checks, progress));
+  }
+  return { name, title: strategy.title, how: strategy.how, metrics: m as StrategyMetrics };
+}
+
+/**
+ * Takes the volume file away (renamed, as a lost or deleted disk) and asks the strategy to
+ * produce the snapshot's bytes without it; puts the file back afterwards.
+ */
+async function survival(strategy: Strategy, session: StrategySession, out: string, h0: string): Promise<StrategyMetrics['survival']> {
+  const vol = session.volumePath;
+  const lostAt = `${vol}.lost`;
+  fs.renameSync(vol, lostAt);
+  const { lost, tried } = strategy.loss;
+  try {
+    try {
+      await session.recoverAfterLoss(out);
+    } catch (e) {
+      const err = e as DisksnapError;
+      return { lost, tried, survives: false, outcome: oneLine(err.message), code: isDisksnapError(e) ? err.code : (e as NodeJS.ErrnoException).code };
+    }
+    const got = await hashFile(out);
+    if (got === h0) return { lost, tried, survives: true, outcome: 'the snapshot came back byte-exact' };
+    return { lost, tried, survives: false, outcome: `the bytes that came back are not the snapshot's (${short(got)} != ${short(h0)})` };
+  } finally {
+    fs.rmSync(out, { force: true });
+    fs.renameSync(lostAt, vol);
+  }
+}
+
+function oneLine(s: string): string {
+  return s.split('\n')[0].slice(0, 300);
+}
+
+/** N snapshots on a fresh copy, a batch of writes after each; then read the current state. */
+async function growthRun(strategy: Strategy, work: WorkDir, base: string, rounds: WritePlan[], expected: string, checks: Checks, progress: Progress): Promise<GrowthPoint> {
+  const n = rounds.length;
+  const dir = work.mkdir(`${strategy.name}-growth-${n}`);
+  const volume = `${dir}/volume.img`;
+  await copySparse(base, volume);
+  await warm(volume);
+  const session = await strategy.open(dir, volume);
+  try {
+    let snapSeconds = 0;
+    for (let i = 0; i < n; i++) {
+      progress.detail(`snapshot ${i + 1}/${n}`);
+      snapSeconds += await timed(() => session.snapshot());
+      const img = session.open(true);
+      try {
+        await applyPlan(img, rounds[i]);
+      } finally {
+        img.close();
+      }
+    }
+    const extra = session.extraBytes();
+    const img = session.open(false);
+    let full;
+    try {
+      full = await medianPass(readPasses(img.virtualSize), () => hashImage(img));
+    } finally {
+      img.close();
+    }
+    checks.add(strategy.name, `growth-${n}`, short(expected), short(full.sha256), `the state after ${n} snapshots equals the raw baseline after the same writes`);
+    return { snapshots: n, snapshotSeconds: snapSeconds, extraBytes: extra, readMBps: mbps(full.bytes, full.seconds), verified: true };
+  } finally {
+    await session.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
