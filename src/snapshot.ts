@@ -1029,7 +1029,7 @@ export interface DeleteReport {
 
 /** Deletes a snapshot's record and manifest; its blocks go at the next gc. Every other
  * snapshot keeps its complete manifest, so stays restorable. */
-export async function deleteSnapshot(ref: string, opts: StoreOptions = {}): Promise<DeleteReport> {
+export async function deleteSnapshot(ref: string, opts: StoreOptions & { betweenSteps?: () => Promise<void> } = {}): Promise<DeleteReport> {
   const store = await Store.open(opts.store);
   return withStoreLock(store, 'shared', opts, async () => {
     let id: string;
@@ -1049,6 +1049,7 @@ export async function deleteSnapshot(ref: string, opts: StoreOptions = {}): Prom
     // Record first: a crash in between leaves a stray manifest (gc removes it), never a
     // record whose manifest is gone.
     await store.backend.delete(store.snapshotKey(id));
+    await opts.betweenSteps?.(); // test hook: crash tests kill here
     await store.backend.delete(store.manifestKey(id));
     Lease.remove(store.dir, id);
     return { id, state };
@@ -1156,10 +1157,12 @@ export async function verifySnapshot(ref: string, opts: StoreOptions & { onProgr
 
 export interface GcOptions extends StoreOptions {
   onWait?: () => void;
+  /** test hook: called before each deletion (crash tests kill gc there) */
+  beforeDelete?: (key: string) => void | Promise<void>;
 }
 
 /** Mark and sweep of unreferenced blocks (see src/store/gc.ts). */
 export async function gc(opts: GcOptions = {}): Promise<GcReport> {
   const store = await Store.open(opts.store);
-  return collectGarbage(store, { waitMs: opts.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS, onWait: opts.onWait });
+  return collectGarbage(store, { waitMs: opts.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS, onWait: opts.onWait, beforeDelete: opts.beforeDelete });
 }
