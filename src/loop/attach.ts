@@ -78,7 +78,12 @@ export interface AttachOptions {
   readOnly?: boolean;
   /** FUSE page cache mode for children (default 'direct'; see fuse-server.ts) */
   cache?: FuseCache;
-  /** LO_FLAGS_DIRECT_IO on the loop device (default false, as losetup) */
+  /**
+   * LO_FLAGS_DIRECT_IO on the loop device. Default: false for a raw image (as losetup), true
+   * for the FUSE view — the loop driver then hands each request to FUSE whole and
+   * asynchronously, instead of one write per bio segment through a second page cache
+   * (bench/loop.ts: child reads about 3x, writes up to 2x faster).
+   */
   directIo?: boolean;
   /** how long to wait for the FUSE server to come up (default 30 s) */
   timeoutMs?: number;
@@ -388,7 +393,7 @@ async function attachViaFuse(id: Identity, format: string, readOnly: boolean, op
     const f = BlockFile.open(server.file, { write: !readOnly, lock: 'none' });
     let r: { device: string; index: number };
     try {
-      r = native().loopAttach(f.fd, readOnly, !!opts.directIo, id.path);
+      r = native().loopAttach(f.fd, readOnly, opts.directIo ?? true, id.path);
     } finally {
       f.close();
     }
@@ -416,6 +421,7 @@ async function attachViaFuse(id: Identity, format: string, readOnly: boolean, op
   } catch (e) {
     if (server) await stopFuse({ pid: server.pid, startTime: processStartTime(server.pid) ?? '', mountpoint, file: server.file, log }).catch(() => undefined);
     else fs.rmSync(mountpoint, { recursive: false, force: true });
+    fs.rmSync(log, { force: true }); // what it says is in the error
     throw e;
   }
 }
@@ -459,7 +465,7 @@ async function stopFuse(f: FuseRecord, timeoutMs = 120_000): Promise<boolean> {
     // already gone
   }
   // a clean session's log says nothing worth keeping; a dead server's log is kept for diagnosis
-  if (!wasDead) fs.rmSync(f.log, { force: true });
+  if (!wasDead && process.env.DISKSNAP_FUSE_STATS !== '1') fs.rmSync(f.log, { force: true });
   return wasDead;
 }
 

@@ -123,8 +123,10 @@ export class FuseServer {
   private outBuf: Buffer;
   private destroyed = false;
   private ready = false;
-  /** requests answered with an error, by opcode, for the shutdown log */
+  /** requests answered with an error, for the shutdown log */
   private errors = 0;
+  /** per-opcode count, bytes and milliseconds, logged at shutdown (DISKSNAP_FUSE_STATS=1) */
+  private readonly stats = process.env.DISKSNAP_FUSE_STATS === '1' ? new Map<number, { n: number; bytes: number; ms: number }>() : undefined;
 
   constructor(private readonly opts: FuseServeOptions) {
     this.image = opts.image;
@@ -157,7 +159,21 @@ export class FuseServer {
         throw e;
       }
       if (n < IN_HEADER) continue;
-      this.dispatch(n);
+      if (this.stats) {
+        const t0 = performance.now();
+        this.dispatch(n);
+        const op = this.inBuf.readUInt32LE(InHeader.opcode);
+        const st = this.stats.get(op) ?? { n: 0, bytes: 0, ms: 0 };
+        st.n++;
+        st.bytes += n;
+        st.ms += performance.now() - t0;
+        this.stats.set(op, st);
+      } else {
+        this.dispatch(n);
+      }
+    }
+    if (this.stats) {
+      for (const [op, st] of this.stats) this.log(`opcode ${op}: ${st.n} requests, ${st.bytes} bytes in, ${st.ms.toFixed(1)} ms`);
     }
     this.log(`unmounted (${this.errors} request(s) failed during the session)`);
   }
