@@ -198,7 +198,8 @@ t.test('FUSE server SIGKILLed while mounted: detach cleans up, diff check --repa
 
   const d = cli(['detach', child]);
   t.equal(d.status, 0, d.stderr);
-  t.match(d.stderr, /had died.*diff check --repair/);
+  t.match(d.stderr, /had died \(its log: .*\.log\).*diff check --repair/);
+  fs.rmSync(a.fuse!.log, { force: true });
   t.notOk(kernelLoop(a.index)?.backingFile.startsWith('/run/disksnap/fuse'), 'no loop device left on the view');
   t.same(fuseMountsOf(a.fuse!.mountpoint), [], 'no FUSE mount left');
   t.notOk(fs.existsSync(a.fuse!.mountpoint), 'mountpoint removed');

@@ -34,7 +34,10 @@ export function register(program: Command): void {
         const results = await detach(target);
         for (const r of results) {
           if (r.serverWasDead) {
-            log(`disksnap: the FUSE server of ${r.image ?? r.device} had died; its mount is removed. Run \`disksnap diff check --repair ${r.image ?? ''}\` before using the child again.`);
+            log(
+              `disksnap: the FUSE server of ${r.image ?? r.device} had died (its log: ${r.log ?? 'none'}); its mount is removed. ` +
+                `Run \`disksnap diff check --repair ${r.image ?? ''}\` before using the child again.`,
+            );
           }
         }
         if (opts.json) printJson({ detached: results });

@@ -97,6 +97,8 @@ export interface DetachResult {
   via: AttachVia;
   /** the FUSE server had died before detach (its child needs `diff check --repair`) */
   serverWasDead?: boolean;
+  /** with serverWasDead: the dead server's log, kept for diagnosis */
+  log?: string;
   /** only a stale record (device no longer bound to the image) was cleaned up */
   staleOnly?: boolean;
 }
@@ -511,7 +513,10 @@ async function detachDevice(index: number, explicitDevice: boolean): Promise<Det
   if (rec?.fuse) serverWasDead = await stopFuse(rec.fuse);
   if (rec) removeRecord(index);
   const res: DetachResult = { device, image: rec?.image ?? k?.backingFile, via: rec?.via ?? 'loop' };
-  if (serverWasDead) res.serverWasDead = true;
+  if (serverWasDead) {
+    res.serverWasDead = true;
+    res.log = rec?.fuse?.log;
+  }
   if (!k || (rec && !valid && !explicitDevice)) res.staleOnly = true;
   return res;
 }
