@@ -131,8 +131,12 @@ export interface NativeAddon {
   isZero(buf: Uint8Array): boolean;
 
   // Loop devices, freeze, FUSE mounts (native/loop.cc, native/fuse.cc; policy in src/loop/).
-  /** LOOP_CTL_GET_FREE + LOOP_CONFIGURE (or LOOP_SET_FD + LOOP_SET_STATUS64), retried on races. */
-  loopAttach(backingPath: string, readOnly: boolean, directIo: boolean): { device: string; index: number; method: string };
+  /**
+   * LOOP_CTL_GET_FREE + LOOP_CONFIGURE (or LOOP_SET_FD + LOOP_SET_STATUS64), retried on races.
+   * The device keeps its own reference to fd's open file description (and so its OFD lock)
+   * until detached; `name` goes into lo_file_name.
+   */
+  loopAttach(fd: number, readOnly: boolean, directIo: boolean, name: string): { device: string; index: number; method: string };
   /** LOOP_CLR_FD; ENXIO when nothing is attached. */
   loopDetach(device: string): void;
   loopStatus(device: string): LoopStatus | null;
