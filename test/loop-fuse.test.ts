@@ -10,7 +10,10 @@ import * as path from 'node:path';
 import { createHash } from 'node:crypto';
 import { cli } from './helpers/cli';
 import { needLoop, scratch, makeExt4, sh, shOk, debugfsCat, debugfsLs, e2fsckClean } from './helpers/loop';
-import { attach, attachmentOf, assertNotAttached, detach } from '../src/loop/attach';
+import { attach, attachmentOf, assertNotAttached, detach, reapStale } from '../src/loop/attach';
+import { fuseDir } from '../src/loop/state';
+import { spawn } from 'node:child_process';
+import { ROOT } from './helpers/cli';
 import { kernelLoop, mounts, processStartTime } from '../src/loop/state';
 import { BlockFile } from '../src/file';
 
@@ -221,4 +224,38 @@ t.test('FUSE server SIGKILLed while mounted: detach cleans up, diff check --repa
   s.umount(mp2);
   await detach(again.device);
   t.equal(qemuCheck(child).status, 0);
+});
+
+t.test('a FUSE view left by an interrupted attach (no record, no loop device) is reaped', { skip }, async (t) => {
+  const s = scratch();
+  t.teardown(() => s.cleanup());
+  const img = path.join(s.dir, 'raw.img');
+  fs.writeFileSync(img, '');
+  fs.truncateSync(img, 4 << 20);
+  const mp = path.join(fuseDir(), `orphan-${process.pid}`);
+  fs.mkdirSync(mp, { recursive: true });
+  const log = `${mp}.log`;
+  const logFd = fs.openSync(log, 'a');
+  const server = spawn(process.execPath, [path.join(ROOT, 'dist', 'src', 'loop', 'fuse-server.js'), '--image', img, '--mountpoint', mp], {
+    stdio: ['ignore', logFd, logFd],
+  });
+  fs.closeSync(logFd);
+  t.teardown(() => {
+    if (fuseMountsOf(mp).length) sh('umount', ['-l', mp]);
+    server.kill('SIGKILL');
+    fs.rmSync(log, { force: true });
+    fs.rmSync(mp, { recursive: true, force: true });
+  });
+  for (let i = 0; i < 200 && !fs.existsSync(path.join(mp, 'disk')); i++) await new Promise((r) => setTimeout(r, 20));
+  t.ok(fs.existsSync(path.join(mp, 'disk')), 'the orphan view is up');
+  await reapStale();
+  t.same(fuseMountsOf(mp), [mp], 'a young view is left alone (an attach may be in progress)');
+  const old = new Date(Date.now() - 5 * 60_000);
+  fs.utimesSync(log, old, old);
+  const exited = new Promise((r) => server.once('exit', r));
+  t.ok((await reapStale()) >= 1);
+  t.same(fuseMountsOf(mp), [], 'unmounted');
+  await exited;
+  t.pass('its server saw the unmount and exited');
+  BlockFile.open(img, { write: true }).close();
 });

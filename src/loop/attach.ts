@@ -471,14 +471,47 @@ async function stopFuse(f: FuseRecord, timeoutMs = 120_000): Promise<boolean> {
   return wasDead;
 }
 
-/** Removes records whose device is no longer bound to their file, stopping their FUSE servers. */
+/** How old an unreferenced FUSE view must be before it counts as orphaned (attach in progress otherwise). */
+const ORPHAN_AGE_MS = 60_000;
+
+/**
+ * Removes records whose device is no longer bound to their file, stopping their FUSE servers;
+ * and unmounts orphaned FUSE views (an attach interrupted between starting the server and
+ * writing the record), i.e. views under <run>/fuse that no record names, no loop device is
+ * bound to, and that are older than a minute.
+ */
 export async function reapStale(): Promise<number> {
   let n = 0;
-  for (const rec of readRecords()) {
+  const records = readRecords();
+  for (const rec of records) {
     if (recordMatchesKernel(rec, kernelLoop(rec.index))) continue;
     if (rec.fuse) await stopFuse(rec.fuse).catch(() => undefined);
     removeRecord(rec.index);
     n++;
+  }
+  const views = mounts().filter((m) => m.fstype === 'fuse.disksnap' && path.dirname(m.mountpoint) === fuseDir());
+  if (views.length) {
+    const named = new Set(readRecords().flatMap((r) => (r.fuse ? [r.fuse.mountpoint] : [])));
+    const bound = kernelLoops().map((k) => k.backingFile);
+    for (const v of views) {
+      if (named.has(v.mountpoint) || bound.some((b) => b.startsWith(v.mountpoint + path.sep))) continue;
+      let age = 0;
+      try {
+        age = Date.now() - fs.statSync(`${v.mountpoint}.log`).mtimeMs;
+      } catch {
+        continue; // no log: not one of ours, or being set up
+      }
+      if (age < ORPHAN_AGE_MS) continue;
+      try {
+        // the server sees ENODEV, flushes its image and exits
+        native().unmount(v.mountpoint, true);
+        n++;
+        fs.rmdirSync(v.mountpoint);
+        fs.rmSync(`${v.mountpoint}.log`, { force: true });
+      } catch {
+        // someone else got there first
+      }
+    }
   }
   return n;
 }
