@@ -25,12 +25,13 @@
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
+import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { DisksnapError, isDisksnapError } from '../errors';
 import { openImage } from '../image';
 import { formatSize } from '../size';
 import { WorkDir, checkRoom } from './workdir';
-import { copySparse, hashFile, hashImage, warm } from './files';
+import { allocatedBytes, copySparse, hashFile, hashImage, warm } from './files';
 import { checkSourceImage, generateImage, SourceInfo } from './source';
 import { amountBytes, applyPlan, footprint, makeWorkload, readBackPlan, Workload, WorkloadSpec, WritePlan } from './workload';
 import { captureFsWorkload, ensureExt4, fsWorkloadUnavailable } from './fsworkload';
@@ -190,6 +191,8 @@ export async function compare(opts: CompareOptions): Promise<CompareReport> {
 
     progress.step('hash the starting state');
     const h0 = await hashFile(base);
+    // the volume as the strategies get it (for fs: formatted), not the file it came from
+    const baseAllocated = allocatedBytes(base);
     const checks = new Checks();
 
     // 2. baseline: the same writes on a plain raw copy, no snapshot anywhere. Three passes,
@@ -260,7 +263,7 @@ export async function compare(opts: CompareOptions): Promise<CompareReport> {
         path: opts.image !== undefined ? source.path : `(generated ${formatSize(virtualSize)} demo image, seed ${seed})`,
         generated: source.generated,
         virtualSize,
-        allocatedBytes: source.allocatedBytes,
+        allocatedBytes: baseAllocated,
         sha256: h0,
       },
       workload: {
@@ -397,7 +400,9 @@ async function survival(strategy: Strategy, session: StrategySession, out: strin
       await session.recoverAfterLoss(out);
     } catch (e) {
       const err = e as DisksnapError;
-      return { lost, tried, survives: false, outcome: oneLine(err.message), code: isDisksnapError(e) ? err.code : (e as NodeJS.ErrnoException).code };
+      // paths inside the working directory mean nothing after the run: keep their names
+      const message = err.message.split(`${path.dirname(vol)}${path.sep}`).join('');
+      return { lost, tried, survives: false, outcome: oneLine(message), code: isDisksnapError(e) ? err.code : (e as NodeJS.ErrnoException).code };
     }
     const got = await hashFile(out);
     if (got === h0) return { lost, tried, survives: true, outcome: 'the snapshot came back byte-exact' };
@@ -409,7 +414,7 @@ async function survival(strategy: Strategy, session: StrategySession, out: strin
 }
 
 function oneLine(s: string): string {
-  return s.split('\n')[0].slice(0, 300);
+  return s.split('\n')[0].slice(0, 400);
 }
 
 /** N snapshots on a fresh copy, a batch of writes after each; then read the current state. */

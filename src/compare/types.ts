@@ -104,6 +104,7 @@ export interface CompareReport {
     path: string;
     generated: boolean;
     virtualSize: number;
+    /** allocated bytes of the volume at the first snapshot (after mkfs for fs) */
     allocatedBytes: number;
     /** SHA-256 of the volume at the moment of the first snapshot (after mkfs for fs) */
     sha256: string;

@@ -162,7 +162,7 @@ export function verdict(r: CompareReport): string {
   if (dWins.length) {
     advice.push(
       `Differencing disks win here on ${list(dWins)}` +
-        (dQuick ? ': pick them for frequent, short-lived checkpoints you roll back or throw away (test environments, CI), where the parent stays safe on the same disk' : ''),
+        (dQuick ? ': pick them for frequent, short-lived checkpoints that you roll back or throw away (test environments, CI), as long as the parent is kept safe — a child is worthless without it' : ''),
     );
   }
   if (sWins.length) {
