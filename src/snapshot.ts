@@ -9,15 +9,22 @@
  *
  * Create, per attempt (volume open read-only with a shared lock, store lock shared):
  *
- *   stat volume ──► extents (holes skipped) ──► for each chunk of data blocks (16 MiB):
- *     read once into a buffer ─► hash on worker threads (digest + all-zero flag per block)
- *     ─► zero: no entry | same digest as parent: entry | else: putIfAbsent(object) + entry
+ *   stat volume ──► extents (holes skipped) ──► chunks of data blocks, hashed on worker
+ *   threads (digest + all-zero flag per block) ──► zero: no entry | same digest as the
+ *   parent's: entry | else: putIfAbsent(object) + entry
  *   ──► stat volume again: size/mtime/ctime moved => the volume changed while being read:
  *       retry once, then `error` with the reason (point-in-time capture of mounted
  *       filesystems is the `freeze` hook, filled in by the loopback issue)
  *
- * Objects are written from the same buffer that was hashed, so an object's bytes always match
- * its name even if the volume changes under us; only the mix of moments has to be detected.
+ * Two ways to hash, chosen by whether there is a parent to compare with:
+ *   full:        read each 16 MiB chunk once into a buffer, hash it there, write the new
+ *                blocks from that same buffer (every block is new: one read, one hash);
+ *   incremental: native hashFile over 64 MiB chunks (parallel pread + hash, no copy into
+ *                JS), then read only the changed blocks into a buffer and hash them again.
+ * Either way an object is written from a buffer whose bytes were hashed, so its bytes always
+ * match its name even if the volume changes under us (a changed block whose second hash
+ * differs from the first is itself proof the volume moved); only the mix of moments has to
+ * be detected, and the stat check does that.
  *
  * Durability order (a crash anywhere leaves pending/error snapshots and garbage, never a
  * completed snapshot that cannot be restored):
@@ -73,9 +80,13 @@ export { defaultStoreDir };
 /** Bytes per read/hash chunk; also the unit of pipelining. Four of them at most in memory. */
 const CHUNK_BYTES = 16 * 1024 * 1024;
 const MAX_BUFFERS = 4;
+/** Bytes per native hashFile call of an incremental snapshot (only digests come back). */
+const HASH_CHUNK_BYTES = 64 * 1024 * 1024;
 /** Outstanding bytes of object writes before the reader waits for them. */
 const MAX_WRITE_BYTES = 64 * 1024 * 1024;
 const PROGRESS_INTERVAL_MS = 500;
+/** Restore starts an fdatasync of what it wrote every this many bytes (see restoreToFile). */
+const SYNC_EVERY_BYTES = 128 * 1024 * 1024;
 /** How long commands wait for a running gc (or gc for running commands) by default. */
 const DEFAULT_LOCK_WAIT_MS = 60_000;
 
@@ -523,75 +534,138 @@ async function capture(
   const maxBlocks = Math.max(1, Math.floor(CHUNK_BYTES / bs));
   const pool = new BufferPool(maxBlocks * bs, MAX_BUFFERS);
   const writes = new Throttle(MAX_WRITE_BYTES);
+  const key = store.codec.digestKey;
   let done = 0;
   let chunkNo = 0;
   let ok = false;
 
-  type Loaded = { buf: Buffer; first: number; end: number; len: number };
-  const load = async (first: number, end: number): Promise<Loaded> => {
-    const buf = await pool.acquire();
-    const len = Math.min(size, end * bs) - first * bs;
-    try {
-      const got = await file.read(buf.subarray(0, len), first * bs);
-      if (got < len) buf.fill(0, got, len); // the file shrank: the stat check will notice
-    } catch (e) {
-      pool.release(buf);
-      throw e;
-    }
-    return { buf, first, end, len };
+  /** Queues the write of block i (digest at digests[dOff]) from `data`; `hold` keeps its buffer. */
+  const store1 = async (digests: Buffer, dOff: number, data: Buffer, hold: () => () => void): Promise<void> => {
+    const digest = digests.subarray(dOff, dOff + 32);
+    const release = hold();
+    // Two equal blocks in flight at once both try; putIfAbsent lets one of them win.
+    await writes.add(data.length, async () => {
+      try {
+        if (await store.putBlock(digest, data)) {
+          rec.stats.blocksAdded++;
+          rec.stats.bytesAdded += data.length;
+        }
+      } finally {
+        release();
+      }
+    });
+  };
+  /** A pool buffer shared by the writes queued from it; returned when the last one is done. */
+  const shared = (buf: Buffer) => {
+    let refs = 1;
+    const unref = () => {
+      if (--refs === 0) pool.release(buf);
+    };
+    return {
+      hold: () => {
+        refs++;
+        return unref;
+      },
+      done: unref,
+    };
+  };
+  const chunkDone = async (len: number) => {
+    done += len;
+    rec.stats.bytesScanned = done;
+    opts.onProgress?.({ phase: 'scan', done, total: totalBytes });
+    saveProgress(totalBytes ? Math.min(99, Math.floor((done / totalBytes) * 100)) : 99);
+    await opts.afterChunk?.(attempt, chunkNo++);
+    writes.check();
   };
 
   try {
-    const it = chunksOf(runs, maxBlocks);
-    const firstChunk = it.next();
-    let next: Promise<Loaded> | undefined = firstChunk.done ? undefined : load(firstChunk.value[0], firstChunk.value[1]);
-    while (next) {
-      const cur = await next;
-      const nc = it.next();
-      next = nc.done ? undefined : load(nc.value[0], nc.value[1]);
-      next?.catch(() => undefined); // handled when awaited
-      let refs = 1;
-      const unref = () => {
-        if (--refs === 0) pool.release(cur.buf);
-      };
-      try {
-        const { digests, zero } = await n.hashBlocksAsync(cur.buf.subarray(0, cur.len), bs, threads, store.codec.digestKey);
-        for (let i = cur.first; i < cur.end; i++) {
-          const k = i - cur.first;
-          if (zero[k]) {
-            rec.stats.zeroBlocks++;
-            continue;
-          }
-          rec.stats.dataBlocks++;
-          const dOff = k * 32;
-          const prev = cursor ? await cursor.lookup(i) : undefined;
-          writer.append(i, digests, dOff);
-          if (prev && prev.compare(digests, dOff, dOff + 32) === 0) continue;
-          rec.stats.changedBlocks++;
-          // Two equal blocks in flight at once both try; putIfAbsent lets one of them win.
-          const digest = digests.subarray(dOff, dOff + 32);
-          const data = cur.buf.subarray(k * bs, k * bs + blockLength(i, size, bs));
-          refs++;
-          await writes.add(data.length, async () => {
-            try {
-              if (await store.putBlock(digest, data)) {
-                rec.stats.blocksAdded++;
-                rec.stats.bytesAdded += data.length;
-              }
-            } finally {
-              unref();
-            }
-          });
+    if (!cursor) {
+      // Full snapshot: read each chunk once into a buffer, hash it there, write new blocks from
+      // it. The read of the next chunk overlaps the hashing of this one.
+      type Loaded = { buf: Buffer; first: number; end: number; len: number };
+      const load = async (first: number, end: number): Promise<Loaded> => {
+        const buf = await pool.acquire();
+        const len = Math.min(size, end * bs) - first * bs;
+        try {
+          const got = await file.read(buf.subarray(0, len), first * bs);
+          if (got < len) buf.fill(0, got, len); // the file shrank: the stat check will notice
+        } catch (e) {
+          pool.release(buf);
+          throw e;
         }
-      } finally {
-        unref();
+        return { buf, first, end, len };
+      };
+      const it = chunksOf(runs, maxBlocks);
+      const firstChunk = it.next();
+      let next: Promise<Loaded> | undefined = firstChunk.done ? undefined : load(firstChunk.value[0], firstChunk.value[1]);
+      while (next) {
+        const cur = await next;
+        const nc = it.next();
+        next = nc.done ? undefined : load(nc.value[0], nc.value[1]);
+        next?.catch(() => undefined); // handled when awaited
+        const ref = shared(cur.buf);
+        try {
+          const { digests, zero } = await n.hashBlocksAsync(cur.buf.subarray(0, cur.len), bs, threads, key);
+          for (let i = cur.first; i < cur.end; i++) {
+            const k = i - cur.first;
+            if (zero[k]) continue;
+            rec.stats.dataBlocks++;
+            rec.stats.changedBlocks++;
+            writer.append(i, digests, k * 32);
+            await store1(digests, k * 32, cur.buf.subarray(k * bs, k * bs + blockLength(i, size, bs)), ref.hold);
+          }
+        } finally {
+          ref.done();
+        }
+        await chunkDone(cur.len);
       }
-      done += cur.len;
-      rec.stats.bytesScanned = done;
-      opts.onProgress?.({ phase: 'scan', done, total: totalBytes });
-      saveProgress(totalBytes ? Math.min(99, Math.floor((done / totalBytes) * 100)) : 99);
-      await opts.afterChunk?.(attempt, chunkNo++);
-      writes.check();
+    } else {
+      // Incremental: hash in large chunks natively (parallel reads and hashing, no copy into
+      // JS), compare with the parent; read only the changed blocks into a buffer, hash them
+      // again there (so an object always matches its name: a block that differs now changed
+      // while we read it), and write them from that buffer.
+      const hashBlocks = Math.max(maxBlocks, Math.floor(HASH_CHUNK_BYTES / bs));
+      for (const [a, b] of chunksOf(runs, hashBlocks)) {
+        const len = Math.min(size, b * bs) - a * bs;
+        const { digests, zero } = await n.hashFile(file.fd, a * bs, len, bs, threads, key, undefined);
+        const changed: number[] = [];
+        for (let i = a; i < b; i++) {
+          const k = i - a;
+          if (zero[k]) continue;
+          rec.stats.dataBlocks++;
+          const prev = await cursor.lookup(i);
+          writer.append(i, digests, k * 32);
+          if (prev && prev.compare(digests, k * 32, k * 32 + 32) === 0) continue;
+          rec.stats.changedBlocks++;
+          changed.push(i);
+        }
+        for (let g = 0; g < changed.length; g += maxBlocks) {
+          const group = changed.slice(g, g + maxBlocks);
+          const buf = await pool.acquire();
+          const ref = shared(buf);
+          try {
+            const reqs = new Float64Array(group.length * 3);
+            let glen = 0;
+            group.forEach((i, k) => {
+              const l = blockLength(i, size, bs);
+              reqs.set([i * bs, k * bs, l], k * 3);
+              glen = k * bs + l; // only the volume's last block is short, and it comes last
+            });
+            await file.readBatch(buf, reqs);
+            const again = await n.hashBlocksAsync(buf.subarray(0, glen), bs, threads, key);
+            for (let k = 0; k < group.length; k++) {
+              const i = group[k];
+              if (again.digests.compare(digests, (i - a) * 32, (i - a) * 32 + 32, k * 32, k * 32 + 32) !== 0) {
+                throw new VolumeChanged(`block ${i} changed between two reads`);
+              }
+              await store1(digests, (i - a) * 32, buf.subarray(k * bs, k * bs + blockLength(i, size, bs)), ref.hold);
+            }
+          } finally {
+            ref.done();
+          }
+        }
+        await chunkDone(len);
+      }
     }
     await writes.drain();
     rec.stats.zeroBlocks = blocks - rec.stats.dataBlocks;
@@ -785,6 +859,10 @@ async function restoreToFile(store: Store, rec: SnapshotRecord, to: string, opts
     out = BlockFile.open(tmp, { create: true, exclusive: true, lock: 'exclusive', mode: 0o644 });
     out.truncateSync(rec.volumeSize);
     const o = out;
+    // Start writeback as we go (fdatasync in the background every SYNC_EVERY bytes), so that
+    // the final fsync does not find the whole image still in the page cache.
+    const syncs: Promise<void>[] = [];
+    let unsynced = 0;
     await pipelineBlocks(store, rec, reader, threadsOf(opts), reader.entryCount, opts.onProgress, 'write', async (batch, buf) => {
       const reqs = new Float64Array(batch.length * 3);
       for (let k = 0; k < batch.length; k++) {
@@ -796,7 +874,15 @@ async function restoreToFile(store: Store, rec: SnapshotRecord, to: string, opts
       }
       await o.writeBatch(buf, reqs);
       report.blocksWritten += batch.length;
+      unsynced += batch.length * rec.blockSize;
+      if (unsynced >= SYNC_EVERY_BYTES) {
+        unsynced = 0;
+        const p = o.sync(true);
+        p.catch(() => undefined); // awaited below
+        syncs.push(p);
+      }
     });
+    await Promise.all(syncs);
     await out.sync();
     out.close();
     out = undefined;

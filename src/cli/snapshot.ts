@@ -9,6 +9,12 @@
  * `volume register` that creates it (512K by default).
  */
 import { Command } from 'commander';
+
+// Snapshot objects are written and fsynced many at a time so that the filesystem commits
+// them together; libuv's default of 4 pool threads serialises that (measured: 2048 objects
+// of 512 KiB with fdatasync took 2.2 s with 4 threads, 0.75 s with 16). The pool starts on
+// first use, after this module is loaded; a user's own setting wins.
+process.env.UV_THREADPOOL_SIZE ??= '16';
 import * as cliProgress from 'cli-progress';
 import * as snap from '../snapshot';
 import { parseTags } from '../store/records';
