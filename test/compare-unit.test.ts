@@ -149,15 +149,19 @@ t.test('growth rounds: a quarter of the amount each, all different', async (t) =
   t.equal(s.round(2).offsets[0], 5 * MiB);
 });
 
-t.test('winner: 10% tolerance, and two instant times are a tie', async (t) => {
+t.test('winner: margins by how repeatable a figure is, and two instant times are a tie', async (t) => {
   const time = { unit: 's' as const, higherIsBetter: false };
   const rate = { unit: 'MB/s' as const, higherIsBetter: true };
   t.equal(winner(0.01, 1, time), 'differencing-disk');
   t.equal(winner(1, 0.01, time), 'storage-snapshot');
-  t.equal(winner(1, 1.05, time), 'tie');
+  t.equal(winner(1, 1.15, time), 'tie', 'times within 20%');
+  t.equal(winner(1, 1.3, time), 'differencing-disk');
   t.equal(winner(0.0001, 0.001, time), 'tie', 'both under 2 ms');
   t.equal(winner(100, 200, rate), 'storage-snapshot');
-  t.equal(winner(100, 105, rate), 'tie');
+  t.equal(winner(100, 120, rate), 'tie', 'throughput within 25%');
+  t.equal(winner(100, 140, rate), 'storage-snapshot');
+  const space = { unit: 'B' as const, higherIsBetter: false };
+  t.equal(winner(100, 115, space), 'differencing-disk', 'space beyond 10%');
   t.equal(formatSeconds(0.0123), '12.3 ms');
   t.equal(formatSeconds(2.5), '2.50 s');
   t.equal(niceMax(83.8 * MiB, 'B'), 100 * MiB);

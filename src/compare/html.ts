@@ -9,7 +9,7 @@
  */
 import { formatSize } from '../size';
 import { CompareReport, GrowthPoint, StrategyMetrics } from './types';
-import { formatMBps, formatSeconds, formatValue, MetricDef, SCALAR_METRICS, winner } from './verdict';
+import { formatMBps, formatSeconds, formatValue, MetricDef, SCALAR_METRICS, TIE_MARGIN, winner } from './verdict';
 
 export const COLORS: Record<string, string> = {
   'differencing-disk': '#2f6db5',
@@ -262,6 +262,7 @@ ${rows}
 ${survivalRow}
 </tbody>
 </table>
+<p class="sub">Times and throughputs are single runs (reads: the median of 3 passes) on this machine; ≈ marks a difference within ${TIE_MARGIN.s * 100}% (times), ${TIE_MARGIN['MB/s'] * 100}% (throughput) or ${TIE_MARGIN.B * 100}% (space).</p>
 <div class="charts">
 ${bars}
 </div>

@@ -1,7 +1,7 @@
 /** The human report of `compare` on stdout: metric table, growth table, survival, checks, verdict. */
 import { formatSize } from '../size';
 import { CompareReport, StrategyMetrics } from './types';
-import { formatMBps, formatSeconds, formatValue, SCALAR_METRICS, winner } from './verdict';
+import { formatMBps, formatSeconds, formatValue, SCALAR_METRICS, TIE_MARGIN, winner } from './verdict';
 
 function table(header: string[], rows: string[][], right: boolean[] = []): string {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
@@ -88,6 +88,10 @@ export function renderText(r: CompareReport): string {
   }
   const ok = r.checks.filter((c) => c.ok).length;
   out.push(`checks: ${ok}/${r.checks.length} byte-exact (${[...new Set(r.checks.map((c) => c.name.replace(/-\d+$/, '-N')))].join(', ')})`);
+  out.push(
+    'times and throughputs are single runs (reads: median of 3 passes) on this machine; "~" marks a difference within ' +
+      `${TIE_MARGIN.s * 100}% (times), ${TIE_MARGIN['MB/s'] * 100}% (throughput) or ${TIE_MARGIN.B * 100}% (space)`,
+  );
   out.push('');
   out.push(wrap(r.verdict));
   return out.join('\n') + '\n';

@@ -1,8 +1,11 @@
 /**
  * The one-paragraph verdict of a compare run, from the numbers alone.
  *
- * Each metric has a winner when one side is better by more than 10 % (and, for times, the
- * slower one took at least 2 ms — below that both are "instant" to a person). The paragraph
+ * Each metric has a winner when one side is better by more than a margin that follows how
+ * repeatable the figure is: 10 % for space (st_blocks does not jitter), 20 % for times and
+ * 25 % for throughputs (single timed runs; on a busy machine they vary by that much from
+ * run to run). A time is also a tie when the slower one took under 2 ms — both are
+ * "instant" to a person. The paragraph
  * states the figures that decide, then who wins what, then when to pick which:
  * - differencing disks are for cheap, frequent checkpoints that are rolled back (test
  *   environments) when their wins are snapshot time, space and rollback;
@@ -15,7 +18,8 @@
 import { formatSize } from '../size';
 import { CompareReport, StrategyMetrics } from './types';
 
-const TOLERANCE = 0.1;
+/** Differences within these margins are ties (see the note above). */
+export const TIE_MARGIN: Record<'s' | 'B' | 'MB/s', number> = { B: 0.1, s: 0.2, 'MB/s': 0.25 };
 const INSTANT = 0.002;
 
 export type Winner = 'differencing-disk' | 'storage-snapshot' | 'tie';
@@ -60,7 +64,7 @@ export function winner(d: number, s: number, def: Pick<MetricDef, 'unit' | 'high
   const [good, bad] = def.higherIsBetter ? [Math.max(d, s), Math.min(d, s)] : [Math.min(d, s), Math.max(d, s)];
   if (good === bad) return 'tie';
   const margin = def.higherIsBetter ? (good - bad) / Math.max(good, 1e-12) : (bad - good) / Math.max(bad, 1e-12);
-  if (margin <= TOLERANCE) return 'tie';
+  if (margin <= TIE_MARGIN[def.unit]) return 'tie';
   const dBetter = def.higherIsBetter ? d > s : d < s;
   return dBetter ? 'differencing-disk' : 'storage-snapshot';
 }
@@ -173,7 +177,7 @@ export function verdict(r: CompareReport): string {
     if (sWins.includes('time to restore into a new volume')) why.push('cloning volumes');
     advice.push(`storage snapshots win on ${list(sWins)}` + (why.length ? `: pick them for ${list(why)}` : ''));
   }
-  if (!advice.length) advice.push('The two strategies are within 10% of each other on every figure here');
+  if (!advice.length) advice.push('The two strategies are within the noise of each other on every figure here');
   parts.push(capitalise(advice.join('; ')) + '.');
   return parts.join(' ');
 }
