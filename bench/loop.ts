@@ -38,12 +38,15 @@ export async function benchLoop(opts: BenchOptions): Promise<BenchRow[]> {
   const parent = path.join(opts.dir, 'parent.img');
   const raw = path.join(opts.dir, 'raw.img');
   const child = path.join(opts.dir, 'child.qcow2');
+  const rawViaFuse = path.join(opts.dir, 'raw-fuse.img');
   const pattern = path.join(opts.dir, 'pattern.bin');
   fillRandom(parent, 0, size);
   fillRandom(raw, 0, size);
+  fillRandom(rawViaFuse, 0, size);
   fillRandom(pattern, 0, size);
   warm(parent);
   warm(raw);
+  warm(rawViaFuse);
   warm(pattern);
 
   // outputs of the whole-child copies go to tmpfs where there is room, so that the host
@@ -58,6 +61,7 @@ export async function benchLoop(opts: BenchOptions): Promise<BenchRow[]> {
     const writes = { raw: [] as number[], child: [] as number[] };
     const writesSync = { raw: [] as number[], child: [] as number[] };
     const reread = [] as number[];
+    const fuseOnly = { read: [] as number[], write: [] as number[] };
     const convert = [] as number[];
 
     for (let i = 0; i < runs; i++) {
@@ -76,6 +80,15 @@ export async function benchLoop(opts: BenchOptions): Promise<BenchRow[]> {
         writesSync.child.push(dd([`if=${pattern}`, `of=${c.device}`, 'bs=1M', 'oflag=direct', 'conv=notrunc,fsync']));
       } finally {
         await detach(c.device);
+      }
+      // the FUSE layer alone: a raw image served through the same view
+      const f = await attach(rawViaFuse, { via: 'fuse' });
+      try {
+        dd([`if=${f.device}`, 'of=/dev/null', 'bs=1M', 'count=64', 'iflag=direct']);
+        fuseOnly.read.push(dd([`if=${f.device}`, 'of=/dev/null', 'bs=1M', 'iflag=direct']));
+        fuseOnly.write.push(dd([`if=${pattern}`, `of=${f.device}`, 'bs=1M', 'oflag=direct', 'conv=notrunc']));
+      } finally {
+        await detach(f.device);
       }
       // the whole child read into a raw file: through the loop device vs qemu-img convert
       const out = path.join(outDir, 'disksnap-bench-out.raw');
@@ -100,6 +113,10 @@ export async function benchLoop(opts: BenchOptions): Promise<BenchRow[]> {
       row(`child seq write + fsync, ${label}`, mbps(writesSync.child), rawPeer, mbps(writesSync.raw), 'conv=fsync: durable on the host disk'),
       row(`child seq read (own clusters), ${label}`, mbps(reread), rawPeer, mbps(reads.raw)),
     ];
+    rows.push(
+      row(`raw image through the FUSE view, seq read, ${label}`, mbps(fuseOnly.read), rawPeer, mbps(reads.raw), 'the FUSE layer alone, without qcow2'),
+      row(`raw image through the FUSE view, seq write, ${label}`, mbps(fuseOnly.write), rawPeer, mbps(writes.raw), 'the FUSE layer alone, without qcow2'),
+    );
     if (convert.length) {
       rows.push(row(`whole child to a raw file, ${count} MiB`, mbps(reads.childOwn), 'qemu-img convert -O raw', mbps(convert), `dd from the attached child vs qemu-img reading the qcow2 file; output on ${outDir}`));
     }
