@@ -166,7 +166,9 @@ t.test('winner: margins by how repeatable a figure is, and two instant times are
   t.equal(formatSeconds(2.5), '2.50 s');
   t.equal(niceMax(83.8 * MiB, 'B'), 100 * MiB);
   t.equal(niceMax(1.7, 's'), 2);
+  t.equal(niceMax(5.64, 's'), 6);
   t.equal(niceMax(4723, 'MB/s'), 5000);
+  t.equal(niceMax(219 * MiB, 'B'), 250 * MiB);
 });
 
 function metrics(over: Partial<StrategyMetrics>): StrategyMetrics {

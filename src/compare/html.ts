@@ -89,7 +89,7 @@ export function niceMax(v: number, unit: MetricDef['unit']): number {
   if (unit === 'B') for (const k of [2 ** 10, 2 ** 20, 2 ** 30, 2 ** 40]) if (v >= k) scale = k;
   const x = v / scale;
   const p = Math.pow(10, Math.floor(Math.log10(x)));
-  const m = [1, 2, 2.5, 5, 10].find((f) => f * p >= x)!;
+  const m = [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10].find((f) => f * p >= x * (1 - 1e-9))!;
   return m * p * scale;
 }
 
@@ -116,7 +116,7 @@ export function growthChart(def: GrowthDef, series: { name: string; points: Grow
     `<line x1="${left}" y1="${top}" x2="${left}" y2="${G_H - bottom}" class="axis"/>` +
     `<line x1="${left}" y1="${G_H - bottom}" x2="${G_W - right}" y2="${G_H - bottom}" class="axis"/>`;
   for (const t of ticks) {
-    out += `<text x="${left - 4}" y="${num(py(t) + 4)}" text-anchor="end" class="tick">${esc(formatValue(t, def.unit))}</text>`;
+    out += `<text x="${left - 4}" y="${num(py(t) + 4)}" text-anchor="end" class="tick">${t === 0 ? '0' : esc(formatValue(t, def.unit))}</text>`;
     out += `<line x1="${left}" y1="${num(py(t))}" x2="${G_W - right}" y2="${num(py(t))}" class="grid"/>`;
   }
   for (const n of ns) out += `<text x="${num(px(n))}" y="${G_H - bottom + 14}" text-anchor="middle" class="tick">${n}</text>`;
