@@ -606,7 +606,7 @@ export class Qcow2Image implements DiskImage, BackingLayer {
     const idx = Math.floor(inTable / this.clusterSize);
     const hi = t.buf.readUInt32BE(idx * 8);
     const lo = t.buf.readUInt32BE(idx * 8 + 4);
-    if ((hi & (HI_COPIED | HI_COMPRESSED)) !== HI_COPIED || lo & LO_ZERO) return -1;
+    if (!copiedStandard(hi) || lo & LO_ZERO) return -1;
     const host = entryOffset(hi, lo);
     return host === 0 ? -1 : host + (inTable - idx * this.clusterSize);
   }
@@ -634,7 +634,7 @@ export class Qcow2Image implements DiskImage, BackingLayer {
       const hi = t.readUInt32BE(idx * 8);
       const lo = t.readUInt32BE(idx * 8 + 4);
       const host = entryOffset(hi, lo);
-      if ((hi & (HI_COPIED | HI_COMPRESSED)) === HI_COPIED && !(lo & LO_ZERO && this.zeroFlag) && host !== 0) {
+      if (copiedStandard(hi) && !(lo & LO_ZERO && this.zeroFlag) && host !== 0) {
         // In place, over as many host-contiguous owned clusters as the write covers.
         let n = Math.min(len, cs - inCluster);
         let k = idx;
@@ -642,7 +642,7 @@ export class Qcow2Image implements DiskImage, BackingLayer {
         while (n < len && k + 1 < maxIdx) {
           const h2 = t.readUInt32BE(k * 8 + 8);
           const l2 = t.readUInt32BE(k * 8 + 12);
-          if ((h2 & (HI_COPIED | HI_COMPRESSED)) !== HI_COPIED || (l2 & LO_ZERO && this.zeroFlag) || entryOffset(h2, l2) !== next) break;
+          if (!copiedStandard(h2) || (l2 & LO_ZERO && this.zeroFlag) || entryOffset(h2, l2) !== next) break;
           k++;
           next += cs;
           n = Math.min(len, n + cs);
@@ -660,7 +660,7 @@ export class Qcow2Image implements DiskImage, BackingLayer {
       while (covered < len && idx + k < maxIdx) {
         const h2 = t.readUInt32BE((idx + k) * 8);
         const l2 = t.readUInt32BE((idx + k) * 8 + 4);
-        if ((h2 & (HI_COPIED | HI_COMPRESSED)) === HI_COPIED && !(l2 & LO_ZERO && this.zeroFlag) && entryOffset(h2, l2) !== 0) break;
+        if (copiedStandard(h2) && !(l2 & LO_ZERO && this.zeroFlag) && entryOffset(h2, l2) !== 0) break;
         k++;
         covered += cs;
       }
@@ -1263,6 +1263,14 @@ function coalesce(list: MapExtent[]): MapExtent[] {
     } else out.push({ ...e });
   }
   return out;
+}
+
+/**
+ * True when a high word has COPIED set and COMPRESSED clear: a cluster this image owns alone
+ * (written in place). Compared as `hi >>> 30` because `&` on bit 31 yields a negative number.
+ */
+function copiedStandard(hi: number): boolean {
+  return hi >>> 30 === 2;
 }
 
 function asBuffer(b: Uint8Array): Buffer {
