@@ -6,8 +6,8 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { spawnSync } from 'node:child_process';
-import { cli } from './helpers/cli';
+import { spawn, spawnSync } from 'node:child_process';
+import { cli, CLI } from './helpers/cli';
 import { missing } from './helpers/tools';
 import type { CompareReport } from '../src/compare/types';
 
@@ -78,4 +78,35 @@ t.test('fs workload larger than the filesystem is refused, and cleaned up', { sk
   t.same(fs.readdirSync(work), []);
   t.same(loopsOf(dir), [], 'the loop device was detached');
   t.same(mountsUnder(dir), [], 'and unmounted');
+});
+
+t.test('an interrupt while the image is mounted unmounts, detaches and removes everything', { skip: missing({ root: true, commands: ['mkfs.ext4', 'mount', 'umount', 'losetup'] }) }, async (t) => {
+  const dir = t.testdir({ work: {} });
+  const work = path.join(dir, 'work');
+  const p = spawn(process.execPath, [CLI, 'compare', '--generate', '512M', '--workload', 'fs:300M', '--dir', work], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  p.stderr.on('data', (d) => (stderr += d));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => p.once('exit', (code, signal) => resolve({ code, signal })));
+  // wait until the scratch copy is mounted (or the run ends, which would be a failure below)
+  let mounted = false;
+  for (let i = 0; i < 600 && p.exitCode === null; i++) {
+    if (mountsUnder(work).length) {
+      mounted = true;
+      break;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  t.ok(mounted, 'the run mounted its scratch copy');
+  const attachedRecords = () =>
+    fs.existsSync('/run/disksnap/attachments')
+      ? fs.readdirSync('/run/disksnap/attachments').filter((n) => fs.readFileSync(path.join('/run/disksnap/attachments', n), 'utf8').includes(work))
+      : [];
+  p.kill('SIGINT');
+  const { code, signal } = await exited;
+  t.ok(signal === 'SIGINT' || code === 130, `ended by the interrupt (code ${code}, signal ${signal})`);
+  t.match(stderr, /compare interrupted \(SIGINT\)/);
+  t.same(mountsUnder(work), [], 'unmounted');
+  t.same(loopsOf(work), [], 'loop device detached');
+  t.same(attachedRecords(), [], "no stale record in the loopback library's state");
+  t.same(fs.readdirSync(work), [], 'the working directory is removed');
 });

@@ -29,6 +29,7 @@ import { WorkDir } from './workdir';
 import { copySparse, hashFile } from './files';
 import { FsDetail, fillKeystream, prng, WritePlan, yieldLoop } from './workload';
 import * as loop from '../loop';
+import * as loopState from '../loop/state';
 
 const EXT_MAGIC_OFFSET = 1024 + 0x38;
 const EXT_MAGIC = 0xef53;
@@ -79,7 +80,11 @@ export function ensureExt4(file: string): boolean {
 async function mountLoop(work: WorkDir, file: string, mnt: string): Promise<{ how: string; unmount: () => Promise<void> }> {
   const a = await loop.attach(file);
   const device = a.device;
-  work.defer(`detach ${device}`, () => sh('losetup', ['-d', device]));
+  work.defer(`detach ${device}`, () => {
+    sh('losetup', ['-d', device]);
+    // and the library's record of it, if it is still ours (a stale one would only be ignored)
+    if (loopState.readRecord(a.index)?.image === a.image) loopState.removeRecord(a.index);
+  });
   try {
     sh('mount', ['-t', 'ext4', device, mnt]);
   } catch (e) {

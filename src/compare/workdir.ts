@@ -5,6 +5,7 @@
  * signal handler. Nothing of the user's is ever inside it: compare only reads the image.
  */
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { DisksnapError, fromNodeError } from '../errors';
 import { formatSize } from '../size';
@@ -25,8 +26,9 @@ export class WorkDir {
     this.onSignal = (sig) => {
       process.stderr.write(`\ndisksnap: compare interrupted (${sig}); removing ${this.path}\n`);
       this.cleanup();
-      // re-raise with the default action, so the exit status says what happened
-      process.kill(process.pid, sig);
+      // exit now, with the shell's status for the signal (130 for SIGINT): re-raising it
+      // would let the interrupted work run on until the signal lands, and fail on its own
+      process.exit(128 + (os.constants.signals[sig] ?? 0));
     };
     this.onExit = () => this.cleanup();
     for (const s of SIGNALS) process.once(s, this.onSignal);
