@@ -144,13 +144,14 @@ class BufferPool {
   constructor(
     private readonly size: number,
     private readonly max: number,
+    private readonly alloc: (size: number) => Buffer = (n) => Buffer.allocUnsafeSlow(n),
   ) {}
   async acquire(): Promise<Buffer> {
     const b = this.free.pop();
     if (b) return b;
     if (this.count < this.max) {
       this.count++;
-      return Buffer.allocUnsafeSlow(this.size);
+      return this.alloc(this.size);
     }
     return new Promise((resolve) => this.waiters.push(resolve));
   }
@@ -844,6 +845,7 @@ async function restoreToFile(store: Store, rec: SnapshotRecord, to: string, opts
   const reader = await store.openManifest(rec);
   const tmp = path.join(dir, `.${path.basename(target)}.disksnap-${randomBytes(4).toString('hex')}.tmp`);
   let out: BlockFile | undefined;
+  let direct: DirectWriter | undefined;
   const report: RestoreReport = {
     snapshotId: rec.id,
     target,
@@ -859,31 +861,60 @@ async function restoreToFile(store: Store, rec: SnapshotRecord, to: string, opts
     out = BlockFile.open(tmp, { create: true, exclusive: true, lock: 'exclusive', mode: 0o644 });
     out.truncateSync(rec.volumeSize);
     const o = out;
-    // Start writeback as we go (fdatasync in the background every SYNC_EVERY bytes), so that
-    // the final fsync does not find the whole image still in the page cache.
+    // Whole blocks go through a second, O_DIRECT descriptor where the filesystem allows it:
+    // one big file written through the page cache is flushed by a single writeback thread
+    // (measured here: 1 GiB buffered + fdatasync 3.4 s, O_DIRECT 0.77 s). The short last block,
+    // and every block where O_DIRECT is refused (tmpfs), go through the page cache, with an
+    // fdatasync started every SYNC_EVERY_BYTES so the final fsync does not find it all dirty.
+    direct = openDirect(tmp, rec.blockSize, rec.volumeSize);
+    let d = direct;
     const syncs: Promise<void>[] = [];
     let unsynced = 0;
-    await pipelineBlocks(store, rec, reader, threadsOf(opts), reader.entryCount, opts.onProgress, 'write', async (batch, buf) => {
-      const reqs = new Float64Array(batch.length * 3);
-      for (let k = 0; k < batch.length; k++) {
-        const len = blockLength(batch[k].index, rec.volumeSize, rec.blockSize);
-        reqs[k * 3] = batch[k].index * rec.blockSize;
-        reqs[k * 3 + 1] = k * rec.blockSize;
-        reqs[k * 3 + 2] = len;
-        report.bytesWritten += len;
-      }
-      await o.writeBatch(buf, reqs);
-      report.blocksWritten += batch.length;
-      unsynced += batch.length * rec.blockSize;
-      if (unsynced >= SYNC_EVERY_BYTES) {
-        unsynced = 0;
-        const p = o.sync(true);
-        p.catch(() => undefined); // awaited below
-        syncs.push(p);
-      }
-    });
+    await pipelineBlocks(
+      store,
+      rec,
+      reader,
+      threadsOf(opts),
+      reader.entryCount,
+      opts.onProgress,
+      'write',
+      async (batch, buf) => {
+        const viaDirect: number[] = [];
+        const viaCache: number[] = [];
+        for (let k = 0; k < batch.length; k++) {
+          const len = blockLength(batch[k].index, rec.volumeSize, rec.blockSize);
+          const list = d && len === rec.blockSize ? viaDirect : viaCache;
+          list.push(batch[k].index * rec.blockSize, k * rec.blockSize, len);
+          report.bytesWritten += len;
+        }
+        if (viaDirect.length) {
+          try {
+            await d!.file.writeBatch(buf, Float64Array.from(viaDirect));
+          } catch (e) {
+            if (!isDisksnapError(e, 'EINVAL')) throw e;
+            d = undefined; // the filesystem takes O_DIRECT reads but not these writes
+            viaCache.push(...viaDirect);
+          }
+        }
+        if (viaCache.length) {
+          await o.writeBatch(buf, Float64Array.from(viaCache));
+          for (let j = 2; j < viaCache.length; j += 3) unsynced += viaCache[j];
+        }
+        report.blocksWritten += batch.length;
+        if (unsynced >= SYNC_EVERY_BYTES) {
+          unsynced = 0;
+          const p = o.sync(true);
+          p.catch(() => undefined); // awaited below
+          syncs.push(p);
+        }
+      },
+      undefined,
+      d?.alloc,
+    );
     await Promise.all(syncs);
     await out.sync();
+    direct?.close();
+    direct = undefined;
     out.close();
     out = undefined;
     if (exists) fs.renameSync(tmp, target);
@@ -904,12 +935,78 @@ async function restoreToFile(store: Store, rec: SnapshotRecord, to: string, opts
     }
     return report;
   } catch (e) {
+    direct?.close();
     out?.close();
     fs.rmSync(tmp, { force: true });
     throw e;
   } finally {
     await reader.close();
   }
+}
+
+interface DirectWriter {
+  file: BlockFile;
+  /** Allocates buffers whose memory suits O_DIRECT on this file. */
+  alloc: (size: number) => Buffer;
+  close: () => void;
+}
+
+/**
+ * Opens `file` a second time with O_DIRECT, or returns undefined where that is not possible
+ * (tmpfs, some FUSE filesystems). Node has no aligned allocator and does not tell a Buffer's
+ * address, so the memory alignment the device wants is found by probing: O_DIRECT writes of
+ * 4 KiB into a scratch file beside `file` (unlinked at once), from a buffer at increasing
+ * offsets, until the kernel accepts one (it answers EINVAL for a misaligned address). The
+ * probe writes real data: reads of a hole skip the alignment check.
+ */
+function openDirect(file: string, blockSize: number, size: number): DirectWriter | undefined {
+  const PROBE = 4096;
+  if (size < PROBE || blockSize % PROBE !== 0) return undefined;
+  let f: BlockFile;
+  let scratch: BlockFile;
+  try {
+    f = BlockFile.open(file, { write: true, direct: true, lock: 'none' });
+  } catch {
+    return undefined;
+  }
+  const scratchPath = `${file}.probe`;
+  try {
+    scratch = BlockFile.open(scratchPath, { create: true, exclusive: true, direct: true, lock: 'none' });
+  } catch {
+    f.close();
+    return undefined;
+  } finally {
+    fs.rmSync(scratchPath, { force: true });
+  }
+  const findShift = (buf: Buffer): number => {
+    for (let off = 0; off < PROBE; off += 16) {
+      try {
+        scratch.writeSync(buf.subarray(off, off + PROBE), 0);
+        return off;
+      } catch (e) {
+        if (!isDisksnapError(e, 'EINVAL')) return -1;
+      }
+    }
+    return -1;
+  };
+  if (findShift(Buffer.alloc(2 * PROBE)) < 0) {
+    scratch.close();
+    f.close();
+    return undefined;
+  }
+  return {
+    file: f,
+    alloc: (n: number) => {
+      const raw = Buffer.alloc(n + PROBE);
+      const shift = findShift(raw);
+      if (shift < 0) throw new DisksnapError(`${file}: no O_DIRECT alignment found for a buffer`, 'EINVAL', 22, file);
+      return raw.subarray(shift, shift + n);
+    },
+    close: () => {
+      scratch.close();
+      f.close();
+    },
+  };
 }
 
 /**
@@ -927,13 +1024,20 @@ async function pipelineBlocks(
   phase: Progress['phase'],
   consume: (batch: BatchEntry[], buf: Buffer) => Promise<void>,
   filter?: (index: number) => boolean,
+  alloc?: (size: number) => Buffer,
 ): Promise<void> {
   const bs = rec.blockSize;
   const maxBlocks = Math.max(1, Math.floor(CHUNK_BYTES / bs));
-  const pool = new BufferPool(maxBlocks * bs, 3);
+  // Three stages overlap: objects of batch k+2 are read while batch k+1 is hashed and batch k
+  // is consumed (one buffer each). Taking entries from the manifest is serialised.
+  const DEPTH = 2;
+  const pool = new BufferPool(maxBlocks * bs, DEPTH + 1, alloc);
   let done = 0;
+  let take: Promise<unknown> = Promise.resolve();
   const fetch = async (): Promise<{ batch: BatchEntry[]; buf: Buffer } | undefined> => {
-    const batch = await nextBatch(reader, maxBlocks, filter);
+    const p = take.then(() => nextBatch(reader, maxBlocks, filter));
+    take = p.catch(() => undefined);
+    const batch = await p;
     if (!batch.length) return undefined;
     const buf = await pool.acquire();
     try {
@@ -945,16 +1049,36 @@ async function pipelineBlocks(
     }
     return { batch, buf };
   };
-  let next = fetch();
+  const queue: Promise<{ batch: BatchEntry[]; buf: Buffer } | undefined>[] = [];
+  const enqueue = () => {
+    const p = fetch();
+    p.catch(() => undefined); // awaited in order below
+    queue.push(p);
+  };
+  const drainQueue = async () => {
+    for (const p of queue.splice(0)) {
+      const r = await p.catch(() => undefined);
+      if (r) pool.release(r.buf);
+    }
+  };
+  for (let i = 0; i < DEPTH; i++) enqueue();
   for (;;) {
-    const cur = await next;
-    if (!cur) break;
-    next = fetch();
-    next.catch(() => undefined);
+    let cur: { batch: BatchEntry[]; buf: Buffer } | undefined;
+    try {
+      cur = await queue.shift()!;
+    } catch (e) {
+      await drainQueue();
+      throw e;
+    }
+    if (!cur) {
+      await drainQueue();
+      break;
+    }
+    enqueue();
     try {
       await consume(cur.batch, cur.buf);
     } catch (e) {
-      await next.catch(() => undefined);
+      await drainQueue();
       throw e;
     } finally {
       pool.release(cur.buf);
