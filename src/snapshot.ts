@@ -819,7 +819,7 @@ export interface RestoreReport {
   bytesWritten: number;
   /** in place: blocks made holes because the snapshot has zeros there */
   blocksPunched: number;
-  /** in place: data blocks that already matched */
+  /** in place: blocks that already matched (allocated zeros included) */
   blocksUnchanged: number;
 }
 
@@ -1148,8 +1148,10 @@ async function restoreInPlace(store: Store, rec: SnapshotRecord, volume: string,
             if (want) {
               if (!zero[k] && want.compare(digests, k * 32, k * 32 + 32) === 0) report.blocksUnchanged++;
               else toWrite.push(i);
+            } else if (!zero[k]) {
+              toPunch.push(i); // data in the volume, zero in the snapshot
             } else {
-              toPunch.push(i); // allocated in the volume, zero in the snapshot
+              report.blocksUnchanged++; // allocated zeros: same content, left as they are
             }
           }
           pos = b;

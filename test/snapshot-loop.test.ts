@@ -109,3 +109,38 @@ t.test('ext4 in a loop-mounted raw image: snapshot, change, restore to a new ima
   t.equal(fsck(img).status, 0, 'rolling forward again is clean too');
   withMount(img, true, (mnt) => t.ok(fs.existsSync(path.join(mnt, 'new.bin'))));
 });
+
+const noLosetup = missing({ root: true, commands: ['losetup'] });
+
+t.test('a loop device is a volume too: snapshot through the device, restore to a file and in place, idempotently', { skip: noLosetup }, async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const img = path.join(dir, 'backing.img');
+  fs.writeFileSync(img, '');
+  fs.truncateSync(img, 16 * MiB);
+  const fd = fs.openSync(img, 'r+');
+  fs.writeSync(fd, pattern(2 * MiB, 7), 0, 2 * MiB, 3 * MiB);
+  fs.closeSync(fd);
+  const dev = run('losetup', ['-f', '--show', img]).trim();
+  try {
+    let r = ds(['snapshot', 'create', dev, '--store', store, '--block-size', '64K', '--name', 'dev', '--json']);
+    t.equal(r.status, 0, r.stderr);
+    t.equal(JSON.parse(r.out).volumeSize, 16 * MiB, 'the size of a block device comes from the device');
+    const out = path.join(dir, 'restored.img');
+    r = ds(['snapshot', 'restore', 'dev', '--to', out, '--store', store]);
+    t.equal(r.status, 0, r.stderr);
+    t.ok(fs.readFileSync(out).equals(fs.readFileSync(img)), 'restored byte-exact');
+    const f2 = fs.openSync(dev, 'r+');
+    fs.writeSync(f2, pattern(64 * 1024, 8), 0, 64 * 1024, 10 * MiB);
+    fs.fsyncSync(f2);
+    fs.closeSync(f2);
+    r = ds(['snapshot', 'restore', 'dev', '--in-place', dev, '--store', store, '--json']);
+    t.equal(r.status, 0, r.stderr);
+    t.equal(JSON.parse(r.out).blocksPunched + JSON.parse(r.out).blocksWritten, 1, 'only the changed block is rewritten');
+    r = ds(['snapshot', 'restore', 'dev', '--in-place', dev, '--store', store, '--json']);
+    t.equal(JSON.parse(r.out).blocksPunched + JSON.parse(r.out).blocksWritten, 0, 're-running finds nothing to do');
+  } finally {
+    run('losetup', ['-d', dev]);
+  }
+  t.ok(fs.readFileSync(path.join(dir, 'restored.img')).equals(fs.readFileSync(img)), 'the backing file is back to the snapshot');
+});
