@@ -33,7 +33,7 @@ import { formatSize } from '../size';
 import { WorkDir, checkRoom } from './workdir';
 import { allocatedBytes, copySparse, hashFile, hashImage, warm } from './files';
 import { checkSourceImage, generateImage, SourceInfo } from './source';
-import { amountBytes, applyPlan, footprint, makeWorkload, readBackPlan, Workload, WorkloadSpec, WritePlan } from './workload';
+import { amountBytes, applyPlan, footprint, makeWorkload, readBackPlan, roundPlan, Workload, WorkloadSpec, WritePlan } from './workload';
 import { captureFsWorkload, ensureExt4, fsWorkloadUnavailable } from './fsworkload';
 import { Progress, silentProgress } from './progress';
 import { Check, CompareReport, GrowthPoint, Strategy, StrategyMetrics, StrategyName, StrategyReport, StrategySession, STRATEGY_NAMES } from './types';
@@ -130,14 +130,28 @@ export function validate(opts: CompareOptions): void {
 }
 
 /**
- * Space the run needs at its peak, without counting on reflinks: the base copy, a
- * strategy's volume + its snapshot/child + one restored image, the growth run's writes,
- * the fs trace; 32 MiB for metadata and slack.
+ * Space the run needs at its peak, without counting on reflinks (which would make the
+ * copies nearly free): a generated source and the base copy, then the larger of
+ * - the main run: the volume (plus the bytes written into it), a full first snapshot or a
+ *   child holding the touched 64 KiB clusters, and one restored image;
+ * - a growth run: the volume plus every batch's bytes, and a store holding a full copy
+ *   plus every batch's touched 512 KiB blocks (a chain of children needs less);
+ * plus the fs trace and 32 MiB for metadata and slack. Footprints are computed from the
+ * plans; the fs workload's is estimated at twice its amount (ext4 adds metadata and
+ * journal writes to the file data).
  */
-export function spaceNeeded(allocated: number, generatedSource: number, touched512k: number, growthBytes: number, fsTrace: number): number {
-  const mainPeak = 3 * allocated + 2 * touched512k;
-  const growthPeak = 2 * allocated + 2 * growthBytes;
-  return generatedSource + allocated + fsTrace + Math.max(mainPeak, growthPeak) + 32 * MiB;
+export function spaceNeeded(p: {
+  allocated: number;
+  generatedSource: number;
+  mainBytes: number;
+  main64k: number;
+  growthBytes: number;
+  growth512k: number;
+  fsTrace: number;
+}): number {
+  const mainPeak = 3 * p.allocated + Math.max(p.mainBytes, p.main64k);
+  const growthPeak = 2 * p.allocated + p.growthBytes + p.growth512k;
+  return p.generatedSource + p.allocated + p.fsTrace + Math.max(mainPeak, growthPeak) + 32 * MiB;
 }
 
 export async function compare(opts: CompareOptions): Promise<CompareReport> {
@@ -155,11 +169,28 @@ export async function compare(opts: CompareOptions): Promise<CompareReport> {
   const parent = opts.dir ?? os.tmpdir();
   const work = WorkDir.create(parent);
   try {
-    const allocatedGuess = source?.allocatedBytes ?? Math.ceil(virtualSize * 0.6);
-    const growthBytes = Math.max(...growth) * Math.ceil(amount / 4) * 2;
-    const fsTrace = opts.workload.kind === 'fs' ? amount * 2 : 0;
-    const touched = opts.workload.kind === 'fs' ? amount * 2 : amount * 2;
-    checkRoom(work.path, spaceNeeded(allocatedGuess, source ? 0 : allocatedGuess, touched, growthBytes, fsTrace), 'this comparison');
+    // the plans exist before anything is copied, so the space check can use their footprints
+    const isFs = opts.workload.kind === 'fs';
+    const planned = isFs ? undefined : makeWorkload(opts.workload, virtualSize, seed);
+    const rounds: WritePlan[] = [];
+    for (let i = 1; i <= growth[growth.length - 1]; i++) rounds.push(roundPlan(opts.workload, virtualSize, seed, i));
+    const BLOCK = 512 * 1024;
+    const CLUSTER = 64 * 1024;
+    // a generated image is about half data (see generateImage); an fs one starts empty
+    const allocated = source?.allocatedBytes ?? Math.ceil(virtualSize * (isFs ? 0.1 : 0.6));
+    checkRoom(
+      work.path,
+      spaceNeeded({
+        allocated,
+        generatedSource: source ? 0 : allocated,
+        mainBytes: planned ? planned.main.bytes : 2 * amount,
+        main64k: planned ? footprint([planned.main], CLUSTER, virtualSize) : 2 * amount,
+        growthBytes: rounds.reduce((sum, r) => sum + r.bytes, 0),
+        growth512k: rounds.reduce((sum, r) => sum + footprint([r], BLOCK, virtualSize), 0),
+        fsTrace: isFs ? 2 * amount : 0,
+      }),
+      'this comparison',
+    );
 
     const steps = 6 + strategies.length * (7 + growth.length);
     progress.start(steps);
@@ -184,10 +215,8 @@ export async function compare(opts: CompareOptions): Promise<CompareReport> {
       workload = makeWorkload(opts.workload, virtualSize, seed, cap.plan, cap.detail);
       fsAfter = cap.afterSha256;
     } else {
-      workload = makeWorkload(opts.workload, virtualSize, seed);
+      workload = planned!;
     }
-    const rounds: WritePlan[] = [];
-    for (let i = 1; i <= growth[growth.length - 1]; i++) rounds.push(workload.round(i));
 
     progress.step('hash the starting state');
     const h0 = await hashFile(base);

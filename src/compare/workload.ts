@@ -267,6 +267,21 @@ export interface FsDetail {
   mountedWith: string;
 }
 
+/**
+ * Batch i (1-based) of the growth runs: a quarter of the amount, its own seed (random and
+ * fs: random writes; sequential: the stretch after the main one and the previous batches).
+ */
+export function roundPlan(spec: WorkloadSpec, virtualSize: number, seed: number, i: number): WritePlan {
+  const total = amountBytes(spec, virtualSize);
+  const roundBytes = Math.max(ALIGN, Math.floor(total / 4 / ALIGN) * ALIGN);
+  if (spec.kind === 'sequential') {
+    return sequentialPlan(`round-${i}`, virtualSize, roundBytes, spec.maxRequest, total + (i - 1) * roundBytes, seed);
+  }
+  const min = spec.kind === 'fs' ? 4 * KiB : spec.minRequest;
+  const max = spec.kind === 'fs' ? MiB : spec.maxRequest;
+  return randomPlan(`round-${i}`, virtualSize, roundBytes, min, max, seed);
+}
+
 /** The random/sequential workload of a spec on an image (fs builds its main plan elsewhere). */
 export function makeWorkload(spec: WorkloadSpec, virtualSize: number, seed: number, main?: WritePlan, fsDetail?: FsDetail): Workload {
   if (virtualSize < 16 * ALIGN) throw invalid(`the image is ${formatSize(virtualSize)}; compare needs at least 64 KiB`);
@@ -277,16 +292,7 @@ export function makeWorkload(spec: WorkloadSpec, virtualSize: number, seed: numb
     else if (spec.kind === 'sequential') plan = sequentialPlan('main', virtualSize, total, spec.maxRequest, 0, seed);
     else throw new DisksnapError('internal: the fs workload needs its captured plan', 'EINVALID');
   }
-  const roundBytes = Math.max(ALIGN, Math.floor(total / 4 / ALIGN) * ALIGN);
-  const round = (i: number): WritePlan => {
-    if (spec.kind === 'sequential') {
-      return sequentialPlan(`round-${i}`, virtualSize, roundBytes, spec.maxRequest, total + (i - 1) * roundBytes, seed);
-    }
-    const min = spec.kind === 'fs' ? 4 * KiB : spec.minRequest;
-    const max = spec.kind === 'fs' ? MiB : spec.maxRequest;
-    return randomPlan(`round-${i}`, virtualSize, roundBytes, min, max, seed);
-  };
-  return { spec, seed, virtualSize, main: plan, round, fsDetail };
+  return { spec, seed, virtualSize, main: plan, round: (i) => roundPlan(spec, virtualSize, seed, i), fsDetail };
 }
 
 /** Largest buffer a batch of writes or reads uses (requests are grouped up to this size). */
