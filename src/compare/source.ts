@@ -72,7 +72,13 @@ export function checkSourceImage(file: string): SourceInfo {
  * library cannot query the kernel here (unprivileged, no /dev/loop-control).
  */
 export function assertNotAttached(file: string): void {
-  loop.assertNotAttached(file, 'compare it');
+  try {
+    loop.assertNotAttached(file, 'compare it');
+  } catch (e) {
+    // EBUSY is the answer; anything else (EACCES on /dev/loopN for an unprivileged user)
+    // only means the library cannot ask the kernel here: sysfs below still can
+    if (isDisksnapError(e, 'EBUSY')) throw e;
+  }
   const dev = attachedDeviceBySysfs(file);
   if (dev) {
     throw new DisksnapError(
