@@ -64,6 +64,7 @@ import { Store, defaultStoreDir } from './store/store';
 import { Lease, StoreLock } from './store/lock';
 import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength } from './store/manifest';
 import { collectGarbage, GcReport } from './store/gc';
+import { DirectIo, DIRECT_ALIGN } from './store/direct';
 import {
   SnapshotRecord,
   SnapshotStats,
@@ -533,7 +534,7 @@ async function capture(
   }
 
   const maxBlocks = Math.max(1, Math.floor(CHUNK_BYTES / bs));
-  const pool = new BufferPool(maxBlocks * bs, MAX_BUFFERS);
+  const pool = new BufferPool(maxBlocks * bs, MAX_BUFFERS, (n) => store.backend.allocBuffer?.(n) ?? Buffer.allocUnsafeSlow(n));
   const writes = new Throttle(MAX_WRITE_BYTES);
   const key = store.codec.digestKey;
   let done = 0;
@@ -951,62 +952,18 @@ interface DirectWriter {
   close: () => void;
 }
 
-/**
- * Opens `file` a second time with O_DIRECT, or returns undefined where that is not possible
- * (tmpfs, some FUSE filesystems). Node has no aligned allocator and does not tell a Buffer's
- * address, so the memory alignment the device wants is found by probing: O_DIRECT writes of
- * 4 KiB into a scratch file beside `file` (unlinked at once), from a buffer at increasing
- * offsets, until the kernel accepts one (it answers EINVAL for a misaligned address). The
- * probe writes real data: reads of a hole skip the alignment check.
- */
+/** Opens `file` a second time with O_DIRECT where its filesystem allows (src/store/direct.ts). */
 function openDirect(file: string, blockSize: number, size: number): DirectWriter | undefined {
-  const PROBE = 4096;
-  if (size < PROBE || blockSize % PROBE !== 0) return undefined;
+  if (size < DIRECT_ALIGN || blockSize % DIRECT_ALIGN !== 0) return undefined;
+  const dio = DirectIo.probe(path.dirname(file));
+  if (!dio) return undefined;
   let f: BlockFile;
-  let scratch: BlockFile;
   try {
     f = BlockFile.open(file, { write: true, direct: true, lock: 'none' });
   } catch {
     return undefined;
   }
-  const scratchPath = `${file}.probe`;
-  try {
-    scratch = BlockFile.open(scratchPath, { create: true, exclusive: true, direct: true, lock: 'none' });
-  } catch {
-    f.close();
-    return undefined;
-  } finally {
-    fs.rmSync(scratchPath, { force: true });
-  }
-  const findShift = (buf: Buffer): number => {
-    for (let off = 0; off < PROBE; off += 16) {
-      try {
-        scratch.writeSync(buf.subarray(off, off + PROBE), 0);
-        return off;
-      } catch (e) {
-        if (!isDisksnapError(e, 'EINVAL')) return -1;
-      }
-    }
-    return -1;
-  };
-  if (findShift(Buffer.alloc(2 * PROBE)) < 0) {
-    scratch.close();
-    f.close();
-    return undefined;
-  }
-  return {
-    file: f,
-    alloc: (n: number) => {
-      const raw = Buffer.alloc(n + PROBE);
-      const shift = findShift(raw);
-      if (shift < 0) throw new DisksnapError(`${file}: no O_DIRECT alignment found for a buffer`, 'EINVAL', 22, file);
-      return raw.subarray(shift, shift + n);
-    },
-    close: () => {
-      scratch.close();
-      f.close();
-    },
-  };
+  return { file: f, alloc: (n) => dio.alloc(n), close: () => f.close() };
 }
 
 /**

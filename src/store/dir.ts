@@ -7,6 +7,9 @@
  * N data syncs, issued concurrently so the filesystem can commit them together, and one fsync
  * per touched directory at the end; records and manifests sync their directory at once.
  *
+ * Block objects filled into buffers from `allocBuffer` are written with O_DIRECT
+ * (src/store/direct.ts says why and how); everything else goes through the page cache.
+ *
  * Temporary files left by a killed writer are listed with `temporary: true`; only gc, under
  * the exclusive store lock (so no writer is alive), removes them.
  */
@@ -15,6 +18,8 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { DisksnapError, fromNodeError } from '../errors';
 import type { ObjectInfo, ObjectReader, ObjectWriter, StoreBackend } from './backend';
+import { BlockFile } from '../file';
+import { DirectIo } from './direct';
 
 const TMP_PREFIX = '.tmp-';
 
@@ -41,6 +46,8 @@ function wrap(e: unknown, file: string, what: string): DisksnapError {
 export class DirectoryBackend implements StoreBackend {
   readonly location: string;
   private readonly dirtyDirs = new Set<string>();
+  /** undefined: not probed yet; null: O_DIRECT unavailable here */
+  private direct: DirectIo | null | undefined;
 
   constructor(root: string) {
     this.location = path.resolve(root);
@@ -115,17 +122,49 @@ export class DirectoryBackend implements StoreBackend {
     }
   }
 
+  allocBuffer(size: number): Buffer {
+    if (this.direct === undefined) this.direct = DirectIo.probe(path.join(this.location, 'blocks')) ?? null;
+    return this.direct ? this.direct.alloc(size) : Buffer.allocUnsafeSlow(size);
+  }
+
+  /**
+   * Block objects from an aligned buffer (allocBuffer) are written with O_DIRECT: no page-cache
+   * copy, and fdatasync then commits only the metadata. EINVAL (a filesystem that accepted the
+   * probe but not this write) turns O_DIRECT off for this backend and retries through the cache.
+   */
+  private async writeTempDirect(dir: string, data: Uint8Array): Promise<string | undefined> {
+    if (!this.direct || !this.direct.isAligned(data)) return undefined;
+    const tmp = tmpName(dir);
+    let f: BlockFile | undefined;
+    try {
+      f = BlockFile.open(tmp, { create: true, exclusive: true, direct: true, lock: 'none', mode: 0o644 });
+      await f.write(data, 0);
+      await f.sync(true);
+      f.close();
+      return tmp;
+    } catch (e) {
+      f?.close();
+      await fs.promises.unlink(tmp).catch(() => undefined);
+      if ((e as DisksnapError).code === 'EINVAL') {
+        this.direct = null;
+        return undefined;
+      }
+      throw wrap(e, tmp, 'writing');
+    }
+  }
+
   async putIfAbsent(key: string, data: Uint8Array): Promise<boolean> {
     const file = this.file(key);
     if ((await this.stat(key)) !== undefined) return false;
     const dir = path.dirname(file);
+    const write = async () => (await this.writeTempDirect(dir, data)) ?? (await this.writeTemp(dir, data, true));
     let tmp: string;
     try {
-      tmp = await this.writeTemp(dir, data, true);
+      tmp = await write();
     } catch (e) {
       if ((e as DisksnapError).code !== 'ENOENT') throw e;
       await fs.promises.mkdir(dir, { recursive: true });
-      tmp = await this.writeTemp(dir, data, true);
+      tmp = await write();
     }
     // link(2) publishes the synced temporary file under its key only if the key is free
     // (If-None-Match semantics, also for store.json, where a second writer must lose).
