@@ -241,9 +241,13 @@ interface CommitMarker {
   startedAt: string;
   /** the parent's mode before the commit made it writable */
   parentMode: number;
+  /**
+   * Every data extent of the child below this guest offset is durable in the parent and its
+   * clusters in the child were punched (given back): a re-run must not copy them again.
+   */
+  durableBelow?: number;
 }
 
-const COPY_CHUNK = 64 * 2 ** 20;
 
 export async function commit(child: string, opts: CommitOptions = {}): Promise<CommitResult> {
   assertNotAttached(child, 'commit');
@@ -289,7 +293,11 @@ export async function commit(child: string, opts: CommitOptions = {}): Promise<C
     if (!(mode & 0o200)) fs.chmodSync(parent, mode | 0o200);
     const img = Qcow2Image.open(child, { write: true, noBacking: true, allowCommitInProgress: true });
     try {
-      const r = copyIntoParent(img, parent, opts.onProgress);
+      const m = marker;
+      const r = await copyIntoParent(img, parent, m.durableBelow ?? 0, opts.onProgress, (below) => {
+        m.durableBelow = below;
+        writeJsonAtomic(markerPath, m);
+      });
       bytesCopied = r.copied;
       bytesZeroed = r.zeroed;
       // finish: a fresh empty child, or none
@@ -315,67 +323,166 @@ export async function commit(child: string, opts: CommitOptions = {}): Promise<C
   return { child, parent, bytesCopied, bytesZeroed, resumed, keptChild: marker.keepChild, siblings };
 }
 
+/** A piece of file-to-file copying: `length` bytes from src@srcOffset to dst@dstOffset. */
+interface CopyJob {
+  src: BlockFile;
+  srcOffset: number;
+  dstOffset: number;
+  length: number;
+}
+
+const PIECE = 16 * 2 ** 20;
+const IN_FLIGHT = 4;
+const SYNC_EVERY = 64 * 2 ** 20;
+
+/**
+ * Copies with FICLONERANGE where the filesystem shares extents (nothing is copied), else
+ * with copy_file_range on the thread pool, IN_FLIGHT pieces at a time, and starts an
+ * fdatasync of `dst` every SYNC_EVERY bytes so that writeback overlaps the copying instead
+ * of all happening at the end (the caller still ends with an fdatasync). A source that ends
+ * early (the last cluster of a qcow2 file) reads as zeros.
+ *
+ * `onDurable(k)` is called when the first k pieces (in job order) are known to be durable in
+ * `dst`: every piece before them had completed when an fdatasync that has since returned
+ * was started.
+ */
+async function parallelCopy(jobs: CopyJob[], dst: BlockFile, onBytes: (n: number) => void, onDurable?: (pieces: CopyJob[], k: number) => void): Promise<void> {
+  const n = native();
+  const pieces: CopyJob[] = [];
+  for (const j of jobs) {
+    for (let pos = 0; pos < j.length; pos += PIECE) {
+      pieces.push({ src: j.src, srcOffset: j.srcOffset + pos, dstOffset: j.dstOffset + pos, length: Math.min(PIECE, j.length - pos) });
+    }
+  }
+  const finished = new Uint8Array(pieces.length);
+  let canClone = true;
+  let prefix = 0; // pieces [0, prefix) have all finished
+  let durable = 0;
+  let next = 0;
+  let sinceSync = 0;
+  const syncs: Promise<void>[] = [];
+  const worker = async (): Promise<void> => {
+    while (next < pieces.length) {
+      const i = next++;
+      const p = pieces[i];
+      // Where the filesystem shares extents (XFS, btrfs), a piece is cloned: no data moves.
+      let cloned = false;
+      if (canClone) {
+        try {
+          cloned = n.cloneRange(p.src.fd, p.srcOffset, dst.fd, p.dstOffset, p.length);
+        } catch {
+          cloned = false;
+        }
+        if (!cloned && i === 0) canClone = false; // the filesystem cannot: stop trying
+      }
+      if (!cloned) {
+        const got = await n.copyRangeAsync(p.src.fd, p.srcOffset, dst.fd, p.dstOffset, p.length);
+        if (got < p.length) await dst.write(Buffer.alloc(p.length - got), p.dstOffset + got);
+      }
+      finished[i] = 1;
+      while (prefix < pieces.length && finished[prefix]) prefix++;
+      onBytes(p.length);
+      sinceSync += p.length;
+      if (sinceSync >= SYNC_EVERY) {
+        sinceSync = 0;
+        const covered = prefix;
+        syncs.push(
+          dst.sync(true).then(() => {
+            if (onDurable && covered > durable) {
+              durable = covered;
+              onDurable(pieces, covered);
+            }
+          }),
+        );
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(IN_FLIGHT, pieces.length) }, worker));
+  await Promise.all(syncs);
+}
+
 /** Writes every cluster the child stores into its parent, then makes the parent durable. */
-function copyIntoParent(img: Qcow2Image, parent: string, onProgress?: Progress): { copied: number; zeroed: number } {
-  const extents = [...img.ownExtents()];
+async function copyIntoParent(
+  img: Qcow2Image,
+  parent: string,
+  durableBelow: number,
+  onProgress: Progress | undefined,
+  onDurable: (below: number) => void,
+): Promise<{ copied: number; zeroed: number }> {
+  // extents below durableBelow are in the parent already (an interrupted run said so)
+  const extents = [];
+  for (const e of img.ownExtents()) {
+    if (e.offset + e.length <= durableBelow) continue;
+    const skip = Math.max(0, durableBelow - e.offset);
+    extents.push({ ...e, offset: e.offset + skip, length: e.length - skip, hostOffset: e.hostOffset === undefined ? undefined : e.hostOffset + skip });
+  }
   const total = extents.reduce((s, e) => s + e.length, 0);
   let done = 0;
   let copied = 0;
   let zeroed = 0;
+  const progress = (n: number): void => {
+    done += n;
+    onProgress?.(done, total);
+  };
   const format = detectFormat(parent);
   if (format === 'raw') {
     const out = BlockFile.open(parent, { write: true });
     try {
       if (out.size() < img.virtualSize) out.truncateSync(img.virtualSize);
-      const n = native();
-      let buf: Buffer | undefined;
+      const jobs: CopyJob[] = [];
       for (const e of extents) {
         if (e.kind === 'zero') {
           out.zeroRangeSync(e.offset, e.length);
           zeroed += e.length;
+          progress(e.length);
         } else if (e.hostOffset !== undefined) {
-          for (let pos = 0; pos < e.length; pos += COPY_CHUNK) {
-            const len = Math.min(COPY_CHUNK, e.length - pos);
-            const got = n.copyRange(img.file.fd, e.hostOffset + pos, out.fd, e.offset + pos, len);
-            if (got < len) {
-              // the child file ends inside its last cluster: the rest of the cluster is zeros
-              if (!buf || buf.length < len - got) buf = Buffer.alloc(len - got);
-              out.writeSync(buf.subarray(0, len - got).fill(0), e.offset + pos + got);
-            }
-          }
+          jobs.push({ src: img.file, srcOffset: e.hostOffset, dstOffset: e.offset, length: e.length });
           copied += e.length;
         } else {
-          // compressed
+          // compressed clusters: inflate here
           const b = Buffer.alloc(e.length);
           img.readAt(b, 0, e.length, e.offset);
           out.writeSync(b, e.offset);
           copied += e.length;
+          progress(e.length);
         }
-        done += e.length;
-        onProgress?.(done, total);
       }
+      // Once a prefix of the copy is durable in the parent, the marker says so and the
+      // child's clusters for it are given back, overlapping the freeing of the child's
+      // space with the parent's writeback (a re-run skips that prefix).
+      let punched = 0;
+      await parallelCopy(jobs, out, progress, (pieces, k) => {
+        onDurable(pieces[k - 1].dstOffset + pieces[k - 1].length);
+        for (; punched < k; punched++) {
+          try {
+            img.file.punchHoleSync(pieces[punched].srcOffset, pieces[punched].length);
+          } catch {
+            break; // best effort: the space comes back when the child is deleted anyway
+          }
+        }
+      });
       out.syncSync(true);
     } finally {
       out.close();
     }
   } else {
-    const out = Qcow2Image.open(parent, { write: true, ignoreParentGuard: false });
+    const out = Qcow2Image.open(parent, { write: true });
     try {
-      const chunk = Buffer.alloc(Math.min(COPY_CHUNK, 16 * 2 ** 20));
+      const chunk = Buffer.alloc(PIECE);
       for (const e of extents) {
         if (e.kind === 'zero') {
           out.writeZeroesSync(e.offset, e.length);
           zeroed += e.length;
+          progress(e.length);
         } else {
           for (let pos = 0; pos < e.length; pos += chunk.length) {
             const len = Math.min(chunk.length, e.length - pos);
             img.readAt(chunk, 0, len, e.offset + pos);
             out.writeSync(chunk.subarray(0, len), e.offset + pos);
+            progress(len);
           }
           copied += e.length;
         }
-        done += e.length;
-        onProgress?.(done, total);
       }
       out.flushSync();
     } finally {
@@ -408,30 +515,33 @@ export async function flatten(child: string, outPath: string, opts: FlattenOptio
     const extents = img.map();
     const total = extents.reduce((s, e) => s + (e.kind === 'data' ? e.length : 0), 0);
     let done = 0;
-    await writeAtomically(outPath, { force: opts.force, sync: true }, (tmp) => {
+    await writeAtomically(outPath, { force: opts.force, sync: true }, async (tmp) => {
       const out = BlockFile.open(tmp, { create: true, exclusive: true });
       try {
         out.truncateSync(img.virtualSize);
         const n = native();
+        const jobs: CopyJob[] = [];
         for (const e of extents) {
           if (e.kind !== 'data') continue;
           const src = e.file !== undefined ? files.get(e.file) : undefined;
-          for (let pos = 0; pos < e.length; pos += COPY_CHUNK) {
-            const len = Math.min(COPY_CHUNK, e.length - pos);
-            if (src && e.hostOffset !== undefined) {
-              const got = n.copyRange(src.fd, e.hostOffset + pos, out.fd, e.offset + pos, len);
-              if (got < len) {
-                // source file ends early: the rest reads as zeros (a hole in the output)
-              }
-            } else {
-              const b = Buffer.alloc(len);
-              img.readAt(b, 0, len, e.offset + pos);
-              if (!n.isZero(b)) out.writeSync(b, e.offset + pos);
-            }
+          if (src && e.hostOffset !== undefined) {
+            jobs.push({ src, srcOffset: e.hostOffset, dstOffset: e.offset, length: e.length });
+            continue;
+          }
+          // compressed clusters: inflate through the image; all-zero pieces stay holes
+          for (let pos = 0; pos < e.length; pos += PIECE) {
+            const len = Math.min(PIECE, e.length - pos);
+            const b = Buffer.alloc(len);
+            img.readAt(b, 0, len, e.offset + pos);
+            if (!n.isZero(b)) out.writeSync(b, e.offset + pos);
             done += len;
             opts.onProgress?.(done, total);
           }
         }
+        await parallelCopy(jobs, out, (len) => {
+          done += len;
+          opts.onProgress?.(done, total);
+        });
       } finally {
         out.close();
       }
