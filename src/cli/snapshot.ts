@@ -48,19 +48,20 @@ function noKeys(o: { keyFile?: string; encrypt?: boolean; encrypted?: boolean })
 function progressBar(label: string): { update: snap.ProgressFn; stop: () => void } {
   if (!process.stderr.isTTY) return { update: () => undefined, stop: () => undefined };
   const bar = new cliProgress.SingleBar(
-    { stream: process.stderr, format: `${label} {phase} [{bar}] {percentage}% {value}/{total}`, hideCursor: true, clearOnComplete: true },
+    { stream: process.stderr, format: `${label}{phase} [{bar}] {percentage}% {value}/{total}`, hideCursor: true, clearOnComplete: true },
     cliProgress.Presets.shades_classic,
   );
   let started = false;
   let phase = '';
   return {
     update: (p) => {
+      const shown = p.phase === label ? '' : ` (${p.phase})`;
       if (!started) {
-        bar.start(p.total, p.done, { phase: p.phase });
+        bar.start(p.total, p.done, { phase: shown });
         started = true;
       } else if (p.phase !== phase) bar.setTotal(p.total);
       phase = p.phase;
-      bar.update(p.done, { phase: p.phase });
+      bar.update(p.done, { phase: shown });
     },
     stop: () => {
       if (started) bar.stop();
