@@ -466,7 +466,7 @@ async function copyIntoParent(
       out.close();
     }
   } else {
-    const out = Qcow2Image.open(parent, { write: true });
+    const out = Qcow2Image.open(parent, { write: true, allowChildren: true });
     try {
       const chunk = Buffer.alloc(PIECE);
       for (const e of extents) {

@@ -254,6 +254,7 @@ t.test('a chain of three: writes at every level, commit of the middle layer into
   t.ok(depths.has(0) && depths.has(1) && depths.has(2), 'map reports extents from all three layers');
 
   t.throws(() => diff.rollback(mid), { code: 'EBUSY', message: /children of its own/ }, 'the middle layer has a child');
+  t.throws(() => Qcow2Image.open(mid, { write: true }), { code: 'EBUSY', message: /read-only while it has children/ }, 'a parent with children is not opened for writing, even by root');
   const r = await diff.commit(top);
   t.equal(path.resolve(r.parent), path.resolve(mid));
   assertClean(t, mid, 'after committing top into mid');

@@ -69,7 +69,7 @@ import {
 } from './format';
 import { BackingLayer, RawLayer } from './layer';
 import { compare as compareGuard, parentChangedError } from './guard';
-import { assertNotAttached, commitMarkerPath } from './sidecar';
+import { assertNotAttached, childrenRegistryPath, commitMarkerPath } from './sidecar';
 
 export interface Qcow2OpenOptions extends ImageOpenOptions {
   /** L2 tables kept in memory (default: 4 MiB worth, at least 16) */
@@ -80,6 +80,8 @@ export interface Qcow2OpenOptions extends ImageOpenOptions {
   noBacking?: boolean;
   /** open even though a commit of this image into its parent was interrupted (diff commit) */
   allowCommitInProgress?: boolean;
+  /** open for writing although the image has children (diff commit writing into it) */
+  allowChildren?: boolean;
   /** paths (real) of the layers above, to detect a backing chain that loops */
   seen?: string[];
 }
@@ -165,6 +167,20 @@ export class Qcow2Image implements DiskImage, BackingLayer {
         16,
         p,
       );
+    }
+    if (opts.write && !opts.allowChildren && fs.existsSync(childrenRegistryPath(p))) {
+      // Mode bits do not stop root: refuse here too. (Lazy: registry.ts imports this module.)
+      // eslint-disable-next-line @typescript-eslint/no-var-requires
+      const { childrenOf } = require('./registry') as typeof import('./registry');
+      const children = childrenOf(p);
+      if (children.length > 0) {
+        throw new DisksnapError(
+          `${p} is the parent of ${children.join(', ')}: it stays read-only while it has children (writing would corrupt them); roll them back or commit them first`,
+          'EBUSY',
+          16,
+          p,
+        );
+      }
     }
     const file = BlockFile.open(p, { write: !!opts.write });
     try {
