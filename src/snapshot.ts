@@ -295,10 +295,11 @@ export async function registerVolume(volume: string, opts: RegisterVolumeOptions
   if (opts.encrypted) {
     throw new DisksnapError('encrypted volumes are not supported by this version yet (snapshot encryption comes with its own issue)', 'EUNSUPPORTED');
   }
-  const store = await Store.open(opts.store, { create: true, blockSize: opts.blockSize });
-  const file = openVolume(volume, false);
+  const real = realVolumePath(volume);
+  const file = openVolume(real, false);
   try {
-    return await ensureVolume(store, realVolumePath(volume), file, statOf(file));
+    const store = await Store.open(opts.store, { create: true, blockSize: opts.blockSize });
+    return await ensureVolume(store, real, file, statOf(file));
   } finally {
     file.close();
   }
@@ -367,10 +368,11 @@ class VolumeChanged extends Error {}
  */
 export async function createSnapshot(volume: string, opts: CreateSnapshotOptions = {}): Promise<SnapshotRecord> {
   if (opts.name !== undefined && typeof opts.name !== 'string') throw invalid('name must be a string');
-  const store = await Store.open(opts.store, { create: true, blockSize: opts.blockSize });
+  // The volume first: a typo in its path must not create a store as a side effect.
   const real = realVolumePath(volume);
   const file = openVolume(real, false);
   try {
+    const store = await Store.open(opts.store, { create: true, blockSize: opts.blockSize });
     return await withStoreLock(store, 'shared', opts, async () => {
       const st0 = statOf(file);
       const vol = await ensureVolume(store, real, file, st0);
@@ -703,7 +705,7 @@ export interface ListSnapshotsOptions extends StoreOptions {
 export async function listSnapshots(opts: ListSnapshotsOptions = {}): Promise<{ snapshots: SnapshotRecord[]; damaged: { id: string; error: DisksnapError }[] }> {
   const store = await Store.open(opts.store);
   const listing = await store.listSnapshots();
-  await store.reapStale(listing);
+  await reapQuietly(store, listing);
   let snapshots = listing.snapshots;
   if (opts.volume !== undefined) {
     let volumeId: string | undefined;
@@ -714,12 +716,20 @@ export async function listSnapshots(opts: ListSnapshotsOptions = {}): Promise<{ 
   return { snapshots: snapshots.map(snapshotJson), damaged: listing.damaged };
 }
 
+/** Marks abandoned pending snapshots `error` on the way; a store we may not write (read-only
+ * media, another user's) still lists. */
+async function reapQuietly(store: Store, listing: Awaited<ReturnType<Store['listSnapshots']>>): Promise<void> {
+  try {
+    await store.reapStale(listing);
+  } catch (e) {
+    if (!isDisksnapError(e) || !['EROFS', 'EACCES', 'EPERM', 'ENOSPC'].includes(e.code)) throw e;
+  }
+}
+
 export async function showSnapshot(ref: string, opts: StoreOptions = {}): Promise<SnapshotRecord> {
   const store = await Store.open(opts.store);
   const rec = await store.resolveSnapshot(ref);
-  if (rec.state === 'pending') {
-    await store.reapStale({ snapshots: [rec], damaged: [] });
-  }
+  if (rec.state === 'pending') await reapQuietly(store, { snapshots: [rec], damaged: [] });
   return snapshotJson(rec);
 }
 

@@ -33,6 +33,8 @@ t.test('a missing volume, snapshot or store is a clear error', async (t) => {
   const dir = t.testdir();
   const { store } = setup(dir);
   oneLineFailure(t, ds(['snapshot', 'create', path.join(dir, 'nope.img'), '--store', store]), /volume .*nope\.img does not exist/, 'missing volume');
+  oneLineFailure(t, ds(['snapshot', 'create', path.join(dir, 'nope.img'), '--store', path.join(dir, 'fresh')]), /does not exist/, 'missing volume, no store yet');
+  t.notOk(fs.existsSync(path.join(dir, 'fresh')), 'a mistyped volume does not create a store');
   oneLineFailure(t, ds(['snapshot', 'show', 'snap-0123456789abcdef', '--store', store]), /no snapshot snap-0123456789abcdef in store/, 'missing snapshot');
   oneLineFailure(t, ds(['snapshot', 'restore', 'nosuch', '--to', path.join(dir, 'o.img'), '--store', store]), /no snapshot 'nosuch'/, 'missing snapshot (restore)');
   oneLineFailure(t, ds(['snapshot', 'delete', 'snap-0123456789abcdef', '--store', store]), /no snapshot/, 'missing snapshot (delete)');
