@@ -34,7 +34,7 @@ import { clusterBitsOf, createQcow2 } from './qcow2/create';
 import { EXT_PARENT_GUARD, GUARD_LAYOUT, HEADER_V2_LENGTH, parseHeader, Qcow2Header, EXTENSION_HEADER, EXT_END, MAX_BACKING_NAME } from './qcow2/format';
 import { identify, toRecord } from './qcow2/guard';
 import { addChild, childrenOf, makeReadOnly, readRegistry, removeChild } from './qcow2/registry';
-import { assertNotAttached, commitMarkerPath, readJson, writeJsonAtomic } from './qcow2/sidecar';
+import { assertNotAttached, assertNotAttachedWritable, commitMarkerPath, readJson, writeJsonAtomic } from './qcow2/sidecar';
 import { checkImage, CheckResult } from './qcow2/check';
 import { BackingLayer } from './qcow2/layer';
 
@@ -87,7 +87,7 @@ export async function createChild(parent: string, child: string, opts: CreateChi
   if (fs.existsSync(child) && sameFile(parent, child)) throw invalid(`the child ${child} cannot be its own parent`, child);
   const clusterSize = opts.clusterSize ?? 65536;
   clusterBitsOf(clusterSize);
-  assertNotAttached(parent, 'make a child of');
+  assertNotAttachedWritable(parent, 'make a child of');
   checkOutput(child, !!opts.force);
   if (fs.existsSync(child) && childrenOf(child).length > 0) {
     throw new DisksnapError(`${child} has children of its own; roll them back before replacing it`, 'EBUSY', 16, child);

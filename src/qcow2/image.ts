@@ -69,7 +69,7 @@ import {
 } from './format';
 import { BackingLayer, RawLayer } from './layer';
 import { compare as compareGuard, parentChangedError } from './guard';
-import { assertNotAttached, childrenRegistryPath, commitMarkerPath } from './sidecar';
+import { childrenRegistryPath, commitMarkerPath } from './sidecar';
 
 export interface Qcow2OpenOptions extends ImageOpenOptions {
   /** L2 tables kept in memory (default: 4 MiB worth, at least 16) */
@@ -159,7 +159,6 @@ export class Qcow2Image implements DiskImage, BackingLayer {
     if (opts.direct) {
       throw new DisksnapError(`${p}: O_DIRECT is not supported on qcow2 images`, 'EUNSUPPORTED', undefined, p);
     }
-    if (opts.write) assertNotAttached(p, 'write to');
     if (!opts.allowCommitInProgress && fs.existsSync(commitMarkerPath(p))) {
       throw new DisksnapError(
         `${p}: a commit of this child into its parent was interrupted; finish it with 'disksnap diff commit ${p}' before using the child`,

@@ -10,7 +10,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { fromNodeError } from '../errors';
+import { DisksnapError, fromNodeError } from '../errors';
 import { syncDir, tempNameFor } from '../atomic';
 
 export function childrenRegistryPath(parent: string): string {
@@ -52,9 +52,38 @@ export function readJson<T>(file: string): T | undefined {
 }
 
 /**
- * Hook for attached images (issue 6: loop devices, FUSE): refuses to modify, roll back or
- * commit an image that is attached. Until attaching exists, nothing is ever attached.
+ * Refuses to roll back, reset, commit, repair or re-header an image that is attached to a
+ * loop device (issue 6, src/loop): the kernel would keep using the old bytes. Loaded lazily
+ * so that the qcow2 layer does not depend on the loop layer at load time.
+ * (Not called from Qcow2Image.open: the FUSE view of an attached child opens it itself.)
  */
-export function assertNotAttached(_path: string, _what: string): void {
-  // Filled in by the attach/detach work: look up the attachment registry and throw EBUSY.
+export function assertNotAttached(path: string, what: string): void {
+  let loop: { assertNotAttached?: (p: string, action: string) => void } | undefined;
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-var-requires
+    loop = require('../loop') as typeof loop;
+  } catch {
+    return; // a build without the loop layer: nothing can be attached
+  }
+  loop?.assertNotAttached?.(path, what);
+}
+
+/** Refuses only a writable attachment (a parent attached read-only may get children). */
+export function assertNotAttachedWritable(path: string, what: string): void {
+  let loop: { attachmentsOf?: (p: string) => { device: string; readOnly: boolean }[] } | undefined;
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-var-requires
+    loop = require('../loop') as typeof loop;
+  } catch {
+    return;
+  }
+  const writable = loop?.attachmentsOf?.(path).find((a) => !a.readOnly);
+  if (writable) {
+    throw new DisksnapError(
+      `${path} is attached read-write to ${writable.device}; the kernel could change it under its children. Detach it (\`disksnap detach ${writable.device}\`) first, then ${what} it`,
+      'EBUSY',
+      16,
+      path,
+    );
+  }
 }
