@@ -11,8 +11,17 @@
  * - reset: the child is replaced by a fresh empty one (same parent, cluster size, name).
  * - commit: the child's clusters are written into the parent, then the child is deleted (or
  *   emptied). Resumable: a marker CHILD.disksnap-commit.json is written before the parent is
- *   touched; while it exists the child opens only for the commit, and re-running the commit
- *   copies again (the copy is idempotent: the child does not change) and finishes.
+ *   touched; while it exists the child opens only for the commit (and rollback/reset refuse),
+ *   and re-running the commit copies again and finishes. The copy is idempotent except for
+ *   one thing: once a prefix of the data is durable in the parent (an fdatasync that started
+ *   after it returned), the marker records it (`durableBelow`) and only then are the child's
+ *   clusters for it punched, so their space comes back while the rest is still being written.
+ *   A re-run skips that prefix. Raw parents: FICLONERANGE where the filesystem shares extents
+ *   (XFS, btrfs: nothing is copied), else 4 copy_file_range pieces in flight on the thread
+ *   pool with writeback started every 64 MiB. qcow2 parents: written through Qcow2Image.
+ *   Left simple: the list of the child's extents is held in memory (one entry per run of
+ *   contiguous clusters: small for children written mostly sequentially, one per cluster in
+ *   the worst case).
  * - flatten: a standalone sparse raw image of what the child shows.
  * - check: refcount/L1/L2 consistency, with leak repair (src/qcow2/check.ts).
  * - acceptParent: records the parent as it is now (after a deliberate change, or for a child
