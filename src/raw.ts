@@ -5,6 +5,7 @@
 import { BlockFile } from './file';
 import { writeAtomically } from './atomic';
 import { invalid } from './errors';
+import { assertNoChildren } from './qcow2/registry';
 import { checkRange, DiskImage, ImageInfo, ImageOpenOptions, MapExtent } from './image';
 
 export class RawImage implements DiskImage {
@@ -22,6 +23,7 @@ export class RawImage implements DiskImage {
   }
 
   static open(path: string, opts: ImageOpenOptions = {}): RawImage {
+    if (opts.write) assertNoChildren(path);
     const file = BlockFile.open(path, { write: opts.write, direct: opts.direct });
     return new RawImage(file, file.size());
   }

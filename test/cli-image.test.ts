@@ -295,3 +295,24 @@ t.test('locks are visible to and from QEMU', { skip: missing({ commands: ['qemu-
   t.not(q.status, 0, 'qemu-io cannot write while disksnap holds the image');
   t.match(q.stderr.toString() + q.stdout.toString(), /lock/i);
 });
+
+t.test('a raw parent with children refuses writes, even from root', async (t) => {
+  const dir = t.testdir();
+  const parent = path.join(dir, 'parent.img');
+  const child = path.join(dir, 'child.qcow2');
+  t.equal(cli(['create', parent, '1M']).status, 0);
+  t.equal(cli(['write', parent, '0'], { input: pattern(4096, 8) }).status, 0);
+  let r = cli(['diff', 'create', parent, child]);
+  t.equal(r.status, 0, r.stderr);
+  const before = sha(parent);
+  const mtime = fs.statSync(parent).mtimeMs;
+  r = cli(['write', parent, '0'], { input: Buffer.from('would corrupt the child') });
+  t.equal(r.status, 1);
+  t.match(r.stderr, /is the parent of .*child\.qcow2.*read-only while it has children/);
+  r = cli(['bench', parent, '-w', '-c', '10']);
+  t.equal(r.status, 1, 'a write benchmark is refused too');
+  t.equal(sha(parent), before, 'parent bytes unchanged');
+  t.equal(fs.statSync(parent).mtimeMs, mtime, 'parent mtime unchanged');
+  t.equal(cli(['diff', 'rollback', child]).status, 0);
+  t.equal(cli(['write', parent, '0'], { input: Buffer.from('ok now') }).status, 0, 'writable again after the last child is gone');
+});

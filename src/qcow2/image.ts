@@ -69,7 +69,7 @@ import {
 } from './format';
 import { BackingLayer, RawLayer } from './layer';
 import { compare as compareGuard, parentChangedError } from './guard';
-import { childrenRegistryPath, commitMarkerPath } from './sidecar';
+import { commitMarkerPath } from './sidecar';
 
 export interface Qcow2OpenOptions extends ImageOpenOptions {
   /** L2 tables kept in memory (default: 4 MiB worth, at least 16) */
@@ -167,19 +167,10 @@ export class Qcow2Image implements DiskImage, BackingLayer {
         p,
       );
     }
-    if (opts.write && !opts.allowChildren && fs.existsSync(childrenRegistryPath(p))) {
-      // Mode bits do not stop root: refuse here too. (Lazy: registry.ts imports this module.)
+    if (opts.write && !opts.allowChildren) {
+      // Lazy: registry.ts imports this module.
       // eslint-disable-next-line @typescript-eslint/no-var-requires
-      const { childrenOf } = require('./registry') as typeof import('./registry');
-      const children = childrenOf(p);
-      if (children.length > 0) {
-        throw new DisksnapError(
-          `${p} is the parent of ${children.join(', ')}: it stays read-only while it has children (writing would corrupt them); roll them back or commit them first`,
-          'EBUSY',
-          16,
-          p,
-        );
-      }
+      (require('./registry') as typeof import('./registry')).assertNoChildren(p);
     }
     const file = BlockFile.open(p, { write: !!opts.write });
     try {

@@ -19,7 +19,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { fromNodeError } from '../errors';
+import { DisksnapError, fromNodeError } from '../errors';
 import { BlockFile } from '../file';
 import { parseHeader } from './format';
 import { readHeaderCluster, resolveBacking } from './image';
@@ -129,4 +129,20 @@ export function removeChild(parent: string, child: string): string[] {
 export function makeReadOnly(parent: string): void {
   const mode = fs.statSync(parent).mode & 0o7777;
   if (mode & 0o222) fs.chmodSync(parent, mode & ~0o222);
+}
+
+/**
+ * Throws EBUSY when `parent` has children: it stays read-only while they exist. Mode bits
+ * do not stop root, so every writable open of an image (raw or qcow2) asks here too.
+ */
+export function assertNoChildren(parent: string): void {
+  if (!fs.existsSync(childrenRegistryPath(parent))) return;
+  const children = childrenOf(parent);
+  if (children.length === 0) return;
+  throw new DisksnapError(
+    `${parent} is the parent of ${children.join(', ')}: it stays read-only while it has children (writing would corrupt them); roll them back or commit them first`,
+    'EBUSY',
+    16,
+    parent,
+  );
 }
