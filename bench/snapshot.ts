@@ -31,6 +31,24 @@ function seconds(fn: () => void): number {
   return Number(process.hrtime.bigint() - t0) / 1e9;
 }
 
+const GNU_TIME = fs.existsSync('/usr/bin/time') ? '/usr/bin/time' : undefined;
+
+/**
+ * Runs a command; returns wall seconds and, where GNU time is installed, the CPU seconds
+ * (user + sys) of the command and its children: a figure that a busy machine distorts less.
+ */
+function measure(cmd: string, args: string[], env: NodeJS.ProcessEnv = {}): { wall: number; cpu: number } {
+  const argv = GNU_TIME ? [GNU_TIME, '-f', 'BENCHTIME %U %S', cmd, ...args] : [cmd, ...args];
+  const t0 = process.hrtime.bigint();
+  const r = spawnSync(argv[0], argv.slice(1), { env: { ...process.env, ...env }, maxBuffer: 1 << 28 });
+  const wall = Number(process.hrtime.bigint() - t0) / 1e9;
+  const stderr = r.stderr?.toString() ?? '';
+  if (r.error) throw r.error;
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.status}): ${stderr.trim()}`);
+  const m = /BENCHTIME ([\d.]+) ([\d.]+)\s*$/.exec(stderr);
+  return { wall, cpu: m ? Number(m[1]) + Number(m[2]) : NaN };
+}
+
 function sync(): void {
   spawnSync('sync');
 }
@@ -81,6 +99,15 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
 
   const t: Record<string, number[]> = {};
   const add = (k: string, v: number) => (t[k] ??= []).push(v);
+  /** Records wall and CPU seconds of one command under `k`. */
+  const time = (k: string, cmd: string, args: string[], env?: NodeJS.ProcessEnv) => {
+    const r = measure(cmd, args, env);
+    add(k, r.wall);
+    add(`${k} cpu`, r.cpu);
+    return r.wall;
+  };
+  const ds = (k: string, args: string[]) => time(k, process.execPath, [CLI, ...args]);
+  const rs = (k: string, args: string[]) => time(k, 'restic', ['--quiet', ...args], resticEnv);
 
   for (let i = 0; i < runs; i++) {
     const store = path.join(opts.dir, `store-${i}`);
@@ -91,43 +118,43 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
     const copy = path.join(opts.dir, 'copy.img');
     sync();
     warm(img);
-    add('cp', seconds(() => run('cp', ['--sparse=always', img, copy])));
-    add('cp+sync', t['cp'][t['cp'].length - 1] + seconds(sync));
+    const cp = time('cp', 'cp', ['--sparse=always', img, copy]);
+    add('cp+sync', cp + seconds(sync));
     fs.rmSync(copy);
 
     // Full snapshot.
     sync();
     warm(img);
-    add('full', seconds(() => disksnap(['snapshot', 'create', img, '--store', store])));
+    ds('full', ['snapshot', 'create', img, '--store', store]);
     if (haveRestic) {
       sync();
       warm(img);
-      add('restic full', seconds(() => restic(['-r', repo, 'backup', img])));
+      rs('restic full', ['-r', repo, 'backup', img]);
     }
 
     // About 1% rewritten, then the incremental snapshot.
     rewrite(img, dataOffset, data, 0.01, i + 1);
     sync();
     warm(img);
-    add('incremental', seconds(() => disksnap(['snapshot', 'create', img, '--store', store])));
+    ds('incremental', ['snapshot', 'create', img, '--store', store]);
     if (haveRestic) {
       sync();
       warm(img);
-      add('restic incremental', seconds(() => restic(['-r', repo, 'backup', img])));
+      rs('restic incremental', ['-r', repo, 'backup', img]);
     }
 
     // Restore the latest snapshot to a new file.
     const latest = JSON.parse(disksnap(['snapshot', 'list', '--store', store, '--json'])).snapshots.pop().id as string;
     const out = path.join(opts.dir, 'restored.img');
     sync();
-    add('restore', seconds(() => disksnap(['snapshot', 'restore', latest, '--to', out, '--store', store])));
-    add('restore+sync', t['restore'][t['restore'].length - 1] + seconds(sync));
+    const rw = ds('restore', ['snapshot', 'restore', latest, '--to', out, '--store', store]);
+    add('restore+sync', rw + seconds(sync));
     fs.rmSync(out);
     if (haveRestic) {
       const target = path.join(opts.dir, 'restic-out');
       sync();
-      add('restic restore', seconds(() => restic(['-r', repo, 'restore', 'latest', '--target', target])));
-      add('restic restore+sync', t['restic restore'][t['restic restore'].length - 1] + seconds(sync));
+      const w = rs('restic restore', ['-r', repo, 'restore', 'latest', '--target', target]);
+      add('restic restore+sync', w + seconds(sync));
       fs.rmSync(target, { recursive: true, force: true });
       fs.rmSync(repo, { recursive: true, force: true });
     }
@@ -138,14 +165,18 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
   const rows: BenchRow[] = [];
   const cpNote = (k: string) => `cp --sparse=always of the same image: ${m(k).toFixed(2)} s`;
   const pair = (metric: string, k: string, rk: string, note: string) => {
-    if (haveRestic) {
-      rows.push({ area: AREA, metric: `${metric} (${label})`, disksnap: m(k), peer: rk.replace(/\+sync$/, ' + sync'), peerValue: m(rk), unit: 's', higherIsBetter: false, note });
+    if (!haveRestic) return;
+    rows.push({ area: AREA, metric: `${metric} (${label})`, disksnap: m(k), peer: rk.replace(/\+sync$/, ' + sync'), peerValue: m(rk), unit: 's', higherIsBetter: false, note });
+    if (t[`${k} cpu`] && !Number.isNaN(m(`${k} cpu`)) && !Number.isNaN(m(`${rk} cpu`))) {
+      rows.push({ area: AREA, metric: `${metric}, CPU time user+sys (${label})`, disksnap: m(`${k} cpu`), peer: rk, peerValue: m(`${rk} cpu`), unit: 'cpu s', higherIsBetter: false, note: 'GNU time; less distorted by other load on the machine than wall time' });
     }
   };
   pair('full snapshot', 'full', 'restic full', `peer: restic backup into a new repository; ${cpNote('cp')}`);
   pair('incremental snapshot, ~1% rewritten', 'incremental', 'restic incremental', `peer: restic's second backup; ${cpNote('cp')}`);
-  pair('restore to a new file', 'restore', 'restic restore', `disksnap fsyncs the image before renaming it, restic does not; ${cpNote('cp')}`);
-  pair('restore to a new file, data on disk', 'restore+sync', 'restic restore+sync', `each followed by sync; cp --sparse=always + sync: ${m('cp+sync').toFixed(2)} s`);
+  pair('restore to a new file', 'restore', 'restic restore', `disksnap reads objects it wrote with O_DIRECT (not cached) and fsyncs the image; restic reads cached packs and does not fsync; ${cpNote('cp')}`);
+  if (haveRestic) {
+    rows.push({ area: AREA, metric: `restore to a new file, data on disk (${label})`, disksnap: m('restore+sync'), peer: 'restic restore + sync', peerValue: m('restic restore+sync'), unit: 's', higherIsBetter: false, note: `each followed by sync; cp --sparse=always + sync: ${m('cp+sync').toFixed(2)} s` });
+  }
   if (!haveRestic) {
     rows.push({ area: AREA, metric: `full snapshot (${label})`, disksnap: m('full'), peer: 'restic (not installed)', peerValue: NaN, unit: 's', higherIsBetter: false, note: 'install restic for the side-by-side figures' });
   }
