@@ -41,6 +41,13 @@ export interface LayerInfo {
 export interface ImageInfo extends LayerInfo {
   /** with chain: the image first, then each backing layer */
   chain?: LayerInfo[];
+  /** where the image is attached (loop device, mountpoints), when it is */
+  attached?: {
+    device: string;
+    via: string;
+    readOnly: boolean;
+    mountpoints: string[];
+  };
 }
 
 export interface DiskImage {
@@ -72,6 +79,11 @@ export interface ImageOpenOptions {
   direct?: boolean;
   /** for qcow2: accept a parent whose recorded identity differs (rebase -u style) */
   ignoreParentGuard?: boolean;
+  /**
+   * Lock of a read-only open: 'shared' (default) refuses an image another process is
+   * writing; 'none' reads it anyway, for `info` on an image in use (like `qemu-img -U`).
+   */
+  readLock?: 'shared' | 'none';
 }
 
 const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"

@@ -24,7 +24,7 @@ export class RawImage implements DiskImage {
 
   static open(path: string, opts: ImageOpenOptions = {}): RawImage {
     if (opts.write) assertNoChildren(path);
-    const file = BlockFile.open(path, { write: opts.write, direct: opts.direct });
+    const file = BlockFile.open(path, { write: opts.write, direct: opts.direct, lock: opts.write ? 'exclusive' : opts.readLock });
     return new RawImage(file, file.size());
   }
 

@@ -123,6 +123,10 @@ t.test('a mounted device is not detached; attachmentOf shows the mount; assertNo
   fs.writeFileSync(path.join(mp, 'f'), 'x');
 
   t.same(attachmentOf(img)?.mountpoints, [mp]);
+  const info = cli(['info', img, '--json']);
+  t.equal(info.status, 0, info.stderr);
+  t.same(JSON.parse(info.out).attached, { device: a.device, via: 'loop', readOnly: false, mountpoints: [mp] }, 'info --json shows the attachment');
+  t.match(cli(['info', img]).out, new RegExp(`attached: ${a.device} \\(loop\\), mounted on ${mp}`));
   t.throws(() => assertNotAttached(img, 'restore it in place'), {
     code: 'EBUSY',
     message: new RegExp(`is attached to ${a.device} \\(mounted on ${mp}\\); unmount it and run \`disksnap detach ${a.device}\` first, then restore it in place`),
@@ -133,9 +137,11 @@ t.test('a mounted device is not detached; attachmentOf shows the mount; assertNo
   t.ok(kernelLoop(a.index), 'still attached');
 
   s.umount(mp);
+  t.match(cli(['info', img]).out, /attached: .*not mounted/);
   t.throws(() => assertNotAttached(img, 'roll it back'), { message: /run `disksnap detach \/dev\/loop\d+` first, then roll it back/ });
   t.equal(cli(['detach', img]).status, 0);
   t.doesNotThrow(() => assertNotAttached(img, 'roll it back'));
+  t.equal(JSON.parse(cli(['info', img, '--json']).out).attached, undefined, 'info shows no attachment after detach');
   t.equal(sh('e2fsck', ['-fn', img]).status, 0, 'filesystem clean after unmount and detach');
 });
 

@@ -120,6 +120,11 @@ t.test('differencing child over an ext4 parent: attach, mount, write, detach; cl
 
   const mp = path.join(s.dir, 'mnt');
   s.mount(a.device, mp);
+  // info reads a child whose FUSE server holds its write lock, and says where it is attached
+  const info = cli(['info', child, '--chain', '--json']);
+  t.equal(info.status, 0, info.stderr);
+  t.same(JSON.parse(info.out).attached, { device: a.device, via: 'fuse+loop', readOnly: false, mountpoints: [mp] });
+  t.equal(JSON.parse(info.out).chain.length, 2, 'info --chain lists the child and its parent');
   t.equal(fs.readFileSync(path.join(mp, 'base', 'seed.txt'), 'utf8'), 'from the parent\n'.repeat(1000), "the parent's files are visible");
   fs.mkdirSync(path.join(mp, 'new'));
   const payload = Buffer.alloc(3 << 20);

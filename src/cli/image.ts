@@ -33,13 +33,17 @@ export function register(program: Command): void {
     .option('--json', 'print JSON')
     .action(
       action((file: string, opts: { chain?: boolean; json?: boolean }) => {
-        const image = openImage(file, { ignoreParentGuard: true });
+        // No lock: info is for images in use too (a VM's, an attached child's), like qemu-img -U.
+        const image = openImage(file, { ignoreParentGuard: true, readLock: 'none' });
         let info: ImageInfo;
         try {
           info = image.info(!!opts.chain);
         } finally {
           image.close();
         }
+        const { attachmentOf } = require('../loop') as typeof import('../loop');
+        const a = attachmentOf(file);
+        if (a) info.attached = { device: a.device, via: a.via, readOnly: a.readOnly, mountpoints: a.mountpoints };
         if (opts.json) printJson(info);
         else printInfo(info);
       }),
@@ -208,20 +212,26 @@ function printInfo(info: ImageInfo): void {
     if (l.backing !== undefined) lines.push(`${indent}backing file: ${l.backing}`);
     if (l.parentGuard !== undefined) lines.push(`${indent}parent guard: ${l.parentGuard}`);
     for (const [k, v] of Object.entries(l)) {
-      if (['path', 'format', 'virtualSize', 'allocatedBytes', 'clusterSize', 'backing', 'parentGuard', 'chain'].includes(k)) continue;
+      if (['path', 'format', 'virtualSize', 'allocatedBytes', 'clusterSize', 'backing', 'parentGuard', 'chain', 'attached'].includes(k)) continue;
       if (v === undefined || typeof v === 'object') continue;
       lines.push(`${indent}${k}: ${String(v)}`);
     }
     return lines;
   };
+  const attached = info.attached
+    ? [
+        `attached: ${info.attached.device} (${info.attached.via}${info.attached.readOnly ? ', read-only' : ''})` +
+          (info.attached.mountpoints.length ? `, mounted on ${info.attached.mountpoints.join(', ')}` : ', not mounted'),
+      ]
+    : [];
   if (info.chain && info.chain.length > 0) {
     const out: string[] = [];
     info.chain.forEach((layer, i) => {
       out.push(`layer ${i}${i === 0 ? ' (top)' : ''}:`, ...layerLines(layer, '  '));
     });
-    process.stdout.write(out.join('\n') + '\n');
+    process.stdout.write([...attached, ...out].join('\n') + '\n');
   } else {
-    process.stdout.write(layerLines(info, '').join('\n') + '\n');
+    process.stdout.write([...layerLines(info, ''), ...attached].join('\n') + '\n');
   }
 }
 

@@ -172,7 +172,7 @@ export class Qcow2Image implements DiskImage, BackingLayer {
       // eslint-disable-next-line @typescript-eslint/no-var-requires
       (require('./registry') as typeof import('./registry')).assertNoChildren(p);
     }
-    const file = BlockFile.open(p, { write: !!opts.write });
+    const file = BlockFile.open(p, { write: !!opts.write, lock: opts.write ? 'exclusive' : opts.readLock });
     try {
       return new Qcow2Image(p, file, opts);
     } catch (e) {
