@@ -10,3 +10,12 @@ export { RawImage, createRawImage } from './raw';
 export { runBench } from './bench';
 export type { BenchOptions, BenchResult } from './bench';
 export { parseSize, formatSize } from './size';
+
+/** Differencing disks: qcow2 children over read-only parents (createChild, rollback, reset, commit, flatten, check). */
+export * as diff from './diff';
+/** Storage snapshots: the EBS-style block store (createSnapshot, restoreSnapshot, diffSnapshots, gc, ...). */
+export * as snapshots from './snapshot';
+/** Loopback: attach/detach, FUSE views of children, freeze and point-in-time views of mounted volumes. */
+export * as loop from './loop';
+/** The two strategies measured side by side on one image. */
+export * as comparison from './compare';
