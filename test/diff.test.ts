@@ -4,6 +4,7 @@
  * locks. qemu-img is the oracle after every phase.
  */
 import t from 'tap';
+import { BlockFile } from '../src/file';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { spawn } from 'node:child_process';
@@ -407,7 +408,8 @@ t.test('a second writer is refused by the lock, from disksnap and from a running
   img.close();
   // the parent is locked shared while a child is open: no writer on it
   const reader = Qcow2Image.open(child);
-  t.throws(() => openImage(parent.file, { write: true }), { code: 'ELOCKED' }, 'the parent cannot be opened for writing under an open child');
+  t.throws(() => openImage(parent.file, { write: true }), { code: 'EBUSY' }, 'a parent with children refuses writable opens');
+  t.throws(() => BlockFile.open(parent.file, { write: true }), { code: 'ELOCKED' }, 'and its file is locked against writers while a child is open');
   reader.close();
   qemuIo(child, ['read -P 0x11 0 4k']);
 });
