@@ -6,7 +6,8 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { cli } from './helpers/cli';
+import { spawnSync } from 'node:child_process';
+import { cli, CLI } from './helpers/cli';
 import { needLoop, scratch, makeExt4, sh, shOk } from './helpers/loop';
 import { attach, attachmentOf, attachmentsOf, assertNotAttached, detach, listAttachments } from '../src/loop/attach';
 import { kernelLoop, readRecord } from '../src/loop/state';
@@ -194,3 +195,20 @@ t.test('detach of something not attached is a clear failure', { skip }, async (t
   t.equal(dir.status, 1);
   t.match(dir.stderr, /not a regular file/);
 });
+
+t.test('info tells a user without root where an image is attached (from sysfs)', { skip }, async (t) => {
+  const s = scratch();
+  t.teardown(() => s.cleanup());
+  const img = path.join(s.dir, 'vol.img');
+  fs.writeFileSync(img, '');
+  fs.truncateSync(img, 4 << 20);
+  fs.chmodSync(s.dir, 0o755);
+  const a = await attach(img);
+  s.attached(a.device);
+  // uid 65534 (nobody) cannot open /dev/loopN; the attachment must still be found
+  const r = spawnSync(process.execPath, [CLI, 'info', img, '--json'], { uid: 65534, gid: 65534 });
+  t.equal(r.status, 0, r.stderr.toString());
+  t.same(JSON.parse(r.stdout.toString()).attached, { device: a.device, via: 'loop', readOnly: false, mountpoints: [] });
+  await detach(img);
+});
+

@@ -17,7 +17,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { native, LoopStatus, LO_FLAGS_READ_ONLY } from '../native';
+import { native, LoopStatus, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONLY } from '../native';
 import { DisksnapError, fromNodeError } from '../errors';
 
 export type AttachVia = 'loop' | 'fuse+loop';
@@ -138,7 +138,9 @@ export function kernelLoop(index: number): KernelLoop | undefined {
     status = native().loopStatus(device);
   } catch (e) {
     if (e instanceof DisksnapError && (e.code === 'ENOENT' || e.code === 'ENXIO' || e.code === 'ENODEV')) return undefined;
-    throw e;
+    // Without root, /dev/loopN cannot be opened: sysfs says the same, world-readable.
+    if (e instanceof DisksnapError && (e.code === 'EACCES' || e.code === 'EPERM')) status = statusFromSysfs(sys);
+    else throw e;
   }
   if (!status) return undefined;
   let backingFile = status.fileName;
@@ -154,6 +156,38 @@ export function kernelLoop(index: number): KernelLoop | undefined {
     // keep the flag
   }
   return { index, device, majorMinor, status, backingFile, readOnly };
+}
+
+/** LOOP_GET_STATUS64's answer rebuilt from /sys/block/loopN (for users who cannot open the device). */
+function statusFromSysfs(sys: string): LoopStatus | null {
+  const read = (name: string): string | undefined => {
+    try {
+      return fs.readFileSync(path.join(sys, name), 'utf8').replace(/\n$/, '');
+    } catch {
+      return undefined;
+    }
+  };
+  const backing = read('loop/backing_file');
+  if (backing === undefined) return null; // not bound
+  let dev = 0;
+  let ino = 0n;
+  try {
+    const st = fs.statSync(backing.replace(/ \(deleted\)$/, ''), { bigint: true });
+    dev = Number(st.dev);
+    ino = st.ino;
+  } catch {
+    // the backing file was unlinked or is out of reach: identity unknown
+  }
+  const flag = (name: string, bit: number): number => (read(name) === '1' ? bit : 0);
+  return {
+    number: Number(/loop(\d+)$/.exec(sys)?.[1] ?? -1),
+    backingDev: dev,
+    backingIno: ino,
+    offset: Number(read('loop/offset') ?? 0),
+    sizeLimit: Number(read('loop/sizelimit') ?? 0),
+    flags: flag('ro', LO_FLAGS_READ_ONLY) | flag('loop/autoclear', LO_FLAGS_AUTOCLEAR) | flag('loop/partscan', 8) | flag('loop/dio', LO_FLAGS_DIRECT_IO),
+    fileName: backing.slice(0, 63),
+  };
 }
 
 /** Every bound loop device. Cheap: one ioctl per existing /sys/block/loopN. */
