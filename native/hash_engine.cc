@@ -1,6 +1,8 @@
 #include "hash_engine.h"
 
+#include <cpuid.h>
 #include <errno.h>
+#include <immintrin.h>
 #include <openssl/evp.h>
 #include <pthread.h>
 #include <string.h>
@@ -83,24 +85,195 @@ void ParallelFor(int n, const std::function<void(int)>& fn) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// SHA-256 with the x86 SHA extensions, one or two streams at a time
+//
+// Written from the instruction definitions (Intel SDM: SHA256RNDS2, SHA256MSG1, SHA256MSG2) and
+// FIPS 180-4. Why not OpenSSL's SHA-NI code: it runs one message at a time, so every
+// SHA256RNDS2 waits for the previous one (a chain of 32 per 64-byte chunk, latency-bound at
+// ~1.9 GB/s here). Our blocks are independent messages, so two of them are compressed
+// interleaved and the core's RNDS2 throughput becomes the limit (~2.4 GB/s per thread
+// measured on this Xeon; three or four streams gain nothing more).
+
+namespace {
+
+#define DISKSNAP_SHANI __attribute__((target("sha,sse4.1,ssse3")))
+
+alignas(16) const uint32_t kRoundK[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+
+const uint32_t kSha256Iv[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                               0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+
+// The eight state words in the two registers SHA256RNDS2 works on, dword 0 first:
+// abef = {F, E, B, A}, cdgh = {H, G, D, C}.
+struct Lanes {
+  __m128i abef, cdgh;
+};
+
+DISKSNAP_SHANI inline Lanes LoadState(const uint32_t h[8]) {
+  __m128i x = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)), 0xB1);  // B A D C
+  __m128i y = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 4)), 0x1B);  // H G F E
+  return Lanes{_mm_alignr_epi8(x, y, 8), _mm_blend_epi16(y, x, 0xF0)};
+}
+
+DISKSNAP_SHANI inline void StoreState(const Lanes& s, uint32_t h[8]) {
+  __m128i x = _mm_shuffle_epi32(s.abef, 0x1B);  // A B E F
+  __m128i y = _mm_shuffle_epi32(s.cdgh, 0xB1);  // G H C D
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(h), _mm_blend_epi16(x, y, 0xF0));  // A B C D
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(h + 4), _mm_alignr_epi8(y, x, 8));  // E F G H
+}
+
+// Message words 4 at a time, big-endian.
+DISKSNAP_SHANI inline __m128i LoadWords(const uint8_t* p) {
+  const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+  return _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), bswap);
+}
+
+// W[4q .. 4q+3] (q >= 4) from the four previous quads W[4q-16 ..], W[4q-12 ..], W[4q-8 ..],
+// W[4q-4 ..]: MSG1 adds sigma0(W[t-15]) to W[t-16], the align supplies W[t-7], MSG2 adds
+// sigma1(W[t-2]) (including the words it produces itself).
+DISKSNAP_SHANI inline __m128i Schedule(__m128i m0, __m128i m1, __m128i m2, __m128i m3) {
+  __m128i t = _mm_add_epi32(_mm_sha256msg1_epu32(m0, m1), _mm_alignr_epi8(m3, m2, 4));
+  return _mm_sha256msg2_epu32(t, m3);
+}
+
+// Rounds 4q .. 4q+3 with message words w. RNDS2 takes CDGH and ABEF and returns the new ABEF;
+// after two rounds the old ABEF is the new CDGH, so the two registers swap roles twice.
+DISKSNAP_SHANI inline void Rounds4(Lanes& s, __m128i w, int q) {
+  __m128i wk = _mm_add_epi32(w, _mm_load_si128(reinterpret_cast<const __m128i*>(kRoundK + 4 * q)));
+  s.cdgh = _mm_sha256rnds2_epu32(s.cdgh, s.abef, wk);
+  s.abef = _mm_sha256rnds2_epu32(s.abef, s.cdgh, _mm_shuffle_epi32(wk, 0x0E));
+}
+
+// `chunks` 64-byte chunks of each of the N streams p[i] into the states h[i], interleaved.
+template <int N>
+DISKSNAP_SHANI void CompressN(uint32_t* const h[N], const uint8_t* const p[N], size_t chunks) {
+  Lanes s[N];
+  const uint8_t* at[N];
+  for (int i = 0; i < N; i++) {
+    s[i] = LoadState(h[i]);
+    at[i] = p[i];
+  }
+  for (; chunks > 0; chunks--) {
+    // One cache line per stream per chunk, 2 KiB ahead: keeps out-of-cache input streaming
+    // (64 MiB buffer, per CPU-second: 2.1 GB/s without, 2.2-2.3 with; in-cache data is
+    // unaffected). A prefetch past the end of the buffer is harmless.
+    for (int i = 0; i < N; i++) _mm_prefetch(reinterpret_cast<const char*>(at[i]) + 2048, _MM_HINT_T0);
+    Lanes saved[N];
+    __m128i m[N][4];
+    for (int i = 0; i < N; i++) saved[i] = s[i];
+#pragma GCC unroll 16
+    for (int q = 0; q < 16; q++) {
+      for (int i = 0; i < N; i++) {
+        __m128i w = q < 4 ? LoadWords(at[i] + 16 * q)
+                          : Schedule(m[i][q & 3], m[i][(q + 1) & 3], m[i][(q + 2) & 3], m[i][(q + 3) & 3]);
+        m[i][q & 3] = w;
+        Rounds4(s[i], w, q);
+      }
+    }
+    for (int i = 0; i < N; i++) {
+      s[i].abef = _mm_add_epi32(s[i].abef, saved[i].abef);
+      s[i].cdgh = _mm_add_epi32(s[i].cdgh, saved[i].cdgh);
+      at[i] += 64;
+    }
+  }
+  for (int i = 0; i < N; i++) StoreState(s[i], h[i]);
+}
+
+DISKSNAP_SHANI void Compress1(uint32_t h[8], const uint8_t* p, size_t chunks) {
+  uint32_t* const hs[1] = {h};
+  const uint8_t* const ps[1] = {p};
+  CompressN<1>(hs, ps, chunks);
+}
+
+DISKSNAP_SHANI void Compress2(uint32_t ha[8], const uint8_t* pa, uint32_t hb[8], const uint8_t* pb,
+                              size_t chunks) {
+  uint32_t* const hs[2] = {ha, hb};
+  const uint8_t* const ps[2] = {pa, pb};
+  CompressN<2>(hs, ps, chunks);
+}
+
+// Absorbs the last n bytes of a message of `total` bytes (state h has absorbed the first
+// total - n, a multiple of 64), pads, and writes the big-endian digest.
+void FinishSha256(uint32_t h[8], const uint8_t* p, size_t n, uint64_t total, uint8_t out[32]) {
+  size_t full = n / 64;
+  if (full > 0) Compress1(h, p, full);
+  size_t rest = n - full * 64;
+  uint8_t tail[128] = {0};
+  memcpy(tail, p + full * 64, rest);
+  tail[rest] = 0x80;
+  size_t tailLen = rest + 9 <= 64 ? 64 : 128;
+  uint64_t bits = total * 8;
+  for (int i = 0; i < 8; i++) tail[tailLen - 1 - i] = static_cast<uint8_t>(bits >> (8 * i));
+  Compress1(h, tail, tailLen / 64);
+  for (int i = 0; i < 8; i++) {
+    out[4 * i] = static_cast<uint8_t>(h[i] >> 24);
+    out[4 * i + 1] = static_cast<uint8_t>(h[i] >> 16);
+    out[4 * i + 2] = static_cast<uint8_t>(h[i] >> 8);
+    out[4 * i + 3] = static_cast<uint8_t>(h[i]);
+  }
+}
+
+bool CpuHasShaNi() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+  const bool ssse3 = c & (1u << 9), sse41 = c & (1u << 19);
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  return ssse3 && sse41 && (b & (1u << 29));
+}
+
+// SHA-NI unless the CPU lacks it or DISKSNAP_HASH_IMPL=openssl asks for node's OpenSSL (tests
+// use that to cover the fallback; it is read once per process).
+bool UseShaNi() {
+  static const bool use = [] {
+    const char* impl = getenv("DISKSNAP_HASH_IMPL");
+    return CpuHasShaNi() && !(impl != nullptr && strcmp(impl, "openssl") == 0);
+  }();
+  return use;
+}
+
+}  // namespace
+
+const char* HashImplementation() { return UseShaNi() ? "sha-ni-x2" : "openssl"; }
+
+// ---------------------------------------------------------------------------------------------
 // BlockHasher
 
 BlockHasher::BlockHasher(const std::vector<uint8_t>* key) {
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  ctx_ = ctx;
-  if (ctx == nullptr) return;
+  shani_ = UseShaNi();
+  EVP_MD_CTX* ctx = nullptr;
+  if (!shani_) {
+    ctx = EVP_MD_CTX_new();
+    ctx_ = ctx;
+    if (ctx == nullptr) return;
+  }
+  memcpy(init_, kSha256Iv, sizeof init_);
   if (key == nullptr) {
     ok_ = true;
     return;
   }
-  // HMAC (RFC 2104) with the two padded-key states computed once: each block then costs one
-  // context copy per pass instead of re-deriving the key schedule.
+  // HMAC (RFC 2104) with the two padded-key states computed once: each block then starts from
+  // the inner state and ends with one compression (SHA-NI) or one context copy (EVP) for the
+  // outer hash instead of re-deriving the key schedule.
   keyed_ = true;
   constexpr size_t kBlock = 64;
   uint8_t k[kBlock] = {0};
   if (key->size() > kBlock) {
-    unsigned int n = 0;
-    if (EVP_Digest(key->data(), key->size(), k, &n, Sha256(), nullptr) != 1) return;
+    if (shani_) {
+      uint32_t h[8];
+      memcpy(h, kSha256Iv, sizeof h);
+      FinishSha256(h, key->data(), key->size(), key->size(), k);
+    } else {
+      unsigned int n = 0;
+      if (EVP_Digest(key->data(), key->size(), k, &n, Sha256(), nullptr) != 1) return;
+    }
   } else if (!key->empty()) {
     memcpy(k, key->data(), key->size());
   }
@@ -109,15 +282,23 @@ BlockHasher::BlockHasher(const std::vector<uint8_t>* key) {
     ipad[i] = k[i] ^ 0x36;
     opad[i] = k[i] ^ 0x5c;
   }
-  EVP_MD_CTX* inner = EVP_MD_CTX_new();
-  EVP_MD_CTX* outer = EVP_MD_CTX_new();
-  inner_ = inner;
-  outer_ = outer;
-  if (inner == nullptr || outer == nullptr) return;
-  ok_ = EVP_DigestInit_ex2(inner, Sha256(), nullptr) == 1 &&
-        EVP_DigestUpdate(inner, ipad, kBlock) == 1 &&
-        EVP_DigestInit_ex2(outer, Sha256(), nullptr) == 1 &&
-        EVP_DigestUpdate(outer, opad, kBlock) == 1;
+  if (shani_) {
+    memcpy(outerState_, kSha256Iv, sizeof outerState_);
+    Compress1(init_, ipad, 1);
+    Compress1(outerState_, opad, 1);
+    prefix_ = kBlock;
+    ok_ = true;
+  } else {
+    EVP_MD_CTX* inner = EVP_MD_CTX_new();
+    EVP_MD_CTX* outer = EVP_MD_CTX_new();
+    inner_ = inner;
+    outer_ = outer;
+    ok_ = inner != nullptr && outer != nullptr &&
+          EVP_DigestInit_ex2(inner, Sha256(), nullptr) == 1 &&
+          EVP_DigestUpdate(inner, ipad, kBlock) == 1 &&
+          EVP_DigestInit_ex2(outer, Sha256(), nullptr) == 1 &&
+          EVP_DigestUpdate(outer, opad, kBlock) == 1;
+  }
   OPENSSL_cleanse(k, sizeof k);
   OPENSSL_cleanse(ipad, sizeof ipad);
   OPENSSL_cleanse(opad, sizeof opad);
@@ -127,6 +308,8 @@ BlockHasher::~BlockHasher() {
   EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(ctx_));
   EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(inner_));
   EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(outer_));
+  OPENSSL_cleanse(init_, sizeof init_);
+  OPENSSL_cleanse(outerState_, sizeof outerState_);
 }
 
 // Feeds p[0..n) to the digest in slices, prefetching the slice after next: data that is not
@@ -145,7 +328,25 @@ static bool Update(EVP_MD_CTX* ctx, const uint8_t* p, size_t n) {
   return true;
 }
 
+// The SHA-NI digest of a message whose first (n / 64) * 64 bytes the state h has absorbed
+// (after the HMAC inner prefix, if any): the tail, padding and the HMAC outer hash.
+void BlockHasher::Finish(uint32_t h[8], const uint8_t* p, size_t n, size_t absorbed,
+                         uint8_t* out) const {
+  FinishSha256(h, p + absorbed, n - absorbed, prefix_ + n, out);
+  if (!keyed_) return;
+  // Outer hash: opad state, then the 32-byte inner digest padded to one 64-byte chunk.
+  uint32_t o[8];
+  memcpy(o, outerState_, sizeof o);
+  FinishSha256(o, out, kDigestLength, 64 + kDigestLength, out);
+}
+
 bool BlockHasher::Digest(const uint8_t* p, size_t n, uint8_t* out) {
+  if (shani_) {
+    uint32_t h[8];
+    memcpy(h, init_, sizeof h);
+    Finish(h, p, n, 0, out);
+    return true;
+  }
   EVP_MD_CTX* ctx = static_cast<EVP_MD_CTX*>(ctx_);
   unsigned int len = 0;
   if (!keyed_) {
@@ -160,19 +361,59 @@ bool BlockHasher::Digest(const uint8_t* p, size_t n, uint8_t* out) {
          EVP_DigestFinal_ex(ctx, out, &len) == 1;
 }
 
-bool BlockHasher::Block(const uint8_t* p, size_t n, uint8_t* out, uint8_t* zero) {
-  bool z = IsAllZero(p, n);
-  *zero = z ? 1 : 0;
-  if (z && n == zeroLen_) {
-    memcpy(out, zeroDigest_, kDigestLength);
-    return true;
-  }
-  if (!Digest(p, n, out)) return false;
-  if (z) {
+void BlockHasher::Digest2(const uint8_t* pa, size_t na, uint8_t* outa, const uint8_t* pb,
+                          size_t nb, uint8_t* outb) {
+  uint32_t ha[8], hb[8];
+  memcpy(ha, init_, sizeof ha);
+  memcpy(hb, init_, sizeof hb);
+  const size_t both = std::min(na, nb) / 64;
+  Compress2(ha, pa, hb, pb, both);
+  Finish(ha, pa, na, both * 64, outa);
+  Finish(hb, pb, nb, both * 64, outb);
+}
+
+// Zero check, with the digest of an all-zero block of the last length seen cached.
+bool BlockHasher::ZeroBlock(const uint8_t* p, size_t n, uint8_t* out) {
+  if (!IsAllZero(p, n)) return false;
+  if (n != zeroLen_) {
+    if (!Digest(p, n, zeroDigest_)) {
+      zeroLen_ = SIZE_MAX;
+      zeroFailed_ = true;
+      return true;
+    }
     zeroLen_ = n;
-    memcpy(zeroDigest_, out, kDigestLength);
   }
+  memcpy(out, zeroDigest_, kDigestLength);
   return true;
+}
+
+bool BlockHasher::Blocks(const uint8_t* data, size_t len, size_t blockSize, uint8_t* digests,
+                         uint8_t* zero) {
+  const uint8_t* held = nullptr;  // a non-zero block waiting for a partner (SHA-NI)
+  size_t heldLen = 0;
+  uint8_t* heldOut = nullptr;
+  for (size_t off = 0, b = 0; off < len; off += blockSize, b++) {
+    const uint8_t* p = data + off;
+    const size_t n = std::min(blockSize, len - off);
+    uint8_t* out = digests + b * kDigestLength;
+    if (ZeroBlock(p, n, out)) {
+      zero[b] = 1;
+      if (zeroFailed_) return false;
+      continue;
+    }
+    zero[b] = 0;
+    if (!shani_) {
+      if (!Digest(p, n, out)) return false;
+    } else if (held == nullptr) {
+      held = p;
+      heldLen = n;
+      heldOut = out;
+    } else {
+      Digest2(held, heldLen, heldOut, p, n, out);
+      held = nullptr;
+    }
+  }
+  return held == nullptr || Digest(held, heldLen, heldOut);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -187,9 +428,13 @@ SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threa
   const size_t nblocks = len == 0 ? 0 : (len - 1) / blockSize + 1;
   if (nblocks == 0) return {};
   // Claim about 1 MiB per grab, and start no more threads than there are grabs.
-  const size_t run = std::max<size_t>(1, (size_t{1} << 20) / blockSize);
+  // Blocks of 1 MiB or more go two per grab when there are enough of them for every thread, so
+  // that they can be hashed as a pair.
+  const int want = ResolveThreads(threads);
+  size_t run = std::max<size_t>(1, (size_t{1} << 20) / blockSize);
+  if (run == 1 && nblocks >= 2 * static_cast<size_t>(want)) run = 2;
   const size_t runs = (nblocks + run - 1) / run;
-  int nthreads = static_cast<int>(std::min<size_t>(ResolveThreads(threads), runs));
+  int nthreads = static_cast<int>(std::min<size_t>(want, runs));
 
   std::atomic<size_t> next{0};
   std::atomic<bool> failed{false};
@@ -203,13 +448,11 @@ SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threa
       size_t first = next.fetch_add(run, std::memory_order_relaxed);
       if (first >= nblocks || failed.load(std::memory_order_relaxed)) return;
       size_t last = std::min(nblocks, first + run);
-      for (size_t b = first; b < last; b++) {
-        size_t off = b * blockSize;
-        size_t n = std::min(blockSize, len - off);
-        if (!hasher.Block(data + off, n, digests + b * kDigestLength, zero + b)) {
-          failed = true;
-          return;
-        }
+      size_t off = first * blockSize, end = std::min(len, last * blockSize);
+      if (!hasher.Blocks(data + off, end - off, blockSize, digests + first * kDigestLength,
+                         zero + first)) {
+        failed = true;
+        return;
       }
     }
   });
@@ -226,6 +469,9 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
   const size_t chunkBlocks = std::max<size_t>(1, (size_t{4} << 20) / bs);
   const uint64_t chunk = static_cast<uint64_t>(chunkBlocks) * bs;
   const uint64_t nchunks = (length + chunk - 1) / chunk;
+  // Each chunk is read and hashed in pieces of about 1 MiB (at least two blocks, for the
+  // two-stream hash), into one buffer per thread that stays in L2 between pread and hash.
+  const size_t piece = std::min<size_t>(chunkBlocks, std::max<size_t>(2, (size_t{1} << 20) / bs)) * bs;
   const int nthreads = static_cast<int>(std::min<uint64_t>(ResolveThreads(job->threads), nchunks));
 
   struct stat st;
@@ -245,7 +491,7 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
   };
 
   auto worker = [&](int) {
-    std::unique_ptr<uint8_t, decltype(&free)> buf(static_cast<uint8_t*>(malloc(chunk)), &free);
+    std::unique_ptr<uint8_t, decltype(&free)> buf(static_cast<uint8_t*>(malloc(piece)), &free);
     BlockHasher hasher(job->key);
     if (!buf) {
       fail(SysError::Errno(ENOMEM, "hashFile"));
@@ -269,26 +515,29 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
           else
             hole = static_cast<uint64_t>(d) >= at + want;
         }
-        size_t got = 0;
-        if (!hole) {
-          SysError err = PreadFull(job->fd, buf.get(), want, at, &got);
-          if (err.failed()) {
-            fail(std::move(err));
-            break;
+        // Read and hash piece by piece, so that what pread just wrote is still in L2 when the
+        // hash reads it.
+        const uint64_t firstBlock = rel / bs;
+        bool ok = true;
+        for (size_t p = 0; p < want && ok; p += piece) {
+          const size_t n = std::min(piece, want - p);
+          size_t got = 0;
+          if (!hole) {
+            SysError err = PreadFull(job->fd, buf.get(), n, at + p, &got);
+            if (err.failed()) {
+              fail(std::move(err));
+              ok = false;
+              break;
+            }
+          }
+          if (got < n) memset(buf.get() + got, 0, n - got);
+          const uint64_t b = firstBlock + p / bs;
+          if (!hasher.Blocks(buf.get(), n, bs, job->digests + b * kDigestLength, job->zero + b)) {
+            fail(CryptoFailure());
+            ok = false;
           }
         }
-        if (got < want) memset(buf.get() + got, 0, want - got);
-        uint64_t firstBlock = rel / bs;
-        bool ok = true;
-        for (size_t off = 0; off < want && ok; off += bs) {
-          uint64_t b = firstBlock + off / bs;
-          size_t n = std::min(bs, want - off);
-          ok = hasher.Block(buf.get() + off, n, job->digests + b * kDigestLength, job->zero + b);
-        }
-        if (!ok) {
-          fail(CryptoFailure());
-          break;
-        }
+        if (!ok) break;
         job->done.fetch_add(want, std::memory_order_relaxed);
       }
     }

@@ -4,9 +4,10 @@
 // Model: a buffer (or file range) is cut into consecutive blocks of `blockSize` bytes, the last
 // one possibly short. Block i gets 32 digest bytes at digests + 32*i and one byte zero[i]
 // (1 when all its bytes are zero). Threads claim runs of blocks from an atomic counter, so a
-// mix of cheap (zero) and expensive blocks still spreads evenly; each thread owns its OpenSSL
-// context. The digest of an all-zero block of a given length is computed once per thread and
-// reused. SHA-256 comes from node's own OpenSSL 3 (SHA-NI / AVX2 code paths included).
+// mix of cheap (zero) and expensive blocks still spreads evenly; each thread owns its
+// hasher. The digest of an all-zero block of a given length is computed once per thread and
+// reused. SHA-256 is our own SHA-NI code hashing two blocks at once where the CPU has the SHA
+// extensions, else node's own OpenSSL 3 (see HashImplementation).
 #pragma once
 
 #include <atomic>
@@ -31,6 +32,11 @@ int ResolveThreads(int threads);
 // that cannot be created runs its share inline after fn(0).
 void ParallelFor(int n, const std::function<void(int)>& fn);
 
+// Which SHA-256 code the hashers use: "sha-ni-x2" (our own, two blocks at once with the x86
+// SHA extensions) or "openssl" (node's OpenSSL, one block at a time; CPUs without SHA-NI, or
+// DISKSNAP_HASH_IMPL=openssl in the environment).
+const char* HashImplementation();
+
 // One thread's hashing state. Not thread-safe; create one per thread.
 class BlockHasher {
  public:
@@ -40,14 +46,29 @@ class BlockHasher {
   BlockHasher& operator=(const BlockHasher&) = delete;
 
   bool ok() const { return ok_; }
-  // Digest of p[0..n) into out[32]; sets *zero. Returns false on an OpenSSL failure.
-  bool Block(const uint8_t* p, size_t n, uint8_t* out, uint8_t* zero);
+  // The consecutive blocks of data[0..len) (the last possibly short): digests[32 * i] and
+  // zero[i] for block i. Non-zero blocks are hashed two at a time where SHA-NI allows.
+  // Returns false on an OpenSSL failure.
+  bool Blocks(const uint8_t* data, size_t len, size_t blockSize, uint8_t* digests, uint8_t* zero);
 
  private:
   bool Digest(const uint8_t* p, size_t n, uint8_t* out);
+  void Digest2(const uint8_t* pa, size_t na, uint8_t* outa, const uint8_t* pb, size_t nb,
+               uint8_t* outb);
+  void Finish(uint32_t h[8], const uint8_t* p, size_t n, size_t absorbed, uint8_t* out) const;
+  // True (with the digest in out) when p[0..n) is all zero.
+  bool ZeroBlock(const uint8_t* p, size_t n, uint8_t* out);
 
   bool ok_ = false;
   bool keyed_ = false;
+  bool shani_ = false;
+  bool zeroFailed_ = false;
+  // SHA-NI: the state each block starts from (the IV, or HMAC's state after key ^ ipad), the
+  // HMAC outer state after key ^ opad, and the bytes absorbed before the block (0 or 64).
+  uint32_t init_[8];
+  uint32_t outerState_[8] = {0};
+  size_t prefix_ = 0;
+  // OpenSSL fallback.
   void* ctx_ = nullptr;    // EVP_MD_CTX*
   void* inner_ = nullptr;  // HMAC: state after absorbing key ^ ipad
   void* outer_ = nullptr;  // HMAC: state after absorbing key ^ opad

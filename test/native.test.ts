@@ -690,6 +690,106 @@ t.test('hashFile rejects with the error a progress callback throws', async (t) =
   t.equal(calls, 1, 'no progress after the callback threw');
 });
 
+t.test('hashBlocks equals node:crypto on random lengths, block sizes and keys', async (t) => {
+  // Lengths around the 64-byte chunk and the 55/56-byte padding boundary, blocks hashed in
+  // pairs of equal and unequal length (the short last block pairs with a full one), odd
+  // alignments, and HMAC keys shorter than, equal to and longer than the 64-byte SHA-256 block.
+  const keys: (Uint8Array | undefined)[] = [undefined, new Uint8Array(0), randomBytes(1), randomBytes(32), randomBytes(64), randomBytes(65), randomBytes(200)];
+  const sizes = [1, 3, 55, 56, 63, 64, 65, 119, 120, 127, 128, 129, 1000, 4097];
+  let checked = 0;
+  let bad = 0;
+  for (let round = 0; round < 60; round++) {
+    const bs = round < sizes.length ? sizes[round] : 1 + Math.floor(Math.random() * 20000);
+    const len = Math.floor(Math.random() * (bs * 7 + 300));
+    const backing = randomBytes(len + 16);
+    const at = Math.floor(Math.random() * 16);
+    const buf = backing.subarray(at, at + len);
+    const key = keys[round % keys.length];
+    const want = refDigests(buf, bs, key);
+    for (const threads of [1, 2]) {
+      const r = n.hashBlocks(buf, bs, threads, key);
+      checked += want.length / 32;
+      if (!r.digests.equals(want)) {
+        bad++;
+        t.fail(`block size ${bs}, length ${len}, offset ${at}, key ${key?.length ?? 'none'}, ${threads} threads`);
+      }
+    }
+  }
+  t.equal(bad, 0, `${checked} random blocks equal node:crypto`);
+  // Large blocks: 1 MiB and 3 MiB + 5 (grabbed two at a time), and 512 KiB with a short tail.
+  for (const [bs, len] of [[MiB, 6 * MiB + 77], [3 * MiB + 5, 10 * MiB], [512 * KiB, 4 * MiB + 64 * KiB + 3]]) {
+    const buf = randomBytes(len);
+    for (const key of [undefined, randomBytes(32)]) {
+      const want = refDigests(buf, bs, key);
+      t.ok(n.hashBlocks(buf, bs, 2, key).digests.equals(want), `${len} bytes in blocks of ${bs}, ${key ? 'hmac' : 'sha256'}`);
+      t.ok((await n.hashBlocksAsync(buf, bs, 1, key)).digests.equals(want), `async, ${len} bytes in blocks of ${bs}`);
+    }
+  }
+});
+
+t.test('zero flags: an all-zero block vs one with a single non-zero byte at the end', async (t) => {
+  const bs = 512 * KiB;
+  // zero | zero but the last byte | zero | non-zero first byte | random | short zero tail
+  const buf = Buffer.alloc(5 * bs + 1000);
+  buf[2 * bs - 1] = 1;
+  buf[3 * bs] = 0x80;
+  randomBytes(bs).copy(buf, 4 * bs);
+  for (const key of [undefined, randomBytes(32)]) {
+    const what = key ? 'hmac' : 'sha256';
+    const want = refDigests(buf, bs, key);
+    for (const threads of [1, 2]) {
+      const r = n.hashBlocks(buf, bs, threads, key);
+      t.same(Array.from(r.zero), [1, 0, 1, 0, 0, 1], `${what}, ${threads} threads: zero flags`);
+      t.ok(r.digests.equals(want), `${what}, ${threads} threads: digests equal node:crypto`);
+      t.notOk(r.digests.subarray(0, 32).equals(r.digests.subarray(32, 64)), 'one byte changes the digest');
+      t.ok(r.digests.subarray(0, 32).equals(r.digests.subarray(64, 96)), 'equal zero blocks, equal digests');
+    }
+  }
+});
+
+t.test('hashFile equals node:crypto for large and odd block sizes, sync and HMAC', async (t) => {
+  const { file, fd } = tempFile(t, 'odd.img', 13 * MiB + 4321);
+  n.pwrite(fd, randomBytes(5 * MiB + 17), 3 * MiB - 9);
+  n.pwrite(fd, randomBytes(4321), 13 * MiB);
+  const bytes = fs.readFileSync(file);
+  for (const bs of [4 * KiB + 1, 512 * KiB, MiB, 1.5 * MiB, 5 * MiB + 3]) {
+    for (const key of [undefined, randomBytes(48)]) {
+      const r = await n.hashFile(fd, 0, bytes.length, bs, 2, key, undefined);
+      t.ok(r.digests.equals(refDigests(bytes, bs, key)), `block size ${bs}, ${key ? 'hmac' : 'sha256'}`);
+      t.same(Array.from(r.zero), refZero(bytes, bs), `block size ${bs}: zero flags`);
+    }
+  }
+});
+
+t.test('the OpenSSL fallback (DISKSNAP_HASH_IMPL=openssl) gives the same digests', async (t) => {
+  // Hashes a seeded pattern in a child process that uses node's OpenSSL instead of SHA-NI.
+  const script = `
+    const a = require(${JSON.stringify(ADDON)});
+    const buf = Buffer.alloc(3 * 65536 + 999);
+    for (let i = 0; i < buf.length; i++) buf[i] = (i * 131 + (i >> 9)) & 0xff;
+    buf.fill(0, 65536, 2 * 65536);
+    const key = Buffer.from('fallback key');
+    const out = [a.hashBlocks(buf, 65536, 2), a.hashBlocks(buf, 65536, 1, key), a.hashBlocks(buf, 100, 2)];
+    process.stdout.write(JSON.stringify(out.map((r) => [r.digests.toString('hex'), Array.from(r.zero)])));`;
+  const run = (impl: string | undefined) => {
+    const env = { ...process.env };
+    if (impl) env.DISKSNAP_HASH_IMPL = impl;
+    else delete env.DISKSNAP_HASH_IMPL;
+    const r = spawnSync(process.execPath, ['-e', script], { env, encoding: 'utf8' });
+    t.equal(r.status, 0, `child (${impl ?? 'default'}) exits 0 ${r.stderr}`);
+    return JSON.parse(r.stdout) as [string, number[]][];
+  };
+  const fallback = run('openssl');
+  const dflt = run(undefined);
+  t.same(fallback, dflt, 'OpenSSL and the default implementation agree');
+  const buf = Buffer.alloc(3 * 65536 + 999);
+  for (let i = 0; i < buf.length; i++) buf[i] = (i * 131 + (i >> 9)) & 0xff;
+  buf.fill(0, 65536, 2 * 65536);
+  t.equal(fallback[0][0], refDigests(buf, 65536).toString('hex'), 'and node:crypto');
+  t.equal(fallback[1][0], refDigests(buf, 65536, Buffer.from('fallback key')).toString('hex'), 'HMAC too');
+  t.same(fallback[0][1], [0, 1, 0, 0]);
+});
+
 // ---------------------------------------------------------------------------------------------
 // copy_file_range and reflinks
 
