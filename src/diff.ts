@@ -40,7 +40,7 @@ import { writeAtomically, syncDir, checkOutput } from './atomic';
 import { native } from './native';
 import { Qcow2Image, readHeaderCluster, resolveBacking } from './qcow2/image';
 import { clusterBitsOf, createQcow2 } from './qcow2/create';
-import { EXT_PARENT_GUARD, GUARD_LAYOUT, HEADER_V2_LENGTH, parseHeader, Qcow2Header, EXTENSION_HEADER, EXT_END, MAX_BACKING_NAME } from './qcow2/format';
+import { EXT_PARENT_GUARD, GUARD_LAYOUT, HEADER_V2_LENGTH, parseHeader, Qcow2Header, MAX_BACKING_NAME, encodeExtensions, extensionsSize } from './qcow2/format';
 import { identify, toRecord } from './qcow2/guard';
 import { addChild, childrenOf, makeReadOnly, readRegistry, removeChild } from './qcow2/registry';
 import { assertNotAttached, assertNotAttachedWritable, commitMarkerPath, readJson, writeJsonAtomic } from './qcow2/sidecar';
@@ -619,21 +619,12 @@ function rewriteGuard(child: string, f: BlockFile, cluster0: Buffer, h: Qcow2Hea
   const exts = h.extensions.filter((e) => e.type !== EXT_PARENT_GUARD);
   exts.push({ type: EXT_PARENT_GUARD, data: g });
   const name = Buffer.from(h.backingFile ?? '', 'utf8');
-  let size = 8;
-  for (const e of exts) size += 8 + Math.ceil(e.data.length / 8) * 8;
-  if (start + size + name.length > cs || name.length > MAX_BACKING_NAME) {
+  if (start + extensionsSize(exts) + name.length > cs || name.length > MAX_BACKING_NAME) {
     throw new DisksnapError(`${child}: no room in the header cluster for the parent guard (cluster size ${cs})`, 'EUNSUPPORTED', undefined, child);
   }
   const out = Buffer.from(cluster0.subarray(0, cs));
   out.fill(0, start);
-  let pos = start;
-  for (const e of exts) {
-    EXTENSION_HEADER.encode({ type: e.type, length: e.data.length }, out, pos);
-    e.data.copy(out, pos + 8);
-    pos += 8 + Math.ceil(e.data.length / 8) * 8;
-  }
-  EXTENSION_HEADER.encode({ type: EXT_END, length: 0 }, out, pos);
-  pos += 8;
+  const pos = encodeExtensions(exts, out, start);
   name.copy(out, pos);
   // backing_file_offset (u64 at 8) and backing_file_size (u32 at 16)
   out.writeUInt32BE(0, 8);

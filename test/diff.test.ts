@@ -18,6 +18,7 @@ import {
   assertClean,
   assertShows,
   assertUnchanged,
+  makeParent,
   needQemu,
   pattern,
   qemuImgOk,
@@ -28,13 +29,6 @@ import {
 const KiB = 1024;
 const MiB = 2 ** 20;
 const skip = needQemu();
-
-function makeParent(dir: string, size: number, name = 'parent.raw'): { file: string; bytes: Buffer } {
-  const file = path.join(dir, name);
-  const bytes = pattern(size, 1);
-  fs.writeFileSync(file, bytes);
-  return { file, bytes };
-}
 
 function writeChild(child: string, expected: Buffer, writes: [number, Buffer][]): void {
   const img = Qcow2Image.open(child, { write: true });

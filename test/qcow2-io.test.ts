@@ -13,6 +13,7 @@ import {
   assertClean,
   assertShows,
   assertUnchanged,
+  makeParent,
   needQemu,
   pattern,
   qemuImgOk,
@@ -23,14 +24,6 @@ import {
 const KiB = 1024;
 const MiB = 2 ** 20;
 const skip = needQemu();
-
-/** A raw parent of `size` bytes filled with a pattern (so copy-on-write is visible). */
-function makeParent(dir: string, size: number, name = 'parent.raw'): { file: string; bytes: Buffer } {
-  const file = path.join(dir, name);
-  const bytes = pattern(size, 1);
-  fs.writeFileSync(file, bytes);
-  return { file, bytes };
-}
 
 function write(img: Qcow2Image, expected: Buffer, offset: number, data: Buffer): void {
   img.writeSync(data, offset);

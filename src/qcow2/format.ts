@@ -490,6 +490,22 @@ function featureTable(): Buffer {
  * table, parent guard, then any others), end marker, backing file name. Throws EINVALID if
  * it does not fit in one cluster (very long backing names with 512-byte clusters).
  */
+/** Bytes the extensions take, end marker included (each payload padded to 8 bytes). */
+export function extensionsSize(exts: { data: Buffer }[]): number {
+  return exts.reduce((n, e) => n + 8 + Math.ceil(e.data.length / 8) * 8, 8);
+}
+
+/** Writes the extensions and the end marker at `pos`; returns the offset just past them. */
+export function encodeExtensions(exts: { type: number; data: Buffer }[], buf: Buffer, pos: number): number {
+  for (const e of exts) {
+    EXTENSION_HEADER.encode({ type: e.type, length: e.data.length }, buf, pos);
+    e.data.copy(buf, pos + 8);
+    pos += 8 + Math.ceil(e.data.length / 8) * 8;
+  }
+  EXTENSION_HEADER.encode({ type: EXT_END, length: 0 }, buf, pos);
+  return pos + 8;
+}
+
 export function encodeHeaderCluster(h: NewHeader): Buffer {
   const clusterSize = 2 ** h.clusterBits;
   const exts: HeaderExtension[] = [];
@@ -505,18 +521,14 @@ export function encodeHeaderCluster(h: NewHeader): Buffer {
   if (name && (name.length === 0 || name.length > MAX_BACKING_NAME)) {
     throw new DisksnapError(`backing file name must be 1..${MAX_BACKING_NAME} bytes (got ${name.length})`, 'EINVALID');
   }
-  let extBytes = 8; // end marker
-  for (const e of exts) extBytes += 8 + Math.ceil(e.data.length / 8) * 8;
-  let total = HEADER_V3_LENGTH + extBytes + (name?.length ?? 0);
-  if (total > clusterSize) {
+  const need = (): number => HEADER_V3_LENGTH + extensionsSize(exts) + (name?.length ?? 0);
+  if (need() > clusterSize) {
     // Drop the optional feature table before giving up (QEMU does the same).
     const i = exts.findIndex((e) => e.type === EXT_FEATURE_TABLE);
-    if (i >= 0) {
-      extBytes -= 8 + Math.ceil(exts[i].data.length / 8) * 8;
-      total -= 8 + Math.ceil(exts[i].data.length / 8) * 8;
-      exts.splice(i, 1);
-    }
+    if (i >= 0) exts.splice(i, 1);
   }
+  const total = need();
+  const extBytes = extensionsSize(exts);
   if (total > clusterSize) {
     throw new DisksnapError(
       `the qcow2 header, its extensions and the backing file name need ${total} bytes, more than one ${clusterSize}-byte cluster; use a larger cluster size or a shorter path`,
@@ -549,14 +561,7 @@ export function encodeHeaderCluster(h: NewHeader): Buffer {
   };
   HEADER_V3.encode(raw, buf, 0);
   buf[COMPRESSION_TYPE_OFFSET] = 0; // zlib
-  let pos = HEADER_V3_LENGTH;
-  for (const e of exts) {
-    EXTENSION_HEADER.encode({ type: e.type, length: e.data.length }, buf, pos);
-    e.data.copy(buf, pos + 8);
-    pos += 8 + Math.ceil(e.data.length / 8) * 8;
-  }
-  EXTENSION_HEADER.encode({ type: EXT_END, length: 0 }, buf, pos);
-  pos += 8;
+  let pos = encodeExtensions(exts, buf, HEADER_V3_LENGTH);
   if (name) name.copy(buf, pos);
   return buf;
 }

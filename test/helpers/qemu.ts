@@ -4,6 +4,7 @@
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { createHash } from 'node:crypto';
 import { missing } from './tools';
 
@@ -104,7 +105,6 @@ export function pattern(len: number, seed: number): Buffer {
   return b;
 }
 
-import * as path from 'node:path';
 
 /** The assertions these helpers use (any tap test object has them). */
 export interface Test {
@@ -134,4 +134,12 @@ export function assertUnchanged(t: Test, file: string, before: Snapshot, phase: 
   const now = snapshotOf(file);
   t.equal(now.sha, before.sha, `${phase}: ${path.basename(file)} bytes unchanged`);
   t.equal(now.mtimeNs, before.mtimeNs, `${phase}: ${path.basename(file)} mtime unchanged`);
+}
+
+/** A raw parent of `size` bytes filled with a pattern (so copy-on-write is visible). */
+export function makeParent(dir: string, size: number, name = 'parent.raw'): { file: string; bytes: Buffer } {
+  const file = path.join(dir, name);
+  const bytes = pattern(size, 1);
+  fs.writeFileSync(file, bytes);
+  return { file, bytes };
 }
