@@ -275,10 +275,22 @@ function attachRaw(id: Identity, readOnly: boolean, directIo: boolean): Attachme
   // Exclusive first: nobody else may have it open for writing (QEMU, disksnap), nor, for a
   // writable attachment, for reading. Then the shared lock that the loop device keeps.
   const f = BlockFile.open(id.path, { write: !readOnly, lock: readOnly ? 'shared' : 'exclusive' });
+  if (!readOnly) f.setLock('shared');
+  return bindLoop(f, id, { format: 'raw', readOnly, directIo, via: 'loop', backing: id.path, backingDev: id.dev, backingIno: id.ino });
+}
+
+/**
+ * Hands the open file `f` to a free loop device (closing f: the device keeps its own
+ * reference, lock included), then records the attachment and describes it.
+ */
+function bindLoop(
+  f: BlockFile,
+  id: Identity,
+  a: { format: string; readOnly: boolean; directIo: boolean; via: AttachVia; backing: string; backingDev: number; backingIno: string; fuse?: FuseRecord },
+): Attachment {
   let r: { device: string; index: number };
   try {
-    if (!readOnly) f.setLock('shared');
-    r = native().loopAttach(f.fd, readOnly, directIo, id.path);
+    r = native().loopAttach(f.fd, a.readOnly, a.directIo, id.path);
   } finally {
     f.close();
   }
@@ -290,16 +302,29 @@ function attachRaw(id: Identity, readOnly: boolean, directIo: boolean): Attachme
     image: id.path,
     imageDev: id.dev,
     imageIno: id.ino,
-    format: 'raw',
-    readOnly,
-    via: 'loop',
-    backing: id.path,
-    backingDev: k?.status.backingDev ?? id.dev,
-    backingIno: k?.status.backingIno.toString() ?? id.ino,
+    format: a.format,
+    readOnly: a.readOnly,
+    via: a.via,
+    backing: a.backing,
+    backingDev: k?.status.backingDev ?? a.backingDev,
+    backingIno: k?.status.backingIno.toString() ?? a.backingIno,
+    ...(a.fuse ? { fuse: a.fuse } : {}),
     attachedAt: new Date().toISOString(),
   };
   writeRecord(rec);
-  return k ? describe(k, rec) : { device: r.device, index: r.index, image: id.path, readOnly, via: 'loop', mountpoints: [], backing: id.path, format: 'raw', recorded: true };
+  if (k) return describe(k, rec);
+  return {
+    device: r.device,
+    index: r.index,
+    image: id.path,
+    readOnly: a.readOnly,
+    via: a.via,
+    mountpoints: [],
+    backing: a.backing,
+    format: a.format,
+    ...(a.fuse ? { fuse: { ...a.fuse, alive: true } } : {}),
+    recorded: true,
+  };
 }
 
 /** The compiled server script (tests may run this module from the TypeScript sources). */
@@ -393,33 +418,7 @@ async function attachViaFuse(id: Identity, format: string, readOnly: boolean, op
     const startTime = processStartTime(server.pid) ?? '';
     const fuse: FuseRecord = { pid: server.pid, startTime, mountpoint, file: server.file, log };
     const f = BlockFile.open(server.file, { write: !readOnly, lock: 'none' });
-    let r: { device: string; index: number };
-    try {
-      r = native().loopAttach(f.fd, readOnly, opts.directIo ?? true, id.path);
-    } finally {
-      f.close();
-    }
-    const k = kernelLoop(r.index);
-    const rec: AttachmentRecord = {
-      version: 1,
-      device: r.device,
-      index: r.index,
-      image: id.path,
-      imageDev: id.dev,
-      imageIno: id.ino,
-      format,
-      readOnly,
-      via: 'fuse+loop',
-      backing: server.file,
-      backingDev: k?.status.backingDev ?? 0,
-      backingIno: k?.status.backingIno.toString() ?? '0',
-      fuse,
-      attachedAt: new Date().toISOString(),
-    };
-    writeRecord(rec);
-    return k
-      ? describe(k, rec)
-      : { device: r.device, index: r.index, image: id.path, readOnly, via: 'fuse+loop', mountpoints: [], backing: server.file, format, fuse: { ...fuse, alive: true }, recorded: true };
+    return bindLoop(f, id, { format, readOnly, directIo: opts.directIo ?? true, via: 'fuse+loop', backing: server.file, backingDev: 0, backingIno: '0', fuse });
   } catch (e) {
     if (server) await stopFuse({ pid: server.pid, startTime: processStartTime(server.pid) ?? '', mountpoint, file: server.file, log }).catch(() => undefined);
     else fs.rmSync(mountpoint, { recursive: false, force: true });
