@@ -13,8 +13,12 @@
  *   threads (digest + all-zero flag per block) ──► zero: no entry | same digest as the
  *   parent's: entry | else: putIfAbsent(object) + entry
  *   ──► stat volume again: size/mtime/ctime moved => the volume changed while being read:
- *       retry once, then `error` with the reason (point-in-time capture of mounted
- *       filesystems is the `freeze` hook, filled in by the loopback issue)
+ *       retry once, then `error` with the reason
+ *
+ * A volume whose filesystem is mounted is read at a point in time (src/store/capture.ts):
+ * frozen while a reflink clone is made and the clone read ('frozen-clone'), or frozen for the
+ * whole read ('frozen'); with noFreeze it is 'crash-consistent'. Each attempt gets its own
+ * view, released (thawed, clone removed) when the attempt ends, however it ends.
  *
  * Two ways to hash, chosen by whether there is a parent to compare with:
  *   full:        read each 16 MiB chunk once into a buffer, hash it there, write the new
@@ -65,6 +69,7 @@ import { Lease, StoreLock } from './store/lock';
 import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength } from './store/manifest';
 import { collectGarbage, GcReport } from './store/gc';
 import { DirectIo, DIRECT_ALIGN } from './store/direct';
+import type { CaptureSource } from './store/capture';
 import {
   SnapshotRecord,
   SnapshotStats,
@@ -350,8 +355,16 @@ export interface CreateSnapshotOptions extends StoreOptions {
   /** attempts after the first when the volume changes while being read (default 1) */
   retries?: number;
   /**
-   * Point-in-time hook (the loopback issue fills it in): called before each attempt reads the
-   * volume; the function it returns is called after the attempt.
+   * A mounted volume is frozen for the read (or for a reflink clone) unless this is set; the
+   * snapshot is then recorded as crash-consistent (src/store/capture.ts has the cases).
+   */
+  noFreeze?: boolean;
+  /** do not read a reflink clone of a mounted volume: stay frozen while reading it */
+  noClone?: boolean;
+  /**
+   * Replaces the automatic point-in-time capture (tests): called before each attempt reads the
+   * volume; the function it returns is called after the attempt. The snapshot is recorded as
+   * 'frozen' when it returned one, else 'not-mounted'.
    */
   freeze?: (volumePath: string) => Promise<(() => Promise<void>) | void>;
   /** test hook: called after each chunk was read and hashed */
@@ -410,6 +423,8 @@ export async function createSnapshot(volume: string, opts: CreateSnapshotOptions
         stats: emptyStats(),
         error: null,
         creator: { pid: process.pid, host: os.hostname() },
+        consistency: null,
+        frozenMs: null,
       };
       try {
         await store.writeSnapshot(rec);
@@ -445,9 +460,13 @@ async function runCapture(
   let writer: ManifestWriter | undefined;
   try {
     for (let attempt = 1; ; attempt++) {
-      const thaw = opts.freeze ? await opts.freeze(rec.volumePath) : undefined;
+      const src = await captureSource(store, rec.volumePath, opts);
+      rec.consistency = src.consistency;
+      // The clone of a mounted volume is read in its place; the snapshot stays the volume's.
+      let from: BlockFile | undefined;
       try {
-        writer = await capture(store, file, rec, parent, opts, attempt, saveProgress);
+        from = src.path === rec.volumePath ? file : BlockFile.open(src.path, { lock: 'shared' });
+        writer = await capture(store, from, rec, parent, opts, attempt, saveProgress, () => src.release());
       } catch (e) {
         if (!(e instanceof VolumeChanged)) throw e;
         if (attempt >= attempts) {
@@ -462,7 +481,9 @@ async function runCapture(
         opts.onLog?.(`volume ${rec.volumePath} changed while it was being read (${e.message}); starting over`);
         continue;
       } finally {
-        if (thaw) await thaw();
+        if (from && from !== file) from.close();
+        await src.release();
+        rec.frozenMs = src.frozenMs === undefined ? null : Math.round(src.frozenMs * 10) / 10;
       }
       break;
     }
@@ -486,6 +507,26 @@ async function runCapture(
   }
 }
 
+/** Where one attempt reads from: the automatic point-in-time view, or the test hook's. */
+async function captureSource(store: Store, volume: string, opts: CreateSnapshotOptions): Promise<CaptureSource> {
+  if (opts.freeze) {
+    let thaw = await opts.freeze(volume);
+    return {
+      path: volume,
+      consistency: thaw ? 'frozen' : 'not-mounted',
+      frozenMs: undefined,
+      release: async () => {
+        const t = thaw;
+        thaw = undefined; // once: release comes early (reads done) and again in `finally`
+        if (t) await t();
+      },
+    };
+  }
+  // Loaded only here: the loop library is a good part of the start-up time of other commands.
+  const { openCapture } = await import('./store/capture');
+  return openCapture(volume, { noFreeze: opts.noFreeze, noClone: opts.noClone, storeDir: store.dir });
+}
+
 /** One attempt; returns the manifest writer, ready to commit. Throws VolumeChanged. */
 async function capture(
   store: Store,
@@ -495,6 +536,7 @@ async function capture(
   opts: CreateSnapshotOptions,
   attempt: number,
   saveProgress: (percent: number) => void,
+  readDone: () => Promise<void>,
 ): Promise<ManifestWriter> {
   const n = native();
   const bs = store.blockSize;
@@ -671,7 +713,8 @@ async function capture(
         await chunkDone(len);
       }
     }
-    await writes.drain();
+    // Every read of the volume is done: check it did not move, then let go of the freeze (or
+    // the clone) before waiting for the object writes.
     rec.stats.zeroBlocks = blocks - rec.stats.dataBlocks;
     const st1 = statOf(file);
     const why =
@@ -685,6 +728,8 @@ async function capture(
               ? 'replaced by another file'
               : undefined;
     if (why) throw new VolumeChanged(why);
+    await readDone();
+    await writes.drain();
     ok = true;
     return writer;
   } finally {

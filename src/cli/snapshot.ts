@@ -88,6 +88,22 @@ function warnDamaged(damaged: { id: string; error: DisksnapError }[], what: stri
   for (const d of damaged) log(`disksnap: ${what} ${d.id} is unreadable: ${d.error.message}`);
 }
 
+/** 'frozen-clone (filesystem frozen for 3.1 ms)' and the like. */
+function consistencyText(s: snap.SnapshotRecord): string {
+  switch (s.consistency) {
+    case null:
+      return '- (not recorded)';
+    case 'not-mounted':
+      return 'not-mounted (the volume was not mounted)';
+    case 'frozen':
+      return `frozen (filesystem frozen while it was read${s.frozenMs !== null ? `, ${(s.frozenMs / 1000).toFixed(2)} s` : ''})`;
+    case 'frozen-clone':
+      return `frozen-clone (filesystem frozen for a reflink clone${s.frozenMs !== null ? `, ${s.frozenMs} ms` : ''}; the clone was read)`;
+    case 'crash-consistent':
+      return 'crash-consistent (mounted, not frozen: --no-freeze)';
+  }
+}
+
 function printSnapshot(s: snap.SnapshotRecord): void {
   const rows: [string, string][] = [
     ['id', s.id],
@@ -97,6 +113,7 @@ function printSnapshot(s: snap.SnapshotRecord): void {
     ['description', s.description],
     ['tags', Object.entries(s.tags).map(([k, v]) => `${k}=${v}`).join(', ')],
     ['encrypted', String(s.encrypted)],
+    ['consistency', consistencyText(s)],
     ['started', s.startTime],
     ['completed', s.completionTime ?? '-'],
     ['volume size', `${formatSize(s.volumeSize)} (${s.volumeSize} bytes)`],
@@ -126,10 +143,11 @@ export function register(program: Command): void {
     .option('--description <text>', 'description', '')
     .option('--tag <key=value>', 'tag (repeatable)', collect, [])
     .option('--block-size <size>', 'block size of a store this command creates (default 512K)', sizeArg('block size'))
+    .option('--no-freeze', 'do not freeze a mounted volume (the snapshot is then crash-consistent)')
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print the snapshot as JSON')
     .action(
-      action(async (volume: string, o: StoreFlag & { name: string; description: string; tag: string[]; blockSize?: number }) => {
+      action(async (volume: string, o: StoreFlag & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean }) => {
         const tags = parseTags(o.tag);
         const rec = await withBar('snapshot', (onProgress) =>
           snap.createSnapshot(volume, {
@@ -138,6 +156,7 @@ export function register(program: Command): void {
             description: o.description,
             tags,
             blockSize: o.blockSize,
+            noFreeze: o.freeze === false,
             onProgress,
             onLog: (m) => log(`disksnap: ${m}`),
           }),
@@ -147,7 +166,9 @@ export function register(program: Command): void {
           process.stdout.write(
             `${rec.id} ${rec.state}: ${rec.stats.dataBlocks} data blocks of ${formatSize(rec.blockSize)}, ` +
               `${rec.stats.changedBlocks} changed${rec.parentId ? ` since ${rec.parentId}` : ''}, ` +
-              `${rec.stats.blocksAdded} added to the store (${formatSize(rec.stats.bytesAdded)})\n`,
+              `${rec.stats.blocksAdded} added to the store (${formatSize(rec.stats.bytesAdded)})` +
+              (rec.consistency && rec.consistency !== 'not-mounted' ? `; ${consistencyText(rec)}` : '') +
+              '\n',
           );
         }
       }),

@@ -20,6 +20,15 @@ export const MIN_BLOCK_SIZE = 4 * 1024;
 export const MAX_BLOCK_SIZE = 64 * 1024 * 1024;
 
 export type SnapshotState = 'pending' | 'completed' | 'error';
+/**
+ * How the volume was captured (the loop library's values, src/loop/freeze.ts):
+ *   'not-mounted'      the volume was not mounted: read as it was
+ *   'frozen'           its filesystem was frozen (FIFREEZE) for the whole read
+ *   'frozen-clone'     frozen only while a reflink clone was made; the clone was read
+ *   'crash-consistent' mounted and not frozen (--no-freeze): like a power cut's disk
+ */
+export type Consistency = 'frozen-clone' | 'frozen' | 'crash-consistent' | 'not-mounted';
+export const CONSISTENCIES: readonly Consistency[] = ['frozen-clone', 'frozen', 'crash-consistent', 'not-mounted'];
 export type DigestAlgorithm = 'sha256' | 'hmac-sha256';
 
 export interface StoreConfig {
@@ -89,6 +98,10 @@ export interface SnapshotRecord {
   error: string | null;
   /** the process that writes a pending snapshot; a pending snapshot whose writer is gone is stale */
   creator: { pid: number; host: string };
+  /** how the volume was captured; null in records written before this field existed */
+  consistency: Consistency | null;
+  /** how long the volume's filesystem was frozen (ms), when it was */
+  frozenMs: number | null;
 }
 
 const HEX_ID = /^[0-9a-f]{16}$/;
@@ -249,7 +262,24 @@ export function parseSnapshotRecord(file: string, text: string | Buffer): Snapsh
     stats,
     error: strOrNull(file, o, 'error'),
     creator: { pid: int(file, c, 'pid'), host: str(file, c, 'host') },
+    consistency: consistencyOf(file, o),
+    frozenMs: o.frozenMs === null || o.frozenMs === undefined ? null : num(file, o, 'frozenMs'),
   };
+}
+
+function consistencyOf(file: string, o: Obj): Consistency | null {
+  if (o.consistency === null || o.consistency === undefined) return null;
+  const v = str(file, o, 'consistency');
+  if (!(CONSISTENCIES as readonly string[]).includes(v)) {
+    throw corrupt(file, `field 'consistency' is ${JSON.stringify(v)}, expected one of ${CONSISTENCIES.map((c) => `"${c}"`).join(', ')}`);
+  }
+  return v as Consistency;
+}
+
+function num(file: string, o: Obj, field: string): number {
+  const v = o[field];
+  if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) throw corrupt(file, `field '${field}' is ${JSON.stringify(v)}, expected a non-negative number`);
+  return v;
 }
 
 /** Stable key order for the JSON a user sees (the shape DESIGN.md promises first). */
@@ -272,6 +302,8 @@ export function snapshotJson(r: SnapshotRecord): SnapshotRecord {
     stats: r.stats,
     error: r.error,
     creator: r.creator,
+    consistency: r.consistency,
+    frozenMs: r.frozenMs,
   };
 }
 
