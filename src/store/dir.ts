@@ -17,6 +17,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { DisksnapError, fromNodeError } from '../errors';
+import { ObjectData, dataBytes } from './backend';
 import type { ObjectInfo, ObjectReader, ObjectWriter, StoreBackend } from './backend';
 import { BlockFile } from '../file';
 import { DirectIo } from './direct';
@@ -131,14 +132,30 @@ export class DirectoryBackend implements StoreBackend {
    * Block objects from an aligned buffer (allocBuffer) are written with O_DIRECT: no page-cache
    * copy, and fdatasync then commits only the metadata. EINVAL (a filesystem that accepted the
    * probe but not this write) turns O_DIRECT off for this backend and retries through the cache.
+   * Parts after an aligned first one (a sealed object's 32-byte trailer, src/store/crypto.ts)
+   * go through the page cache behind it: O_DIRECT takes whole sectors only, and the one
+   * fdatasync covers both (it syncs the inode, whichever descriptor asks).
    */
-  private async writeTempDirect(dir: string, data: Uint8Array): Promise<string | undefined> {
-    if (!this.direct || !this.direct.isAligned(data)) return undefined;
+  private async writeTempDirect(dir: string, data: ObjectData): Promise<string | undefined> {
+    const parts = data instanceof Uint8Array ? [data] : data;
+    if (!this.direct || !parts.length || !this.direct.isAligned(parts[0])) return undefined;
     const tmp = tmpName(dir);
     let f: BlockFile | undefined;
     try {
       f = BlockFile.open(tmp, { create: true, exclusive: true, direct: true, lock: 'none', mode: 0o644 });
-      await f.write(data, 0);
+      await f.write(parts[0], 0);
+      if (parts.length > 1) {
+        const fh = await fs.promises.open(tmp, 'r+');
+        try {
+          let at = parts[0].length;
+          for (const p of parts.slice(1)) {
+            for (let done = 0; done < p.length; ) done += (await fh.write(p, done, p.length - done, at + done)).bytesWritten;
+            at += p.length;
+          }
+        } finally {
+          await fh.close();
+        }
+      }
       await f.sync(true);
       f.close();
       return tmp;
@@ -153,11 +170,11 @@ export class DirectoryBackend implements StoreBackend {
     }
   }
 
-  async putIfAbsent(key: string, data: Uint8Array): Promise<boolean> {
+  async putIfAbsent(key: string, data: ObjectData): Promise<boolean> {
     const file = this.file(key);
     if ((await this.stat(key)) !== undefined) return false;
     const dir = path.dirname(file);
-    const write = async () => (await this.writeTempDirect(dir, data)) ?? (await this.writeTemp(dir, data, true));
+    const write = async () => (await this.writeTempDirect(dir, data)) ?? (await this.writeTemp(dir, dataBytes(data), true));
     let tmp: string;
     try {
       tmp = await write();
