@@ -64,13 +64,17 @@ import { randomBytes } from 'node:crypto';
 import { BlockFile } from './file';
 import { DisksnapError, invalid, isDisksnapError, fromNodeError } from './errors';
 import { native, NativeStat } from './native';
-import { Store, defaultStoreDir } from './store/store';
+import { BlockCodec, PLAIN_CODEC, Store, defaultStoreDir, sealedCodec } from './store/store';
+import { KeyRing, KeySpec, isExplicit, needKeyError } from './keys';
+import { DerivedKeys, unsealMetadata } from './store/crypto';
 import { Lease, StoreLock } from './store/lock';
 import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength } from './store/manifest';
 import { collectGarbage, GcReport } from './store/gc';
 import { DirectIo, DIRECT_ALIGN } from './store/direct';
 import type { CaptureSource } from './store/capture';
 import {
+  KeyRecord,
+  SnapshotJson,
   SnapshotRecord,
   SnapshotStats,
   VolumeRecord,
@@ -80,7 +84,7 @@ import {
   snapshotJson,
 } from './store/records';
 
-export type { SnapshotRecord, SnapshotStats, VolumeRecord, GcReport };
+export type { SnapshotJson, SnapshotRecord, SnapshotStats, VolumeRecord, GcReport, KeySpec };
 export { defaultStoreDir };
 
 /** Bytes per read/hash chunk; also the unit of pipelining. Four of them at most in memory. */
@@ -103,10 +107,15 @@ export interface StoreOptions {
   lockWaitMs?: number;
   /** hashing threads (default: one per CPU) */
   threads?: number;
+  /**
+   * The key of encrypted volumes and snapshots (src/keys.ts): needed to snapshot an encrypted
+   * volume, restore or verify an encrypted snapshot, or see its name, description and tags.
+   */
+  key?: KeySpec;
 }
 
 export interface Progress {
-  phase: 'scan' | 'plan' | 'verify' | 'write';
+  phase: 'scan' | 'plan' | 'verify' | 'write' | 'copy';
   done: number;
   total: number;
 }
@@ -268,6 +277,41 @@ async function withStoreLock<T>(store: Store, mode: 'shared' | 'exclusive', opts
 }
 
 // ---------------------------------------------------------------------------------------
+// keys
+
+/** The codec of a snapshot: plain, or sealed under its key (ENOKEY / EKEYREJECTED first). */
+async function codecOf(store: Store, rec: SnapshotRecord, ring: KeyRing): Promise<BlockCodec> {
+  if (!rec.encrypted) return PLAIN_CODEC;
+  return sealedCodec(await ring.forId(store, rec.keyId!, `snapshot ${rec.id}`));
+}
+
+/** Opens the sealed name, description and tags of the records whose key `ring` gives. */
+async function reveal(store: Store, recs: SnapshotRecord[], ring: KeyRing): Promise<void> {
+  if (!ring.present) return;
+  for (const r of recs) {
+    if (!r.metadataHidden || !r.sealedMetadata || !r.keyId) continue;
+    const keys = await ring.tryId(store, r.keyId);
+    if (keys) openMetadata(store, r, keys);
+  }
+}
+
+function openMetadata(store: Store, r: SnapshotRecord, keys: DerivedKeys): void {
+  if (!r.metadataHidden || !r.sealedMetadata) return;
+  const m = unsealMetadata(keys, r.id, r.sealedMetadata, store.backend.describe(store.snapshotKey(r.id)));
+  r.name = m.name;
+  r.description = m.description;
+  r.tags = m.tags;
+  r.metadataHidden = false;
+}
+
+/** A snapshot by id, prefix or name (names of encrypted snapshots only with their key). */
+async function resolve(store: Store, ref: string, ring: KeyRing): Promise<SnapshotRecord> {
+  const rec = await store.resolveSnapshot(ref, (recs) => reveal(store, recs, ring));
+  await reveal(store, [rec], ring);
+  return rec;
+}
+
+// ---------------------------------------------------------------------------------------
 // store and volumes
 
 export interface InitStoreOptions extends StoreOptions {
@@ -292,19 +336,50 @@ export async function initStore(opts: InitStoreOptions = {}): Promise<StoreInfo>
 export interface RegisterVolumeOptions extends StoreOptions {
   /** block size for a store this call creates */
   blockSize?: number;
+  /** every snapshot of the volume is encrypted with `key` (which must then be given) */
   encrypted?: boolean;
 }
 
-/** The store's record of a volume; registers it when unknown (idempotent). */
+/**
+ * The store's record of a volume; registers it when unknown (idempotent). With `encrypted`,
+ * the volume is recorded with the key's id (and the key's record, never the key, is written
+ * to the store); from then on every snapshot of it is encrypted. A volume that already has
+ * plain snapshots is not turned into an encrypted one: encrypt those by copying them.
+ */
 export async function registerVolume(volume: string, opts: RegisterVolumeOptions = {}): Promise<VolumeRecord> {
-  if (opts.encrypted) {
-    throw new DisksnapError('encrypted volumes are not supported by this version yet (snapshot encryption comes with its own issue)', 'EUNSUPPORTED');
-  }
+  const ring = new KeyRing(opts.key).check();
+  if (!opts.encrypted && isExplicit(opts.key)) throw invalid('a key is for encrypted volumes: add --encrypted (or leave the key out)');
+  if (opts.encrypted && !ring.present) throw needKeyError(`volume register --encrypted ${volume}`);
   const real = realVolumePath(volume);
   const file = openVolume(real, false);
   try {
     const store = await Store.open(opts.store, { create: true, blockSize: opts.blockSize });
-    return await ensureVolume(store, real, file, statOf(file));
+    return await withStoreLock(store, 'shared', opts, async () => {
+      const existing = await findVolumeByPath(store, real);
+      if (!opts.encrypted) return ensureVolume(store, real, file, statOf(file));
+      if (existing?.encrypted) {
+        await ring.forId(store, existing.keyId!, `volume ${real} (${existing.id})`);
+        return ensureVolume(store, real, file, statOf(file));
+      }
+      if (existing) {
+        const theirs = (await store.listSnapshots()).snapshots.filter((s) => s.volumeId === existing.id);
+        if (theirs.length) {
+          throw new DisksnapError(
+            `volume ${real} (${existing.id}) already has ${theirs.length} unencrypted snapshot(s); encryption follows a volume from its first snapshot. ` +
+              'Encrypt those by copying them (`disksnap snapshot copy SNAP --to-store DIR --encrypt --key-file K`), or delete them first',
+            'EINVALID',
+            undefined,
+            real,
+          );
+        }
+      }
+      const keys = await ring.forNew(store, `volume register --encrypted ${real}`);
+      const rec = await ensureVolume(store, real, file, statOf(file));
+      rec.encrypted = true;
+      rec.keyId = keys.id;
+      await store.writeVolume(rec);
+      return rec;
+    });
   } finally {
     file.close();
   }
@@ -379,14 +454,25 @@ class VolumeChanged extends Error {}
  * Takes a snapshot of `volume` (a raw image file or block device). Registers the volume when
  * the store does not know it, and creates the store when it does not exist.
  */
-export async function createSnapshot(volume: string, opts: CreateSnapshotOptions = {}): Promise<SnapshotRecord> {
+export async function createSnapshot(volume: string, opts: CreateSnapshotOptions = {}): Promise<SnapshotJson> {
   if (opts.name !== undefined && typeof opts.name !== 'string') throw invalid('name must be a string');
   // The volume first: a typo in its path must not create a store as a side effect.
   const real = realVolumePath(volume);
   const file = openVolume(real, false);
   try {
     const store = await Store.open(opts.store, { create: true, blockSize: opts.blockSize });
-    return await withStoreLock(store, 'shared', opts, async () => {
+    return await withStoreLock(store, 'shared', opts, async (): Promise<SnapshotJson> => {
+      // Encryption follows the volume: its key, checked before anything is read or written.
+      const known = await findVolumeByPath(store, real);
+      if (isExplicit(opts.key) && !known?.encrypted) {
+        throw invalid(
+          `volume ${real}${known ? ` (${known.id})` : ''} is not an encrypted volume, so its snapshots are not encrypted; ` +
+            `register it with \`disksnap volume register ${real} --encrypted --key-file K\` before its first snapshot, or encrypt a snapshot by copying it with --encrypt`,
+          real,
+        );
+      }
+      const codec = known?.encrypted ? sealedCodec(await new KeyRing(opts.key).forId(store, known.keyId!, `volume ${real} (${known.id})`)) : PLAIN_CODEC;
+      const cstore = store.withCodec(codec);
       const st0 = statOf(file);
       const vol = await ensureVolume(store, real, file, st0);
       if (vol.inPlaceRestore) {
@@ -400,8 +486,9 @@ export async function createSnapshot(volume: string, opts: CreateSnapshotOptions
       }
       const listing = await store.listSnapshots();
       await store.reapStale(listing);
+      // The parent is compared digest by digest: it must be under the same key (or none).
       const parent = listing.snapshots
-        .filter((s) => s.volumeId === vol.id && s.state === 'completed' && s.blockSize === store.blockSize)
+        .filter((s) => s.volumeId === vol.id && s.state === 'completed' && s.blockSize === store.blockSize && s.keyId === vol.keyId)
         .pop();
       const id = newId('snap');
       const lease = Lease.take(store.dir, id);
@@ -413,7 +500,7 @@ export async function createSnapshot(volume: string, opts: CreateSnapshotOptions
         name: opts.name ?? '',
         description: opts.description ?? '',
         tags: { ...(opts.tags ?? {}) },
-        encrypted: false,
+        encrypted: vol.encrypted,
         startTime: new Date().toISOString(),
         completionTime: null,
         blockSize: store.blockSize,
@@ -425,10 +512,14 @@ export async function createSnapshot(volume: string, opts: CreateSnapshotOptions
         creator: { pid: process.pid, host: os.hostname() },
         consistency: null,
         frozenMs: null,
+        keyId: vol.keyId,
+        sealedMetadata: null,
+        metadataHidden: false,
+        copiedFrom: null,
       };
       try {
-        await store.writeSnapshot(rec);
-        return await runCapture(store, file, rec, parent, opts);
+        await cstore.writeSnapshot(rec);
+        return await runCapture(cstore, file, rec, parent, opts);
       } finally {
         lease.release();
       }
@@ -444,18 +535,9 @@ async function runCapture(
   rec: SnapshotRecord,
   parent: SnapshotRecord | undefined,
   opts: CreateSnapshotOptions,
-): Promise<SnapshotRecord> {
-  // Progress writes are chained; the final record waits for them (see the note above).
-  let progressChain: Promise<void> = Promise.resolve();
-  let lastWrite = 0;
-  const saveProgress = (percent: number): void => {
-    const now = Date.now();
-    if (now - lastWrite < PROGRESS_INTERVAL_MS || percent === rec.progress) return;
-    lastWrite = now;
-    rec.progress = percent;
-    const snap = { ...rec, stats: { ...rec.stats } };
-    progressChain = progressChain.then(() => store.writeSnapshot(snap)).catch(() => undefined);
-  };
+): Promise<SnapshotJson> {
+  const progress = progressSaver(store, rec);
+  const saveProgress = progress.save;
   const attempts = 1 + Math.max(0, opts.retries ?? 1);
   let writer: ManifestWriter | undefined;
   try {
@@ -491,20 +573,40 @@ async function runCapture(
     await store.backend.flush();
     await writer.commit();
     writer = undefined;
-    await progressChain;
+    await progress.settle();
     rec.state = 'completed';
     rec.progress = 100;
     rec.completionTime = new Date().toISOString();
     await store.writeSnapshot(rec);
     return snapshotJson(rec);
   } catch (e) {
-    await progressChain;
+    await progress.settle();
     if (writer) await writer.abort().catch(() => undefined);
     rec.state = 'error';
     rec.error = e instanceof Error ? e.message : String(e);
     await store.writeSnapshot(rec).catch(() => undefined);
     throw e;
   }
+}
+
+/**
+ * Progress of a pending snapshot, rewritten atomically at most ~2/s. Writes are chained;
+ * `settle()` waits for them, so that a late one cannot overwrite the final record.
+ */
+function progressSaver(store: Store, rec: SnapshotRecord): { save: (percent: number) => void; settle: () => Promise<void> } {
+  let chain: Promise<void> = Promise.resolve();
+  let lastWrite = 0;
+  return {
+    save: (percent) => {
+      const now = Date.now();
+      if (now - lastWrite < PROGRESS_INTERVAL_MS || percent === rec.progress) return;
+      lastWrite = now;
+      rec.progress = percent;
+      const snap = { ...rec, stats: { ...rec.stats } };
+      chain = chain.then(() => store.writeSnapshot(snap)).catch(() => undefined);
+    },
+    settle: () => chain,
+  };
 }
 
 /** Where one attempt reads from: the automatic point-in-time view, or the test hook's. */
@@ -747,10 +849,12 @@ export interface ListSnapshotsOptions extends StoreOptions {
   volume?: string;
 }
 
-export async function listSnapshots(opts: ListSnapshotsOptions = {}): Promise<{ snapshots: SnapshotRecord[]; damaged: { id: string; error: DisksnapError }[] }> {
+/** Every snapshot, oldest first; encrypted ones' names, descriptions and tags only with their key. */
+export async function listSnapshots(opts: ListSnapshotsOptions = {}): Promise<{ snapshots: SnapshotJson[]; damaged: { id: string; error: DisksnapError }[] }> {
   const store = await Store.open(opts.store);
   const listing = await store.listSnapshots();
   await reapQuietly(store, listing);
+  await reveal(store, listing.snapshots, new KeyRing(opts.key));
   let snapshots = listing.snapshots;
   if (opts.volume !== undefined) {
     let volumeId: string | undefined;
@@ -771,10 +875,14 @@ async function reapQuietly(store: Store, listing: Awaited<ReturnType<Store['list
   }
 }
 
-export async function showSnapshot(ref: string, opts: StoreOptions = {}): Promise<SnapshotRecord> {
+/** One snapshot. With a key, an encrypted snapshot's name, description and tags are opened
+ * (and a key that is not the snapshot's is an error). */
+export async function showSnapshot(ref: string, opts: StoreOptions = {}): Promise<SnapshotJson> {
   const store = await Store.open(opts.store);
-  const rec = await store.resolveSnapshot(ref);
+  const ring = new KeyRing(opts.key);
+  const rec = await resolve(store, ref, ring);
   if (rec.state === 'pending') await reapQuietly(store, { snapshots: [rec], damaged: [] });
+  if (rec.encrypted && rec.metadataHidden && isExplicit(opts.key)) await ring.forId(store, rec.keyId!, `snapshot ${rec.id}`);
   return snapshotJson(rec);
 }
 
@@ -881,12 +989,15 @@ export interface RestoreReport {
 
 export async function restoreSnapshot(ref: string, opts: RestoreOptions): Promise<RestoreReport> {
   if ((opts.to === undefined) === (opts.inPlace === undefined)) throw invalid('restore needs exactly one of --to FILE and --in-place VOLUME');
-  const store = await Store.open(opts.store);
-  return withStoreLock(store, 'shared', opts, async () => {
-    const rec = await store.resolveSnapshot(ref);
+  const plain = await Store.open(opts.store);
+  return withStoreLock(plain, 'shared', opts, async () => {
+    const ring = new KeyRing(opts.key);
+    const rec = await resolve(plain, ref, ring);
     if (rec.state !== 'completed') {
       throw new DisksnapError(`snapshot ${rec.id} is ${rec.state}${rec.error ? ` (${rec.error})` : ''}; only completed snapshots can be restored`, 'EINVALID');
     }
+    // The key before any output exists: a missing or wrong key leaves nothing behind.
+    const store = plain.withCodec(await codecOf(plain, rec, ring));
     return opts.to !== undefined ? restoreToFile(store, rec, opts.to, opts) : restoreInPlace(store, rec, opts.inPlace!, opts);
   });
 }
@@ -1244,6 +1355,322 @@ async function restoreInPlace(store: Store, rec: SnapshotRecord, volume: string,
 }
 
 // ---------------------------------------------------------------------------------------
+// copy to another store
+
+export interface CopySnapshotOptions extends StoreOptions {
+  /** the destination store (created when it does not exist, with the snapshot's block size) */
+  toStore: string;
+  /** encrypt the copy of a plain snapshot with `key` (a copy of an encrypted one always is) */
+  encrypt?: boolean;
+  /**
+   * The source snapshot's key, when it is not `key` (re-keying: the copy is sealed under
+   * `key`). Without it, `key` is the source's key too and the copy keeps that key.
+   */
+  sourceKey?: KeySpec;
+  /** override the source's name, description; tags are merged over the source's */
+  name?: string;
+  description?: string;
+  tags?: Record<string, string>;
+  onProgress?: ProgressFn;
+  onLog?: (message: string) => void;
+  /** test hook: called after each batch of blocks was copied */
+  afterBatch?: (batch: number) => void | Promise<void>;
+}
+
+/**
+ * Copies a completed snapshot into another store (or the same one), as a new snapshot of the
+ * same volume: pending with progress, then completed, like `createSnapshot`.
+ *
+ * Encryption: the copy of an encrypted snapshot is encrypted — under the same key, or under
+ * `key` when `sourceKey` names the old one (re-keying); there is no way to decrypt. A plain
+ * snapshot's copy is encrypted with `encrypt` (and `key`), or when the destination records
+ * its volume as encrypted. Keys are checked before anything is written.
+ *
+ * Incremental: every source object is read and verified (so a damaged source is never
+ * propagated), except where the destination's previous copy of this volume already has the
+ * block — the source's previous snapshot (the one that copy came from) has the same digest
+ * at that index, so the destination's digest there is the one to use, with no I/O at all.
+ * Under one key (or none) on both sides, digests are the same and only objects the
+ * destination lacks are written; under another key each block read is hashed again with
+ * the destination's digest key, sealed, and written unless present.
+ */
+export async function copySnapshot(ref: string, opts: CopySnapshotOptions): Promise<SnapshotJson> {
+  if (!opts.toStore) throw invalid('copy needs a destination store (--to-store DIR)');
+  const src = await Store.open(opts.store);
+  const destRing = new KeyRing(opts.key).check();
+  const srcRing = opts.sourceKey ? new KeyRing(opts.sourceKey).check() : destRing;
+  return withStoreLock(src, 'shared', opts, async () => {
+    const rec = await resolve(src, ref, srcRing);
+    if (rec.state !== 'completed') {
+      throw new DisksnapError(`snapshot ${rec.id} is ${rec.state}${rec.error ? ` (${rec.error})` : ''}; only completed snapshots can be copied`, 'EINVALID');
+    }
+    // 1. The source's key, before anything is written anywhere.
+    let srcKeys: DerivedKeys | undefined;
+    let srcKeyRecord: KeyRecord | undefined;
+    if (rec.encrypted) {
+      srcKeys = await srcRing.tryId(src, rec.keyId!);
+      if (!srcKeys && srcRing.present && !opts.sourceKey) {
+        throw new DisksnapError(
+          `snapshot ${rec.id} is encrypted with key ${rec.keyId}, and the key given is another one; to re-key the copy, ` +
+            "pass the snapshot's key with --source-key-file (or --source-passphrase-file) and the new one with --key-file",
+          'EKEYREJECTED',
+          129,
+        );
+      }
+      srcKeys ??= await srcRing.forId(src, rec.keyId!, `snapshot ${rec.id}`);
+      openMetadata(src, rec, srcKeys);
+      srcKeyRecord = await src.readKeyRecord(rec.keyId!);
+    }
+    const wantEncrypt = rec.encrypted || !!opts.encrypt;
+    if (!wantEncrypt && isExplicit(opts.key)) {
+      throw invalid(`snapshot ${rec.id} is not encrypted: add --encrypt to encrypt its copy with that key`);
+    }
+    if (opts.sourceKey && !rec.encrypted) throw invalid(`snapshot ${rec.id} is not encrypted: it has no source key`);
+    if (opts.encrypt && !rec.encrypted && !destRing.present) throw needKeyError(`the encrypted copy of ${rec.id} (--encrypt)`);
+    const srcC = src.withCodec(srcKeys ? sealedCodec(srcKeys) : PLAIN_CODEC);
+
+    // 2. The destination (created with the snapshot's block size).
+    const dst = await openOrCreate(opts.toStore, rec.blockSize);
+    if (dst.blockSize !== rec.blockSize) {
+      throw new DisksnapError(
+        `destination store ${dst.dir} has block size ${dst.blockSize}, snapshot ${rec.id} has ${rec.blockSize}: a copy keeps its blocks as they are; copy into a store with block size ${rec.blockSize}`,
+        'EINVALID',
+      );
+    }
+    return withStoreLock(dst, 'shared', opts, async () => {
+      const dstVolumes = (await dst.listVolumes()).volumes;
+      const dstVol = dstVolumes.find((v) => v.id === rec.volumeId);
+      // 3. The copy's key: a new one (re-key, or encrypting a plain snapshot), the source's,
+      //    or the one the destination records for the volume.
+      //    Never a plaintext fallback: an encrypted copy without a key is an error.
+      let dstKeys: DerivedKeys | undefined;
+      if (wantEncrypt || dstVol?.encrypted) {
+        if (destRing.present && (opts.sourceKey || !rec.encrypted)) {
+          dstKeys = await destRing.forNew(dst, `the encrypted copy of ${rec.id}`, srcKeyRecord ? [srcKeyRecord] : []);
+        } else if (srcKeys) {
+          dstKeys = srcKeys;
+          if (srcKeyRecord) await dst.writeKeyRecord(srcKeyRecord);
+        } else if (wantEncrypt) {
+          throw needKeyError(`the encrypted copy of ${rec.id} (--encrypt)`);
+        } else {
+          throw new DisksnapError(
+            `volume ${rec.volumeId} is encrypted in ${dst.dir} (key ${dstVol!.keyId}): the copy of ${rec.id} must be encrypted too; pass --encrypt and a key`,
+            'ENOKEY',
+            126,
+          );
+        }
+      }
+      if (!!(wantEncrypt || dstVol?.encrypted) !== !!dstKeys) throw new DisksnapError(`internal error: copy of ${rec.id} without its key`, 'EINVALID');
+      const dstC = dst.withCodec(dstKeys ? sealedCodec(dstKeys) : PLAIN_CODEC);
+      if (!dstVol && !dstVolumes.some((v) => v.path === rec.volumePath)) {
+        const srcVol = await src.readVolume(rec.volumeId).catch(() => undefined);
+        await dst.writeVolume({
+          id: rec.volumeId,
+          path: rec.volumePath,
+          size: rec.volumeSize,
+          dev: srcVol?.dev ?? 0,
+          ino: srcVol?.ino ?? '0',
+          encrypted: !!dstKeys,
+          keyId: dstKeys?.id ?? null,
+          created: new Date().toISOString(),
+          inPlaceRestore: null,
+        });
+      }
+
+      // 4. The previous copy of this volume in the destination, under the same key: the
+      //    parent, and (if it came from this store) the shortcut for unchanged blocks.
+      const listing = await dst.listSnapshots();
+      await dst.reapStale(listing);
+      const dstParent = listing.snapshots
+        .filter((s) => s.volumeId === rec.volumeId && s.state === 'completed' && s.blockSize === rec.blockSize && s.keyId === (dstKeys?.id ?? null))
+        .pop();
+      let srcParent: SnapshotRecord | undefined;
+      if (dstParent?.copiedFrom && dstParent.copiedFrom.storeId === src.config.id) {
+        const p = await src.readSnapshot(dstParent.copiedFrom.snapshotId).catch(() => undefined);
+        if (p && p.state === 'completed' && p.volumeId === rec.volumeId && p.keyId === rec.keyId && p.blockSize === rec.blockSize) srcParent = p;
+      }
+
+      const id = newId('snap');
+      const lease = Lease.take(dst.dir, id);
+      const out: SnapshotRecord = {
+        id,
+        volumeId: rec.volumeId,
+        state: 'pending',
+        progress: 0,
+        name: opts.name ?? rec.name,
+        description: opts.description ?? rec.description,
+        tags: { ...rec.tags, ...(opts.tags ?? {}) },
+        encrypted: !!dstKeys,
+        startTime: new Date().toISOString(),
+        completionTime: null,
+        blockSize: rec.blockSize,
+        volumeSize: rec.volumeSize,
+        parentId: dstParent?.id ?? null,
+        volumePath: rec.volumePath,
+        stats: emptyStats(),
+        error: null,
+        creator: { pid: process.pid, host: os.hostname() },
+        consistency: rec.consistency,
+        frozenMs: rec.frozenMs,
+        keyId: dstKeys?.id ?? null,
+        sealedMetadata: null,
+        metadataHidden: false,
+        copiedFrom: { storeId: src.config.id, snapshotId: rec.id, startTime: rec.startTime },
+      };
+      try {
+        await dstC.writeSnapshot(out);
+        return await runCopy(srcC, rec, dstC, out, dstParent, srcParent, opts);
+      } finally {
+        lease.release();
+      }
+    });
+  });
+}
+
+async function openOrCreate(dir: string, blockSize: number): Promise<Store> {
+  try {
+    return await Store.open(dir);
+  } catch (e) {
+    if (!isDisksnapError(e, 'ENOENT')) throw e;
+    return Store.open(dir, { create: true, blockSize });
+  }
+}
+
+async function runCopy(
+  src: Store,
+  rec: SnapshotRecord,
+  dst: Store,
+  out: SnapshotRecord,
+  dstParent: SnapshotRecord | undefined,
+  srcParent: SnapshotRecord | undefined,
+  opts: CopySnapshotOptions,
+): Promise<SnapshotJson> {
+  const progress = progressSaver(dst, out);
+  const bs = rec.blockSize;
+  const size = rec.volumeSize;
+  const threads = threadsOf(opts);
+  const sameDigests = (src.codec.keys?.id ?? null) === (dst.codec.keys?.id ?? null);
+  const maxBlocks = Math.max(1, Math.floor(CHUNK_BYTES / bs));
+  const pool = new BufferPool(maxBlocks * bs, MAX_BUFFERS, (n) => dst.backend.allocBuffer?.(n) ?? Buffer.allocUnsafeSlow(n));
+  const writes = new Throttle(MAX_WRITE_BYTES);
+  let writer: ManifestWriter | undefined;
+  const readers: ManifestReader[] = [];
+  try {
+    writer = await dst.createManifest({ blockSize: bs, volumeSize: size, snapshotId: out.id, volumeId: out.volumeId, digest: dst.codec.digest, sealed: dst.codec.sealed });
+    const reader = await src.openManifest(rec);
+    readers.push(reader);
+    const total = reader.entryCount;
+    let dstCursor: ManifestCursor | undefined;
+    let srcCursor: ManifestCursor | undefined;
+    if (dstParent) {
+      try {
+        const r = await dst.openManifest(dstParent);
+        readers.push(r);
+        dstCursor = new ManifestCursor(r);
+        if (srcParent) {
+          const r2 = await src.openManifest(srcParent);
+          readers.push(r2);
+          srcCursor = new ManifestCursor(r2);
+        }
+      } catch (e) {
+        opts.onLog?.(`previous copy ${dstParent.id} cannot be used (${(e as Error).message}); reading every block`);
+        dstCursor = srcCursor = undefined;
+      }
+    }
+    let done = 0;
+    for (let batchNo = 0; ; batchNo++) {
+      const batch = await nextBatch(reader, maxBlocks);
+      if (!batch.length) break;
+      const digests = Buffer.alloc(batch.length * 32);
+      const prev: (Buffer | undefined)[] = new Array(batch.length);
+      const need: number[] = [];
+      for (let k = 0; k < batch.length; k++) {
+        const e = batch[k];
+        const p = dstCursor ? await dstCursor.lookup(e.index) : undefined;
+        prev[k] = p && Buffer.from(p);
+        const sp = srcCursor ? await srcCursor.lookup(e.index) : undefined;
+        if (sp && prev[k] && sp.equals(e.digest)) {
+          digests.set(prev[k]!, k * 32); // unchanged since the previous copy: no I/O
+          continue;
+        }
+        if (sameDigests) {
+          digests.set(e.digest, k * 32);
+          if (await dst.hasBlock(e.digest)) continue;
+        }
+        need.push(k);
+      }
+      if (need.length) {
+        const buf = await pool.acquire();
+        let refs = 1;
+        const unref = () => {
+          if (--refs === 0) pool.release(buf);
+        };
+        try {
+          const sub = need.map((k) => batch[k]);
+          const { len, bad } = await fetchVerified(src, sub, buf, size, threads);
+          if (bad.length) throw corruptBlock(rec, sub[bad[0].k].index, bad[0].why);
+          out.stats.bytesScanned += len;
+          if (!sameDigests) {
+            const h = await native().hashBlocksAsync(buf.subarray(0, len), bs, threads, dst.codec.digestKey);
+            need.forEach((k, j) => digests.set(h.digests.subarray(j * 32, j * 32 + 32), k * 32));
+          }
+          for (let j = 0; j < need.length; j++) {
+            const k = need[j];
+            const d = digests.subarray(k * 32, k * 32 + 32);
+            const slot = buf.subarray(j * bs, j * bs + blockLength(batch[k].index, size, bs));
+            refs++;
+            await writes.add(slot.length, async () => {
+              try {
+                if (await dst.putBlock(d, slot)) {
+                  out.stats.blocksAdded++;
+                  out.stats.bytesAdded += slot.length;
+                }
+              } finally {
+                unref();
+              }
+            });
+          }
+        } finally {
+          unref();
+        }
+      }
+      for (let k = 0; k < batch.length; k++) {
+        writer.append(batch[k].index, digests, k * 32);
+        out.stats.dataBlocks++;
+        if (!prev[k] || prev[k]!.compare(digests, k * 32, k * 32 + 32) !== 0) out.stats.changedBlocks++;
+      }
+      done += batch.length;
+      opts.onProgress?.({ phase: 'copy', done, total });
+      progress.save(total ? Math.min(99, Math.floor((done / total) * 100)) : 99);
+      await opts.afterBatch?.(batchNo);
+      writes.check();
+    }
+    // nextBatch returned nothing: the source manifest was read to its end and authenticated.
+    await writes.drain();
+    out.stats.zeroBlocks = blockCount(size, bs) - out.stats.dataBlocks;
+    await dst.backend.flush();
+    await writer.commit();
+    writer = undefined;
+    await progress.settle();
+    out.state = 'completed';
+    out.progress = 100;
+    out.completionTime = new Date().toISOString();
+    await dst.writeSnapshot(out);
+    return snapshotJson(out);
+  } catch (e) {
+    await writes.settle();
+    await progress.settle();
+    if (writer) await writer.abort().catch(() => undefined);
+    out.state = 'error';
+    out.error = e instanceof Error ? e.message : String(e);
+    await dst.writeSnapshot(out).catch(() => undefined);
+    throw e;
+  } finally {
+    for (const r of readers) await r.close();
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // delete, diff, verify, gc
 
 export interface DeleteReport {
@@ -1287,9 +1714,10 @@ export interface DiffResult {
 
 /** Indexes of the blocks that differ between two completed snapshots of one volume. */
 export async function diffSnapshots(refA: string, refB: string, opts: StoreOptions = {}): Promise<DiffResult> {
-  const store = await Store.open(opts.store);
-  const a = await store.resolveSnapshot(refA);
-  const b = await store.resolveSnapshot(refB);
+  const plain = await Store.open(opts.store);
+  const ring = new KeyRing(opts.key);
+  const a = await resolve(plain, refA, ring);
+  const b = await resolve(plain, refB, ring);
   for (const s of [a, b]) {
     if (s.state !== 'completed') throw new DisksnapError(`snapshot ${s.id} is ${s.state}; only completed snapshots can be compared`, 'EINVALID');
   }
@@ -1297,9 +1725,21 @@ export async function diffSnapshots(refA: string, refB: string, opts: StoreOptio
     throw new DisksnapError(`snapshots ${a.id} (${a.volumeId}) and ${b.id} (${b.volumeId}) are of different volumes`, 'EINVALID');
   }
   if (a.blockSize !== b.blockSize) throw new DisksnapError(`snapshots ${a.id} and ${b.id} have different block sizes`, 'EINVALID');
-  const ra = await store.openManifest(a);
+  if (a.keyId !== b.keyId) {
+    throw new DisksnapError(
+      `snapshots ${a.id} (${a.keyId ? `key ${a.keyId}` : 'not encrypted'}) and ${b.id} (${b.keyId ? `key ${b.keyId}` : 'not encrypted'}) have digests under different keys, which cannot be compared`,
+      'EINVALID',
+    );
+  }
+  // Without the key, an encrypted pair is compared by its keyed digests, unauthenticated: the
+  // list of changed blocks reveals nothing more than the manifests do. With it, authenticated.
+  const keys = a.keyId ? await ring.tryId(plain, a.keyId) : undefined;
+  if (a.keyId && isExplicit(opts.key) && !keys) await ring.forId(plain, a.keyId, `snapshot ${a.id}`);
+  const store = keys ? plain.withCodec(sealedCodec(keys)) : plain;
+  const unauthenticated = !!a.keyId && !keys;
+  const ra = await store.openManifest(a, { unauthenticated });
   try {
-    const rb = await store.openManifest(b);
+    const rb = await store.openManifest(b, { unauthenticated });
     try {
       const changed = new NumberList();
       let ia = await ra.next();
@@ -1339,12 +1779,14 @@ export interface VerifyReport {
 
 /** Re-reads every block object the snapshot references and checks its digest. */
 export async function verifySnapshot(ref: string, opts: StoreOptions & { onProgress?: ProgressFn } = {}): Promise<VerifyReport> {
-  const store = await Store.open(opts.store);
-  return withStoreLock(store, 'shared', opts, async () => {
-    const rec = await store.resolveSnapshot(ref);
+  const plain = await Store.open(opts.store);
+  return withStoreLock(plain, 'shared', opts, async () => {
+    const ring = new KeyRing(opts.key);
+    const rec = await resolve(plain, ref, ring);
     if (rec.state !== 'completed') {
       throw new DisksnapError(`snapshot ${rec.id} is ${rec.state}; only completed snapshots can be verified`, 'EINVALID');
     }
+    const store = plain.withCodec(await codecOf(plain, rec, ring));
     const report: VerifyReport = { snapshotId: rec.id, ok: true, blocksChecked: 0, bytesChecked: 0, badBlocks: [], manifestError: null };
     let reader: ManifestReader;
     try {

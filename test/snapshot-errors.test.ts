@@ -126,11 +126,17 @@ t.test('a flipped byte in a block object fails verify (naming the block) and res
   t.same(fs.readdirSync(dir).sort(), ['a.img', 'store']);
 });
 
-t.test('encryption options are refused clearly until encryption exists', async (t) => {
+t.test('bad keys and key options are one-line failures (encryption: test/encrypt.test.ts)', async (t) => {
   const dir = t.testdir();
   const { store, vol } = setup(dir);
-  oneLineFailure(t, ds(['volume', 'register', vol, '--store', store, '--encrypted', '--key-file', '/dev/null']), /not supported/, 'encrypted volume');
-  oneLineFailure(t, ds(['snapshot', 'copy', 'a1', '--to-store', dir]), /not built yet/, 'copy');
+  const noKey = { ...process.env, DISKSNAP_PASSPHRASE: '' };
+  oneLineFailure(t, ds(['volume', 'register', vol, '--store', store, '--encrypted', '--key-file', '/dev/null']), /holds 0 bytes; a key file is exactly 32 random bytes/, 'empty key file');
+  oneLineFailure(t, ds(['volume', 'register', vol, '--store', store, '--encrypted', '--key-file', path.join(dir, 'nope')]), /ENOENT/, 'missing key file');
+  oneLineFailure(t, ds(['volume', 'register', vol, '--store', store, '--encrypted'], noKey), /needs a key: pass --key-file/, 'no key');
+  fs.writeFileSync(path.join(dir, 'k'), Buffer.alloc(32, 7));
+  oneLineFailure(t, ds(['volume', 'register', vol, '--store', store, '--key-file', path.join(dir, 'k')]), /add --encrypted/, 'a key without --encrypted');
+  oneLineFailure(t, ds(['snapshot', 'copy', 'a1', '--store', store, '--to-store', path.join(dir, 'b'), '--encrypt'], noKey), /needs a key/, 'copy --encrypt without a key');
+  t.notOk(fs.existsSync(path.join(dir, 'b')), 'and no destination store was made');
 });
 
 const noTmpfs = missing({ root: true, commands: ['mount', 'umount'] });

@@ -7,6 +7,9 @@
  * (~/.local/share/disksnap/store). Its block size is fixed when it is created: by
  * `store init --block-size`, or by `--block-size` on the `snapshot create` or
  * `volume register` that creates it (512K by default).
+ *
+ * Keys (src/keys.ts): `--key-file K` (32 random bytes) or `--passphrase-file F`, else the
+ * passphrase in $DISKSNAP_PASSPHRASE, wherever an encrypted volume or snapshot is touched.
  */
 import { Command } from 'commander';
 
@@ -19,8 +22,9 @@ import * as cliProgress from 'cli-progress';
 import * as snap from '../snapshot';
 import { parseTags } from '../store/records';
 import { DisksnapError } from '../errors';
+import type { KeySpec } from '../keys';
 import { formatSize } from '../size';
-import { ExitStatus, action, collect, log, printJson, sizeArg } from './util';
+import { ExitStatus, UsageError, action, collect, log, printJson, sizeArg } from './util';
 
 interface StoreFlag {
   store?: string;
@@ -38,10 +42,25 @@ function secondsArg(value: string): number {
   return n;
 }
 
-function noKeys(o: { keyFile?: string; encrypt?: boolean; encrypted?: boolean }): void {
-  if (o.keyFile !== undefined || o.encrypt || o.encrypted) {
-    throw new DisksnapError('encryption (--key-file, --encrypted) is not supported by this version yet', 'EUNSUPPORTED');
-  }
+interface KeyFlags {
+  keyFile?: string;
+  passphraseFile?: string;
+}
+
+/** The key a command was given: --key-file, --passphrase-file, else $DISKSNAP_PASSPHRASE. */
+function keySpec(o: KeyFlags): KeySpec | undefined {
+  if (o.keyFile !== undefined && o.passphraseFile !== undefined) throw new UsageError('give one of --key-file and --passphrase-file');
+  if (o.keyFile !== undefined) return { keyFile: o.keyFile };
+  if (o.passphraseFile !== undefined) return { passphraseFile: o.passphraseFile };
+  const env = process.env.DISKSNAP_PASSPHRASE;
+  if (env) return { passphrase: env, from: 'DISKSNAP_PASSPHRASE', implicit: true };
+  return undefined;
+}
+
+function keyOptions(c: Command, what: string): Command {
+  return c
+    .option('--key-file <file>', `key ${what}: a file of 32 random bytes`)
+    .option('--passphrase-file <file>', `passphrase ${what} (its first line; default $DISKSNAP_PASSPHRASE)`);
 }
 
 /** A progress bar on stderr when it is a terminal; otherwise nothing. */
@@ -89,7 +108,7 @@ function warnDamaged(damaged: { id: string; error: DisksnapError }[], what: stri
 }
 
 /** 'frozen-clone (filesystem frozen for 3.1 ms)' and the like. */
-function consistencyText(s: snap.SnapshotRecord): string {
+function consistencyText(s: snap.SnapshotJson): string {
   switch (s.consistency) {
     case null:
       return '- (not recorded)';
@@ -104,15 +123,17 @@ function consistencyText(s: snap.SnapshotRecord): string {
   }
 }
 
-function printSnapshot(s: snap.SnapshotRecord): void {
+const SEALED = '(encrypted: give the key to see it)';
+
+function printSnapshot(s: snap.SnapshotJson): void {
   const rows: [string, string][] = [
     ['id', s.id],
     ['volume', `${s.volumeId} (${s.volumePath})`],
     ['state', s.state + (s.state === 'pending' ? ` ${s.progress}%` : '')],
-    ['name', s.name],
-    ['description', s.description],
-    ['tags', Object.entries(s.tags).map(([k, v]) => `${k}=${v}`).join(', ')],
-    ['encrypted', String(s.encrypted)],
+    ['name', s.metadataHidden ? SEALED : s.name],
+    ['description', s.metadataHidden ? SEALED : s.description],
+    ['tags', s.metadataHidden ? SEALED : Object.entries(s.tags).map(([k, v]) => `${k}=${v}`).join(', ')],
+    ['encrypted', s.encrypted ? `true (key ${s.keyId})` : 'false'],
     ['consistency', consistencyText(s)],
     ['started', s.startTime],
     ['completed', s.completionTime ?? '-'],
@@ -123,6 +144,7 @@ function printSnapshot(s: snap.SnapshotRecord): void {
     ['changed blocks', String(s.stats.changedBlocks)],
     ['blocks added', `${s.stats.blocksAdded} (${formatSize(s.stats.bytesAdded)})`],
   ];
+  if (s.copiedFrom) rows.push(['copied from', `${s.copiedFrom.snapshotId} of store ${s.copiedFrom.storeId}`]);
   if (s.error) rows.push(['error', s.error]);
   const w = Math.max(...rows.map((r) => r[0].length));
   process.stdout.write(rows.map(([k, v]) => `${k.padEnd(w)}  ${v}`).join('\n') + '\n');
@@ -134,8 +156,7 @@ export function register(program: Command): void {
   const storeHelp = 'snapshot store (default $DISKSNAP_STORE, else ~/.local/share/disksnap/store)';
   const waitHelp = 'seconds to wait for a conflicting store lock (default 60)';
 
-  snapshot
-    .command('create')
+  keyOptions(snapshot.command('create'), 'of an encrypted volume')
     .description('snapshot a raw image (stores only blocks the store does not hold yet)')
     .argument('<volume>', 'raw image file or block device')
     .option(storeOption, storeHelp)
@@ -147,8 +168,9 @@ export function register(program: Command): void {
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print the snapshot as JSON')
     .action(
-      action(async (volume: string, o: StoreFlag & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean }) => {
+      action(async (volume: string, o: StoreFlag & KeyFlags & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean }) => {
         const tags = parseTags(o.tag);
+        const key = keySpec(o);
         const rec = await withBar('snapshot', (onProgress) =>
           snap.createSnapshot(volume, {
             ...storeOpts(o),
@@ -156,6 +178,7 @@ export function register(program: Command): void {
             description: o.description,
             tags,
             blockSize: o.blockSize,
+            key,
             noFreeze: o.freeze === false,
             onProgress,
             onLog: (m) => log(`disksnap: ${m}`),
@@ -167,6 +190,7 @@ export function register(program: Command): void {
             `${rec.id} ${rec.state}: ${rec.stats.dataBlocks} data blocks of ${formatSize(rec.blockSize)}, ` +
               `${rec.stats.changedBlocks} changed${rec.parentId ? ` since ${rec.parentId}` : ''}, ` +
               `${rec.stats.blocksAdded} added to the store (${formatSize(rec.stats.bytesAdded)})` +
+              (rec.encrypted ? `, encrypted (key ${rec.keyId})` : '') +
               (rec.consistency && rec.consistency !== 'not-mounted' ? `; ${consistencyText(rec)}` : '') +
               '\n',
           );
@@ -174,15 +198,14 @@ export function register(program: Command): void {
       }),
     );
 
-  snapshot
-    .command('list')
+  keyOptions(snapshot.command('list'), 'to show the names of encrypted snapshots')
     .description('snapshots in the store, oldest first')
     .option(storeOption, storeHelp)
     .option('--volume <volume>', 'only snapshots of this volume (path or vol- id)')
     .option('--json', 'print {"snapshots": [...]}')
     .action(
-      action(async (o: StoreFlag & { volume?: string }) => {
-        const { snapshots, damaged } = await snap.listSnapshots({ ...storeOpts(o), volume: o.volume });
+      action(async (o: StoreFlag & KeyFlags & { volume?: string }) => {
+        const { snapshots, damaged } = await snap.listSnapshots({ ...storeOpts(o), volume: o.volume, key: keySpec(o) });
         if (o.json) printJson({ snapshots });
         else if (snapshots.length === 0) process.stdout.write('no snapshots\n');
         else {
@@ -195,7 +218,7 @@ export function register(program: Command): void {
               s.startTime.replace(/\.\d+Z$/, 'Z'),
               formatSize(s.volumeSize),
               formatSize(s.stats.bytesAdded),
-              s.name,
+              (s.encrypted ? '[encrypted] ' : '') + (s.metadataHidden ? '(sealed)' : s.name),
             ]),
           );
         }
@@ -204,15 +227,14 @@ export function register(program: Command): void {
       }),
     );
 
-  snapshot
-    .command('show')
+  keyOptions(snapshot.command('show'), 'to show the name, description and tags of an encrypted snapshot')
     .description('one snapshot (by id, unique id prefix or unique name)')
     .argument('<snap>')
     .option(storeOption, storeHelp)
     .option('--json', 'print the snapshot as JSON')
     .action(
-      action(async (ref: string, o: StoreFlag) => {
-        const rec = await snap.showSnapshot(ref, storeOpts(o));
+      action(async (ref: string, o: StoreFlag & KeyFlags) => {
+        const rec = await snap.showSnapshot(ref, { ...storeOpts(o), key: keySpec(o) });
         if (o.json) printJson(rec);
         else printSnapshot(rec);
       }),
@@ -226,14 +248,14 @@ export function register(program: Command): void {
     .option('--in-place <volume>', 'roll this volume back, rewriting only the blocks that differ')
     .option('-f, --force', 'with --to: replace an existing file')
     .option(storeOption, storeHelp)
-    .option('--key-file <file>', 'key of an encrypted snapshot (not supported yet)')
+    .option('--key-file <file>', 'key of an encrypted snapshot: a file of 32 random bytes')
+    .option('--passphrase-file <file>', 'passphrase of an encrypted snapshot (default $DISKSNAP_PASSPHRASE)')
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print a JSON report')
     .action(
-      action(async (ref: string, o: StoreFlag & { to?: string; inPlace?: string; force?: boolean; keyFile?: string }) => {
-        noKeys(o);
+      action(async (ref: string, o: StoreFlag & KeyFlags & { to?: string; inPlace?: string; force?: boolean }) => {
         const r = await withBar('restore', (onProgress) =>
-          snap.restoreSnapshot(ref, { ...storeOpts(o), to: o.to, inPlace: o.inPlace, force: o.force, onProgress }),
+          snap.restoreSnapshot(ref, { ...storeOpts(o), to: o.to, inPlace: o.inPlace, force: o.force, key: keySpec(o), onProgress }),
         );
         if (o.json) printJson(r);
         else if (r.mode === 'file') {
@@ -261,16 +283,15 @@ export function register(program: Command): void {
       }),
     );
 
-  snapshot
-    .command('diff')
+  keyOptions(snapshot.command('diff'), 'of encrypted snapshots (optional: authenticates their manifests)')
     .description('indexes of the blocks that differ between two snapshots of one volume')
     .argument('<snap-a>')
     .argument('<snap-b>')
     .option(storeOption, storeHelp)
     .option('--json', 'print {"blockSize": N, "changedBlocks": [...]}')
     .action(
-      action(async (a: string, b: string, o: StoreFlag) => {
-        const r = await snap.diffSnapshots(a, b, storeOpts(o));
+      action(async (a: string, b: string, o: StoreFlag & KeyFlags) => {
+        const r = await snap.diffSnapshots(a, b, { ...storeOpts(o), key: keySpec(o) });
         if (o.json) printJson(r);
         else {
           process.stdout.write(`${r.changedBlocks.length} changed blocks of ${formatSize(r.blockSize)}\n`);
@@ -284,13 +305,13 @@ export function register(program: Command): void {
     .description('re-read every block of a snapshot and check its digest')
     .argument('<snap>')
     .option(storeOption, storeHelp)
-    .option('--key-file <file>', 'key of an encrypted snapshot (not supported yet)')
+    .option('--key-file <file>', 'key of an encrypted snapshot: a file of 32 random bytes')
+    .option('--passphrase-file <file>', 'passphrase of an encrypted snapshot (default $DISKSNAP_PASSPHRASE)')
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print a JSON report')
     .action(
-      action(async (ref: string, o: StoreFlag & { keyFile?: string }) => {
-        noKeys(o);
-        const r = await withBar('verify', (onProgress) => snap.verifySnapshot(ref, { ...storeOpts(o), onProgress }));
+      action(async (ref: string, o: StoreFlag & KeyFlags) => {
+        const r = await withBar('verify', (onProgress) => snap.verifySnapshot(ref, { ...storeOpts(o), key: keySpec(o), onProgress }));
         if (o.json) printJson(r);
         else if (r.ok) process.stdout.write(`${r.snapshotId} ok: ${r.blocksChecked} blocks (${formatSize(r.bytesChecked)}) match their digests\n`);
         if (!r.ok) {
@@ -306,14 +327,56 @@ export function register(program: Command): void {
 
   snapshot
     .command('copy')
-    .description('copy a snapshot to another store (not built yet: comes with encryption)')
+    .description('copy a completed snapshot to another store (incremental; an encrypted one stays encrypted)')
     .argument('<snap>')
-    .allowUnknownOption(true)
-    .allowExcessArguments(true)
+    .requiredOption('--to-store <dir>', 'destination store (created with the snapshot\'s block size if missing)')
+    .option(storeOption, storeHelp)
+    .option('--encrypt', 'encrypt the copy of an unencrypted snapshot (with --key-file or --passphrase-file)')
+    .option('--key-file <file>', 'key of the copy (and of the source, unless --source-key-file): 32 random bytes')
+    .option('--passphrase-file <file>', 'passphrase of the copy (and of the source, unless given separately); default $DISKSNAP_PASSPHRASE')
+    .option('--source-key-file <file>', 're-key: the key of the encrypted source snapshot')
+    .option('--source-passphrase-file <file>', 're-key: the passphrase of the encrypted source snapshot')
+    .option('--name <name>', 'name of the copy (default: the source\'s)')
+    .option('--description <text>', 'description of the copy (default: the source\'s)')
+    .option('--tag <key=value>', 'tag, over the source\'s tags (repeatable)', collect, [])
+    .option('--wait <seconds>', waitHelp, secondsArg)
+    .option('--json', 'print the copy as JSON')
     .action(
-      action(() => {
-        throw new DisksnapError("'snapshot copy' is not built yet in this version (copies and encryption)", 'ENOTBUILT');
-      }),
+      action(
+        async (
+          ref: string,
+          o: StoreFlag &
+            KeyFlags & { toStore: string; encrypt?: boolean; sourceKeyFile?: string; sourcePassphraseFile?: string; name?: string; description?: string; tag: string[] },
+        ) => {
+          if (o.sourceKeyFile !== undefined && o.sourcePassphraseFile !== undefined) throw new UsageError('give one of --source-key-file and --source-passphrase-file');
+          const sourceKey: KeySpec | undefined =
+            o.sourceKeyFile !== undefined ? { keyFile: o.sourceKeyFile } : o.sourcePassphraseFile !== undefined ? { passphraseFile: o.sourcePassphraseFile } : undefined;
+          const tags = parseTags(o.tag);
+          const rec = await withBar('copy', (onProgress) =>
+            snap.copySnapshot(ref, {
+              ...storeOpts(o),
+              toStore: o.toStore,
+              encrypt: o.encrypt,
+              key: keySpec(o),
+              sourceKey,
+              name: o.name,
+              description: o.description,
+              tags,
+              onProgress,
+              onLog: (m) => log(`disksnap: ${m}`),
+            }),
+          );
+          if (o.json) printJson(rec);
+          else {
+            process.stdout.write(
+              `${rec.copiedFrom!.snapshotId} copied to ${rec.id} (${rec.state}) in ${o.toStore}: ${rec.stats.dataBlocks} data blocks, ` +
+                `${rec.stats.changedBlocks} changed${rec.parentId ? ` since ${rec.parentId}` : ''}, ${rec.stats.blocksAdded} added (${formatSize(rec.stats.bytesAdded)})` +
+                (rec.encrypted ? `, encrypted (key ${rec.keyId})` : '') +
+                '\n',
+            );
+          }
+        },
+      ),
     );
 
   const volume = program.command('volume').description('volumes known to a snapshot store');
@@ -323,15 +386,15 @@ export function register(program: Command): void {
     .argument('<volume>')
     .option(storeOption, storeHelp)
     .option('--block-size <size>', 'block size of a store this command creates (default 512K)', sizeArg('block size'))
-    .option('--encrypted', 'encrypt every snapshot of the volume (not supported yet)')
-    .option('--key-file <file>', 'key for --encrypted (not supported yet)')
+    .option('--encrypted', 'encrypt every snapshot of the volume (with --key-file or --passphrase-file)')
+    .option('--key-file <file>', 'key for --encrypted: a file of 32 random bytes (head -c 32 /dev/urandom > K)')
+    .option('--passphrase-file <file>', 'passphrase for --encrypted (its first line; default $DISKSNAP_PASSPHRASE)')
     .option('--json', 'print the volume record as JSON')
     .action(
-      action(async (v: string, o: StoreFlag & { blockSize?: number; encrypted?: boolean; keyFile?: string }) => {
-        noKeys(o);
-        const rec = await snap.registerVolume(v, { ...storeOpts(o), blockSize: o.blockSize });
+      action(async (v: string, o: StoreFlag & KeyFlags & { blockSize?: number; encrypted?: boolean }) => {
+        const rec = await snap.registerVolume(v, { ...storeOpts(o), blockSize: o.blockSize, encrypted: o.encrypted, key: keySpec(o) });
         if (o.json) printJson(rec);
-        else process.stdout.write(`${rec.id} ${rec.path} (${formatSize(rec.size)})\n`);
+        else process.stdout.write(`${rec.id} ${rec.path} (${formatSize(rec.size)})${rec.encrypted ? `, encrypted (key ${rec.keyId})` : ''}\n`);
       }),
     );
   volume

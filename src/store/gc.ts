@@ -14,6 +14,10 @@
  * deletes anything (an incomplete mark set would delete live blocks). A damaged record with
  * a readable manifest keeps that manifest's blocks alive (conservative).
  *
+ * Encrypted snapshots need no key here: their manifests' entries (keyed digests) are the
+ * names of their objects; only the keyed trailer goes unchecked, which can only keep more.
+ * Key records (`keys/`) are never removed: they are tiny, and a passphrase needs its salt.
+ *
  * Sweep: block objects not in the set, temporary files of dead writers, manifests with no
  * completed snapshot, and leases of dead writers are deleted. Each deletion is independent,
  * so a gc killed half-way leaves a store with less garbage and nothing else changed.
@@ -57,7 +61,8 @@ export async function collectGarbage(store: Store, opts: GcOptions = {}): Promis
       completed.add(s.id);
       let reader: ManifestReader;
       try {
-        reader = await store.openManifest(s);
+        // Sealed manifests too: gc holds no keys, and reading the entries is all it needs.
+        reader = await store.openManifest(s, { unauthenticated: true });
       } catch (e) {
         throw new DisksnapError(
           `gc stopped before deleting anything: completed snapshot ${s.id} has an unreadable manifest (${(e as Error).message}); delete that snapshot or restore the file first`,
@@ -86,7 +91,7 @@ export async function collectGarbage(store: Store, opts: GcOptions = {}): Promis
       completed.add(d.id);
       let reader: ManifestReader | undefined;
       try {
-        reader = await ManifestReader.open(store.backend.describe(key), await store.backend.open(key));
+        reader = await ManifestReader.open(store.backend.describe(key), await store.backend.open(key), {}, { unauthenticated: true });
         while ((await reader.next()) >= 0) live.add(reader.digest);
       } catch (e) {
         throw new DisksnapError(

@@ -25,7 +25,9 @@
  *   96      32    reserved, 0
  *   128     40*n  entries: block index (u64), digest (32 bytes)
  *   end-40  8     entry count n (u64)
- *   end-32  32    SHA-256 of every byte before it
+ *   end-32  32    SHA-256 of every byte before it; for a sealed manifest (flag bit 0) an
+ *                 HMAC-SHA-256 under the key's manifest subkey (src/store/crypto.ts), so that
+ *                 entries cannot be reordered or swapped without the key
  *
  * All integers little-endian. The trailer (count, checksum) comes last so that a manifest is
  * written append-only (a file today, a multipart upload later). Readers check the header
@@ -33,8 +35,8 @@
  * stream it, and the count and checksum when they reach the end; consumers that produce an
  * output (restore, diff, verify) finish the stream before they publish anything.
  */
-import { createHash, Hash } from 'node:crypto';
-import { corrupt, invalid } from '../errors';
+import { createHash, createHmac, Hash, Hmac } from 'node:crypto';
+import { DisksnapError, corrupt, invalid } from '../errors';
 import type { ObjectReader, ObjectWriter } from './backend';
 import type { DigestAlgorithm } from './records';
 
@@ -131,8 +133,16 @@ export function decodeHeader(file: string, b: Buffer): ManifestHeader {
  * Appends entries to an ObjectWriter in 1 MiB chunks, computing the checksum as it goes.
  * `commit()` writes the trailer and makes the manifest durable under its final name.
  */
+/** The trailer's checksum: plain SHA-256, or an HMAC under the key of a sealed manifest. */
+function checksum(header: ManifestHeader, macKey: Uint8Array | undefined): Hash | Hmac {
+  if (header.sealed !== (macKey !== undefined)) {
+    throw new DisksnapError(`manifest of ${header.snapshotId}: ${header.sealed ? 'a sealed manifest needs its key' : 'a plain manifest takes no key'}`, 'EINVALID');
+  }
+  return macKey ? createHmac('sha256', macKey) : createHash('sha256');
+}
+
 export class ManifestWriter {
-  private readonly hash: Hash = createHash('sha256');
+  private readonly hash: Hash | Hmac;
   private readonly chunk = Buffer.allocUnsafe(CHUNK_ENTRIES * ENTRY_LENGTH);
   private used = 0;
   private count = 0;
@@ -143,7 +153,9 @@ export class ManifestWriter {
   constructor(
     private readonly out: ObjectWriter,
     readonly header: ManifestHeader,
+    macKey?: Uint8Array,
   ) {
+    this.hash = checksum(header, macKey);
     this.blocks = blockCount(header.volumeSize, header.blockSize);
     this.emit(encodeHeader(header));
   }
@@ -206,11 +218,21 @@ export class ManifestWriter {
  * entry index or -1 at the end (after checking count and checksum); the digest of the current
  * entry is `digest` (a view, valid until the next call).
  */
+export interface ManifestReadOptions {
+  /** the manifest subkey of a sealed manifest's key */
+  macKey?: Uint8Array;
+  /**
+   * Read a sealed manifest without its key: entries, order and count are checked, the keyed
+   * trailer is not (gc, which holds no keys, and only ever keeps more because of it).
+   */
+  unauthenticated?: boolean;
+}
+
 export class ManifestReader {
   readonly header: ManifestHeader;
   readonly entryCount: number;
   readonly blocks: number;
-  private readonly hash: Hash = createHash('sha256');
+  private readonly hash: Hash | Hmac | undefined;
   private chunk: Buffer = Buffer.alloc(0);
   private pos = 0; // offset in chunk
   private fileOffset: number; // next byte to read from the object
@@ -225,9 +247,16 @@ export class ManifestReader {
     private readonly src: ObjectReader,
     header: ManifestHeader,
     headerBytes: Buffer,
+    opts: ManifestReadOptions,
   ) {
     this.header = header;
-    this.hash.update(headerBytes);
+    if (header.sealed && !opts.macKey) {
+      if (!opts.unauthenticated) throw new DisksnapError(`${file}: a sealed manifest is read with its key`, 'ENOKEY', undefined, file);
+      this.hash = undefined;
+    } else {
+      this.hash = checksum(header, header.sealed ? opts.macKey : undefined);
+    }
+    this.hash?.update(headerBytes);
     const body = src.size - HEADER_LENGTH - TRAILER_LENGTH;
     if (body < 0 || body % ENTRY_LENGTH !== 0) {
       throw corrupt(file, `manifest is ${src.size} bytes: not a ${HEADER_LENGTH}-byte header, whole ${ENTRY_LENGTH}-byte entries and a ${TRAILER_LENGTH}-byte trailer`);
@@ -239,7 +268,7 @@ export class ManifestReader {
   }
 
   /** Opens and checks the header; `expect` fields (ids, sizes) must match or ECORRUPT. */
-  static async open(file: string, src: ObjectReader, expect: Partial<ManifestHeader> = {}): Promise<ManifestReader> {
+  static async open(file: string, src: ObjectReader, expect: Partial<ManifestHeader> = {}, opts: ManifestReadOptions = {}): Promise<ManifestReader> {
     try {
       const hb = await src.read(0, Math.min(HEADER_LENGTH, src.size));
       const header = decodeHeader(file, hb);
@@ -248,7 +277,7 @@ export class ManifestReader {
           throw corrupt(file, `manifest ${k} is ${JSON.stringify(header[k])}, but its record says ${JSON.stringify(v)}`);
         }
       }
-      return new ManifestReader(file, src, header, hb);
+      return new ManifestReader(file, src, header, hb, opts);
     } catch (e) {
       await src.close();
       throw e;
@@ -262,7 +291,7 @@ export class ManifestReader {
     const len = n * ENTRY_LENGTH;
     this.chunk = await this.src.read(this.fileOffset, len);
     if (this.chunk.length !== len) throw corrupt(this.file, `manifest ended early at byte ${this.fileOffset + this.chunk.length}`);
-    this.hash.update(this.chunk);
+    this.hash?.update(this.chunk);
     this.fileOffset += len;
     this.pos = 0;
     return true;
@@ -293,8 +322,17 @@ export class ManifestReader {
     if (t.length !== TRAILER_LENGTH) throw corrupt(this.file, 'manifest trailer is missing');
     const count = t.readBigUInt64LE(0);
     if (count !== BigInt(this.entryCount)) throw corrupt(this.file, `manifest trailer counts ${count} entries, the file holds ${this.entryCount}`);
-    this.hash.update(t.subarray(0, 8));
-    if (!this.hash.digest().equals(t.subarray(8))) throw corrupt(this.file, 'manifest checksum does not match its contents (the file was damaged)');
+    if (this.hash) {
+      this.hash.update(t.subarray(0, 8));
+      if (!this.hash.digest().equals(t.subarray(8))) {
+        throw corrupt(
+          this.file,
+          this.header.sealed
+            ? 'manifest authentication (HMAC) does not match its contents: the file was damaged or altered'
+            : 'manifest checksum does not match its contents (the file was damaged)',
+        );
+      }
+    }
     this.finished = true;
     this.index = -1;
   }

@@ -102,6 +102,26 @@ export interface SnapshotRecord {
   consistency: Consistency | null;
   /** how long the volume's filesystem was frozen (ms), when it was */
   frozenMs: number | null;
+  /** the key an encrypted snapshot is sealed under (src/store/crypto.ts); null when plain */
+  keyId: string | null;
+  /**
+   * On disk, for an encrypted snapshot: name, description and tags sealed under the key
+   * (base64); the clear fields are then empty. Null for a plain snapshot.
+   */
+  sealedMetadata: string | null;
+  /** in memory only: name, description and tags are sealed and were not opened (no key) */
+  metadataHidden: boolean;
+  /** for a copy: the snapshot it was copied from */
+  copiedFrom: { storeId: string; snapshotId: string; startTime: string } | null;
+}
+
+/** `keys/<key-id>.json`: what a store knows of a key — never the key itself. */
+export interface KeyRecord {
+  id: string;
+  /** 'none': a key file's 32 bytes are the key; 'scrypt': a passphrase stretched with these */
+  kdf: 'none' | 'scrypt';
+  scrypt: { salt: string; N: number; r: number; p: number } | null;
+  created: string;
 }
 
 const HEX_ID = /^[0-9a-f]{16}$/;
@@ -264,7 +284,44 @@ export function parseSnapshotRecord(file: string, text: string | Buffer): Snapsh
     creator: { pid: int(file, c, 'pid'), host: str(file, c, 'host') },
     consistency: consistencyOf(file, o),
     frozenMs: o.frozenMs === null || o.frozenMs === undefined ? null : num(file, o, 'frozenMs'),
+    ...encryptionOf(file, o),
   };
+}
+
+const KEY_ID_RE = /^key-[0-9a-f]{32}$/;
+
+function encryptionOf(file: string, o: Obj): Pick<SnapshotRecord, 'keyId' | 'sealedMetadata' | 'metadataHidden' | 'copiedFrom'> {
+  const encrypted = o.encrypted === true;
+  const keyId = o.keyId === null || o.keyId === undefined ? null : str(file, o, 'keyId', KEY_ID_RE);
+  if (encrypted && keyId === null) throw corrupt(file, "field 'keyId' is missing: an encrypted snapshot names its key");
+  if (!encrypted && keyId !== null) throw corrupt(file, `field 'keyId' is ${JSON.stringify(keyId)} in a snapshot that is not encrypted`);
+  const sealedMetadata = o.sealedMetadata === null || o.sealedMetadata === undefined ? null : str(file, o, 'sealedMetadata', /^[A-Za-z0-9+/]+=*$/);
+  if (encrypted && sealedMetadata === null) throw corrupt(file, "field 'sealedMetadata' is missing: an encrypted snapshot's name, description and tags are sealed");
+  if (!encrypted && sealedMetadata !== null) throw corrupt(file, "field 'sealedMetadata' is set in a snapshot that is not encrypted");
+  let copiedFrom: SnapshotRecord['copiedFrom'] = null;
+  if (o.copiedFrom !== null && o.copiedFrom !== undefined) {
+    const c = obj(file, o, 'copiedFrom');
+    copiedFrom = { storeId: str(file, c, 'storeId', ID_RE.store), snapshotId: str(file, c, 'snapshotId', ID_RE.snap), startTime: time(file, c, 'startTime') };
+  }
+  return { keyId, sealedMetadata, metadataHidden: sealedMetadata !== null, copiedFrom };
+}
+
+export function parseKeyRecord(file: string, text: string | Buffer): KeyRecord {
+  const o = parseObject(file, text);
+  const kdf = str(file, o, 'kdf');
+  if (kdf !== 'none' && kdf !== 'scrypt') throw corrupt(file, `field 'kdf' is ${JSON.stringify(kdf)}, expected "none" or "scrypt"`);
+  let scrypt: KeyRecord['scrypt'] = null;
+  if (kdf === 'scrypt') {
+    const p = obj(file, o, 'scrypt');
+    scrypt = {
+      salt: str(file, p, 'salt', /^[A-Za-z0-9+/]{22,}={0,2}$/),
+      N: int(file, p, 'N', 2, 2 ** 24),
+      r: int(file, p, 'r', 1, 64),
+      p: int(file, p, 'p', 1, 64),
+    };
+    if ((scrypt.N & (scrypt.N - 1)) !== 0) throw corrupt(file, `field 'scrypt.N' is ${scrypt.N}, expected a power of two`);
+  }
+  return { id: str(file, o, 'id', KEY_ID_RE), kdf, scrypt, created: time(file, o, 'created') };
 }
 
 function consistencyOf(file: string, o: Obj): Consistency | null {
@@ -282,8 +339,12 @@ function num(file: string, o: Obj, field: string): number {
   return v;
 }
 
-/** Stable key order for the JSON a user sees (the shape DESIGN.md promises first). */
-export function snapshotJson(r: SnapshotRecord): SnapshotRecord {
+/** What a user sees: the record without the sealed blob; `metadataHidden` says whether
+ * an encrypted snapshot's name, description and tags could not be opened (no key given). */
+export type SnapshotJson = Omit<SnapshotRecord, 'sealedMetadata'>;
+
+/** Stable key order (the shape DESIGN.md promises first). */
+function ordered(r: SnapshotRecord): SnapshotRecord {
   return {
     id: r.id,
     volumeId: r.volumeId,
@@ -304,7 +365,26 @@ export function snapshotJson(r: SnapshotRecord): SnapshotRecord {
     creator: r.creator,
     consistency: r.consistency,
     frozenMs: r.frozenMs,
+    keyId: r.keyId,
+    sealedMetadata: r.sealedMetadata,
+    metadataHidden: r.metadataHidden,
+    copiedFrom: r.copiedFrom,
   };
+}
+
+export function snapshotJson(r: SnapshotRecord): SnapshotJson {
+  const { sealedMetadata: _sealed, ...shown } = ordered(r);
+  return shown;
+}
+
+/**
+ * The record as stored. For an encrypted snapshot `sealed` is its sealed metadata, and the
+ * clear name, description and tags are written empty.
+ */
+export function snapshotDisk(r: SnapshotRecord, sealed: string | null): Omit<SnapshotRecord, 'metadataHidden'> {
+  const { metadataHidden: _hidden, ...disk } = ordered(r);
+  if (r.encrypted) return { ...disk, name: '', description: '', tags: {}, sealedMetadata: sealed };
+  return { ...disk, sealedMetadata: null };
 }
 
 /** `K=V` strings to a tags object; EINVALID on a malformed one. */

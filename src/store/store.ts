@@ -18,20 +18,31 @@
  * `--block-size` on the `snapshot create` / `volume register` that creates it); 512 KiB by
  * default, as EBS, so changed-block indexes line up with EBS's.
  *
- * Encryption (issue 5) plugs in at two points and nowhere else: the digest function (plain
- * SHA-256, or HMAC-SHA-256 under a key: `codec.digestKey`, handed to the native hasher) and the
- * per-block `seal`/`unseal` of a BlockCodec, applied between the plaintext a snapshot hashes
- * and the object the backend stores.
+ *   STORE/keys/<key-id>.json       what the store knows of a key: its id and, for a passphrase,
+ *                                  the scrypt salt and cost — never the key (src/keys.ts)
+ *
+ * Encryption is a property of a volume and of each snapshot, not of the store: one store holds
+ * plain and encrypted snapshots side by side (as an EBS region does), and store.json's `digest`
+ * stays "sha256", the digest of plain snapshots. A Store value carries the BlockCodec of the
+ * snapshot at hand (`withCodec`); encryption plugs in there and nowhere else: the digest
+ * function (SHA-256, or HMAC-SHA-256 under the key's digest subkey: `codec.digestKey`, handed
+ * to the native hasher), the per-block `seal`/`unseal` between the plaintext a snapshot hashes
+ * and the object the backend stores, the keyed manifest trailer, and the sealed name,
+ * description and tags of records (src/store/crypto.ts has the formats and what is revealed).
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DisksnapError, corrupt, isDisksnapError } from '../errors';
-import type { StoreBackend } from './backend';
+import { FullBackend, ObjectData, StoreBackend, fullBackend } from './backend';
 import { DirectoryBackend } from './dir';
 import { Lease, StoreLock, LockOptions } from './lock';
 import { ManifestHeader, ManifestReader, ManifestWriter } from './manifest';
+import { DerivedKeys, sealBlock, sealMetadata, unsealBlock } from './crypto';
 import {
+  KeyRecord,
+  parseKeyRecord,
+  snapshotDisk,
   DEFAULT_BLOCK_SIZE,
   STORE_FORMAT,
   STORE_VERSION,
@@ -44,7 +55,6 @@ import {
   parseSnapshotRecord,
   parseStoreConfig,
   parseVolumeRecord,
-  snapshotJson,
   DigestAlgorithm,
 } from './records';
 
@@ -55,18 +65,45 @@ export interface BlockCodec {
   readonly digestKey: Uint8Array | undefined;
   /** whether objects are sealed (then they cannot be copied from the volume as they are) */
   readonly sealed: boolean;
-  seal(digest: Uint8Array, plain: Uint8Array): Uint8Array | Promise<Uint8Array>;
-  /** Throws ECORRUPT (tampered) or a key error; never returns wrong bytes silently. */
-  unseal(digest: Uint8Array, stored: Buffer): Buffer | Promise<Buffer>;
+  /** the key of a sealed codec (id and subkeys); undefined for plain */
+  readonly keys: DerivedKeys | undefined;
+  /** The object's bytes. May overwrite `plain` (sealing encrypts in place, keeping the
+   * caller's aligned buffer); callers pass a buffer they are done with. */
+  seal(digest: Uint8Array, plain: Buffer): ObjectData;
+  /** Throws ECORRUPT (tampered, swapped, other key); never returns wrong bytes silently. */
+  unseal(digest: Uint8Array, stored: Buffer, where: string, into?: Buffer): Buffer;
 }
 
 export const PLAIN_CODEC: BlockCodec = {
   digest: 'sha256',
   digestKey: undefined,
   sealed: false,
+  keys: undefined,
   seal: (_d, plain) => plain,
   unseal: (_d, stored) => stored,
 };
+
+/** AES-256-GCM objects and HMAC-SHA-256 digests under one key (src/store/crypto.ts). */
+export function sealedCodec(keys: DerivedKeys): BlockCodec {
+  return {
+    digest: 'hmac-sha256',
+    digestKey: keys.digest,
+    sealed: true,
+    keys,
+    seal: (digest, plain) => sealBlock(keys, digest, plain),
+    unseal: (digest, stored, where, into) => unsealBlock(keys, digest, stored, where, into),
+  };
+}
+
+let backendFactory: ((root: string) => StoreBackend) | undefined;
+
+/**
+ * Tests: the backend every Store.open uses from now on (undefined: the directory backend) —
+ * e.g. one with only the core methods, to prove snapshot logic needs no more.
+ */
+export function setBackendFactory(f: ((root: string) => StoreBackend) | undefined): void {
+  backendFactory = f;
+}
 
 /** `--store` default: $DISKSNAP_STORE, else $XDG_DATA_HOME/disksnap/store, else ~/.local/share/disksnap/store. */
 export function defaultStoreDir(): string {
@@ -91,13 +128,17 @@ export interface SnapshotListing {
 }
 
 export class Store {
-  readonly codec: BlockCodec = PLAIN_CODEC;
-
   private constructor(
     readonly dir: string,
-    readonly backend: StoreBackend,
+    readonly backend: FullBackend,
     readonly config: StoreConfig,
+    readonly codec: BlockCodec = PLAIN_CODEC,
   ) {}
+
+  /** The same store, reading and writing blocks, manifests and records with `codec`. */
+  withCodec(codec: BlockCodec): Store {
+    return new Store(this.dir, this.backend, this.config, codec);
+  }
 
   get blockSize(): number {
     return this.config.blockSize;
@@ -105,7 +146,7 @@ export class Store {
 
   static async open(dir: string | undefined, opts: OpenStoreOptions = {}): Promise<Store> {
     const root = path.resolve(dir ?? defaultStoreDir());
-    const backend = new DirectoryBackend(root);
+    const backend = fullBackend(backendFactory ? backendFactory(root) : new DirectoryBackend(root));
     let text: Buffer | undefined;
     try {
       text = await backend.get('store.json');
@@ -139,11 +180,11 @@ export class Store {
   }
 
   /** Creates the directories, then store.json last (its presence means "a store"). */
-  private static async init(root: string, backend: StoreBackend, blockSize: number): Promise<Buffer> {
+  private static async init(root: string, backend: FullBackend, blockSize: number): Promise<Buffer> {
     checkBlockSize(blockSize);
     try {
       fs.mkdirSync(root, { recursive: true });
-      for (const d of ['volumes', 'snapshots', 'leases', 'blocks']) fs.mkdirSync(path.join(root, d), { recursive: true });
+      for (const d of ['volumes', 'snapshots', 'leases', 'blocks', 'keys']) fs.mkdirSync(path.join(root, d), { recursive: true });
       for (let i = 0; i < 256; i++) fs.mkdirSync(path.join(root, 'blocks', i.toString(16).padStart(2, '0')), { recursive: true });
     } catch (e) {
       const err = e as NodeJS.ErrnoException;
@@ -179,27 +220,73 @@ export class Store {
     return (await this.backend.stat(this.blockKey(digest, offset))) !== undefined;
   }
 
-  /** Stores a block unless present; true when it wrote one. The digest must be that of `plain`. */
-  async putBlock(digest: Uint8Array, plain: Uint8Array): Promise<boolean> {
+  /**
+   * Stores a block unless present; true when it wrote one. The digest must be that of `plain`.
+   * A sealing codec encrypts `plain` in place: pass a buffer you are done with.
+   */
+  async putBlock(digest: Uint8Array, plain: Buffer): Promise<boolean> {
     const d = Buffer.from(digest);
-    const stored = await this.codec.seal(d, plain);
-    return this.backend.putIfAbsent(this.blockKey(d), stored);
+    const key = this.blockKey(d);
+    // Sealing costs CPU: not for an object the store already has.
+    if (this.codec.sealed && (await this.backend.stat(key)) !== undefined) return false;
+    return this.backend.putIfAbsent(key, this.codec.seal(d, plain));
   }
 
-  /** The plaintext of a block object (not verified here: callers hash it in batches). */
+  /**
+   * The plaintext of a block object. A sealed object is authenticated here (ECORRUPT if it
+   * fails); its digest is checked by the callers, which hash in batches.
+   */
   async getBlock(digest: Uint8Array, into?: Buffer): Promise<Buffer> {
     const d = Buffer.from(digest);
     const key = this.blockKey(d);
     let stored: Buffer;
     try {
-      stored = await this.backend.get(key, into);
+      // A sealed object is larger than its block: read it whole, then decrypt into `into`.
+      stored = await this.backend.get(key, this.codec.sealed ? undefined : into);
     } catch (e) {
       if (isDisksnapError(e, 'ENOENT')) {
         throw new DisksnapError(`block object ${this.backend.describe(key)} is missing`, 'ECORRUPT', undefined, this.backend.describe(key));
       }
       throw e;
     }
-    return this.codec.unseal(d, stored);
+    return this.codec.unseal(d, stored, this.backend.describe(key), into);
+  }
+
+  // ---- keys ----
+
+  private keyRecordKey(id: string): string {
+    return `keys/${id}.json`;
+  }
+
+  /** The store's record of a key, or undefined when it has none. */
+  async readKeyRecord(id: string): Promise<KeyRecord | undefined> {
+    const key = this.keyRecordKey(id);
+    let text: Buffer;
+    try {
+      text = await this.backend.get(key);
+    } catch (e) {
+      if (isDisksnapError(e, 'ENOENT')) return undefined;
+      throw e;
+    }
+    const rec = parseKeyRecord(this.backend.describe(key), text);
+    if (rec.id !== id) throw corrupt(this.backend.describe(key), `field 'id' is ${JSON.stringify(rec.id)}, but the file is named for ${id}`);
+    return rec;
+  }
+
+  async listKeyRecords(): Promise<KeyRecord[]> {
+    const out: KeyRecord[] = [];
+    for await (const o of this.backend.list('keys/')) {
+      if (o.temporary || !o.key.endsWith('.json')) continue;
+      const rec = await this.readKeyRecord(path.posix.basename(o.key, '.json')).catch(() => undefined);
+      if (rec) out.push(rec);
+    }
+    return out;
+  }
+
+  /** Records a key (written once; durable on return). */
+  async writeKeyRecord(rec: KeyRecord): Promise<void> {
+    await this.backend.putIfAbsent(this.keyRecordKey(rec.id), Buffer.from(JSON.stringify(rec, null, 2) + '\n'));
+    await this.backend.flush();
   }
 
   // ---- volumes ----
@@ -268,8 +355,20 @@ export class Store {
     return rec;
   }
 
+  /**
+   * Writes a record. An encrypted snapshot's name, description and tags are sealed with this
+   * store's codec when it holds the snapshot's key; without the key (marking an abandoned
+   * snapshot `error`) the sealed metadata that was read is written back as it was.
+   */
   async writeSnapshot(rec: SnapshotRecord): Promise<void> {
-    await this.backend.put(this.snapshotKey(rec.id), Buffer.from(JSON.stringify(snapshotJson(rec), null, 2) + '\n'));
+    let sealed: string | null = null;
+    if (rec.encrypted) {
+      const keys = this.codec.keys;
+      if (keys && keys.id === rec.keyId && !rec.metadataHidden) sealed = sealMetadata(keys, rec.id, { name: rec.name, description: rec.description, tags: rec.tags });
+      else if (rec.metadataHidden && rec.sealedMetadata) sealed = rec.sealedMetadata;
+      else throw new DisksnapError(`cannot write the record of encrypted snapshot ${rec.id} without its key ${rec.keyId}`, 'ENOKEY');
+    }
+    await this.backend.put(this.snapshotKey(rec.id), Buffer.from(JSON.stringify(snapshotDisk(rec, sealed), null, 2) + '\n'));
   }
 
   /** Every snapshot record, oldest first; unreadable ones are reported, not thrown. */
@@ -295,9 +394,10 @@ export class Store {
    * A snapshot by id, by a unique name, or by a unique id prefix (at least `snap-` and 4 hex
    * digits). ENOENT when nothing matches, EINVALID when several do.
    */
-  async resolveSnapshot(ref: string): Promise<SnapshotRecord> {
+  async resolveSnapshot(ref: string, reveal?: (recs: SnapshotRecord[]) => Promise<void>): Promise<SnapshotRecord> {
     if (isSnapshotId(ref)) return this.readSnapshot(ref);
     const { snapshots, damaged } = await this.listSnapshots();
+    await reveal?.(snapshots); // names of encrypted snapshots, where the caller holds their key
     const byName = snapshots.filter((s) => s.name !== '' && s.name === ref);
     if (byName.length === 1) return byName[0];
     if (byName.length > 1) {
@@ -310,11 +410,25 @@ export class Store {
       const bad = damaged.find((d) => d.id.startsWith(ref));
       if (bad) throw bad.error;
     }
-    throw new DisksnapError(`no snapshot '${ref}' in store ${this.dir}`, 'ENOENT', 2);
+    const hidden = snapshots.filter((s) => s.metadataHidden).length;
+    throw new DisksnapError(
+      `no snapshot '${ref}' in store ${this.dir}` +
+        (hidden ? ` (the names of ${hidden} encrypted snapshot(s) are sealed: give their key to refer to them by name, or use the id)` : ''),
+      'ENOENT',
+      2,
+    );
   }
 
-  /** Opens a snapshot's manifest; its header must agree with the record. */
-  async openManifest(rec: SnapshotRecord): Promise<ManifestReader> {
+  /**
+   * Opens a snapshot's manifest; its header must agree with the record. A sealed manifest is
+   * authenticated with this store's codec, which must hold its key — or, with
+   * `unauthenticated`, read for its entries only (gc, diff without a key).
+   */
+  async openManifest(rec: SnapshotRecord, opts: { unauthenticated?: boolean } = {}): Promise<ManifestReader> {
+    const keyed = rec.encrypted && this.codec.keys?.id === rec.keyId;
+    if (rec.encrypted && !keyed && !opts.unauthenticated) {
+      throw new DisksnapError(`snapshot ${rec.id} is encrypted with key ${rec.keyId}; its manifest is read with that key`, 'ENOKEY');
+    }
     const key = this.manifestKey(rec.id);
     let src;
     try {
@@ -325,17 +439,24 @@ export class Store {
       }
       throw e;
     }
-    return ManifestReader.open(this.backend.describe(key), src, {
-      snapshotId: rec.id,
-      volumeId: rec.volumeId,
-      blockSize: rec.blockSize,
-      volumeSize: rec.volumeSize,
-      digest: this.codec.digest,
-    });
+    return ManifestReader.open(
+      this.backend.describe(key),
+      src,
+      {
+        snapshotId: rec.id,
+        volumeId: rec.volumeId,
+        blockSize: rec.blockSize,
+        volumeSize: rec.volumeSize,
+        digest: rec.encrypted ? 'hmac-sha256' : 'sha256',
+        sealed: rec.encrypted,
+      },
+      { macKey: keyed ? this.codec.keys!.manifest : undefined, unauthenticated: opts.unauthenticated },
+    );
   }
 
   async createManifest(header: ManifestHeader): Promise<ManifestWriter> {
-    return new ManifestWriter(await this.backend.create(this.manifestKey(header.snapshotId)), header);
+    if (header.sealed !== this.codec.sealed) throw new DisksnapError(`manifest of ${header.snapshotId}: sealed ${header.sealed} with a ${this.codec.digest} codec`, 'EINVALID');
+    return new ManifestWriter(await this.backend.create(this.manifestKey(header.snapshotId)), header, this.codec.keys?.manifest);
   }
 
   /**

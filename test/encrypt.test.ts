@@ -1,0 +1,274 @@
+/**
+ * Snapshot encryption (issue 5): an encrypted volume's snapshots leave no plaintext in the
+ * store (block data, names, descriptions, tags), restore byte-exact with the key, and every
+ * way of getting it wrong — no key, a wrong key or passphrase, a flipped byte in an object or
+ * manifest, an object swapped for another — is a clear error, exit 1, with no output left.
+ */
+import t from 'tap';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import * as snap from '../src/snapshot';
+import { KiB, MiB, Write, allocated, applyWrites, ds, files, flipByte, makeImage, sha, touched } from '../fixtures/store/helpers';
+
+const BS = 64 * KiB;
+const MARKER = 'DISKSNAP-TEST-MARKER-7c1e';
+
+/** Writes with the marker inside random data, one at the very end (a short last block). */
+function markedImage(file: string, size: number, writes: Write[]): void {
+  makeImage(file, size, writes);
+  const fd = fs.openSync(file, 'r+');
+  try {
+    for (const w of writes) fs.writeSync(fd, Buffer.from(MARKER.repeat(3)), 0, MARKER.length * 3, w.offset + 100);
+    fs.writeSync(fd, Buffer.from(MARKER), 0, MARKER.length, size - MARKER.length);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Every file under `dir` whose bytes contain the marker (or its UTF-16 / base64 forms). */
+function filesWithMarker(dir: string, marker = MARKER): string[] {
+  const needles = [Buffer.from(marker), Buffer.from(marker, 'utf16le'), Buffer.from(Buffer.from(marker).toString('base64').slice(0, 16))];
+  return files(dir).filter((f) => {
+    const bytes = fs.readFileSync(path.join(dir, f));
+    return needles.some((n) => bytes.includes(n));
+  });
+}
+
+function keyFile(dir: string, name: string): string {
+  const p = path.join(dir, name);
+  fs.writeFileSync(p, randomBytes(32), { mode: 0o600 });
+  return p;
+}
+
+/** Names in `dir` other than those listed: what a failed command left behind. */
+function leftovers(dir: string, except: string[]): string[] {
+  return fs.readdirSync(dir).filter((n) => !except.includes(n));
+}
+
+const SIZE = 40 * MiB + 777; // not a multiple of the block size: the last object is short
+const base: Write[] = [
+  { offset: 0, length: 2 * MiB, seed: 1 },
+  { offset: 9 * MiB + 5000, length: 3 * MiB + 17, seed: 2 },
+  { offset: 30 * MiB, length: 1 * MiB, seed: 3 },
+];
+const change: Write[] = [
+  { offset: 64 * KiB - 10, length: 20, seed: 20 },
+  { offset: 33 * MiB, length: 5000, seed: 21 },
+];
+
+t.test('an encrypted volume: no file of the store holds the marker, not even names or tags; snapshots restore byte-exact with the key; incremental under the key; gc keeps what is live', async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vol.img');
+  const key = keyFile(dir, 'k');
+  markedImage(vol, SIZE, base);
+  const v1 = sha(vol);
+
+  const reg = await snap.registerVolume(vol, { store, blockSize: BS, encrypted: true, key: { keyFile: key } });
+  t.equal(reg.encrypted, true);
+  t.match(reg.keyId, /^key-[0-9a-f]{32}$/);
+  t.same(await snap.registerVolume(vol, { store, encrypted: true, key: { keyFile: key } }), reg, 'registering again with the same key changes nothing');
+
+  const s1 = await snap.createSnapshot(vol, { store, key: { keyFile: key }, name: `name ${MARKER}`, description: `about ${MARKER}`, tags: { env: MARKER } });
+  t.equal(s1.encrypted, true, 'a snapshot of an encrypted volume is encrypted without being asked');
+  t.equal(s1.keyId, reg.keyId);
+  t.equal(s1.name, `name ${MARKER}`, 'the caller sees its own metadata');
+  const first = touched(base, BS).concat(Math.floor((SIZE - 1) / BS));
+  t.equal(s1.stats.blocksAdded, first.length);
+
+  applyWrites(vol, change);
+  const v2 = sha(vol);
+  const s2 = await snap.createSnapshot(vol, { store, key: { keyFile: key }, name: 'second' });
+  t.equal(s2.parentId, s1.id, 'incremental: the parent is under the same key');
+  t.equal(s2.stats.blocksAdded, touched(change, BS).length, 'only the changed blocks are added');
+
+  t.same(filesWithMarker(store), [], 'no file of the store contains the marker (data, name, description, tags)');
+  t.same(filesWithMarker(store, 'second'), [], 'names are sealed in the record');
+  t.equal(files(store).filter((f) => f.startsWith('keys/')).length, 1, 'one key record');
+  const keyRecord = fs.readFileSync(path.join(store, files(store).find((f) => f.startsWith('keys/'))!));
+  t.notOk(keyRecord.includes(fs.readFileSync(key).toString('hex')) || keyRecord.includes(fs.readFileSync(key)), 'the key is not in the store');
+  for (const f of files(store).filter((f) => f.startsWith('blocks/'))) {
+    const size = fs.statSync(path.join(store, f)).size;
+    t.ok(size === BS + 32 || size === (SIZE % BS) + 32, `object ${f} is a sealed block (${size} bytes)`);
+  }
+
+  // Listing: sealed without the key, open with it.
+  const hidden = (await snap.listSnapshots({ store })).snapshots;
+  t.same(hidden.map((s) => [s.name, s.metadataHidden]), [['', true], ['', true]], 'names are hidden without the key');
+  const shown = (await snap.listSnapshots({ store, key: { keyFile: key } })).snapshots;
+  t.same(shown.map((s) => s.name), [`name ${MARKER}`, 'second']);
+  t.same(shown[0].tags, { env: MARKER });
+  t.equal((await snap.showSnapshot('second', { store, key: { keyFile: key } })).id, s2.id, 'a name resolves with the key');
+  await t.rejects(snap.showSnapshot('second', { store }), { code: 'ENOENT', message: /sealed: give their key/ });
+
+  for (const [s, want] of [
+    [s1, v1],
+    [s2, v2],
+  ] as const) {
+    const out = path.join(dir, `${s.id}.img`);
+    await snap.restoreSnapshot(s.id, { store, to: out, key: { keyFile: key } });
+    t.equal(sha(out), want, `${s.id} restores byte-exact with the key`);
+    t.ok(allocated(out) < 10 * MiB, 'and sparse');
+    const v = await snap.verifySnapshot(s.id, { store, key: { keyFile: key } });
+    t.ok(v.ok, 'verify passes');
+  }
+
+  // In place, under the key.
+  await snap.restoreSnapshot(s1.id, { store, inPlace: vol, key: { keyFile: key } });
+  t.equal(sha(vol), v1, 'in-place restore rolls the volume back byte-exact');
+
+  // gc holds no key: it still keeps every block a completed encrypted snapshot needs.
+  await snap.deleteSnapshot(s1.id, { store });
+  const g = await snap.gc({ store });
+  t.ok(g.blocksFreed > 0 && g.blocksKept > 0, `gc freed ${g.blocksFreed}, kept ${g.blocksKept}`);
+  const out = path.join(dir, 'after-gc.img');
+  await snap.restoreSnapshot(s2.id, { store, to: out, key: { keyFile: key } });
+  t.equal(sha(out), v2, 'the remaining snapshot restores after delete + gc');
+  t.same((await snap.diffSnapshots(s2.id, s2.id, { store })).changedBlocks, [], 'diff of encrypted snapshots works without the key (keyed digests)');
+});
+
+t.test('no key, a wrong key or passphrase, a flipped byte, a swapped object: each a clear error, exit 1, and no output left', async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vol.img');
+  const key = keyFile(dir, 'k');
+  const other = keyFile(dir, 'other');
+  const out = path.join(dir, 'out');
+  fs.mkdirSync(out);
+  markedImage(vol, 8 * MiB, [
+    { offset: 0, length: 1 * MiB, seed: 5 },
+    { offset: 4 * MiB, length: 1 * MiB, seed: 6 },
+  ]);
+  let r = ds(['volume', 'register', vol, '--store', store, '--block-size', '64K', '--encrypted', '--key-file', key, '--json']);
+  t.equal(r.status, 0, r.stderr);
+
+  // Snapshot: no key, wrong key — refused before anything is written.
+  r = ds(['snapshot', 'create', vol, '--store', store]);
+  t.equal(r.status, 1);
+  t.match(r.stderr, /is encrypted \(key key-[0-9a-f]+\): pass --key-file.*\(ENOKEY\)/);
+  r = ds(['snapshot', 'create', vol, '--store', store, '--key-file', other]);
+  t.equal(r.status, 1);
+  t.match(r.stderr, /wrong key \(EKEYREJECTED\)/);
+  t.same(fs.readdirSync(path.join(store, 'snapshots')), [], 'no snapshot record was written for either');
+  r = ds(['snapshot', 'create', vol, '--store', store, '--key-file', key, '--name', 'good', '--json']);
+  t.equal(r.status, 0, r.stderr);
+  const id = JSON.parse(r.out).id as string;
+  t.equal(JSON.parse(r.out).encrypted, true);
+
+  const target = path.join(out, 'restored.img');
+  const noOutput = (what: string) => t.same(fs.readdirSync(out), [], `${what}: no output file, no temporary file`);
+  r = ds(['snapshot', 'restore', id, '--store', store, '--to', target]);
+  t.equal(r.status, 1, 'no key: exit 1');
+  t.match(r.stderr, /ENOKEY/);
+  noOutput('no key');
+  r = ds(['snapshot', 'restore', id, '--store', store, '--to', target, '--key-file', other]);
+  t.equal(r.status, 1, 'wrong key: exit 1');
+  t.match(r.stderr, /is key key-[0-9a-f]+, not the key of snapshot .*wrong key/);
+  noOutput('wrong key');
+  const pp = path.join(dir, 'pp');
+  fs.writeFileSync(pp, 'not the key\n');
+  r = ds(['snapshot', 'restore', id, '--store', store, '--to', target, '--passphrase-file', pp]);
+  t.equal(r.status, 1, 'a passphrase for a key-file key: exit 1');
+  t.match(r.stderr, /EKEYREJECTED/);
+  r = ds(['snapshot', 'verify', id, '--store', store]);
+  t.equal(r.status, 1, 'verify without the key: exit 1');
+  t.match(r.stderr, /ENOKEY/);
+  const short = path.join(dir, 'short');
+  fs.writeFileSync(short, randomBytes(31));
+  r = ds(['snapshot', 'restore', id, '--store', store, '--to', target, '--key-file', short]);
+  t.equal(r.status, 1);
+  t.match(r.stderr, /holds 31 bytes; a key file is exactly 32 random bytes/);
+  noOutput('a short key file');
+
+  const objects = files(store).filter((f) => f.startsWith('blocks/')).sort();
+  t.equal(objects.length, 33, 'two MiB of data in 64 KiB blocks, and the marker in the last block');
+  const damage = (name: string, fn: () => void, undo: () => void) => {
+    fn();
+    const rr = ds(['snapshot', 'restore', id, '--store', store, '--to', target, '--key-file', key]);
+    t.equal(rr.status, 1, `${name}: restore exits 1`);
+    t.match(rr.stderr, /ECORRUPT/, `${name}: ${rr.stderr.trim()}`);
+    noOutput(name);
+    const v = ds(['snapshot', 'verify', id, '--store', store, '--key-file', key, '--json']);
+    t.equal(v.status, 1, `${name}: verify exits 1`);
+    undo();
+    return JSON.parse(v.out);
+  };
+  // One flipped byte in the ciphertext, then in the trailer (nonce / tag).
+  const victim = path.join(store, objects[3]);
+  const original = fs.readFileSync(victim);
+  let report = damage('a flipped byte in an object', () => flipByte(victim, 1000), () => fs.writeFileSync(victim, original));
+  t.equal(report.badBlocks.length, 1, 'verify names exactly one bad block');
+  t.match(report.badBlocks[0].reason, /failed authentication/);
+  report = damage('a flipped byte in an object\'s tag', () => flipByte(victim, original.length - 10), () => fs.writeFileSync(victim, original));
+  t.equal(report.badBlocks.length, 1);
+  // An object swapped for another (both authentic on their own).
+  const a = path.join(store, objects[1]);
+  const b = path.join(store, objects[2]);
+  const bBytes = fs.readFileSync(b);
+  report = damage('a swapped object', () => fs.copyFileSync(a, b), () => fs.writeFileSync(b, bBytes));
+  t.equal(report.badBlocks.length, 1, 'the swapped object is named');
+  // The manifest: its keyed trailer catches a changed entry.
+  const manifest = path.join(store, 'snapshots', `${id}.map`);
+  const mBytes = fs.readFileSync(manifest);
+  report = damage('a flipped byte in the manifest', () => flipByte(manifest, 128 + 40 + 20), () => fs.writeFileSync(manifest, mBytes));
+  t.match(report.manifestError, /authentication \(HMAC\)/);
+
+  r = ds(['snapshot', 'restore', id, '--store', store, '--to', target, '--key-file', key]);
+  t.equal(r.status, 0, `undamaged again, it restores: ${r.stderr}`);
+  t.equal(sha(target), sha(vol));
+  t.same(leftovers(dir, ['store', 'vol.img', 'k', 'other', 'out', 'pp', 'short']), [], 'nothing else was left anywhere');
+});
+
+t.test('passphrases: DISKSNAP_PASSPHRASE or --passphrase-file, scrypt salt in the store; one passphrase is one key per store; a plain volume refuses a key', async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const v1 = path.join(dir, 'a.img');
+  const v2 = path.join(dir, 'b.img');
+  makeImage(v1, 4 * MiB, [{ offset: 0, length: 1 * MiB, seed: 9 }]);
+  makeImage(v2, 4 * MiB, [{ offset: 0, length: 1 * MiB, seed: 9 }]); // the same content
+  const env = { DISKSNAP_PASSPHRASE: 'correct horse battery staple' };
+  let r = ds(['volume', 'register', v1, '--store', store, '--block-size', '64K', '--encrypted', '--json'], env);
+  t.equal(r.status, 0, r.stderr);
+  const k1 = JSON.parse(r.out).keyId;
+  r = ds(['volume', 'register', v2, '--store', store, '--encrypted', '--json'], env);
+  const k2 = JSON.parse(r.out).keyId;
+  t.equal(k2, k1, 'the same passphrase in one store is the same key (its salt is reused)');
+  const rec = JSON.parse(fs.readFileSync(path.join(store, 'keys', `${k1}.json`), 'utf8'));
+  t.equal(rec.kdf, 'scrypt');
+  t.same(Object.keys(rec.scrypt).sort(), ['N', 'p', 'r', 'salt']);
+
+  r = ds(['snapshot', 'create', v1, '--store', store, '--json'], env);
+  t.equal(r.status, 0, r.stderr);
+  t.equal(JSON.parse(r.out).stats.blocksAdded, 16);
+  r = ds(['snapshot', 'create', v2, '--store', store, '--json'], env);
+  t.equal(JSON.parse(r.out).stats.blocksAdded, 0, 'volumes under one key share blocks');
+  const id = JSON.parse(r.out).id;
+
+  const pf = path.join(dir, 'pass.txt');
+  fs.writeFileSync(pf, `${env.DISKSNAP_PASSPHRASE}\n`);
+  const out = path.join(dir, 'out.img');
+  r = ds(['snapshot', 'restore', id, '--store', store, '--to', out, '--passphrase-file', pf]);
+  t.equal(r.status, 0, `--passphrase-file (its trailing newline is not part of it): ${r.stderr}`);
+  t.equal(sha(out), sha(v2));
+  r = ds(['snapshot', 'restore', id, '--store', store, '--to', path.join(dir, 'x.img')], { DISKSNAP_PASSPHRASE: 'Correct horse battery staple' });
+  t.equal(r.status, 1);
+  t.match(r.stderr, /is not the passphrase of snapshot .*wrong passphrase \(EKEYREJECTED\)/);
+  t.notOk(fs.existsSync(path.join(dir, 'x.img')));
+
+  // A plain volume: an explicit key is a mistake, the environment's passphrase is ignored.
+  const plain = path.join(dir, 'plain.img');
+  makeImage(plain, 1 * MiB, [{ offset: 0, length: 4096, seed: 1 }]);
+  r = ds(['snapshot', 'create', plain, '--store', store, '--passphrase-file', pf]);
+  t.equal(r.status, 1);
+  t.match(r.stderr, /is not an encrypted volume.*volume register .* --encrypted/);
+  r = ds(['snapshot', 'create', plain, '--store', store, '--json'], env);
+  t.equal(r.status, 0, r.stderr);
+  t.equal(JSON.parse(r.out).encrypted, false, 'a plain volume stays plain with DISKSNAP_PASSPHRASE set');
+  r = ds(['volume', 'register', plain, '--store', store, '--encrypted'], env);
+  t.equal(r.status, 1, 'a volume with plain snapshots does not become encrypted');
+  t.match(r.stderr, /already has 1 unencrypted snapshot.*--encrypt/);
+  r = ds(['volume', 'register', plain, '--store', store, '--encrypted']);
+  t.equal(r.status, 1);
+  t.match(r.stderr, /--encrypted .* needs a key: pass --key-file.*ENOKEY/);
+});
