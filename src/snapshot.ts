@@ -52,6 +52,15 @@
  * interruption re-plans from the volume as it is and finishes the job. While the mark is set,
  * snapshots of the volume are refused.
  *
+ * Encryption follows the volume (`registerVolume(..., {encrypted, key})`): every snapshot of
+ * an encrypted volume is taken through a Store whose codec seals blocks (AES-256-GCM), keys
+ * its digests (HMAC-SHA-256) and manifests, and seals the record's name, description and tags
+ * (src/store/crypto.ts; keys: src/keys.ts). The key is checked against the volume's or
+ * snapshot's key id before anything is read or written; without it, an encrypted volume's
+ * snapshot, restore or verify is ENOKEY — never a plaintext fallback. `copySnapshot` moves a
+ * completed snapshot to another store the same way: it never decrypts, and encrypts a plain
+ * one on request (its note says how it stays incremental).
+ *
  * Deliberately left unoptimised: unchanged data is re-read and re-hashed on every snapshot
  * (correctness first — mtime or extent maps cannot prove a block unchanged); objects are
  * written with write(2), not copy_file_range, because the bytes are already in the buffer
@@ -66,7 +75,9 @@ import { DisksnapError, invalid, isDisksnapError, fromNodeError } from './errors
 import { native, NativeStat } from './native';
 import { BlockCodec, PLAIN_CODEC, Store, defaultStoreDir, sealedCodec } from './store/store';
 import { KeyRing, KeySpec, isExplicit, needKeyError } from './keys';
-import { DerivedKeys, unsealMetadata } from './store/crypto';
+import { DerivedKeys, TRAILER_BYTES, unsealMetadata } from './store/crypto';
+import { acquireStaging, openChunk, releaseStaging, sealChunk } from './store/crypto-pool';
+import { ObjectData } from './store/backend';
 import { Lease, StoreLock } from './store/lock';
 import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength } from './store/manifest';
 import { collectGarbage, GcReport } from './store/gc';
@@ -682,26 +693,41 @@ async function capture(
   const maxBlocks = Math.max(1, Math.floor(CHUNK_BYTES / bs));
   const pool = new BufferPool(maxBlocks * bs, MAX_BUFFERS, (n) => store.backend.allocBuffer?.(n) ?? Buffer.allocUnsafeSlow(n));
   const writes = new Throttle(MAX_WRITE_BYTES);
+  /** chunks being sealed and queued for writing (bounded by the buffer pool) */
+  const chunks = new Throttle(Number.MAX_SAFE_INTEGER);
   const key = store.codec.digestKey;
   let done = 0;
   let chunkNo = 0;
   let ok = false;
 
-  /** Queues the write of block i (digest at digests[dOff]) from `data`; `hold` keeps its buffer. */
-  const store1 = async (digests: Buffer, dOff: number, data: Buffer, hold: () => () => void): Promise<void> => {
+  /**
+   * Queues the write of block i (digest at digests[dOff]) from `data` — the plaintext, or the
+   * parts of its sealed object — of `plainLength` bytes; `hold` keeps its buffer.
+   */
+  const store1 = async (digests: Buffer, dOff: number, data: ObjectData, plainLength: number, hold: () => () => void): Promise<void> => {
     const digest = digests.subarray(dOff, dOff + 32);
     const release = hold();
     // Two equal blocks in flight at once both try; putIfAbsent lets one of them win.
-    await writes.add(data.length, async () => {
+    await writes.add(plainLength, async () => {
       try {
-        if (await store.putBlock(digest, data)) {
+        if (await (data instanceof Uint8Array ? store.putBlock(digest, data as Buffer) : store.putSealed(digest, data))) {
           rec.stats.blocksAdded++;
-          rec.stats.bytesAdded += data.length;
+          rec.stats.bytesAdded += plainLength;
         }
       } finally {
         release();
       }
     });
+  };
+  /**
+   * Seals the blocks `ks` (indexes into buf, digests at digests[k*32]) of a chunk on a worker
+   * when the store encrypts; returns the buffer to use from then on and each block's data.
+   */
+  const sealed = async (buf: Buffer, ks: number[], lenOf: (k: number) => number, digestAt: (k: number) => Buffer): Promise<{ buf: Buffer; data: (k: number, j: number) => ObjectData }> => {
+    const keys = store.codec.keys;
+    if (!keys || !ks.length) return { buf, data: (k) => buf.subarray(k * bs, k * bs + lenOf(k)) };
+    const r = await sealChunk(keys, buf, ks.map((k) => ({ off: k * bs, len: lenOf(k), digest: digestAt(k) })));
+    return { buf: r.buf, data: (k, j) => [r.buf.subarray(k * bs, k * bs + lenOf(k)), r.trailers[j]] };
   };
   /** A pool buffer shared by the writes queued from it; returned when the last one is done. */
   const shared = (buf: Buffer) => {
@@ -751,21 +777,41 @@ async function capture(
         const nc = it.next();
         next = nc.done ? undefined : load(nc.value[0], nc.value[1]);
         next?.catch(() => undefined); // handled when awaited
-        const ref = shared(cur.buf);
+        let digests: Buffer;
+        const keep: number[] = [];
         try {
-          const { digests, zero } = await n.hashBlocksAsync(cur.buf.subarray(0, cur.len), bs, threads, key);
+          const h = await n.hashBlocksAsync(cur.buf.subarray(0, cur.len), bs, threads, key);
+          digests = h.digests;
           for (let i = cur.first; i < cur.end; i++) {
             const k = i - cur.first;
-            if (zero[k]) continue;
+            if (h.zero[k]) continue;
             rec.stats.dataBlocks++;
             rec.stats.changedBlocks++;
             writer.append(i, digests, k * 32);
-            await store1(digests, k * 32, cur.buf.subarray(k * bs, k * bs + blockLength(i, size, bs)), ref.hold);
+            keep.push(k);
           }
-        } finally {
-          ref.done();
+        } catch (e) {
+          pool.release(cur.buf);
+          throw e;
         }
+        // Sealing (on a worker) and queueing the writes of this chunk overlap the hashing of
+        // the next one; the pool's few buffers bound how far ahead it goes.
+        const lenOf = (k: number) => blockLength(cur.first + k, size, bs);
+        await chunks.add(0, async () => {
+          let buf = cur.buf;
+          let ref: ReturnType<typeof shared> | undefined;
+          try {
+            const s = await sealed(buf, keep, lenOf, (k) => digests.subarray(k * 32, k * 32 + 32));
+            buf = s.buf; // the same memory; the buffer object may have moved through a worker
+            ref = shared(buf);
+            for (let j = 0; j < keep.length; j++) await store1(digests, keep[j] * 32, s.data(keep[j], j), lenOf(keep[j]), ref.hold);
+          } finally {
+            if (ref) ref.done();
+            else pool.release(buf);
+          }
+        });
         await chunkDone(cur.len);
+        chunks.check();
       }
     } else {
       // Incremental: hash in large chunks natively (parallel reads and hashing, no copy into
@@ -789,8 +835,8 @@ async function capture(
         }
         for (let g = 0; g < changed.length; g += maxBlocks) {
           const group = changed.slice(g, g + maxBlocks);
-          const buf = await pool.acquire();
-          const ref = shared(buf);
+          let buf = await pool.acquire();
+          let ref: ReturnType<typeof shared> | undefined;
           try {
             const reqs = new Float64Array(group.length * 3);
             let glen = 0;
@@ -806,15 +852,22 @@ async function capture(
               if (again.digests.compare(digests, (i - a) * 32, (i - a) * 32 + 32, k * 32, k * 32 + 32) !== 0) {
                 throw new VolumeChanged(`block ${i} changed between two reads`);
               }
-              await store1(digests, (i - a) * 32, buf.subarray(k * bs, k * bs + blockLength(i, size, bs)), ref.hold);
             }
+            const ks = group.map((_, k) => k);
+            const lenOf = (k: number) => blockLength(group[k], size, bs);
+            const s = await sealed(buf, ks, lenOf, (k) => again.digests.subarray(k * 32, k * 32 + 32));
+            buf = s.buf;
+            ref = shared(buf);
+            for (let k = 0; k < group.length; k++) await store1(digests, (group[k] - a) * 32, s.data(k, k), lenOf(k), ref.hold);
           } finally {
-            ref.done();
+            if (ref) ref.done();
+            else pool.release(buf);
           }
         }
         await chunkDone(len);
       }
     }
+    await chunks.drain();
     // Every read of the volume is done: check it did not move, then let go of the freeze (or
     // the clone) before waiting for the object writes.
     rec.stats.zeroBlocks = blocks - rec.stats.dataBlocks;
@@ -835,6 +888,7 @@ async function capture(
     ok = true;
     return writer;
   } finally {
+    await chunks.settle();
     await writes.settle();
     if (parentReader) await parentReader.close();
     if (!ok) await writer.abort().catch(() => undefined);
@@ -905,7 +959,9 @@ async function fetchVerified(
   buf: Buffer,
   volumeSize: number,
   threads: number,
-): Promise<{ len: number; bad: { k: number; why: string }[] }> {
+  recheck = false,
+): Promise<{ len: number; bad: { k: number; why: string }[]; buf: Buffer }> {
+  if (store.codec.keys) return fetchSealed(store, store.codec.keys, entries, buf, volumeSize, threads, recheck);
   const bs = store.blockSize;
   const bad: { k: number; why: string }[] = [];
   const lens = new Array<number>(entries.length);
@@ -939,7 +995,68 @@ async function fetchVerified(
     }
   }
   bad.sort((a, b) => a.k - b.k);
-  return { len, bad };
+  return { len, bad, buf };
+}
+
+/**
+ * fetchVerified for sealed objects: read whole into a staging buffer, opened (authenticated
+ * and decrypted) on a worker into `buf`. GCM's tag, with the digest as AAD, proves the object
+ * is the one sealed under this key for this digest, so the plaintext is not hashed again
+ * unless `recheck` (verify does both). Returns the buffer to use from then on.
+ */
+async function fetchSealed(
+  store: Store,
+  keys: DerivedKeys,
+  entries: BatchEntry[],
+  buf: Buffer,
+  volumeSize: number,
+  threads: number,
+  recheck: boolean,
+): Promise<{ len: number; bad: { k: number; why: string }[]; buf: Buffer }> {
+  const bs = store.blockSize;
+  const stride = bs + TRAILER_BYTES;
+  const bad: { k: number; why: string }[] = [];
+  let staging = acquireStaging(Math.max(1, entries.length) * stride);
+  const items: { k: number; sOff: number; sLen: number; oOff: number; digest: Buffer; where: string }[] = [];
+  try {
+    await Promise.all(
+      entries.map(async (e, k) => {
+        const want = blockLength(e.index, volumeSize, bs) + TRAILER_BYTES;
+        const key = store.blockKey(e.digest);
+        const where = store.backend.describe(key);
+        try {
+          const got = await store.backend.get(key, staging.subarray(k * stride, (k + 1) * stride));
+          if (got.length !== want) bad.push({ k, why: `object ${where} has ${got.length} bytes, expected ${want} (a sealed block of ${want - TRAILER_BYTES})` });
+          else items.push({ k, sOff: k * stride, sLen: want, oOff: k * bs, digest: e.digest, where });
+        } catch (err) {
+          if (isDisksnapError(err, 'ENOENT')) bad.push({ k, why: `block object ${where} is missing` });
+          else if (isDisksnapError(err, 'EIO')) bad.push({ k, why: (err as Error).message });
+          else throw err;
+        }
+      }),
+    );
+    items.sort((a, b) => a.k - b.k);
+    const r = await openChunk(keys, staging, buf, items);
+    staging = r.staging;
+    buf = r.out;
+    r.errors.forEach((why, j) => {
+      if (why !== null) bad.push({ k: items[j].k, why });
+    });
+  } finally {
+    releaseStaging(staging);
+  }
+  const len = entries.length ? (entries.length - 1) * bs + blockLength(entries[entries.length - 1].index, volumeSize, bs) : 0;
+  if (recheck && entries.length) {
+    const { digests } = await native().hashBlocksAsync(buf.subarray(0, len), bs, threads, keys.digest);
+    for (let k = 0; k < entries.length; k++) {
+      if (bad.some((b) => b.k === k)) continue;
+      if (digests.compare(entries[k].digest, 0, 32, k * 32, k * 32 + 32) !== 0) {
+        bad.push({ k, why: `object ${store.backend.describe(store.blockKey(entries[k].digest))} does not match its digest (damaged)` });
+      }
+    }
+  }
+  bad.sort((a, b) => a.k - b.k);
+  return { len, bad, buf };
 }
 
 /** Pulls up to `max` entries from a manifest reader (digests copied). */
@@ -1162,10 +1279,11 @@ async function pipelineBlocks(
     take = p.catch(() => undefined);
     const batch = await p;
     if (!batch.length) return undefined;
-    const buf = await pool.acquire();
+    let buf = await pool.acquire();
     try {
-      const { bad } = await fetchVerified(store, batch, buf, rec.volumeSize, threads);
-      if (bad.length) throw corruptBlock(rec, batch[bad[0].k].index, bad[0].why);
+      const r = await fetchVerified(store, batch, buf, rec.volumeSize, threads);
+      buf = r.buf; // the same memory, possibly a new object (moved through a worker)
+      if (r.bad.length) throw corruptBlock(rec, batch[r.bad[0].k].index, r.bad[0].why);
     } catch (e) {
       pool.release(buf);
       throw e;
@@ -1600,28 +1718,43 @@ async function runCopy(
         need.push(k);
       }
       if (need.length) {
-        const buf = await pool.acquire();
-        let refs = 1;
+        let buf = await pool.acquire();
+        let refs = 0;
         const unref = () => {
           if (--refs === 0) pool.release(buf);
         };
         try {
           const sub = need.map((k) => batch[k]);
-          const { len, bad } = await fetchVerified(src, sub, buf, size, threads);
-          if (bad.length) throw corruptBlock(rec, sub[bad[0].k].index, bad[0].why);
-          out.stats.bytesScanned += len;
+          const r = await fetchVerified(src, sub, buf, size, threads);
+          buf = r.buf; // the same memory, possibly moved through a worker
+          if (r.bad.length) throw corruptBlock(rec, sub[r.bad[0].k].index, r.bad[0].why);
+          out.stats.bytesScanned += r.len;
           if (!sameDigests) {
-            const h = await native().hashBlocksAsync(buf.subarray(0, len), bs, threads, dst.codec.digestKey);
+            const h = await native().hashBlocksAsync(buf.subarray(0, r.len), bs, threads, dst.codec.digestKey);
             need.forEach((k, j) => digests.set(h.digests.subarray(j * 32, j * 32 + 32), k * 32));
           }
+          // Only what the destination lacks is sealed and written.
+          const js: number[] = [];
           for (let j = 0; j < need.length; j++) {
-            const k = need[j];
-            const d = digests.subarray(k * 32, k * 32 + 32);
-            const slot = buf.subarray(j * bs, j * bs + blockLength(batch[k].index, size, bs));
+            if (sameDigests || !(await dst.hasBlock(digests.subarray(need[j] * 32, need[j] * 32 + 32)))) js.push(j);
+          }
+          const lenOf = (j: number) => blockLength(batch[need[j]].index, size, bs);
+          let trailers: Buffer[] | undefined;
+          if (dst.codec.keys && js.length) {
+            const sr = await sealChunk(dst.codec.keys, buf, js.map((j) => ({ off: j * bs, len: lenOf(j), digest: digests.subarray(need[j] * 32, need[j] * 32 + 32) })));
+            buf = sr.buf;
+            trailers = sr.trailers;
+          }
+          refs = 1;
+          for (let x = 0; x < js.length; x++) {
+            const j = js[x];
+            const d = digests.subarray(need[j] * 32, need[j] * 32 + 32);
+            const slot = buf.subarray(j * bs, j * bs + lenOf(j));
+            const t = trailers?.[x];
             refs++;
             await writes.add(slot.length, async () => {
               try {
-                if (await dst.putBlock(d, slot)) {
+                if (await (t ? dst.putSealed(d, [slot, t]) : dst.putBlock(d, slot))) {
                   out.stats.blocksAdded++;
                   out.stats.bytesAdded += slot.length;
                 }
@@ -1631,7 +1764,8 @@ async function runCopy(
             });
           }
         } finally {
-          unref();
+          if (refs > 0) unref();
+          else pool.release(buf);
         }
       }
       for (let k = 0; k < batch.length; k++) {
@@ -1799,12 +1933,15 @@ export async function verifySnapshot(ref: string, opts: StoreOptions & { onProgr
     }
     const threads = threadsOf(opts);
     const maxBlocks = Math.max(1, Math.floor(CHUNK_BYTES / rec.blockSize));
-    const buf = Buffer.allocUnsafeSlow(maxBlocks * rec.blockSize);
+    let buf: Buffer = Buffer.allocUnsafeSlow(maxBlocks * rec.blockSize);
     try {
       for (;;) {
         const batch = await nextBatch(reader, maxBlocks);
         if (!batch.length) break;
-        const { len, bad } = await fetchVerified(store, batch, buf, rec.volumeSize, threads);
+        // recheck: a sealed object is authenticated, and its plaintext hashed again too
+        const r = await fetchVerified(store, batch, buf, rec.volumeSize, threads, true);
+        buf = r.buf;
+        const { len, bad } = r;
         for (const b of bad) report.badBlocks.push({ index: batch[b.k].index, digest: batch[b.k].digest.toString('hex'), reason: b.why });
         report.blocksChecked += batch.length;
         report.bytesChecked += len;

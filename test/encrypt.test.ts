@@ -272,3 +272,68 @@ t.test('passphrases: DISKSNAP_PASSPHRASE or --passphrase-file, scrypt salt in th
   t.equal(r.status, 1);
   t.match(r.stderr, /--encrypted .* needs a key: pass --key-file.*ENOKEY/);
 });
+
+t.test('sealing on worker threads and on the event loop make the same objects: each opens the other\'s, and both refuse a damaged one', async (t) => {
+  const { deriveKeys, sealBlock, unsealBlock, TRAILER_BYTES } = await import('../src/store/crypto');
+  const { sealChunk, openChunk } = await import('../src/store/crypto-pool');
+  const keys = deriveKeys(randomBytes(32));
+  const bs = 512 * KiB;
+  const plain = randomBytes(8 * bs - 1000); // the last block is short
+  const lens = Array.from({ length: 8 }, (_, k) => Math.min(bs, plain.length - k * bs));
+  const digests = lens.map((_, k) => randomBytes(32).fill(k, 0, 1));
+
+  // Worker-sealed -> opened on the event loop.
+  const buf = Buffer.allocUnsafeSlow(plain.length);
+  plain.copy(buf);
+  const sealed = await sealChunk(keys, buf, lens.map((len, k) => ({ off: k * bs, len, digest: digests[k] })));
+  t.equal(buf.length, 0, 'the chunk went through a worker (the buffer passed was moved)');
+  for (let k = 0; k < 8; k++) {
+    const obj = Buffer.concat([sealed.buf.subarray(k * bs, k * bs + lens[k]), sealed.trailers[k]]);
+    t.ok(unsealBlock(keys, digests[k], obj, `o${k}`).equals(plain.subarray(k * bs, k * bs + lens[k])), `block ${k} opens on the event loop`);
+  }
+
+  // Event-loop-sealed -> opened on a worker; one object damaged, one swapped.
+  const stride = bs + TRAILER_BYTES;
+  const staging = Buffer.allocUnsafeSlow(8 * stride);
+  for (let k = 0; k < 8; k++) {
+    const [ct, trailer] = sealBlock(keys, digests[k], Buffer.from(plain.subarray(k * bs, k * bs + lens[k])));
+    ct.copy(staging, k * stride);
+    trailer.copy(staging, k * stride + lens[k]);
+  }
+  staging[3 * stride + 100] ^= 1;
+  const items = lens.map((len, k) => ({ sOff: k * stride, sLen: len + TRAILER_BYTES, oOff: k * bs, digest: digests[k === 5 ? 6 : k], where: `o${k}` }));
+  const out = Buffer.alloc(8 * bs);
+  const opened = await openChunk(keys, staging, out, items);
+  t.equal(out.length, 0, 'opened on a worker');
+  t.same(
+    opened.errors.map((e) => e !== null),
+    [false, false, false, true, false, true, false, false],
+    'the flipped byte and the object under another digest fail authentication',
+  );
+  t.match(opened.errors[3], /object o3 failed authentication/);
+  for (const k of [0, 1, 2, 4, 6, 7]) t.ok(opened.out.subarray(k * bs, k * bs + lens[k]).equals(plain.subarray(k * bs, k * bs + lens[k])), `block ${k} opens on a worker`);
+  t.ok(opened.out.subarray(3 * bs, 4 * bs).every((b) => b === 0), 'no unauthenticated plaintext was written');
+});
+
+t.test('an encrypted snapshot made with crypto workers restores without them, and the other way round', async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vol.img');
+  const key = keyFile(dir, 'k');
+  markedImage(vol, 12 * MiB, [{ offset: 0, length: 6 * MiB, seed: 40 }]);
+  let r = ds(['volume', 'register', vol, '--store', store, '--encrypted', '--key-file', key]);
+  t.equal(r.status, 0, r.stderr);
+  for (const [create, restore] of [
+    ['0', '2'],
+    ['2', '0'],
+  ]) {
+    fs.writeFileSync(vol, Buffer.from(`round ${create}`), { flag: 'r+' });
+    r = ds(['snapshot', 'create', vol, '--store', store, '--key-file', key, '--json'], { DISKSNAP_CRYPTO_THREADS: create });
+    t.equal(r.status, 0, r.stderr);
+    const out = path.join(dir, `out-${create}.img`);
+    r = ds(['snapshot', 'restore', JSON.parse(r.out).id, '--store', store, '--to', out, '--key-file', key], { DISKSNAP_CRYPTO_THREADS: restore });
+    t.equal(r.status, 0, r.stderr);
+    t.equal(sha(out), sha(vol), `sealed with ${create} workers, opened with ${restore}`);
+  }
+  t.same(filesWithMarker(store), []);
+});

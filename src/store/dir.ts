@@ -145,15 +145,17 @@ export class DirectoryBackend implements StoreBackend {
       f = BlockFile.open(tmp, { create: true, exclusive: true, direct: true, lock: 'none', mode: 0o644 });
       await f.write(parts[0], 0);
       if (parts.length > 1) {
-        const fh = await fs.promises.open(tmp, 'r+');
+        // A few dozen bytes into the page cache: synchronous open/write/close take a few µs,
+        // less than the three thread-pool round trips of fs.promises (measured: 0.1 s/GiB).
+        const fd = fs.openSync(tmp, 'r+');
         try {
           let at = parts[0].length;
           for (const p of parts.slice(1)) {
-            for (let done = 0; done < p.length; ) done += (await fh.write(p, done, p.length - done, at + done)).bytesWritten;
+            for (let done = 0; done < p.length; ) done += fs.writeSync(fd, p, done, p.length - done, at + done);
             at += p.length;
           }
         } finally {
-          await fh.close();
+          fs.closeSync(fd);
         }
       }
       await f.sync(true);

@@ -24,8 +24,20 @@ import { isDisksnapError } from '../errors';
 
 export const DIRECT_ALIGN = 4096;
 
+/**
+ * Aligned offset of each buffer we allocated, by its ArrayBuffer. Module-wide, so that a
+ * buffer moved to a worker thread and back (src/store/crypto-pool.ts: a new ArrayBuffer
+ * object over the same memory) can be recognised again (`transferAlignment`).
+ */
+const bases = new WeakMap<ArrayBufferLike, number>();
+
+/** After `from` was transferred to a worker and came back as `to` (same memory). */
+export function transferAlignment(from: ArrayBufferLike, to: ArrayBufferLike): void {
+  const base = bases.get(from);
+  if (base !== undefined) bases.set(to, base);
+}
+
 export class DirectIo {
-  private readonly bases = new WeakMap<ArrayBufferLike, number>();
 
   private constructor(private readonly dir: string) {}
 
@@ -67,13 +79,13 @@ export class DirectIo {
     const raw = Buffer.alloc(size + DIRECT_ALIGN);
     const shift = this.shiftOf(raw);
     if (shift < 0) return Buffer.allocUnsafeSlow(size);
-    this.bases.set(raw.buffer, raw.byteOffset + shift);
+    bases.set(raw.buffer, raw.byteOffset + shift);
     return raw.subarray(shift, shift + size);
   }
 
   /** Whether `data` can be written with O_DIRECT: from an aligned buffer, whole 4 KiB units. */
   isAligned(data: Uint8Array): boolean {
-    const base = this.bases.get(data.buffer);
+    const base = bases.get(data.buffer);
     return base !== undefined && data.length % DIRECT_ALIGN === 0 && (data.byteOffset - base) % DIRECT_ALIGN === 0;
   }
 }

@@ -232,6 +232,11 @@ export class Store {
     return this.backend.putIfAbsent(key, this.codec.seal(d, plain));
   }
 
+  /** Stores an object already sealed with this store's codec (src/store/crypto-pool.ts). */
+  async putSealed(digest: Uint8Array, parts: ObjectData): Promise<boolean> {
+    return this.backend.putIfAbsent(this.blockKey(digest), parts);
+  }
+
   /**
    * The plaintext of a block object. A sealed object is authenticated here (ECORRUPT if it
    * fails); its digest is checked by the callers, which hash in batches.
