@@ -71,6 +71,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BlockFile } from './file';
+import { assertNotAttached } from './loop/attach';
 import { DisksnapError, invalid, isDisksnapError, fromNodeError } from './errors';
 import { native, NativeStat } from './native';
 import { BlockCodec, PLAIN_CODEC, Store, defaultStoreDir, sealedCodec } from './store/store';
@@ -1340,6 +1341,8 @@ async function restoreInPlace(store: Store, rec: SnapshotRecord, volume: string,
       real,
     );
   }
+  // The kernel has an attached image open: refuse with how to detach it (issue 6).
+  assertNotAttached(real, 'restore it in place');
   const file = openVolume(real, true);
   const bs = rec.blockSize;
   const threads = threadsOf(opts);

@@ -212,3 +212,27 @@ t.test('info tells a user without root where an image is attached (from sysfs)',
   await detach(img);
 });
 
+t.test('in-place restore refuses an attached image and says to detach it', { skip }, async (t) => {
+  const s = scratch();
+  t.teardown(() => s.cleanup());
+  const img = path.join(s.dir, 'vol.img');
+  const store = path.join(s.dir, 'store');
+  fs.writeFileSync(img, '');
+  fs.truncateSync(img, 4 << 20);
+  fs.writeFileSync(img, Buffer.from('before'), { flag: 'r+' });
+  const snap = cli(['snapshot', 'create', img, '--store', store, '--json']);
+  t.equal(snap.status, 0, snap.stderr);
+  const id = JSON.parse(snap.out).id;
+  fs.writeFileSync(img, Buffer.from('after!'), { flag: 'r+' });
+  const a = await attach(img);
+  s.attached(a.device);
+  const r = cli(['snapshot', 'restore', id, '--store', store, '--in-place', img]);
+  t.equal(r.status, 1);
+  t.match(r.stderr, new RegExp(`is attached to ${a.device}; run \`disksnap detach ${a.device}\` first, then restore it in place`));
+  t.equal(fs.readFileSync(img).subarray(0, 6).toString(), 'after!', 'the volume is untouched');
+  await detach(img);
+  const ok = cli(['snapshot', 'restore', id, '--store', store, '--in-place', img]);
+  t.equal(ok.status, 0, ok.stderr);
+  t.equal(fs.readFileSync(img).subarray(0, 6).toString(), 'before', 'rolled back once detached');
+});
+
