@@ -20,16 +20,22 @@ function writeFiles(dir: string, prefix: string, n: number): void {
   for (let i = 0; i < n; i++) fs.writeFileSync(path.join(dir, `${prefix}${i}.txt`), `${prefix} file ${i}\n`.repeat(500));
 }
 
+/** An ext4 filesystem made in `vol`, attached to a loop device and mounted on s.dir/mnt. */
+async function mountedExt4(s: ReturnType<typeof scratch>, vol: string, size: string): Promise<{ a: Awaited<ReturnType<typeof attach>>; mp: string }> {
+  makeExt4(vol, size);
+  const a = await attach(vol);
+  s.attached(a.device);
+  const mp = path.join(s.dir, 'mnt');
+  s.mount(a.device, mp);
+  return { a, mp };
+}
+
 t.test('ext4 volume: snapshot while mounted (frozen), write more, restore in place after detach', { skip }, async (t) => {
   const s = scratch();
   t.teardown(() => s.cleanup());
   const vol = path.join(s.dir, 'vol.img');
   const store = path.join(s.dir, 'store');
-  makeExt4(vol, '64M');
-  const a = await attach(vol);
-  s.attached(a.device);
-  const mp = path.join(s.dir, 'mnt');
-  s.mount(a.device, mp);
+  const { a, mp } = await mountedExt4(s, vol, '64M');
   writeFiles(mp, 'first', 20);
   t.equal(findMount(vol), mp);
 
@@ -69,11 +75,7 @@ t.test('a failure in the middle of a snapshot leaves the filesystem thawed', { s
   const s = scratch();
   t.teardown(() => s.cleanup());
   const vol = path.join(s.dir, 'vol.img');
-  makeExt4(vol, '32M');
-  const a = await attach(vol);
-  s.attached(a.device);
-  const mp = path.join(s.dir, 'mnt');
-  s.mount(a.device, mp);
+  const { a, mp } = await mountedExt4(s, vol, '32M');
   writeFiles(mp, 'f', 5);
 
   await t.rejects(
@@ -115,11 +117,7 @@ t.test('SIGTERM and SIGKILL of a process holding a freeze leave the filesystem t
   const s = scratch();
   t.teardown(() => s.cleanup());
   const vol = path.join(s.dir, 'vol.img');
-  makeExt4(vol, '32M');
-  const a = await attach(vol);
-  s.attached(a.device);
-  const mp = path.join(s.dir, 'mnt');
-  s.mount(a.device, mp);
+  const { a, mp } = await mountedExt4(s, vol, '32M');
 
   for (const signal of ['SIGTERM', 'SIGINT', 'SIGKILL'] as const) {
     const child = await frozenChild(mp);
@@ -229,11 +227,7 @@ t.test('snapshot create of a mounted ext4 volume freezes it by itself for the re
   t.teardown(() => s.cleanup());
   const vol = path.join(s.dir, 'vol.img');
   const store = path.join(s.dir, 'store');
-  makeExt4(vol, '64M');
-  const a = await attach(vol);
-  s.attached(a.device);
-  const mp = path.join(s.dir, 'mnt');
-  s.mount(a.device, mp);
+  const { a, mp } = await mountedExt4(s, vol, '64M');
   writeFiles(mp, 'first', 20);
   const reflinks = ['xfs', 'btrfs'].includes(hostFs(s.dir));
 
@@ -299,11 +293,7 @@ t.test('a failure in the middle of an automatic snapshot (frozen, or a clone) th
   const s = scratch();
   t.teardown(() => s.cleanup());
   const vol = path.join(s.dir, 'vol.img');
-  makeExt4(vol, '32M');
-  const a = await attach(vol);
-  s.attached(a.device);
-  const mp = path.join(s.dir, 'mnt');
-  s.mount(a.device, mp);
+  const { a, mp } = await mountedExt4(s, vol, '32M');
   writeFiles(mp, 'f', 5);
   const store = path.join(s.dir, 'store');
   await t.rejects(
@@ -351,11 +341,7 @@ t.test('volume on a loop-mounted xfs: snapshot create clones while frozen, reads
   t.teardown(() => s.cleanup());
   const hostMp = xfsHost(s);
   const vol = path.join(hostMp, 'vol.img');
-  makeExt4(vol, '64M');
-  const a = await attach(vol);
-  s.attached(a.device);
-  const mp = path.join(s.dir, 'mnt');
-  s.mount(a.device, mp);
+  const { a, mp } = await mountedExt4(s, vol, '64M');
   writeFiles(mp, 'first', 10);
   const store = path.join(s.dir, 'store');
   const clonesLeft = () => fs.readdirSync(hostMp).filter((n) => n.includes('disksnap-pit'));
