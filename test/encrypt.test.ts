@@ -200,8 +200,11 @@ t.test('no key, a wrong key or passphrase, a flipped byte, a swapped object: eac
   let report = damage('a flipped byte in an object', () => flipByte(victim, 1000), () => fs.writeFileSync(victim, original));
   t.equal(report.badBlocks.length, 1, 'verify names exactly one bad block');
   t.match(report.badBlocks[0].reason, /failed authentication/);
-  report = damage('a flipped byte in an object\'s tag', () => flipByte(victim, original.length - 10), () => fs.writeFileSync(victim, original));
+  report = damage('a flipped byte in an object\'s tag', () => flipByte(victim, BS + 20), () => fs.writeFileSync(victim, original));
   t.equal(report.badBlocks.length, 1);
+  t.match(report.badBlocks[0].reason, /failed authentication/);
+  report = damage('a flipped byte in an object\'s trailer magic', () => flipByte(victim, original.length - 2), () => fs.writeFileSync(victim, original));
+  t.match(report.badBlocks[0].reason, /trailer/);
   // An object swapped for another (both authentic on their own).
   const a = path.join(store, objects[1]);
   const b = path.join(store, objects[2]);
@@ -335,5 +338,53 @@ t.test('an encrypted snapshot made with crypto workers restores without them, an
     t.equal(r.status, 0, r.stderr);
     t.equal(sha(out), sha(vol), `sealed with ${create} workers, opened with ${restore}`);
   }
+  t.same(filesWithMarker(store), []);
+});
+
+t.test('a killed writer\'s pending encrypted snapshot is marked error by a process without the key, its sealed metadata intact', async (t) => {
+  const { spawn } = await import('node:child_process');
+  const { ROOT } = await import('../fixtures/store/helpers');
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vol.img');
+  const key = keyFile(dir, 'k');
+  markedImage(vol, 8 * MiB, [{ offset: 0, length: 4 * MiB, seed: 50 }]);
+  await snap.registerVolume(vol, { store, blockSize: BS, encrypted: true, key: { keyFile: key } });
+  const lib = path.join(ROOT, 'dist', 'src', 'snapshot.js');
+  const script = `require(${JSON.stringify(lib)}).createSnapshot(${JSON.stringify(vol)}, { store: ${JSON.stringify(store)}, key: { keyFile: ${JSON.stringify(key)} },
+    name: ${JSON.stringify(`killed ${MARKER}`)}, afterChunk: () => { console.log('reading'); return new Promise(() => setInterval(() => {}, 1000)); } })`;
+  const child = spawn(process.execPath, ['-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+  await new Promise<void>((resolve, reject) => {
+    child.stdout!.once('data', () => resolve());
+    child.once('exit', (code) => reject(new Error(`child exited ${code} before reading`)));
+  });
+  const died = new Promise((r) => child.once('exit', r));
+  child.kill('SIGKILL');
+  await died;
+
+  const listed = (await snap.listSnapshots({ store })).snapshots; // no key: reaps on the way
+  t.equal(listed.length, 1);
+  t.match(listed[0], { state: 'error', encrypted: true, metadataHidden: true, error: /ended before it completed/ });
+  const shown = await snap.showSnapshot(listed[0].id, { store, key: { keyFile: key } });
+  t.equal(shown.name, `killed ${MARKER}`, 'the sealed name survived the keyless rewrite');
+  t.same(filesWithMarker(store), []);
+  const g = await snap.gc({ store });
+  t.equal(g.blocksKept, 0, 'gc removes what the killed writer had stored');
+});
+
+t.test('small blocks (16 KiB) and a short last block: sealed objects are block + 32 bytes, and restore byte-exact', async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vol.img');
+  const key = keyFile(dir, 'k');
+  markedImage(vol, 3 * MiB + 1000, [{ offset: 0, length: 2 * MiB, seed: 60 }]);
+  await snap.registerVolume(vol, { store, blockSize: 16 * KiB, encrypted: true, key: { keyFile: key } });
+  const s = await snap.createSnapshot(vol, { store, key: { keyFile: key } });
+  const sizes = new Set(files(store).filter((f) => f.startsWith('blocks/')).map((f) => fs.statSync(path.join(store, f)).size));
+  t.same([...sizes].sort((a, b) => a - b), [1000 + 32, 16 * KiB + 32], 'objects are block + 32 bytes');
+  const out = path.join(dir, 'out.img');
+  await snap.restoreSnapshot(s.id, { store, to: out, key: { keyFile: key } });
+  t.equal(sha(out), sha(vol));
+  t.ok((await snap.verifySnapshot(s.id, { store, key: { keyFile: key } })).ok);
   t.same(filesWithMarker(store), []);
 });
