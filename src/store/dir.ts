@@ -19,7 +19,6 @@ import { randomBytes } from 'node:crypto';
 import { DisksnapError, fromNodeError } from '../errors';
 import { ObjectData, dataBytes } from './backend';
 import type { ObjectInfo, ObjectReader, ObjectWriter, StoreBackend } from './backend';
-import { BlockFile } from '../file';
 import { DirectIo } from './direct';
 
 const TMP_PREFIX = '.tmp-';
@@ -140,10 +139,14 @@ export class DirectoryBackend implements StoreBackend {
     const parts = data instanceof Uint8Array ? [data] : data;
     if (!this.direct || !parts.length || !this.direct.isAligned(parts[0])) return undefined;
     const tmp = tmpName(dir);
-    let f: BlockFile | undefined;
+    let f: fs.promises.FileHandle | undefined;
     try {
-      f = BlockFile.open(tmp, { create: true, exclusive: true, direct: true, lock: 'none', mode: 0o644 });
-      await f.write(parts[0], 0);
+      // Through the thread pool: creating a file costs the kernel 0.1-0.3 ms here (ext4 inode
+      // allocation), which a synchronous open spent on the event loop, one object at a time.
+      const C = fs.constants;
+      f = await fs.promises.open(tmp, C.O_WRONLY | C.O_CREAT | C.O_EXCL | C.O_DIRECT, 0o644);
+      const head = parts[0];
+      for (let done = 0; done < head.length; ) done += (await f.write(head, done, head.length - done, done)).bytesWritten;
       if (parts.length > 1) {
         // A few dozen bytes into the page cache: synchronous open/write/close take a few µs,
         // less than the three thread-pool round trips of fs.promises (measured: 0.1 s/GiB).
@@ -158,13 +161,14 @@ export class DirectoryBackend implements StoreBackend {
           fs.closeSync(fd);
         }
       }
-      await f.sync(true);
-      f.close();
+      await f.datasync();
+      await f.close();
+      f = undefined;
       return tmp;
     } catch (e) {
-      f?.close();
+      await f?.close().catch(() => undefined);
       await fs.promises.unlink(tmp).catch(() => undefined);
-      if ((e as DisksnapError).code === 'EINVAL') {
+      if ((e as NodeJS.ErrnoException).code === 'EINVAL') {
         this.direct = null;
         return undefined;
       }
