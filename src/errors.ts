@@ -11,7 +11,6 @@
  *   - `EPARENTCHANGED` a differencing child's parent is not the one it was made on
  *   - `EINVALID`       a bad argument (size, offset, range) detected before any I/O
  *   - `EBUSY`          the image is attached, has children, or is otherwise in use
- *   - `ENOTBUILT`      a command group that this version does not implement yet
  */
 export class DisksnapError extends Error {
   readonly code: string;

@@ -214,18 +214,14 @@ t.test('bench reads and writes with the qemu-img bench pattern', async (t) => {
   t.match(r.stderr, /does not fit/);
 });
 
-t.test('--help lists every command group; groups not built yet say so and exit 1', async (t) => {
+t.test('--help lists every command group, and each group runs', async (t) => {
   const r = cli(['--help']);
   t.equal(r.status, 0);
   for (const group of ['create', 'info', 'map', 'read', 'write', 'bench', 'diff', 'snapshot', 'volume', 'store', 'attach', 'detach', 'compare']) {
     t.match(r.out, new RegExp(`\\n\\s+${group}\\b`), `${group} listed`);
-  }
-  const pending = [...r.out.matchAll(/\n\s+(\w+)\b[^\n]*\(not built yet\)/g)].map((m) => m[1]);
-  for (const group of pending) {
-    const g = cli([group, 'anything']);
-    t.equal(g.status, 1, `${group} exits 1`);
-    t.equal(g.out, '', `${group} prints nothing on stdout`);
-    t.match(g.stderr, /not built yet/);
+    const g = cli([group, '--help']);
+    t.equal(g.status, 0, `${group} --help works`);
+    t.notMatch(g.out, /not built yet/, `${group} is built`);
   }
 });
 

@@ -5,7 +5,6 @@
  * Exit codes: 0 success, 1 failure (one line on stderr), 2 bad usage (commander's own, and
  * EINVALID raised while parsing arguments), or a command's documented code (diff check).
  */
-import { Command } from 'commander';
 import { DisksnapError } from '../errors';
 import { parseSize } from '../size';
 
@@ -85,19 +84,4 @@ export function fail(e: unknown): never {
   }
   process.stderr.write(`disksnap: internal error: ${err?.stack ?? String(e)}\n`);
   process.exit(1);
-}
-
-/** A command group that a later version fills in: says so and exits 1, prints nothing on stdout. */
-export function notBuilt(program: Command, name: string, summary: string): void {
-  program
-    .command(name)
-    .description(`${summary} (not built yet)`)
-    .allowUnknownOption(true)
-    .allowExcessArguments(true)
-    .helpOption(false)
-    .argument('[args...]')
-    .action(() => {
-      process.stderr.write(`disksnap: '${name}' is not built yet in this version (${summary})\n`);
-      process.exit(1);
-    });
 }
