@@ -11,6 +11,7 @@
  *   - `EPARENTCHANGED` a differencing child's parent is not the one it was made on
  *   - `EINVALID`       a bad argument (size, offset, range) detected before any I/O
  *   - `EBUSY`          the image is attached, has children, or is otherwise in use
+ *   - `ENOTBUILT`      a compiled part (the FUSE server script) is missing: run `npm run build`
  */
 export class DisksnapError extends Error {
   readonly code: string;
