@@ -71,7 +71,6 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BlockFile } from './file';
-import { assertNotAttached } from './loop/attach';
 import { DisksnapError, invalid, isDisksnapError, fromNodeError } from './errors';
 import { native, NativeStat } from './native';
 import { BlockCodec, PLAIN_CODEC, Store, defaultStoreDir, sealedCodec } from './store/store';
@@ -1342,7 +1341,8 @@ async function restoreInPlace(store: Store, rec: SnapshotRecord, volume: string,
     );
   }
   // The kernel has an attached image open: refuse with how to detach it (issue 6).
-  assertNotAttached(real, 'restore it in place');
+  // (loaded here: every other snapshot command would pay for loading the loop library)
+  (require('./loop/attach') as typeof import('./loop/attach')).assertNotAttached(real, 'restore it in place');
   const file = openVolume(real, true);
   const bs = rec.blockSize;
   const threads = threadsOf(opts);
