@@ -16,6 +16,7 @@
         "native/file.cc",
         "native/hash_engine.cc",
         "native/hash.cc",
+        "native/gcm.cc",
         "native/loop.cc",
         "native/fuse.cc"
       ],

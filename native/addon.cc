@@ -34,6 +34,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setErrorClass", Napi::Function::New(env, SetErrorClass, "setErrorClass"));
   InitFile(env, exports);
   InitHash(env, exports);
+  InitGcm(env, exports);
   InitLoop(env, exports);
   InitFuse(env, exports);
   return exports;

@@ -7,6 +7,7 @@ namespace disksnap {
 
 void InitFile(Napi::Env env, Napi::Object exports);
 void InitHash(Napi::Env env, Napi::Object exports);
+void InitGcm(Napi::Env env, Napi::Object exports);   // native/gcm.cc
 void InitLoop(Napi::Env env, Napi::Object exports);  // native/loop.cc
 void InitFuse(Napi::Env env, Napi::Object exports);  // native/fuse.cc
 

@@ -118,6 +118,18 @@ export interface NativeAddon {
   /** SHA-256 (or HMAC-SHA-256 with key) of consecutive blocks of buf; the last may be short. */
   hashBlocks(buf: Uint8Array, blockSize: number, threads: number, key?: Uint8Array): BlockHashes;
   hashBlocksAsync(buf: Uint8Array, blockSize: number, threads: number, key?: Uint8Array): Promise<BlockHashes>;
+  /**
+   * AES-256-GCM seal of block objects in place (format: src/store/crypto.ts), on `threads`
+   * threads: spans are [offset, length] pairs in buf, digests 32 bytes each (the AAD).
+   * Resolves to the 32-byte trailers, one after the other.
+   */
+  gcmSealAsync(key: Uint8Array, buf: Uint8Array, spans: Float64Array, digests: Uint8Array, threads: number): Promise<Buffer>;
+  /**
+   * Opens sealed objects: spans are [stagingOffset, sealedLength, outOffset] triples. Resolves
+   * to a code per object: 0 opened, 1 too short, 2 no trailer, 3 failed authentication (its
+   * plaintext zeroed in out).
+   */
+  gcmOpenAsync(key: Uint8Array, staging: Uint8Array, out: Uint8Array, spans: Float64Array, digests: Uint8Array, threads: number): Promise<Uint8Array>;
   /** Reads [offset, offset+length) of fd and hashes it block by block on worker threads. */
   hashFile(
     fd: number,

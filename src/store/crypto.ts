@@ -16,7 +16,9 @@
  * HMAC-SHA-256(master, "disksnap key id"): a wrong key is recognised from it before any data
  * is read or written, and it reveals nothing about the key.
  *
- * Block objects. The object of a block with digest D (HMAC of its plaintext P) is
+ * Block objects (sealed and opened in bulk by native/gcm.cc through crypto-pool.ts; the
+ * functions here are the reference and the event-loop fallback). The object of a block with
+ * digest D (HMAC of its plaintext P) is
  *
  *   offset  size  field
  *   0       n     AES-256-GCM ciphertext of P (n = |P|, the block size but for a volume's tail)

@@ -24,18 +24,8 @@ import { isDisksnapError } from '../errors';
 
 export const DIRECT_ALIGN = 4096;
 
-/**
- * Aligned offset of each buffer we allocated, by its ArrayBuffer. Module-wide, so that a
- * buffer moved to a worker thread and back (src/store/crypto-pool.ts: a new ArrayBuffer
- * object over the same memory) can be recognised again (`transferAlignment`).
- */
+/** Aligned offset of each buffer we allocated, by its ArrayBuffer. */
 const bases = new WeakMap<ArrayBufferLike, number>();
-
-/** After `from` was transferred to a worker and came back as `to` (same memory). */
-export function transferAlignment(from: ArrayBufferLike, to: ArrayBufferLike): void {
-  const base = bases.get(from);
-  if (base !== undefined) bases.set(to, base);
-}
 
 export class DirectIo {
 
