@@ -17,6 +17,7 @@
         "native/hash_engine.cc",
         "native/hash.cc",
         "native/gcm.cc",
+        "native/object.cc",
         "native/loop.cc",
         "native/fuse.cc"
       ],

@@ -35,6 +35,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitFile(env, exports);
   InitHash(env, exports);
   InitGcm(env, exports);
+  InitObject(env, exports);
   InitLoop(env, exports);
   InitFuse(env, exports);
   return exports;

@@ -8,6 +8,7 @@ namespace disksnap {
 void InitFile(Napi::Env env, Napi::Object exports);
 void InitHash(Napi::Env env, Napi::Object exports);
 void InitGcm(Napi::Env env, Napi::Object exports);   // native/gcm.cc
+void InitObject(Napi::Env env, Napi::Object exports);  // native/object.cc
 void InitLoop(Napi::Env env, Napi::Object exports);  // native/loop.cc
 void InitFuse(Napi::Env env, Napi::Object exports);  // native/fuse.cc
 

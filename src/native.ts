@@ -130,6 +130,13 @@ export interface NativeAddon {
    * plaintext zeroed in out).
    */
   gcmOpenAsync(key: Uint8Array, staging: Uint8Array, out: Uint8Array, spans: Float64Array, digests: Uint8Array, threads: number): Promise<Uint8Array>;
+  /**
+   * Writes an object into `dir` (an unnamed file, O_DIRECT for an aligned head, fdatasync)
+   * and links it under `name` if that is free: 0 published, 1 the name existed.
+   */
+  putObjectAsync(dir: string, name: string, head: Uint8Array, tail?: Uint8Array): Promise<number>;
+  /** Reads a whole file into buf when it fits; resolves to the file's size either way. */
+  readObjectAsync(path: string, buf: Uint8Array): Promise<number>;
   /** Reads [offset, offset+length) of fd and hashes it block by block on worker threads. */
   hashFile(
     fd: number,

@@ -838,3 +838,57 @@ t.test('clone and cloneRange return a boolean, and equal bytes when true', async
   n.close(closed);
   await rejectsWith(t, () => n.clone(closed, dst.fd), { code: 'EBADF' }, 'clone from a closed descriptor');
 });
+
+t.test('putObject publishes complete objects under free names only, and leaves no temporary file', async (t) => {
+  const dir = t.testdir();
+  const n = native();
+  const head = randomBytes(64 * KiB + 512);
+  const tail = randomBytes(32);
+  t.equal(await n.putObjectAsync(dir, 'a', head, tail), 0, 'published');
+  t.ok(fs.readFileSync(path.join(dir, 'a')).equals(Buffer.concat([head, tail])), 'head then tail');
+  t.equal(await n.putObjectAsync(dir, 'a', randomBytes(100)), 1, 'an existing name is not replaced');
+  t.ok(fs.readFileSync(path.join(dir, 'a')).equals(Buffer.concat([head, tail])), 'the first content stays');
+  // a whole number of sectors (written with O_DIRECT when its address is aligned too) and a
+  // tiny object
+  const view = randomBytes(256 * KiB);
+  t.equal(await n.putObjectAsync(dir, 'b', view), 0);
+  t.ok(fs.readFileSync(path.join(dir, 'b')).equals(view));
+  t.equal(await n.putObjectAsync(dir, 'c', Buffer.from('x')), 0);
+  t.equal(fs.readFileSync(path.join(dir, 'c'), 'utf8'), 'x');
+  t.same(fs.readdirSync(dir).sort(), ['a', 'b', 'c'], 'nothing else in the directory');
+  await t.rejects(n.putObjectAsync(path.join(dir, 'missing'), 'd', head), { code: 'ENOENT' });
+  await t.rejects(n.putObjectAsync(dir, 'x/y', head), { code: 'EINVAL' });
+});
+
+t.test('readObject reads a whole file when it fits and tells its size either way', async (t) => {
+  const dir = t.testdir();
+  const n = native();
+  const data = randomBytes(10000);
+  fs.writeFileSync(path.join(dir, 'o'), data);
+  const big = Buffer.alloc(20000);
+  t.equal(await n.readObjectAsync(path.join(dir, 'o'), big), 10000);
+  t.ok(big.subarray(0, 10000).equals(data));
+  const small = Buffer.alloc(100, 7);
+  t.equal(await n.readObjectAsync(path.join(dir, 'o'), small), 10000, 'the size, though it did not fit');
+  t.ok(small.every((b) => b === 7), 'nothing read into a buffer too small');
+  await t.rejects(n.readObjectAsync(path.join(dir, 'none'), big), { code: 'ENOENT', path: path.join(dir, 'none') });
+});
+
+t.test('gcmSeal/gcmOpen refuse bad arguments before touching memory', async (t) => {
+  const n = native();
+  const key = randomBytes(32);
+  const buf = Buffer.alloc(1024);
+  await t.rejects(n.gcmSealAsync(randomBytes(16), buf, new Float64Array([0, 512]), randomBytes(32), 1), { code: 'EINVAL', message: /32 bytes/ });
+  await t.rejects(n.gcmSealAsync(key, buf, new Float64Array([768, 512]), randomBytes(32), 1), { code: 'EINVAL', message: /outside/ });
+  await t.rejects(n.gcmSealAsync(key, buf, new Float64Array([0, 512]), randomBytes(31), 1), { code: 'EINVAL', message: /32 bytes per item/ });
+  await t.rejects(n.gcmSealAsync(key, buf, new Float64Array([0]), Buffer.alloc(0), 1), { code: 'EINVAL', message: /groups of 2/ });
+  await t.rejects(n.gcmSealAsync(key, buf, [0, 512] as unknown as Float64Array, randomBytes(32), 1), { code: 'EINVAL', message: /Float64Array/ });
+  await t.rejects(n.gcmOpenAsync(key, buf, Buffer.alloc(100), new Float64Array([0, 544, 0]), randomBytes(32), 1), { code: 'EINVAL', message: /outside/ });
+  // and a round trip of an empty object (the tag alone authenticates it)
+  const empty = Buffer.alloc(0);
+  const tr = await n.gcmSealAsync(key, empty, new Float64Array([0, 0]), Buffer.alloc(32, 1), 1);
+  const codes = await n.gcmOpenAsync(key, tr, Buffer.alloc(0), new Float64Array([0, 32, 0]), Buffer.alloc(32, 1), 1);
+  t.same(Array.from(codes), [0]);
+  const wrong = await n.gcmOpenAsync(key, tr, Buffer.alloc(0), new Float64Array([0, 32, 0]), Buffer.alloc(32, 2), 1);
+  t.same(Array.from(wrong), [3], 'another digest fails authentication');
+});

@@ -1,14 +1,17 @@
 /**
  * The directory backend: one file per object under the store directory.
  *
- * Every write goes to a temporary file in the target's own directory (`.tmp-<pid>-<rand>`),
- * is fsynced (fdatasync for block objects), and is renamed onto its key. Block objects
- * (`putIfAbsent`) leave the directory fsync to `flush()`, so a snapshot of N new blocks costs
- * N data syncs, issued concurrently so the filesystem can commit them together, and one fsync
- * per touched directory at the end; records and manifests sync their directory at once.
+ * Objects that are written once (`putIfAbsent`: block objects, key records, store.json) are
+ * written into an unnamed file (O_TMPFILE; a `.tmp-<pid>-<rand>` name where the filesystem
+ * has none), fdatasynced, and linked under their key only if it is free — one trip through
+ * the thread pool (native/object.cc). They leave the directory fsync to `flush()`, so a
+ * snapshot of N new blocks costs N data syncs, issued concurrently so the filesystem can
+ * commit them together, and one fsync per touched directory at the end. Objects that change
+ * (`put`: records, manifests) go to a temporary name, are fsynced, renamed onto their key, and
+ * sync their directory at once.
  *
  * Block objects filled into buffers from `allocBuffer` are written with O_DIRECT
- * (src/store/direct.ts says why and how); everything else goes through the page cache.
+ * (src/store/direct.ts says why); everything else goes through the page cache.
  *
  * Temporary files left by a killed writer are listed with `temporary: true`; only gc, under
  * the exclusive store lock (so no writer is alive), removes them.
@@ -20,6 +23,7 @@ import { DisksnapError, fromNodeError } from '../errors';
 import { ObjectData, dataBytes } from './backend';
 import type { ObjectInfo, ObjectReader, ObjectWriter, StoreBackend } from './backend';
 import { DirectIo } from './direct';
+import { native } from '../native';
 
 const TMP_PREFIX = '.tmp-';
 
@@ -66,26 +70,18 @@ export class DirectoryBackend implements StoreBackend {
 
   async get(key: string, into?: Buffer): Promise<Buffer> {
     const file = this.file(key);
-    let fh: fs.promises.FileHandle;
+    // One trip through the pool (native/object.cc: open, fstat, read, close); again with a
+    // buffer of the right size when the object did not fit.
+    let buf = into ?? Buffer.allocUnsafe(64 * 1024);
     try {
-      fh = await fs.promises.open(file, 'r');
-    } catch (e) {
-      throw wrap(e, file, 'opening');
-    }
-    try {
-      const size = (await fh.stat()).size;
-      const buf = into && into.length >= size ? into.subarray(0, size) : Buffer.allocUnsafe(size);
-      let done = 0;
-      while (done < size) {
-        const { bytesRead } = await fh.read(buf, done, size - done, done);
-        if (bytesRead === 0) break;
-        done += bytesRead;
+      for (let attempt = 0; ; attempt++) {
+        const size = await native().readObjectAsync(file, buf);
+        if (size <= buf.length) return buf.subarray(0, size);
+        if (attempt === 3) throw new DisksnapError(`${file} keeps growing while it is read`, 'EIO', undefined, file);
+        buf = Buffer.allocUnsafe(size);
       }
-      return buf.subarray(0, done);
     } catch (e) {
       throw wrap(e, file, 'reading');
-    } finally {
-      await fh.close();
     }
   }
 
@@ -127,83 +123,32 @@ export class DirectoryBackend implements StoreBackend {
     return this.direct ? this.direct.alloc(size) : Buffer.allocUnsafeSlow(size);
   }
 
-  /**
-   * Block objects from an aligned buffer (allocBuffer) are written with O_DIRECT: no page-cache
-   * copy, and fdatasync then commits only the metadata. EINVAL (a filesystem that accepted the
-   * probe but not this write) turns O_DIRECT off for this backend and retries through the cache.
-   * Parts after an aligned first one (a sealed object's 32-byte trailer, src/store/crypto.ts)
-   * go through the page cache behind it: O_DIRECT takes whole sectors only, and the one
-   * fdatasync covers both (it syncs the inode, whichever descriptor asks).
-   */
-  private async writeTempDirect(dir: string, data: ObjectData): Promise<string | undefined> {
-    const parts = data instanceof Uint8Array ? [data] : data;
-    if (!this.direct || !parts.length || !this.direct.isAligned(parts[0])) return undefined;
-    const tmp = tmpName(dir);
-    let f: fs.promises.FileHandle | undefined;
-    try {
-      // Through the thread pool: creating a file costs the kernel 0.1-0.3 ms here (ext4 inode
-      // allocation), which a synchronous open spent on the event loop, one object at a time.
-      const C = fs.constants;
-      f = await fs.promises.open(tmp, C.O_WRONLY | C.O_CREAT | C.O_EXCL | C.O_DIRECT, 0o644);
-      const head = parts[0];
-      for (let done = 0; done < head.length; ) done += (await f.write(head, done, head.length - done, done)).bytesWritten;
-      if (parts.length > 1) {
-        // A few dozen bytes into the page cache: synchronous open/write/close take a few µs,
-        // less than the three thread-pool round trips of fs.promises (measured: 0.1 s/GiB).
-        const fd = fs.openSync(tmp, 'r+');
-        try {
-          let at = parts[0].length;
-          for (const p of parts.slice(1)) {
-            for (let done = 0; done < p.length; ) done += fs.writeSync(fd, p, done, p.length - done, at + done);
-            at += p.length;
-          }
-        } finally {
-          fs.closeSync(fd);
-        }
-      }
-      await f.datasync();
-      await f.close();
-      f = undefined;
-      return tmp;
-    } catch (e) {
-      await f?.close().catch(() => undefined);
-      await fs.promises.unlink(tmp).catch(() => undefined);
-      if ((e as NodeJS.ErrnoException).code === 'EINVAL') {
-        this.direct = null;
-        return undefined;
-      }
-      throw wrap(e, tmp, 'writing');
-    }
-  }
-
   async putIfAbsent(key: string, data: ObjectData): Promise<boolean> {
     const file = this.file(key);
-    if ((await this.stat(key)) !== undefined) return false;
     const dir = path.dirname(file);
-    const write = async () => (await this.writeTempDirect(dir, data)) ?? (await this.writeTemp(dir, dataBytes(data), true));
-    let tmp: string;
+    // One trip through the pool (native/object.cc): an unnamed file (O_TMPFILE) written with
+    // O_DIRECT where the data is aligned, fdatasynced, then linked under its key only if the
+    // key is free (If-None-Match semantics, also for store.json, where a second writer must
+    // lose).
+    const parts = data instanceof Uint8Array ? [data] : data;
+    const head = parts.length === 1 ? parts[0] : parts.length === 2 ? parts[0] : dataBytes(data);
+    const tail = parts.length === 2 ? parts[1] : undefined;
+    const put = () => native().putObjectAsync(dir, path.basename(file), head, tail);
+    let existed: number;
     try {
-      tmp = await write();
-    } catch (e) {
-      if ((e as DisksnapError).code !== 'ENOENT') throw e;
-      await fs.promises.mkdir(dir, { recursive: true });
-      tmp = await write();
-    }
-    // link(2) publishes the synced temporary file under its key only if the key is free
-    // (If-None-Match semantics, also for store.json, where a second writer must lose).
-    let linked = true;
-    try {
-      await fs.promises.link(tmp, file);
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') {
-        await fs.promises.unlink(tmp).catch(() => undefined);
-        throw wrap(e, file, 'publishing');
+      try {
+        existed = await put();
+      } catch (e) {
+        if ((e as DisksnapError).code !== 'ENOENT') throw e;
+        await fs.promises.mkdir(dir, { recursive: true });
+        existed = await put();
       }
-      linked = false;
+    } catch (e) {
+      throw wrap(e, file, 'writing');
     }
-    await fs.promises.unlink(tmp).catch(() => undefined);
-    if (linked) this.dirtyDirs.add(dir);
-    return linked;
+    if (existed) return false;
+    this.dirtyDirs.add(dir);
+    return true;
   }
 
   async put(key: string, data: Uint8Array): Promise<void> {

@@ -1,0 +1,219 @@
+// Whole-object file operations of the directory store backend (src/store/dir.ts), each one
+// trip through libuv's pool instead of one per syscall:
+//
+//   putObjectAsync(dir, name, head, tail?) -> 0 published, 1 the name existed already
+//     An unnamed file in `dir` (O_TMPFILE; a `.tmp-` name where the filesystem has none),
+//     `head` written with O_DIRECT when its address and length are 4 KiB multiples, `tail`
+//     (a sealed object's 32-byte trailer) through the page cache behind it, fdatasync, then
+//     linked under `name`: the name appears only for complete, durable content, and only if
+//     it was free (link(2) does not replace). The directory entry itself becomes durable at
+//     the backend's flush (one fsync per directory).
+//   readObjectAsync(path, buf) -> the object's size; its bytes are in buf when they fit.
+//
+// Measured on this project's VM, 2048 objects of 512 KiB: the JS sequence (stat, open, write,
+// fdatasync, close, link, unlink: seven pool round trips) kept a full snapshot's writes at
+// ~1 s of a 1.7 s run; with this, a full snapshot of 1 GiB takes 1.2-1.3 s (1.7-1.9 s before).
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <string>
+
+#include "addon.h"
+#include "args.h"
+#include "error.h"
+#include "io.h"
+#include "worker.h"
+
+namespace disksnap {
+
+namespace {
+
+constexpr uintptr_t kAlign = 512;  // the smallest logical block size; EINVAL falls back
+
+bool Aligned(const uint8_t* p, size_t n) {
+  return n > 0 && reinterpret_cast<uintptr_t>(p) % kAlign == 0 && n % kAlign == 0;
+}
+
+int OpenRetry(const char* path, int flags, mode_t mode) {
+  int fd;
+  do {
+    fd = ::open(path, flags, mode);
+  } while (fd < 0 && errno == EINTR);
+  return fd;
+}
+
+std::string TempName(const std::string& dir) {
+  unsigned char r[6] = {0};
+  if (getrandom(r, sizeof r, 0) != static_cast<ssize_t>(sizeof r)) {
+    for (auto& b : r) b = static_cast<unsigned char>(::rand());
+  }
+  char hex[13];
+  for (int i = 0; i < 6; i++) snprintf(hex + 2 * i, 3, "%02x", r[i]);
+  return dir + "/.tmp-" + std::to_string(::getpid()) + "-" + hex;
+}
+
+struct PutObjectJob {
+  std::string dir, name;
+  Bytes head, tail;
+  int result = 0;
+
+  SysError Run() {
+    const std::string final = dir + "/" + name;
+    struct stat st;
+    if (::stat(final.c_str(), &st) == 0) {
+      result = 1;
+      return {};
+    }
+    if (errno != ENOENT) return SysError::Errno(errno, "stat", final);
+
+    const bool direct = Aligned(head.data, head.length);
+    std::string tmp;  // empty: an O_TMPFILE file
+    int fd = OpenRetry(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC | (direct ? O_DIRECT : 0), 0644);
+    if (fd < 0 && direct && errno == EINVAL) {
+      fd = OpenRetry(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644);
+    }
+    if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
+      // no O_TMPFILE here: a named temporary file, unlinked below whatever happens
+      tmp = TempName(dir);
+      fd = OpenRetry(tmp.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | (direct ? O_DIRECT : 0), 0644);
+      if (fd < 0 && direct && errno == EINVAL) {
+        fd = OpenRetry(tmp.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0644);
+      }
+    }
+    if (fd < 0) return SysError::Errno(errno, "open", tmp.empty() ? dir : tmp);
+    SysError err = Fill(fd);
+    if (!err.failed()) err = Publish(fd, tmp, final);
+    ::close(fd);
+    if (!tmp.empty()) ::unlink(tmp.c_str());
+    return err;
+  }
+
+  SysError Fill(int fd) {
+    int flags = ::fcntl(fd, F_GETFL);
+    bool isDirect = flags >= 0 && (flags & O_DIRECT);
+    auto buffered = [&]() -> SysError {
+      if (isDirect && ::fcntl(fd, F_SETFL, flags & ~O_DIRECT) < 0) return SysError::Errno(errno, "fcntl", dir);
+      isDirect = false;
+      return {};
+    };
+    if (isDirect && !Aligned(head.data, head.length)) {
+      SysError e = buffered();
+      if (e.failed()) return e;
+    }
+    SysError e = PwriteFull(fd, head.data, head.length, 0);
+    if (e.failed() && isDirect && e.errnum == EINVAL) {
+      // the device wants another alignment: through the page cache after all
+      e = buffered();
+      if (!e.failed()) e = PwriteFull(fd, head.data, head.length, 0);
+    }
+    if (e.failed()) return e;
+    if (tail.length > 0) {
+      e = buffered();
+      if (!e.failed()) e = PwriteFull(fd, tail.data, tail.length, head.length);
+      if (e.failed()) return e;
+    }
+    return Fsync(fd, true);
+  }
+
+  SysError Publish(int fd, const std::string& tmp, const std::string& final) {
+    int r;
+    if (!tmp.empty()) {
+      r = ::link(tmp.c_str(), final.c_str());
+    } else {
+      std::string self = "/proc/self/fd/" + std::to_string(fd);
+      r = ::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, final.c_str(), AT_SYMLINK_FOLLOW);
+      if (r < 0 && errno == ENOENT && ::access("/proc/self/fd", F_OK) != 0) {
+        r = ::linkat(fd, "", AT_FDCWD, final.c_str(), AT_EMPTY_PATH);  // no /proc: needs CAP_DAC_READ_SEARCH
+      }
+    }
+    if (r == 0) return {};
+    if (errno == EEXIST) {
+      result = 1;  // another writer published the same object first
+      return {};
+    }
+    return SysError::Errno(errno, "link", final);
+  }
+
+  Napi::Value Result(Napi::Env env) { return Napi::Number::New(env, result); }
+};
+
+struct ReadObjectJob {
+  std::string path;
+  Bytes buf;
+  uint64_t size = 0;
+
+  SysError Run() {
+    int fd = OpenRetry(path.c_str(), O_RDONLY | O_CLOEXEC, 0);
+    if (fd < 0) return SysError::Errno(errno, "open", path);
+    struct stat st;
+    SysError err;
+    if (::fstat(fd, &st) < 0) {
+      err = SysError::Errno(errno, "fstat", path);
+    } else {
+      size = static_cast<uint64_t>(st.st_size);
+      if (size <= buf.length) {
+        size_t got = 0;
+        err = PreadFull(fd, buf.data, static_cast<size_t>(size), 0, &got);
+        if (!err.failed()) size = got;  // shrank meanwhile: what was there
+        if (err.failed()) err.path = path;
+      }
+    }
+    ::close(fd);
+    return err;
+  }
+
+  Napi::Value Result(Napi::Env env) { return Napi::Number::New(env, static_cast<double>(size)); }
+};
+
+template <class Job>
+class ObjectWorker : public PromiseWorker {
+ public:
+  ObjectWorker(Napi::Env env, const char* name, Job job) : PromiseWorker(env, name), job_(std::move(job)) {}
+
+ protected:
+  void Execute() override { error_ = job_.Run(); }
+  Napi::Value Result(Napi::Env env) override { return job_.Result(env); }
+
+ private:
+  Job job_;
+};
+
+Napi::Value PutObjectAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  PutObjectJob job;
+  if (!ArgString(info, 0, "dir", &job.dir) || !ArgString(info, 1, "name", &job.name) ||
+      !ArgBytes(info, 2, "head", &job.head))
+    return RejectPending(env);
+  if (!info[3].IsUndefined() && !ArgBytes(info, 3, "tail", &job.tail)) return RejectPending(env);
+  if (job.name.empty() || job.name.find('/') != std::string::npos) {
+    ThrowInvalid(env, "putObject: name must be one path component");
+    return RejectPending(env);
+  }
+  auto* w = new ObjectWorker<PutObjectJob>(env, "disksnap.putObject", std::move(job));
+  w->Keep(info[2]);
+  if (!info[3].IsUndefined()) w->Keep(info[3]);
+  return w->Start();
+}
+
+Napi::Value ReadObjectAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  ReadObjectJob job;
+  if (!ArgString(info, 0, "path", &job.path) || !ArgBytes(info, 1, "buf", &job.buf)) return RejectPending(env);
+  auto* w = new ObjectWorker<ReadObjectJob>(env, "disksnap.readObject", std::move(job));
+  w->Keep(info[1]);
+  return w->Start();
+}
+
+}  // namespace
+
+void InitObject(Napi::Env env, Napi::Object exports) {
+  exports.Set("putObjectAsync", Napi::Function::New(env, PutObjectAsync, "putObjectAsync"));
+  exports.Set("readObjectAsync", Napi::Function::New(env, ReadObjectAsync, "readObjectAsync"));
+}
+
+}  // namespace disksnap
