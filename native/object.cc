@@ -8,7 +8,8 @@
 //     linked under `name`: the name appears only for complete, durable content, and only if
 //     it was free (link(2) does not replace). The directory entry itself becomes durable at
 //     the backend's flush (one fsync per directory).
-//   readObjectAsync(path, buf) -> the object's size; its bytes are in buf when they fit.
+//   readObjectAsync(path, buf) -> the object's size; its bytes are in buf when they fit
+//     (read with O_DIRECT, but for a short tail, when buf is aligned).
 //
 // Measured on this project's VM, 2048 objects of 512 KiB: the JS sequence (stat, open, write,
 // fdatasync, close, link, unlink: seven pool round trips) kept a full snapshot's writes at
@@ -148,23 +149,48 @@ struct ReadObjectJob {
   uint64_t size = 0;
 
   SysError Run() {
-    int fd = OpenRetry(path.c_str(), O_RDONLY | O_CLOEXEC, 0);
+    // O_DIRECT when the buffer is aligned: one request of the object's size goes to the
+    // device (measured here, 2048 cold objects of 512 KiB on 16 threads: 0.47-0.53 s, against
+    // 0.80-0.90 s through the page cache, read-ahead or not).
+    const bool aligned = reinterpret_cast<uintptr_t>(buf.data) % kAlign == 0;
+    int fd = OpenRetry(path.c_str(), O_RDONLY | O_CLOEXEC | (aligned ? O_DIRECT : 0), 0);
+    if (fd < 0 && aligned && errno == EINVAL) fd = OpenRetry(path.c_str(), O_RDONLY | O_CLOEXEC, 0);
     if (fd < 0) return SysError::Errno(errno, "open", path);
-    struct stat st;
-    SysError err;
-    if (::fstat(fd, &st) < 0) {
-      err = SysError::Errno(errno, "fstat", path);
-    } else {
-      size = static_cast<uint64_t>(st.st_size);
-      if (size <= buf.length) {
-        size_t got = 0;
-        err = PreadFull(fd, buf.data, static_cast<size_t>(size), 0, &got);
-        if (!err.failed()) size = got;  // shrank meanwhile: what was there
-        if (err.failed()) err.path = path;
-      }
-    }
+    SysError err = Read(fd);
+    if (err.failed() && err.path.empty()) err.path = path;
     ::close(fd);
     return err;
+  }
+
+  SysError Read(int fd) {
+    struct stat st;
+    if (::fstat(fd, &st) < 0) return SysError::Errno(errno, "fstat", path);
+    size = static_cast<uint64_t>(st.st_size);
+    if (size > buf.length) return {};  // the caller comes back with a buffer that fits
+    int flags = ::fcntl(fd, F_GETFL);
+    bool direct = flags >= 0 && (flags & O_DIRECT);
+    auto buffered = [&]() -> SysError {
+      if (direct && ::fcntl(fd, F_SETFL, flags & ~O_DIRECT) < 0) return SysError::Errno(errno, "fcntl", path);
+      direct = false;
+      return {};
+    };
+    size_t done = 0;
+    const size_t body = direct ? static_cast<size_t>(size / kAlign * kAlign) : 0;
+    if (body > 0) {
+      SysError e = PreadFull(fd, buf.data, body, 0, &done);
+      if (e.failed() && e.errnum != EINVAL) return e;
+      if (e.failed()) done = 0;  // the device wants another alignment: through the cache
+    }
+    if (done < size) {
+      SysError e = buffered();
+      if (e.failed()) return e;
+      size_t got = 0;
+      e = PreadFull(fd, buf.data + done, static_cast<size_t>(size) - done, done, &got);
+      if (e.failed()) return e;
+      done += got;
+    }
+    size = done;  // shrank meanwhile: what was there
+    return {};
   }
 
   Napi::Value Result(Napi::Env env) { return Napi::Number::New(env, static_cast<double>(size)); }
