@@ -48,6 +48,24 @@ int OpenRetry(const char* path, int flags, mode_t mode) {
   return fd;
 }
 
+// A descriptor's O_DIRECT flag, dropped (for good) before a part that cannot go direct.
+class DirectFlag {
+ public:
+  DirectFlag(int fd, const std::string& path) : fd_(fd), path_(path), flags_(::fcntl(fd, F_GETFL)) {}
+  bool on() const { return flags_ >= 0 && (flags_ & O_DIRECT); }
+  SysError Drop() {
+    if (!on()) return {};
+    if (::fcntl(fd_, F_SETFL, flags_ & ~O_DIRECT) < 0) return SysError::Errno(errno, "fcntl", path_);
+    flags_ &= ~O_DIRECT;
+    return {};
+  }
+
+ private:
+  int fd_;
+  const std::string& path_;
+  int flags_;
+};
+
 std::string TempName(const std::string& dir) {
   unsigned char r[6] = {0};
   if (getrandom(r, sizeof r, 0) != static_cast<ssize_t>(sizeof r)) {
@@ -95,26 +113,20 @@ struct PutObjectJob {
   }
 
   SysError Fill(int fd) {
-    int flags = ::fcntl(fd, F_GETFL);
-    bool isDirect = flags >= 0 && (flags & O_DIRECT);
-    auto buffered = [&]() -> SysError {
-      if (isDirect && ::fcntl(fd, F_SETFL, flags & ~O_DIRECT) < 0) return SysError::Errno(errno, "fcntl", dir);
-      isDirect = false;
-      return {};
-    };
-    if (isDirect && !Aligned(head.data, head.length)) {
-      SysError e = buffered();
+    DirectFlag direct(fd, dir);
+    if (!Aligned(head.data, head.length)) {
+      SysError e = direct.Drop();
       if (e.failed()) return e;
     }
     SysError e = PwriteFull(fd, head.data, head.length, 0);
-    if (e.failed() && isDirect && e.errnum == EINVAL) {
+    if (e.failed() && direct.on() && e.errnum == EINVAL) {
       // the device wants another alignment: through the page cache after all
-      e = buffered();
+      e = direct.Drop();
       if (!e.failed()) e = PwriteFull(fd, head.data, head.length, 0);
     }
     if (e.failed()) return e;
     if (tail.length > 0) {
-      e = buffered();
+      e = direct.Drop();
       if (!e.failed()) e = PwriteFull(fd, tail.data, tail.length, head.length);
       if (e.failed()) return e;
     }
@@ -167,22 +179,16 @@ struct ReadObjectJob {
     if (::fstat(fd, &st) < 0) return SysError::Errno(errno, "fstat", path);
     size = static_cast<uint64_t>(st.st_size);
     if (size > buf.length) return {};  // the caller comes back with a buffer that fits
-    int flags = ::fcntl(fd, F_GETFL);
-    bool direct = flags >= 0 && (flags & O_DIRECT);
-    auto buffered = [&]() -> SysError {
-      if (direct && ::fcntl(fd, F_SETFL, flags & ~O_DIRECT) < 0) return SysError::Errno(errno, "fcntl", path);
-      direct = false;
-      return {};
-    };
+    DirectFlag direct(fd, path);
     size_t done = 0;
-    const size_t body = direct ? static_cast<size_t>(size / kAlign * kAlign) : 0;
+    const size_t body = direct.on() ? static_cast<size_t>(size / kAlign * kAlign) : 0;
     if (body > 0) {
       SysError e = PreadFull(fd, buf.data, body, 0, &done);
       if (e.failed() && e.errnum != EINVAL) return e;
       if (e.failed()) done = 0;  // the device wants another alignment: through the cache
     }
     if (done < size) {
-      SysError e = buffered();
+      SysError e = direct.Drop();
       if (e.failed()) return e;
       size_t got = 0;
       e = PreadFull(fd, buf.data + done, static_cast<size_t>(size) - done, done, &got);
