@@ -7,6 +7,7 @@
 // this project's VM the faults on that fresh memory cost more than AES itself (perf: 33% in
 // the AES-NI/PCLMUL loop, the rest page faults and copies; ~1.1 GiB/s per thread), while
 // EVP in place runs the same loop over the caller's buffer and nothing else.
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <string.h>
@@ -168,6 +169,7 @@ class SealWorker : public PromiseWorker {
       : PromiseWorker(env, "disksnap.gcmSeal"), key_(std::move(key)), buf_(buf),
         items_(std::move(items)), digests_(digests), threads_(threads),
         trailers_(trailers.Data()), trailersRef_(Napi::Persistent(trailers.As<Napi::Value>())) {}
+  ~SealWorker() override { OPENSSL_cleanse(key_.data(), key_.size()); }
 
  protected:
   void Execute() override {
@@ -202,6 +204,7 @@ class OpenWorker : public PromiseWorker {
       : PromiseWorker(env, "disksnap.gcmOpen"), key_(std::move(key)), staging_(staging), out_(out),
         items_(std::move(items)), digests_(digests), threads_(threads), codes_(codes.Data()),
         codesRef_(Napi::Persistent(codes.As<Napi::Value>())) {}
+  ~OpenWorker() override { OPENSSL_cleanse(key_.data(), key_.size()); }
 
  protected:
   void Execute() override {

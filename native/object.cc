@@ -92,9 +92,14 @@ struct PutObjectJob {
 
     const bool direct = Aligned(head.data, head.length);
     std::string tmp;  // empty: an O_TMPFILE file
-    int fd = OpenRetry(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC | (direct ? O_DIRECT : 0), 0644);
-    if (fd < 0 && direct && errno == EINVAL) {
-      fd = OpenRetry(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644);
+    // An unnamed file is published through /proc/self/fd (linkat with AT_EMPTY_PATH would
+    // need CAP_DAC_READ_SEARCH): without /proc, a named temporary file.
+    static const bool haveProc = ::access("/proc/self/fd", F_OK) == 0;
+    int fd = -1;
+    errno = EOPNOTSUPP;
+    if (haveProc) {
+      fd = OpenRetry(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC | (direct ? O_DIRECT : 0), 0644);
+      if (fd < 0 && direct && errno == EINVAL) fd = OpenRetry(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644);
     }
     if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
       // no O_TMPFILE here: a named temporary file, unlinked below whatever happens
@@ -140,9 +145,6 @@ struct PutObjectJob {
     } else {
       std::string self = "/proc/self/fd/" + std::to_string(fd);
       r = ::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, final.c_str(), AT_SYMLINK_FOLLOW);
-      if (r < 0 && errno == ENOENT && ::access("/proc/self/fd", F_OK) != 0) {
-        r = ::linkat(fd, "", AT_FDCWD, final.c_str(), AT_EMPTY_PATH);  // no /proc: needs CAP_DAC_READ_SEARCH
-      }
     }
     if (r == 0) return {};
     if (errno == EEXIST) {
