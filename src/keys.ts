@@ -3,7 +3,7 @@
  * src/store/crypto.ts).
  *
  * A key is given as one of:
- *   --key-file K         exactly 32 bytes, used as they are (make one: `head -c 32 /dev/urandom > K`)
+ *   --key-file K         exactly 32 bytes, used as they are (make one: `disksnap key generate K`)
  *   --passphrase-file F  the file's first line (a trailing newline is not part of it)
  *   DISKSNAP_PASSPHRASE  the same, from the environment, when neither option is given; it is
  *                        ignored where no key is needed (a plain volume), so it can stay set
@@ -21,9 +21,11 @@
  * key per store, and snapshots under it share blocks — and otherwise creates a new salt.
  */
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { randomBytes, scrypt as scryptCb } from 'node:crypto';
 import { DisksnapError, fromNodeError, invalid } from './errors';
-import { DerivedKeys, KEY_BYTES, deriveKeys } from './store/crypto';
+import { DerivedKeys, KEY_BYTES, deriveKeys, keyIdOf } from './store/crypto';
+import { writeAtomically } from './atomic';
 import type { KeyRecord } from './store/records';
 import type { Store } from './store/store';
 
@@ -66,9 +68,26 @@ export function readKeyFile(file: string): Buffer {
     throw fromNodeError(e, file);
   }
   if (data.length !== KEY_BYTES) {
-    throw invalid(`key file ${file} holds ${data.length} bytes; a key file is exactly ${KEY_BYTES} random bytes (make one: head -c 32 /dev/urandom > KEYFILE)`, file);
+    throw invalid(`key file ${file} holds ${data.length} bytes; a key file is exactly ${KEY_BYTES} random bytes (make one: disksnap key generate KEYFILE)`, file);
   }
   return data;
+}
+
+/**
+ * Writes a new key file: 32 random bytes, mode 0600, under a temporary name, fsynced, then
+ * renamed (never over an existing file unless `force`). Returns the key id a store will
+ * record for it.
+ */
+export async function generateKeyFile(file: string, opts: { force?: boolean } = {}): Promise<{ file: string; keyId: string }> {
+  const key = randomBytes(KEY_BYTES);
+  const dir = path.dirname(path.resolve(file));
+  if (!fs.existsSync(dir)) throw new DisksnapError(`directory ${dir} does not exist`, 'ENOENT', 2, dir);
+  try {
+    await writeAtomically(file, { force: opts.force, sync: true }, (tmp) => fs.writeFileSync(tmp, key, { mode: 0o600, flag: 'wx' }));
+  } catch (e) {
+    throw fromNodeError(e, file);
+  }
+  return { file, keyId: keyIdOf(key) };
 }
 
 export function readPassphraseFile(file: string): string {

@@ -394,3 +394,45 @@ t.test('small blocks (16 KiB) and a short last block: sealed objects are block +
   t.ok((await snap.verifySnapshot(s.id, { store, key: { keyFile: key } })).ok);
   t.same(filesWithMarker(store), []);
 });
+
+t.test('key generate writes a private 32-byte key that encrypts and restores, and never replaces a key without --force', async (t) => {
+  const dir = t.testdir();
+  const key = path.join(dir, 'vol.key');
+  let r = ds(['key', 'generate', key, '--json']);
+  t.equal(r.status, 0, r.stderr);
+  const { keyId } = JSON.parse(r.out) as { keyId: string };
+  t.match(keyId, /^key-[0-9a-f]{32}$/);
+  const first = fs.readFileSync(key);
+  t.equal(first.length, 32);
+  t.equal(fs.statSync(key).mode & 0o777, 0o600, 'readable by its owner only');
+  t.same(leftovers(dir, ['vol.key']), [], 'no temporary file left');
+
+  r = ds(['key', 'generate', key]);
+  t.equal(r.status, 1, 'an existing key file is refused');
+  t.match(r.stderr, /already exists.*--force.*EEXIST/);
+  t.ok(fs.readFileSync(key).equals(first), 'and left as it was');
+
+  r = ds(['key', 'generate', path.join(dir, 'missing', 'k')]);
+  t.equal(r.status, 1);
+  t.match(r.stderr, /directory .*missing does not exist \(ENOENT\)/);
+
+  // the key works, and the store records the id key generate printed
+  const vol = path.join(dir, 'vol.img');
+  markedImage(vol, 4 * MiB, [{ offset: 0, length: MiB, seed: 7 }]);
+  const store = path.join(dir, 'store');
+  r = ds(['volume', 'register', vol, '--store', store, '--encrypted', '--key-file', key, '--json']);
+  t.equal(r.status, 0, r.stderr);
+  t.equal(JSON.parse(r.out).keyId, keyId, 'the store knows the key by the id key generate printed');
+  r = ds(['snapshot', 'create', vol, '--store', store, '--key-file', key, '--json']);
+  t.equal(r.status, 0, r.stderr);
+  const out = path.join(dir, 'out.img');
+  r = ds(['snapshot', 'restore', JSON.parse(r.out).id, '--store', store, '--to', out, '--key-file', key]);
+  t.equal(r.status, 0, r.stderr);
+  t.equal(sha(out), sha(vol));
+  t.same(filesWithMarker(store), []);
+
+  r = ds(['key', 'generate', key, '--force', '--json']);
+  t.equal(r.status, 0, r.stderr);
+  t.notOk(fs.readFileSync(key).equals(first), '--force replaces it with a new key');
+  t.not(JSON.parse(r.out).keyId, keyId);
+});

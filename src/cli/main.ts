@@ -19,7 +19,7 @@ interface Group {
 const GROUPS: Array<[string[], () => Group]> = [
   [['create', 'info', 'map', 'read', 'write', 'bench'], () => require('./image') as Group],
   [['diff'], () => require('./diff') as Group],
-  [['snapshot', 'volume', 'store'], () => require('./snapshot') as Group],
+  [['snapshot', 'volume', 'store', 'key'], () => require('./snapshot') as Group],
   [['attach', 'detach'], () => require('./loop') as Group],
   [['compare'], () => require('./compare') as Group],
 ];

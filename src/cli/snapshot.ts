@@ -22,6 +22,7 @@ import * as cliProgress from 'cli-progress';
 import * as snap from '../snapshot';
 import { parseTags } from '../store/records';
 import { DisksnapError } from '../errors';
+import { generateKeyFile } from '../keys';
 import type { KeySpec } from '../keys';
 import { formatSize } from '../size';
 import { ExitStatus, UsageError, action, collect, log, printJson, sizeArg } from './util';
@@ -415,6 +416,22 @@ export function register(program: Command): void {
         }
         warnDamaged(damaged, 'volume record');
         if (damaged.length) throw new ExitStatus(1);
+      }),
+    );
+
+  program
+    .command('key')
+    .description('encryption keys')
+    .command('generate')
+    .description('write a new key file (32 random bytes, mode 0600) for --key-file')
+    .argument('<file>')
+    .option('--force', 'replace an existing file')
+    .option('--json', 'print the file and key id as JSON')
+    .action(
+      action(async (file: string, o: { force?: boolean; json?: boolean }) => {
+        const r = await generateKeyFile(file, { force: o.force });
+        if (o.json) printJson(r);
+        else process.stdout.write(`wrote a new key to ${r.file} (${r.keyId}); keep a copy elsewhere: what is encrypted with it cannot be read without it\n`);
       }),
     );
 
