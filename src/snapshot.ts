@@ -580,24 +580,40 @@ async function runCapture(
       }
       break;
     }
-    // Steps 2-4 of the durability order.
-    await store.backend.flush();
-    await writer.commit();
-    writer = undefined;
-    await progress.settle();
-    rec.state = 'completed';
-    rec.progress = 100;
-    rec.completionTime = new Date().toISOString();
-    await store.writeSnapshot(rec);
-    return snapshotJson(rec);
+    const w = writer;
+    return await completeSnapshot(store, rec, w, progress, () => (writer = undefined));
   } catch (e) {
-    await progress.settle();
-    if (writer) await writer.abort().catch(() => undefined);
-    rec.state = 'error';
-    rec.error = e instanceof Error ? e.message : String(e);
-    await store.writeSnapshot(rec).catch(() => undefined);
+    await failSnapshot(store, rec, writer, progress, e);
     throw e;
   }
+}
+
+/** Steps 2-4 of the durability order: the new blocks' names, the manifest, then the record. */
+async function completeSnapshot(
+  store: Store,
+  rec: SnapshotRecord,
+  writer: ManifestWriter,
+  progress: ReturnType<typeof progressSaver>,
+  committed: () => void,
+): Promise<SnapshotJson> {
+  await store.backend.flush();
+  await writer.commit();
+  committed();
+  await progress.settle();
+  rec.state = 'completed';
+  rec.progress = 100;
+  rec.completionTime = new Date().toISOString();
+  await store.writeSnapshot(rec);
+  return snapshotJson(rec);
+}
+
+/** After a failure: the manifest abandoned, the record `error` with the reason (best effort). */
+async function failSnapshot(store: Store, rec: SnapshotRecord, writer: ManifestWriter | undefined, progress: ReturnType<typeof progressSaver>, e: unknown): Promise<void> {
+  await progress.settle();
+  if (writer) await writer.abort().catch(() => undefined);
+  rec.state = 'error';
+  rec.error = e instanceof Error ? e.message : String(e);
+  await store.writeSnapshot(rec).catch(() => undefined);
 }
 
 /**
@@ -1785,22 +1801,11 @@ async function runCopy(
     // nextBatch returned nothing: the source manifest was read to its end and authenticated.
     await writes.drain();
     out.stats.zeroBlocks = blockCount(size, bs) - out.stats.dataBlocks;
-    await dst.backend.flush();
-    await writer.commit();
-    writer = undefined;
-    await progress.settle();
-    out.state = 'completed';
-    out.progress = 100;
-    out.completionTime = new Date().toISOString();
-    await dst.writeSnapshot(out);
-    return snapshotJson(out);
+    const w = writer;
+    return await completeSnapshot(dst, out, w, progress, () => (writer = undefined));
   } catch (e) {
     await writes.settle();
-    await progress.settle();
-    if (writer) await writer.abort().catch(() => undefined);
-    out.state = 'error';
-    out.error = e instanceof Error ? e.message : String(e);
-    await dst.writeSnapshot(out).catch(() => undefined);
+    await failSnapshot(dst, out, writer, progress, e);
     throw e;
   } finally {
     for (const r of readers) await r.close();
