@@ -834,10 +834,21 @@ async function capture(
       // JS), compare with the parent; read only the changed blocks into a buffer, hash them
       // again there (so an object always matches its name: a block that differs now changed
       // while we read it), and write them from that buffer.
+      // The next chunk is hashed while this one is compared and its changed blocks written.
       const hashBlocks = Math.max(maxBlocks, Math.floor(HASH_CHUNK_BYTES / bs));
-      for (const [a, b] of chunksOf(runs, hashBlocks)) {
+      const list = [...chunksOf(runs, hashBlocks)];
+      const hashChunk = (c: number) => {
+        const [a, b] = list[c];
+        const p = n.hashFile(file.fd, a * bs, Math.min(size, b * bs) - a * bs, bs, threads, key, undefined);
+        p.catch(() => undefined); // awaited in order below
+        return p;
+      };
+      let ahead = list.length ? hashChunk(0) : undefined;
+      for (let c = 0; c < list.length; c++) {
+        const [a, b] = list[c];
         const len = Math.min(size, b * bs) - a * bs;
-        const { digests, zero } = await n.hashFile(file.fd, a * bs, len, bs, threads, key, undefined);
+        const { digests, zero } = await ahead!;
+        ahead = c + 1 < list.length ? hashChunk(c + 1) : undefined;
         const changed: number[] = [];
         for (let i = a; i < b; i++) {
           const k = i - a;
