@@ -580,8 +580,7 @@ async function runCapture(
       }
       break;
     }
-    const w = writer;
-    return await completeSnapshot(store, rec, w, progress, () => (writer = undefined));
+    return await completeSnapshot(store, rec, writer, progress, () => (writer = undefined));
   } catch (e) {
     await failSnapshot(store, rec, writer, progress, e);
     throw e;
@@ -1812,8 +1811,7 @@ async function runCopy(
     // nextBatch returned nothing: the source manifest was read to its end and authenticated.
     await writes.drain();
     out.stats.zeroBlocks = blockCount(size, bs) - out.stats.dataBlocks;
-    const w = writer;
-    return await completeSnapshot(dst, out, w, progress, () => (writer = undefined));
+    return await completeSnapshot(dst, out, writer, progress, () => (writer = undefined));
   } catch (e) {
     await writes.settle();
     await failSnapshot(dst, out, writer, progress, e);
