@@ -107,13 +107,17 @@ int OpenOne(EVP_CIPHER_CTX* c, const uint8_t* key, const uint8_t* stored, size_t
   return kOpenOk;
 }
 
-// Runs body(i) for i in [0, n) on up to `threads` threads (this one included).
+// Runs body(ctx, i) for i in [0, n) on up to `threads` threads (this one included), each
+// with a cipher context of its own; stops at the first body that returns false (or a context
+// that cannot be made) and then returns false.
 template <class Body>
-void ForEachItem(size_t n, int threads, Body body) {
+bool ForEachItem(size_t n, int threads, Body body) {
   std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
   auto run = [&] {
-    for (size_t i; (i = next.fetch_add(1)) < n;) {
-      if (!body(i)) break;
+    thread_local CipherCtx c;
+    for (size_t i; !failed.load() && (i = next.fetch_add(1)) < n;) {
+      if (c.ctx == nullptr || !body(c.ctx, i)) failed = true;
     }
   };
   const size_t t = std::max<size_t>(1, std::min<size_t>(static_cast<size_t>(threads > 0 ? threads : 1), n));
@@ -121,6 +125,7 @@ void ForEachItem(size_t n, int threads, Body body) {
   for (size_t k = 1; k < t; k++) pool.emplace_back(run);
   run();
   for (auto& th : pool) th.join();
+  return !failed;
 }
 
 SysError CryptoError(const char* what) {
@@ -173,17 +178,11 @@ class SealWorker : public PromiseWorker {
 
  protected:
   void Execute() override {
-    std::atomic<bool> failed{false};
-    ForEachItem(items_.size() / 2, threads_, [&](size_t i) {
-      thread_local CipherCtx c;
-      if (c.ctx == nullptr || !SealOne(c.ctx, key_.data(), buf_.data + items_[2 * i], items_[2 * i + 1],
-                                       digests_ + i * kDigest, trailers_ + i * kTrailer)) {
-        failed = true;
-        return false;
-      }
-      return !failed.load();
+    bool ok = ForEachItem(items_.size() / 2, threads_, [&](EVP_CIPHER_CTX* c, size_t i) {
+      return SealOne(c, key_.data(), buf_.data + items_[2 * i], items_[2 * i + 1], digests_ + i * kDigest,
+                     trailers_ + i * kTrailer);
     });
-    if (failed) error_ = CryptoError("seal");
+    if (!ok) error_ = CryptoError("seal");
   }
   Napi::Value Result(Napi::Env env) override { return trailersRef_.Value(); }
 
@@ -208,20 +207,13 @@ class OpenWorker : public PromiseWorker {
 
  protected:
   void Execute() override {
-    std::atomic<bool> failed{false};
-    ForEachItem(items_.size() / 3, threads_, [&](size_t i) {
-      thread_local CipherCtx c;
-      int r = c.ctx == nullptr ? -1
-                               : OpenOne(c.ctx, key_.data(), staging_.data + items_[3 * i], items_[3 * i + 1],
-                                         out_.data + items_[3 * i + 2], digests_ + i * kDigest);
-      if (r < 0) {
-        failed = true;
-        return false;
-      }
-      codes_[i] = static_cast<uint8_t>(r);
-      return !failed.load();
+    bool ok = ForEachItem(items_.size() / 3, threads_, [&](EVP_CIPHER_CTX* c, size_t i) {
+      int r = OpenOne(c, key_.data(), staging_.data + items_[3 * i], items_[3 * i + 1], out_.data + items_[3 * i + 2],
+                      digests_ + i * kDigest);
+      if (r >= 0) codes_[i] = static_cast<uint8_t>(r);
+      return r >= 0;
     });
-    if (failed) error_ = CryptoError("open");
+    if (!ok) error_ = CryptoError("open");
   }
   Napi::Value Result(Napi::Env env) override { return codesRef_.Value(); }
 

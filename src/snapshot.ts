@@ -1011,17 +1011,20 @@ async function fetchVerified(
   );
   // Only the volume's last block can be short, and it is the last entry of its batch.
   const len = entries.length ? (entries.length - 1) * bs + lens[entries.length - 1] : 0;
-  if (entries.length) {
-    const { digests } = await native().hashBlocksAsync(buf.subarray(0, len), bs, threads, store.codec.digestKey);
-    for (let k = 0; k < entries.length; k++) {
-      if (bad.some((b) => b.k === k)) continue;
-      if (digests.compare(entries[k].digest, 0, 32, k * 32, k * 32 + 32) !== 0) {
-        bad.push({ k, why: `object ${store.backend.describe(store.blockKey(entries[k].digest))} does not match its digest (damaged)` });
-      }
-    }
-  }
+  if (entries.length) await recheckDigests(store, entries, buf.subarray(0, len), threads, store.codec.digestKey, bad);
   bad.sort((a, b) => a.k - b.k);
   return { len, bad, buf };
+}
+
+/** Hashes the blocks fetched into `data` and adds to `bad` each one that does not match its entry. */
+async function recheckDigests(store: Store, entries: BatchEntry[], data: Buffer, threads: number, key: Uint8Array | undefined, bad: { k: number; why: string }[]): Promise<void> {
+  const { digests } = await native().hashBlocksAsync(data, store.blockSize, threads, key);
+  for (let k = 0; k < entries.length; k++) {
+    if (bad.some((b) => b.k === k)) continue;
+    if (digests.compare(entries[k].digest, 0, 32, k * 32, k * 32 + 32) !== 0) {
+      bad.push({ k, why: `object ${store.backend.describe(store.blockKey(entries[k].digest))} does not match its digest (damaged)` });
+    }
+  }
 }
 
 /**
@@ -1072,15 +1075,7 @@ async function fetchSealed(
     releaseStaging(staging);
   }
   const len = entries.length ? (entries.length - 1) * bs + blockLength(entries[entries.length - 1].index, volumeSize, bs) : 0;
-  if (recheck && entries.length) {
-    const { digests } = await native().hashBlocksAsync(buf.subarray(0, len), bs, threads, keys.digest);
-    for (let k = 0; k < entries.length; k++) {
-      if (bad.some((b) => b.k === k)) continue;
-      if (digests.compare(entries[k].digest, 0, 32, k * 32, k * 32 + 32) !== 0) {
-        bad.push({ k, why: `object ${store.backend.describe(store.blockKey(entries[k].digest))} does not match its digest (damaged)` });
-      }
-    }
-  }
+  if (recheck && entries.length) await recheckDigests(store, entries, buf.subarray(0, len), threads, keys.digest, bad);
   bad.sort((a, b) => a.k - b.k);
   return { len, bad, buf };
 }
