@@ -15,6 +15,7 @@
         "native/io.cc",
         "native/file.cc",
         "native/hash_engine.cc",
+        "native/block_tag.cc",
         "native/hash.cc",
         "native/gcm.cc",
         "native/object.cc",

@@ -1,14 +1,18 @@
 // JS bindings of the block hasher: hashBlocks / hashBlocksAsync (bytes in memory), hashFile
 // (reads and hashes a file range off the event loop, with throttled progress) and isZero.
 // Results are two flat buffers (32 digest bytes and one zero flag per block), never a JS
-// object per block.
+// object per block. With a tag key, hashBlocksAsync also returns each block's unmasked change
+// tag (16 bytes, block_tag.h); tagFile reads a file range for tags and zero flags only (no
+// SHA-256), and tagMasks gives the masks that turn unmasked tags into stored ones.
 #include <napi.h>
+#include <openssl/crypto.h>
 
 #include <vector>
 
 #include "addon.h"
 #include "args.h"
 #include "error.h"
+#include "block_tag.h"
 #include "hash_engine.h"
 #include "worker.h"
 
@@ -22,6 +26,8 @@ struct HashArgs {
   int32_t threads = 0;
   bool keyed = false;
   std::vector<uint8_t> key;
+  bool tagged = false;
+  std::vector<uint8_t> tagKey;
 };
 
 bool ArgBlockSize(const Napi::CallbackInfo& info, size_t i, uint64_t* out) {
@@ -46,34 +52,72 @@ bool ArgKey(const Napi::CallbackInfo& info, size_t i, bool* keyed, std::vector<u
   return true;
 }
 
-bool ParseHash(const Napi::CallbackInfo& info, HashArgs* a) {
-  return ArgBytes(info, 0, "buf", &a->buf) && ArgBlockSize(info, 1, &a->blockSize) &&
-         ArgI32(info, 2, "threads", &a->threads) && ArgKey(info, 3, &a->keyed, &a->key);
+// A tag key: absent (undefined/null) for none, else exactly 32 bytes.
+bool ArgTagKey(const Napi::CallbackInfo& info, size_t i, bool* tagged, std::vector<uint8_t>* key) {
+  if (info[i].IsUndefined() || info[i].IsNull()) {
+    *tagged = false;
+    return true;
+  }
+  Bytes k;
+  if (!ArgBytes(info, i, "tagKey", &k)) return false;
+  if (k.length != kTagKeyLength) {
+    ThrowInvalid(info.Env(), "tagKey must be " + std::to_string(kTagKeyLength) + " bytes, not " + std::to_string(k.length));
+    return false;
+  }
+  *tagged = true;
+  key->assign(k.data, k.data + k.length);
+  return true;
 }
 
-// The two result buffers, allocated on the main thread.
+bool ParseHash(const Napi::CallbackInfo& info, HashArgs* a) {
+  return ArgBytes(info, 0, "buf", &a->buf) && ArgBlockSize(info, 1, &a->blockSize) &&
+         ArgI32(info, 2, "threads", &a->threads) && ArgKey(info, 3, &a->keyed, &a->key) &&
+         ArgTagKey(info, 4, &a->tagged, &a->tagKey);
+}
+
+// The result buffers, allocated on the main thread; each one is empty when not asked for.
 struct Outputs {
   Napi::Buffer<uint8_t> digests;
   Napi::Uint8Array zero;
+  Napi::Buffer<uint8_t> tags;
+  uint8_t* digestsData() { return digests.IsEmpty() ? nullptr : digests.Data(); }
+  uint8_t* tagsData() { return tags.IsEmpty() ? nullptr : tags.Data(); }
 };
 
-bool AllocOutputs(Napi::Env env, uint64_t nblocks, Outputs* out) {
+bool AllocOutputs(Napi::Env env, uint64_t nblocks, Outputs* out, bool digests = true, bool tags = false) {
   if (nblocks > (uint64_t{1} << 32) / kDigestLength) {
     ThrowInvalid(env, "too many blocks for one call: " + std::to_string(nblocks));
     return false;
   }
-  out->digests = Napi::Buffer<uint8_t>::New(env, static_cast<size_t>(nblocks * kDigestLength));
-  if (env.IsExceptionPending()) return false;
+  if (digests) {
+    out->digests = Napi::Buffer<uint8_t>::New(env, static_cast<size_t>(nblocks * kDigestLength));
+    if (env.IsExceptionPending()) return false;
+  }
+  if (tags) {
+    out->tags = Napi::Buffer<uint8_t>::New(env, static_cast<size_t>(nblocks * kTagLength));
+    if (env.IsExceptionPending()) return false;
+  }
   out->zero = Napi::Uint8Array::New(env, static_cast<size_t>(nblocks));
   return !env.IsExceptionPending();
 }
 
-Napi::Object ResultObject(Napi::Env env, Napi::Value digests, Napi::Value zero) {
-  Napi::Object o = Napi::Object::New(env);
-  o.Set("digests", digests);
-  o.Set("zero", zero);
-  return o;
-}
+// Persistent references to the outputs, for workers that settle later.
+struct OutputRefs {
+  explicit OutputRefs(Outputs& out) {
+    if (!out.digests.IsEmpty()) digests = Napi::Persistent(out.digests.As<Napi::Value>());
+    zero = Napi::Persistent(out.zero.As<Napi::Value>());
+    if (!out.tags.IsEmpty()) tags = Napi::Persistent(out.tags.As<Napi::Value>());
+  }
+  Napi::Object Result(Napi::Env env) {
+    Napi::Object o = Napi::Object::New(env);
+    if (!digests.IsEmpty()) o.Set("digests", digests.Value());
+    o.Set("zero", zero.Value());
+    if (!tags.IsEmpty()) o.Set("tags", tags.Value());
+    return o;
+  }
+  Napi::Reference<Napi::Value> digests, zero, tags;
+};
+
 
 uint64_t BlockCount(uint64_t length, uint64_t blockSize) {
   return length == 0 ? 0 : (length - 1) / blockSize + 1;
@@ -83,15 +127,18 @@ Napi::Value HashBlocks(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   HashArgs a;
   Outputs out;
-  if (!ParseHash(info, &a) || !AllocOutputs(env, BlockCount(a.buf.length, a.blockSize), &out))
+  if (!ParseHash(info, &a) ||
+      !AllocOutputs(env, BlockCount(a.buf.length, a.blockSize), &out, true, a.tagged))
     return Napi::Value();
   SysError err = HashBuffer(a.buf.data, a.buf.length, a.blockSize, a.threads,
-                            a.keyed ? &a.key : nullptr, out.digests.Data(), out.zero.Data());
+                            a.keyed ? &a.key : nullptr, out.digests.Data(), out.zero.Data(),
+                            a.tagged ? &a.tagKey : nullptr, out.tagsData());
+  OPENSSL_cleanse(a.tagKey.data(), a.tagKey.size());
   if (err.failed()) {
     Throw(env, err);
     return Napi::Value();
   }
-  return ResultObject(env, out.digests, out.zero);
+  return OutputRefs(out).Result(env);
 }
 
 class HashBlocksWorker : public PromiseWorker {
@@ -99,33 +146,34 @@ class HashBlocksWorker : public PromiseWorker {
   HashBlocksWorker(Napi::Env env, HashArgs args, Outputs& out)
       : PromiseWorker(env, "disksnap.hashBlocks"),
         args_(std::move(args)),
-        digestsData_(out.digests.Data()),
+        digestsData_(out.digestsData()),
         zeroData_(out.zero.Data()),
-        digests_(Napi::Persistent(out.digests.As<Napi::Value>())),
-        zero_(Napi::Persistent(out.zero.As<Napi::Value>())) {}
+        tagsData_(out.tagsData()),
+        refs_(out) {}
 
  protected:
   void Execute() override {
     error_ = HashBuffer(args_.buf.data, args_.buf.length, args_.blockSize, args_.threads,
-                        args_.keyed ? &args_.key : nullptr, digestsData_, zeroData_);
+                        args_.keyed ? &args_.key : nullptr, digestsData_, zeroData_,
+                        args_.tagged ? &args_.tagKey : nullptr, tagsData_);
+    OPENSSL_cleanse(args_.tagKey.data(), args_.tagKey.size());
   }
-  Napi::Value Result(Napi::Env env) override {
-    return ResultObject(env, digests_.Value(), zero_.Value());
-  }
+  Napi::Value Result(Napi::Env env) override { return refs_.Result(env); }
 
  private:
   HashArgs args_;
   uint8_t* digestsData_;
   uint8_t* zeroData_;
-  Napi::Reference<Napi::Value> digests_;
-  Napi::Reference<Napi::Value> zero_;
+  uint8_t* tagsData_;
+  OutputRefs refs_;
 };
 
 Napi::Value HashBlocksAsync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   HashArgs a;
   Outputs out;
-  if (!ParseHash(info, &a) || !AllocOutputs(env, BlockCount(a.buf.length, a.blockSize), &out))
+  if (!ParseHash(info, &a) ||
+      !AllocOutputs(env, BlockCount(a.buf.length, a.blockSize), &out, true, a.tagged))
     return RejectPending(env);
   auto* worker = new HashBlocksWorker(env, std::move(a), out);
   worker->Keep(info[0]);
@@ -142,15 +190,19 @@ struct Progress {
 
 class HashFileWorker : public PromiseWorkerT<Napi::AsyncProgressWorker<Progress>> {
  public:
-  HashFileWorker(Napi::Env env, std::vector<uint8_t> key, bool keyed, Outputs& out)
-      : PromiseWorkerT(env, "disksnap.hashFile"),
+  HashFileWorker(Napi::Env env, const char* name, std::vector<uint8_t> key, bool keyed,
+                 std::vector<uint8_t> tagKey, Outputs& out)
+      : PromiseWorkerT(env, name),
         key_(std::move(key)),
-        digests_(Napi::Persistent(out.digests.As<Napi::Value>())),
-        zero_(Napi::Persistent(out.zero.As<Napi::Value>())) {
+        tagKey_(std::move(tagKey)),
+        refs_(out) {
     job_.key = keyed ? &key_ : nullptr;
-    job_.digests = out.digests.Data();
+    job_.digests = out.digestsData();
     job_.zero = out.zero.Data();
+    job_.tags = out.tagsData();
+    job_.tagKey = job_.tags != nullptr ? &tagKey_ : nullptr;
   }
+  ~HashFileWorker() { OPENSSL_cleanse(tagKey_.data(), tagKey_.size()); }
 
   FileHashJob& job() { return job_; }
   void SetProgress(Napi::Function fn) {
@@ -187,17 +239,15 @@ class HashFileWorker : public PromiseWorkerT<Napi::AsyncProgressWorker<Progress>
     }
   }
 
-  Napi::Value Result(Napi::Env env) override {
-    return ResultObject(env, digests_.Value(), zero_.Value());
-  }
+  Napi::Value Result(Napi::Env env) override { return refs_.Result(env); }
 
  private:
   static constexpr int kTickMs = 100;  // progress at most ten times a second
   bool reportProgress_ = false;
   std::vector<uint8_t> key_;
+  std::vector<uint8_t> tagKey_;
   FileHashJob job_;
-  Napi::Reference<Napi::Value> digests_;
-  Napi::Reference<Napi::Value> zero_;
+  OutputRefs refs_;
   Napi::FunctionReference onProgress_;
 };
 
@@ -220,9 +270,12 @@ Napi::Value HashFile(const Napi::CallbackInfo& info) {
     ThrowInvalid(env, "hashFile: offset + length is beyond 2^53");
     return RejectPending(env);
   }
+  bool tagged = false;
+  std::vector<uint8_t> tagKey;
+  if (!ArgTagKey(info, 7, &tagged, &tagKey)) return RejectPending(env);
   Outputs out;
-  if (!AllocOutputs(env, BlockCount(length, blockSize), &out)) return RejectPending(env);
-  auto* worker = new HashFileWorker(env, std::move(key), keyed, out);
+  if (!AllocOutputs(env, BlockCount(length, blockSize), &out, true, tagged)) return RejectPending(env);
+  auto* worker = new HashFileWorker(env, "disksnap.hashFile", std::move(key), keyed, std::move(tagKey), out);
   FileHashJob& job = worker->job();
   job.fd = fd;
   job.offset = offset;
@@ -233,6 +286,65 @@ Napi::Value HashFile(const Napi::CallbackInfo& info) {
     worker->SetProgress(info[6].As<Napi::Function>());
   }
   return worker->Start();
+}
+
+// tagFile(fd, offset, length, blockSize, threads, tagKey) -> Promise<{ tags, zero }>: reads
+// the range like hashFile, but computes only zero flags and unmasked change tags.
+Napi::Value TagFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  uint64_t offset, length, blockSize;
+  int32_t threads;
+  bool tagged = false;
+  std::vector<uint8_t> tagKey;
+  if (!ArgFd(info, 0, "fd", &fd) || !ArgU64(info, 1, "offset", &offset) ||
+      !ArgU64(info, 2, "length", &length) || !ArgBlockSize(info, 3, &blockSize) ||
+      !ArgI32(info, 4, "threads", &threads) || !ArgTagKey(info, 5, &tagged, &tagKey))
+    return RejectPending(env);
+  if (!tagged) {
+    ThrowInvalid(env, "tagFile: argument 6 (tagKey) is required");
+    return RejectPending(env);
+  }
+  if (offset + length > static_cast<uint64_t>(kMaxSafe)) {
+    ThrowInvalid(env, "tagFile: offset + length is beyond 2^53");
+    return RejectPending(env);
+  }
+  Outputs out;
+  if (!AllocOutputs(env, BlockCount(length, blockSize), &out, false, true)) return RejectPending(env);
+  auto* worker = new HashFileWorker(env, "disksnap.tagFile", {}, false, std::move(tagKey), out);
+  FileHashJob& job = worker->job();
+  job.fd = fd;
+  job.offset = offset;
+  job.length = length;
+  job.blockSize = static_cast<size_t>(blockSize);
+  job.threads = threads;
+  return worker->Start();
+}
+
+// tagMasks(tagKey, ivs) -> Buffer: E_K(J0(iv)) for each 16-byte iv, 16 bytes each (sync; one
+// AES block and a GHASH of the iv per tag).
+Napi::Value TagMasks(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  bool tagged = false;
+  std::vector<uint8_t> tagKey;
+  Bytes ivs;
+  if (!ArgTagKey(info, 0, &tagged, &tagKey) || !ArgBytes(info, 1, "ivs", &ivs)) return Napi::Value();
+  if (!tagged || ivs.length % kTagIvLength != 0) {
+    ThrowInvalid(env, "tagMasks: a 32-byte tag key and a multiple of 16 bytes of IVs are required");
+    return Napi::Value();
+  }
+  Napi::Buffer<uint8_t> out = Napi::Buffer<uint8_t>::New(env, ivs.length / kTagIvLength * kTagLength);
+  if (env.IsExceptionPending()) return Napi::Value();
+  BlockTagger tagger(tagKey);
+  OPENSSL_cleanse(tagKey.data(), tagKey.size());
+  bool ok = tagger.ok();
+  for (size_t i = 0; ok && i < ivs.length / kTagIvLength; i++)
+    ok = tagger.Mask(ivs.data + i * kTagIvLength, out.Data() + i * kTagLength);
+  if (!ok) {
+    Throw(env, SysError::Custom("ECRYPTO", 0, "GMAC failed inside OpenSSL"));
+    return Napi::Value();
+  }
+  return out;
 }
 
 Napi::Value IsZero(const Napi::CallbackInfo& info) {
@@ -248,6 +360,8 @@ void InitHash(Napi::Env env, Napi::Object exports) {
   exports.Set("hashBlocksAsync", Napi::Function::New(env, HashBlocksAsync, "hashBlocksAsync"));
   exports.Set("hashFile", Napi::Function::New(env, HashFile, "hashFile"));
   exports.Set("isZero", Napi::Function::New(env, IsZero, "isZero"));
+  exports.Set("tagFile", Napi::Function::New(env, TagFile, "tagFile"));
+  exports.Set("tagMasks", Napi::Function::New(env, TagMasks, "tagMasks"));
 }
 
 }  // namespace disksnap

@@ -420,11 +420,32 @@ bool BlockHasher::Blocks(const uint8_t* data, size_t len, size_t blockSize, uint
 // Drivers
 
 static SysError CryptoFailure() {
-  return SysError::Custom("ECRYPTO", 0, "SHA-256 failed inside OpenSSL");
+  return SysError::Custom("ECRYPTO", 0, "SHA-256 or GMAC failed inside OpenSSL");
+}
+
+// The unmasked tags of the non-zero blocks among the consecutive blocks of data[0..len).
+static bool TagBlocks(BlockTagger* tagger, const uint8_t* data, size_t len, size_t blockSize,
+                      const uint8_t* zero, uint8_t* tags) {
+  for (size_t off = 0, b = 0; off < len; off += blockSize, b++) {
+    uint8_t* out = tags + b * kTagLength;
+    if (zero[b]) {
+      memset(out, 0, kTagLength);
+    } else if (!tagger->Unmasked(data + off, std::min(blockSize, len - off), out)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Zero flags only (no digests), for tag-only passes.
+static void ZeroFlags(const uint8_t* data, size_t len, size_t blockSize, uint8_t* zero) {
+  for (size_t off = 0, b = 0; off < len; off += blockSize, b++)
+    zero[b] = IsAllZero(data + off, std::min(blockSize, len - off)) ? 1 : 0;
 }
 
 SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threads,
-                    const std::vector<uint8_t>* key, uint8_t* digests, uint8_t* zero) {
+                    const std::vector<uint8_t>* key, uint8_t* digests, uint8_t* zero,
+                    const std::vector<uint8_t>* tagKey, uint8_t* tags) {
   const size_t nblocks = len == 0 ? 0 : (len - 1) / blockSize + 1;
   if (nblocks == 0) return {};
   // Claim about 1 MiB per grab, and start no more threads than there are grabs.
@@ -440,7 +461,9 @@ SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threa
   std::atomic<bool> failed{false};
   ParallelFor(nthreads, [&](int) {
     BlockHasher hasher(key);
-    if (!hasher.ok()) {
+    std::unique_ptr<BlockTagger> tagger;
+    if (tags != nullptr) tagger.reset(new BlockTagger(*tagKey));
+    if (!hasher.ok() || (tagger && !tagger->ok())) {
       failed = true;
       return;
     }
@@ -450,7 +473,9 @@ SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threa
       size_t last = std::min(nblocks, first + run);
       size_t off = first * blockSize, end = std::min(len, last * blockSize);
       if (!hasher.Blocks(data + off, end - off, blockSize, digests + first * kDigestLength,
-                         zero + first)) {
+                         zero + first) ||
+          (tagger && !TagBlocks(tagger.get(), data + off, end - off, blockSize, zero + first,
+                                tags + first * kTagLength))) {
         failed = true;
         return;
       }
@@ -493,9 +518,11 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
   auto worker = [&](int) {
     std::unique_ptr<uint8_t, decltype(&free)> buf(static_cast<uint8_t*>(malloc(piece)), &free);
     BlockHasher hasher(job->key);
+    std::unique_ptr<BlockTagger> tagger;
+    if (job->tags != nullptr) tagger.reset(new BlockTagger(*job->tagKey));
     if (!buf) {
       fail(SysError::Errno(ENOMEM, "hashFile"));
-    } else if (!hasher.ok()) {
+    } else if (!hasher.ok() || (tagger && !tagger->ok())) {
       fail(CryptoFailure());
     } else {
       for (;;) {
@@ -532,10 +559,13 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
           }
           if (got < n) memset(buf.get() + got, 0, n - got);
           const uint64_t b = firstBlock + p / bs;
-          if (!hasher.Blocks(buf.get(), n, bs, job->digests + b * kDigestLength, job->zero + b)) {
-            fail(CryptoFailure());
-            ok = false;
+          if (job->digests != nullptr) {
+            ok = hasher.Blocks(buf.get(), n, bs, job->digests + b * kDigestLength, job->zero + b);
+          } else {
+            ZeroFlags(buf.get(), n, bs, job->zero + b);
           }
+          if (ok && tagger) ok = TagBlocks(tagger.get(), buf.get(), n, bs, job->zero + b, job->tags + b * kTagLength);
+          if (!ok) fail(CryptoFailure());
         }
         if (!ok) break;
         job->done.fetch_add(want, std::memory_order_relaxed);

@@ -16,6 +16,7 @@
 #include <functional>
 #include <vector>
 
+#include "block_tag.h"
 #include "error.h"
 
 namespace disksnap {
@@ -76,9 +77,11 @@ class BlockHasher {
   uint8_t zeroDigest_[kDigestLength];
 };
 
-// Hashes the blocks of data[0..len) on `threads` threads.
+// Hashes the blocks of data[0..len) on `threads` threads. With a tag key, also the unmasked
+// change tag of each non-zero block (block_tag.h) at tags[16 * i]; zero blocks get 16 zeros.
 SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threads,
-                    const std::vector<uint8_t>* key, uint8_t* digests, uint8_t* zero);
+                    const std::vector<uint8_t>* key, uint8_t* digests, uint8_t* zero,
+                    const std::vector<uint8_t>* tagKey = nullptr, uint8_t* tags = nullptr);
 
 // Reads [offset, offset+length) of fd in chunks of several MiB and hashes them on `threads`
 // threads; bytes past EOF hash as zeros, and chunks that SEEK_DATA reports as holes are not
@@ -90,8 +93,10 @@ struct FileHashJob {
   size_t blockSize = 0;
   int threads = 1;
   const std::vector<uint8_t>* key = nullptr;
-  uint8_t* digests = nullptr;
+  uint8_t* digests = nullptr;  // nullptr: no SHA-256, tags only
   uint8_t* zero = nullptr;
+  const std::vector<uint8_t>* tagKey = nullptr;  // with tags: unmasked change tags (block_tag.h)
+  uint8_t* tags = nullptr;
   std::atomic<uint64_t> done{0};
   std::atomic<bool> cancel{false};
 };

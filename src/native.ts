@@ -53,6 +53,14 @@ export interface BlockHashes {
   digests: Buffer;
   /** one byte per block: 1 when every byte of the block is zero */
   zero: Uint8Array;
+  /** with a tag key: 16 bytes per block, the unmasked change tag (zeros for zero blocks) */
+  tags?: Buffer;
+}
+
+export interface BlockTags {
+  /** 16 bytes per block: the unmasked change tag (zeros for zero blocks) */
+  tags: Buffer;
+  zero: Uint8Array;
 }
 
 export interface HashFileOptions {
@@ -116,8 +124,16 @@ export interface NativeAddon {
   cloneRange(fdSrc: number, srcOffset: number, fdDst: number, dstOffset: number, length: number): boolean;
 
   /** SHA-256 (or HMAC-SHA-256 with key) of consecutive blocks of buf; the last may be short. */
-  hashBlocks(buf: Uint8Array, blockSize: number, threads: number, key?: Uint8Array): BlockHashes;
-  hashBlocksAsync(buf: Uint8Array, blockSize: number, threads: number, key?: Uint8Array): Promise<BlockHashes>;
+  hashBlocks(buf: Uint8Array, blockSize: number, threads: number, key?: Uint8Array, tagKey?: Uint8Array): BlockHashes;
+  /** With a 32-byte `tagKey`, also each block's unmasked change tag (src/store/tags.ts). */
+  hashBlocksAsync(buf: Uint8Array, blockSize: number, threads: number, key?: Uint8Array, tagKey?: Uint8Array): Promise<BlockHashes>;
+  /**
+   * Reads [offset, offset+length) of fd like hashFile but computes no SHA-256: zero flags and
+   * the unmasked change tag (GHASH under tagKey, 16 bytes) of each non-zero block.
+   */
+  tagFile(fd: number, offset: number, length: number, blockSize: number, threads: number, tagKey: Uint8Array): Promise<BlockTags>;
+  /** GMAC masks E_K(J0(iv)), 16 bytes per 16-byte iv: stored tag = unmasked tag ^ mask. */
+  tagMasks(tagKey: Uint8Array, ivs: Uint8Array): Buffer;
   /**
    * AES-256-GCM seal of block objects in place (format: src/store/crypto.ts), on `threads`
    * threads: spans are [offset, length] pairs in buf, digests 32 bytes each (the AAD).
@@ -146,6 +162,8 @@ export interface NativeAddon {
     threads: number,
     key: Uint8Array | undefined,
     onProgress: ((done: number, total: number) => void) | undefined,
+    /** with it, also each block's unmasked change tag */
+    tagKey?: Uint8Array,
   ): Promise<BlockHashes>;
   isZero(buf: Uint8Array): boolean;
 

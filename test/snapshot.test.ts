@@ -99,7 +99,7 @@ t.test('full then incremental: the incremental stores only changed blocks, diff 
   await snap.restoreSnapshot(s3.id, { store, to: out });
   t.equal(sha(out), v2, 'the last snapshot restores byte-exact after the others were deleted and gc ran');
   t.equal((await snap.verifySnapshot(s3.id, { store })).ok, true);
-  t.same(files(path.join(store, 'snapshots')).sort(), [`${s3.id}.json`, `${s3.id}.map`]);
+  t.same(files(path.join(store, 'snapshots')).sort(), [`${s3.id}.json`, `${s3.id}.map`, `${s3.id}.tags`], 'a deleted snapshot leaves neither manifest nor change tags');
 });
 
 t.test('in-place restore rolls a modified volume back byte-exact, rewriting only differing blocks, and is idempotent', async (t) => {

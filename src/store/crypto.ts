@@ -63,6 +63,8 @@ export interface DerivedKeys {
   digest: Buffer;
   metadata: Buffer;
   manifest: Buffer;
+  /** GMAC key of change tags (src/store/tags.ts) */
+  tag: Buffer;
 }
 
 export function keyIdOf(master: Uint8Array): string {
@@ -76,7 +78,7 @@ export function isKeyId(s: unknown): s is string {
 export function deriveKeys(master: Uint8Array): DerivedKeys {
   if (master.length !== KEY_BYTES) throw new DisksnapError(`a key is ${KEY_BYTES} bytes, not ${master.length}`, 'EINVALID');
   const sub = (use: string) => Buffer.from(hkdfSync('sha256', master, 'disksnap', `disksnap v1 ${use}`, KEY_BYTES));
-  return { id: keyIdOf(master), block: sub('block'), digest: sub('digest'), metadata: sub('metadata'), manifest: sub('manifest') };
+  return { id: keyIdOf(master), block: sub('block'), digest: sub('digest'), metadata: sub('metadata'), manifest: sub('manifest'), tag: sub('tag') };
 }
 
 function blockAad(digest: Uint8Array): Buffer {

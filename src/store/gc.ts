@@ -18,8 +18,8 @@
  * names of their objects; only the keyed trailer goes unchecked, which can only keep more.
  * Key records (`keys/`) are never removed: they are tiny, and a passphrase needs its salt.
  *
- * Sweep: block objects not in the set, temporary files of dead writers, manifests with no
- * completed snapshot, and leases of dead writers are deleted. Each deletion is independent,
+ * Sweep: block objects not in the set, temporary files of dead writers, manifests and change
+ * tag files with no completed snapshot, and leases of dead writers are deleted. Each deletion is independent,
  * so a gc killed half-way leaves a store with less garbage and nothing else changed.
  */
 import * as path from 'node:path';
@@ -143,7 +143,10 @@ export async function collectGarbage(store: Store, opts: GcOptions = {}): Promis
     }
     for await (const o of store.backend.list('snapshots/')) {
       const base = path.posix.basename(o.key);
-      const stray = o.temporary || (base.endsWith('.map') && !completed.has(base.slice(0, -4)));
+      const stray =
+        o.temporary ||
+        (base.endsWith('.map') && !completed.has(base.slice(0, -4))) ||
+        (base.endsWith('.tags') && !completed.has(base.slice(0, -5)));
       if (stray && (await del(o.key))) {
         report.otherFilesRemoved++;
         report.otherBytesFreed += o.size;

@@ -10,6 +10,9 @@
  *   STORE/snapshots/<snap-id>.json snapshot record
  *   STORE/snapshots/<snap-id>.map  manifest, present once the snapshot's data is durable
  *                                  (src/store/manifest.ts)
+ *   STORE/snapshots/<snap-id>.tags change tags of its data blocks, a cache that makes the
+ *                                  next incremental snapshot faster (src/store/tags.ts)
+ *   STORE/tag.key                  a plain store's secret tag key (0600; src/store/tags.ts)
  *   STORE/blocks/<aa>/<digest>     block objects: the (sealed) bytes of one block, named by
  *                                  the hex digest of its plaintext; aa = first digest byte
  *   .tmp-<pid>-<rand> in any of those directories: an unfinished write; gc removes them
@@ -38,6 +41,7 @@ import { FullBackend, ObjectData, StoreBackend, fullBackend } from './backend';
 import { DirectoryBackend } from './dir';
 import { Lease, StoreLock, LockOptions } from './lock';
 import { ManifestHeader, ManifestReader, ManifestWriter } from './manifest';
+import { tagsKey } from './tags';
 import { DerivedKeys, sealBlock, sealMetadata, unsealBlock } from './crypto';
 import {
   KeyRecord,
@@ -486,6 +490,7 @@ export class Store {
       await this.writeSnapshot(again);
       Lease.remove(this.dir, s.id);
       await this.backend.delete(this.manifestKey(s.id)).catch(() => false);
+      await this.backend.delete(tagsKey(s.id)).catch(() => false);
       s.state = again.state;
       s.error = again.error;
       marked.push(s.id);

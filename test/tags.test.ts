@@ -1,0 +1,275 @@
+/**
+ * Change tags (src/store/tags.ts): the GMAC arithmetic of the native tagger against
+ * node:crypto, and what incremental snapshots do with tags — skip SHA-256 for unchanged
+ * blocks, still find every changed block, and fall back to hashing (never to a wrong
+ * snapshot) when a tag file is missing, damaged, swapped or of another key.
+ */
+import t from 'tap';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { createCipheriv, randomBytes } from 'node:crypto';
+import * as snap from '../src/snapshot';
+import { native } from '../src/native';
+import { KiB, MiB, Write, applyWrites, makeImage, sha, touched } from '../fixtures/store/helpers';
+
+const BS = 64 * KiB;
+const n = native();
+
+function gmac(key: Buffer, iv: Buffer, data: Uint8Array): Buffer {
+  const c = createCipheriv('aes-256-gcm', key, iv);
+  c.setAAD(data);
+  c.final();
+  return c.getAuthTag();
+}
+
+const xor = (a: Buffer, b: Buffer) => Buffer.from(a.map((x, i) => x ^ b[i]));
+
+t.test('native tags: unmasked tag ^ mask(iv) is GMAC(iv, block); the same from memory and from a file', async (t) => {
+  const key = randomBytes(32);
+  const bs = 4 * KiB;
+  const buf = randomBytes(bs * 6 + 100); // a short last block
+  buf.fill(0, bs, 2 * bs); // block 1 is zeros
+  const h = await n.hashBlocksAsync(buf, bs, 2, undefined, key);
+  t.equal(h.tags!.length, 7 * 16);
+  const ivs = randomBytes(7 * 16);
+  const masks = n.tagMasks(key, ivs);
+  for (let b = 0; b < 7; b++) {
+    const iv = ivs.subarray(b * 16, b * 16 + 16);
+    t.same(masks.subarray(b * 16, b * 16 + 16), gmac(key, iv, Buffer.alloc(0)), `mask ${b} is GMAC of nothing`);
+    const u = h.tags!.subarray(b * 16, b * 16 + 16);
+    if (b === 1) {
+      t.equal(h.zero[b], 1);
+      t.ok(u.every((x) => x === 0), 'a zero block has no tag');
+    } else {
+      t.same(xor(u, masks.subarray(b * 16, b * 16 + 16)), gmac(key, iv, buf.subarray(b * bs, Math.min(buf.length, (b + 1) * bs))), `block ${b}`);
+    }
+  }
+  const dir = t.testdir();
+  const f = path.join(dir, 'f');
+  fs.writeFileSync(f, buf);
+  const fd = fs.openSync(f, 'r');
+  try {
+    const ft = await n.tagFile(fd, 0, buf.length, bs, 2, key);
+    t.same(ft.tags, h.tags, 'tagFile gives the same unmasked tags');
+    t.same(Buffer.from(ft.zero), Buffer.from(h.zero));
+    const both = await n.hashFile(fd, 0, buf.length, bs, 2, undefined, undefined, key);
+    t.same(both.digests, h.digests, 'hashFile with a tag key: same digests');
+    t.same(both.tags, h.tags, 'and the same tags');
+    const other = await n.tagFile(fd, 0, buf.length, bs, 2, randomBytes(32));
+    t.notSame(other.tags.subarray(0, 16), h.tags!.subarray(0, 16), 'another key, another tag');
+  } finally {
+    fs.closeSync(fd);
+  }
+  t.throws(() => n.tagMasks(randomBytes(16), ivs), /tagKey must be 32 bytes/);
+  t.throws(() => n.tagMasks(key, Buffer.alloc(15)), /multiple of 16/);
+  await t.rejects(n.hashBlocksAsync(buf, bs, 1, undefined, Buffer.alloc(31)), /tagKey must be 32 bytes/);
+});
+
+/** Counts the blocks hashed with SHA-256 from memory (the candidates of a tagged incremental). */
+function countHashing(): { blocks: number; restore: () => void } {
+  const orig = n.hashBlocksAsync;
+  const c = {
+    blocks: 0,
+    restore: () => {
+      n.hashBlocksAsync = orig;
+    },
+  };
+  n.hashBlocksAsync = (buf, bs, threads, key, tagKey) => {
+    c.blocks += Math.ceil(buf.length / bs);
+    return orig.call(n, buf, bs, threads, key, tagKey);
+  };
+  return c;
+}
+
+const base: Write[] = [
+  { offset: 0, length: 2 * MiB, seed: 1 },
+  { offset: 5 * MiB + 77, length: 1 * MiB, seed: 2 },
+  { offset: 16 * MiB - 4096, length: 4096, seed: 3 },
+];
+
+t.test('incremental snapshots hash only blocks whose tag moved, and find every change', async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vol.img');
+  makeImage(vol, 16 * MiB, base);
+  const dataBlocks = touched(base, BS).length;
+  const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
+  t.equal(fs.statSync(path.join(store, 'tag.key')).mode & 0o777, 0o600, 'the plain store made its tag key, readable by its owner only');
+  t.ok(fs.existsSync(path.join(store, 'snapshots', `${s1.id}.tags`)), 'the full snapshot wrote change tags');
+
+  // Nothing changed: no block is hashed with SHA-256.
+  let c = countHashing();
+  const logs: string[] = [];
+  let s2;
+  try {
+    s2 = await snap.createSnapshot(vol, { store, onLog: (m) => logs.push(m) });
+  } finally {
+    c.restore();
+  }
+  t.equal(c.blocks, 0, 'an unchanged volume: no block hashed');
+  t.same(logs, []);
+  t.equal(s2.stats.changedBlocks, 0);
+  t.equal(s2.stats.dataBlocks, dataBlocks);
+
+  // Three snapshots deep, with a few changes each time: exactly those blocks are hashed.
+  let prev = s2;
+  let want = sha(vol);
+  const states: [string, string][] = [[s2.id, want]];
+  for (let round = 0; round < 3; round++) {
+    const change: Write[] = [
+      { offset: (round + 1) * BS + 100, length: 10, seed: 20 + round }, // inside data
+      { offset: 9 * MiB + round * BS, length: 1, seed: 30 + round }, // a hole becomes data
+    ];
+    applyWrites(vol, change);
+    c = countHashing();
+    let s;
+    try {
+      s = await snap.createSnapshot(vol, { store, onLog: (m) => logs.push(m) });
+    } finally {
+      c.restore();
+    }
+    const blocks = touched(change, BS);
+    t.equal(c.blocks, blocks.length, `round ${round}: only the ${blocks.length} changed blocks hashed`);
+    t.equal(s.stats.changedBlocks, blocks.length);
+    t.equal(s.parentId, prev.id);
+    t.same((await snap.diffSnapshots(prev.id, s.id, { store })).changedBlocks, blocks, 'diff lists exactly the changed blocks');
+    want = sha(vol);
+    states.push([s.id, want]);
+    prev = s;
+  }
+  t.same(logs, [], 'no tag file was refused');
+  for (const [id, digest] of states) {
+    const out = path.join(dir, `${id}.img`);
+    await snap.restoreSnapshot(id, { store, to: out });
+    t.equal(sha(out), digest, `${id} restores byte-exact`);
+  }
+
+  // A change that keeps the block's bytes but moves it is still a change of both blocks.
+  const a = Buffer.alloc(BS);
+  const fd = fs.openSync(vol, 'r+');
+  fs.readSync(fd, a, 0, BS, 0);
+  const b = Buffer.alloc(BS);
+  fs.readSync(fd, b, 0, BS, BS);
+  fs.writeSync(fd, b, 0, BS, 0);
+  fs.writeSync(fd, a, 0, BS, BS);
+  fs.closeSync(fd);
+  const swapped = await snap.createSnapshot(vol, { store });
+  t.same((await snap.diffSnapshots(prev.id, swapped.id, { store })).changedBlocks, [0, 1], 'two blocks swapped: both changed (the tag binds the block index)');
+  const out = path.join(dir, 'swapped.img');
+  await snap.restoreSnapshot(swapped.id, { store, to: out });
+  t.equal(sha(out), sha(vol));
+});
+
+t.test('a missing, damaged, swapped or foreign tag file costs speed, never correctness', async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vol.img');
+  makeImage(vol, 16 * MiB, base);
+  const dataBlocks = touched(base, BS).length;
+  let last = await snap.createSnapshot(vol, { store, blockSize: BS });
+  const tagsOf = (id: string) => path.join(store, 'snapshots', `${id}.tags`);
+
+  /** Changes one block, snapshots, and checks the result against the volume. */
+  const round = async (label: string, expectLog: RegExp | undefined, expectHashed: number, seed: number) => {
+    applyWrites(vol, [{ offset: 3 * BS + 5, length: 3, seed }]);
+    const logs: string[] = [];
+    const c = countHashing();
+    let s;
+    try {
+      s = await snap.createSnapshot(vol, { store, onLog: (m) => logs.push(m) });
+    } finally {
+      c.restore();
+    }
+    if (expectLog) t.match(logs.join('\n'), expectLog, `${label}: says why the tags were not used`);
+    else t.same(logs, [], `${label}: nothing to say`);
+    t.equal(c.blocks, expectHashed, `${label}: ${expectHashed} blocks hashed from memory`);
+    t.equal(s.stats.changedBlocks, 1, `${label}: the one changed block found`);
+    t.same((await snap.diffSnapshots(last.id, s.id, { store })).changedBlocks, [3]);
+    const out = path.join(dir, `${s.id}.img`);
+    await snap.restoreSnapshot(s.id, { store, to: out });
+    t.equal(sha(out), sha(vol), `${label}: restores byte-exact`);
+    t.ok(fs.existsSync(tagsOf(s.id)), `${label}: the new snapshot has tags again`);
+    last = s;
+  };
+
+  fs.rmSync(tagsOf(last.id));
+  // No tags: the native pass hashes every block (not counted here), then the changed one again.
+  await round('missing', undefined, 1, 40);
+
+  const damaged = fs.readFileSync(tagsOf(last.id));
+  damaged[128 + 32 * 2 + 20] ^= 1; // a tag byte of the third entry
+  fs.writeFileSync(tagsOf(last.id), damaged);
+  await round('a flipped bit', /authentication \(HMAC\) does not match/, 1, 41);
+
+  // Entries of another snapshot's tag file, under this snapshot's header: the HMAC refuses it.
+  const mine = fs.readFileSync(tagsOf(last.id));
+  const donor = (await snap.listSnapshots({ store })).snapshots.find((s) => s.id !== last.id && fs.existsSync(tagsOf(s.id)));
+  const other = fs.readFileSync(tagsOf(donor!.id));
+  const spliced = Buffer.concat([mine.subarray(0, 128), other.subarray(128)]);
+  fs.writeFileSync(tagsOf(last.id), spliced);
+  await round('entries of another snapshot', /HMAC|count/, 1, 42);
+
+  // Another tag key (the store's key file replaced): the header's key check refuses the file.
+  fs.writeFileSync(path.join(store, 'tag.key'), randomBytes(32), { mode: 0o600 });
+  await round('another key', /another tag key/, 1, 43);
+  // The snapshot just taken carries tags of the new key: the next one uses them.
+  await round('the new key', undefined, 1, 44);
+
+  // Without tags at all (the library option): correct, no tag file written.
+  applyWrites(vol, [{ offset: 3 * BS + 9, length: 1, seed: 45 }]);
+  const plain = await snap.createSnapshot(vol, { store, changeTags: false });
+  t.equal(plain.stats.changedBlocks, 1);
+  t.equal(plain.stats.dataBlocks, dataBlocks);
+  t.notOk(fs.existsSync(tagsOf(plain.id)), 'changeTags: false writes no tag file');
+});
+
+t.test('deleted snapshots take their tag files along; gc removes stray ones', async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vol.img');
+  makeImage(vol, 8 * MiB, base.slice(0, 2));
+  const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
+  applyWrites(vol, [{ offset: 0, length: 10, seed: 50 }]);
+  const s2 = await snap.createSnapshot(vol, { store });
+  await snap.deleteSnapshot(s1.id, { store });
+  const names = fs.readdirSync(path.join(store, 'snapshots')).sort();
+  t.same(names, [`${s2.id}.json`, `${s2.id}.map`, `${s2.id}.tags`]);
+  // A stray tag file (as a crash between the manifest and the record would leave) and a
+  // temporary file of a killed key writer.
+  fs.writeFileSync(path.join(store, 'snapshots', 'snap-0123456789abcdef.tags'), 'x');
+  fs.writeFileSync(path.join(store, 'snapshots', '.tmp-99999-abcdef'), 'y');
+  const g = await snap.gc({ store });
+  t.equal(g.otherFilesRemoved, 2, 'gc removed the stray tag file and the temporary file');
+  t.same(fs.readdirSync(path.join(store, 'snapshots')).sort(), names);
+});
+
+t.test('encrypted volumes: tags come from the volume key; no key file in the store', async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vol.img');
+  const keyFile = path.join(dir, 'k');
+  fs.writeFileSync(keyFile, randomBytes(32), { mode: 0o600 });
+  makeImage(vol, 16 * MiB, base);
+  await snap.registerVolume(vol, { store, blockSize: BS, encrypted: true, key: { keyFile } });
+  const key = { keyFile };
+  const s1 = await snap.createSnapshot(vol, { store, key });
+  t.notOk(fs.existsSync(path.join(store, 'tag.key')), 'an encrypted volume needs no store tag key');
+  t.ok(fs.existsSync(path.join(store, 'snapshots', `${s1.id}.tags`)));
+  applyWrites(vol, [{ offset: 6 * MiB, length: 100, seed: 60 }]);
+  const c = countHashing();
+  let s2;
+  try {
+    s2 = await snap.createSnapshot(vol, { store, key });
+  } finally {
+    c.restore();
+  }
+  t.equal(c.blocks, 1, 'only the changed block hashed');
+  t.equal(s2.stats.changedBlocks, 1);
+  const out = path.join(dir, 'out.img');
+  await snap.restoreSnapshot(s2.id, { store, to: out, key });
+  t.equal(sha(out), sha(vol));
+  // The tag file holds no plaintext: its entries are indexes, salts and GMAC tags.
+  const volBytes = fs.readFileSync(vol);
+  const tagFile = fs.readFileSync(path.join(store, 'snapshots', `${s2.id}.tags`));
+  t.equal(tagFile.indexOf(volBytes.subarray(0, 16)), -1, 'no volume bytes in the tag file');
+});
