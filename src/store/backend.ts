@@ -118,9 +118,14 @@ export interface StoreBackend {
    * Callers that fill blocks in it pass views of it to putIfAbsent.
    */
   allocBuffer?(size: number): Buffer;
+  /**
+   * The local file that holds an object, where objects are files (the directory backend):
+   * a restore clones plain blocks from it on filesystems that share extents.
+   */
+  localFile?(key: string): string;
 }
 
-export type FullBackend = Required<Omit<StoreBackend, 'allocBuffer'>> & Pick<StoreBackend, 'allocBuffer'>;
+export type FullBackend = Required<Omit<StoreBackend, 'allocBuffer' | 'localFile'>> & Pick<StoreBackend, 'allocBuffer' | 'localFile'>;
 
 /** `b` with every optional method: its own where it has one, else built from the core. */
 export function fullBackend(b: StoreBackend): FullBackend {
@@ -178,5 +183,6 @@ export function fullBackend(b: StoreBackend): FullBackend {
     create,
     flush,
     allocBuffer: b.allocBuffer?.bind(b),
+    localFile: b.localFile?.bind(b),
   };
 }

@@ -118,6 +118,10 @@ export class DirectoryBackend implements StoreBackend {
     }
   }
 
+  localFile(key: string): string {
+    return this.file(key);
+  }
+
   allocBuffer(size: number): Buffer {
     if (this.direct === undefined) this.direct = DirectIo.probe(path.join(this.location, 'blocks')) ?? null;
     return this.direct ? this.direct.alloc(size) : Buffer.allocUnsafeSlow(size);
