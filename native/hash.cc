@@ -118,7 +118,6 @@ struct OutputRefs {
   Napi::Reference<Napi::Value> digests, zero, tags;
 };
 
-
 uint64_t BlockCount(uint64_t length, uint64_t blockSize) {
   return length == 0 ? 0 : (length - 1) / blockSize + 1;
 }
