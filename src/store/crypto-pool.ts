@@ -108,8 +108,9 @@ export async function openChunk(
 /** Staging buffers for sealed objects on their way in, reused across batches. */
 const staging = new Map<number, Buffer[]>();
 
-export function acquireStaging(size: number): Buffer {
-  return staging.get(size)?.pop() ?? Buffer.allocUnsafeSlow(size);
+/** A staging buffer of `size` bytes; a new one from `alloc` (aligned for O_DIRECT) if given. */
+export function acquireStaging(size: number, alloc?: (size: number) => Buffer): Buffer {
+  return staging.get(size)?.pop() ?? (alloc ? alloc(size) : Buffer.allocUnsafeSlow(size));
 }
 
 export function releaseStaging(b: Buffer): void {
