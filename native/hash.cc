@@ -250,74 +250,74 @@ class HashFileWorker : public PromiseWorkerT<Napi::AsyncProgressWorker<Progress>
   Napi::FunctionReference onProgress_;
 };
 
-Napi::Value HashFile(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
+// The file range arguments shared by hashFile and tagFile: fd, offset, length, blockSize,
+// threads (arguments 0-4).
+struct FileRange {
   int fd;
   uint64_t offset, length, blockSize;
   int32_t threads;
-  bool keyed = false;
-  std::vector<uint8_t> key;
-  if (!ArgFd(info, 0, "fd", &fd) || !ArgU64(info, 1, "offset", &offset) ||
-      !ArgU64(info, 2, "length", &length) || !ArgBlockSize(info, 3, &blockSize) ||
-      !ArgI32(info, 4, "threads", &threads) || !ArgKey(info, 5, &keyed, &key))
+};
+
+bool ParseFileRange(const Napi::CallbackInfo& info, const char* fn, FileRange* r) {
+  if (!ArgFd(info, 0, "fd", &r->fd) || !ArgU64(info, 1, "offset", &r->offset) ||
+      !ArgU64(info, 2, "length", &r->length) || !ArgBlockSize(info, 3, &r->blockSize) ||
+      !ArgI32(info, 4, "threads", &r->threads))
+    return false;
+  if (r->offset + r->length > static_cast<uint64_t>(kMaxSafe)) {
+    ThrowInvalid(info.Env(), std::string(fn) + ": offset + length is beyond 2^53");
+    return false;
+  }
+  return true;
+}
+
+// Allocates the outputs and starts a worker over the range: SHA-256 digests when `digests`
+// (HMAC with a key), unmasked change tags with a tag key.
+Napi::Value StartFileWorker(Napi::Env env, const char* name, const FileRange& r, bool digests,
+                            std::vector<uint8_t> key, bool keyed, std::vector<uint8_t> tagKey,
+                            bool tagged, Napi::Value onProgress) {
+  Outputs out;
+  if (!AllocOutputs(env, BlockCount(r.length, r.blockSize), &out, digests, tagged))
     return RejectPending(env);
+  auto* worker = new HashFileWorker(env, name, std::move(key), keyed, std::move(tagKey), out);
+  FileHashJob& job = worker->job();
+  job.fd = r.fd;
+  job.offset = r.offset;
+  job.length = r.length;
+  job.blockSize = static_cast<size_t>(r.blockSize);
+  job.threads = r.threads;
+  if (onProgress.IsFunction()) worker->SetProgress(onProgress.As<Napi::Function>());
+  return worker->Start();
+}
+
+Napi::Value HashFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  FileRange r;
+  bool keyed = false, tagged = false;
+  std::vector<uint8_t> key, tagKey;
+  if (!ParseFileRange(info, "hashFile", &r) || !ArgKey(info, 5, &keyed, &key)) return RejectPending(env);
   if (!info[6].IsUndefined() && !info[6].IsNull() && !info[6].IsFunction()) {
     ThrowInvalid(env, "argument 7 (onProgress) must be a function");
     return RejectPending(env);
   }
-  if (offset + length > static_cast<uint64_t>(kMaxSafe)) {
-    ThrowInvalid(env, "hashFile: offset + length is beyond 2^53");
-    return RejectPending(env);
-  }
-  bool tagged = false;
-  std::vector<uint8_t> tagKey;
   if (!ArgTagKey(info, 7, &tagged, &tagKey)) return RejectPending(env);
-  Outputs out;
-  if (!AllocOutputs(env, BlockCount(length, blockSize), &out, true, tagged)) return RejectPending(env);
-  auto* worker = new HashFileWorker(env, "disksnap.hashFile", std::move(key), keyed, std::move(tagKey), out);
-  FileHashJob& job = worker->job();
-  job.fd = fd;
-  job.offset = offset;
-  job.length = length;
-  job.blockSize = static_cast<size_t>(blockSize);
-  job.threads = threads;
-  if (info[6].IsFunction()) {
-    worker->SetProgress(info[6].As<Napi::Function>());
-  }
-  return worker->Start();
+  return StartFileWorker(env, "disksnap.hashFile", r, true, std::move(key), keyed, std::move(tagKey),
+                         tagged, info[6]);
 }
 
 // tagFile(fd, offset, length, blockSize, threads, tagKey) -> Promise<{ tags, zero }>: reads
 // the range like hashFile, but computes only zero flags and unmasked change tags.
 Napi::Value TagFile(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  int fd;
-  uint64_t offset, length, blockSize;
-  int32_t threads;
+  FileRange r;
   bool tagged = false;
   std::vector<uint8_t> tagKey;
-  if (!ArgFd(info, 0, "fd", &fd) || !ArgU64(info, 1, "offset", &offset) ||
-      !ArgU64(info, 2, "length", &length) || !ArgBlockSize(info, 3, &blockSize) ||
-      !ArgI32(info, 4, "threads", &threads) || !ArgTagKey(info, 5, &tagged, &tagKey))
-    return RejectPending(env);
+  if (!ParseFileRange(info, "tagFile", &r) || !ArgTagKey(info, 5, &tagged, &tagKey)) return RejectPending(env);
   if (!tagged) {
     ThrowInvalid(env, "tagFile: argument 6 (tagKey) is required");
     return RejectPending(env);
   }
-  if (offset + length > static_cast<uint64_t>(kMaxSafe)) {
-    ThrowInvalid(env, "tagFile: offset + length is beyond 2^53");
-    return RejectPending(env);
-  }
-  Outputs out;
-  if (!AllocOutputs(env, BlockCount(length, blockSize), &out, false, true)) return RejectPending(env);
-  auto* worker = new HashFileWorker(env, "disksnap.tagFile", {}, false, std::move(tagKey), out);
-  FileHashJob& job = worker->job();
-  job.fd = fd;
-  job.offset = offset;
-  job.length = length;
-  job.blockSize = static_cast<size_t>(blockSize);
-  job.threads = threads;
-  return worker->Start();
+  return StartFileWorker(env, "disksnap.tagFile", r, false, {}, false, std::move(tagKey), true,
+                         env.Undefined());
 }
 
 // tagMasks(tagKey, ivs) -> Buffer: E_K(J0(iv)) for each 16-byte iv, 16 bytes each (sync; one

@@ -38,6 +38,7 @@
 import { createHash, createHmac, Hash, Hmac } from 'node:crypto';
 import { DisksnapError, corrupt, invalid } from '../errors';
 import type { ObjectReader, ObjectWriter } from './backend';
+import { EntryWriter } from './entries';
 import type { DigestAlgorithm } from './records';
 
 export const MANIFEST_MAGIC = Buffer.from('DSNAPMF\n', 'latin1');
@@ -142,74 +143,42 @@ function checksum(header: ManifestHeader, macKey: Uint8Array | undefined): Hash 
 }
 
 export class ManifestWriter {
-  private readonly hash: Hash | Hmac;
-  private readonly chunk = Buffer.allocUnsafe(CHUNK_ENTRIES * ENTRY_LENGTH);
-  private used = 0;
-  private count = 0;
-  private lastIndex = -1;
+  private readonly w: EntryWriter;
   private readonly blocks: number;
-  private pending: Promise<void> = Promise.resolve();
 
   constructor(
-    private readonly out: ObjectWriter,
+    out: ObjectWriter,
     readonly header: ManifestHeader,
     macKey?: Uint8Array,
   ) {
-    this.hash = checksum(header, macKey);
     this.blocks = blockCount(header.volumeSize, header.blockSize);
-    this.emit(encodeHeader(header));
+    this.w = new EntryWriter(out, checksum(header, macKey), ENTRY_LENGTH, CHUNK_ENTRIES, encodeHeader(header));
   }
 
   get entries(): number {
-    return this.count;
-  }
-
-  private emit(data: Buffer): void {
-    this.hash.update(data);
-    const copy = Buffer.from(data);
-    this.pending = this.pending.then(() => this.out.write(copy));
+    return this.w.entries;
   }
 
   /** Adds block `index` (strictly greater than the previous one) with its digest. */
   append(index: number, digest: Uint8Array, digestOffset = 0): void {
-    if (!(index > this.lastIndex) || index >= this.blocks || !Number.isSafeInteger(index)) {
+    if (!(index > this.w.last) || index >= this.blocks || !Number.isSafeInteger(index)) {
       throw invalid(`manifest entry ${index} out of order or past block ${this.blocks - 1}`);
     }
-    this.lastIndex = index;
-    const o = this.used;
-    this.chunk.writeUInt32LE(index % 0x100000000, o);
-    this.chunk.writeUInt32LE(Math.floor(index / 0x100000000), o + 4);
-    this.chunk.set(digest.subarray(digestOffset, digestOffset + DIGEST_LENGTH), o + 8);
-    this.used += ENTRY_LENGTH;
-    this.count++;
-    if (this.used === this.chunk.length) this.flushChunk();
-  }
-
-  private flushChunk(): void {
-    if (this.used === 0) return;
-    this.emit(this.chunk.subarray(0, this.used));
-    this.used = 0;
+    const o = this.w.add(index);
+    this.w.buf.set(digest.subarray(digestOffset, digestOffset + DIGEST_LENGTH), o + 8);
   }
 
   /** Waits for buffered writes (keeps memory bounded when called now and then). */
   async drain(): Promise<void> {
-    await this.pending;
+    await this.w.drain();
   }
 
   async commit(): Promise<void> {
-    this.flushChunk();
-    const count = Buffer.alloc(8);
-    count.writeBigUInt64LE(BigInt(this.count));
-    this.hash.update(count);
-    const trailer = Buffer.concat([count, this.hash.digest()]);
-    this.pending = this.pending.then(() => this.out.write(trailer));
-    await this.pending;
-    await this.out.commit();
+    await this.w.commit();
   }
 
   async abort(): Promise<void> {
-    await this.pending.catch(() => undefined);
-    await this.out.abort();
+    await this.w.abort();
   }
 }
 

@@ -47,10 +47,11 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { createHmac, Hmac, randomBytes } from 'node:crypto';
+import { createHmac, randomBytes } from 'node:crypto';
 import { DisksnapError, corrupt, fromNodeError, isDisksnapError } from '../errors';
 import { native } from '../native';
-import type { FullBackend, ObjectReader, ObjectWriter } from './backend';
+import type { FullBackend, ObjectReader } from './backend';
+import { EntryWriter } from './entries';
 
 export const TAGS_MAGIC = Buffer.from('DSNAPTG\n', 'latin1');
 export const TAGS_VERSION = 1;
@@ -170,64 +171,27 @@ export function xor16(a: Uint8Array, aOff: number, b: Uint8Array, bOff: number, 
 
 /** Appends tag entries in 1 MiB chunks; `commit()` writes the trailer and publishes the file. */
 export class TagWriter {
-  private readonly hmac: Hmac;
-  private readonly chunk = Buffer.allocUnsafe(CHUNK_ENTRIES * ENTRY);
-  private used = 0;
-  private count = 0;
-  private lastIndex = -1;
-  private pending: Promise<void> = Promise.resolve();
-
-  private constructor(
-    private readonly out: ObjectWriter,
-    header: TagsHeader,
-    tk: TagKey,
-  ) {
-    this.hmac = createHmac('sha256', tk.mac);
-    this.emit(encodeHeader(header, tk.check));
-  }
+  private constructor(private readonly w: EntryWriter) {}
 
   static async create(backend: FullBackend, header: TagsHeader, tk: TagKey): Promise<TagWriter> {
-    return new TagWriter(await backend.create(tagsKey(header.snapshotId)), header, tk);
-  }
-
-  private emit(data: Buffer): void {
-    this.hmac.update(data);
-    const copy = Buffer.from(data);
-    this.pending = this.pending.then(() => this.out.write(copy));
+    const out = await backend.create(tagsKey(header.snapshotId));
+    return new TagWriter(new EntryWriter(out, createHmac('sha256', tk.mac), ENTRY, CHUNK_ENTRIES, encodeHeader(header, tk.check)));
   }
 
   /** Block `index` (ascending) carries `tag` (16 bytes at tagOff) computed under `salt`. */
   append(index: number, salt: Uint8Array, saltOff: number, tag: Uint8Array, tagOff: number): void {
-    if (!(index > this.lastIndex)) throw new DisksnapError(`tag entry ${index} out of order`, 'EINVALID');
-    this.lastIndex = index;
-    const o = this.used;
-    this.chunk.writeUInt32LE(index % 0x100000000, o);
-    this.chunk.writeUInt32LE(Math.floor(index / 0x100000000), o + 4);
-    this.chunk.set(salt.subarray(saltOff, saltOff + SALT_LENGTH), o + 8);
-    this.chunk.set(tag.subarray(tagOff, tagOff + TAG_LENGTH), o + 16);
-    this.used += ENTRY;
-    this.count++;
-    if (this.used === this.chunk.length) {
-      this.emit(this.chunk.subarray(0, this.used));
-      this.used = 0;
-    }
+    if (!(index > this.w.last)) throw new DisksnapError(`tag entry ${index} out of order`, 'EINVALID');
+    const o = this.w.add(index);
+    this.w.buf.set(salt.subarray(saltOff, saltOff + SALT_LENGTH), o + 8);
+    this.w.buf.set(tag.subarray(tagOff, tagOff + TAG_LENGTH), o + 16);
   }
 
   async commit(): Promise<void> {
-    if (this.used) this.emit(this.chunk.subarray(0, this.used));
-    this.used = 0;
-    const count = Buffer.alloc(8);
-    count.writeBigUInt64LE(BigInt(this.count));
-    this.hmac.update(count);
-    const trailer = Buffer.concat([count, this.hmac.digest()]);
-    this.pending = this.pending.then(() => this.out.write(trailer));
-    await this.pending;
-    await this.out.commit();
+    await this.w.commit();
   }
 
   async abort(): Promise<void> {
-    await this.pending.catch(() => undefined);
-    await this.out.abort();
+    await this.w.abort();
   }
 }
 
