@@ -46,13 +46,18 @@ const writes: Write[] = [
 ];
 const SIZE = 20 * MiB + 1000;
 
-t.test('a plain snapshot restores by cloning its objects on xfs', { skip }, async (t) => {
+/** A scratch xfs (torn down after the test) holding the volume; the store goes beside it. */
+function setup(t: { teardown: (fn: () => Promise<void>) => void }): { mp: string; vol: string; store: string } {
   const s = scratch();
   t.teardown(() => s.cleanup());
   const mp = xfs(s);
   const vol = path.join(mp, 'vol.img');
   makeImage(vol, SIZE, writes);
-  const store = path.join(mp, 'store');
+  return { mp, vol, store: path.join(mp, 'store') };
+}
+
+t.test('a plain snapshot restores by cloning its objects on xfs', { skip }, async (t) => {
+  const { mp, vol, store } = setup(t);
   const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
   const data = touched(writes, BS);
   t.equal(s1.stats.dataBlocks, data.length);
@@ -104,12 +109,7 @@ t.test('a plain snapshot restores by cloning its objects on xfs', { skip }, asyn
 });
 
 t.test('sealed objects are never cloned: an encrypted snapshot restores by decrypting', { skip }, async (t) => {
-  const s = scratch();
-  t.teardown(() => s.cleanup());
-  const mp = xfs(s);
-  const vol = path.join(mp, 'vol.img');
-  makeImage(vol, SIZE, writes);
-  const store = path.join(mp, 'store');
+  const { mp, vol, store } = setup(t);
   const keyFile = path.join(mp, 'k');
   fs.writeFileSync(keyFile, randomBytes(32), { mode: 0o600 });
   await snap.registerVolume(vol, { store, blockSize: BS, encrypted: true, key: { keyFile } });
