@@ -781,7 +781,7 @@ async function capture(
    */
   const newTags = (idx: number[], u: Buffer, uOff: (j: number) => number): void => {
     if (!tagWriter || !tk || !idx.length) return;
-    const masks = n.tagMasks(tk.key, tagIvs(salt, idx));
+    const masks = n.tagMasks(tk.key, tagIvs(idx, salt, () => 0));
     for (let j = 0; j < idx.length; j++) {
       xor16(u, uOff(j), masks, j * 16, masks, j * 16);
       tagWriter.append(idx[j], salt, 0, masks, j * 16);
@@ -980,13 +980,7 @@ async function capture(
         // The parent's tags, recomputed from this chunk's unmasked tags under their own IVs.
         const same = new Uint8Array(nb);
         if (tagged.length) {
-          const ivs = Buffer.allocUnsafe(tagged.length * 16);
-          tagged.forEach((k, j) => {
-            entries.copy(ivs, j * 16, k * 24, k * 24 + 8);
-            ivs.writeUInt32LE((a + k) % 0x100000000, j * 16 + 8);
-            ivs.writeUInt32LE(Math.floor((a + k) / 0x100000000), j * 16 + 12);
-          });
-          const masks = n.tagMasks(tk.key, ivs);
+          const masks = n.tagMasks(tk.key, tagIvs(tagged.map((k) => a + k), entries, (j) => tagged[j] * 24));
           tagged.forEach((k, j) => {
             xor16(first.tags, k * 16, masks, j * 16, masks, j * 16);
             if (hasPrev[k] && masks.compare(entries, k * 24 + 8, k * 24 + 24, j * 16, j * 16 + 16) === 0) same[k] = 1;
@@ -1012,7 +1006,7 @@ async function capture(
         // The new manifest's entries and tags for the chunk, in block order.
         if (tagWriter) {
           const fresh = new Map<number, number>(); // k -> j: its new tag at masks[j*16]
-          const masks = check.length ? n.tagMasks(tk.key, tagIvs(salt, check.map((k) => a + k))) : Buffer.alloc(0);
+          const masks = check.length ? n.tagMasks(tk.key, tagIvs(check.map((k) => a + k), salt, () => 0)) : Buffer.alloc(0);
           check.forEach((k, j) => {
             xor16(first.tags, k * 16, masks, j * 16, masks, j * 16);
             fresh.set(k, j);

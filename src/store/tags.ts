@@ -50,6 +50,7 @@ import * as path from 'node:path';
 import { createHmac, randomBytes } from 'node:crypto';
 import { DisksnapError, corrupt, fromNodeError, isDisksnapError } from '../errors';
 import { native } from '../native';
+import { syncDir } from '../atomic';
 import type { FullBackend, ObjectReader } from './backend';
 import { EntryWriter } from './entries';
 
@@ -113,12 +114,7 @@ export function plainStoreTagKey(storeDir: string): TagKey | undefined {
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e; // another process made it first
     }
-    const dfd = fs.openSync(storeDir, 'r');
-    try {
-      fs.fsyncSync(dfd);
-    } finally {
-      fs.closeSync(dfd);
-    }
+    syncDir(storeDir);
     return read();
   } catch {
     return undefined;
@@ -152,12 +148,15 @@ function encodeHeader(h: TagsHeader, check: Buffer): Buffer {
   return b;
 }
 
-/** The IVs of blocks `indexes` under `salt`, 16 bytes each. */
-export function tagIvs(salt: Buffer, indexes: ArrayLike<number>): Buffer {
+/**
+ * The IVs of blocks `indexes`, 16 bytes each: the salt of the j-th (8 bytes of `salts` at
+ * saltAt(j)), then its index (u64 LE).
+ */
+export function tagIvs(indexes: ArrayLike<number>, salts: Buffer, saltAt: (j: number) => number): Buffer {
   const ivs = Buffer.allocUnsafe(indexes.length * 16);
   for (let j = 0; j < indexes.length; j++) {
     const i = indexes[j];
-    salt.copy(ivs, j * 16);
+    salts.copy(ivs, j * 16, saltAt(j), saltAt(j) + SALT_LENGTH);
     ivs.writeUInt32LE(i % 0x100000000, j * 16 + 8);
     ivs.writeUInt32LE(Math.floor(i / 0x100000000), j * 16 + 12);
   }
