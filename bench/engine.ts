@@ -6,10 +6,10 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createHash } from 'node:crypto';
-import { native } from '../src/native';
-import { BlockFile } from '../src/file';
-import { RawImage } from '../src/raw';
-import { runBench } from '../src/bench';
+import { native } from '../src/engine/native';
+import { BlockFile } from '../src/engine/file';
+import { RawImage } from '../src/image/raw';
+import { runBench } from '../src/image/bench';
 import { BenchOptions, BenchRow } from './types';
 import { fillRandom, hasCommand, MB, medianOf, MiB, run, timed, warm } from './util';
 

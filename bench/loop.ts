@@ -14,8 +14,8 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { attach, detach } from '../src/loop/attach';
-import { createChild, rollback } from '../src/diff';
+import { attach, detach } from '../src/host/attach';
+import { createChild, rollback } from '../src/differencing/diff';
 import { BenchOptions, BenchRow } from './types';
 import { fillRandom, hasCommand, MB, median, MiB, run, warm } from './util';
 

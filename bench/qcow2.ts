@@ -19,8 +19,8 @@ import * as path from 'node:path';
 import { BenchOptions, BenchRow } from './types';
 import { fillRandom, hasCommand, median, MiB, GiB, run, timed } from './util';
 import { parseQemuSeconds } from './engine';
-import * as diff from '../src/diff';
-import { Qcow2Image } from '../src/qcow2/image';
+import * as diff from '../src/differencing/diff';
+import { Qcow2Image } from '../src/image/qcow2/image';
 
 const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
 

@@ -32,7 +32,7 @@ import { BenchOptions, BenchRow } from './types';
 import { GiB, MiB, fillRandom, hasCommand, median, run, warm } from './util';
 
 const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
-const LIB = path.resolve(__dirname, '..', 'src', 'snapshot.js');
+const LIB = path.resolve(__dirname, '..', 'src', 'storage', 'index.js');
 const AREA = 'storage snapshot';
 
 function seconds(fn: () => void): number {

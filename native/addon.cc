@@ -1,5 +1,5 @@
-// Entry point of disksnap.node. The contract it implements is `NativeAddon` in src/native.ts;
-// src/native.ts is the only module that loads it, and it calls setErrorClass(DisksnapError)
+// Entry point of disksnap.node. The contract it implements is `NativeAddon` in src/engine/native.ts;
+// src/engine/native.ts is the only module that loads it, and it calls setErrorClass(DisksnapError)
 // once so that every failure here is thrown (or rejected) as that class.
 #include <napi.h>
 

@@ -1,4 +1,4 @@
-// Cheap re-checks of arguments that src/native.ts has already validated. A failed check
+// Cheap re-checks of arguments that src/engine/native.ts has already validated. A failed check
 // throws DisksnapError EINVAL (naming the argument) and returns false; the caller returns
 // immediately.
 #pragma once

@@ -1,5 +1,5 @@
 // Quick change tags of blocks: GMAC (AES-256-GCM with the block as additional data and
-// nothing to encrypt) under a secret tag key. src/store/tags.ts explains their use: an
+// nothing to encrypt) under a secret tag key. src/storage/store/tags.ts explains their use: an
 // incremental snapshot compares a block's tag with its parent's instead of hashing it with
 // SHA-256, and GHASH runs ~6x faster than SHA-256 on this project's VMs.
 //

@@ -2,7 +2,7 @@
 //
 // Every failure is first captured as a plain `SysError` (no JS values), so that worker threads
 // can record one; it becomes a JS `DisksnapError(message, code, errno, path)` on the main
-// thread, through the constructor that src/native.ts hands over once with setErrorClass().
+// thread, through the constructor that src/engine/native.ts hands over once with setErrorClass().
 // Nothing here throws a C++ exception (the addon is built with -fno-exceptions), and nothing
 // throws into JS while another exception is already pending.
 #pragma once

@@ -1,6 +1,6 @@
 // FUSE mount plumbing: the two things node cannot do by itself. The protocol (reading
 // requests from /dev/fuse and writing replies) is plain read/writev on a descriptor, which the
-// server in src/loop/fuse-server.ts does with node's fs; only mount(2) and umount2(2) need C.
+// server in src/host/fuse-server.ts does with node's fs; only mount(2) and umount2(2) need C.
 //
 // We speak the kernel protocol directly instead of linking libfuse: `npm install` must build
 // on a fresh machine without libfuse3-dev, and the server has one regular file to serve, which

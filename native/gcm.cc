@@ -1,6 +1,6 @@
 // AES-256-GCM of block objects in place, on threads of its own: gcmSealAsync / gcmOpenAsync.
 //
-// The object format is the one src/store/crypto.ts documents (ciphertext, then a 32-byte
+// The object format is the one src/storage/store/crypto.ts documents (ciphertext, then a 32-byte
 // trailer: 12-byte random nonce, 16-byte tag, "DSE1"; AAD "disksnap-block-v1:" || digest),
 // and the cipher is node's own OpenSSL (the symbols resolve against the node binary, as for
 // hashing). Why here and not node:crypto: every Cipher.update allocates its output, and on
@@ -32,7 +32,7 @@ constexpr uint8_t kMagic[4] = {'D', 'S', 'E', '1'};
 constexpr char kAadPrefix[] = "disksnap-block-v1:";
 constexpr size_t kAadPrefixLength = sizeof(kAadPrefix) - 1;
 
-// Per-item result codes of gcmOpen; src/store/crypto-pool.ts words them.
+// Per-item result codes of gcmOpen; src/storage/store/crypto-pool.ts words them.
 enum OpenCode : uint8_t { kOpenOk = 0, kOpenShort = 1, kOpenMagic = 2, kOpenAuth = 3 };
 
 const EVP_CIPHER* Aes256Gcm() {

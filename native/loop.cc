@@ -1,6 +1,6 @@
 // Loop devices (attach, detach, status), FIFREEZE/FITHAW and BLKGETSIZE64. The typed contract
-// is in src/native.ts (`loopAttach`, ...); the policy (which image may be attached, state
-// records, freeze lifetimes) lives in src/loop/.
+// is in src/engine/native.ts (`loopAttach`, ...); the policy (which image may be attached, state
+// records, freeze lifetimes) lives in src/host/.
 //
 // Attach is the sequence util-linux's losetup uses, without its policy:
 //   1. the caller opens the backing file (O_RDWR, or O_RDONLY for a read-only device) and
@@ -12,7 +12,7 @@
 //   4. EBUSY from 3 means another process took loopN between 2 and 3: ask again (bounded).
 // No LO_FLAGS_AUTOCLEAR: the device must outlive the attaching process (autoclear would detach
 // it as soon as we close our descriptor). Detach is LOOP_CLR_FD; the kernel turns it into a
-// deferred detach (autoclear) when the device is still open, e.g. mounted — src/loop refuses
+// deferred detach (autoclear) when the device is still open, e.g. mounted — src/host refuses
 // that case before asking.
 //
 // Everything here is a handful of ioctls and returns in well under a millisecond, except

@@ -1,4 +1,4 @@
-// Whole-object file operations of the directory store backend (src/store/dir.ts), each one
+// Whole-object file operations of the directory store backend (src/storage/store/dir.ts), each one
 // trip through libuv's pool instead of one per syscall:
 //
 //   putObjectAsync(dir, name, head, tail?) -> 0 published, 1 the name existed already

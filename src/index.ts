@@ -1,21 +1,21 @@
 /**
  * disksnap's public API. The CLI (src/cli/) is a thin layer over these calls.
  */
-export { DisksnapError, isDisksnapError } from './errors';
-export { BlockFile } from './file';
-export type { OpenOptions, LockMode, Extent } from './file';
-export { openImage, detectFormat, checkRange } from './image';
-export type { DiskImage, ImageFormat, ImageInfo, LayerInfo, MapExtent, ImageOpenOptions } from './image';
-export { RawImage, createRawImage } from './raw';
-export { runBench } from './bench';
-export type { BenchOptions, BenchResult } from './bench';
-export { parseSize, formatSize } from './size';
+export { DisksnapError, isDisksnapError } from './engine/errors';
+export { BlockFile } from './engine/file';
+export type { OpenOptions, LockMode, Extent } from './engine/file';
+export { openImage, detectFormat, checkRange } from './image/image';
+export type { DiskImage, ImageFormat, ImageInfo, LayerInfo, MapExtent, ImageOpenOptions } from './image/image';
+export { RawImage, createRawImage } from './image/raw';
+export { runBench } from './image/bench';
+export type { BenchOptions, BenchResult } from './image/bench';
+export { parseSize, formatSize } from './engine/size';
 
 /** Differencing disks: qcow2 children over read-only parents (createChild, rollback, reset, commit, flatten, check). */
-export * as diff from './diff';
+export * as diff from './differencing';
 /** Storage snapshots: the EBS-style block store (createSnapshot, restoreSnapshot, diffSnapshots, gc, ...). */
-export * as snapshots from './snapshot';
+export * as snapshots from './storage';
 /** Loopback: attach/detach, FUSE views of children, freeze and point-in-time views of mounted volumes. */
-export * as loop from './loop';
+export * as loop from './host';
 /** The two strategies measured side by side on one image. */
 export * as comparison from './compare';

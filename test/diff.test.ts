@@ -1,19 +1,19 @@
 /**
- * The differencing-disk life cycle through the library (src/diff.ts): create, rollback,
+ * The differencing-disk life cycle through the library (src/differencing/diff.ts): create, rollback,
  * reset, commit (and its refusals), flatten, chains of three, the parent guard and the
  * locks. qemu-img is the oracle after every phase.
  */
 import t from 'tap';
-import { BlockFile } from '../src/file';
+import { BlockFile } from '../src/engine/file';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { CLI } from './helpers/cli';
-import * as diff from '../src/diff';
-import { Qcow2Image } from '../src/qcow2/image';
-import { openImage } from '../src/image';
-import { commitMarkerPath, childrenRegistryPath, writeJsonAtomic } from '../src/qcow2/sidecar';
+import * as diff from '../src/differencing/diff';
+import { Qcow2Image } from '../src/image/qcow2/image';
+import { openImage } from '../src/image/image';
+import { commitMarkerPath, childrenRegistryPath, writeJsonAtomic } from '../src/image/sidecars';
 import {
   assertClean,
   assertShows,

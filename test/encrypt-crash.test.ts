@@ -17,8 +17,8 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import type { SnapshotJson } from '../src/snapshot';
-import { Store } from '../src/store/store';
+import type { SnapshotJson } from '../src/storage/snapshot';
+import { Store } from '../src/storage/store/store';
 import { CLI, KiB, MiB, ROOT, Write, applyWrites, ds, files, makeImage, runAndKill, sha } from '../fixtures/store/helpers';
 
 const MARKER = 'DISKSNAP-CRASH-MARKER-41b9';

@@ -8,7 +8,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import * as snap from '../src/snapshot';
+import * as snap from '../src/storage/snapshot';
 import { KiB, MiB, Write, allocated, applyWrites, ds, files, flipByte, makeImage, sha, touched } from '../fixtures/store/helpers';
 
 const BS = 64 * KiB;
@@ -277,8 +277,8 @@ t.test('passphrases: DISKSNAP_PASSPHRASE or --passphrase-file, scrypt salt in th
 });
 
 t.test('native sealing and node:crypto on the event loop make the same objects: each opens the other\'s, and both refuse a damaged one', async (t) => {
-  const { deriveKeys, sealBlock, unsealBlock, TRAILER_BYTES } = await import('../src/store/crypto');
-  const { sealChunk, openChunk, nativeCrypto } = await import('../src/store/crypto-pool');
+  const { deriveKeys, sealBlock, unsealBlock, TRAILER_BYTES } = await import('../src/storage/store/crypto');
+  const { sealChunk, openChunk, nativeCrypto } = await import('../src/storage/store/crypto-pool');
   t.ok(nativeCrypto(), 'chunks are sealed natively by default');
   const keys = deriveKeys(randomBytes(32));
   const bs = 512 * KiB;

@@ -9,11 +9,11 @@ import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { cli, CLI } from './helpers/cli';
 import { needLoop, scratch, makeExt4, sh, shOk } from './helpers/loop';
-import { attach, attachmentOf, attachmentsOf, assertNotAttached, detach, listAttachments } from '../src/loop/attach';
-import { kernelLoop, readRecord } from '../src/loop/state';
-import { BlockFile } from '../src/file';
-import { native } from '../src/native';
-import { DisksnapError } from '../src/errors';
+import { attach, attachmentOf, attachmentsOf, assertNotAttached, detach, listAttachments } from '../src/host/attach';
+import { kernelLoop, readRecord } from '../src/host/state';
+import { BlockFile } from '../src/engine/file';
+import { native } from '../src/engine/native';
+import { DisksnapError } from '../src/engine/errors';
 
 const skip = needLoop(['mkfs.ext4', 'losetup']);
 

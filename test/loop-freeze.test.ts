@@ -8,9 +8,9 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { spawn } from 'node:child_process';
 import { needLoop, scratch, makeExt4, sh, writeWithTimeout, debugfsCat, debugfsLs, e2fsckClean } from './helpers/loop';
-import { attach, detach, assertNotAttached } from '../src/loop/attach';
-import { findMount, withFrozen, pointInTime, snapshotFreezeHook, canReflink, cloneWhileFrozen } from '../src/loop/freeze';
-import { createSnapshot, restoreSnapshot } from '../src/snapshot';
+import { attach, detach, assertNotAttached } from '../src/host/attach';
+import { findMount, withFrozen, pointInTime, snapshotFreezeHook, canReflink, cloneWhileFrozen } from '../src/host/freeze';
+import { createSnapshot, restoreSnapshot } from '../src/storage/snapshot';
 import { ROOT, cli } from './helpers/cli';
 
 const skip = needLoop(['mkfs.ext4', 'e2fsck', 'debugfs']);
@@ -216,7 +216,7 @@ t.test('pointInTime: an unmounted volume is read as is; ext4 without reflink sta
 });
 
 // ---------------------------------------------------------------------------------------------
-// `snapshot create` picks the point-in-time view by itself (src/store/capture.ts): no hook.
+// `snapshot create` picks the point-in-time view by itself (src/host/capture.ts): no hook.
 
 function hostFs(dir: string): string {
   return sh('findmnt', ['-n', '-o', 'FSTYPE', '--target', dir]).stdout.trim();

@@ -10,12 +10,12 @@ import * as path from 'node:path';
 import { createHash } from 'node:crypto';
 import { cli } from './helpers/cli';
 import { needLoop, scratch, makeExt4, sh, shOk, debugfsCat, debugfsLs, e2fsckClean } from './helpers/loop';
-import { attach, attachmentOf, assertNotAttached, detach, reapStale } from '../src/loop/attach';
-import { fuseDir } from '../src/loop/state';
+import { attach, attachmentOf, assertNotAttached, detach, reapStale } from '../src/host/attach';
+import { fuseDir } from '../src/host/state';
 import { spawn } from 'node:child_process';
 import { ROOT } from './helpers/cli';
-import { kernelLoop, mounts, processStartTime } from '../src/loop/state';
-import { BlockFile } from '../src/file';
+import { kernelLoop, mounts, processStartTime } from '../src/host/state';
+import { BlockFile } from '../src/engine/file';
 
 const skip = needLoop(['mkfs.ext4', 'e2fsck', 'debugfs', 'qemu-img']);
 

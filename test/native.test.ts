@@ -1,6 +1,6 @@
 /**
  * The native block engine (build/Release/disksnap.node) through its typed contract in
- * src/native.ts: I/O round trips at awkward offsets, batched I/O, sparse-file extents,
+ * src/engine/native.ts: I/O round trips at awkward offsets, batched I/O, sparse-file extents,
  * fallocate modes, OFD locks between processes (and against QEMU), block hashing against
  * node:crypto, copy/clone, and every error path (code, errno, path, class).
  */
@@ -22,8 +22,8 @@ import {
   FALLOC_ALLOCATE,
   FALLOC_PUNCH_HOLE,
   FALLOC_ZERO_RANGE,
-} from '../src/native';
-import { DisksnapError } from '../src/errors';
+} from '../src/engine/native';
+import { DisksnapError } from '../src/engine/errors';
 import { missing } from './helpers/tools';
 
 const KiB = 1024;
@@ -93,7 +93,7 @@ const EBADF = 9;
 const EEXIST = 17;
 const EINVAL = 22;
 
-t.test('the addon loads through src/native.ts with a version', async (t) => {
+t.test('the addon loads through src/engine/native.ts with a version', async (t) => {
   t.equal(typeof n.version, 'string');
   t.match(n.version, /^\d+\.\d+\.\d+/);
 });

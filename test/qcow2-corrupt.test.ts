@@ -8,9 +8,9 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createHash } from 'node:crypto';
-import { openImage } from '../src/image';
-import { check } from '../src/diff';
-import { isDisksnapError } from '../src/errors';
+import { openImage } from '../src/image/image';
+import { check } from '../src/differencing/diff';
+import { isDisksnapError } from '../src/engine/errors';
 
 const FIXTURES = path.resolve(__dirname, '..', 'fixtures', 'qcow2');
 const sha = (f: string) => createHash('sha256').update(fs.readFileSync(f)).digest('hex');

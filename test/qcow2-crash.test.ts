@@ -10,8 +10,8 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { spawn } from 'node:child_process';
-import { Qcow2Image } from '../src/qcow2/image';
-import { createChild, check } from '../src/diff';
+import { Qcow2Image } from '../src/image/qcow2/image';
+import { createChild, check } from '../src/differencing/diff';
 import { needQemu, pattern, qemuCheck, qemuImgOk } from './helpers/qemu';
 
 interface WriterArgs {
@@ -57,7 +57,7 @@ function apply(buf: Buffer, op: Op): void {
  * The writer runs the compiled library (dist/, built by `npm test`'s pretest like the CLI
  * tests use) so that each of the many runs starts in a fraction of a second.
  */
-const DIST_IMAGE = path.resolve(__dirname, '..', 'dist', 'src', 'qcow2', 'image.js');
+const DIST_IMAGE = path.resolve(__dirname, '..', 'dist', 'src', 'image', 'qcow2', 'image.js');
 const WRITER = `
 const fs = require('fs');
 const { Qcow2Image } = require(${JSON.stringify(DIST_IMAGE)});

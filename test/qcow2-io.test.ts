@@ -6,9 +6,9 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { Qcow2Image } from '../src/qcow2/image';
-import { createChild } from '../src/diff';
-import { openImage } from '../src/image';
+import { Qcow2Image } from '../src/image/qcow2/image';
+import { createChild } from '../src/differencing/diff';
+import { openImage } from '../src/image/image';
 import {
   assertClean,
   assertShows,

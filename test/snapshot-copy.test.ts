@@ -10,10 +10,10 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import * as snap from '../src/snapshot';
-import { setBackendFactory } from '../src/store/store';
-import { DirectoryBackend } from '../src/store/dir';
-import type { StoreBackend } from '../src/store/backend';
+import * as snap from '../src/storage/snapshot';
+import { setBackendFactory } from '../src/storage/store/store';
+import { DirectoryBackend } from '../src/storage/store/dir';
+import type { StoreBackend } from '../src/storage/store/backend';
 import { KiB, MiB, Write, applyWrites, ds, du, files, flipByte, makeImage, sha, touched } from '../fixtures/store/helpers';
 
 const BS = 64 * KiB;

@@ -12,9 +12,9 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import * as snap from '../src/snapshot';
+import * as snap from '../src/storage/snapshot';
 import { CLI, MiB, ROOT, applyWrites, files, makeImage, runAndKill, sha } from '../fixtures/store/helpers';
-import { Store } from '../src/store/store';
+import { Store } from '../src/storage/store/store';
 
 const RUNNER = `
 const s = require(${JSON.stringify(path.join(ROOT, 'dist', 'src', 'snapshot.js'))});

@@ -7,7 +7,7 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import * as snap from '../src/snapshot';
+import * as snap from '../src/storage/snapshot';
 import {
   KiB,
   MiB,

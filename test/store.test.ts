@@ -7,13 +7,13 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
-import { DirectoryBackend } from '../src/store/dir';
-import { ManifestReader, ManifestWriter, ManifestCursor, HEADER_LENGTH, ENTRY_LENGTH } from '../src/store/manifest';
-import { DigestSet } from '../src/store/digestset';
-import { Store, defaultStoreDir } from '../src/store/store';
-import { StoreLock, Lease } from '../src/store/lock';
-import { parseSnapshotRecord, parseStoreConfig, parseTags } from '../src/store/records';
-import { isDisksnapError } from '../src/errors';
+import { DirectoryBackend } from '../src/storage/store/dir';
+import { ManifestReader, ManifestWriter, ManifestCursor, HEADER_LENGTH, ENTRY_LENGTH } from '../src/storage/store/manifest';
+import { DigestSet } from '../src/storage/store/digestset';
+import { Store, defaultStoreDir } from '../src/storage/store/store';
+import { StoreLock, Lease } from '../src/storage/store/lock';
+import { parseSnapshotRecord, parseStoreConfig, parseTags } from '../src/storage/store/records';
+import { isDisksnapError } from '../src/engine/errors';
 import { flipByte } from '../fixtures/store/helpers';
 
 const digestOf = (i: number) => createHash('sha256').update(`block ${i}`).digest();
@@ -256,14 +256,14 @@ t.test('a lease tells whether the writer of a pending snapshot is alive', async 
   lease.release();
   t.equal(Lease.writerGone(dir, 'snap-0123456789abcdef'), true);
   t.notOk(fs.existsSync(path.join(dir, 'leases', 'snap-0123456789abcdef')));
-  t.ok(isDisksnapError(new (require('../src/errors').DisksnapError)('x', 'E')));
+  t.ok(isDisksnapError(new (require('../src/engine/errors').DisksnapError)('x', 'E')));
 });
 
 t.test('block objects from an aligned buffer are written with O_DIRECT and read back intact', async (t) => {
   const dir = t.testdir({ blocks: { ab: {} } });
   const be = new DirectoryBackend(dir);
   const buf = be.allocBuffer(3 * 65536);
-  const { DirectIo } = await import('../src/store/direct');
+  const { DirectIo } = await import('../src/storage/store/direct');
   const dio = DirectIo.probe(path.join(dir, 'blocks'));
   if (!dio) {
     t.comment('this filesystem refuses O_DIRECT: the page-cache path is used instead');

@@ -1,5 +1,5 @@
 /**
- * Change tags (src/store/tags.ts): the GMAC arithmetic of the native tagger against
+ * Change tags (src/storage/store/tags.ts): the GMAC arithmetic of the native tagger against
  * node:crypto, and what incremental snapshots do with tags — skip SHA-256 for unchanged
  * blocks, still find every changed block, and fall back to hashing (never to a wrong
  * snapshot) when a tag file is missing, damaged, swapped or of another key.
@@ -8,8 +8,8 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createCipheriv, randomBytes } from 'node:crypto';
-import * as snap from '../src/snapshot';
-import { native } from '../src/native';
+import * as snap from '../src/storage/snapshot';
+import { native } from '../src/engine/native';
 import { KiB, MiB, Write, applyWrites, makeImage, sha, touched } from '../fixtures/store/helpers';
 
 const BS = 64 * KiB;

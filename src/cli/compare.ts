@@ -8,8 +8,8 @@
  */
 import * as fs from 'node:fs';
 import { Command, Option } from 'commander';
-import { writeAtomically, checkOutput } from '../atomic';
-import { DisksnapError } from '../errors';
+import { writeAtomically, checkOutput } from '../engine/atomic';
+import { DisksnapError } from '../engine/errors';
 import { compare, parseWorkload, renderHtml, renderOverviewSvg, renderText, stderrProgress, WORKLOAD_HELP, DEFAULT_GROWTH } from '../compare';
 import type { CompareReport, StrategyName } from '../compare';
 import { action, intArg, log, sizeArg } from './util';

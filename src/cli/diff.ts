@@ -1,11 +1,11 @@
 /**
  * `disksnap diff ...`: differencing disks (qcow2 children over read-only parents).
- * Each command is a few lines over src/diff.ts; results on stdout (`--json` for machines),
+ * Each command is a few lines over src/differencing/diff.ts; results on stdout (`--json` for machines),
  * progress on stderr.
  */
 import { Command } from 'commander';
-import * as diff from '../diff';
-import { formatSize } from '../size';
+import * as diff from '../differencing/diff';
+import { formatSize } from '../engine/size';
 import { action, ExitStatus, printJson, sizeArg } from './util';
 
 /** A progress line on stderr when it is a terminal (nothing otherwise). */

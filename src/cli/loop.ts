@@ -1,10 +1,10 @@
 /**
  * `disksnap attach FILE [--read-only]` and `disksnap detach DEVICE|FILE`: thin wrappers over
- * src/loop/attach.ts. attach prints the device (/dev/loopN) on stdout, or with --json the
+ * src/host/attach.ts. attach prints the device (/dev/loopN) on stdout, or with --json the
  * whole attachment; detach prints nothing unless --json.
  */
 import { Command, Option } from 'commander';
-import { attach, detach } from '../loop/attach';
+import { attach, detach } from '../host/attach';
 import { action, log, printJson } from './util';
 
 export function register(program: Command): void {

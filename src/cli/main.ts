@@ -5,7 +5,7 @@
  */
 import { Command, CommanderError } from 'commander';
 import { fail } from './util';
-import { VERSION } from '../root';
+import { VERSION } from '../engine/root';
 
 interface Group {
   register(program: Command): void;

@@ -1,6 +1,6 @@
 /**
  * Storage snapshot commands: `snapshot …`, `volume …`, `store …`. Each is a few lines over
- * src/snapshot.ts. Results on stdout (a table, or one JSON document with --json), progress
+ * src/storage/snapshot.ts. Results on stdout (a table, or one JSON document with --json), progress
  * bars on stderr when it is a terminal, failures as one line on stderr with exit 1.
  *
  * The store is `--store DIR`, else $DISKSNAP_STORE, else $XDG_DATA_HOME/disksnap/store
@@ -8,7 +8,7 @@
  * `store init --block-size`, or by `--block-size` on the `snapshot create` or
  * `volume register` that creates it (512K by default).
  *
- * Keys (src/keys.ts): `--key-file K` (32 random bytes) or `--passphrase-file F`, else the
+ * Keys (src/storage/keys.ts): `--key-file K` (32 random bytes) or `--passphrase-file F`, else the
  * passphrase in $DISKSNAP_PASSPHRASE, wherever an encrypted volume or snapshot is touched.
  */
 import { Command } from 'commander';
@@ -19,12 +19,12 @@ import { Command } from 'commander';
 // first use, after this module is loaded; a user's own setting wins.
 process.env.UV_THREADPOOL_SIZE ??= '16';
 import * as cliProgress from 'cli-progress';
-import * as snap from '../snapshot';
-import { parseTags } from '../store/records';
-import { DisksnapError } from '../errors';
-import { generateKeyFile } from '../keys';
-import type { KeySpec } from '../keys';
-import { formatSize } from '../size';
+import * as snap from '../storage/snapshot';
+import { parseTags } from '../storage/store/records';
+import { DisksnapError } from '../engine/errors';
+import { generateKeyFile } from '../storage/keys';
+import type { KeySpec } from '../storage/keys';
+import { formatSize } from '../engine/size';
 import { ExitStatus, UsageError, action, collect, log, printJson, sizeArg } from './util';
 
 interface StoreFlag {

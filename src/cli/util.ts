@@ -5,8 +5,8 @@
  * Exit codes: 0 success, 1 failure (one line on stderr), 2 bad usage (commander's own, and
  * EINVALID raised while parsing arguments), or a command's documented code (diff check).
  */
-import { DisksnapError } from '../errors';
-import { parseSize } from '../size';
+import { DisksnapError } from '../engine/errors';
+import { parseSize } from '../engine/size';
 
 /** Thrown by an action to end with a specific exit status after printing its result. */
 export class ExitStatus extends Error {

@@ -8,10 +8,10 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { createHash } from 'node:crypto';
-import { BlockFile } from '../file';
-import { native } from '../native';
-import { DiskImage } from '../image';
-import { fromNodeError } from '../errors';
+import { BlockFile } from '../engine/file';
+import { native } from '../engine/native';
+import { DiskImage } from '../image/image';
+import { fromNodeError } from '../engine/errors';
 import { yieldLoop } from './workload';
 
 const CHUNK = 8 * 2 ** 20;

@@ -21,15 +21,15 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { BlockFile } from '../file';
-import { native } from '../native';
-import { DisksnapError } from '../errors';
-import { formatSize } from '../size';
+import { BlockFile } from '../engine/file';
+import { native } from '../engine/native';
+import { DisksnapError } from '../engine/errors';
+import { formatSize } from '../engine/size';
 import { WorkDir } from './workdir';
 import { copySparse, hashFile } from './files';
 import { FsDetail, fillKeystream, prng, WritePlan, yieldLoop } from './workload';
-import * as loop from '../loop';
-import * as loopState from '../loop/state';
+import * as loop from '../host';
+import * as loopState from '../host/state';
 
 const EXT_MAGIC_OFFSET = 1024 + 0x38;
 const EXT_MAGIC = 0xef53;

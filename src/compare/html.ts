@@ -7,7 +7,7 @@
  * `data-strategy` and `data-value`, every growth point a <circle class="point">, so tests and
  * scripts can find them.
  */
-import { formatSize } from '../size';
+import { formatSize } from '../engine/size';
 import { CompareReport, GrowthPoint, StrategyMetrics } from './types';
 import { formatMBps, formatSeconds, formatValue, MetricDef, SCALAR_METRICS, TIE_MARGIN, winner } from './verdict';
 

@@ -7,12 +7,12 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { BlockFile } from '../file';
-import { detectFormat } from '../image';
-import { DisksnapError, fromNodeError, isDisksnapError } from '../errors';
-import { formatSize } from '../size';
+import { BlockFile } from '../engine/file';
+import { detectFormat } from '../image/image';
+import { DisksnapError, fromNodeError, isDisksnapError } from '../engine/errors';
+import { formatSize } from '../engine/size';
 import { fillKeystream, prng } from './workload';
-import * as loop from '../loop';
+import * as loop from '../host';
 
 export interface SourceInfo {
   path: string;

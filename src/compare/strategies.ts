@@ -1,6 +1,6 @@
 /**
  * The two strategies as `compare` drives them: thin sessions over the libraries that
- * implement them (src/diff.ts and src/snapshot.ts). compare does not implement either.
+ * implement them (src/differencing/diff.ts and src/storage/snapshot.ts). compare does not implement either.
  *
  * differencing-disk                         storage-snapshot
  *   snapshot  diff createChild(top, child)    snapshot createSnapshot(volume, store)
@@ -14,10 +14,10 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import * as diff from '../diff';
-import * as snapshot from '../snapshot';
-import { DiskImage, openImage } from '../image';
-import { DisksnapError } from '../errors';
+import * as diff from '../differencing/diff';
+import * as snapshot from '../storage/snapshot';
+import { DiskImage, openImage } from '../image/image';
+import { DisksnapError } from '../engine/errors';
 import { allocatedBytes, treeAllocatedBytes } from './files';
 import { Strategy, StrategyName, StrategySession } from './types';
 

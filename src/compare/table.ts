@@ -1,5 +1,5 @@
 /** The human report of `compare` on stdout: metric table, growth table, survival, checks, verdict. */
-import { formatSize } from '../size';
+import { formatSize } from '../engine/size';
 import { CompareReport, StrategyMetrics } from './types';
 import { formatMBps, formatSeconds, formatValue, SCALAR_METRICS, TIE_MARGIN, winner } from './verdict';
 

@@ -5,7 +5,7 @@
  *
  * Units: seconds, bytes, and MB/s (10^6 bytes per second, as `npm run bench`).
  */
-import { DiskImage } from '../image';
+import { DiskImage } from '../image/image';
 
 export type StrategyName = 'differencing-disk' | 'storage-snapshot';
 export const STRATEGY_NAMES: readonly StrategyName[] = ['differencing-disk', 'storage-snapshot'];

@@ -15,7 +15,7 @@
  * and it says where this image contradicts the usual expectation (e.g. a child that writes
  * as fast as the raw volume, or a store that costs less than the child).
  */
-import { formatSize } from '../size';
+import { formatSize } from '../engine/size';
 import { CompareReport, StrategyMetrics } from './types';
 
 /** Differences within these margins are ties (see the note above). */

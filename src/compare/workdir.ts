@@ -7,8 +7,8 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { DisksnapError, fromNodeError } from '../errors';
-import { formatSize } from '../size';
+import { DisksnapError, fromNodeError } from '../engine/errors';
+import { formatSize } from '../engine/size';
 
 type Step = { label: string; run: () => void };
 

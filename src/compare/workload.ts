@@ -24,9 +24,9 @@
  * (random and fs: random writes; sequential: the next stretch of the image).
  */
 import { createCipheriv, createHash } from 'node:crypto';
-import { DisksnapError, invalid } from '../errors';
-import { DiskImage } from '../image';
-import { parseSize, formatSize } from '../size';
+import { DisksnapError, invalid } from '../engine/errors';
+import { DiskImage } from '../image/image';
+import { parseSize, formatSize } from '../engine/size';
 
 export type WorkloadKind = 'random' | 'sequential' | 'fs';
 export const WORKLOAD_KINDS: readonly WorkloadKind[] = ['random', 'sequential', 'fs'];

@@ -78,9 +78,9 @@ export function scratch(prefix = 'disksnap-loop-'): Scratch {
     },
     async cleanup() {
       // eslint-disable-next-line @typescript-eslint/no-var-requires
-      const { detach } = require('../../src/loop/attach') as typeof import('../../src/loop/attach');
+      const { detach } = require('../../src/host/attach') as typeof import('../../src/host/attach');
       // eslint-disable-next-line @typescript-eslint/no-var-requires
-      const { native } = require('../../src/native') as typeof import('../../src/native');
+      const { native } = require('../../src/engine/native') as typeof import('../../src/engine/native');
       for (const mp of [...steps].reverse()) {
         if (mp.kind === 'mount') {
           sh('fsfreeze', ['--unfreeze', mp.target]);

@@ -1,0 +1,228 @@
+/**
+ * The only module that loads the C++ addon (`build/Release/disksnap.node`). Everything else
+ * imports the typed API below, never the addon itself.
+ *
+ * Conventions of the boundary:
+ * - Offsets and lengths are plain JS numbers (exact up to 2^53 bytes = 8 PiB).
+ * - Buffers are passed as Uint8Array views; C++ uses the view's own offset and length.
+ * - Every failing call throws `DisksnapError` (code, errno, path), built by C++ from the
+ *   constructor handed over in `setErrorClass`.
+ * - `...Async` forms run on libuv's thread pool (napi AsyncWorker) and return Promises; the
+ *   JS stack of the caller is kept in the rejection.
+ * - Batched I/O: `requests` is a Float64Array of triples [fileOffset, bufferOffset, length],
+ *   all executed in one native call.
+ */
+import * as path from 'node:path';
+import { DisksnapError } from './errors';
+
+/** `open` flags, our own bit set (mapped to O_* in C++). */
+export const OPEN_READ = 0;
+export const OPEN_WRITE = 1; // O_RDWR (otherwise O_RDONLY)
+export const OPEN_CREATE = 2; // O_CREAT
+export const OPEN_EXCL = 4; // O_EXCL
+export const OPEN_DIRECT = 8; // O_DIRECT: buffers, offsets and lengths must be aligned
+export const OPEN_TRUNC = 16; // O_TRUNC
+
+/** `lock` modes: OFD locks on the byte range QEMU uses, so QEMU and disksnap see each other. */
+export const LOCK_NONE = 0;
+export const LOCK_SHARED = 1;
+export const LOCK_EXCLUSIVE = 2;
+
+/** `fallocate` modes. */
+export const FALLOC_ALLOCATE = 0;
+export const FALLOC_PUNCH_HOLE = 1; // PUNCH_HOLE|KEEP_SIZE
+export const FALLOC_ZERO_RANGE = 2; // ZERO_RANGE (falls back to punch-hole where unsupported)
+
+export interface NativeStat {
+  size: number;
+  /** bytes actually allocated (st_blocks * 512) */
+  allocated: number;
+  mtimeNs: bigint;
+  ctimeNs: bigint;
+  dev: number;
+  ino: bigint;
+  mode: number;
+  /** st_blksize */
+  blockSize: number;
+  isBlockDevice: boolean;
+  isRegular: boolean;
+}
+
+export interface BlockHashes {
+  /** 32 bytes per block, consecutive */
+  digests: Buffer;
+  /** one byte per block: 1 when every byte of the block is zero */
+  zero: Uint8Array;
+  /** with a tag key: 16 bytes per block, the unmasked change tag (zeros for zero blocks) */
+  tags?: Buffer;
+}
+
+export interface BlockTags {
+  /** 16 bytes per block: the unmasked change tag (zeros for zero blocks) */
+  tags: Buffer;
+  zero: Uint8Array;
+}
+
+export interface HashFileOptions {
+  threads?: number;
+  /** HMAC-SHA-256 key; plain SHA-256 when absent */
+  key?: Uint8Array;
+  /** called on the JS thread with bytes hashed so far */
+  onProgress?: (done: number, total: number) => void;
+}
+
+/** `loopStatus` (LOOP_GET_STATUS64); `loopStatus` returns null for an unbound device. */
+export interface LoopStatus {
+  /** lo_number */
+  number: number;
+  /** st_dev of the backing file, in stat(2)'s encoding */
+  backingDev: number;
+  backingIno: bigint;
+  offset: number;
+  sizeLimit: number;
+  /** LO_FLAGS_*: 1 read-only, 4 autoclear, 8 partscan, 16 direct I/O */
+  flags: number;
+  /** lo_file_name: the first 63 bytes of the path given at attach (sysfs has the whole path) */
+  fileName: string;
+}
+
+export const LO_FLAGS_READ_ONLY = 1;
+export const LO_FLAGS_AUTOCLEAR = 4;
+export const LO_FLAGS_DIRECT_IO = 16;
+
+export interface NativeAddon {
+  readonly version: string;
+  setErrorClass(ctor: typeof DisksnapError): void;
+
+  open(path: string, flags: number, mode: number): number;
+  close(fd: number): void;
+  /** Throws ELOCKED (with the path) when a conflicting lock is held by another open file. */
+  lock(fd: number, mode: number, path: string): void;
+
+  pread(fd: number, buf: Uint8Array, offset: number): number;
+  pwrite(fd: number, buf: Uint8Array, offset: number): void;
+  preadAsync(fd: number, buf: Uint8Array, offset: number): Promise<number>;
+  pwriteAsync(fd: number, buf: Uint8Array, offset: number): Promise<void>;
+  preadBatch(fd: number, buf: Uint8Array, requests: Float64Array): number;
+  pwriteBatch(fd: number, buf: Uint8Array, requests: Float64Array): void;
+  preadBatchAsync(fd: number, buf: Uint8Array, requests: Float64Array): Promise<number>;
+  pwriteBatchAsync(fd: number, buf: Uint8Array, requests: Float64Array): Promise<void>;
+
+  fsync(fd: number, dataOnly: boolean): void;
+  fsyncAsync(fd: number, dataOnly: boolean): Promise<void>;
+  fallocate(fd: number, mode: number, offset: number, length: number): void;
+  fstat(fd: number): NativeStat;
+  ftruncate(fd: number, size: number): void;
+  /** Data extents in [offset, offset+length) as pairs [start, length] (SEEK_DATA/SEEK_HOLE). */
+  extents(fd: number, offset: number, length: number): Float64Array;
+  /** copy_file_range, falling back to pread/pwrite; returns bytes copied (short only at EOF). */
+  copyRange(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): number;
+  copyRangeAsync(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): Promise<number>;
+  /** FICLONE; false where the filesystem cannot share extents (the caller falls back). */
+  clone(fdSrc: number, fdDst: number): boolean;
+  /** FICLONERANGE; false where unsupported or not aligned for the filesystem. */
+  cloneRange(fdSrc: number, srcOffset: number, fdDst: number, dstOffset: number, length: number): boolean;
+
+  /** SHA-256 (or HMAC-SHA-256 with key) of consecutive blocks of buf; the last may be short. */
+  hashBlocks(buf: Uint8Array, blockSize: number, threads: number, key?: Uint8Array, tagKey?: Uint8Array): BlockHashes;
+  /** With a 32-byte `tagKey`, also each block's unmasked change tag (src/storage/store/tags.ts). */
+  hashBlocksAsync(buf: Uint8Array, blockSize: number, threads: number, key?: Uint8Array, tagKey?: Uint8Array): Promise<BlockHashes>;
+  /**
+   * Reads [offset, offset+length) of fd like hashFile but computes no SHA-256: zero flags and
+   * the unmasked change tag (GHASH under tagKey, 16 bytes) of each non-zero block.
+   */
+  tagFile(fd: number, offset: number, length: number, blockSize: number, threads: number, tagKey: Uint8Array): Promise<BlockTags>;
+  /** GMAC masks E_K(J0(iv)), 16 bytes per 16-byte iv: stored tag = unmasked tag ^ mask. */
+  tagMasks(tagKey: Uint8Array, ivs: Uint8Array): Buffer;
+  /**
+   * AES-256-GCM seal of block objects in place (format: src/storage/store/crypto.ts), on `threads`
+   * threads: spans are [offset, length] pairs in buf, digests 32 bytes each (the AAD).
+   * Resolves to the 32-byte trailers, one after the other.
+   */
+  gcmSealAsync(key: Uint8Array, buf: Uint8Array, spans: Float64Array, digests: Uint8Array, threads: number): Promise<Buffer>;
+  /**
+   * Opens sealed objects: spans are [stagingOffset, sealedLength, outOffset] triples. Resolves
+   * to a code per object: 0 opened, 1 too short, 2 no trailer, 3 failed authentication (its
+   * plaintext zeroed in out).
+   */
+  gcmOpenAsync(key: Uint8Array, staging: Uint8Array, out: Uint8Array, spans: Float64Array, digests: Uint8Array, threads: number): Promise<Uint8Array>;
+  /**
+   * Writes an object into `dir` (an unnamed file, O_DIRECT for an aligned head, fdatasync)
+   * and links it under `name` if that is free: 0 published, 1 the name existed.
+   */
+  putObjectAsync(dir: string, name: string, head: Uint8Array, tail?: Uint8Array): Promise<number>;
+  /** Reads a whole file into buf when it fits; resolves to the file's size either way. */
+  readObjectAsync(path: string, buf: Uint8Array): Promise<number>;
+  /** Reads [offset, offset+length) of fd and hashes it block by block on worker threads. */
+  hashFile(
+    fd: number,
+    offset: number,
+    length: number,
+    blockSize: number,
+    threads: number,
+    key: Uint8Array | undefined,
+    onProgress: ((done: number, total: number) => void) | undefined,
+    /** with it, also each block's unmasked change tag */
+    tagKey?: Uint8Array,
+  ): Promise<BlockHashes>;
+  isZero(buf: Uint8Array): boolean;
+
+  // Loop devices, freeze, FUSE mounts (native/loop.cc, native/fuse.cc; policy in src/host/).
+  /**
+   * LOOP_CTL_GET_FREE + LOOP_CONFIGURE (or LOOP_SET_FD + LOOP_SET_STATUS64), retried on races.
+   * The device keeps its own reference to fd's open file description (and so its OFD lock)
+   * until detached; `name` goes into lo_file_name.
+   */
+  loopAttach(fd: number, readOnly: boolean, directIo: boolean, name: string): { device: string; index: number; method: string };
+  /** LOOP_CLR_FD; ENXIO when nothing is attached. */
+  loopDetach(device: string): void;
+  loopStatus(device: string): LoopStatus | null;
+  /** FIFREEZE / FITHAW on any file or directory of a mounted filesystem. */
+  fsFreeze(mountpoint: string): void;
+  fsFreezeAsync(mountpoint: string): Promise<void>;
+  fsThaw(mountpoint: string): void;
+  /** BLKGETSIZE64 */
+  blockDeviceSize(fd: number): number;
+  /** Opens /dev/fuse and mounts it (type fuse.disksnap) at mountpoint; returns the /dev/fuse fd. */
+  fuseMount(mountpoint: string, fsname: string, readOnly: boolean, extraOptions: string): number;
+  /** umount2, MNT_DETACH when lazy. */
+  unmount(path: string, lazy: boolean): void;
+}
+
+import { PACKAGE_ROOT as ROOT } from './root';
+
+function load(): NativeAddon {
+  const candidates = [
+    path.join(ROOT, 'build', 'Release', 'disksnap.node'),
+    path.join(ROOT, 'build', 'Debug', 'disksnap.node'),
+  ];
+  const failures: string[] = [];
+  for (const file of candidates) {
+    try {
+      // eslint-disable-next-line @typescript-eslint/no-var-requires
+      const addon = require(file) as NativeAddon;
+      addon.setErrorClass(DisksnapError);
+      return addon;
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException;
+      if (err.code === 'MODULE_NOT_FOUND' && String(err.message).includes(file)) continue;
+      failures.push(`${file}: ${err.message}`);
+    }
+  }
+  const why = failures.length
+    ? `it failed to load:\n  ${failures.join('\n  ')}`
+    : `it is not built (no build/Release/disksnap.node under ${ROOT})`;
+  throw new DisksnapError(
+    `disksnap's native addon cannot be used: ${why}\n` +
+      'Rebuild it with `npm run build:native` (needs python3, make and a C++17 compiler; ' +
+      'node-addon-api comes from `npm install`).',
+    'ENOADDON',
+  );
+}
+
+/** The addon, loaded on first use so that `--help` works even where it is not built. */
+let cached: NativeAddon | undefined;
+export function native(): NativeAddon {
+  if (!cached) cached = load();
+  return cached;
+}

@@ -1,0 +1,63 @@
+/**
+ * What a qcow2 child needs from the layer below it (its backing file): bytes at guest
+ * offsets, which layer provides each extent, and a description for `info --chain`.
+ * Implemented by Qcow2Image (a qcow2 parent) and RawLayer (a raw parent, read-only).
+ */
+import { BlockFile } from '../../engine/file';
+import { LayerInfo, MapExtent } from '../image';
+
+export interface BackingLayer {
+  readonly path: string;
+  readonly format: 'raw' | 'qcow2';
+  readonly virtualSize: number;
+  /** the open file of this layer (the parent guard fingerprints it) */
+  readonly file: BlockFile;
+  /** reads [guest, guest+len) into buf[bufOff..]; the range lies inside virtualSize */
+  readAt(buf: Buffer, bufOff: number, len: number, guest: number): void;
+  /** extents of [offset, offset+length) with depth counted from `depth` for this layer */
+  mapRange(offset: number, length: number, depth: number, out: MapExtent[]): void;
+  /** this layer and the ones below it */
+  chainInfo(): LayerInfo[];
+  close(): void;
+}
+
+/** A raw backing file: opened read-only with a shared lock, so no one writes it under us. */
+export class RawLayer implements BackingLayer {
+  readonly format = 'raw' as const;
+  readonly path: string;
+  readonly virtualSize: number;
+  readonly file: BlockFile;
+
+  constructor(path: string) {
+    this.file = BlockFile.open(path, { lock: 'shared' });
+    this.path = path;
+    this.virtualSize = this.file.size();
+  }
+
+  readAt(buf: Buffer, bufOff: number, len: number, guest: number): void {
+    this.file.readFullSync(buf.subarray(bufOff, bufOff + len), guest);
+  }
+
+  mapRange(offset: number, length: number, depth: number, out: MapExtent[]): void {
+    let pos = offset;
+    const end = offset + length;
+    for (const e of this.file.extents(offset, length)) {
+      const s = Math.max(e.offset, offset);
+      const t = Math.min(e.offset + e.length, end);
+      if (t <= s) continue;
+      if (s > pos) out.push({ offset: pos, length: s - pos, kind: 'zero', depth });
+      out.push({ offset: s, length: t - s, kind: 'data', depth, file: this.path, hostOffset: s });
+      pos = t;
+    }
+    if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'zero', depth });
+  }
+
+  chainInfo(): LayerInfo[] {
+    const st = this.file.stat();
+    return [{ path: this.path, format: 'raw', virtualSize: this.virtualSize, allocatedBytes: st.allocated }];
+  }
+
+  close(): void {
+    this.file.close();
+  }
+}

@@ -1,0 +1,188 @@
+/**
+ * The one interface through which a snapshot store touches its storage. The directory
+ * backend (src/storage/store/dir.ts) is the only one today. Snapshot logic (src/storage/snapshot.ts,
+ * src/storage/store/store.ts) sees a FullBackend: the small core every backend implements, plus
+ * optional faster forms that `fullBackend()` fills in from the core where a backend lacks them.
+ *
+ * The core — what an S3-compatible backend (a bucket and a key prefix) would implement, one
+ * request each:
+ *
+ *   get           GET key                                    ENOENT on 404
+ *   putIfAbsent   PUT key with `If-None-Match: *`            false on 412 (block objects,
+ *                 (the parts are the body, concatenated)     key records, store.json)
+ *   put           PUT key                                    records: the only objects that
+ *                                                            change (pending -> completed)
+ *   list          ListObjectsV2 prefix (paginated)           `temporary` is always false
+ *   delete        DeleteObject                               false when it was not there
+ *
+ * `put` is in the core because records change state; everything else is written once.
+ * Optional, with their fallback when a backend does not implement them:
+ *
+ *   stat          HEAD (fallback: get and measure)           which blocks a store holds
+ *   open          GET with Range: (fallback: get whole)      manifests, streamed in 1 MiB reads
+ *   create        multipart upload (fallback: buffer in      manifests, written append-only
+ *                 memory, put at commit)
+ *   flush         nothing for S3 (PUTs are durable when      the directory backend fsyncs its
+ *                 they return; fallback: no-op)              directories here
+ *   allocBuffer   (fallback: none)                           O_DIRECT-aligned buffers
+ *
+ * An S3 backend would implement the core plus stat and open (a HEAD per new block, ranged
+ * GETs of manifests); create is worth it only for manifests of many millions of blocks.
+ * Locking is not part of this interface: the directory store locks local files
+ * (src/storage/store/lock.ts); a remote backend needs a lease object (a conditional PUT of
+ * `lock` with an expiry) — the one piece of snapshot logic that would change.
+ *
+ * Keys are '/'-separated relative names: `store.json`, `keys/<key-id>.json`,
+ * `volumes/<id>.json`, `snapshots/<id>.json`, `snapshots/<id>.map`, `blocks/<aa>/<digest hex>`.
+ *
+ * Durability contract:
+ * - `put` and `ObjectWriter.commit` return once the object is durable under its name.
+ * - `putIfAbsent` returns once the content is durable; the *name* may become durable only at
+ *   the next `flush()` (the directory backend batches directory fsyncs there). An object is
+ *   never visible under its name with content that is not yet durable.
+ * - Objects appear atomically: a reader sees the old object, the new one, or none.
+ */
+import { DisksnapError, isDisksnapError } from '../../engine/errors';
+
+export interface ObjectInfo {
+  key: string;
+  size: number;
+}
+
+export interface ObjectReader {
+  readonly size: number;
+  /** Up to `length` bytes at `offset` (short only at the end of the object). */
+  read(offset: number, length: number): Promise<Buffer>;
+  close(): Promise<void>;
+}
+
+export interface ObjectWriter {
+  write(data: Uint8Array): Promise<void>;
+  /** Makes the object durable and visible under its key (replacing any old one). */
+  commit(): Promise<void>;
+  /** Discards what was written; the key is untouched. */
+  abort(): Promise<void>;
+}
+
+/** An object's bytes: one buffer, or parts written one after the other (gathered). */
+export type ObjectData = Uint8Array | readonly Uint8Array[];
+
+export function dataLength(data: ObjectData): number {
+  if (data instanceof Uint8Array) return data.length;
+  let n = 0;
+  for (const p of data) n += p.length;
+  return n;
+}
+
+export function dataBytes(data: ObjectData): Uint8Array {
+  return data instanceof Uint8Array ? data : Buffer.concat(data as Uint8Array[]);
+}
+
+export interface StoreBackend {
+  /** For messages: a directory path, a bucket URL. */
+  readonly location: string;
+  /** Path of an object for error messages. */
+  describe(key: string): string;
+
+  // ---- the core ----
+
+  /**
+   * The whole object. With `into`, reads into it when the object fits and returns a view of
+   * it (no allocation per block); otherwise allocates. ENOENT when absent.
+   */
+  get(key: string, into?: Buffer): Promise<Buffer>;
+  /** Writes the object unless one exists under the key; true when it wrote. */
+  putIfAbsent(key: string, data: ObjectData): Promise<boolean>;
+  /** Atomically replaces the object; durable on return. */
+  put(key: string, data: Uint8Array): Promise<void>;
+  /**
+   * Objects under a prefix ending in '/', recursively, in no particular order. Temporary
+   * objects of interrupted writers are listed too, with `temporary` set, so gc can remove them.
+   */
+  list(prefix: string): AsyncIterable<ObjectInfo & { temporary: boolean }>;
+  /** Removes the object; false when it was not there. */
+  delete(key: string): Promise<boolean>;
+
+  // ---- optional (fullBackend() supplies them from the core) ----
+
+  /** Size of an object, or undefined when absent (HEAD). */
+  stat?(key: string): Promise<number | undefined>;
+  /** Reader for ranges of one object; ENOENT when absent. */
+  open?(key: string): Promise<ObjectReader>;
+  /** Streaming put; nothing visible until commit. */
+  create?(key: string): Promise<ObjectWriter>;
+  /** Makes every name created by putIfAbsent so far durable. */
+  flush?(): Promise<void>;
+  /**
+   * A buffer the backend writes fastest from (the directory backend aligns it for O_DIRECT).
+   * Callers that fill blocks in it pass views of it to putIfAbsent.
+   */
+  allocBuffer?(size: number): Buffer;
+  /**
+   * The local file that holds an object, where objects are files (the directory backend):
+   * a restore clones plain blocks from it on filesystems that share extents.
+   */
+  localFile?(key: string): string;
+}
+
+export type FullBackend = Required<Omit<StoreBackend, 'allocBuffer' | 'localFile'>> & Pick<StoreBackend, 'allocBuffer' | 'localFile'>;
+
+/** `b` with every optional method: its own where it has one, else built from the core. */
+export function fullBackend(b: StoreBackend): FullBackend {
+  const stat =
+    b.stat?.bind(b) ??
+    (async (key: string) => {
+      try {
+        return (await b.get(key)).length;
+      } catch (e) {
+        if (isDisksnapError(e, 'ENOENT')) return undefined;
+        throw e;
+      }
+    });
+  const open =
+    b.open?.bind(b) ??
+    (async (key: string): Promise<ObjectReader> => {
+      const whole = await b.get(key);
+      return {
+        size: whole.length,
+        read: async (offset, length) => whole.subarray(Math.min(offset, whole.length), Math.min(whole.length, offset + length)),
+        close: async () => undefined,
+      };
+    });
+  const create =
+    b.create?.bind(b) ??
+    (async (key: string): Promise<ObjectWriter> => {
+      let parts: Buffer[] | undefined = [];
+      return {
+        write: async (data) => {
+          if (!parts) throw new DisksnapError(`${b.describe(key)}: write after commit or abort`, 'EINVALID');
+          parts.push(Buffer.from(data));
+        },
+        commit: async () => {
+          if (!parts) throw new DisksnapError(`${b.describe(key)}: commit after commit or abort`, 'EINVALID');
+          const all = Buffer.concat(parts);
+          parts = undefined;
+          await b.put(key, all);
+        },
+        abort: async () => {
+          parts = undefined;
+        },
+      };
+    });
+  const flush = b.flush?.bind(b) ?? (async () => undefined);
+  return {
+    location: b.location,
+    describe: (key) => b.describe(key),
+    get: (key, into) => b.get(key, into),
+    putIfAbsent: (key, data) => b.putIfAbsent(key, data),
+    put: (key, data) => b.put(key, data),
+    list: (prefix) => b.list(prefix),
+    delete: (key) => b.delete(key),
+    stat,
+    open,
+    create,
+    flush,
+    allocBuffer: b.allocBuffer?.bind(b),
+    localFile: b.localFile?.bind(b),
+  };
+}

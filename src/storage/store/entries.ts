@@ -1,0 +1,90 @@
+/**
+ * The append-only file shape shared by manifests (src/storage/store/manifest.ts) and change-tag files
+ * (src/storage/store/tags.ts): a header, fixed-size entries that each begin with a block index (u64,
+ * strictly ascending), then a 40-byte trailer of the entry count (u64) and a SHA-256 or HMAC
+ * of every byte before it. Entries are gathered in chunks and written to an ObjectWriter in
+ * order, checksummed as they go; `commit` writes the trailer and publishes the object.
+ */
+import type { Hash, Hmac } from 'node:crypto';
+import type { ObjectWriter } from './backend';
+
+export class EntryWriter {
+  private readonly chunk: Buffer;
+  private used = 0;
+  private count = 0;
+  private lastIndex = -1;
+  private pending: Promise<void> = Promise.resolve();
+
+  constructor(
+    private readonly out: ObjectWriter,
+    private readonly hash: Hash | Hmac,
+    private readonly entryLength: number,
+    chunkEntries: number,
+    header: Buffer,
+  ) {
+    this.chunk = Buffer.allocUnsafe(chunkEntries * entryLength);
+    this.emit(header);
+  }
+
+  get entries(): number {
+    return this.count;
+  }
+
+  /** The last index appended, -1 before the first. */
+  get last(): number {
+    return this.lastIndex;
+  }
+
+  private emit(data: Buffer): void {
+    this.hash.update(data);
+    const copy = Buffer.from(data);
+    this.pending = this.pending.then(() => this.out.write(copy));
+  }
+
+  /**
+   * Starts the entry of block `index` (the caller has checked it is ascending): writes the
+   * index and returns the entry's offset in `buf`, where the caller fills the rest of it.
+   */
+  add(index: number): number {
+    if (this.used === this.chunk.length) this.flushChunk();
+    this.lastIndex = index;
+    const o = this.used;
+    this.chunk.writeUInt32LE(index % 0x100000000, o);
+    this.chunk.writeUInt32LE(Math.floor(index / 0x100000000), o + 4);
+    this.used += this.entryLength;
+    this.count++;
+    return o;
+  }
+
+  /** The chunk that `add`'s offsets point into. */
+  get buf(): Buffer {
+    return this.chunk;
+  }
+
+  private flushChunk(): void {
+    if (this.used === 0) return;
+    this.emit(this.chunk.subarray(0, this.used));
+    this.used = 0;
+  }
+
+  /** Waits for buffered writes (keeps memory bounded when called now and then). */
+  async drain(): Promise<void> {
+    await this.pending;
+  }
+
+  async commit(): Promise<void> {
+    this.flushChunk();
+    const count = Buffer.alloc(8);
+    count.writeBigUInt64LE(BigInt(this.count));
+    this.hash.update(count);
+    const trailer = Buffer.concat([count, this.hash.digest()]);
+    this.pending = this.pending.then(() => this.out.write(trailer));
+    await this.pending;
+    await this.out.commit();
+  }
+
+  async abort(): Promise<void> {
+    await this.pending.catch(() => undefined);
+    await this.out.abort();
+  }
+}

@@ -1,0 +1,500 @@
+/**
+ * A snapshot store: records, manifests and block objects over a StoreBackend.
+ *
+ * Layout of a directory store (final; DESIGN.md had the sketch):
+ *
+ *   STORE/store.json               {format, version, id, blockSize, digest, created}
+ *   STORE/lock                     OFD lock: shared for writers/readers, exclusive for gc
+ *   STORE/leases/<snap-id>         held (OFD, exclusive) by the process writing a pending snapshot
+ *   STORE/volumes/<vol-id>.json    volume record (src/storage/store/records.ts)
+ *   STORE/snapshots/<snap-id>.json snapshot record
+ *   STORE/snapshots/<snap-id>.map  manifest, present once the snapshot's data is durable
+ *                                  (src/storage/store/manifest.ts)
+ *   STORE/snapshots/<snap-id>.tags change tags of its data blocks, a cache that makes the
+ *                                  next incremental snapshot faster (src/storage/store/tags.ts)
+ *   STORE/tag.key                  a plain store's secret tag key (0600; src/storage/store/tags.ts)
+ *   STORE/blocks/<aa>/<digest>     block objects: the (sealed) bytes of one block, named by
+ *                                  the hex digest of its plaintext; aa = first digest byte
+ *   .tmp-<pid>-<rand> in any of those directories: an unfinished write; gc removes them
+ *
+ * The block size is fixed when the store is created (`store init --block-size`, or
+ * `--block-size` on the `snapshot create` / `volume register` that creates it); 512 KiB by
+ * default, as EBS, so changed-block indexes line up with EBS's.
+ *
+ *   STORE/keys/<key-id>.json       what the store knows of a key: its id and, for a passphrase,
+ *                                  the scrypt salt and cost — never the key (src/storage/keys.ts)
+ *
+ * Encryption is a property of a volume and of each snapshot, not of the store: one store holds
+ * plain and encrypted snapshots side by side (as an EBS region does), and store.json's `digest`
+ * stays "sha256", the digest of plain snapshots. A Store value carries the BlockCodec of the
+ * snapshot at hand (`withCodec`); encryption plugs in there and nowhere else: the digest
+ * function (SHA-256, or HMAC-SHA-256 under the key's digest subkey: `codec.digestKey`, handed
+ * to the native hasher), the per-block `seal`/`unseal` between the plaintext a snapshot hashes
+ * and the object the backend stores, the keyed manifest trailer, and the sealed name,
+ * description and tags of records (src/storage/store/crypto.ts has the formats and what is revealed).
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { DisksnapError, corrupt, isDisksnapError } from '../../engine/errors';
+import { FullBackend, ObjectData, StoreBackend, fullBackend } from './backend';
+import { DirectoryBackend } from './dir';
+import { Lease, StoreLock, LockOptions } from './lock';
+import { ManifestHeader, ManifestReader, ManifestWriter } from './manifest';
+import { tagsKey } from './tags';
+import { DerivedKeys, sealBlock, sealMetadata, unsealBlock } from './crypto';
+import {
+  KeyRecord,
+  parseKeyRecord,
+  snapshotDisk,
+  DEFAULT_BLOCK_SIZE,
+  STORE_FORMAT,
+  STORE_VERSION,
+  SnapshotRecord,
+  StoreConfig,
+  VolumeRecord,
+  checkBlockSize,
+  isSnapshotId,
+  newId,
+  parseSnapshotRecord,
+  parseStoreConfig,
+  parseVolumeRecord,
+  DigestAlgorithm,
+} from './records';
+
+/** Between the plaintext of a block and the object stored for it. */
+export interface BlockCodec {
+  readonly digest: DigestAlgorithm;
+  /** HMAC key of keyed digests; undefined for plain SHA-256 */
+  readonly digestKey: Uint8Array | undefined;
+  /** whether objects are sealed (then they cannot be copied from the volume as they are) */
+  readonly sealed: boolean;
+  /** the key of a sealed codec (id and subkeys); undefined for plain */
+  readonly keys: DerivedKeys | undefined;
+  /** The object's bytes. May overwrite `plain` (sealing encrypts in place, keeping the
+   * caller's aligned buffer); callers pass a buffer they are done with. */
+  seal(digest: Uint8Array, plain: Buffer): ObjectData;
+  /** Throws ECORRUPT (tampered, swapped, other key); never returns wrong bytes silently. */
+  unseal(digest: Uint8Array, stored: Buffer, where: string, into?: Buffer): Buffer;
+}
+
+export const PLAIN_CODEC: BlockCodec = {
+  digest: 'sha256',
+  digestKey: undefined,
+  sealed: false,
+  keys: undefined,
+  seal: (_d, plain) => plain,
+  unseal: (_d, stored) => stored,
+};
+
+/** AES-256-GCM objects and HMAC-SHA-256 digests under one key (src/storage/store/crypto.ts). */
+export function sealedCodec(keys: DerivedKeys): BlockCodec {
+  return {
+    digest: 'hmac-sha256',
+    digestKey: keys.digest,
+    sealed: true,
+    keys,
+    seal: (digest, plain) => sealBlock(keys, digest, plain),
+    unseal: (digest, stored, where, into) => unsealBlock(keys, digest, stored, where, into),
+  };
+}
+
+let backendFactory: ((root: string) => StoreBackend) | undefined;
+
+/**
+ * Tests: the backend every Store.open uses from now on (undefined: the directory backend) —
+ * e.g. one with only the core methods, to prove snapshot logic needs no more.
+ */
+export function setBackendFactory(f: ((root: string) => StoreBackend) | undefined): void {
+  backendFactory = f;
+}
+
+/** `--store` default: $DISKSNAP_STORE, else $XDG_DATA_HOME/disksnap/store, else ~/.local/share/disksnap/store. */
+export function defaultStoreDir(): string {
+  if (process.env.DISKSNAP_STORE) return path.resolve(process.env.DISKSNAP_STORE);
+  const data = process.env.XDG_DATA_HOME && path.isAbsolute(process.env.XDG_DATA_HOME)
+    ? process.env.XDG_DATA_HOME
+    : path.join(os.homedir(), '.local', 'share');
+  return path.join(data, 'disksnap', 'store');
+}
+
+export interface OpenStoreOptions {
+  /** create the store when it does not exist */
+  create?: boolean;
+  /** block size for a store this call creates; EINVALID if the store exists with another */
+  blockSize?: number;
+}
+
+export interface SnapshotListing {
+  snapshots: SnapshotRecord[];
+  /** records that could not be read, with why */
+  damaged: { id: string; error: DisksnapError }[];
+}
+
+export class Store {
+  private constructor(
+    readonly dir: string,
+    readonly backend: FullBackend,
+    readonly config: StoreConfig,
+    readonly codec: BlockCodec = PLAIN_CODEC,
+  ) {}
+
+  /** The same store, reading and writing blocks, manifests and records with `codec`. */
+  withCodec(codec: BlockCodec): Store {
+    return new Store(this.dir, this.backend, this.config, codec);
+  }
+
+  get blockSize(): number {
+    return this.config.blockSize;
+  }
+
+  static async open(dir: string | undefined, opts: OpenStoreOptions = {}): Promise<Store> {
+    const root = path.resolve(dir ?? defaultStoreDir());
+    const backend = fullBackend(backendFactory ? backendFactory(root) : new DirectoryBackend(root));
+    let text: Buffer | undefined;
+    try {
+      text = await backend.get('store.json');
+    } catch (e) {
+      if (!isDisksnapError(e, 'ENOENT')) throw e;
+    }
+    if (!text) {
+      if (!opts.create) {
+        throw new DisksnapError(
+          `no snapshot store at ${root} (create one with \`disksnap store init\`, or let \`disksnap snapshot create\` create it)`,
+          'ENOENT',
+          2,
+          root,
+        );
+      }
+      text = await Store.init(root, backend, opts.blockSize ?? DEFAULT_BLOCK_SIZE);
+    }
+    const config = parseStoreConfig(backend.describe('store.json'), text);
+    if (opts.blockSize !== undefined && opts.blockSize !== config.blockSize) {
+      throw new DisksnapError(
+        `store ${root} exists with block size ${config.blockSize}; a block size applies only when a store is created`,
+        'EINVALID',
+        undefined,
+        root,
+      );
+    }
+    if (config.digest !== 'sha256') {
+      throw new DisksnapError(`store ${root} uses keyed digests (${config.digest}), which this version cannot open`, 'EUNSUPPORTED', undefined, root);
+    }
+    return new Store(root, backend, config);
+  }
+
+  /** Creates the directories, then store.json last (its presence means "a store"). */
+  private static async init(root: string, backend: FullBackend, blockSize: number): Promise<Buffer> {
+    checkBlockSize(blockSize);
+    try {
+      fs.mkdirSync(root, { recursive: true });
+      for (const d of ['volumes', 'snapshots', 'leases', 'blocks', 'keys']) fs.mkdirSync(path.join(root, d), { recursive: true });
+      for (let i = 0; i < 256; i++) fs.mkdirSync(path.join(root, 'blocks', i.toString(16).padStart(2, '0')), { recursive: true });
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException;
+      throw new DisksnapError(`cannot create store ${root}: ${err.message}`, err.code ?? 'EIO', undefined, root);
+    }
+    const config: StoreConfig = {
+      format: STORE_FORMAT,
+      version: STORE_VERSION,
+      id: newId('store'),
+      blockSize,
+      digest: 'sha256',
+      created: new Date().toISOString(),
+    };
+    const text = Buffer.from(JSON.stringify(config, null, 2) + '\n');
+    // putIfAbsent: two processes creating one store at once agree on the first store.json.
+    await backend.putIfAbsent('store.json', text);
+    await backend.flush();
+    return backend.get('store.json');
+  }
+
+  lock(mode: 'shared' | 'exclusive', opts?: LockOptions): Promise<StoreLock> {
+    return StoreLock.acquire(this.dir, mode, opts);
+  }
+
+  // ---- blocks ----
+
+  blockKey(digest: Uint8Array, offset = 0): string {
+    const hex = Buffer.from(digest.buffer, digest.byteOffset + offset, 32).toString('hex');
+    return `blocks/${hex.slice(0, 2)}/${hex}`;
+  }
+
+  async hasBlock(digest: Uint8Array, offset = 0): Promise<boolean> {
+    return (await this.backend.stat(this.blockKey(digest, offset))) !== undefined;
+  }
+
+  /**
+   * Stores a block unless present; true when it wrote one. The digest must be that of `plain`.
+   * A sealing codec encrypts `plain` in place: pass a buffer you are done with.
+   */
+  async putBlock(digest: Uint8Array, plain: Buffer): Promise<boolean> {
+    const d = Buffer.from(digest);
+    const key = this.blockKey(d);
+    // Sealing costs CPU: not for an object the store already has.
+    if (this.codec.sealed && (await this.backend.stat(key)) !== undefined) return false;
+    return this.backend.putIfAbsent(key, this.codec.seal(d, plain));
+  }
+
+  /** Stores an object already sealed with this store's codec (src/storage/store/crypto-pool.ts). */
+  async putSealed(digest: Uint8Array, parts: ObjectData): Promise<boolean> {
+    return this.backend.putIfAbsent(this.blockKey(digest), parts);
+  }
+
+  /**
+   * The plaintext of a block object. A sealed object is authenticated here (ECORRUPT if it
+   * fails); its digest is checked by the callers, which hash in batches.
+   */
+  async getBlock(digest: Uint8Array, into?: Buffer): Promise<Buffer> {
+    const d = Buffer.from(digest);
+    const key = this.blockKey(d);
+    let stored: Buffer;
+    try {
+      // A sealed object is larger than its block: read it whole, then decrypt into `into`.
+      stored = await this.backend.get(key, this.codec.sealed ? undefined : into);
+    } catch (e) {
+      if (isDisksnapError(e, 'ENOENT')) {
+        throw new DisksnapError(`block object ${this.backend.describe(key)} is missing`, 'ECORRUPT', undefined, this.backend.describe(key));
+      }
+      throw e;
+    }
+    return this.codec.unseal(d, stored, this.backend.describe(key), into);
+  }
+
+  // ---- keys ----
+
+  private keyRecordKey(id: string): string {
+    return `keys/${id}.json`;
+  }
+
+  /** The store's record of a key, or undefined when it has none. */
+  async readKeyRecord(id: string): Promise<KeyRecord | undefined> {
+    const key = this.keyRecordKey(id);
+    let text: Buffer;
+    try {
+      text = await this.backend.get(key);
+    } catch (e) {
+      if (isDisksnapError(e, 'ENOENT')) return undefined;
+      throw e;
+    }
+    const rec = parseKeyRecord(this.backend.describe(key), text);
+    if (rec.id !== id) throw corrupt(this.backend.describe(key), `field 'id' is ${JSON.stringify(rec.id)}, but the file is named for ${id}`);
+    return rec;
+  }
+
+  async listKeyRecords(): Promise<KeyRecord[]> {
+    const out: KeyRecord[] = [];
+    for await (const o of this.backend.list('keys/')) {
+      if (o.temporary || !o.key.endsWith('.json')) continue;
+      const rec = await this.readKeyRecord(path.posix.basename(o.key, '.json')).catch(() => undefined);
+      if (rec) out.push(rec);
+    }
+    return out;
+  }
+
+  /** Records a key (written once; durable on return). */
+  async writeKeyRecord(rec: KeyRecord): Promise<void> {
+    await this.backend.putIfAbsent(this.keyRecordKey(rec.id), Buffer.from(JSON.stringify(rec, null, 2) + '\n'));
+    await this.backend.flush();
+  }
+
+  // ---- volumes ----
+
+  private volumeKey(id: string): string {
+    return `volumes/${id}.json`;
+  }
+
+  async readVolume(id: string): Promise<VolumeRecord> {
+    const key = this.volumeKey(id);
+    let text: Buffer;
+    try {
+      text = await this.backend.get(key);
+    } catch (e) {
+      if (isDisksnapError(e, 'ENOENT')) throw new DisksnapError(`no volume ${id} in store ${this.dir}`, 'ENOENT', 2, this.backend.describe(key));
+      throw e;
+    }
+    const rec = parseVolumeRecord(this.backend.describe(key), text);
+    if (rec.id !== id) throw corrupt(this.backend.describe(key), `field 'id' is ${JSON.stringify(rec.id)}, but the file is named for ${id}`);
+    return rec;
+  }
+
+  async writeVolume(rec: VolumeRecord): Promise<void> {
+    await this.backend.put(this.volumeKey(rec.id), Buffer.from(JSON.stringify(rec, null, 2) + '\n'));
+  }
+
+  async listVolumes(): Promise<{ volumes: VolumeRecord[]; damaged: { id: string; error: DisksnapError }[] }> {
+    const volumes: VolumeRecord[] = [];
+    const damaged: { id: string; error: DisksnapError }[] = [];
+    for await (const o of this.backend.list('volumes/')) {
+      if (o.temporary || !o.key.endsWith('.json')) continue;
+      const id = path.basename(o.key, '.json');
+      try {
+        volumes.push(await this.readVolume(id));
+      } catch (e) {
+        if (isDisksnapError(e, 'ENOENT')) continue;
+        if (e instanceof DisksnapError) damaged.push({ id, error: e });
+        else throw e;
+      }
+    }
+    volumes.sort((a, b) => a.created.localeCompare(b.created) || a.id.localeCompare(b.id));
+    return { volumes, damaged };
+  }
+
+  // ---- snapshots ----
+
+  snapshotKey(id: string): string {
+    return `snapshots/${id}.json`;
+  }
+
+  manifestKey(id: string): string {
+    return `snapshots/${id}.map`;
+  }
+
+  async readSnapshot(id: string): Promise<SnapshotRecord> {
+    const key = this.snapshotKey(id);
+    let text: Buffer;
+    try {
+      text = await this.backend.get(key);
+    } catch (e) {
+      if (isDisksnapError(e, 'ENOENT')) throw new DisksnapError(`no snapshot ${id} in store ${this.dir}`, 'ENOENT', 2, this.backend.describe(key));
+      throw e;
+    }
+    const rec = parseSnapshotRecord(this.backend.describe(key), text);
+    if (rec.id !== id) throw corrupt(this.backend.describe(key), `field 'id' is ${JSON.stringify(rec.id)}, but the file is named for ${id}`);
+    return rec;
+  }
+
+  /**
+   * Writes a record. An encrypted snapshot's name, description and tags are sealed with this
+   * store's codec when it holds the snapshot's key; without the key (marking an abandoned
+   * snapshot `error`) the sealed metadata that was read is written back as it was.
+   */
+  async writeSnapshot(rec: SnapshotRecord): Promise<void> {
+    let sealed: string | null = null;
+    if (rec.encrypted) {
+      const keys = this.codec.keys;
+      if (keys && keys.id === rec.keyId && !rec.metadataHidden) sealed = sealMetadata(keys, rec.id, { name: rec.name, description: rec.description, tags: rec.tags });
+      else if (rec.metadataHidden && rec.sealedMetadata) sealed = rec.sealedMetadata;
+      else throw new DisksnapError(`cannot write the record of encrypted snapshot ${rec.id} without its key ${rec.keyId}`, 'ENOKEY');
+    }
+    await this.backend.put(this.snapshotKey(rec.id), Buffer.from(JSON.stringify(snapshotDisk(rec, sealed), null, 2) + '\n'));
+  }
+
+  /** Every snapshot record, oldest first; unreadable ones are reported, not thrown. */
+  async listSnapshots(): Promise<SnapshotListing> {
+    const snapshots: SnapshotRecord[] = [];
+    const damaged: { id: string; error: DisksnapError }[] = [];
+    for await (const o of this.backend.list('snapshots/')) {
+      if (o.temporary || !o.key.endsWith('.json')) continue;
+      const id = path.basename(o.key, '.json');
+      try {
+        snapshots.push(await this.readSnapshot(id));
+      } catch (e) {
+        if (isDisksnapError(e, 'ENOENT')) continue; // deleted while we listed
+        if (e instanceof DisksnapError) damaged.push({ id, error: e });
+        else throw e;
+      }
+    }
+    snapshots.sort((a, b) => a.startTime.localeCompare(b.startTime) || a.id.localeCompare(b.id));
+    return { snapshots, damaged };
+  }
+
+  /**
+   * A snapshot by id, by a unique name, or by a unique id prefix (at least `snap-` and 4 hex
+   * digits). ENOENT when nothing matches, EINVALID when several do.
+   */
+  async resolveSnapshot(ref: string, reveal?: (recs: SnapshotRecord[]) => Promise<void>): Promise<SnapshotRecord> {
+    if (isSnapshotId(ref)) return this.readSnapshot(ref);
+    const { snapshots, damaged } = await this.listSnapshots();
+    await reveal?.(snapshots); // names of encrypted snapshots, where the caller holds their key
+    const byName = snapshots.filter((s) => s.name !== '' && s.name === ref);
+    if (byName.length === 1) return byName[0];
+    if (byName.length > 1) {
+      throw new DisksnapError(`snapshot name '${ref}' is ambiguous: ${byName.map((s) => s.id).join(', ')}`, 'EINVALID');
+    }
+    if (/^snap-[0-9a-f]{4,15}$/.test(ref)) {
+      const byPrefix = snapshots.filter((s) => s.id.startsWith(ref));
+      if (byPrefix.length === 1) return byPrefix[0];
+      if (byPrefix.length > 1) throw new DisksnapError(`snapshot id prefix '${ref}' is ambiguous: ${byPrefix.map((s) => s.id).join(', ')}`, 'EINVALID');
+      const bad = damaged.find((d) => d.id.startsWith(ref));
+      if (bad) throw bad.error;
+    }
+    const hidden = snapshots.filter((s) => s.metadataHidden).length;
+    throw new DisksnapError(
+      `no snapshot '${ref}' in store ${this.dir}` +
+        (hidden ? ` (the names of ${hidden} encrypted snapshot(s) are sealed: give their key to refer to them by name, or use the id)` : ''),
+      'ENOENT',
+      2,
+    );
+  }
+
+  /**
+   * Opens a snapshot's manifest; its header must agree with the record. A sealed manifest is
+   * authenticated with this store's codec, which must hold its key — or, with
+   * `unauthenticated`, read for its entries only (gc, diff without a key).
+   */
+  async openManifest(rec: SnapshotRecord, opts: { unauthenticated?: boolean } = {}): Promise<ManifestReader> {
+    const keyed = rec.encrypted && this.codec.keys?.id === rec.keyId;
+    if (rec.encrypted && !keyed && !opts.unauthenticated) {
+      throw new DisksnapError(`snapshot ${rec.id} is encrypted with key ${rec.keyId}; its manifest is read with that key`, 'ENOKEY');
+    }
+    const key = this.manifestKey(rec.id);
+    let src;
+    try {
+      src = await this.backend.open(key);
+    } catch (e) {
+      if (isDisksnapError(e, 'ENOENT')) {
+        throw new DisksnapError(`manifest ${this.backend.describe(key)} of ${rec.state} snapshot ${rec.id} is missing`, rec.state === 'completed' ? 'ECORRUPT' : 'ENOENT', undefined, this.backend.describe(key));
+      }
+      throw e;
+    }
+    return ManifestReader.open(
+      this.backend.describe(key),
+      src,
+      {
+        snapshotId: rec.id,
+        volumeId: rec.volumeId,
+        blockSize: rec.blockSize,
+        volumeSize: rec.volumeSize,
+        digest: rec.encrypted ? 'hmac-sha256' : 'sha256',
+        sealed: rec.encrypted,
+      },
+      { macKey: keyed ? this.codec.keys!.manifest : undefined, unauthenticated: opts.unauthenticated },
+    );
+  }
+
+  async createManifest(header: ManifestHeader): Promise<ManifestWriter> {
+    if (header.sealed !== this.codec.sealed) throw new DisksnapError(`manifest of ${header.snapshotId}: sealed ${header.sealed} with a ${this.codec.digest} codec`, 'EINVALID');
+    return new ManifestWriter(await this.backend.create(this.manifestKey(header.snapshotId)), header, this.codec.keys?.manifest);
+  }
+
+  /**
+   * Marks pending snapshots whose writer is gone (crashed or killed) as `error`. Safe beside
+   * live writers: a snapshot whose lease is held is left alone. Returns the ids it marked.
+   */
+  async reapStale(listing?: SnapshotListing): Promise<string[]> {
+    const { snapshots } = listing ?? (await this.listSnapshots());
+    const marked: string[] = [];
+    for (const s of snapshots) {
+      if (s.state !== 'pending') continue;
+      if (!Lease.writerGone(this.dir, s.id)) continue;
+      let again: SnapshotRecord;
+      try {
+        again = await this.readSnapshot(s.id);
+      } catch {
+        continue;
+      }
+      if (again.state !== 'pending') continue;
+      again.state = 'error';
+      again.error = `the process that was writing it (pid ${again.creator.pid} on ${again.creator.host}) ended before it completed (crashed or killed)`;
+      await this.writeSnapshot(again);
+      Lease.remove(this.dir, s.id);
+      await this.backend.delete(this.manifestKey(s.id)).catch(() => false);
+      await this.backend.delete(tagsKey(s.id)).catch(() => false);
+      s.state = again.state;
+      s.error = again.error;
+      marked.push(s.id);
+    }
+    return marked;
+  }
+}

@@ -1,0 +1,301 @@
+/**
+ * Change tags: how an incremental snapshot tells, without SHA-256, that a block did not change.
+ *
+ * Why: an incremental snapshot must look at every data block of the volume; with SHA-256 that
+ * was 0.29 s of a 0.55 s incremental snapshot of 1 GiB (two vCPUs, SHA-NI). GHASH, the hash
+ * inside AES-GCM, runs ~6x faster on the same CPUs (PCLMULQDQ): the same pass over 1 GiB
+ * takes 0.09 s. SHA-256 remains the name of every object and the digest in every manifest;
+ * tags only decide which blocks need it.
+ *
+ * A block's tag is GMAC (AES-256-GCM over the block as additional data, nothing encrypted)
+ * under a secret tag key, with a 16-byte IV of `salt || block index (u64 LE)`. Each snapshot
+ * attempt draws a random 8-byte salt for the tags it computes; a block that is unchanged keeps
+ * its parent's (salt, tag), so an IV is only ever used again for the same data. Without the
+ * key nobody can make a different block carry the same tag (GMAC's forgery bound: about
+ * 2^-113 per try for a 512 KiB block), and the tags say nothing about the data.
+ *
+ * The tag key: an encrypted volume's comes from its key (HKDF, `deriveKeys`), so only holders
+ * of the key compute tags; a plain store keeps a random one in `STORE/tag.key`, mode 0600, made
+ * by the first snapshot that needs it. Whoever can read that file *and* write a volume could
+ * make an incremental snapshot miss a change to that volume; a user who cannot read it gets
+ * snapshots without tags (slower, as correct).
+ *
+ * Sidecar `snapshots/<snap-id>.tags`, written with the manifest and committed after it:
+ *
+ *   offset  size  field
+ *   0       8     magic "DSNAPTG\n"
+ *   8       2     version (1)
+ *   10      2     header length (128)
+ *   12      2     entry length (32)
+ *   14      2     reserved, 0
+ *   16      4     block size
+ *   20      4     reserved, 0
+ *   24      8     volume size in bytes
+ *   32      32    snapshot id, ASCII, NUL padded
+ *   64      32    volume id, ASCII, NUL padded
+ *   96      16    key check: the GMAC mask of the all-0xff IV (tells a sidecar of another key)
+ *   112     16    reserved, 0
+ *   128     32*n  entries: block index (u64), salt (8 bytes), tag (16 bytes)
+ *   end-40  8     entry count n (u64)
+ *   end-32  32    HMAC-SHA-256 of every byte before it, under a subkey of the tag key
+ *
+ * Entries cover the snapshot's data blocks in ascending order (the manifest's order). A tag
+ * file is a cache: one that is missing, damaged, of another key or another snapshot is not
+ * used (the snapshot after it hashes every block, as before tags existed), and a snapshot
+ * whose tag file cannot be written is still completed. It is deleted with its snapshot, and
+ * gc removes strays. Readers authenticate the whole file before they use one entry.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { createHmac, randomBytes } from 'node:crypto';
+import { DisksnapError, corrupt, fromNodeError, isDisksnapError } from '../../engine/errors';
+import { native } from '../../engine/native';
+import { syncDir } from '../../engine/atomic';
+import type { FullBackend, ObjectReader } from './backend';
+import { EntryWriter } from './entries';
+
+export const TAGS_MAGIC = Buffer.from('DSNAPTG\n', 'latin1');
+export const TAGS_VERSION = 1;
+const HEADER = 128;
+const ENTRY = 32;
+const TRAILER = 40;
+export const TAG_LENGTH = 16;
+export const SALT_LENGTH = 8;
+/** Entries per read or write: 1 MiB. */
+const CHUNK_ENTRIES = 32768;
+const KEY_FILE = 'tag.key';
+
+export interface TagKey {
+  /** the 32-byte GMAC key */
+  key: Buffer;
+  /** the mask of the all-0xff IV: recorded in each tag file, compared on reading */
+  check: Buffer;
+  /** HMAC key of the tag files' trailers */
+  mac: Buffer;
+}
+
+export function tagKeyFrom(key: Buffer): TagKey {
+  if (key.length !== 32) throw new DisksnapError(`a tag key is 32 bytes, not ${key.length}`, 'EINVALID');
+  return {
+    key,
+    check: native().tagMasks(key, Buffer.alloc(16, 0xff)),
+    mac: createHmac('sha256', key).update('disksnap tag file mac').digest(),
+  };
+}
+
+/**
+ * The tag key of a plain store: `tag.key` in its directory, created (32 random bytes, 0600,
+ * written under a temporary name, synced, then linked: never replaced) when absent. Undefined
+ * when it cannot be read or made (another user's store, a read-only one): tags are then off.
+ */
+export function plainStoreTagKey(storeDir: string): TagKey | undefined {
+  const file = path.join(storeDir, KEY_FILE);
+  const read = (): TagKey | undefined => {
+    const k = fs.readFileSync(file);
+    return k.length === 32 ? tagKeyFrom(k) : undefined;
+  };
+  try {
+    return read();
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') return undefined;
+  }
+  // The temporary name is in snapshots/, where gc removes what a killed process leaves.
+  const tmp = path.join(storeDir, 'snapshots', `.tmp-${process.pid}-${randomBytes(6).toString('hex')}`);
+  try {
+    const fd = fs.openSync(tmp, 'wx', 0o600);
+    try {
+      fs.writeSync(fd, randomBytes(32));
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    try {
+      fs.linkSync(tmp, file);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e; // another process made it first
+    }
+    syncDir(storeDir);
+    return read();
+  } catch {
+    return undefined;
+  } finally {
+    fs.rmSync(tmp, { force: true });
+  }
+}
+
+export function tagsKey(snapshotId: string): string {
+  return `snapshots/${snapshotId}.tags`;
+}
+
+export interface TagsHeader {
+  blockSize: number;
+  volumeSize: number;
+  snapshotId: string;
+  volumeId: string;
+}
+
+function encodeHeader(h: TagsHeader, check: Buffer): Buffer {
+  const b = Buffer.alloc(HEADER);
+  TAGS_MAGIC.copy(b, 0);
+  b.writeUInt16LE(TAGS_VERSION, 8);
+  b.writeUInt16LE(HEADER, 10);
+  b.writeUInt16LE(ENTRY, 12);
+  b.writeUInt32LE(h.blockSize, 16);
+  b.writeBigUInt64LE(BigInt(h.volumeSize), 24);
+  b.write(h.snapshotId, 32, 32, 'latin1');
+  b.write(h.volumeId, 64, 32, 'latin1');
+  check.copy(b, 96);
+  return b;
+}
+
+/**
+ * The IVs of blocks `indexes`, 16 bytes each: the salt of the j-th (8 bytes of `salts` at
+ * saltAt(j)), then its index (u64 LE).
+ */
+export function tagIvs(indexes: ArrayLike<number>, salts: Buffer, saltAt: (j: number) => number): Buffer {
+  const ivs = Buffer.allocUnsafe(indexes.length * 16);
+  for (let j = 0; j < indexes.length; j++) {
+    const i = indexes[j];
+    salts.copy(ivs, j * 16, saltAt(j), saltAt(j) + SALT_LENGTH);
+    ivs.writeUInt32LE(i % 0x100000000, j * 16 + 8);
+    ivs.writeUInt32LE(Math.floor(i / 0x100000000), j * 16 + 12);
+  }
+  return ivs;
+}
+
+/** out = a ^ b, 16 bytes. */
+export function xor16(a: Uint8Array, aOff: number, b: Uint8Array, bOff: number, out: Uint8Array, outOff: number): void {
+  for (let j = 0; j < 16; j++) out[outOff + j] = a[aOff + j] ^ b[bOff + j];
+}
+
+/** Appends tag entries in 1 MiB chunks; `commit()` writes the trailer and publishes the file. */
+export class TagWriter {
+  private constructor(private readonly w: EntryWriter) {}
+
+  static async create(backend: FullBackend, header: TagsHeader, tk: TagKey): Promise<TagWriter> {
+    const out = await backend.create(tagsKey(header.snapshotId));
+    return new TagWriter(new EntryWriter(out, createHmac('sha256', tk.mac), ENTRY, CHUNK_ENTRIES, encodeHeader(header, tk.check)));
+  }
+
+  /** Block `index` (ascending) carries `tag` (16 bytes at tagOff) computed under `salt`. */
+  append(index: number, salt: Uint8Array, saltOff: number, tag: Uint8Array, tagOff: number): void {
+    if (!(index > this.w.last)) throw new DisksnapError(`tag entry ${index} out of order`, 'EINVALID');
+    const o = this.w.add(index);
+    this.w.buf.set(salt.subarray(saltOff, saltOff + SALT_LENGTH), o + 8);
+    this.w.buf.set(tag.subarray(tagOff, tagOff + TAG_LENGTH), o + 16);
+  }
+
+  async commit(): Promise<void> {
+    await this.w.commit();
+  }
+
+  async abort(): Promise<void> {
+    await this.w.abort();
+  }
+}
+
+/**
+ * A parent snapshot's tags, looked up by ascending block index. `open` authenticates the whole
+ * file first (one streamed pass), so that no entry is used from a file that fails its check.
+ */
+export class TagReader {
+  private chunk: Buffer = Buffer.alloc(0);
+  private pos = 0;
+  private fileOffset = HEADER;
+  private readCount = 0;
+  private current = -2; // -2: not started, -1: at end
+  private lastIndex = -1;
+  private readonly blocks: number;
+
+  private constructor(
+    private readonly file: string,
+    private readonly src: ObjectReader,
+    private readonly count: number,
+    header: TagsHeader,
+  ) {
+    this.blocks = Math.ceil(header.volumeSize / header.blockSize);
+  }
+
+  /**
+   * Undefined when the snapshot has no tag file; throws ECORRUPT (with the reason) when it
+   * has one that cannot be used: another key, another snapshot, damaged.
+   */
+  static async open(backend: FullBackend, expect: TagsHeader, tk: TagKey): Promise<TagReader | undefined> {
+    const key = tagsKey(expect.snapshotId);
+    const file = backend.describe(key);
+    let src: ObjectReader;
+    try {
+      src = await backend.open(key);
+    } catch (e) {
+      if (isDisksnapError(e, 'ENOENT')) return undefined;
+      throw e;
+    }
+    try {
+      const body = src.size - HEADER - TRAILER;
+      if (body < 0 || body % ENTRY !== 0) throw corrupt(file, `tag file is ${src.size} bytes: not a header, whole entries and a trailer`);
+      const h = await src.read(0, HEADER);
+      const want = encodeHeader(expect, tk.check);
+      if (!h.subarray(0, 96).equals(want.subarray(0, 96))) throw corrupt(file, 'tag file header does not match its snapshot (magic, version, sizes or ids)');
+      if (!h.subarray(96).equals(want.subarray(96))) throw corrupt(file, 'tag file was written under another tag key');
+      // Authenticate everything before any entry is used.
+      const hmac = createHmac('sha256', tk.mac).update(h);
+      for (let off = HEADER; off < HEADER + body; ) {
+        const n = Math.min(CHUNK_ENTRIES * ENTRY, HEADER + body - off);
+        const b = await src.read(off, n);
+        if (b.length !== n) throw corrupt(file, `tag file ended early at byte ${off + b.length}`);
+        hmac.update(b);
+        off += n;
+      }
+      const t = await src.read(HEADER + body, TRAILER);
+      const count = body / ENTRY;
+      if (t.length !== TRAILER || t.readBigUInt64LE(0) !== BigInt(count)) throw corrupt(file, 'tag file trailer does not count its entries');
+      if (!hmac.update(t.subarray(0, 8)).digest().equals(t.subarray(8))) throw corrupt(file, 'tag file authentication (HMAC) does not match its contents');
+      return new TagReader(file, src, count, expect);
+    } catch (e) {
+      await src.close();
+      if (e instanceof DisksnapError) throw e;
+      throw fromNodeError(e, file);
+    }
+  }
+
+  private async advance(): Promise<void> {
+    if (this.pos >= this.chunk.length) {
+      const left = this.count - this.readCount;
+      if (left <= 0) {
+        this.current = -1;
+        return;
+      }
+      const n = Math.min(left, CHUNK_ENTRIES) * ENTRY;
+      this.chunk = await this.src.read(this.fileOffset, n);
+      if (this.chunk.length !== n) throw corrupt(this.file, 'tag file changed while it was read');
+      this.fileOffset += n;
+      this.pos = 0;
+    }
+    const o = this.pos;
+    const index = this.chunk.readUInt32LE(o) + this.chunk.readUInt32LE(o + 4) * 0x100000000;
+    if (!(index > this.lastIndex) || index >= this.blocks) throw corrupt(this.file, `tag entry ${this.readCount} has block index ${index} out of order`);
+    this.lastIndex = index;
+    this.current = index;
+    this.readCount++;
+    this.pos += ENTRY;
+  }
+
+  /**
+   * Block `index`'s entry: the offset in `chunk` of its salt (8 bytes, the tag follows at +8),
+   * or -1 when the file has none. Indexes must not decrease between calls.
+   */
+  async lookup(index: number): Promise<number> {
+    if (this.current === -2) await this.advance();
+    while (this.current >= 0 && this.current < index) await this.advance();
+    return this.current === index ? this.pos - ENTRY + 8 : -1;
+  }
+
+  /** The buffer that `lookup`'s offsets point into (valid until the next lookup). */
+  get entries(): Buffer {
+    return this.chunk;
+  }
+
+  async close(): Promise<void> {
+    await this.src.close();
+  }
+}
