@@ -4,8 +4,8 @@
 export { DisksnapError, isDisksnapError } from './engine/errors';
 export { BlockFile } from './engine/file';
 export type { OpenOptions, LockMode, Extent } from './engine/file';
-export { openImage, detectFormat, checkRange } from './image/image';
-export type { DiskImage, ImageFormat, ImageInfo, LayerInfo, MapExtent, ImageOpenOptions } from './image/image';
+export { openImage, detectFormat, checkRange } from './image';
+export type { DiskImage, ImageFormat, ImageInfo, LayerInfo, MapExtent, ImageOpenOptions } from './image';
 export { RawImage, createRawImage } from './image/raw';
 export { runBench } from './image/bench';
 export type { BenchOptions, BenchResult } from './image/bench';

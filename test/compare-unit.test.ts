@@ -6,7 +6,7 @@ import t from 'tap';
 import { parseWorkload, randomPlan, sequentialPlan, footprint, applyPlan, readBackPlan, makeWorkload, WritePlan } from '../src/compare/workload';
 import { winner, verdict, formatSeconds } from '../src/compare/verdict';
 import { niceMax } from '../src/compare/html';
-import type { DiskImage, ImageInfo, MapExtent } from '../src/image/image';
+import type { DiskImage, ImageInfo, MapExtent } from '../src/image';
 import type { CompareReport, StrategyMetrics } from '../src/compare/types';
 
 const KiB = 1024;

@@ -12,7 +12,7 @@ import { randomFillSync } from 'node:crypto';
 import { CLI } from './helpers/cli';
 import * as diff from '../src/differencing/diff';
 import { Qcow2Image } from '../src/image/qcow2/image';
-import { openImage } from '../src/image/image';
+import { openImage } from '../src/image';
 import { commitMarkerPath, childrenRegistryPath, writeJsonAtomic } from '../src/image/sidecars';
 import {
   assertClean,

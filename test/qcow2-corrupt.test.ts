@@ -8,7 +8,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createHash } from 'node:crypto';
-import { openImage } from '../src/image/image';
+import { openImage } from '../src/image';
 import { check } from '../src/differencing/diff';
 import { isDisksnapError } from '../src/engine/errors';
 

@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Qcow2Image } from '../src/image/qcow2/image';
 import { createChild } from '../src/differencing/diff';
-import { openImage } from '../src/image/image';
+import { openImage } from '../src/image';
 import {
   assertClean,
   assertShows,

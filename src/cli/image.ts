@@ -1,10 +1,11 @@
 /** Image commands: create, info, map, read, write, bench. */
 import * as fs from 'node:fs';
 import { Command, Option } from 'commander';
-import { openImage, checkRange, ImageInfo, LayerInfo } from '../image/image';
+import { openImage, checkRange, ImageInfo, LayerInfo } from '../image';
 import { createRawImage } from '../image/raw';
 import { runBench } from '../image/bench';
 import { writeAtomically } from '../engine/atomic';
+import { attachmentOf } from '../host/attach';
 import { invalid } from '../engine/errors';
 import { formatSize } from '../engine/size';
 import { action, intArg, printJson, sizeArg } from './util';
@@ -41,7 +42,6 @@ export function register(program: Command): void {
         } finally {
           image.close();
         }
-        const { attachmentOf } = require('../host') as typeof import('../host');
         const a = attachmentOf(file);
         if (a) info.attached = { device: a.device, via: a.via, readOnly: a.readOnly, mountpoints: a.mountpoints };
         if (opts.json) printJson(info);

@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import { createHash } from 'node:crypto';
 import { BlockFile } from '../engine/file';
 import { native } from '../engine/native';
-import { DiskImage } from '../image/image';
+import { DiskImage } from '../image';
 import { fromNodeError } from '../engine/errors';
 import { yieldLoop } from './workload';
 
@@ -87,36 +87,7 @@ export async function warm(file: string): Promise<boolean> {
   }
 }
 
-/** Bytes a file occupies on disk (st_blocks * 512). */
-export function allocatedBytes(file: string): number {
-  try {
-    return fs.lstatSync(file).blocks * 512;
-  } catch (e) {
-    throw fromNodeError(e, file);
-  }
-}
-
-/** Bytes everything under a directory occupies (hard links counted once). */
-export function treeAllocatedBytes(dir: string, skip: Set<string> = new Set()): number {
-  const seen = new Set<string>();
-  let total = 0;
-  const walk = (p: string): void => {
-    if (skip.has(path.resolve(p))) return;
-    let st: fs.Stats;
-    try {
-      st = fs.lstatSync(p);
-    } catch {
-      return; // removed while we walked
-    }
-    const id = `${st.dev}:${st.ino}`;
-    if (seen.has(id)) return;
-    seen.add(id);
-    total += st.blocks * 512;
-    if (st.isDirectory()) for (const name of fs.readdirSync(p)) walk(path.join(p, name));
-  };
-  walk(dir);
-  return total;
-}
+export { allocatedBytes, treeAllocatedBytes } from '../engine/space';
 
 export interface CopyResult {
   /** true when the copy shares extents with the source (reflink) */

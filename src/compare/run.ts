@@ -28,7 +28,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { DisksnapError, isDisksnapError } from '../engine/errors';
-import { openImage } from '../image/image';
+import { openImage } from '../image';
 import { formatSize } from '../engine/size';
 import { WorkDir, checkRoom } from './workdir';
 import { allocatedBytes, copySparse, hashFile, hashImage, warm } from './files';

@@ -8,8 +8,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BlockFile } from '../engine/file';
-import { detectFormat } from '../image/image';
-import { DisksnapError, fromNodeError, isDisksnapError } from '../engine/errors';
+import { detectFormat } from '../image';
+import { DisksnapError, fromNodeError, isDisksnapError, busy } from '../engine/errors';
 import { formatSize } from '../engine/size';
 import { fillKeystream, prng } from './workload';
 import * as loop from '../host';
@@ -81,12 +81,7 @@ export function assertNotAttached(file: string): void {
   }
   const dev = attachedDeviceBySysfs(file);
   if (dev) {
-    throw new DisksnapError(
-      `image ${file} is attached to ${dev}; detach it (disksnap detach ${dev}, or losetup -d) before comparing`,
-      'EBUSY',
-      16,
-      file,
-    );
+    throw busy(`image ${file} is attached to ${dev}; detach it (disksnap detach ${dev}, or losetup -d) before comparing`, file);
   }
 }
 

@@ -5,10 +5,11 @@
  *
  * Units: seconds, bytes, and MB/s (10^6 bytes per second, as `npm run bench`).
  */
-import { DiskImage } from '../image/image';
 
-export type StrategyName = 'differencing-disk' | 'storage-snapshot';
-export const STRATEGY_NAMES: readonly StrategyName[] = ['differencing-disk', 'storage-snapshot'];
+import type { StrategyName } from '../strategy';
+
+export { STRATEGY_NAMES } from '../strategy';
+export type { Strategy, StrategyName, StrategySession } from '../strategy';
 
 /** One point of the growth measurement: N snapshots (a chain of N children, or N snapshots in a store). */
 export interface GrowthPoint {
@@ -126,39 +127,4 @@ export interface CompareReport {
   checks: Check[];
   verdict: string;
   host: { node: string; platform: string; cpus: number; workDirFs?: string; reflink: boolean };
-}
-
-/**
- * One strategy, as the runner drives it. The runner times each call, measures space and
- * does every byte-exact check itself; a strategy only calls its library.
- */
-export interface StrategySession {
-  /** the file the user would call the volume (differencing: the parent) */
-  readonly volumePath: string;
-  /** take a snapshot of the current state (differencing: a new child on top of the chain) */
-  snapshot(): Promise<void>;
-  /** the current state as the user writes and reads it (differencing: the top child) */
-  open(write: boolean): DiskImage;
-  /** bytes allocated beyond the volume copy itself: children, or the store */
-  extraBytes(): number;
-  /** back to the last snapshot (differencing: discard the top child) */
-  rollback(): Promise<void>;
-  /** the last snapshot's content as a new independent raw image at `out` */
-  restore(out: string): Promise<void>;
-  /** with volumePath gone: try to get the last snapshot's content into `out`; throws if impossible */
-  recoverAfterLoss(out: string): Promise<void>;
-  /** release everything (locks, open files); the runner removes the directory */
-  close(): Promise<void>;
-}
-
-export interface Strategy {
-  readonly name: StrategyName;
-  readonly title: string;
-  readonly how: Record<string, string>;
-  /** the survival test in words: what is taken away, what is tried without it */
-  readonly loss: { lost: string; tried: string };
-  /** throws ENOTBUILT when the library it measures is missing from this build */
-  ensureAvailable(): void;
-  /** a session on `volume` (a raw copy that the session owns) inside `dir` */
-  open(dir: string, volume: string): Promise<StrategySession>;
 }

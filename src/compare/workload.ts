@@ -25,7 +25,7 @@
  */
 import { createCipheriv, createHash } from 'node:crypto';
 import { DisksnapError, invalid } from '../engine/errors';
-import { DiskImage } from '../image/image';
+import { DiskImage } from '../image';
 import { parseSize, formatSize } from '../engine/size';
 
 export type WorkloadKind = 'random' | 'sequential' | 'fs';

@@ -34,20 +34,26 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BlockFile } from '../engine/file';
-import { DisksnapError, fromNodeError, invalid } from '../engine/errors';
-import { detectFormat, ImageFormat } from '../image/image';
+import { DisksnapError, fromNodeError, invalid, busy } from '../engine/errors';
+import { detectFormat, ImageFormat } from '../image';
 import { writeAtomically, syncDir, checkOutput } from '../engine/atomic';
 import { native } from '../engine/native';
-import { Qcow2Image, readHeaderCluster, resolveBacking } from '../image/qcow2/image';
+import { Qcow2Image } from '../image/qcow2/image';
+import { readHeaderCluster, resolveBacking } from '../image/qcow2/header';
 import { clusterBitsOf, createQcow2 } from '../image/qcow2/create';
 import { EXT_PARENT_GUARD, GUARD_LAYOUT, HEADER_V2_LENGTH, parseHeader, Qcow2Header, MAX_BACKING_NAME, encodeExtensions, extensionsSize } from '../image/qcow2/format';
 import { identify, toRecord } from '../image/qcow2/guard';
 import { addChild, childrenOf, makeReadOnly, readRegistry, removeChild } from './registry';
-import { assertNotAttached, assertNotAttachedWritable, commitMarkerPath, readJson, writeJsonAtomic } from '../image/sidecars';
+import { commitMarkerPath, readJson, writeJsonAtomic } from '../image/sidecars';
 import { checkImage, CheckResult } from '../image/qcow2/check';
+import { assertNotAttached, assertNotAttachedWritable } from './attached';
 import { BackingLayer } from '../image/qcow2/layer';
 
-export { checkImage as check };
+/** `diff check`: refcount and L1/L2 consistency; `repair` refuses an attached image. */
+export function check(path: string, opts: { repair?: boolean } = {}): CheckResult {
+  if (opts.repair) assertNotAttached(path, 'repair');
+  return checkImage(path, opts);
+}
 export type { CheckResult };
 export { Qcow2Image } from '../image/qcow2/image';
 export { childrenOf } from './registry';
@@ -99,7 +105,7 @@ export async function createChild(parent: string, child: string, opts: CreateChi
   assertNotAttachedWritable(parent, 'make a child of');
   checkOutput(child, !!opts.force);
   if (fs.existsSync(child) && childrenOf(child).length > 0) {
-    throw new DisksnapError(`${child} has children of its own; roll them back before replacing it`, 'EBUSY', 16, child);
+    throw busy(`${child} has children of its own; roll them back before replacing it`, child);
   }
   const backingName = path.relative(path.dirname(path.resolve(child)), path.resolve(parent));
   const p = openParent(parent);
@@ -154,19 +160,14 @@ export interface RollbackResult {
 export function rollback(child: string, opts: RollbackOptions = {}): RollbackResult {
   assertNotAttached(child, 'roll back');
   if (fs.existsSync(commitMarkerPath(child))) {
-    throw new DisksnapError(`${child}: a commit into its parent was interrupted; finish it with 'disksnap diff commit ${child}' (rolling back now would leave the parent half-committed)`, 'EBUSY', 16, child);
+    throw busy(`${child}: a commit into its parent was interrupted; finish it with 'disksnap diff commit ${child}' (rolling back now would leave the parent half-committed)`, child);
   }
   const { parent } = readChild(child);
   const removed: string[] = [];
   const grandchildren = childrenOf(child);
   if (grandchildren.length > 0) {
     if (!opts.recursive) {
-      throw new DisksnapError(
-        `${child} has children of its own (${grandchildren.join(', ')}); roll them back first, or pass --recursive to discard them too`,
-        'EBUSY',
-        16,
-        child,
-      );
+      throw busy(`${child} has children of its own (${grandchildren.join(', ')}); roll them back first, or pass --recursive to discard them too`, child);
     }
     for (const g of grandchildren) removed.push(...rollback(g, opts).removed);
   }
@@ -193,11 +194,11 @@ export interface ResetOptions {
 export async function reset(child: string, opts: ResetOptions = {}): Promise<ChildInfo> {
   assertNotAttached(child, 'reset');
   if (fs.existsSync(commitMarkerPath(child))) {
-    throw new DisksnapError(`${child}: a commit into its parent was interrupted; finish it with 'disksnap diff commit ${child}'`, 'EBUSY', 16, child);
+    throw busy(`${child}: a commit into its parent was interrupted; finish it with 'disksnap diff commit ${child}'`, child);
   }
   const grandchildren = childrenOf(child);
   if (grandchildren.length > 0) {
-    throw new DisksnapError(`${child} has children of its own (${grandchildren.join(', ')}); resetting it would corrupt them; roll them back first`, 'EBUSY', 16, child);
+    throw busy(`${child} has children of its own (${grandchildren.join(', ')}); resetting it would corrupt them; roll them back first`, child);
   }
   const { header, parent } = readChild(child);
   // Opening for writing takes the child's exclusive lock (nobody else is using it) and
@@ -276,15 +277,10 @@ export async function commit(child: string, opts: CommitOptions = {}): Promise<C
   assertNotAttached(parent, 'commit into');
   const siblings = childrenOf(parent).filter((c) => !sameFile(c, child));
   if (!resumed && siblings.length > 0 && !opts.force) {
-    throw new DisksnapError(
-      `${parent} has other children (${siblings.join(', ')}); committing would silently change what they show. Roll them back first, or pass --force`,
-      'EBUSY',
-      16,
-      parent,
-    );
+    throw busy(`${parent} has other children (${siblings.join(', ')}); committing would silently change what they show. Roll them back first, or pass --force`, parent);
   }
   if (childrenOf(child).length > 0) {
-    throw new DisksnapError(`${child} has children of its own; committing would change their parent; roll them back first`, 'EBUSY', 16, child);
+    throw busy(`${child} has children of its own; committing would change their parent; roll them back first`, child);
   }
   if (!marker) {
     marker = {

@@ -1,5 +1,6 @@
 /**
- * Which children a parent has, kept in a sidecar next to the parent:
+ * The parent lock, write side: which children a parent has, kept in a sidecar next to the
+ * parent (read by src/image/children.ts, which every writable open consults):
  *
  *   PARENT.disksnap-children.json
  *   { "version": 1, "originalMode": 420, "children": ["child.qcow2", "sub/other.qcow2"] }
@@ -19,70 +20,12 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { DisksnapError, fromNodeError } from '../engine/errors';
-import { BlockFile } from '../engine/file';
-import { parseHeader } from '../image/qcow2/format';
-import { readHeaderCluster, resolveBacking } from '../image/qcow2/image';
-import { childrenRegistryPath, readJson, writeJsonAtomic } from '../image/sidecars';
+import { fromNodeError } from '../engine/errors';
+import { childrenRegistryPath, writeJsonAtomic } from '../image/sidecars';
+import { readRegistry, same } from '../image/children';
+import type { Registry, RegistryFile } from '../image/children';
 
-interface RegistryFile {
-  version: number;
-  originalMode: number;
-  children: string[];
-}
-
-export interface Registry {
-  originalMode: number;
-  /** absolute paths */
-  children: string[];
-}
-
-function same(a: string, b: string): boolean {
-  try {
-    return fs.realpathSync(a) === fs.realpathSync(b);
-  } catch {
-    return path.resolve(a) === path.resolve(b);
-  }
-}
-
-/** True when `child` exists and its backing file is `parent`. */
-export function isChildOf(child: string, parent: string): boolean {
-  let f: BlockFile;
-  try {
-    f = BlockFile.open(child, { lock: 'none' });
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code !== 'ENOENT';
-  }
-  try {
-    const size = f.size();
-    const h = parseHeader(child, readHeaderCluster(f, size), size);
-    return h.backingFile !== undefined && same(resolveBacking(child, h.backingFile), parent);
-  } catch {
-    return false;
-  } finally {
-    f.close();
-  }
-}
-
-export function readRegistry(parent: string): Registry | undefined {
-  const file = childrenRegistryPath(parent);
-  let doc: RegistryFile | undefined;
-  try {
-    doc = readJson<RegistryFile>(file);
-  } catch (e) {
-    throw fromNodeError(e, file);
-  }
-  if (!doc) return undefined;
-  const dir = path.dirname(parent);
-  const children = (Array.isArray(doc.children) ? doc.children : [])
-    .map((c) => path.resolve(dir, c))
-    .filter((c) => isChildOf(c, parent));
-  return { originalMode: typeof doc.originalMode === 'number' ? doc.originalMode : 0o644, children };
-}
-
-export function childrenOf(parent: string): string[] {
-  return readRegistry(parent)?.children ?? [];
-}
+export { childrenOf, readRegistry } from '../image/children';
 
 function write(parent: string, reg: Registry): void {
   const dir = path.dirname(parent);
@@ -131,18 +74,3 @@ export function makeReadOnly(parent: string): void {
   if (mode & 0o222) fs.chmodSync(parent, mode & ~0o222);
 }
 
-/**
- * Throws EBUSY when `parent` has children: it stays read-only while they exist. Mode bits
- * do not stop root, so every writable open of an image (raw or qcow2) asks here too.
- */
-export function assertNoChildren(parent: string): void {
-  if (!fs.existsSync(childrenRegistryPath(parent))) return;
-  const children = childrenOf(parent);
-  if (children.length === 0) return;
-  throw new DisksnapError(
-    `${parent} is the parent of ${children.join(', ')}: it stays read-only while it has children (writing would corrupt them); roll them back or commit them first`,
-    'EBUSY',
-    16,
-    parent,
-  );
-}

@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { DisksnapError } from './errors';
+import { DisksnapError, busy } from './errors';
 
 export function tempNameFor(finalPath: string): string {
   const dir = path.dirname(finalPath);
@@ -26,12 +26,7 @@ export function checkOutput(finalPath: string, force: boolean): void {
   }
   if (!st.isFile()) throw new DisksnapError(`${finalPath} exists and is not a regular file`, 'EEXIST', 17, finalPath);
   if ((st.mode & 0o222) === 0) {
-    throw new DisksnapError(
-      `${finalPath} is read-only (a differencing parent keeps this mode while it has children); not overwriting it`,
-      'EBUSY',
-      16,
-      finalPath,
-    );
+    throw busy(`${finalPath} is read-only (a differencing parent keeps this mode while it has children); not overwriting it`, finalPath);
   }
 }
 

@@ -36,6 +36,11 @@ export function invalid(message: string, path?: string): DisksnapError {
   return new DisksnapError(message, 'EINVALID', undefined, path);
 }
 
+/** The image or store is in use (attached, has children, being committed, locked by a run). */
+export function busy(message: string, path?: string): DisksnapError {
+  return new DisksnapError(message, 'EBUSY', 16, path);
+}
+
 /** A structure on disk that is not what the format allows; names the field and the file. */
 export function corrupt(path: string, message: string): DisksnapError {
   return new DisksnapError(`${path}: ${message}`, 'ECORRUPT', undefined, path);

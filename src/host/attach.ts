@@ -34,9 +34,10 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { native } from '../engine/native';
 import { PACKAGE_ROOT } from '../engine/root';
+import { childrenOf } from '../image/children';
 import { BlockFile } from '../engine/file';
-import { DisksnapError, fromNodeError, invalid } from '../engine/errors';
-import { detectFormat, openImage } from '../image/image';
+import { DisksnapError, fromNodeError, invalid, busy } from '../engine/errors';
+import { detectFormat, openImage } from '../image';
 import {
   AttachmentRecord,
   AttachVia,
@@ -209,27 +210,7 @@ export function assertNotAttached(imagePath: string, action: string): void {
   if (!a) return;
   const where = a.mountpoints.length ? ` (mounted on ${a.mountpoints.join(', ')})` : '';
   const steps = a.mountpoints.length ? `unmount it and run \`disksnap detach ${a.device}\`` : `run \`disksnap detach ${a.device}\``;
-  throw new DisksnapError(
-    `${imagePath} is attached to ${a.device}${where}; ${steps} first, then ${action}`,
-    'EBUSY',
-    16,
-    imagePath,
-  );
-}
-
-function childrenOf(parent: string): string[] {
-  // The qcow2 layer keeps a registry of each parent's children (src/differencing/registry.ts).
-  try {
-    // eslint-disable-next-line @typescript-eslint/no-var-requires
-    const reg = require('../differencing/registry') as { childrenOf?: (p: string) => string[] };
-    return reg.childrenOf ? reg.childrenOf(parent) : [];
-  } catch {
-    return [];
-  }
-}
-
-function busy(message: string, p: string): DisksnapError {
-  return new DisksnapError(message, 'EBUSY', 16, p);
+  throw busy(`${imagePath} is attached to ${a.device}${where}; ${steps} first, then ${action}`, imagePath);
 }
 
 /** Attaches an image; returns the device. See the module note for what is refused. */

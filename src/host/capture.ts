@@ -27,7 +27,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { DisksnapError } from '../engine/errors';
-import { attachmentOf, freeze, thaw, pointInTime } from './';
+import { attachmentOf } from './attach';
+import { freeze, thaw, pointInTime } from './freeze';
 import { mountpointsOf } from './state';
 import type { Consistency } from '../storage/store/records';
 

@@ -40,7 +40,7 @@ import { randomBytes } from 'node:crypto';
 import { native } from '../engine/native';
 import { PACKAGE_ROOT } from '../engine/root';
 import { BlockFile } from '../engine/file';
-import { DisksnapError } from '../engine/errors';
+import { DisksnapError, busy } from '../engine/errors';
 import { attachmentOf, Attachment } from './attach';
 
 export type Consistency = 'frozen-clone' | 'frozen' | 'crash-consistent' | 'not-mounted';
@@ -172,7 +172,7 @@ function endGuard(guard: ChildProcess | undefined): void {
 
 /** FIFREEZE, with the safety nets; throws EBUSY if the filesystem is already frozen. */
 export async function freeze(mountpoint: string, opts: { noGuard?: boolean } = {}): Promise<void> {
-  if (frozen.has(mountpoint)) throw new DisksnapError(`${mountpoint} is already frozen by this process`, 'EBUSY', 16, mountpoint);
+  if (frozen.has(mountpoint)) throw busy(`${mountpoint} is already frozen by this process`, mountpoint);
   const guard = opts.noGuard ? undefined : await startGuard(mountpoint);
   installHandlers();
   try {
@@ -181,7 +181,7 @@ export async function freeze(mountpoint: string, opts: { noGuard?: boolean } = {
     endGuard(guard);
     if (!frozen.size) removeHandlers();
     if (e instanceof DisksnapError && e.code === 'EBUSY') {
-      throw new DisksnapError(`${mountpoint} is already frozen (by another process?): not freezing it twice`, 'EBUSY', 16, mountpoint);
+      throw busy(`${mountpoint} is already frozen (by another process?): not freezing it twice`, mountpoint);
     }
     throw e;
   }

@@ -54,7 +54,7 @@ import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { native } from '../engine/native';
 import { DisksnapError } from '../engine/errors';
-import { DiskImage, openImage } from '../image/image';
+import { DiskImage, openImage } from '../image';
 import {
   ATTR_OUT,
   E,

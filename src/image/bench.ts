@@ -8,7 +8,7 @@
  * image's batched path (one native call for a raw image), which is how disksnap keeps
  * several requests outstanding without a JavaScript promise per request.
  */
-import { DiskImage } from './image';
+import { DiskImage } from './view';
 import { invalid } from '../engine/errors';
 
 export interface BenchOptions {

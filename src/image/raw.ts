@@ -5,8 +5,8 @@
 import { BlockFile } from '../engine/file';
 import { writeAtomically } from '../engine/atomic';
 import { invalid } from '../engine/errors';
-import { assertNoChildren } from '../differencing/registry';
-import { checkRange, DiskImage, ImageInfo, ImageOpenOptions, MapExtent } from './image';
+import { assertNoChildren } from './children';
+import { checkRange, DiskImage, ImageInfo, ImageOpenOptions, MapExtent } from './view';
 
 export class RawImage implements DiskImage {
   readonly format = 'raw' as const;

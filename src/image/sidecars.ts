@@ -1,5 +1,5 @@
 /**
- * Files disksnap keeps beside images, and hooks other areas fill in:
+ * Files disksnap keeps beside images:
  *
  *   PARENT.disksnap-children.json  registry of a parent's children (registry.ts)
  *   CHILD.disksnap-commit.json     a commit of CHILD into its parent is in progress (diff.ts);
@@ -10,7 +10,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { DisksnapError, fromNodeError } from '../engine/errors';
+import { DisksnapError, fromNodeError, busy } from '../engine/errors';
 import { syncDir, tempNameFor } from '../engine/atomic';
 
 export function childrenRegistryPath(parent: string): string {
@@ -49,41 +49,4 @@ export function readJson<T>(file: string): T | undefined {
     throw fromNodeError(e, file);
   }
   return JSON.parse(text) as T;
-}
-
-/**
- * Refuses to roll back, reset, commit, repair or re-header an image that is attached to a
- * loop device (issue 6, src/host): the kernel would keep using the old bytes. Loaded lazily
- * so that the qcow2 layer does not depend on the loop layer at load time.
- * (Not called from Qcow2Image.open: the FUSE view of an attached child opens it itself.)
- */
-export function assertNotAttached(path: string, what: string): void {
-  let loop: { assertNotAttached?: (p: string, action: string) => void } | undefined;
-  try {
-    // eslint-disable-next-line @typescript-eslint/no-var-requires
-    loop = require('../host') as typeof loop;
-  } catch {
-    return; // a build without the loop layer: nothing can be attached
-  }
-  loop?.assertNotAttached?.(path, what);
-}
-
-/** Refuses only a writable attachment (a parent attached read-only may get children). */
-export function assertNotAttachedWritable(path: string, what: string): void {
-  let loop: { attachmentsOf?: (p: string) => { device: string; readOnly: boolean }[] } | undefined;
-  try {
-    // eslint-disable-next-line @typescript-eslint/no-var-requires
-    loop = require('../host') as typeof loop;
-  } catch {
-    return;
-  }
-  const writable = loop?.attachmentsOf?.(path).find((a) => !a.readOnly);
-  if (writable) {
-    throw new DisksnapError(
-      `${path} is attached read-write to ${writable.device}; the kernel could change it under its children. Detach it (\`disksnap detach ${writable.device}\`) first, then ${what} it`,
-      'EBUSY',
-      16,
-      path,
-    );
-  }
 }

@@ -78,7 +78,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BlockFile } from '../engine/file';
-import { DisksnapError, invalid, isDisksnapError, fromNodeError } from '../engine/errors';
+import { DisksnapError, invalid, isDisksnapError, fromNodeError, busy } from '../engine/errors';
 import { BlockHashes, native, NativeStat } from '../engine/native';
 import { BlockCodec, PLAIN_CODEC, Store, defaultStoreDir, sealedCodec } from './store/store';
 import { KeyRing, KeySpec, isExplicit, needKeyError } from './keys';
@@ -90,7 +90,9 @@ import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength
 import { collectGarbage, GcReport } from './store/gc';
 import { DirectIo, DIRECT_ALIGN } from './store/direct';
 import { TagKey, TagReader, TagWriter, plainStoreTagKey, tagIvs, tagKeyFrom, tagsKey, xor16, SALT_LENGTH, TAG_LENGTH } from './store/tags';
+import { openCapture } from '../host/capture';
 import type { CaptureSource } from '../host/capture';
+import { assertNotAttached } from '../host/attach';
 import {
   KeyRecord,
   SnapshotJson,
@@ -498,13 +500,8 @@ export async function createSnapshot(volume: string, opts: CreateSnapshotOptions
       const st0 = statOf(file);
       const vol = await ensureVolume(store, real, file, st0);
       if (vol.inPlaceRestore) {
-        throw new DisksnapError(
-          `volume ${real} (${vol.id}) has an unfinished in-place restore of ${vol.inPlaceRestore.snapshotId} (started ${vol.inPlaceRestore.startTime}); ` +
-            `it holds a mix of two moments — re-run \`disksnap snapshot restore ${vol.inPlaceRestore.snapshotId} --in-place ${real}\` first`,
-          'EBUSY',
-          undefined,
-          real,
-        );
+        throw busy(`volume ${real} (${vol.id}) has an unfinished in-place restore of ${vol.inPlaceRestore.snapshotId} (started ${vol.inPlaceRestore.startTime}); ` +
+            `it holds a mix of two moments — re-run \`disksnap snapshot restore ${vol.inPlaceRestore.snapshotId} --in-place ${real}\` first`, real);
       }
       const listing = await store.listSnapshots();
       await store.reapStale(listing);
@@ -575,13 +572,8 @@ async function runCapture(
       } catch (e) {
         if (!(e instanceof VolumeChanged)) throw e;
         if (attempt >= attempts) {
-          throw new DisksnapError(
-            `volume ${rec.volumePath} changed while it was being read (${e.message}), ${attempts} times; ` +
-              'stop the writers of the volume (or unmount it) and try again',
-            'EBUSY',
-            undefined,
-            rec.volumePath,
-          );
+          throw busy(`volume ${rec.volumePath} changed while it was being read (${e.message}), ${attempts} times; ` +
+              'stop the writers of the volume (or unmount it) and try again', rec.volumePath);
         }
         opts.onLog?.(`volume ${rec.volumePath} changed while it was being read (${e.message}); starting over`);
         continue;
@@ -681,8 +673,6 @@ async function captureSource(store: Store, volume: string, opts: CreateSnapshotO
       },
     };
   }
-  // Loaded only here: the loop library is a good part of the start-up time of other commands.
-  const { openCapture } = await import('../host/capture');
   return openCapture(volume, { noFreeze: opts.noFreeze, noClone: opts.noClone, storeDir: store.dir });
 }
 
@@ -1583,7 +1573,7 @@ async function restoreInPlace(store: Store, rec: SnapshotRecord, volume: string,
   }
   // The kernel has an attached image open: refuse with how to detach it (issue 6).
   // (loaded here: every other snapshot command would pay for loading the loop library)
-  (require('../host/attach') as typeof import('../host/attach')).assertNotAttached(real, 'restore it in place');
+  assertNotAttached(real, 'restore it in place');
   const file = openVolume(real, true);
   const bs = rec.blockSize;
   const threads = threadsOf(opts);
@@ -2056,7 +2046,7 @@ export async function deleteSnapshot(ref: string, opts: StoreOptions & { between
       id = rec.id;
       state = rec.state;
       if (rec.state === 'pending' && !Lease.writerGone(store.dir, rec.id)) {
-        throw new DisksnapError(`snapshot ${rec.id} is still being created (pid ${rec.creator.pid}); wait for it to finish`, 'EBUSY');
+        throw busy(`snapshot ${rec.id} is still being created (pid ${rec.creator.pid}); wait for it to finish`);
       }
     } catch (e) {
       // A damaged record can still be deleted by its exact id.

@@ -27,8 +27,7 @@ import {
   setRefcount,
   EXT_BITMAPS,
 } from './format';
-import { readHeaderCluster } from './image';
-import { assertNotAttached } from '../sidecars';
+import { readHeaderCluster } from './header';
 
 export interface CheckResult {
   filename: string;
@@ -49,7 +48,6 @@ export interface CheckResult {
 const MAX_MESSAGES = 200;
 
 export function checkImage(path: string, opts: { repair?: boolean } = {}): CheckResult {
-  if (opts.repair) assertNotAttached(path, 'repair');
   const file = BlockFile.open(path, opts.repair ? { write: true } : { lock: 'shared' });
   try {
     return run(path, file, !!opts.repair);

@@ -46,8 +46,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { inflateRawSync } from 'node:zlib';
 import { BlockFile } from '../../engine/file';
-import { corrupt, DisksnapError, invalid } from '../../engine/errors';
-import { checkRange, DiskImage, ImageInfo, ImageOpenOptions, LayerInfo, MapExtent } from '../image';
+import { corrupt, DisksnapError, invalid, busy } from '../../engine/errors';
+import { checkRange, DiskImage, ImageInfo, ImageOpenOptions, LayerInfo, MapExtent } from '../view';
 import { CachedTable, TableCache } from './cache';
 import {
   compressedDescriptor,
@@ -70,6 +70,8 @@ import {
 import { BackingLayer, RawLayer } from './layer';
 import { compare as compareGuard, parentChangedError } from './guard';
 import { commitMarkerPath } from '../sidecars';
+import { assertNoChildren } from '../children';
+import { readHeaderCluster, realpathOr, resolveBacking } from './header';
 
 export interface Qcow2OpenOptions extends ImageOpenOptions {
   /** L2 tables kept in memory (default: 4 MiB worth, at least 16) */
@@ -160,17 +162,10 @@ export class Qcow2Image implements DiskImage, BackingLayer {
       throw new DisksnapError(`${p}: O_DIRECT is not supported on qcow2 images`, 'EUNSUPPORTED', undefined, p);
     }
     if (!opts.allowCommitInProgress && fs.existsSync(commitMarkerPath(p))) {
-      throw new DisksnapError(
-        `${p}: a commit of this child into its parent was interrupted; finish it with 'disksnap diff commit ${p}' before using the child`,
-        'EBUSY',
-        16,
-        p,
-      );
+      throw busy(`${p}: a commit of this child into its parent was interrupted; finish it with 'disksnap diff commit ${p}' before using the child`, p);
     }
     if (opts.write && !opts.allowChildren) {
-      // Lazy: registry.ts imports this module.
-      // eslint-disable-next-line @typescript-eslint/no-var-requires
-      (require('../../differencing/registry') as typeof import('../../differencing/registry')).assertNoChildren(p);
+      assertNoChildren(p);
     }
     const file = BlockFile.open(p, { write: !!opts.write, lock: opts.write ? 'exclusive' : opts.readLock });
     try {
@@ -1286,42 +1281,6 @@ function asBuffer(b: Uint8Array): Buffer {
 function isAllZero(b: Buffer): boolean {
   for (let i = 0; i < b.length; i++) if (b[i] !== 0) return false;
   return true;
-}
-
-/** Cluster 0 (or the whole file when shorter): 64 KiB first, more if cluster_bits says so. */
-export function readHeaderCluster(file: BlockFile, fileSize: number): Buffer {
-  let head = Buffer.alloc(Math.min(fileSize, 65536));
-  file.readFullSync(head, 0);
-  if (head.length >= 24) {
-    const bits = head.readUInt32BE(20);
-    if (bits > 16 && bits <= 21 && fileSize > head.length) {
-      head = Buffer.alloc(Math.min(fileSize, 2 ** bits));
-      file.readFullSync(head, 0);
-    }
-  }
-  return head;
-}
-
-function realpathOr(p: string): string {
-  try {
-    return fs.realpathSync(p);
-  } catch {
-    return path.resolve(p);
-  }
-}
-
-/**
- * The backing file name as QEMU resolves it: absolute as written, relative to the
- * directory of the child otherwise.
- */
-export function resolveBacking(child: string, name: string): string {
-  if (/^[a-z][a-z0-9+.-]*:/i.test(name) && !name.startsWith('/')) {
-    if (name.startsWith('json:')) {
-      throw new DisksnapError(`${child}: backing file '${name}' is a QEMU json: description, which disksnap does not support`, 'EUNSUPPORTED', undefined, child);
-    }
-    if (name.startsWith('file:')) name = name.slice(5);
-  }
-  return path.isAbsolute(name) ? name : path.join(path.dirname(child), name);
 }
 
 function openBacking(child: string, backing: string, format: string | undefined, seen: string[], opts: Qcow2OpenOptions): BackingLayer {

@@ -4,7 +4,7 @@
  * Implemented by Qcow2Image (a qcow2 parent) and RawLayer (a raw parent, read-only).
  */
 import { BlockFile } from '../../engine/file';
-import { LayerInfo, MapExtent } from '../image';
+import { LayerInfo, MapExtent } from '../view';
 
 export interface BackingLayer {
   readonly path: string;

@@ -1,7 +1,8 @@
 /**
- * Format-neutral view of a disk image. Every format disksnap understands (raw, qcow2 and
- * chains of qcow2 children) is opened through `openImage` and used through `DiskImage`, so
- * that `read`, `write`, `map`, `info` and `bench` work the same on all of them.
+ * Format-neutral view of a disk image: the interface every format implements. Every format
+ * disksnap understands (raw, qcow2 and chains of qcow2 children) is opened through
+ * `openImage` (open.ts) and used through `DiskImage`, so that `read`, `write`, `map`, `info`
+ * and `bench` work the same on all of them.
  *
  * Offsets are guest (virtual) offsets. Every range must lie inside [0, virtualSize): the
  * caller (CLI or library user) gets EINVALID before any I/O otherwise.
@@ -84,34 +85,6 @@ export interface ImageOpenOptions {
    * writing; 'none' reads it anyway, for `info` on an image in use (like `qemu-img -U`).
    */
   readLock?: 'shared' | 'none';
-}
-
-const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
-
-/** Detects the format from the first bytes of the file's content (never from its name). */
-export function detectFormat(path: string): ImageFormat {
-  const f = BlockFile.open(path, { lock: 'none' });
-  try {
-    const head = Buffer.alloc(4);
-    const n = f.readSync(head, 0);
-    if (n === 4 && head.readUInt32BE(0) === QCOW2_MAGIC) return 'qcow2';
-    return 'raw';
-  } finally {
-    f.close();
-  }
-}
-
-export function openImage(path: string, opts: ImageOpenOptions = {}): DiskImage {
-  const format = detectFormat(path);
-  if (format === 'qcow2') {
-    // a qcow2 file and its backing chain; every parent checked against its guard
-    // eslint-disable-next-line @typescript-eslint/no-var-requires
-    const { Qcow2Image } = require('./qcow2/image') as typeof import('./qcow2/image');
-    return Qcow2Image.open(path, opts);
-  }
-  // eslint-disable-next-line @typescript-eslint/no-var-requires
-  const { RawImage } = require('./raw') as typeof import('./raw');
-  return RawImage.open(path, opts);
 }
 
 /** Throws EINVALID unless [offset, offset+length) lies within the image. */
