@@ -103,7 +103,7 @@ t.test('a failure in the middle of a snapshot leaves the filesystem thawed', { s
 
 /** A child process that freezes `mp` with the library and then waits to be killed. */
 function frozenChild(mp: string): Promise<ReturnType<typeof spawn>> {
-  const lib = path.join(ROOT, 'dist', 'src', 'loop', 'freeze.js');
+  const lib = path.join(ROOT, 'dist', 'src', 'host', 'freeze.js');
   const child = spawn(process.execPath, ['-e', `require(${JSON.stringify(lib)}).freeze(${JSON.stringify(mp)}).then(() => { console.log('frozen'); setInterval(() => {}, 1000); })`], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
@@ -326,7 +326,7 @@ function xfsHost(s: ReturnType<typeof scratch>): string {
 
 /** A child process that snapshots `vol` through the library and stops after its first chunk. */
 function stuckSnapshot(vol: string, store: string): Promise<ReturnType<typeof spawn>> {
-  const lib = path.join(ROOT, 'dist', 'src', 'snapshot.js');
+  const lib = path.join(ROOT, 'dist', 'src', 'storage', 'index.js');
   const script = `require(${JSON.stringify(lib)}).createSnapshot(${JSON.stringify(vol)}, { store: ${JSON.stringify(store)},
     afterChunk: () => { console.log('reading'); return new Promise(() => setInterval(() => {}, 1000)); } })`;
   const child = spawn(process.execPath, ['-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });

@@ -17,7 +17,7 @@ import { CLI, MiB, ROOT, applyWrites, files, makeImage, runAndKill, sha } from '
 import { Store } from '../src/storage/store/store';
 
 const RUNNER = `
-const s = require(${JSON.stringify(path.join(ROOT, 'dist', 'src', 'snapshot.js'))});
+const s = require(${JSON.stringify(path.join(ROOT, 'dist', 'src', 'storage', 'index.js'))});
 const [op, store, arg] = process.argv.slice(2);
 const pause = () => new Promise((r) => setTimeout(r, Math.random() * 30));
 const run = op === 'delete' ? s.deleteSnapshot(arg, { store, betweenSteps: pause })
