@@ -7,7 +7,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createHash } from 'node:crypto';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { cli, CLI } from './helpers/cli';
 import { missing } from './helpers/tools';
 
@@ -41,7 +41,7 @@ t.test('create makes a sparse raw image of the exact size and refuses to overwri
   t.same(fs.readdirSync(dir), ['a.img'], 'no temporary files left');
 });
 
-t.test('sizes accept bytes and binary suffixes; a bad size is a clear error', async (t) => {
+t.test('sizes are parsed as qemu-img parses them; a bad size is a usage error that names it', async (t) => {
   const dir = t.testdir();
   for (const [text, bytes] of [
     ['512', 512],
@@ -49,19 +49,29 @@ t.test('sizes accept bytes and binary suffixes; a bad size is a clear error', as
     ['64K', 65536],
     ['1M', MiB],
     ['2G', 2 * 2 ** 30],
-    ['3KiB', 3072],
+    ['12b', 12],
+    ['1.5M', 1.5 * MiB],
+    ['1.3k', 1331],
   ] as const) {
     const img = path.join(dir, `s${bytes}.img`);
     const r = cli(['create', img, text]);
     t.equal(r.status, 0, `${text}: ${r.stderr}`);
     t.equal(fs.statSync(img).size, bytes, text);
   }
-  for (const bad of ['12x', '4kk', 'abc', '1.5M', '']) {
+  for (const bad of ['12x', '4kk', 'abc', '1.5', '', ' 12', '1GB', '4KiB', '0x10', '-5']) {
     const img = path.join(dir, 'bad.img');
     const r = cli(['create', img, bad]);
-    t.equal(r.status, 1, `'${bad}' fails`);
-    t.match(r.stderr, /size '.*' is not a number of bytes/, `'${bad}' named in the error`);
+    t.equal(r.status, 2, `'${bad}' is bad usage`);
+    t.equal(r.stderr.trim().split('\n').length, 1, `'${bad}': one line on stderr`);
+    if (bad !== '-5') t.match(r.stderr, /size '.*' is not a size/, `'${bad}' named in the error`);
     t.notOk(fs.existsSync(img), 'nothing created');
+  }
+  // qemu-img agrees on each good and bad size where it is installed
+  if (!missing({ commands: ['qemu-img'] })) {
+    for (const [text, ok] of [['1.5M', true], ['12b', true], ['1GB', false], ['4KiB', false], ['1.5', false]] as const) {
+      const q = spawnSync('qemu-img', ['create', '-f', 'raw', path.join(dir, 'q.img'), text], { encoding: 'utf8' });
+      t.equal(q.status === 0, ok, `qemu-img ${ok ? 'takes' : 'refuses'} '${text}' too`);
+    }
   }
   const zero = cli(['create', path.join(dir, 'z.img'), '0']);
   t.equal(zero.status, 1);
@@ -69,9 +79,28 @@ t.test('sizes accept bytes and binary suffixes; a bad size is a clear error', as
 });
 
 t.test('usage errors exit 2', async (t) => {
+  const dir = t.testdir();
+  const img = path.join(dir, 'u.img');
   t.equal(cli(['create']).status, 2, 'missing arguments');
   t.equal(cli(['create', 'x', '1M', '--bogus']).status, 2, 'unknown option');
   t.equal(cli(['no-such-command']).status, 2, 'unknown command');
+  t.equal(cli(['create', img, '1M']).status, 0);
+  for (const args of [
+    ['bench', img, '-c', 'x'],
+    ['bench', img, '-d', '0'],
+    ['diff', 'create', img, path.join(dir, 'c.qcow2'), '--cluster-size', '3k'],
+    ['diff', 'create', img, path.join(dir, 'c.qcow2'), '--cluster-size', '4M'],
+    ['snapshot', 'restore', 'snap-1234', '--store', path.join(dir, 'store')],
+    ['snapshot', 'restore', 'snap-1234', '--store', path.join(dir, 'store'), '--to', 'a', '--in-place', img],
+    ['store', 'init', '--store', path.join(dir, 'store'), '--block-size', '3k'],
+  ]) {
+    const r = cli(args);
+    t.equal(r.status, 2, `${args.join(' ')}: exit 2`);
+    t.equal(r.stderr.trim().split('\n').length, 1, `${args.join(' ')}: one line on stderr`);
+  }
+  t.notOk(fs.existsSync(path.join(dir, 'c.qcow2')), 'no child was made');
+  t.notOk(fs.existsSync(path.join(dir, 'store')), 'no store was made');
+  t.ok(fs.statSync(img).mode & 0o200, 'the image is still writable (no child was registered)');
 });
 
 t.test('info reports format, virtual size and allocation as JSON', async (t) => {
@@ -163,13 +192,15 @@ t.test('ranges past the end fail cleanly and write nothing', async (t) => {
   t.equal(sha(img), before, 'image unchanged after a refused write');
   r = cli(['write', img, '1M'], { input: Buffer.from('x') });
   t.equal(r.status, 1);
+  t.match(r.stderr, /past the end/, 'an offset past the end is named as such');
+  t.notMatch(r.stderr, /-\d+ bytes/, 'no negative byte count');
   t.equal(sha(img), before);
   r = cli(['read', img, '60k', '8k']);
   t.equal(r.status, 1);
   t.match(r.stderr, /past the end/);
   t.equal(r.stdout.length, 0, 'no partial output on stdout');
   r = cli(['read', img, 'x1', '8']);
-  t.equal(r.status, 1);
+  t.equal(r.status, 2, 'a malformed offset is bad usage');
   t.match(r.stderr, /offset 'x1'/);
   const out = path.join(dir, 'o.bin');
   r = cli(['read', img, '60k', '8k', '-o', out]);
@@ -179,6 +210,28 @@ t.test('ranges past the end fail cleanly and write nothing', async (t) => {
   r = cli(['write', path.join(dir, 'missing.img'), '0'], { input: Buffer.from('x') });
   t.equal(r.status, 1);
   t.match(r.stderr, /missing\.img/);
+});
+
+t.test('a refused bench prints one line, no banner', async (t) => {
+  const dir = t.testdir();
+  const img = path.join(dir, 'a.img');
+  t.equal(cli(['create', img, '64k']).status, 0);
+  const r = cli(['bench', img, '-s', '128k', '-c', '1']);
+  t.equal(r.status, 1);
+  t.equal(r.stderr.trim().split('\n').length, 1, 'one line on stderr');
+  t.notMatch(r.stderr, /Sending/, 'no banner before the error');
+  t.match(r.stderr, /does not fit/);
+});
+
+t.test('a reader that closes stdout early ends the command quietly', async (t) => {
+  const dir = t.testdir();
+  const img = path.join(dir, 'a.img');
+  t.equal(cli(['create', img, '8M']).status, 0);
+  const r = spawnSync('bash', ['-c', `set -o pipefail; node ${JSON.stringify(CLI)} read ${JSON.stringify(img)} 0 8M | head -c 1 >/dev/null`], {
+    encoding: 'utf8',
+  });
+  t.equal(r.status, 0, 'exit 0: the reader had all it wanted');
+  t.equal(r.stderr, '', 'no stack, no message');
 });
 
 t.test('bench reads and writes with the qemu-img bench pattern', async (t) => {
@@ -207,7 +260,7 @@ t.test('bench reads and writes with the qemu-img bench pattern', async (t) => {
   t.equal(r.status, 0, r.stderr);
   t.equal(JSON.parse(r.out).random, true);
   r = cli(['bench', img, '-c', '0']);
-  t.equal(r.status, 1);
+  t.equal(r.status, 2, 'a count below 1 is bad usage');
   t.match(r.stderr, /count '0'/);
   r = cli(['bench', img, '-s', '8M']);
   t.equal(r.status, 1);
@@ -233,7 +286,7 @@ t.test('a second writer is refused while another process holds the image', async
     process.execPath,
     [
       '-e',
-      `const { BlockFile } = require(${JSON.stringify(path.join(path.dirname(CLI), '..', 'file.js'))});
+      `const { BlockFile } = require(${JSON.stringify(path.join(path.dirname(CLI), '..', 'engine', 'file.js'))});
        const f = BlockFile.open(process.argv[1], { write: true });
        process.stdout.write('locked\\n');
        setTimeout(() => f.close(), 20000);`,
@@ -276,7 +329,7 @@ t.test('locks are visible to and from QEMU', { skip: missing({ commands: ['qemu-
     process.execPath,
     [
       '-e',
-      `const { BlockFile } = require(${JSON.stringify(path.join(path.dirname(CLI), '..', 'file.js'))});
+      `const { BlockFile } = require(${JSON.stringify(path.join(path.dirname(CLI), '..', 'engine', 'file.js'))});
        BlockFile.open(process.argv[1], { write: true });
        process.stdout.write('locked\\n');
        setTimeout(() => {}, 20000);`,

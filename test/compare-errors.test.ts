@@ -47,8 +47,8 @@ t.test('IMAGE and --generate: exactly one of the two', async (t) => {
   t.equal(r.status, 1);
   t.match(r.stderr, /not both/);
   r = cli(['compare', '--generate', '12q', '--dir', work]);
-  t.equal(r.status, 1);
-  t.match(r.stderr, /--generate size '12q' is not a number of bytes/);
+  t.equal(r.status, 2, 'a malformed size is bad usage');
+  t.match(r.stderr, /--generate size '12q' is not a size/);
   t.same(leftIn(work), [], 'nothing left in the working directory');
 });
 
@@ -61,7 +61,7 @@ t.test('an unknown or impossible workload is refused before any work', async (t)
     ['random:150%', /at most 100%/],
     ['random:3%:1k-1m', /multiples of 4 KiB/],
     ['random:3%:1m-4k', /smallest request size is larger/],
-    ['sequential:x', /not a number of bytes/],
+    ['sequential:x', /is not a size/],
     ['random:1:2:3', /too many parts/],
     ['random:64M', /writes 64\.0 MiB, more than the image's 8\.00 MiB/],
   ];
@@ -91,7 +91,7 @@ t.test('a qcow2 image is refused with what to do instead', async (t) => {
 /** Holds an exclusive (writer's) lock on a file until killed. */
 function holdLock(file: string): Promise<ChildProcess> {
   const script = `
-    const { BlockFile } = require(${JSON.stringify(path.join(ROOT, 'dist', 'src', 'file.js'))});
+    const { BlockFile } = require(${JSON.stringify(path.join(ROOT, 'dist', 'src', 'engine', 'file.js'))});
     const f = BlockFile.open(${JSON.stringify(file)}, { write: true });
     process.stdout.write('locked\\n');
     setInterval(() => {}, 1000);`;

@@ -22,8 +22,8 @@ function setup(dir: string) {
   return { store, vol, snap: JSON.parse(r.out) as { id: string } };
 }
 
-function oneLineFailure(t: typeof import('tap').default, r: { status: number | null; stderr: string; out: string }, re: RegExp, what: string) {
-  t.equal(r.status, 1, `${what}: exit 1`);
+function oneLineFailure(t: typeof import('tap').default, r: { status: number | null; stderr: string; out: string }, re: RegExp, what: string, status = 1) {
+  t.equal(r.status, status, `${what}: exit ${status}`);
   t.match(r.stderr, re, `${what}: says why`);
   t.equal(r.stderr.trim().split('\n').length, 1, `${what}: one line`);
   t.equal(r.out, '', `${what}: nothing on stdout`);
@@ -40,7 +40,7 @@ t.test('a missing volume, snapshot or store is a clear error', async (t) => {
   oneLineFailure(t, ds(['snapshot', 'delete', 'snap-0123456789abcdef', '--store', store]), /no snapshot/, 'missing snapshot (delete)');
   oneLineFailure(t, ds(['snapshot', 'list', '--store', path.join(dir, 'nostore')]), /no snapshot store at/, 'missing store');
   t.notOk(fs.existsSync(path.join(dir, 'nostore')), 'a read-only command does not create a store');
-  oneLineFailure(t, ds(['snapshot', 'restore', 'a1', '--store', store]), /exactly one of --to FILE and --in-place VOLUME/, 'no target');
+  oneLineFailure(t, ds(['snapshot', 'restore', 'a1', '--store', store]), /exactly one of --to FILE and --in-place VOLUME/, 'no target (bad usage)', 2);
   oneLineFailure(t, ds(['snapshot', 'create', path.join(dir, 'a.img'), '--store', store, '--tag', 'novalue']), /tag 'novalue' must be KEY=VALUE/, 'bad tag');
   oneLineFailure(t, ds(['snapshot', 'create', path.join(dir, 'a.img'), '--store', store, '--block-size', '1M']), /exists with block size 65536/, 'block size of an existing store');
   const r = ds(['snapshot', 'create', '--store', store]);

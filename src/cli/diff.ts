@@ -6,7 +6,7 @@
 import { Command } from 'commander';
 import * as diff from '../differencing/diff';
 import { formatSize } from '../engine/size';
-import { action, ExitStatus, printJson, sizeArg } from './util';
+import { action, ExitStatus, printJson, powerOfTwoArg } from './util';
 
 /** A progress line on stderr when it is a terminal (nothing otherwise). */
 function progress(label: string): diff.Progress | undefined {
@@ -29,7 +29,7 @@ export function register(program: Command): void {
     .description('make CHILD, a qcow2 child recording every write over PARENT (which becomes read-only)')
     .argument('<parent>', 'raw image or qcow2 child')
     .argument('<child>', 'qcow2 file to create')
-    .option('--cluster-size <size>', 'cluster size, 512 to 2M (default 64K)', sizeArg('cluster size'))
+    .option('--cluster-size <size>', 'cluster size, 512 to 2M (default 64K)', powerOfTwoArg('cluster size', 512, 2 * 1024 * 1024))
     .option('-f, --force', 'replace an existing CHILD')
     .option('--json', 'print JSON')
     .action(

@@ -119,6 +119,7 @@ export function register(program: Command): void {
         const image = openImage(file, { write: true });
         try {
           // Everything is read and checked against the image's bounds before a byte is written.
+          checkRange(image, offset, 0);
           const data = await readInput(opts.input, image.virtualSize - offset, file);
           checkRange(image, offset, data.length);
           for (let pos = 0; pos < data.length; pos += CHUNK) {
@@ -166,15 +167,17 @@ export function register(program: Command): void {
         ) => {
           if (opts.pattern > 255) throw invalid(`pattern ${opts.pattern} is not a byte value (0-255)`);
           const image = openImage(file, { write: !!opts.write, direct: !!opts.nocache });
+          const banner = () => {
+            if (opts.json) return;
+            const step = opts.step ?? opts.size;
+            process.stderr.write(
+              `Sending ${opts.count} ${opts.write ? 'write' : 'read'} requests, ${opts.size} bytes each, ` +
+                `${opts.depth} in parallel (starting at offset ${opts.offset}, ${opts.random ? 'random offsets' : `step size ${step}`})\n`,
+            );
+          };
           try {
-            if (!opts.json) {
-              const step = opts.step ?? opts.size;
-              process.stderr.write(
-                `Sending ${opts.count} ${opts.write ? 'write' : 'read'} requests, ${opts.size} bytes each, ` +
-                  `${opts.depth} in parallel (starting at offset ${opts.offset}, ${opts.random ? 'random offsets' : `step size ${step}`})\n`,
-              );
-            }
             const r = runBench(image, {
+              onStart: banner,
               write: opts.write,
               size: opts.size,
               count: opts.count,

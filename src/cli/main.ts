@@ -38,7 +38,16 @@ export function buildProgram(command?: string): Command {
   return program;
 }
 
+/** A reader that went away (`disksnap map X | head -1`) ends the command quietly. */
+function quietOnClosedStdout(): void {
+  process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+    if (e.code === 'EPIPE') process.exit(typeof process.exitCode === 'number' ? process.exitCode : 0);
+    fail(e);
+  });
+}
+
 async function main(argv: string[]): Promise<void> {
+  quietOnClosedStdout();
   const program = buildProgram(argv.slice(2).find((a) => !a.startsWith('-')));
   try {
     await program.parseAsync(argv);

@@ -25,7 +25,7 @@ import { DisksnapError } from '../engine/errors';
 import { generateKeyFile } from '../storage/keys';
 import type { KeySpec } from '../storage/keys';
 import { formatSize } from '../engine/size';
-import { ExitStatus, UsageError, action, collect, log, printJson, sizeArg } from './util';
+import { ExitStatus, UsageError, action, collect, log, printJson, powerOfTwoArg } from './util';
 
 interface StoreFlag {
   store?: string;
@@ -164,7 +164,7 @@ export function register(program: Command): void {
     .option('--name <name>', 'name of the snapshot', '')
     .option('--description <text>', 'description', '')
     .option('--tag <key=value>', 'tag (repeatable)', collect, [])
-    .option('--block-size <size>', 'block size of a store this command creates (default 512K)', sizeArg('block size'))
+    .option('--block-size <size>', 'block size of a store this command creates (default 512K)', powerOfTwoArg('block size', 4096, 64 * 1024 * 1024))
     .option('--no-freeze', 'do not freeze a mounted volume (the snapshot is then crash-consistent)')
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print the snapshot as JSON')
@@ -255,6 +255,7 @@ export function register(program: Command): void {
     .option('--json', 'print a JSON report')
     .action(
       action(async (ref: string, o: StoreFlag & KeyFlags & { to?: string; inPlace?: string; force?: boolean }) => {
+        if ((o.to === undefined) === (o.inPlace === undefined)) throw new UsageError('restore needs exactly one of --to FILE and --in-place VOLUME');
         const r = await withBar('restore', (onProgress) =>
           snap.restoreSnapshot(ref, { ...storeOpts(o), to: o.to, inPlace: o.inPlace, force: o.force, key: keySpec(o), onProgress }),
         );
@@ -386,7 +387,7 @@ export function register(program: Command): void {
     .description("record a volume in the store (snapshot create does this for unknown volumes)")
     .argument('<volume>')
     .option(storeOption, storeHelp)
-    .option('--block-size <size>', 'block size of a store this command creates (default 512K)', sizeArg('block size'))
+    .option('--block-size <size>', 'block size of a store this command creates (default 512K)', powerOfTwoArg('block size', 4096, 64 * 1024 * 1024))
     .option('--encrypted', 'encrypt every snapshot of the volume (with --key-file or --passphrase-file)')
     .option('--key-file <file>', 'key for --encrypted: a file of 32 random bytes (head -c 32 /dev/urandom > K)')
     .option('--passphrase-file <file>', 'passphrase for --encrypted (its first line; default $DISKSNAP_PASSPHRASE)')
@@ -440,7 +441,7 @@ export function register(program: Command): void {
     .command('init')
     .description('create a snapshot store (the block size is fixed from then on)')
     .option(storeOption, storeHelp)
-    .option('--block-size <size>', 'block size (default 512K, power of two from 4K to 64M)', sizeArg('block size'))
+    .option('--block-size <size>', 'block size (default 512K, power of two from 4K to 64M)', powerOfTwoArg('block size', 4096, 64 * 1024 * 1024))
     .option('--json', 'print the store as JSON')
     .action(
       action(async (o: StoreFlag & { blockSize?: number }) => {

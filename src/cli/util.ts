@@ -6,7 +6,7 @@
  * EINVALID raised while parsing arguments), or a command's documented code (diff check).
  */
 import { DisksnapError } from '../engine/errors';
-import { parseSize } from '../engine/size';
+import { formatSize, parseSize } from '../engine/size';
 
 /** Thrown by an action to end with a specific exit status after printing its result. */
 export class ExitStatus extends Error {
@@ -20,18 +20,35 @@ export class UsageError extends Error {}
 
 /**
  * commander argument parser for sizes: `.argument('<size>', '...', sizeArg('size'))`.
- * A malformed size is a failure of the command (exit 1, EINVALID naming the argument), not
- * a usage error: the command line had the right shape, one value was wrong.
+ * A malformed size is bad usage (exit 2), with a message naming the argument.
  */
 export function sizeArg(what: string): (value: string) => number {
-  return (value: string) => parseSize(value, what);
+  return (value: string) => {
+    try {
+      return parseSize(value, what);
+    } catch (e) {
+      throw new UsageError(e instanceof Error ? e.message : String(e));
+    }
+  };
 }
 
-/** commander parser for a whole number (count, depth): exit 1 with a clear message if not. */
+/** A size that must also be a power of two in [min, max] (cluster and block sizes): exit 2 if not. */
+export function powerOfTwoArg(what: string, min: number, max: number): (value: string) => number {
+  const parse = sizeArg(what);
+  return (value: string) => {
+    const n = parse(value);
+    if (n < min || n > max || (n & (n - 1)) !== 0) {
+      throw new UsageError(`${what} '${value}' must be a power of two from ${formatSize(min)} to ${formatSize(max)}`);
+    }
+    return n;
+  };
+}
+
+/** commander parser for a whole number (count, depth): exit 2 with a clear message if not. */
 export function intArg(what: string, min = 0): (value: string) => number {
   return (value: string) => {
-    if (!/^\s*\d+\s*$/.test(value) || Number(value) < min || !Number.isSafeInteger(Number(value))) {
-      throw new DisksnapError(`${what} '${value}' is not a whole number${min > 0 ? ` of at least ${min}` : ''}`, 'EINVALID');
+    if (!/^\d+$/.test(value) || Number(value) < min || !Number.isSafeInteger(Number(value))) {
+      throw new UsageError(`${what} '${value}' is not a whole number${min > 0 ? ` of at least ${min}` : ''}`);
     }
     return Number(value);
   };

@@ -1,17 +1,22 @@
 /**
- * Sizes and offsets as the command line accepts them: plain bytes or a binary suffix
- * (`512`, `4k`, `64K`, `1M`, `2G`, `1T`, optionally followed by `B` or `iB`: `4KiB`).
+ * Sizes and offsets as the command line accepts them, with qemu-img's grammar so that a size
+ * that works with one works with the other: a number, optionally with a decimal fraction,
+ * and an optional suffix `b` (bytes), `k`, `M`, `G`, `T`, `P`, `E` (powers of 1024, either
+ * case): `512`, `4k`, `64K`, `1.5G`. A fraction needs a unit of at least `k` and is rounded
+ * down to whole bytes, as qemu-img does. Not sizes: `1GB`, `4KiB` (qemu-img refuses them),
+ * signs, spaces, hex.
  */
 import { invalid } from './errors';
 
-const UNITS: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 };
+const UNITS: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 };
 
 export function parseSize(text: string, what = 'size'): number {
-  const m = /^\s*(\d+)\s*([kmgtpe]?)(i?b)?\s*$/i.exec(String(text));
-  if (!m || (m[3] !== undefined && m[2] === '' && m[3].toLowerCase() !== 'b')) {
-    throw invalid(`${what} '${text}' is not a number of bytes (examples: 512, 4k, 64K, 1M, 2G)`);
+  const m = /^(\d+)(?:\.(\d+))?([bkmgtpe]?)$/i.exec(String(text));
+  const unit = m ? UNITS[m[3].toLowerCase()] : 0;
+  if (!m || (m[2] !== undefined && unit === 1)) {
+    throw invalid(`${what} '${text}' is not a size (examples: 512, 4k, 64K, 1.5G; suffixes k, M, G, T, P, E are powers of 1024)`);
   }
-  const value = Number(m[1]) * UNITS[m[2].toLowerCase()];
+  const value = Number(m[1]) * unit + Math.floor(Number(`0.${m[2] ?? '0'}`) * unit);
   if (!Number.isSafeInteger(value)) throw invalid(`${what} '${text}' is too large`);
   return value;
 }

@@ -26,6 +26,8 @@ export interface BenchOptions {
    * before the image is closed and flushed, the flush is timed apart: `flushSeconds`.
    */
   flush?: boolean;
+  /** called once the arguments are checked, just before the first request (the CLI's banner) */
+  onStart?: () => void;
 }
 
 export interface BenchResult {
@@ -61,6 +63,7 @@ export function runBench(image: DiskImage, opts: BenchOptions = {}): BenchResult
   }
   if (write && !image.writable) throw invalid(`${image.path} is open read-only; a write benchmark needs it writable`, image.path);
 
+  opts.onStart?.();
   const buf = Buffer.alloc(size * depth, write ? (opts.pattern ?? 0) : 0);
   const requests = new Float64Array(depth * 3);
   const slots = Math.floor((image.virtualSize - start) / size);
