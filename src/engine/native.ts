@@ -202,7 +202,7 @@ function load(): NativeAddon {
       // eslint-disable-next-line @typescript-eslint/no-var-requires
       const addon = require(file) as NativeAddon;
       addon.setErrorClass(DisksnapError);
-      return addon;
+      return namingFiles(addon);
     } catch (e) {
       const err = e as NodeJS.ErrnoException;
       if (err.code === 'MODULE_NOT_FOUND' && String(err.message).includes(file)) continue;
@@ -218,6 +218,61 @@ function load(): NativeAddon {
       'node-addon-api comes from `npm install`).',
     'ENOADDON',
   );
+}
+
+/**
+ * Native calls on a descriptor know only the descriptor, so their errors would read
+ * "ENOSPC: No space left on device, pwritev" with no file. The paths of descriptors opened
+ * here are remembered, and an error of a call on one of them gets its path:
+ * "ENOSPC: No space left on device, pwritev '/images/new.img'".
+ */
+const fdPaths = new Map<number, string>();
+
+function withPath(e: unknown, [label, file]: [string, string]): unknown {
+  if (!(e instanceof DisksnapError) || e.path !== undefined) return e;
+  const named = new DisksnapError(`${e.message} ${label}`, e.code, e.errno, file);
+  if (e.stack) named.stack = e.stack.replace(e.message, named.message);
+  return named;
+}
+
+/** Calls between two descriptors, and where the second one is: an error names both files. */
+const TWO_FILES: Record<string, number> = { copyRange: 2, copyRangeAsync: 2, clone: 1, cloneRange: 2 };
+
+/** [how the message names the files, the error's path (the file written, where two)] */
+function filesOf(name: string, args: unknown[]): [string, string] | undefined {
+  const first = typeof args[0] === 'number' ? fdPaths.get(args[0]) : undefined;
+  const at = TWO_FILES[name];
+  const second = at !== undefined && typeof args[at] === 'number' ? fdPaths.get(args[at] as number) : undefined;
+  if (first !== undefined && second !== undefined) return [`'${first}' -> '${second}'`, second];
+  const one = first ?? second;
+  return one === undefined ? undefined : [`'${one}'`, one];
+}
+
+function namingFiles(addon: NativeAddon): NativeAddon {
+  const wrapped: Record<string, unknown> = { ...addon };
+  for (const [name, fn] of Object.entries(addon)) {
+    if (typeof fn !== 'function' || name === 'open' || name === 'close') continue;
+    wrapped[name] = (...args: unknown[]): unknown => {
+      const file = filesOf(name, args);
+      if (file === undefined) return (fn as (...a: unknown[]) => unknown)(...args);
+      try {
+        const r = (fn as (...a: unknown[]) => unknown)(...args);
+        return r instanceof Promise ? r.catch((e: unknown) => Promise.reject(withPath(e, file))) : r;
+      } catch (e) {
+        throw withPath(e, file);
+      }
+    };
+  }
+  wrapped.open = (p: string, flags: number, mode: number): number => {
+    const fd = addon.open(p, flags, mode);
+    fdPaths.set(fd, p);
+    return fd;
+  };
+  wrapped.close = (fd: number): void => {
+    fdPaths.delete(fd);
+    addon.close(fd);
+  };
+  return wrapped as unknown as NativeAddon;
 }
 
 /** The addon, loaded on first use so that `--help` works even where it is not built. */
