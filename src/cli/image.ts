@@ -8,7 +8,7 @@ import { writeAtomically } from '../engine/atomic';
 import { attachmentOf } from '../host/attach';
 import { invalid } from '../engine/errors';
 import { formatSize } from '../engine/size';
-import { action, intArg, printJson, sizeArg } from './util';
+import { action, intArg, printJson, printLines, sizeArg } from './util';
 
 const CHUNK = 4 * 2 ** 20;
 
@@ -232,9 +232,9 @@ function printInfo(info: ImageInfo): void {
     info.chain.forEach((layer, i) => {
       out.push(`layer ${i}${i === 0 ? ' (top)' : ''}:`, ...layerLines(layer, '  '));
     });
-    process.stdout.write([...attached, ...out].join('\n') + '\n');
+    printLines([...attached, ...out]);
   } else {
-    process.stdout.write([...layerLines(info, ''), ...attached].join('\n') + '\n');
+    printLines([...layerLines(info, ''), ...attached]);
   }
 }
 

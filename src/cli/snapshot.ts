@@ -25,7 +25,7 @@ import { DisksnapError } from '../engine/errors';
 import { generateKeyFile } from '../storage/keys';
 import type { KeySpec } from '../storage/keys';
 import { formatSize } from '../engine/size';
-import { ExitStatus, UsageError, action, collect, log, printJson, powerOfTwoArg } from './util';
+import { ExitStatus, UsageError, action, collect, log, printJson, printLines, printable, powerOfTwoArg } from './util';
 
 interface StoreFlag {
   store?: string;
@@ -98,10 +98,11 @@ async function withBar<T>(label: string, fn: (update: snap.ProgressFn) => Promis
   }
 }
 
-function table(headers: string[], rows: string[][]): void {
+function table(headers: string[], raw: string[][]): void {
+  const rows = raw.map((r) => r.map(printable));
   const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   const line = (cells: string[]) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]))).join('  ');
-  process.stdout.write([line(headers), ...rows.map(line)].join('\n') + '\n');
+  printLines([line(headers), ...rows.map(line)]);
 }
 
 function warnDamaged(damaged: { id: string; error: DisksnapError }[], what: string): void {
@@ -148,7 +149,7 @@ function printSnapshot(s: snap.SnapshotJson): void {
   if (s.copiedFrom) rows.push(['copied from', `${s.copiedFrom.snapshotId} of store ${s.copiedFrom.storeId}`]);
   if (s.error) rows.push(['error', s.error]);
   const w = Math.max(...rows.map((r) => r[0].length));
-  process.stdout.write(rows.map(([k, v]) => `${k.padEnd(w)}  ${v}`).join('\n') + '\n');
+  printLines(rows.map(([k, v]) => `${k.padEnd(w)}  ${v}`));
 }
 
 export function register(program: Command): void {

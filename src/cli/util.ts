@@ -59,12 +59,28 @@ export function collect(value: string, previous: string[] = []): string[] {
   return [...previous, value];
 }
 
+/**
+ * Text from a store or an image file (names, descriptions, tags, backing file names) made safe
+ * for a terminal: control characters (C0, DEL, C1; an ESC sequence in a tag could retitle or
+ * rewrite the terminal) become `\xHH`. JSON output needs no such step: printJson escapes them.
+ */
+export function printable(text: string): string {
+  // eslint-disable-next-line no-control-regex
+  return text.replace(/[\x00-\x1f\x7f-\x9f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+}
+
+/** Human output: each line made printable (tabs and newlines between lines are kept). */
+export function printLines(lines: string[]): void {
+  process.stdout.write(lines.map((l) => printable(l)).join('\n') + '\n');
+}
+
 export function printJson(value: unknown): void {
-  process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+  // eslint-disable-next-line no-control-regex
+  process.stdout.write(JSON.stringify(value, null, 2).replace(/[\x7f-\x9f]/g, (c) => `\\u00${c.charCodeAt(0).toString(16)}`) + '\n');
 }
 
 export function log(message: string): void {
-  process.stderr.write(message + '\n');
+  process.stderr.write(printable(message) + '\n');
 }
 
 /**
@@ -85,18 +101,18 @@ export function action<A extends unknown[]>(fn: (...args: A) => unknown | Promis
 export function fail(e: unknown): never {
   if (e instanceof ExitStatus) process.exit(e.status);
   if (e instanceof UsageError) {
-    process.stderr.write(`disksnap: ${e.message}\n`);
+    process.stderr.write(`disksnap: ${printable(e.message)}\n`);
     process.exit(2);
   }
   if (e instanceof DisksnapError) {
-    process.stderr.write(`disksnap: ${e.message}${e.code && !e.message.includes(e.code) ? ` (${e.code})` : ''}\n`);
+    process.stderr.write(`disksnap: ${printable(e.message)}${e.code && !e.message.includes(e.code) ? ` (${e.code})` : ''}\n`);
     if (process.env.DISKSNAP_DEBUG) process.stderr.write(`${e.stack}\n`);
     process.exit(1);
   }
   const err = e as NodeJS.ErrnoException;
   if (err && typeof err.code === 'string' && typeof err.syscall === 'string') {
     // node:fs errors already name the call and the path: "ENOENT: no such file or directory, open 'x'"
-    process.stderr.write(`disksnap: ${err.message}\n`);
+    process.stderr.write(`disksnap: ${printable(err.message)}\n`);
     process.exit(1);
   }
   process.stderr.write(`disksnap: internal error: ${err?.stack ?? String(e)}\n`);
