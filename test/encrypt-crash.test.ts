@@ -17,7 +17,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import type { SnapshotJson } from '../src/storage/snapshot';
+import type { SnapshotJson } from '../src/storage';
 import { Store } from '../src/storage/store/store';
 import { CLI, KiB, MiB, ROOT, Write, applyWrites, ds, files, makeImage, runAndKill, sha } from '../fixtures/store/helpers';
 
@@ -117,11 +117,11 @@ t.test(`SIGKILL of create, delete and gc on an encrypted volume: completed snaps
     const live = await completed();
     if (k % 3 === 0 && live.length >= 3) {
       const victim = live[Math.floor(rand() * live.length)].id;
-      const d = await runAndKill(process.execPath, hooked(`s.deleteSnapshot(${JSON.stringify(victim)}, { store: ${st}, betweenSteps: nap })`), killAt(100));
+      const d = await runAndKill(process.execPath, hooked(`s.deleteSnapshot(${JSON.stringify(victim)}, { store: ${st}, faults: { betweenSteps: nap } })`), killAt(100));
       if (d.killed) outcome.deletesKilled++;
       else t.equal(d.status, 0, `round ${round}: delete of ${victim} exits 0 ${d.stderr}`);
     } else if (k % 3 === 1) {
-      const g = await runAndKill(process.execPath, hooked(`s.gc({ store: ${st}, beforeDelete: nap })`), killAt(300));
+      const g = await runAndKill(process.execPath, hooked(`s.gc({ store: ${st}, faults: { beforeDelete: nap } })`), killAt(300));
       if (g.killed) outcome.gcsKilled++;
       else t.equal(g.status, 0, `round ${round}: gc exits 0 ${g.stderr}`);
     }

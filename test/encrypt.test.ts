@@ -8,7 +8,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import * as snap from '../src/storage/snapshot';
+import * as snap from '../src/storage';
 import { KiB, MiB, Write, allocated, applyWrites, ds, files, flipByte, makeImage, sha, touched } from '../fixtures/store/helpers';
 
 const BS = 64 * KiB;
@@ -358,7 +358,7 @@ t.test('a killed writer\'s pending encrypted snapshot is marked error by a proce
   await snap.registerVolume(vol, { store, blockSize: BS, encrypted: true, key: { keyFile: key } });
   const lib = path.join(ROOT, 'dist', 'src', 'storage', 'index.js');
   const script = `require(${JSON.stringify(lib)}).createSnapshot(${JSON.stringify(vol)}, { store: ${JSON.stringify(store)}, key: { keyFile: ${JSON.stringify(key)} },
-    name: ${JSON.stringify(`killed ${MARKER}`)}, afterChunk: () => { console.log('reading'); return new Promise(() => setInterval(() => {}, 1000)); } })`;
+    name: ${JSON.stringify(`killed ${MARKER}`)}, faults: { afterChunk: () => { console.log('reading'); return new Promise(() => setInterval(() => {}, 1000)); } } })`;
   const child = spawn(process.execPath, ['-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
   await new Promise<void>((resolve, reject) => {
     child.stdout!.once('data', () => resolve());

@@ -10,7 +10,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { needLoop, scratch, sh } from './helpers/loop';
-import * as snap from '../src/storage/snapshot';
+import * as snap from '../src/storage';
 import { KiB, MiB, Write, makeImage, sha, touched } from '../fixtures/store/helpers';
 
 const skip = needLoop(['mkfs.xfs', 'filefrag']);

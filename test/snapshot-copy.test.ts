@@ -10,7 +10,8 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import * as snap from '../src/storage/snapshot';
+import * as snap from '../src/storage';
+import { withFaults } from '../src/storage/faults';
 import { setBackendFactory } from '../src/storage/store/store';
 import { DirectoryBackend } from '../src/storage/store/dir';
 import type { StoreBackend } from '../src/storage/store/backend';
@@ -202,15 +203,13 @@ t.test('a copy shows pending with progress, then completed; a damaged source obj
   volume(vol);
   const s1 = await snap.createSnapshot(vol, { store: a, blockSize: BS });
   const seen: { state: string; progress: number }[] = [];
-  const c = await snap.copySnapshot(s1.id, {
-    store: a,
-    toStore: b,
+  const c = await snap.copySnapshot(s1.id, withFaults({ store: a, toStore: b }, {
     afterBatch: async () => {
       await new Promise((r) => setTimeout(r, 600)); // past the progress write throttle
       const listed = JSON.parse(ds(['snapshot', 'list', '--store', b, '--json']).out).snapshots;
       seen.push({ state: listed[0].state, progress: listed[0].progress });
     },
-  });
+  }));
   t.ok(seen.length >= 2, `${seen.length} batches`);
   t.ok(seen.every((s) => s.state === 'pending'), 'pending while it runs (seen from another process)');
   t.ok(seen.some((s) => s.progress > 0 && s.progress < 100), `with progress: ${seen.map((s) => s.progress).join(', ')}`);

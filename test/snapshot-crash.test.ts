@@ -12,7 +12,7 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import * as snap from '../src/storage/snapshot';
+import * as snap from '../src/storage';
 import { CLI, MiB, ROOT, applyWrites, files, makeImage, runAndKill, sha } from '../fixtures/store/helpers';
 import { Store } from '../src/storage/store/store';
 
@@ -20,8 +20,8 @@ const RUNNER = `
 const s = require(${JSON.stringify(path.join(ROOT, 'dist', 'src', 'storage', 'index.js'))});
 const [op, store, arg] = process.argv.slice(2);
 const pause = () => new Promise((r) => setTimeout(r, Math.random() * 30));
-const run = op === 'delete' ? s.deleteSnapshot(arg, { store, betweenSteps: pause })
-  : s.gc({ store, beforeDelete: () => new Promise((r) => setTimeout(r, Math.random() * 4)) });
+const run = op === 'delete' ? s.deleteSnapshot(arg, { store, faults: { betweenSteps: pause } })
+  : s.gc({ store, faults: { beforeDelete: () => new Promise((r) => setTimeout(r, Math.random() * 4)) } });
 run.then(() => process.exit(0), (e) => { console.error(e.message); process.exit(1); });
 `;
 

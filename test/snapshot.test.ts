@@ -7,7 +7,8 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import * as snap from '../src/storage/snapshot';
+import * as snap from '../src/storage';
+import { withFaults } from '../src/storage/faults';
 import {
   KiB,
   MiB,
@@ -134,13 +135,14 @@ t.test('an interrupted in-place restore is re-run safely, and blocks snapshots u
   const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
   applyWrites(vol, [{ offset: 0, length: 36 * MiB, seed: 6 }]);
   await t.rejects(
-    snap.restoreSnapshot(s1.id, {
-      store,
-      inPlace: vol,
-      beforeWrite: (batch) => {
-        if (batch === 1) throw new Error('simulated interruption');
-      },
-    }),
+    snap.restoreSnapshot(
+      s1.id,
+      withFaults({ store, inPlace: vol }, {
+        beforeWrite: (batch) => {
+          if (batch === 1) throw new Error('simulated interruption');
+        },
+      }),
+    ),
     /simulated interruption/,
   );
   t.not(sha(vol), v1, 'the volume is half rolled back');
@@ -210,9 +212,7 @@ t.test('a pending snapshot shows its progress to other readers, and gc waits for
   makeImage(vol, 64 * MiB, [{ offset: 0, length: 40 * MiB, seed: 11 }]);
   let seen: snap.SnapshotRecord | undefined;
   let gcError: unknown;
-  const s = await snap.createSnapshot(vol, {
-    store,
-    blockSize: BS,
+  const s = await snap.createSnapshot(vol, withFaults({ store, blockSize: BS }, {
     afterChunk: async (_attempt, chunk) => {
       if (chunk !== 0) return;
       for (let i = 0; i < 40 && !(seen && seen.progress > 0); i++) {
@@ -221,7 +221,7 @@ t.test('a pending snapshot shows its progress to other readers, and gc waits for
       }
       gcError = await snap.gc({ store, lockWaitMs: 0 }).catch((e) => e);
     },
-  });
+  }));
   t.equal(seen?.state, 'pending');
   t.ok(seen && seen.progress > 0 && seen.progress < 100, `progress visible while pending (${seen?.progress}%)`);
   t.match(gcError, { code: 'ELOCKED', message: /in use/ }, 'gc does not run beside a snapshot in progress');
@@ -237,14 +237,11 @@ t.test('a volume that changes while it is read is retried, and marked error with
   const vol = path.join(dir, 'vol.img');
   makeImage(vol, 8 * MiB, [{ offset: 0, length: 4 * MiB, seed: 12 }]);
   const logs: string[] = [];
-  const s = await snap.createSnapshot(vol, {
-    store,
-    blockSize: BS,
-    onLog: (m) => logs.push(m),
+  const s = await snap.createSnapshot(vol, withFaults({ store, blockSize: BS, onLog: (m: string) => logs.push(m) }, {
     afterChunk: (attempt) => {
       if (attempt === 1) applyWrites(vol, [{ offset: 100, length: 10, seed: 13 }]);
     },
-  });
+  }));
   t.equal(s.state, 'completed', 'the retry succeeded');
   t.match(logs.join('\n'), /changed while it was being read.*starting over/);
   const out = path.join(dir, 'o.img');
@@ -253,10 +250,7 @@ t.test('a volume that changes while it is read is retried, and marked error with
 
   let n = 0;
   await t.rejects(
-    snap.createSnapshot(vol, {
-      store,
-      afterChunk: () => applyWrites(vol, [{ offset: 200, length: 10, seed: 20 + n++ }]),
-    }),
+    snap.createSnapshot(vol, withFaults({ store }, { afterChunk: () => applyWrites(vol, [{ offset: 200, length: 10, seed: 20 + n++ }]) })),
     { code: 'EBUSY', message: /changed while it was being read/ },
   );
   const listed = (await snap.listSnapshots({ store })).snapshots;

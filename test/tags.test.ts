@@ -8,7 +8,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createCipheriv, randomBytes } from 'node:crypto';
-import * as snap from '../src/storage/snapshot';
+import * as snap from '../src/storage';
 import { native } from '../src/engine/native';
 import { KiB, MiB, Write, applyWrites, makeImage, sha, touched } from '../fixtures/store/helpers';
 

@@ -1,6 +1,6 @@
 /**
  * Storage snapshot commands: `snapshot …`, `volume …`, `store …`. Each is a few lines over
- * src/storage/snapshot.ts. Results on stdout (a table, or one JSON document with --json), progress
+ * src/storage/. Results on stdout (a table, or one JSON document with --json), progress
  * bars on stderr when it is a terminal, failures as one line on stderr with exit 1.
  *
  * The store is `--store DIR`, else $DISKSNAP_STORE, else $XDG_DATA_HOME/disksnap/store
@@ -19,7 +19,7 @@ import { Command } from 'commander';
 // first use, after this module is loaded; a user's own setting wins.
 process.env.UV_THREADPOOL_SIZE ??= '16';
 import * as cliProgress from 'cli-progress';
-import * as snap from '../storage/snapshot';
+import * as snap from '../storage';
 import { parseTags } from '../storage/store/records';
 import { DisksnapError } from '../engine/errors';
 import { generateKeyFile } from '../storage/keys';

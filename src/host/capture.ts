@@ -29,8 +29,8 @@ import * as path from 'node:path';
 import { DisksnapError } from '../engine/errors';
 import { attachmentOf } from './attach';
 import { freeze, thaw, pointInTime } from './freeze';
+import type { Consistency } from './freeze';
 import { mountpointsOf } from './state';
-import type { Consistency } from '../storage/store/records';
 
 export interface CaptureSource {
   /** the file to read: the volume, or a reflink clone of it */

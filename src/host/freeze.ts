@@ -43,6 +43,13 @@ import { BlockFile } from '../engine/file';
 import { DisksnapError, busy } from '../engine/errors';
 import { attachmentOf, Attachment } from './attach';
 
+/**
+ * How a volume was captured (recorded by storage snapshots):
+ *   'not-mounted'      the volume was not mounted: read as it was
+ *   'frozen'           its filesystem was frozen (FIFREEZE) for the whole read
+ *   'frozen-clone'     frozen only while a reflink clone was made; the clone was read
+ *   'crash-consistent' mounted and not frozen (--no-freeze): like a power cut's disk
+ */
 export type Consistency = 'frozen-clone' | 'frozen' | 'crash-consistent' | 'not-mounted';
 
 export interface PointInTime {
@@ -350,7 +357,7 @@ export async function withPointInTime<T>(
 }
 
 /**
- * The `freeze` hook of createSnapshot (src/storage/snapshot.ts, CreateSnapshotOptions.freeze): before
+ * A `freeze` hook for createSnapshot (src/storage/faults.ts, Faults.freeze): before
  * each attempt it freezes the filesystem mounted from the volume (if any) and returns the thaw,
  * which createSnapshot calls in a `finally` after reading. Strategy 'frozen' (the volume is
  * read while frozen); for the reflink strategy read from pointInTime()'s clone instead.

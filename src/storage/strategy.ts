@@ -6,7 +6,7 @@ import * as path from 'node:path';
 import { DisksnapError } from '../engine/errors';
 import { DiskImage, openImage } from '../image';
 import { extraBytesIn, Strategy, StrategySession } from '../strategy';
-import * as snapshot from './snapshot';
+import * as snapshot from '.';
 
 class StorageSession implements StrategySession {
   private snaps: string[] = [];

@@ -10,6 +10,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { corrupt, invalid } from '../../engine/errors';
+import type { Consistency } from '../../host/freeze';
 
 export const STORE_FORMAT = 'disksnap-store';
 export const STORE_VERSION = 1;
@@ -20,14 +21,7 @@ export const MIN_BLOCK_SIZE = 4 * 1024;
 export const MAX_BLOCK_SIZE = 64 * 1024 * 1024;
 
 export type SnapshotState = 'pending' | 'completed' | 'error';
-/**
- * How the volume was captured (the loop library's values, src/host/freeze.ts):
- *   'not-mounted'      the volume was not mounted: read as it was
- *   'frozen'           its filesystem was frozen (FIFREEZE) for the whole read
- *   'frozen-clone'     frozen only while a reflink clone was made; the clone was read
- *   'crash-consistent' mounted and not frozen (--no-freeze): like a power cut's disk
- */
-export type Consistency = 'frozen-clone' | 'frozen' | 'crash-consistent' | 'not-mounted';
+/** The values a record's `consistency` may hold (the host's Consistency, src/host/freeze.ts). */
 export const CONSISTENCIES: readonly Consistency[] = ['frozen-clone', 'frozen', 'crash-consistent', 'not-mounted'];
 export type DigestAlgorithm = 'sha256' | 'hmac-sha256';
 
@@ -37,7 +31,7 @@ export interface StoreConfig {
   /** random id of this store (`store-` + hex) */
   id: string;
   blockSize: number;
-  /** 'sha256' for plaintext stores; 'hmac-sha256' once keyed digests exist (issue 5) */
+  /** the digest of plain snapshots, 'sha256' (encrypted ones use keyed digests: store/crypto.ts) */
   digest: DigestAlgorithm;
   created: string;
 }
@@ -343,7 +337,7 @@ function num(file: string, o: Obj, field: string): number {
  * an encrypted snapshot's name, description and tags could not be opened (no key given). */
 export type SnapshotJson = Omit<SnapshotRecord, 'sealedMetadata'>;
 
-/** Stable key order (the shape DESIGN.md promises first). */
+/** Stable key order: the fields users read first come first. */
 function ordered(r: SnapshotRecord): SnapshotRecord {
   return {
     id: r.id,

@@ -1,7 +1,7 @@
 /**
  * A snapshot store: records, manifests and block objects over a StoreBackend.
  *
- * Layout of a directory store (final; DESIGN.md had the sketch):
+ * Layout of a directory store:
  *
  *   STORE/store.json               {format, version, id, blockSize, digest, created}
  *   STORE/lock                     OFD lock: shared for writers/readers, exclusive for gc
@@ -482,7 +482,7 @@ export class Store {
       try {
         again = await this.readSnapshot(s.id);
       } catch {
-        continue;
+        continue; // deleted or damaged since it was listed: nothing to mark; the listing reports damage
       }
       if (again.state !== 'pending') continue;
       again.state = 'error';

@@ -117,7 +117,7 @@ export function plainStoreTagKey(storeDir: string): TagKey | undefined {
     syncDir(storeDir);
     return read();
   } catch {
-    return undefined;
+    return undefined; // no key can be made here (see above): tags off, every block hashed; nothing is lost
   } finally {
     fs.rmSync(tmp, { force: true });
   }

@@ -1,0 +1,310 @@
+/**
+ * One attempt at reading a volume into a new manifest: the shared read pipeline, and the
+ * frame around the change-detection path (./detect.ts) that decides which blocks to read,
+ * hash and store.
+ *
+ *   stable stat ──► manifest (+ change tags) writers ──► parent's manifest (+ tags) opened
+ *   ──► detector(pipeline, parent) ──► stat again: moved => VolumeChanged
+ *   ──► readDone() (thaw, drop the clone) ──► every object write settled
+ *
+ * The pipeline is the same for every path: chunk buffers from a small pool (memory bound),
+ * a read-ahead of one chunk (./pool.ts readAhead), hashing on worker threads, sealing where
+ * the store encrypts, object writes throttled to MAX_WRITE_BYTES in flight, and progress
+ * after each chunk. An object is always written from the buffer whose bytes were hashed, so
+ * its bytes match its name even when the volume changes under the read.
+ */
+import { randomBytes } from 'node:crypto';
+import { BlockFile } from '../engine/file';
+import { BlockHashes, native, NativeStat } from '../engine/native';
+import type { Store } from './store/store';
+import type { ObjectData } from './store/backend';
+import { sealChunk } from './store/crypto-pool';
+import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength } from './store/manifest';
+import { TagKey, TagReader, TagWriter, tagIvs, xor16, SALT_LENGTH } from './store/tags';
+import { SnapshotRecord, emptyStats } from './store/records';
+import { HASH_CHUNK_BYTES, MAX_BUFFERS, MAX_WRITE_BYTES, ProgressFn, blocksPerChunk, chunksOf, dataRuns, queueObject, sleep, volumeSizeOf } from './common';
+import { BufferPool, Throttle } from './pool';
+import { Captured, abortQuietly, percentOf } from './lifecycle';
+
+/** The volume moved while it was being read: the attempt is thrown away (and retried). */
+export class VolumeChanged extends Error {}
+
+/** What the parent snapshot offers a change-detection path (each part only where usable). */
+export interface ParentView {
+  /** the parent's manifest: its digest of each block */
+  cursor?: ManifestCursor;
+  /** the parent's change tags (only with a cursor and a tag key) */
+  tags?: TagReader;
+}
+
+/**
+ * A change-detection path: reads the volume through `p`, records every data block in
+ * `p.writer` (and its tag in `p.tagWriter`), and queues the objects the store lacks.
+ */
+export type ChangeDetector = (p: ReadPipeline, parent: ParentView) => Promise<void>;
+
+export interface CaptureSettings {
+  threads: number;
+  attempt: number;
+  tk: TagKey | undefined;
+  onProgress?: ProgressFn;
+  onLog?: (message: string) => void;
+  saveProgress: (percent: number) => void;
+  afterChunk?: (attempt: number, chunk: number) => void | Promise<void>;
+}
+
+/** The read pipeline of one attempt, shared by every change-detection path. */
+export class ReadPipeline {
+  readonly n = native();
+  readonly bs: number;
+  readonly maxBlocks: number;
+  /** blocks per native hashFile/tagFile call */
+  readonly hashBlocks: number;
+  readonly runs: Array<[number, number]>;
+  readonly totalBytes: number;
+  readonly pool: BufferPool;
+  /** object writes in flight */
+  readonly writes = new Throttle(MAX_WRITE_BYTES);
+  /** chunks being sealed and queued for writing (bounded by the buffer pool) */
+  readonly chunks = new Throttle(Number.MAX_SAFE_INTEGER);
+  /** the digest key of the store's codec (HMAC), or none (SHA-256) */
+  readonly key: Uint8Array | undefined;
+  /** the salt of every tag this attempt computes */
+  readonly salt = randomBytes(SALT_LENGTH);
+  private done = 0;
+  private chunkNo = 0;
+
+  constructor(
+    readonly store: Store,
+    readonly file: BlockFile,
+    readonly rec: SnapshotRecord,
+    readonly size: number,
+    readonly writer: ManifestWriter,
+    readonly tagWriter: TagWriter | undefined,
+    readonly settings: CaptureSettings,
+  ) {
+    this.bs = store.blockSize;
+    this.maxBlocks = blocksPerChunk(this.bs);
+    this.hashBlocks = Math.max(this.maxBlocks, Math.floor(HASH_CHUNK_BYTES / this.bs));
+    this.runs = dataRuns(file, size, this.bs);
+    let total = 0;
+    for (const [a, b] of this.runs) total += Math.min(size, b * this.bs) - a * this.bs;
+    this.totalBytes = total;
+    this.pool = new BufferPool(this.maxBlocks * this.bs, MAX_BUFFERS, (n) => store.backend.allocBuffer?.(n) ?? Buffer.allocUnsafeSlow(n));
+    this.key = store.codec.digestKey;
+  }
+
+  get threads(): number {
+    return this.settings.threads;
+  }
+
+  get tk(): TagKey | undefined {
+    return this.settings.tk;
+  }
+
+  /** Bytes of blocks [a, b) of the volume. */
+  spanBytes(a: number, b: number): number {
+    return Math.min(this.size, b * this.bs) - a * this.bs;
+  }
+
+  /** Records data block i (digest at digests[dOff]) in the new manifest. */
+  record(i: number, digests: Buffer, dOff: number): void {
+    this.rec.stats.dataBlocks++;
+    this.writer.append(i, digests, dOff);
+  }
+
+  /**
+   * Records the change tags of blocks `idx` (ascending, after every block recorded so far),
+   * computed now from their unmasked tags (u, 16 bytes each at uOff(j)) under this attempt's salt.
+   */
+  newTags(idx: number[], u: Buffer, uOff: (j: number) => number): void {
+    const tk = this.tk;
+    if (!this.tagWriter || !tk || !idx.length) return;
+    const masks = this.n.tagMasks(tk.key, tagIvs(idx, this.salt, () => 0));
+    for (let j = 0; j < idx.length; j++) {
+      xor16(u, uOff(j), masks, j * 16, masks, j * 16);
+      this.tagWriter.append(idx[j], this.salt, 0, masks, j * 16);
+    }
+  }
+
+  /** Reads blocks [first, end) into a pool buffer (the caller owns it from then on). */
+  async load(first: number, end: number): Promise<{ buf: Buffer; len: number }> {
+    const buf = await this.pool.acquire();
+    const len = this.spanBytes(first, end);
+    try {
+      const got = await this.file.read(buf.subarray(0, len), first * this.bs);
+      if (got < len) buf.fill(0, got, len); // the file shrank: the stat check will notice
+    } catch (e) {
+      this.pool.release(buf);
+      throw e;
+    }
+    return { buf, len };
+  }
+
+  /**
+   * Stores the blocks in slots `ks` of `buf` (slot k at k*bs, its digest at digests[k*32],
+   * `lenOf(k)` bytes): sealed on a worker when the store encrypts, then queued for writing
+   * from that same memory. Takes `buf`: back in the pool once the last write is done.
+   */
+  async storeSlots(buf: Buffer, ks: number[], digests: Buffer, lenOf: (k: number) => number): Promise<void> {
+    let ref: ReturnType<BufferPool['shared']> | undefined;
+    try {
+      const keys = this.store.codec.keys;
+      let data = (k: number, _j: number): ObjectData => buf.subarray(k * this.bs, k * this.bs + lenOf(k));
+      if (keys && ks.length) {
+        const r = await sealChunk(keys, buf, ks.map((k) => ({ off: k * this.bs, len: lenOf(k), digest: digests.subarray(k * 32, k * 32 + 32) })));
+        buf = r.buf; // the same memory; the buffer object may have moved through a worker
+        const sealedBuf = r.buf;
+        data = (k, j) => [sealedBuf.subarray(k * this.bs, k * this.bs + lenOf(k)), r.trailers[j]];
+      }
+      ref = this.pool.shared(buf);
+      for (let j = 0; j < ks.length; j++) await queueObject(this.writes, this.store, this.rec.stats, digests.subarray(ks[j] * 32, ks[j] * 32 + 32), data(ks[j], j), lenOf(ks[j]), ref.hold());
+    } finally {
+      if (ref) ref.done();
+      else this.pool.release(buf);
+    }
+  }
+
+  /**
+   * Reads blocks `group` (ascending, at most a buffer's worth) into a pool buffer and hashes
+   * them there (with unmasked change tags when there is a tag key); `decide` sees each block's
+   * fresh hashes (it may throw VolumeChanged) and says whether to store it. Returns the hashes.
+   */
+  async readAndStore(group: number[], decide: (k: number, again: BlockHashes) => boolean): Promise<BlockHashes> {
+    const buf = await this.pool.acquire();
+    const lenOf = (k: number) => blockLength(group[k], this.size, this.bs);
+    let again: BlockHashes;
+    const ks: number[] = [];
+    try {
+      const reqs = new Float64Array(group.length * 3);
+      group.forEach((i, k) => reqs.set([i * this.bs, k * this.bs, lenOf(k)], k * 3));
+      // only the volume's last block is short, and it comes last
+      const glen = group.length ? (group.length - 1) * this.bs + lenOf(group.length - 1) : 0;
+      await this.file.readBatch(buf, reqs);
+      again = await this.n.hashBlocksAsync(buf.subarray(0, glen), this.bs, this.threads, this.key, this.tk?.key);
+      for (let k = 0; k < group.length; k++) if (decide(k, again)) ks.push(k);
+    } catch (e) {
+      this.pool.release(buf);
+      throw e;
+    }
+    await this.storeSlots(buf, ks, again.digests, lenOf);
+    return again;
+  }
+
+  /** After each chunk of `len` bytes: stats, progress, the test hook, a failed write surfaced. */
+  async chunkDone(len: number): Promise<void> {
+    this.done += len;
+    this.rec.stats.bytesScanned = this.done;
+    this.settings.onProgress?.({ phase: 'scan', done: this.done, total: this.totalBytes });
+    this.settings.saveProgress(percentOf(this.done, this.totalBytes));
+    await this.settings.afterChunk?.(this.settings.attempt, this.chunkNo++);
+    this.writes.check();
+    this.chunks.check();
+  }
+
+  /** The data runs split into hashFile/tagFile-sized chunks. */
+  bigChunks(): Array<[number, number]> {
+    return [...chunksOf(this.runs, this.hashBlocks)];
+  }
+}
+
+/** Why the volume's stat says it moved between two stats, or undefined. */
+function moved(st0: NativeStat, st1: NativeStat): string | undefined {
+  if (st1.size !== st0.size) return `size ${st0.size} -> ${st1.size}`;
+  if (st1.mtimeNs !== st0.mtimeNs) return 'modification time moved';
+  if (st1.ctimeNs !== st0.ctimeNs) return 'change time moved';
+  if (st1.ino !== st0.ino) return 'replaced by another file';
+  return undefined;
+}
+
+/**
+ * The volume's stat, taken once "now" is past its last mtime by more than the kernel's
+ * coarse clock granularity, so that any write from here on moves it.
+ */
+async function stableStat(file: BlockFile): Promise<NativeStat> {
+  const st = file.stat();
+  if (BigInt(Date.now()) * 1_000_000n - st.mtimeNs >= 20_000_000n) return st;
+  await sleep(25);
+  return file.stat();
+}
+
+/** The new manifest's writer, and the change tags' where they can be written. */
+async function openOutputs(store: Store, rec: SnapshotRecord, size: number, s: CaptureSettings): Promise<{ writer: ManifestWriter; tagWriter?: TagWriter }> {
+  const bs = store.blockSize;
+  const writer = await store.createManifest({ blockSize: bs, volumeSize: size, snapshotId: rec.id, volumeId: rec.volumeId, digest: store.codec.digest, sealed: store.codec.sealed });
+  if (!s.tk) return { writer };
+  try {
+    return { writer, tagWriter: await TagWriter.create(store.backend, { blockSize: bs, volumeSize: size, snapshotId: rec.id, volumeId: rec.volumeId }, s.tk) };
+  } catch (e) {
+    s.onLog?.(`change tags of ${rec.id} cannot be written (${(e as Error).message}); its next snapshot hashes every block`);
+    return { writer };
+  }
+}
+
+/** The parent's manifest and change tags; a damaged one only costs speed. */
+async function openParent(store: Store, parent: SnapshotRecord | undefined, s: CaptureSettings): Promise<ParentView & { reader?: ManifestReader }> {
+  if (!parent) return {};
+  let reader: ManifestReader;
+  try {
+    reader = await store.openManifest(parent);
+  } catch (e) {
+    s.onLog?.(`parent snapshot ${parent.id} cannot be used (${(e as Error).message}); comparing with the store instead`);
+    return {};
+  }
+  const view: ParentView & { reader?: ManifestReader } = { reader, cursor: new ManifestCursor(reader) };
+  if (!s.tk) return view;
+  try {
+    view.tags = await TagReader.open(store.backend, { blockSize: parent.blockSize, volumeSize: parent.volumeSize, snapshotId: parent.id, volumeId: parent.volumeId }, s.tk);
+  } catch (e) {
+    s.onLog?.(`change tags of parent snapshot ${parent.id} cannot be used (${(e as Error).message}); hashing every block`);
+  }
+  return view;
+}
+
+/**
+ * One attempt: the manifest (and change tags) of `file` as `detect` reads it, ready to
+ * commit. Throws VolumeChanged when the volume moved while it was read.
+ */
+export async function capture(
+  store: Store,
+  file: BlockFile,
+  rec: SnapshotRecord,
+  parent: SnapshotRecord | undefined,
+  pick: (parent: ParentView) => ChangeDetector,
+  settings: CaptureSettings,
+  readDone: () => Promise<void>,
+): Promise<Captured> {
+  const st0 = await stableStat(file);
+  const size = volumeSizeOf(file, st0);
+  rec.volumeSize = size;
+  rec.stats = emptyStats();
+  rec.progress = 0;
+  const { writer, tagWriter } = await openOutputs(store, rec, size, settings);
+  let view: ParentView & { reader?: ManifestReader } = {};
+  let p: ReadPipeline | undefined;
+  let ok = false;
+  try {
+    view = await openParent(store, parent, settings);
+    p = new ReadPipeline(store, file, rec, size, writer, tagWriter, settings);
+    await pick(view)(p, view);
+    await p.chunks.drain();
+    // Every read of the volume is done: check it did not move, then let go of the freeze (or
+    // the clone) before waiting for the object writes.
+    rec.stats.zeroBlocks = blockCount(size, store.blockSize) - rec.stats.dataBlocks;
+    const why = moved(st0, file.stat());
+    if (why) throw new VolumeChanged(why);
+    await readDone();
+    await p.writes.drain();
+    ok = true;
+    return { manifest: writer, tags: tagWriter };
+  } finally {
+    await p?.chunks.settle();
+    await p?.writes.settle();
+    await view.reader?.close();
+    await view.tags?.close();
+    if (!ok) {
+      await abortQuietly(writer);
+      if (tagWriter) await abortQuietly(tagWriter);
+    }
+  }
+}

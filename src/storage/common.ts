@@ -1,0 +1,153 @@
+/**
+ * What every storage operation shares: the options common to all of them, the one progress
+ * type, opening the volume and finding its record, and the store lock around an operation.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import { BlockFile } from '../engine/file';
+import { DisksnapError, invalid, isDisksnapError, fromNodeError } from '../engine/errors';
+import { NativeStat } from '../engine/native';
+import type { KeySpec } from './keys';
+import type { Store } from './store/store';
+import type { StoreLock } from './store/lock';
+import type { SnapshotStats, VolumeRecord } from './store/records';
+import type { ObjectData } from './store/backend';
+import type { Throttle } from './pool';
+
+/** Bytes per read/hash chunk; also the unit of pipelining. */
+export const CHUNK_BYTES = 16 * 1024 * 1024;
+/** Chunk buffers of a capture or copy in memory at once. */
+export const MAX_BUFFERS = 4;
+/** Bytes per native hashFile/tagFile call of an incremental snapshot (only digests come back). */
+export const HASH_CHUNK_BYTES = 64 * 1024 * 1024;
+/** Outstanding bytes of object writes before the reader waits for them. */
+export const MAX_WRITE_BYTES = 64 * 1024 * 1024;
+/** How long commands wait for a running gc (or gc for running commands) by default. */
+export const DEFAULT_LOCK_WAIT_MS = 60_000;
+
+export interface StoreOptions {
+  /** store directory; default $DISKSNAP_STORE, else the per-user data directory */
+  store?: string;
+  /** how long to wait for a conflicting store lock (ms) */
+  lockWaitMs?: number;
+  /** hashing threads (default: one per CPU) */
+  threads?: number;
+  /**
+   * The key of encrypted volumes and snapshots (src/storage/keys.ts): needed to snapshot an encrypted
+   * volume, restore or verify an encrypted snapshot, or see its name, description and tags.
+   */
+  key?: KeySpec;
+}
+
+/** Progress of a long storage operation: `done` of `total` (bytes for scan, blocks otherwise). */
+export interface Progress {
+  phase: 'scan' | 'plan' | 'verify' | 'write' | 'copy';
+  done: number;
+  total: number;
+}
+
+export type ProgressFn = (p: Progress) => void;
+
+export function threadsOf(opts: StoreOptions): number {
+  return opts.threads ?? Math.max(1, os.availableParallelism());
+}
+
+/** Blocks of `bs` bytes per chunk buffer. */
+export function blocksPerChunk(bs: number): number {
+  return Math.max(1, Math.floor(CHUNK_BYTES / bs));
+}
+
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Ranges of blocks [first, end) that hold any data byte, from the file's data extents. */
+export function dataRuns(file: BlockFile, size: number, bs: number): Array<[number, number]> {
+  const runs: Array<[number, number]> = [];
+  for (const e of file.extents(0, size)) {
+    const first = Math.floor(e.offset / bs);
+    const end = Math.ceil(Math.min(size, e.offset + e.length) / bs);
+    if (end <= first) continue;
+    const last = runs[runs.length - 1];
+    if (last && first <= last[1]) last[1] = Math.max(last[1], end);
+    else runs.push([first, end]);
+  }
+  return runs;
+}
+
+/** Splits runs into chunks of at most `maxBlocks` blocks. */
+export function* chunksOf(runs: Array<[number, number]>, maxBlocks: number): Generator<[number, number]> {
+  for (const [first, end] of runs) {
+    for (let a = first; a < end; a += maxBlocks) yield [a, Math.min(end, a + maxBlocks)];
+  }
+}
+
+export function volumeSizeOf(file: BlockFile, st: NativeStat): number {
+  if (!st.isRegular && !st.isBlockDevice) throw invalid(`volume ${file.path} is not a regular file or block device`, file.path);
+  return st.size;
+}
+
+export function openVolume(p: string, write: boolean): BlockFile {
+  if (!fs.existsSync(p)) throw new DisksnapError(`volume ${p} does not exist`, 'ENOENT', 2, p);
+  try {
+    return BlockFile.open(p, write ? { write: true, lock: 'exclusive' } : { lock: 'shared' });
+  } catch (e) {
+    if (isDisksnapError(e, 'ELOCKED')) {
+      throw new DisksnapError(`volume ${p} is in use: ${(e as Error).message}`, 'ELOCKED', undefined, p);
+    }
+    throw e;
+  }
+}
+
+/** 'a/b' -> absolute real path (the volume identity); ENOENT when missing. */
+export function realVolumePath(p: string): string {
+  try {
+    return fs.realpathSync(p);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new DisksnapError(`volume ${p} does not exist`, 'ENOENT', 2, p);
+    throw fromNodeError(e, p);
+  }
+}
+
+export async function findVolumeByPath(store: Store, real: string): Promise<VolumeRecord | undefined> {
+  const { volumes } = await store.listVolumes();
+  return volumes.find((v) => v.path === real);
+}
+
+export async function withStoreLock<T>(store: Store, mode: 'shared' | 'exclusive', opts: StoreOptions, fn: (lock: StoreLock) => Promise<T>): Promise<T> {
+  const lock = await store.lock(mode, { waitMs: opts.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS });
+  try {
+    return await fn(lock);
+  } finally {
+    lock.release();
+  }
+}
+
+/** "snapshot X is error (why); only completed snapshots can be <verb>" unless it is completed. */
+export function assertCompleted(rec: { id: string; state: string; error: string | null }, verb: string): void {
+  if (rec.state === 'completed') return;
+  throw invalid(`snapshot ${rec.id} is ${rec.state}${rec.error ? ` (${rec.error})` : ''}; only completed snapshots can be ${verb}`);
+}
+
+/**
+ * Queues the write of one block object (plaintext, or the parts of its sealed form) of
+ * `plainLength` bytes; counted in `stats` when this write published it (two equal blocks in
+ * flight at once both try: putIfAbsent lets one win). `release` lets go of the memory the
+ * data lives in, once the write is done or was never queued.
+ */
+export async function queueObject(writes: Throttle, store: Store, stats: SnapshotStats, digest: Buffer, data: ObjectData, plainLength: number, release: () => void): Promise<void> {
+  const job = async () => {
+    try {
+      if (await (data instanceof Uint8Array ? store.putBlock(digest, data as Buffer) : store.putSealed(digest, data))) {
+        stats.blocksAdded++;
+        stats.bytesAdded += plainLength;
+      }
+    } finally {
+      release();
+    }
+  };
+  try {
+    await writes.add(plainLength, job);
+  } catch (e) {
+    release(); // an earlier write failed: this one was never queued
+    throw e;
+  }
+}

@@ -1,0 +1,44 @@
+/**
+ * `snapshot delete`: the record first, then the manifest and change tags; the blocks go at the
+ * next gc. A crash in between leaves a stray manifest (gc removes it), never a record whose
+ * manifest is gone. Every other snapshot keeps its complete manifest, so stays restorable.
+ */
+import { busy, isDisksnapError } from '../engine/errors';
+import { Store } from './store/store';
+import { Lease } from './store/lock';
+import { tagsKey } from './store/tags';
+import { isSnapshotId } from './store/records';
+import { StoreOptions, withStoreLock } from './common';
+import { faultsOf } from './faults';
+
+export interface DeleteReport {
+  id: string;
+  state: string;
+}
+
+export async function deleteSnapshot(ref: string, opts: StoreOptions = {}): Promise<DeleteReport> {
+  const store = await Store.open(opts.store);
+  return withStoreLock(store, 'shared', opts, async () => {
+    let id: string;
+    let state = 'damaged';
+    try {
+      const rec = await store.resolveSnapshot(ref);
+      id = rec.id;
+      state = rec.state;
+      if (rec.state === 'pending' && !Lease.writerGone(store.dir, rec.id)) {
+        throw busy(`snapshot ${rec.id} is still being created (pid ${rec.creator.pid}); wait for it to finish`);
+      }
+    } catch (e) {
+      // A damaged record can still be deleted by its exact id.
+      if (!isDisksnapError(e, 'ECORRUPT') || !isSnapshotId(ref)) throw e;
+      id = ref;
+    }
+    await store.backend.delete(store.snapshotKey(id));
+    await faultsOf(opts).betweenSteps?.();
+    await store.backend.delete(store.manifestKey(id));
+    // The change tags are a cache of the deleted snapshot: one left behind is removed by gc.
+    await store.backend.delete(tagsKey(id)).catch(() => false);
+    Lease.remove(store.dir, id);
+    return { id, state };
+  });
+}

@@ -1,0 +1,205 @@
+/**
+ * The change-detection paths of `snapshot create`: each one decides which blocks of the
+ * volume to read, hash and store, over the one read pipeline of ./capture.ts, and each has
+ * the same signature (ChangeDetector), so a new source of change information (QEMU's dirty
+ * bitmaps) is one more function here.
+ *
+ *   fullHash  no usable parent: read each 16 MiB chunk once into a buffer, hash it there
+ *             (SHA-256 and tag), write the new blocks from that same buffer.
+ *   tagScan   the parent has change tags (src/storage/store/tags.ts: a GMAC per block under
+ *             a secret key, ~6x cheaper than SHA-256): native tagFile over 64 MiB chunks; a
+ *             block whose tag is its parent's keeps the parent's digest and tag; the others
+ *             are read into a buffer and hashed there with SHA-256 (written if new).
+ *   hashScan  a parent without usable tags: native hashFile over 64 MiB chunks (SHA-256, and
+ *             the tags for next time), then only the changed blocks read into a buffer and
+ *             hashed again there.
+ *
+ * A block read twice whose two hashes differ is proof the volume moved (VolumeChanged).
+ */
+import { BlockTags } from '../engine/native';
+import { SALT_LENGTH, TAG_LENGTH, TagKey, tagIvs, xor16 } from './store/tags';
+import type { ManifestCursor } from './store/manifest';
+import type { TagReader } from './store/tags';
+import { chunksOf } from './common';
+import { readAhead } from './pool';
+import { ChangeDetector, ParentView, ReadPipeline, VolumeChanged } from './capture';
+
+const ENTRY = SALT_LENGTH + TAG_LENGTH;
+
+/** The path for what the parent offers. */
+export function pickDetector(parent: ParentView): ChangeDetector {
+  if (!parent.cursor) return fullHash;
+  if (parent.tags) return tagScan;
+  return hashScan;
+}
+
+/** Every block read, hashed and (where new) written from the one buffer. */
+export const fullHash: ChangeDetector = async (p) => {
+  const list = [...chunksOf(p.runs, p.maxBlocks)];
+  await readAhead(
+    list.length,
+    (c) => p.load(list[c][0], list[c][1]),
+    async (c, cur) => {
+      const [first, end] = list[c];
+      let digests: Buffer;
+      const keep: number[] = [];
+      try {
+        const h = await p.n.hashBlocksAsync(cur.buf.subarray(0, cur.len), p.bs, p.threads, p.key, p.tk?.key);
+        digests = h.digests;
+        for (let k = 0; k < end - first; k++) {
+          if (h.zero[k]) continue;
+          p.rec.stats.changedBlocks++;
+          p.record(first + k, digests, k * 32);
+          keep.push(k);
+        }
+        if (h.tags) p.newTags(keep.map((k) => first + k), h.tags, (j) => keep[j] * 16);
+      } catch (e) {
+        p.pool.release(cur.buf);
+        throw e;
+      }
+      // Sealing and queueing the writes of this chunk overlap the hashing of the next one;
+      // the pool's few buffers bound how far ahead it goes.
+      await p.chunks.add(0, () => p.storeSlots(cur.buf, keep, digests, (k) => p.spanBytes(first + k, first + k + 1)));
+      await p.chunkDone(cur.len);
+    },
+    (cur) => p.pool.release(cur.buf),
+  );
+};
+
+/** Per block of a chunk: the parent's digest and tag entry, where it has them. */
+interface ParentChunk {
+  digests: Buffer;
+  entries: Buffer;
+  hasPrev: Uint8Array;
+  /** k of the data blocks */
+  data: number[];
+  /** k of the data blocks the parent has a tag for */
+  tagged: number[];
+}
+
+async function parentChunk(a: number, nb: number, first: BlockTags, cursor: ManifestCursor, tags: TagReader): Promise<ParentChunk> {
+  const pc: ParentChunk = { digests: Buffer.allocUnsafe(nb * 32), entries: Buffer.allocUnsafe(nb * ENTRY), hasPrev: new Uint8Array(nb), data: [], tagged: [] };
+  for (let k = 0; k < nb; k++) {
+    if (first.zero[k]) continue;
+    pc.data.push(k);
+    const prev = await cursor.lookup(a + k);
+    if (prev) {
+      prev.copy(pc.digests, k * 32);
+      pc.hasPrev[k] = 1;
+    }
+    const at = await tags.lookup(a + k);
+    if (at >= 0) {
+      tags.entries.copy(pc.entries, k * ENTRY, at, at + ENTRY);
+      pc.tagged.push(k);
+    }
+  }
+  return pc;
+}
+
+/** 1 for each block whose fresh tag, under the parent's IV, is the parent's tag. */
+function sameAsParent(p: ReadPipeline, tk: TagKey, a: number, nb: number, first: BlockTags, pc: ParentChunk): Uint8Array {
+  const same = new Uint8Array(nb);
+  if (!pc.tagged.length) return same;
+  const masks = p.n.tagMasks(tk.key, tagIvs(pc.tagged.map((k) => a + k), pc.entries, (j) => pc.tagged[j] * ENTRY));
+  pc.tagged.forEach((k, j) => {
+    xor16(first.tags, k * 16, masks, j * 16, masks, j * 16);
+    if (pc.hasPrev[k] && masks.compare(pc.entries, k * ENTRY + SALT_LENGTH, (k + 1) * ENTRY, j * 16, j * 16 + 16) === 0) same[k] = 1;
+  });
+  return same;
+}
+
+/** The new tags of a chunk in block order: the parent's entry where unchanged, fresh ones for `check`. */
+function chunkTags(p: ReadPipeline, tk: TagKey, a: number, first: BlockTags, pc: ParentChunk, check: number[]): void {
+  if (!p.tagWriter) return;
+  const fresh = new Map<number, number>(); // k -> j: its new tag at masks[j*16]
+  const masks = check.length ? p.n.tagMasks(tk.key, tagIvs(check.map((k) => a + k), p.salt, () => 0)) : Buffer.alloc(0);
+  check.forEach((k, j) => {
+    xor16(first.tags, k * 16, masks, j * 16, masks, j * 16);
+    fresh.set(k, j);
+  });
+  for (const k of pc.data) {
+    const j = fresh.get(k);
+    if (j === undefined) p.tagWriter.append(a + k, pc.entries, k * ENTRY, pc.entries, k * ENTRY + SALT_LENGTH);
+    else p.tagWriter.append(a + k, p.salt, 0, masks, j * 16);
+  }
+}
+
+/**
+ * Tags only (GHASH, no SHA-256) over 64 MiB chunks; blocks whose tag is the parent's keep the
+ * parent's digest; the others are read into a buffer, hashed with SHA-256 there (written if
+ * their digest is new) and checked against the first pass.
+ */
+export const tagScan: ChangeDetector = async (p, parent) => {
+  const tk = p.tk!;
+  const cursor = parent.cursor!;
+  const tags = parent.tags!;
+  const list = p.bigChunks();
+  await readAhead(
+    list.length,
+    (c) => p.n.tagFile(p.file.fd, list[c][0] * p.bs, p.spanBytes(list[c][0], list[c][1]), p.bs, p.threads, tk.key),
+    async (c, first) => {
+      const [a, b] = list[c];
+      const pc = await parentChunk(a, b - a, first, cursor, tags);
+      const same = sameAsParent(p, tk, a, b - a, first, pc);
+      const check = pc.data.filter((k) => !same[k]);
+      for (let g = 0; g < check.length; g += p.maxBlocks) {
+        const ks = check.slice(g, g + p.maxBlocks);
+        const again = await p.readAndStore(
+          ks.map((k) => a + k),
+          (j, h) => {
+            const k = ks[j];
+            if (h.tags!.compare(first.tags, k * 16, k * 16 + 16, j * 16, j * 16 + 16) !== 0) throw new VolumeChanged(`block ${a + k} changed between two reads`);
+            const unchanged = pc.hasPrev[k] && h.digests.compare(pc.digests, k * 32, k * 32 + 32, j * 32, j * 32 + 32) === 0;
+            if (!unchanged) p.rec.stats.changedBlocks++;
+            return !unchanged;
+          },
+        );
+        ks.forEach((k, j) => again.digests.copy(pc.digests, k * 32, j * 32, j * 32 + 32));
+      }
+      chunkTags(p, tk, a, first, pc, check);
+      for (const k of pc.data) p.record(a + k, pc.digests, k * 32);
+      await p.chunkDone(p.spanBytes(a, b));
+    },
+  );
+};
+
+/**
+ * SHA-256 over 64 MiB chunks natively (parallel reads and hashing, no copy into JS), compared
+ * with the parent; the changed blocks are read into a buffer, hashed again there (so an
+ * object always matches its name) and written from it. With a tag key, the same pass
+ * computes every block's tag for the next snapshot.
+ */
+export const hashScan: ChangeDetector = async (p, parent) => {
+  const cursor = parent.cursor!;
+  const list = p.bigChunks();
+  const tagKey = p.tagWriter ? p.tk?.key : undefined;
+  await readAhead(
+    list.length,
+    (c) => p.n.hashFile(p.file.fd, list[c][0] * p.bs, p.spanBytes(list[c][0], list[c][1]), p.bs, p.threads, p.key, undefined, tagKey),
+    async (c, { digests, zero, tags }) => {
+      const [a, b] = list[c];
+      const changed: number[] = [];
+      const data: number[] = [];
+      for (let i = a; i < b; i++) {
+        const k = i - a;
+        if (zero[k]) continue;
+        data.push(i);
+        const prev = await cursor.lookup(i);
+        p.record(i, digests, k * 32);
+        if (prev && prev.compare(digests, k * 32, k * 32 + 32) === 0) continue;
+        p.rec.stats.changedBlocks++;
+        changed.push(i);
+      }
+      if (tags) p.newTags(data, tags, (j) => (data[j] - a) * 16);
+      for (let g = 0; g < changed.length; g += p.maxBlocks) {
+        const group = changed.slice(g, g + p.maxBlocks);
+        await p.readAndStore(group, (k, again) => {
+          const off = (group[k] - a) * 32;
+          if (again.digests.compare(digests, off, off + 32, k * 32, k * 32 + 32) !== 0) throw new VolumeChanged(`block ${group[k]} changed between two reads`);
+          return true;
+        });
+      }
+      await p.chunkDone(p.spanBytes(a, b));
+    },
+  );
+};

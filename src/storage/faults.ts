@@ -1,0 +1,36 @@
+/**
+ * Test hooks: the places where crash, race and retry tests stop an operation, change the
+ * volume under it, or replace its point-in-time capture. They are one internal `faults`
+ * object beside the options, kept out of the public option types: a caller of the library
+ * never sees them; a test attaches them with `withFaults(opts, { ... })` (or, from a child
+ * process running plain JavaScript, as a `faults` property).
+ */
+
+export interface Faults {
+  /** createSnapshot: after each chunk of an attempt was read and hashed */
+  afterChunk?: (attempt: number, chunk: number) => void | Promise<void>;
+  /**
+   * createSnapshot: replaces the automatic point-in-time capture. Called before each attempt
+   * reads the volume; the function it returns is called after the attempt. The snapshot is
+   * recorded as 'frozen' when it returned one, else 'not-mounted'.
+   */
+  freeze?: (volumePath: string) => Promise<(() => Promise<void>) | void>;
+  /** restoreSnapshot in place: before each write batch of pass 2 */
+  beforeWrite?: (batch: number) => void | Promise<void>;
+  /** copySnapshot: after each batch of blocks was copied */
+  afterBatch?: (batch: number) => void | Promise<void>;
+  /** deleteSnapshot: between removing the record and the manifest */
+  betweenSteps?: () => void | Promise<void>;
+  /** gc: before each deletion */
+  beforeDelete?: (key: string) => void | Promise<void>;
+}
+
+/** `opts` with test hooks attached (the returned object has the options' own type). */
+export function withFaults<T extends object>(opts: T, faults: Faults): T {
+  return { ...opts, faults } as T;
+}
+
+/** The test hooks attached to `opts`, or none. */
+export function faultsOf(opts: object): Faults {
+  return (opts as { faults?: Faults }).faults ?? {};
+}

@@ -1,0 +1,167 @@
+/**
+ * Garbage collection: mark and sweep of block objects, under the exclusive store lock.
+ *
+ * Why it never races a snapshot in progress: every process that writes or reads block
+ * objects (snapshot create, restore, verify, delete) holds the store lock shared for its
+ * whole run; gc takes it exclusive, so while gc runs no snapshot is pending with a live
+ * writer, and any `pending` record it finds belongs to a dead process (it is marked `error`
+ * first). Blocks written by a dead writer are not referenced by a completed manifest and are
+ * swept — they were never promised to anyone.
+ *
+ * Mark: every manifest of a `completed` snapshot is streamed and checked to its checksum;
+ * its digests go into a DigestSet. A completed snapshot whose manifest cannot be read, or a
+ * record that cannot be parsed but has a manifest that cannot be read, aborts gc before it
+ * deletes anything (an incomplete mark set would delete live blocks). A damaged record with
+ * a readable manifest keeps that manifest's blocks alive (conservative).
+ *
+ * Encrypted snapshots need no key here: their manifests' entries (keyed digests) are the
+ * names of their objects; only the keyed trailer goes unchecked, which can only keep more.
+ * Key records (`keys/`) are never removed: they are tiny, and a passphrase needs its salt.
+ *
+ * Sweep: block objects not in the set, temporary files of dead writers, manifests and change
+ * tag files with no completed snapshot, and leases of dead writers are deleted. Each deletion
+ * is independent, so a gc killed half-way leaves a store with less garbage and nothing else changed.
+ */
+import * as path from 'node:path';
+import { DisksnapError } from '../engine/errors';
+import { DigestSet } from './store/digestset';
+import { ManifestReader } from './store/manifest';
+import { SnapshotListing, Store } from './store/store';
+import { DEFAULT_LOCK_WAIT_MS, StoreOptions } from './common';
+import { faultsOf } from './faults';
+
+export interface GcReport {
+  /** snapshots that were pending with a dead writer and are now `error` */
+  staleSnapshots: string[];
+  /** completed snapshots whose blocks were kept */
+  liveSnapshots: number;
+  blocksKept: number;
+  bytesKept: number;
+  blocksFreed: number;
+  bytesFreed: number;
+  /** temporary files, stray manifests and leases removed */
+  otherFilesRemoved: number;
+  otherBytesFreed: number;
+}
+
+export interface GcOptions extends StoreOptions {
+  /** called when gc has to wait for running snapshot commands */
+  onWait?: () => void;
+}
+
+/** Mark and sweep of unreferenced blocks, under the exclusive store lock. */
+export async function gc(opts: GcOptions = {}): Promise<GcReport> {
+  const store = await Store.open(opts.store);
+  const lock = await store.lock('exclusive', { waitMs: opts.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS, onWait: opts.onWait });
+  try {
+    const listing = await store.listSnapshots();
+    const staleSnapshots = await store.reapStale(listing);
+    const { live, completed } = await mark(store, listing);
+    const beforeDelete = faultsOf(opts).beforeDelete;
+    const del = async (key: string): Promise<boolean> => {
+      await beforeDelete?.(key);
+      return store.backend.delete(key);
+    };
+    const report = await sweep(store, listing, live, completed, del);
+    report.staleSnapshots = staleSnapshots;
+    if ((await store.backend.stat('store.json')) === undefined) {
+      throw new DisksnapError(`store ${store.dir} lost its store.json during gc`, 'ECORRUPT');
+    }
+    return report;
+  } finally {
+    lock.release();
+  }
+}
+
+function stopped(store: Store, key: string, why: string): DisksnapError {
+  return new DisksnapError(`gc stopped before deleting anything: ${why}`, 'ECORRUPT', undefined, store.backend.describe(key));
+}
+
+/** Every digest a completed snapshot (or a damaged record's readable manifest) references. */
+async function mark(store: Store, listing: SnapshotListing): Promise<{ live: DigestSet; completed: Set<string> }> {
+  const live = new DigestSet(4096);
+  const completed = new Set<string>();
+  for (const s of listing.snapshots) {
+    if (s.state !== 'completed') continue;
+    completed.add(s.id);
+    const key = store.manifestKey(s.id);
+    let reader: ManifestReader;
+    try {
+      // Sealed manifests too: gc holds no keys, and reading the entries is all it needs.
+      reader = await store.openManifest(s, { unauthenticated: true });
+    } catch (e) {
+      throw stopped(store, key, `completed snapshot ${s.id} has an unreadable manifest (${(e as Error).message}); delete that snapshot or restore the file first`);
+    }
+    try {
+      while ((await reader.next()) >= 0) live.add(reader.digest);
+    } catch (e) {
+      throw stopped(store, key, `manifest of completed snapshot ${s.id} is damaged (${(e as Error).message}); delete that snapshot first`);
+    } finally {
+      await reader.close();
+    }
+  }
+  // Damaged records: keep whatever their manifest references, if it is readable.
+  for (const d of listing.damaged) {
+    const key = store.manifestKey(d.id);
+    if ((await store.backend.stat(key)) === undefined) continue;
+    completed.add(d.id);
+    let reader: ManifestReader | undefined;
+    try {
+      reader = await ManifestReader.open(store.backend.describe(key), await store.backend.open(key), {}, { unauthenticated: true });
+      while ((await reader.next()) >= 0) live.add(reader.digest);
+    } catch (e) {
+      throw stopped(store, key, `snapshot ${d.id} has a damaged record (${d.error.message}) and a damaged manifest (${(e as Error).message})`);
+    } finally {
+      await reader?.close();
+    }
+  }
+  return { live, completed };
+}
+
+/** Deletes what nothing live references; each deletion independent of the others. */
+async function sweep(store: Store, listing: SnapshotListing, live: DigestSet, completed: Set<string>, del: (key: string) => Promise<boolean>): Promise<GcReport> {
+  const report: GcReport = {
+    staleSnapshots: [],
+    liveSnapshots: listing.snapshots.filter((s) => s.state === 'completed').length,
+    blocksKept: 0,
+    bytesKept: 0,
+    blocksFreed: 0,
+    bytesFreed: 0,
+    otherFilesRemoved: 0,
+    otherBytesFreed: 0,
+  };
+  const other = async (o: { key: string; size: number }) => {
+    if (!(await del(o.key))) return;
+    report.otherFilesRemoved++;
+    report.otherBytesFreed += o.size;
+  };
+  for await (const o of store.backend.list('blocks/')) {
+    if (o.temporary) {
+      await other(o);
+      continue;
+    }
+    const name = path.posix.basename(o.key);
+    if (!/^[0-9a-f]{64}$/.test(name)) continue; // not ours: leave foreign files alone
+    if (live.has(Buffer.from(name, 'hex'))) {
+      report.blocksKept++;
+      report.bytesKept += o.size;
+    } else if (await del(o.key)) {
+      report.blocksFreed++;
+      report.bytesFreed += o.size;
+    }
+  }
+  for await (const o of store.backend.list('snapshots/')) {
+    const base = path.posix.basename(o.key);
+    const stray = o.temporary || (base.endsWith('.map') && !completed.has(base.slice(0, -4))) || (base.endsWith('.tags') && !completed.has(base.slice(0, -5)));
+    if (stray) await other(o);
+  }
+  for await (const o of store.backend.list('volumes/')) {
+    if (o.temporary && (await del(o.key))) report.otherFilesRemoved++;
+  }
+  for await (const o of store.backend.list('leases/')) {
+    const id = path.posix.basename(o.key);
+    // Every writer is gone (we hold the store exclusively), so every lease is stale.
+    if (!listing.snapshots.some((s) => s.id === id && s.state === 'pending') && (await del(o.key))) report.otherFilesRemoved++;
+  }
+  return report;
+}

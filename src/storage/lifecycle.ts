@@ -1,0 +1,121 @@
+/**
+ * The life of a snapshot record, shared by create and copy: `pending` (with progress saved
+ * at most ~2/s), then `completed` once its blocks and manifest are durable, or `error` with
+ * the reason. Steps 2-4 of the durability order in ./index.ts happen here.
+ */
+import * as os from 'node:os';
+import type { Store } from './store/store';
+import type { ManifestWriter } from './store/manifest';
+import type { TagWriter } from './store/tags';
+import { SnapshotJson, SnapshotRecord, emptyStats, newId, snapshotJson } from './store/records';
+
+const PROGRESS_INTERVAL_MS = 500;
+
+/** What a capture or copy produced: the manifest, and the change tags where there are any. */
+export interface Captured {
+  manifest: ManifestWriter;
+  tags?: TagWriter;
+}
+
+/** A new pending record; `fields` fills what the operation knows (volume, sizes, names...). */
+export function pendingRecord(fields: Omit<SnapshotRecord, 'id' | 'state' | 'progress' | 'startTime' | 'completionTime' | 'stats' | 'error' | 'creator' | 'sealedMetadata' | 'metadataHidden'>): SnapshotRecord {
+  return {
+    id: newId('snap'),
+    state: 'pending',
+    progress: 0,
+    startTime: new Date().toISOString(),
+    completionTime: null,
+    stats: emptyStats(),
+    error: null,
+    creator: { pid: process.pid, host: os.hostname() },
+    sealedMetadata: null,
+    metadataHidden: false,
+    ...fields,
+  };
+}
+
+export interface ProgressSaver {
+  save: (percent: number) => void;
+  /** waits for every queued write, so a late one cannot overwrite the final record */
+  settle: () => Promise<void>;
+}
+
+/**
+ * Progress of a pending snapshot, rewritten atomically at most ~2/s. Writes are chained; a
+ * failed one is dropped on purpose (progress is a hint; the final state is written apart and
+ * reports its own failure).
+ */
+export function progressSaver(store: Store, rec: SnapshotRecord): ProgressSaver {
+  let chain: Promise<void> = Promise.resolve();
+  let lastWrite = 0;
+  return {
+    save: (percent) => {
+      const now = Date.now();
+      if (now - lastWrite < PROGRESS_INTERVAL_MS || percent === rec.progress) return;
+      lastWrite = now;
+      rec.progress = percent;
+      const snap = { ...rec, stats: { ...rec.stats } };
+      chain = chain.then(() => store.writeSnapshot(snap)).catch(() => undefined);
+    },
+    settle: () => chain,
+  };
+}
+
+/** Percent of a pending operation, kept below 100 until it completes. */
+export function percentOf(done: number, total: number): number {
+  return total ? Math.min(99, Math.floor((done / total) * 100)) : 99;
+}
+
+/**
+ * Steps 2-4 of the durability order: the new blocks' names, the manifest (and after it the
+ * change tags, a cache: a failure there only costs the next snapshot speed), then the record.
+ * `committed` is called once the manifest is durable (the caller must not abort it then).
+ */
+export async function completeSnapshot(
+  store: Store,
+  rec: SnapshotRecord,
+  writer: Captured,
+  progress: ProgressSaver,
+  committed: () => void,
+  onLog?: (msg: string) => void,
+): Promise<SnapshotJson> {
+  await store.backend.flush();
+  await writer.manifest.commit();
+  if (writer.tags) {
+    try {
+      await writer.tags.commit();
+    } catch (e) {
+      await abortQuietly(writer.tags);
+      onLog?.(`change tags of ${rec.id} not written (${(e as Error).message}); its next snapshot hashes every block`);
+    }
+  }
+  committed();
+  await progress.settle();
+  rec.state = 'completed';
+  rec.progress = 100;
+  rec.completionTime = new Date().toISOString();
+  await store.writeSnapshot(rec);
+  return snapshotJson(rec);
+}
+
+/**
+ * After a failure: the manifest abandoned, the record `error` with the reason. Best effort:
+ * the caller rethrows the first error; a record left `pending` is reaped as `error` by the
+ * next command (its lease shows the writer gone).
+ */
+export async function failSnapshot(store: Store, rec: SnapshotRecord, writer: Captured | undefined, progress: ProgressSaver, e: unknown): Promise<void> {
+  await progress.settle();
+  if (writer) await abortQuietly(writer.manifest);
+  if (writer?.tags) await abortQuietly(writer.tags);
+  rec.state = 'error';
+  rec.error = e instanceof Error ? e.message : String(e);
+  await store.writeSnapshot(rec).catch(() => undefined);
+}
+
+/**
+ * Abandons a manifest or tag file being written. Its temporary file is garbage gc removes,
+ * so a failure to remove it now is dropped: the error being handled is the one to report.
+ */
+export async function abortQuietly(w: { abort(): Promise<void> }): Promise<void> {
+  await w.abort().catch(() => undefined);
+}

@@ -1,0 +1,116 @@
+/**
+ * Stores and volumes: creating a store, registering a volume (its record: id, real path,
+ * size, device and inode, and whether its snapshots are encrypted), listing volumes.
+ */
+import { BlockFile } from '../engine/file';
+import { DisksnapError, invalid } from '../engine/errors';
+import { NativeStat } from '../engine/native';
+import { KeyRing, isExplicit, needKeyError } from './keys';
+import { Store } from './store/store';
+import { VolumeRecord, newId } from './store/records';
+import { StoreOptions, findVolumeByPath, openVolume, realVolumePath, volumeSizeOf, withStoreLock } from './common';
+
+export interface InitStoreOptions extends StoreOptions {
+  blockSize?: number;
+}
+
+export interface StoreInfo {
+  path: string;
+  id: string;
+  blockSize: number;
+  digest: string;
+  created: string;
+}
+
+/** Creates a store (or opens an existing one with the same block size). */
+export async function initStore(opts: InitStoreOptions = {}): Promise<StoreInfo> {
+  const store = await Store.open(opts.store, { create: true, blockSize: opts.blockSize });
+  const c = store.config;
+  return { path: store.dir, id: c.id, blockSize: c.blockSize, digest: c.digest, created: c.created };
+}
+
+export interface RegisterVolumeOptions extends StoreOptions {
+  /** block size for a store this call creates */
+  blockSize?: number;
+  /** every snapshot of the volume is encrypted with `key` (which must then be given) */
+  encrypted?: boolean;
+}
+
+/**
+ * The store's record of a volume; registers it when unknown (idempotent). With `encrypted`,
+ * the volume is recorded with the key's id (and the key's record, never the key, is written
+ * to the store); from then on every snapshot of it is encrypted. A volume that already has
+ * plain snapshots is not turned into an encrypted one: encrypt those by copying them.
+ */
+export async function registerVolume(volume: string, opts: RegisterVolumeOptions = {}): Promise<VolumeRecord> {
+  const ring = new KeyRing(opts.key).check();
+  if (!opts.encrypted && isExplicit(opts.key)) throw invalid('a key is for encrypted volumes: add --encrypted (or leave the key out)');
+  if (opts.encrypted && !ring.present) throw needKeyError(`volume register --encrypted ${volume}`);
+  const real = realVolumePath(volume);
+  const file = openVolume(real, false);
+  try {
+    const store = await Store.open(opts.store, { create: true, blockSize: opts.blockSize });
+    return await withStoreLock(store, 'shared', opts, async () => {
+      const existing = await findVolumeByPath(store, real);
+      if (!opts.encrypted) return ensureVolume(store, real, file, file.stat());
+      if (existing?.encrypted) {
+        await ring.forId(store, existing.keyId!, `volume ${real} (${existing.id})`);
+        return ensureVolume(store, real, file, file.stat());
+      }
+      if (existing) await refusePlainSnapshots(store, existing);
+      const keys = await ring.forNew(store, `volume register --encrypted ${real}`);
+      const rec = await ensureVolume(store, real, file, file.stat());
+      rec.encrypted = true;
+      rec.keyId = keys.id;
+      await store.writeVolume(rec);
+      return rec;
+    });
+  } finally {
+    file.close();
+  }
+}
+
+async function refusePlainSnapshots(store: Store, vol: VolumeRecord): Promise<void> {
+  const theirs = (await store.listSnapshots()).snapshots.filter((s) => s.volumeId === vol.id);
+  if (!theirs.length) return;
+  throw new DisksnapError(
+    `volume ${vol.path} (${vol.id}) already has ${theirs.length} unencrypted snapshot(s); encryption follows a volume from its first snapshot. ` +
+      'Encrypt those by copying them (`disksnap snapshot copy SNAP --to-store DIR --encrypt --key-file K`), or delete them first',
+    'EINVALID',
+    undefined,
+    vol.path,
+  );
+}
+
+/** The record of the volume at `real`, created when the store has none; size and identity kept current. */
+export async function ensureVolume(store: Store, real: string, file: BlockFile, st: NativeStat): Promise<VolumeRecord> {
+  const existing = await findVolumeByPath(store, real);
+  const size = volumeSizeOf(file, st);
+  if (existing) {
+    if (existing.size !== size || existing.dev !== st.dev || existing.ino !== String(st.ino)) {
+      existing.size = size;
+      existing.dev = st.dev;
+      existing.ino = String(st.ino);
+      await store.writeVolume(existing);
+    }
+    return existing;
+  }
+  const rec: VolumeRecord = {
+    id: newId('vol'),
+    path: real,
+    size,
+    dev: st.dev,
+    ino: String(st.ino),
+    encrypted: false,
+    keyId: null,
+    created: new Date().toISOString(),
+    inPlaceRestore: null,
+  };
+  await store.writeVolume(rec);
+  return rec;
+}
+
+export async function listVolumes(opts: StoreOptions = {}): Promise<{ volumes: VolumeRecord[]; damaged: { id: string; error: DisksnapError }[] }> {
+  const store = await Store.open(opts.store);
+  return store.listVolumes();
+}
