@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { spawn } from 'node:child_process';
 import { needLoop, scratch, makeExt4, sh, writeWithTimeout, debugfsCat, debugfsLs, e2fsckClean } from './helpers/loop';
 import { attach, detach, assertNotAttached } from '../src/host/attach';
-import { findMount, withFrozen, pointInTime, snapshotFreezeHook, canReflink, cloneWhileFrozen } from '../src/host/freeze';
+import { findMount, withFrozen, pointInTime, snapshotFreezeHook, canReflink, cloneWhileFrozen } from '../src/host';
 import { createSnapshot, restoreSnapshot } from '../src/storage/snapshot';
 import { ROOT, cli } from './helpers/cli';
 
@@ -103,8 +103,8 @@ t.test('a failure in the middle of a snapshot leaves the filesystem thawed', { s
 
 /** A child process that freezes `mp` with the library and then waits to be killed. */
 function frozenChild(mp: string): Promise<ReturnType<typeof spawn>> {
-  const lib = path.join(ROOT, 'dist', 'src', 'loop', 'freeze.js');
-  const child = spawn(process.execPath, ['-e', `require(${JSON.stringify(lib)}).freeze(${JSON.stringify(mp)}).then(() => { console.log('frozen'); setInterval(() => {}, 1000); })`], {
+  const lib = path.join(ROOT, 'dist', 'src', 'index.js');
+  const child = spawn(process.execPath, ['-e', `require(${JSON.stringify(lib)}).loop.freeze(${JSON.stringify(mp)}).then(() => { console.log('frozen'); setInterval(() => {}, 1000); })`], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   return new Promise((resolve, reject) => {
@@ -216,7 +216,7 @@ t.test('pointInTime: an unmounted volume is read as is; ext4 without reflink sta
 });
 
 // ---------------------------------------------------------------------------------------------
-// `snapshot create` picks the point-in-time view by itself (src/host/capture.ts): no hook.
+// `snapshot create` picks the point-in-time view by itself (src/host/point-in-time.ts): no hook.
 
 function hostFs(dir: string): string {
   return sh('findmnt', ['-n', '-o', 'FSTYPE', '--target', dir]).stdout.trim();
@@ -326,8 +326,8 @@ function xfsHost(s: ReturnType<typeof scratch>): string {
 
 /** A child process that snapshots `vol` through the library and stops after its first chunk. */
 function stuckSnapshot(vol: string, store: string): Promise<ReturnType<typeof spawn>> {
-  const lib = path.join(ROOT, 'dist', 'src', 'snapshot.js');
-  const script = `require(${JSON.stringify(lib)}).createSnapshot(${JSON.stringify(vol)}, { store: ${JSON.stringify(store)},
+  const lib = path.join(ROOT, 'dist', 'src', 'index.js');
+  const script = `require(${JSON.stringify(lib)}).snapshots.createSnapshot(${JSON.stringify(vol)}, { store: ${JSON.stringify(store)},
     afterChunk: () => { console.log('reading'); return new Promise(() => setInterval(() => {}, 1000)); } })`;
   const child = spawn(process.execPath, ['-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
   return new Promise((resolve, reject) => {

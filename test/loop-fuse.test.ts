@@ -241,7 +241,7 @@ t.test('a FUSE view left by an interrupted attach (no record, no loop device) is
   fs.mkdirSync(mp, { recursive: true });
   const log = `${mp}.log`;
   const logFd = fs.openSync(log, 'a');
-  const server = spawn(process.execPath, [path.join(ROOT, 'dist', 'src', 'loop', 'fuse-server.js'), '--image', img, '--mountpoint', mp], {
+  const server = spawn(process.execPath, [path.join(ROOT, 'dist', 'src', 'host', 'fuse-server.js'), '--image', img, '--mountpoint', mp], {
     stdio: ['ignore', logFd, logFd],
   });
   fs.closeSync(logFd);

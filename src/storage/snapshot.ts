@@ -90,8 +90,7 @@ import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength
 import { collectGarbage, GcReport } from './store/gc';
 import { DirectIo, DIRECT_ALIGN } from './store/direct';
 import { TagKey, TagReader, TagWriter, plainStoreTagKey, tagIvs, tagKeyFrom, tagsKey, xor16, SALT_LENGTH, TAG_LENGTH } from './store/tags';
-import { openCapture } from '../host/capture';
-import type { CaptureSource } from '../host/capture';
+import { openCapture, type CaptureSource } from '../host/point-in-time';
 import { assertNotAttached } from '../host/attach';
 import {
   KeyRecord,
