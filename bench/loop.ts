@@ -15,7 +15,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { attach, detach } from '../src/host/attach';
-import { createChild, rollback } from '../src/differencing/diff';
+import { createChild, rollback } from '../src/differencing';
 import { BenchOptions, BenchRow } from './types';
 import { fillRandom, hasCommand, MB, median, MiB, run, warm } from './util';
 

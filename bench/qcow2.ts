@@ -19,7 +19,7 @@ import * as path from 'node:path';
 import { BenchOptions, BenchRow } from './types';
 import { fillRandom, hasCommand, median, MiB, GiB, run, timed } from './util';
 import { parseQemuSeconds } from './engine';
-import * as diff from '../src/differencing/diff';
+import * as diff from '../src/differencing';
 import { Qcow2Image } from '../src/image/qcow2/image';
 
 const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');

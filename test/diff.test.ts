@@ -1,5 +1,5 @@
 /**
- * The differencing-disk life cycle through the library (src/differencing/diff.ts): create, rollback,
+ * The differencing-disk life cycle through the library (src/differencing/): create, rollback,
  * reset, commit (and its refusals), flatten, chains of three, the parent guard and the
  * locks. qemu-img is the oracle after every phase.
  */
@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { CLI } from './helpers/cli';
-import * as diff from '../src/differencing/diff';
+import * as diff from '../src/differencing';
 import { Qcow2Image } from '../src/image/qcow2/image';
 import { openImage } from '../src/image';
 import { commitMarkerPath, childrenRegistryPath, writeJsonAtomic } from '../src/image/sidecars';

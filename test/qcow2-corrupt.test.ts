@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createHash } from 'node:crypto';
 import { openImage } from '../src/image';
-import { check } from '../src/differencing/diff';
+import { check } from '../src/differencing';
 import { isDisksnapError } from '../src/engine/errors';
 
 const FIXTURES = path.resolve(__dirname, '..', 'fixtures', 'qcow2');

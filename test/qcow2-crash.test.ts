@@ -11,7 +11,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { spawn } from 'node:child_process';
 import { Qcow2Image } from '../src/image/qcow2/image';
-import { createChild, check } from '../src/differencing/diff';
+import { createChild, check } from '../src/differencing';
 import { needQemu, pattern, qemuCheck, qemuImgOk } from './helpers/qemu';
 
 interface WriterArgs {

@@ -7,7 +7,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Qcow2Image } from '../src/image/qcow2/image';
-import { createChild } from '../src/differencing/diff';
+import { createChild } from '../src/differencing';
 import { openImage } from '../src/image';
 import {
   assertClean,

@@ -1,10 +1,10 @@
 /**
  * `disksnap diff ...`: differencing disks (qcow2 children over read-only parents).
- * Each command is a few lines over src/differencing/diff.ts; results on stdout (`--json` for machines),
+ * Each command is a few lines over src/differencing/ (its index); results on stdout (`--json` for machines),
  * progress on stderr.
  */
 import { Command } from 'commander';
-import * as diff from '../differencing/diff';
+import * as diff from '../differencing';
 import { formatSize } from '../engine/size';
 import { action, ExitStatus, printJson, powerOfTwoArg } from './util';
 

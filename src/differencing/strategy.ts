@@ -7,7 +7,7 @@ import * as path from 'node:path';
 import { DisksnapError } from '../engine/errors';
 import { DiskImage, openImage } from '../image';
 import { extraBytesIn, Strategy, StrategySession } from '../strategy';
-import * as diff from './diff';
+import * as diff from './index';
 
 class DifferencingSession implements StrategySession {
   /** children, bottom first; the top is the current state */

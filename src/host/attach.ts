@@ -129,7 +129,7 @@ function tryIdentify(imagePath: string): Identity | undefined {
   try {
     return identify(imagePath);
   } catch {
-    return undefined;
+    return undefined; // gone, or not a regular file: no loop device can be bound to it, so no attachments
   }
 }
 
@@ -329,7 +329,7 @@ function tail(file: string, lines = 5): string {
   try {
     return fs.readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
   } catch {
-    return '';
+    return ''; // only decorates an error message that is already being built
   }
 }
 
@@ -366,6 +366,7 @@ async function startServer(
         try {
           done(JSON.parse(text.slice(0, nl)) as ServerReady);
         } catch {
+          // not JSON: reported as such, with the line
           done({ ok: false, error: { message: `the FUSE server said something unexpected: ${text.slice(0, nl)}`, code: 'EIO' } });
         }
       }
@@ -444,7 +445,7 @@ async function stopFuse(f: FuseRecord, timeoutMs = 120_000): Promise<boolean> {
   try {
     fs.rmdirSync(f.mountpoint);
   } catch {
-    // already gone
+    // removed by the server on its way out, or still busy: an empty directory holds nothing
   }
   // a clean session's log says nothing worth keeping; a dead server's log is kept for diagnosis
   if (!wasDead && process.env.DISKSNAP_FUSE_STATS !== '1') fs.rmSync(f.log, { force: true });

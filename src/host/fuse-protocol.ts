@@ -7,6 +7,7 @@
  * byte order (little-endian on every machine we build for). Offsets below are byte offsets
  * in the structs, so that the encoders read like the header file.
  */
+import { constants as osConstants } from 'node:os';
 
 export const FUSE_KERNEL_VERSION = 7;
 /** The minor we implement against; the kernel speaks down to ours if it is newer. */
@@ -89,25 +90,11 @@ export const S_IFREG = 0o100000;
 export const DT_DIR = 4;
 export const DT_REG = 8;
 
-/** errno values we reply with (negated in fuse_out_header.error) */
-export const E = {
-  EPERM: 1,
-  ENOENT: 2,
-  EIO: 5,
-  EBADF: 9,
-  EACCES: 13,
-  EEXIST: 17,
-  ENOTDIR: 20,
-  EISDIR: 21,
-  EINVAL: 22,
-  EFBIG: 27,
-  ENOSPC: 28,
-  EROFS: 30,
-  ENOSYS: 38,
-  ENODATA: 61,
-  EPROTO: 71,
-  EOPNOTSUPP: 95,
-} as const;
+/**
+ * errno values we reply with (negated in fuse_out_header.error): the host's own, since the
+ * FUSE protocol passes them through to the kernel unchanged.
+ */
+export const E = osConstants.errno;
 
 /** struct fuse_in_header: 40 bytes. */
 export const IN_HEADER = 40;

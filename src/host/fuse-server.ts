@@ -526,8 +526,8 @@ export function main(argv: string[]): number {
     stamp(`fatal: ${(e as Error).stack ?? String(e)}`);
     try {
       server.close();
-    } catch {
-      // already failing
+    } catch (e2) {
+      stamp(`closing after the failure: ${(e2 as Error).message}`); // the exit status is 1 either way
     }
     return 1;
   }
@@ -536,7 +536,7 @@ export function main(argv: string[]): number {
   try {
     fs.rmdirSync(mountpoint);
   } catch {
-    // detach removes it, or it is still busy
+    // still busy (a lazy unmount) or gone: detach removes an empty one, and it holds nothing
   }
   return 0;
 }

@@ -85,6 +85,8 @@ export function readRecords(): AttachmentRecord[] {
   try {
     names = fs.readdirSync(attachmentsDir());
   } catch {
+    // none yet (nothing attached since boot) or unreadable: no records; the kernel scan
+    // (kernelLoops) still finds every bound device
     return [];
   }
   const out: AttachmentRecord[] = [];
@@ -105,6 +107,7 @@ export function readRecord(index: number): AttachmentRecord | undefined {
     const rec = JSON.parse(fs.readFileSync(recordPath(index), 'utf8')) as AttachmentRecord;
     return rec && rec.version === 1 ? rec : undefined;
   } catch {
+    // missing or not JSON: no record; a record only ever counts once the kernel confirms it
     return undefined;
   }
 }
@@ -130,7 +133,7 @@ export function kernelLoop(index: number): KernelLoop | undefined {
   try {
     majorMinor = fs.readFileSync(path.join(sys, 'dev'), 'utf8').trim();
   } catch {
-    return undefined;
+    return undefined; // no such device in sysfs: nothing is bound to it
   }
   const device = `/dev/loop${index}`;
   let status: LoopStatus | null;
@@ -164,7 +167,7 @@ function statusFromSysfs(sys: string): LoopStatus | null {
     try {
       return fs.readFileSync(path.join(sys, name), 'utf8').replace(/\n$/, '');
     } catch {
-      return undefined;
+      return undefined; // attribute absent (device unbound, older kernel): not known
     }
   };
   const backing = read('loop/backing_file');
@@ -196,7 +199,7 @@ export function kernelLoops(): KernelLoop[] {
   try {
     names = fs.readdirSync('/sys/block');
   } catch {
-    return [];
+    return []; // no sysfs (a container without /sys): no loop device can be seen, or used
   }
   const out: KernelLoop[] = [];
   for (const name of names) {
@@ -229,7 +232,7 @@ export function loopIndexOf(device: string): number | undefined {
       if (mm && fs.readFileSync(`/sys/block/${name}/dev`, 'utf8').trim() === sysDev) return Number(mm[1]);
     }
   } catch {
-    return undefined;
+    return undefined; // gone, or sysfs unreadable: not a loop device we can name
   }
   return undefined;
 }
@@ -288,7 +291,7 @@ export function processStartTime(pid: number): string | undefined {
   try {
     stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
   } catch {
-    return undefined;
+    return undefined; // no such process: that is the answer
   }
   // comm may contain spaces and parentheses: fields start after the last ')'
   const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');

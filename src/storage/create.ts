@@ -4,15 +4,14 @@
  * attempts of ./capture.ts until one reads the volume without it moving (a retry by default),
  * and the record completed or marked `error` (./lifecycle.ts).
  *
- * A volume whose filesystem is mounted is read at a point in time (src/host/capture.ts):
+ * A volume whose filesystem is mounted is read at a point in time (src/host/point-in-time.ts):
  * frozen while a reflink clone is made and the clone read ('frozen-clone'), or frozen for the
  * whole read ('frozen'); with noFreeze it is 'crash-consistent'. Each attempt gets its own
  * view, released (thawed, clone removed) when the attempt ends, however it ends.
  */
 import { BlockFile } from '../engine/file';
 import { busy, invalid } from '../engine/errors';
-import { openCapture } from '../host/capture';
-import type { CaptureSource } from '../host/capture';
+import { openCapture, type CaptureSource } from '../host/point-in-time';
 import { KeyRing, isExplicit } from './keys';
 import { PLAIN_CODEC, Store, sealedCodec } from './store/store';
 import { Lease } from './store/lock';
@@ -38,7 +37,7 @@ export interface CreateSnapshotOptions extends StoreOptions {
   retries?: number;
   /**
    * A mounted volume is frozen for the read (or for a reflink clone) unless this is set; the
-   * snapshot is then recorded as crash-consistent (src/host/capture.ts has the cases).
+   * snapshot is then recorded as crash-consistent (src/host/point-in-time.ts has the cases).
    */
   noFreeze?: boolean;
   /** do not read a reflink clone of a mounted volume: stay frozen while reading it */

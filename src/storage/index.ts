@@ -48,7 +48,7 @@
  * hashed, a block read twice must hash the same both times, and the volume's stat (size,
  * mtime, ctime, inode) must not move during the read; otherwise the attempt is thrown away
  * and retried, then the snapshot is `error`. A mounted volume is frozen or cloned first
- * (src/host/capture.ts).
+ * (src/host/point-in-time.ts).
  *
  * Encryption follows the volume (`registerVolume(..., {encrypted, key})`): every snapshot of
  * an encrypted volume is taken through a Store whose codec seals blocks (AES-256-GCM), keys

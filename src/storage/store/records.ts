@@ -10,7 +10,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { corrupt, invalid } from '../../engine/errors';
-import type { Consistency } from '../../host/freeze';
+import type { Consistency } from '../../host/point-in-time';
 
 export const STORE_FORMAT = 'disksnap-store';
 export const STORE_VERSION = 1;
