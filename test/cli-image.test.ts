@@ -233,7 +233,7 @@ t.test('a second writer is refused while another process holds the image', async
     process.execPath,
     [
       '-e',
-      `const { BlockFile } = require(${JSON.stringify(path.join(path.dirname(CLI), '..', 'file.js'))});
+      `const { BlockFile } = require(${JSON.stringify(path.join(path.dirname(CLI), '..', 'engine', 'file.js'))});
        const f = BlockFile.open(process.argv[1], { write: true });
        process.stdout.write('locked\\n');
        setTimeout(() => f.close(), 20000);`,
@@ -276,7 +276,7 @@ t.test('locks are visible to and from QEMU', { skip: missing({ commands: ['qemu-
     process.execPath,
     [
       '-e',
-      `const { BlockFile } = require(${JSON.stringify(path.join(path.dirname(CLI), '..', 'file.js'))});
+      `const { BlockFile } = require(${JSON.stringify(path.join(path.dirname(CLI), '..', 'engine', 'file.js'))});
        BlockFile.open(process.argv[1], { write: true });
        process.stdout.write('locked\\n');
        setTimeout(() => {}, 20000);`,
