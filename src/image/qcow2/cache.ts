@@ -1,7 +1,8 @@
 /**
  * A bounded LRU of cluster-sized metadata tables (L2 tables, refcount blocks), keyed by
- * their host offset. Dirty tables are written back by the owner (Qcow2Image), which knows
- * the ordering a write-back must respect; the cache only says who is least recently used.
+ * their host offset. Dirty tables are written back by their owners (refcounts.ts,
+ * clusters.ts), which know the ordering a write-back must respect; the cache only says who
+ * is least recently used.
  * A Map keeps insertion order, so "touch" is delete + set, and the first key is the LRU.
  */
 export interface CachedTable {

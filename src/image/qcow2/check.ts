@@ -2,32 +2,23 @@
  * `diff check`: the consistency check of qemu-img check, on one qcow2 file (its backing
  * chain is not opened).
  *
- * Every reference is counted into an array (one counter per host cluster of the file):
- * header, L1 table, refcount table, refcount blocks, L2 tables, data clusters (each cluster
- * a compressed cluster touches). Then the stored refcounts are compared:
+ * The metadata is walked with the same walker open uses (metadata.ts), and every reference
+ * is counted into an array (one counter per host cluster of the file): header, L1 table,
+ * refcount table, refcount blocks, L2 tables, data clusters (each cluster a compressed
+ * cluster touches). Then the stored refcounts are compared:
  *   stored < counted  corruption (a cluster in use looks free, or is used twice: overlap)
  *   stored > counted  leak (allocated, used by nothing: what a crash may leave)
- * plus entries pointing past the end of the file, misaligned, or with a COPIED flag that
- * contradicts the refcount. Repair fixes leaks only, and only when there is no corruption
- * (we never write to an image we know to be corrupt).
+ * plus entries the walker finds unusable (past the end of the file, misaligned, reserved
+ * bits) and COPIED flags that contradict the refcount. Repair fixes leaks only, and only
+ * when there is no corruption (we never write to an image we know to be corrupt).
  *
  * Exit codes, as qemu-img check: 0 clean, 2 corruption, 3 leaks only.
  */
 import { BlockFile } from '../../engine/file';
 import { DisksnapError, isDisksnapError } from '../../engine/errors';
-import {
-  compressedDescriptor,
-  entryOffset,
-  getRefcount,
-  HI_COMPRESSED,
-  HI_COPIED,
-  LO_ZERO,
-  parseHeader,
-  Qcow2Header,
-  setRefcount,
-  EXT_BITMAPS,
-} from './format';
+import { getRefcount, parseHeader, Qcow2Header, setRefcount, EXT_BITMAPS } from './format';
 import { readHeaderCluster } from './header';
+import { Qcow2Tables, readTables, walkL2, walkTables } from './metadata';
 
 export interface CheckResult {
   filename: string;
@@ -56,9 +47,21 @@ export function checkImage(path: string, opts: { repair?: boolean } = {}): Check
   }
 }
 
-function run(path: string, file: BlockFile, repair: boolean): CheckResult {
-  const fileSize = file.size();
-  const result: CheckResult = {
+interface RefcountBlock {
+  offset: number;
+  buf: Buffer;
+  dirty: boolean;
+}
+
+/** What the walk counted: references per host cluster, the stored refcount blocks, COPIED flags to verify. */
+interface Counts {
+  counted: Uint32Array;
+  blocks: Map<number, RefcountBlock>;
+  copiedChecks: { offset: number; copied: boolean; what: string }[];
+}
+
+function newResult(path: string): CheckResult {
+  return {
     filename: path,
     format: 'qcow2',
     corruptions: 0,
@@ -71,6 +74,11 @@ function run(path: string, file: BlockFile, repair: boolean): CheckResult {
     exitCode: 0,
     messages: [],
   };
+}
+
+function run(path: string, file: BlockFile, repair: boolean): CheckResult {
+  const fileSize = file.size();
+  const result = newResult(path);
   const error = (msg: string): void => {
     result.corruptions++;
     if (result.messages.length < MAX_MESSAGES) result.messages.push(`ERROR ${msg}`);
@@ -92,88 +100,66 @@ function run(path: string, file: BlockFile, repair: boolean): CheckResult {
   if (h.extensions.some((e) => e.type === EXT_BITMAPS)) {
     throw new DisksnapError(`${path}: has persistent dirty bitmaps, which disksnap's check does not count; use qemu-img check`, 'EUNSUPPORTED', undefined, path);
   }
+  const counts = countReferences(file, readTables(file, h, fileSize), error);
+  const leaked = compareRefcounts(h, counts, result, error);
+  if (repair && leaked.length > 0 && result.corruptions === 0) repairLeaks(file, h, counts, leaked, result);
+  result.exitCode = result.corruptions > 0 ? 2 : result.leaks > 0 ? 3 : 0;
+  return result;
+}
+
+/** Walks the metadata (metadata.ts) and counts every reference into one counter per host cluster. */
+function countReferences(file: BlockFile, t: Qcow2Tables, error: (msg: string) => void): Counts {
+  const h = t.header;
   const cs = h.clusterSize;
-  const nClusters = Math.ceil(fileSize / cs);
-  const counted = new Uint32Array(nClusters);
+  const nClusters = Math.ceil(t.fileSize / cs);
+  const counts: Counts = { counted: new Uint32Array(nClusters), blocks: new Map(), copiedChecks: [] };
   const inc = (offset: number, length: number, what: string): boolean => {
-    if (offset % cs !== 0 && !what.startsWith('compressed')) {
-      error(`${what} at ${offset} is not cluster aligned`);
-      return false;
-    }
     const first = Math.floor(offset / cs);
     const last = Math.floor((offset + Math.max(length, 1) - 1) / cs);
     if (first >= nClusters) {
-      error(`${what} at ${offset} is past the end of the file (${fileSize} bytes)`);
+      error(`${what} at ${offset} is past the end of the file (${t.fileSize} bytes)`);
       return false;
     }
-    for (let c = first; c <= last && c < nClusters; c++) counted[c]++;
+    for (let c = first; c <= last && c < nClusters; c++) counts.counted[c]++;
     return true;
   };
+  const l2 = Buffer.alloc(cs);
+  walkTables(t, {
+    meta: (kind, offset, length, index, copied) => {
+      if (!inc(offset, length, kind)) return;
+      if (kind === 'refcount block') {
+        const buf = Buffer.alloc(cs);
+        file.readFullSync(buf, offset);
+        counts.blocks.set(index, { offset, buf, dirty: false });
+      } else if (kind === 'L2 table') {
+        counts.copiedChecks.push({ offset, copied, what: `L2 table at ${offset} (L1 entry ${index})` });
+        file.readFullSync(l2, offset);
+        walkL2(l2, index, h.clusterBits, h.version >= 3, t.fileSize, (ref, guest) => {
+          if (ref.kind === 'compressed') {
+            if (ref.copied) error(`compressed cluster for guest offset ${guest} has the COPIED flag`);
+            inc(ref.offset, ref.length, `compressed data for guest offset ${guest}`);
+          } else if (ref.offset !== 0 && inc(ref.offset, cs, `data cluster for guest offset ${guest}`)) {
+            counts.copiedChecks.push({ offset: ref.offset, copied: ref.copied, what: `data cluster at ${ref.offset} (guest offset ${guest})` });
+          }
+        }, error);
+      }
+    },
+    bad: error,
+  });
+  return counts;
+}
 
-  inc(0, cs, 'header');
-  if (h.l1Size > 0) inc(h.l1TableOffset, h.l1Size * 8, 'L1 table');
-  inc(h.refcountTableOffset, h.refcountTableClusters * cs, 'refcount table');
-
-  // stored refcounts
+/** Compares counted references with stored refcounts; fills the result; returns the leaked clusters. */
+function compareRefcounts(h: Qcow2Header, counts: Counts, result: CheckResult, error: (msg: string) => void): number[] {
+  const cs = h.clusterSize;
   const order = h.refcountOrder;
   const perBlock = 2 ** (h.clusterBits + 3 - order);
-  const reftable = Buffer.alloc(h.refcountTableClusters * cs);
-  file.readFullSync(reftable, h.refcountTableOffset);
-  const blocks = new Map<number, { offset: number; buf: Buffer; dirty: boolean }>();
-  for (let i = 0; i < reftable.length / 8; i++) {
-    const hi = reftable.readUInt32BE(i * 8);
-    const lo = reftable.readUInt32BE(i * 8 + 4);
-    const off = hi * 0x100000000 + ((lo & 0xfffffe00) >>> 0);
-    if (off === 0) continue;
-    if (!inc(off, cs, `refcount block ${i}`)) continue;
-    const buf = Buffer.alloc(cs);
-    file.readFullSync(buf, off);
-    blocks.set(i, { offset: off, buf, dirty: false });
-  }
+  const { counted, blocks } = counts;
+  const nClusters = counted.length;
   const stored = (c: number): number => {
     const b = blocks.get(Math.floor(c / perBlock));
     return b ? getRefcount(b.buf, c % perBlock, order) : 0;
   };
-
-  // L1 -> L2 -> data
-  const l1 = Buffer.alloc(h.l1Size * 8);
-  file.readFullSync(l1, h.l1TableOffset);
-  const l2 = Buffer.alloc(cs);
-  const copiedChecks: { offset: number; copied: boolean; what: string }[] = [];
-  const entriesPerL2 = cs / 8;
-  const l2Span = entriesPerL2 * cs;
-  for (let i = 0; i < h.l1Size; i++) {
-    const hi = l1.readUInt32BE(i * 8);
-    const lo = l1.readUInt32BE(i * 8 + 4);
-    const off = entryOffset(hi, lo);
-    if (off === 0) continue;
-    if (!inc(off, cs, `L2 table (L1 entry ${i})`)) continue;
-    copiedChecks.push({ offset: off, copied: !!(hi & HI_COPIED), what: `L2 table at ${off} (L1 entry ${i})` });
-    file.readFullSync(l2, off);
-    for (let j = 0; j < entriesPerL2; j++) {
-      const eh = l2.readUInt32BE(j * 8);
-      const el = l2.readUInt32BE(j * 8 + 4);
-      if (eh === 0 && el === 0) continue;
-      const guest = i * l2Span + j * cs;
-      if (eh & HI_COMPRESSED) {
-        const d = compressedDescriptor(eh, el, h.clusterBits);
-        if (eh & HI_COPIED) error(`compressed cluster for guest offset ${guest} has the COPIED flag`);
-        inc(d.offset, d.length, `compressed data for guest offset ${guest}`);
-        continue;
-      }
-      const doff = entryOffset(eh, el);
-      if (doff === 0) {
-        if (el & LO_ZERO) continue;
-        error(`L2 entry for guest offset ${guest} has reserved bits set without an offset`);
-        continue;
-      }
-      if (inc(doff, cs, `data cluster for guest offset ${guest}`)) {
-        copiedChecks.push({ offset: doff, copied: !!(eh & HI_COPIED), what: `data cluster at ${doff} (guest offset ${guest})` });
-      }
-    }
-  }
-
-  // compare
   let maxStoredCluster = -1;
   for (const [i, b] of blocks) {
     for (let k = perBlock - 1; k >= 0; k--) {
@@ -197,7 +183,7 @@ function run(path: string, file: BlockFile, repair: boolean): CheckResult {
       if (result.messages.length < MAX_MESSAGES) result.messages.push(`Leaked cluster ${c} (offset ${c * cs}) refcount=${have} reference=${want}`);
     }
   }
-  for (const cc of copiedChecks) {
+  for (const cc of counts.copiedChecks) {
     const rc = stored(cc.offset / cs);
     if (cc.copied !== (rc === 1)) error(`COPIED flag of ${cc.what} is ${cc.copied ? 'set' : 'clear'} but its refcount is ${rc}`);
   }
@@ -208,20 +194,23 @@ function run(path: string, file: BlockFile, repair: boolean): CheckResult {
     }
   }
   result.totalClusters = Math.ceil(h.size / cs);
+  return leaked;
+}
 
-  if (repair && leaked.length > 0 && result.corruptions === 0) {
-    for (const c of leaked) {
-      const b = blocks.get(Math.floor(c / perBlock));
-      if (!b) continue;
-      setRefcount(b.buf, c % perBlock, order, c < nClusters ? counted[c] : 0);
-      b.dirty = true;
-    }
-    for (const b of blocks.values()) if (b.dirty) file.writeSync(b.buf, b.offset);
-    file.syncSync(true);
-    result.leaksFixed = leaked.length;
-    result.leaks = 0;
-    result.messages.push(`Repaired ${leaked.length} leaked cluster${leaked.length > 1 ? 's' : ''}`);
+/** Sets the refcount of each leaked cluster to what was counted, in place, then syncs. */
+function repairLeaks(file: BlockFile, h: Qcow2Header, counts: Counts, leaked: number[], result: CheckResult): void {
+  const order = h.refcountOrder;
+  const perBlock = 2 ** (h.clusterBits + 3 - order);
+  const nClusters = counts.counted.length;
+  for (const c of leaked) {
+    const b = counts.blocks.get(Math.floor(c / perBlock));
+    if (!b) continue;
+    setRefcount(b.buf, c % perBlock, order, c < nClusters ? counts.counted[c] : 0);
+    b.dirty = true;
   }
-  result.exitCode = result.corruptions > 0 ? 2 : result.leaks > 0 ? 3 : 0;
-  return result;
+  for (const b of counts.blocks.values()) if (b.dirty) file.writeSync(b.buf, b.offset);
+  file.syncSync(true);
+  result.leaksFixed = leaked.length;
+  result.leaks = 0;
+  result.messages.push(`Repaired ${leaked.length} leaked cluster${leaked.length > 1 ? 's' : ''}`);
 }

@@ -183,10 +183,22 @@ export const LO_ZERO = 1;
 /** Reserved bits of a standard L2 entry: 56..61 (high word) and 1..8 (low word). */
 export const HI_RESERVED_L2 = 0x3f000000;
 export const LO_RESERVED_L2 = 0x000001fe;
+/** Reserved bits of an L1 entry: 56..62 (high word) and 0..8 (low word). */
+export const HI_RESERVED_L1 = 0x7f000000;
+export const LO_RESERVED_L1 = 0x000001ff;
+/** Reserved bits of a refcount table entry: 0..8 (the offset takes bits 9..63). */
+export const LO_RESERVED_REFTABLE = 0x000001ff;
 
 /** The host offset in a standard L1/L2 entry. */
 export function entryOffset(hi: number, lo: number): number {
   return (hi & HI_OFFSET_MASK) * 0x100000000 + ((lo & LO_OFFSET_MASK) >>> 0);
+}
+
+/** The refcount block offset in refcount table entry `i` (bits 9..63). */
+export function reftableEntryOffset(table: Buffer, i: number): number {
+  const hi = table.readUInt32BE(i * 8);
+  const lo = table.readUInt32BE(i * 8 + 4);
+  return hi * 0x100000000 + ((lo & LO_OFFSET_MASK) >>> 0);
 }
 
 /** Writes a 64-bit entry `flagsHi | offset` (flagsLo in the low word) at buf[pos]. */

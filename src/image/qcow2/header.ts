@@ -26,6 +26,8 @@ export function realpathOr(p: string): string {
   try {
     return fs.realpathSync(p);
   } catch {
+    // Safe to drop: only used to compare paths (loop detection); a path that cannot be
+    // resolved (gone, or a dangling link) is compared by its absolute name instead.
     return path.resolve(p);
   }
 }
