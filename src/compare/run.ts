@@ -224,59 +224,8 @@ export async function compare(opts: CompareOptions): Promise<CompareReport> {
     const baseAllocated = allocatedBytes(base);
     const checks = new Checks();
 
-    // 2. baseline: the same writes on a plain raw copy, no snapshot anywhere. Three passes,
-    // each on a fresh copy of the base: the expected state after the workload (which also
-    // warms up the JIT and the caches), the expected states of the growth runs, and the
-    // timed raw figures, measured under the same conditions as the strategies' own.
-    progress.step('baseline: expected state after the workload');
-    const rawDir = work.mkdir('raw');
-    const rawVol = `${rawDir}/volume.img`;
-    let h1: string;
-    await copySparse(base, rawVol);
-    let rawImg = openImage(rawVol, { write: true });
-    try {
-      await applyPlan(rawImg, workload.main, (d) => progress.detail(pct(d, workload.main.bytes)));
-      const r = await readBackPlan(rawImg, workload.main);
-      checks.add('baseline', 'read-back', `${r.checked} ranges equal`, `${r.checked - r.mismatches} ranges equal`);
-      h1 = (await hashImage(rawImg)).sha256;
-    } finally {
-      rawImg.close();
-    }
-    fs.rmSync(rawVol);
-    if (fsAfter !== undefined) {
-      checks.add('baseline', 'fs-replay', short(fsAfter), short(h1), 'the captured ext4 writes replayed on a raw copy give the filesystem ext4 wrote');
-    }
-
-    progress.step('baseline: expected states for the growth runs');
-    const growthHashes = new Map<number, string>();
-    await copySparse(base, rawVol);
-    rawImg = openImage(rawVol, { write: true });
-    try {
-      for (let i = 1; i <= rounds.length; i++) {
-        await applyPlan(rawImg, rounds[i - 1]);
-        if (growth.includes(i)) growthHashes.set(i, (await hashImage(rawImg)).sha256);
-      }
-    } finally {
-      rawImg.close();
-    }
-    fs.rmSync(rawVol);
-
-    progress.step('baseline: raw volume without a snapshot');
-    let baseline: CompareReport['baseline'];
-    const passes = readPasses(virtualSize);
-    await copySparse(base, rawVol);
-    await warm(rawVol);
-    rawImg = openImage(rawVol, { write: true });
-    try {
-      const w = await applyPlan(rawImg, workload.main, (d) => progress.detail(pct(d, workload.main.bytes)));
-      const r = await medianPass(passes, () => readBackPlan(rawImg, workload.main));
-      const full = await medianPass(passes, () => hashImage(rawImg));
-      checks.add('baseline', 'state-after-workload', short(h1), short(full.sha256), 'the workload gives the same state every time');
-      baseline = { writeMBps: mbps(w.bytes, w.seconds), writeFlushSeconds: w.flushSeconds, readMBps: mbps(r.bytes, r.seconds), fullReadMBps: mbps(full.bytes, full.seconds) };
-    } finally {
-      rawImg.close();
-    }
-    fs.rmSync(rawDir, { recursive: true, force: true });
+    // 2. baseline: the same writes on a plain raw copy, no snapshot anywhere
+    const { h1, growthHashes, baseline } = await runBaseline(work, base, workload, rounds, growth, virtualSize, fsAfter, checks, progress);
 
     // 3. each strategy
     const reports: StrategyReport[] = [];
@@ -320,6 +269,83 @@ export async function compare(opts: CompareOptions): Promise<CompareReport> {
     progress.stop();
     work.cleanup();
   }
+}
+
+interface BaselineResult {
+  /** the expected state after the workload */
+  h1: string;
+  /** the expected state after each growth round that is measured */
+  growthHashes: Map<number, string>;
+  baseline: CompareReport['baseline'];
+}
+
+/**
+ * The same writes on a plain raw copy, no snapshot anywhere. Three passes, each on a fresh
+ * copy of the base: the expected state after the workload (which also warms up the JIT and
+ * the caches), the expected states of the growth runs, and the timed raw figures, measured
+ * under the same conditions as the strategies' own.
+ */
+async function runBaseline(
+  work: WorkDir,
+  base: string,
+  workload: Workload,
+  rounds: WritePlan[],
+  growth: number[],
+  virtualSize: number,
+  fsAfter: string | undefined,
+  checks: Checks,
+  progress: Progress,
+): Promise<BaselineResult> {
+  progress.step('baseline: expected state after the workload');
+  const rawDir = work.mkdir('raw');
+  const rawVol = `${rawDir}/volume.img`;
+  let h1: string;
+  await copySparse(base, rawVol);
+  let rawImg = openImage(rawVol, { write: true });
+  try {
+    await applyPlan(rawImg, workload.main, (d) => progress.detail(pct(d, workload.main.bytes)));
+    const r = await readBackPlan(rawImg, workload.main);
+    checks.add('baseline', 'read-back', `${r.checked} ranges equal`, `${r.checked - r.mismatches} ranges equal`);
+    h1 = (await hashImage(rawImg)).sha256;
+  } finally {
+    rawImg.close();
+  }
+  fs.rmSync(rawVol);
+  if (fsAfter !== undefined) {
+    checks.add('baseline', 'fs-replay', short(fsAfter), short(h1), 'the captured ext4 writes replayed on a raw copy give the filesystem ext4 wrote');
+  }
+
+  progress.step('baseline: expected states for the growth runs');
+  const growthHashes = new Map<number, string>();
+  await copySparse(base, rawVol);
+  rawImg = openImage(rawVol, { write: true });
+  try {
+    for (let i = 1; i <= rounds.length; i++) {
+      await applyPlan(rawImg, rounds[i - 1]);
+      if (growth.includes(i)) growthHashes.set(i, (await hashImage(rawImg)).sha256);
+    }
+  } finally {
+    rawImg.close();
+  }
+  fs.rmSync(rawVol);
+
+  progress.step('baseline: raw volume without a snapshot');
+  let baseline: CompareReport['baseline'];
+  const passes = readPasses(virtualSize);
+  await copySparse(base, rawVol);
+  await warm(rawVol);
+  rawImg = openImage(rawVol, { write: true });
+  try {
+    const w = await applyPlan(rawImg, workload.main, (d) => progress.detail(pct(d, workload.main.bytes)));
+    const r = await medianPass(passes, () => readBackPlan(rawImg, workload.main));
+    const full = await medianPass(passes, () => hashImage(rawImg));
+    checks.add('baseline', 'state-after-workload', short(h1), short(full.sha256), 'the workload gives the same state every time');
+    baseline = { writeMBps: mbps(w.bytes, w.seconds), writeFlushSeconds: w.flushSeconds, readMBps: mbps(r.bytes, r.seconds), fullReadMBps: mbps(full.bytes, full.seconds) };
+  } finally {
+    rawImg.close();
+  }
+  fs.rmSync(rawDir, { recursive: true, force: true });
+  return { h1, growthHashes, baseline: baseline! };
 }
 
 function pct(done: number, total: number): string {
