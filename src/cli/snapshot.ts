@@ -242,16 +242,13 @@ export function register(program: Command): void {
       }),
     );
 
-  snapshot
-    .command('restore')
+  keyOptions(snapshot.command('restore'), 'of an encrypted snapshot')
     .description('restore a snapshot into a new sparse image (--to) or roll a volume back (--in-place)')
     .argument('<snap>')
     .option('--to <file>', 'new raw image to write (refused if it exists, unless --force)')
     .option('--in-place <volume>', 'roll this volume back, rewriting only the blocks that differ')
     .option('-f, --force', 'with --to: replace an existing file')
     .option(storeOption, storeHelp)
-    .option('--key-file <file>', 'key of an encrypted snapshot: a file of 32 random bytes')
-    .option('--passphrase-file <file>', 'passphrase of an encrypted snapshot (default $DISKSNAP_PASSPHRASE)')
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print a JSON report')
     .action(
@@ -303,13 +300,10 @@ export function register(program: Command): void {
       }),
     );
 
-  snapshot
-    .command('verify')
+  keyOptions(snapshot.command('verify'), 'of an encrypted snapshot')
     .description('re-read every block of a snapshot and check its digest')
     .argument('<snap>')
     .option(storeOption, storeHelp)
-    .option('--key-file <file>', 'key of an encrypted snapshot: a file of 32 random bytes')
-    .option('--passphrase-file <file>', 'passphrase of an encrypted snapshot (default $DISKSNAP_PASSPHRASE)')
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print a JSON report')
     .action(
