@@ -322,6 +322,16 @@ export class Store {
     await this.backend.put(this.volumeKey(rec.id), Buffer.from(JSON.stringify(rec, null, 2) + '\n'));
   }
 
+  /**
+   * Writes a new volume record unless one with its id exists (then false): the atomic step
+   * that makes two registrations of one volume at once end with one record.
+   */
+  async createVolume(rec: VolumeRecord): Promise<boolean> {
+    if (!(await this.backend.putIfAbsent(this.volumeKey(rec.id), Buffer.from(JSON.stringify(rec, null, 2) + '\n')))) return false;
+    await this.backend.flush(); // the new name durable before anything refers to it
+    return true;
+  }
+
   async listVolumes(): Promise<{ volumes: VolumeRecord[]; damaged: { id: string; error: DisksnapError }[] }> {
     const volumes: VolumeRecord[] = [];
     const damaged: { id: string; error: DisksnapError }[] = [];
