@@ -131,6 +131,19 @@ export interface SnapshotListing {
   damaged: { id: string; error: DisksnapError }[];
 }
 
+/**
+ * Of the snapshots that share a name, those a name means: the completed ones, else the
+ * pending ones, else the failed ones. A failed run leaves its name on an `error` snapshot;
+ * the completed re-run takes the name over (the failed one stays reachable by its id).
+ */
+function bestByName(recs: SnapshotRecord[]): SnapshotRecord[] {
+  for (const state of ['completed', 'pending', 'error'] as const) {
+    const these = recs.filter((r) => r.state === state);
+    if (these.length) return these;
+  }
+  return recs;
+}
+
 export class Store {
   private constructor(
     readonly dir: string,
@@ -417,7 +430,7 @@ export class Store {
     if (isSnapshotId(ref)) return this.readSnapshot(ref);
     const { snapshots, damaged } = await this.listSnapshots();
     await reveal?.(snapshots); // names of encrypted snapshots, where the caller holds their key
-    const byName = snapshots.filter((s) => s.name !== '' && s.name === ref);
+    const byName = bestByName(snapshots.filter((s) => s.name !== '' && s.name === ref));
     if (byName.length === 1) return byName[0];
     if (byName.length > 1) {
       throw new DisksnapError(`snapshot name '${ref}' is ambiguous: ${byName.map((s) => s.id).join(', ')}`, 'EINVALID');
