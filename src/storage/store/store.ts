@@ -42,6 +42,7 @@ import { DirectoryBackend } from './dir';
 import { Lease, StoreLock, LockOptions } from './lock';
 import { ManifestHeader, ManifestReader, ManifestWriter } from './manifest';
 import { tagsKey } from './tags';
+import { assertTrustedStore } from './secure';
 import { DerivedKeys, sealBlock, sealMetadata, unsealBlock } from './crypto';
 import {
   KeyRecord,
@@ -163,6 +164,7 @@ export class Store {
 
   static async open(dir: string | undefined, opts: OpenStoreOptions = {}): Promise<Store> {
     const root = path.resolve(dir ?? defaultStoreDir());
+    assertTrustedStore(root); // before anything in it is read or written (src/storage/store/secure.ts)
     const backend = fullBackend(backendFactory ? backendFactory(root) : new DirectoryBackend(root));
     let text: Buffer | undefined;
     try {
