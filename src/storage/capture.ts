@@ -4,14 +4,24 @@
  * hash and store.
  *
  *   stable stat ──► manifest (+ change tags) writers ──► parent's manifest (+ tags) opened
- *   ──► detector(pipeline, parent) ──► stat again: moved => VolumeChanged
- *   ──► readDone() (thaw, drop the clone) ──► every object write settled
+ *   ──► detector(pipeline, parent) ──► [second pass: every block as it was read]
+ *   ──► stat again: moved => VolumeChanged ──► readDone() (thaw, drop the clone)
+ *   ──► every object write settled
  *
  * The pipeline is the same for every path: chunk buffers from a small pool (memory bound),
  * a read-ahead of one chunk (./pool.ts readAhead), hashing on worker threads, sealing where
  * the store encrypts, object writes throttled to MAX_WRITE_BYTES in flight, and progress
  * after each chunk. An object is always written from the buffer whose bytes were hashed, so
  * its bytes match its name even when the volume changes under the read.
+ *
+ * One moment: the stat check sees write(2), but not stores through a shared mmap into pages
+ * that are already dirty (neither mtime nor ctime moves). So a volume read live (no freeze,
+ * no clone) gets a second, cheap pass: each block's change tag (GHASH, no SHA-256) computed
+ * again and compared with the tag of the bytes the snapshot recorded, and every block the
+ * snapshot has as zero or hole checked to be zero still. Each byte then had the same value
+ * when first read and when read again, and every first read came before every second one:
+ * the snapshot equals the volume at the instant between the two passes. A block that moved
+ * throws VolumeChanged (the attempt is retried, then the snapshot is `error`).
  */
 import { randomBytes } from 'node:crypto';
 import { BlockFile } from '../engine/file';
@@ -22,8 +32,9 @@ import { sealChunk } from './store/crypto-pool';
 import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength } from './store/manifest';
 import { TagKey, TagReader, TagWriter, tagIvs, xor16, SALT_LENGTH } from './store/tags';
 import { SnapshotRecord, emptyStats } from './store/records';
+import { NumberList } from './pool';
 import { HASH_CHUNK_BYTES, MAX_BUFFERS, MAX_WRITE_BYTES, ProgressFn, blocksPerChunk, chunksOf, dataRuns, queueObject, sleep, volumeSizeOf } from './common';
-import { BufferPool, Throttle } from './pool';
+import { BufferPool, Throttle, readAhead } from './pool';
 import { Captured, abortQuietly, percentOf } from './lifecycle';
 
 /** The volume moved while it was being read: the attempt is thrown away (and retried). */
@@ -51,6 +62,30 @@ export interface CaptureSettings {
   onLog?: (message: string) => void;
   saveProgress: (percent: number) => void;
   afterChunk?: (attempt: number, chunk: number) => void | Promise<void>;
+  /** read live (no freeze, no clone): prove one moment with a second pass (see above) */
+  prove: boolean;
+}
+
+/** The data blocks recorded so far, ascending, with the unmasked change tag of the bytes recorded. */
+class RecordedTags {
+  readonly index = new NumberList();
+  private tags = Buffer.allocUnsafe(16 * 1024);
+  get length(): number {
+    return this.index.length;
+  }
+  push(i: number, u: Buffer, uOff: number): void {
+    const n = this.index.length;
+    if ((n + 1) * 16 > this.tags.length) {
+      const t = Buffer.allocUnsafe(this.tags.length * 2);
+      this.tags.copy(t, 0, 0, n * 16);
+      this.tags = t;
+    }
+    u.copy(this.tags, n * 16, uOff, uOff + 16);
+    this.index.push(i);
+  }
+  same(j: number, u: Buffer, uOff: number): boolean {
+    return this.tags.compare(u, uOff, uOff + 16, j * 16, j * 16 + 16) === 0;
+  }
 }
 
 /** The read pipeline of one attempt, shared by every change-detection path. */
@@ -71,6 +106,13 @@ export class ReadPipeline {
   readonly key: Uint8Array | undefined;
   /** the salt of every tag this attempt computes */
   readonly salt = randomBytes(SALT_LENGTH);
+  /**
+   * The key of the unmasked tags every path computes: the change-tag key, or a key of this
+   * attempt's own when there is none (the tags then only serve the second pass).
+   */
+  readonly proofKey: Buffer;
+  /** what the second pass compares with */
+  readonly recorded = new RecordedTags();
   private done = 0;
   private chunkNo = 0;
 
@@ -92,6 +134,7 @@ export class ReadPipeline {
     this.totalBytes = total;
     this.pool = new BufferPool(this.maxBlocks * this.bs, MAX_BUFFERS, (n) => store.backend.allocBuffer?.(n) ?? Buffer.allocUnsafeSlow(n));
     this.key = store.codec.digestKey;
+    this.proofKey = settings.tk?.key ?? randomBytes(32);
   }
 
   get threads(): number {
@@ -107,10 +150,14 @@ export class ReadPipeline {
     return Math.min(this.size, b * this.bs) - a * this.bs;
   }
 
-  /** Records data block i (digest at digests[dOff]) in the new manifest. */
-  record(i: number, digests: Buffer, dOff: number): void {
+  /**
+   * Records data block i in the new manifest: its digest at digests[dOff], and the unmasked
+   * tag (under proofKey) of the bytes that digest is of at u[uOff].
+   */
+  record(i: number, digests: Buffer, dOff: number, u: Buffer, uOff: number): void {
     this.rec.stats.dataBlocks++;
     this.writer.append(i, digests, dOff);
+    if (this.settings.prove) this.recorded.push(i, u, uOff);
   }
 
   /**
@@ -181,7 +228,7 @@ export class ReadPipeline {
       // only the volume's last block is short, and it comes last
       const glen = group.length ? (group.length - 1) * this.bs + lenOf(group.length - 1) : 0;
       await this.file.readBatch(buf, reqs);
-      again = await this.n.hashBlocksAsync(buf.subarray(0, glen), this.bs, this.threads, this.key, this.tk?.key);
+      again = await this.n.hashBlocksAsync(buf.subarray(0, glen), this.bs, this.threads, this.key, this.proofKey);
       for (let k = 0; k < group.length; k++) if (decide(k, again)) ks.push(k);
     } catch (e) {
       this.pool.release(buf);
@@ -206,6 +253,35 @@ export class ReadPipeline {
   bigChunks(): Array<[number, number]> {
     return [...chunksOf(this.runs, this.hashBlocks)];
   }
+}
+
+/**
+ * The second pass (see the note above): throws VolumeChanged unless every block is now what
+ * the snapshot recorded: the same tag where it has data, zero where it has none.
+ */
+async function proveOneMoment(p: ReadPipeline): Promise<void> {
+  const seen = p.recorded;
+  const list = [...chunksOf(dataRuns(p.file, p.size, p.bs), p.hashBlocks)];
+  const moved = (i: number) => new VolumeChanged(`block ${i} changed after it was read`);
+  let j = 0; // the next recorded block
+  await readAhead(
+    list.length,
+    (c) => p.n.tagFile(p.file.fd, list[c][0] * p.bs, p.spanBytes(list[c][0], list[c][1]), p.bs, p.threads, p.proofKey),
+    async (c, now) => {
+      const [a, b] = list[c];
+      if (j < seen.length && seen.index.get(j) < a) throw moved(seen.index.get(j)); // a hole now
+      for (let i = a; i < b; i++) {
+        const k = i - a;
+        if (j < seen.length && seen.index.get(j) === i) {
+          if (now.zero[k] || !seen.same(j, now.tags, k * 16)) throw moved(i);
+          j++;
+        } else if (!now.zero[k]) {
+          throw moved(i); // zero (or a hole) when read, data now
+        }
+      }
+    },
+  );
+  if (j < seen.length) throw moved(seen.index.get(j));
 }
 
 /** Why the volume's stat says it moved between two stats, or undefined. */
@@ -288,6 +364,7 @@ export async function capture(
     p = new ReadPipeline(store, file, rec, size, writer, tagWriter, settings);
     await pick(view)(p, view);
     await p.chunks.drain();
+    if (settings.prove) await proveOneMoment(p);
     // Every read of the volume is done: check it did not move, then let go of the freeze (or
     // the clone) before waiting for the object writes.
     rec.stats.zeroBlocks = blockCount(size, store.blockSize) - rec.stats.dataBlocks;

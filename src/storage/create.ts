@@ -134,7 +134,9 @@ async function runCapture(store: Store, file: BlockFile, rec: SnapshotRecord, pa
       let from: BlockFile | undefined;
       try {
         from = src.path === rec.volumePath ? file : BlockFile.open(src.path, { lock: 'shared' });
-        const settings = { threads: threadsOf(opts), attempt, tk, onProgress: opts.onProgress, onLog: opts.onLog, saveProgress: progress.save, afterChunk: faults.afterChunk };
+        // Read live (not frozen, not a clone): the capture proves the read is of one moment.
+        const prove = from === file && src.consistency !== 'frozen';
+        const settings = { threads: threadsOf(opts), attempt, tk, prove, onProgress: opts.onProgress, onLog: opts.onLog, saveProgress: progress.save, afterChunk: faults.afterChunk };
         writer = await capture(store, from, rec, parent, pickDetector, settings, () => src.release());
       } catch (e) {
         if (!(e instanceof VolumeChanged)) throw e;

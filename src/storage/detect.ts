@@ -14,6 +14,9 @@
  *             the tags for next time), then only the changed blocks read into a buffer and
  *             hashed again there.
  *
+ * Every path computes the unmasked tag of each block it records (under p.proofKey), for the
+ * tag file and for the second pass of ./capture.ts.
+ *
  * A block read twice whose two hashes differ is proof the volume moved (VolumeChanged).
  */
 import { BlockTags } from '../engine/native';
@@ -44,12 +47,12 @@ export const fullHash: ChangeDetector = async (p) => {
       let digests: Buffer;
       const keep: number[] = [];
       try {
-        const h = await p.n.hashBlocksAsync(cur.buf.subarray(0, cur.len), p.bs, p.threads, p.key, p.tk?.key);
+        const h = await p.n.hashBlocksAsync(cur.buf.subarray(0, cur.len), p.bs, p.threads, p.key, p.proofKey);
         digests = h.digests;
         for (let k = 0; k < end - first; k++) {
           if (h.zero[k]) continue;
           p.rec.stats.changedBlocks++;
-          p.record(first + k, digests, k * 32);
+          p.record(first + k, digests, k * 32, h.tags!, k * 16);
           keep.push(k);
         }
         if (h.tags) p.newTags(keep.map((k) => first + k), h.tags, (j) => keep[j] * 16);
@@ -157,7 +160,8 @@ export const tagScan: ChangeDetector = async (p, parent) => {
         ks.forEach((k, j) => again.digests.copy(pc.digests, k * 32, j * 32, j * 32 + 32));
       }
       chunkTags(p, tk, a, first, pc, check);
-      for (const k of pc.data) p.record(a + k, pc.digests, k * 32);
+      // (a re-read block's tag equals first.tags: checked in readAndStore's decide)
+      for (const k of pc.data) p.record(a + k, pc.digests, k * 32, first.tags, k * 16);
       await p.chunkDone(p.spanBytes(a, b));
     },
   );
@@ -172,10 +176,9 @@ export const tagScan: ChangeDetector = async (p, parent) => {
 export const hashScan: ChangeDetector = async (p, parent) => {
   const cursor = parent.cursor!;
   const list = p.bigChunks();
-  const tagKey = p.tagWriter ? p.tk?.key : undefined;
   await readAhead(
     list.length,
-    (c) => p.n.hashFile(p.file.fd, list[c][0] * p.bs, p.spanBytes(list[c][0], list[c][1]), p.bs, p.threads, p.key, undefined, tagKey),
+    (c) => p.n.hashFile(p.file.fd, list[c][0] * p.bs, p.spanBytes(list[c][0], list[c][1]), p.bs, p.threads, p.key, undefined, p.proofKey),
     async (c, { digests, zero, tags }) => {
       const [a, b] = list[c];
       const changed: number[] = [];
@@ -185,12 +188,12 @@ export const hashScan: ChangeDetector = async (p, parent) => {
         if (zero[k]) continue;
         data.push(i);
         const prev = await cursor.lookup(i);
-        p.record(i, digests, k * 32);
+        p.record(i, digests, k * 32, tags!, k * 16);
         if (prev && prev.compare(digests, k * 32, k * 32 + 32) === 0) continue;
         p.rec.stats.changedBlocks++;
         changed.push(i);
       }
-      if (tags) p.newTags(data, tags, (j) => (data[j] - a) * 16);
+      p.newTags(data, tags!, (j) => (data[j] - a) * 16);
       for (let g = 0; g < changed.length; g += p.maxBlocks) {
         const group = changed.slice(g, g + p.maxBlocks);
         await p.readAndStore(group, (k, again) => {

@@ -27,6 +27,7 @@ import { DisksnapError, fromNodeError, invalid } from '../engine/errors';
 import { DerivedKeys, KEY_BYTES, deriveKeys, keyIdOf } from './store/crypto';
 import { writeAtomically } from '../engine/atomic';
 import type { KeyRecord } from './store/records';
+import { readSecretFile } from './store/secure';
 import type { Store } from './store/store';
 
 export const SCRYPT_COST = { N: 2 ** 15, r: 8, p: 1 };
@@ -60,17 +61,13 @@ function describeSpec(spec: KeySpec): string {
   return `the key${spec.from ? ` from ${spec.from}` : ''}`;
 }
 
+/** A key file's 32 bytes; refused when group or others can read it (src/storage/store/secure.ts). */
 export function readKeyFile(file: string): Buffer {
-  let data: Buffer;
-  try {
-    data = fs.readFileSync(file);
-  } catch (e) {
-    throw fromNodeError(e, file);
-  }
-  if (data.length !== KEY_BYTES) {
-    throw invalid(`key file ${file} holds ${data.length} bytes; a key file is exactly ${KEY_BYTES} random bytes (make one: disksnap key generate KEYFILE)`, file);
-  }
-  return data;
+  return readSecretFile(file, 'key file', (data) => {
+    if (data.length !== KEY_BYTES) {
+      throw invalid(`key file ${file} holds ${data.length} bytes; a key file is exactly ${KEY_BYTES} random bytes (make one: disksnap key generate KEYFILE)`, file);
+    }
+  });
 }
 
 /**

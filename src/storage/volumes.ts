@@ -2,6 +2,7 @@
  * Stores and volumes: creating a store, registering a volume (its record: id, real path,
  * size, device and inode, and whether its snapshots are encrypted), listing volumes.
  */
+import { createHash } from 'node:crypto';
 import { BlockFile } from '../engine/file';
 import { DisksnapError, invalid } from '../engine/errors';
 import { NativeStat } from '../engine/native';
@@ -82,21 +83,32 @@ async function refusePlainSnapshots(store: Store, vol: VolumeRecord): Promise<vo
   );
 }
 
+/**
+ * The id a new volume record of `real` gets: derived from the path, so that two processes
+ * registering the same new volume at once pick the same id, and the store's create-if-absent
+ * lets one of them write the record (the other uses it). Records made before keep theirs.
+ */
+export function volumeIdFor(real: string): string {
+  return `vol-${createHash('sha256').update(`disksnap volume\0${real}`).digest('hex').slice(0, 16)}`;
+}
+
 /** The record of the volume at `real`, created when the store has none; size and identity kept current. */
 export async function ensureVolume(store: Store, real: string, file: BlockFile, st: NativeStat): Promise<VolumeRecord> {
-  const existing = await findVolumeByPath(store, real);
   const size = volumeSizeOf(file, st);
-  if (existing) {
-    if (existing.size !== size || existing.dev !== st.dev || existing.ino !== String(st.ino)) {
-      existing.size = size;
-      existing.dev = st.dev;
-      existing.ino = String(st.ino);
-      await store.writeVolume(existing);
-    }
-    return existing;
+  const existing = (await findVolumeByPath(store, real)) ?? (await createVolume(store, real, size, st));
+  if (existing.size !== size || existing.dev !== st.dev || existing.ino !== String(st.ino)) {
+    existing.size = size;
+    existing.dev = st.dev;
+    existing.ino = String(st.ino);
+    await store.writeVolume(existing);
   }
+  return existing;
+}
+
+/** A new record of the volume at `real`, or the one another process made at the same moment. */
+async function createVolume(store: Store, real: string, size: number, st: NativeStat): Promise<VolumeRecord> {
   const rec: VolumeRecord = {
-    id: newId('vol'),
+    id: volumeIdFor(real),
     path: real,
     size,
     dev: st.dev,
@@ -106,6 +118,12 @@ export async function ensureVolume(store: Store, real: string, file: BlockFile, 
     created: new Date().toISOString(),
     inPlaceRestore: null,
   };
+  if (await store.createVolume(rec)) return rec;
+  const theirs = await store.readVolume(rec.id);
+  if (theirs.path === real) return theirs;
+  // The id is taken by a record of another path (one copied in from another store can be):
+  // this volume gets a random id, as every volume had before.
+  rec.id = newId('vol');
   await store.writeVolume(rec);
   return rec;
 }

@@ -42,6 +42,7 @@ import { DirectoryBackend } from './dir';
 import { Lease, StoreLock, LockOptions } from './lock';
 import { ManifestHeader, ManifestReader, ManifestWriter } from './manifest';
 import { tagsKey } from './tags';
+import { assertTrustedStore } from './secure';
 import { DerivedKeys, sealBlock, sealMetadata, unsealBlock } from './crypto';
 import {
   KeyRecord,
@@ -131,6 +132,19 @@ export interface SnapshotListing {
   damaged: { id: string; error: DisksnapError }[];
 }
 
+/**
+ * Of the snapshots that share a name, those a name means: the completed ones, else the
+ * pending ones, else the failed ones. A failed run leaves its name on an `error` snapshot;
+ * the completed re-run takes the name over (the failed one stays reachable by its id).
+ */
+function bestByName(recs: SnapshotRecord[]): SnapshotRecord[] {
+  for (const state of ['completed', 'pending', 'error'] as const) {
+    const these = recs.filter((r) => r.state === state);
+    if (these.length) return these;
+  }
+  return recs;
+}
+
 export class Store {
   private constructor(
     readonly dir: string,
@@ -150,6 +164,7 @@ export class Store {
 
   static async open(dir: string | undefined, opts: OpenStoreOptions = {}): Promise<Store> {
     const root = path.resolve(dir ?? defaultStoreDir());
+    assertTrustedStore(root); // before anything in it is read or written (src/storage/store/secure.ts)
     const backend = fullBackend(backendFactory ? backendFactory(root) : new DirectoryBackend(root));
     let text: Buffer | undefined;
     try {
@@ -322,6 +337,16 @@ export class Store {
     await this.backend.put(this.volumeKey(rec.id), Buffer.from(JSON.stringify(rec, null, 2) + '\n'));
   }
 
+  /**
+   * Writes a new volume record unless one with its id exists (then false): the atomic step
+   * that makes two registrations of one volume at once end with one record.
+   */
+  async createVolume(rec: VolumeRecord): Promise<boolean> {
+    if (!(await this.backend.putIfAbsent(this.volumeKey(rec.id), Buffer.from(JSON.stringify(rec, null, 2) + '\n')))) return false;
+    await this.backend.flush(); // the new name durable before anything refers to it
+    return true;
+  }
+
   async listVolumes(): Promise<{ volumes: VolumeRecord[]; damaged: { id: string; error: DisksnapError }[] }> {
     const volumes: VolumeRecord[] = [];
     const damaged: { id: string; error: DisksnapError }[] = [];
@@ -407,7 +432,7 @@ export class Store {
     if (isSnapshotId(ref)) return this.readSnapshot(ref);
     const { snapshots, damaged } = await this.listSnapshots();
     await reveal?.(snapshots); // names of encrypted snapshots, where the caller holds their key
-    const byName = snapshots.filter((s) => s.name !== '' && s.name === ref);
+    const byName = bestByName(snapshots.filter((s) => s.name !== '' && s.name === ref));
     if (byName.length === 1) return byName[0];
     if (byName.length > 1) {
       throw new DisksnapError(`snapshot name '${ref}' is ambiguous: ${byName.map((s) => s.id).join(', ')}`, 'EINVALID');

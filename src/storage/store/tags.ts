@@ -53,6 +53,7 @@ import { native } from '../../engine/native';
 import { syncDir } from '../../engine/atomic';
 import type { FullBackend, ObjectReader } from './backend';
 import { EntryWriter } from './entries';
+import { readSecretFile } from './secure';
 
 export const TAGS_MAGIC = Buffer.from('DSNAPTG\n', 'latin1');
 export const TAGS_VERSION = 1;
@@ -87,17 +88,20 @@ export function tagKeyFrom(key: Buffer): TagKey {
  * The tag key of a plain store: `tag.key` in its directory, created (32 random bytes, 0600,
  * written under a temporary name, synced, then linked: never replaced) when absent. Undefined
  * when it cannot be read or made (another user's store, a read-only one): tags are then off.
+ * One that group or others can read is refused (src/storage/store/secure.ts).
  */
 export function plainStoreTagKey(storeDir: string): TagKey | undefined {
   const file = path.join(storeDir, KEY_FILE);
+  // A key others can read would let them forge tags that hide a change: refused (EPERM).
   const read = (): TagKey | undefined => {
-    const k = fs.readFileSync(file);
+    const k = readSecretFile(file, "the store's change-tag key");
     return k.length === 32 ? tagKeyFrom(k) : undefined;
   };
   try {
     return read();
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') return undefined;
+    if (isDisksnapError(e, 'EPERM')) throw e;
+    if (!isDisksnapError(e, 'ENOENT')) return undefined;
   }
   // The temporary name is in snapshots/, where gc removes what a killed process leaves.
   const tmp = path.join(storeDir, 'snapshots', `.tmp-${process.pid}-${randomBytes(6).toString('hex')}`);
@@ -116,7 +120,8 @@ export function plainStoreTagKey(storeDir: string): TagKey | undefined {
     }
     syncDir(storeDir);
     return read();
-  } catch {
+  } catch (e) {
+    if (isDisksnapError(e, 'EPERM')) throw e;
     return undefined; // no key can be made here (see above): tags off, every block hashed; nothing is lost
   } finally {
     fs.rmSync(tmp, { force: true });

@@ -1,0 +1,118 @@
+/**
+ * What disksnap asks of a store and of its secrets before it trusts them, as ssh asks of
+ * ~/.ssh:
+ *   - a secret (a key file, a plain store's tag.key) is readable by its owner alone, and that
+ *     owner is this user (or root): otherwise refused, with the chmod to run;
+ *   - a store and the entries at its top and in its record directories (volumes/, snapshots/,
+ *     leases/, keys/) are owned by this user (or root), not writable by others, and none is a
+ *     symbolic link: another user who could plant a link or a directory there could make
+ *     disksnap write through it (the lock, records, leases) or trust what it names. With the
+ *     directories ours and closed to others, nobody else can add entries below them, so the
+ *     block objects (millions, each checked against its digest on every read) are not walked;
+ *     blocks/ and its prefix directories are.
+ * The store's own path may be a link (the user's choice); nothing inside it may.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { DisksnapError, fromNodeError } from '../../engine/errors';
+
+function refuse(message: string, p: string): DisksnapError {
+  return new DisksnapError(message, 'EPERM', 1, p);
+}
+
+function myUid(): number | undefined {
+  return typeof process.getuid === 'function' ? process.getuid() : undefined;
+}
+
+const mode = (st: fs.Stats) => (st.mode & 0o7777).toString(8).padStart(4, '0');
+
+/** Refuses a secret that group or others can read, or that another user owns. */
+export function assertPrivate(file: string, st: fs.Stats, what: string): void {
+  const uid = myUid();
+  if (uid !== undefined && st.uid !== uid && st.uid !== 0) {
+    throw refuse(`${what} ${file} is owned by uid ${st.uid}, not by you (uid ${uid}); use a key file of your own`, file);
+  }
+  if (st.mode & 0o077) {
+    throw refuse(`${what} ${file} can be read by group or others (mode ${mode(st)}); run: chmod 600 ${file}`, file);
+  }
+}
+
+/** Reads a secret file, checked on the descriptor it is read from (no race with a chmod or rename). */
+export function readSecretFile(file: string, what: string, check: (data: Buffer) => void = () => undefined): Buffer {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch (e) {
+    throw fromNodeError(e, file);
+  }
+  try {
+    const data = fs.readFileSync(fd);
+    check(data); // what is wrong with the content is said first: it is the likelier mistake
+    const st = fs.fstatSync(fd);
+    if (st.isFile()) assertPrivate(file, st, what);
+    return data;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+function assertTrusted(p: string, st: fs.Stats, kind: 'file' | 'directory'): void {
+  if (st.isSymbolicLink()) throw refuse(`${p} is a symbolic link inside a store; disksnap follows none there (remove it, or restore what it replaced)`, p);
+  if (kind === 'directory' ? !st.isDirectory() : !st.isFile()) throw refuse(`${p} is not a ${kind}; a store has a ${kind} there`, p);
+  const uid = myUid();
+  if (uid !== undefined && st.uid !== uid && st.uid !== 0) {
+    throw refuse(`${p} in the store is owned by uid ${st.uid}, not by you (uid ${uid}); use a store of your own (or run: chown -R ${uid} ${p})`, p);
+  }
+  if (st.mode & 0o002) throw refuse(`${p} in the store is writable by others (mode ${mode(st)}); run: chmod o-w ${p}`, p);
+}
+
+function lstatIfAny(p: string): fs.Stats | undefined {
+  try {
+    return fs.lstatSync(p);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw fromNodeError(e, p);
+  }
+}
+
+const TOP_FILES = ['store.json', 'lock', 'tag.key'];
+const RECORD_DIRS = ['volumes', 'snapshots', 'leases', 'keys'];
+
+/** Refuses a store (an existing directory) that another user could have changed under us. */
+export function assertTrustedStore(root: string): void {
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(root); // the store's own path may be a link
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw fromNodeError(e, root);
+  }
+  assertTrusted(root, st, 'directory');
+  for (const name of TOP_FILES) {
+    const p = path.join(root, name);
+    const s = lstatIfAny(p);
+    if (s) assertTrusted(p, s, 'file');
+  }
+  const blocks = path.join(root, 'blocks');
+  const bs = lstatIfAny(blocks);
+  if (bs) {
+    assertTrusted(blocks, bs, 'directory');
+    // its 256 prefix directories (the objects below them are not walked: see above)
+    for (const name of fs.readdirSync(blocks)) {
+      const p = path.join(blocks, name);
+      const e = lstatIfAny(p);
+      if (e) assertTrusted(p, e, 'directory');
+    }
+  }
+  for (const d of RECORD_DIRS) {
+    const dir = path.join(root, d);
+    const s = lstatIfAny(dir);
+    if (!s) continue;
+    assertTrusted(dir, s, 'directory');
+    for (const name of fs.readdirSync(dir)) {
+      const p = path.join(dir, name);
+      const e = lstatIfAny(p);
+      if (e) assertTrusted(p, e, 'file');
+    }
+  }
+}
