@@ -3,8 +3,8 @@
  * (or, with keepChild, replaced by an empty one).
  *
  * Crash safety is by re-running, in this order:
- *   1. every refusal (attached, other children, grandchildren, the parent guard) — nothing
- *      has been touched yet;
+ *   1. every refusal (attached, other children, grandchildren, the parent guard, a child or
+ *      qcow2 parent that cannot be written) — nothing has been touched yet;
  *   2. the marker CHILD.disksnap-commit.json is written (temporary name + rename): from here on
  *      the child opens only for the commit, and rollback/reset refuse, since the parent may be
  *      half-committed;
@@ -23,15 +23,16 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BlockFile } from '../engine/file';
-import { busy } from '../engine/errors';
+import { DisksnapError, busy } from '../engine/errors';
 import { syncDir } from '../engine/atomic';
 import { detectFormat } from '../image';
 import { Qcow2Image } from '../image/qcow2/image';
+import { INCOMPAT_DIRTY, Qcow2Header } from '../image/qcow2/format';
 import { same } from '../image/children';
 import { commitMarkerPath, readJson, writeJsonAtomic } from '../image/sidecars';
 import { childrenOf, makeReadOnly, readRegistry, removeChild } from './registry';
 import { assertNotAttached } from './attached';
-import { readChild, replaceWithEmpty, Progress } from './child';
+import { readChild, readHeader, replaceWithEmpty, Progress } from './child';
 import { CopyJob, parallelCopy, PIECE } from './copy';
 
 export interface CommitOptions {
@@ -69,7 +70,26 @@ interface CommitMarker {
   durableBelow?: number;
 }
 
-/** Step 1: every refusal, before anything is written. Returns the parent and its other children. */
+/**
+ * What makes Qcow2Image refuse to open an image for writing, read from its header: asked of the
+ * child and of a qcow2 parent before the marker, since after it a refusal would leave the
+ * child behind the marker and the parent writable.
+ */
+function writeRefusal(h: Qcow2Header): string | undefined {
+  if (h.nbSnapshots > 0) return `internal snapshots (${h.nbSnapshots}); disksnap writes only images without them`;
+  if (h.incompatible & INCOMPAT_DIRTY) return 'the dirty bit (lazy refcounts left stale by an unclean shutdown); repair it with qemu-img check -r all first';
+  return undefined;
+}
+
+function unsupported(image: string, what: string): DisksnapError {
+  return new DisksnapError(`${image}: uses ${what}, which disksnap does not support`, 'EUNSUPPORTED', undefined, image);
+}
+
+/**
+ * Step 1: every refusal, before anything is written: the child's parent guard, attachments,
+ * other children, grandchildren, and whether the child and the parent can be written.
+ * Returns the parent and its other children.
+ */
 function preflight(child: string, marker: CommitMarker | undefined, opts: CommitOptions): { parent: string; siblings: string[] } {
   let parent: string;
   if (marker) {
@@ -86,6 +106,16 @@ function preflight(child: string, marker: CommitMarker | undefined, opts: Commit
   }
   if (childrenOf(child).length > 0) {
     throw busy(`${child} has children of its own; committing would change their parent; roll them back first`, child);
+  }
+  if (fs.existsSync(child)) {
+    const h = readHeader(child);
+    const childRefusal = writeRefusal(h);
+    if (childRefusal) throw unsupported(child, childRefusal);
+    if (detectFormat(parent) === 'qcow2') {
+      const ph = readHeader(parent);
+      const parentRefusal = writeRefusal(ph);
+      if (parentRefusal) throw unsupported(parent, parentRefusal);
+    }
   }
   return { parent, siblings };
 }
