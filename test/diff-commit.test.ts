@@ -55,6 +55,49 @@ function assertNothingChanged(t: Test, parent: string, child: string, b: Before,
   t.ok(readAll(child).equals(b.shows), `${phase}: the child still reads, and shows what it showed`);
 }
 
+t.test('a child grown past its qcow2 parent is committed as qemu-img commit does: the parent grows', { skip }, async (t) => {
+  const dir = t.testdir();
+  const oracle = path.join(dir, 'oracle');
+  fs.mkdirSync(oracle);
+  const parent = qcow2Parent(dir, MiB);
+  const child = path.join(dir, 'child.qcow2');
+  await diff.createChild(parent, child);
+  qemuImgOk('resize', '-q', child, String(3 * MiB));
+  qemuIo(child, ['write -P 0x11 4096 8192', `write -P 0x22 ${2 * MiB} ${MiB}`, `write -P 0x33 ${MiB - 512} 1024`]);
+  const shows = readAll(child);
+  t.equal(shows.length, 3 * MiB);
+  // the oracle: qemu-img commit of the same chain, copied
+  for (const f of [parent, child]) fs.copyFileSync(f, path.join(oracle, path.basename(f)));
+  qemuImgOk('commit', '-q', path.join(oracle, 'child.qcow2'));
+
+  const r = await diff.commit(child);
+  t.equal(r.resumed, false);
+  t.notOk(fs.existsSync(child), 'child removed');
+  t.notOk(fs.existsSync(commitMarkerPath(child)), 'no marker left');
+  const info = JSON.parse(qemuImgOk('info', '--output=json', parent)) as { 'virtual-size': number };
+  t.equal(info['virtual-size'], 3 * MiB, 'the parent grew to the child size');
+  assertClean(t, parent, 'after commit');
+  qemuImgOk('compare', '-q', parent, path.join(oracle, 'parent.qcow2'));
+  t.pass('qemu-img compare: the parent equals what qemu-img commit made');
+  t.ok(readAll(parent).equals(shows), 'the parent shows what the child showed');
+  t.equal(mode(parent), 0o644, 'parent writable again');
+});
+
+t.test('a child grown past what the parent L1 table can map is refused before anything is written', { skip }, async (t) => {
+  const dir = t.testdir();
+  // 512-byte clusters: one L1 cluster (64 entries of 32 KiB each) maps 2 MiB
+  const parent = qcow2Parent(dir, MiB, 512);
+  const child = path.join(dir, 'child.qcow2');
+  await diff.createChild(parent, child);
+  qemuImgOk('resize', '-q', child, String(4 * MiB));
+  qemuIo(child, [`write -P 0x44 0 4096`, `write -P 0x55 ${3 * MiB} 4096`]);
+  const b = before(parent, child);
+  await t.rejects(diff.commit(child), { code: 'EUNSUPPORTED', message: /L1 table.*qemu-img resize/ });
+  assertNothingChanged(t, parent, child, b, 'refused');
+  diff.rollback(child);
+  t.equal(mode(parent), 0o644, 'rollback still works and releases the parent');
+});
+
 t.test('commit of a child with internal snapshots is refused and changes nothing', { skip }, async (t) => {
   const dir = t.testdir();
   const parent = makeParent(dir, MiB).file;

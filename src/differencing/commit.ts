@@ -4,12 +4,14 @@
  *
  * Crash safety is by re-running, in this order:
  *   1. every refusal (attached, other children, grandchildren, the parent guard, a child or
- *      qcow2 parent that cannot be written) — nothing has been touched yet;
+ *      qcow2 parent that cannot be written, a qcow2 parent that cannot grow to the child's
+ *      size) — nothing has been touched yet;
  *   2. the marker CHILD.disksnap-commit.json is written (temporary name + rename): from here on
  *      the child opens only for the commit, and rollback/reset refuse, since the parent may be
  *      half-committed;
- *   3. the parent is made writable and every data/zero extent of the child is written into it,
- *      then the parent is synced. The copy is idempotent (the child stays whole until step 4),
+ *   3. the parent is made writable, grown to the child's size if it is smaller (a raw parent
+ *      is extended, a qcow2 parent grown as `qemu-img commit` grows it), and every data/zero
+ *      extent of the child is written into it, then the parent is synced. The copy is idempotent (the child stays whole until step 4),
  *      so an interrupted run is finished by running the commit again, which copies everything
  *      again;
  *   4. the child is deleted (directory synced) or replaced by an empty child;
@@ -28,6 +30,7 @@ import { syncDir } from '../engine/atomic';
 import { detectFormat } from '../image';
 import { Qcow2Image } from '../image/qcow2/image';
 import { INCOMPAT_DIRTY, Qcow2Header } from '../image/qcow2/format';
+import { growQcow2, growRefusal } from '../image/qcow2/resize';
 import { same } from '../image/children';
 import { commitMarkerPath, readJson, writeJsonAtomic } from '../image/sidecars';
 import { childrenOf, makeReadOnly, readRegistry, removeChild } from './registry';
@@ -87,8 +90,8 @@ function unsupported(image: string, what: string): DisksnapError {
 
 /**
  * Step 1: every refusal, before anything is written: the child's parent guard, attachments,
- * other children, grandchildren, and whether the child and the parent can be written.
- * Returns the parent and its other children.
+ * other children, grandchildren, and whether the child and the parent can be written (and a
+ * qcow2 parent grown to the child's size). Returns the parent and its other children.
  */
 function preflight(child: string, marker: CommitMarker | undefined, opts: CommitOptions): { parent: string; siblings: string[] } {
   let parent: string;
@@ -115,6 +118,10 @@ function preflight(child: string, marker: CommitMarker | undefined, opts: Commit
       const ph = readHeader(parent);
       const parentRefusal = writeRefusal(ph);
       if (parentRefusal) throw unsupported(parent, parentRefusal);
+      const growth = growRefusal(ph, h.size);
+      if (growth) {
+        throw new DisksnapError(`${parent}: cannot grow it to the size of ${child} (${h.size} bytes, the parent has ${ph.size}): ${growth}`, 'EUNSUPPORTED', undefined, parent);
+      }
     }
   }
   return { parent, siblings };
@@ -241,6 +248,8 @@ async function copyIntoRaw(img: Qcow2Image, parent: string, extents: Extent[], t
 }
 
 function copyIntoQcow2(img: Qcow2Image, parent: string, extents: Extent[], t: Tally): void {
+  // as qemu-img commit does, a smaller parent grows to the child's size (idempotent on a re-run)
+  growQcow2(parent, img.virtualSize);
   const out = Qcow2Image.open(parent, { write: true, allowChildren: true });
   try {
     const chunk = Buffer.alloc(PIECE);
