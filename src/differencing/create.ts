@@ -12,6 +12,9 @@ import { addChild, childrenOf } from './registry';
 import { assertNotAttachedWritable } from './attached';
 import { backingNameFor, ChildInfo, openParent, writeEmptyChild } from './child';
 
+/** QEMU's unit of virtual size (BDRV_SECTOR_SIZE). */
+const SECTOR = 512;
+
 export interface CreateChildOptions {
   /** bytes (default 64 KiB) */
   clusterSize?: number;
@@ -31,7 +34,9 @@ export async function createChild(parent: string, child: string, opts: CreateChi
   }
   const p = openParent(parent);
   try {
-    const shape = { size: p.size, clusterSize, backingName: backingNameFor(child, parent) };
+    // qemu-img create -b rounds the size up to whole 512-byte sectors, and QEMU sees qcow2
+    // sizes in sectors: a child of the exact odd size would hide its last bytes from a VM
+    const shape = { size: Math.ceil(p.size / SECTOR) * SECTOR, clusterSize, backingName: backingNameFor(child, parent) };
     // registered (and the parent read-only) before the child appears under its name
     return await writeEmptyChild(child, parent, p, shape, !!opts.force, () => addChild(parent, child));
   } finally {

