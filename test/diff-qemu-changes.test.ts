@@ -54,3 +54,28 @@ t.test('diff create on an odd-sized raw parent sizes the child as qemu-img creat
   assertClean(t, child, 'after the tail write');
 });
 
+t.test('after qemu-img rebase -b "" the former child is no child: diff children and rollback release the parent', { skip }, async (t) => {
+  const dir = t.testdir();
+  const parent = makeParent(dir, MiB);
+  const child = path.join(dir, 'child.qcow2');
+  await diff.createChild(parent.file, child);
+  qemuIo(child, ['write -P 0x21 4096 4096']);
+  t.equal(mode(parent.file), 0o444, 'read-only while it has a child');
+  qemuImgOk('rebase', '-q', '-f', 'qcow2', '-b', '', child);
+  t.throws(() => diff.rollback(child), { code: 'EINVALID', message: /no backing file.*standalone/ }, 'rollback refuses to delete a standalone image');
+  t.ok(fs.existsSync(child), 'the standalone image is kept');
+  t.same(diff.childrenOf(parent.file), [], 'diff children: none');
+  t.equal(mode(parent.file), 0o644, 'the parent got its mode back');
+  t.notOk(fs.existsSync(childrenRegistryPath(parent.file)), 'and the registry is gone');
+
+  // two children, one made standalone: rolling back the other releases the parent
+  const a = path.join(dir, 'a.qcow2');
+  const b = path.join(dir, 'b.qcow2');
+  await diff.createChild(parent.file, a);
+  await diff.createChild(parent.file, b);
+  qemuImgOk('rebase', '-q', '-f', 'qcow2', '-b', '', a);
+  const r = diff.rollback(b);
+  t.same(r.remaining, [], 'no children remain');
+  t.equal(mode(parent.file), 0o644, 'the parent got its mode back');
+});
+

@@ -60,7 +60,11 @@ export function readHeader(image: string): Qcow2Header {
 export function readChild(child: string): { header: Qcow2Header; parent: string } {
   const header = readHeader(child);
   if (header.backingFile === undefined) {
-    throw invalid(`${child} has no backing file: it is not a differencing child`, child);
+    throw invalid(
+      `${child} has no backing file: it is not a differencing child (it is standalone, as \`qemu-img rebase -b ''\` or a block-stream leaves one); ` +
+        "nothing was changed. `disksnap diff children PARENT` releases a parent it was the child of",
+      child,
+    );
   }
   return { header, parent: resolveBacking(child, header.backingFile) };
 }
