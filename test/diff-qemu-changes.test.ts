@@ -79,3 +79,48 @@ t.test('after qemu-img rebase -b "" the former child is no child: diff children 
   t.equal(mode(parent.file), 0o644, 'the parent got its mode back');
 });
 
+t.test('the guard says what QEMU did: a commit wrote the parent, a rebase made it a different file, and what accept-parent would do', { skip }, async (t) => {
+  const dir = t.testdir();
+  const parent = makeParent(dir, MiB);
+  const mid = path.join(dir, 'mid.qcow2');
+  await diff.createChild(parent.file, mid);
+  qemuIo(mid, ['write -P 0x31 0 65536']);
+  // qemu-img commit writes mid into the parent (root: the a-w mode does not stop it)
+  qemuImgOk('commit', '-q', '-d', mid);
+  const committed = t.throws(() => Qcow2Image.open(mid).close()) as Error;
+  t.match(committed, { code: 'EPARENTCHANGED' });
+  t.match(committed.message, /was written/, 'says the backing file was written');
+  t.match(committed.message, /qemu-img commit/, 'names a commit as what writes a parent');
+  t.match(committed.message, /accept-parent .*records/, 'says what accept-parent would do');
+  t.notMatch(committed.message, /would show corrupt data/);
+
+  const other = path.join(dir, 'other.raw');
+  fs.writeFileSync(other, pattern(MiB, 9));
+  qemuImgOk('rebase', '-q', '-f', 'qcow2', '-b', 'other.raw', '-F', 'raw', mid);
+  const rebased = t.throws(() => Qcow2Image.open(mid).close()) as Error;
+  t.match(rebased, { code: 'EPARENTCHANGED' });
+  t.match(rebased.message, /different file/, 'says the backing file is a different file');
+  t.match(rebased.message, /other\.raw/, 'names it');
+  t.match(rebased.message, /accept-parent .*records/, 'says what accept-parent would do');
+});
+
+t.test('a parent written outside the sampled blocks with its mtime set back is caught by its ctime', { skip: skip || missing({ root: true }) }, async (t) => {
+  const dir = t.testdir();
+  const parent = makeParent(dir, 4 * MiB);
+  const child = path.join(dir, 'child.qcow2');
+  await diff.createChild(parent.file, child);
+  const before = fs.statSync(parent.file, { bigint: true });
+  // 100,000 lies between the first 64 KiB and the first sample (at 240 KiB): not fingerprinted
+  const fd = fs.openSync(parent.file, 'r+');
+  fs.writeSync(fd, Buffer.alloc(4096, 0xee), 0, 4096, 100_000);
+  fs.closeSync(fd);
+  const sec = before.mtimeNs / 1_000_000_000n;
+  const nsec = (before.mtimeNs % 1_000_000_000n).toString().padStart(9, '0');
+  const touch = run('touch', ['-m', '-d', `@${sec}.${nsec}`, parent.file]);
+  t.equal(touch.status, 0, touch.stderr);
+  t.equal(fs.statSync(parent.file, { bigint: true }).mtimeNs, before.mtimeNs, 'the mtime is back where it was');
+  t.throws(() => Qcow2Image.open(child).close(), { code: 'EPARENTCHANGED', message: /ctime|status change/ }, 'the child refuses its changed parent');
+  diff.acceptParent(child);
+  Qcow2Image.open(child).close();
+  t.pass('accept-parent records it as it is now');
+});

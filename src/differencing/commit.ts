@@ -14,9 +14,10 @@
  *      extent of the child is written into it, then the parent is synced. The copy is idempotent (the child stays whole until step 4),
  *      so an interrupted run is finished by running the commit again, which copies everything
  *      again;
- *   4. the child is deleted (directory synced) or replaced by an empty child;
+ *   4. the child is deleted (directory synced), unless it is kept;
  *   5. registry and mode: the parent stays read-only while other children remain, else gets
- *      its mode back; the marker is removed last.
+ *      its mode back; a kept child is then replaced by an empty one (its guard records the
+ *      parent with its final mode and ctime); the marker is removed last.
  *
  * Raw parents: FICLONERANGE where the filesystem shares extents, else copy_file_range pieces in
  * flight on the thread pool (copy.ts). qcow2 parents: written through Qcow2Image. Left simple:
@@ -154,9 +155,7 @@ export async function commit(child: string, opts: CommitOptions = {}): Promise<C
       const r = await copyIntoParent(img, parent, marker.durableBelow ?? 0, opts.onProgress);
       bytesCopied = r.copied;
       bytesZeroed = r.zeroed;
-      if (marker.keepChild) {
-        await replaceWithEmpty(child, parent, readChild(child).header);
-      } else {
+      if (!marker.keepChild) {
         fs.unlinkSync(child);
         syncDir(path.dirname(path.resolve(child)));
       }
@@ -170,6 +169,9 @@ export async function commit(child: string, opts: CommitOptions = {}): Promise<C
   const remaining = marker.keepChild ? childrenOf(parent) : removeChild(parent, child);
   if (remaining.length > 0) makeReadOnly(parent);
   else if (!hadRegistry) fs.chmodSync(parent, marker.parentMode);
+  // the kept child is emptied once the parent's mode is final: the chmod changes the parent's
+  // ctime, which the new child's guard records
+  if (marker.keepChild && fs.existsSync(child)) await replaceWithEmpty(child, parent, readChild(child).header);
   fs.rmSync(markerPath, { force: true });
   syncDir(path.dirname(path.resolve(child)));
   return { child, parent, bytesCopied, bytesZeroed, resumed, keptChild: marker.keepChild, siblings };

@@ -7,8 +7,8 @@ import * as fs from 'node:fs';
 import { DisksnapError, invalid, busy } from '../engine/errors';
 import { checkOutput } from '../engine/atomic';
 import { clusterBitsOf } from '../image/qcow2/create';
-import { same } from '../image/children';
-import { addChild, childrenOf } from './registry';
+import { isChildOf, same } from '../image/children';
+import { addChild, childrenOf, removeChild } from './registry';
 import { assertNotAttachedWritable } from './attached';
 import { backingNameFor, ChildInfo, openParent, writeEmptyChild } from './child';
 
@@ -39,6 +39,10 @@ export async function createChild(parent: string, child: string, opts: CreateChi
     const shape = { size: Math.ceil(p.size / SECTOR) * SECTOR, clusterSize, backingName: backingNameFor(child, parent) };
     // registered (and the parent read-only) before the child appears under its name
     return await writeEmptyChild(child, parent, p, shape, !!opts.force, () => addChild(parent, child));
+  } catch (e) {
+    // no child was made: the parent is released again unless it has others
+    if (!isChildOf(child, parent)) removeChild(parent, child);
+    throw e;
   } finally {
     p.close();
   }
