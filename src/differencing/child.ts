@@ -60,7 +60,11 @@ export function readHeader(image: string): Qcow2Header {
 export function readChild(child: string): { header: Qcow2Header; parent: string } {
   const header = readHeader(child);
   if (header.backingFile === undefined) {
-    throw invalid(`${child} has no backing file: it is not a differencing child`, child);
+    throw invalid(
+      `${child} has no backing file: it is not a differencing child (it is standalone, as \`qemu-img rebase -b ''\` or a block-stream leaves one); ` +
+        "nothing was changed. `disksnap diff children PARENT` releases a parent it was the child of",
+      child,
+    );
   }
   return { header, parent: resolveBacking(child, header.backingFile) };
 }
@@ -79,14 +83,15 @@ export interface ChildShape {
 
 /**
  * Writes an empty child of `p` at `child` (temporary name, synced, then renamed), recording
- * the parent's identity in its guard. `beforeRename` runs once the child is complete but not
- * yet under its name (the registry entry goes in there).
+ * the parent's identity in its guard. `register` runs first, before the child appears under
+ * its name: the registry entry, and the parent made read-only — a chmod, which changes the
+ * parent's ctime, so the identity is taken after it.
  */
-export async function writeEmptyChild(child: string, parent: string, p: OpenParent, shape: ChildShape, force: boolean, beforeRename?: () => void): Promise<ChildInfo> {
-  const guard = toRecord(identify(p.file));
+export async function writeEmptyChild(child: string, parent: string, p: OpenParent, shape: ChildShape, force: boolean, register?: () => void): Promise<ChildInfo> {
   await writeAtomically(child, { force, sync: true }, (tmp) => {
+    register?.();
+    const guard = toRecord(identify(p.file));
     createQcow2(tmp, { size: shape.size, clusterSize: shape.clusterSize, backingFile: shape.backingName, backingFormat: p.format, guard });
-    beforeRename?.();
   });
   return { child, parent, parentFormat: p.format, backingName: shape.backingName, virtualSize: shape.size, clusterSize: shape.clusterSize };
 }

@@ -3,18 +3,21 @@
  * (or, with keepChild, replaced by an empty one).
  *
  * Crash safety is by re-running, in this order:
- *   1. every refusal (attached, other children, grandchildren, the parent guard) — nothing
- *      has been touched yet;
+ *   1. every refusal (attached, other children, grandchildren, the parent guard, a child or
+ *      qcow2 parent that cannot be written, a qcow2 parent that cannot grow to the child's
+ *      size) — nothing has been touched yet;
  *   2. the marker CHILD.disksnap-commit.json is written (temporary name + rename): from here on
  *      the child opens only for the commit, and rollback/reset refuse, since the parent may be
  *      half-committed;
- *   3. the parent is made writable and every data/zero extent of the child is written into it,
- *      then the parent is synced. The copy is idempotent (the child stays whole until step 4),
+ *   3. the parent is made writable, grown to the child's size if it is smaller (a raw parent
+ *      is extended, a qcow2 parent grown as `qemu-img commit` grows it), and every data/zero
+ *      extent of the child is written into it, then the parent is synced. The copy is idempotent (the child stays whole until step 4),
  *      so an interrupted run is finished by running the commit again, which copies everything
  *      again;
- *   4. the child is deleted (directory synced) or replaced by an empty child;
+ *   4. the child is deleted (directory synced), unless it is kept;
  *   5. registry and mode: the parent stays read-only while other children remain, else gets
- *      its mode back; the marker is removed last.
+ *      its mode back; a kept child is then replaced by an empty one (its guard records the
+ *      parent with its final mode and ctime); the marker is removed last.
  *
  * Raw parents: FICLONERANGE where the filesystem shares extents, else copy_file_range pieces in
  * flight on the thread pool (copy.ts). qcow2 parents: written through Qcow2Image. Left simple:
@@ -23,15 +26,17 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BlockFile } from '../engine/file';
-import { busy } from '../engine/errors';
+import { DisksnapError, busy } from '../engine/errors';
 import { syncDir } from '../engine/atomic';
 import { detectFormat } from '../image';
 import { Qcow2Image } from '../image/qcow2/image';
+import { INCOMPAT_DIRTY, Qcow2Header } from '../image/qcow2/format';
+import { growQcow2, growRefusal } from '../image/qcow2/resize';
 import { same } from '../image/children';
 import { commitMarkerPath, readJson, writeJsonAtomic } from '../image/sidecars';
 import { childrenOf, makeReadOnly, readRegistry, removeChild } from './registry';
 import { assertNotAttached } from './attached';
-import { readChild, replaceWithEmpty, Progress } from './child';
+import { readChild, readHeader, replaceWithEmpty, Progress } from './child';
 import { CopyJob, parallelCopy, PIECE } from './copy';
 
 export interface CommitOptions {
@@ -69,7 +74,26 @@ interface CommitMarker {
   durableBelow?: number;
 }
 
-/** Step 1: every refusal, before anything is written. Returns the parent and its other children. */
+/**
+ * What makes Qcow2Image refuse to open an image for writing, read from its header: asked of the
+ * child and of a qcow2 parent before the marker, since after it a refusal would leave the
+ * child behind the marker and the parent writable.
+ */
+function writeRefusal(h: Qcow2Header): string | undefined {
+  if (h.nbSnapshots > 0) return `internal snapshots (${h.nbSnapshots}); disksnap writes only images without them`;
+  if (h.incompatible & INCOMPAT_DIRTY) return 'the dirty bit (lazy refcounts left stale by an unclean shutdown); repair it with qemu-img check -r all first';
+  return undefined;
+}
+
+function unsupported(image: string, what: string): DisksnapError {
+  return new DisksnapError(`${image}: uses ${what}, which disksnap does not support`, 'EUNSUPPORTED', undefined, image);
+}
+
+/**
+ * Step 1: every refusal, before anything is written: the child's parent guard, attachments,
+ * other children, grandchildren, and whether the child and the parent can be written (and a
+ * qcow2 parent grown to the child's size). Returns the parent and its other children.
+ */
 function preflight(child: string, marker: CommitMarker | undefined, opts: CommitOptions): { parent: string; siblings: string[] } {
   let parent: string;
   if (marker) {
@@ -86,6 +110,20 @@ function preflight(child: string, marker: CommitMarker | undefined, opts: Commit
   }
   if (childrenOf(child).length > 0) {
     throw busy(`${child} has children of its own; committing would change their parent; roll them back first`, child);
+  }
+  if (fs.existsSync(child)) {
+    const h = readHeader(child);
+    const childRefusal = writeRefusal(h);
+    if (childRefusal) throw unsupported(child, childRefusal);
+    if (detectFormat(parent) === 'qcow2') {
+      const ph = readHeader(parent);
+      const parentRefusal = writeRefusal(ph);
+      if (parentRefusal) throw unsupported(parent, parentRefusal);
+      const growth = growRefusal(ph, h.size);
+      if (growth) {
+        throw new DisksnapError(`${parent}: cannot grow it to the size of ${child} (${h.size} bytes, the parent has ${ph.size}): ${growth}`, 'EUNSUPPORTED', undefined, parent);
+      }
+    }
   }
   return { parent, siblings };
 }
@@ -117,9 +155,7 @@ export async function commit(child: string, opts: CommitOptions = {}): Promise<C
       const r = await copyIntoParent(img, parent, marker.durableBelow ?? 0, opts.onProgress);
       bytesCopied = r.copied;
       bytesZeroed = r.zeroed;
-      if (marker.keepChild) {
-        await replaceWithEmpty(child, parent, readChild(child).header);
-      } else {
+      if (!marker.keepChild) {
         fs.unlinkSync(child);
         syncDir(path.dirname(path.resolve(child)));
       }
@@ -133,6 +169,9 @@ export async function commit(child: string, opts: CommitOptions = {}): Promise<C
   const remaining = marker.keepChild ? childrenOf(parent) : removeChild(parent, child);
   if (remaining.length > 0) makeReadOnly(parent);
   else if (!hadRegistry) fs.chmodSync(parent, marker.parentMode);
+  // the kept child is emptied once the parent's mode is final: the chmod changes the parent's
+  // ctime, which the new child's guard records
+  if (marker.keepChild && fs.existsSync(child)) await replaceWithEmpty(child, parent, readChild(child).header);
   fs.rmSync(markerPath, { force: true });
   syncDir(path.dirname(path.resolve(child)));
   return { child, parent, bytesCopied, bytesZeroed, resumed, keptChild: marker.keepChild, siblings };
@@ -211,6 +250,8 @@ async function copyIntoRaw(img: Qcow2Image, parent: string, extents: Extent[], t
 }
 
 function copyIntoQcow2(img: Qcow2Image, parent: string, extents: Extent[], t: Tally): void {
+  // as qemu-img commit does, a smaller parent grows to the child's size (idempotent on a re-run)
+  growQcow2(parent, img.virtualSize);
   const out = Qcow2Image.open(parent, { write: true, allowChildren: true });
   try {
     const chunk = Buffer.alloc(PIECE);

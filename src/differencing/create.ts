@@ -7,10 +7,13 @@ import * as fs from 'node:fs';
 import { DisksnapError, invalid, busy } from '../engine/errors';
 import { checkOutput } from '../engine/atomic';
 import { clusterBitsOf } from '../image/qcow2/create';
-import { same } from '../image/children';
-import { addChild, childrenOf } from './registry';
+import { isChildOf, same } from '../image/children';
+import { addChild, childrenOf, removeChild } from './registry';
 import { assertNotAttachedWritable } from './attached';
 import { backingNameFor, ChildInfo, openParent, writeEmptyChild } from './child';
+
+/** QEMU's unit of virtual size (BDRV_SECTOR_SIZE). */
+const SECTOR = 512;
 
 export interface CreateChildOptions {
   /** bytes (default 64 KiB) */
@@ -31,9 +34,15 @@ export async function createChild(parent: string, child: string, opts: CreateChi
   }
   const p = openParent(parent);
   try {
-    const shape = { size: p.size, clusterSize, backingName: backingNameFor(child, parent) };
+    // qemu-img create -b rounds the size up to whole 512-byte sectors, and QEMU sees qcow2
+    // sizes in sectors: a child of the exact odd size would hide its last bytes from a VM
+    const shape = { size: Math.ceil(p.size / SECTOR) * SECTOR, clusterSize, backingName: backingNameFor(child, parent) };
     // registered (and the parent read-only) before the child appears under its name
     return await writeEmptyChild(child, parent, p, shape, !!opts.force, () => addChild(parent, child));
+  } catch (e) {
+    // no child was made: the parent is released again unless it has others
+    if (!isChildOf(child, parent)) removeChild(parent, child);
+    throw e;
   } finally {
     p.close();
   }

@@ -39,6 +39,8 @@ export function acceptParent(child: string): AcceptParentResult {
   const parent = probe.backingPath;
   probe.close();
   if (parent === undefined) throw invalid(`${child} has no backing file: it is not a differencing child`, child);
+  // registered first: making the parent read-only changes its ctime, which the guard records
+  addChild(parent, child);
   const p = openParent(parent);
   let guard: Guard;
   try {
@@ -54,7 +56,6 @@ export function acceptParent(child: string): AcceptParentResult {
   } finally {
     f.close();
   }
-  addChild(parent, child);
   return { child, parent, before };
 }
 

@@ -46,5 +46,6 @@ export { check } from './check';
 export type { CheckResult } from './check';
 export { acceptParent } from './guard';
 export type { AcceptParentResult } from './guard';
-export { childrenOf } from './registry';
+// the public childrenOf heals the registry (drops children QEMU made standalone, releases the parent)
+export { currentChildren as childrenOf } from './registry';
 export { Qcow2Image } from '../image/qcow2/image';

@@ -16,12 +16,14 @@
  * guard still catches any later write to a parent made writable by such a loss.
  *
  * Reads prune entries whose file is gone or no longer names this parent as its backing
- * file (a child deleted or replaced by hand), so the count heals itself.
+ * file (a child deleted or replaced by hand, or made standalone by `qemu-img rebase -b ''` or
+ * QMP block-stream). currentChildren() also writes the pruned list back,
+ * and a parent left with no children gets its mode back, as after its last rollback.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fromNodeError } from '../engine/errors';
-import { childrenRegistryPath, writeJsonAtomic } from '../image/sidecars';
+import { childrenRegistryPath, readJson, writeJsonAtomic } from '../image/sidecars';
 import { readRegistry, same } from '../image/children';
 import type { Registry, RegistryFile } from '../image/children';
 
@@ -56,6 +58,11 @@ export function removeChild(parent: string, child: string): string[] {
   const reg = readRegistry(parent);
   if (!reg) return [];
   reg.children = reg.children.filter((c) => !same(c, child) && fs.existsSync(c));
+  return settle(parent, reg);
+}
+
+/** Writes the registry back; with no children left, the parent's mode is restored and the file goes. */
+function settle(parent: string, reg: Registry): string[] {
   if (reg.children.length === 0) {
     try {
       fs.chmodSync(parent, reg.originalMode);
@@ -67,6 +74,20 @@ export function removeChild(parent: string, child: string): string[] {
   }
   write(parent, reg);
   return reg.children;
+}
+
+/**
+ * The children of `parent`, with the registry healed: entries that are no children any more
+ * are dropped from the file, and a parent left with none is released (its mode restored).
+ * `diff children` (the public childrenOf) asks this; the operations read without healing, so
+ * that a commit being resumed still finds the registry it started with.
+ */
+export function currentChildren(parent: string): string[] {
+  const reg = readRegistry(parent);
+  if (!reg) return [];
+  const listed = readJson<RegistryFile>(childrenRegistryPath(parent))?.children;
+  if (Array.isArray(listed) && new Set(listed).size === reg.children.length) return reg.children;
+  return settle(parent, reg);
 }
 
 export function makeReadOnly(parent: string): void {

@@ -6,17 +6,21 @@
  *
  * Identity = size + mtime (ns) + a fingerprint: SHA-256 of the size, the first and last
  * 64 KiB and 16 sampled 4 KiB blocks spread evenly over the file (~200 KiB read per open,
- * whatever the parent's size).
+ * whatever the parent's size). Guards with flag FLAG_FILE_IDENTITY also hold the parent's
+ * ctime (ns), device and inode in the first 24 reserved bytes: no write can set ctime back,
+ * so a write outside the samples with the mtime restored is caught, and a parent that is
+ * another file (a rebase, a copy) is named as such. A device number alone changing (the
+ * same inode and ctime on a remounted filesystem) is not a change.
  *
  * Trade-off: hashing the whole parent would catch every change but costs a full read of
  * a possibly huge image on every open. Size + mtime catch every ordinary write (the
  * parent is also read-only while it has children); the fingerprint catches a parent
  * replaced by another image, or rewritten with its mtime restored, where the change
  * touches the regions that differ between images in practice (partition tables, boot
- * sectors, filesystem superblocks at the start, GPT backup at the end). A change confined
- * to unsampled blocks *and* hidden by a restored mtime goes unnoticed.
- * Moving or copying parent and child together keeps size and content; `cp -p` keeps the
- * mtime, a plain `cp` does not, and the child then asks for `diff accept-parent`.
+ * sectors, filesystem superblocks at the start, GPT backup at the end); ctime catches what
+ * the samples miss. Moving the directory that holds parent and child keeps everything; a
+ * parent copied, or renamed or chmod-ed by itself, gets a new ctime (or inode) and the child
+ * then asks for `diff accept-parent`.
  */
 import { createHash } from 'node:crypto';
 import { BlockFile } from '../../engine/file';
@@ -27,16 +31,24 @@ const EDGE = 64 * 1024;
 const SAMPLE_SIZE = 4096;
 const SAMPLE_COUNT = 16;
 
+/** Guard flag: reserved[0..24] hold ctime (ns), st_dev and st_ino, big-endian u64 each. */
+const FLAG_FILE_IDENTITY = 1;
+/** How compare() starts the change that makes the parent another file. */
+const DIFFERENT_FILE = 'a different file';
+
 export interface ParentIdentity {
   size: number;
   mtimeNs: bigint;
+  ctimeNs: bigint;
+  dev: number;
+  ino: bigint;
   fingerprint: Buffer;
 }
 
 /** Computes the identity of an open parent file. */
 export function identify(file: BlockFile): ParentIdentity {
   const st = file.stat();
-  return { size: st.size, mtimeNs: st.mtimeNs, fingerprint: fingerprint(file, st.size, SAMPLE_SIZE, SAMPLE_COUNT) };
+  return { size: st.size, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs, dev: st.dev, ino: st.ino, fingerprint: fingerprint(file, st.size, SAMPLE_SIZE, SAMPLE_COUNT) };
 }
 
 function fingerprint(file: BlockFile, size: number, sampleSize: number, sampleCount: number): Buffer {
@@ -60,16 +72,20 @@ function fingerprint(file: BlockFile, size: number, sampleSize: number, sampleCo
 }
 
 export function toRecord(id: ParentIdentity): RawGuard {
+  const reserved = Buffer.alloc(64);
+  reserved.writeBigUInt64BE(id.ctimeNs, 0);
+  reserved.writeBigUInt64BE(BigInt(id.dev), 8);
+  reserved.writeBigUInt64BE(id.ino, 16);
   return {
     version: GUARD_VERSION,
-    flags: 0,
+    flags: FLAG_FILE_IDENTITY,
     parentSize: id.size,
     mtimeHi: Number(id.mtimeNs >> 32n),
     mtimeLo: Number(id.mtimeNs & 0xffffffffn),
     sampleSize: SAMPLE_SIZE,
     sampleCount: SAMPLE_COUNT,
     fingerprint: Buffer.from(id.fingerprint),
-    reserved: Buffer.alloc(64),
+    reserved,
   };
 }
 
@@ -87,6 +103,16 @@ export function compare(recorded: RawGuard, file: BlockFile): string[] {
   if (recorded.version !== GUARD_VERSION) return [`parent guard version ${recorded.version} is not understood`];
   const st = file.stat();
   const changes: string[] = [];
+  if (recorded.flags & FLAG_FILE_IDENTITY) {
+    const ctime = recorded.reserved.readBigUInt64BE(0);
+    const dev = recorded.reserved.readBigUInt64BE(8);
+    const ino = recorded.reserved.readBigUInt64BE(16);
+    if (st.ino !== ino || (BigInt(st.dev) !== dev && st.ctimeNs !== ctime)) {
+      changes.push(`${DIFFERENT_FILE} (inode ${st.ino} on device ${st.dev}, was inode ${ino} on device ${dev})`);
+    } else if (st.ctimeNs !== ctime) {
+      changes.push(`status change time ${formatNs(ctime)} -> ${formatNs(st.ctimeNs)}`);
+    }
+  }
   if (st.size !== recorded.parentSize) changes.push(`size ${recorded.parentSize} -> ${st.size} bytes`);
   const mtime = (BigInt(recorded.mtimeHi >>> 0) << 32n) | BigInt(recorded.mtimeLo >>> 0);
   if (st.mtimeNs !== mtime) changes.push(`modification time ${formatNs(mtime)} -> ${formatNs(st.mtimeNs)}`);
@@ -96,11 +122,16 @@ export function compare(recorded: RawGuard, file: BlockFile): string[] {
   return changes;
 }
 
+
 export function parentChangedError(child: string, parent: string, changes: string[]): DisksnapError {
+  const what = changes.some((c) => c.startsWith(DIFFERENT_FILE))
+    ? `it is now a different file than the one the child was made on (a rebase onto another file, or a copy)`
+    : `it was written since (a commit into it — qemu-img commit, QMP block-commit — writes a parent, as does any other writer)`;
   return new DisksnapError(
-    `${child}: its parent ${parent} changed since the child was made (${changes.join('; ')}); ` +
-      `reading through it would show corrupt data. If the change was deliberate, accept the parent as it is now ` +
-      `with 'disksnap diff accept-parent ${child}'`,
+    `${child}: its parent ${parent} changed since the child was made: ${what} (${changes.join('; ')}). ` +
+      `The child refuses to read through a parent it was not made on. If the change was deliberate, ` +
+      `'disksnap diff accept-parent ${child}' records ${parent} as it is now as the child's parent; ` +
+      `the child then shows its own data over ${parent}'s present bytes`,
     'EPARENTCHANGED',
     undefined,
     parent,
