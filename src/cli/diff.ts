@@ -120,7 +120,7 @@ export function register(program: Command): void {
 
   group
     .command('check')
-    .description('check refcounts and L1/L2 tables of a qcow2 image; exit 0 clean, 2 corruption, 3 leaks only')
+    .description('check refcounts and L1/L2 tables of a qcow2 image; exit 0 clean, 1 check failed, 2 corruption, 3 leaks only, 63 raw (as qemu-img check)')
     .argument('<image>')
     .option('--repair', 'free leaked clusters (never touches an image with corruption)')
     .option('--json', 'print JSON')
@@ -132,8 +132,10 @@ export function register(program: Command): void {
           for (const m of r.messages) process.stdout.write(`${m}\n`);
           if (r.corruptions > 0) process.stdout.write(`${r.corruptions} error${r.corruptions > 1 ? 's' : ''} were found on the image.\n`);
           if (r.leaks > 0) process.stdout.write(`${r.leaks} leaked cluster${r.leaks > 1 ? 's' : ''} were found on the image (repair with --repair).\n`);
-          if (r.corruptions === 0 && r.leaks === 0) process.stdout.write('No errors were found on the image.\n');
-          process.stdout.write(`${r.allocatedClusters} clusters allocated; image end offset ${r.imageEndOffset}\n`);
+          if (r.format === 'qcow2') {
+            if (r.corruptions === 0 && r.leaks === 0) process.stdout.write('No errors were found on the image.\n');
+            process.stdout.write(`${r.allocatedClusters}/${r.totalClusters} guest clusters allocated; image end offset ${r.imageEndOffset}\n`);
+          }
         }
         if (r.exitCode !== 0) throw new ExitStatus(r.exitCode);
       }),

@@ -12,27 +12,37 @@
  * bits) and COPIED flags that contradict the refcount. Repair fixes leaks only, and only
  * when there is no corruption (we never write to an image we know to be corrupt).
  *
- * Exit codes, as qemu-img check: 0 clean, 2 corruption, 3 leaks only.
+ * Verdicts and exit codes, as qemu-img check: 0 clean, 2 corruption, 3 leaks only; a file
+ * whose check cannot be done (a header QEMU would not open, an unsupported feature, a
+ * backing file that is missing or loops) throws, which the CLI reports with exit 1; a raw
+ * image has no qcow2 metadata to check (QEMU's 63, "does not support checks"). The corrupt
+ * bit and extended L2 entries are checked, as QEMU checks them. allocatedClusters and
+ * totalClusters count guest clusters, as QEMU's allocated-clusters and total-clusters.
  */
+import * as fs from 'node:fs';
 import { BlockFile } from '../../engine/file';
-import { DisksnapError, isDisksnapError } from '../../engine/errors';
-import { getRefcount, parseHeader, Qcow2Header, setRefcount, EXT_BITMAPS } from './format';
-import { readHeaderCluster } from './header';
+import { corrupt, DisksnapError } from '../../engine/errors';
+import { getRefcount, INCOMPAT_EXTL2, MAX_CHAIN_DEPTH, parseHeader, QCOW2_MAGIC, Qcow2Header, setRefcount, EXT_BITMAPS } from './format';
+import { readHeaderCluster, realpathOr, resolveBacking } from './header';
 import { Qcow2Tables, readTables, walkL2, walkTables } from './metadata';
+import { foreignFormat } from './probe';
 
 export interface CheckResult {
   filename: string;
-  format: 'qcow2';
+  /** raw: not a qcow2 file, nothing was checked (exit code 63, as qemu-img check) */
+  format: 'qcow2' | 'raw';
   /** errors: references the refcounts do not account for, entries past the end, ... */
   corruptions: number;
   leaks: number;
   corruptionsFixed: number;
   leaksFixed: number;
+  /** guest clusters this image stores (data, compressed, preallocated zero), as QEMU counts */
   allocatedClusters: number;
+  /** guest clusters of the virtual size */
   totalClusters: number;
   imageEndOffset: number;
-  /** 0 clean, 2 corruption, 3 leaks only (after repair: what remains) */
-  exitCode: 0 | 2 | 3;
+  /** 0 clean, 2 corruption, 3 leaks only (after repair: what remains), 63 raw: nothing to check */
+  exitCode: 0 | 2 | 3 | 63;
   messages: string[];
 }
 
@@ -56,6 +66,8 @@ interface RefcountBlock {
 /** What the walk counted: references per host cluster, the stored refcount blocks, COPIED flags to verify. */
 interface Counts {
   counted: Uint32Array;
+  /** guest clusters with a data, compressed or preallocated cluster */
+  allocated: number;
   blocks: Map<number, RefcountBlock>;
   copiedChecks: { offset: number; copied: boolean; what: string }[];
 }
@@ -83,17 +95,10 @@ function run(path: string, file: BlockFile, repair: boolean): CheckResult {
     result.corruptions++;
     if (result.messages.length < MAX_MESSAGES) result.messages.push(`ERROR ${msg}`);
   };
-  let h: Qcow2Header;
-  try {
-    h = parseHeader(path, readHeaderCluster(file, fileSize), fileSize);
-  } catch (e) {
-    if (isDisksnapError(e, 'ECORRUPT')) {
-      error(e.message);
-      result.exitCode = 2;
-      return result;
-    }
-    throw e;
-  }
+  const head = readHeaderCluster(file, fileSize);
+  if (head.length < 4 || head.readUInt32BE(0) !== QCOW2_MAGIC) return notQcow2(path, head, result);
+  const h = parseHeader(path, head, fileSize, { forCheck: true });
+  checkBackingChain(path, h);
   if (h.nbSnapshots > 0) {
     throw new DisksnapError(`${path}: has internal snapshots, which disksnap's check does not count; use qemu-img check`, 'EUNSUPPORTED', undefined, path);
   }
@@ -112,7 +117,7 @@ function countReferences(file: BlockFile, t: Qcow2Tables, error: (msg: string) =
   const h = t.header;
   const cs = h.clusterSize;
   const nClusters = Math.ceil(t.fileSize / cs);
-  const counts: Counts = { counted: new Uint32Array(nClusters), blocks: new Map(), copiedChecks: [] };
+  const counts: Counts = { counted: new Uint32Array(nClusters), allocated: 0, blocks: new Map(), copiedChecks: [] };
   const inc = (offset: number, length: number, what: string): boolean => {
     const first = Math.floor(offset / cs);
     const last = Math.floor((offset + Math.max(length, 1) - 1) / cs);
@@ -135,13 +140,14 @@ function countReferences(file: BlockFile, t: Qcow2Tables, error: (msg: string) =
         counts.copiedChecks.push({ offset, copied, what: `L2 table at ${offset} (L1 entry ${index})` });
         file.readFullSync(l2, offset);
         walkL2(l2, index, h.clusterBits, h.version >= 3, t.fileSize, (ref, guest) => {
+          if (ref.offset !== 0 && guest < h.size) counts.allocated++;
           if (ref.kind === 'compressed') {
             if (ref.copied) error(`compressed cluster for guest offset ${guest} has the COPIED flag`);
             inc(ref.offset, ref.length, `compressed data for guest offset ${guest}`);
           } else if (ref.offset !== 0 && inc(ref.offset, cs, `data cluster for guest offset ${guest}`)) {
             counts.copiedChecks.push({ offset: ref.offset, copied: ref.copied, what: `data cluster at ${ref.offset} (guest offset ${guest})` });
           }
-        }, error);
+        }, error, (h.incompatible & INCOMPAT_EXTL2) !== 0);
       }
     },
     bad: error,
@@ -187,12 +193,8 @@ function compareRefcounts(h: Qcow2Header, counts: Counts, result: CheckResult, e
     const rc = stored(cc.offset / cs);
     if (cc.copied !== (rc === 1)) error(`COPIED flag of ${cc.what} is ${cc.copied ? 'set' : 'clear'} but its refcount is ${rc}`);
   }
-  for (let c = 0; c < nClusters; c++) {
-    if (counted[c] > 0) {
-      result.allocatedClusters++;
-      result.imageEndOffset = (c + 1) * cs;
-    }
-  }
+  for (let c = 0; c < nClusters; c++) if (counted[c] > 0) result.imageEndOffset = (c + 1) * cs;
+  result.allocatedClusters = counts.allocated;
   result.totalClusters = Math.ceil(h.size / cs);
   return leaked;
 }
@@ -213,4 +215,49 @@ function repairLeaks(file: BlockFile, h: Qcow2Header, counts: Counts, leaked: nu
   result.leaksFixed = leaked.length;
   result.leaks = 0;
   result.messages.push(`Repaired ${leaked.length} leaked cluster${leaked.length > 1 ? 's' : ''}`);
+}
+
+/**
+ * A file without the qcow2 magic: raw (QEMU's "does not support checks", exit 63), or
+ * another format, which disksnap does not check.
+ */
+function notQcow2(path: string, head: Buffer, result: CheckResult): CheckResult {
+  const other = foreignFormat(head);
+  if (other !== undefined) {
+    throw new DisksnapError(`${path}: is a ${other} image; disksnap checks qcow2 images (use qemu-img check)`, 'EUNSUPPORTED', undefined, path);
+  }
+  result.format = 'raw';
+  result.exitCode = 63;
+  result.messages.push(`${path}: raw image: no qcow2 metadata to check`);
+  return result;
+}
+
+/**
+ * The backing chain must open for the check to be done, as qemu-img check opens it: a
+ * missing backing file or a chain that loops is an error (the CLI's exit 1). Only the
+ * existence and the qcow2 headers along the chain are read.
+ */
+function checkBackingChain(path: string, h: Qcow2Header): void {
+  const seen = [realpathOr(path)];
+  let child = path;
+  let header: Qcow2Header | undefined = h;
+  while (header?.backingFile !== undefined) {
+    const backing = resolveBacking(child, header.backingFile);
+    if (!fs.existsSync(backing)) {
+      throw new DisksnapError(`${child}: its backing file ${backing} does not exist; the check needs the chain to open (as qemu-img check)`, 'ENOENT', 2, backing);
+    }
+    const real = realpathOr(backing);
+    if (seen.includes(real)) throw corrupt(child, `the backing chain loops: ${[...seen, real].join(' -> ')}`);
+    if (seen.length >= MAX_CHAIN_DEPTH) throw corrupt(child, `the backing chain is deeper than ${MAX_CHAIN_DEPTH} layers`);
+    seen.push(real);
+    const f = BlockFile.open(backing, { lock: 'none' });
+    try {
+      const size = f.size();
+      const head = readHeaderCluster(f, size);
+      header = head.length >= 4 && head.readUInt32BE(0) === QCOW2_MAGIC ? parseHeader(backing, head, size) : undefined;
+    } finally {
+      f.close();
+    }
+    child = backing;
+  }
 }

@@ -324,8 +324,12 @@ export function l1EntriesFor(size: number, clusterBits: number): number {
 /**
  * Parses and validates cluster 0. `head` holds the start of the file (at least one cluster,
  * or the whole file when it is shorter); `fileSize` bounds every table.
+ *
+ * `forCheck` parses as qemu-img check opens an image: tables past the end of the file are
+ * left for the check to report (as corruption), and the corrupt bit and extended L2 entries
+ * are accepted (the check reads them; nothing writes them).
  */
-export function parseHeader(path: string, head: Buffer, fileSize: number): Qcow2Header {
+export function parseHeader(path: string, head: Buffer, fileSize: number, opts: { forCheck?: boolean } = {}): Qcow2Header {
   if (head.length < HEADER_V2_LENGTH) {
     throw corrupt(path, `qcow2 header truncated: the file has ${head.length} bytes, a header needs at least ${HEADER_V2_LENGTH}`);
   }
@@ -364,9 +368,9 @@ export function parseHeader(path: string, head: Buffer, fileSize: number): Qcow2
   }
   if (raw.incompatHi !== 0) throw unsupported(`unknown incompatible feature bits 0x${raw.incompatHi.toString(16)}00000000`);
   const incompatible = raw.incompatLo >>> 0;
-  if (incompatible & INCOMPAT_CORRUPT) throw unsupported('the corrupt bit (incompatible feature bit 1: QEMU marked the image corrupt; repair it with qemu-img check -r all)');
+  if (incompatible & INCOMPAT_CORRUPT && !opts.forCheck) throw unsupported('the corrupt bit (incompatible feature bit 1: QEMU marked the image corrupt; repair it with qemu-img check -r all)');
   if (incompatible & INCOMPAT_DATA_FILE) throw unsupported('an external data file (incompatible feature bit 2)');
-  if (incompatible & INCOMPAT_EXTL2) throw unsupported('extended L2 entries / subclusters (incompatible feature bit 4)');
+  if (incompatible & INCOMPAT_EXTL2 && !opts.forCheck) throw unsupported('extended L2 entries / subclusters (incompatible feature bit 4)');
   const known = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
   if (incompatible & ~known) throw unsupported(`unknown incompatible feature bits 0x${(incompatible & ~known).toString(16)}`);
   if (incompatible & INCOMPAT_COMPRESSION) {
@@ -383,7 +387,7 @@ export function parseHeader(path: string, head: Buffer, fileSize: number): Qcow2
   if (raw.l1Size > 0) {
     if (raw.l1TableOffset % clusterSize !== 0) throw bad('l1_table_offset', raw.l1TableOffset, 'not cluster aligned');
     if (raw.l1TableOffset === 0) throw bad('l1_table_offset', 0, 'overlaps the header');
-    if (raw.l1TableOffset + raw.l1Size * 8 > fileSize) {
+    if (raw.l1TableOffset + raw.l1Size * 8 > fileSize && !opts.forCheck) {
       throw bad('l1_table_offset', raw.l1TableOffset, `the L1 table (${raw.l1Size} entries) extends past the end of the file (${fileSize} bytes)`);
     }
   }
@@ -394,14 +398,14 @@ export function parseHeader(path: string, head: Buffer, fileSize: number): Qcow2
   if (raw.refcountTableOffset % clusterSize !== 0 || raw.refcountTableOffset === 0) {
     throw bad('refcount_table_offset', raw.refcountTableOffset, 'not a cluster-aligned offset past the header');
   }
-  if (raw.refcountTableOffset + 8 > fileSize) {
+  if (raw.refcountTableOffset + 8 > fileSize && !opts.forCheck) {
     throw bad('refcount_table_offset', raw.refcountTableOffset, `the refcount table lies outside the file (${fileSize} bytes)`);
   }
   const rtEnd = raw.refcountTableOffset + raw.refcountTableClusters * clusterSize;
   if (raw.l1Size > 0 && raw.l1TableOffset < rtEnd && raw.refcountTableOffset < raw.l1TableOffset + raw.l1Size * 8) {
     throw corrupt(path, `metadata overlap: the L1 table at ${raw.l1TableOffset} and the refcount table at ${raw.refcountTableOffset} share clusters`);
   }
-  if (raw.nbSnapshots > 0 && (raw.snapshotsOffset % clusterSize !== 0 || raw.snapshotsOffset === 0 || raw.snapshotsOffset >= fileSize)) {
+  if (raw.nbSnapshots > 0 && (raw.snapshotsOffset % clusterSize !== 0 || raw.snapshotsOffset === 0 || (raw.snapshotsOffset >= fileSize && !opts.forCheck))) {
     throw bad('snapshots_offset', raw.snapshotsOffset, 'not a cluster-aligned offset inside the file');
   }
 

@@ -22,7 +22,7 @@ import * as fs from 'node:fs';
 import { BlockFile } from '../../engine/file';
 import { corrupt, DisksnapError, fromNodeError, invalid, busy } from '../../engine/errors';
 import { checkRange, DiskImage, ImageInfo, ImageOpenOptions, LayerInfo, MapExtent } from '../view';
-import { INCOMPAT_DIRTY, MAX_CHAIN_DEPTH, OFF_AUTOCLEAR, parseHeader, QCOW2_MAGIC } from './format';
+import { INCOMPAT_DIRTY, MAX_CHAIN_DEPTH, OFF_AUTOCLEAR, parseHeader } from './format';
 import { BackingLayer, RawLayer } from './layer';
 import { compare as compareGuard, parentChangedError } from './guard';
 import { commitMarkerPath } from '../sidecars';
@@ -30,6 +30,7 @@ import { assertNoChildren } from '../children';
 import { readHeaderCluster, realpathOr, resolveBacking } from './header';
 import { decodeL2, Qcow2Tables, readTables, walkTables } from './metadata';
 import { ClusterLayer } from './clusters';
+import { probeBackingFormat } from './probe';
 import { DATA } from './refcounts';
 
 export interface Qcow2OpenOptions extends ImageOpenOptions {
@@ -436,16 +437,7 @@ function openBacking(child: string, backing: string, format: string | undefined,
     throw corrupt(child, `the backing chain loops: ${[...seen, real].join(' -> ')}`);
   }
   if (seen.length >= MAX_CHAIN_DEPTH) throw corrupt(child, `the backing chain is deeper than ${MAX_CHAIN_DEPTH} layers`);
-  let fmt = format;
-  if (fmt === undefined) {
-    const f = BlockFile.open(backing, { lock: 'none' });
-    try {
-      const head = Buffer.alloc(4);
-      fmt = f.readSync(head, 0) === 4 && head.readUInt32BE(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
-    } finally {
-      f.close();
-    }
-  }
+  const fmt = format ?? probeBackingFormat(child, backing);
   if (fmt === 'raw') return new RawLayer(backing);
   if (fmt === 'qcow2') {
     return Qcow2Image.open(backing, {

@@ -61,11 +61,15 @@ export interface L2Ref {
 
 /** Reads the L1 and refcount tables a parsed header describes. */
 export function readTables(file: BlockFile, header: Qcow2Header, fileSize: number): Qcow2Tables {
-  const l1 = Buffer.alloc(header.l1Size * 8);
-  if (header.l1Size > 0) file.readFullSync(l1, header.l1TableOffset);
-  const reftable = Buffer.alloc(header.refcountTableClusters * header.clusterSize);
-  const avail = Math.max(0, Math.min(reftable.length, fileSize - header.refcountTableOffset));
-  file.readFullSync(reftable.subarray(0, avail), header.refcountTableOffset);
+  // Parts past the end of the file read as zeros (open refuses such tables in parseHeader;
+  // check counts them as references past the end).
+  const readClipped = (buf: Buffer, offset: number): Buffer => {
+    const avail = Math.max(0, Math.min(buf.length, fileSize - offset));
+    if (avail > 0) file.readFullSync(buf.subarray(0, avail), offset);
+    return buf;
+  };
+  const l1 = readClipped(Buffer.alloc(header.l1Size * 8), header.l1TableOffset);
+  const reftable = readClipped(Buffer.alloc(header.refcountTableClusters * header.clusterSize), header.refcountTableOffset);
   return { header, fileSize, l1, reftable };
 }
 
@@ -134,7 +138,9 @@ export function l2EntryProblem(table: Buffer, idx: number, ref: L2Ref, guest: nu
 
 /**
  * Every non-empty entry of the L2 table of L1 index `l1i`: `entry` for usable ones (with
- * the guest offset they map), `bad` for the others.
+ * the guest offset they map), `bad` for the others. With extended L2 entries (`extL2`, 16
+ * bytes: the standard descriptor, then the subcluster bitmap) only the descriptor is
+ * decoded, and zeros are the bitmap's business, not bit 0.
  */
 export function walkL2(
   table: Buffer,
@@ -144,14 +150,17 @@ export function walkL2(
   fileSize: number,
   entry: (ref: L2Ref, guest: number) => void,
   bad: (message: string) => void,
+  extL2 = false,
 ): void {
-  const n = 2 ** (clusterBits - 3);
+  const words = extL2 ? 2 : 1; // 64-bit words per entry
+  const n = 2 ** (clusterBits - 3) / words;
   const span = n * 2 ** clusterBits;
   for (let idx = 0; idx < n; idx++) {
-    if (table.readUInt32BE(idx * 8) === 0 && table.readUInt32BE(idx * 8 + 4) === 0) continue;
+    const w = idx * words;
+    if (table.readUInt32BE(w * 8) === 0 && table.readUInt32BE(w * 8 + 4) === 0) continue;
     const guest = l1i * span + idx * 2 ** clusterBits;
-    const ref = decodeL2(table, idx, clusterBits, zeroFlag);
-    const problem = l2EntryProblem(table, idx, ref, guest, fileSize);
+    const ref = decodeL2(table, w, clusterBits, zeroFlag && !extL2);
+    const problem = l2EntryProblem(table, w, ref, guest, fileSize);
     if (problem !== undefined) bad(problem);
     else entry(ref, guest);
   }

@@ -292,45 +292,64 @@ export abstract class RefcountLayer {
     return { start, firstFree };
   }
 
-  /** Allocates `k` contiguous free clusters (refcount 1 each); returns the host offset. */
+  /**
+   * Allocates `k` contiguous free clusters (refcount 1 each); returns the host offset.
+   *
+   * The refcount blocks the run lacks go in front of it, in the same free region: a region
+   * of m + k clusters is searched, m being the number of blocks that region lacks, until m
+   * no longer grows. Placing a block inside the run (in its own range) would split the run;
+   * with refcount order 6 a block covers exactly one L2 table's worth of clusters, so a
+   * run would be split on every try and never fit.
+   */
   protected allocClusters(k: number): number {
-    const perBlock = 2 ** this.rbBits;
     for (let attempt = 0; ; attempt++) {
       if (attempt > 64) throw new Error('internal: cluster allocation does not converge');
-      const { start, firstFree } = this.findFree(k);
-      // make sure refcount blocks exist for the range (placing missing ones inside it)
-      let restart = false;
-      const firstBlock = Math.floor(start / perBlock);
-      const lastBlock = Math.floor((start + k - 1) / perBlock);
-      for (let rbi = firstBlock; rbi <= lastBlock && !restart; rbi++) {
-        if (rbi >= this.reftableEntries) {
-          this.growReftable(rbi + 1);
-          restart = true;
-        } else if (reftableEntryOffset(this.reftable, rbi) === 0) {
-          this.newRefblock(rbi, Math.max(start, rbi * perBlock));
-          restart = true;
-        }
+      let m = 0;
+      let found = this.findFree(k);
+      let missing = this.missingBlocks(found.start, k);
+      for (let i = 0; missing.length > m; i++) {
+        if (i > 64) throw new Error('internal: refcount block placement does not converge');
+        m = missing.length;
+        found = this.findFree(m + k);
+        missing = this.missingBlocks(found.start, m + k);
       }
-      if (restart) continue;
-      for (let i = 0; i < k; i++) this.setRefcountOf(start + i, 1);
+      const { start, firstFree } = found;
+      const beyond = missing.filter((rbi) => rbi >= this.reftableEntries);
+      if (beyond.length > 0) {
+        this.growReftable(Math.max(...beyond) + 1);
+        continue;
+      }
+      missing.forEach((rbi, j) => this.newRefblock(rbi, start + j));
+      const n = missing.length + k;
+      for (let i = 0; i < n; i++) this.setRefcountOf(start + i, 1);
       // the hint moves past what we took, or stays at a smaller free hole we skipped
-      this.freeHint = firstFree === start ? start + k : firstFree;
-      if (start + k > this.allocEnd) this.allocEnd = start + k;
-      return start * this.clusterSize;
+      this.freeHint = firstFree === start ? start + n : firstFree;
+      if (start + n > this.allocEnd) this.allocEnd = start + n;
+      return (start + missing.length) * this.clusterSize;
     }
   }
 
-  /** A new, empty refcount block for index rbi, stored at cluster `at` (inside its own range). */
+  /** Indices of the refcount blocks that clusters [start, start+n) need and that do not exist. */
+  private missingBlocks(start: number, n: number): number[] {
+    const perBlock = 2 ** this.rbBits;
+    const out: number[] = [];
+    for (let rbi = Math.floor(start / perBlock); rbi <= Math.floor((start + n - 1) / perBlock); rbi++) {
+      if (rbi >= this.reftableEntries || reftableEntryOffset(this.reftable, rbi) === 0) out.push(rbi);
+    }
+    return out;
+  }
+
+  /**
+   * A new, empty refcount block for index rbi, stored at cluster `at`; the caller sets the
+   * refcount of `at` once every block the allocation needs exists.
+   */
   private newRefblock(rbi: number, at: number): void {
     const cs = this.clusterSize;
     this.makeRoom(this.rbCache, REFBLOCK);
-    const e: CachedTable = { offset: at * cs, buf: Buffer.alloc(cs), dirty: true };
-    setRefcount(e.buf, at - rbi * 2 ** this.rbBits, this.order, 1);
-    this.rbCache.insert(e);
+    this.rbCache.insert({ offset: at * cs, buf: Buffer.alloc(cs), dirty: true });
     writeEntry(this.reftable, rbi * 8, at * cs, 0);
     this.reftableDirty.add(rbi);
     this.metaClusters.add(at);
-    if (at + 1 > this.allocEnd) this.allocEnd = at + 1;
   }
 
   /**
