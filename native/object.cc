@@ -57,9 +57,13 @@ namespace disksnap {
 namespace {
 
 constexpr uintptr_t kAlign = 512;  // the smallest logical block size; EINVAL falls back
+// O_DIRECT only from page-aligned memory: the kernel takes 512-byte aligned buffers, but each
+// 4 KiB block then straddles two pages and every request costs several times more (see the
+// note at the top).
+constexpr uintptr_t kMemAlign = 4096;
 
 bool Aligned(const uint8_t* p, size_t n) {
-  return n > 0 && reinterpret_cast<uintptr_t>(p) % kAlign == 0 && n % kAlign == 0;
+  return n > 0 && reinterpret_cast<uintptr_t>(p) % kMemAlign == 0 && n % kAlign == 0;
 }
 
 int OpenRetry(const char* path, int flags, mode_t mode) {
@@ -188,7 +192,7 @@ struct ReadObjectJob {
     // O_DIRECT when the buffer is aligned: one request of the object's size goes to the
     // device (measured here, 2048 cold objects of 512 KiB on 16 threads: 0.47-0.53 s, against
     // 0.80-0.90 s through the page cache, read-ahead or not).
-    const bool aligned = reinterpret_cast<uintptr_t>(buf.data) % kAlign == 0;
+    const bool aligned = reinterpret_cast<uintptr_t>(buf.data) % kMemAlign == 0;
     int fd = OpenRetry(path.c_str(), O_RDONLY | O_CLOEXEC | (aligned ? O_DIRECT : 0), 0);
     if (fd < 0 && aligned && errno == EINVAL) fd = OpenRetry(path.c_str(), O_RDONLY | O_CLOEXEC, 0);
     if (fd < 0) return SysError::Errno(errno, "open", path);
@@ -256,6 +260,27 @@ Napi::Value PutObjectAsync(const Napi::CallbackInfo& info) {
   return w->Start();
 }
 
+// alignOffset(buf, align) -> bytes from buf's start to the first address that is a multiple of
+// `align` (a power of two): JS cannot see a Buffer's address, and O_DIRECT wants page-aligned
+// memory (see the note at the top).
+Napi::Value AlignOffset(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Bytes buf;
+  if (!ArgBytes(info, 0, "buf", &buf)) return env.Undefined();
+  if (!info[1].IsNumber()) {
+    ThrowInvalid(env, "alignOffset: align must be a number");
+    return env.Undefined();
+  }
+  const double a = info[1].As<Napi::Number>().DoubleValue();
+  if (!(a >= 1 && a <= 1 << 20) || (static_cast<uint32_t>(a) & (static_cast<uint32_t>(a) - 1)) != 0) {
+    ThrowInvalid(env, "alignOffset: align must be a power of two up to 1 MiB");
+    return env.Undefined();
+  }
+  const uintptr_t align = static_cast<uintptr_t>(a);
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(buf.data);
+  return Napi::Number::New(env, static_cast<double>((align - addr % align) % align));
+}
+
 Napi::Value ReadObjectAsync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   ReadObjectJob job;
@@ -270,6 +295,7 @@ Napi::Value ReadObjectAsync(const Napi::CallbackInfo& info) {
 void InitObject(Napi::Env env, Napi::Object exports) {
   exports.Set("putObjectAsync", Napi::Function::New(env, PutObjectAsync, "putObjectAsync"));
   exports.Set("readObjectAsync", Napi::Function::New(env, ReadObjectAsync, "readObjectAsync"));
+  exports.Set("alignOffset", Napi::Function::New(env, AlignOffset, "alignOffset"));
 }
 
 }  // namespace disksnap
