@@ -18,6 +18,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BenchOptions, BenchRow } from './types';
 import { fillRandom, hasCommand, median, MiB, GiB, run, timed } from './util';
+import { WorkedIn } from './workedin';
 import { parseQemuSeconds } from './engine';
 import * as diff from '../src/differencing';
 import { Qcow2Image } from '../src/image/qcow2/image';
@@ -107,7 +108,14 @@ export async function benchDiff(opts: BenchOptions): Promise<BenchRow[]> {
   }
 
   // --- diff commit vs qemu-img commit -------------------------------------------------------
-  rows.push(...(await benchCommit(dir, parent, parentSize, commitBytes, runs, 'on this machine\'s filesystem', true)));
+  rows.push(...(await benchCommit(dir, parent, parentSize, commitBytes, runs, 'on this machine\'s filesystem [fresh machine]', true)));
+  // The same on a worked-in machine (bench/workedin.ts before each side and the floor).
+  const workedIn = new WorkedIn(dir, quick);
+  try {
+    rows.push(...(await benchCommit(dir, parent, parentSize, commitBytes, runs, 'on this machine\'s filesystem [worked-in machine]', true, workedIn)));
+  } finally {
+    workedIn.close();
+  }
   // On a filesystem that shares extents, commit clones the child's clusters into the parent
   // (FICLONERANGE) where qemu-img copies them: measured on a loop-mounted xfs, as root.
   if (process.getuid?.() === 0 && hasCommand('mkfs.xfs')) {
@@ -136,7 +144,16 @@ export async function benchDiff(opts: BenchOptions): Promise<BenchRow[]> {
  * of the same bytes from a synced file into the parent with fdatasync, then removing that
  * file (the child's space given back).
  */
-async function benchCommit(dir: string, parent: string, parentSize: number, commitBytes: number, runs: number, where: string, floor: boolean): Promise<BenchRow[]> {
+async function benchCommit(dir: string, parent: string, parentSize: number, commitBytes: number, runs: number, where: string, floor: boolean, workedIn?: WorkedIn): Promise<BenchRow[]> {
+  /** Runs one measured side: on a worked-in machine, after preparing it, with its background I/O beside. */
+  const measured = async (fn: () => Promise<unknown> | unknown) => {
+    workedIn?.prepare();
+    try {
+      await fn();
+    } finally {
+      workedIn?.stop();
+    }
+  };
   const p1 = path.join(dir, 'p-ours.raw');
   const p2 = path.join(dir, 'p-qemu.raw');
   const c1 = path.join(dir, 'c-ours.qcow2');
@@ -171,7 +188,7 @@ async function benchCommit(dir: string, parent: string, parentSize: number, comm
     ];
     if (i % 2) sides.reverse();
     for (const s of sides) {
-      await s();
+      await measured(s);
       run('sync', []);
     }
     if (floor) {
@@ -181,7 +198,7 @@ async function benchCommit(dir: string, parent: string, parentSize: number, comm
       fs.chmodSync(p1, 0o644);
       run('sync', []);
       const mib = commitBytes / MiB;
-      tFloor.push(run('sh', ['-c', `dd if="$1" of="$2" bs=1M count=${mib} conv=notrunc,fdatasync status=none && rm "$1"`, 'sh', floorSrc, p1]).seconds);
+      await measured(() => tFloor.push(run('sh', ['-c', `dd if="$1" of="$2" bs=1M count=${mib} conv=notrunc,fdatasync status=none && rm "$1"`, 'sh', floorSrc, p1]).seconds));
       run('sync', []);
     }
   }

@@ -30,6 +30,7 @@ import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { BenchOptions, BenchRow } from './types';
 import { GiB, MiB, fillRandom, hasCommand, median, run, warm } from './util';
+import { WorkedIn } from './workedin';
 
 const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
 const LIB = path.resolve(__dirname, '..', 'src', 'storage', 'index.js');
@@ -77,6 +78,18 @@ function rewrite(file: string, dataOffset: number, dataBytes: number, fraction: 
     const at = dataOffset + Math.floor((x / 2147483648) * (dataBytes / piece)) * piece;
     fillRandom(file, at, piece);
   }
+}
+
+/** Compiles bench/floor.c into `dir` with the system's C compiler; undefined without one. */
+function buildFloor(dir: string): string | undefined {
+  const src = [path.resolve(__dirname, '..', '..', 'bench', 'floor.c'), path.resolve(__dirname, 'floor.c')].find((f) => fs.existsSync(f));
+  if (!src || !hasCommand('cc')) {
+    process.stderr.write('bench snapshot: no C compiler (cc) or bench/floor.c: no floor rows\n');
+    return undefined;
+  }
+  const bin = path.join(dir, 'floor');
+  run('cc', ['-O2', '-pthread', '-o', bin, src]);
+  return bin;
 }
 
 /** Peak RSS (MiB) of a fresh process that snapshots `volume` into `store` through the library. */
@@ -127,84 +140,122 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
   // right after removing the previous run's 2048-object store, 1.17-1.35 s instead of
   // 0.85-0.88 s). Removing them between runs would measure that, not the snapshot.
   const leftovers: string[] = [];
-  for (let i = 0; i < runs; i++) {
-    const store = path.join(opts.dir, `store-${i}`);
-    const repo = path.join(opts.dir, `restic-${i}`);
-    if (haveRestic) restic(['init', '-r', repo]);
+  const floorBin = buildFloor(opts.dir);
+  const workedIn = new WorkedIn(opts.dir, quick);
+  const blocksIn = (store: string) => {
+    let n = 0;
+    const b = path.join(store, 'blocks');
+    if (fs.existsSync(b)) for (const d of fs.readdirSync(b)) n += fs.readdirSync(path.join(b, d)).length;
+    return n;
+  };
+  try {
+    for (let i = 0; i < runs; i++) {
+      for (const state of ['fresh', 'worked-in'] as const) {
+        const fresh = state === 'fresh';
+        const p = fresh ? '' : 'w '; // key prefix of the worked-in figures
+        /** Before each measured operation: a sync on a fresh machine, the worked-in state otherwise; then the image warm. */
+        const before = (warmImage = true) => {
+          if (fresh) sync();
+          else workedIn.prepare();
+          if (warmImage) warm(img);
+        };
+        const after = () => workedIn.stop();
+        const step = (fn: () => void, warmImage = true) => {
+          before(warmImage);
+          try {
+            fn();
+          } finally {
+            after();
+          }
+        };
+        const store = path.join(opts.dir, `store-${p ? 'w' : ''}${i}`);
+        const repo = path.join(opts.dir, `restic-${p ? 'w' : ''}${i}`);
+        if (haveRestic) restic(['init', '-r', repo]);
 
-    // cp: the copy limit, and cp + sync: the copy limit with the bytes on disk.
-    const copy = path.join(opts.dir, 'copy.img');
-    sync();
-    warm(img);
-    const cp = time('cp', 'cp', ['--sparse=always', img, copy]);
-    add('cp+sync', cp + seconds(sync));
-    fs.rmSync(copy);
+        if (fresh) {
+          // cp: the copy limit, and cp + sync: the copy limit with the bytes on disk.
+          const copy = path.join(opts.dir, 'copy.img');
+          sync();
+          warm(img);
+          const cp = time('cp', 'cp', ['--sparse=always', img, copy]);
+          add('cp+sync', cp + seconds(sync));
+          fs.rmSync(copy);
+        }
 
-    // Full snapshot, unencrypted and encrypted (the order alternates between runs).
-    const encStore = path.join(opts.dir, `store-enc-${i}`);
-    disksnap(['volume', 'register', img, '--store', encStore, '--encrypted', '--key-file', keyFile]);
-    const both = (k: string, plainArgs: string[], encArgs: string[]) => {
-      for (const enc of i % 2 ? [true, false] : [false, true]) {
+        // Full snapshot, unencrypted and (fresh only) encrypted (the order alternates between runs).
+        const encStore = path.join(opts.dir, `store-enc-${i}`);
+        if (fresh) disksnap(['volume', 'register', img, '--store', encStore, '--encrypted', '--key-file', keyFile]);
+        const both = (k: string, plainArgs: string[], encArgs: string[]) => {
+          for (const enc of fresh ? (i % 2 ? [true, false] : [false, true]) : [false]) step(() => ds(enc ? `${k} enc` : p + k, enc ? encArgs : plainArgs));
+        };
+        both('full', ['snapshot', 'create', img, '--store', store], ['snapshot', 'create', img, '--store', encStore, '--key-file', keyFile]);
+        if (haveRestic) step(() => rs(`${p}restic full`, ['-r', repo, 'backup', img]));
+        const floorDir = (what: string) => path.join(opts.dir, `floor-${what}-${p ? 'w' : ''}${i}`);
+        const objectFloor = (k: string, writes: number) => {
+          if (!floorBin) return;
+          const dir = floorDir(k);
+          leftovers.push(dir);
+          step(() => add(`${p}${k} floor`, Number(run(floorBin, [img, String(dataOffset), String(data), String(512 * 1024), dir, '16', String(writes)]).out)));
+        };
+        const fullObjects = blocksIn(store);
+        objectFloor('full', fullObjects);
+
+        // About 1% rewritten, then the incremental snapshot.
+        rewrite(img, dataOffset, data, 0.01, i + 1 + (fresh ? 0 : 100));
+        both('incremental', ['snapshot', 'create', img, '--store', store], ['snapshot', 'create', img, '--store', encStore, '--key-file', keyFile]);
+        if (haveRestic) step(() => rs(`${p}restic incremental`, ['-r', repo, 'backup', img]));
+        const added = blocksIn(store) - fullObjects;
+        add(`${p}incremental objects`, added);
+        objectFloor('incremental', added);
+
+        // Restore the latest snapshot to a new file.
+        const latest = JSON.parse(disksnap(['snapshot', 'list', '--store', store, '--json'])).snapshots.pop().id as string;
+        const out = path.join(opts.dir, 'restored.img');
+        const latestEnc = fresh ? (JSON.parse(disksnap(['snapshot', 'list', '--store', encStore, '--json'])).snapshots.pop().id as string) : '';
+        for (const enc of fresh ? (i % 2 ? [true, false] : [false, true]) : [false]) {
+          if (enc) step(() => ds('restore enc', ['snapshot', 'restore', latestEnc, '--to', out, '--store', encStore, '--key-file', keyFile]), false);
+          else step(() => {
+            const w = ds(`${p}restore`, ['snapshot', 'restore', latest, '--to', out, '--store', store]);
+            if (fresh) add('restore+sync', w + seconds(sync));
+          }, false);
+          fs.rmSync(out);
+          sync(); // the freed extents, before the other side runs
+        }
+        if (fresh) leftovers.push(encStore);
+        if (haveRestic) {
+          const target = path.join(opts.dir, 'restic-out');
+          step(() => {
+            const w = rs(`${p}restic restore`, ['-r', repo, 'restore', 'latest', '--target', target]);
+            if (fresh) add('restic restore+sync', w + seconds(sync));
+          }, false);
+          fs.rmSync(target, { recursive: true, force: true });
+          leftovers.push(repo);
+        }
+        leftovers.push(store);
+
+        // The floor of a restore: the image's 1 GiB of data (on disk, not read from the page
+        // cache) copied by dd into a new file, O_DIRECT on both sides, then fdatasync. Last in
+        // the run: the freed extents of its output are discarded (the root is mounted with
+        // -o discard) while nothing else is measured.
+        const floorOut = path.join(opts.dir, 'floor.img');
+        const mib16 = 16 * MiB;
+        step(() => time(`${p}restore floor`, 'dd', [`if=${img}`, `of=${floorOut}`, `bs=${mib16}`, `skip=${dataOffset / mib16}`, `count=${data / mib16}`, 'iflag=direct', 'oflag=direct', 'conv=fdatasync', 'status=none']), false);
+        fs.rmSync(floorOut);
         sync();
-        warm(img);
-        ds(enc ? `${k} enc` : k, enc ? encArgs : plainArgs);
       }
-    };
-    both('full', ['snapshot', 'create', img, '--store', store], ['snapshot', 'create', img, '--store', encStore, '--key-file', keyFile]);
-    if (haveRestic) {
-      sync();
-      warm(img);
-      rs('restic full', ['-r', repo, 'backup', img]);
     }
-
-    // About 1% rewritten, then the incremental snapshot.
-    rewrite(img, dataOffset, data, 0.01, i + 1);
-    both('incremental', ['snapshot', 'create', img, '--store', store], ['snapshot', 'create', img, '--store', encStore, '--key-file', keyFile]);
-    if (haveRestic) {
-      sync();
-      warm(img);
-      rs('restic incremental', ['-r', repo, 'backup', img]);
-    }
-
-    // Restore the latest snapshot to a new file.
-    const latest = JSON.parse(disksnap(['snapshot', 'list', '--store', store, '--json'])).snapshots.pop().id as string;
-    const out = path.join(opts.dir, 'restored.img');
-    sync();
-    const latestEnc = JSON.parse(disksnap(['snapshot', 'list', '--store', encStore, '--json'])).snapshots.pop().id as string;
-    for (const enc of i % 2 ? [true, false] : [false, true]) {
-      sync();
-      if (enc) ds('restore enc', ['snapshot', 'restore', latestEnc, '--to', out, '--store', encStore, '--key-file', keyFile]);
-      else add('restore+sync', ds('restore', ['snapshot', 'restore', latest, '--to', out, '--store', store]) + seconds(sync));
-      fs.rmSync(out);
-      sync(); // the freed extents, before the other side runs
-    }
-    leftovers.push(encStore);
-    if (haveRestic) {
-      const target = path.join(opts.dir, 'restic-out');
-      sync();
-      const w = rs('restic restore', ['-r', repo, 'restore', 'latest', '--target', target]);
-      add('restic restore+sync', w + seconds(sync));
-      fs.rmSync(target, { recursive: true, force: true });
-      leftovers.push(repo);
-    }
-    leftovers.push(store);
-
-    // The floor of a restore: the image's 1 GiB of data (on disk, not read from the page
-    // cache) copied by dd into a new file, O_DIRECT on both sides, then fdatasync. Last in
-    // the run: the freed extents of its output are discarded (the root is mounted with
-    // -o discard) while nothing else is measured.
-    const floorOut = path.join(opts.dir, 'floor.img');
-    const mib16 = 16 * MiB;
-    sync();
-    time('restore floor', 'dd', [`if=${img}`, `of=${floorOut}`, `bs=${mib16}`, `skip=${dataOffset / mib16}`, `count=${data / mib16}`, 'iflag=direct', 'oflag=direct', 'conv=fdatasync', 'status=none']);
-    fs.rmSync(floorOut);
-    sync();
+  } finally {
+    workedIn.close();
   }
   for (const d of leftovers) fs.rmSync(d, { recursive: true, force: true });
 
   const m = (k: string) => median(t[k]);
   const rows: BenchRow[] = [];
   const cpNote = (k: string) => `cp --sparse=always of the same image: ${m(k).toFixed(2)} s`;
+  const floorRow = (metric: string, k: string, fk: string, note: string) => {
+    if (!t[fk] || !t[k]) return;
+    rows.push({ area: AREA, metric, disksnap: m(k), peer: 'floor', peerValue: m(fk), unit: 's', higherIsBetter: false, note });
+  };
   const pair = (metric: string, k: string, rk: string, note: string) => {
     if (!haveRestic) return;
     rows.push({ area: AREA, metric: `${metric} (${label})`, disksnap: m(k), peer: rk.replace(/\+sync$/, ' + sync'), peerValue: m(rk), unit: 's', higherIsBetter: false, note });
@@ -212,20 +263,14 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
       rows.push({ area: AREA, metric: `${metric}, CPU time user+sys (${label})`, disksnap: m(`${k} cpu`), peer: rk, peerValue: m(`${rk} cpu`), unit: 'cpu s', higherIsBetter: false, note: 'GNU time; less distorted by other load on the machine than wall time' });
     }
   };
-  pair('full snapshot', 'full', 'restic full', `peer: restic backup into a new repository; ${cpNote('cp')}`);
-  pair('incremental snapshot, ~1% rewritten', 'incremental', 'restic incremental', `peer: restic's second backup; ${cpNote('cp')}`);
-  pair('restore to a new file', 'restore', 'restic restore', `disksnap reads objects it wrote with O_DIRECT (not cached) and fsyncs the image; restic reads cached packs and does not fsync; ${cpNote('cp')}`);
-  if (t['restore floor']) {
-    rows.push({
-      area: AREA,
-      metric: `restore to a new file vs the disk's floor (${label})`,
-      disksnap: m('restore'),
-      peer: 'dd copy of the same data, O_DIRECT + fdatasync',
-      peerValue: m('restore floor'),
-      unit: 's',
-      higherIsBetter: false,
-      note: 'a restore reads the objects (not cached) and writes the image durably; dd does only that, sequentially, in 16 MiB requests',
-    });
+  for (const [state, p] of [['fresh machine', ''], ['worked-in machine', 'w ']] as const) {
+    const at = `${state}, ${label}`;
+    pair(`full snapshot [${state}]`, `${p}full`, `${p}restic full`, `peer: restic backup into a new repository${p ? '; before each operation: bench/workedin.ts' : `; ${cpNote('cp')}`}`);
+    floorRow(`full snapshot vs its floor [${at}]`, `${p}full`, `${p}full floor`, 'bench/floor.c: the volume read through the page cache and every block stored as an object (O_TMPFILE, O_DIRECT write, fdatasync, linkat), 16 threads; no hashing');
+    pair(`incremental snapshot, ~1% rewritten [${state}]`, `${p}incremental`, `${p}restic incremental`, "peer: restic's second backup");
+    floorRow(`incremental snapshot vs its floor [${at}]`, `${p}incremental`, `${p}incremental floor`, `bench/floor.c: the volume read through the page cache and the ${m(`${p}incremental objects`)} objects the incremental added stored the same way`);
+    pair(`restore to a new file [${state}]`, `${p}restore`, `${p}restic restore`, 'disksnap reads objects it wrote with O_DIRECT (not cached) and fsyncs the image; restic reads cached packs and does not fsync');
+    floorRow(`restore to a new file vs the disk's floor [${at}]`, `${p}restore`, `${p}restore floor`, 'dd copy of the same data, O_DIRECT both ways + fdatasync: a restore reads the objects (not cached) and writes the image durably; dd does only that, sequentially, in 16 MiB requests');
   }
   if (haveRestic) {
     rows.push({ area: AREA, metric: `restore to a new file, data on disk (${label})`, disksnap: m('restore+sync'), peer: 'restic restore + sync', peerValue: m('restic restore+sync'), unit: 's', higherIsBetter: false, note: `each followed by sync; cp --sparse=always + sync: ${m('cp+sync').toFixed(2)} s` });

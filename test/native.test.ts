@@ -874,6 +874,23 @@ t.test('readObject reads a whole file when it fits and tells its size either way
   await t.rejects(n.readObjectAsync(path.join(dir, 'none'), big), { code: 'ENOENT', path: path.join(dir, 'none') });
 });
 
+t.test('alignOffset: the distance to the next boundary moves by one per byte of view offset', async (t) => {
+  const n = native();
+  const buf = Buffer.alloc(3 * 4096);
+  const base = n.alignOffset(buf, 4096);
+  t.ok(base >= 0 && base < 4096, 'within one page');
+  for (const k of [0, 1, 15, 16, 511, 512, 4095, 4096, 5000]) {
+    const want = (((base - k) % 4096) + 4096) % 4096;
+    t.equal(n.alignOffset(buf.subarray(k), 4096), want, `view at ${k}`);
+  }
+  t.equal(n.alignOffset(buf.subarray(base), 4096), 0, 'the view it points to is aligned');
+  t.equal(n.alignOffset(buf.subarray(base), 512), 0, 'and so aligned to every smaller power of two');
+  t.equal(n.alignOffset(buf.subarray(base + 512), 4096), 4096 - 512);
+  t.equal(n.alignOffset(buf, 1), 0);
+  t.throws(() => n.alignOffset(buf, 3000), { code: 'EINVAL' });
+  t.throws(() => n.alignOffset(buf, 0), { code: 'EINVAL' });
+});
+
 t.test('gcmSeal/gcmOpen refuse bad arguments before touching memory', async (t) => {
   const n = native();
   const key = randomBytes(32);

@@ -14,6 +14,7 @@ import { Store, defaultStoreDir } from '../src/storage/store/store';
 import { StoreLock, Lease } from '../src/storage/store/lock';
 import { parseSnapshotRecord, parseStoreConfig, parseTags } from '../src/storage/store/records';
 import { isDisksnapError } from '../src/engine/errors';
+import { native } from '../src/engine/native';
 import { flipByte } from '../fixtures/store/helpers';
 
 const digestOf = (i: number) => createHash('sha256').update(`block ${i}`).digest();
@@ -269,6 +270,7 @@ t.test('block objects from an aligned buffer are written with O_DIRECT and read 
     t.comment('this filesystem refuses O_DIRECT: the page-cache path is used instead');
   } else {
     const b2 = dio.alloc(65536 * 2);
+    t.equal(native().alignOffset(b2, 4096), 0, 'its memory starts on a page boundary, not merely where the kernel accepts O_DIRECT');
     t.ok(dio.isAligned(b2.subarray(65536)), 'a view at a 64 KiB offset is aligned');
     t.notOk(dio.isAligned(b2.subarray(100, 100 + 4096)), 'a view at an odd offset is not');
     t.notOk(dio.isAligned(Buffer.alloc(4096)), 'a plain buffer is not');

@@ -153,6 +153,8 @@ export interface NativeAddon {
   putObjectAsync(dir: string, name: string, head: Uint8Array, tail?: Uint8Array): Promise<number>;
   /** Reads a whole file into buf when it fits; resolves to the file's size either way. */
   readObjectAsync(path: string, buf: Uint8Array): Promise<number>;
+  /** Bytes from the start of `buf` to its first address that is a multiple of `align` (a power of two). */
+  alignOffset(buf: Uint8Array, align: number): number;
   /** Reads [offset, offset+length) of fd and hashes it block by block on worker threads. */
   hashFile(
     fd: number,

@@ -11,7 +11,10 @@
  * sync their directory at once.
  *
  * Block objects filled into buffers from `allocBuffer` are written with O_DIRECT
- * (src/storage/store/direct.ts says why); everything else goes through the page cache.
+ * (src/storage/store/direct.ts says why); everything else goes through the page cache. Those
+ * buffers start on a page boundary: O_DIRECT from memory 512 bytes off a page made every
+ * object write several times slower on this project's VM (issue 18; native/object.cc has the
+ * measurements).
  *
  * Temporary files left by a killed writer are listed with `temporary: true`; only gc, under
  * the exclusive store lock (so no writer is alive), removes them.

@@ -6,12 +6,15 @@
  * project's VM: 1 GiB buffered + fdatasync 3.4 s, O_DIRECT 0.77 s). Writing whole blocks with
  * O_DIRECT skips the page-cache copy and leaves fdatasync only the metadata to commit.
  *
- * How: Node has no aligned allocator and does not tell a Buffer's address. For each buffer it
- * allocates, a DirectIo opens a scratch file with O_DIRECT in the target directory (unlinked at
- * once) and tries 4 KiB O_DIRECT writes from increasing offsets into the buffer until the
- * kernel accepts one (it answers EINVAL for a misaligned address). Writes, because reads of a
- * hole skip the alignment check. Views of the buffer at multiples of 4 KiB from there are
- * aligned too; `isAligned` recognises them.
+ * How: Node has no aligned allocator; the addon tells how far a Buffer's memory is from the
+ * next page boundary (`alignOffset`), and `alloc` returns the view that starts there. Views at
+ * multiples of 4 KiB from there are aligned too; `isAligned` recognises them. Page alignment,
+ * not merely what the kernel accepts: the kernel takes O_DIRECT from 512-byte aligned memory,
+ * and this used to find that offset by trying writes — Node's big Buffers start 16 bytes past a
+ * page, so every buffer ended up 512 bytes off one, and each request then cost the device
+ * several times more (issue 18: a full snapshot 16-34 s instead of ~4 s on a busy machine;
+ * native/object.cc has the measurements). `probe` still checks, with one 4 KiB write into a
+ * scratch file (unlinked at once), that O_DIRECT works in the directory at all.
  *
  * Where O_DIRECT is refused (tmpfs, some FUSE filesystems) `probe` returns undefined and callers
  * write through the page cache. DISKSNAP_NO_DIRECT=1 forces that everywhere.
@@ -20,7 +23,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BlockFile } from '../../engine/file';
-import { isDisksnapError } from '../../engine/errors';
+import { native } from '../../engine/native';
 
 export const DIRECT_ALIGN = 4096;
 
@@ -35,40 +38,36 @@ export class DirectIo {
   static probe(dir: string): DirectIo | undefined {
     if (process.env.DISKSNAP_NO_DIRECT === '1') return undefined;
     const d = new DirectIo(dir);
-    return d.shiftOf(Buffer.alloc(2 * DIRECT_ALIGN)) < 0 ? undefined : d;
+    return d.works() ? d : undefined;
   }
 
-  /** The offset into `buf` from which O_DIRECT writes work, or -1. */
-  private shiftOf(buf: Buffer): number {
+  /** Whether a 4 KiB O_DIRECT write from page-aligned memory works in the directory. */
+  private works(): boolean {
     const p = path.join(this.dir, `.tmp-${process.pid}-probe-${randomBytes(4).toString('hex')}`);
     let scratch: BlockFile;
     try {
       scratch = BlockFile.open(p, { create: true, exclusive: true, direct: true, lock: 'none' });
     } catch {
-      return -1;
+      return false;
     } finally {
       fs.rmSync(p, { force: true });
     }
     try {
-      for (let off = 0; off + DIRECT_ALIGN <= buf.length; off += 16) {
-        try {
-          scratch.writeSync(buf.subarray(off, off + DIRECT_ALIGN), 0);
-          return off;
-        } catch (e) {
-          if (!isDisksnapError(e, 'EINVAL')) return -1;
-        }
-      }
-      return -1;
+      const raw = Buffer.alloc(2 * DIRECT_ALIGN);
+      const at = native().alignOffset(raw, DIRECT_ALIGN);
+      scratch.writeSync(raw.subarray(at, at + DIRECT_ALIGN), 0);
+      return true;
+    } catch {
+      return false; // EINVAL (O_DIRECT refused after all) or anything else: the page cache it is
     } finally {
       scratch.close();
     }
   }
 
-  /** A zeroed buffer of `size` bytes aligned for O_DIRECT (a plain one if probing fails). */
+  /** A zeroed buffer of `size` bytes whose memory starts on a page (4 KiB) boundary. */
   alloc(size: number): Buffer {
     const raw = Buffer.alloc(size + DIRECT_ALIGN);
-    const shift = this.shiftOf(raw);
-    if (shift < 0) return Buffer.allocUnsafeSlow(size);
+    const shift = native().alignOffset(raw, DIRECT_ALIGN);
     bases.set(raw.buffer, raw.byteOffset + shift);
     return raw.subarray(shift, shift + size);
   }
