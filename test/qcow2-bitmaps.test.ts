@@ -8,6 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { addBitmap, clearBitmap, FileBitmapHost, listBitmaps, markBitmaps, readBitmap, removeBitmap } from '../src/image/qcow2/bitmap-file';
 import { checkBitmaps } from '../src/image/qcow2/bitmaps';
+import { checkImage } from '../src/image/qcow2/check';
 import { BlockFile } from '../src/engine/file';
 import { assertClean, assertShows, makeParent, qemuCheck, qemuImgOk, qemuIo, run } from './helpers/qemu';
 import { granules, needQemuNbd, qemuBitmaps, qemuDirtyRanges, Range } from './helpers/qemu-bitmaps';
@@ -320,4 +321,44 @@ t.test('names and granularities are validated before anything is written', { ski
   t.throws(() => addBitmap(img, 'y', { granularity: 256 }), { code: 'EINVALID' });
   t.throws(() => clearBitmap(img, 'nope'), { code: 'ENOENT' });
   t.ok(fs.readFileSync(img).equals(before), 'the image is byte for byte unchanged');
+});
+
+t.test('diff check counts bitmap clusters as qemu-img check does, and its repair drops a stale extension', { skip }, async (t) => {
+  const dir = t.testdir();
+  const img = path.join(dir, 'a.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', img, '16M');
+  qemuImgOk('bitmap', '--add', img, 'a');
+  qemuImgOk('bitmap', '--add', '-g', '512', img, 'b');
+  qemuWrites(img, [
+    [0, 1 * MiB],
+    [12 * MiB, 4 * KiB],
+  ]);
+  const clean = checkImage(img);
+  t.equal(clean.exitCode, 0, `a QEMU image with bitmaps is clean: ${clean.messages.join('; ')}`);
+  t.equal(qemuCheck(img).status, 0, 'qemu-img check agrees');
+
+  poke(img, 95, [0]); // autoclear bit 0 cleared: the extension is stale
+  const stale = checkImage(img);
+  const q = qemuCheck(img);
+  t.equal(stale.exitCode, 3, 'stale bitmap clusters are leaks');
+  t.equal(stale.leaks, q.result?.leaks, `as many leaks as qemu-img check counts (${q.result?.leaks})`);
+  const repaired = checkImage(img, { repair: true });
+  t.equal(repaired.leaksFixed, stale.leaks, 'repair frees them');
+  t.equal(qemuCheck(img).status, 0, 'qemu-img check is clean after our repair');
+  t.same(qemuBitmaps(img), [], 'and the stale extension is gone');
+  t.equal(listBitmaps(img).state, 'none');
+
+  const img2 = path.join(dir, 'b.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', img2, '16M');
+  qemuImgOk('bitmap', '--add', img2, 'a');
+  qemuWrites(img2, [[0, 4 * KiB]]);
+  const f = BlockFile.open(img2, { lock: 'shared' });
+  const head = Buffer.alloc(8);
+  f.readFullSync(head, directoryOffset(img2));
+  f.close();
+  poke(img2, Number(head.readBigUInt64BE(0)) + 7, [0x03]); // all-ones bit with an offset
+  const bad = checkImage(img2);
+  t.equal(bad.exitCode, 2, 'a bad table entry is a corruption');
+  t.match(bad.messages.join('\n'), /bitmap 'a' table entry 0/);
+  t.not(qemuCheck(img2).status, 0, 'qemu-img check: not clean either');
 });

@@ -408,6 +408,8 @@ export interface BitmapCheck {
   errors: string[];
   /** not errors: stale extension, bitmaps in use */
   notes: string[];
+  /** the extension is there but the autoclear bit is clear */
+  stale: boolean;
 }
 
 /**
@@ -422,7 +424,7 @@ export function checkBitmaps(
   h: { extensions: HeaderExtension[]; autoclear: number; clusterSize: number; size: number },
   fileSize: number,
 ): BitmapCheck {
-  const res: BitmapCheck = { references: [], errors: [], notes: [] };
+  const res: BitmapCheck = { references: [], errors: [], notes: [], stale: false };
   let state: BitmapsState;
   try {
     state = bitmapsState(path, h, fileSize);
@@ -432,6 +434,7 @@ export function checkBitmaps(
     return res;
   }
   if (state.status === 'stale') {
+    res.stale = true;
     res.notes.push('the bitmaps extension is stale (autoclear bit 0 clear: a program lacking bitmap support wrote the image); its clusters count as leaks');
   }
   const ext = state.ext;
