@@ -22,8 +22,11 @@
 import * as fs from 'node:fs';
 import { BlockFile } from '../../engine/file';
 import { corrupt, DisksnapError } from '../../engine/errors';
-import { getRefcount, INCOMPAT_EXTL2, MAX_CHAIN_DEPTH, parseHeader, QCOW2_MAGIC, Qcow2Header, setRefcount, EXT_BITMAPS } from './format';
+import { getRefcount, INCOMPAT_EXTL2, MAX_CHAIN_DEPTH, parseHeader, QCOW2_MAGIC, Qcow2Header, setRefcount } from './format';
 import { readHeaderCluster, realpathOr, resolveBacking } from './header';
+import { BitmapReference, checkBitmaps } from './bitmaps';
+import { rewriteBitmapsExtension } from './bitmap-writer';
+import { FileBitmapHost } from './bitmap-file';
 import { Qcow2Tables, readTables, walkL2, walkTables } from './metadata';
 import { foreignFormat } from './probe';
 
@@ -102,18 +105,28 @@ function run(path: string, file: BlockFile, repair: boolean): CheckResult {
   if (h.nbSnapshots > 0) {
     throw new DisksnapError(`${path}: has internal snapshots, which disksnap's check does not count; use qemu-img check`, 'EUNSUPPORTED', undefined, path);
   }
-  if (h.extensions.some((e) => e.type === EXT_BITMAPS)) {
-    throw new DisksnapError(`${path}: has persistent dirty bitmaps, which disksnap's check does not count; use qemu-img check`, 'EUNSUPPORTED', undefined, path);
-  }
-  const counts = countReferences(file, readTables(file, h, fileSize), error);
+  // Persistent dirty bitmaps: directory, tables and data clusters are references too (none
+  // when the extension is stale: its clusters are then leaks, as qemu-img check says).
+  const bitmaps = checkBitmaps(path, (b, o) => file.readFullSync(b, o), h, fileSize);
+  for (const msg of bitmaps.errors) error(msg);
+  for (const note of bitmaps.notes) if (result.messages.length < MAX_MESSAGES) result.messages.push(note);
+  const counts = countReferences(file, readTables(file, h, fileSize), error, bitmaps.references);
   const leaked = compareRefcounts(h, counts, result, error);
-  if (repair && leaked.length > 0 && result.corruptions === 0) repairLeaks(file, h, counts, leaked, result);
+  if (repair && leaked.length > 0 && result.corruptions === 0) {
+    // A stale bitmaps extension goes first (as QEMU drops it on a read-write open): its
+    // clusters are among the leaks freed next.
+    if (bitmaps.stale) {
+      rewriteBitmapsExtension(new FileBitmapHost(file), undefined);
+      file.syncSync(true);
+    }
+    repairLeaks(file, h, counts, leaked, result);
+  }
   result.exitCode = result.corruptions > 0 ? 2 : result.leaks > 0 ? 3 : 0;
   return result;
 }
 
 /** Walks the metadata (metadata.ts) and counts every reference into one counter per host cluster. */
-function countReferences(file: BlockFile, t: Qcow2Tables, error: (msg: string) => void): Counts {
+function countReferences(file: BlockFile, t: Qcow2Tables, error: (msg: string) => void, extra: BitmapReference[]): Counts {
   const h = t.header;
   const cs = h.clusterSize;
   const nClusters = Math.ceil(t.fileSize / cs);
@@ -128,6 +141,7 @@ function countReferences(file: BlockFile, t: Qcow2Tables, error: (msg: string) =
     for (let c = first; c <= last && c < nClusters; c++) counts.counted[c]++;
     return true;
   };
+  for (const r of extra) inc(r.offset, r.length, r.what);
   const l2 = Buffer.alloc(cs);
   walkTables(t, {
     meta: (kind, offset, length, index, copied) => {
