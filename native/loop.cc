@@ -187,16 +187,22 @@ Napi::Value LoopAttach(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// Argument 0 names a loop device; opens it read-only. False (with a JS exception pending)
+// when the argument is not a string or the device cannot be opened.
+bool OpenDeviceArg(const Napi::CallbackInfo& info, std::string* device, Fd* dev) {
+  if (!ArgString(info, 0, "device", device)) return false;
+  dev->reset(OpenRetry(device->c_str(), O_RDONLY));
+  if (dev->get() >= 0) return true;
+  Throw(info.Env(), SysError::Errno(errno, "open", *device));
+  return false;
+}
+
 // loopDetach(device): LOOP_CLR_FD. ENXIO when nothing is attached.
 Napi::Value LoopDetach(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string device;
-  if (!ArgString(info, 0, "device", &device)) return Napi::Value();
-  Fd dev(OpenRetry(device.c_str(), O_RDONLY));
-  if (dev.get() < 0) {
-    Throw(env, SysError::Errno(errno, "open", device));
-    return Napi::Value();
-  }
+  Fd dev;
+  if (!OpenDeviceArg(info, &device, &dev)) return Napi::Value();
   int rc;
   do {
     rc = ::ioctl(dev.get(), LOOP_CLR_FD, 0);
@@ -213,12 +219,8 @@ Napi::Value LoopDetach(const Napi::CallbackInfo& info) {
 Napi::Value LoopStatus(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string device;
-  if (!ArgString(info, 0, "device", &device)) return Napi::Value();
-  Fd dev(OpenRetry(device.c_str(), O_RDONLY));
-  if (dev.get() < 0) {
-    Throw(env, SysError::Errno(errno, "open", device));
-    return Napi::Value();
-  }
+  Fd dev;
+  if (!OpenDeviceArg(info, &device, &dev)) return Napi::Value();
   loop_info64 li;
   memset(&li, 0, sizeof li);
   if (::ioctl(dev.get(), LOOP_GET_STATUS64, &li) < 0) {
