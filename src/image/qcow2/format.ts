@@ -348,10 +348,7 @@ export function parseHeader(path: string, head: Buffer, fileSize: number, opts: 
     raw.refcountOrder = 4;
     raw.headerLength = HEADER_V2_LENGTH;
   }
-  const bad = (field: string, value: number | string, why: string): DisksnapError =>
-    corrupt(path, `header field ${field} is ${value}: ${why}`);
-  const unsupported = (feature: string): DisksnapError =>
-    new DisksnapError(`${path}: uses ${feature}, which disksnap does not support`, 'EUNSUPPORTED', undefined, path);
+  const bad = (field: string, value: number | string, why: string): DisksnapError => badField(path, field, value, why);
 
   if (raw.clusterBits < MIN_CLUSTER_BITS || raw.clusterBits > MAX_CLUSTER_BITS) {
     throw bad('cluster_bits', raw.clusterBits, `must be ${MIN_CLUSTER_BITS}..${MAX_CLUSTER_BITS}`);
@@ -366,6 +363,50 @@ export function parseHeader(path: string, head: Buffer, fileSize: number, opts: 
     }
     if (raw.headerLength > head.length) throw corrupt(path, `qcow2 header truncated: header_length ${raw.headerLength}, file has ${head.length} bytes`);
   }
+  const incompatible = checkFeatures(path, raw, head, opts);
+  if (!Number.isSafeInteger(raw.size) || raw.size > MAX_VIRTUAL_SIZE) throw bad('size', raw.size, `must be at most 2^55`);
+
+  checkTables(path, raw, clusterSize, fileSize, opts);
+
+  const { extensions, backingFormat, guard } = parseExtensions(path, head, raw.headerLength, clusterSize);
+  const backingFile = backingName(path, head, raw, Math.min(clusterSize, head.length));
+
+  return {
+    version: version as 2 | 3,
+    clusterBits: raw.clusterBits,
+    clusterSize,
+    size: raw.size,
+    l1Size: raw.l1Size,
+    l1TableOffset: raw.l1TableOffset,
+    refcountTableOffset: raw.refcountTableOffset,
+    refcountTableClusters: raw.refcountTableClusters,
+    refcountOrder: raw.refcountOrder,
+    nbSnapshots: raw.nbSnapshots,
+    snapshotsOffset: raw.snapshotsOffset,
+    incompatible,
+    compatible: raw.compatLo >>> 0,
+    autoclear: raw.autoclearLo >>> 0,
+    headerLength: raw.headerLength,
+    backingFile,
+    backingFormat,
+    guard,
+    extensions,
+  };
+}
+
+/** A header field with a value the format does not allow; names the field, the value and the file. */
+function badField(path: string, field: string, value: number | string, why: string): DisksnapError {
+  return corrupt(path, `header field ${field} is ${value}: ${why}`);
+}
+
+function unsupportedFeature(path: string, feature: string): DisksnapError {
+  return new DisksnapError(`${path}: uses ${feature}, which disksnap does not support`, 'EUNSUPPORTED', undefined, path);
+}
+
+/** The feature bits and encryption: anything disksnap cannot read is refused by name. */
+function checkFeatures(path: string, raw: RawHeader, head: Buffer, opts: { forCheck?: boolean }): number {
+  const unsupported = (feature: string): DisksnapError => unsupportedFeature(path, feature);
+  const bad = (field: string, value: number | string, why: string): DisksnapError => badField(path, field, value, why);
   if (raw.incompatHi !== 0) throw unsupported(`unknown incompatible feature bits 0x${raw.incompatHi.toString(16)}00000000`);
   const incompatible = raw.incompatLo >>> 0;
   if (incompatible & INCOMPAT_CORRUPT && !opts.forCheck) throw unsupported('the corrupt bit (incompatible feature bit 1: QEMU marked the image corrupt; repair it with qemu-img check -r all)');
@@ -379,8 +420,12 @@ export function parseHeader(path: string, head: Buffer, fileSize: number, opts: 
   }
   if (raw.cryptMethod !== CRYPT_NONE) throw unsupported(CRYPT_NAMES[raw.cryptMethod] ?? `encryption method ${raw.cryptMethod}`);
   if (raw.refcountOrder > 6) throw bad('refcount_order', raw.refcountOrder, 'must be 0..6');
-  if (!Number.isSafeInteger(raw.size) || raw.size > MAX_VIRTUAL_SIZE) throw bad('size', raw.size, `must be at most 2^55`);
+  return incompatible;
+}
 
+/** Where the L1 table, the refcount table and the snapshot table lie: aligned, apart, inside the file. */
+function checkTables(path: string, raw: RawHeader, clusterSize: number, fileSize: number, opts: { forCheck?: boolean }): void {
+  const bad = (field: string, value: number | string, why: string): DisksnapError => badField(path, field, value, why);
   const needL1 = l1EntriesFor(raw.size, raw.clusterBits);
   if (raw.l1Size < needL1) throw bad('l1_size', raw.l1Size, `the virtual size ${raw.size} needs ${needL1} L1 entries`);
   if (raw.l1Size * 8 > MAX_L1_BYTES) throw bad('l1_size', raw.l1Size, `the L1 table would exceed ${MAX_L1_BYTES} bytes`);
@@ -408,13 +453,21 @@ export function parseHeader(path: string, head: Buffer, fileSize: number, opts: 
   if (raw.nbSnapshots > 0 && (raw.snapshotsOffset % clusterSize !== 0 || raw.snapshotsOffset === 0 || (raw.snapshotsOffset >= fileSize && !opts.forCheck))) {
     throw bad('snapshots_offset', raw.snapshotsOffset, 'not a cluster-aligned offset inside the file');
   }
+}
 
-  // Extensions: from header_length (v3) or 72 (v2) up to the end type, inside cluster 0.
+/** Header extensions: from header_length (v3) or 72 (v2) up to the end type, inside cluster 0. */
+function parseExtensions(
+  path: string,
+  head: Buffer,
+  headerLength: number,
+  clusterSize: number,
+): { extensions: HeaderExtension[]; backingFormat: string | undefined; guard: RawGuard | undefined } {
+  const unsupported = (feature: string): DisksnapError => unsupportedFeature(path, feature);
   const extensions: HeaderExtension[] = [];
   let backingFormat: string | undefined;
   let guard: RawGuard | undefined;
   const limit = Math.min(clusterSize, head.length);
-  let pos = raw.headerLength;
+  let pos = headerLength;
   for (;;) {
     if (pos + 8 > limit) throw corrupt(path, `header extensions run past the header cluster at byte ${pos}`);
     const ext = EXTENSION_HEADER.decode(head, pos);
@@ -430,7 +483,12 @@ export function parseHeader(path: string, head: Buffer, fileSize: number, opts: 
     else if (ext.type === EXT_CRYPTO) throw unsupported('encryption (full disk encryption header extension)');
     pos += 8 + Math.ceil(ext.length / 8) * 8;
   }
+  return { extensions, backingFormat, guard };
+}
 
+/** The backing file name, when there is one: inside cluster 0, no NUL byte. */
+function backingName(path: string, head: Buffer, raw: RawHeader, limit: number): string | undefined {
+  const bad = (field: string, value: number | string, why: string): DisksnapError => badField(path, field, value, why);
   let backingFile: string | undefined;
   if (raw.backingFileOffset !== 0) {
     if (raw.backingFileSize === 0 || raw.backingFileSize > MAX_BACKING_NAME) {
@@ -442,28 +500,7 @@ export function parseHeader(path: string, head: Buffer, fileSize: number, opts: 
     backingFile = head.subarray(raw.backingFileOffset, raw.backingFileOffset + raw.backingFileSize).toString('utf8');
     if (backingFile.includes('\0')) throw bad('backing file name', JSON.stringify(backingFile), 'contains a NUL byte');
   }
-
-  return {
-    version: version as 2 | 3,
-    clusterBits: raw.clusterBits,
-    clusterSize,
-    size: raw.size,
-    l1Size: raw.l1Size,
-    l1TableOffset: raw.l1TableOffset,
-    refcountTableOffset: raw.refcountTableOffset,
-    refcountTableClusters: raw.refcountTableClusters,
-    refcountOrder: raw.refcountOrder,
-    nbSnapshots: raw.nbSnapshots,
-    snapshotsOffset: raw.snapshotsOffset,
-    incompatible,
-    compatible: raw.compatLo >>> 0,
-    autoclear: raw.autoclearLo >>> 0,
-    headerLength: raw.headerLength,
-    backingFile,
-    backingFormat,
-    guard,
-    extensions,
-  };
+  return backingFile;
 }
 
 export interface NewHeader {
