@@ -16,6 +16,10 @@ const MiB = 2 ** 20;
 const skip = needQemu();
 const mode = (f: string) => fs.statSync(f).mode & 0o777;
 
+function virtualSize(file: string): number {
+  return (JSON.parse(qemuImgOk('info', '--output=json', file)) as { 'virtual-size': number })['virtual-size'];
+}
+
 function readAll(file: string): Buffer {
   const img = openImage(file);
   try {
@@ -55,33 +59,36 @@ function assertNothingChanged(t: Test, parent: string, child: string, b: Before,
   t.ok(readAll(child).equals(b.shows), `${phase}: the child still reads, and shows what it showed`);
 }
 
-t.test('a child grown past its qcow2 parent is committed as qemu-img commit does: the parent grows', { skip }, async (t) => {
-  const dir = t.testdir();
-  const oracle = path.join(dir, 'oracle');
-  fs.mkdirSync(oracle);
-  const parent = qcow2Parent(dir, MiB);
-  const child = path.join(dir, 'child.qcow2');
-  await diff.createChild(parent, child);
-  qemuImgOk('resize', '-q', child, String(3 * MiB));
-  qemuIo(child, ['write -P 0x11 4096 8192', `write -P 0x22 ${2 * MiB} ${MiB}`, `write -P 0x33 ${MiB - 512} 1024`]);
-  const shows = readAll(child);
-  t.equal(shows.length, 3 * MiB);
-  // the oracle: qemu-img commit of the same chain, copied
-  for (const f of [parent, child]) fs.copyFileSync(f, path.join(oracle, path.basename(f)));
-  qemuImgOk('commit', '-q', path.join(oracle, 'child.qcow2'));
+// 64 KiB clusters: the size alone changes; 4 KiB clusters (2 MiB per L1 entry): the L1 table
+// grows from 1 to 3 entries inside its cluster
+for (const clusterSize of [65536, 4096]) {
+  t.test(`a child grown past its qcow2 parent (${clusterSize}-byte clusters) is committed as qemu-img commit does: the parent grows`, { skip }, async (t) => {
+    const dir = t.testdir();
+    const oracle = path.join(dir, 'oracle');
+    fs.mkdirSync(oracle);
+    const parent = qcow2Parent(dir, MiB, clusterSize);
+    const child = path.join(dir, 'child.qcow2');
+    await diff.createChild(parent, child);
+    qemuImgOk('resize', '-q', child, String(5 * MiB));
+    qemuIo(child, ['write -P 0x11 4096 8192', `write -P 0x22 ${2 * MiB} ${MiB}`, `write -P 0x33 ${MiB - 512} 1024`, `write -P 0x44 ${5 * MiB - 4096} 4096`]);
+    const shows = readAll(child);
+    t.equal(shows.length, 5 * MiB);
+    // the oracle: qemu-img commit of the same chain, copied
+    for (const f of [parent, child]) fs.copyFileSync(f, path.join(oracle, path.basename(f)));
+    qemuImgOk('commit', '-q', path.join(oracle, 'child.qcow2'));
 
-  const r = await diff.commit(child);
-  t.equal(r.resumed, false);
-  t.notOk(fs.existsSync(child), 'child removed');
-  t.notOk(fs.existsSync(commitMarkerPath(child)), 'no marker left');
-  const info = JSON.parse(qemuImgOk('info', '--output=json', parent)) as { 'virtual-size': number };
-  t.equal(info['virtual-size'], 3 * MiB, 'the parent grew to the child size');
-  assertClean(t, parent, 'after commit');
-  qemuImgOk('compare', '-q', parent, path.join(oracle, 'parent.qcow2'));
-  t.pass('qemu-img compare: the parent equals what qemu-img commit made');
-  t.ok(readAll(parent).equals(shows), 'the parent shows what the child showed');
-  t.equal(mode(parent), 0o644, 'parent writable again');
-});
+    const r = await diff.commit(child);
+    t.equal(r.resumed, false);
+    t.notOk(fs.existsSync(child), 'child removed');
+    t.notOk(fs.existsSync(commitMarkerPath(child)), 'no marker left');
+    t.equal(virtualSize(parent), 5 * MiB, 'the parent grew to the child size');
+    assertClean(t, parent, 'after commit');
+    qemuImgOk('compare', '-q', parent, path.join(oracle, 'parent.qcow2'));
+    t.pass('qemu-img compare: the parent equals what qemu-img commit made');
+    t.ok(readAll(parent).equals(shows), 'the parent shows what the child showed');
+    t.equal(mode(parent), 0o644, 'parent writable again');
+  });
+}
 
 t.test('a child grown past what the parent L1 table can map is refused before anything is written', { skip }, async (t) => {
   const dir = t.testdir();

@@ -20,7 +20,9 @@
  * registered, which happens before the child appears under its name; every writable open of
  * an image consults the registry too (src/image/children.ts: mode bits do not stop root). The
  * last child rolled back or committed gives the parent its mode back and removes the file.
- * Reads prune entries whose file is gone or names another backing file.
+ * Reads prune entries whose file is gone or names another backing file (deleted by hand, or
+ * made standalone by `qemu-img rebase -b ''`); `diff children` writes the pruned list back and
+ * releases a parent left with none.
  *
  * The commit marker: CHILD.disksnap-commit.json is written after every refusal and before the
  * parent is touched. While it exists the child opens only for the commit, rollback and reset
