@@ -30,7 +30,8 @@ import { DisksnapError } from '../engine/errors';
 import { detectFormat } from '../image';
 import { Qcow2Image } from '../image/qcow2/image';
 import { readHeaderCluster } from '../image/qcow2/header';
-import { EXT_BACKING_FORMAT, EXT_PARENT_GUARD, GUARD_LAYOUT, MAX_BACKING_NAME, encodeExtensions, extensionsSize, parseHeader, Qcow2Header, RawGuard } from '../image/qcow2/format';
+import { EXT_BACKING_FORMAT, EXT_PARENT_GUARD, GUARD_LAYOUT, MAX_BACKING_NAME, parseHeader, Qcow2Header, RawGuard } from '../image/qcow2/format';
+import { encodeExtensions, extensionsSize } from '../image/qcow2/encode';
 import { identify, toRecord } from '../image/qcow2/guard';
 import { childrenOf } from './registry';
 

@@ -30,16 +30,8 @@
  * only; tables are small (one entry per 32 GiB of guest at the defaults) and kept whole.
  */
 import { DisksnapError, invalid } from '../../engine/errors';
-import {
-  AUTOCLEAR_BITMAPS,
-  encodeExtensions,
-  EXT_BITMAPS,
-  EXT_PARENT_GUARD,
-  extensionsSize,
-  HeaderExtension,
-  OFF_AUTOCLEAR,
-  parseHeader,
-} from './format';
+import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, EXT_PARENT_GUARD, HeaderExtension, OFF_AUTOCLEAR, parseHeader } from './format';
+import { encodeExtensions, extensionsSize } from './encode';
 import {
   BitmapEntry,
   BitmapsExtension,

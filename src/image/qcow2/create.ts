@@ -10,20 +10,8 @@
  */
 import { BlockFile } from '../../engine/file';
 import { invalid } from '../../engine/errors';
-import {
-  DEFAULT_CLUSTER_BITS,
-  encodeHeaderCluster,
-  l1EntriesFor,
-  MAX_CLUSTER_BITS,
-  MAX_L1_BYTES,
-  MAX_REFTABLE_BYTES,
-  MAX_VIRTUAL_SIZE,
-  MIN_CLUSTER_BITS,
-  RawGuard,
-  setRefcount,
-  writeEntry,
-  HeaderExtension,
-} from './format';
+import { DEFAULT_CLUSTER_BITS, l1EntriesFor, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS, RawGuard, setRefcount, writeEntry, HeaderExtension } from './format';
+import { encodeHeaderCluster } from './encode';
 
 export interface CreateQcow2Options {
   size: number;

@@ -10,7 +10,8 @@
  *   clusters.ts   L1/L2 lookup, copy-on-write, zero clusters         (qcow2-cluster.c)
  *   cache.ts      the bounded table cache                            (qcow2-cache.c)
  *   image.ts      open + validate, the backing chain, the DiskImage API, map and info (qcow2.c)
- *   check.ts      `diff check` (qemu-img check); create.ts: new images
+ *   check.ts      `diff check` (qemu-img check); create.ts: new images; encode.ts: header
+ *                 clusters written (create, accept-parent, checkpoints, bitmaps)
  * The class is built in three layers: RefcountLayer <- ClusterLayer <- Qcow2Image.
  *
  * Deliberately left simple: writes run synchronously on the calling thread (the page cache
