@@ -133,7 +133,7 @@ t.test('bad keys and key options are one-line failures (encryption: test/encrypt
   oneLineFailure(t, ds(['volume', 'register', vol, '--store', store, '--encrypted', '--key-file', '/dev/null']), /holds 0 bytes; a key file is exactly 32 random bytes/, 'empty key file');
   oneLineFailure(t, ds(['volume', 'register', vol, '--store', store, '--encrypted', '--key-file', path.join(dir, 'nope')]), /ENOENT/, 'missing key file');
   oneLineFailure(t, ds(['volume', 'register', vol, '--store', store, '--encrypted'], noKey), /needs a key: pass --key-file/, 'no key');
-  fs.writeFileSync(path.join(dir, 'k'), Buffer.alloc(32, 7));
+  fs.writeFileSync(path.join(dir, 'k'), Buffer.alloc(32, 7), { mode: 0o600 }); // a private key file: the point here is the missing --encrypted
   oneLineFailure(t, ds(['volume', 'register', vol, '--store', store, '--key-file', path.join(dir, 'k')]), /add --encrypted/, 'a key without --encrypted');
   oneLineFailure(t, ds(['snapshot', 'copy', 'a1', '--store', store, '--to-store', path.join(dir, 'b'), '--encrypt'], noKey), /needs a key/, 'copy --encrypt without a key');
   t.notOk(fs.existsSync(path.join(dir, 'b')), 'and no destination store was made');

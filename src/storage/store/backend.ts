@@ -1,6 +1,6 @@
 /**
  * The one interface through which a snapshot store touches its storage. The directory
- * backend (src/storage/store/dir.ts) is the only one today. Snapshot logic (src/storage/snapshot.ts,
+ * backend (src/storage/store/dir.ts) is the only one today. Snapshot logic (src/storage/*.ts,
  * src/storage/store/store.ts) sees a FullBackend: the small core every backend implements, plus
  * optional faster forms that `fullBackend()` fills in from the core where a backend lacks them.
  *
