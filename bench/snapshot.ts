@@ -114,7 +114,7 @@ function peakRss(volume: string, store: string): { rssMiB: number; seconds: numb
 
 export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
   const quick = !!opts.quick;
-  const runs = quick ? 1 : 3;
+  const runs = opts.runs ?? (quick ? 1 : 3);
   const size = quick ? 256 * MiB : 4 * GiB;
   const data = quick ? 64 * MiB : 1 * GiB;
   const dataOffset = size / 8;
