@@ -85,7 +85,7 @@ t.test(`SIGKILL of create, delete and gc on an encrypted volume: completed snaps
 
   // Delete and gc through the compiled library with short pauses between their steps (its
   // test hooks), so that a kill lands inside them rather than only in start-up.
-  const lib = JSON.stringify(path.join(ROOT, 'dist', 'src', 'snapshot.js'));
+  const lib = JSON.stringify(path.join(ROOT, 'dist', 'src', 'storage', 'index.js'));
   const nap = '() => new Promise((r) => setTimeout(r, Math.random() * 40))';
   const hooked = (call: string) => ['-e', `const s = require(${lib}); const nap = ${nap}; ${call};`];
   const st = JSON.stringify(store);

@@ -356,7 +356,7 @@ t.test('a killed writer\'s pending encrypted snapshot is marked error by a proce
   const key = keyFile(dir, 'k');
   markedImage(vol, 8 * MiB, [{ offset: 0, length: 4 * MiB, seed: 50 }]);
   await snap.registerVolume(vol, { store, blockSize: BS, encrypted: true, key: { keyFile: key } });
-  const lib = path.join(ROOT, 'dist', 'src', 'snapshot.js');
+  const lib = path.join(ROOT, 'dist', 'src', 'storage', 'index.js');
   const script = `require(${JSON.stringify(lib)}).createSnapshot(${JSON.stringify(vol)}, { store: ${JSON.stringify(store)}, key: { keyFile: ${JSON.stringify(key)} },
     name: ${JSON.stringify(`killed ${MARKER}`)}, afterChunk: () => { console.log('reading'); return new Promise(() => setInterval(() => {}, 1000)); } })`;
   const child = spawn(process.execPath, ['-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
