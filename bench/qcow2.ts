@@ -41,7 +41,7 @@ export async function benchDiff(opts: BenchOptions): Promise<BenchRow[]> {
     return [];
   }
   const quick = !!opts.quick;
-  const runs = quick ? 1 : 3;
+  const runs = opts.runs ?? (quick ? 1 : 3);
   const parentSize = quick ? 256 * MiB : GiB;
   const commitBytes = quick ? 64 * MiB : 512 * MiB;
   const count = quick ? 20000 : 75000;

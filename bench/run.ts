@@ -2,7 +2,7 @@
  * `npm run bench`: every benchmark of the project in one run, each figure beside its peer
  * measured in the same run on the same files, as medians and ratios.
  *
- *   npm run bench [-- --quick] [-- --json FILE] [-- --only engine,diff,snapshot] [-- --dir DIR]
+ *   npm run bench [-- --quick] [-- --runs N] [-- --json FILE] [-- --only engine,diff,snapshot] [-- --dir DIR]
  *
  * The ratio is always "how many times better disksnap is": disksnap/peer for throughput,
  * peer/disksnap for times. Figures are not asserted anywhere: tests never time things.
@@ -58,6 +58,8 @@ async function main(): Promise<void> {
     return i >= 0 ? args[i + 1] : undefined;
   };
   const quick = args.includes('--quick');
+  const runsArg = flag('--runs');
+  const runs = runsArg !== undefined && /^[1-9]\d*$/.test(runsArg) ? Number(runsArg) : undefined;
   const only = flag('--only')?.split(',');
   const jsonFile = flag('--json');
   const dir = fs.mkdtempSync(path.join(flag('--dir') ?? os.tmpdir(), 'disksnap-bench-'));
@@ -68,7 +70,7 @@ async function main(): Promise<void> {
       process.stderr.write(`bench: ${name}...\n`);
       const sub = fs.mkdtempSync(path.join(dir, `${name}-`));
       try {
-        rows.push(...(await load()({ dir: sub, quick })));
+        rows.push(...(await load()({ dir: sub, quick, runs })));
       } catch (e) {
         process.stderr.write(`bench: ${name} failed: ${(e as Error).stack}\n`);
         process.exitCode = 1;

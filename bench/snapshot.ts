@@ -19,8 +19,16 @@
  * objects instead of writing them: the "on xfs" rows repeat full snapshot and restore, both
  * tools, on a loop-mounted xfs (as root, with mkfs.xfs installed).
  *
+ * Each of full, incremental and restore is measured twice per run (issue 18): on a "fresh
+ * machine" (a `sync` before each operation) and on a "worked-in machine" (bench/workedin.ts
+ * before each operation: page cache full of other data, 1 GiB written and deleted, a background
+ * reader/writer beside it), each beside restic and beside its floor measured the same way in
+ * the same run: bench/floor.c for snapshots (the volume read through the page cache, the same
+ * objects stored with O_TMPFILE, O_DIRECT write, fdatasync, linkat on 16 threads, no hashing)
+ * and the dd copy for restores. Encrypted, copy-limit, xfs and memory rows: fresh only.
+ *
  * Both tools run as processes through their CLIs, from a warm page cache (the image is read
- * once before each run) after a `sync`, so neither pays for the other's dirty pages. disksnap
+ * once before each operation), so neither pays for the other's dirty pages. disksnap
  * fsyncs every object and its restored image before it reports success; restic 0.14 fsyncs
  * the pack files it writes but not the files it restores, and cp fsyncs nothing — the
  * "data on disk" rows add a `sync` to each so that all three finish with the bytes durable.
@@ -106,7 +114,7 @@ function peakRss(volume: string, store: string): { rssMiB: number; seconds: numb
 
 export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
   const quick = !!opts.quick;
-  const runs = quick ? 1 : 3;
+  const runs = opts.runs ?? (quick ? 1 : 3);
   const size = quick ? 256 * MiB : 4 * GiB;
   const data = quick ? 64 * MiB : 1 * GiB;
   const dataOffset = size / 8;

@@ -22,4 +22,6 @@ export interface BenchOptions {
   dir: string;
   /** small sizes, one repetition: a smoke run */
   quick?: boolean;
+  /** repetitions of each measurement (default 3; quick: 1) */
+  runs?: number;
 }

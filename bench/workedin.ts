@@ -2,9 +2,9 @@
  * A "worked-in machine" for the benchmarks (issue 18): the state a user's machine is usually
  * in, not a freshly started one. `prepare()` runs before each measured operation:
  *
- *   1. the page cache filled with other data: a slice of a large sparse "ballast" file is read
- *      (holes cost no I/O but take page-cache pages like any data); the whole file, as big as
- *      the machine's memory, is read once at the start;
+ *   1. the page cache filled with other data: a large sparse "ballast" file, as big as the
+ *      machine's memory, is read once at the start (holes cost no I/O but take page-cache pages
+ *      like any data), then a further 1 GiB slice of it before each operation;
  *   2. a few GiB written, synced and deleted (1 GiB in 16 MiB files; quick: 128 MiB): freed
  *      extents (discarded on a `-o discard` mount), recently deleted inodes, metadata to write;
  *   3. a background reader and writer at a low rate beside the measured operation: a child
@@ -76,8 +76,8 @@ export class WorkedIn {
   /** Brings the machine into the worked-in state and starts the background I/O. */
   prepare(): void {
     this.stop();
-    // 1. 4 GiB more of other data through the page cache (quick: 512 MiB), round the ballast.
-    const slice = Math.min(this.ballastBytes, this.churnBytes * 4);
+    // 1. 1 GiB more of other data through the page cache (quick: 128 MiB), round the ballast.
+    const slice = Math.min(this.ballastBytes, this.churnBytes);
     const mib = slice / MiB;
     const skip = (this.cursor % Math.max(1, this.ballastBytes / slice)) * mib;
     this.cursor++;

@@ -17,7 +17,10 @@
  * scratch file (unlinked at once), that O_DIRECT works in the directory at all.
  *
  * Where O_DIRECT is refused (tmpfs, some FUSE filesystems) `probe` returns undefined and callers
- * write through the page cache. DISKSNAP_NO_DIRECT=1 forces that everywhere.
+ * write through the page cache. DISKSNAP_NO_DIRECT=1 forces that everywhere — a diagnostic,
+ * not a mode to choose: with page-aligned buffers O_DIRECT was the faster mode both on a quiet
+ * machine (1 GiB: 0.77 s against 3.4 s buffered + fdatasync) and on a busy one (the 2048-object
+ * C loop of native/object.cc's note: 3.0-6.0 s against 13.8 s buffered, same minutes).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
