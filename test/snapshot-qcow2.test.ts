@@ -11,6 +11,7 @@ import * as path from 'node:path';
 import * as snap from '../src/storage';
 import { assertClean, makeParent, qemuImgOk, qemuIo, run } from './helpers/qemu';
 import { needQemuNbd, qemuBitmaps } from './helpers/qemu-bitmaps';
+import { cli } from './helpers/cli';
 
 const KiB = 1024;
 const MiB = 2 ** 20;
@@ -51,6 +52,27 @@ t.test('a snapshot of a qcow2 child is the guest view: 64 MiB, standalone after 
   t.equal(s.changeSource, 'full');
   fs.rmSync(parent.file);
   t.ok((await restored(store, s.id, dir)).equals(want), 'with the parent deleted, restore gives exactly qemu-img convert of the child');
+
+  // --format qcow2: a standalone qcow2 v3, check clean, zero clusters unallocated
+  const q = path.join(dir, 'restored.qcow2');
+  const r = cli(['snapshot', 'restore', s.id, '--to', q, '--format', 'qcow2', '--store', store]);
+  t.equal(r.status, 0, `restore --format qcow2: ${r.stderr}`);
+  assertClean(t, q, 'the restored qcow2');
+  const info = JSON.parse(qemuImgOk('info', '--output=json', q)) as Record<string, unknown>;
+  t.equal(info['backing-filename'], undefined, 'no backing file');
+  t.equal((info['format-specific'] as { data: { compat: string } }).data.compat, '1.1', 'qcow2 v3');
+  t.equal(info['virtual-size'], 64 * MiB);
+  t.ok(guestBytes(q).equals(want), 'it shows exactly the child as it was (qemu-img convert)');
+  const raw = path.join(dir, 'want.raw');
+  fs.writeFileSync(raw, want);
+  t.equal(run('qemu-img', ['compare', '-F', 'raw', q, raw]).status, 0, 'qemu-img compare agrees');
+  const mapped = JSON.parse(qemuImgOk('map', '--output=json', q)) as { length: number; data: boolean }[];
+  const dataBytes = mapped.filter((e) => e.data).reduce((n, e) => n + e.length, 0);
+  let nonZero = 0;
+  for (let c = 0; c < want.length; c += 64 * KiB) if (want.subarray(c, c + 64 * KiB).some((b) => b !== 0)) nonZero += 64 * KiB;
+  t.equal(dataBytes, nonZero, 'only non-zero clusters are allocated');
+  t.equal(cli(['snapshot', 'restore', s.id, '--to', q, '--format', 'qcow2', '--store', store]).status, 1, 'an existing target is not overwritten');
+  t.equal(cli(['snapshot', 'restore', s.id, '--to', path.join(dir, 'x'), '--format', 'vmdk', '--store', store]).status, 2, 'an unknown format is bad usage');
 });
 
 t.test('a three-deep chain restores as its top image showed it', { skip }, async (t) => {
@@ -91,6 +113,8 @@ t.test('the incremental of a qcow2 volume reads only the blocks its bitmap marke
   const want2 = guestBytes(vol);
   const s2 = await snap.createSnapshot(vol, { store });
   t.equal(s2.changeSource, 'bitmap', `the bitmap was used (${s2.changeSourceReason})`);
+  const shown = cli(['snapshot', 'show', s2.id, '--store', store]);
+  t.match(shown.out, /change source\s+bitmap/, 'snapshot show prints the change source');
   t.equal(s2.stats.bytesScanned, 3 * BS, 'only the three dirty blocks were read');
   t.equal(s2.stats.changedBlocks, 3);
   t.ok((await restored(store, s2.id, dir)).equals(want2), 'restore equals qemu-img convert of that moment');
@@ -133,6 +157,7 @@ t.test('an untrusted bitmap falls back to hashing every block, and says why', { 
     const s2 = await snap.createSnapshot(vol, { store });
     t.equal(s2.changeSource, 'hash', `${what}: every block hashed`);
     t.match(s2.changeSourceReason, re, `${what}: the reason is recorded`);
+    if (what === 'bitmap removed') t.match(cli(['snapshot', 'show', s2.id, '--store', store]).out, /change source\s+hash \(.*missing/, `${what}: snapshot show prints why`);
     t.ok((await restored(store, s2.id, dir)).equals(want), `${what}: restore is exact`);
     qemuIo(vol, ['write -P 0x66 7M 1']);
     const s3 = await snap.createSnapshot(vol, { store });
