@@ -144,8 +144,12 @@ function printSnapshot(s: snap.SnapshotJson): void {
     ['parent', s.parentId ?? '- (full snapshot)'],
     ['data blocks', `${s.stats.dataBlocks} (${s.stats.zeroBlocks} zero blocks not stored)`],
     ['changed blocks', String(s.stats.changedBlocks)],
+    ['change source', (s.changeSource ?? '- (not recorded)') + (s.changeSourceReason ? ` (${s.changeSourceReason})` : '')],
+    ['bytes scanned', `${formatSize(s.stats.bytesScanned)} (${s.stats.bytesScanned} bytes)`],
     ['blocks added', `${s.stats.blocksAdded} (${formatSize(s.stats.bytesAdded)})`],
   ];
+  if (s.volumeFormat) rows.push(['volume format', s.volumeFormat + (s.volumeChain && s.volumeChain.length > 1 ? ` (chain: ${s.volumeChain.join(' -> ')})` : '')]);
+  if (s.changeTracking) rows.push(['bitmap', `${s.changeTracking.bitmap} (granularity ${formatSize(s.changeTracking.granularity)})`]);
   if (s.copiedFrom) rows.push(['copied from', `${s.copiedFrom.snapshotId} of store ${s.copiedFrom.storeId}`]);
   if (s.error) rows.push(['error', s.error]);
   const w = Math.max(...rows.map((r) => r[0].length));
@@ -248,14 +252,18 @@ export function register(program: Command): void {
     .option('--to <file>', 'new raw image to write (refused if it exists, unless --force)')
     .option('--in-place <volume>', 'roll this volume back, rewriting only the blocks that differ')
     .option('-f, --force', 'with --to: replace an existing file')
+    .option('--format <format>', 'with --to: raw (default, sparse) or qcow2 (standalone qcow2 v3, zero blocks unallocated)')
     .option(storeOption, storeHelp)
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print a JSON report')
     .action(
-      action(async (ref: string, o: StoreFlag & KeyFlags & { to?: string; inPlace?: string; force?: boolean }) => {
+      action(async (ref: string, o: StoreFlag & KeyFlags & { to?: string; inPlace?: string; force?: boolean; format?: string }) => {
         if ((o.to === undefined) === (o.inPlace === undefined)) throw new UsageError('restore needs exactly one of --to FILE and --in-place VOLUME');
+        if (o.format !== undefined && o.format !== 'raw' && o.format !== 'qcow2') throw new UsageError(`--format must be raw or qcow2, not '${o.format}'`);
+        if (o.format !== undefined && o.to === undefined) throw new UsageError('--format applies to --to FILE only');
+        const format = o.format as 'raw' | 'qcow2' | undefined;
         const r = await withBar('restore', (onProgress) =>
-          snap.restoreSnapshot(ref, { ...storeOpts(o), to: o.to, inPlace: o.inPlace, force: o.force, key: keySpec(o), onProgress }),
+          snap.restoreSnapshot(ref, { ...storeOpts(o), to: o.to, inPlace: o.inPlace, force: o.force, format, key: keySpec(o), onProgress }),
         );
         if (o.json) printJson(r);
         else if (r.mode === 'file') {

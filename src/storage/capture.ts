@@ -25,6 +25,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { BlockFile } from '../engine/file';
+import type { DiskImage } from '../image';
 import { BlockHashes, native, NativeStat } from '../engine/native';
 import type { Store } from './store/store';
 import type { ObjectData } from './store/backend';
@@ -54,7 +55,21 @@ export interface ParentView {
  */
 export type ChangeDetector = (p: ReadPipeline, parent: ParentView) => Promise<void>;
 
+/**
+ * A volume read as a guest view (a qcow2 image or chain, through the image layer) instead
+ * of as the bytes of its file: holes come from the image's map, and `dirty` (from a trusted
+ * persistent bitmap) limits the read to the blocks written since the parent.
+ */
+export interface GuestVolume {
+  image: DiskImage;
+  dirty?: Array<{ offset: number; length: number }>;
+  /** after the read: why the volume moved since this attempt's change information was taken, if it did */
+  moved?: () => string | undefined;
+}
+
 export interface CaptureSettings {
+  /** the volume's guest view, when it is an image format rather than raw bytes */
+  guest?: GuestVolume;
   threads: number;
   attempt: number;
   tk: TagKey | undefined;
@@ -115,6 +130,8 @@ export class ReadPipeline {
   readonly recorded = new RecordedTags();
   private done = 0;
   private chunkNo = 0;
+  /** the guest view read instead of `file` (a qcow2 volume) */
+  readonly image: DiskImage | undefined;
 
   constructor(
     readonly store: Store,
@@ -128,7 +145,8 @@ export class ReadPipeline {
     this.bs = store.blockSize;
     this.maxBlocks = blocksPerChunk(this.bs);
     this.hashBlocks = Math.max(this.maxBlocks, Math.floor(HASH_CHUNK_BYTES / this.bs));
-    this.runs = dataRuns(file, size, this.bs);
+    this.image = settings.guest?.image;
+    this.runs = this.image ? guestRuns(this.image, size, this.bs) : dataRuns(file, size, this.bs);
     let total = 0;
     for (const [a, b] of this.runs) total += Math.min(size, b * this.bs) - a * this.bs;
     this.totalBytes = total;
@@ -154,10 +172,16 @@ export class ReadPipeline {
    * Records data block i in the new manifest: its digest at digests[dOff], and the unmasked
    * tag (under proofKey) of the bytes that digest is of at u[uOff].
    */
-  record(i: number, digests: Buffer, dOff: number, u: Buffer, uOff: number): void {
+  /**
+   * Records block i's digest; `u` is its unmasked tag, which a read that must prove one
+   * moment needs (the guest-view paths, which never prove, have none).
+   */
+  record(i: number, digests: Buffer, dOff: number, u?: Buffer, uOff = 0): void {
     this.rec.stats.dataBlocks++;
     this.writer.append(i, digests, dOff);
-    if (this.settings.prove) this.recorded.push(i, u, uOff);
+    if (!this.settings.prove) return;
+    if (!u) throw new Error(`internal: block ${i} recorded without the tag its proof needs`);
+    this.recorded.push(i, u, uOff);
   }
 
   /**
@@ -179,8 +203,11 @@ export class ReadPipeline {
     const buf = await this.pool.acquire();
     const len = this.spanBytes(first, end);
     try {
-      const got = await this.file.read(buf.subarray(0, len), first * this.bs);
-      if (got < len) buf.fill(0, got, len); // the file shrank: the stat check will notice
+      if (this.image) await this.image.read(buf.subarray(0, len), first * this.bs);
+      else {
+        const got = await this.file.read(buf.subarray(0, len), first * this.bs);
+        if (got < len) buf.fill(0, got, len); // the file shrank: the stat check will notice
+      }
     } catch (e) {
       this.pool.release(buf);
       throw e;
@@ -227,7 +254,8 @@ export class ReadPipeline {
       group.forEach((i, k) => reqs.set([i * this.bs, k * this.bs, lenOf(k)], k * 3));
       // only the volume's last block is short, and it comes last
       const glen = group.length ? (group.length - 1) * this.bs + lenOf(group.length - 1) : 0;
-      await this.file.readBatch(buf, reqs);
+      if (this.image) this.image.readBatchSync(buf, reqs);
+      else await this.file.readBatch(buf, reqs);
       again = await this.n.hashBlocksAsync(buf.subarray(0, glen), this.bs, this.threads, this.key, this.proofKey);
       for (let k = 0; k < group.length; k++) if (decide(k, again)) ks.push(k);
     } catch (e) {
@@ -282,6 +310,20 @@ async function proveOneMoment(p: ReadPipeline): Promise<void> {
     },
   );
   if (j < seen.length) throw moved(seen.index.get(j));
+}
+
+/** Blocks of the guest view that hold data (its map's data extents), as runs [first, end). */
+function guestRuns(image: DiskImage, size: number, bs: number): Array<[number, number]> {
+  const runs: Array<[number, number]> = [];
+  for (const e of image.map()) {
+    if (e.kind !== 'data') continue;
+    const first = Math.floor(e.offset / bs);
+    const end = Math.ceil(Math.min(size, e.offset + e.length) / bs);
+    const last = runs[runs.length - 1];
+    if (last && first <= last[1]) last[1] = Math.max(last[1], end);
+    else runs.push([first, end]);
+  }
+  return runs;
 }
 
 /** Why the volume's stat says it moved between two stats, or undefined. */
@@ -346,12 +388,12 @@ export async function capture(
   file: BlockFile,
   rec: SnapshotRecord,
   parent: SnapshotRecord | undefined,
-  pick: (parent: ParentView) => ChangeDetector,
+  pick: (parent: ParentView, guest?: GuestVolume) => ChangeDetector,
   settings: CaptureSettings,
   readDone: () => Promise<void>,
 ): Promise<Captured> {
   const st0 = await stableStat(file);
-  const size = volumeSizeOf(file, st0);
+  const size = settings.guest ? settings.guest.image.virtualSize : volumeSizeOf(file, st0);
   rec.volumeSize = size;
   rec.stats = emptyStats();
   rec.progress = 0;
@@ -362,13 +404,13 @@ export async function capture(
   try {
     view = await openParent(store, parent, settings);
     p = new ReadPipeline(store, file, rec, size, writer, tagWriter, settings);
-    await pick(view)(p, view);
+    await pick(view, settings.guest)(p, view);
     await p.chunks.drain();
     if (settings.prove) await proveOneMoment(p);
     // Every read of the volume is done: check it did not move, then let go of the freeze (or
     // the clone) before waiting for the object writes.
     rec.stats.zeroBlocks = blockCount(size, store.blockSize) - rec.stats.dataBlocks;
-    const why = moved(st0, file.stat());
+    const why = moved(st0, file.stat()) ?? settings.guest?.moved?.();
     if (why) throw new VolumeChanged(why);
     await readDone();
     await p.writes.drain();

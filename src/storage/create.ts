@@ -21,8 +21,11 @@ import { ProgressFn, StoreOptions, findVolumeByPath, openVolume, realVolumePath,
 import { Faults, faultsOf } from './faults';
 import { Captured, completeSnapshot, failSnapshot, pendingRecord, progressSaver } from './lifecycle';
 import { ensureVolume } from './volumes';
-import { VolumeChanged, capture } from './capture';
-import { pickDetector } from './detect';
+import { ChangeDetector, GuestVolume, ParentView, VolumeChanged, capture } from './capture';
+import { changeSourceOf, pickDetector } from './detect';
+import { detectFormat, openImage } from '../image';
+import { beginTracking, finishTracking, type TrackingStart } from '../image/qcow2/bitmap-tracker';
+import { readBitmap } from '../image/qcow2/bitmap-file';
 
 export interface CreateSnapshotOptions extends StoreOptions {
   /** false: no change tags (src/storage/store/tags.ts): every block is hashed, none recorded */
@@ -55,6 +58,8 @@ export async function createSnapshot(volume: string, opts: CreateSnapshotOptions
   // The volume first: a typo in its path must not create a store as a side effect.
   const real = realVolumePath(volume);
   const file = openVolume(real, false);
+  // A qcow2 volume is read as what its guest sees (src/image), not as the bytes of its file.
+  const format = detectFormat(real);
   try {
     const store = await Store.open(opts.store, { create: true, blockSize: opts.blockSize });
     return await withStoreLock(store, 'shared', opts, async (): Promise<SnapshotJson> => {
@@ -82,8 +87,11 @@ export async function createSnapshot(volume: string, opts: CreateSnapshotOptions
       });
       const lease = Lease.take(store.dir, rec.id);
       try {
+        const guest = format === 'qcow2' ? startGuest(file, real, vol.id, rec, parent) : undefined;
         await cstore.writeSnapshot(rec);
-        return await runCapture(cstore, file, rec, parent, opts, tk);
+        const out = await runCapture(cstore, file, rec, parent, opts, guest ? undefined : tk, guest);
+        if (guest && rec.changeTracking) endGuest(file, real, vol.id, rec, opts.onLog);
+        return out;
       } finally {
         lease.release();
       }
@@ -120,8 +128,95 @@ async function volumeAndKeys(store: Store, real: string, file: BlockFile, opts: 
   return { vol, cstore: store.withCodec(codec), tk };
 }
 
+/** Name prefix of the persistent bitmaps disksnap keeps in a qcow2 volume for volume `volId`. */
+export function bitmapPrefix(volId: string): string {
+  return `disksnap-${volId}-`;
+}
+
+/** What one snapshot of a qcow2 volume knows before its attempts: the bitmap's verdict. */
+interface GuestStart {
+  /** dirty ranges of the parent's bitmap, when it can be trusted */
+  dirty: Array<{ offset: number; length: number }> | undefined;
+}
+
+/**
+ * Before the read of a qcow2 volume: reads the parent's persistent bitmap (if it can be
+ * trusted) and adds this snapshot's own, in one exclusive open (src/image/qcow2/bitmap-
+ * tracker.ts has why this order loses no write). Our shared lock on the volume steps aside
+ * for that open.
+ */
+function startGuest(file: BlockFile, real: string, volId: string, rec: SnapshotRecord, parent: SnapshotRecord | undefined): GuestStart {
+  const t = parent?.changeTracking;
+  const base = parent && t && parent.volumeFormat === 'qcow2' ? { id: parent.id, granularity: t.granularity, virtualSize: t.virtualSize } : undefined;
+  file.setLock('none');
+  let start: TrackingStart;
+  try {
+    start = beginTracking(real, bitmapPrefix(volId), rec.id, base);
+  } finally {
+    file.setLock('shared');
+  }
+  rec.changeTracking = start.added ? { bitmap: start.added.name, granularity: start.added.granularity, virtualSize: start.added.virtualSize } : null;
+  if (start.verdict.usable) return { dirty: start.verdict.ranges };
+  if (parent) {
+    rec.changeSourceReason = !t
+      ? `the parent snapshot ${parent.id} left no bitmap to compare with`
+      : start.verdict.reason;
+  }
+  if (!start.added && start.addError) rec.changeSourceReason = `${rec.changeSourceReason ? `${rec.changeSourceReason}; ` : ''}no bitmap for the next snapshot: ${start.addError}`;
+  return { dirty: undefined };
+}
+
+/** After a completed snapshot of a qcow2 volume: the older disksnap bitmaps go (best effort). */
+function endGuest(file: BlockFile, real: string, volId: string, rec: SnapshotRecord, onLog?: (m: string) => void): void {
+  file.setLock('none');
+  try {
+    finishTracking(real, bitmapPrefix(volId), rec.id);
+  } catch (e) {
+    // The snapshot is complete either way; an older bitmap left behind costs only space and
+    // is removed by the next snapshot.
+    onLog?.(`older bitmaps of ${real} were not removed: ${(e as Error).message}`);
+  } finally {
+    file.setLock('shared');
+  }
+}
+
+/** The guest view of one attempt, with the bitmap's dirty ranges on the first attempt only. */
+function openGuest(path: string, rec: SnapshotRecord, g: GuestStart, attempt: number): GuestVolume {
+  const image = openImage(path, { readLock: 'shared' });
+  rec.volumeFormat = 'qcow2';
+  rec.volumeChain = (image.info(true).chain ?? []).map((l) => l.path);
+  // A retry means the volume was written during the read: the bitmap read before the first
+  // attempt no longer covers every change, so every data block is hashed instead.
+  const dirty = attempt === 1 ? g.dirty : undefined;
+  if (g.dirty && !dirty) rec.changeSourceReason = 'the volume was written while it was read; every block was hashed on the retry';
+  const mine = rec.changeTracking?.bitmap;
+  return {
+    image,
+    dirty,
+    // Any write since our bitmap was added (before the read) moves the volume: exact, unlike mtime.
+    moved: mine
+      ? () => {
+          try {
+            const r = readBitmap(path, mine);
+            return r.length ? `written while it was read (${r.length} dirty range${r.length > 1 ? 's' : ''} in bitmap '${mine}')` : undefined;
+          } catch (e) {
+            return `bitmap '${mine}' cannot be read back (${(e as Error).message})`;
+          }
+        }
+      : undefined,
+  };
+}
+
 /** Attempts until one reads the volume without it moving, then the record completed (or `error`). */
-async function runCapture(store: Store, file: BlockFile, rec: SnapshotRecord, parent: SnapshotRecord | undefined, opts: CreateSnapshotOptions, tk: TagKey | undefined): Promise<SnapshotJson> {
+async function runCapture(
+  store: Store,
+  file: BlockFile,
+  rec: SnapshotRecord,
+  parent: SnapshotRecord | undefined,
+  opts: CreateSnapshotOptions,
+  tk: TagKey | undefined,
+  guestStart?: GuestStart,
+): Promise<SnapshotJson> {
   const progress = progressSaver(store, rec);
   const attempts = 1 + Math.max(0, opts.retries ?? 1);
   const faults = faultsOf(opts);
@@ -132,12 +227,20 @@ async function runCapture(store: Store, file: BlockFile, rec: SnapshotRecord, pa
       rec.consistency = src.consistency;
       // The clone of a mounted volume is read in its place; the snapshot stays the volume's.
       let from: BlockFile | undefined;
+      let guest: GuestVolume | undefined;
       try {
         from = src.path === rec.volumePath ? file : BlockFile.open(src.path, { lock: 'shared' });
-        // Read live (not frozen, not a clone): the capture proves the read is of one moment.
-        const prove = from === file && src.consistency !== 'frozen';
-        const settings = { threads: threadsOf(opts), attempt, tk, prove, onProgress: opts.onProgress, onLog: opts.onLog, saveProgress: progress.save, afterChunk: faults.afterChunk };
-        writer = await capture(store, from, rec, parent, pickDetector, settings, () => src.release());
+        guest = guestStart ? openGuest(src.path, rec, guestStart, attempt) : undefined;
+        // Read live (not frozen, not a clone, not through an image's guest view): the capture
+        // proves the read is of one moment.
+        const prove = !guest && from === file && src.consistency !== 'frozen';
+        const settings = { guest, threads: threadsOf(opts), attempt, tk, prove, onProgress: opts.onProgress, onLog: opts.onLog, saveProgress: progress.save, afterChunk: faults.afterChunk };
+        const pick = (view: ParentView, g?: GuestVolume): ChangeDetector => {
+          const d = pickDetector(view, g);
+          rec.changeSource = changeSourceOf(d);
+          return d;
+        };
+        writer = await capture(store, from, rec, parent, pick, settings, () => src.release());
       } catch (e) {
         if (!(e instanceof VolumeChanged)) throw e;
         if (attempt >= attempts) {
@@ -145,6 +248,7 @@ async function runCapture(store: Store, file: BlockFile, rec: SnapshotRecord, pa
         }
         opts.onLog?.(`volume ${rec.volumePath} changed while it was being read (${e.message}); starting over`);
       } finally {
+        guest?.image.close();
         if (from && from !== file) from.close();
         await src.release();
         rec.frozenMs = src.frozenMs === undefined ? null : Math.round(src.frozenMs * 10) / 10;

@@ -25,15 +25,29 @@ import type { ManifestCursor } from './store/manifest';
 import type { TagReader } from './store/tags';
 import { chunksOf } from './common';
 import { readAhead } from './pool';
-import { ChangeDetector, ParentView, ReadPipeline, VolumeChanged } from './capture';
+import { ChangeDetector, GuestVolume, ParentView, ReadPipeline, VolumeChanged } from './capture';
+import type { ChangeSource } from './store/records';
 
 const ENTRY = SALT_LENGTH + TAG_LENGTH;
 
-/** The path for what the parent offers. */
-export function pickDetector(parent: ParentView): ChangeDetector {
+/**
+ * The path for what the parent offers. A guest view (qcow2) is read through the image layer
+ * into buffers, so the native file scans do not apply: its trusted bitmap's dirty blocks
+ * only, or every data block hashed and compared with the parent.
+ */
+export function pickDetector(parent: ParentView, guest?: GuestVolume): ChangeDetector {
+  if (guest) {
+    if (!parent.cursor) return fullHash;
+    return guest.dirty ? bitmapScan(guest.dirty) : guestScan;
+  }
   if (!parent.cursor) return fullHash;
   if (parent.tags) return tagScan;
   return hashScan;
+}
+
+/** What a detector is called in a snapshot's `changeSource`. */
+export function changeSourceOf(d: ChangeDetector): ChangeSource {
+  return SOURCES.get(d) ?? 'bitmap';
 }
 
 /** Every block read, hashed and (where new) written from the one buffer. */
@@ -206,3 +220,113 @@ export const hashScan: ChangeDetector = async (p, parent) => {
     },
   );
 };
+
+/**
+ * A guest view with a parent but no usable bitmap: every data block is read into a buffer
+ * and hashed there (as fullHash), its digest compared with the parent's for the stats, and
+ * only objects the store lacks are written.
+ */
+export const guestScan: ChangeDetector = async (p, parent) => {
+  const cursor = parent.cursor!;
+  const list = [...chunksOf(p.runs, p.maxBlocks)];
+  await readAhead(
+    list.length,
+    (c) => p.load(list[c][0], list[c][1]),
+    async (c, cur) => {
+      const [first, end] = list[c];
+      let digests: Buffer;
+      const keep: number[] = [];
+      try {
+        const h = await p.n.hashBlocksAsync(cur.buf.subarray(0, cur.len), p.bs, p.threads, p.key);
+        digests = h.digests;
+        for (let k = 0; k < end - first; k++) {
+          if (h.zero[k]) continue;
+          const prev = await cursor.lookup(first + k);
+          p.record(first + k, digests, k * 32);
+          if (prev && prev.compare(digests, k * 32, k * 32 + 32) === 0) continue;
+          p.rec.stats.changedBlocks++;
+          keep.push(k);
+        }
+      } catch (e) {
+        p.pool.release(cur.buf);
+        throw e;
+      }
+      await p.chunks.add(0, () => p.storeSlots(cur.buf, keep, digests, (k) => p.spanBytes(first + k, first + k + 1)));
+      await p.chunkDone(cur.len);
+    },
+    (cur) => p.pool.release(cur.buf),
+  );
+};
+
+/** Sorted block indices that overlap any of the byte ranges. */
+export function blocksOf(ranges: Array<{ offset: number; length: number }>, bs: number, size: number): number[] {
+  const out: number[] = [];
+  for (const r of ranges) {
+    if (r.length <= 0 || r.offset >= size) continue;
+    const first = Math.floor(r.offset / bs);
+    const end = Math.ceil(Math.min(size, r.offset + r.length) / bs);
+    for (let i = Math.max(first, out.length ? out[out.length - 1] + 1 : 0); i < end; i++) out.push(i);
+  }
+  return out;
+}
+
+/**
+ * A trusted persistent bitmap says which blocks were written since the parent started:
+ * only those are read and hashed; every other block keeps the parent's manifest entry
+ * (a block that became zero was written too, so it is among the dirty ones). Dirty blocks
+ * are read in groups that span at most 8 buffers' worth of blocks, so the parent entries
+ * held back to keep the manifest in block order stay few.
+ */
+export function bitmapScan(dirty: Array<{ offset: number; length: number }>): ChangeDetector {
+  return async (p, parent) => {
+    const cursor = parent.cursor!;
+    const blocks = blocksOf(dirty, p.bs, p.size);
+    let next = 0; // first index the parent's manifest has not been consulted for
+    let d = 0; // next dirty block
+    /** Parent entries in [next, limit): recorded when `hold` is absent, else held (copied). */
+    const parentUntil = async (limit: number, dirtyIdx: Set<number>, hold?: Array<[number, Buffer]>, dirtyPrev?: Map<number, Buffer>): Promise<void> => {
+      for (;;) {
+        const j = await cursor.peek(next);
+        if (j < 0 || j >= limit) break;
+        const dg = (await cursor.lookup(j))!;
+        if (dirtyIdx.has(j)) dirtyPrev?.set(j, Buffer.from(dg));
+        else if (hold) hold.push([j, Buffer.from(dg)]);
+        else p.record(j, dg, 0);
+        next = j + 1;
+      }
+      next = Math.max(next, limit);
+    };
+    while (d < blocks.length) {
+      const group: number[] = [];
+      while (d < blocks.length && group.length < p.maxBlocks && (group.length === 0 || blocks[d] - group[0] < 8 * p.maxBlocks)) group.push(blocks[d++]);
+      const inGroup = new Set(group);
+      await parentUntil(group[0], inGroup);
+      const held: Array<[number, Buffer]> = [];
+      const prev = new Map<number, Buffer>();
+      await parentUntil(group[group.length - 1] + 1, inGroup, held, prev);
+      const same = (k: number, h: { digests: Buffer }): boolean => {
+        const pd = prev.get(group[k]);
+        return pd !== undefined && pd.compare(h.digests, k * 32, k * 32 + 32) === 0;
+      };
+      const h = await p.readAndStore(group, (k, again) => !again.zero[k] && !same(k, again));
+      // the group's blocks and the held parent entries, merged in block order
+      let x = 0;
+      group.forEach((i, k) => {
+        while (x < held.length && held[x][0] < i) p.record(held[x][0], held[x][1], 0), x++;
+        if (h.zero[k]) return;
+        if (!same(k, h)) p.rec.stats.changedBlocks++;
+        p.record(i, h.digests, k * 32);
+      });
+      for (; x < held.length; x++) p.record(held[x][0], held[x][1], 0);
+      await p.chunkDone(group.reduce((n, i) => n + p.spanBytes(i, i + 1), 0));
+    }
+    await parentUntil(Number.MAX_SAFE_INTEGER, new Set());
+  };
+}
+
+const SOURCES = new Map<ChangeDetector, ChangeSource>([
+  [fullHash, 'full'],
+  [tagScan, 'tags'],
+  [hashScan, 'hash'],
+  [guestScan, 'hash'],
+]);

@@ -18,7 +18,12 @@ export interface Captured {
 }
 
 /** A new pending record; `fields` fills what the operation knows (volume, sizes, names...). */
-export function pendingRecord(fields: Omit<SnapshotRecord, 'id' | 'state' | 'progress' | 'startTime' | 'completionTime' | 'stats' | 'error' | 'creator' | 'sealedMetadata' | 'metadataHidden'>): SnapshotRecord {
+export function pendingRecord(
+  fields: Omit<
+    SnapshotRecord,
+    'id' | 'state' | 'progress' | 'startTime' | 'completionTime' | 'stats' | 'error' | 'creator' | 'sealedMetadata' | 'metadataHidden' | 'changeSource' | 'changeSourceReason' | 'changeTracking' | 'volumeFormat' | 'volumeChain'
+  >,
+): SnapshotRecord {
   return {
     id: newId('snap'),
     state: 'pending',
@@ -30,6 +35,11 @@ export function pendingRecord(fields: Omit<SnapshotRecord, 'id' | 'state' | 'pro
     creator: { pid: process.pid, host: os.hostname() },
     sealedMetadata: null,
     metadataHidden: false,
+    changeSource: null,
+    changeSourceReason: null,
+    changeTracking: null,
+    volumeFormat: null,
+    volumeChain: null,
     ...fields,
   };
 }

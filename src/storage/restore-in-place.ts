@@ -14,6 +14,7 @@ import { assertNotAttached } from '../host/attach';
 import type { Store } from './store/store';
 import { ManifestCursor, blockLength } from './store/manifest';
 import type { SnapshotRecord } from './store/records';
+import { detectFormat } from '../image';
 import { blocksPerChunk, chunksOf, dataRuns, findVolumeByPath, openVolume, realVolumePath, threadsOf, volumeSizeOf } from './common';
 import { faultsOf } from './faults';
 import { NumberList } from './pool';
@@ -27,6 +28,16 @@ export async function restoreInPlace(store: Store, rec: SnapshotRecord, volume: 
     throw new DisksnapError(
       `snapshot ${rec.id} is of volume ${rec.volumeId} (${rec.volumePath}), not of ${real}${vol ? ` (${vol.id})` : ' (not registered in this store)'}; refusing to roll back another volume — restore it with --to FILE instead`,
       'EINVALID',
+      undefined,
+      real,
+    );
+  }
+  // A qcow2 volume's snapshot holds its guest view; writing that over the container's bytes
+  // would destroy the image. In-place restore through the qcow2 writer is not done yet.
+  if (detectFormat(real) === 'qcow2' || rec.volumeFormat === 'qcow2') {
+    throw new DisksnapError(
+      `volume ${real} is a qcow2 image: restoring it in place is not supported yet; restore snapshot ${rec.id} with --to FILE (a raw image of what the guest saw)`,
+      'EUNSUPPORTED',
       undefined,
       real,
     );

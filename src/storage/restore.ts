@@ -9,6 +9,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { rawToQcow2 } from './restore-qcow2';
 import { randomBytes } from 'node:crypto';
 import { BlockFile } from '../engine/file';
 import { DisksnapError, invalid, isDisksnapError, fromNodeError } from '../engine/errors';
@@ -34,6 +35,8 @@ export interface RestoreOptions extends StoreOptions {
   inPlace?: string;
   /** with `to`: replace an existing file */
   force?: boolean;
+  /** with `to`: 'raw' (default) a sparse raw image, 'qcow2' a standalone qcow2 v3 image */
+  format?: 'raw' | 'qcow2';
   onProgress?: ProgressFn;
 }
 
@@ -58,6 +61,8 @@ export interface RestoreReport {
 
 export async function restoreSnapshot(ref: string, opts: RestoreOptions): Promise<RestoreReport> {
   if ((opts.to === undefined) === (opts.inPlace === undefined)) throw invalid('restore needs exactly one of --to FILE and --in-place VOLUME');
+  if (opts.format !== undefined && opts.format !== 'raw' && opts.format !== 'qcow2') throw invalid(`restore format '${String(opts.format)}' must be raw or qcow2`);
+  if (opts.format === 'qcow2' && opts.inPlace !== undefined) throw invalid('--format applies to --to FILE only');
   const plain = await Store.open(opts.store);
   return withStoreLock(plain, 'shared', opts, async () => {
     const ring = new KeyRing(opts.key);
@@ -85,6 +90,7 @@ async function restoreToFile(store: Store, rec: SnapshotRecord, to: string, opts
   const dir = path.dirname(target);
   const reader = await store.openManifest(rec);
   const tmp = path.join(dir, `.${path.basename(target)}.disksnap-${randomBytes(4).toString('hex')}.tmp`);
+  const tmpQcow2 = `${tmp}.qcow2`;
   const report: RestoreReport = { ...emptyReport(rec, target, 'file'), blocksCloned: 0 };
   let out: FileOutput | undefined;
   try {
@@ -94,12 +100,17 @@ async function restoreToFile(store: Store, rec: SnapshotRecord, to: string, opts
     );
     await out.finish();
     out = undefined;
-    publish(tmp, target, exists);
+    if (opts.format === 'qcow2') {
+      rawToQcow2(tmp, tmpQcow2, rec.volumeSize);
+      fs.rmSync(tmp, { force: true });
+      publish(tmpQcow2, target, exists);
+    } else publish(tmp, target, exists);
     syncDir(dir);
     return report;
   } catch (e) {
     out?.close();
     fs.rmSync(tmp, { force: true });
+    fs.rmSync(tmpQcow2, { force: true });
     throw e;
   } finally {
     await reader.close();

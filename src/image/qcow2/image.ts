@@ -23,7 +23,8 @@ import * as fs from 'node:fs';
 import { BlockFile } from '../../engine/file';
 import { corrupt, DisksnapError, fromNodeError, invalid, busy } from '../../engine/errors';
 import { checkRange, DiskImage, ImageInfo, ImageOpenOptions, LayerInfo, MapExtent } from '../view';
-import { INCOMPAT_DIRTY, MAX_CHAIN_DEPTH, OFF_AUTOCLEAR, parseHeader } from './format';
+import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_DIRTY, MAX_CHAIN_DEPTH, OFF_AUTOCLEAR, parseHeader, Qcow2Header, QCOW2_MAGIC } from './format';
+import { BitmapHost, PersistentBitmaps } from './bitmap-writer';
 import { BackingLayer, RawLayer } from './layer';
 import { compare as compareGuard, parentChangedError } from './guard';
 import { commitMarkerPath } from '../sidecars';
@@ -59,6 +60,8 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
   /** state of the parent guard at open */
   readonly guardState: GuardState | undefined;
   private closed = false;
+  /** the enabled persistent bitmaps this writer maintains, when there are any */
+  private bitmaps: PersistentBitmaps | undefined;
 
   static open(p: string, opts: Qcow2OpenOptions = {}): Qcow2Image {
     if (opts.direct) {
@@ -86,12 +89,7 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
     super(p, file, t, opts);
     const h = t.header;
     this.markMetadata(t);
-    if (this.writable && h.autoclear !== 0 && h.version >= 3) {
-      // We do not maintain bitmaps or a raw external data file: clear their autoclear bits,
-      // as any writer that does not know them must.
-      file.writeSync(Buffer.alloc(8), OFF_AUTOCLEAR);
-      file.syncSync(true);
-    }
+    if (this.writable && h.version >= 3) this.openBitmaps(h);
     // The backing chain, each parent checked against the identity recorded at creation.
     const seen = [...(opts.seen ?? []), realpathOr(p)];
     if (h.backingFile !== undefined && !opts.noBacking) {
@@ -113,6 +111,53 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
     } else if (h.backingFile !== undefined) {
       this.backingPath = resolveBacking(p, h.backingFile);
     }
+  }
+
+  /**
+   * Persistent dirty bitmaps (bitmap-writer.ts): a consistent extension stays consistent
+   * (every write marks the enabled bitmaps first; the autoclear bit stays set), and an
+   * enabled bitmap that cannot be maintained refuses the open, naming it. Every other
+   * autoclear bit is cleared, as a writer that does not maintain its feature must.
+   */
+  private openBitmaps(h: Qcow2Header): void {
+    let keep = 0;
+    if (h.autoclear & AUTOCLEAR_BITMAPS && h.extensions.some((e) => e.type === EXT_BITMAPS)) {
+      const bitmaps = PersistentBitmaps.open(this.bitmapHost(), h);
+      bitmaps.startWriting();
+      if (bitmaps.tracking) this.bitmaps = bitmaps;
+      keep = AUTOCLEAR_BITMAPS;
+    }
+    if (h.autoclear !== keep) {
+      const b = Buffer.alloc(8);
+      b.writeUInt32BE(keep, 4);
+      this.file.writeSync(b, OFF_AUTOCLEAR);
+      this.file.syncSync(true);
+    }
+  }
+
+  /** The file and the allocator, as the bitmap writer needs them. */
+  private bitmapHost(): BitmapHost {
+    const cs = this.clusterSize;
+    return {
+      path: this.path,
+      clusterSize: cs,
+      virtualSize: this.virtualSize,
+      fileSize: () => Math.max(this.fileSize, this.allocEnd * cs),
+      read: (b, o) => this.file.readFullSync(b, o),
+      write: (b, o) => {
+        this.file.writeSync(b, o);
+        this.noteWrite(o, b.length, DATA);
+      },
+      allocate: (k) => this.allocClusters(k),
+      setRefcount: (o, v) => this.setRefcountOf(o / cs, v),
+      // bitmap data reaches the file before the table entries, and those before in_use is
+      // cleared: each step is made durable with the refcounts of the clusters it uses
+      sync: () => {
+        this.writeRefcounts();
+        this.file.syncSync(true);
+        this.unsynced = 0;
+      },
+    };
   }
 
   /**
@@ -203,6 +248,7 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
   writeSync(buf: Uint8Array, offset: number): void {
     this.checkWritable();
     checkRange(this, offset, buf.length);
+    this.bitmaps?.markDirty(offset, buf.length);
     this.writeAt(asBuffer(buf), 0, buf.length, offset);
   }
 
@@ -213,6 +259,7 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
   writeBatchSync(buf: Uint8Array, requests: Float64Array): void {
     this.checkWritable();
     this.checkBatch(buf, requests);
+    if (this.bitmaps) for (let i = 0; i < requests.length; i += 3) this.bitmaps.markDirty(requests[i], requests[i + 2]);
     const b = asBuffer(buf);
     // Requests that land inside clusters this image owns go out in one native batch;
     // anything that allocates runs in order after the batch gathered so far.
@@ -241,6 +288,7 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
   writeZeroesSync(offset: number, length: number): void {
     this.checkWritable();
     checkRange(this, offset, length);
+    this.bitmaps?.markDirty(offset, length);
     this.zeroRange(offset, length);
   }
 
@@ -256,6 +304,7 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
     this.checkOpen();
     if (!this.writable) return;
     this.writeMetadata();
+    this.bitmaps?.flush();
     if (this.unsynced) {
       this.file.syncSync(true);
       this.unsynced = 0;
@@ -266,6 +315,7 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
     this.checkOpen();
     if (!this.writable) return;
     this.writeMetadata();
+    this.bitmaps?.flush();
     if (this.unsynced) {
       this.unsynced = 0;
       await this.file.sync(true);

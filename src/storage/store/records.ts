@@ -107,7 +107,24 @@ export interface SnapshotRecord {
   metadataHidden: boolean;
   /** for a copy: the snapshot it was copied from */
   copiedFrom: { storeId: string; snapshotId: string; startTime: string } | null;
+  /**
+   * How the changed blocks were found: 'bitmap' (a QEMU persistent dirty bitmap of a qcow2
+   * volume: only its dirty blocks were read), 'tags' (every data block's change tag compared
+   * with the parent's), 'hash' (every data block hashed and compared with the parent's
+   * digest), 'full' (no parent). Null in records written before this field existed.
+   */
+  changeSource: ChangeSource | null;
+  /** why a bitmap was not used, when the volume could have had one */
+  changeSourceReason: string | null;
+  /** the persistent bitmap this snapshot added to a qcow2 volume for its successor */
+  changeTracking: { bitmap: string; granularity: number; virtualSize: number } | null;
+  /** the format the volume was read as ('qcow2': its guest view), and the files of its chain */
+  volumeFormat: 'raw' | 'qcow2' | null;
+  volumeChain: string[] | null;
 }
+
+export type ChangeSource = 'bitmap' | 'tags' | 'hash' | 'full';
+export const CHANGE_SOURCES: readonly ChangeSource[] = ['bitmap', 'tags', 'hash', 'full'];
 
 /** `keys/<key-id>.json`: what a store knows of a key — never the key itself. */
 export interface KeyRecord {
@@ -279,7 +296,39 @@ export function parseSnapshotRecord(file: string, text: string | Buffer): Snapsh
     consistency: consistencyOf(file, o),
     frozenMs: o.frozenMs === null || o.frozenMs === undefined ? null : num(file, o, 'frozenMs'),
     ...encryptionOf(file, o),
+    ...changeFieldsOf(file, o),
   };
+}
+
+/** The change-source and volume-format fields; each null when absent (older records). */
+function changeFieldsOf(file: string, o: Obj): Pick<SnapshotRecord, 'changeSource' | 'changeSourceReason' | 'changeTracking' | 'volumeFormat' | 'volumeChain'> {
+  const absent = (f: string): boolean => o[f] === null || o[f] === undefined;
+  let changeSource: ChangeSource | null = null;
+  if (!absent('changeSource')) {
+    const v = str(file, o, 'changeSource');
+    if (!(CHANGE_SOURCES as readonly string[]).includes(v)) {
+      throw corrupt(file, `field 'changeSource' is ${JSON.stringify(v)}, expected one of ${CHANGE_SOURCES.map((c) => `"${c}"`).join(', ')}`);
+    }
+    changeSource = v as ChangeSource;
+  }
+  let changeTracking: SnapshotRecord['changeTracking'] = null;
+  if (!absent('changeTracking')) {
+    const c = obj(file, o, 'changeTracking');
+    changeTracking = { bitmap: str(file, c, 'bitmap'), granularity: int(file, c, 'granularity'), virtualSize: int(file, c, 'virtualSize') };
+  }
+  let volumeFormat: SnapshotRecord['volumeFormat'] = null;
+  if (!absent('volumeFormat')) {
+    const v = str(file, o, 'volumeFormat');
+    if (v !== 'raw' && v !== 'qcow2') throw corrupt(file, `field 'volumeFormat' is ${JSON.stringify(v)}, expected "raw" or "qcow2"`);
+    volumeFormat = v;
+  }
+  let volumeChain: string[] | null = null;
+  if (!absent('volumeChain')) {
+    const v = o.volumeChain;
+    if (!Array.isArray(v) || v.some((x) => typeof x !== 'string')) throw corrupt(file, `field 'volumeChain' is ${JSON.stringify(v)}, expected a list of paths`);
+    volumeChain = v as string[];
+  }
+  return { changeSource, changeSourceReason: absent('changeSourceReason') ? null : str(file, o, 'changeSourceReason'), changeTracking, volumeFormat, volumeChain };
 }
 
 const KEY_ID_RE = /^key-[0-9a-f]{32}$/;
@@ -363,6 +412,11 @@ function ordered(r: SnapshotRecord): SnapshotRecord {
     sealedMetadata: r.sealedMetadata,
     metadataHidden: r.metadataHidden,
     copiedFrom: r.copiedFrom,
+    changeSource: r.changeSource,
+    changeSourceReason: r.changeSourceReason,
+    changeTracking: r.changeTracking,
+    volumeFormat: r.volumeFormat,
+    volumeChain: r.volumeChain,
   };
 }
 

@@ -1,0 +1,194 @@
+/**
+ * Storage snapshots of qcow2 volumes: the snapshot holds what the guest sees (standalone:
+ * losing the parent afterwards does not matter), and incrementals read only what QEMU's
+ * persistent dirty bitmap marked, falling back to a full hash (with the reason recorded)
+ * whenever the bitmap cannot be trusted. `qemu-img convert -O raw` is the oracle for the
+ * guest view, qemu-img check and info for the image after disksnap's bitmap changes.
+ */
+import t from 'tap';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import * as snap from '../src/storage';
+import { assertClean, makeParent, qemuImgOk, qemuIo, run } from './helpers/qemu';
+import { needQemuNbd, qemuBitmaps } from './helpers/qemu-bitmaps';
+import { cli } from './helpers/cli';
+
+const KiB = 1024;
+const MiB = 2 ** 20;
+const BS = 512 * KiB;
+const skip = needQemuNbd();
+
+/** What the guest sees now, as qemu-img converts it. */
+function guestBytes(img: string): Buffer {
+  const out = `${img}.expected-${process.pid}.raw`;
+  qemuImgOk('convert', '-O', 'raw', img, out);
+  try {
+    return fs.readFileSync(out);
+  } finally {
+    fs.rmSync(out, { force: true });
+  }
+}
+
+async function restored(store: string, id: string, dir: string): Promise<Buffer> {
+  const out = path.join(dir, `restored-${id}.raw`);
+  await snap.restoreSnapshot(id, { store, to: out });
+  const b = fs.readFileSync(out);
+  fs.rmSync(out);
+  return b;
+}
+
+t.test('a snapshot of a qcow2 child is the guest view: 64 MiB, standalone after its parent is gone', { skip }, async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const parent = makeParent(dir, 48 * MiB); // smaller than the child: the tail reads zeros
+  const child = path.join(dir, 'child.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', '-b', parent.file, '-F', 'raw', child, '64M');
+  qemuIo(child, ['write -P 0x61 1M 100k', 'write -P 0x62 50M 2M', 'write -z 8M 1M']);
+  const want = guestBytes(child);
+  const s = await snap.createSnapshot(child, { store, blockSize: BS });
+  t.equal(s.volumeSize, 64 * MiB, 'volumeSize is the virtual size');
+  t.equal(s.volumeFormat, 'qcow2');
+  t.same(s.volumeChain, [child, parent.file], 'the chain it saw');
+  t.equal(s.changeSource, 'full');
+  fs.rmSync(parent.file);
+  t.ok((await restored(store, s.id, dir)).equals(want), 'with the parent deleted, restore gives exactly qemu-img convert of the child');
+
+  // --format qcow2: a standalone qcow2 v3, check clean, zero clusters unallocated
+  const q = path.join(dir, 'restored.qcow2');
+  const r = cli(['snapshot', 'restore', s.id, '--to', q, '--format', 'qcow2', '--store', store]);
+  t.equal(r.status, 0, `restore --format qcow2: ${r.stderr}`);
+  assertClean(t, q, 'the restored qcow2');
+  const info = JSON.parse(qemuImgOk('info', '--output=json', q)) as Record<string, unknown>;
+  t.equal(info['backing-filename'], undefined, 'no backing file');
+  t.equal((info['format-specific'] as { data: { compat: string } }).data.compat, '1.1', 'qcow2 v3');
+  t.equal(info['virtual-size'], 64 * MiB);
+  t.ok(guestBytes(q).equals(want), 'it shows exactly the child as it was (qemu-img convert)');
+  const raw = path.join(dir, 'want.raw');
+  fs.writeFileSync(raw, want);
+  t.equal(run('qemu-img', ['compare', '-F', 'raw', q, raw]).status, 0, 'qemu-img compare agrees');
+  const mapped = JSON.parse(qemuImgOk('map', '--output=json', q)) as { length: number; data: boolean }[];
+  const dataBytes = mapped.filter((e) => e.data).reduce((n, e) => n + e.length, 0);
+  let nonZero = 0;
+  for (let c = 0; c < want.length; c += 64 * KiB) if (want.subarray(c, c + 64 * KiB).some((b) => b !== 0)) nonZero += 64 * KiB;
+  t.equal(dataBytes, nonZero, 'only non-zero clusters are allocated');
+  t.equal(cli(['snapshot', 'restore', s.id, '--to', q, '--format', 'qcow2', '--store', store]).status, 1, 'an existing target is not overwritten');
+  t.equal(cli(['snapshot', 'restore', s.id, '--to', path.join(dir, 'x'), '--format', 'vmdk', '--store', store]).status, 2, 'an unknown format is bad usage');
+});
+
+t.test('a three-deep chain restores as its top image showed it', { skip }, async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const base = makeParent(dir, 16 * MiB);
+  const mid = path.join(dir, 'mid.qcow2');
+  const top = path.join(dir, 'top.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', '-b', base.file, '-F', 'raw', mid);
+  qemuIo(mid, ['write -P 0x71 0 3M']);
+  qemuImgOk('create', '-q', '-f', 'qcow2', '-b', mid, '-F', 'qcow2', top);
+  qemuIo(top, ['write -P 0x72 2M 2M', 'write -P 0x73 15M 1M']);
+  const want = guestBytes(top);
+  const s = await snap.createSnapshot(top, { store, blockSize: BS });
+  t.same(s.volumeChain, [top, mid, base.file]);
+  fs.rmSync(mid);
+  fs.rmSync(base.file);
+  t.ok((await restored(store, s.id, dir)).equals(want), 'restore equals the top image as it was');
+});
+
+t.test('the incremental of a qcow2 volume reads only the blocks its bitmap marked', { skip }, async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vm.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', vol, '64M');
+  qemuIo(vol, ['write -P 0x11 0 20M']);
+  const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
+  t.equal(s1.changeSource, 'full');
+  t.ok(s1.changeTracking, 'the first snapshot added a bitmap');
+  t.same(
+    qemuBitmaps(vol).map((b) => [b.name, b.flags]),
+    [[s1.changeTracking!.bitmap, ['auto']]],
+    'QEMU shows it, enabled and consistent',
+  );
+  t.match(s1.changeTracking!.bitmap, new RegExp(`^disksnap-${s1.volumeId}-${s1.id}$`), 'its name says whose it is');
+  // QEMU writes with the bitmap loaded: two blocks' worth in three places
+  qemuIo(vol, ['write -P 0x22 3M 4k', 'write -P 0x23 3M+600k 1k', 'write -P 0x24 40M 1'].map((c) => c.replace('3M+600k', String(3 * MiB + 600 * KiB))));
+  const want2 = guestBytes(vol);
+  const s2 = await snap.createSnapshot(vol, { store });
+  t.equal(s2.changeSource, 'bitmap', `the bitmap was used (${s2.changeSourceReason})`);
+  const shown = cli(['snapshot', 'show', s2.id, '--store', store]);
+  t.match(shown.out, /change source\s+bitmap/, 'snapshot show prints the change source');
+  t.equal(s2.stats.bytesScanned, 3 * BS, 'only the three dirty blocks were read');
+  t.equal(s2.stats.changedBlocks, 3);
+  t.ok((await restored(store, s2.id, dir)).equals(want2), 'restore equals qemu-img convert of that moment');
+  t.ok((await restored(store, s1.id, dir)).length === 64 * MiB, 'the first still restores');
+  t.same(qemuBitmaps(vol).map((b) => [b.name, b.flags]), [[s2.changeTracking!.bitmap, ['auto']]], 'the older bitmap is gone, the new one consistent');
+  assertClean(t, vol, 'after two snapshots');
+  // QEMU goes on updating the new bitmap; a third snapshot sees it
+  qemuIo(vol, ['write -P 0x33 60M 8k']);
+  const s3 = await snap.createSnapshot(vol, { store });
+  t.equal(s3.changeSource, 'bitmap');
+  t.equal(s3.stats.bytesScanned, BS);
+  t.ok((await restored(store, s3.id, dir)).equals(guestBytes(vol)), 'the third restores exactly');
+});
+
+t.test('an untrusted bitmap falls back to hashing every block, and says why', { skip }, async (t) => {
+  const cases: [string, (vol: string, bitmap: string) => void, RegExp][] = [
+    ['QEMU killed while writing', (vol) => void run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x55 5M 4k', '-c', 'abort', vol]), /in use/],
+    ['bitmap removed', (vol, b) => qemuIo(vol, ['write -P 0x55 5M 4k']) && void qemuImgOk('bitmap', '--remove', vol, b), /missing/],
+    ['image resized', (vol) => void qemuImgOk('resize', '-q', vol, '40M') || qemuIo(vol, ['write -P 0x55 5M 4k']), /virtual size changed/],
+    [
+      'a writer lacking bitmap support',
+      (vol) => {
+        qemuIo(vol, ['write -P 0x55 5M 4k']);
+        const fd = fs.openSync(vol, 'r+');
+        fs.writeSync(fd, Buffer.from([0]), 0, 1, 95);
+        fs.closeSync(fd);
+      },
+      /autoclear/,
+    ],
+  ];
+  for (const [what, damage, re] of cases) {
+    const dir = fs.mkdtempSync(path.join(t.testdir(), 'c-'));
+    const store = path.join(dir, 'store');
+    const vol = path.join(dir, 'vm.qcow2');
+    qemuImgOk('create', '-q', '-f', 'qcow2', vol, '32M');
+    qemuIo(vol, ['write -P 0x11 0 8M']);
+    const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
+    damage(vol, s1.changeTracking!.bitmap);
+    const want = guestBytes(vol);
+    const s2 = await snap.createSnapshot(vol, { store });
+    t.equal(s2.changeSource, 'hash', `${what}: every block hashed`);
+    t.match(s2.changeSourceReason, re, `${what}: the reason is recorded`);
+    if (what === 'bitmap removed') t.match(cli(['snapshot', 'show', s2.id, '--store', store]).out, /change source\s+hash \(.*missing/, `${what}: snapshot show prints why`);
+    t.ok((await restored(store, s2.id, dir)).equals(want), `${what}: restore is exact`);
+    qemuIo(vol, ['write -P 0x66 7M 1']);
+    const s3 = await snap.createSnapshot(vol, { store });
+    t.equal(s3.changeSource, 'bitmap', `${what}: the next snapshot has a bitmap again`);
+    t.ok((await restored(store, s3.id, dir)).equals(guestBytes(vol)), `${what}: and restores exactly`);
+  }
+  // the parent snapshot deleted: the one before it has no bitmap left
+  const dir = fs.mkdtempSync(path.join(t.testdir(), 'd-'));
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vm.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', vol, '32M');
+  qemuIo(vol, ['write -P 0x11 0 8M']);
+  await snap.createSnapshot(vol, { store, blockSize: BS });
+  qemuIo(vol, ['write -P 0x12 1M 1']);
+  const s2 = await snap.createSnapshot(vol, { store });
+  await snap.deleteSnapshot(s2.id, { store });
+  qemuIo(vol, ['write -P 0x13 2M 1']);
+  const s3 = await snap.createSnapshot(vol, { store });
+  t.equal(s3.changeSource, 'hash', 'parent deleted: every block hashed');
+  t.match(s3.changeSourceReason, /missing/);
+  t.ok((await restored(store, s3.id, dir)).equals(guestBytes(vol)), 'and restore is exact');
+});
+
+t.test('in-place restore into a qcow2 volume is refused, the image untouched', { skip }, async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vm.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', vol, '16M');
+  qemuIo(vol, ['write -P 0x11 0 1M']);
+  const s = await snap.createSnapshot(vol, { store, blockSize: BS });
+  const before = fs.readFileSync(vol);
+  await t.rejects(snap.restoreSnapshot(s.id, { store, inPlace: vol }), { code: 'EUNSUPPORTED' });
+  t.ok(fs.readFileSync(vol).equals(before), 'the image is byte for byte unchanged');
+});
