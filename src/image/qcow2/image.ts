@@ -22,7 +22,7 @@ import * as fs from 'node:fs';
 import { BlockFile } from '../../engine/file';
 import { corrupt, DisksnapError, fromNodeError, invalid, busy } from '../../engine/errors';
 import { checkRange, DiskImage, ImageInfo, ImageOpenOptions, LayerInfo, MapExtent } from '../view';
-import { INCOMPAT_DIRTY, MAX_CHAIN_DEPTH, OFF_AUTOCLEAR, parseHeader } from './format';
+import { INCOMPAT_DIRTY, MAX_CHAIN_DEPTH, parseHeader } from './format';
 import { BackingLayer, RawLayer } from './layer';
 import { compare as compareGuard, parentChangedError } from './guard';
 import { commitMarkerPath } from '../sidecars';
@@ -85,12 +85,9 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
     super(p, file, t, opts);
     const h = t.header;
     this.markMetadata(t);
-    if (this.writable && h.autoclear !== 0 && h.version >= 3) {
-      // We do not maintain bitmaps or a raw external data file: clear their autoclear bits,
-      // as any writer that does not know them must.
-      file.writeSync(Buffer.alloc(8), OFF_AUTOCLEAR);
-      file.syncSync(true);
-    }
+    // We do not maintain bitmaps or a raw external data file: their autoclear bits are
+    // cleared before the first write (refcounts.ts), as any writer that does not know them must.
+    this.autoclearPending = this.writable && h.autoclear !== 0 && h.version >= 3;
     // The backing chain, each parent checked against the identity recorded at creation.
     const seen = [...(opts.seen ?? []), realpathOr(p)];
     if (h.backingFile !== undefined && !opts.noBacking) {
@@ -223,6 +220,7 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
       const len = requests[i + 2];
       const host = len > 0 && Math.floor(guest / cs) === Math.floor((guest + len - 1) / cs) ? this.inPlaceHost(guest) : -1;
       if (host >= 0) {
+        this.firstWrite();
         reqs.push(host, bo, len);
         this.noteWriteLazy(host + len);
       } else {
