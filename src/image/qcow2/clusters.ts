@@ -172,9 +172,8 @@ export abstract class ClusterLayer extends RefcountLayer {
       throw corrupt(this.path, `compressed cluster for guest offset ${guestCluster} at ${d.offset} does not inflate: ${(e as Error).message}`);
     }
     if (data.length < this.clusterSize) {
-      const full = Buffer.alloc(this.clusterSize);
-      data.copy(full);
-      data = full;
+      // QEMU writes whole clusters and refuses a stream that inflates to less
+      throw corrupt(this.path, `compressed cluster for guest offset ${guestCluster} at ${d.offset} inflates to ${data.length} bytes, not a cluster (${this.clusterSize})`);
     }
     this.compressedCache = { offset: d.offset, data };
     return data;
@@ -285,7 +284,7 @@ export abstract class ClusterLayer extends RefcountLayer {
       if (copiedStandard(hi) && !(lo & LO_ZERO && this.zeroFlag) && host !== 0) {
         // In place, over as many host-contiguous owned clusters as the write covers.
         n = Math.min(len, this.contiguousRun(table.buf, idx, host, true, Math.ceil((inCluster + len) / cs)) * cs - inCluster);
-        this.file.writeSync(buf.subarray(bufOff, bufOff + n), host + inCluster);
+        this.writeFile(buf.subarray(bufOff, bufOff + n), host + inCluster);
         this.noteWrite(host + inCluster, n, DATA);
       } else {
         n = this.writeAllocating(table, idx, inCluster, buf, bufOff, len, guest);
@@ -327,18 +326,18 @@ export abstract class ClusterLayer extends RefcountLayer {
       if (inCluster > 0) this.readOld(t, idx, clusterGuest, s, 0, inCluster, 0);
       buf.copy(s, inCluster, bufOff, bufOff + n);
       if (tailStart < runBytes) this.readOld(t, lastIdx, tailGuest, s, tailStart, runBytes - tailStart, tailStart - (k - 1) * cs);
-      this.file.writeSync(s.subarray(0, runBytes), newHost);
+      this.writeFile(s.subarray(0, runBytes), newHost);
     } else {
       if (inCluster > 0) {
         const head = Buffer.alloc(inCluster);
         this.readOld(t, idx, clusterGuest, head, 0, inCluster, 0);
-        this.file.writeSync(head, newHost);
+        this.writeFile(head, newHost);
       }
-      this.file.writeSync(buf.subarray(bufOff, bufOff + n), newHost + inCluster);
+      this.writeFile(buf.subarray(bufOff, bufOff + n), newHost + inCluster);
       if (tailStart < runBytes) {
         const tail = Buffer.alloc(runBytes - tailStart);
         this.readOld(t, lastIdx, tailGuest, tail, 0, runBytes - tailStart, tailStart - (k - 1) * cs);
-        this.file.writeSync(tail, newHost + tailStart);
+        this.writeFile(tail, newHost + tailStart);
       }
     }
     this.noteWrite(newHost, runBytes, DATA);

@@ -414,10 +414,12 @@ function checkFeatures(path: string, raw: RawHeader, head: Buffer, opts: { forCh
   if (incompatible & INCOMPAT_EXTL2 && !opts.forCheck) throw unsupported('extended L2 entries / subclusters (incompatible feature bit 4)');
   const known = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
   if (incompatible & ~known) throw unsupported(`unknown incompatible feature bits 0x${(incompatible & ~known).toString(16)}`);
-  if (incompatible & INCOMPAT_COMPRESSION) {
-    const type = raw.headerLength > COMPRESSION_TYPE_OFFSET ? head[COMPRESSION_TYPE_OFFSET] : 0;
-    if (type !== 0) throw unsupported(`compression type ${type === 1 ? 'zstd' : type} (incompatible feature bit 3; only zlib is read)`);
+  const compressionType = raw.headerLength > COMPRESSION_TYPE_OFFSET ? head[COMPRESSION_TYPE_OFFSET] : 0;
+  if (compressionType > 1) throw bad('compression_type', compressionType, 'unknown (0 zlib, 1 zstd)');
+  if (compressionType !== 0 && !(incompatible & INCOMPAT_COMPRESSION)) {
+    throw bad('compression_type', compressionType, 'not zlib, but the compression-type feature bit (3) is clear');
   }
+  if (compressionType === 1) throw unsupported('compression type zstd (incompatible feature bit 3; only zlib is read)');
   if (raw.cryptMethod !== CRYPT_NONE) throw unsupported(CRYPT_NAMES[raw.cryptMethod] ?? `encryption method ${raw.cryptMethod}`);
   if (raw.refcountOrder > 6) throw bad('refcount_order', raw.refcountOrder, 'must be 0..6');
   return incompatible;
@@ -450,7 +452,9 @@ function checkTables(path: string, raw: RawHeader, clusterSize: number, fileSize
   if (raw.l1Size > 0 && raw.l1TableOffset < rtEnd && raw.refcountTableOffset < raw.l1TableOffset + raw.l1Size * 8) {
     throw corrupt(path, `metadata overlap: the L1 table at ${raw.l1TableOffset} and the refcount table at ${raw.refcountTableOffset} share clusters`);
   }
-  if (raw.nbSnapshots > 0 && (raw.snapshotsOffset % clusterSize !== 0 || raw.snapshotsOffset === 0 || (raw.snapshotsOffset >= fileSize && !opts.forCheck))) {
+  // QEMU checks the alignment even when there are no snapshots (and then refuses to open)
+  if (raw.snapshotsOffset % clusterSize !== 0) throw bad('snapshots_offset', raw.snapshotsOffset, 'not cluster aligned');
+  if (raw.nbSnapshots > 0 && (raw.snapshotsOffset === 0 || (raw.snapshotsOffset >= fileSize && !opts.forCheck))) {
     throw bad('snapshots_offset', raw.snapshotsOffset, 'not a cluster-aligned offset inside the file');
   }
 }

@@ -23,7 +23,7 @@ import * as fs from 'node:fs';
 import { BlockFile } from '../../engine/file';
 import { corrupt, DisksnapError, fromNodeError, invalid, busy } from '../../engine/errors';
 import { checkRange, DiskImage, ImageInfo, ImageOpenOptions, LayerInfo, MapExtent } from '../view';
-import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_DIRTY, MAX_CHAIN_DEPTH, OFF_AUTOCLEAR, parseHeader, Qcow2Header, QCOW2_MAGIC } from './format';
+import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_DIRTY, MAX_CHAIN_DEPTH, parseHeader, Qcow2Header } from './format';
 import { BitmapHost, PersistentBitmaps } from './bitmap-writer';
 import { BackingLayer, RawLayer } from './layer';
 import { compare as compareGuard, parentChangedError } from './guard';
@@ -127,12 +127,10 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
       if (bitmaps.tracking) this.bitmaps = bitmaps;
       keep = AUTOCLEAR_BITMAPS;
     }
-    if (h.autoclear !== keep) {
-      const b = Buffer.alloc(8);
-      b.writeUInt32BE(keep, 4);
-      this.file.writeSync(b, OFF_AUTOCLEAR);
-      this.file.syncSync(true);
-    }
+    // the other bits are cleared before the first write (refcounts.ts firstWrite), so that
+    // a write refused before it changes anything leaves the file as it was
+    this.autoclearKeep = keep;
+    this.autoclearPending = h.autoclear !== keep;
   }
 
   /** The file and the allocator, as the bitmap writer needs them. */
@@ -271,6 +269,7 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
       const len = requests[i + 2];
       const host = len > 0 && Math.floor(guest / cs) === Math.floor((guest + len - 1) / cs) ? this.inPlaceHost(guest) : -1;
       if (host >= 0) {
+        this.firstWrite();
         reqs.push(host, bo, len);
         this.noteWriteLazy(host + len);
       } else {

@@ -41,7 +41,7 @@
 import { BlockFile } from '../../engine/file';
 import { corrupt, DisksnapError } from '../../engine/errors';
 import { CachedTable, TableCache } from './cache';
-import { getRefcount, MAX_REFTABLE_BYTES, maxRefcount, OFF_REFCOUNT_TABLE_OFFSET, Qcow2Header, reftableEntryOffset, setRefcount, writeEntry } from './format';
+import { getRefcount, MAX_REFTABLE_BYTES, maxRefcount, OFF_AUTOCLEAR, OFF_REFCOUNT_TABLE_OFFSET, Qcow2Header, reftableEntryOffset, setRefcount, writeEntry } from './format';
 import { Qcow2Tables } from './metadata';
 
 /** Layers of the write ordering (see the note above); bit values for the unsynced mask. */
@@ -109,6 +109,32 @@ export abstract class RefcountLayer {
     this.rbCache = new TableCache(refcountCacheEntries ?? Math.max(4, Math.floor(2 ** 20 / h.clusterSize)));
   }
 
+  /**
+   * Autoclear feature bits to clear before the first write (a raw external data file, and
+   * bitmaps that bitmap-writer.ts does not maintain: a writer that does not maintain a
+   * feature must clear its bit). Cleared at the first
+   * write rather than at open, so that a write refused before it changes anything (a corrupt
+   * table found on the way) leaves the file as it was.
+   */
+  protected autoclearPending = false;
+  /** the autoclear bits that stay set (the bitmaps bit, where bitmap-writer.ts maintains them) */
+  protected autoclearKeep = 0;
+
+  /** Every write of the image goes through here (the native batch write calls firstWrite()). */
+  protected writeFile(buf: Buffer, offset: number): void {
+    this.firstWrite();
+    this.file.writeSync(buf, offset);
+  }
+
+  protected firstWrite(): void {
+    if (!this.autoclearPending) return;
+    this.autoclearPending = false;
+    const bits = Buffer.alloc(8);
+    bits.writeUInt32BE(this.autoclearKeep, 4);
+    this.file.writeSync(bits, OFF_AUTOCLEAR);
+    this.file.syncSync(true);
+  }
+
   protected unsupported(what: string): DisksnapError {
     return new DisksnapError(`${this.path}: uses ${what}, which disksnap does not support`, 'EUNSUPPORTED', undefined, this.path);
   }
@@ -143,7 +169,7 @@ export abstract class RefcountLayer {
   /** Writes a table of `layer` after the barrier it needs. */
   protected writeTable(buf: Buffer, offset: number, layer: number): void {
     this.barrier(layer);
-    this.file.writeSync(buf, offset);
+    this.writeFile(buf, offset);
     this.noteWrite(offset, buf.length, layer);
   }
 
@@ -187,7 +213,7 @@ export abstract class RefcountLayer {
     for (const p of pieces) {
       const from = p * 512;
       const to = Math.min(table.length, from + 512);
-      this.file.writeSync(table.subarray(from, to), fileOffset + from);
+      this.writeFile(table.subarray(from, to), fileOffset + from);
       this.noteWrite(fileOffset + from, to - from, layer);
     }
     dirty.clear();
@@ -208,7 +234,7 @@ export abstract class RefcountLayer {
     }
     this.pendingFrees.clear();
     for (const e of this.rbCache.dirty()) {
-      this.file.writeSync(e.buf, e.offset);
+      this.writeFile(e.buf, e.offset);
       this.noteWrite(e.offset, e.buf.length, FREES);
       e.dirty = false;
     }
