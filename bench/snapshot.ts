@@ -129,6 +129,7 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
   fillRandom(img, dataOffset, data);
   const keyFile = path.join(opts.dir, 'bench.key');
   fillRandom(keyFile, 0, 32);
+  fs.chmodSync(keyFile, 0o600); // a key file others can read is refused
 
   const t: Record<string, number[]> = {};
   const add = (k: string, v: number) => (t[k] ??= []).push(v);
