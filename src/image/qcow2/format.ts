@@ -413,27 +413,8 @@ export function parseHeader(path: string, head: Buffer, fileSize: number, opts: 
     throw bad('snapshots_offset', raw.snapshotsOffset, 'not a cluster-aligned offset inside the file');
   }
 
-  // Extensions: from header_length (v3) or 72 (v2) up to the end type, inside cluster 0.
-  const extensions: HeaderExtension[] = [];
-  let backingFormat: string | undefined;
-  let guard: RawGuard | undefined;
+  const { extensions, backingFormat, guard } = parseExtensions(path, head, raw.headerLength, clusterSize);
   const limit = Math.min(clusterSize, head.length);
-  let pos = raw.headerLength;
-  for (;;) {
-    if (pos + 8 > limit) throw corrupt(path, `header extensions run past the header cluster at byte ${pos}`);
-    const ext = EXTENSION_HEADER.decode(head, pos);
-    if (ext.type === EXT_END) break;
-    if (ext.length > limit - pos - 8) {
-      throw corrupt(path, `header extension 0x${ext.type.toString(16)} at byte ${pos} has length ${ext.length}, past the header cluster`);
-    }
-    const data = Buffer.from(head.subarray(pos + 8, pos + 8 + ext.length));
-    extensions.push({ type: ext.type, data });
-    if (ext.type === EXT_BACKING_FORMAT) backingFormat = data.toString('utf8').replace(/\0+$/, '');
-    else if (ext.type === EXT_PARENT_GUARD && ext.length >= GUARD_LAYOUT.span) guard = GUARD_LAYOUT.decode(data, 0);
-    else if (ext.type === EXT_DATA_FILE) throw unsupported('an external data file (header extension)');
-    else if (ext.type === EXT_CRYPTO) throw unsupported('encryption (full disk encryption header extension)');
-    pos += 8 + Math.ceil(ext.length / 8) * 8;
-  }
 
   let backingFile: string | undefined;
   if (raw.backingFileOffset !== 0) {
@@ -468,6 +449,41 @@ export function parseHeader(path: string, head: Buffer, fileSize: number, opts: 
     guard,
     extensions,
   };
+}
+
+/**
+ * Header extensions: from header_length (v3) or 72 (v2) up to the end type, inside cluster
+ * 0; the backing format and disksnap's parent guard are decoded, every one kept.
+ */
+function parseExtensions(
+  path: string,
+  head: Buffer,
+  headerLength: number,
+  clusterSize: number,
+): { extensions: HeaderExtension[]; backingFormat: string | undefined; guard: RawGuard | undefined } {
+  const unsupported = (feature: string): DisksnapError =>
+    new DisksnapError(`${path}: uses ${feature}, which disksnap does not support`, 'EUNSUPPORTED', undefined, path);
+  const extensions: HeaderExtension[] = [];
+  let backingFormat: string | undefined;
+  let guard: RawGuard | undefined;
+  const limit = Math.min(clusterSize, head.length);
+  let pos = headerLength;
+  for (;;) {
+    if (pos + 8 > limit) throw corrupt(path, `header extensions run past the header cluster at byte ${pos}`);
+    const ext = EXTENSION_HEADER.decode(head, pos);
+    if (ext.type === EXT_END) break;
+    if (ext.length > limit - pos - 8) {
+      throw corrupt(path, `header extension 0x${ext.type.toString(16)} at byte ${pos} has length ${ext.length}, past the header cluster`);
+    }
+    const data = Buffer.from(head.subarray(pos + 8, pos + 8 + ext.length));
+    extensions.push({ type: ext.type, data });
+    if (ext.type === EXT_BACKING_FORMAT) backingFormat = data.toString('utf8').replace(/\0+$/, '');
+    else if (ext.type === EXT_PARENT_GUARD && ext.length >= GUARD_LAYOUT.span) guard = GUARD_LAYOUT.decode(data, 0);
+    else if (ext.type === EXT_DATA_FILE) throw unsupported('an external data file (header extension)');
+    else if (ext.type === EXT_CRYPTO) throw unsupported('encryption (full disk encryption header extension)');
+    pos += 8 + Math.ceil(ext.length / 8) * 8;
+  }
+  return { extensions, backingFormat, guard };
 }
 
 export interface NewHeader {
