@@ -1,0 +1,119 @@
+/**
+ * The QMP client (src/host/qmp.ts) against a real QEMU with no machine (`-machine none`):
+ * greeting and capabilities, commands with ids, QEMU's errors as EQMP with their class,
+ * events (including ones that arrived before the wait), timeouts, and a QEMU that goes away.
+ */
+import t from 'tap';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import { QmpClient, isQmpError } from '../src/host/qmp';
+import { isDisksnapError } from '../src/errors';
+import * as diff from '../src/diff';
+import { makeParent, needQemu } from './helpers/qemu';
+import { missing } from './helpers/tools';
+import { socketPath, startBareQemu, stopQemu } from './helpers/guest';
+
+const skip = needQemu() || missing({ commands: ['qemu-system-x86_64'] });
+
+async function codeOf(p: Promise<unknown>): Promise<string | undefined> {
+  try {
+    await p;
+  } catch (e) {
+    return isDisksnapError(e) ? e.code : `not a DisksnapError: ${String(e)}`;
+  }
+  return undefined;
+}
+
+t.test('connects, runs commands in parallel, and reports QEMU errors as EQMP with their class', { skip }, async (t) => {
+  const dir = t.testdir();
+  const sock = socketPath(t);
+  const qemu = await startBareQemu(sock);
+  t.teardown(() => stopQemu(qemu));
+  const qmp = await QmpClient.connect(sock);
+  t.teardown(() => qmp.close());
+  t.ok(qmp.version.major >= 4, `the greeting gave QEMU's version (${JSON.stringify(qmp.version)})`);
+  const [v, status] = await Promise.all([
+    qmp.execute<{ qemu: { major: number } }>('query-version'),
+    qmp.execute<{ status: string }>('query-status'),
+  ]);
+  t.equal(v.qemu.major, qmp.version.major, 'query-version answers');
+  t.type(status.status, 'string', 'query-status answers beside it');
+  let err: unknown;
+  try {
+    await qmp.execute('no-such-command');
+  } catch (e) {
+    err = e;
+  }
+  t.ok(isQmpError(err, 'CommandNotFound'), `an unknown command is EQMP/CommandNotFound (${String(err)})`);
+  t.equal((err as { code?: string }).code, 'EQMP', 'code EQMP');
+  t.equal(await codeOf(qmp.execute('blockdev-add', { driver: 'file', filename: path.join(dir, 'absent'), 'node-name': 'x' })), 'EQMP', 'a blockdev-add of a missing file fails with EQMP');
+  t.same(await qmp.execute('query-name'), {}, 'the connection still works after errors');
+});
+
+t.test('opens a disksnap child with its backing chain as QEMU block nodes', { skip }, async (t) => {
+  const dir = t.testdir();
+  const { file: parent } = makeParent(dir, 1 << 20);
+  const child = path.join(dir, 'child.qcow2');
+  await diff.createChild(parent, child);
+  const sock = socketPath(t);
+  const qemu = await startBareQemu(sock);
+  t.teardown(() => stopQemu(qemu));
+  const qmp = await QmpClient.connect(sock);
+  t.teardown(() => qmp.close());
+  await qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'top', file: { driver: 'file', filename: child } });
+  const nodes = await qmp.execute<{ 'node-name': string; file: string; drv: string; ro: boolean; 'backing_file'?: string }[]>('query-named-block-nodes', { flat: true });
+  const top = nodes.find((n) => n['node-name'] === 'top');
+  t.ok(top, 'the node exists');
+  const below = nodes.find((n) => n.drv === 'raw' && n.file === parent);
+  t.ok(below, `QEMU opened the parent below the child (${JSON.stringify(nodes.map((n) => [n['node-name'], n.drv, n.file]))})`);
+  t.equal(below?.ro, true, 'read-only, as a backing file');
+  t.equal(path.resolve(dir, top?.backing_file ?? ''), parent, 'through the backing name disksnap stored');
+});
+
+t.test('events: a wait sees events that arrived before it; waits and commands time out with ETIMEDOUT', { skip }, async (t) => {
+  const dir = t.testdir();
+  const sock = socketPath(t);
+  const qemu = await startBareQemu(sock);
+  t.teardown(() => stopQemu(qemu));
+  const qmp = await QmpClient.connect(sock);
+  t.teardown(() => qmp.close());
+  const seq = qmp.eventSeq;
+  await qmp.execute('stop');
+  await new Promise((r) => setTimeout(r, 200));
+  const stop = await qmp.waitEvent((e) => e.event === 'STOP', { after: seq, timeoutMs: 5000 });
+  t.ok(stop.seq > seq, 'the STOP event that came before the wait is found');
+  const after = qmp.eventSeq;
+  const resumed = qmp.waitEvent((e) => e.event === 'RESUME', { after, timeoutMs: 5000 });
+  await qmp.execute('cont');
+  t.equal((await resumed).event, 'RESUME', 'a wait started before the command sees its event');
+  t.equal(await codeOf(qmp.waitEvent((e) => e.event === 'NEVER', { timeoutMs: 100 })), 'ETIMEDOUT', 'an event that never comes: ETIMEDOUT');
+});
+
+t.test('a QEMU that exits fails outstanding waits with ECONNRESET; a missing socket is ENOENT; a non-QMP peer is EPROTO', { skip }, async (t) => {
+  const dir = t.testdir();
+  const sock = socketPath(t);
+  const qemu = await startBareQemu(sock);
+  t.teardown(() => stopQemu(qemu));
+  const qmp = await QmpClient.connect(sock);
+  const waiting = qmp.waitEvent((e) => e.event === 'NEVER', { timeoutMs: 10_000 });
+  const killed = stopQemu(qemu);
+  t.equal(await codeOf(waiting), 'ECONNRESET', 'the wait fails when QEMU goes away');
+  await killed;
+  t.equal(await codeOf(qmp.execute('query-status')), 'ECONNRESET', 'and so does a command after it');
+  t.ok(qmp.isClosed, 'the client knows it is closed');
+
+  t.equal(await codeOf(QmpClient.connect(path.join(dir, 'absent.sock'), { timeoutMs: 2000 })), 'ENOENT', 'no socket: ENOENT');
+
+  const fake = socketPath(t, 'fake.sock');
+  const server = net.createServer((c) => c.end('hello, I am not QEMU\n'));
+  await new Promise<void>((r) => server.listen(fake, r));
+  t.teardown(() => server.close());
+  t.equal(await codeOf(QmpClient.connect(fake, { timeoutMs: 2000 })), 'EPROTO', 'a peer that is not QMP: EPROTO');
+  const silent = socketPath(t, 'silent.sock');
+  const server2 = net.createServer(() => undefined);
+  await new Promise<void>((r) => server2.listen(silent, r));
+  t.teardown(() => {
+    server2.close();
+  });
+  t.equal(await codeOf(QmpClient.connect(silent, { timeoutMs: 300 })), 'ETIMEDOUT', 'a peer that says nothing: ETIMEDOUT');
+});
