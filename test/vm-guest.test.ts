@@ -8,8 +8,8 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import * as diff from '../src/diff';
-import { isDisksnapError } from '../src/errors';
+import * as diff from '../src/differencing';
+import { isDisksnapError } from '../src/engine/errors';
 import { assertClean, assertUnchanged, qemuImgOk, snapshotOf } from './helpers/qemu';
 import { bootGuest, Guest, jobOk, makeRootfs, needGuest, readGuestFile } from './helpers/guest';
 

@@ -23,7 +23,7 @@
  * and connection errors keep their errno code (ENOENT, ECONNREFUSED) and the socket path.
  */
 import * as net from 'node:net';
-import { DisksnapError, fromNodeError } from '../errors';
+import { DisksnapError, fromNodeError } from '../engine/errors';
 
 export interface QmpEvent {
   event: string;
