@@ -22,6 +22,7 @@ const GROUPS: Array<[string[], () => Group]> = [
   [['snapshot', 'volume', 'store', 'key'], () => require('./snapshot') as Group],
   [['attach', 'detach'], () => require('./loop') as Group],
   [['compare'], () => require('./compare') as Group],
+  [['checkpoint'], () => require('./checkpoint') as Group],
 ];
 
 /** The program with every group, or with only the group of `command` when it names one. */

@@ -1,0 +1,112 @@
+/**
+ * `disksnap checkpoint ...`: named checkpoint trees over a VM's disk image (the library is
+ * src/differencing/checkpoint.ts; live forms over QMP in src/differencing/live.ts). IMAGE keeps
+ * its path through every command; nodes live in IMAGE.checkpoints/.
+ */
+import { Command } from 'commander';
+import * as cp from '../differencing/checkpoint';
+import { createLive } from '../differencing/live';
+import { formatSize } from '../engine/size';
+import { action, printJson } from './util';
+
+function printTree(t: cp.TreeInfo): void {
+  const out: string[] = [`${t.image} (${formatSize(t.imageAllocated)}) sits on ${t.current ?? '(no checkpoint)'}`];
+  const walk = (name: string, depth: number): void => {
+    const n = t.nodes.find((x) => x.name === name)!;
+    const here = t.current === name ? '  <- IMAGE' : '';
+    out.push(`${'  '.repeat(depth)}${n.name}  ${n.created ?? '?'}  ${formatSize(n.allocated)}${here}`);
+    for (const c of n.children) walk(c, depth + 1);
+  };
+  for (const r of t.nodes.filter((n) => n.parent === undefined)) {
+    if (r.base) out.push(`(over ${r.base})`);
+    walk(r.name, 0);
+  }
+  process.stdout.write(out.join('\n') + '\n');
+}
+
+export function register(program: Command): void {
+  const group = program.command('checkpoint').description('named checkpoints of a VM disk image: a tree of read-only nodes, IMAGE always at its path');
+
+  group
+    .command('create')
+    .description('what IMAGE shows now becomes node NAME; IMAGE continues as a fresh child of it')
+    .argument('<image>', 'the qcow2 image a VM uses')
+    .argument('<name>')
+    .option('--qmp <socket>', 'IMAGE is in use by a running QEMU: switch it live over this QMP socket')
+    .option('--json', 'print JSON')
+    .action(
+      action(async (image: string, name: string, opts: { qmp?: string; json?: boolean }) => {
+        const n = opts.qmp ? await createLive(image, name, { qmp: opts.qmp }) : await cp.create(image, name);
+        if (opts.json) printJson(n);
+        else process.stdout.write(`checkpoint ${n.name}: ${n.file}${opts.qmp ? ' (live)' : ''}; ${image} continues over it\n`);
+      }),
+    );
+
+  group
+    .command('list')
+    .description('the tree: names, times, sizes, and the node IMAGE sits on')
+    .argument('<image>')
+    .option('--json', 'print JSON')
+    .action(
+      action(async (image: string, opts: { json?: boolean }) => {
+        const t = await cp.list(image);
+        if (opts.json) printJson(t);
+        else printTree(t);
+      }),
+    );
+
+  group
+    .command('revert')
+    .description('IMAGE becomes a fresh child of NAME (any node); what it held is discarded, or kept as node AS')
+    .argument('<image>')
+    .argument('<name>')
+    .option('--keep <as>', 'keep what IMAGE holds now as a new node AS')
+    .option('--json', 'print JSON')
+    .action(
+      action(async (image: string, name: string, opts: { keep?: string; json?: boolean }) => {
+        const t = await cp.revert(image, name, { keep: opts.keep });
+        if (opts.json) printJson(t);
+        else process.stdout.write(`${image} now sits on ${name}${opts.keep ? `; its previous state is node ${opts.keep}` : ''}\n`);
+      }),
+    );
+
+  group
+    .command('delete')
+    .description('remove node NAME, leaf or inner, without changing what any other node or IMAGE shows')
+    .argument('<image>')
+    .argument('<name>')
+    .option('--json', 'print JSON')
+    .action(
+      action(async (image: string, name: string, opts: { json?: boolean }) => {
+        const r = await cp.remove(image, name);
+        if (opts.json) printJson(r);
+        else process.stdout.write(`deleted ${name}: merged into ${r.mergedInto.length} child(ren), ${formatSize(r.bytesCopied)} copied\n`);
+      }),
+    );
+
+  group
+    .command('squash')
+    .description('fold the nodes from FROM (an ancestor) up to TO into TO')
+    .argument('<image>')
+    .argument('<from>')
+    .argument('<to>')
+    .option('--json', 'print JSON')
+    .action(
+      action(async (image: string, from: string, to: string, opts: { json?: boolean }) => {
+        const r = await cp.squash(image, from, to);
+        if (opts.json) printJson(r);
+        else process.stdout.write(`squashed into ${to}: deleted ${r.deleted.join(', ') || 'nothing'}\n`);
+      }),
+    );
+
+  group
+    .command('resume')
+    .description('finish an operation on the tree that was interrupted (any command also does this first)')
+    .argument('<image>')
+    .action(
+      action(async (image: string) => {
+        await cp.resume(image);
+        process.stdout.write(`${image}: nothing left unfinished\n`);
+      }),
+    );
+}

@@ -1,0 +1,175 @@
+/**
+ * The two primitives checkpoint trees are made of, besides creating children:
+ *
+ * 1. rewriteBacking(image, parent | none): point a qcow2 image at another backing file (name
+ *    relative to the image's directory, backing-format extension, and a parent guard of the
+ *    new parent), like `qemu-img rebase -u` plus disksnap's guard. Only the used prefix of the
+ *    header cluster is written, rounded up to 512 bytes: for ordinary names that is a single
+ *    sector, which a crash leaves old or new, not torn.
+ *
+ * 2. mergeDown(node, child): make `child` independent of `node` without changing what it
+ *    shows, so that child can be rebased onto node's parent:
+ *
+ *      child:  [c]   [ ]   [c]   [ ]         c = cluster the child stores
+ *      node:   [n]   [n]   [ ]   [z]         n = data, z = zero cluster, blank = falls through
+ *      copy:          n           z          (only where the child stores nothing)
+ *
+ *    Every write puts into the child the bytes it already showed through the node, so the
+ *    child's view never changes, whenever a crash stops the copy: a re-run copies again (the
+ *    clusters already copied are the child's own now and are skipped). Only after the copy is
+ *    durable is the child rebased (rewriteBacking). Clusters the node does not store fall
+ *    through to the node's parent both before and after.
+ *
+ * A write into a child changes its mtime and first bytes, which its own children's guards
+ * record: reguardChildren() records the new identity (their view did not change).
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { BlockFile } from '../engine/file';
+import { DisksnapError } from '../engine/errors';
+import { detectFormat } from '../image';
+import { Qcow2Image } from '../image/qcow2/image';
+import { readHeaderCluster } from '../image/qcow2/header';
+import { EXT_BACKING_FORMAT, EXT_PARENT_GUARD, GUARD_LAYOUT, MAX_BACKING_NAME, encodeExtensions, extensionsSize, parseHeader, Qcow2Header, RawGuard } from '../image/qcow2/format';
+import { identify, toRecord } from '../image/qcow2/guard';
+import { childrenOf } from './registry';
+
+/** The header of a qcow2 file, read without opening its chain. */
+export function readHeader(file: string): Qcow2Header {
+  const f = BlockFile.open(file, { lock: 'none' });
+  try {
+    const size = f.size();
+    return parseHeader(file, readHeaderCluster(f, size), size);
+  } finally {
+    f.close();
+  }
+}
+
+/** The identity record of a parent file as it is now (for a child's guard). */
+export function guardOf(parent: string): RawGuard {
+  const f = BlockFile.open(parent, { lock: 'none' });
+  try {
+    return toRecord(identify(f));
+  } finally {
+    f.close();
+  }
+}
+
+/**
+ * Points `image` (qcow2 v3) at `parent` (or at nothing), with a guard of the parent as it is
+ * now. The image must not be in use (the caller holds its lock or QEMU does not run it).
+ */
+export function rewriteBacking(image: string, parent: string | undefined, opts: { guard?: boolean; file?: BlockFile } = {}): void {
+  // `file`: the caller's open handle on this very inode (an OFD lock of ours would conflict)
+  const f = opts.file ?? BlockFile.open(image, { write: true, lock: 'exclusive' });
+  try {
+    const size = f.size();
+    const cluster0 = readHeaderCluster(f, size);
+    const h = parseHeader(image, cluster0, size);
+    if (h.version !== 3) throw new DisksnapError(`${image}: a qcow2 version ${h.version} header; checkpoint trees rewrite version 3 headers only`, 'EUNSUPPORTED', undefined, image);
+    const exts = h.extensions.filter((e) => e.type !== EXT_PARENT_GUARD && e.type !== EXT_BACKING_FORMAT);
+    let name = Buffer.alloc(0);
+    if (parent !== undefined) {
+      name = Buffer.from(path.relative(path.dirname(path.resolve(image)), path.resolve(parent)), 'utf8');
+      if (name.length > MAX_BACKING_NAME) throw new DisksnapError(`${image}: backing name for ${parent} is longer than ${MAX_BACKING_NAME} bytes`, 'EINVALID', undefined, image);
+      exts.unshift({ type: EXT_BACKING_FORMAT, data: Buffer.from(detectFormat(parent)) });
+      if (opts.guard !== false) {
+        const g = Buffer.alloc(GUARD_LAYOUT.span);
+        GUARD_LAYOUT.encode(guardOf(parent), g, 0);
+        exts.push({ type: EXT_PARENT_GUARD, data: g });
+      }
+    }
+    const start = h.headerLength;
+    const end = start + extensionsSize(exts) + name.length;
+    if (end > h.clusterSize) throw new DisksnapError(`${image}: no room in the header cluster for the backing name and extensions`, 'EUNSUPPORTED', undefined, image);
+    const oldEnd = h.backingFile !== undefined ? cluster0.readUInt32BE(12) + cluster0.readUInt32BE(16) : start + extensionsSize(h.extensions);
+    const len = Math.min(h.clusterSize, Math.ceil(Math.max(end, oldEnd) / 512) * 512);
+    const out = Buffer.alloc(len);
+    cluster0.copy(out, 0, 0, start);
+    const pos = encodeExtensions(exts, out, start);
+    name.copy(out, pos);
+    // backing_file_offset (u64 at 8) and backing_file_size (u32 at 16)
+    out.writeUInt32BE(0, 8);
+    out.writeUInt32BE(name.length ? pos : 0, 12);
+    out.writeUInt32BE(name.length, 16);
+    f.writeSync(out, 0);
+    f.syncSync(true);
+  } finally {
+    if (!opts.file) f.close();
+  }
+}
+
+/** Records, in each child of `image`, the identity `image` has now (its view is unchanged). */
+export function reguardChildren(image: string): string[] {
+  const kids = childrenOf(image);
+  for (const k of kids) {
+    const h = readHeader(k);
+    if (h.backingFile === undefined) continue;
+    rewriteBacking(k, image);
+  }
+  return kids;
+}
+
+/** Byte ranges [start, end) of `a` not covered by any range of `covered` (both sorted). */
+function subtract(a: { offset: number; length: number }, covered: { offset: number; length: number }[]): [number, number][] {
+  const out: [number, number][] = [];
+  let pos = a.offset;
+  const end = a.offset + a.length;
+  for (const c of covered) {
+    if (c.offset + c.length <= pos) continue;
+    if (c.offset >= end) break;
+    if (c.offset > pos) out.push([pos, c.offset]);
+    pos = Math.max(pos, c.offset + c.length);
+    if (pos >= end) break;
+  }
+  if (pos < end) out.push([pos, end]);
+  return out;
+}
+
+const CHUNK = 4 * 2 ** 20;
+
+/**
+ * Copies into `child` every range that `node` stores and the child does not, reading it
+ * through the child's own chain (which still passes through node). Returns bytes written.
+ */
+export function mergeDown(node: string, child: string): { copied: number; zeroed: number } {
+  const n = Qcow2Image.open(node, { noBacking: true });
+  let own: { offset: number; length: number; kind: 'data' | 'zero' }[];
+  try {
+    own = [...n.ownExtents()];
+  } finally {
+    n.close();
+  }
+  const mode = fs.statSync(child).mode & 0o7777;
+  if (!(mode & 0o200)) fs.chmodSync(child, mode | 0o200);
+  let copied = 0;
+  let zeroed = 0;
+  try {
+    const c = Qcow2Image.open(child, { write: true, allowChildren: true });
+    try {
+      const has = [...c.ownExtents()].map((e) => ({ offset: e.offset, length: e.length }));
+      const buf = Buffer.alloc(CHUNK);
+      for (const e of own) {
+        for (const [s, end] of subtract(e, has)) {
+          if (e.kind === 'zero') {
+            c.writeZeroesSync(s, end - s);
+            zeroed += end - s;
+            continue;
+          }
+          for (let p = s; p < end; p += CHUNK) {
+            const len = Math.min(CHUNK, end - p);
+            c.readAt(buf, 0, len, p);
+            c.writeSync(buf.subarray(0, len), p);
+            copied += len;
+          }
+        }
+      }
+      c.flushSync();
+    } finally {
+      c.close();
+    }
+  } finally {
+    if (!(mode & 0o200)) fs.chmodSync(child, mode);
+  }
+  return { copied, zeroed };
+}

@@ -1,0 +1,223 @@
+/**
+ * Live operations on an image a running QEMU uses, over its QMP socket (src/host/qmp.ts):
+ *
+ * createLive(IMAGE, NAME)      a checkpoint without stopping the VM
+ *   1. journal; hard link IMAGE -> IMAGE.checkpoints/NAME.qcow2 (QEMU keeps writing that inode)
+ *   2. a fresh overlay, backing name -> the node, written under a temporary name and renamed
+ *      over IMAGE (QEMU does not use it yet: IMAGE shows the node, which is what the VM sees)
+ *   3. blockdev-snapshot-sync mode=existing: QEMU opens the overlay at IMAGE's path and makes
+ *      it the active layer over the node; from here the node no longer changes
+ *   4. change-backing-file: QEMU itself rewrites the node's backing name (its directory
+ *      changed) while it holds the node open; registries, tree.json, journal removed
+ *   If step 3 fails, the node is renamed back over IMAGE: the VM never stopped writing to that
+ *   inode, and IMAGE is again the file it runs on. The overlay carries no parent guard (the
+ *   node was still changing when it was made; a guard written later would be dropped by
+ *   QEMU's own header updates), so disksnap reports its guard as 'unrecorded'.
+ *
+ * commitLive(CHILD)            `diff commit` while the VM runs on CHILD
+ *   block-commit of the active layer into its parent, wait for BLOCK_JOB_READY, job-complete:
+ *   QEMU pivots the VM onto the parent, then CHILD is deleted. The commit marker of the offline
+ *   commit is written first: if the job fails (the parent's filesystem full, an I/O error), the
+ *   VM keeps running on CHILD (QEMU leaves the active layer in place; the parent may hold part
+ *   of CHILD's data, which CHILD covers) and the marker makes `disksnap diff commit CHILD`
+ *   finish the job later, live again or after the VM stopped.
+ *
+ * Errors: EJOB when QEMU's block job fails (QEMU's message included), ENOTFOUND when no device
+ * of that QEMU runs the image, plus the QMP client's EQMP / ETIMEDOUT / ECONNRESET.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { DisksnapError, busy } from '../engine/errors';
+import { syncDir } from '../engine/atomic';
+import { QmpClient, QmpEvent } from '../host/qmp';
+import { commitMarkerPath, writeJsonAtomic } from '../image/sidecars';
+import { childrenOf, readRegistry, removeChild, makeReadOnly } from './registry';
+import * as cp from './checkpoint';
+import { readHeader } from './checkpoint-merge';
+
+export type Progress = (done: number, total: number) => void;
+
+export interface LiveOptions {
+  /** QEMU's QMP socket (unix) */
+  qmp: string;
+  /** for each QMP command; jobs wait as long as they make progress (default 60 s) */
+  timeoutMs?: number;
+  onProgress?: Progress;
+}
+
+interface BlockDevice {
+  device: string;
+  qdev?: string;
+  inserted?: { 'node-name': string; file: string; drv: string };
+}
+
+interface NamedNode {
+  'node-name': string;
+  file: string;
+  drv: string;
+}
+
+function real(p: string): string {
+  try {
+    return fs.realpathSync(p);
+  } catch {
+    return path.resolve(p);
+  }
+}
+
+/** The active (top) node of the device that runs `image`. */
+async function activeNode(qmp: QmpClient, image: string): Promise<{ node: string; device: string }> {
+  const devs = await qmp.execute<BlockDevice[]>('query-block');
+  const want = real(image);
+  for (const d of devs) {
+    if (d.inserted && real(d.inserted.file) === want) return { node: d.inserted['node-name'], device: d.device || d.qdev || d.inserted['node-name'] };
+  }
+  throw new DisksnapError(`no device of the QEMU at ${qmp.socketPath} runs ${image} (it runs: ${devs.map((d) => d.inserted?.file ?? '-').join(', ')})`, 'ENOTFOUND', undefined, image);
+}
+
+/** The format node (not the protocol node) QEMU has open for `file`. */
+async function formatNode(qmp: QmpClient, file: string): Promise<string> {
+  const nodes = await qmp.execute<NamedNode[]>('query-named-block-nodes', { flat: true });
+  const want = real(file);
+  const n = nodes.find((x) => x.drv !== 'file' && real(x.file) === want);
+  if (!n) throw new DisksnapError(`the QEMU at ${qmp.socketPath} has no block node for ${file}`, 'ENOTFOUND', undefined, file);
+  return n['node-name'];
+}
+
+/** `checkpoint create --qmp`: see the opening note. */
+export async function createLive(image: string, name: string, opts: LiveOptions): Promise<cp.NodeInfo> {
+  const qmp = await QmpClient.connect(opts.qmp, { timeoutMs: opts.timeoutMs ?? 60_000 });
+  try {
+    const { node: top } = await activeNode(qmp, image);
+    const overlayNode = `ds-${name.replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 20)}-${randomBytes(3).toString('hex')}`;
+    const backing = cp.backingOf(image);
+    return await cp.create(image, name, {
+      live: async (nodeFile) => {
+        try {
+          await qmp.execute('blockdev-snapshot-sync', {
+            'node-name': top,
+            'snapshot-file': path.resolve(image),
+            'snapshot-node-name': overlayNode,
+            format: 'qcow2',
+            mode: 'existing',
+          });
+        } catch (e) {
+          // the VM still writes the node's inode: give it back its name
+          fs.renameSync(nodeFile, image);
+          syncDir(path.dirname(path.resolve(image)));
+          fs.rmSync(cp.journalPath(image), { force: true });
+          throw e;
+        }
+        if (backing !== undefined) {
+          const name2 = path.relative(path.dirname(nodeFile), backing);
+          await qmp.execute('change-backing-file', { device: overlayNode, 'image-node-name': top, 'backing-file': name2 });
+        }
+      },
+    });
+  } finally {
+    qmp.close();
+  }
+}
+
+export interface LiveCommitResult {
+  child: string;
+  parent: string;
+  /** the node QEMU runs the device on now */
+  activeNode: string;
+  ms: number;
+}
+
+/** Waits for the job's READY or its end, reporting progress from query-jobs meanwhile. */
+async function waitJob(qmp: QmpClient, jobId: string, after: number, until: 'ready' | 'done', opts: LiveOptions): Promise<QmpEvent> {
+  const ended = (e: QmpEvent) => (e.event === 'BLOCK_JOB_COMPLETED' || e.event === 'BLOCK_JOB_CANCELLED') && e.data.device === jobId;
+  const ready = (e: QmpEvent) => e.event === 'BLOCK_JOB_READY' && e.data.device === jobId;
+  const wait = qmp.waitEvent((e) => ended(e) || (until === 'ready' && ready(e)), { after, timeoutMs: 24 * 3600_000, what: `end of job ${jobId}` });
+  let lastDone = -1;
+  let lastChange = Date.now();
+  const stall = opts.timeoutMs ?? 60_000;
+  for (;;) {
+    const r = await Promise.race([wait, new Promise<undefined>((res) => setTimeout(() => res(undefined), 250))]);
+    if (r) return r;
+    const jobs = await qmp.execute<{ id: string; 'current-progress': number; 'total-progress': number; status: string; error?: string }[]>('query-jobs');
+    const j = jobs.find((x) => x.id === jobId);
+    if (!j) continue;
+    opts.onProgress?.(j['current-progress'], j['total-progress']);
+    if (j['current-progress'] !== lastDone) {
+      lastDone = j['current-progress'];
+      lastChange = Date.now();
+    } else if (Date.now() - lastChange > stall && j.status === 'running') {
+      throw new DisksnapError(`job ${jobId} made no progress for ${stall} ms`, 'ETIMEDOUT', undefined, qmp.socketPath);
+    }
+  }
+}
+
+/** `diff commit --qmp`: see the opening note. */
+export async function commitLive(child: string, opts: LiveOptions & { force?: boolean }): Promise<LiveCommitResult> {
+  const started = Date.now();
+  const h = readHeader(child);
+  if (h.backingFile === undefined) throw new DisksnapError(`${child} has no backing file: nothing to commit into`, 'EINVALID', undefined, child);
+  const parent = cp.backingOf(child)!;
+  const siblings = childrenOf(parent).filter((c) => real(c) !== real(child));
+  if (siblings.length > 0 && !opts.force) throw busy(`${parent} has other children (${siblings.join(', ')}); committing would change what they show. Pass force to do it anyway`, parent);
+  if (childrenOf(child).length > 0) throw busy(`${child} has children of its own; committing would change their parent`, child);
+  const qmp = await QmpClient.connect(opts.qmp, { timeoutMs: opts.timeoutMs ?? 60_000 });
+  try {
+    const { node: top } = await activeNode(qmp, child);
+    const base = await formatNode(qmp, parent);
+    const markerPath = commitMarkerPath(child);
+    const parentMode = fs.statSync(parent).mode & 0o7777;
+    writeJsonAtomic(markerPath, { version: 1, parent: path.resolve(parent), keepChild: false, startedAt: new Date().toISOString(), parentMode });
+    if (!(parentMode & 0o200)) fs.chmodSync(parent, parentMode | 0o200);
+    const jobId = `disksnap-commit-${randomBytes(3).toString('hex')}`;
+    const seq = qmp.eventSeq;
+    await qmp.execute('block-commit', { 'job-id': jobId, device: top, 'base-node': base, 'auto-dismiss': false });
+    let e: QmpEvent;
+    try {
+      e = await waitJob(qmp, jobId, seq, 'ready', opts);
+      if (e.event === 'BLOCK_JOB_READY') {
+        const seq2 = qmp.eventSeq;
+        await qmp.execute('job-complete', { id: jobId });
+        e = await waitJob(qmp, jobId, seq2, 'done', opts);
+      }
+    } catch (err) {
+      await cancelJob(qmp, jobId);
+      throw err;
+    }
+    await qmp.execute('job-dismiss', { id: jobId }).catch(() => undefined); // gone already: nothing to dismiss
+    if (e.event !== 'BLOCK_JOB_COMPLETED' || e.data.error) {
+      if (!(parentMode & 0o200)) fs.chmodSync(parent, parentMode);
+      const why = typeof e.data.error === 'string' ? e.data.error : 'cancelled';
+      throw new DisksnapError(
+        `live commit of ${child} into ${parent} failed: ${why}. The VM still runs on ${child}; finish with 'disksnap diff commit ${child}' (live with --qmp, or after the VM stops)`,
+        'EJOB',
+        undefined,
+        child,
+      );
+    }
+    const now = await activeNode(qmp, parent);
+    fs.unlinkSync(child);
+    syncDir(path.dirname(path.resolve(child)));
+    const hadRegistry = readRegistry(parent) !== undefined;
+    const remaining = removeChild(parent, child);
+    if (remaining.length > 0) makeReadOnly(parent);
+    else if (!hadRegistry) fs.chmodSync(parent, parentMode);
+    fs.rmSync(markerPath, { force: true });
+    syncDir(path.dirname(path.resolve(child)));
+    return { child, parent, activeNode: now.node, ms: Date.now() - started };
+  } finally {
+    qmp.close();
+  }
+}
+
+async function cancelJob(qmp: QmpClient, jobId: string): Promise<void> {
+  if (qmp.isClosed) return;
+  const seq = qmp.eventSeq;
+  try {
+    await qmp.execute('block-job-cancel', { device: jobId, force: true });
+    await qmp.waitEvent((e) => (e.event === 'BLOCK_JOB_CANCELLED' || e.event === 'BLOCK_JOB_COMPLETED') && e.data.device === jobId, { after: seq, timeoutMs: 30_000 });
+  } catch {
+    // the job may have ended on its own meanwhile; the dismiss below settles it either way
+  }
+  await qmp.execute('job-dismiss', { id: jobId }).catch(() => undefined); // already gone: fine
+}
