@@ -7,8 +7,10 @@
  *      over IMAGE (QEMU does not use it yet: IMAGE shows the node, which is what the VM sees)
  *   3. blockdev-snapshot-sync mode=existing: QEMU opens the overlay at IMAGE's path and makes
  *      it the active layer over the node; from here the node no longer changes
- *   4. change-backing-file: QEMU itself rewrites the node's backing name (its directory
- *      changed) while it holds the node open; registries, tree.json, journal removed
+ *   4. the node's backing name is rewritten (its directory changed): first through QEMU
+ *      (change-backing-file, so QEMU's in-memory copy agrees), then by disksnap, because that
+ *      command also records the node's own format as the backing format (wrong for a raw
+ *      base); registries, tree.json, journal removed
  *   If step 3 fails, the node is renamed back over IMAGE: the VM never stopped writing to that
  *   inode, and IMAGE is again the file it runs on. The overlay carries no parent guard (the
  *   node was still changing when it was made; a guard written later would be dropped by
@@ -34,7 +36,8 @@ import { QmpClient, QmpEvent } from '../host/qmp';
 import { commitMarkerPath, writeJsonAtomic } from '../image/sidecars';
 import { childrenOf, readRegistry, removeChild, makeReadOnly } from './registry';
 import * as cp from './checkpoint';
-import { readHeader } from './checkpoint-merge';
+import { readHeader, rewriteBacking } from './checkpoint-merge';
+import { BlockFile } from '../engine/file';
 
 export type Progress = (done: number, total: number) => void;
 
@@ -110,8 +113,18 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
           throw e;
         }
         if (backing !== undefined) {
+          // QEMU's own record of the name first, so that a header QEMU writes later has it...
           const name2 = path.relative(path.dirname(nodeFile), backing);
           await qmp.execute('change-backing-file', { device: overlayNode, 'image-node-name': top, 'backing-file': name2 });
+          // ...then the header as disksnap wants it: change-backing-file also stamps the node's
+          // own format (qcow2) as the backing format, wrong for a raw base. The node is a
+          // read-only backing node now, which QEMU does not write, so no lock is taken.
+          const f = BlockFile.open(nodeFile, { write: true, lock: 'none' });
+          try {
+            rewriteBacking(nodeFile, backing, { guard: readHeader(nodeFile).guard !== undefined, file: f });
+          } finally {
+            f.close();
+          }
         }
       },
     });
