@@ -5,6 +5,8 @@
  */
 import { Command } from 'commander';
 import * as diff from '../differencing';
+import { commitLive } from '../differencing/live';
+import { DisksnapError } from '../engine/errors';
 import { formatSize } from '../engine/size';
 import { action, ExitStatus, printJson, powerOfTwoArg } from './util';
 
@@ -84,9 +86,17 @@ export function register(program: Command): void {
     .argument('<child>')
     .option('--keep-child', 'keep CHILD as an empty child of the updated parent')
     .option('--force', 'commit even though the parent has other children (they will see the change)')
+    .option('--qmp <socket>', 'CHILD is the active image of a running QEMU: commit live (block-commit), the VM moves onto the parent')
     .option('--json', 'print JSON')
     .action(
-      action(async (child: string, opts: { keepChild?: boolean; force?: boolean; json?: boolean }) => {
+      action(async (child: string, opts: { keepChild?: boolean; force?: boolean; json?: boolean; qmp?: string }) => {
+        if (opts.qmp) {
+          if (opts.keepChild) throw new DisksnapError('--keep-child is not supported with --qmp (QEMU drops the child when it pivots)', 'EINVALID');
+          const l = await commitLive(child, { qmp: opts.qmp, force: opts.force, onProgress: progress('commit') });
+          if (opts.json) printJson(l);
+          else process.stdout.write(`committed ${l.child} into ${l.parent} live; the VM now runs on ${l.parent}; ${l.child} removed\n`);
+          return;
+        }
         const r = await diff.commit(child, { keepChild: opts.keepChild, force: opts.force, onProgress: progress('commit') });
         if (opts.json) printJson(r);
         else {

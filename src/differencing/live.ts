@@ -7,10 +7,14 @@
  *      over IMAGE (QEMU does not use it yet: IMAGE shows the node, which is what the VM sees)
  *   3. blockdev-snapshot-sync mode=existing: QEMU opens the overlay at IMAGE's path and makes
  *      it the active layer over the node; from here the node no longer changes
- *   4. the node's backing name is rewritten (its directory changed): first through QEMU
- *      (change-backing-file, so QEMU's in-memory copy agrees), then by disksnap, because that
- *      command also records the node's own format as the backing format (wrong for a raw
- *      base); registries, tree.json, journal removed
+ *   4. QEMU opened the old top by IMAGE's path, the overlay's now; any later reopen by name
+ *      (read-only, or read-write for a commit into it) would open the wrong file. So the node
+ *      gets a protocol node opened by its new path and is reopened over it (blockdev-reopen,
+ *      which QEMU allows for named nodes only: an unnamed node is refused before step 1)
+ *   5. the node's backing name is rewritten by disksnap (its directory changed): QEMU holds
+ *      it as a read-only backing node now and never writes its header; QEMU's in-memory copy
+ *      of the old name is only used if QEMU itself rewrites that header (it does not for a
+ *      read-only node); registries, tree.json, journal removed
  *   If step 3 fails, the node is renamed back over IMAGE: the VM never stopped writing to that
  *   inode, and IMAGE is again the file it runs on. The overlay carries no parent guard (the
  *   node was still changing when it was made; a guard written later would be dropped by
@@ -55,12 +59,6 @@ interface BlockDevice {
   inserted?: { 'node-name': string; file: string; drv: string };
 }
 
-interface NamedNode {
-  'node-name': string;
-  file: string;
-  drv: string;
-}
-
 function real(p: string): string {
   try {
     return fs.realpathSync(p);
@@ -69,23 +67,42 @@ function real(p: string): string {
   }
 }
 
+/**
+ * The file a QEMU filename names: QEMU reports `json:{...}` when an image's backing name and
+ * its backing node's filename disagree (after a live checkpoint: QEMU never learns that the
+ * old top was renamed into the tree); the image's own file is then json.file.filename.
+ */
+function fileOf(qemuName: string): string {
+  if (!qemuName.startsWith('json:')) return qemuName;
+  try {
+    const j = JSON.parse(qemuName.slice(5)) as { file?: { filename?: string } };
+    return j.file?.filename ?? qemuName;
+  } catch {
+    return qemuName; // not JSON after all: compare the name as it is
+  }
+}
+
 /** The active (top) node of the device that runs `image`. */
 async function activeNode(qmp: QmpClient, image: string): Promise<{ node: string; device: string }> {
   const devs = await qmp.execute<BlockDevice[]>('query-block');
   const want = real(image);
   for (const d of devs) {
-    if (d.inserted && real(d.inserted.file) === want) return { node: d.inserted['node-name'], device: d.device || d.qdev || d.inserted['node-name'] };
+    if (d.inserted && real(fileOf(d.inserted.file)) === want) return { node: d.inserted['node-name'], device: d.device || d.qdev || d.inserted['node-name'] };
   }
   throw new DisksnapError(`no device of the QEMU at ${qmp.socketPath} runs ${image} (it runs: ${devs.map((d) => d.inserted?.file ?? '-').join(', ')})`, 'ENOTFOUND', undefined, image);
 }
 
-/** The format node (not the protocol node) QEMU has open for `file`. */
-async function formatNode(qmp: QmpClient, file: string): Promise<string> {
-  const nodes = await qmp.execute<NamedNode[]>('query-named-block-nodes', { flat: true });
-  const want = real(file);
-  const n = nodes.find((x) => x.drv !== 'file' && real(x.file) === want);
-  if (!n) throw new DisksnapError(`the QEMU at ${qmp.socketPath} has no block node for ${file}`, 'ENOTFOUND', undefined, file);
-  return n['node-name'];
+/**
+ * The node QEMU uses as `top`'s backing, from its block graph (by node name: QEMU's filenames
+ * can be stale after a live checkpoint renamed files under it).
+ */
+async function backingNode(qmp: QmpClient, top: string): Promise<string> {
+  const g = await qmp.execute<{ nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph');
+  const id = g.nodes.find((n) => n.name === top)?.id;
+  const edge = g.edges.find((e) => e.parent === id && e.name === 'backing');
+  const child = g.nodes.find((n) => n.id === edge?.child);
+  if (!child) throw new DisksnapError(`the QEMU at ${qmp.socketPath} shows no backing node under ${top}`, 'ENOTFOUND', undefined, qmp.socketPath);
+  return child.name;
 }
 
 /** `checkpoint create --qmp`: see the opening note. */
@@ -93,6 +110,14 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
   const qmp = await QmpClient.connect(opts.qmp, { timeoutMs: opts.timeoutMs ?? 60_000 });
   try {
     const { node: top } = await activeNode(qmp, image);
+    if (top.startsWith('#')) {
+      throw new DisksnapError(
+        `${image} is open in QEMU without a node name (${top}); a live checkpoint must reopen it under its new path, which QEMU allows only for named nodes: configure the disk with -blockdev ...,node-name=NAME (libvirt does) or -drive ...,node-name=NAME,file.node-name=NAME2`,
+        'EUNSUPPORTED',
+        undefined,
+        image,
+      );
+    }
     const overlayNode = `ds-${name.replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 20)}-${randomBytes(3).toString('hex')}`;
     const backing = cp.backingOf(image);
     return await cp.create(image, name, {
@@ -112,13 +137,12 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
           fs.rmSync(cp.journalPath(image), { force: true });
           throw e;
         }
+        await renameNodeInQemu(qmp, top, nodeFile);
         if (backing !== undefined) {
-          // QEMU's own record of the name first, so that a header QEMU writes later has it...
-          const name2 = path.relative(path.dirname(nodeFile), backing);
-          await qmp.execute('change-backing-file', { device: overlayNode, 'image-node-name': top, 'backing-file': name2 });
-          // ...then the header as disksnap wants it: change-backing-file also stamps the node's
-          // own format (qcow2) as the backing format, wrong for a raw base. The node is a
-          // read-only backing node now, which QEMU does not write, so no lock is taken.
+          // The node is now a read-only backing node, which QEMU never writes: disksnap fixes
+          // its backing name itself, without a lock. (QMP change-backing-file is not used: it
+          // stamps the node's own format, qcow2, as the backing format, wrong for a raw base,
+          // and it fails with a "write" lock error when the image is a -drive.)
           const f = BlockFile.open(nodeFile, { write: true, lock: 'none' });
           try {
             rewriteBacking(nodeFile, backing, { guard: readHeader(nodeFile).guard !== undefined, file: f });
@@ -131,6 +155,27 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
   } finally {
     qmp.close();
   }
+}
+
+/**
+ * QEMU opened the old top by IMAGE's path, which is the overlay's now; a later reopen by name
+ * (read-only after the snapshot, read-write for a commit into it) would open the wrong file.
+ * So the node gets a new protocol node opened by its new path (blockdev-add) and its qcow2
+ * node is reopened over it (blockdev-reopen with a new `file` child), read-only.
+ */
+async function renameNodeInQemu(qmp: QmpClient, top: string, nodeFile: string): Promise<void> {
+  const fileNode = `dsf-${randomBytes(4).toString('hex')}`;
+  // not read-only itself: a later live commit into the node reopens it read-write
+  await qmp.execute('blockdev-add', { driver: 'file', 'node-name': fileNode, filename: nodeFile, 'auto-read-only': true });
+  const g = await qmp.execute<{ nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph');
+  const id = g.nodes.find((n) => n.name === top)?.id;
+  const backingEdge = g.edges.find((e) => e.parent === id && e.name === 'backing');
+  const backing = g.nodes.find((n) => n.id === backingEdge?.child)?.name ?? null;
+  const oldFile = g.nodes.find((n) => n.id === g.edges.find((e) => e.parent === id && e.name === 'file')?.child)?.name;
+  await qmp.execute('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': top, file: fileNode, backing, 'read-only': true }] });
+  // the old protocol node has no user left; QEMU refuses to delete one it created itself
+  // (-drive), which then only holds a descriptor of the same file
+  if (oldFile) await qmp.execute('blockdev-del', { 'node-name': oldFile }).catch(() => undefined);
 }
 
 export interface LiveCommitResult {
@@ -177,7 +222,7 @@ export async function commitLive(child: string, opts: LiveOptions & { force?: bo
   const qmp = await QmpClient.connect(opts.qmp, { timeoutMs: opts.timeoutMs ?? 60_000 });
   try {
     const { node: top } = await activeNode(qmp, child);
-    const base = await formatNode(qmp, parent);
+    const base = await backingNode(qmp, top);
     const markerPath = commitMarkerPath(child);
     const parentMode = fs.statSync(parent).mode & 0o7777;
     writeJsonAtomic(markerPath, { version: 1, parent: path.resolve(parent), keepChild: false, startedAt: new Date().toISOString(), parentMode });

@@ -1,0 +1,125 @@
+/**
+ * The live paths through the CLI against a QEMU without a guest (`-machine none`, the image as
+ * a drive without a device): `checkpoint create --qmp` switches QEMU to the new overlay at
+ * IMAGE's path, `diff commit --qmp` pivots it onto the parent. QEMU's own view (query-block)
+ * and qemu-img (check, convert) are the oracles; the guest versions are in vm-live.test.ts.
+ */
+import t from 'tap';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import * as diff from '../src/differencing';
+import * as cp from '../src/differencing/checkpoint';
+import { QmpClient } from '../src/host/qmp';
+import { makeParent, needQemu, qemuCheck, qemuImgOk, qemuIo, sha256 } from './helpers/qemu';
+import { cli } from './helpers/cli';
+import { missing } from './helpers/tools';
+import { socketPath, startBareQemu, stopQemu } from './helpers/guest';
+
+const skip = needQemu() || missing({ commands: ['qemu-system-x86_64'] });
+const MiB = 2 ** 20;
+
+function view(file: string): string {
+  const out = `${file}.view.raw`;
+  qemuImgOk('convert', '-U', '-O', 'raw', file, out);
+  const s = sha256(out);
+  fs.rmSync(out);
+  return s;
+}
+
+/** The file QEMU's drive drv0 runs (QEMU writes json:{...} when its backing names look stale). */
+async function activeFile(qmp: QmpClient): Promise<string> {
+  const devs = await qmp.execute<{ device: string; inserted?: { file: string } }[]>('query-block');
+  const f = devs.find((d) => d.device === 'drv0')!.inserted!.file;
+  return f.startsWith('json:') ? (JSON.parse(f.slice(5)) as { file: { filename: string } }).file.filename : f;
+}
+
+/** QEMU with the image as drive drv0, and two QMP sockets: one for the test, one (`sock`) for disksnap. */
+async function qemuOn(t: Parameters<Parameters<typeof t.test>[2] & object>[0], image: string, named = true): Promise<{ sock: string; qmp: QmpClient }> {
+  const mine = socketPath(t);
+  const sock = socketPath(t, 'disksnap.sock');
+  // named nodes, as libvirt's -blockdev gives them (a live checkpoint refuses unnamed ones)
+  const names = named ? ',node-name=disk0,file.node-name=file0' : '';
+  const qemu = await startBareQemu(mine, ['-drive', `file=${image},if=none,id=drv0,format=qcow2${names}`, '-qmp', `unix:${sock},server=on,wait=off`]);
+  t.teardown(() => stopQemu(qemu));
+  const qmp = await QmpClient.connect(mine);
+  t.teardown(() => qmp.close());
+  return { sock, qmp };
+}
+
+t.test('checkpoint create --qmp: QEMU runs the new overlay at the same path; the node keeps the old view', { skip }, async (t) => {
+  const dir = t.testdir();
+  const { file: base } = makeParent(dir, 4 * MiB, 'base.raw');
+  const image = path.join(dir, 'vm.qcow2');
+  await diff.createChild(base, image);
+  qemuIo(image, ['write -P 0x5a 1M 1M']);
+  const before = view(image);
+  const { sock, qmp } = await qemuOn(t, image);
+  const off = cli(['checkpoint', 'create', image, 'offline-refused']);
+  t.equal(off.status, 1, 'without --qmp the create is refused while QEMU holds IMAGE');
+  t.match(off.stderr, /ELOCKED|lock/, 'with a lock error');
+  const r = cli(['checkpoint', 'create', image, 'n1', '--qmp', sock, '--json']);
+  t.equal(r.status, 0, `checkpoint create --qmp: ${r.stderr}`);
+  const node = cp.nodePath(image, 'n1');
+  t.equal(await activeFile(qmp), image, 'QEMU runs IMAGE (the path)');
+  t.not(fs.statSync(image).ino, fs.statSync(node).ino, '...which is a new file, the overlay');
+  const nodes = await qmp.execute<{ 'node-name': string; drv: string; ro: boolean }[]>('query-named-block-nodes', { flat: true });
+  t.ok(nodes.some((n) => n.drv === 'qcow2' && n.ro), 'the old top is open read-only below it');
+
+  t.equal(view(image), before, 'IMAGE shows what it showed');
+  t.equal(view(node), before, 'the node shows the same');
+  t.equal(cp.backingOf(node), base, 'the node is backed by base.raw from its new directory');
+  t.equal(qemuCheck(node).status, 0, 'node clean');
+  const rows = (JSON.parse(cli(['checkpoint', 'list', image, '--json']).out) as cp.TreeInfo);
+  t.equal(rows.current, 'n1', 'list: IMAGE sits on n1');
+
+  // a live commit right after: QEMU reopens the node read-write, by the name the checkpoint
+  // gave it in QEMU (not IMAGE's path, which is the overlay's now); IMAGE's data goes into it
+  await qmp.execute('human-monitor-command', { 'command-line': 'qemu-io drv0 "write -P 0x7c 0 64k"' });
+  await qmp.execute('human-monitor-command', { 'command-line': 'qemu-io drv0 flush' });
+  const afterWrite = view(image);
+  t.not(afterWrite, before, 'the write reached IMAGE');
+  const c = cli(['diff', 'commit', image, '--qmp', sock]);
+  t.equal(c.status, 0, `diff commit --qmp right after a live checkpoint: ${c.stderr}`);
+  t.notOk(fs.existsSync(image), 'IMAGE (the overlay) is gone after the pivot: QEMU runs the node');
+  // QEMU keeps qcow2 metadata in memory until a flush; qemu-img reads the file
+  await qmp.execute('human-monitor-command', { 'command-line': 'qemu-io drv0 flush' });
+  t.equal(view(node), afterWrite, 'the node holds what IMAGE showed');
+});
+
+t.test('diff commit --qmp: QEMU pivots onto the parent, the child is deleted, the parent shows its data', { skip }, async (t) => {
+  const dir = t.testdir();
+  const { file: base } = makeParent(dir, 4 * MiB, 'base.raw');
+  const image = path.join(dir, 'vm.qcow2');
+  await diff.createChild(base, image);
+  qemuIo(image, ['write -P 0x6b 0 2M', 'write -z 3M 64k']);
+  const before = view(image);
+  const { sock, qmp } = await qemuOn(t, image);
+  const r = cli(['diff', 'commit', image, '--qmp', sock, '--json']);
+  t.equal(r.status, 0, `diff commit --qmp: ${r.stderr}`);
+  t.equal(await activeFile(qmp), base, 'QEMU now runs base.raw');
+  t.notOk(fs.existsSync(image), 'the child is gone');
+  t.equal(diff.childrenOf(base).length, 0, 'base.raw has no children');
+  const out = path.join(dir, 'base-view.raw');
+  qemuImgOk('convert', '-U', '-f', 'raw', '-O', 'raw', base, out);
+  t.equal(sha256(out), before, 'base.raw shows what the child showed');
+  const k = cli(['diff', 'commit', path.join(dir, 'absent.qcow2'), '--qmp', sock]);
+  t.equal(k.status, 1, 'a child QEMU does not know: failure');
+});
+
+t.test('checkpoint create --qmp refuses a disk QEMU opened without node names, before changing anything', { skip }, async (t) => {
+  const dir = t.testdir();
+  const { file: base } = makeParent(dir, 1 * MiB, 'base.raw');
+  const image = path.join(dir, 'vm.qcow2');
+  await diff.createChild(base, image);
+  const before = view(image);
+  const ino = fs.statSync(image).ino;
+  const { sock, qmp } = await qemuOn(t, image, false);
+  const r = cli(['checkpoint', 'create', image, 'n1', '--qmp', sock]);
+  t.equal(r.status, 1, 'refused');
+  t.match(r.stderr, /node name/, 'saying why');
+  t.equal(fs.statSync(image).ino, ino, 'IMAGE is the same file');
+  t.notOk(fs.existsSync(cp.nodePath(image, 'n1')), 'no node');
+  t.notOk(fs.existsSync(cp.journalPath(image)), 'no journal');
+  t.equal(await activeFile(qmp), image, 'QEMU still runs IMAGE');
+  t.equal(view(image), before, 'IMAGE shows what it showed');
+});
