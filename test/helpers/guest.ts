@@ -19,6 +19,7 @@
  */
 import { spawn, spawnSync, ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { createHash } from 'node:crypto';
@@ -360,8 +361,18 @@ export async function startBareQemu(qmpSocket: string, extraArgs: string[] = [])
   });
   let err = '';
   proc.stderr!.on('data', (b: Buffer) => (err += b.toString()));
-  for (let i = 0; i < 200; i++) {
-    if (fs.existsSync(qmpSocket)) return proc;
+  // the socket file appears at bind(), a moment before QEMU listens: probe until it accepts
+  const accepts = () =>
+    new Promise<boolean>((resolve) => {
+      const c = net.createConnection(qmpSocket);
+      c.once('connect', () => {
+        c.destroy();
+        resolve(true);
+      });
+      c.once('error', () => resolve(false));
+    });
+  for (let i = 0; i < 400; i++) {
+    if (fs.existsSync(qmpSocket) && (await accepts())) return proc;
     if (proc.exitCode !== null) break;
     await new Promise((r) => setTimeout(r, 25));
   }
