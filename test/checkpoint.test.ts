@@ -5,6 +5,7 @@
  * tree never changes. Then refusals, and SIGKILL at random points of delete and revert.
  */
 import t from 'tap';
+import type { Test } from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { spawn } from 'node:child_process';
@@ -14,13 +15,13 @@ import { isDisksnapError } from '../src/engine/errors';
 import { assertUnchanged, makeParent, needQemu, qemuCheck, qemuImgOk, qemuIo, sha256, snapshotOf } from './helpers/qemu';
 import { CLI, cli } from './helpers/cli';
 import { missing } from './helpers/tools';
-import { startBareQemu, stopQemu, socketPath } from './helpers/guest';
+import { connectQmp, startBareQemu, stopQemu, socketPath } from './helpers/guest';
 import { QmpClient } from '../src/host/qmp';
 
 const MiB = 2 ** 20;
 const skip = needQemu();
 
-type Asserts = Parameters<Parameters<typeof t.test>[2] & object>[0];
+type Asserts = Test;
 
 /** sha256 of the guest view of an image (through its whole chain). */
 function view(file: string): string {
@@ -174,7 +175,7 @@ t.test('refusals: a raw IMAGE, bad names, and an IMAGE a QEMU holds (ELOCKED, no
   const sock = socketPath(t);
   const qemu = await startBareQemu(sock);
   t.teardown(() => stopQemu(qemu));
-  const qmp = await QmpClient.connect(sock);
+  const qmp = await connectQmp(sock);
   t.teardown(() => qmp.close());
   await qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'vm', file: { driver: 'file', filename: image }, 'read-only': false });
   for (const [what, op] of [

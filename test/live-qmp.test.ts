@@ -5,15 +5,16 @@
  * and qemu-img (check, convert) are the oracles; the guest versions are in vm-live.test.ts.
  */
 import t from 'tap';
+import type { Test } from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as diff from '../src/differencing';
 import * as cp from '../src/differencing/checkpoint';
 import { QmpClient } from '../src/host/qmp';
-import { makeParent, needQemu, qemuCheck, qemuImgOk, qemuIo, sha256 } from './helpers/qemu';
+import { makeParent, needQemu, qemuCheck, qemuImg, qemuImgOk, qemuIo, sha256 } from './helpers/qemu';
 import { cli } from './helpers/cli';
 import { missing } from './helpers/tools';
-import { socketPath, startBareQemu, stopQemu } from './helpers/guest';
+import { connectQmp, socketPath, startBareQemu, stopQemu } from './helpers/guest';
 
 const skip = needQemu() || missing({ commands: ['qemu-system-x86_64'] });
 const MiB = 2 ** 20;
@@ -34,14 +35,14 @@ async function activeFile(qmp: QmpClient): Promise<string> {
 }
 
 /** QEMU with the image as drive drv0, and two QMP sockets: one for the test, one (`sock`) for disksnap. */
-async function qemuOn(t: Parameters<Parameters<typeof t.test>[2] & object>[0], image: string, named = true): Promise<{ sock: string; qmp: QmpClient }> {
+async function qemuOn(t: Test, image: string, named = true): Promise<{ sock: string; qmp: QmpClient }> {
   const mine = socketPath(t);
   const sock = socketPath(t, 'disksnap.sock');
   // named nodes, as libvirt's -blockdev gives them (a live checkpoint refuses unnamed ones)
   const names = named ? ',node-name=disk0,file.node-name=file0' : '';
   const qemu = await startBareQemu(mine, ['-drive', `file=${image},if=none,id=drv0,format=qcow2${names}`, '-qmp', `unix:${sock},server=on,wait=off`]);
   t.teardown(() => stopQemu(qemu));
-  const qmp = await QmpClient.connect(mine);
+  const qmp = await connectQmp(mine);
   t.teardown(() => qmp.close());
   return { sock, qmp };
 }
@@ -122,4 +123,29 @@ t.test('checkpoint create --qmp refuses a disk QEMU opened without node names, b
   t.notOk(fs.existsSync(cp.journalPath(image)), 'no journal');
   t.equal(await activeFile(qmp), image, 'QEMU still runs IMAGE');
   t.equal(view(image), before, 'IMAGE shows what it showed');
+});
+
+t.test('a live checkpoint QEMU refuses (its disk busy in a block job) is undone: the VM keeps running IMAGE, nothing is left behind', { skip }, async (t) => {
+  const dir = t.testdir();
+  const { file: base } = makeParent(dir, 4 * MiB, 'base.raw');
+  const image = path.join(dir, 'vm.qcow2');
+  await diff.createChild(base, image);
+  qemuIo(image, ['write -P 0x3c 2M 64k']);
+  const before = view(image);
+  const ino = fs.statSync(image).ino;
+  const { sock, qmp } = await qemuOn(t, image);
+  // a slow job on the disk: QEMU refuses snapshots of a node a block job uses
+  await qmp.execute('block-stream', { 'job-id': 'slow', device: 'disk0', speed: 1 });
+  const r = cli(['checkpoint', 'create', image, 'n1', '--qmp', sock]);
+  t.equal(r.status, 1, 'the live checkpoint fails');
+  t.match(r.stderr, /EQMP/, `with QEMU's refusal (${r.stderr.trim()})`);
+  t.equal(fs.statSync(image).ino, ino, 'IMAGE is again the file QEMU writes (the link was renamed back)');
+  t.notOk(fs.existsSync(cp.nodePath(image, 'n1')), 'no node');
+  t.notOk(fs.existsSync(cp.journalPath(image)), 'no journal');
+  t.equal(await activeFile(qmp), image, 'QEMU runs IMAGE');
+  await qmp.execute('human-monitor-command', { 'command-line': 'qemu-io drv0 "write -P 0x3d 0 64k"' });
+  await qmp.execute('human-monitor-command', { 'command-line': 'qemu-io drv0 flush' });
+  t.not(view(image), before, "the VM's writes still reach IMAGE");
+  const c = qemuImg('check', '-U', image);
+  t.equal(c.status, 0, `qemu-img check -U IMAGE clean while QEMU runs it ${c.stdout}${c.stderr}`);
 });

@@ -11,7 +11,7 @@ import { isDisksnapError } from '../src/engine/errors';
 import * as diff from '../src/differencing';
 import { makeParent, needQemu } from './helpers/qemu';
 import { missing } from './helpers/tools';
-import { socketPath, startBareQemu, stopQemu } from './helpers/guest';
+import { connectQmp, socketPath, startBareQemu, stopQemu } from './helpers/guest';
 
 const skip = needQemu() || missing({ commands: ['qemu-system-x86_64'] });
 
@@ -29,7 +29,7 @@ t.test('connects, runs commands in parallel, and reports QEMU errors as EQMP wit
   const sock = socketPath(t);
   const qemu = await startBareQemu(sock);
   t.teardown(() => stopQemu(qemu));
-  const qmp = await QmpClient.connect(sock);
+  const qmp = await connectQmp(sock);
   t.teardown(() => qmp.close());
   t.ok(qmp.version.major >= 4, `the greeting gave QEMU's version (${JSON.stringify(qmp.version)})`);
   const [v, status] = await Promise.all([
@@ -58,7 +58,7 @@ t.test('opens a disksnap child with its backing chain as QEMU block nodes', { sk
   const sock = socketPath(t);
   const qemu = await startBareQemu(sock);
   t.teardown(() => stopQemu(qemu));
-  const qmp = await QmpClient.connect(sock);
+  const qmp = await connectQmp(sock);
   t.teardown(() => qmp.close());
   await qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'top', file: { driver: 'file', filename: child } });
   const nodes = await qmp.execute<{ 'node-name': string; file: string; drv: string; ro: boolean; 'backing_file'?: string }[]>('query-named-block-nodes', { flat: true });
@@ -75,7 +75,7 @@ t.test('events: a wait sees events that arrived before it; waits and commands ti
   const sock = socketPath(t);
   const qemu = await startBareQemu(sock);
   t.teardown(() => stopQemu(qemu));
-  const qmp = await QmpClient.connect(sock);
+  const qmp = await connectQmp(sock);
   t.teardown(() => qmp.close());
   const seq = qmp.eventSeq;
   await qmp.execute('stop');
@@ -94,7 +94,7 @@ t.test('a QEMU that exits fails outstanding waits with ECONNRESET; a missing soc
   const sock = socketPath(t);
   const qemu = await startBareQemu(sock);
   t.teardown(() => stopQemu(qemu));
-  const qmp = await QmpClient.connect(sock);
+  const qmp = await connectQmp(sock);
   const waiting = qmp.waitEvent((e) => e.event === 'NEVER', { timeoutMs: 10_000 });
   const killed = stopQemu(qemu);
   t.equal(await codeOf(waiting), 'ECONNRESET', 'the wait fails when QEMU goes away');

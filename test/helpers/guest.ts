@@ -19,12 +19,12 @@
  */
 import { spawn, spawnSync, ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { createHash } from 'node:crypto';
 import { gzipSync } from 'node:zlib';
 import type { Test } from 'tap';
+import { QmpClient } from '../../src/host/qmp';
 import { missing, REQUIRE_TOOLS } from './tools';
 
 export const GUEST_CACHE = process.env.DISKSNAP_GUEST_CACHE ?? '/var/tmp/disksnap-guest';
@@ -361,18 +361,8 @@ export async function startBareQemu(qmpSocket: string, extraArgs: string[] = [])
   });
   let err = '';
   proc.stderr!.on('data', (b: Buffer) => (err += b.toString()));
-  // the socket file appears at bind(), a moment before QEMU listens: probe until it accepts
-  const accepts = () =>
-    new Promise<boolean>((resolve) => {
-      const c = net.createConnection(qmpSocket);
-      c.once('connect', () => {
-        c.destroy();
-        resolve(true);
-      });
-      c.once('error', () => resolve(false));
-    });
   for (let i = 0; i < 400; i++) {
-    if (fs.existsSync(qmpSocket) && (await accepts())) return proc;
+    if (fs.existsSync(qmpSocket)) return proc;
     if (proc.exitCode !== null) break;
     await new Promise((r) => setTimeout(r, 25));
   }
@@ -396,4 +386,22 @@ export function socketPath(t: { teardown(fn: () => void): void }, name = 'qmp.so
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dsq-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   return path.join(dir, name);
+}
+
+/**
+ * Connects to a QEMU that may still be starting: the socket file appears at bind(), a moment
+ * before QEMU listens, so ECONNREFUSED/ENOENT are retried for a few seconds. (A probe that
+ * connects and drops the connection is not used: QEMU can then leave the next client without
+ * answers.)
+ */
+export async function connectQmp(sock: string): Promise<QmpClient> {
+  for (let i = 0; ; i++) {
+    try {
+      return await QmpClient.connect(sock);
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (i >= 200 || (code !== 'ECONNREFUSED' && code !== 'ENOENT')) throw e;
+      await new Promise((r) => setTimeout(r, 25));
+    }
+  }
 }
