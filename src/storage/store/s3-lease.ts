@@ -150,8 +150,20 @@ export class S3Lease {
     return { body: parseLease(backend.describe(key), r.data), etag: r.etag };
   }
 
-  /** Extends the lease by its ttl; ELOCKED when it ran out and another holder took it. */
-  async renew(): Promise<void> {
+  /**
+   * Extends the lease by its ttl; ELOCKED when it ran out and another holder took it.
+   * Renewals (the heartbeat's and a caller's) run one after the other: two at once would
+   * both send the same If-Match, and the second would look like a lost lease.
+   */
+  renew(): Promise<void> {
+    const p = this.queue.then(() => this.renewOnce());
+    this.queue = p.catch(() => undefined);
+    return p;
+  }
+
+  private queue: Promise<void> = Promise.resolve();
+
+  private async renewOnce(): Promise<void> {
     if (this.lost) throw this.lost;
     const etag = await this.backend.putConditional(this.key, this.body(), this.etag);
     if (etag === undefined) {
@@ -195,6 +207,7 @@ export class S3Lease {
     if (this.heartbeat) clearInterval(this.heartbeat);
     this.heartbeat = undefined;
     await this.renewing;
+    await this.queue;
     if (this.lost) return;
     const etag = await this.backend.putConditional(this.key, this.body(true), this.etag);
     if (etag === undefined) return; // ran out and taken by another holder: not ours to touch

@@ -157,7 +157,6 @@ export class S3Backend implements StoreBackend {
   private readonly listPageSize: number;
   private readonly onRetry?: S3BackendOptions['onRetry'];
   private conditional: Promise<string | undefined> | undefined;
-  private probing = false;
   private bareEtags = false;
 
   constructor(url: string, opts: S3BackendOptions = {}) {
@@ -390,7 +389,7 @@ export class S3Backend implements StoreBackend {
    * none). Returns the new ETag, or undefined when the condition failed (412).
    */
   async putConditional(key: string, data: Uint8Array, ifMatch: string | undefined): Promise<string | undefined> {
-    if (ifMatch !== undefined && !this.probing) await this.conditionalWriteProblem();
+    if (ifMatch !== undefined) await this.conditionalWriteProblem(); // learns the ETag form
     return this.putIf(key, data, ifMatch === undefined ? undefined : this.etagForm(ifMatch));
   }
 
@@ -446,31 +445,29 @@ export class S3Backend implements StoreBackend {
   }
 
   private async probeConditional(): Promise<string | undefined> {
-    this.probing = true;
     const key = `.probe/${randomBytes(8).toString('hex')}`;
     const body = Buffer.from('disksnap conditional-write probe\n');
     try {
       let first: string | undefined;
       try {
-        first = await this.putConditional(key, body, undefined);
+        first = await this.putIf(key, body, undefined);
       } catch (e) {
         if (e instanceof DisksnapError && e.code === 'EUNSUPPORTED') return `it answers PUT with If-None-Match: * with ${/HTTP \d+ \w+/.exec(e.message)?.[0] ?? e.message}`;
         throw e;
       }
       if (first === undefined) return 'it refused If-None-Match: * on a new object (412)';
-      const again = await this.putConditional(key, body, undefined);
+      const again = await this.putIf(key, body, undefined);
       if (again !== undefined) return 'it ignores If-None-Match: * (a second conditional PUT of one key succeeded)';
-      const wrong = await this.putConditional(key, body, '"00000000000000000000000000000000"');
+      const wrong = await this.putIf(key, body, '"00000000000000000000000000000000"');
       if (wrong !== undefined) return 'it ignores If-Match (a PUT with a wrong ETag succeeded)';
-      let right = await this.putConditional(key, body, first);
-      if (right === undefined) {
+      const bare = first.replace(/^"|"$/g, '');
+      if ((await this.putIf(key, body, `"${bare}"`)) !== undefined) return undefined;
+      if ((await this.putIf(key, body, bare)) !== undefined) {
         this.bareEtags = true;
-        right = await this.putConditional(key, body, first);
+        return undefined;
       }
-      if (right === undefined) return 'it refuses If-Match with the current ETag';
-      return undefined;
+      return 'it refuses If-Match with the current ETag';
     } finally {
-      this.probing = false;
       await this.delete(key).catch(() => false); // a leftover probe object is harmless
     }
   }
