@@ -9,7 +9,7 @@
  *
  * The gateway listens on 127.0.0.1 only; DISKSNAP_CEPH_PORT picks the port (default 7480).
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -91,6 +91,17 @@ export function killGateway(): void {
 export function restartGateway(): void {
   const r = spawnSync('bash', [CEPH_SCRIPT, 'start'], { encoding: 'utf8', timeout: 300_000 });
   if (r.status !== 0) throw new Error(`.ci/ceph.sh start failed: ${r.stderr.trim()}`);
+}
+
+/** `restartGateway` without blocking the event loop (work in flight keeps running). */
+export function restartGatewayAsync(): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const c = spawn('bash', [CEPH_SCRIPT, 'start'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    c.stderr.on('data', (d) => (err += d));
+    c.on('error', reject);
+    c.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`.ci/ceph.sh start failed: ${err.trim()}`))));
+  });
 }
 
 export function gatewayPid(): number | undefined {

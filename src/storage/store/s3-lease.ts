@@ -266,7 +266,10 @@ export class S3StoreLock {
       }
       if (!told) opts.onWait?.();
       told = true;
-      await sleep(200 + Math.random() * 300);
+      // Both sides write before they look, so a writer and a gc that keep colliding could
+      // each back off for the other forever; the gc backs off longer, so writers get in
+      // (gc waits for writers, as the directory store's exclusive lock does).
+      await sleep(mode === 'shared' ? 50 + Math.random() * 150 : 1000 + Math.random() * 1000);
     }
   }
 
@@ -313,4 +316,46 @@ export class S3StoreLock {
     if (!l) return;
     await l.release({ remove: l.key.startsWith('locks/shared/') });
   }
+}
+
+/** What a Store hands out for a held lock or lease (src/storage/store/store.ts). */
+export interface Held {
+  release(): Promise<void>;
+}
+
+/** The store lock of a bucket; its lease joins `held` (renewed before a record completes). */
+export async function lockBucket(
+  remote: S3Backend,
+  mode: 'shared' | 'exclusive',
+  opts: { waitMs?: number; onWait?: () => void },
+  held: Set<S3Lease>,
+): Promise<Held> {
+  const lock = await S3StoreLock.acquire(remote, mode, { waitMs: opts.waitMs, onWait: opts.onWait, purpose: mode === 'exclusive' ? 'gc' : 'a snapshot operation' });
+  const lease = lock.held!;
+  held.add(lease);
+  return {
+    release: async () => {
+      held.delete(lease);
+      await lock.release();
+    },
+  };
+}
+
+/** The lease `leases/<id>` of the process writing pending snapshot `id`, with its heartbeat. */
+export async function takeSnapshotLease(remote: S3Backend, id: string, held: Set<S3Lease>): Promise<Held> {
+  const lease = await S3Lease.take(remote, `leases/${id}`, { purpose: `writing snapshot ${id}` });
+  lease.startHeartbeat();
+  held.add(lease);
+  return {
+    release: async () => {
+      held.delete(lease);
+      await lease.release({ remove: true });
+    },
+  };
+}
+
+/** Whether the writer of pending snapshot `id` is gone: its lease is absent, released or ran out. */
+export async function snapshotWriterGone(remote: S3Backend, id: string): Promise<boolean> {
+  const cur = await S3Lease.inspect(remote, `leases/${id}`);
+  return !cur || !leaseIsLive(cur.body);
 }

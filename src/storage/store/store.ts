@@ -41,7 +41,7 @@ import { FullBackend, ObjectData, StoreBackend, fullBackend } from './backend';
 import { DirectoryBackend } from './dir';
 import { Lease, StoreLock, LockOptions } from './lock';
 import { S3Backend, isS3Url } from './s3';
-import { S3Lease, S3StoreLock, leaseIsLive } from './s3-lease';
+import { S3Lease, lockBucket, snapshotWriterGone, takeSnapshotLease } from './s3-lease';
 import { TagKey, plainStoreTagKey, tagKeyFrom } from './tags';
 import { ManifestHeader, ManifestReader, ManifestWriter } from './manifest';
 import { tagsKey } from './tags';
@@ -133,15 +133,11 @@ export interface OpenStoreOptions {
   blockSize?: number;
 }
 
-/** A held store lock (directory: an OFD lock; S3: a lease, src/storage/store/s3-lease.ts). */
+/** A held store lock or lease of a pending snapshot (directory: OFD locks; S3: lease objects). */
 export interface HeldStoreLock {
   release(): void | Promise<void>;
 }
-
-/** A held lease of a pending snapshot (see `Store.takeLease`). */
-export interface HeldLease {
-  release(): void | Promise<void>;
-}
+export type HeldLease = HeldStoreLock;
 
 /** One S3Backend per store URL in a process: its keep-alive connections are shared. */
 const s3Backends = new Map<string, S3Backend>();
@@ -270,16 +266,7 @@ export class Store {
    */
   async lock(mode: 'shared' | 'exclusive', opts?: LockOptions): Promise<HeldStoreLock> {
     const remote = this.shared.remote;
-    if (!remote) return StoreLock.acquire(this.dir, mode, opts);
-    const lock = await S3StoreLock.acquire(remote, mode, { waitMs: opts?.waitMs, onWait: opts?.onWait, purpose: mode === 'exclusive' ? 'gc' : 'a snapshot operation' });
-    const lease = lock.held!;
-    this.shared.leases.add(lease);
-    return {
-      release: async () => {
-        this.shared.leases.delete(lease);
-        await lock.release();
-      },
-    };
+    return remote ? lockBucket(remote, mode, opts ?? {}, this.shared.leases) : StoreLock.acquire(this.dir, mode, opts);
   }
 
   /** Throws ELOCKED when a lease this store holds was lost (a bucket's gc checks before deleting). */
@@ -297,24 +284,13 @@ export class Store {
   /** Held by the process writing pending snapshot `id` until it ends (src/storage/store/lock.ts). */
   async takeLease(id: string): Promise<HeldLease> {
     const remote = this.shared.remote;
-    if (!remote) return Lease.take(this.dir, id);
-    const lease = await S3Lease.take(remote, `leases/${id}`, { purpose: `writing snapshot ${id}` });
-    lease.startHeartbeat();
-    this.shared.leases.add(lease);
-    return {
-      release: async () => {
-        this.shared.leases.delete(lease);
-        await lease.release({ remove: true });
-      },
-    };
+    return remote ? takeSnapshotLease(remote, id, this.shared.leases) : Lease.take(this.dir, id);
   }
 
   /** Whether the writer of pending snapshot `id` is gone (its lease is free or ran out). */
   async writerGone(id: string): Promise<boolean> {
     const remote = this.shared.remote;
-    if (!remote) return Lease.writerGone(this.dir, id);
-    const cur = await S3Lease.inspect(remote, `leases/${id}`);
-    return !cur || !leaseIsLive(cur.body);
+    return remote ? snapshotWriterGone(remote, id) : Lease.writerGone(this.dir, id);
   }
 
   async removeLease(id: string): Promise<void> {
