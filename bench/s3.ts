@@ -137,7 +137,7 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
     const store = `s3://${await bucket('ds')}/store`;
     warm(img);
     add('full', ds(['snapshot', 'create', img, '--store', store]));
-    const repo = haveRestic ? await bucket('restic') : '';
+    const repo = `bench-restic-${randomBytes(4).toString('hex')}`; // restic init makes the bucket
     if (haveRestic) {
       restic(repo, ['init']);
       warm(img);

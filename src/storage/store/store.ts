@@ -137,7 +137,6 @@ export interface OpenStoreOptions {
 export interface HeldStoreLock {
   release(): void | Promise<void>;
 }
-export type HeldLease = HeldStoreLock;
 
 /** One S3Backend per store URL in a process: its keep-alive connections are shared. */
 const s3Backends = new Map<string, S3Backend>();
@@ -197,7 +196,8 @@ export class Store {
     if (!text && remote) {
       // One line for each way a bucket is not a store: missing, refused, or someone else's.
       await remote.checkBucket();
-      if (await remote.hasAnyObject()) {
+      // Objects but no store.json: someone else's, unless another process just created the store.
+      if ((await remote.hasAnyObject()) && !(text = await backend.get('store.json').catch(() => undefined))) {
         throw new DisksnapError(
           `${root} is not a disksnap store: it holds objects but no store.json (use an empty bucket or another prefix)`,
           'EINVALID',
@@ -282,7 +282,7 @@ export class Store {
   // ---- leases of pending snapshots ----
 
   /** Held by the process writing pending snapshot `id` until it ends (src/storage/store/lock.ts). */
-  async takeLease(id: string): Promise<HeldLease> {
+  async takeLease(id: string): Promise<HeldStoreLock> {
     const remote = this.shared.remote;
     return remote ? takeSnapshotLease(remote, id, this.shared.leases) : Lease.take(this.dir, id);
   }
