@@ -157,7 +157,8 @@ export class S3Backend implements StoreBackend {
   private readonly listPageSize: number;
   private readonly onRetry?: S3BackendOptions['onRetry'];
   private conditional: Promise<string | undefined> | undefined;
-  private bareEtags = false;
+  /** undefined until an If-Match PUT succeeded in one of the two forms */
+  private bareEtags: boolean | undefined;
 
   constructor(url: string, opts: S3BackendOptions = {}) {
     const { bucket, prefix } = parseS3Url(url);
@@ -389,14 +390,19 @@ export class S3Backend implements StoreBackend {
    * none). Returns the new ETag, or undefined when the condition failed (412).
    */
   async putConditional(key: string, data: Uint8Array, ifMatch: string | undefined): Promise<string | undefined> {
-    if (ifMatch !== undefined) await this.conditionalWriteProblem(); // learns the ETag form
-    return this.putIf(key, data, ifMatch === undefined ? undefined : this.etagForm(ifMatch));
-  }
-
-  /** RGW 16 matches If-Match on PUT against the bare ETag, AWS against the quoted one. */
-  private etagForm(etag: string): string {
-    const bare = etag.replace(/^"|"$/g, '');
-    return this.bareEtags ? bare : `"${bare}"`;
+    if (ifMatch === undefined) return this.putIf(key, data, undefined);
+    const bare = ifMatch.replace(/^"|"$/g, '');
+    if (this.bareEtags !== undefined) return this.putIf(key, data, this.bareEtags ? bare : `"${bare}"`);
+    // RGW 16 matches If-Match on PUT against the bare ETag, AWS against the quoted one: the
+    // first If-Match learns which. A 412 to both forms means the ETag is not the object's.
+    const quoted = await this.putIf(key, data, `"${bare}"`);
+    if (quoted !== undefined) {
+      this.bareEtags = false;
+      return quoted;
+    }
+    const plain = await this.putIf(key, data, bare);
+    if (plain !== undefined) this.bareEtags = true;
+    return plain;
   }
 
   private async putIf(key: string, data: Uint8Array, ifMatch: string | undefined): Promise<string | undefined> {
@@ -460,12 +466,7 @@ export class S3Backend implements StoreBackend {
       if (again !== undefined) return 'it ignores If-None-Match: * (a second conditional PUT of one key succeeded)';
       const wrong = await this.putIf(key, body, '"00000000000000000000000000000000"');
       if (wrong !== undefined) return 'it ignores If-Match (a PUT with a wrong ETag succeeded)';
-      const bare = first.replace(/^"|"$/g, '');
-      if ((await this.putIf(key, body, `"${bare}"`)) !== undefined) return undefined;
-      if ((await this.putIf(key, body, bare)) !== undefined) {
-        this.bareEtags = true;
-        return undefined;
-      }
+      if ((await this.putConditional(key, body, first)) !== undefined) return undefined;
       return 'it refuses If-Match with the current ETag';
     } finally {
       await this.delete(key).catch(() => false); // a leftover probe object is harmless
