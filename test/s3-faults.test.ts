@@ -10,7 +10,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { spawn } from 'node:child_process';
-import * as snap from '../src/storage/snapshot';
+import * as snap from '../src/storage';
 import { S3Backend } from '../src/storage/store/s3';
 import { CLI, KiB, MiB, applyWrites, ds, makeImage, sha } from '../fixtures/store/helpers';
 import { ceph, cephMissing, killGateway, newBucket, restartGateway, restartGatewayAsync } from './helpers/ceph';
