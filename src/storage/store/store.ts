@@ -141,11 +141,7 @@ export interface HeldStoreLock {
 /** One S3Backend per store URL in a process: its keep-alive connections are shared. */
 const s3Backends = new Map<string, S3Backend>();
 
-function s3Backend(url: string): S3Backend {
-  let b = s3Backends.get(url);
-  if (!b) s3Backends.set(url, (b = new S3Backend(url)));
-  return b;
-}
+const s3Backend = (url: string): S3Backend => s3Backends.get(url) ?? s3Backends.set(url, new S3Backend(url)).get(url)!;
 
 /** What a Store value shares with its `withCodec` copies: the S3 locks it holds. */
 interface Shared {
