@@ -2,7 +2,7 @@
  * `npm run bench`: every benchmark of the project in one run, each figure beside its peer
  * measured in the same run on the same files, as medians and ratios.
  *
- *   npm run bench [-- --quick] [-- --runs N] [-- --json FILE] [-- --only engine,diff,snapshot] [-- --dir DIR]
+ *   npm run bench [-- --quick] [-- --runs N] [-- --json FILE] [-- --only engine,diff,snapshot,s3] [-- --dir DIR]
  *
  * The ratio is always "how many times better disksnap is": disksnap/peer for throughput,
  * peer/disksnap for times. Figures are not asserted anywhere: tests never time things.
@@ -24,6 +24,7 @@ function suites(): Record<string, () => Suite> {
     snapshot: ['./snapshot', 'benchSnapshot'],
     loop: ['./loop', 'benchLoop'],
     compare: ['./compare', 'benchCompare'],
+    s3: ['./s3', 'benchS3'],
   };
   for (const [name, [mod, fn]] of Object.entries(optional)) {
     if (fs.existsSync(path.join(__dirname, `${mod}.js`)) || fs.existsSync(path.join(__dirname, `${mod}.ts`))) {

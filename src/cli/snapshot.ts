@@ -159,7 +159,7 @@ function printSnapshot(s: snap.SnapshotJson): void {
 export function register(program: Command): void {
   const snapshot = program.command('snapshot').description('EBS-style incremental storage snapshots of raw images');
   const storeOption = '--store <dir>';
-  const storeHelp = 'snapshot store (default $DISKSNAP_STORE, else ~/.local/share/disksnap/store)';
+  const storeHelp = 'snapshot store: a directory or s3://BUCKET[/PREFIX] (default $DISKSNAP_STORE, else ~/.local/share/disksnap/store)';
   const waitHelp = 'seconds to wait for a conflicting store lock (default 60)';
 
   keyOptions(snapshot.command('create'), 'of an encrypted volume')

@@ -138,6 +138,7 @@ function devOf(p: string): bigint | undefined {
 
 /** EINVALID when the store lives on the filesystem of block device `rdev` (the one to freeze). */
 function assertStoreOutside(storeDir: string, rdev: bigint, mountpoint: string, volume: string): void {
+  if (storeDir.startsWith('s3://')) return; // a bucket is on no local filesystem
   // The store may not exist yet: its nearest existing ancestor is where it will be created.
   let p = path.resolve(storeDir);
   while (!fs.existsSync(p) && path.dirname(p) !== p) p = path.dirname(p);

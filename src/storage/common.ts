@@ -8,8 +8,7 @@ import { BlockFile } from '../engine/file';
 import { DisksnapError, invalid, isDisksnapError, fromNodeError } from '../engine/errors';
 import { NativeStat } from '../engine/native';
 import type { KeySpec } from './keys';
-import type { Store } from './store/store';
-import type { StoreLock } from './store/lock';
+import type { HeldStoreLock, Store } from './store/store';
 import type { SnapshotStats, VolumeRecord } from './store/records';
 import type { ObjectData } from './store/backend';
 import type { Throttle } from './pool';
@@ -112,12 +111,12 @@ export async function findVolumeByPath(store: Store, real: string): Promise<Volu
   return volumes.find((v) => v.path === real);
 }
 
-export async function withStoreLock<T>(store: Store, mode: 'shared' | 'exclusive', opts: StoreOptions, fn: (lock: StoreLock) => Promise<T>): Promise<T> {
+export async function withStoreLock<T>(store: Store, mode: 'shared' | 'exclusive', opts: StoreOptions, fn: (lock: HeldStoreLock) => Promise<T>): Promise<T> {
   const lock = await store.lock(mode, { waitMs: opts.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS });
   try {
     return await fn(lock);
   } finally {
-    lock.release();
+    await lock.release();
   }
 }
 

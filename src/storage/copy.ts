@@ -19,7 +19,6 @@ import { DisksnapError, invalid, isDisksnapError } from '../engine/errors';
 import { KeyRing, KeySpec, isExplicit, needKeyError } from './keys';
 import { PLAIN_CODEC, Store, sealedCodec } from './store/store';
 import { DerivedKeys } from './store/crypto';
-import { Lease } from './store/lock';
 import { KeyRecord, SnapshotJson, SnapshotRecord, VolumeRecord } from './store/records';
 import { ProgressFn, StoreOptions, assertCompleted, withStoreLock } from './common';
 import { openMetadata, resolve } from './lookup';
@@ -121,12 +120,12 @@ export async function copySnapshot(ref: string, opts: CopySnapshotOptions): Prom
         keyId: dstKeys?.id ?? null,
         copiedFrom: { storeId: src.config.id, snapshotId: rec.id, startTime: rec.startTime },
       });
-      const lease = Lease.take(dst.dir, out.id);
+      const lease = await dst.takeLease(out.id);
       try {
         await dstC.writeSnapshot(out);
         return await runCopy(srcC, rec, dstC, out, dstParent, srcParent, opts);
       } finally {
-        lease.release();
+        await lease.release();
       }
     });
   });

@@ -14,8 +14,7 @@ import { busy, invalid } from '../engine/errors';
 import { openCapture, type CaptureSource } from '../host/point-in-time';
 import { KeyRing, isExplicit } from './keys';
 import { PLAIN_CODEC, Store, sealedCodec } from './store/store';
-import { Lease } from './store/lock';
-import { TagKey, plainStoreTagKey, tagKeyFrom } from './store/tags';
+import { TagKey, tagKeyFrom } from './store/tags';
 import { SnapshotJson, SnapshotRecord, VolumeRecord } from './store/records';
 import { ProgressFn, StoreOptions, findVolumeByPath, openVolume, realVolumePath, threadsOf, volumeSizeOf, withStoreLock } from './common';
 import { Faults, faultsOf } from './faults';
@@ -85,7 +84,7 @@ export async function createSnapshot(volume: string, opts: CreateSnapshotOptions
         keyId: vol.keyId,
         copiedFrom: null,
       });
-      const lease = Lease.take(store.dir, rec.id);
+      const lease = await store.takeLease(rec.id);
       try {
         const guest = format === 'qcow2' ? startGuest(file, real, vol.id, rec, parent) : undefined;
         await cstore.writeSnapshot(rec);
@@ -93,7 +92,7 @@ export async function createSnapshot(volume: string, opts: CreateSnapshotOptions
         if (guest && rec.changeTracking) endGuest(file, real, vol.id, rec, opts.onLog);
         return out;
       } finally {
-        lease.release();
+        await lease.release();
       }
     });
   } finally {
@@ -115,7 +114,7 @@ async function volumeAndKeys(store: Store, real: string, file: BlockFile, opts: 
     );
   }
   const codec = known?.encrypted ? sealedCodec(await new KeyRing(opts.key).forId(store, known.keyId!, `volume ${real} (${known.id})`)) : PLAIN_CODEC;
-  const tk = opts.changeTags === false ? undefined : codec.keys ? tagKeyFrom(codec.keys.tag) : plainStoreTagKey(store.dir);
+  const tk = opts.changeTags === false ? undefined : codec.keys ? tagKeyFrom(codec.keys.tag) : await store.plainTagKey();
   const vol = await ensureVolume(store, real, file, file.stat());
   if (vol.inPlaceRestore) {
     const r = vol.inPlaceRestore;

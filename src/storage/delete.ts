@@ -5,7 +5,6 @@
  */
 import { busy, isDisksnapError } from '../engine/errors';
 import { Store } from './store/store';
-import { Lease } from './store/lock';
 import { tagsKey } from './store/tags';
 import { isSnapshotId } from './store/records';
 import { StoreOptions, withStoreLock } from './common';
@@ -25,7 +24,7 @@ export async function deleteSnapshot(ref: string, opts: StoreOptions = {}): Prom
       const rec = await store.resolveSnapshot(ref);
       id = rec.id;
       state = rec.state;
-      if (rec.state === 'pending' && !Lease.writerGone(store.dir, rec.id)) {
+      if (rec.state === 'pending' && !(await store.writerGone(rec.id))) {
         throw busy(`snapshot ${rec.id} is still being created (pid ${rec.creator.pid}); wait for it to finish`);
       }
     } catch (e) {
@@ -38,7 +37,7 @@ export async function deleteSnapshot(ref: string, opts: StoreOptions = {}): Prom
     await store.backend.delete(store.manifestKey(id));
     // The change tags are a cache of the deleted snapshot: one left behind is removed by gc.
     await store.backend.delete(tagsKey(id)).catch(() => false);
-    Lease.remove(store.dir, id);
+    await store.removeLease(id);
     return { id, state };
   });
 }

@@ -60,6 +60,7 @@ export async function gc(opts: GcOptions = {}): Promise<GcReport> {
     const beforeDelete = faultsOf(opts).beforeDelete;
     const del = async (key: string): Promise<boolean> => {
       await beforeDelete?.(key);
+      store.assertLocked(); // a bucket's gc whose lease was lost stops before the next deletion
       return store.backend.delete(key);
     };
     const report = await sweep(store, listing, live, completed, del);
@@ -69,7 +70,7 @@ export async function gc(opts: GcOptions = {}): Promise<GcReport> {
     }
     return report;
   } finally {
-    lock.release();
+    await lock.release();
   }
 }
 

@@ -1,47 +1,28 @@
 /**
- * A snapshot store: records, manifests and block objects over a StoreBackend.
- *
- * Layout of a directory store:
- *
- *   STORE/store.json               {format, version, id, blockSize, digest, created}
- *   STORE/lock                     OFD lock: shared for writers/readers, exclusive for gc
- *   STORE/leases/<snap-id>         held (OFD, exclusive) by the process writing a pending snapshot
- *   STORE/volumes/<vol-id>.json    volume record (src/storage/store/records.ts)
- *   STORE/snapshots/<snap-id>.json snapshot record
- *   STORE/snapshots/<snap-id>.map  manifest, present once the snapshot's data is durable
- *                                  (src/storage/store/manifest.ts)
- *   STORE/snapshots/<snap-id>.tags change tags of its data blocks, a cache that makes the
- *                                  next incremental snapshot faster (src/storage/store/tags.ts)
- *   STORE/tag.key                  a plain store's secret tag key (0600; src/storage/store/tags.ts)
- *   STORE/blocks/<aa>/<digest>     block objects: the (sealed) bytes of one block, named by
- *                                  the hex digest of its plaintext; aa = first digest byte
- *   .tmp-<pid>-<rand> in any of those directories: an unfinished write; gc removes them
- *
- * The block size is fixed when the store is created (`store init --block-size`, or
- * `--block-size` on the `snapshot create` / `volume register` that creates it); 512 KiB by
- * default, as EBS, so changed-block indexes line up with EBS's.
- *
- *   STORE/keys/<key-id>.json       what the store knows of a key: its id and, for a passphrase,
- *                                  the scrypt salt and cost — never the key (src/storage/keys.ts)
+ * A snapshot store: records, manifests and block objects over a StoreBackend. The layout is
+ * drawn in the folder note (src/storage/index.ts); an S3 store has the same keys under its
+ * prefix (s3.ts). The block size is fixed when the store is created: 512 KiB by default, as
+ * EBS, so changed-block indexes line up with EBS's.
  *
  * Encryption is a property of a volume and of each snapshot, not of the store: one store holds
  * plain and encrypted snapshots side by side (as an EBS region does), and store.json's `digest`
  * stays "sha256", the digest of plain snapshots. A Store value carries the BlockCodec of the
  * snapshot at hand (`withCodec`); encryption plugs in there and nowhere else: the digest
- * function (SHA-256, or HMAC-SHA-256 under the key's digest subkey: `codec.digestKey`, handed
- * to the native hasher), the per-block `seal`/`unseal` between the plaintext a snapshot hashes
- * and the object the backend stores, the keyed manifest trailer, and the sealed name,
- * description and tags of records (src/storage/store/crypto.ts has the formats and what is revealed).
+ * (SHA-256, or HMAC-SHA-256 under the key's digest subkey), seal/unseal of each block, the
+ * keyed manifest trailer, sealed record metadata (crypto.ts: formats, what is revealed).
  */
 import * as fs from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DisksnapError, corrupt, isDisksnapError } from '../../engine/errors';
 import { FullBackend, ObjectData, StoreBackend, fullBackend } from './backend';
 import { DirectoryBackend } from './dir';
 import { Lease, StoreLock, LockOptions } from './lock';
+import { S3Backend, isS3Url } from './s3';
+import { S3Lease, lockBucket, snapshotWriterGone, takeSnapshotLease } from './s3-lease';
+import { TagKey, plainStoreTagKey, tagKeyFrom, tagsKey } from './tags';
 import { ManifestHeader, ManifestReader, ManifestWriter } from './manifest';
-import { tagsKey } from './tags';
 import { assertTrustedStore } from './secure';
 import { DerivedKeys, sealBlock, sealMetadata, unsealBlock } from './crypto';
 import {
@@ -110,9 +91,13 @@ export function setBackendFactory(f: ((root: string) => StoreBackend) | undefine
   backendFactory = f;
 }
 
-/** `--store` default: $DISKSNAP_STORE, else $XDG_DATA_HOME/disksnap/store, else ~/.local/share/disksnap/store. */
+/**
+ * `--store` default: $DISKSNAP_STORE (a directory or `s3://BUCKET[/PREFIX]`), else
+ * $XDG_DATA_HOME/disksnap/store, else ~/.local/share/disksnap/store.
+ */
 export function defaultStoreDir(): string {
-  if (process.env.DISKSNAP_STORE) return path.resolve(process.env.DISKSNAP_STORE);
+  const env = process.env.DISKSNAP_STORE;
+  if (env) return isS3Url(env) ? env : path.resolve(env);
   const data = process.env.XDG_DATA_HOME && path.isAbsolute(process.env.XDG_DATA_HOME)
     ? process.env.XDG_DATA_HOME
     : path.join(os.homedir(), '.local', 'share');
@@ -124,6 +109,22 @@ export interface OpenStoreOptions {
   create?: boolean;
   /** block size for a store this call creates; EINVALID if the store exists with another */
   blockSize?: number;
+}
+
+/** A held store lock or lease of a pending snapshot (directory: OFD locks; S3: lease objects). */
+export interface HeldStoreLock {
+  release(): void | Promise<void>;
+}
+
+/** One S3Backend per store URL in a process: its keep-alive connections are shared. */
+const s3Backends = new Map<string, S3Backend>();
+
+const s3Backend = (url: string): S3Backend => s3Backends.get(url) ?? s3Backends.set(url, new S3Backend(url)).get(url)!;
+
+/** What a Store value shares with its `withCodec` copies: the S3 locks it holds. */
+interface Shared {
+  remote: S3Backend | undefined;
+  leases: Set<S3Lease>;
 }
 
 export interface SnapshotListing {
@@ -151,11 +152,17 @@ export class Store {
     readonly backend: FullBackend,
     readonly config: StoreConfig,
     readonly codec: BlockCodec = PLAIN_CODEC,
+    private readonly shared: Shared = { remote: undefined, leases: new Set() },
   ) {}
 
   /** The same store, reading and writing blocks, manifests and records with `codec`. */
   withCodec(codec: BlockCodec): Store {
-    return new Store(this.dir, this.backend, this.config, codec);
+    return new Store(this.dir, this.backend, this.config, codec, this.shared);
+  }
+
+  /** The S3 backend of a store in a bucket; undefined for a directory store. */
+  get remote(): S3Backend | undefined {
+    return this.shared.remote;
   }
 
   get blockSize(): number {
@@ -163,14 +170,30 @@ export class Store {
   }
 
   static async open(dir: string | undefined, opts: OpenStoreOptions = {}): Promise<Store> {
-    const root = path.resolve(dir ?? defaultStoreDir());
-    assertTrustedStore(root); // before anything in it is read or written (src/storage/store/secure.ts)
-    const backend = fullBackend(backendFactory ? backendFactory(root) : new DirectoryBackend(root));
+    const where = dir ?? defaultStoreDir();
+    const remote = isS3Url(where) && !backendFactory ? s3Backend(where) : undefined;
+    const root = remote ? remote.location : isS3Url(where) ? where : path.resolve(where);
+    // a directory store is checked before anything in it is read or written (secure.ts)
+    if (!remote && !isS3Url(where)) assertTrustedStore(root);
+    const backend = fullBackend(backendFactory ? backendFactory(root) : remote ?? new DirectoryBackend(root));
     let text: Buffer | undefined;
     try {
       text = await backend.get('store.json');
     } catch (e) {
       if (!isDisksnapError(e, 'ENOENT')) throw e;
+    }
+    if (!text && remote) {
+      // One line for each way a bucket is not a store: missing, refused, or someone else's.
+      await remote.checkBucket();
+      // Objects but no store.json: someone else's, unless another process just created the store.
+      if ((await remote.hasAnyObject()) && !(text = await backend.get('store.json').catch(() => undefined))) {
+        throw new DisksnapError(
+          `${root} is not a disksnap store: it holds objects but no store.json (use an empty bucket or another prefix)`,
+          'EINVALID',
+          undefined,
+          root,
+        );
+      }
     }
     if (!text) {
       if (!opts.create) {
@@ -181,7 +204,7 @@ export class Store {
           root,
         );
       }
-      text = await Store.init(root, backend, opts.blockSize ?? DEFAULT_BLOCK_SIZE);
+      text = await Store.init(root, backend, opts.blockSize ?? DEFAULT_BLOCK_SIZE, !remote);
     }
     const config = parseStoreConfig(backend.describe('store.json'), text);
     if (opts.blockSize !== undefined && opts.blockSize !== config.blockSize) {
@@ -195,13 +218,13 @@ export class Store {
     if (config.digest !== 'sha256') {
       throw new DisksnapError(`store ${root} uses keyed digests (${config.digest}), which this version cannot open`, 'EUNSUPPORTED', undefined, root);
     }
-    return new Store(root, backend, config);
+    return new Store(root, backend, config, PLAIN_CODEC, { remote, leases: new Set() });
   }
 
   /** Creates the directories, then store.json last (its presence means "a store"). */
-  private static async init(root: string, backend: FullBackend, blockSize: number): Promise<Buffer> {
+  private static async init(root: string, backend: FullBackend, blockSize: number, local: boolean): Promise<Buffer> {
     checkBlockSize(blockSize);
-    try {
+    if (local) try {
       fs.mkdirSync(root, { recursive: true });
       for (const d of ['volumes', 'snapshots', 'leases', 'blocks', 'keys']) fs.mkdirSync(path.join(root, d), { recursive: true });
       for (let i = 0; i < 256; i++) fs.mkdirSync(path.join(root, 'blocks', i.toString(16).padStart(2, '0')), { recursive: true });
@@ -224,8 +247,58 @@ export class Store {
     return backend.get('store.json');
   }
 
-  lock(mode: 'shared' | 'exclusive', opts?: LockOptions): Promise<StoreLock> {
-    return StoreLock.acquire(this.dir, mode, opts);
+  /**
+   * The store lock: shared for writers and readers, exclusive for gc. A directory store locks
+   * STORE/lock; a bucket holds leases (src/storage/store/s3-lease.ts), which this Store renews
+   * once more before it writes a record `completed` (`writeSnapshot`), so a holder whose lease
+   * ran out and was taken by a gc never completes a snapshot.
+   */
+  async lock(mode: 'shared' | 'exclusive', opts?: LockOptions): Promise<HeldStoreLock> {
+    const remote = this.shared.remote;
+    return remote ? lockBucket(remote, mode, opts ?? {}, this.shared.leases) : StoreLock.acquire(this.dir, mode, opts);
+  }
+
+  /** Throws ELOCKED when a lease this store holds was lost (a bucket's gc checks before deleting). */
+  assertLocked(): void {
+    for (const l of this.shared.leases) l.assertHeld();
+  }
+
+  /** Renews every lease held now: proof, at that moment, that none was lost. */
+  private async renewLeases(): Promise<void> {
+    await Promise.all([...this.shared.leases].map((l) => l.renew()));
+  }
+
+  // ---- leases of pending snapshots ----
+
+  /** Held by the process writing pending snapshot `id` until it ends (src/storage/store/lock.ts). */
+  async takeLease(id: string): Promise<HeldStoreLock> {
+    const remote = this.shared.remote;
+    return remote ? takeSnapshotLease(remote, id, this.shared.leases) : Lease.take(this.dir, id);
+  }
+
+  /** Whether the writer of pending snapshot `id` is gone (its lease is free or ran out). */
+  async writerGone(id: string): Promise<boolean> {
+    const remote = this.shared.remote;
+    return remote ? snapshotWriterGone(remote, id) : Lease.writerGone(this.dir, id);
+  }
+
+  async removeLease(id: string): Promise<void> {
+    const remote = this.shared.remote;
+    if (!remote) return Lease.remove(this.dir, id);
+    await remote.delete(`leases/${id}`);
+  }
+
+  /**
+   * The tag key of a plain store (change tags, src/storage/store/tags.ts): `tag.key` in a
+   * directory store; in a bucket the object `tag.key`, written once (readable by whoever holds
+   * the bucket's credentials, as the file is by whoever can read the directory).
+   */
+  async plainTagKey(): Promise<TagKey | undefined> {
+    const remote = this.shared.remote;
+    if (!remote) return plainStoreTagKey(this.dir);
+    await remote.putIfAbsent('tag.key', randomBytes(32));
+    const k = await remote.get('tag.key');
+    return k.length === 32 ? tagKeyFrom(k) : undefined;
   }
 
   // ---- blocks ----
@@ -402,6 +475,7 @@ export class Store {
       else if (rec.metadataHidden && rec.sealedMetadata) sealed = rec.sealedMetadata;
       else throw new DisksnapError(`cannot write the record of encrypted snapshot ${rec.id} without its key ${rec.keyId}`, 'ENOKEY');
     }
+    if (rec.state === 'completed' && this.shared.leases.size) await this.renewLeases();
     await this.backend.put(this.snapshotKey(rec.id), Buffer.from(JSON.stringify(snapshotDisk(rec, sealed), null, 2) + '\n'));
   }
 
@@ -502,7 +576,7 @@ export class Store {
     const marked: string[] = [];
     for (const s of snapshots) {
       if (s.state !== 'pending') continue;
-      if (!Lease.writerGone(this.dir, s.id)) continue;
+      if (!(await this.writerGone(s.id))) continue;
       let again: SnapshotRecord;
       try {
         again = await this.readSnapshot(s.id);
@@ -513,7 +587,7 @@ export class Store {
       again.state = 'error';
       again.error = `the process that was writing it (pid ${again.creator.pid} on ${again.creator.host}) ended before it completed (crashed or killed)`;
       await this.writeSnapshot(again);
-      Lease.remove(this.dir, s.id);
+      await this.removeLease(s.id);
       await this.backend.delete(this.manifestKey(s.id)).catch(() => false);
       await this.backend.delete(tagsKey(s.id)).catch(() => false);
       s.state = again.state;

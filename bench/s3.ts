@@ -1,0 +1,181 @@
+/**
+ * Storage snapshots to an S3 store (the one-node Ceph RADOS Gateway of .ci/ceph.sh), beside
+ * the gateway's own floor and restic on the same server, in one run:
+ *
+ *   full snapshot      disksnap snapshot create --store s3://B   vs  a plain parallel PUT of
+ *                                                                    the same 512 KiB objects
+ *                                                                    (32 in flight, from memory)
+ *                                                                vs  restic -r s3:... backup
+ *   incremental (~1%)  disksnap snapshot create                  vs  restic's second backup
+ *   restore            disksnap snapshot restore --to FILE       vs  a plain parallel GET of
+ *                                                                    the same objects (to memory)
+ *                                                                vs  restic restore
+ *
+ * The image: 4 GiB sparse with 1 GiB of random data (quick: 256 MiB with 64 MiB), so 2048
+ * objects of 512 KiB. Each run uses fresh buckets; figures are medians of the runs.
+ * Needs the Ceph packages (.ci/run installs them); the cluster is started if not running.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3';
+import { BenchOptions, BenchRow } from './types';
+import { GiB, MiB, fillRandom, hasCommand, median, run, warm } from './util';
+import { S3Backend } from '../src/storage/store/s3';
+
+const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
+const CEPH = path.resolve(__dirname, '..', '..', '.ci', 'ceph.sh');
+const AREA = 'S3 store (Ceph RGW)';
+const BLOCK = 512 * 1024;
+
+function seconds(fn: () => void): number {
+  const t0 = process.hrtime.bigint();
+  fn();
+  return Number(process.hrtime.bigint() - t0) / 1e9;
+}
+
+async function secondsAsync(fn: () => Promise<unknown>): Promise<number> {
+  const t0 = process.hrtime.bigint();
+  await fn();
+  return Number(process.hrtime.bigint() - t0) / 1e9;
+}
+
+function startCeph(): Record<string, string> {
+  const r = spawnSync('bash', [CEPH, 'start'], { encoding: 'utf8', timeout: 300_000 });
+  if (r.status !== 0) throw new Error(`.ci/ceph.sh start failed: ${r.stderr.trim()}`);
+  const env: Record<string, string> = {};
+  for (const line of r.stdout.split('\n')) {
+    const m = /^([A-Z0-9_]+)=(.*)$/.exec(line.trim());
+    if (m) env[m[1]] = m[2];
+  }
+  return env;
+}
+
+/** Rewrites ~`fraction` of the data region in 64 KiB pieces at pseudo-random places. */
+function rewrite(file: string, dataOffset: number, dataBytes: number, fraction: number, seed: number): void {
+  const piece = 64 * 1024;
+  const pieces = Math.max(1, Math.round((dataBytes * fraction) / piece));
+  let x = seed * 2654435761;
+  for (let i = 0; i < pieces; i++) {
+    x = (x * 1103515245 + 12345) % 2147483648;
+    const at = dataOffset + Math.floor((x / 2147483648) * (dataBytes / piece)) * piece;
+    fillRandom(file, at, piece);
+  }
+}
+
+/** The image's data region as 512 KiB objects, in memory. */
+function readBlocks(file: string, offset: number, bytes: number): Buffer[] {
+  const fd = fs.openSync(file, 'r');
+  try {
+    const out: Buffer[] = [];
+    for (let at = 0; at < bytes; at += BLOCK) {
+      const b = Buffer.allocUnsafe(BLOCK);
+      fs.readSync(fd, b, 0, BLOCK, offset + at);
+      out.push(b);
+    }
+    return out;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+async function parallel<T>(items: T[], n: number, fn: (x: T, i: number) => Promise<void>): Promise<void> {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: n }, async () => {
+      while (next < items.length) {
+        const i = next++;
+        await fn(items[i], i);
+      }
+    }),
+  );
+}
+
+export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
+  if (!hasCommand('radosgw') || !hasCommand('ceph-mon')) {
+    process.stderr.write('bench: s3: skipped, the Ceph packages are not installed (ceph-mon ceph-osd radosgw ceph-common; .ci/run installs them)\n');
+    return [];
+  }
+  const env = startCeph();
+  Object.assign(process.env, { AWS_ENDPOINT_URL: env.AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID: env.AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY: env.AWS_SECRET_ACCESS_KEY, AWS_REGION: env.AWS_REGION });
+  const quick = !!opts.quick;
+  const runs = quick ? 1 : 3;
+  const size = quick ? 256 * MiB : 4 * GiB;
+  const data = quick ? 64 * MiB : 1 * GiB;
+  const dataOffset = size / 8;
+  const label = `${quick ? '256 MiB' : '4 GiB'} sparse image, ${quick ? '64 MiB' : '1 GiB'} of data`;
+  const haveRestic = hasCommand('restic');
+  const admin = new S3Client({ forcePathStyle: true });
+  const bucket = async (label: string) => {
+    const name = `bench-${label}-${randomBytes(4).toString('hex')}`;
+    await admin.send(new CreateBucketCommand({ Bucket: name }));
+    return name;
+  };
+  const port = new URL(env.AWS_ENDPOINT_URL).port;
+  const resticEnv = { ...env, RESTIC_PASSWORD: 'disksnap-bench', RESTIC_CACHE_DIR: path.join(opts.dir, 'restic-cache'), AWS_DEFAULT_REGION: env.AWS_REGION };
+  const restic = (repo: string, args: string[]) => run('restic', ['--quiet', '-r', `s3:http://127.0.0.1:${port}/${repo}`, ...args], { env: resticEnv }).seconds;
+  const ds = (args: string[]) => run(process.execPath, [CLI, ...args], { env }).seconds;
+
+  const img = path.join(opts.dir, 'vol.img');
+  fs.writeFileSync(img, '');
+  fs.truncateSync(img, size);
+  fillRandom(img, dataOffset, data);
+
+  const t: Record<string, number[]> = {};
+  const add = (k: string, v: number) => (t[k] ??= []).push(v);
+  for (let i = 0; i < runs; i++) {
+    // The floor: the data's 512 KiB objects PUT from memory, 32 in flight, over the same client.
+    const blocks = readBlocks(img, dataOffset, data);
+    const floorBucket = await bucket('floor');
+    const floor = new S3Backend(`s3://${floorBucket}`, { maxInFlight: 32 });
+    add('put floor', await secondsAsync(() => parallel(blocks, 32, (b, k) => floor.put(`blocks/${k}`, b))));
+    add('get floor', await secondsAsync(() => parallel(blocks, 32, async (_b, k) => void (await floor.get(`blocks/${k}`, Buffer.allocUnsafe(BLOCK))))));
+    floor.destroy();
+    blocks.length = 0;
+
+    const store = `s3://${await bucket('ds')}/store`;
+    warm(img);
+    add('full', ds(['snapshot', 'create', img, '--store', store]));
+    const repo = `bench-restic-${randomBytes(4).toString('hex')}`; // restic init makes the bucket
+    if (haveRestic) {
+      restic(repo, ['init']);
+      warm(img);
+      add('restic full', restic(repo, ['backup', img]));
+    }
+
+    rewrite(img, dataOffset, data, 0.01, i + 1);
+    warm(img);
+    add('incremental', ds(['snapshot', 'create', img, '--store', store]));
+    if (haveRestic) {
+      warm(img);
+      add('restic incremental', restic(repo, ['backup', img]));
+    }
+
+    const latest = JSON.parse(run(process.execPath, [CLI, 'snapshot', 'list', '--store', store, '--json'], { env }).out).snapshots.pop().id as string;
+    const out = path.join(opts.dir, 'restored.img');
+    add('restore', ds(['snapshot', 'restore', latest, '--to', out, '--store', store]));
+    fs.rmSync(out);
+    if (haveRestic) {
+      const target = path.join(opts.dir, 'restic-out');
+      add('restic restore', restic(repo, ['restore', 'latest', '--target', target]));
+      fs.rmSync(target, { recursive: true, force: true });
+    }
+    add('sync', seconds(() => spawnSync('sync')));
+  }
+  admin.destroy();
+
+  const m = (k: string) => median(t[k]);
+  const rows: BenchRow[] = [];
+  const row = (metric: string, k: string, peer: string, pk: string, note: string) => {
+    if (!t[pk]) return;
+    rows.push({ area: AREA, metric: `${metric} (${label})`, disksnap: m(k), peer, peerValue: m(pk), unit: 's', higherIsBetter: false, note });
+  };
+  const n = data / BLOCK;
+  row('full snapshot', 'full', `parallel PUT of ${n} x 512 KiB (floor)`, 'put floor', 'the gateway\'s own floor: the same objects PUT from memory, 32 in flight');
+  row('full snapshot', 'full', 'restic backup (s3:)', 'restic full', 'restic into a new repository in a bucket of the same gateway');
+  row('incremental snapshot, ~1% rewritten', 'incremental', 'restic backup, second (s3:)', 'restic incremental', '');
+  row('restore to a new file', 'restore', `parallel GET of ${n} x 512 KiB (floor)`, 'get floor', 'the same objects GET into memory, 32 in flight; disksnap also verifies every digest and writes the file');
+  row('restore to a new file', 'restore', 'restic restore (s3:)', 'restic restore', '');
+  return rows;
+}

@@ -1,0 +1,515 @@
+/**
+ * The S3 backend: a store in a bucket under a key prefix (`s3://BUCKET[/PREFIX]`), for any
+ * S3-compatible server (tested against Ceph's RADOS Gateway 16).
+ *
+ *   backend method   request                                   on the wire
+ *   get              GET key                                   404 -> ENOENT
+ *   putIfAbsent      PUT key, If-None-Match: *                 412 -> false
+ *   put              PUT key                                   (records, manifests)
+ *   list             ListObjectsV2 prefix, paginated           never `temporary` (PUTs are whole)
+ *   delete           HEAD key, then DELETE key                 false when the HEAD found nothing
+ *   stat             HEAD key                                  404 -> undefined
+ *   open             HEAD key, then GET Range: ... If-Match    ETag pins the object's version
+ *
+ * A PUT is durable when the server answers it and an object appears whole or not at all, so
+ * there are no temporary names, no multipart uploads (nothing the store writes is near the
+ * 5 GiB single-PUT limit) and `flush` is a no-op.
+ *
+ * Transport: one S3Client per backend over a keep-alive agent; at most `maxInFlight`
+ * requests at once (the agent's socket limit and a semaphore in front of it, so queued work
+ * waits here rather than inside the SDK's timers). The SDK's own retries are off: `attempt()`
+ * retries 5xx (except 501), SlowDown, RequestTimeout, connection resets/refusals, timeouts and
+ * responses whose body ended short, with exponential backoff and full jitter; any other 4xx
+ * fails at once. A request retried after an answer that got lost is safe: GET, HEAD, PUT of a
+ * record and DELETE are idempotent, and a putIfAbsent that finds its own earlier PUT answers
+ * 412 -> false, which for content-addressed objects means the same bytes are there.
+ *
+ * Checksums: the SDK's default (CRC32 trailers, aws-chunked bodies) makes plain PUTs fail on
+ * RGW 16 with 411, so checksums are computed only where an operation requires them. Bytes
+ * are still never taken on trust: every GET's length is checked against Content-Length (a
+ * short body is retried), block objects are checked against their digest by the store, and
+ * manifests carry their own checksums.
+ *
+ * Credentials, region and endpoint come from the SDK's usual chain: AWS_ACCESS_KEY_ID /
+ * AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws, AWS_REGION, AWS_ENDPOINT_URL (or
+ * AWS_ENDPOINT_URL_S3). Addressing is path-style (local gateways rarely have wildcard DNS).
+ * Tuning: DISKSNAP_S3_CONCURRENCY (requests in flight, default 32), DISKSNAP_S3_RETRIES
+ * (attempts per request, default 8).
+ */
+import * as http from 'node:http';
+import * as https from 'node:https';
+import { randomBytes } from 'node:crypto';
+import type { Readable } from 'node:stream';
+import {
+  DeleteObjectCommand,
+  GetObjectCommand,
+  HeadBucketCommand,
+  HeadObjectCommand,
+  ListObjectsV2Command,
+  PutObjectCommand,
+  S3Client,
+} from '@aws-sdk/client-s3';
+import { DisksnapError, invalid } from '../../engine/errors';
+import { ObjectData, dataLength } from './backend';
+import type { ObjectInfo, ObjectReader, StoreBackend } from './backend';
+
+// The SDK warns once per process that releases after January 2027 need Node 22; package.json
+// pins a release that supports Node 20, and the warning would land in every CLI run's stderr.
+process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
+
+/** `s3://BUCKET[/PREFIX]` -> bucket and prefix (no leading or trailing '/'; '' for none). */
+export function parseS3Url(url: string): { bucket: string; prefix: string } {
+  const m = /^s3:\/\/([^/]*)(?:\/(.*))?$/.exec(url);
+  if (!m) throw invalid(`'${url}' is not an S3 store URL (s3://BUCKET[/PREFIX])`);
+  const bucket = m[1];
+  if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(bucket) || bucket.includes('..')) {
+    throw invalid(`'${url}': bucket name '${bucket}' is not valid (3-63 characters: lowercase letters, digits, '.', '-')`);
+  }
+  const prefix = (m[2] ?? '').replace(/^\/+|\/+$/g, '');
+  if (prefix.split('/').some((p) => p === '.' || p === '..') || prefix.includes('//')) {
+    throw invalid(`'${url}': prefix '${prefix}' has an empty, '.' or '..' part`);
+  }
+  return { bucket, prefix };
+}
+
+export function isS3Url(s: string): boolean {
+  return s.startsWith('s3://');
+}
+
+export interface RetryPolicy {
+  /** attempts per request, the first included */
+  attempts: number;
+  /** first backoff (ms); doubles per attempt, with full jitter */
+  baseMs: number;
+  /** largest backoff (ms) */
+  capMs: number;
+}
+
+export interface S3BackendOptions {
+  /** requests in flight at most (default: DISKSNAP_S3_CONCURRENCY, else 32) */
+  maxInFlight?: number;
+  retry?: Partial<RetryPolicy>;
+  /** overrides AWS_ENDPOINT_URL (tests point this at a fault-injecting proxy) */
+  endpoint?: string;
+  /** ListObjectsV2 page size (default 1000; tests use small pages to cover pagination) */
+  listPageSize?: number;
+  /** per-request socket inactivity limit (ms, default 120000) */
+  requestTimeoutMs?: number;
+  /** static credentials instead of the SDK's chain (tests: wrong keys) */
+  credentials?: { accessKeyId: string; secretAccessKey: string };
+  /** called before each retry (tests count them) */
+  onRetry?: (what: string, attempt: number, err: unknown) => void;
+}
+
+/** A counting semaphore: the bound on requests in flight. */
+class Gate {
+  private waiting: (() => void)[] = [];
+  private active = 0;
+  constructor(private readonly limit: number) {}
+  async run<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.active >= this.limit) await new Promise<void>((r) => this.waiting.push(r));
+    else this.active++;
+    try {
+      return await fn();
+    } finally {
+      const next = this.waiting.shift();
+      if (next) next();
+      else this.active--;
+    }
+  }
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** What an S3/SDK/socket error is, as far as retrying and messages go. */
+interface Classified {
+  status: number | undefined;
+  name: string;
+  retryable: boolean;
+}
+
+const RETRY_NAMES = new Set(['SlowDown', 'RequestTimeout', 'InternalError', 'ServiceUnavailable', 'ThrottlingException', 'TimeoutError', 'RequestTimeTooSkewed']);
+const RETRY_CODES = new Set(['ECONNRESET', 'ECONNREFUSED', 'EPIPE', 'ETIMEDOUT', 'ECONNABORTED', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'ERR_STREAM_PREMATURE_CLOSE', 'EPROTO', 'ESHORTBODY']);
+
+function classify(e: unknown): Classified {
+  const err = e as { name?: string; Code?: string; code?: string; $metadata?: { httpStatusCode?: number }; message?: string };
+  const status = err?.$metadata?.httpStatusCode;
+  const name = err?.Code ?? err?.name ?? err?.code ?? 'Error';
+  let retryable = false;
+  if (status !== undefined && status >= 500 && status !== 501) retryable = true;
+  if (RETRY_NAMES.has(name)) retryable = true;
+  if (err?.code && RETRY_CODES.has(err.code)) retryable = true;
+  if (status === undefined && /socket hang up|ECONNRESET|ECONNREFUSED|premature close|aborted|EPIPE|timed? ?out/i.test(err?.message ?? '')) retryable = true;
+  // A response the SDK could not parse with no status is a broken connection, not an answer.
+  if (status === undefined && name === 'Error' && /Deserialization|Unexpected end|parse/i.test(err?.message ?? '')) retryable = true;
+  if (status !== undefined && status >= 400 && status < 500 && !RETRY_NAMES.has(name)) retryable = false;
+  return { status, name, retryable };
+}
+
+export class S3Backend implements StoreBackend {
+  readonly location: string;
+  readonly bucket: string;
+  readonly prefix: string;
+  readonly endpoint: string;
+  private readonly client: S3Client;
+  private readonly gate: Gate;
+  private readonly retry: RetryPolicy;
+  private readonly listPageSize: number;
+  private readonly onRetry?: S3BackendOptions['onRetry'];
+  private conditional: Promise<string | undefined> | undefined;
+  /** undefined until an If-Match PUT succeeded in one of the two forms */
+  private bareEtags: boolean | undefined;
+
+  constructor(url: string, opts: S3BackendOptions = {}) {
+    const { bucket, prefix } = parseS3Url(url);
+    this.bucket = bucket;
+    this.prefix = prefix;
+    this.location = `s3://${bucket}${prefix ? '/' + prefix : ''}`;
+    const envInFlight = Number(process.env.DISKSNAP_S3_CONCURRENCY);
+    const maxInFlight = opts.maxInFlight ?? (Number.isInteger(envInFlight) && envInFlight > 0 ? envInFlight : 32);
+    const envRetries = Number(process.env.DISKSNAP_S3_RETRIES);
+    this.retry = {
+      attempts: opts.retry?.attempts ?? (Number.isInteger(envRetries) && envRetries > 0 ? envRetries : 8),
+      baseMs: opts.retry?.baseMs ?? 100,
+      capMs: opts.retry?.capMs ?? 5000,
+    };
+    this.listPageSize = opts.listPageSize ?? 1000;
+    this.onRetry = opts.onRetry;
+    this.gate = new Gate(maxInFlight);
+    this.endpoint = opts.endpoint ?? process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL ?? 'AWS S3';
+    const agentOpts = { keepAlive: true, maxSockets: maxInFlight, maxFreeSockets: maxInFlight };
+    this.client = new S3Client({
+      endpoint: opts.endpoint,
+      credentials: opts.credentials,
+      forcePathStyle: true,
+      maxAttempts: 1,
+      requestChecksumCalculation: 'WHEN_REQUIRED',
+      responseChecksumValidation: 'WHEN_REQUIRED',
+      requestHandler: {
+        httpAgent: new http.Agent(agentOpts),
+        httpsAgent: new https.Agent(agentOpts),
+        connectionTimeout: 10_000,
+        requestTimeout: opts.requestTimeoutMs ?? 120_000,
+      },
+    });
+  }
+
+  describe(key: string): string {
+    return `${this.location}/${key}`;
+  }
+
+  /** The full object key of a store key. */
+  objectKey(key: string): string {
+    if (key.startsWith('/') || key.split('/').some((p) => p === '..' || p === '.')) throw invalid(`bad store key '${key}'`);
+    return this.prefix ? `${this.prefix}/${key}` : key;
+  }
+
+  /** Closes the keep-alive connections (a process exits sooner without them). */
+  destroy(): void {
+    this.client.destroy();
+  }
+
+  /** One-line error for a failed request; `key` undefined for bucket-level requests. */
+  private fail(e: unknown, what: string, key: string | undefined, attempts: number): DisksnapError {
+    if (e instanceof DisksnapError) return e;
+    const c = classify(e);
+    const where = key === undefined ? this.location : this.describe(key);
+    const detail = (e as Error)?.message && (e as Error).message !== c.name && (e as Error).message !== 'UnknownError' ? `: ${(e as Error).message}` : '';
+    if (c.name === 'NoSuchBucket') {
+      return new DisksnapError(`S3 bucket '${this.bucket}' does not exist at ${this.endpoint} (create it first, e.g. \`aws s3 mb s3://${this.bucket}\`)`, 'ENOENT', 2, this.location);
+    }
+    if (c.name === 'InvalidAccessKeyId' || c.name === 'SignatureDoesNotMatch' || c.name === 'InvalidToken' || c.name === 'ExpiredToken') {
+      return new DisksnapError(`S3 at ${this.endpoint} rejected the credentials (${c.name}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile`, 'EACCES', 13, this.location);
+    }
+    if (c.name === 'AccessDenied' || c.status === 403) {
+      return new DisksnapError(`S3 at ${this.endpoint} denied ${what} ${where} (${c.name}): the credentials lack permission`, 'EACCES', 13, where);
+    }
+    if (c.name === 'NoSuchKey' || c.name === 'NotFound' || c.status === 404) {
+      return new DisksnapError(`${where}: no such object`, 'ENOENT', 2, where);
+    }
+    if (/Region is missing/i.test((e as Error)?.message ?? '')) {
+      return new DisksnapError(`S3 region is not set: set AWS_REGION (any name your server accepts, e.g. us-east-1)`, 'EINVALID');
+    }
+    if (c.retryable) {
+      const why = c.status !== undefined ? `HTTP ${c.status} ${c.name}` : `${c.name}${detail}`;
+      return new DisksnapError(`S3 at ${this.endpoint}: ${what} ${where} failed after ${attempts} attempt(s): ${why}`, 'EIO', 5, where);
+    }
+    const why = c.status !== undefined ? `HTTP ${c.status} ${c.name}${detail}` : `${c.name}${detail}`;
+    return new DisksnapError(`S3 at ${this.endpoint}: ${what} ${where}: ${why}`, c.status === 501 ? 'EUNSUPPORTED' : 'EIO', undefined, where);
+  }
+
+  /**
+   * Runs one request under the in-flight bound, retrying what `classify` calls retryable.
+   * `accept` turns an error into a result (404 -> undefined, 412 -> false) before any retry.
+   */
+  private async attempt<T>(what: string, key: string | undefined, fn: () => Promise<T>, accept?: (c: Classified) => { value: T } | undefined): Promise<T> {
+    for (let i = 1; ; i++) {
+      try {
+        return await this.gate.run(fn);
+      } catch (e) {
+        const c = classify(e);
+        const ok = accept?.(c);
+        if (ok) return ok.value;
+        if (!c.retryable || i >= this.retry.attempts) throw this.fail(e, what, key, i);
+        this.onRetry?.(what, i, e);
+        const cap = Math.min(this.retry.capMs, this.retry.baseMs * 2 ** (i - 1));
+        await sleep(Math.random() * cap);
+      }
+    }
+  }
+
+  // ---- the core ----
+
+  async get(key: string, into?: Buffer): Promise<Buffer> {
+    const Key = this.objectKey(key);
+    return this.attempt('GET', key, async () => {
+      const r = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key }));
+      return readBody(r.Body as Readable, r.ContentLength, into);
+    });
+  }
+
+  async putIfAbsent(key: string, data: ObjectData): Promise<boolean> {
+    const Key = this.objectKey(key);
+    const body = toBody(data);
+    return this.attempt(
+      'PUT',
+      key,
+      async () => {
+        await this.client.send(new PutObjectCommand({ Bucket: this.bucket, Key, Body: body, ContentLength: body.length, IfNoneMatch: '*' }));
+        return true;
+      },
+      (c) => (c.status === 412 || c.name === 'PreconditionFailed' ? { value: false } : undefined),
+    );
+  }
+
+  async put(key: string, data: Uint8Array): Promise<void> {
+    const Key = this.objectKey(key);
+    await this.attempt('PUT', key, () => this.client.send(new PutObjectCommand({ Bucket: this.bucket, Key, Body: data, ContentLength: data.length })));
+  }
+
+  async *list(prefix: string): AsyncIterable<ObjectInfo & { temporary: boolean }> {
+    const full = this.objectKey(prefix.replace(/\/?$/, '/'));
+    const strip = this.prefix ? this.prefix.length + 1 : 0;
+    let token: string | undefined;
+    do {
+      const page = await this.attempt('LIST', prefix, () =>
+        this.client.send(new ListObjectsV2Command({ Bucket: this.bucket, Prefix: full, ContinuationToken: token, MaxKeys: this.listPageSize })),
+      );
+      for (const o of page.Contents ?? []) {
+        if (!o.Key) continue;
+        yield { key: o.Key.slice(strip), size: o.Size ?? 0, temporary: false };
+      }
+      token = page.IsTruncated ? page.NextContinuationToken : undefined;
+    } while (token);
+  }
+
+  async delete(key: string): Promise<boolean> {
+    if ((await this.stat(key)) === undefined) return false;
+    const Key = this.objectKey(key);
+    await this.attempt('DELETE', key, () => this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key })));
+    return true;
+  }
+
+  // ---- optional ----
+
+  async stat(key: string): Promise<number | undefined> {
+    return (await this.head(key))?.size;
+  }
+
+  /** Size and ETag of an object, or undefined when absent. */
+  async head(key: string): Promise<{ size: number; etag: string } | undefined> {
+    const Key = this.objectKey(key);
+    return this.attempt(
+      'HEAD',
+      key,
+      async () => {
+        const r = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key }));
+        return { size: r.ContentLength ?? 0, etag: r.ETag ?? '' };
+      },
+      (c) => (c.status === 404 ? { value: undefined } : undefined),
+    );
+  }
+
+  async open(key: string): Promise<ObjectReader> {
+    const h = await this.head(key);
+    if (!h) throw new DisksnapError(`${this.describe(key)}: no such object`, 'ENOENT', 2, this.describe(key));
+    const Key = this.objectKey(key);
+    const size = h.size;
+    return {
+      size,
+      read: async (offset, length) => {
+        const end = Math.min(size, offset + length);
+        if (offset >= end) return Buffer.alloc(0);
+        return this.attempt('GET', key, async () => {
+          const r = await this.client.send(
+            new GetObjectCommand({ Bucket: this.bucket, Key, Range: `bytes=${offset}-${end - 1}`, IfMatch: h.etag || undefined }),
+          );
+          return readBody(r.Body as Readable, end - offset, undefined);
+        });
+      },
+      close: async () => undefined,
+    };
+  }
+
+  async flush(): Promise<void> {
+    // PUTs are durable when answered: nothing to do.
+  }
+
+  // ---- bucket-level ----
+
+  /**
+   * Checks the bucket is there and the credentials work (HEAD bucket), so that opening a store
+   * fails with one line naming the problem rather than at the first object.
+   */
+  async checkBucket(): Promise<void> {
+    await this.attempt(
+      'HEAD bucket',
+      undefined,
+      () => this.client.send(new HeadBucketCommand({ Bucket: this.bucket })),
+      (c) => {
+        if (c.status === 404) throw new DisksnapError(`S3 bucket '${this.bucket}' does not exist at ${this.endpoint} (create it first, e.g. \`aws s3 mb s3://${this.bucket}\`)`, 'ENOENT', 2, this.location);
+        // HEAD has no body, so a 403 does not say whether the key or the permission is wrong.
+        if (c.status === 403) throw new DisksnapError(`S3 at ${this.endpoint} refused access to bucket '${this.bucket}' (HTTP 403): wrong credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile) or no permission`, 'EACCES', 13, this.location);
+        return undefined;
+      },
+    );
+  }
+
+  /** Whether anything is stored under the prefix (one LIST of one key). */
+  async hasAnyObject(): Promise<boolean> {
+    const r = await this.attempt('LIST', '', () =>
+      this.client.send(new ListObjectsV2Command({ Bucket: this.bucket, Prefix: this.prefix ? this.prefix + '/' : undefined, MaxKeys: 1 })),
+    );
+    return (r.KeyCount ?? r.Contents?.length ?? 0) > 0;
+  }
+
+  // ---- conditional writes (leases: src/storage/store/s3-lease.ts) ----
+
+  /**
+   * PUT only if the object's ETag is `ifMatch` (or, with ifMatch undefined, only if there is
+   * none). Returns the new ETag, or undefined when the condition failed (412).
+   */
+  async putConditional(key: string, data: Uint8Array, ifMatch: string | undefined): Promise<string | undefined> {
+    if (ifMatch === undefined) return this.putIf(key, data, undefined);
+    const bare = ifMatch.replace(/^"|"$/g, '');
+    if (this.bareEtags !== undefined) return this.putIf(key, data, this.bareEtags ? bare : `"${bare}"`);
+    // RGW 16 matches If-Match on PUT against the bare ETag, AWS against the quoted one: the
+    // first If-Match learns which. A 412 to both forms means the ETag is not the object's.
+    const quoted = await this.putIf(key, data, `"${bare}"`);
+    if (quoted !== undefined) {
+      this.bareEtags = false;
+      return quoted;
+    }
+    const plain = await this.putIf(key, data, bare);
+    if (plain !== undefined) this.bareEtags = true;
+    return plain;
+  }
+
+  private async putIf(key: string, data: Uint8Array, ifMatch: string | undefined): Promise<string | undefined> {
+    const Key = this.objectKey(key);
+    return this.attempt(
+      'PUT',
+      key,
+      async () => {
+        const r = await this.client.send(
+          new PutObjectCommand({
+            Bucket: this.bucket,
+            Key,
+            Body: data,
+            ContentLength: data.length,
+            IfNoneMatch: ifMatch === undefined ? '*' : undefined,
+            IfMatch: ifMatch,
+          }),
+        );
+        return r.ETag ?? '';
+      },
+      (c) => (c.status === 412 || c.name === 'PreconditionFailed' ? { value: undefined } : undefined),
+    );
+  }
+
+  /** Body and ETag of an object, or undefined when absent. */
+  async getWithEtag(key: string): Promise<{ data: Buffer; etag: string } | undefined> {
+    const Key = this.objectKey(key);
+    return this.attempt(
+      'GET',
+      key,
+      async () => {
+        const r = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key }));
+        return { data: await readBody(r.Body as Readable, r.ContentLength, undefined), etag: r.ETag ?? '' };
+      },
+      (c) => (c.status === 404 ? { value: undefined } : undefined),
+    );
+  }
+
+  /**
+   * Undefined when the server honours `If-None-Match: *` and `If-Match` on PUT; otherwise why
+   * not. Probed once per backend with a scratch object under `.probe/`.
+   */
+  conditionalWriteProblem(): Promise<string | undefined> {
+    this.conditional ??= this.probeConditional();
+    return this.conditional;
+  }
+
+  private async probeConditional(): Promise<string | undefined> {
+    const key = `.probe/${randomBytes(8).toString('hex')}`;
+    const body = Buffer.from('disksnap conditional-write probe\n');
+    try {
+      let first: string | undefined;
+      try {
+        first = await this.putIf(key, body, undefined);
+      } catch (e) {
+        if (e instanceof DisksnapError && e.code === 'EUNSUPPORTED') return `it answers PUT with If-None-Match: * with ${/HTTP \d+ \w+/.exec(e.message)?.[0] ?? e.message}`;
+        throw e;
+      }
+      if (first === undefined) return 'it refused If-None-Match: * on a new object (412)';
+      const again = await this.putIf(key, body, undefined);
+      if (again !== undefined) return 'it ignores If-None-Match: * (a second conditional PUT of one key succeeded)';
+      const wrong = await this.putIf(key, body, '"00000000000000000000000000000000"');
+      if (wrong !== undefined) return 'it ignores If-Match (a PUT with a wrong ETag succeeded)';
+      if ((await this.putConditional(key, body, first)) !== undefined) return undefined;
+      return 'it refuses If-Match with the current ETag';
+    } finally {
+      await this.delete(key).catch(() => false); // a leftover probe object is harmless
+    }
+  }
+}
+
+function toBody(data: ObjectData): Buffer {
+  if (data instanceof Uint8Array) return Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  return Buffer.concat(data as Uint8Array[], dataLength(data));
+}
+
+/**
+ * Reads a response body whole, into `into` when it fits. A body that ends before
+ * `expected` bytes (a connection cut mid-response) throws a retryable ESHORTBODY.
+ */
+async function readBody(body: Readable | undefined, expected: number | undefined, into: Buffer | undefined): Promise<Buffer> {
+  if (!body) {
+    if (expected) throw Object.assign(new Error('response has no body'), { code: 'ESHORTBODY' });
+    return Buffer.alloc(0);
+  }
+  const fits = into && expected !== undefined && expected <= into.length;
+  let out: Buffer = fits ? into : Buffer.allocUnsafe(expected ?? 64 * 1024);
+  let n = 0;
+  try {
+    for await (const chunk of body as AsyncIterable<Buffer>) {
+      if (n + chunk.length > out.length) {
+        if (expected !== undefined) throw Object.assign(new Error(`response body longer than Content-Length ${expected}`), { code: 'ESHORTBODY' });
+        const bigger = Buffer.allocUnsafe(Math.max(out.length * 2, n + chunk.length));
+        out.copy(bigger, 0, 0, n);
+        out = bigger;
+      }
+      chunk.copy(out, n);
+      n += chunk.length;
+    }
+  } catch (e) {
+    body.destroy();
+    const err = e as NodeJS.ErrnoException;
+    if (err.code === 'ESHORTBODY') throw e;
+    throw Object.assign(new Error(`response body cut off after ${n} bytes: ${err.message}`), { code: err.code && RETRY_CODES.has(err.code) ? err.code : 'ESHORTBODY' });
+  }
+  if (expected !== undefined && n !== expected) {
+    throw Object.assign(new Error(`response body has ${n} bytes, Content-Length said ${expected}`), { code: 'ESHORTBODY' });
+  }
+  return out.subarray(0, n);
+}
