@@ -18,10 +18,10 @@ import { ceph, cephMissing, killGateway, newBucket, restartGateway, restartGatew
 const skip = cephMissing();
 t.setTimeout(1_500_000); // a gateway restart and child processes: slow on a loaded machine
 const BS = 64 * KiB;
-const TTL = 3000;
+const TTL = 8000;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-// Leases of crashed writers run out in 3 s here, in this process and its children.
+// Leases of crashed writers run out in 8 s here, in this process and its children.
 process.env.DISKSNAP_S3_LEASE_TTL_MS = String(TTL);
 
 async function countBlocks(url: string): Promise<number> {

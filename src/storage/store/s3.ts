@@ -153,6 +153,8 @@ export class S3Backend implements StoreBackend {
   readonly endpoint: string;
   private readonly client: S3Client;
   private readonly gate: Gate;
+  /** lease requests: never queued behind block transfers, or a busy writer's lease would run out */
+  private readonly leaseGate = new Gate(4);
   private readonly retry: RetryPolicy;
   private readonly listPageSize: number;
   private readonly onRetry?: S3BackendOptions['onRetry'];
@@ -177,7 +179,7 @@ export class S3Backend implements StoreBackend {
     this.onRetry = opts.onRetry;
     this.gate = new Gate(maxInFlight);
     this.endpoint = opts.endpoint ?? process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL ?? 'AWS S3';
-    const agentOpts = { keepAlive: true, maxSockets: maxInFlight, maxFreeSockets: maxInFlight };
+    const agentOpts = { keepAlive: true, maxSockets: maxInFlight + 4, maxFreeSockets: maxInFlight + 4 }; // + the lease gate
     this.client = new S3Client({
       endpoint: opts.endpoint,
       credentials: opts.credentials,
@@ -242,10 +244,16 @@ export class S3Backend implements StoreBackend {
    * Runs one request under the in-flight bound, retrying what `classify` calls retryable.
    * `accept` turns an error into a result (404 -> undefined, 412 -> false) before any retry.
    */
-  private async attempt<T>(what: string, key: string | undefined, fn: () => Promise<T>, accept?: (c: Classified) => { value: T } | undefined): Promise<T> {
+  private async attempt<T>(
+    what: string,
+    key: string | undefined,
+    fn: () => Promise<T>,
+    accept?: (c: Classified) => { value: T } | undefined,
+    gate: Gate = this.gate,
+  ): Promise<T> {
     for (let i = 1; ; i++) {
       try {
-        return await this.gate.run(fn);
+        return await gate.run(fn);
       } catch (e) {
         const c = classify(e);
         const ok = accept?.(c);
@@ -424,6 +432,7 @@ export class S3Backend implements StoreBackend {
         return r.ETag ?? '';
       },
       (c) => (c.status === 412 || c.name === 'PreconditionFailed' ? { value: undefined } : undefined),
+      this.leaseGate,
     );
   }
 
@@ -438,6 +447,7 @@ export class S3Backend implements StoreBackend {
         return { data: await readBody(r.Body as Readable, r.ContentLength, undefined), etag: r.ETag ?? '' };
       },
       (c) => (c.status === 404 ? { value: undefined } : undefined),
+      this.leaseGate,
     );
   }
 
