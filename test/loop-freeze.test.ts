@@ -10,7 +10,8 @@ import { spawn } from 'node:child_process';
 import { needLoop, scratch, makeExt4, sh, writeWithTimeout, debugfsCat, debugfsLs, e2fsckClean } from './helpers/loop';
 import { attach, detach, assertNotAttached } from '../src/host/attach';
 import { findMount, withFrozen, pointInTime, snapshotFreezeHook, canReflink, cloneWhileFrozen } from '../src/host';
-import { createSnapshot, restoreSnapshot } from '../src/storage/snapshot';
+import { createSnapshot, restoreSnapshot } from '../src/storage';
+import { withFaults } from '../src/storage/faults';
 import { ROOT, cli } from './helpers/cli';
 
 const skip = needLoop(['mkfs.ext4', 'e2fsck', 'debugfs']);
@@ -41,16 +42,14 @@ t.test('ext4 volume: snapshot while mounted (frozen), write more, restore in pla
 
   const frozenAt: string[] = [];
   const hook = snapshotFreezeHook();
-  const snap = await createSnapshot(vol, {
-    store,
-    name: 'while-mounted',
+  const snap = await createSnapshot(vol, withFaults({ store, name: 'while-mounted' }, {
     freeze: async (p) => {
       const thaw = await hook(p);
       frozenAt.push(findMount(p) ?? '');
       t.notOk(await writeWithTimeout(path.join(mp, 'probe'), 'x', 1000), 'writes block while frozen');
       return thaw;
     },
-  });
+  }));
   t.equal(snap.state, 'completed');
   t.same(frozenAt, [mp], 'frozen once, on the volume mountpoint');
   t.ok(await writeWithTimeout(path.join(mp, 'after-thaw'), 'x'), 'writable again after the snapshot');
@@ -79,13 +78,12 @@ t.test('a failure in the middle of a snapshot leaves the filesystem thawed', { s
   writeFiles(mp, 'f', 5);
 
   await t.rejects(
-    createSnapshot(vol, {
-      store: path.join(s.dir, 'store'),
+    createSnapshot(vol, withFaults({ store: path.join(s.dir, 'store') }, {
       freeze: snapshotFreezeHook(),
       afterChunk: () => {
         throw new Error('disk on fire');
       },
-    }),
+    })),
     { message: 'disk on fire' },
   );
   t.ok(await writeWithTimeout(path.join(mp, 'w1'), 'x'), 'writable after the snapshot failed mid-read');
@@ -232,13 +230,11 @@ t.test('snapshot create of a mounted ext4 volume freezes it by itself for the re
   const reflinks = ['xfs', 'btrfs'].includes(hostFs(s.dir));
 
   let blockedWhileReading: boolean | undefined;
-  const snap = await createSnapshot(vol, {
-    store,
-    name: 'auto',
+  const snap = await createSnapshot(vol, withFaults({ store, name: 'auto' }, {
     afterChunk: async (_attempt, chunk) => {
       if (chunk === 0) blockedWhileReading = !(await writeWithTimeout(path.join(mp, 'probe'), 'x', 500));
     },
-  });
+  }));
   t.equal(snap.state, 'completed');
   t.equal(snap.volumePath, vol, 'the snapshot is of the volume');
   if (reflinks) {
@@ -297,12 +293,11 @@ t.test('a failure in the middle of an automatic snapshot (frozen, or a clone) th
   writeFiles(mp, 'f', 5);
   const store = path.join(s.dir, 'store');
   await t.rejects(
-    createSnapshot(vol, {
-      store,
+    createSnapshot(vol, withFaults({ store }, {
       afterChunk: () => {
         throw new Error('disk on fire');
       },
-    }),
+    })),
     { message: 'disk on fire' },
   );
   t.ok(await writeWithTimeout(path.join(mp, 'w1'), 'x'), 'writable after the snapshot failed mid-read');
@@ -326,9 +321,9 @@ function xfsHost(s: ReturnType<typeof scratch>): string {
 
 /** A child process that snapshots `vol` through the library and stops after its first chunk. */
 function stuckSnapshot(vol: string, store: string): Promise<ReturnType<typeof spawn>> {
-  const lib = path.join(ROOT, 'dist', 'src', 'index.js');
-  const script = `require(${JSON.stringify(lib)}).snapshots.createSnapshot(${JSON.stringify(vol)}, { store: ${JSON.stringify(store)},
-    afterChunk: () => { console.log('reading'); return new Promise(() => setInterval(() => {}, 1000)); } })`;
+  const lib = path.join(ROOT, 'dist', 'src', 'storage', 'index.js');
+  const script = `require(${JSON.stringify(lib)}).createSnapshot(${JSON.stringify(vol)}, { store: ${JSON.stringify(store)},
+    faults: { afterChunk: () => { console.log('reading'); return new Promise(() => setInterval(() => {}, 1000)); } } })`;
   const child = spawn(process.execPath, ['-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
   return new Promise((resolve, reject) => {
     child.stdout!.once('data', () => resolve(child));
@@ -347,15 +342,14 @@ t.test('volume on a loop-mounted xfs: snapshot create clones while frozen, reads
   const clonesLeft = () => fs.readdirSync(hostMp).filter((n) => n.includes('disksnap-pit'));
 
   let writableWhileReading: boolean | undefined;
-  const snap = await createSnapshot(vol, {
-    store,
+  const snap = await createSnapshot(vol, withFaults({ store }, {
     afterChunk: async (_a, chunk) => {
       if (chunk === 0) {
         t.equal(clonesLeft().length, 1, 'a clone beside the volume while it is read');
         writableWhileReading = await writeWithTimeout(path.join(mp, 'during.txt'), 'during', 5000);
       }
     },
-  });
+  }));
   t.equal(snap.consistency, 'frozen-clone');
   t.ok(snap.frozenMs !== null && snap.frozenMs < 2000, `frozen only for the clone (${snap.frozenMs} ms)`);
   t.equal(writableWhileReading, true, 'the volume is writable while the clone is read');
@@ -373,7 +367,7 @@ t.test('volume on a loop-mounted xfs: snapshot create clones while frozen, reads
   t.notOk(names.includes('during.txt'), 'and not the one written while the clone was read');
 
   // A failure mid-read: thawed and the clone removed.
-  await t.rejects(createSnapshot(vol, { store, afterChunk: () => Promise.reject(new Error('boom')) }), { message: 'boom' });
+  await t.rejects(createSnapshot(vol, withFaults({ store }, { afterChunk: () => Promise.reject(new Error('boom')) })), { message: 'boom' });
   t.same(clonesLeft(), [], 'no clone after a failure');
   t.ok(await writeWithTimeout(path.join(mp, 'after-fail'), 'x'), 'writable after the failure');
 
