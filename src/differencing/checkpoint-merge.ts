@@ -31,7 +31,7 @@ import { detectFormat } from '../image';
 import { Qcow2Image } from '../image/qcow2/image';
 import { readHeaderCluster } from '../image/qcow2/header';
 import { EXT_BACKING_FORMAT, EXT_PARENT_GUARD, GUARD_LAYOUT, MAX_BACKING_NAME, parseHeader, Qcow2Header, RawGuard } from '../image/qcow2/format';
-import { encodeExtensions, extensionsSize } from '../image/qcow2/encode';
+import { encodeTail, extensionsSize } from '../image/qcow2/encode';
 import { identify, toRecord } from '../image/qcow2/guard';
 import { childrenOf } from './registry';
 
@@ -87,12 +87,7 @@ export function rewriteBacking(image: string, parent: string | undefined, opts: 
     const len = Math.min(h.clusterSize, Math.ceil(Math.max(end, oldEnd) / 512) * 512);
     const out = Buffer.alloc(len);
     cluster0.copy(out, 0, 0, start);
-    const pos = encodeExtensions(exts, out, start);
-    name.copy(out, pos);
-    // backing_file_offset (u64 at 8) and backing_file_size (u32 at 16)
-    out.writeUInt32BE(0, 8);
-    out.writeUInt32BE(name.length ? pos : 0, 12);
-    out.writeUInt32BE(name.length, 16);
+    encodeTail(out, start, exts, name);
     f.writeSync(out, 0);
     f.syncSync(true);
   } finally {

@@ -15,7 +15,7 @@ import { DisksnapError, invalid } from '../engine/errors';
 import { Qcow2Image } from '../image/qcow2/image';
 import { readHeaderCluster } from '../image/qcow2/header';
 import { EXT_PARENT_GUARD, GUARD_LAYOUT, HEADER_V2_LENGTH, parseHeader, Qcow2Header, MAX_BACKING_NAME } from '../image/qcow2/format';
-import { encodeExtensions, extensionsSize } from '../image/qcow2/encode';
+import { encodeTail, extensionsSize } from '../image/qcow2/encode';
 import { identify, toRecord } from '../image/qcow2/guard';
 import { addChild } from './registry';
 import { assertNotAttached } from './attached';
@@ -86,12 +86,7 @@ function rewriteGuard(child: string, f: BlockFile, cluster0: Buffer, h: Qcow2Hea
   }
   const out = Buffer.from(cluster0.subarray(0, cs));
   out.fill(0, start);
-  const pos = encodeExtensions(exts, out, start);
-  name.copy(out, pos);
-  // backing_file_offset (u64 at 8) and backing_file_size (u32 at 16)
-  out.writeUInt32BE(0, 8);
-  out.writeUInt32BE(name.length ? pos : 0, 12);
-  out.writeUInt32BE(name.length, 16);
+  encodeTail(out, start, exts, name);
   f.writeSync(out, 0);
   f.syncSync(true);
 }

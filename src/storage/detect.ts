@@ -50,8 +50,13 @@ export function changeSourceOf(d: ChangeDetector): ChangeSource {
   return SOURCES.get(d) ?? 'bitmap';
 }
 
-/** Every block read, hashed and (where new) written from the one buffer. */
-export const fullHash: ChangeDetector = async (p) => {
+/**
+ * Every data block of the runs read chunk by chunk, hashed in its buffer and recorded;
+ * `changed` says which ones count as changed and are written (where the store lacks them).
+ * With `tags`, the unmasked change tags are computed too (the one-moment proof, and the
+ * next snapshot's tag file).
+ */
+async function hashEveryBlock(p: ReadPipeline, tags: boolean, changed: (i: number, digests: Buffer, k: number) => Promise<boolean>): Promise<void> {
   const list = [...chunksOf(p.runs, p.maxBlocks)];
   await readAhead(
     list.length,
@@ -61,15 +66,16 @@ export const fullHash: ChangeDetector = async (p) => {
       let digests: Buffer;
       const keep: number[] = [];
       try {
-        const h = await p.n.hashBlocksAsync(cur.buf.subarray(0, cur.len), p.bs, p.threads, p.key, p.proofKey);
+        const h = await p.n.hashBlocksAsync(cur.buf.subarray(0, cur.len), p.bs, p.threads, p.key, tags ? p.proofKey : undefined);
         digests = h.digests;
         for (let k = 0; k < end - first; k++) {
           if (h.zero[k]) continue;
+          p.record(first + k, digests, k * 32, h.tags, k * 16);
+          if (!(await changed(first + k, digests, k))) continue;
           p.rec.stats.changedBlocks++;
-          p.record(first + k, digests, k * 32, h.tags!, k * 16);
           keep.push(k);
         }
-        if (h.tags) p.newTags(keep.map((k) => first + k), h.tags, (j) => keep[j] * 16);
+        if (tags && h.tags) p.newTags(keep.map((k) => first + k), h.tags, (j) => keep[j] * 16);
       } catch (e) {
         p.pool.release(cur.buf);
         throw e;
@@ -81,7 +87,10 @@ export const fullHash: ChangeDetector = async (p) => {
     },
     (cur) => p.pool.release(cur.buf),
   );
-};
+}
+
+/** Every block read, hashed and (where new) written from the one buffer. */
+export const fullHash: ChangeDetector = (p) => hashEveryBlock(p, true, async () => true);
 
 /** Per block of a chunk: the parent's digest and tag entry, where it has them. */
 interface ParentChunk {
@@ -226,36 +235,12 @@ export const hashScan: ChangeDetector = async (p, parent) => {
  * and hashed there (as fullHash), its digest compared with the parent's for the stats, and
  * only objects the store lacks are written.
  */
-export const guestScan: ChangeDetector = async (p, parent) => {
+export const guestScan: ChangeDetector = (p, parent) => {
   const cursor = parent.cursor!;
-  const list = [...chunksOf(p.runs, p.maxBlocks)];
-  await readAhead(
-    list.length,
-    (c) => p.load(list[c][0], list[c][1]),
-    async (c, cur) => {
-      const [first, end] = list[c];
-      let digests: Buffer;
-      const keep: number[] = [];
-      try {
-        const h = await p.n.hashBlocksAsync(cur.buf.subarray(0, cur.len), p.bs, p.threads, p.key);
-        digests = h.digests;
-        for (let k = 0; k < end - first; k++) {
-          if (h.zero[k]) continue;
-          const prev = await cursor.lookup(first + k);
-          p.record(first + k, digests, k * 32);
-          if (prev && prev.compare(digests, k * 32, k * 32 + 32) === 0) continue;
-          p.rec.stats.changedBlocks++;
-          keep.push(k);
-        }
-      } catch (e) {
-        p.pool.release(cur.buf);
-        throw e;
-      }
-      await p.chunks.add(0, () => p.storeSlots(cur.buf, keep, digests, (k) => p.spanBytes(first + k, first + k + 1)));
-      await p.chunkDone(cur.len);
-    },
-    (cur) => p.pool.release(cur.buf),
-  );
+  return hashEveryBlock(p, false, async (i, digests, k) => {
+    const prev = await cursor.lookup(i);
+    return !(prev && prev.compare(digests, k * 32, k * 32 + 32) === 0);
+  });
 };
 
 /** Sorted block indices that overlap any of the byte ranges. */

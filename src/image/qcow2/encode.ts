@@ -138,3 +138,16 @@ export function encodeHeaderCluster(h: NewHeader): Buffer {
 }
 
 /** Byte offsets of header fields disksnap rewrites in place. */
+
+/**
+ * Writes the extension list and then the backing file name at `start` of a header cluster
+ * `out`, and points the header's backing_file_offset/size at the name (zero for none).
+ */
+export function encodeTail(out: Buffer, start: number, exts: { type: number; data: Buffer }[], name: Buffer): void {
+  const pos = encodeExtensions(exts, out, start);
+  name.copy(out, pos);
+  // backing_file_offset (u64 at 8) and backing_file_size (u32 at 16)
+  out.writeUInt32BE(0, 8);
+  out.writeUInt32BE(name.length ? pos : 0, 12);
+  out.writeUInt32BE(name.length, 16);
+}
