@@ -21,7 +21,7 @@ import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3';
 import { BenchOptions, BenchRow } from './types';
-import { GiB, MiB, fillRandom, hasCommand, median, run, warm } from './util';
+import { GiB, MiB, fillRandom, hasCommand, median, run, warm, rewrite } from './util';
 import { S3Backend } from '../src/storage/store/s3';
 
 const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
@@ -50,18 +50,6 @@ function startCeph(): Record<string, string> {
     if (m) env[m[1]] = m[2];
   }
   return env;
-}
-
-/** Rewrites ~`fraction` of the data region in 64 KiB pieces at pseudo-random places. */
-function rewrite(file: string, dataOffset: number, dataBytes: number, fraction: number, seed: number): void {
-  const piece = 64 * 1024;
-  const pieces = Math.max(1, Math.round((dataBytes * fraction) / piece));
-  let x = seed * 2654435761;
-  for (let i = 0; i < pieces; i++) {
-    x = (x * 1103515245 + 12345) % 2147483648;
-    const at = dataOffset + Math.floor((x / 2147483648) * (dataBytes / piece)) * piece;
-    fillRandom(file, at, piece);
-  }
 }
 
 /** The image's data region as 512 KiB objects, in memory. */

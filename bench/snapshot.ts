@@ -37,7 +37,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { BenchOptions, BenchRow } from './types';
-import { GiB, MiB, fillRandom, hasCommand, median, run, warm } from './util';
+import { GiB, MiB, fillRandom, hasCommand, median, run, warm, rewrite } from './util';
 import { WorkedIn } from './workedin';
 
 const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
@@ -74,18 +74,6 @@ function sync(): void {
 
 function disksnap(args: string[]): string {
   return run(process.execPath, [CLI, ...args]).out;
-}
-
-/** Rewrites ~`fraction` of the data region in 64 KiB pieces at pseudo-random places. */
-function rewrite(file: string, dataOffset: number, dataBytes: number, fraction: number, seed: number): void {
-  const piece = 64 * 1024;
-  const pieces = Math.max(1, Math.round((dataBytes * fraction) / piece));
-  let x = seed * 2654435761;
-  for (let i = 0; i < pieces; i++) {
-    x = (x * 1103515245 + 12345) % 2147483648;
-    const at = dataOffset + Math.floor((x / 2147483648) * (dataBytes / piece)) * piece;
-    fillRandom(file, at, piece);
-  }
 }
 
 /** Compiles bench/floor.c into `dir` with the system's C compiler; undefined without one. */

@@ -53,6 +53,18 @@ export function fillRandom(file: string, offset: number, bytes: number): void {
 }
 
 /** Reads a file once so that the page cache holds it (benchmarks of the warm path). */
+/** Rewrites ~`fraction` of the data region in 64 KiB pieces at pseudo-random places. */
+export function rewrite(file: string, dataOffset: number, dataBytes: number, fraction: number, seed: number): void {
+  const piece = 64 * 1024;
+  const pieces = Math.max(1, Math.round((dataBytes * fraction) / piece));
+  let x = seed * 2654435761;
+  for (let i = 0; i < pieces; i++) {
+    x = (x * 1103515245 + 12345) % 2147483648;
+    const at = dataOffset + Math.floor((x / 2147483648) * (dataBytes / piece)) * piece;
+    fillRandom(file, at, piece);
+  }
+}
+
 export function warm(file: string): void {
   run('sh', ['-c', 'cat "$1" > /dev/null', 'sh', file]);
 }
