@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import * as snap from '../src/storage';
-import { assertClean, qemuImgOk, qemuIo } from './helpers/qemu';
+import { assertClean, qemuImgOk, qemuIo, guestBytes } from './helpers/qemu';
 import { needQemuNbd, qemuBitmaps } from './helpers/qemu-bitmaps';
 import { ROOT } from './helpers/cli';
 
@@ -16,16 +16,6 @@ const KiB = 1024;
 const MiB = 2 ** 20;
 const BS = 512 * KiB;
 const skip = needQemuNbd();
-
-function guestBytes(img: string): Buffer {
-  const out = `${img}.expected-${process.pid}.raw`;
-  qemuImgOk('convert', '-O', 'raw', img, out);
-  try {
-    return fs.readFileSync(out);
-  } finally {
-    fs.rmSync(out, { force: true });
-  }
-}
 
 /** Runs createSnapshot in a child process that SIGKILLs itself after chunk `at` of its read. */
 function killedSnapshot(vol: string, store: string, at: number): NodeJS.Signals | null {

@@ -9,7 +9,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as snap from '../src/storage';
-import { assertClean, makeParent, qemuImgOk, qemuIo, run } from './helpers/qemu';
+import { assertClean, makeParent, qemuImgOk, qemuIo, run, guestBytes } from './helpers/qemu';
 import { needQemuNbd, qemuBitmaps } from './helpers/qemu-bitmaps';
 import { cli } from './helpers/cli';
 
@@ -17,17 +17,6 @@ const KiB = 1024;
 const MiB = 2 ** 20;
 const BS = 512 * KiB;
 const skip = needQemuNbd();
-
-/** What the guest sees now, as qemu-img converts it. */
-function guestBytes(img: string): Buffer {
-  const out = `${img}.expected-${process.pid}.raw`;
-  qemuImgOk('convert', '-O', 'raw', img, out);
-  try {
-    return fs.readFileSync(out);
-  } finally {
-    fs.rmSync(out, { force: true });
-  }
-}
 
 async function restored(store: string, id: string, dir: string): Promise<Buffer> {
   const out = path.join(dir, `restored-${id}.raw`);

@@ -143,3 +143,14 @@ export function makeParent(dir: string, size: number, name = 'parent.raw'): { fi
   fs.writeFileSync(file, bytes);
   return { file, bytes };
 }
+
+/** What the guest sees now, as qemu-img converts it. */
+export function guestBytes(img: string): Buffer {
+  const out = `${img}.expected-${process.pid}.raw`;
+  qemuImgOk('convert', '-O', 'raw', img, out);
+  try {
+    return fs.readFileSync(out);
+  } finally {
+    fs.rmSync(out, { force: true });
+  }
+}
