@@ -16,19 +16,21 @@
  * whose check cannot be done (a header QEMU would not open, an unsupported feature, a
  * backing file that is missing or loops) throws, which the CLI reports with exit 1; a raw
  * image has no qcow2 metadata to check (QEMU's 63, "does not support checks"). The corrupt
- * bit and extended L2 entries are checked, as QEMU checks them. allocatedClusters and
+ * bit, extended L2 entries and internal snapshots (snapshots.ts: each one's L1 table, L2 tables
+ * and data clusters are references) are checked, as QEMU checks them. allocatedClusters and
  * totalClusters count guest clusters, as QEMU's allocated-clusters and total-clusters.
  */
 import * as fs from 'node:fs';
 import { BlockFile } from '../../engine/file';
 import { corrupt, DisksnapError } from '../../engine/errors';
-import { getRefcount, INCOMPAT_EXTL2, MAX_CHAIN_DEPTH, parseHeader, QCOW2_MAGIC, Qcow2Header, setRefcount } from './format';
+import { entryOffset, getRefcount, INCOMPAT_EXTL2, LO_RESERVED_L1, MAX_CHAIN_DEPTH, parseHeader, QCOW2_MAGIC, Qcow2Header, setRefcount } from './format';
 import { readHeaderCluster, realpathOr, resolveBacking } from './header';
 import { BitmapReference, checkBitmaps } from './bitmaps';
 import { rewriteBitmapsExtension } from './bitmap-writer';
 import { FileBitmapHost } from './bitmap-file';
 import { Qcow2Tables, readTables, walkL2, walkTables } from './metadata';
 import { foreignFormat } from './probe';
+import { InternalSnapshot, readSnapshotTable, SnapshotTable } from './snapshots';
 
 export interface CheckResult {
   filename: string;
@@ -102,15 +104,14 @@ function run(path: string, file: BlockFile, repair: boolean): CheckResult {
   if (head.length < 4 || head.readUInt32BE(0) !== QCOW2_MAGIC) return notQcow2(path, head, result);
   const h = parseHeader(path, head, fileSize, { forCheck: true });
   checkBackingChain(path, h);
-  if (h.nbSnapshots > 0) {
-    throw new DisksnapError(`${path}: has internal snapshots, which disksnap's check does not count; use qemu-img check`, 'EUNSUPPORTED', undefined, path);
-  }
+  // Internal snapshots: the table, and each snapshot's L1 table with what it references.
+  const snapshots = readSnapshotTable(path, h, fileSize, (b, o) => file.readFullSync(b, o), error);
   // Persistent dirty bitmaps: directory, tables and data clusters are references too (none
   // when the extension is stale: its clusters are then leaks, as qemu-img check says).
   const bitmaps = checkBitmaps(path, (b, o) => file.readFullSync(b, o), h, fileSize);
   for (const msg of bitmaps.errors) error(msg);
   for (const note of bitmaps.notes) if (result.messages.length < MAX_MESSAGES) result.messages.push(note);
-  const counts = countReferences(file, readTables(file, h, fileSize), error, bitmaps.references);
+  const counts = countReferences(file, readTables(file, h, fileSize), error, bitmaps.references, snapshots);
   const leaked = compareRefcounts(h, counts, result, error);
   if (repair && leaked.length > 0 && result.corruptions === 0) {
     // A stale bitmaps extension goes first (as QEMU drops it on a read-write open): its
@@ -126,7 +127,13 @@ function run(path: string, file: BlockFile, repair: boolean): CheckResult {
 }
 
 /** Walks the metadata (metadata.ts) and counts every reference into one counter per host cluster. */
-function countReferences(file: BlockFile, t: Qcow2Tables, error: (msg: string) => void, extra: BitmapReference[]): Counts {
+function countReferences(
+  file: BlockFile,
+  t: Qcow2Tables,
+  error: (msg: string) => void,
+  extra: BitmapReference[],
+  snapshots: SnapshotTable,
+): Counts {
   const h = t.header;
   const cs = h.clusterSize;
   const nClusters = Math.ceil(t.fileSize / cs);
@@ -166,7 +173,48 @@ function countReferences(file: BlockFile, t: Qcow2Tables, error: (msg: string) =
     },
     bad: error,
   });
+  if (snapshots.bytes > 0) inc(h.snapshotsOffset, snapshots.bytes, 'internal snapshot table');
+  for (const s of snapshots.snapshots) countSnapshot(file, t, s, inc, error);
   return counts;
+}
+
+/**
+ * One internal snapshot's references: its L1 table, each L2 table it points to, and each
+ * cluster those L2 tables map (counted once per L1 that reaches them, as QEMU counts: a
+ * cluster shared by the active table and two snapshots has refcount 3). COPIED flags and
+ * allocated clusters concern the active table only.
+ */
+function countSnapshot(
+  file: BlockFile,
+  t: Qcow2Tables,
+  s: InternalSnapshot,
+  inc: (offset: number, length: number, what: string) => boolean,
+  error: (msg: string) => void,
+): void {
+  const h = t.header;
+  const cs = h.clusterSize;
+  const label = `snapshot ${JSON.stringify(s.id)}`;
+  if (s.l1Size === 0 || !inc(s.l1TableOffset, s.l1Size * 8, `L1 table of ${label}`)) return;
+  const l1 = Buffer.alloc(s.l1Size * 8);
+  file.readFullSync(l1.subarray(0, Math.max(0, Math.min(l1.length, t.fileSize - s.l1TableOffset))), s.l1TableOffset);
+  const l2 = Buffer.alloc(cs);
+  const extL2 = (h.incompatible & INCOMPAT_EXTL2) !== 0;
+  for (let i = 0; i < s.l1Size; i++) {
+    const hi = l1.readUInt32BE(i * 8);
+    const lo = l1.readUInt32BE(i * 8 + 4);
+    const off = entryOffset(hi, lo);
+    if (off === 0) continue;
+    if (off % cs !== 0 || lo & LO_RESERVED_L1) {
+      error(`L1 entry ${i} of ${label} is ${off}: L2 table offset not cluster aligned`);
+      continue;
+    }
+    if (!inc(off, cs, `L2 table of ${label} (L1 entry ${i})`)) continue;
+    file.readFullSync(l2, off);
+    walkL2(l2, i, h.clusterBits, h.version >= 3, t.fileSize, (ref, guest) => {
+      if (ref.kind === 'compressed') inc(ref.offset, ref.length, `compressed data of ${label} for guest offset ${guest}`);
+      else if (ref.offset !== 0) inc(ref.offset, cs, `data cluster of ${label} for guest offset ${guest}`);
+    }, (msg) => error(`${label}: ${msg}`), extL2);
+  }
 }
 
 /** Compares counted references with stored refcounts; fills the result; returns the leaked clusters. */
