@@ -254,15 +254,21 @@ function namingFiles(addon: NativeAddon): NativeAddon {
   const wrapped: Record<string, unknown> = { ...addon };
   for (const [name, fn] of Object.entries(addon)) {
     if (typeof fn !== 'function' || name === 'open' || name === 'close') continue;
+    // The hot path (a 4 KiB read or write per call) pays for no lookup and no string: the
+    // files are looked up when a synchronous call throws (its descriptors are still open),
+    // and at the call for an asynchronous one (they may be closed when it settles).
+    const call = fn as (...a: unknown[]) => unknown;
     wrapped[name] = (...args: unknown[]): unknown => {
-      const file = filesOf(name, args);
-      if (file === undefined) return (fn as (...a: unknown[]) => unknown)(...args);
+      let r: unknown;
       try {
-        const r = (fn as (...a: unknown[]) => unknown)(...args);
-        return r instanceof Promise ? r.catch((e: unknown) => Promise.reject(withPath(e, file))) : r;
+        r = call(...args);
       } catch (e) {
-        throw withPath(e, file);
+        const file = filesOf(name, args);
+        throw file === undefined ? e : withPath(e, file);
       }
+      if (!(r instanceof Promise)) return r;
+      const file = filesOf(name, args);
+      return file === undefined ? r : r.catch((e: unknown) => Promise.reject(withPath(e, file)));
     };
   }
   wrapped.open = (p: string, flags: number, mode: number): number => {
