@@ -3,7 +3,7 @@
  * says and does: odd-sized parents sized as qemu-img sizes them, a child made standalone by
  * `qemu-img rebase -b ''` releasing its parent, guard messages that name what happened
  * (a commit into the parent, a different backing file), and a parent written with its mtime
- * set back: not caught yet (ctime is recorded, not compared). qemu-img and qemu-io are the oracle.
+ * set back caught by its ctime. qemu-img and qemu-io are the oracle.
  */
 import t from 'tap';
 import * as fs from 'node:fs';
@@ -102,4 +102,25 @@ t.test('the guard says what QEMU did: a commit wrote the parent, a rebase made i
   t.match(rebased.message, /different file/, 'says the backing file is a different file');
   t.match(rebased.message, /other\.raw/, 'names it');
   t.match(rebased.message, /accept-parent .*records/, 'says what accept-parent would do');
+});
+
+t.test('a parent written outside the sampled blocks with its mtime set back is caught by its ctime', { skip: skip || missing({ root: true }) }, async (t) => {
+  const dir = t.testdir();
+  const parent = makeParent(dir, 4 * MiB);
+  const child = path.join(dir, 'child.qcow2');
+  await diff.createChild(parent.file, child);
+  const before = fs.statSync(parent.file, { bigint: true });
+  // 100,000 lies between the first 64 KiB and the first sample (at 240 KiB): not fingerprinted
+  const fd = fs.openSync(parent.file, 'r+');
+  fs.writeSync(fd, Buffer.alloc(4096, 0xee), 0, 4096, 100_000);
+  fs.closeSync(fd);
+  const sec = before.mtimeNs / 1_000_000_000n;
+  const nsec = (before.mtimeNs % 1_000_000_000n).toString().padStart(9, '0');
+  const touch = run('touch', ['-m', '-d', `@${sec}.${nsec}`, parent.file]);
+  t.equal(touch.status, 0, touch.stderr);
+  t.equal(fs.statSync(parent.file, { bigint: true }).mtimeNs, before.mtimeNs, 'the mtime is back where it was');
+  t.throws(() => Qcow2Image.open(child).close(), { code: 'EPARENTCHANGED', message: /ctime|status change/ }, 'the child refuses its changed parent');
+  diff.acceptParent(child);
+  Qcow2Image.open(child).close();
+  t.pass('accept-parent records it as it is now');
 });

@@ -29,10 +29,10 @@ import { BlockFile } from '../engine/file';
 import { DisksnapError } from '../engine/errors';
 import { detectFormat } from '../image';
 import { Qcow2Image } from '../image/qcow2/image';
-import { readHeaderCluster } from '../image/qcow2/header';
 import { EXT_BACKING_FORMAT, EXT_PARENT_GUARD, GUARD_LAYOUT, MAX_BACKING_NAME, parseHeader, Qcow2Header, RawGuard } from '../image/qcow2/format';
 import { encodeTail, extensionsSize } from '../image/qcow2/encode';
-import { identify, toRecord } from '../image/qcow2/guard';
+import { compare as compareGuard, identify, onlyStatusChanged, toRecord } from '../image/qcow2/guard';
+import { readHeaderCluster, resolveBacking } from '../image/qcow2/header';
 import { childrenOf } from './registry';
 
 /** The header of a qcow2 file, read without opening its chain. */
@@ -61,8 +61,19 @@ export function guardOf(parent: string): RawGuard {
  * now. The image must not be in use (the caller holds its lock or QEMU does not run it).
  */
 export function rewriteBacking(image: string, parent: string | undefined, opts: { guard?: boolean; file?: BlockFile } = {}): void {
-  // `file`: the caller's open handle on this very inode (an OFD lock of ours would conflict)
-  const f = opts.file ?? BlockFile.open(image, { write: true, lock: 'exclusive' });
+  // `file`: the caller's open handle on this very inode (an OFD lock of ours would conflict).
+  // A read-only node is made writable for the write and read-only again (its ctime moves:
+  // the caller refreshes its children's guards after it, refreshTreeGuards in checkpoint.ts).
+  const mode = fs.statSync(image).mode & 0o7777;
+  const unlock = !opts.file && !(mode & 0o200);
+  if (unlock) fs.chmodSync(image, mode | 0o200);
+  let f: BlockFile;
+  try {
+    f = opts.file ?? BlockFile.open(image, { write: true, lock: 'exclusive' });
+  } catch (e) {
+    if (unlock) fs.chmodSync(image, mode);
+    throw e;
+  }
   try {
     const size = f.size();
     const cluster0 = readHeaderCluster(f, size);
@@ -92,7 +103,31 @@ export function rewriteBacking(image: string, parent: string | undefined, opts: 
     f.syncSync(true);
   } finally {
     if (!opts.file) f.close();
+    if (unlock) fs.chmodSync(image, mode);
   }
+}
+
+/**
+ * Re-records the guard of `image` when the only thing that moved in its parent is the ctime:
+ * what disksnap's own steps do to a parent (a chmod making it read-only, a hard link or a
+ * rename of a checkpoint node). A parent whose size, mtime, inode or sampled bytes changed is
+ * left for the guard to report. Returns whether the guard was rewritten. `image` must not be
+ * in use: its lock is taken, or `file` is the caller's handle on it.
+ */
+export function refreshGuard(image: string, opts: { file?: BlockFile } = {}): boolean {
+  const h = readHeader(image);
+  if (h.guard === undefined || h.backingFile === undefined) return false;
+  const parent = resolveBacking(image, h.backingFile);
+  if (!fs.existsSync(parent)) return false;
+  const f = BlockFile.open(parent, { lock: 'none' });
+  let stale: boolean;
+  try {
+    stale = onlyStatusChanged(compareGuard(h.guard, f));
+  } finally {
+    f.close();
+  }
+  if (stale) rewriteBacking(image, parent, { file: opts.file });
+  return stale;
 }
 
 /** Records, in each child of `image`, the identity `image` has now (its view is unchanged). */

@@ -53,7 +53,7 @@ import { createQcow2 } from '../image/qcow2/create';
 import { resolveBacking } from '../image/qcow2/header';
 import { detectFormat } from '../image';
 import { addChild, childrenOf, makeReadOnly, removeChild } from './registry';
-import { guardOf, mergeDown, readHeader, reguardChildren, rewriteBacking } from './checkpoint-merge';
+import { guardOf, mergeDown, readHeader, refreshGuard, reguardChildren, rewriteBacking } from './checkpoint-merge';
 
 export interface NodeInfo {
   name: string;
@@ -249,11 +249,15 @@ async function runCreate(
     rewriteBacking(node, j.backing, { guard: readHeader(node).guard !== undefined });
   }
   if (j.backing !== undefined) {
-    removeChild(j.backing, image);
+    // the node first: a registry never emptied never restores (chmods) the parent's mode
     addChild(j.backing, node);
+    removeChild(j.backing, image);
   }
   addChild(node, image);
   makeReadOnly(node);
+  // The link and the rename over IMAGE moved the node's ctime, which IMAGE's guard records
+  // (a live create leaves the guards to QEMU's files: none on IMAGE, the node is QEMU's).
+  if (!live) refreshTreeGuards(image, opts.imageHandle);
   const t = readTree(image);
   t.nodes[j.name] = { created: new Date().toISOString() };
   writeTree(image, t);
@@ -281,7 +285,7 @@ export async function revert(image: string, name: string, opts: RevertOptions = 
     try {
       const j: Journal = { op: 'revert', name, imageIno: fs.statSync(image).ino, from: backingOf(image) };
       writeJsonAtomic(journalPath(image), j);
-      await runRevert(image, j);
+      await runRevert(image, j, lock);
     } finally {
       lock.close();
     }
@@ -289,15 +293,42 @@ export async function revert(image: string, name: string, opts: RevertOptions = 
   });
 }
 
-async function runRevert(image: string, j: Extract<Journal, { op: 'revert' }>): Promise<void> {
+async function runRevert(image: string, j: Extract<Journal, { op: 'revert' }>, handle?: BlockFile): Promise<void> {
   const node = nodePath(image, j.name);
   if (fs.statSync(image).ino === j.imageIno) await freshChildOver(image, node);
-  if (j.from !== undefined && j.from !== node) removeChild(j.from, image);
   addChild(node, image);
+  if (j.from !== undefined && j.from !== node) removeChild(j.from, image);
   makeReadOnly(node);
   if (j.from !== undefined) makeReadOnly(j.from);
+  refreshTreeGuards(image, handle);
   fs.rmSync(journalPath(image), { force: true });
   syncDir(treeDir(image));
+}
+
+/**
+ * The guards of IMAGE and every node, re-recorded where only their parent's ctime moved (the
+ * chmods, links and renames of the step just taken; refreshGuard). `handle`: the caller's
+ * locked handle on one of these files (its inode), used instead of opening it again.
+ */
+function refreshTreeGuards(image: string, handle?: BlockFile): void {
+  const held = handle?.stat().ino;
+  const files = [...nodeNames(image).map((n) => nodePath(image, n)), path.resolve(image)].filter((f) => fs.existsSync(f));
+  // Parents before children: re-recording a read-only node's guard chmods it for the write,
+  // which moves its ctime in turn, for its own children's guards to be refreshed after it.
+  const depth = new Map<string, number>();
+  const depthOf = (f: string, seen = 0): number => {
+    const known = depth.get(f);
+    if (known !== undefined) return known;
+    const b = backingOf(f);
+    const d = b !== undefined && files.includes(b) && seen < files.length ? depthOf(b, seen + 1) + 1 : 0;
+    depth.set(f, d);
+    return d;
+  };
+  files.sort((a, b) => depthOf(a) - depthOf(b));
+  for (const f of files) {
+    const mine = held !== undefined && fs.statSync(f, { bigint: true }).ino === held;
+    refreshGuard(f, { file: mine ? handle : undefined });
+  }
 }
 
 /** Every file whose backing is `node`: the nodes of the tree and IMAGE. */
@@ -351,6 +382,7 @@ function runDelete(image: string, j: Extract<Journal, { op: 'delete' }>): Delete
   }
   for (const c of j.children) if (c !== path.resolve(image) && fs.existsSync(c)) makeReadOnly(c);
   if (j.parent !== undefined && fs.existsSync(j.parent) && childrenOf(j.parent).length > 0) makeReadOnly(j.parent);
+  refreshTreeGuards(image);
   const t = readTree(image);
   delete t.nodes[j.name];
   writeTree(image, t);

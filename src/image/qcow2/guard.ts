@@ -8,18 +8,19 @@
  * 64 KiB and 16 sampled 4 KiB blocks spread evenly over the file (~200 KiB read per open,
  * whatever the parent's size). Guards with flag FLAG_FILE_IDENTITY also hold the parent's
  * ctime (ns), device and inode in the first 24 reserved bytes: a parent that is another file
- * (a rebase, a copy) is named as such. A device number alone changing (the same inode and
- * ctime on a remounted filesystem) is not a change. ctime is recorded but not yet compared
- * (see compare()): a write outside the samples with the mtime set back is not caught.
+ * (a rebase, a copy) is named as such; no write can set ctime back, so a write outside the
+ * samples with the mtime restored is caught. A device number alone changing (the same inode
+ * and ctime on a remounted filesystem) is not a change.
  *
  * Trade-off: hashing the whole parent would catch every change but costs a full read of
  * a possibly huge image on every open. Size + mtime catch every ordinary write (the
  * parent is also read-only while it has children); the fingerprint catches a parent
  * replaced by another image, or rewritten with its mtime restored, where the change
  * touches the regions that differ between images in practice (partition tables, boot
- * sectors, filesystem superblocks at the start, GPT backup at the end). Moving the directory
- * that holds parent and child keeps everything; a parent copied gets a new inode and the
- * child then asks for `diff accept-parent`.
+ * sectors, filesystem superblocks at the start, GPT backup at the end); ctime catches what
+ * the samples miss. Moving the directory that holds parent and child keeps everything; a
+ * parent copied (a new inode), or renamed or chmod-ed by itself (a new ctime), makes the child
+ * ask for `diff accept-parent`. disksnap's own chmods and links re-record the guards they move.
  */
 import { createHash } from 'node:crypto';
 import { BlockFile } from '../../engine/file';
@@ -34,6 +35,7 @@ const SAMPLE_COUNT = 16;
 const FLAG_FILE_IDENTITY = 1;
 /** How compare() starts the change that makes the parent another file. */
 const DIFFERENT_FILE = 'a different file';
+const STATUS_CHANGE = 'status change time (ctime)';
 
 export interface ParentIdentity {
   size: number;
@@ -109,9 +111,7 @@ export function compare(recorded: RawGuard, file: BlockFile): string[] {
     if (st.ino !== ino || (BigInt(st.dev) !== dev && st.ctimeNs !== ctime)) {
       changes.push(`${DIFFERENT_FILE} (inode ${st.ino} on device ${st.dev}, was inode ${ino} on device ${dev})`);
     }
-    // ctime alone is recorded but not compared yet: checkpoint trees relink and re-register
-    // parents (chmod, link), which moves ctime without touching a byte, and they do not yet
-    // re-record their children's guards after each such step.
+    else if (st.ctimeNs !== ctime) changes.push(`${STATUS_CHANGE} ${formatNs(ctime)} -> ${formatNs(st.ctimeNs)}`);
   }
   if (st.size !== recorded.parentSize) changes.push(`size ${recorded.parentSize} -> ${st.size} bytes`);
   const mtime = (BigInt(recorded.mtimeHi >>> 0) << 32n) | BigInt(recorded.mtimeLo >>> 0);
@@ -122,6 +122,17 @@ export function compare(recorded: RawGuard, file: BlockFile): string[] {
   return changes;
 }
 
+
+/**
+ * True when the only change is the parent's ctime: its size, mtime, inode and sampled bytes
+ * are as recorded. disksnap's own steps cause that (a chmod that makes a parent read-only, a
+ * hard link or rename of a checkpoint node) and then re-record the guard (refreshGuard in
+ * differencing/checkpoint-merge.ts); anything else that moves ctime alone — a write with
+ * the mtime set back, for one — is for the user to accept.
+ */
+export function onlyStatusChanged(changes: string[]): boolean {
+  return changes.length > 0 && changes.every((c) => c.startsWith(STATUS_CHANGE));
+}
 
 export function parentChangedError(child: string, parent: string, changes: string[]): DisksnapError {
   const what = changes.some((c) => c.startsWith(DIFFERENT_FILE))
