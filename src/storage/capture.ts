@@ -15,15 +15,25 @@
  * its bytes match its name even when the volume changes under the read.
  *
  * One moment: the stat check sees write(2), but not stores through a shared mmap into pages
- * that are already dirty (neither mtime nor ctime moves). So a volume read live (no freeze,
- * no clone) gets a second, cheap pass: each block's change tag (GHASH, no SHA-256) computed
- * again and compared with the tag of the bytes the snapshot recorded, and every block the
- * snapshot has as zero or hole checked to be zero still. Each byte then had the same value
- * when first read and when read again, and every first read came before every second one:
- * the snapshot equals the volume at the instant between the two passes. A block that moved
- * throws VolumeChanged (the attempt is retried, then the snapshot is `error`).
+ * that are already dirty (neither mtime nor ctime moves). A volume read live (no freeze, no
+ * clone) is proven to be of one moment in one of two ways:
+ *   - By clean pages (a regular file on ext4, xfs or btrfs): after the first stat, an
+ *     fdatasync of the volume writes its dirty pages back, which write-protects every shared
+ *     mapping of them; from then on the first store into any page faults, and these
+ *     filesystems' page_mkwrite updates mtime (the coarse clock is already past the stat's
+ *     mtime: stableStat). Every change after the fdatasync, through write(2) or a mapping,
+ *     then moves mtime or ctime, and the stat after the read sees it. No second read.
+ *   - By reading again (block devices, other filesystems — tmpfs pages are never written
+ *     back, nor write-protected — or the proveByReading test hook): each block's change tag
+ *     (GHASH, no SHA-256) computed again and compared with the tag of the bytes the snapshot
+ *     recorded, and every block the snapshot has as zero or hole checked to be zero still.
+ *     Each byte then had the same value when first read and when read again, and every first
+ *     read came before every second one: the snapshot equals the volume at the instant
+ *     between the two passes. On a 1 GiB incremental this pass was ~0.3 s of its ~0.9 s.
+ * A block that moved throws VolumeChanged (the attempt is retried, then the snapshot is `error`).
  */
 import { randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
 import { BlockFile } from '../engine/file';
 import type { DiskImage } from '../image';
 import { BlockHashes, native, NativeStat } from '../engine/native';
@@ -77,8 +87,22 @@ export interface CaptureSettings {
   onLog?: (message: string) => void;
   saveProgress: (percent: number) => void;
   afterChunk?: (attempt: number, chunk: number) => void | Promise<void>;
-  /** read live (no freeze, no clone): prove one moment with a second pass (see above) */
+  /** read live (no freeze, no clone): prove one moment (see above) */
   prove: boolean;
+  /** prove it by the second read pass even where clean pages would do (a test hook) */
+  proveByReading?: boolean;
+}
+
+/** statfs f_type of the filesystems whose page_mkwrite updates mtime (linux/magic.h). */
+const MTIME_ON_FAULT = new Set([0xef53 /* ext2/3/4 */, 0x58465342 /* xfs */, 0x9123683e /* btrfs */]);
+
+/** Whether writes to `file`, through write(2) or a shared mapping of clean pages, move its mtime. */
+function writesMoveMtime(file: BlockFile): boolean {
+  try {
+    return fs.fstatSync(file.fd).isFile() && MTIME_ON_FAULT.has(fs.statfsSync(file.path).type);
+  } catch {
+    return false;
+  }
 }
 
 /** The data blocks recorded so far, ascending, with the unmasked change tag of the bytes recorded. */
@@ -393,6 +417,13 @@ export async function capture(
   readDone: () => Promise<void>,
 ): Promise<Captured> {
   const st0 = await stableStat(file);
+  // One moment by clean pages where the filesystem allows it (see the note above): every
+  // store from here on faults and moves mtime, so the second read pass is not needed.
+  const byCleanPages = settings.prove && !settings.proveByReading && writesMoveMtime(file);
+  if (byCleanPages) {
+    file.syncSync(true);
+    settings = { ...settings, prove: false };
+  }
   const size = settings.guest ? settings.guest.image.virtualSize : volumeSizeOf(file, st0);
   rec.volumeSize = size;
   rec.stats = emptyStats();

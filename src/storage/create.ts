@@ -233,7 +233,7 @@ async function runCapture(
         // Read live (not frozen, not a clone, not through an image's guest view): the capture
         // proves the read is of one moment.
         const prove = !guest && from === file && src.consistency !== 'frozen';
-        const settings = { guest, threads: threadsOf(opts), attempt, tk, prove, onProgress: opts.onProgress, onLog: opts.onLog, saveProgress: progress.save, afterChunk: faults.afterChunk };
+        const settings = { guest, threads: threadsOf(opts), attempt, tk, prove, proveByReading: faults.proveByReading, onProgress: opts.onProgress, onLog: opts.onLog, saveProgress: progress.save, afterChunk: faults.afterChunk };
         const pick = (view: ParentView, g?: GuestVolume): ChangeDetector => {
           const d = pickDetector(view, g);
           rec.changeSource = changeSourceOf(d);

@@ -15,6 +15,11 @@ export interface Faults {
    * recorded as 'frozen' when it returned one, else 'not-mounted'.
    */
   freeze?: (volumePath: string) => Promise<(() => Promise<void>) | void>;
+  /**
+   * createSnapshot: prove one moment with the second read pass even where the volume's
+   * filesystem moves mtime on every write (the pass a block device or tmpfs file needs)
+   */
+  proveByReading?: boolean;
   /** restoreSnapshot in place: before each write batch of pass 2 */
   beforeWrite?: (batch: number) => void | Promise<void>;
   /** copySnapshot: after each batch of blocks was copied */
