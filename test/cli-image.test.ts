@@ -41,7 +41,7 @@ t.test('create makes a sparse raw image of the exact size and refuses to overwri
   t.same(fs.readdirSync(dir), ['a.img'], 'no temporary files left');
 });
 
-t.test('sizes are parsed as qemu-img parses them; a bad size is a usage error that names it', async (t) => {
+t.test('sizes are parsed as qemu-img parses them (but for spaces and a b suffix); a bad size is a usage error that names it', async (t) => {
   const dir = t.testdir();
   for (const [text, bytes] of [
     ['512', 512],
@@ -49,7 +49,6 @@ t.test('sizes are parsed as qemu-img parses them; a bad size is a usage error th
     ['64K', 65536],
     ['1M', MiB],
     ['2G', 2 * 2 ** 30],
-    ['12b', 12],
     ['1.5M', 1.5 * MiB],
     ['1.3k', 1331],
   ] as const) {
@@ -58,7 +57,7 @@ t.test('sizes are parsed as qemu-img parses them; a bad size is a usage error th
     t.equal(r.status, 0, `${text}: ${r.stderr}`);
     t.equal(fs.statSync(img).size, bytes, text);
   }
-  for (const bad of ['12x', '4kk', 'abc', '1.5', '', ' 12', '1GB', '4KiB', '0x10', '-5']) {
+  for (const bad of ['12x', '4kk', 'abc', '1.5', '', ' 12', '12b', '1GB', '4KiB', '0x10', '-5']) {
     const img = path.join(dir, 'bad.img');
     const r = cli(['create', img, bad]);
     t.equal(r.status, 2, `'${bad}' is bad usage`);
@@ -68,9 +67,14 @@ t.test('sizes are parsed as qemu-img parses them; a bad size is a usage error th
   }
   // qemu-img agrees on each good and bad size where it is installed
   if (!missing({ commands: ['qemu-img'] })) {
-    for (const [text, ok] of [['1.5M', true], ['12b', true], ['1GB', false], ['4KiB', false], ['1.5', false]] as const) {
+    for (const [text, ok] of [['1.5M', true], ['1GB', false], ['4KiB', false], ['1.5', false]] as const) {
       const q = spawnSync('qemu-img', ['create', '-f', 'raw', path.join(dir, 'q.img'), text], { encoding: 'utf8' });
       t.equal(q.status === 0, ok, `qemu-img ${ok ? 'takes' : 'refuses'} '${text}' too`);
+    }
+    // the two that qemu-img tolerates and disksnap calls slips (refused above)
+    for (const text of ['12b', ' 12']) {
+      const q = spawnSync('qemu-img', ['create', '-f', 'raw', path.join(dir, 'q.img'), text], { encoding: 'utf8' });
+      t.equal(q.status, 0, `qemu-img takes '${text}' (12 bytes); disksnap refuses it`);
     }
   }
   const zero = cli(['create', path.join(dir, 'z.img'), '0']);

@@ -1,17 +1,18 @@
 /**
  * Sizes and offsets as the command line accepts them, with qemu-img's grammar so that a size
- * that works with one works with the other: a number, optionally with a decimal fraction,
- * and an optional suffix `b` (bytes), `k`, `M`, `G`, `T`, `P`, `E` (powers of 1024, either
- * case): `512`, `4k`, `64K`, `1.5G`. A fraction needs a unit of at least `k` and is rounded
- * down to whole bytes, as qemu-img does. Not sizes: `1GB`, `4KiB` (qemu-img refuses them),
- * signs, spaces, hex.
+ * that works with disksnap works with qemu-img: a number of bytes, optionally with a decimal
+ * fraction and a suffix `k`, `M`, `G`, `T`, `P`, `E` (powers of 1024, either case): `512`,
+ * `4k`, `64K`, `1.5G`. A fraction needs a unit and is rounded down to whole bytes, as
+ * qemu-img does. Not sizes: `1GB`, `4KiB` (qemu-img refuses them), signs, hex, and two that
+ * qemu-img tolerates but that are more likely slips than meant: surrounding spaces (`" 12"`)
+ * and a `b` suffix (`12b`: a bare number already means bytes).
  */
 import { invalid } from './errors';
 
-const UNITS: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 };
+const UNITS: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 };
 
 export function parseSize(text: string, what = 'size'): number {
-  const m = /^(\d+)(?:\.(\d+))?([bkmgtpe]?)$/i.exec(String(text));
+  const m = /^(\d+)(?:\.(\d+))?([kmgtpe]?)$/i.exec(String(text));
   const unit = m ? UNITS[m[3].toLowerCase()] : 0;
   if (!m || (m[2] !== undefined && unit === 1)) {
     throw invalid(`${what} '${text}' is not a size (examples: 512, 4k, 64K, 1.5G; suffixes k, M, G, T, P, E are powers of 1024)`);
