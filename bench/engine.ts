@@ -15,7 +15,7 @@ import { fillRandom, hasCommand, MB, medianOf, MiB, run, timed, warm } from './u
 
 export async function benchEngine(opts: BenchOptions): Promise<BenchRow[]> {
   const rows: BenchRow[] = [];
-  const runs = opts.quick ? 1 : 5;
+  const runs = opts.runs ?? (opts.quick ? 1 : 5);
   const size = opts.quick ? 64 * MiB : 1024 * MiB;
   const file = path.join(opts.dir, 'engine.img');
   fillRandom(file, 0, size);

@@ -32,7 +32,7 @@ export async function benchLoop(opts: BenchOptions): Promise<BenchRow[]> {
     process.stderr.write('bench: loop: skipped (needs root and /dev/loop-control)\n');
     return [];
   }
-  const runs = opts.quick ? 1 : 3;
+  const runs = opts.runs ?? (opts.quick ? 1 : 3);
   const size = opts.quick ? 256 * MiB : 1024 * MiB;
   const count = size / MiB;
   const parent = path.join(opts.dir, 'parent.img');

@@ -88,7 +88,7 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
   const env = startCeph();
   Object.assign(process.env, { AWS_ENDPOINT_URL: env.AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID: env.AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY: env.AWS_SECRET_ACCESS_KEY, AWS_REGION: env.AWS_REGION });
   const quick = !!opts.quick;
-  const runs = quick ? 1 : 3;
+  const runs = opts.runs ?? (quick ? 1 : 3);
   const size = quick ? 256 * MiB : 4 * GiB;
   const data = quick ? 64 * MiB : 1 * GiB;
   const dataOffset = size / 8;
