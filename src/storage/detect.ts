@@ -15,7 +15,7 @@
  *             hashed again there.
  *
  * Every path computes the unmasked tag of each block it records (under p.proofKey), for the
- * tag file and for the second pass of ./capture.ts.
+ * tag file and for the second pass of ./capture.ts (where the one moment is proven by reading).
  *
  * A block read twice whose two hashes differ is proof the volume moved (VolumeChanged).
  */

@@ -47,8 +47,10 @@
  * A snapshot is of one moment: an object is always written from the buffer whose bytes were
  * hashed, a block read twice must hash the same both times, and the volume's stat (size,
  * mtime, ctime, inode) must not move during the read; otherwise the attempt is thrown away
- * and retried, then the snapshot is `error`. A mounted volume is frozen or cloned first
- * (src/host/point-in-time.ts).
+ * and retried, then the snapshot is `error`. Writes through a shared mmap that move no mtime
+ * are ruled out by clean pages (an fdatasync of a regular file on ext4/xfs/btrfs, after which
+ * every store faults and moves mtime) or, elsewhere, by a second pass of change tags
+ * (capture.ts). A mounted volume is frozen or cloned first (src/host/point-in-time.ts).
  *
  * Encryption follows the volume (`registerVolume(..., {encrypted, key})`): every snapshot of
  * an encrypted volume is taken through a Store whose codec seals blocks (AES-256-GCM), keys
