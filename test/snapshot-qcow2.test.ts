@@ -10,7 +10,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as snap from '../src/storage';
 import { assertClean, makeParent, qemuImgOk, qemuIo, run, guestBytes } from './helpers/qemu';
-import { needQemuNbd, qemuBitmaps } from './helpers/qemu-bitmaps';
+import { needQemuNbd, qemuBitmaps, qemuDirtyRanges } from './helpers/qemu-bitmaps';
 import { cli } from './helpers/cli';
 
 const KiB = 1024;
@@ -170,14 +170,62 @@ t.test('an untrusted bitmap falls back to hashing every block, and says why', { 
   t.ok((await restored(store, s3.id, dir)).equals(guestBytes(vol)), 'and restore is exact');
 });
 
-t.test('in-place restore into a qcow2 volume is refused, the image untouched', { skip }, async (t) => {
+t.test('in-place restore into a qcow2 child writes its guest view through the qcow2 writer; the parent is never written', { skip }, async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const parent = makeParent(dir, 16 * MiB);
+  const child = path.join(dir, 'child.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', '-b', parent.file, '-F', 'raw', child, '16M');
+  qemuIo(child, ['write -P 0x11 0 1M', 'write -z 4M 512k']);
+  const s = await snap.createSnapshot(child, { store, blockSize: BS });
+  const want = guestBytes(child);
+  const parentBefore = fs.readFileSync(parent.file);
+  // After the snapshot: data where it had data, data over a zero block, data where only the
+  // parent showed through, and a block of the child zeroed.
+  qemuIo(child, ['write -P 0x22 512k 4k', 'write -P 0x33 4M 8k', 'write -P 0x44 10M 64k', 'write -z 0 512k']);
+  t.notOk(guestBytes(child).equals(want), 'the child shows something else now');
+  const r = await snap.restoreSnapshot(s.id, { store, inPlace: child });
+  t.equal(r.mode, 'in-place');
+  t.equal(r.blocksWritten + r.blocksPunched, 4, `only the four blocks that differ (written ${r.blocksWritten}, zeroed ${r.blocksPunched})`);
+  t.ok(guestBytes(child).equals(want), 'the child shows exactly what it showed at the snapshot (qemu-img convert)');
+  assertClean(t, child, 'the child after the restore');
+  t.ok(fs.readFileSync(parent.file).equals(parentBefore), 'the parent is byte for byte unchanged');
+  const again = await snap.restoreSnapshot(s.id, { store, inPlace: child });
+  t.equal(again.blocksWritten + again.blocksPunched, 0, 'a second run finds nothing to do');
+
+  // A chain other than the recorded one: refused, unless told otherwise.
+  const other = path.join(dir, 'other.raw');
+  fs.copyFileSync(parent.file, other);
+  qemuImgOk('rebase', '-u', '-f', 'qcow2', '-b', other, '-F', 'raw', child);
+  qemuIo(child, ['write -P 0x55 2M 4k']);
+  const before = fs.readFileSync(child);
+  await t.rejects(snap.restoreSnapshot(s.id, { store, inPlace: child }), { code: 'EINVALID', message: /backing chain .*other\.raw.* is not the one .*--allow-chain-change/ });
+  t.ok(fs.readFileSync(child).equals(before), 'refused: the child is byte for byte unchanged');
+  const cliBad = cli(['snapshot', 'restore', s.id, '--to', path.join(dir, 'x.raw'), '--allow-chain-change', '--store', store]);
+  t.equal(cliBad.status, 2, '--allow-chain-change without --in-place is bad usage');
+  const forced = cli(['snapshot', 'restore', s.id, '--in-place', child, '--allow-chain-change', '--store', store]);
+  t.equal(forced.status, 0, `--allow-chain-change: ${forced.stderr}`);
+  t.ok(guestBytes(child).equals(want), 'the snapshot\'s guest view over the other parent');
+  assertClean(t, child, 'after the forced restore');
+});
+
+t.test('in-place restore into a qcow2 volume with a QEMU bitmap keeps the bitmap consistent and marks what it wrote', { skip }, async (t) => {
   const dir = t.testdir();
   const store = path.join(dir, 'store');
   const vol = path.join(dir, 'vm.qcow2');
   qemuImgOk('create', '-q', '-f', 'qcow2', vol, '16M');
   qemuIo(vol, ['write -P 0x11 0 1M']);
   const s = await snap.createSnapshot(vol, { store, blockSize: BS });
-  const before = fs.readFileSync(vol);
-  await t.rejects(snap.restoreSnapshot(s.id, { store, inPlace: vol }), { code: 'EUNSUPPORTED' });
-  t.ok(fs.readFileSync(vol).equals(before), 'the image is byte for byte unchanged');
+  const want = guestBytes(vol);
+  qemuImgOk('bitmap', '--add', vol, 'backup');
+  qemuIo(vol, ['write -P 0x66 8M 4k']);
+  qemuImgOk('bitmap', '--clear', vol, 'backup');
+  const r = await snap.restoreSnapshot(s.id, { store, inPlace: vol });
+  t.equal(r.blocksWritten + r.blocksPunched, 1, 'one block differed');
+  t.ok(guestBytes(vol).equals(want), 'the volume shows the snapshot');
+  assertClean(t, vol, 'after the restore');
+  const b = qemuBitmaps(vol).find((x) => x.name === 'backup');
+  t.ok(b && !b.flags.includes('in-use') && !b.flags.includes('inconsistent'), `QEMU's bitmap is consistent (${JSON.stringify(b?.flags)})`);
+  const dirty = await qemuDirtyRanges(vol, 'backup');
+  t.ok(dirty.some((d) => d.offset <= 8 * MiB && 8 * MiB < d.offset + d.length), `the bitmap covers the restored range (${JSON.stringify(dirty)})`);
 });

@@ -250,20 +250,22 @@ export function register(program: Command): void {
     .description('restore a snapshot into a new sparse image (--to) or roll a volume back (--in-place)')
     .argument('<snap>')
     .option('--to <file>', 'new raw image to write (refused if it exists, unless --force)')
-    .option('--in-place <volume>', 'roll this volume back, rewriting only the blocks that differ')
+    .option('--in-place <volume>', 'roll this volume back, rewriting only the blocks that differ (a qcow2 volume through its guest view)')
+    .option('--allow-chain-change', "with --in-place into a qcow2 volume: restore although its backing chain is not the one the snapshot recorded")
     .option('-f, --force', 'with --to: replace an existing file')
     .option('--format <format>', 'with --to: raw (default, sparse) or qcow2 (standalone qcow2 v3, zero blocks unallocated)')
     .option(storeOption, storeHelp)
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print a JSON report')
     .action(
-      action(async (ref: string, o: StoreFlag & KeyFlags & { to?: string; inPlace?: string; force?: boolean; format?: string }) => {
+      action(async (ref: string, o: StoreFlag & KeyFlags & { to?: string; inPlace?: string; force?: boolean; format?: string; allowChainChange?: boolean }) => {
         if ((o.to === undefined) === (o.inPlace === undefined)) throw new UsageError('restore needs exactly one of --to FILE and --in-place VOLUME');
         if (o.format !== undefined && o.format !== 'raw' && o.format !== 'qcow2') throw new UsageError(`--format must be raw or qcow2, not '${o.format}'`);
         if (o.format !== undefined && o.to === undefined) throw new UsageError('--format applies to --to FILE only');
+        if (o.allowChainChange && o.inPlace === undefined) throw new UsageError('--allow-chain-change applies to --in-place only');
         const format = o.format as 'raw' | 'qcow2' | undefined;
         const r = await withBar('restore', (onProgress) =>
-          snap.restoreSnapshot(ref, { ...storeOpts(o), to: o.to, inPlace: o.inPlace, force: o.force, format, key: keySpec(o), onProgress }),
+          snap.restoreSnapshot(ref, { ...storeOpts(o), to: o.to, inPlace: o.inPlace, force: o.force, format, allowChainChange: o.allowChainChange, key: keySpec(o), onProgress }),
         );
         if (o.json) printJson(r);
         else if (r.mode === 'file') {

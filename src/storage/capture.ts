@@ -337,7 +337,7 @@ async function proveOneMoment(p: ReadPipeline): Promise<void> {
 }
 
 /** Blocks of the guest view that hold data (its map's data extents), as runs [first, end). */
-function guestRuns(image: DiskImage, size: number, bs: number): Array<[number, number]> {
+export function guestRuns(image: DiskImage, size: number, bs: number): Array<[number, number]> {
   const runs: Array<[number, number]> = [];
   for (const e of image.map()) {
     if (e.kind !== 'data') continue;

@@ -6,6 +6,12 @@
  * zeros, fsyncs, and clears the mark. Each step is idempotent: re-running after an
  * interruption re-plans from the volume as it is and finishes the job. While the mark is set,
  * snapshots of the volume are refused.
+ *
+ * A qcow2 volume (an image or the top of a chain) is restored through the qcow2 writer: its
+ * guest view is compared and written, zero blocks become zero clusters of the top image, the
+ * backing files are never written, and every enabled persistent bitmap is marked (so the next
+ * bitmap-driven snapshot sees the restore). A chain other than the one the snapshot recorded
+ * is refused unless `allowChainChange`: the same guest bytes would then sit over other parents.
  */
 import { BlockFile } from '../engine/file';
 import { DisksnapError } from '../engine/errors';
@@ -14,8 +20,9 @@ import { assertNotAttached } from '../host/attach';
 import type { Store } from './store/store';
 import { ManifestCursor, blockLength } from './store/manifest';
 import type { SnapshotRecord } from './store/records';
-import { detectFormat } from '../image';
+import { detectFormat, openImage } from '../image';
 import { blocksPerChunk, chunksOf, dataRuns, findVolumeByPath, openVolume, realVolumePath, threadsOf, volumeSizeOf } from './common';
+import { guestRuns } from './capture';
 import { faultsOf } from './faults';
 import { NumberList } from './pool';
 import { pipelineBlocks } from './fetch';
@@ -32,26 +39,25 @@ export async function restoreInPlace(store: Store, rec: SnapshotRecord, volume: 
       real,
     );
   }
-  // A qcow2 volume's snapshot holds its guest view; writing that over the container's bytes
-  // would destroy the image. In-place restore through the qcow2 writer is not done yet.
-  if (detectFormat(real) === 'qcow2' || rec.volumeFormat === 'qcow2') {
+  // The kernel has an attached image open: refuse with how to detach it.
+  assertNotAttached(real, 'restore it in place');
+  const nowQcow2 = detectFormat(real) === 'qcow2';
+  if (nowQcow2 !== (rec.volumeFormat === 'qcow2')) {
+    const was = rec.volumeFormat === 'qcow2' ? 'the guest view of a qcow2 image' : 'raw bytes';
     throw new DisksnapError(
-      `volume ${real} is a qcow2 image: restoring it in place is not supported yet; restore snapshot ${rec.id} with --to FILE (a raw image of what the guest saw)`,
-      'EUNSUPPORTED',
+      `volume ${real} is ${nowQcow2 ? 'a qcow2 image' : 'not a qcow2 image'} now, but snapshot ${rec.id} holds ${was}; refusing to restore in place (restore it with --to FILE)`,
+      'EINVALID',
       undefined,
       real,
     );
   }
-  // The kernel has an attached image open: refuse with how to detach it.
-  assertNotAttached(real, 'restore it in place');
-  const file = openVolume(real, true);
+  const target = nowQcow2 ? openQcow2Target(real, rec, opts) : rawTarget(openVolume(real, true));
   const report = emptyReport(rec, real, 'in-place');
   try {
-    const size = volumeSizeOf(file, file.stat());
-    if (size !== rec.volumeSize) {
-      throw new DisksnapError(`volume ${real} is ${size} bytes, snapshot ${rec.id} is of ${rec.volumeSize} bytes; refusing to restore in place`, 'EINVALID', undefined, real);
+    if (target.size !== rec.volumeSize) {
+      throw new DisksnapError(`volume ${real} is ${target.size} bytes, snapshot ${rec.id} is of ${rec.volumeSize} bytes; refusing to restore in place`, 'EINVALID', undefined, real);
     }
-    const plan = await planRestore(store, rec, file, report, opts);
+    const plan = await planRestore(store, rec, target, report, opts);
     if (plan.toWrite.length === 0 && plan.toPunch.length === 0) return report;
     // Verify every object the plan needs before the volume is touched.
     await withManifest(store, rec, (reader) =>
@@ -59,13 +65,71 @@ export async function restoreInPlace(store: Store, rec: SnapshotRecord, volume: 
     );
     vol.inPlaceRestore = { snapshotId: rec.id, startTime: new Date().toISOString() };
     await store.writeVolume(vol);
-    await applyPlan(store, rec, file, plan, report, opts);
+    await applyPlan(store, rec, target, plan, report, opts);
     vol.inPlaceRestore = null;
     await store.writeVolume(vol);
     return report;
   } finally {
-    file.close();
+    target.close();
   }
+}
+
+/** What an in-place restore reads and writes: a raw file or block device, or a qcow2 guest view. */
+interface Target {
+  size: number;
+  /** data block runs [first, end): everything else reads as zeros */
+  runs(bs: number): Array<[number, number]>;
+  read(buf: Buffer, offset: number): Promise<number>;
+  writeBatch(buf: Buffer, requests: Float64Array): Promise<void>;
+  /** makes [offset, offset+length) read as zeros */
+  zero(offset: number, length: number): void;
+  sync(): Promise<void>;
+  close(): void;
+}
+
+function rawTarget(file: BlockFile): Target {
+  const size = volumeSizeOf(file, file.stat());
+  return {
+    size,
+    runs: (bs) => dataRuns(file, size, bs),
+    read: (buf, offset) => file.read(buf, offset),
+    writeBatch: (buf, reqs) => file.writeBatch(buf, reqs),
+    zero: (offset, length) => file.punchHoleSync(offset, length),
+    sync: () => file.sync(),
+    close: () => file.close(),
+  };
+}
+
+/** The guest view of a qcow2 volume, opened for writing (QEMU's locks: a running VM is ELOCKED). */
+function openQcow2Target(real: string, rec: SnapshotRecord, opts: RestoreOptions): Target {
+  const image = openImage(real, { write: true });
+  try {
+    const chain = (image.info(true).chain ?? []).map((l) => l.path);
+    const recorded = rec.volumeChain ?? [];
+    if (!opts.allowChainChange && recorded.length > 0 && chain.join('\n') !== recorded.join('\n')) {
+      throw new DisksnapError(
+        `volume ${real}: its backing chain (${chain.join(' -> ')}) is not the one snapshot ${rec.id} was taken of (${recorded.join(' -> ')}); refusing to restore in place (--allow-chain-change writes the snapshot's guest view over the present chain)`,
+        'EINVALID',
+        undefined,
+        real,
+      );
+    }
+  } catch (e) {
+    image.close();
+    throw e;
+  }
+  return {
+    size: image.virtualSize,
+    runs: (bs) => guestRuns(image, image.virtualSize, bs),
+    read: async (buf, offset) => {
+      image.readSync(buf, offset);
+      return buf.length;
+    },
+    writeBatch: async (buf, reqs) => image.writeBatchSync(buf, reqs),
+    zero: (offset, length) => image.writeZeroesSync(offset, length),
+    sync: () => image.flush(),
+    close: () => image.close(),
+  };
 }
 
 export function emptyReport(rec: SnapshotRecord, target: string, mode: RestoreReport['mode']): RestoreReport {
@@ -89,14 +153,14 @@ async function withManifest<T>(store: Store, rec: SnapshotRecord, fn: (reader: A
 }
 
 /** Pass 1: the volume's data blocks hashed and compared with the manifest. */
-async function planRestore(store: Store, rec: SnapshotRecord, file: BlockFile, report: RestoreReport, opts: RestoreOptions): Promise<Plan> {
+async function planRestore(store: Store, rec: SnapshotRecord, file: Target, report: RestoreReport, opts: RestoreOptions): Promise<Plan> {
   const plan: Plan = { toWrite: new NumberList(), toPunch: new NumberList() };
   const bs = rec.blockSize;
   const size = rec.volumeSize;
   const threads = threadsOf(opts);
   await withManifest(store, rec, async (reader) => {
     const cursor = new ManifestCursor(reader);
-    const runs = dataRuns(file, size, bs);
+    const runs = file.runs(bs);
     const maxBlocks = blocksPerChunk(bs);
     const buf = Buffer.allocUnsafeSlow(maxBlocks * bs);
     let done = 0;
@@ -135,7 +199,7 @@ async function planRestore(store: Store, rec: SnapshotRecord, file: BlockFile, r
 }
 
 /** Pass 2 (the volume record is marked): write, punch, sync. */
-async function applyPlan(store: Store, rec: SnapshotRecord, file: BlockFile, plan: Plan, report: RestoreReport, opts: RestoreOptions): Promise<void> {
+async function applyPlan(store: Store, rec: SnapshotRecord, file: Target, plan: Plan, report: RestoreReport, opts: RestoreOptions): Promise<void> {
   const bs = rec.blockSize;
   const size = rec.volumeSize;
   const beforeWrite = faultsOf(opts).beforeWrite;
@@ -155,7 +219,7 @@ async function applyPlan(store: Store, rec: SnapshotRecord, file: BlockFile, pla
   );
   for (let j = 0; j < plan.toPunch.length; j++) {
     const i = plan.toPunch.get(j);
-    file.punchHoleSync(i * bs, blockLength(i, size, bs));
+    file.zero(i * bs, blockLength(i, size, bs));
     report.blocksPunched++;
   }
   await file.sync();

@@ -33,6 +33,11 @@ export interface RestoreOptions extends StoreOptions {
   to?: string;
   /** roll this volume back in place */
   inPlace?: string;
+  /**
+   * With `inPlace` into a qcow2 volume: restore even though its backing chain is not the one
+   * the snapshot recorded (the guest view is written either way; the parents are never touched)
+   */
+  allowChainChange?: boolean;
   /** with `to`: replace an existing file */
   force?: boolean;
   /** with `to`: 'raw' (default) a sparse raw image, 'qcow2' a standalone qcow2 v3 image */
@@ -63,6 +68,7 @@ export async function restoreSnapshot(ref: string, opts: RestoreOptions): Promis
   if ((opts.to === undefined) === (opts.inPlace === undefined)) throw invalid('restore needs exactly one of --to FILE and --in-place VOLUME');
   if (opts.format !== undefined && opts.format !== 'raw' && opts.format !== 'qcow2') throw invalid(`restore format '${String(opts.format)}' must be raw or qcow2`);
   if (opts.format === 'qcow2' && opts.inPlace !== undefined) throw invalid('--format applies to --to FILE only');
+  if (opts.allowChainChange && opts.inPlace === undefined) throw invalid('--allow-chain-change applies to --in-place only');
   const plain = await Store.open(opts.store);
   return withStoreLock(plain, 'shared', opts, async () => {
     const ring = new KeyRing(opts.key);
