@@ -9,6 +9,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as snap from '../src/storage';
+import { openImage } from '../src/image';
 import { assertClean, makeParent, qemuImgOk, qemuIo, run, guestBytes } from './helpers/qemu';
 import { needQemuNbd, qemuBitmaps, qemuDirtyRanges } from './helpers/qemu-bitmaps';
 import { cli } from './helpers/cli';
@@ -228,4 +229,15 @@ t.test('in-place restore into a qcow2 volume with a QEMU bitmap keeps the bitmap
   t.ok(b && !b.flags.includes('in-use') && !b.flags.includes('inconsistent'), `QEMU's bitmap is consistent (${JSON.stringify(b?.flags)})`);
   const dirty = await qemuDirtyRanges(vol, 'backup');
   t.ok(dirty.some((d) => d.offset <= 8 * MiB && 8 * MiB < d.offset + d.length), `the bitmap covers the restored range (${JSON.stringify(dirty)})`);
+
+  // A writer holding the image (QEMU's locks, as a running VM holds them): refused, unchanged.
+  qemuIo(vol, ['write -P 0x77 12M 4k']);
+  const held = openImage(vol, { write: true });
+  const before = fs.readFileSync(vol);
+  try {
+    await t.rejects(snap.restoreSnapshot(s.id, { store, inPlace: vol }), { code: 'ELOCKED' }, 'a volume in use is refused');
+  } finally {
+    held.close();
+  }
+  t.ok(fs.readFileSync(vol).equals(before), 'and left byte for byte as it was');
 });
