@@ -70,6 +70,7 @@ const NAMESPACES: Record<string, string[]> = {
     'registerVolume',
     'restoreSnapshot',
     'showSnapshot',
+    'tagSnapshot',
     'verifySnapshot'
   ]
 };

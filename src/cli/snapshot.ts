@@ -156,6 +156,12 @@ function printSnapshot(s: snap.SnapshotJson): void {
   printLines(rows.map(([k, v]) => `${k.padEnd(w)}  ${v}`));
 }
 
+/** `snap-…: k=v k2=v2` (control characters escaped), after tag/untag. */
+function printTags(rec: { id: string; tags: Record<string, string> }): void {
+  const tags = Object.entries(rec.tags).map(([k, v]) => `${printable(k)}=${printable(v)}`);
+  process.stdout.write(`${rec.id}: ${tags.join(' ') || 'no tags'}\n`);
+}
+
 export function register(program: Command): void {
   const snapshot = program.command('snapshot').description('EBS-style incremental storage snapshots of raw images');
   const storeOption = '--store <dir>';
@@ -207,11 +213,17 @@ export function register(program: Command): void {
   keyOptions(snapshot.command('list'), 'to show the names of encrypted snapshots')
     .description('snapshots in the store, oldest first')
     .option(storeOption, storeHelp)
-    .option('--volume <volume>', 'only snapshots of this volume (path or vol- id)')
+    .option('--volume <volume>', 'only snapshots of this volume (path, vol- id, or the loop device an image is attached to)')
+    .option('--tag <key[=value]>', 'only snapshots with this tag (KEY=VALUE, or KEY for any value; repeatable: all must match)', collect, [])
+    .option('--name <name>', 'only snapshots of this name')
+    .option('--state <state>', 'only snapshots in this state: pending, completed or error')
     .option('--json', 'print {"snapshots": [...]}')
     .action(
-      action(async (o: StoreFlag & KeyFlags & { volume?: string }) => {
-        const { snapshots, damaged } = await snap.listSnapshots({ ...storeOpts(o), volume: o.volume, key: keySpec(o) });
+      action(async (o: StoreFlag & KeyFlags & { volume?: string; tag: string[]; name?: string; state?: string }) => {
+        if (o.state !== undefined && !['pending', 'completed', 'error'].includes(o.state)) throw new UsageError(`--state must be pending, completed or error, not '${o.state}'`);
+        for (const f of o.tag) if (f === '' || f.startsWith('=')) throw new UsageError(`--tag '${f}' must be KEY=VALUE or KEY`);
+        const state = o.state as 'pending' | 'completed' | 'error' | undefined;
+        const { snapshots, damaged } = await snap.listSnapshots({ ...storeOpts(o), volume: o.volume, tags: o.tag, name: o.name, state, key: keySpec(o) });
         if (o.json) printJson({ snapshots });
         else if (snapshots.length === 0) process.stdout.write('no snapshots\n');
         else {
@@ -243,6 +255,41 @@ export function register(program: Command): void {
         const rec = await snap.showSnapshot(ref, { ...storeOpts(o), key: keySpec(o) });
         if (o.json) printJson(rec);
         else printSnapshot(rec);
+      }),
+    );
+
+  keyOptions(snapshot.command('tag'), 'of an encrypted snapshot (its tags are sealed with it)')
+    .description('set tags on a snapshot (over existing keys)')
+    .argument('<snap>')
+    .argument('<key=value...>')
+    .option(storeOption, storeHelp)
+    .option('--json', 'print the snapshot as JSON')
+    .action(
+      action(async (ref: string, items: string[], o: StoreFlag & KeyFlags) => {
+        let set: Record<string, string>;
+        try {
+          set = parseTags(items);
+        } catch (e) {
+          throw new UsageError((e as Error).message);
+        }
+        const rec = await snap.tagSnapshot(ref, { set }, { ...storeOpts(o), key: keySpec(o) });
+        if (o.json) printJson(rec);
+        else printTags(rec);
+      }),
+    );
+
+  keyOptions(snapshot.command('untag'), 'of an encrypted snapshot (its tags are sealed with it)')
+    .description('remove tags from a snapshot (keys it does not have are ignored)')
+    .argument('<snap>')
+    .argument('<key...>')
+    .option(storeOption, storeHelp)
+    .option('--json', 'print the snapshot as JSON')
+    .action(
+      action(async (ref: string, keys: string[], o: StoreFlag & KeyFlags) => {
+        for (const k of keys) if (k === '' || k.includes('=')) throw new UsageError(`'${k}' is not a tag key (untag takes keys, not KEY=VALUE)`);
+        const rec = await snap.tagSnapshot(ref, { remove: keys }, { ...storeOpts(o), key: keySpec(o) });
+        if (o.json) printJson(rec);
+        else printTags(rec);
       }),
     );
 

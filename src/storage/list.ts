@@ -1,14 +1,51 @@
-/** `snapshot list` and `snapshot show`. */
-import type { DisksnapError } from '../engine/errors';
+/** `snapshot list` (with its filters), `snapshot show`, and `snapshot tag`/`untag`. */
+import * as fs from 'node:fs';
+import { DisksnapError, invalid } from '../engine/errors';
+import { listAttachments } from '../host/attach';
 import { KeyRing, isExplicit } from './keys';
 import { Store } from './store/store';
-import { SnapshotJson, isVolumeId, snapshotJson } from './store/records';
-import { StoreOptions, findVolumeByPath, realVolumePath } from './common';
-import { reapQuietly, resolve, reveal } from './lookup';
+import { SnapshotJson, SnapshotRecord, SnapshotState, isVolumeId, snapshotJson } from './store/records';
+import { StoreOptions, findVolumeByPath, realVolumePath, withStoreLock } from './common';
+import { codecOf, reapQuietly, resolve, reveal } from './lookup';
 
 export interface ListSnapshotsOptions extends StoreOptions {
-  /** a volume path or `vol-` id */
+  /**
+   * a volume: its `vol-` id, its path, or the loop device an image is attached to (the
+   * snapshots of the device itself and of the image attached there)
+   */
   volume?: string;
+  /** every one must match: `KEY=VALUE`, or `KEY` for "has the tag" */
+  tags?: string[];
+  /** the snapshot's name, exactly */
+  name?: string;
+  state?: SnapshotState;
+}
+
+const STATES: SnapshotState[] = ['pending', 'completed', 'error'];
+
+/** The volume ids a --volume filter stands for (none registered: an empty set). */
+async function volumeIds(store: Store, volume: string): Promise<Set<string>> {
+  if (isVolumeId(volume)) return new Set([volume]);
+  const real = realVolumePath(volume);
+  const ids = new Set<string>();
+  const own = await findVolumeByPath(store, real);
+  if (own) ids.add(own.id);
+  if (fs.statSync(real).isBlockDevice()) {
+    for (const a of listAttachments()) {
+      const image = a.image ?? a.backing;
+      if (a.device !== real || !image || !fs.existsSync(image)) continue;
+      const attached = await findVolumeByPath(store, realVolumePath(image));
+      if (attached) ids.add(attached.id);
+    }
+  }
+  return ids;
+}
+
+function matchesTags(rec: SnapshotRecord, filters: string[]): boolean {
+  return filters.every((f) => {
+    const eq = f.indexOf('=');
+    return eq < 0 ? Object.hasOwn(rec.tags, f) : rec.tags[f.slice(0, eq)] === f.slice(eq + 1);
+  });
 }
 
 /** Every snapshot, oldest first; encrypted ones' names, descriptions and tags only with their key. */
@@ -17,12 +54,40 @@ export async function listSnapshots(opts: ListSnapshotsOptions = {}): Promise<{ 
   const listing = await store.listSnapshots();
   await reapQuietly(store, listing);
   await reveal(store, listing.snapshots, new KeyRing(opts.key));
+  if (opts.state !== undefined && !STATES.includes(opts.state)) throw invalid(`state '${String(opts.state)}' must be one of ${STATES.join(', ')}`);
+  for (const f of opts.tags ?? []) if (f === '' || f.startsWith('=')) throw invalid(`tag filter '${f}' must be KEY=VALUE or KEY`);
   let snapshots = listing.snapshots;
   if (opts.volume !== undefined) {
-    const volumeId = isVolumeId(opts.volume) ? opts.volume : (await findVolumeByPath(store, realVolumePath(opts.volume)))?.id;
-    snapshots = snapshots.filter((s) => s.volumeId === volumeId);
+    const ids = await volumeIds(store, opts.volume);
+    snapshots = snapshots.filter((s) => ids.has(s.volumeId));
   }
+  // Sealed names and tags (an encrypted snapshot listed without its key) match no filter on them.
+  if (opts.name !== undefined) snapshots = snapshots.filter((s) => !s.metadataHidden && s.name === opts.name);
+  if (opts.tags?.length) snapshots = snapshots.filter((s) => !s.metadataHidden && matchesTags(s, opts.tags!));
+  if (opts.state !== undefined) snapshots = snapshots.filter((s) => s.state === opts.state);
   return { snapshots: snapshots.map(snapshotJson), damaged: listing.damaged };
+}
+
+/**
+ * `snapshot tag` / `untag`: sets tags (over existing keys) and removes keys (absent ones are
+ * no error, as EC2's DeleteTags); an encrypted snapshot's tags are sealed again with its key.
+ * Returns the snapshot as it is now.
+ */
+export async function tagSnapshot(ref: string, change: { set?: Record<string, string>; remove?: string[] }, opts: StoreOptions = {}): Promise<SnapshotJson> {
+  const store = await Store.open(opts.store);
+  const ring = new KeyRing(opts.key);
+  return withStoreLock(store, 'shared', opts, async () => {
+    const rec = await resolve(store, ref, ring);
+    if (rec.state === 'pending') throw invalid(`snapshot ${rec.id} is still being taken; change its tags once it has completed`);
+    if (rec.encrypted && rec.metadataHidden) {
+      throw new DisksnapError(`the tags of encrypted snapshot ${rec.id} are sealed with key ${rec.keyId}: give its key (--key-file) to change them`, 'ENOKEY');
+    }
+    const target = rec.encrypted ? store.withCodec(await codecOf(store, rec, ring)) : store;
+    for (const k of change.remove ?? []) delete rec.tags[k];
+    Object.assign(rec.tags, change.set ?? {});
+    await target.writeSnapshot(rec);
+    return snapshotJson(rec);
+  });
 }
 
 /**

@@ -499,8 +499,7 @@ export class Store {
   }
 
   /**
-   * A snapshot by id, by a unique name, or by a unique id prefix (at least `snap-` and 4 hex
-   * digits). ENOENT when nothing matches, EINVALID when several do.
+   * A snapshot by id, unique name or unique id prefix (4+ hex digits, `snap-` optional): ENOENT or EINVALID.
    */
   async resolveSnapshot(ref: string, reveal?: (recs: SnapshotRecord[]) => Promise<void>): Promise<SnapshotRecord> {
     if (isSnapshotId(ref)) return this.readSnapshot(ref);
@@ -508,14 +507,14 @@ export class Store {
     await reveal?.(snapshots); // names of encrypted snapshots, where the caller holds their key
     const byName = bestByName(snapshots.filter((s) => s.name !== '' && s.name === ref));
     if (byName.length === 1) return byName[0];
-    if (byName.length > 1) {
-      throw new DisksnapError(`snapshot name '${ref}' is ambiguous: ${byName.map((s) => s.id).join(', ')}`, 'EINVALID');
-    }
-    if (/^snap-[0-9a-f]{4,15}$/.test(ref)) {
-      const byPrefix = snapshots.filter((s) => s.id.startsWith(ref));
+    if (byName.length > 1) throw new DisksnapError(`snapshot name '${ref}' is ambiguous: ${byName.map((s) => s.id).join(', ')}`, 'EINVALID');
+    const prefix = /^[0-9a-f]{4,16}$/.test(ref) ? `snap-${ref}` : ref; // `snap-` optional (names first)
+    if (isSnapshotId(prefix)) return this.readSnapshot(prefix);
+    if (/^snap-[0-9a-f]{4,15}$/.test(prefix)) {
+      const byPrefix = snapshots.filter((s) => s.id.startsWith(prefix));
       if (byPrefix.length === 1) return byPrefix[0];
       if (byPrefix.length > 1) throw new DisksnapError(`snapshot id prefix '${ref}' is ambiguous: ${byPrefix.map((s) => s.id).join(', ')}`, 'EINVALID');
-      const bad = damaged.find((d) => d.id.startsWith(ref));
+      const bad = damaged.find((d) => d.id.startsWith(prefix));
       if (bad) throw bad.error;
     }
     const hidden = snapshots.filter((s) => s.metadataHidden).length;
