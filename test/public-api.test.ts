@@ -67,6 +67,7 @@ const NAMESPACES: Record<string, string[]> = {
     'initStore',
     'listSnapshots',
     'listVolumes',
+    'pruneSnapshots',
     'registerVolume',
     'restoreSnapshot',
     'showSnapshot',

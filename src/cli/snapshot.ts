@@ -25,7 +25,7 @@ import { DisksnapError } from '../engine/errors';
 import { generateKeyFile } from '../storage/keys';
 import type { KeySpec } from '../storage/keys';
 import { formatSize } from '../engine/size';
-import { ExitStatus, UsageError, action, collect, log, printJson, printLines, printable, powerOfTwoArg } from './util';
+import { ExitStatus, UsageError, action, collect, intArg, log, printJson, printLines, printable, powerOfTwoArg } from './util';
 
 interface StoreFlag {
   store?: string;
@@ -290,6 +290,36 @@ export function register(program: Command): void {
         const rec = await snap.tagSnapshot(ref, { remove: keys }, { ...storeOpts(o), key: keySpec(o) });
         if (o.json) printJson(rec);
         else printTags(rec);
+      }),
+    );
+
+  keyOptions(snapshot.command('prune'), 'to read the sealed tags of encrypted snapshots (for --keep-tag)')
+    .description("remove each volume's completed snapshots that a retention policy does not keep (restic's forget rules, UTC buckets)")
+    .option(storeOption, storeHelp)
+    .option('--volume <volume>', 'only this volume (path or vol- id)')
+    .option('--keep-last <n>', 'the n newest', intArg('--keep-last', 1))
+    .option('--keep-hourly <n>', 'the newest of each of the n newest hours', intArg('--keep-hourly', 1))
+    .option('--keep-daily <n>', 'the newest of each of the n newest days', intArg('--keep-daily', 1))
+    .option('--keep-weekly <n>', 'the newest of each of the n newest ISO weeks', intArg('--keep-weekly', 1))
+    .option('--keep-monthly <n>', 'the newest of each of the n newest months', intArg('--keep-monthly', 1))
+    .option('--keep-yearly <n>', 'the newest of each of the n newest years', intArg('--keep-yearly', 1))
+    .option('--keep-tag <key[=value]>', 'every snapshot with this tag (repeatable)', collect, [])
+    .option('--dry-run', 'say what would be removed, remove nothing')
+    .option('--json', 'print {"dryRun", "kept": [...], "removed": [...]}')
+    .action(
+      action(async (o: StoreFlag & KeyFlags & Record<'keepLast' | 'keepHourly' | 'keepDaily' | 'keepWeekly' | 'keepMonthly' | 'keepYearly', number | undefined> & { keepTag: string[]; volume?: string; dryRun?: boolean }) => {
+        for (const k of o.keepTag) if (k === '' || k.startsWith('=')) throw new UsageError(`--keep-tag '${k}' must be KEY or KEY=VALUE`);
+        const policy = { last: o.keepLast, hourly: o.keepHourly, daily: o.keepDaily, weekly: o.keepWeekly, monthly: o.keepMonthly, yearly: o.keepYearly, tags: o.keepTag };
+        if (Object.values(policy).every((v) => v === undefined || (Array.isArray(v) && v.length === 0))) {
+          throw new UsageError('prune needs at least one --keep-* rule (without one it would remove every snapshot)');
+        }
+        const r = await snap.pruneSnapshots(policy, { ...storeOpts(o), volume: o.volume, dryRun: o.dryRun, key: keySpec(o) });
+        if (o.json) printJson(r);
+        else {
+          for (const d of r.kept) process.stdout.write(`keep    ${d.id}  ${d.startTime}  (${d.keptBy.join(', ')})\n`);
+          for (const d of r.removed) process.stdout.write(`${r.dryRun ? 'would remove' : 'removed'} ${d.id}  ${d.startTime}\n`);
+          process.stdout.write(`${r.kept.length} kept, ${r.removed.length} ${r.dryRun ? 'would be removed (dry run)' : 'removed; their blocks go at the next store gc'}\n`);
+        }
       }),
     );
 

@@ -76,6 +76,8 @@ export type { RestoreOptions, RestoreReport } from './restore';
 export { copySnapshot } from './copy';
 export type { CopySnapshotOptions } from './copy';
 export { deleteSnapshot } from './delete';
+export { pruneSnapshots } from './prune';
+export type { PrunePolicy, PruneOptions, PruneReport, PruneDecision } from './prune';
 export type { DeleteReport } from './delete';
 export { diffSnapshots } from './diff';
 export type { DiffResult } from './diff';

@@ -1,0 +1,84 @@
+/**
+ * `snapshot prune`: restic's forget rules per volume, on fabricated snapshot times (the policy
+ * is a pure function of the records: a fake clock is just chosen start times), then the
+ * command on a real store: dry run, removal, what stays restores, bad policies refused.
+ */
+import t from 'tap';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { decide, PrunePolicy } from '../src/storage/prune';
+import { cli } from './helpers/cli';
+
+function snaps(times: string[], tags: Record<number, Record<string, string>> = {}) {
+  return times.map((startTime, i) => ({ id: `snap-${String(i).padStart(16, '0')}`, volumeId: 'vol-1', startTime, tags: tags[i] ?? {} }));
+}
+
+function kept(times: string[], policy: PrunePolicy, tags: Record<number, Record<string, string>> = {}): string[] {
+  return decide(snaps(times, tags), policy)
+    .filter((d) => d.keptBy.length > 0)
+    .map((d) => d.startTime)
+    .sort();
+}
+
+t.test('each --keep rule, as restic forget applies it (UTC buckets, the newest of each)', async (t) => {
+  const hours = ['2026-03-01T10:05:00.000Z', '2026-03-01T10:50:00.000Z', '2026-03-01T11:10:00.000Z', '2026-03-01T12:00:00.000Z', '2026-03-02T09:00:00.000Z'];
+  t.same(kept(hours, { last: 2 }), [hours[3], hours[4]], 'last 2: the two newest');
+  t.same(kept(hours, { hourly: 3 }), [hours[2], hours[3], hours[4]], 'hourly 3: the newest of the three newest hours');
+  t.same(kept(hours, { hourly: 10 }), [hours[1], hours[2], hours[3], hours[4]], 'hourly 10: one per hour that has a snapshot (10:50, not 10:05)');
+  t.same(kept(hours, { daily: 2 }), [hours[3], hours[4]], 'daily 2: the newest of each day');
+  // ISO weeks across a year boundary: Thu 2020-12-31 and Sun 2021-01-03 are week 53 of 2020
+  const weeks = ['2020-12-31T12:00:00.000Z', '2021-01-03T12:00:00.000Z', '2021-01-04T12:00:00.000Z'];
+  t.same(kept(weeks, { weekly: 2 }), [weeks[1], weeks[2]], 'weekly 2: ISO weeks (2020-W53 ends on Sunday 2021-01-03)');
+  const months = ['2025-11-30T23:59:00.000Z', '2025-12-01T00:00:00.000Z', '2025-12-31T00:00:00.000Z', '2026-01-15T00:00:00.000Z'];
+  t.same(kept(months, { monthly: 2 }), [months[2], months[3]], 'monthly 2');
+  t.same(kept(months, { yearly: 5 }), [months[2], months[3]], 'yearly: one per year');
+  t.same(kept(hours, { last: 1, daily: 2 }), [hours[3], hours[4]], 'rules are a union');
+  t.same(kept(hours, { last: 1, tags: ['keep'] }, { 0: { keep: 'yes' } }), [hours[0], hours[4]], '--keep-tag KEY');
+  t.same(kept(hours, { last: 1, tags: ['env=prod'] }, { 1: { env: 'prod' }, 2: { env: 'test' } }), [hours[1], hours[4]], '--keep-tag KEY=VALUE');
+  const reasons = decide(snaps(hours), { last: 1, daily: 1 }).find((d) => d.startTime === hours[4])!.keptBy;
+  t.same(reasons, ['last', 'daily'], 'every reason is reported');
+  t.same(kept([], { last: 3 }), [], 'no snapshots: nothing to do');
+  t.throws(() => decide(snaps(hours), {}), { code: 'EINVALID', message: /at least one --keep/ }, 'an empty policy would remove everything: refused');
+  t.throws(() => decide(snaps(hours), { last: 0 }), { code: 'EINVALID' }, 'zero is not a count');
+});
+
+t.test('snapshot prune on a store: dry run, removal per volume, the kept ones restore', async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const a = path.join(dir, 'a.img');
+  const b = path.join(dir, 'b.img');
+  fs.writeFileSync(b, Buffer.alloc(1 << 20, 9));
+  const ids: string[] = [];
+  for (const fill of [1, 2, 3]) {
+    fs.writeFileSync(a, Buffer.alloc(1 << 20, fill));
+    const r = cli(['snapshot', 'create', a, '--store', store, '--json']);
+    t.equal(r.status, 0, r.stderr);
+    ids.push((JSON.parse(r.out) as { id: string }).id);
+  }
+  const bSnap = (JSON.parse(cli(['snapshot', 'create', b, '--store', store, '--json']).out) as { id: string }).id;
+  const listed = () => (JSON.parse(cli(['snapshot', 'list', '--store', store, '--json']).out) as { snapshots: { id: string }[] }).snapshots.map((s) => s.id).sort();
+
+  const dry = cli(['snapshot', 'prune', '--keep-last', '1', '--dry-run', '--store', store, '--json']);
+  t.equal(dry.status, 0, dry.stderr);
+  const d = JSON.parse(dry.out) as { dryRun: boolean; kept: { id: string }[]; removed: { id: string }[] };
+  t.equal(d.dryRun, true);
+  t.same(d.removed.map((x) => x.id).sort(), [ids[0], ids[1]].sort(), 'would remove the two older snapshots of a.img');
+  t.same(d.kept.map((x) => x.id).sort(), [ids[2], bSnap].sort(), 'and keep the newest of each volume');
+  t.same(listed(), [...ids, bSnap].sort(), 'a dry run removes nothing');
+
+  const real = cli(['snapshot', 'prune', '--keep-last', '1', '--store', store]);
+  t.equal(real.status, 0, real.stderr);
+  t.match(real.out, /2 kept, 2 removed/);
+  t.same(listed(), [ids[2], bSnap].sort(), 'the two older ones are gone');
+  t.equal(cli(['store', 'gc', '--store', store]).status, 0, 'gc after prune');
+  const out = path.join(dir, 'out.img');
+  t.equal(cli(['snapshot', 'restore', ids[2], '--to', out, '--store', store]).status, 0);
+  t.ok(fs.readFileSync(out).equals(fs.readFileSync(a)), 'the kept snapshot restores exactly after prune and gc');
+
+  for (const bad of [[], ['--keep-last', '0'], ['--keep-daily', 'x'], ['--keep-tag', '=v']]) {
+    const r = cli(['snapshot', 'prune', '--store', store, ...bad]);
+    t.equal(r.status, 2, `prune ${bad.join(' ') || '(no rule)'} is bad usage`);
+    t.equal(r.stderr.trim().split('\n').length, 1, 'one line');
+  }
+  t.same(listed(), [ids[2], bSnap].sort(), 'a refused prune removes nothing');
+});
