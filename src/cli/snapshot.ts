@@ -258,40 +258,35 @@ export function register(program: Command): void {
       }),
     );
 
-  keyOptions(snapshot.command('tag'), 'of an encrypted snapshot (its tags are sealed with it)')
-    .description('set tags on a snapshot (over existing keys)')
-    .argument('<snap>')
-    .argument('<key=value...>')
-    .option(storeOption, storeHelp)
-    .option('--json', 'print the snapshot as JSON')
-    .action(
-      action(async (ref: string, items: string[], o: StoreFlag & KeyFlags) => {
-        let set: Record<string, string>;
-        try {
-          set = parseTags(items);
-        } catch (e) {
-          throw new UsageError((e as Error).message);
-        }
-        const rec = await snap.tagSnapshot(ref, { set }, { ...storeOpts(o), key: keySpec(o) });
-        if (o.json) printJson(rec);
-        else printTags(rec);
-      }),
-    );
-
-  keyOptions(snapshot.command('untag'), 'of an encrypted snapshot (its tags are sealed with it)')
-    .description('remove tags from a snapshot (keys it does not have are ignored)')
-    .argument('<snap>')
-    .argument('<key...>')
-    .option(storeOption, storeHelp)
-    .option('--json', 'print the snapshot as JSON')
-    .action(
-      action(async (ref: string, keys: string[], o: StoreFlag & KeyFlags) => {
-        for (const k of keys) if (k === '' || k.includes('=')) throw new UsageError(`'${k}' is not a tag key (untag takes keys, not KEY=VALUE)`);
-        const rec = await snap.tagSnapshot(ref, { remove: keys }, { ...storeOpts(o), key: keySpec(o) });
-        if (o.json) printJson(rec);
-        else printTags(rec);
-      }),
-    );
+  // tag and untag: one shape, each with its own argument check
+  const tagChanges: Array<[string, string, string, (items: string[]) => { set?: Record<string, string>; remove?: string[] }]> = [
+    ['tag', 'set tags on a snapshot (over existing keys)', '<key=value...>', (items) => {
+      try {
+        return { set: parseTags(items) };
+      } catch (e) {
+        throw new UsageError((e as Error).message);
+      }
+    }],
+    ['untag', 'remove tags from a snapshot (keys it does not have are ignored)', '<key...>', (keys) => {
+      for (const k of keys) if (k === '' || k.includes('=')) throw new UsageError(`'${k}' is not a tag key (untag takes keys, not KEY=VALUE)`);
+      return { remove: keys };
+    }],
+  ];
+  for (const [name, description, items, change] of tagChanges) {
+    keyOptions(snapshot.command(name), 'of an encrypted snapshot (its tags are sealed with it)')
+      .description(description)
+      .argument('<snap>')
+      .argument(items)
+      .option(storeOption, storeHelp)
+      .option('--json', 'print the snapshot as JSON')
+      .action(
+        action(async (ref: string, args: string[], o: StoreFlag & KeyFlags) => {
+          const rec = await snap.tagSnapshot(ref, change(args), { ...storeOpts(o), key: keySpec(o) });
+          if (o.json) printJson(rec);
+          else printTags(rec);
+        }),
+      );
+  }
 
   keyOptions(snapshot.command('prune'), 'to read the sealed tags of encrypted snapshots (for --keep-tag)')
     .description("remove each volume's completed snapshots that a retention policy does not keep (restic's forget rules, UTC buckets)")
