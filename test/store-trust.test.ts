@@ -97,3 +97,11 @@ t.test('a store writable by others, or with a link or a foreign entry inside, is
   t.equal(r.snapshotId, id, 'the store as it should be works again');
   t.equal((await snap.createSnapshot(vol, { store })).state, 'completed');
 });
+
+t.test('a temporary file a killed process left in blocks/ (the O_DIRECT probe) does not make the store untrusted', async (t) => {
+  const { store, vol } = await setup(t.testdir());
+  const left = path.join(store, 'blocks', `.tmp-99999-probe-${randomBytes(4).toString('hex')}`);
+  fs.writeFileSync(left, '');
+  const s = await snap.createSnapshot(vol, { store });
+  t.equal(s.state, 'completed', 'the next snapshot completes');
+});

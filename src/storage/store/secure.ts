@@ -97,11 +97,12 @@ export function assertTrustedStore(root: string): void {
   const bs = lstatIfAny(blocks);
   if (bs) {
     assertTrusted(blocks, bs, 'directory');
-    // its 256 prefix directories (the objects below them are not walked: see above)
+    // its 256 prefix directories (the objects below them are not walked: see above), and the
+    // temporary files a killed process can leave beside them (the O_DIRECT probe: direct.ts)
     for (const name of fs.readdirSync(blocks)) {
       const p = path.join(blocks, name);
       const e = lstatIfAny(p);
-      if (e) assertTrusted(p, e, 'directory');
+      if (e) assertTrusted(p, e, name.startsWith('.tmp-') ? 'file' : 'directory');
     }
   }
   for (const d of RECORD_DIRS) {
