@@ -4,7 +4,7 @@ import { DisksnapError, invalid } from '../engine/errors';
 import { listAttachments } from '../host/attach';
 import { KeyRing, isExplicit } from './keys';
 import { Store } from './store/store';
-import { SnapshotJson, SnapshotRecord, SnapshotState, isVolumeId, snapshotJson } from './store/records';
+import { SnapshotJson, SnapshotState, checkTagFilter, isVolumeId, matchesTag, snapshotJson } from './store/records';
 import { StoreOptions, findVolumeByPath, realVolumePath, withStoreLock } from './common';
 import { codecOf, reapQuietly, resolve, reveal } from './lookup';
 
@@ -24,7 +24,7 @@ export interface ListSnapshotsOptions extends StoreOptions {
 const STATES: SnapshotState[] = ['pending', 'completed', 'error'];
 
 /** The volume ids a --volume filter stands for (none registered: an empty set). */
-async function volumeIds(store: Store, volume: string): Promise<Set<string>> {
+export async function volumeIds(store: Store, volume: string): Promise<Set<string>> {
   if (isVolumeId(volume)) return new Set([volume]);
   const real = realVolumePath(volume);
   const ids = new Set<string>();
@@ -41,13 +41,6 @@ async function volumeIds(store: Store, volume: string): Promise<Set<string>> {
   return ids;
 }
 
-function matchesTags(rec: SnapshotRecord, filters: string[]): boolean {
-  return filters.every((f) => {
-    const eq = f.indexOf('=');
-    return eq < 0 ? Object.hasOwn(rec.tags, f) : rec.tags[f.slice(0, eq)] === f.slice(eq + 1);
-  });
-}
-
 /** Every snapshot, oldest first; encrypted ones' names, descriptions and tags only with their key. */
 export async function listSnapshots(opts: ListSnapshotsOptions = {}): Promise<{ snapshots: SnapshotJson[]; damaged: { id: string; error: DisksnapError }[] }> {
   const store = await Store.open(opts.store);
@@ -55,7 +48,7 @@ export async function listSnapshots(opts: ListSnapshotsOptions = {}): Promise<{ 
   await reapQuietly(store, listing);
   await reveal(store, listing.snapshots, new KeyRing(opts.key));
   if (opts.state !== undefined && !STATES.includes(opts.state)) throw invalid(`state '${String(opts.state)}' must be one of ${STATES.join(', ')}`);
-  for (const f of opts.tags ?? []) if (f === '' || f.startsWith('=')) throw invalid(`tag filter '${f}' must be KEY=VALUE or KEY`);
+  for (const f of opts.tags ?? []) checkTagFilter(f, 'tag filter');
   let snapshots = listing.snapshots;
   if (opts.volume !== undefined) {
     const ids = await volumeIds(store, opts.volume);
@@ -63,7 +56,7 @@ export async function listSnapshots(opts: ListSnapshotsOptions = {}): Promise<{ 
   }
   // Sealed names and tags (an encrypted snapshot listed without its key) match no filter on them.
   if (opts.name !== undefined) snapshots = snapshots.filter((s) => !s.metadataHidden && s.name === opts.name);
-  if (opts.tags?.length) snapshots = snapshots.filter((s) => !s.metadataHidden && matchesTags(s, opts.tags!));
+  if (opts.tags?.length) snapshots = snapshots.filter((s) => !s.metadataHidden && opts.tags!.every((f) => matchesTag(s.tags, f)));
   if (opts.state !== undefined) snapshots = snapshots.filter((s) => s.state === opts.state);
   return { snapshots: snapshots.map(snapshotJson), damaged: listing.damaged };
 }

@@ -13,9 +13,10 @@
  */
 import { invalid, isDisksnapError } from '../engine/errors';
 import { Store } from './store/store';
-import { isVolumeId } from './store/records';
+import { checkTagFilter, matchesTag } from './store/records';
 import type { SnapshotRecord } from './store/records';
-import { StoreOptions, findVolumeByPath, realVolumePath } from './common';
+import type { StoreOptions } from './common';
+import { volumeIds } from './list';
 import { KeyRing } from './keys';
 import { reveal } from './lookup';
 import { deleteSnapshot } from './delete';
@@ -32,7 +33,7 @@ export interface PrunePolicy {
 }
 
 export interface PruneOptions extends StoreOptions {
-  /** only this volume's snapshots (path or `vol-` id) */
+  /** only this volume's snapshots (as `snapshot list --volume`: path, `vol-` id or attached loop device) */
   volume?: string;
   dryRun?: boolean;
 }
@@ -77,7 +78,7 @@ function checkPolicy(p: PrunePolicy): void {
     const v = p[k];
     if (v !== undefined && (!Number.isSafeInteger(v) || v < 1)) throw invalid(`--keep-${k} ${String(v)} must be a positive whole number`);
   }
-  for (const t of p.tags ?? []) if (t === '' || t.startsWith('=')) throw invalid(`--keep-tag '${t}' must be KEY or KEY=VALUE`);
+  for (const t of p.tags ?? []) checkTagFilter(t, '--keep-tag');
   const any = ['last', 'hourly', 'daily', 'weekly', 'monthly', 'yearly'].some((k) => p[k as keyof PrunePolicy] !== undefined) || (p.tags?.length ?? 0) > 0;
   if (!any) throw invalid('prune needs at least one --keep-* rule (without one it would remove every snapshot)');
 }
@@ -102,9 +103,8 @@ export function decide(snapshots: Candidate[], policy: PrunePolicy): PruneDecisi
     }
   }
   for (const t of policy.tags ?? []) {
-    const eq = t.indexOf('=');
     newest.forEach((s, i) => {
-      if (eq < 0 ? Object.hasOwn(s.tags, t) : s.tags[t.slice(0, eq)] === t.slice(eq + 1)) out[i].keptBy.push(`tag ${t}`);
+      if (matchesTag(s.tags, t)) out[i].keptBy.push(`tag ${t}`);
     });
   }
   return out;
@@ -116,14 +116,11 @@ export async function pruneSnapshots(policy: PrunePolicy, opts: PruneOptions = {
   const store = await Store.open(opts.store);
   const { snapshots } = await store.listSnapshots();
   await reveal(store, snapshots, new KeyRing(opts.key)); // tags of encrypted snapshots, with their key
-  let volumeId: string | undefined;
-  if (opts.volume !== undefined) {
-    volumeId = isVolumeId(opts.volume) ? opts.volume : (await findVolumeByPath(store, realVolumePath(opts.volume)))?.id;
-    if (!volumeId) throw invalid(`volume ${opts.volume} is not registered in this store`);
-  }
+  const only = opts.volume !== undefined ? await volumeIds(store, opts.volume) : undefined;
+  if (only?.size === 0) throw invalid(`volume ${opts.volume} is not registered in this store`);
   const byVolume = new Map<string, Candidate[]>();
   for (const s of snapshots) {
-    if (s.state !== 'completed' || (volumeId && s.volumeId !== volumeId)) continue;
+    if (s.state !== 'completed' || (only && !only.has(s.volumeId))) continue;
     if (s.metadataHidden && (policy.tags?.length ?? 0) > 0) {
       throw invalid(`snapshot ${s.id} is encrypted and its tags are sealed: give its key (--key-file) for --keep-tag to see them`);
     }

@@ -436,6 +436,17 @@ export function snapshotDisk(r: SnapshotRecord, sealed: string | null): Omit<Sna
 }
 
 /** `K=V` strings to a tags object; EINVALID on a malformed one. */
+/** A tag filter (`KEY=VALUE`, or `KEY` for any value): list --tag and prune --keep-tag. */
+export function checkTagFilter(filter: string, what: string): void {
+  if (filter === '' || filter.startsWith('=')) throw invalid(`${what} '${filter}' must be KEY=VALUE or KEY`);
+}
+
+/** Whether `tags` match a filter checked by checkTagFilter. */
+export function matchesTag(tags: Record<string, string>, filter: string): boolean {
+  const eq = filter.indexOf('=');
+  return eq < 0 ? Object.hasOwn(tags, filter) : tags[filter.slice(0, eq)] === filter.slice(eq + 1);
+}
+
 export function parseTags(items: string[] | undefined): Record<string, string> {
   const tags: Record<string, string> = {};
   for (const item of items ?? []) {
