@@ -44,7 +44,7 @@ import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength
 import { TagKey, TagReader, TagWriter, tagIvs, xor16, SALT_LENGTH } from './store/tags';
 import { SnapshotRecord, emptyStats } from './store/records';
 import { NumberList } from './pool';
-import { HASH_CHUNK_BYTES, MAX_BUFFERS, MAX_WRITE_BYTES, ProgressFn, blocksPerChunk, chunksOf, dataRuns, queueObject, sleep, volumeSizeOf } from './common';
+import { HASH_CHUNK_BYTES, MAX_BUFFERS, MAX_WRITE_BYTES, ProgressFn, blocksPerChunk, chunksOf, dataRuns, guestRuns, queueObject, sleep, volumeSizeOf } from './common';
 import { BufferPool, Throttle, readAhead } from './pool';
 import { Captured, abortQuietly, percentOf } from './lifecycle';
 
@@ -334,20 +334,6 @@ async function proveOneMoment(p: ReadPipeline): Promise<void> {
     },
   );
   if (j < seen.length) throw moved(seen.index.get(j));
-}
-
-/** Blocks of the guest view that hold data (its map's data extents), as runs [first, end). */
-export function guestRuns(image: DiskImage, size: number, bs: number): Array<[number, number]> {
-  const runs: Array<[number, number]> = [];
-  for (const e of image.map()) {
-    if (e.kind !== 'data') continue;
-    const first = Math.floor(e.offset / bs);
-    const end = Math.ceil(Math.min(size, e.offset + e.length) / bs);
-    const last = runs[runs.length - 1];
-    if (last && first <= last[1]) last[1] = Math.max(last[1], end);
-    else runs.push([first, end]);
-  }
-  return runs;
 }
 
 /** Why the volume's stat says it moved between two stats, or undefined. */

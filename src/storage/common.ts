@@ -3,6 +3,7 @@
  * type, opening the volume and finding its record, and the store lock around an operation.
  */
 import * as fs from 'node:fs';
+import type { DiskImage } from '../image';
 import * as os from 'node:os';
 import { BlockFile } from '../engine/file';
 import { DisksnapError, invalid, isDisksnapError, fromNodeError } from '../engine/errors';
@@ -65,6 +66,20 @@ export function dataRuns(file: BlockFile, size: number, bs: number): Array<[numb
     const first = Math.floor(e.offset / bs);
     const end = Math.ceil(Math.min(size, e.offset + e.length) / bs);
     if (end <= first) continue;
+    const last = runs[runs.length - 1];
+    if (last && first <= last[1]) last[1] = Math.max(last[1], end);
+    else runs.push([first, end]);
+  }
+  return runs;
+}
+
+/** Blocks of the guest view that hold data (its map's data extents), as runs [first, end). */
+export function guestRuns(image: DiskImage, size: number, bs: number): Array<[number, number]> {
+  const runs: Array<[number, number]> = [];
+  for (const e of image.map()) {
+    if (e.kind !== 'data') continue;
+    const first = Math.floor(e.offset / bs);
+    const end = Math.ceil(Math.min(size, e.offset + e.length) / bs);
     const last = runs[runs.length - 1];
     if (last && first <= last[1]) last[1] = Math.max(last[1], end);
     else runs.push([first, end]);
