@@ -2,7 +2,7 @@
  * `npm run bench`: every benchmark of the project in one run, each figure beside its peer
  * measured in the same run on the same files, as medians and ratios.
  *
- *   npm run bench [-- --quick] [-- --runs N] [-- --json FILE] [-- --only engine,diff,snapshot,s3] [-- --dir DIR]
+ *   npm run bench [-- --quick] [-- --runs N] [-- --json FILE] [-- --only engine,diff,snapshot,qcow2vol,loop,compare,s3] [-- --dir DIR]
  *
  * The ratio is always "how many times better disksnap is": disksnap/peer for throughput,
  * peer/disksnap for times. Figures are not asserted anywhere: tests never time things.
@@ -22,6 +22,7 @@ function suites(): Record<string, () => Suite> {
   const optional: Record<string, [string, string]> = {
     diff: ['./qcow2', 'benchDiff'],
     snapshot: ['./snapshot', 'benchSnapshot'],
+    qcow2vol: ['./qcow2vol', 'benchQcow2Volume'],
     loop: ['./loop', 'benchLoop'],
     compare: ['./compare', 'benchCompare'],
     s3: ['./s3', 'benchS3'],

@@ -134,8 +134,8 @@ export class ReadPipeline {
   readonly maxBlocks: number;
   /** blocks per native hashFile/tagFile call */
   readonly hashBlocks: number;
-  readonly runs: Array<[number, number]>;
-  readonly totalBytes: number;
+  private runsCache: Array<[number, number]> | undefined;
+  private totalCache: number | undefined;
   readonly pool: BufferPool;
   /** object writes in flight */
   readonly writes = new Throttle(MAX_WRITE_BYTES);
@@ -170,13 +170,33 @@ export class ReadPipeline {
     this.maxBlocks = blocksPerChunk(this.bs);
     this.hashBlocks = Math.max(this.maxBlocks, Math.floor(HASH_CHUNK_BYTES / this.bs));
     this.image = settings.guest?.image;
-    this.runs = this.image ? guestRuns(this.image, size, this.bs) : dataRuns(file, size, this.bs);
-    let total = 0;
-    for (const [a, b] of this.runs) total += Math.min(size, b * this.bs) - a * this.bs;
-    this.totalBytes = total;
     this.pool = new BufferPool(this.maxBlocks * this.bs, MAX_BUFFERS, (n) => store.backend.allocBuffer?.(n) ?? Buffer.allocUnsafeSlow(n));
     this.key = store.codec.digestKey;
     this.proofKey = settings.tk?.key ?? randomBytes(32);
+  }
+
+  /**
+   * The volume's data runs in blocks, found on first use: a path that reads only what a
+   * bitmap marked never needs them, and mapping every cluster of a large qcow2 image costs
+   * more than such an incremental (0.45 s of 1.2 s for a 16 GiB image with 4 GiB of data).
+   */
+  get runs(): Array<[number, number]> {
+    return (this.runsCache ??= this.image ? guestRuns(this.image, this.size, this.bs) : dataRuns(this.file, this.size, this.bs));
+  }
+
+  /** Bytes this attempt reads, for progress: the data runs unless the detector said otherwise. */
+  get totalBytes(): number {
+    if (this.totalCache === undefined) {
+      let total = 0;
+      for (const [a, b] of this.runs) total += this.spanBytes(a, b);
+      this.totalCache = total;
+    }
+    return this.totalCache;
+  }
+
+  /** A detector that reads only some blocks says how many bytes (progress counts those). */
+  willRead(bytes: number): void {
+    this.totalCache = bytes;
   }
 
   get threads(): number {

@@ -266,6 +266,7 @@ export function bitmapScan(dirty: Array<{ offset: number; length: number }>): Ch
   return async (p, parent) => {
     const cursor = parent.cursor!;
     const blocks = blocksOf(dirty, p.bs, p.size);
+    p.willRead(blocks.reduce((n, i) => n + p.spanBytes(i, i + 1), 0));
     let next = 0; // first index the parent's manifest has not been consulted for
     let d = 0; // next dirty block
     /** Parent entries in [next, limit): recorded when `hold` is absent, else held (copied). */

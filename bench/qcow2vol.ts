@@ -1,0 +1,229 @@
+/**
+ * Storage snapshots of a qcow2 volume (issue 13), beside restic and beside the floor, in one run:
+ *
+ *   a 16 GiB qcow2 image (quick: 1 GiB) holding 4 GiB of random data (quick: 256 MiB) in four
+ *   regions, 64 KiB clusters, no backing file, made by `qemu-img convert` from a sparse raw file;
+ *     full snapshot          disksnap snapshot create   vs restic backup of the qcow2 file
+ *   then ~1% of the data rewritten by qemu-io (cache=none, as a VM with cache=none writes),
+ *   twice, in two patterns, each followed by an incremental snapshot, which reads the
+ *   persistent dirty bitmap the first snapshot added (changeSource must say `bitmap`):
+ *     scattered 64 KiB writes     the worst case for 512 KiB blocks: each dirty granule
+ *                                  costs a whole block (read, hash, stored object)
+ *     1 MiB writes                 whole blocks (a guest writing files sequentially)
+ *     incremental            disksnap snapshot create   vs restic's second backup (it re-reads
+ *                                                           the 4 GiB file: its mtime moved)
+ *                                                        vs the floor: a node process that
+ *                                                           preads the dirty data (host offsets
+ *                                                           from `qemu-img map`, found before
+ *                                                           the clock starts) and SHA-256s it,
+ *                                                           once for the dirty 64 KiB granules
+ *                                                           and once for the dirty 512 KiB blocks
+ *   and peak RSS of snapshots of a 1 TiB sparse qcow2 volume holding 4 MiB (budget: 256 MiB).
+ *
+ * Before each measured operation: `sync`, then the image read once (both tools start from a
+ * warm page cache, as in bench/snapshot.ts). The floor processes start from the same state.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { BenchOptions, BenchRow } from './types';
+import { GiB, MiB, fillRandom, hasCommand, median, run, warm } from './util';
+
+const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
+const LIB = path.resolve(__dirname, '..', 'src', 'storage', 'index.js');
+const AREA = 'storage snapshot, qcow2 volume';
+const KiB = 1024;
+const BLOCK = 512 * KiB;
+
+interface Range {
+  offset: number;
+  length: number;
+}
+
+/** The pieces of one rewrite: `count` ranges of `piece` bytes at seeded random places inside the data regions. */
+function pieces(regions: Range[], piece: number, count: number, seed: number): Range[] {
+  let x = seed * 2654435761;
+  const out = new Map<number, Range>();
+  while (out.size < count) {
+    x = (x * 1103515245 + 12345) % 2147483648;
+    const r = regions[x % regions.length];
+    x = (x * 1103515245 + 12345) % 2147483648;
+    const at = r.offset + Math.floor((x / 2147483648) * (r.length / piece)) * piece;
+    out.set(at, { offset: at, length: piece });
+  }
+  return [...out.values()].sort((a, b) => a.offset - b.offset);
+}
+
+/** The ranges widened to whole `unit`s and merged. */
+function widen(ranges: Range[], unit: number): Range[] {
+  const out: Range[] = [];
+  for (const r of ranges) {
+    const a = Math.floor(r.offset / unit) * unit;
+    const b = Math.ceil((r.offset + r.length) / unit) * unit;
+    const last = out[out.length - 1];
+    if (last && a <= last.offset + last.length) last.length = Math.max(last.length, b - last.offset);
+    else out.push({ offset: a, length: b - a });
+  }
+  return out;
+}
+
+const bytesOf = (ranges: Range[]) => ranges.reduce((n, r) => n + r.length, 0);
+
+/** Guest ranges to host ranges of a qcow2 image without a backing file (qemu-img map is the oracle). */
+function hostRanges(img: string, guest: Range[]): Range[] {
+  const map = JSON.parse(run('qemu-img', ['map', '--output=json', '-f', 'qcow2', img]).out) as Array<{ start: number; length: number; data: boolean; offset?: number }>;
+  const out: Range[] = [];
+  let m = 0;
+  for (const g of guest) {
+    for (let at = g.offset; at < g.offset + g.length; ) {
+      while (map[m].start + map[m].length <= at) m++;
+      const e = map[m];
+      const n = Math.min(g.offset + g.length, e.start + e.length) - at;
+      if (!e.data || e.offset === undefined) throw new Error(`bench: guest offset ${at} is not data in ${img}`);
+      out.push({ offset: e.offset + (at - e.start), length: n });
+      at += n;
+    }
+  }
+  return out;
+}
+
+/** The floor process: pread each range of `file` into one buffer and SHA-256 it; prints nothing. */
+const FLOOR = `
+const fs = require('fs'), { createHash } = require('crypto');
+const [file, list] = process.argv.slice(1);
+const ranges = JSON.parse(fs.readFileSync(list, 'utf8'));
+const fd = fs.openSync(file, 'r');
+const buf = Buffer.allocUnsafe(Math.max(...ranges.map((r) => r[1])));
+for (const [off, len] of ranges) {
+  let n = 0;
+  while (n < len) n += fs.readSync(fd, buf, n, len - n, off + n);
+  createHash('sha256').update(buf.subarray(0, len)).digest();
+}`;
+
+function sync(): void {
+  run('sync', []);
+}
+
+/** Peak RSS (MiB) and seconds of a fresh process that snapshots `volume` into `store` through the library. */
+function peakRss(volume: string, store: string): { rssMiB: number; seconds: number } {
+  const script = `
+    const s = require(${JSON.stringify(LIB)});
+    const t0 = Date.now();
+    s.createSnapshot(${JSON.stringify(volume)}, { store: ${JSON.stringify(store)} }).then(() => {
+      const hwm = /VmHWM:\\s+(\\d+) kB/.exec(require('fs').readFileSync('/proc/self/status', 'utf8'));
+      process.stdout.write(JSON.stringify({ rss: Number(hwm[1]), ms: Date.now() - t0 }));
+    }, (e) => { console.error(e.message); process.exit(1); });`;
+  const r = JSON.parse(run(process.execPath, ['-e', script]).out);
+  return { rssMiB: r.rss / 1024, seconds: r.ms / 1000 };
+}
+
+/** Removes every persistent bitmap of the image (a new run starts as a volume never snapshotted). */
+function dropBitmaps(img: string): void {
+  const info = JSON.parse(run('qemu-img', ['info', '--output=json', '-f', 'qcow2', img]).out);
+  for (const b of info['format-specific']?.data?.bitmaps ?? []) run('qemu-img', ['bitmap', '--remove', '-f', 'qcow2', img, b.name]);
+}
+
+export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> {
+  if (!hasCommand('qemu-img') || !hasCommand('qemu-io')) {
+    process.stderr.write('bench qcow2vol: qemu-img/qemu-io not installed: no rows\n');
+    return [];
+  }
+  const quick = !!opts.quick;
+  const runs = opts.runs ?? (quick ? 1 : 3);
+  const size = quick ? GiB : 16 * GiB;
+  const data = quick ? 256 * MiB : 4 * GiB;
+  const regions: Range[] = [0, 1, 2, 3].map((r) => ({ offset: r * (size / 4) + size / 16, length: data / 4 }));
+  const label = quick ? '1 GiB qcow2, 256 MiB of data' : '16 GiB qcow2, 4 GiB of data';
+  const haveRestic = hasCommand('restic');
+  const resticEnv = { RESTIC_PASSWORD: 'disksnap-bench', RESTIC_CACHE_DIR: path.join(opts.dir, 'restic-cache') };
+
+  const raw = path.join(opts.dir, 'src.raw');
+  const img = path.join(opts.dir, 'vol.qcow2');
+  fs.writeFileSync(raw, '');
+  fs.truncateSync(raw, size);
+  for (const r of regions) fillRandom(raw, r.offset, r.length);
+  run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=65536', raw, img]);
+  fs.rmSync(raw);
+  const source = path.join(opts.dir, 'piece.bin'); // what qemu-io writes (`write -s`): random, 1 MiB
+  fillRandom(source, 0, MiB);
+
+  const t: Record<string, number[]> = {};
+  const add = (k: string, v: number) => (t[k] ??= []).push(v);
+  const timeOf = (cmd: string, args: string[], env?: NodeJS.ProcessEnv) => run(cmd, args, { env }).seconds;
+  const before = () => {
+    sync();
+    warm(img);
+  };
+  const patterns = [
+    { key: '64k', piece: 64 * KiB, what: 'scattered 64 KiB writes' },
+    { key: '1m', piece: MiB, what: '1 MiB writes' },
+  ];
+  const facts: Record<string, string> = {};
+  for (let i = 0; i < runs; i++) {
+    dropBitmaps(img);
+    const store = path.join(opts.dir, `store-${i}`);
+    const repo = path.join(opts.dir, `restic-${i}`);
+    before();
+    add('full', timeOf(process.execPath, [CLI, 'snapshot', 'create', img, '--store', store]));
+    if (haveRestic) {
+      run('restic', ['--quiet', 'init', '-r', repo], { env: resticEnv });
+      before();
+      add('restic full', timeOf('restic', ['--quiet', '-r', repo, 'backup', img], resticEnv));
+    }
+    for (const [j, p] of patterns.entries()) {
+      const dirty = pieces(regions, p.piece, Math.round((data * 0.01) / p.piece), 100 * i + j + 1);
+      // -n: cache=none, as a VM configured with cache=none writes (O_DIRECT)
+      const cmds = dirty.flatMap((r) => ['-c', `write -q -s ${source} ${r.offset} ${r.length}`]);
+      for (let c = 0; c < cmds.length; c += 2000) run('qemu-io', ['-n', '-f', 'qcow2', ...cmds.slice(c, c + 2000), img]);
+      const granules = widen(dirty, 64 * KiB);
+      const blocks = widen(dirty, BLOCK);
+      const lists = { granules: hostRanges(img, granules), blocks: hostRanges(img, blocks) };
+      before();
+      const t0 = process.hrtime.bigint();
+      const out = run(process.execPath, [CLI, 'snapshot', 'create', img, '--store', store, '--json']).out;
+      add(`incr ${p.key}`, Number(process.hrtime.bigint() - t0) / 1e9);
+      const rec = JSON.parse(out);
+      if (rec.changeSource !== 'bitmap') throw new Error(`bench qcow2vol: the incremental did not use the bitmap: ${rec.changeSource} (${rec.changeSourceReason})`);
+      facts[`${p.key} scanned`] = `${(rec.stats.bytesScanned / MiB).toFixed(0)} MiB read (dirty granules ${(bytesOf(granules) / MiB).toFixed(0)} MiB, blocks ${(bytesOf(blocks) / MiB).toFixed(0)} MiB)`;
+      if (haveRestic) {
+        before();
+        add(`restic incr ${p.key}`, timeOf('restic', ['--quiet', '-r', repo, 'backup', img], resticEnv));
+      }
+      for (const [k, list] of Object.entries(lists)) {
+        const f = path.join(opts.dir, `ranges-${k}.json`);
+        fs.writeFileSync(f, JSON.stringify(list.map((r) => [r.offset, r.length])));
+        before();
+        add(`floor ${k} ${p.key}`, timeOf(process.execPath, ['-e', FLOOR, img, f]));
+      }
+    }
+  }
+
+  const m = (k: string) => median(t[k]);
+  const rows: BenchRow[] = [];
+  const row = (metric: string, k: string, peer: string, pk: string, note: string) => {
+    if (!t[k] || !t[pk]) return;
+    rows.push({ area: AREA, metric: `${metric} (${label})`, disksnap: m(k), peer, peerValue: m(pk), unit: 's', higherIsBetter: false, note });
+  };
+  row('full snapshot', 'full', 'restic backup', 'restic full', 'restic backs up the qcow2 file into a new repository; target: 5x');
+  for (const p of patterns) {
+    const what = `incremental, ~1% rewritten in ${p.what}`;
+    row(what, `incr ${p.key}`, "restic's second backup", `restic incr ${p.key}`, `changeSource bitmap; ${facts[`${p.key} scanned`]}; target: 50x`);
+    row(`${what}, vs reading and hashing the dirty granules`, `incr ${p.key}`, 'floor: node pread + SHA-256 of the dirty 64 KiB granules', `floor granules ${p.key}`, 'the floor is a process (node start-up included) that reads the dirty data at the host offsets qemu-img map gives; target: ratio >= 0.5 (within 2x)');
+    row(`${what}, vs reading and hashing the dirty blocks`, `incr ${p.key}`, 'floor: node pread + SHA-256 of the dirty 512 KiB blocks', `floor blocks ${p.key}`, 'the same floor over the whole 512 KiB blocks the store keeps (what an incremental must read and hash)');
+  }
+
+  // Memory: a 1 TiB sparse qcow2 volume with 4 MiB of data; full then incremental.
+  const big = path.join(opts.dir, 'sparse-1t.qcow2');
+  run('qemu-img', ['create', '-q', '-f', 'qcow2', big, '1T']);
+  run('qemu-io', ['-f', 'qcow2', ...[0, 2 ** 38, 2 ** 39, 2 ** 40 - 4 * MiB].flatMap((at) => ['-c', `write -q -s ${source} ${at} 1M`]), big]);
+  const bigStore = path.join(opts.dir, 'store-1t');
+  const full = peakRss(big, bigStore);
+  run('qemu-io', ['-f', 'qcow2', '-c', `write -q -s ${source} ${2 ** 38 + 4096} 8k`, big]);
+  const incr = peakRss(big, bigStore);
+  for (const [metric, r] of [
+    ['peak RSS, full snapshot of a 1 TiB sparse qcow2 volume holding 4 MiB', full],
+    ['peak RSS, incremental snapshot of it (bitmap)', incr],
+  ] as const) {
+    rows.push({ area: AREA, metric, disksnap: r.rssMiB, peer: 'budget of the issue', peerValue: 256, unit: 'MiB', higherIsBetter: false, note: `took ${r.seconds.toFixed(2)} s` });
+  }
+  return rows;
+}
