@@ -36,6 +36,9 @@ class MemImage implements DiskImage {
   readBatchSync(buf: Uint8Array, req: Float64Array): void {
     for (let i = 0; i < req.length; i += 3) this.readSync(buf.subarray(req[i + 1], req[i + 1] + req[i + 2]), req[i]);
   }
+  async readBatch(buf: Uint8Array, req: Float64Array): Promise<void> {
+    this.readBatchSync(buf, req);
+  }
   writeBatchSync(buf: Uint8Array, req: Float64Array): void {
     for (let i = 0; i < req.length; i += 3) this.writeSync(buf.subarray(req[i + 1], req[i + 1] + req[i + 2]), req[i]);
   }

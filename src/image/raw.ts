@@ -54,6 +54,11 @@ export class RawImage implements DiskImage {
     this.file.readBatchSync(buf, requests);
   }
 
+  async readBatch(buf: Uint8Array, requests: Float64Array): Promise<void> {
+    this.checkBatch(requests);
+    await this.file.readBatch(buf, requests);
+  }
+
   writeBatchSync(buf: Uint8Array, requests: Float64Array): void {
     this.checkBatch(requests);
     this.file.writeBatchSync(buf, requests);

@@ -63,6 +63,8 @@ export interface DiskImage {
   write(buf: Uint8Array, offset: number): Promise<void>;
   /** triples [guestOffset, bufferOffset, length], executed in order as one batch */
   readBatchSync(buf: Uint8Array, requests: Float64Array): void;
+  /** readBatchSync with the file reads on the thread pool (in parallel), off the event loop */
+  readBatch(buf: Uint8Array, requests: Float64Array): Promise<void>;
   writeBatchSync(buf: Uint8Array, requests: Float64Array): void;
   /** make a range read as zeros, releasing space where the format allows */
   writeZeroesSync(offset: number, length: number): void;

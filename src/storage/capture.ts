@@ -298,7 +298,7 @@ export class ReadPipeline {
       group.forEach((i, k) => reqs.set([i * this.bs, k * this.bs, lenOf(k)], k * 3));
       // only the volume's last block is short, and it comes last
       const glen = group.length ? (group.length - 1) * this.bs + lenOf(group.length - 1) : 0;
-      if (this.image) this.image.readBatchSync(buf, reqs);
+      if (this.image) await this.image.readBatch(buf, reqs);
       else await this.file.readBatch(buf, reqs);
       again = await this.n.hashBlocksAsync(buf.subarray(0, glen), this.bs, this.threads, this.key, this.proofKey);
       for (let k = 0; k < group.length; k++) if (decide(k, again)) ks.push(k);

@@ -224,6 +224,21 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
     if (reqs.length) this.file.readBatchSync(b, Float64Array.from(reqs));
   }
 
+  async readBatch(buf: Uint8Array, requests: Float64Array): Promise<void> {
+    this.checkOpen();
+    this.checkBatch(buf, requests);
+    const b = asBuffer(buf);
+    const reqs: number[] = [];
+    for (let i = 0; i < requests.length; i += 3) this.readAt(b, requests[i + 1], requests[i + 2], requests[i], reqs);
+    if (!reqs.length) return;
+    this.inflight++;
+    try {
+      await this.file.readBatch(b, Float64Array.from(reqs));
+    } finally {
+      this.inflight--;
+    }
+  }
+
   private checkBatch(buf: Uint8Array, requests: Float64Array): void {
     for (let i = 0; i < requests.length; i += 3) {
       checkRange(this, requests[i], requests[i + 2]);
