@@ -115,6 +115,12 @@ export interface NativeAddon {
   ftruncate(fd: number, size: number): void;
   /** Data extents in [offset, offset+length) as pairs [start, length] (SEEK_DATA/SEEK_HOLE). */
   extents(fd: number, offset: number, length: number): Float64Array;
+  /**
+   * FS_IOC_FIEMAP over [offset, offset+length), the file's dirty pages written back first:
+   * quads [logical, physical, length, flags] (FIEMAP_EXTENT_* flags; see FIEMAP_FLAGS).
+   */
+  fiemap(fd: number, offset: number, length: number): Float64Array;
+  fiemapAsync(fd: number, offset: number, length: number): Promise<Float64Array>;
   /** copy_file_range, falling back to pread/pwrite; returns bytes copied (short only at EOF). */
   copyRange(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): number;
   copyRangeAsync(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): Promise<number>;
