@@ -15,8 +15,9 @@
 import { treeAllocatedBytes, allocatedBytes } from './engine/space';
 import type { DiskImage } from './image';
 
-export type StrategyName = 'differencing-disk' | 'storage-snapshot';
-export const STRATEGY_NAMES: readonly StrategyName[] = ['differencing-disk', 'storage-snapshot'];
+/** The two strategies disksnap builds, and the filesystem's own reflink clone (compare/pointer.ts). */
+export type StrategyName = 'differencing-disk' | 'storage-snapshot' | 'pointer-snapshot';
+export const STRATEGY_NAMES: readonly StrategyName[] = ['differencing-disk', 'storage-snapshot', 'pointer-snapshot'];
 
 /**
  * One strategy, as the runner drives it. The runner times each call, measures space and

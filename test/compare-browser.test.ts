@@ -15,7 +15,10 @@ import { spawnSync } from 'node:child_process';
 import { cli } from './helpers/cli';
 import { missing } from './helpers/tools';
 import { SCALAR_METRICS } from '../src/compare/verdict';
-import { COLORS } from '../src/compare/html';
+import { COLORS, renderHtml } from '../src/compare/html';
+import type { CompareReport, StrategyMetrics } from '../src/compare/types';
+
+const MiB = 2 ** 20;
 
 const skip = missing({ commands: ['chromium'] });
 
@@ -162,4 +165,89 @@ t.test('the HTML report renders its SVG charts in headless Chromium', { skip }, 
   t.ok(blue > 2000, `differencing-disk bars painted (${blue} px)`);
   t.ok(orange > 2000, `storage-snapshot bars painted (${orange} px)`);
   t.ok(grey > 200, `raw baseline bars painted (${grey} px)`);
+});
+
+/** A report of three strategies whose growth curves start at the top left (where a legend inside the plot would sit). */
+function threeStrategyReport(): CompareReport {
+  const metrics = (over: Partial<StrategyMetrics>): StrategyMetrics => ({
+    snapshotSeconds: 0.1,
+    snapshotBytes: MiB,
+    writeMBps: 500,
+    writeSeconds: 0.01,
+    writeFlushSeconds: 0.001,
+    readMBps: 1000,
+    fullReadMBps: 1000,
+    extraBytes: MiB,
+    rollbackSeconds: 0.1,
+    restoreSeconds: 0.1,
+    survivesVolumeLoss: true,
+    survival: { lost: 'x', tried: 'y', survives: true, outcome: 'ok' },
+    growth: [1, 4, 16].map((n) => ({ snapshots: n, snapshotSeconds: 6.25 / n, extraBytes: (188 * MiB) / n, readMBps: 4723 / n, verified: true })),
+    ...over,
+  });
+  return {
+    version: 2,
+    date: '2026-12-02T00:00:00Z',
+    image: { path: '/img', generated: true, virtualSize: 256 * MiB, allocatedBytes: 100 * MiB, sha256: '0'.repeat(64) },
+    workload: { spec: 'random:3%:4k-1m', kind: 'random', seed: 1, bytes: 8 * MiB, requests: 40, touched: { cluster64k: 9 * MiB, block512k: 20 * MiB }, growthRoundBytes: 2 * MiB },
+    baseline: { writeMBps: 268, writeFlushSeconds: 0.001, readMBps: 3000, fullReadMBps: 3000, spread: { readMBps: 0.05, fullReadMBps: 0.05 } },
+    strategies: [
+      { name: 'differencing-disk', title: 'd', how: {}, metrics: metrics({ writeMBps: 300, survivesVolumeLoss: false, survival: { lost: 'x', tried: 'y', survives: false, outcome: 'no', code: 'ENOENT' } }) },
+      { name: 'storage-snapshot', title: 's', how: {}, metrics: metrics({ writeMBps: 600 }) },
+      { name: 'pointer-snapshot', title: 'p', how: {}, metrics: metrics({ writeMBps: 550 }) },
+    ],
+    unavailable: [],
+    checks: [],
+    verdict: ['one point', 'another point'],
+    host: { node: 'v20', platform: 'linux', cpus: 2, workDirFs: 'xfs', reflink: true },
+  };
+}
+
+/** Measures the rendered charts from inside the page: boxes of legends, points and tick labels, as JSON in <pre id="geometry">. */
+const GEOMETRY_SCRIPT = `<script>
+window.addEventListener('load', () => {
+  const box = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+  const out = [...document.querySelectorAll('svg.growth')].map((svg) => ({
+    chart: svg.dataset.chart,
+    legends: [...svg.querySelectorAll('.legend')].map(box),
+    points: [...svg.querySelectorAll('circle.point')].map(box),
+    yticks: [...svg.querySelectorAll('text.ytick')].map((e) => ({ text: e.textContent, box: box(e) })),
+    xtitle: svg.querySelector('text.xtitle')?.textContent,
+  }));
+  const pre = document.createElement('pre');
+  pre.id = 'geometry';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>`;
+
+t.test('the growth charts as Chromium lays them out: the legend covers no point, ticks are round and apart, N is labelled as a log axis', { skip }, async (t) => {
+  const dir = t.testdir();
+  const html = path.join(dir, 'report.html');
+  // the report as disksnap writes it, plus a measuring script that only this test adds
+  fs.writeFileSync(html, renderHtml(threeStrategyReport()).replace('</body>', `${GEOMETRY_SCRIPT}</body>`));
+  const dom = chromium(['--dump-dom', '--window-size=1100,2600', `file://${html}`]);
+  t.equal(dom.status, 0, dom.stderr.slice(-2000));
+  const m = /<pre id="geometry">([^<]*)<\/pre>/.exec(dom.stdout);
+  t.ok(m, 'the page measured itself');
+  if (!m) return;
+  const charts = JSON.parse(m[1].replace(/&quot;/g, '"').replace(/&amp;/g, '&')) as Array<{ chart: string; legends: number[][]; points: number[][]; yticks: Array<{ text: string; box: number[] }>; xtitle: string }>;
+  t.equal(charts.length, 3, 'three growth charts');
+  const overlap = (a: number[], b: number[]) => a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3];
+  for (const c of charts) {
+    t.equal(c.legends.length, 3, `${c.chart}: a legend entry per strategy`);
+    t.equal(c.points.length, 9, `${c.chart}: 3 strategies x 3 N`);
+    t.notOk(c.legends.some((l) => c.points.some((p) => overlap(l, p))), `${c.chart}: no legend entry covers a point`);
+    t.match(c.xtitle, /log scale/, `${c.chart}: the N axis says it is logarithmic`);
+    const labels = c.yticks.map((y) => y.text);
+    t.ok(labels.every((l) => /^(0|\d+(\.\d)? (s|ms|KiB|MiB|GiB|MB\/s))$/.test(l)), `${c.chart}: round tick labels: ${labels.join(', ')}`);
+    const values = labels.map((l) => Number(l.split(' ')[0]));
+    const steps = values.slice(1).map((v, i) => Number((v - values[i]).toPrecision(6)));
+    t.ok(steps.every((s) => s === steps[0] && s > 0), `${c.chart}: evenly spaced ticks (${steps.join(', ')})`);
+    t.notOk(c.yticks.some((a, i) => c.yticks.some((b, j) => i < j && overlap(a.box, b.box))), `${c.chart}: tick labels do not overlap`);
+  }
+  // the noise column, as the browser shows it: the raw volume (268 MB/s) slower than two strategies is flagged
+  t.match(dom.stdout, /<td class="noise flagged" data-metric="writeMBps" data-flagged="true">⚠ 1 run; raw slower than storage snapshot: noise<\/td>/);
+  t.match(dom.stdout, /<td class="noise" data-metric="fullReadMBps" data-flagged="false">passes within ±3%<\/td>/);
+  t.match(dom.stdout, /<ul class="verdict">\s*<li>one point<\/li>\s*<li>another point<\/li>/);
 });

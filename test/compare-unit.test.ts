@@ -4,8 +4,8 @@
  */
 import t from 'tap';
 import { parseWorkload, randomPlan, sequentialPlan, footprint, applyPlan, readBackPlan, makeWorkload, WritePlan } from '../src/compare/workload';
-import { winner, verdict, formatSeconds } from '../src/compare/verdict';
-import { niceMax } from '../src/compare/html';
+import { bestOf, noiseOf, winner, verdict, formatSeconds, SCALAR_METRICS } from '../src/compare/verdict';
+import { niceTicks, tickLabel } from '../src/compare/html';
 import type { DiskImage, ImageInfo, MapExtent } from '../src/image';
 import type { CompareReport, StrategyMetrics } from '../src/compare/types';
 
@@ -167,11 +167,29 @@ t.test('winner: margins by how repeatable a figure is, and two instant times are
   t.equal(winner(100, 115, space), 'differencing-disk', 'space beyond 10%');
   t.equal(formatSeconds(0.0123), '12.3 ms');
   t.equal(formatSeconds(2.5), '2.50 s');
-  t.equal(niceMax(83.8 * MiB, 'B'), 100 * MiB);
-  t.equal(niceMax(1.7, 's'), 2);
-  t.equal(niceMax(5.64, 's'), 6);
-  t.equal(niceMax(4723, 'MB/s'), 5000);
-  t.equal(niceMax(219 * MiB, 'B'), 250 * MiB);
+  t.equal(bestOf([['differencing-disk', 1], ['storage-snapshot', 1.1], ['pointer-snapshot', 0.5]], time), 'pointer-snapshot', 'three: the best beats both by the margin');
+  t.equal(bestOf([['differencing-disk', 0.55], ['storage-snapshot', 1.1], ['pointer-snapshot', 0.5]], time), 'tie', 'three: the best must beat the second too');
+  t.equal(bestOf([['differencing-disk', 1]], time), 'tie', 'one strategy wins nothing');
+});
+
+t.test('axis ticks are round and labelled in as few digits as they need', async (t) => {
+  const labels = (v: number, unit: 's' | 'B' | 'MB/s') => {
+    const ticks = niceTicks(v, unit);
+    return ticks.map((x) => tickLabel(x, unit, ticks[ticks.length - 1]));
+  };
+  t.same(labels(6.25, 's'), ['0', '2 s', '4 s', '6 s', '8 s'], 'not 1.56 s, 3.13 s, ...');
+  t.same(labels(188 * MiB, 'B'), ['0', '50 MiB', '100 MiB', '150 MiB', '200 MiB'], 'not 47 MiB, 94 MiB, ...');
+  t.same(labels(0.37, 's'), ['0', '100 ms', '200 ms', '300 ms', '400 ms']);
+  t.same(labels(4723, 'MB/s'), ['0', '1000 MB/s', '2000 MB/s', '3000 MB/s', '4000 MB/s', '5000 MB/s']);
+  t.same(labels(1.5 * 2 ** 30, 'B'), ['0', '0.5 GiB', '1 GiB', '1.5 GiB']);
+  t.same(labels(0, 's'), ['0', '0.2 s', '0.4 s', '0.6 s', '0.8 s', '1 s'], 'an empty axis still has a scale');
+  for (const v of [0.0031, 0.9, 7, 63, 999, 12345, 3 * KiB, 700 * MiB, 9.9 * 2 ** 30]) {
+    for (const unit of ['s', 'B', 'MB/s'] as const) {
+      const ticks = niceTicks(v, unit);
+      t.ok(ticks.length >= 3 && ticks.length <= 7, `${v} ${unit}: ${ticks.length} ticks`);
+      t.ok(ticks[ticks.length - 1] >= v && ticks[ticks.length - 2] < v, `${v} ${unit}: the top tick is the first at or above the data`);
+    }
+  }
 });
 
 function metrics(over: Partial<StrategyMetrics>): StrategyMetrics {
@@ -209,9 +227,36 @@ t.test('the verdict names what each strategy wins, from the numbers', async (t) 
     ],
   } as unknown as CompareReport;
   const v = verdict(report);
-  t.match(v, /^On this 256 MiB image with 100 MiB allocated with workload random:3%:4k-1m/);
-  t.match(v, /Differencing disks win here on time to snapshot, space right after the snapshot, extra space after the workload and time to roll back: pick them for frequent, short-lived checkpoints/);
-  t.match(v, /storage snapshots win on write throughput with the snapshot and surviving the loss of the volume: pick them for backups that must outlive the volume and write-heavy volumes/);
-  t.match(v, /Only the storage snapshot survived losing the volume/);
-  t.match(v, /33% of the raw volume's 600 MB\/s/);
+  t.ok(v.length >= 6 && v.every((p) => p.split(/\s+/).length <= 45), 'short points, not a paragraph');
+  t.match(v[0], /^Measured on a 256 MiB image, 100 MiB allocated; workload random:3%:4k-1m/);
+  t.match(v.join('\n'), /Differencing disks win on time to snapshot, space right after the snapshot, extra space after the workload and time to roll back: pick them for frequent, short-lived checkpoints/);
+  t.match(v.join('\n'), /Storage snapshots win on write throughput with the snapshot and surviving the loss of the volume: pick them for backups/);
+  t.match(v.join('\n'), /Losing the volume file: storage snapshot came back byte-exact; differencing disk did not \(ENOENT\)/);
+  t.match(v.join('\n'), /Writes with the snapshot: differencing disk 200 MB\/s, storage snapshot 600 MB\/s; raw volume 600 MB\/s\./);
+
+  // a third strategy, and a baseline slower than a strategy: flagged, and not counted as a win
+  const three = {
+    ...report,
+    baseline: { ...report.baseline, writeMBps: 300 },
+    strategies: [
+      ...report.strategies,
+      { name: 'pointer-snapshot', title: '', how: {}, metrics: metrics({ snapshotSeconds: 0.004, snapshotBytes: 0, writeMBps: 590, rollbackSeconds: 0.002, survivesVolumeLoss: true, survival: { lost: 'v', tried: 'r', survives: true, outcome: 'ok' } }) },
+    ],
+    unavailable: [],
+  } as unknown as CompareReport;
+  const writes = SCALAR_METRICS.find((m) => m.key === 'writeMBps')!;
+  t.same(noiseOf(three, writes), { text: '1 run; raw slower than storage snapshot: noise', flagged: true });
+  const v3 = verdict(three).join('\n');
+  t.notMatch(v3, /win on [^:]*write throughput/, 'a noisy row wins nothing');
+  t.match(v3, /Writes with the snapshot: .*\(noisy: see the table\)/);
+  t.match(v3, /Losing the volume file: storage snapshot and pointer snapshot came back byte-exact; differencing disk did not \(ENOENT\) \(a pointer snapshot lives on the same disk/);
+  t.match(v3, /Pointer snapshots win on [^:]*time to roll back: pick them for instant checkpoints/);
+  const reads = SCALAR_METRICS.find((m) => m.key === 'fullReadMBps')!;
+  const spread = { ...three, strategies: three.strategies.map((s, i) => ({ ...s, metrics: { ...s.metrics, spread: { fullReadMBps: i === 1 ? 0.6 : 0.1 } } })) } as CompareReport;
+  t.same(noiseOf(spread, reads), { text: 'passes within ±30%', flagged: true }, 'passes 60% apart: beyond the 25% margin');
+  const calm = { ...three, strategies: three.strategies.map((s) => ({ ...s, metrics: { ...s.metrics, spread: { fullReadMBps: 0.1 } } })) } as CompareReport;
+  t.same(noiseOf(calm, reads), { text: 'passes within ±5%', flagged: false });
+
+  const none = { ...report, unavailable: [{ name: 'pointer-snapshot', title: '', reason: 'the working directory is on ext4, which cannot share extents (reflinks); run with --dir on xfs or btrfs' }] } as unknown as CompareReport;
+  t.match(verdict(none)[1], /^Pointer snapshot: not measured here — the working directory is on ext4/);
 });

@@ -8,6 +8,8 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { cli } from './helpers/cli';
+import { needLoop, scratch, sh } from './helpers/loop';
+import { fsType } from '../src/compare/run';
 import { METRIC_NAMES } from '../src/compare/types';
 import { SCALAR_METRICS } from '../src/compare/verdict';
 import type { CompareReport, StrategyMetrics } from '../src/compare/types';
@@ -27,7 +29,8 @@ t.test('compare --generate: JSON, HTML, table and verdict of a real run', async 
   t.match(r.out, /time to snapshot/);
   t.match(r.out, /survives losing the volume\s+no \(ENOENT\)\s+yes/);
   t.match(r.out, /checks: (\d+)\/\1 byte-exact/);
-  t.match(r.out, /On this 48\.0 MiB image/);
+  t.match(r.out, /verdict:\n- Measured on a 48\.0 MiB image/);
+  t.match(r.out, /pointer snapshot: not available here \(the working directory is on ext4, which cannot share extents/, 'the third kind says why it is missing');
   // progress went to stderr, not stdout
   t.match(r.stderr, /compare: \[\d+\/\d+\] differencing-disk: take a snapshot/);
   t.notMatch(r.out, /compare: \[/);
@@ -38,6 +41,8 @@ t.test('compare --generate: JSON, HTML, table and verdict of a real run', async 
     ['differencing-disk', 'storage-snapshot'],
     'two strategies, in the order DESIGN.md shows',
   );
+  t.equal(fsType(work), 'ext4', 'this test runs on ext4 (the machine root): no reflinks');
+  t.same(rep.unavailable.map((u) => [u.name, u.reason.replace(/ext4/, 'FS')]), [['pointer-snapshot', 'the working directory is on FS, which cannot share extents (reflinks); run with --dir on xfs or btrfs']]);
   t.equal(rep.image.virtualSize, 48 * MiB);
   t.equal(rep.image.generated, true);
   t.match(rep.image.sha256, /^[0-9a-f]{64}$/);
@@ -92,8 +97,9 @@ t.test('compare --generate: JSON, HTML, table and verdict of a real run', async 
       t.ok(rep.checks.some((c) => c.strategy === strat && c.name === name && c.ok), `${strat}: ${name} checked`);
     }
   }
-  t.ok(rep.verdict.length > 200, 'a verdict paragraph');
-  t.match(rep.verdict, /Only the storage snapshot survived losing the volume/);
+  t.ok(rep.verdict.length >= 8 && rep.verdict.every((p) => p.length < 400), 'a verdict in short points');
+  t.match(rep.verdict.join('\n'), /Losing the volume file: storage snapshot came back byte-exact; differencing disk did not \(ENOENT\)/);
+  t.match(rep.verdict.join('\n'), /Pointer snapshot: not measured here/);
   t.ok(rep.baseline.writeMBps > 0 && rep.baseline.readMBps > 0 && rep.baseline.fullReadMBps > 0, 'raw baseline figures');
 
   // HTML: every chart, inline, nothing fetched from anywhere
@@ -106,7 +112,8 @@ t.test('compare --generate: JSON, HTML, table and verdict of a real run', async 
   t.equal((page.match(/<circle class="point"/g) ?? []).length, 2 * 3 * 3, 'growth points: 2 strategies x 3 N x 3 charts');
   t.notMatch(page, /<script|<link|<img|\bsrc=|\bhref=|@import|url\(/i, 'no script, stylesheet, image or link');
   t.notMatch(page.replace(/xmlns="http:\/\/www\.w3\.org\/2000\/svg"/g, ''), /https?:\/\//, 'no URL other than the SVG namespace');
-  t.match(page, new RegExp(rep.verdict.slice(0, 40).replace(/[.*+?^${}()|[\]\\]/g, '\\$&')), 'the verdict is on the page');
+  for (const p of rep.verdict) t.ok(page.includes(`<li>${p.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;')}</li>`), `the verdict point is on the page: ${p.slice(0, 40)}`);
+  t.match(page, /<tr class="unavailable" data-strategy="pointer-snapshot">.*not available here/);
 });
 
 t.test('compare --json - prints the report on stdout; outputs are not overwritten without --force', async (t) => {
@@ -142,4 +149,47 @@ t.test('the same seed does the same work on the same image', async (t) => {
   t.same(a.workload, b.workload);
   t.not(a.image.sha256, c.image.sha256, 'another seed, another image');
   t.same(a.strategies.map((s) => s.name), ['storage-snapshot'], '--only runs one strategy');
+});
+
+const xfsSkip = needLoop(['mkfs.xfs']);
+
+t.test('on xfs: pointer snapshots (reflink clones) are the third strategy, measured as the other two', { skip: xfsSkip }, async (t) => {
+  const s = scratch();
+  t.teardown(() => s.cleanup());
+  const img = path.join(s.dir, 'xfs.img');
+  fs.writeFileSync(img, '');
+  fs.truncateSync(img, 400 * MiB);
+  const mk = sh('mkfs.xfs', ['-q', '-m', 'reflink=1', img]);
+  t.equal(mk.status, 0, mk.stderr);
+  const mp = path.join(s.dir, 'mnt');
+  s.mount(img, mp, ['-o', 'loop']);
+  const work = path.join(mp, 'work');
+  fs.mkdirSync(work);
+  t.equal(fsType(work), 'xfs', 'the mount table names the filesystem');
+  const r = cli(['compare', '--generate', '32M', '--growth', '1,4', '--dir', work, '--json', '-']);
+  t.equal(r.status, 0, r.stderr);
+  const rep = JSON.parse(r.out) as CompareReport;
+  t.same(rep.strategies.map((x) => x.name), ['differencing-disk', 'storage-snapshot', 'pointer-snapshot']);
+  t.same(rep.unavailable, []);
+  t.equal(rep.host.workDirFs, 'xfs');
+  t.equal(rep.host.reflink, true);
+  const p = rep.strategies[2].metrics;
+  for (const k of METRIC_NAMES) t.ok(k in p, `pointer: ${k} present`);
+  t.ok(p.snapshotBytes < 256 * 1024, `a clone shares every extent: ${p.snapshotBytes} bytes extra (st_blocks would count ${rep.image.allocatedBytes} again)`);
+  // after the writes, the clone keeps the old extents the volume no longer maps: at most the
+  // bytes written (writes into holes replace nothing), far less than a second copy
+  t.ok(p.extraBytes > 0 && p.extraBytes <= rep.workload.touched.cluster64k, `the replaced extents stay with the clone: 0 < ${p.extraBytes} <= ${rep.workload.touched.cluster64k}`);
+  t.ok(p.extraBytes < rep.image.allocatedBytes / 2, `not a copy of the image: ${p.extraBytes} < ${rep.image.allocatedBytes} / 2`);
+  t.equal(p.survivesVolumeLoss, true, 'the clone is a file of its own: it survives losing the image file');
+  t.same(p.growth.map((g) => g.snapshots), [1, 4]);
+  t.ok(p.growth[1].extraBytes > p.growth[0].extraBytes, 'each clone keeps what the next batch overwrote');
+  for (const name of ['read-back', 'state-with-snapshot', 'restore', 'rollback', 'growth-1', 'growth-4']) {
+    t.ok(rep.checks.some((c) => c.strategy === 'pointer-snapshot' && c.name === name && c.ok), `pointer: ${name} checked byte-exact`);
+  }
+  t.same(fs.readdirSync(work), [], 'the working directory is removed');
+  // asked for by name where it cannot work: refused before any work, saying why
+  const ext4Work = t.testdir({ w: {} });
+  const refused = cli(['compare', '--generate', '8M', '--growth', '1', '--dir', path.join(ext4Work, 'w'), '--only', 'pointer-snapshot']);
+  t.equal(refused.status, 1);
+  t.match(refused.stderr, /pointer snapshots: the working directory is on ext4, which cannot share extents/);
 });

@@ -75,14 +75,14 @@ export async function runCompare(image: string | undefined, opts: CompareCommand
 export function register(program: Command): void {
   program
     .command('compare')
-    .description('measure differencing disks and storage snapshots side by side on (copies of) one image')
+    .description('measure differencing disks, storage snapshots and pointer snapshots (reflinks) side by side on (copies of) one image')
     .argument('[image]', 'a raw image (only read: every operation runs on copies)')
     .option('--generate <size>', 'compare on a generated demo image of SIZE instead', sizeArg('--generate size'))
     .option('-w, --workload <spec>', WORKLOAD_HELP)
     .option('--seed <n>', 'seed of the workload and the generated image (default 1)', intArg('--seed'))
     .option('--dir <dir>', 'where the temporary working copies go (default: the system temp directory)')
     .option('--growth <list>', 'numbers of snapshots for the growth curves (default 1,4,16)')
-    .addOption(new Option('--only <strategy>', 'measure one strategy').choices(['differencing-disk', 'storage-snapshot']))
+    .addOption(new Option('--only <strategy>', 'measure one strategy').choices(['differencing-disk', 'storage-snapshot', 'pointer-snapshot']))
     .option('--json <file>', "write the JSON report to FILE ('-': print it instead of the table)")
     .option('--html <file>', 'write a self-contained HTML report with SVG charts')
     .option('--svg <file>', 'write every chart as one standalone SVG')

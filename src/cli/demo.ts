@@ -1,5 +1,5 @@
 /**
- * `npm start`: the README's "run the main job". Compares both strategies on a generated
+ * `npm start`: the README's "run the main job". Compares the strategies on a generated
  * 256 MiB demo image in a new temporary directory and leaves the reports there:
  *
  *   $TMPDIR/disksnap-demo-XXXXXX/report.html   open it in a browser (no network needed)
@@ -17,7 +17,7 @@ import { buildProgram } from './main';
 async function main(): Promise<void> {
   const out = fs.mkdtempSync(path.join(os.tmpdir(), 'disksnap-demo-'));
   const files = { html: path.join(out, 'report.html'), json: path.join(out, 'report.json'), svg: path.join(out, 'report.svg') };
-  process.stderr.write(`disksnap demo: comparing both strategies on a generated image; reports go to ${out}\n`);
+  process.stderr.write(`disksnap demo: comparing the strategies on a generated image; reports go to ${out}\n`);
   const argv = ['compare', '--generate', '256M', '--dir', out, '--html', files.html, '--json', files.json, '--svg', files.svg, ...process.argv.slice(2)];
   await buildProgram().parseAsync(argv, { from: 'user' });
   process.stdout.write(`\nreport: ${files.html}\n        ${files.json}\n        ${files.svg}\n`);

@@ -9,19 +9,16 @@
  */
 import { formatSize } from '../engine/size';
 import { CompareReport, GrowthPoint, StrategyMetrics } from './types';
-import { formatMBps, formatSeconds, formatValue, MetricDef, SCALAR_METRICS, TIE_MARGIN, winner } from './verdict';
+import { bestOf, formatMBps, formatSeconds, formatValue, MetricDef, noiseOf, SCALAR_METRICS, SHORT_NAMES, TIE_MARGIN } from './verdict';
 
 export const COLORS: Record<string, string> = {
   'differencing-disk': '#2f6db5',
   'storage-snapshot': '#d9731f',
+  'pointer-snapshot': '#2e8b57',
   baseline: '#8d949b',
 };
 
-const LABELS: Record<string, string> = {
-  'differencing-disk': 'differencing disk',
-  'storage-snapshot': 'storage snapshot',
-  baseline: 'raw, no snapshot',
-};
+const LABELS = SHORT_NAMES;
 
 export function esc(s: string): string {
   return s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
@@ -82,50 +79,77 @@ export const GROWTH_METRICS: readonly GrowthDef[] = [
   { key: 'readMBps', label: 'whole-image read with N snapshots', unit: 'MB/s' },
 ];
 
-/** A round upper bound for an axis: 1, 2 or 5 times a power of ten (of MiB/KiB/GiB for bytes). */
-export function niceMax(v: number, unit: MetricDef['unit']): number {
-  if (!(v > 0) || !Number.isFinite(v)) return 1;
-  let scale = 1;
-  if (unit === 'B') for (const k of [2 ** 10, 2 ** 20, 2 ** 30, 2 ** 40]) if (v >= k) scale = k;
-  const x = v / scale;
-  const p = Math.pow(10, Math.floor(Math.log10(x)));
-  const m = [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10].find((f) => f * p >= x * (1 - 1e-9))!;
-  return m * p * scale;
+/** The scale a byte axis is labelled in: the largest of KiB, MiB, GiB, TiB not above `v`. */
+function byteScale(v: number): [number, string] {
+  let out: [number, string] = [1, 'B'];
+  for (const [k, name] of [[2 ** 10, 'KiB'], [2 ** 20, 'MiB'], [2 ** 30, 'GiB'], [2 ** 40, 'TiB']] as const) if (v >= k) out = [k, name];
+  return out;
 }
 
-const G_W = 300;
-const G_H = 200;
+/**
+ * Round ticks from 0 for an axis whose data reach `v`: a step of 1, 2 or 5 times a power of
+ * ten (in the axis's own scale for bytes), 3 to 6 ticks, the last one at or above `v`. So
+ * "0, 2 s, 4 s, 6 s" rather than "0, 1.56 s, 3.13 s, ...".
+ */
+export function niceTicks(v: number, unit: MetricDef['unit']): number[] {
+  const max = Number.isFinite(v) && v > 0 ? v : 1;
+  const [scale] = unit === 'B' ? byteScale(max) : [1];
+  const x = max / scale;
+  const p = Math.pow(10, Math.floor(Math.log10(x)));
+  const step = [0.1, 0.2, 0.5, 1, 2, 5, 10].map((f) => f * p).find((st) => Math.ceil(x / st - 1e-9) <= 5)!;
+  const n = Math.max(1, Math.ceil(x / step - 1e-9));
+  return Array.from({ length: n + 1 }, (_, i) => Number((i * step).toPrecision(12)) * scale);
+}
 
-/** A growth curve: value against N for each strategy (N on a log scale: 1, 4, 16 evenly spaced). */
+/** A tick label: as few digits as the tick needs, in the axis's unit (bytes in the scale of the top tick). */
+export function tickLabel(v: number, unit: MetricDef['unit'], top: number): string {
+  if (v === 0) return '0';
+  const trim = (x: number) => String(Number(x.toPrecision(6)));
+  if (unit === 'B') {
+    const [k, name] = byteScale(top);
+    return `${trim(v / k)} ${name}`;
+  }
+  if (unit === 's') return top < 1 ? `${trim(v * 1000)} ms` : `${trim(v)} s`;
+  return `${trim(v)} MB/s`;
+}
+
+const G_W = 320;
+const G_H = 230;
+
+/**
+ * A growth curve: value against N for each strategy. N is on a logarithmic axis (1, 4, 16
+ * evenly spaced), and the axis title says so; y ticks are round (niceTicks); the legend sits
+ * above the plot area, so it never covers a point.
+ */
 export function growthChart(def: GrowthDef, series: { name: string; points: GrowthPoint[] }[], x = 0, y = 0): string {
-  const left = 62;
-  const right = 12;
-  const top = 28;
+  const left = 64;
+  const right = 14;
+  const top = 30 + series.length * 14;
   const bottom = 34;
   const all = series.flatMap((s) => s.points.map((p) => p[def.key])).filter(Number.isFinite);
-  const max = niceMax(Math.max(...all, 0), def.unit);
+  const ticks = niceTicks(Math.max(...all, 0), def.unit);
+  const max = ticks[ticks.length - 1];
   const ns = [...new Set(series.flatMap((s) => s.points.map((p) => p.snapshots)))].sort((a, b) => a - b);
   const lo = Math.log(ns[0] ?? 1);
   const hi = Math.log(ns[ns.length - 1] ?? 1);
   const px = (n: number) => left + (hi > lo ? ((Math.log(n) - lo) / (hi - lo)) * (G_W - left - right) : (G_W - left - right) / 2);
   const py = (v: number) => G_H - bottom - (Math.min(Number.isFinite(v) ? v : 0, max) / max) * (G_H - top - bottom);
-  const ticks = [0, 0.25, 0.5, 0.75, 1].map((f) => f * max);
   let out =
     `<svg xmlns="http://www.w3.org/2000/svg" class="chart growth" data-chart="growth-${def.key}" x="${x}" y="${y}" width="${G_W}" height="${G_H}" viewBox="0 0 ${G_W} ${G_H}" role="img" aria-label="${esc(def.label)}">` +
-    `<text x="0" y="15" class="ttl">${esc(def.label)}</text>` +
+    `<text x="0" y="15" class="ttl">${esc(def.label)}</text>`;
+  series.forEach((s, i) => {
+    const ly = 24 + i * 14;
+    out += `<g class="legend"><rect x="${left}" y="${ly}" width="10" height="3" fill="${COLORS[s.name]}"/><text x="${left + 14}" y="${ly + 5}" class="tick">${esc(LABELS[s.name] ?? s.name)}</text></g>`;
+  });
+  out +=
     `<line x1="${left}" y1="${top}" x2="${left}" y2="${G_H - bottom}" class="axis"/>` +
     `<line x1="${left}" y1="${G_H - bottom}" x2="${G_W - right}" y2="${G_H - bottom}" class="axis"/>`;
   for (const t of ticks) {
-    out += `<text x="${left - 4}" y="${num(py(t) + 4)}" text-anchor="end" class="tick">${t === 0 ? '0' : esc(formatValue(t, def.unit))}</text>`;
+    out += `<text x="${left - 4}" y="${num(py(t) + 4)}" text-anchor="end" class="tick ytick">${esc(tickLabel(t, def.unit, max))}</text>`;
     out += `<line x1="${left}" y1="${num(py(t))}" x2="${G_W - right}" y2="${num(py(t))}" class="grid"/>`;
   }
-  for (const n of ns) out += `<text x="${num(px(n))}" y="${G_H - bottom + 14}" text-anchor="middle" class="tick">${n}</text>`;
-  out += `<text x="${(left + G_W - right) / 2}" y="${G_H - 4}" text-anchor="middle" class="sub">snapshots (N)</text>`;
-  series.forEach((s, i) => {
-    const lx = left + 6;
-    const ly = top + 4 + i * 14;
-    out += `<rect x="${lx}" y="${ly}" width="10" height="3" fill="${COLORS[s.name]}"/><text x="${lx + 14}" y="${ly + 5}" class="tick">${esc(LABELS[s.name] ?? s.name)}</text>`;
-  });
+  for (const n of ns) out += `<text x="${num(px(n))}" y="${G_H - bottom + 14}" text-anchor="middle" class="tick xtick">${n}</text>`;
+  out += `<text x="${(left + G_W - right) / 2}" y="${G_H - 4}" text-anchor="middle" class="sub xtitle">snapshots N (log scale)</text>`;
   for (const s of series) {
     const pts = s.points.map((p) => `${num(px(p.snapshots))},${num(py(p[def.key]))}`).join(' ');
     out += `<polyline class="line" data-strategy="${esc(s.name)}" points="${pts}" fill="none" stroke="${COLORS[s.name]}" stroke-width="2"/>`;
@@ -140,15 +164,21 @@ const STYLE_SVG =
   '.ttl{font:600 13px sans-serif;fill:#222}.sub{font:11px sans-serif;fill:#777}.lbl{font:12px sans-serif;fill:#333}' +
   '.val{font:12px sans-serif;fill:#222}.tick{font:10px sans-serif;fill:#555}.axis{stroke:#444;stroke-width:1}.grid{stroke:#e3e3e3;stroke-width:1}';
 
+/** The raw volume's figure of a metric, where the baseline measures it. */
+function baselineOf(r: CompareReport, key: MetricDef['key']): number | undefined {
+  const b = r.baseline as unknown as Record<string, unknown>;
+  return typeof b[key] === 'number' ? (b[key] as number) : undefined;
+}
+
 function barsFor(r: CompareReport, def: MetricDef): Bar[] {
   const bars: Bar[] = r.strategies.map((s) => ({ series: s.name, value: s.metrics[def.key] }));
-  const base = (r.baseline as Record<string, number>)[def.key];
+  const base = baselineOf(r, def.key);
   if (base !== undefined) bars.push({ series: 'baseline', value: base });
   return bars;
 }
 
-function legend(x: number, y: number, withBaseline: boolean): string {
-  const items = ['differencing-disk', 'storage-snapshot', ...(withBaseline ? ['baseline'] : [])];
+function legend(r: CompareReport, x: number, y: number, withBaseline: boolean): string {
+  const items: string[] = [...r.strategies.map((s) => s.name), ...(withBaseline ? ['baseline'] : [])];
   return items
     .map((k, i) => `<rect x="${x + i * 170}" y="${y}" width="12" height="12" fill="${COLORS[k]}"/><text x="${x + i * 170 + 17}" y="${y + 11}" class="lbl">${LABELS[k]}</text>`)
     .join('');
@@ -182,36 +212,38 @@ export function renderOverviewSvg(r: CompareReport): string {
     `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${y}" viewBox="0 0 ${width} ${y}" data-chart="overview">` +
     `<style>${STYLE_SVG}</style><rect width="100%" height="100%" fill="#fff"/>` +
     `<text x="0" y="18" class="ttl" style="font-size:16px">${esc(title)}</text>` +
-    legend(0, 34, true) +
+    legend(r, 0, 34, true) +
     charts.join('') +
     `</svg>\n`
   );
 }
 
 export function renderHtml(r: CompareReport): string {
-  const d = r.strategies.find((s) => s.name === 'differencing-disk')?.metrics;
-  const s = r.strategies.find((s) => s.name === 'storage-snapshot')?.metrics;
-  const cell = (m: StrategyMetrics | undefined, f: (m: StrategyMetrics) => string) => `<td class="num">${m ? esc(f(m)) : '-'}</td>`;
-  const baseOf = r.baseline as Record<string, number>;
+  const ms = r.strategies.map((st) => st.metrics);
   const rows = SCALAR_METRICS.map((def) => {
-    const w = d && s ? winner(d[def.key], s[def.key], def) : 'tie';
+    const w = bestOf(r.strategies.map((st) => [st.name, st.metrics[def.key]]), def);
+    const noise = noiseOf(r, def);
+    const base = baselineOf(r, def.key);
     return (
       `<tr><th scope="row">${esc(def.label)}</th>` +
-      cell(d, (m) => formatValue(m[def.key], def.unit)) +
-      cell(s, (m) => formatValue(m[def.key], def.unit)) +
-      `<td class="num">${baseOf[def.key] !== undefined ? esc(formatValue(baseOf[def.key], def.unit)) : ''}</td>` +
-      `<td>${w === 'tie' ? '≈' : `<span class="dot" style="background:${COLORS[w]}"></span>${esc(LABELS[w])}`}</td></tr>`
+      ms.map((m) => `<td class="num">${esc(formatValue(m[def.key], def.unit))}</td>`).join('') +
+      `<td class="num">${base !== undefined ? esc(formatValue(base, def.unit)) : ''}</td>` +
+      `<td>${w === 'tie' ? '≈' : `<span class="dot" style="background:${COLORS[w]}"></span>${esc(LABELS[w])}`}</td>` +
+      `<td class="noise${noise.flagged ? ' flagged' : ''}" data-metric="${def.key}" data-flagged="${noise.flagged}">${noise.flagged ? '⚠ ' : ''}${esc(noise.text)}</td></tr>`
     );
   }).join('\n');
+  const survivors = r.strategies.filter((st) => st.metrics.survivesVolumeLoss);
   const survivalRow =
     `<tr><th scope="row">survives losing the volume</th>` +
-    cell(d, (m) => (m.survivesVolumeLoss ? 'yes' : `no (${m.survival.code ?? 'error'})`)) +
-    cell(s, (m) => (m.survivesVolumeLoss ? 'yes' : `no (${m.survival.code ?? 'error'})`)) +
-    `<td></td><td></td></tr>`;
+    ms.map((m) => `<td class="num">${esc(m.survivesVolumeLoss ? 'yes' : `no (${m.survival.code ?? 'error'})`)}</td>`).join('') +
+    `<td></td><td>${survivors.length === 1 ? `<span class="dot" style="background:${COLORS[survivors[0].name]}"></span>${esc(LABELS[survivors[0].name])}` : ''}</td><td class="noise">checked</td></tr>`;
+  const unavailableRows = (r.unavailable ?? [])
+    .map((u) => `<tr class="unavailable" data-strategy="${esc(u.name)}"><th scope="row">${esc(LABELS[u.name])}</th><td colspan="${ms.length + 3}">not available here: ${esc(u.reason)}</td></tr>`)
+    .join('\n');
   const bars = SCALAR_METRICS.map((def) => `<figure>${barChart(def, barsFor(r, def))}</figure>`).join('\n');
   const series = r.strategies.map((st) => ({ name: st.name, points: st.metrics.growth }));
   const growth = GROWTH_METRICS.map((g) => `<figure>${growthChart(g, series)}</figure>`).join('\n');
-  const growthRows = (d ?? s)?.growth
+  const growthRows = ms[0]?.growth
     .map((g, i) =>
       `<tr><td class="num">${g.snapshots}</td>` +
       r.strategies.map((st) => {
@@ -238,7 +270,7 @@ export function renderHtml(r: CompareReport): string {
 <style>
 body{font:15px/1.5 system-ui,sans-serif;color:#222;max-width:1000px;margin:2em auto;padding:0 1em}
 h1{font-size:1.5em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
-.meta{color:#555}.verdict{background:#f6f8fa;border-left:4px solid #2f6db5;padding:.8em 1em}
+.meta{color:#555}.verdict{background:#f6f8fa;border-left:4px solid #2f6db5;padding:.6em 1em .6em 2em}.verdict li{margin:.2em 0}td.noise{color:#777;font-size:.9em}td.noise.flagged{color:#b3261e}
 table{border-collapse:collapse;margin:.5em 0}th,td{padding:.25em .7em;border-bottom:1px solid #eee;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .charts{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;border:1px solid #eee;padding:8px;border-radius:4px}
@@ -253,21 +285,28 @@ ${STYLE_SVG}
 Workload <code>${esc(wl.spec)}</code> (seed ${wl.seed}): ${esc(formatSize(wl.bytes))} in ${wl.requests} writes${wl.fs ? `, from ${wl.fs.files} files (${esc(formatSize(wl.fs.fileBytes))}) written into ext4 through ${esc(wl.fs.mountedWith)}` : ''}.
 ${esc(r.date)}, node ${esc(r.host.node)} on ${esc(r.host.platform)}, ${r.host.cpus} CPUs, working copies on ${esc(r.host.workDirFs ?? '?')}${r.host.reflink ? ' (reflinks)' : ''}.</p>
 <h2>Verdict</h2>
-<p class="verdict">${esc(r.verdict)}</p>
+<ul class="verdict">
+${r.verdict.map((p) => `<li>${esc(p)}</li>`).join('\n')}
+</ul>
 <h2>Figures</h2>
 <table>
-<thead><tr><th>metric</th><th>differencing disk</th><th>storage snapshot</th><th>raw, no snapshot</th><th>better</th></tr></thead>
+<thead><tr><th>metric</th>${r.strategies.map((st) => `<th>${esc(LABELS[st.name])}</th>`).join('')}<th>raw, no snapshot</th><th>better</th><th>noise</th></tr></thead>
 <tbody>
 ${rows}
 ${survivalRow}
 </tbody>
 </table>
-<p class="sub">Times and throughputs are single runs (reads: the median of 3 passes) on this machine; ≈ marks a difference within ${TIE_MARGIN.s * 100}% (times), ${TIE_MARGIN['MB/s'] * 100}% (throughput) or ${TIE_MARGIN.B * 100}% (space).</p>
+<table class="unavailable">
+<tbody>
+${unavailableRows}
+</tbody>
+</table>
+<p class="sub">Times and throughputs are single runs (reads: the median of 3 passes) on this machine; ≈ marks a difference within ${TIE_MARGIN.s * 100}% (times), ${TIE_MARGIN['MB/s'] * 100}% (throughput) or ${TIE_MARGIN.B * 100}% (space); ⚠ flags a row whose figures are noise (passes that disagree by more than that, or the raw volume slower than a strategy), which the verdict does not count as a win.</p>
 <div class="charts">
 ${bars}
 </div>
 <h2>Growth with the number of snapshots</h2>
-<p>N snapshots on a fresh copy, ${esc(formatSize(wl.growthRoundBytes))} written after each: a chain of N children for the differencing disk, N incremental snapshots in one store for the storage snapshot.</p>
+<p>N snapshots on a fresh copy, ${esc(formatSize(wl.growthRoundBytes))} written after each: a chain of N children for the differencing disk, N incremental snapshots in one store for the storage snapshot, N reflink clones for the pointer snapshot. N is on a logarithmic axis.</p>
 <div class="charts">
 ${growth}
 </div>

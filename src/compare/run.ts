@@ -1,6 +1,8 @@
 /**
- * `compare`: both strategies on the same image and the same work, measured, every result
- * checked byte-exact.
+ * `compare`: the strategies on the same image and the same work, measured, every result
+ * checked byte-exact. Pointer snapshots (compare/pointer.ts, reflink clones) run beside the
+ * two below where the working directory's filesystem shares extents, with a pointer-snapshot/
+ * directory of their own; elsewhere the report says why they are missing.
  *
  *   user's image ──(read only)──▶ WORK/base.img   the state at the snapshot (hash H0)
  *                                    │
@@ -26,9 +28,9 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { spawnSync } from 'node:child_process';
 import { DisksnapError, isDisksnapError } from '../engine/errors';
 import { openImage } from '../image';
+import { canReflink } from '../host';
 import { formatSize } from '../engine/size';
 import { WorkDir, checkRoom } from './workdir';
 import { allocatedBytes, copySparse, hashFile, hashImage, warm } from './files';
@@ -73,11 +75,20 @@ function readPasses(virtualSize: number): number {
   return virtualSize <= 2 ** 30 ? 3 : 1;
 }
 
-async function medianPass<T extends { seconds: number }>(passes: number, fn: () => Promise<T>): Promise<T> {
+async function medianPass<T extends { seconds: number }>(passes: number, fn: () => Promise<T>): Promise<T & { spread?: number }> {
   const runs: T[] = [];
   for (let i = 0; i < passes; i++) runs.push(await fn());
   runs.sort((a, b) => a.seconds - b.seconds);
-  return runs[runs.length >> 1];
+  const mid = runs[runs.length >> 1];
+  // (slowest - fastest) / median: how far apart the passes were, for the report's noise notes
+  const spread = runs.length > 1 && mid.seconds > 0 ? (runs[runs.length - 1].seconds - runs[0].seconds) / mid.seconds : undefined;
+  return { ...mid, ...(spread !== undefined ? { spread } : {}) };
+}
+
+/** The spread of the figures measured in passes, where there was more than one pass. */
+function spreadOf(read: { spread?: number }, full: { spread?: number }): { spread?: Partial<Record<'readMBps' | 'fullReadMBps', number>> } {
+  if (read.spread === undefined && full.spread === undefined) return {};
+  return { spread: { ...(read.spread !== undefined ? { readMBps: read.spread } : {}), ...(full.spread !== undefined ? { fullReadMBps: full.spread } : {}) } };
 }
 
 async function timed(fn: () => unknown): Promise<number> {
@@ -159,7 +170,7 @@ export async function compare(opts: CompareOptions): Promise<CompareReport> {
   const progress = opts.progress ?? silentProgress;
   const seed = opts.seed ?? 1;
   const growth = [...new Set(opts.growth ?? DEFAULT_GROWTH)].sort((a, b) => a - b);
-  const strategies = (opts.strategies ?? STRATEGY_NAMES).map(strategyFor);
+  let strategies = (opts.strategies ?? STRATEGY_NAMES).map(strategyFor);
 
   let source: SourceInfo | undefined = opts.image !== undefined ? checkSourceImage(opts.image) : undefined;
   const virtualSize = source?.virtualSize ?? opts.generate!;
@@ -192,6 +203,10 @@ export async function compare(opts: CompareOptions): Promise<CompareReport> {
       'this comparison',
     );
 
+    const reflink = canReflink(work.file('probe'));
+    const unavailable = unavailableHere(strategies, reflink, work.path, !!opts.strategies?.includes('pointer-snapshot'));
+    strategies = strategies.filter((s) => !unavailable.some((u) => u.name === s.name));
+
     const steps = 6 + strategies.length * (7 + growth.length);
     progress.start(steps);
 
@@ -203,7 +218,7 @@ export async function compare(opts: CompareOptions): Promise<CompareReport> {
     } else {
       progress.step(`copy ${source.path}`);
     }
-    const copy = await copySparse(source.path, base);
+    await copySparse(source.path, base);
     if (source.generated) fs.rmSync(source.path);
 
     let workload: Workload;
@@ -235,7 +250,7 @@ export async function compare(opts: CompareOptions): Promise<CompareReport> {
     progress.stop();
 
     const report: CompareReport = {
-      version: 1,
+      version: 2,
       date: new Date().toISOString(),
       image: {
         path: opts.image !== undefined ? source.path : `(generated ${formatSize(virtualSize)} demo image, seed ${seed})`,
@@ -250,18 +265,16 @@ export async function compare(opts: CompareOptions): Promise<CompareReport> {
         seed,
         bytes: workload.main.bytes,
         requests: workload.main.offsets.length,
-        touched: {
-          cluster64k: footprint([workload.main], 64 * 1024, virtualSize),
-          block512k: footprint([workload.main], 512 * 1024, virtualSize),
-        },
+        touched: { cluster64k: footprint([workload.main], 64 * 1024, virtualSize), block512k: footprint([workload.main], 512 * 1024, virtualSize) },
         growthRoundBytes: rounds[0]?.bytes ?? 0,
         ...(workload.fsDetail ? { fs: workload.fsDetail } : {}),
       },
       baseline,
       strategies: reports,
       checks: checks.list,
-      verdict: '',
-      host: { node: process.version, platform: `${os.platform()} ${os.release()}`, cpus: os.cpus().length, workDirFs: fsType(work.path), reflink: copy.cloned },
+      unavailable,
+      verdict: [],
+      host: { node: process.version, platform: `${os.platform()} ${os.release()}`, cpus: os.cpus().length, workDirFs: fsType(work.path), reflink },
     };
     report.verdict = verdict(report);
     return report;
@@ -269,6 +282,18 @@ export async function compare(opts: CompareOptions): Promise<CompareReport> {
     progress.stop();
     work.cleanup();
   }
+}
+
+/**
+ * Strategies that cannot run in the working directory, and why: pointer snapshots need a
+ * filesystem that shares extents, probed in the working directory itself (not from the copy
+ * of the source, which may come from another filesystem). Asked for by name, it is an error.
+ */
+function unavailableHere(strategies: Strategy[], reflink: boolean, workDir: string, askedFor: boolean): CompareReport['unavailable'] {
+  if (reflink || !strategies.some((s) => s.name === 'pointer-snapshot')) return [];
+  const reason = `the working directory is on ${fsType(workDir) ?? 'a filesystem'}, which cannot share extents (reflinks); run with --dir on xfs or btrfs`;
+  if (askedFor) throw new DisksnapError(`pointer snapshots: ${reason}`, 'EOPNOTSUPP', 95);
+  return [{ name: 'pointer-snapshot', title: strategyFor('pointer-snapshot').title, reason }];
 }
 
 interface BaselineResult {
@@ -340,7 +365,7 @@ async function runBaseline(
     const r = await medianPass(passes, () => readBackPlan(rawImg, workload.main));
     const full = await medianPass(passes, () => hashImage(rawImg));
     checks.add('baseline', 'state-after-workload', short(h1), short(full.sha256), 'the workload gives the same state every time');
-    baseline = { writeMBps: mbps(w.bytes, w.seconds), writeFlushSeconds: w.flushSeconds, readMBps: mbps(r.bytes, r.seconds), fullReadMBps: mbps(full.bytes, full.seconds) };
+    baseline = { writeMBps: mbps(w.bytes, w.seconds), writeFlushSeconds: w.flushSeconds, readMBps: mbps(r.bytes, r.seconds), fullReadMBps: mbps(full.bytes, full.seconds), ...spreadOf(r, full) };
   } finally {
     rawImg.close();
   }
@@ -352,9 +377,34 @@ function pct(done: number, total: number): string {
   return total > 0 ? `${Math.round((done / total) * 100)}%` : '';
 }
 
-function fsType(dir: string): string | undefined {
-  const r = spawnSync('stat', ['-f', '-c', '%T', dir], { encoding: 'utf8' });
-  return r.status === 0 ? r.stdout.trim() : undefined;
+/**
+ * The filesystem type of the mount holding `dir`, as the kernel names it (ext4, xfs, btrfs,
+ * tmpfs): from /proc/self/mountinfo, the longest mount point that contains the directory.
+ * (`stat -f` reports the superblock magic, which ext2, ext3 and ext4 share: "ext2/ext3".)
+ */
+export function fsType(dir: string): string | undefined {
+  let real: string;
+  try {
+    real = fs.realpathSync(dir);
+  } catch {
+    return undefined;
+  }
+  let best: { at: string; type: string } | undefined;
+  let info: string;
+  try {
+    info = fs.readFileSync('/proc/self/mountinfo', 'utf8');
+  } catch {
+    return undefined;
+  }
+  for (const line of info.split('\n')) {
+    const [pre, post] = line.split(' - ');
+    if (!post) continue;
+    const at = (pre.split(' ')[4] ?? '').replace(/\\(\d{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+    const type = post.split(' ')[0];
+    const inside = at === '/' || real === at || real.startsWith(`${at}/`);
+    if (inside && (!best || at.length >= best.at.length)) best = { at, type };
+  }
+  return best?.type;
 }
 
 async function runStrategy(
@@ -406,6 +456,7 @@ async function runStrategy(
       const full = await medianPass(passes, () => hashImage(img, (d, t) => progress.detail(pct(d, t))));
       checks.add(name, 'state-with-snapshot', short(h1), short(full.sha256), 'the whole image after the workload equals the raw baseline');
       m.fullReadMBps = mbps(full.bytes, full.seconds);
+      Object.assign(m, spreadOf(r, full));
     } finally {
       img.close();
     }

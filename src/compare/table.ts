@@ -1,7 +1,7 @@
 /** The human report of `compare` on stdout: metric table, growth table, survival, checks, verdict. */
 import { formatSize } from '../engine/size';
 import { CompareReport, StrategyMetrics } from './types';
-import { formatMBps, formatSeconds, formatValue, SCALAR_METRICS, TIE_MARGIN, winner } from './verdict';
+import { bestOf, formatMBps, formatSeconds, formatValue, noiseOf, SCALAR_METRICS, SHORT_NAMES, TIE_MARGIN } from './verdict';
 
 function table(header: string[], rows: string[][], right: boolean[] = []): string {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
@@ -26,12 +26,11 @@ export function wrap(text: string, width = 100): string {
   return out.join('\n');
 }
 
-const SHORT: Record<string, string> = { 'differencing-disk': 'differencing', 'storage-snapshot': 'storage', tie: '~' };
+const SHORT: Record<string, string> = { 'differencing-disk': 'differencing', 'storage-snapshot': 'storage', 'pointer-snapshot': 'pointer', tie: '~' };
+const COLUMN: Record<string, string> = { 'differencing-disk': 'diff', 'storage-snapshot': 'store', 'pointer-snapshot': 'pointer' };
 
 export function renderText(r: CompareReport): string {
-  const d = r.strategies.find((s) => s.name === 'differencing-disk')?.metrics;
-  const s = r.strategies.find((s) => s.name === 'storage-snapshot')?.metrics;
-  const col = (m: StrategyMetrics | undefined, f: (m: StrategyMetrics) => string) => (m ? f(m) : '-');
+  const col = (m: StrategyMetrics, f: (m: StrategyMetrics) => string) => f(m);
   const out: string[] = [];
   out.push(
     `disksnap compare: ${r.image.path}`,
@@ -45,42 +44,39 @@ export function renderText(r: CompareReport): string {
     readMBps: r.baseline.readMBps,
     fullReadMBps: r.baseline.fullReadMBps,
   };
-  const rows = SCALAR_METRICS.map((m) => [
-    m.label,
-    col(d, (x) => formatValue(x[m.key], m.unit)),
-    col(s, (x) => formatValue(x[m.key], m.unit)),
-    baselineOf[m.key] !== undefined ? formatValue(baselineOf[m.key]!, m.unit) : '',
-    d && s ? SHORT[winner(d[m.key], s[m.key], m)] : '',
-  ]);
+  const ms = r.strategies.map((s) => s.metrics);
+  const rows = SCALAR_METRICS.map((m) => {
+    const noise = noiseOf(r, m);
+    return [
+      m.label,
+      ...ms.map((x) => col(x, (y) => formatValue(y[m.key], m.unit))),
+      baselineOf[m.key] !== undefined ? formatValue(baselineOf[m.key]!, m.unit) : '',
+      SHORT[bestOf(r.strategies.map((s) => [s.name, s.metrics[m.key]]), m)],
+      `${noise.flagged ? '! ' : ''}${noise.text}`,
+    ];
+  });
+  const survivors = r.strategies.filter((s) => s.metrics.survivesVolumeLoss);
   rows.push([
     'survives losing the volume',
-    col(d, (x) => (x.survivesVolumeLoss ? 'yes' : `no (${x.survival.code ?? 'error'})`)),
-    col(s, (x) => (x.survivesVolumeLoss ? 'yes' : `no (${x.survival.code ?? 'error'})`)),
+    ...ms.map((x) => (x.survivesVolumeLoss ? 'yes' : `no (${x.survival.code ?? 'error'})`)),
     '',
-    d && s && d.survivesVolumeLoss !== s.survivesVolumeLoss ? SHORT[d.survivesVolumeLoss ? 'differencing-disk' : 'storage-snapshot'] : '',
+    survivors.length === 1 ? SHORT[survivors[0].name] : '',
+    'checked',
   ]);
-  out.push(table(['metric', 'differencing disk', 'storage snapshot', 'raw, no snapshot', 'better'], rows, [false, true, true, true, false]));
+  const names = r.strategies.map((s) => SHORT_NAMES[s.name]);
+  out.push(table(['metric', ...names, 'raw, no snapshot', 'better', 'noise'], rows, [false, ...names.map(() => true), true, false, false]));
+  for (const u of r.unavailable ?? []) out.push(`${SHORT_NAMES[u.name]}: not available here (${u.reason})`);
   out.push('');
 
-  const points = (d ?? s)?.growth.map((g) => g.snapshots) ?? [];
+  const points = ms[0]?.growth.map((g) => g.snapshots) ?? [];
   if (points.length) {
     const grows = points.map((n, i) => [
       String(n),
-      col(d, (x) => formatSeconds(x.growth[i].snapshotSeconds)),
-      col(d, (x) => formatSize(x.growth[i].extraBytes)),
-      col(d, (x) => formatMBps(x.growth[i].readMBps)),
-      col(s, (x) => formatSeconds(x.growth[i].snapshotSeconds)),
-      col(s, (x) => formatSize(x.growth[i].extraBytes)),
-      col(s, (x) => formatMBps(x.growth[i].readMBps)),
+      ...ms.flatMap((x) => [formatSeconds(x.growth[i].snapshotSeconds), formatSize(x.growth[i].extraBytes), formatMBps(x.growth[i].readMBps)]),
     ]);
-    out.push(`growth: N snapshots (a chain of N children / N snapshots in one store), ${formatSize(r.workload.growthRoundBytes)} written after each`);
-    out.push(
-      table(
-        ['N', 'diff: snapshot time', 'diff: space', 'diff: read', 'store: snapshot time', 'store: space', 'store: read'],
-        grows,
-        [true, true, true, true, true, true, true],
-      ),
-    );
+    out.push(`growth: N snapshots (a chain of N children / N snapshots in one store / N clones), ${formatSize(r.workload.growthRoundBytes)} written after each`);
+    const head = r.strategies.flatMap((s) => [`${COLUMN[s.name]}: snapshot time`, `${COLUMN[s.name]}: space`, `${COLUMN[s.name]}: read`]);
+    out.push(table(['N', ...head], grows, [true, ...head.map(() => true)]));
     out.push('');
   }
   for (const st of r.strategies) {
@@ -90,9 +86,10 @@ export function renderText(r: CompareReport): string {
   out.push(`checks: ${ok}/${r.checks.length} byte-exact (${[...new Set(r.checks.map((c) => c.name.replace(/-\d+$/, '-N')))].join(', ')})`);
   out.push(
     'times and throughputs are single runs (reads: median of 3 passes) on this machine; "~" marks a difference within ' +
-      `${TIE_MARGIN.s * 100}% (times), ${TIE_MARGIN['MB/s'] * 100}% (throughput) or ${TIE_MARGIN.B * 100}% (space)`,
+      `${TIE_MARGIN.s * 100}% (times), ${TIE_MARGIN['MB/s'] * 100}% (throughput) or ${TIE_MARGIN.B * 100}% (space); "!" flags a row whose figures are noise`,
   );
   out.push('');
-  out.push(wrap(r.verdict));
+  out.push('verdict:');
+  for (const p of r.verdict) out.push(wrap(`- ${p}`, 100).replace(/\n/g, '\n  '));
   return out.join('\n') + '\n';
 }

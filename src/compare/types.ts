@@ -61,6 +61,8 @@ export interface StrategyMetrics {
   survival: Survival;
   /** 1, 4, 16 snapshots */
   growth: GrowthPoint[];
+  /** figures measured in several passes: (slowest - fastest) / median of the passes */
+  spread?: Partial<Record<'readMBps' | 'fullReadMBps', number>>;
 }
 
 /** The metric names every strategy reports (tests check each is present). */
@@ -99,7 +101,8 @@ export interface Check {
 }
 
 export interface CompareReport {
-  version: 1;
+  /** 2: verdict became a list of points; pointer snapshots and `unavailable` were added */
+  version: 2;
   date: string;
   image: {
     path: string;
@@ -122,9 +125,12 @@ export interface CompareReport {
     fs?: { files: number; fileBytes: number; formatted: boolean; mountedWith: string };
   };
   /** the same work on a plain raw copy with no snapshot at all */
-  baseline: { writeMBps: number; writeFlushSeconds: number; readMBps: number; fullReadMBps: number };
+  baseline: { writeMBps: number; writeFlushSeconds: number; readMBps: number; fullReadMBps: number; spread?: Partial<Record<'readMBps' | 'fullReadMBps', number>> };
   strategies: StrategyReport[];
+  /** strategies that could not run here (pointer snapshots on a filesystem without reflinks), and why */
+  unavailable: Array<{ name: StrategyName; title: string; reason: string }>;
   checks: Check[];
-  verdict: string;
+  /** short points, figures first, then what each strategy wins and when to pick it */
+  verdict: string[];
   host: { node: string; platform: string; cpus: number; workDirFs?: string; reflink: boolean };
 }

@@ -1,28 +1,28 @@
 /**
- * The one-paragraph verdict of a compare run, from the numbers alone.
+ * The verdict of a compare run, from the numbers alone, as short points a reader can skim.
  *
- * Each metric has a winner when one side is better by more than a margin that follows how
- * repeatable the figure is: 10 % for space (st_blocks does not jitter), 20 % for times and
- * 25 % for throughputs (single timed runs; on a busy machine they vary by that much from
- * run to run). A time is also a tie when the slower one took under 2 ms — both are
- * "instant" to a person. The paragraph
- * states the figures that decide, then who wins what, then when to pick which:
- * - differencing disks are for cheap, frequent checkpoints that are rolled back (test
- *   environments) when their wins are snapshot time, space and rollback;
- * - storage snapshots are for copies that must outlive the volume (they are the only ones
- *   that survive its loss, checked), for write-heavy use (no copy-on-write on the live
- *   volume), and for many versions (no chain to read through);
- * and it says where this image contradicts the usual expectation (e.g. a child that writes
- * as fast as the raw volume, or a store that costs less than the child).
+ * Each metric has a winner when the best strategy beats every other by more than a margin
+ * that follows how repeatable the figure is: 10 % for space (st_blocks and FIEMAP do not
+ * jitter), 20 % for times and 25 % for throughputs (single timed runs; on a busy machine they
+ * vary by that much from run to run). A time is also a tie when the slower one took under 2 ms
+ * — both are "instant" to a person. The points state the figures side by side, metric group
+ * by metric group, then who wins what and when to pick which:
+ * - differencing disks: cheap, frequent checkpoints that are rolled back (test environments);
+ * - storage snapshots: copies that must outlive the volume (checked by losing it), write-heavy
+ *   use, many versions (no chain to read through);
+ * - pointer snapshots (reflink clones, xfs/btrfs): instant checkpoints on the same disk,
+ *   no backup.
+ * A figure that cannot be right (the raw volume, which does the least work, slower than a
+ * strategy) or whose passes disagree by more than the margin is flagged as noise.
  */
 import { formatSize } from '../engine/size';
-import { CompareReport, StrategyMetrics } from './types';
+import { CompareReport, StrategyMetrics, StrategyName } from './types';
 
 /** Differences within these margins are ties (see the note above). */
 export const TIE_MARGIN: Record<'s' | 'B' | 'MB/s', number> = { B: 0.1, s: 0.2, 'MB/s': 0.25 };
 const INSTANT = 0.002;
 
-export type Winner = 'differencing-disk' | 'storage-snapshot' | 'tie';
+export type Winner = StrategyName | 'tie';
 
 export interface MetricDef {
   key: 'snapshotSeconds' | 'snapshotBytes' | 'writeMBps' | 'readMBps' | 'fullReadMBps' | 'extraBytes' | 'rollbackSeconds' | 'restoreSeconds';
@@ -59,127 +59,143 @@ export function formatValue(v: number, unit: MetricDef['unit']): string {
   return unit === 's' ? formatSeconds(v) : unit === 'B' ? formatSize(v) : formatMBps(v);
 }
 
-export function winner(d: number, s: number, def: Pick<MetricDef, 'unit' | 'higherIsBetter'>): Winner {
-  if (def.unit === 's' && Math.max(d, s) < INSTANT) return 'tie';
-  const [good, bad] = def.higherIsBetter ? [Math.max(d, s), Math.min(d, s)] : [Math.min(d, s), Math.max(d, s)];
+/**
+ * The strategy whose figure beats every other's by more than the metric's margin, or 'tie'.
+ * NaN and missing figures take no part.
+ */
+export function bestOf(values: Array<[StrategyName, number]>, def: Pick<MetricDef, 'unit' | 'higherIsBetter'>): Winner {
+  const vs = values.filter(([, v]) => !Number.isNaN(v));
+  if (vs.length < 2) return 'tie';
+  const better = (a: number, b: number) => (def.higherIsBetter ? a > b : a < b);
+  const sorted = [...vs].sort((a, b) => (better(a[1], b[1]) ? -1 : better(b[1], a[1]) ? 1 : 0));
+  const [[name, good], [, bad]] = sorted;
+  if (def.unit === 's' && Math.max(good, bad) < INSTANT) return 'tie';
   if (good === bad) return 'tie';
   const margin = def.higherIsBetter ? (good - bad) / Math.max(good, 1e-12) : (bad - good) / Math.max(bad, 1e-12);
-  if (margin <= TIE_MARGIN[def.unit]) return 'tie';
-  const dBetter = def.higherIsBetter ? d > s : d < s;
-  return dBetter ? 'differencing-disk' : 'storage-snapshot';
+  return margin <= TIE_MARGIN[def.unit] ? 'tie' : name;
 }
 
-/** "12x", "1.4x": how many times better the winner is. */
-export function factor(d: number, s: number, higherIsBetter: boolean): string {
-  const hi = Math.max(d, s);
-  const lo = Math.min(d, s);
-  if (lo <= 0) return '∞x';
-  const f = hi / lo;
-  void higherIsBetter;
-  return f >= 10 ? `${Math.round(f)}x` : `${f.toFixed(1)}x`;
+/** bestOf for the two strategies disksnap builds. */
+export function winner(d: number, s: number, def: Pick<MetricDef, 'unit' | 'higherIsBetter'>): Winner {
+  return bestOf([['differencing-disk', d], ['storage-snapshot', s]], def);
 }
 
-function metricsOf(r: CompareReport, name: string): StrategyMetrics | undefined {
-  return r.strategies.find((s) => s.name === name)?.metrics;
+export const SHORT_NAMES: Record<string, string> = {
+  'differencing-disk': 'differencing disk',
+  'storage-snapshot': 'storage snapshot',
+  'pointer-snapshot': 'pointer snapshot',
+  baseline: 'raw, no snapshot',
+};
+
+/** How trustworthy one row's figures are: a short note, flagged when it is noise. */
+export interface NoiseNote {
+  text: string;
+  flagged: boolean;
 }
 
-export function verdict(r: CompareReport): string {
-  const d = metricsOf(r, 'differencing-disk');
-  const s = metricsOf(r, 'storage-snapshot');
-  const img = `${formatSize(r.image.virtualSize)} image with ${formatSize(r.image.allocatedBytes)} allocated`;
-  const wl = `${r.workload.spec} (${formatSize(r.workload.bytes)} written in ${r.workload.requests} requests)`;
-  if (!d || !s) {
-    const only = d ? 'differencing-disk' : 'storage-snapshot';
-    return `Only the ${only} strategy was measured on this ${img} with workload ${wl}; a verdict needs both.`;
+const BASELINE_KEYS = ['writeMBps', 'readMBps', 'fullReadMBps'] as const;
+
+/**
+ * The noise note of a metric row: the spread of its passes where it was measured more than
+ * once (flagged beyond the metric's margin), "1 run" otherwise; and a flag when the raw
+ * volume without any snapshot — the least work — is slower than a strategy by more than the
+ * margin: that figure is the machine's noise, not the strategy's merit.
+ */
+export function noiseOf(r: CompareReport, def: MetricDef): NoiseNote {
+  const margin = TIE_MARGIN[def.unit];
+  const spreadOf = (x: { spread?: Partial<Record<string, number>> }) => x.spread?.[def.key];
+  const spreads = [...r.strategies.map((s) => spreadOf(s.metrics)), spreadOf(r.baseline)].filter(
+    (x): x is number => x !== undefined && Number.isFinite(x),
+  );
+  const notes: string[] = [];
+  let flagged = false;
+  if (spreads.length) {
+    const worst = Math.max(...spreads);
+    notes.push(`passes within ±${Math.round(worst * 50)}%`);
+    if (worst > margin) flagged = true;
+  } else notes.push('1 run');
+  const base = (r.baseline as unknown as Record<string, number | undefined>)[def.key];
+  if (base !== undefined && Number.isFinite(base) && (BASELINE_KEYS as readonly string[]).includes(def.key)) {
+    for (const s of r.strategies) {
+      const v = s.metrics[def.key];
+      const faster = def.higherIsBetter ? (v - base) / Math.max(v, 1e-12) : (base - v) / Math.max(base, 1e-12);
+      if (faster > margin) {
+        notes.push(`raw slower than ${SHORT_NAMES[s.name]}: noise`);
+        flagged = true;
+        break;
+      }
+    }
   }
-  const parts: string[] = [];
-  parts.push(`On this ${img} with workload ${wl}:`);
+  return { text: notes.join('; '), flagged };
+}
 
-  const w = (key: MetricDef['key']): Winner => winner(d[key], s[key], SCALAR_METRICS.find((m) => m.key === key)!);
+function figures(r: CompareReport, f: (m: StrategyMetrics) => string): string {
+  return r.strategies.map((s) => `${SHORT_NAMES[s.name]} ${f(s.metrics)}`).join(', ');
+}
 
-  // snapshot
-  parts.push(
-    `a differencing disk is taken in ${formatSeconds(d.snapshotSeconds)} and costs ${formatSize(d.snapshotBytes)}, ` +
-      `a storage snapshot in ${formatSeconds(s.snapshotSeconds)} for ${formatSize(s.snapshotBytes)} ` +
-      (w('snapshotSeconds') === 'tie' ? '(about the same time);' : `(${factor(d.snapshotSeconds, s.snapshotSeconds, false)} ${w('snapshotSeconds') === 'differencing-disk' ? 'slower' : 'faster'});`),
+function winnerPhrase(w: Winner, what: string): string {
+  return w === 'tie' ? `no clear ${what}` : `${what}: ${SHORT_NAMES[w]}`;
+}
+
+const ADVICE: Record<StrategyName, string> = {
+  'differencing-disk': 'frequent, short-lived checkpoints you roll back or throw away (test environments, CI), as long as the parent is kept safe',
+  'storage-snapshot': 'backups that must outlive the volume, write-heavy volumes and keeping many versions',
+  'pointer-snapshot': 'instant checkpoints on xfs or btrfs; they share the volume\'s disk, so they are no backup',
+};
+
+/** The verdict as short points: figures side by side, then what each wins and when to pick it. */
+export function verdict(r: CompareReport): string[] {
+  const pts: string[] = [];
+  const img = `${formatSize(r.image.virtualSize)} image, ${formatSize(r.image.allocatedBytes)} allocated`;
+  pts.push(`Measured on a ${img}; workload ${r.workload.spec}: ${formatSize(r.workload.bytes)} in ${r.workload.requests} writes.`);
+  for (const u of r.unavailable ?? []) pts.push(`${capitalise(SHORT_NAMES[u.name])}: not measured here — ${u.reason}.`);
+  if (r.strategies.length === 0) return pts;
+  const def = (key: MetricDef['key']) => SCALAR_METRICS.find((m) => m.key === key)!;
+  const w = (key: MetricDef['key']) => bestOf(r.strategies.map((s) => [s.name, s.metrics[key]]), def(key));
+  const flag = (key: MetricDef['key']) => (noiseOf(r, def(key)).flagged ? ' (noisy: see the table)' : '');
+  pts.push(
+    `Snapshot: ${figures(r, (m) => `${formatSeconds(m.snapshotSeconds)}, ${formatSize(m.snapshotBytes)}`)}; ${winnerPhrase(w('snapshotSeconds'), 'fastest')}.`,
   );
-  // writes
-  const rawW = r.baseline.writeMBps;
-  const pctRaw = rawW > 0 && Number.isFinite(rawW) ? Math.round((d.writeMBps / rawW) * 100) : undefined;
-  parts.push(
-    `while it exists the child takes writes at ${formatMBps(d.writeMBps)}` +
-      (pctRaw !== undefined ? ` (${pctRaw}% of the raw volume's ${formatMBps(rawW)})` : '') +
-      `, the snapshotted volume at ${formatMBps(s.writeMBps)}, and the child grows to ${formatSize(d.extraBytes)} ` +
-      `(the writes touch ${formatSize(r.workload.touched.cluster64k)} of 64 KiB clusters) while the store stays at ${formatSize(s.extraBytes)};`,
+  pts.push(
+    `Writes with the snapshot: ${figures(r, (m) => formatMBps(m.writeMBps))}; raw volume ${formatMBps(r.baseline.writeMBps)}${flag('writeMBps')}.`,
   );
-  // rollback / restore
-  parts.push(
-    `rolling back takes ${formatSeconds(d.rollbackSeconds)} (discard the child) against ${formatSeconds(s.rollbackSeconds)} (rewrite the changed blocks), ` +
-      `and a new independent volume takes ${formatSeconds(d.restoreSeconds)} against ${formatSeconds(s.restoreSeconds)}.`,
-  );
-  // growth
-  const dg = d.growth;
-  const sg = s.growth;
-  if (dg.length > 1 && sg.length > 1) {
-    const d0 = dg[0];
-    const dn = dg[dg.length - 1];
-    const s0 = sg[0];
-    const sn = sg[sg.length - 1];
-    const readDrop = d0.readMBps > 0 ? Math.round((1 - dn.readMBps / d0.readMBps) * 100) : 0;
-    parts.push(
-      `With ${dn.snapshots} snapshots instead of ${d0.snapshots}, a whole-image read through the chain goes from ${formatMBps(d0.readMBps)} to ${formatMBps(dn.readMBps)}` +
-        (readDrop > 10 ? ` (${readDrop}% slower)` : readDrop < -10 ? '' : ' (about the same)') +
-        ` while the raw volume reads at ${formatMBps(sn.readMBps)}; the children take ${formatSize(dn.extraBytes)} and the store ${formatSize(sn.extraBytes)} ` +
-        `(${formatSize(s0.extraBytes)} after one snapshot), and taking them costs ${formatSeconds(dn.snapshotSeconds)} against ${formatSeconds(sn.snapshotSeconds)}.`,
+  pts.push(`Space after the workload: ${figures(r, (m) => formatSize(m.extraBytes))} (the writes touch ${formatSize(r.workload.touched.cluster64k)} of 64 KiB clusters).`);
+  pts.push(`Reads: ${figures(r, (m) => formatMBps(m.fullReadMBps))} for the whole image; raw ${formatMBps(r.baseline.fullReadMBps)}${flag('fullReadMBps')}.`);
+  pts.push(`Roll back: ${figures(r, (m) => formatSeconds(m.rollbackSeconds))}. New volume: ${figures(r, (m) => formatSeconds(m.restoreSeconds))}.`);
+  const n = r.strategies[0].metrics.growth.length;
+  if (n > 1) {
+    const at = (m: StrategyMetrics) => m.growth[n - 1];
+    pts.push(
+      `With ${at(r.strategies[0].metrics).snapshots} snapshots: reads ${figures(r, (m) => formatMBps(at(m).readMBps))}; space ${figures(r, (m) => formatSize(at(m).extraBytes))}.`,
     );
   }
-  // survival
-  if (s.survivesVolumeLoss && !d.survivesVolumeLoss) {
-    parts.push(`Only the storage snapshot survived losing the volume: it restored byte-exact, while the child without its parent failed (${d.survival.code ?? 'error'}).`);
-  } else if (s.survivesVolumeLoss && d.survivesVolumeLoss) {
-    parts.push('Both came back after the volume was lost.');
-  } else {
-    parts.push(`Losing the volume: differencing disk ${d.survivesVolumeLoss ? 'survived' : 'did not survive'}, storage snapshot ${s.survivesVolumeLoss ? 'survived' : 'did not survive'}.`);
-  }
+  const survived = r.strategies.filter((s) => s.metrics.survivesVolumeLoss);
+  const lost = r.strategies.filter((s) => !s.metrics.survivesVolumeLoss);
+  pts.push(
+    `Losing the volume file: ${survived.length ? `${list(survived.map((s) => SHORT_NAMES[s.name]))} came back byte-exact` : 'nothing came back'}` +
+      (lost.length ? `; ${list(lost.map((s) => `${SHORT_NAMES[s.name]} did not (${s.metrics.survival.code ?? 'error'})`))}` : '') +
+      (survived.some((s) => s.name === 'pointer-snapshot') ? ' (a pointer snapshot lives on the same disk: losing the disk loses it)' : '') +
+      '.',
+  );
 
-  // who wins what
-  const dWins: string[] = [];
-  const sWins: string[] = [];
-  for (const m of SCALAR_METRICS) {
-    const x = w(m.key);
-    if (x === 'differencing-disk') dWins.push(m.label);
-    else if (x === 'storage-snapshot') sWins.push(m.label);
+  const wins = new Map<StrategyName, string[]>();
+  const won = (name: Winner, what: string) => {
+    if (name !== 'tie') wins.set(name, [...(wins.get(name) ?? []), what]);
+  };
+  for (const m of SCALAR_METRICS) if (!noiseOf(r, m).flagged) won(w(m.key), m.label);
+  if (n > 1) {
+    const g = (key: 'readMBps' | 'extraBytes', unit: MetricDef['unit'], higherIsBetter: boolean) =>
+      bestOf(r.strategies.map((s) => [s.name, s.metrics.growth[n - 1][key]]), { unit, higherIsBetter });
+    won(g('readMBps', 'MB/s', true), `reads with ${r.strategies[0].metrics.growth[n - 1].snapshots} snapshots`);
+    won(g('extraBytes', 'B', false), `space with ${r.strategies[0].metrics.growth[n - 1].snapshots} snapshots`);
   }
-  if (dg.length > 1 && sg.length > 1) {
-    const last = dg.length - 1;
-    const gRead = winner(dg[last].readMBps, sg[last].readMBps, { unit: 'MB/s', higherIsBetter: true });
-    if (gRead === 'storage-snapshot') sWins.push(`reads with ${dg[last].snapshots} snapshots`);
-    else if (gRead === 'differencing-disk') dWins.push(`reads with ${dg[last].snapshots} snapshots`);
-    const gSpace = winner(dg[last].extraBytes, sg[last].extraBytes, { unit: 'B', higherIsBetter: false });
-    if (gSpace === 'storage-snapshot') sWins.push(`space with ${sg[last].snapshots} snapshots`);
-    else if (gSpace === 'differencing-disk') dWins.push(`space with ${dg[last].snapshots} snapshots`);
+  if (survived.length === 1) won(survived[0].name, 'surviving the loss of the volume');
+  for (const s of r.strategies) {
+    const ws = wins.get(s.name);
+    if (ws) pts.push(`${capitalise(SHORT_NAMES[s.name])}s win on ${list(ws)}: pick them for ${ADVICE[s.name]}.`);
   }
-  if (s.survivesVolumeLoss && !d.survivesVolumeLoss) sWins.push('surviving the loss of the volume');
-
-  const advice: string[] = [];
-  const dQuick = dWins.includes('time to snapshot') || dWins.includes('time to roll back');
-  if (dWins.length) {
-    advice.push(
-      `Differencing disks win here on ${list(dWins)}` +
-        (dQuick ? ': pick them for frequent, short-lived checkpoints that you roll back or throw away (test environments, CI), as long as the parent is kept safe — a child is worthless without it' : ''),
-    );
-  }
-  if (sWins.length) {
-    const why: string[] = [];
-    if (sWins.includes('surviving the loss of the volume')) why.push('backups that must outlive the volume');
-    if (sWins.includes('write throughput with the snapshot')) why.push('write-heavy volumes');
-    if (sWins.some((x) => x.startsWith('reads with') || x.startsWith('space with'))) why.push('keeping many versions');
-    if (sWins.includes('time to restore into a new volume')) why.push('cloning volumes');
-    advice.push(`storage snapshots win on ${list(sWins)}` + (why.length ? `: pick them for ${list(why)}` : ''));
-  }
-  if (!advice.length) advice.push('The two strategies are within the noise of each other on every figure here');
-  parts.push(capitalise(advice.join('; ')) + '.');
-  return parts.join(' ');
+  if (!wins.size) pts.push('The strategies are within the noise of each other on every figure here.');
+  return pts;
 }
 
 function list(xs: string[]): string {
