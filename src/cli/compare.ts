@@ -78,7 +78,7 @@ export function register(program: Command): void {
     .description('measure differencing disks, storage snapshots and pointer snapshots (reflinks) side by side on (copies of) one image')
     .argument('[image]', 'a raw image (only read: every operation runs on copies)')
     .option('--generate <size>', 'compare on a generated demo image of SIZE instead', sizeArg('--generate size'))
-    .option('-w, --workload <spec>', WORKLOAD_HELP)
+    .option('--workload <spec>', WORKLOAD_HELP)
     .option('--seed <n>', 'seed of the workload and the generated image (default 1)', intArg('--seed'))
     .option('--dir <dir>', 'where the temporary working copies go (default: the system temp directory)')
     .option('--growth <list>', 'numbers of snapshots for the growth curves (default 1,4,16)')

@@ -6,9 +6,11 @@
 import { Command, CommanderError } from 'commander';
 import { fail } from './util';
 import { VERSION } from '../engine/root';
+import { addExamples } from './docs';
 
 interface Group {
-  register(program: Command): void;
+  /** `full`: the program with every group, for commands that describe all of them */
+  register(program: Command, full: () => Command): void;
 }
 
 /**
@@ -23,6 +25,7 @@ const GROUPS: Array<[string[], () => Group]> = [
   [['attach', 'detach'], () => require('./loop') as Group],
   [['compare'], () => require('./compare') as Group],
   [['checkpoint'], () => require('./checkpoint') as Group],
+  [['completion', 'man'], () => require('./docs') as Group],
 ];
 
 /** The program with every group, or with only the group of `command` when it names one. */
@@ -35,7 +38,8 @@ export function buildProgram(command?: string): Command {
     .showHelpAfterError('(run with --help for usage)')
     .exitOverride();
   const only = GROUPS.find(([names]) => command !== undefined && names.includes(command));
-  for (const group of only ? [only] : GROUPS) group[1]().register(program);
+  for (const group of only ? [only] : GROUPS) group[1]().register(program, () => buildProgram());
+  addExamples(program);
   return program;
 }
 
