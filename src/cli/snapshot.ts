@@ -127,6 +127,12 @@ function consistencyText(s: snap.SnapshotJson): string {
 
 const SEALED = '(encrypted: give the key to see it)';
 
+/** The clone a snapshot kept beside its volume, and the space it pins now. */
+function reflinkText(c: NonNullable<snap.SnapshotJson['reflinkClone']>): string {
+  if (c.pinnedBytes === undefined || c.pinnedBytes === null) return `${c.path} (no longer kept: replaced by a later snapshot's, or removed)`;
+  return `${c.path} (pins ${formatSize(c.pinnedBytes)}, ${c.pinnedBytes} bytes the volume no longer shares)`;
+}
+
 function printSnapshot(s: snap.SnapshotJson): void {
   const rows: [string, string][] = [
     ['id', s.id],
@@ -150,6 +156,7 @@ function printSnapshot(s: snap.SnapshotJson): void {
   ];
   if (s.volumeFormat) rows.push(['volume format', s.volumeFormat + (s.volumeChain && s.volumeChain.length > 1 ? ` (chain: ${s.volumeChain.join(' -> ')})` : '')]);
   if (s.changeTracking) rows.push(['bitmap', `${s.changeTracking.bitmap} (granularity ${formatSize(s.changeTracking.granularity)})`]);
+  if (s.reflinkClone) rows.push(['reflink clone', reflinkText(s.reflinkClone)]);
   if (s.copiedFrom) rows.push(['copied from', `${s.copiedFrom.snapshotId} of store ${s.copiedFrom.storeId}`]);
   if (s.error) rows.push(['error', s.error]);
   const w = Math.max(...rows.map((r) => r[0].length));
@@ -177,10 +184,11 @@ export function register(program: Command): void {
     .option('--tag <key=value>', 'tag (repeatable)', collect, [])
     .option('--block-size <size>', 'block size of a store this command creates (default 512K)', powerOfTwoArg('block size', 4096, 64 * 1024 * 1024))
     .option('--no-freeze', 'do not freeze a mounted volume (the snapshot is then crash-consistent)')
+    .option('--no-reflink', 'keep no reflink clone of the volume for the next snapshot (xfs, btrfs); removes the one it has')
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print the snapshot as JSON')
     .action(
-      action(async (volume: string, o: StoreFlag & KeyFlags & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean }) => {
+      action(async (volume: string, o: StoreFlag & KeyFlags & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean; reflink: boolean }) => {
         const tags = parseTags(o.tag);
         const key = keySpec(o);
         const rec = await withBar('snapshot', (onProgress) =>
@@ -192,6 +200,7 @@ export function register(program: Command): void {
             blockSize: o.blockSize,
             key,
             noFreeze: o.freeze === false,
+            noReflink: o.reflink === false,
             onProgress,
             onLog: (m) => log(`disksnap: ${m}`),
           }),
@@ -542,6 +551,7 @@ export function register(program: Command): void {
             `freed ${r.blocksFreed} blocks (${formatSize(r.bytesFreed)}) and ${r.otherFilesRemoved} other files (${formatSize(r.otherBytesFreed)}); ` +
               `kept ${r.blocksKept} blocks (${formatSize(r.bytesKept)}) of ${r.liveSnapshots} snapshots` +
               (r.staleSnapshots.length ? `; marked ${r.staleSnapshots.length} abandoned snapshots as error` : '') +
+              (r.reflinkClonesRemoved.length ? `; removed ${r.reflinkClonesRemoved.length} stale reflink clones` : '') +
               '\n',
           );
         }

@@ -77,9 +77,19 @@ export interface GuestVolume {
   moved?: () => string | undefined;
 }
 
+/**
+ * A raw volume read through a new reflink clone whose parent kept a trusted clone too
+ * (./reflink.ts): the byte ranges where the two clones map to different physical extents.
+ */
+export interface ReflinkView {
+  dirty: Array<{ offset: number; length: number }>;
+}
+
 export interface CaptureSettings {
   /** the volume's guest view, when it is an image format rather than raw bytes */
   guest?: GuestVolume;
+  /** the changed ranges from reflink clones, when the parent's clone can be trusted */
+  reflink?: ReflinkView;
   threads: number;
   attempt: number;
   tk: TagKey | undefined;
@@ -418,7 +428,7 @@ export async function capture(
   file: BlockFile,
   rec: SnapshotRecord,
   parent: SnapshotRecord | undefined,
-  pick: (parent: ParentView, guest?: GuestVolume) => ChangeDetector,
+  pick: (parent: ParentView, guest?: GuestVolume, reflink?: ReflinkView) => ChangeDetector,
   settings: CaptureSettings,
   readDone: () => Promise<void>,
 ): Promise<Captured> {
@@ -441,7 +451,7 @@ export async function capture(
   try {
     view = await openParent(store, parent, settings);
     p = new ReadPipeline(store, file, rec, size, writer, tagWriter, settings);
-    await pick(view, settings.guest)(p, view);
+    await pick(view, settings.guest, settings.reflink)(p, view);
     await p.chunks.drain();
     if (settings.prove) await proveOneMoment(p);
     // Every read of the volume is done: check it did not move, then let go of the freeze (or

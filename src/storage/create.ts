@@ -8,6 +8,12 @@
  * frozen while a reflink clone is made and the clone read ('frozen-clone'), or frozen for the
  * whole read ('frozen'); with noFreeze it is 'crash-consistent'. Each attempt gets its own
  * view, released (thawed, clone removed) when the attempt ends, however it ends.
+ *
+ * A raw regular file on xfs or btrfs is read through a reflink clone of that view which the
+ * snapshot keeps beside the volume for its successor (./reflink.ts: where it lives, why it is
+ * trusted, the crash ordering); the successor reads only the blocks whose extents differ
+ * between its clone and this one. The clone is claimed by the record turning `completed`;
+ * after that the older clones of the volume are removed (pruneClones). noReflink opts out.
  */
 import { BlockFile } from '../engine/file';
 import { busy, invalid } from '../engine/errors';
@@ -20,7 +26,9 @@ import { ProgressFn, StoreOptions, findVolumeByPath, openVolume, realVolumePath,
 import { Faults, faultsOf } from './faults';
 import { Captured, completeSnapshot, failSnapshot, pendingRecord, progressSaver } from './lifecycle';
 import { ensureVolume } from './volumes';
-import { ChangeDetector, GuestVolume, ParentView, VolumeChanged, capture } from './capture';
+import * as path from 'node:path';
+import { ChangeDetector, GuestVolume, ParentView, ReflinkView, VolumeChanged, capture } from './capture';
+import { NewClone, changedRanges, cloneDir, cloneOwner, openParentClone, removeClonesExcept, takeClone } from './reflink';
 import { changeSourceOf, pickDetector } from './detect';
 import { detectFormat, openImage } from '../image';
 import { beginTracking, finishTracking, type TrackingStart } from '../image/qcow2/bitmap-tracker';
@@ -44,6 +52,11 @@ export interface CreateSnapshotOptions extends StoreOptions {
   noFreeze?: boolean;
   /** do not read a reflink clone of a mounted volume: stay frozen while reading it */
   noClone?: boolean;
+  /**
+   * Do not keep a reflink clone of a raw volume for the next snapshot (./reflink.ts); any the
+   * volume has is removed once this snapshot completes (CLI: --no-reflink).
+   */
+  noReflink?: boolean;
   /** called with a line of information for the user (a retry) */
   onLog?: (message: string) => void;
 }
@@ -87,9 +100,14 @@ export async function createSnapshot(volume: string, opts: CreateSnapshotOptions
       const lease = await store.takeLease(rec.id);
       try {
         const guest = format === 'qcow2' ? startGuest(file, real, vol.id, rec, parent) : undefined;
+        // A raw regular file may be tracked by reflink clones kept beside it (./reflink.ts).
+        const raw = !guest && file.stat().isRegular;
+        const plan: ReflinkPlan | undefined = raw && !opts.noReflink ? { storeId: store.config.id, noClone: !!opts.noClone } : undefined;
+        if (raw && opts.noReflink) rec.changeSourceReason = 'reflink tracking turned off (--no-reflink)';
         await cstore.writeSnapshot(rec);
-        const out = await runCapture(cstore, file, rec, parent, opts, guest ? undefined : tk, guest);
+        const out = await runCapture(cstore, file, rec, parent, opts, guest ? undefined : tk, guest, plan);
         if (guest && rec.changeTracking) endGuest(file, real, vol.id, rec, opts.onLog);
+        if (raw) await pruneClones(store, rec, opts.onLog);
         return out;
       } finally {
         await lease.release();
@@ -215,11 +233,13 @@ async function runCapture(
   opts: CreateSnapshotOptions,
   tk: TagKey | undefined,
   guestStart?: GuestStart,
+  plan?: ReflinkPlan,
 ): Promise<SnapshotJson> {
   const progress = progressSaver(store, rec);
   const attempts = 1 + Math.max(0, opts.retries ?? 1);
   const faults = faultsOf(opts);
   let writer: Captured | undefined;
+  let kept: NewClone | undefined;
   try {
     for (let attempt = 1; !writer; attempt++) {
       const src = await captureSource(store, rec.volumePath, opts, faults);
@@ -227,20 +247,27 @@ async function runCapture(
       // The clone of a mounted volume is read in its place; the snapshot stays the volume's.
       let from: BlockFile | undefined;
       let guest: GuestVolume | undefined;
+      let track: ReflinkAttempt = {};
       try {
-        from = src.path === rec.volumePath ? file : BlockFile.open(src.path, { lock: 'shared' });
+        track = plan ? await reflinkAttempt(plan, rec, parent, src) : {};
+        from = track.clone ? track.clone.file : src.path === rec.volumePath ? file : BlockFile.open(src.path, { lock: 'shared' });
         guest = guestStart ? openGuest(src.path, rec, guestStart, attempt) : undefined;
         // Read live (not frozen, not a clone, not through an image's guest view): the capture
         // proves the read is of one moment.
         const prove = !guest && from === file && src.consistency !== 'frozen';
-        const settings = { guest, threads: threadsOf(opts), attempt, tk, prove, proveByReading: faults.proveByReading, onProgress: opts.onProgress, onLog: opts.onLog, saveProgress: progress.save, afterChunk: faults.afterChunk };
-        const pick = (view: ParentView, g?: GuestVolume): ChangeDetector => {
-          const d = pickDetector(view, g);
+        const settings = { guest, reflink: track.view, threads: threadsOf(opts), attempt, tk, prove, proveByReading: faults.proveByReading, onProgress: opts.onProgress, onLog: opts.onLog, saveProgress: progress.save, afterChunk: faults.afterChunk };
+        const pick = (view: ParentView, g?: GuestVolume, r?: ReflinkView): ChangeDetector => {
+          const d = pickDetector(view, g, r);
           rec.changeSource = changeSourceOf(d);
+          if (r && !view.cursor) rec.changeSourceReason = `the manifest of the parent snapshot ${parent?.id} cannot be read`;
           return d;
         };
         writer = await capture(store, from, rec, parent, pick, settings, () => src.release());
+        kept = track.clone;
       } catch (e) {
+        // this attempt's clone is never claimed: it goes with the attempt
+        track.clone?.discard();
+        rec.reflinkClone = null;
         if (!(e instanceof VolumeChanged)) throw e;
         if (attempt >= attempts) {
           throw busy(`volume ${rec.volumePath} changed while it was being read (${e.message}), ${attempts} times; stop the writers of the volume (or unmount it) and try again`, rec.volumePath);
@@ -255,8 +282,86 @@ async function runCapture(
     }
     return await completeSnapshot(store, rec, writer, progress, () => (writer = undefined), opts.onLog);
   } catch (e) {
+    if (kept && rec.state !== 'completed') {
+      kept.discard();
+      rec.reflinkClone = null;
+    }
     await failSnapshot(store, rec, writer, progress, e);
     throw e;
+  }
+}
+
+/** Reflink tracking of a raw volume in this store. */
+interface ReflinkPlan {
+  storeId: string;
+  /** the caller asked for a mounted volume to be read frozen rather than through a clone */
+  noClone: boolean;
+}
+
+/** One attempt's clone (read instead of the volume), and the changed ranges where the parent's clone is trusted. */
+interface ReflinkAttempt {
+  clone?: NewClone;
+  view?: ReflinkView;
+}
+
+/**
+ * Takes this attempt's clone of the volume (of its point-in-time view when mounted: the same
+ * moment) and compares it with the parent's, if that one can be trusted. Every failure here
+ * only costs speed: the snapshot falls back to the change tags, with the reason recorded.
+ */
+async function reflinkAttempt(plan: ReflinkPlan, rec: SnapshotRecord, parent: SnapshotRecord | undefined, src: CaptureSource): Promise<ReflinkAttempt> {
+  rec.changeSourceReason = null;
+  // Read frozen (no reflinks there, or noClone): the volume itself is what is read.
+  if (src.consistency === 'frozen') {
+    if (plan.noClone) rec.changeSourceReason = 'the mounted volume was read frozen, not through a clone (noClone)';
+    return {};
+  }
+  let made: ReturnType<typeof takeClone>;
+  try {
+    made = takeClone(rec.volumePath, src.path, plan.storeId, rec.volumeId, rec.id);
+  } catch (e) {
+    rec.changeSourceReason = `no reflink clone could be kept: ${(e as Error).message}`;
+    return {};
+  }
+  // A filesystem that cannot share extents (ext4, tmpfs) is not a reason worth recording.
+  if ('reason' in made) return {};
+  rec.reflinkClone = made.identity;
+  if (!parent) return { clone: made };
+  const prev = openParentClone(parent, made.identity.size, made.identity);
+  if ('reason' in prev) {
+    rec.changeSourceReason = prev.reason;
+    return { clone: made };
+  }
+  try {
+    return { clone: made, view: { dirty: await changedRanges(made.file, prev.file, made.identity.size) } };
+  } catch (e) {
+    rec.changeSourceReason = `the extents of the reflink clones cannot be compared (${(e as Error).message})`;
+    return { clone: made };
+  } finally {
+    prev.file.close();
+  }
+}
+
+/**
+ * After a snapshot of a raw volume: only the clone of the volume's latest completed snapshot
+ * (and those of snapshots still being taken) is kept; stale ones go. Best effort: a clone left
+ * behind costs space, never correctness (nothing completed claims it, or it is no parent's).
+ */
+async function pruneClones(store: Store, rec: SnapshotRecord, onLog?: (m: string) => void): Promise<void> {
+  try {
+    const { snapshots } = await store.listSnapshots();
+    const keep = new Set<string>();
+    const owner = cloneOwner(snapshots, rec.volumeId);
+    if (owner) keep.add(owner.id);
+    const dirs = [cloneDir(rec.volumePath)];
+    for (const s of snapshots) {
+      if (s.volumeId !== rec.volumeId) continue;
+      if (s.reflinkClone) dirs.push(path.dirname(s.reflinkClone.path));
+      if (s.state === 'pending' && !(await store.writerGone(s.id))) keep.add(s.id);
+    }
+    removeClonesExcept(dirs, store.config.id, rec.volumeId, keep);
+  } catch (e) {
+    onLog?.(`stale reflink clones of ${rec.volumePath} were not removed: ${(e as Error).message}`);
   }
 }
 

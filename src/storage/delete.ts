@@ -2,11 +2,14 @@
  * `snapshot delete`: the record first, then the manifest and change tags; the blocks go at the
  * next gc. A crash in between leaves a stray manifest (gc removes it), never a record whose
  * manifest is gone. Every other snapshot keeps its complete manifest, so stays restorable.
+ * The reflink clone the snapshot kept beside its volume (./reflink.ts) goes last: without its
+ * record nothing can trust it, and one left by a crash is removed by gc.
  */
 import { busy, isDisksnapError } from '../engine/errors';
 import { Store } from './store/store';
 import { tagsKey } from './store/tags';
-import { isSnapshotId } from './store/records';
+import { isSnapshotId, type ReflinkClone } from './store/records';
+import { removeClone } from './reflink';
 import { StoreOptions, withStoreLock } from './common';
 import { faultsOf } from './faults';
 
@@ -20,10 +23,12 @@ export async function deleteSnapshot(ref: string, opts: StoreOptions = {}): Prom
   return withStoreLock(store, 'shared', opts, async () => {
     let id: string;
     let state = 'damaged';
+    let clone: ReflinkClone | null = null;
     try {
       const rec = await store.resolveSnapshot(ref);
       id = rec.id;
       state = rec.state;
+      clone = rec.reflinkClone;
       if (rec.state === 'pending' && !(await store.writerGone(rec.id))) {
         throw busy(`snapshot ${rec.id} is still being created (pid ${rec.creator.pid}); wait for it to finish`);
       }
@@ -38,6 +43,7 @@ export async function deleteSnapshot(ref: string, opts: StoreOptions = {}): Prom
     // The change tags are a cache of the deleted snapshot: one left behind is removed by gc.
     await store.backend.delete(tagsKey(id)).catch(() => false);
     await store.removeLease(id);
+    if (clone) removeClone(clone);
     return { id, state };
   });
 }

@@ -13,6 +13,11 @@
  *   hashScan  a parent without usable tags: native hashFile over 64 MiB chunks (SHA-256, and
  *             the tags for next time), then only the changed blocks read into a buffer and
  *             hashed again there.
+ *   reflinkScan  a raw volume on xfs/btrfs whose parent kept a trusted reflink clone
+ *             (./reflink.ts): only the blocks whose physical extents differ between the new
+ *             clone and the parent's are read (from the new clone) and hashed; the others keep
+ *             the parent's manifest and tag entries. bitmapScan (a qcow2 volume's persistent
+ *             bitmap) is the same scan over the bitmap's dirty ranges.
  *
  * Every path computes the unmasked tag of each block it records (under p.proofKey), for the
  * tag file and for the second pass of ./capture.ts (where the one moment is proven by reading).
@@ -25,7 +30,7 @@ import type { ManifestCursor } from './store/manifest';
 import type { TagReader } from './store/tags';
 import { chunksOf } from './common';
 import { readAhead } from './pool';
-import { ChangeDetector, GuestVolume, ParentView, ReadPipeline, VolumeChanged } from './capture';
+import { ChangeDetector, GuestVolume, ParentView, ReadPipeline, ReflinkView, VolumeChanged } from './capture';
 import type { ChangeSource } from './store/records';
 
 const ENTRY = SALT_LENGTH + TAG_LENGTH;
@@ -35,7 +40,8 @@ const ENTRY = SALT_LENGTH + TAG_LENGTH;
  * into buffers, so the native file scans do not apply: its trusted bitmap's dirty blocks
  * only, or every data block hashed and compared with the parent.
  */
-export function pickDetector(parent: ParentView, guest?: GuestVolume): ChangeDetector {
+export function pickDetector(parent: ParentView, guest?: GuestVolume, reflink?: ReflinkView): ChangeDetector {
+  if (reflink && parent.cursor) return reflinkScan(reflink.dirty);
   if (guest) {
     if (!parent.cursor) return fullHash;
     return guest.dirty ? bitmapScan(guest.dirty) : guestScan;
@@ -47,6 +53,7 @@ export function pickDetector(parent: ParentView, guest?: GuestVolume): ChangeDet
 
 /** What a detector is called in a snapshot's `changeSource`. */
 export function changeSourceOf(d: ChangeDetector): ChangeSource {
+  if (REFLINK.has(d)) return 'reflink';
   return SOURCES.get(d) ?? 'bitmap';
 }
 
@@ -256,28 +263,44 @@ export function blocksOf(ranges: Array<{ offset: number; length: number }>, bs: 
 }
 
 /**
- * A trusted persistent bitmap says which blocks were written since the parent started:
- * only those are read and hashed; every other block keeps the parent's manifest entry
- * (a block that became zero was written too, so it is among the dirty ones). Dirty blocks
- * are read in groups that span at most 8 buffers' worth of blocks, so the parent entries
- * held back to keep the manifest in block order stay few.
+ * A trusted record of which byte ranges may have changed since the parent (a persistent
+ * bitmap, or the extents of two reflink clones that differ): only the blocks they touch are
+ * read and hashed; every other block keeps the parent's manifest entry and, where the new
+ * snapshot writes change tags, the parent's tag entry (a block that became zero was written
+ * too, so it is among the dirty ones). Dirty blocks are read in groups that span at most 8
+ * buffers' worth of blocks, so the parent entries held back to keep the manifest in block
+ * order stay few. The read blocks get fresh tags under this attempt's salt.
  */
-export function bitmapScan(dirty: Array<{ offset: number; length: number }>): ChangeDetector {
+function dirtyScan(dirty: Array<{ offset: number; length: number }>): ChangeDetector {
   return async (p, parent) => {
+    if (p.settings.prove) throw new Error('internal: a dirty-range scan reads an unchanging view and cannot prove one moment');
     const cursor = parent.cursor!;
+    const tw = p.tagWriter && p.tk ? p.tagWriter : undefined;
+    const ptags = tw ? parent.tags : undefined;
     const blocks = blocksOf(dirty, p.bs, p.size);
     p.willRead(blocks.reduce((n, i) => n + p.spanBytes(i, i + 1), 0));
     let next = 0; // first index the parent's manifest has not been consulted for
     let d = 0; // next dirty block
+    /** A parent entry kept: its digest and (if any) its tag entry (salt + tag). */
+    type Kept = [number, Buffer, Buffer | undefined];
+    const keep = (e: Kept): void => {
+      p.record(e[0], e[1], 0);
+      if (e[2]) tw!.append(e[0], e[2], 0, e[2], SALT_LENGTH);
+    };
+    const tagOf = async (j: number): Promise<Buffer | undefined> => {
+      if (!ptags) return undefined;
+      const at = await ptags.lookup(j);
+      return at >= 0 ? Buffer.from(ptags.entries.subarray(at, at + ENTRY)) : undefined;
+    };
     /** Parent entries in [next, limit): recorded when `hold` is absent, else held (copied). */
-    const parentUntil = async (limit: number, dirtyIdx: Set<number>, hold?: Array<[number, Buffer]>, dirtyPrev?: Map<number, Buffer>): Promise<void> => {
+    const parentUntil = async (limit: number, dirtyIdx: Set<number>, hold?: Kept[], dirtyPrev?: Map<number, Buffer>): Promise<void> => {
       for (;;) {
         const j = await cursor.peek(next);
         if (j < 0 || j >= limit) break;
         const dg = (await cursor.lookup(j))!;
         if (dirtyIdx.has(j)) dirtyPrev?.set(j, Buffer.from(dg));
-        else if (hold) hold.push([j, Buffer.from(dg)]);
-        else p.record(j, dg, 0);
+        else if (hold) hold.push([j, Buffer.from(dg), await tagOf(j)]);
+        else keep([j, dg, await tagOf(j)]);
         next = j + 1;
       }
       next = Math.max(next, limit);
@@ -287,7 +310,7 @@ export function bitmapScan(dirty: Array<{ offset: number; length: number }>): Ch
       while (d < blocks.length && group.length < p.maxBlocks && (group.length === 0 || blocks[d] - group[0] < 8 * p.maxBlocks)) group.push(blocks[d++]);
       const inGroup = new Set(group);
       await parentUntil(group[0], inGroup);
-      const held: Array<[number, Buffer]> = [];
+      const held: Kept[] = [];
       const prev = new Map<number, Buffer>();
       await parentUntil(group[group.length - 1] + 1, inGroup, held, prev);
       const same = (k: number, h: { digests: Buffer }): boolean => {
@@ -295,20 +318,45 @@ export function bitmapScan(dirty: Array<{ offset: number; length: number }>): Ch
         return pd !== undefined && pd.compare(h.digests, k * 32, k * 32 + 32) === 0;
       };
       const h = await p.readAndStore(group, (k, again) => !again.zero[k] && !same(k, again));
+      // fresh tags of the group's data blocks: the unmasked tag under this attempt's salt
+      const data = group.map((_, k) => k).filter((k) => !h.zero[k]);
+      const masks = tw && h.tags && data.length ? p.n.tagMasks(p.tk!.key, tagIvs(data.map((k) => group[k]), p.salt, () => 0)) : undefined;
+      if (masks) data.forEach((k, j) => xor16(h.tags!, k * 16, masks, j * 16, masks, j * 16));
       // the group's blocks and the held parent entries, merged in block order
       let x = 0;
+      let j = 0;
       group.forEach((i, k) => {
-        while (x < held.length && held[x][0] < i) p.record(held[x][0], held[x][1], 0), x++;
+        while (x < held.length && held[x][0] < i) keep(held[x++]);
         if (h.zero[k]) return;
         if (!same(k, h)) p.rec.stats.changedBlocks++;
         p.record(i, h.digests, k * 32);
+        if (masks) tw!.append(i, p.salt, 0, masks, j * 16);
+        j++;
       });
-      for (; x < held.length; x++) p.record(held[x][0], held[x][1], 0);
+      for (; x < held.length; x++) keep(held[x]);
       await p.chunkDone(group.reduce((n, i) => n + p.spanBytes(i, i + 1), 0));
     }
     await parentUntil(Number.MAX_SAFE_INTEGER, new Set());
   };
 }
+
+/** A qcow2 volume's trusted persistent bitmap: its dirty ranges (changeSource 'bitmap'). */
+export function bitmapScan(dirty: Array<{ offset: number; length: number }>): ChangeDetector {
+  return dirtyScan(dirty);
+}
+
+/**
+ * A raw volume on a filesystem that shares extents: the ranges where the new reflink clone
+ * and the parent's map to different physical extents (./reflink.ts), read from the new clone
+ * (changeSource 'reflink').
+ */
+export function reflinkScan(dirty: Array<{ offset: number; length: number }>): ChangeDetector {
+  const d = dirtyScan(dirty);
+  REFLINK.add(d);
+  return d;
+}
+
+const REFLINK = new WeakSet<ChangeDetector>();
 
 const SOURCES = new Map<ChangeDetector, ChangeSource>([
   [fullHash, 'full'],

@@ -19,7 +19,9 @@
  * Key records (`keys/`) are never removed: they are tiny, and a passphrase needs its salt.
  *
  * Sweep: block objects not in the set, temporary files of dead writers, manifests and change
- * tag files with no completed snapshot, and leases of dead writers are deleted. Each deletion
+ * tag files with no completed snapshot, and leases of dead writers are deleted; so are this
+ * store's reflink clones (in the folders beside the volumes its volume and snapshot records
+ * name) other than the one of each volume's latest completed snapshot. Each deletion
  * is independent, so a gc killed half-way leaves a store with less garbage and nothing else changed.
  */
 import * as path from 'node:path';
@@ -29,6 +31,7 @@ import { ManifestReader } from './store/manifest';
 import { SnapshotListing, Store } from './store/store';
 import { DEFAULT_LOCK_WAIT_MS, StoreOptions } from './common';
 import { faultsOf } from './faults';
+import { cloneDir, cloneOwner, removeClonesExcept } from './reflink';
 
 export interface GcReport {
   /** snapshots that were pending with a dead writer and are now `error` */
@@ -42,6 +45,8 @@ export interface GcReport {
   /** temporary files, stray manifests and leases removed */
   otherFilesRemoved: number;
   otherBytesFreed: number;
+  /** reflink clones beside volumes (./reflink.ts) that no volume's next snapshot would use */
+  reflinkClonesRemoved: string[];
 }
 
 export interface GcOptions extends StoreOptions {
@@ -65,6 +70,7 @@ export async function gc(opts: GcOptions = {}): Promise<GcReport> {
     };
     const report = await sweep(store, listing, live, completed, del);
     report.staleSnapshots = staleSnapshots;
+    report.reflinkClonesRemoved = await sweepClones(store, listing);
     if ((await store.backend.stat('store.json')) === undefined) {
       throw new DisksnapError(`store ${store.dir} lost its store.json during gc`, 'ECORRUPT');
     }
@@ -130,6 +136,7 @@ async function sweep(store: Store, listing: SnapshotListing, live: DigestSet, co
     bytesFreed: 0,
     otherFilesRemoved: 0,
     otherBytesFreed: 0,
+    reflinkClonesRemoved: [],
   };
   const other = async (o: { key: string; size: number }) => {
     if (!(await del(o.key))) return;
@@ -165,4 +172,25 @@ async function sweep(store: Store, listing: SnapshotListing, live: DigestSet, co
     if (!listing.snapshots.some((s) => s.id === id && s.state === 'pending') && (await del(o.key))) report.otherFilesRemoved++;
   }
   return report;
+}
+
+/**
+ * Reflink clones no snapshot would be compared with: every writer is gone (the lock is
+ * exclusive), so only the clone of each volume's latest completed snapshot is kept.
+ */
+async function sweepClones(store: Store, listing: SnapshotListing): Promise<string[]> {
+  const dirs: string[] = [];
+  const keep = new Set<string>();
+  const volumes = new Set(listing.snapshots.map((s) => s.volumeId));
+  for (const v of (await store.listVolumes()).volumes) {
+    dirs.push(cloneDir(v.path));
+    volumes.add(v.id);
+  }
+  for (const s of listing.snapshots) if (s.reflinkClone) dirs.push(path.dirname(s.reflinkClone.path));
+  for (const v of volumes) {
+    const owner = cloneOwner(listing.snapshots, v);
+    if (owner) keep.add(owner.id);
+  }
+  store.assertLocked();
+  return removeClonesExcept(dirs, store.config.id, undefined, keep);
 }

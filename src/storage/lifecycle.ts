@@ -21,7 +21,7 @@ export interface Captured {
 export function pendingRecord(
   fields: Omit<
     SnapshotRecord,
-    'id' | 'state' | 'progress' | 'startTime' | 'completionTime' | 'stats' | 'error' | 'creator' | 'sealedMetadata' | 'metadataHidden' | 'changeSource' | 'changeSourceReason' | 'changeTracking' | 'volumeFormat' | 'volumeChain'
+    'id' | 'state' | 'progress' | 'startTime' | 'completionTime' | 'stats' | 'error' | 'creator' | 'sealedMetadata' | 'metadataHidden' | 'changeSource' | 'changeSourceReason' | 'changeTracking' | 'volumeFormat' | 'volumeChain' | 'reflinkClone'
   >,
 ): SnapshotRecord {
   return {
@@ -40,6 +40,7 @@ export function pendingRecord(
     changeTracking: null,
     volumeFormat: null,
     volumeChain: null,
+    reflinkClone: null,
     ...fields,
   };
 }

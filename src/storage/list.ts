@@ -2,6 +2,7 @@
 import * as fs from 'node:fs';
 import { DisksnapError, invalid } from '../engine/errors';
 import { listAttachments } from '../host/attach';
+import { pinnedBytes } from './reflink';
 import { KeyRing, isExplicit } from './keys';
 import { Store } from './store/store';
 import { SnapshotJson, SnapshotState, checkTagFilter, isVolumeId, matchesTag, snapshotJson } from './store/records';
@@ -93,5 +94,8 @@ export async function showSnapshot(ref: string, opts: StoreOptions = {}): Promis
   const rec = await resolve(store, ref, ring);
   if (rec.state === 'pending') await reapQuietly(store, { snapshots: [rec], damaged: [] });
   if (rec.encrypted && rec.metadataHidden && isExplicit(opts.key)) await ring.forId(store, rec.keyId!, `snapshot ${rec.id}`);
-  return snapshotJson(rec);
+  const shown = snapshotJson(rec);
+  // The space a kept reflink clone pins grows as the volume is written: computed now.
+  if (shown.reflinkClone) shown.reflinkClone = { ...shown.reflinkClone, pinnedBytes: await pinnedBytes(shown.reflinkClone, rec.volumePath) };
+  return shown;
 }

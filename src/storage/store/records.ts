@@ -109,22 +109,45 @@ export interface SnapshotRecord {
   copiedFrom: { storeId: string; snapshotId: string; startTime: string } | null;
   /**
    * How the changed blocks were found: 'bitmap' (a QEMU persistent dirty bitmap of a qcow2
-   * volume: only its dirty blocks were read), 'tags' (every data block's change tag compared
+   * volume: only its dirty blocks were read), 'reflink' (the physical extents of a reflink
+   * clone of the volume compared with the parent's clone: only the blocks that differ were read), 'tags' (every data block's change tag compared
    * with the parent's), 'hash' (every data block hashed and compared with the parent's
    * digest), 'full' (no parent). Null in records written before this field existed.
    */
   changeSource: ChangeSource | null;
-  /** why a bitmap was not used, when the volume could have had one */
+  /** why a bitmap or reflink clone was not used, when the volume could have had one */
   changeSourceReason: string | null;
   /** the persistent bitmap this snapshot added to a qcow2 volume for its successor */
   changeTracking: { bitmap: string; granularity: number; virtualSize: number } | null;
   /** the format the volume was read as ('qcow2': its guest view), and the files of its chain */
   volumeFormat: 'raw' | 'qcow2' | null;
   volumeChain: string[] | null;
+  /**
+   * The reflink clone of a raw volume this snapshot was read from and kept beside the volume
+   * for its successor (src/storage/reflink.ts): where it is and the identity it had, which
+   * the successor checks before trusting it. Null when none was kept.
+   */
+  reflinkClone: ReflinkClone | null;
 }
 
-export type ChangeSource = 'bitmap' | 'tags' | 'hash' | 'full';
-export const CHANGE_SOURCES: readonly ChangeSource[] = ['bitmap', 'tags', 'hash', 'full'];
+/** A reflink clone as a snapshot recorded it (inode numbers and times as decimal strings). */
+export interface ReflinkClone {
+  path: string;
+  dev: number;
+  ino: string;
+  size: number;
+  mtimeNs: string;
+  ctimeNs: string;
+  /**
+   * Shown only (`snapshot show`, computed then, never stored): bytes of the clone whose
+   * physical extents the volume no longer shares, i.e. the space the clone pins; null when
+   * the clone is missing or not the one recorded.
+   */
+  pinnedBytes?: number | null;
+}
+
+export type ChangeSource = 'bitmap' | 'reflink' | 'tags' | 'hash' | 'full';
+export const CHANGE_SOURCES: readonly ChangeSource[] = ['bitmap', 'reflink', 'tags', 'hash', 'full'];
 
 /** `keys/<key-id>.json`: what a store knows of a key — never the key itself. */
 export interface KeyRecord {
@@ -301,7 +324,7 @@ export function parseSnapshotRecord(file: string, text: string | Buffer): Snapsh
 }
 
 /** The change-source and volume-format fields; each null when absent (older records). */
-function changeFieldsOf(file: string, o: Obj): Pick<SnapshotRecord, 'changeSource' | 'changeSourceReason' | 'changeTracking' | 'volumeFormat' | 'volumeChain'> {
+function changeFieldsOf(file: string, o: Obj): Pick<SnapshotRecord, 'changeSource' | 'changeSourceReason' | 'changeTracking' | 'volumeFormat' | 'volumeChain' | 'reflinkClone'> {
   const absent = (f: string): boolean => o[f] === null || o[f] === undefined;
   let changeSource: ChangeSource | null = null;
   if (!absent('changeSource')) {
@@ -328,7 +351,13 @@ function changeFieldsOf(file: string, o: Obj): Pick<SnapshotRecord, 'changeSourc
     if (!Array.isArray(v) || v.some((x) => typeof x !== 'string')) throw corrupt(file, `field 'volumeChain' is ${JSON.stringify(v)}, expected a list of paths`);
     volumeChain = v as string[];
   }
-  return { changeSource, changeSourceReason: absent('changeSourceReason') ? null : str(file, o, 'changeSourceReason'), changeTracking, volumeFormat, volumeChain };
+  let reflinkClone: ReflinkClone | null = null;
+  if (!absent('reflinkClone')) {
+    const c = obj(file, o, 'reflinkClone');
+    const dec = /^\d+$/;
+    reflinkClone = { path: str(file, c, 'path'), dev: int(file, c, 'dev'), ino: str(file, c, 'ino', dec), size: int(file, c, 'size'), mtimeNs: str(file, c, 'mtimeNs', dec), ctimeNs: str(file, c, 'ctimeNs', dec) };
+  }
+  return { changeSource, changeSourceReason: absent('changeSourceReason') ? null : str(file, o, 'changeSourceReason'), changeTracking, volumeFormat, volumeChain, reflinkClone };
 }
 
 const KEY_ID_RE = /^key-[0-9a-f]{32}$/;
@@ -417,6 +446,7 @@ function ordered(r: SnapshotRecord): SnapshotRecord {
     changeTracking: r.changeTracking,
     volumeFormat: r.volumeFormat,
     volumeChain: r.volumeChain,
+    reflinkClone: r.reflinkClone,
   };
 }
 
