@@ -82,3 +82,64 @@ t.test('snapshot prune on a store: dry run, removal per volume, the kept ones re
   }
   t.same(listed(), [ids[2], bSnap].sort(), 'a refused prune removes nothing');
 });
+
+t.test('a lock keeps a snapshot through prune, in the pure policy too, until it runs out', async (t) => {
+  const times = ['2026-03-01T10:00:00.000Z', '2026-03-02T10:00:00.000Z', '2026-03-03T10:00:00.000Z'];
+  const now = Date.parse('2026-03-10T00:00:00.000Z');
+  const locked = snaps(times).map((s, i) => ({ ...s, lockedUntil: i === 0 ? '2026-04-01T00:00:00.000Z' : i === 1 ? '2026-03-05T00:00:00.000Z' : null }));
+  const d = decide(locked, { last: 1 }, now);
+  t.same(d.find((x) => x.startTime === times[0])!.keptBy, ['locked until 2026-04-01T00:00:00.000Z'], 'a lock still running keeps it, and says so');
+  t.same(d.find((x) => x.startTime === times[1])!.keptBy, [], 'an expired lock keeps nothing');
+  t.same(d.find((x) => x.startTime === times[2])!.keptBy, ['last']);
+});
+
+t.test('snapshot lock --until refuses delete and prune; unlock, dry runs, and what a lock accepts', async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const a = path.join(dir, 'a.img');
+  const ids: string[] = [];
+  for (const fill of [1, 2]) {
+    fs.writeFileSync(a, Buffer.alloc(1 << 20, fill));
+    ids.push((JSON.parse(cli(['snapshot', 'create', a, '--store', store, '--json']).out) as { id: string }).id);
+  }
+  const listed = () => (JSON.parse(cli(['snapshot', 'list', '--store', store, '--json']).out) as { snapshots: { id: string }[] }).snapshots.map((s) => s.id).sort();
+
+  const lock = cli(['snapshot', 'lock', ids[0], '--until', '30d', '--store', store, '--json']);
+  t.equal(lock.status, 0, lock.stderr);
+  const until = (JSON.parse(lock.out) as { lockedUntil: string }).lockedUntil;
+  const days = (Date.parse(until) - Date.now()) / 86400e3;
+  t.ok(days > 29.9 && days <= 30, `locked for 30 days: until ${until}`);
+  t.match(cli(['snapshot', 'show', ids[0], '--store', store]).out, /locked until\s+\S+ \(delete and prune refuse it\)/);
+
+  const del = cli(['snapshot', 'delete', ids[0], '--store', store]);
+  t.equal(del.status, 1);
+  t.match(del.stderr, new RegExp(`snapshot ${ids[0]} is locked until ${until.replace(/\./g, '\\.')}: it cannot be deleted before then`));
+  const dryLocked = cli(['snapshot', 'delete', ids[0], '--dry-run', '--store', store]);
+  t.equal(dryLocked.status, 1, 'a dry run says a locked snapshot cannot be deleted');
+  const prune = cli(['snapshot', 'prune', '--keep-last', '1', '--store', store, '--json']);
+  t.equal(prune.status, 0, prune.stderr);
+  t.same((JSON.parse(prune.out) as { removed: unknown[] }).removed, [], 'prune keeps the locked one');
+  t.same(listed(), [...ids].sort(), 'nothing removed');
+
+  // a lock is extended, never shortened by lock; times in the past and nonsense are refused
+  t.equal(cli(['snapshot', 'lock', ids[0], '--until', '1d', '--store', store]).status, 1, 'a shorter lock is refused');
+  t.equal(cli(['snapshot', 'lock', ids[0], '--until', '2020-01-01', '--store', store]).status, 1, 'a time in the past is refused');
+  t.equal(cli(['snapshot', 'lock', ids[0], '--until', 'soon', '--store', store]).status, 2, 'not a time: bad usage');
+  t.equal(cli(['snapshot', 'lock', ids[0], '--store', store]).status, 2, '--until is required');
+  const later = cli(['snapshot', 'lock', ids[0], '--until', '2w', '--store', store]);
+  t.equal(later.status, 1, '2 weeks is sooner than 30 days: refused');
+
+  // the dry run of an unlocked snapshot deletes nothing
+  const dry = cli(['snapshot', 'delete', ids[1], '--dry-run', '--store', store, '--json']);
+  t.equal(dry.status, 0, dry.stderr);
+  t.same(JSON.parse(dry.out), { deleted: ids[1], state: 'completed', dryRun: true });
+  t.same(listed(), [...ids].sort(), 'a dry run deletes nothing');
+
+  t.equal(cli(['snapshot', 'unlock', ids[0], '--store', store]).status, 0);
+  t.notMatch(cli(['snapshot', 'show', ids[0], '--store', store]).out, /locked until/);
+  t.equal(cli(['snapshot', 'delete', ids[0], '--store', store]).status, 0, 'unlocked: delete works');
+  t.same(listed(), [ids[1]]);
+  const out = path.join(dir, 'out.img');
+  t.equal(cli(['snapshot', 'restore', ids[1], '--to', out, '--store', store]).status, 0);
+  t.ok(fs.readFileSync(out).equals(fs.readFileSync(a)), 'the other snapshot still restores');
+});

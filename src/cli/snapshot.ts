@@ -25,7 +25,7 @@ import { DisksnapError } from '../engine/errors';
 import { generateKeyFile } from '../storage/keys';
 import type { KeySpec } from '../storage/keys';
 import { formatSize } from '../engine/size';
-import { ExitStatus, UsageError, action, collect, intArg, log, printJson, printLines, printable, powerOfTwoArg } from './util';
+import { ExitStatus, UsageError, action, collect, intArg, log, printJson, printLines, printable, powerOfTwoArg, untilArg } from './util';
 
 interface StoreFlag {
   store?: string;
@@ -157,6 +157,7 @@ function printSnapshot(s: snap.SnapshotJson): void {
   if (s.volumeFormat) rows.push(['volume format', s.volumeFormat + (s.volumeChain && s.volumeChain.length > 1 ? ` (chain: ${s.volumeChain.join(' -> ')})` : '')]);
   if (s.changeTracking) rows.push(['bitmap', `${s.changeTracking.bitmap} (granularity ${formatSize(s.changeTracking.granularity)})`]);
   if (s.reflinkClone) rows.push(['reflink clone', reflinkText(s.reflinkClone)]);
+  if (s.lockedUntil) rows.push(['locked until', `${s.lockedUntil}${Date.parse(s.lockedUntil) > Date.now() ? ' (delete and prune refuse it)' : ' (expired)'}`]);
   if (s.copiedFrom) rows.push(['copied from', `${s.copiedFrom.snapshotId} of store ${s.copiedFrom.storeId}`]);
   if (s.error) rows.push(['error', s.error]);
   const w = Math.max(...rows.map((r) => r[0].length));
@@ -365,12 +366,41 @@ export function register(program: Command): void {
     .argument('<snap>')
     .option(storeOption, storeHelp)
     .option('--wait <seconds>', waitHelp, secondsArg)
+    .option('--dry-run', 'check that the snapshot can be deleted (exists, not locked, not being taken) and delete nothing')
     .option('--json', 'print a JSON report')
     .action(
+      action(async (ref: string, o: StoreFlag & { dryRun?: boolean }) => {
+        const r = await snap.deleteSnapshot(ref, { ...storeOpts(o), dryRun: o.dryRun });
+        if (o.json) printJson({ deleted: r.id, state: r.state, dryRun: r.dryRun });
+        else process.stdout.write(r.dryRun ? `would delete ${r.id} (dry run: nothing deleted)\n` : `deleted ${r.id}\n`);
+      }),
+    );
+
+  snapshot
+    .command('lock')
+    .description('make delete and prune refuse a snapshot until a time (later locks extend it; unlock removes it)')
+    .argument('<snap>')
+    .requiredOption('--until <time>', 'an ISO time (2027-01-31, 2027-01-31T12:00:00Z) or a duration from now (90m, 12h, 30d, 2w)', untilArg)
+    .option(storeOption, storeHelp)
+    .option('--json', 'print the snapshot as JSON')
+    .action(
+      action(async (ref: string, o: StoreFlag & { until: string }) => {
+        const rec = await snap.lockSnapshot(ref, o.until, storeOpts(o));
+        if (o.json) printJson(rec);
+        else process.stdout.write(`${rec.id} locked until ${rec.lockedUntil}\n`);
+      }),
+    );
+  snapshot
+    .command('unlock')
+    .description('remove the lock of a snapshot')
+    .argument('<snap>')
+    .option(storeOption, storeHelp)
+    .option('--json', 'print the snapshot as JSON')
+    .action(
       action(async (ref: string, o: StoreFlag) => {
-        const r = await snap.deleteSnapshot(ref, storeOpts(o));
-        if (o.json) printJson({ deleted: r.id, state: r.state });
-        else process.stdout.write(`deleted ${r.id}\n`);
+        const rec = await snap.lockSnapshot(ref, null, storeOpts(o));
+        if (o.json) printJson(rec);
+        else process.stdout.write(`${rec.id} unlocked\n`);
       }),
     );
 

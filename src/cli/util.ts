@@ -118,3 +118,13 @@ export function fail(e: unknown): never {
   process.stderr.write(`disksnap: internal error: ${err?.stack ?? String(e)}\n`);
   process.exit(1);
 }
+
+/** `--until`: an ISO time, or a duration from now (`90m`, `12h`, `30d`, `2w`), as an ISO time. */
+export function untilArg(value: string): string {
+  const m = /^(\d+)(m|h|d|w)$/.exec(value);
+  if (m) return new Date(Date.now() + Number(m[1]) * { m: 60e3, h: 3600e3, d: 86400e3, w: 604800e3 }[m[2] as 'm' | 'h' | 'd' | 'w']).toISOString();
+  if (!/^\d{4}-\d{2}-\d{2}([T ][\d:.]+(Z|[+-]\d{2}:?\d{2})?)?$/.test(value) || Number.isNaN(Date.parse(value))) {
+    throw new UsageError(`--until '${value}' is neither an ISO time (2027-01-31, 2027-01-31T12:00:00Z) nor a duration (90m, 12h, 30d, 2w)`);
+  }
+  return new Date(Date.parse(value)).toISOString();
+}

@@ -5,10 +5,10 @@
  * The reflink clone the snapshot kept beside its volume (./reflink.ts) goes last: without its
  * record nothing can trust it, and one left by a crash is removed by gc.
  */
-import { busy, isDisksnapError } from '../engine/errors';
+import { busy, DisksnapError, isDisksnapError } from '../engine/errors';
 import { Store } from './store/store';
 import { tagsKey } from './store/tags';
-import { isSnapshotId, type ReflinkClone } from './store/records';
+import { isSnapshotId, lockedAt, type ReflinkClone } from './store/records';
 import { removeClone } from './reflink';
 import { StoreOptions, withStoreLock } from './common';
 import { faultsOf } from './faults';
@@ -16,9 +16,12 @@ import { faultsOf } from './faults';
 export interface DeleteReport {
   id: string;
   state: string;
+  /** nothing was deleted: the snapshot would have been */
+  dryRun: boolean;
 }
 
-export async function deleteSnapshot(ref: string, opts: StoreOptions = {}): Promise<DeleteReport> {
+/** A locked snapshot (`snapshot lock --until`) is refused until its lock runs out or is removed. */
+export async function deleteSnapshot(ref: string, opts: StoreOptions & { dryRun?: boolean } = {}): Promise<DeleteReport> {
   const store = await Store.open(opts.store);
   return withStoreLock(store, 'shared', opts, async () => {
     let id: string;
@@ -32,11 +35,14 @@ export async function deleteSnapshot(ref: string, opts: StoreOptions = {}): Prom
       if (rec.state === 'pending' && !(await store.writerGone(rec.id))) {
         throw busy(`snapshot ${rec.id} is still being created (pid ${rec.creator.pid}); wait for it to finish`);
       }
+      const until = lockedAt(rec);
+      if (until) throw new DisksnapError(`snapshot ${rec.id} is locked until ${until}: it cannot be deleted before then (snapshot unlock removes the lock)`, 'ELOCKED');
     } catch (e) {
       // A damaged record can still be deleted by its exact id.
       if (!isDisksnapError(e, 'ECORRUPT') || !isSnapshotId(ref)) throw e;
       id = ref;
     }
+    if (opts.dryRun) return { id, state, dryRun: true };
     await store.backend.delete(store.snapshotKey(id));
     await faultsOf(opts).betweenSteps?.();
     await store.backend.delete(store.manifestKey(id));
@@ -44,6 +50,6 @@ export async function deleteSnapshot(ref: string, opts: StoreOptions = {}): Prom
     await store.backend.delete(tagsKey(id)).catch(() => false);
     await store.removeLease(id);
     if (clone) removeClone(clone);
-    return { id, state };
+    return { id, state, dryRun: false };
   });
 }

@@ -69,7 +69,7 @@ export { initStore, registerVolume, listVolumes } from './volumes';
 export type { InitStoreOptions, StoreInfo, RegisterVolumeOptions } from './volumes';
 export { createSnapshot } from './create';
 export type { CreateSnapshotOptions } from './create';
-export { listSnapshots, showSnapshot, tagSnapshot } from './list';
+export { listSnapshots, lockSnapshot, showSnapshot, tagSnapshot } from './list';
 export type { ListSnapshotsOptions } from './list';
 export { restoreSnapshot } from './restore';
 export type { RestoreOptions, RestoreReport } from './restore';

@@ -5,7 +5,7 @@ import { listAttachments } from '../host/attach';
 import { pinnedBytes } from './reflink';
 import { KeyRing, isExplicit } from './keys';
 import { Store } from './store/store';
-import { SnapshotJson, SnapshotState, checkTagFilter, isVolumeId, matchesTag, snapshotJson } from './store/records';
+import { SnapshotJson, SnapshotState, checkTagFilter, isVolumeId, lockedAt, matchesTag, snapshotJson } from './store/records';
 import { StoreOptions, findVolumeByPath, realVolumePath, withStoreLock } from './common';
 import { codecOf, reapQuietly, resolve, reveal } from './lookup';
 
@@ -79,6 +79,28 @@ export async function tagSnapshot(ref: string, change: { set?: Record<string, st
     const target = rec.encrypted ? store.withCodec(await codecOf(store, rec, ring)) : store;
     for (const k of change.remove ?? []) delete rec.tags[k];
     Object.assign(rec.tags, change.set ?? {});
+    await target.writeSnapshot(rec);
+    return snapshotJson(rec);
+  });
+}
+
+/**
+ * `snapshot lock --until` / `unlock`: `until` (an ISO time in the future) makes delete and
+ * prune refuse the snapshot until then; a lock can be moved later, never earlier (that is
+ * what unlock, a deliberate act of its own, is for); null removes it.
+ */
+export async function lockSnapshot(ref: string, until: string | null, opts: StoreOptions = {}): Promise<SnapshotJson> {
+  const store = await Store.open(opts.store);
+  return withStoreLock(store, 'shared', opts, async () => {
+    const rec = await resolve(store, ref, new KeyRing(opts.key));
+    if (rec.state !== 'completed') throw invalid(`snapshot ${rec.id} is ${rec.state}: only a completed snapshot can be locked`);
+    if (until !== null) {
+      if (Number.isNaN(Date.parse(until)) || Date.parse(until) <= Date.now()) throw invalid(`lock time '${until}' is not a time in the future`);
+      const held = lockedAt(rec);
+      if (held && Date.parse(held) > Date.parse(until)) throw invalid(`snapshot ${rec.id} is already locked until ${held}, later than ${until}; unlock it first to shorten the lock`);
+    }
+    rec.lockedUntil = until === null ? null : new Date(Date.parse(until)).toISOString();
+    const target = rec.encrypted && !rec.metadataHidden ? store.withCodec(await codecOf(store, rec, new KeyRing(opts.key))) : store;
     await target.writeSnapshot(rec);
     return snapshotJson(rec);
   });

@@ -13,7 +13,7 @@
  */
 import { invalid, isDisksnapError } from '../engine/errors';
 import { Store } from './store/store';
-import { checkTagFilter, matchesTag } from './store/records';
+import { checkTagFilter, lockedAt, matchesTag } from './store/records';
 import type { SnapshotRecord } from './store/records';
 import type { StoreOptions } from './common';
 import { volumeIds } from './list';
@@ -52,7 +52,7 @@ export interface PruneReport {
   removed: PruneDecision[];
 }
 
-type Candidate = Pick<SnapshotRecord, 'id' | 'volumeId' | 'startTime' | 'tags'>;
+type Candidate = Pick<SnapshotRecord, 'id' | 'volumeId' | 'startTime' | 'tags'> & Partial<Pick<SnapshotRecord, 'lockedUntil'>>;
 
 const pad = (n: number) => String(n).padStart(2, '0');
 
@@ -84,7 +84,7 @@ function checkPolicy(p: PrunePolicy): void {
 }
 
 /** The policy applied to one volume's completed snapshots (any order); pure, for tests. */
-export function decide(snapshots: Candidate[], policy: PrunePolicy): PruneDecision[] {
+export function decide(snapshots: Candidate[], policy: PrunePolicy, now = Date.now()): PruneDecision[] {
   checkPolicy(policy);
   const newest = [...snapshots].sort((a, b) => b.startTime.localeCompare(a.startTime) || b.id.localeCompare(a.id));
   const out = newest.map((s) => ({ id: s.id, volumeId: s.volumeId, startTime: s.startTime, keptBy: [] as string[] }));
@@ -107,6 +107,11 @@ export function decide(snapshots: Candidate[], policy: PrunePolicy): PruneDecisi
       if (matchesTag(s.tags, t)) out[i].keptBy.push(`tag ${t}`);
     });
   }
+  // a lock keeps a snapshot whatever the rules say (`snapshot lock --until`)
+  newest.forEach((s, i) => {
+    const until = s.lockedUntil ? lockedAt({ lockedUntil: s.lockedUntil }, now) : undefined;
+    if (until) out[i].keptBy.push(`locked until ${until}`);
+  });
   return out;
 }
 

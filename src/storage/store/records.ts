@@ -128,6 +128,11 @@ export interface SnapshotRecord {
    * the successor checks before trusting it. Null when none was kept.
    */
   reflinkClone: ReflinkClone | null;
+  /**
+   * `snapshot lock --until`: delete and prune refuse the snapshot until this time (ISO);
+   * `snapshot unlock` clears it. Null when unlocked (and in records written before locks).
+   */
+  lockedUntil: string | null;
 }
 
 /** A reflink clone as a snapshot recorded it (inode numbers and times as decimal strings). */
@@ -320,6 +325,7 @@ export function parseSnapshotRecord(file: string, text: string | Buffer): Snapsh
     frozenMs: o.frozenMs === null || o.frozenMs === undefined ? null : num(file, o, 'frozenMs'),
     ...encryptionOf(file, o),
     ...changeFieldsOf(file, o),
+    lockedUntil: o.lockedUntil === null || o.lockedUntil === undefined ? null : time(file, o, 'lockedUntil'),
   };
 }
 
@@ -447,7 +453,13 @@ function ordered(r: SnapshotRecord): SnapshotRecord {
     volumeFormat: r.volumeFormat,
     volumeChain: r.volumeChain,
     reflinkClone: r.reflinkClone,
+    lockedUntil: r.lockedUntil,
   };
+}
+
+/** The time a snapshot's lock runs out, when it is locked at `now`; undefined otherwise. */
+export function lockedAt(r: Pick<SnapshotRecord, 'lockedUntil'>, now = Date.now()): string | undefined {
+  return r.lockedUntil !== null && Date.parse(r.lockedUntil) > now ? r.lockedUntil : undefined;
 }
 
 export function snapshotJson(r: SnapshotRecord): SnapshotJson {
