@@ -70,7 +70,17 @@ t.test('snapshot prune on a store: dry run, removal per volume, the kept ones re
   t.equal(real.status, 0, real.stderr);
   t.match(real.out, /2 kept, 2 removed/);
   t.same(listed(), [ids[2], bSnap].sort(), 'the two older ones are gone');
-  t.equal(cli(['store', 'gc', '--store', store]).status, 0, 'gc after prune');
+  const files = (d: string): string[] => fs.readdirSync(d, { recursive: true }).map(String).sort();
+  const before = files(store);
+  const dryGc = cli(['store', 'gc', '--dry-run', '--store', store, '--json']);
+  t.equal(dryGc.status, 0, dryGc.stderr);
+  const would = JSON.parse(dryGc.out) as { dryRun: boolean; blocksFreed: number };
+  t.equal(would.dryRun, true);
+  t.ok(would.blocksFreed >= 2, `gc --dry-run counts the pruned snapshots' blocks: ${would.blocksFreed}`);
+  t.same(files(store), before, 'gc --dry-run deletes nothing');
+  const realGc = cli(['store', 'gc', '--store', store, '--json']);
+  t.equal(realGc.status, 0, 'gc after prune');
+  t.equal((JSON.parse(realGc.out) as { blocksFreed: number }).blocksFreed, would.blocksFreed, 'and frees what the dry run counted');
   const out = path.join(dir, 'out.img');
   t.equal(cli(['snapshot', 'restore', ids[2], '--to', out, '--store', store]).status, 0);
   t.ok(fs.readFileSync(out).equals(fs.readFileSync(a)), 'the kept snapshot restores exactly after prune and gc');

@@ -48,7 +48,7 @@ export const EXAMPLES: Record<string, string[]> = {
   'volume list': ['disksnap volume list --store /backups/store --json'],
   'key generate': ['disksnap key generate disk.key'],
   'store init': ['disksnap store init --store /backups/store'],
-  'store gc': ['disksnap store gc --store /backups/store'],
+  'store gc': ['disksnap store gc --store /backups/store', 'disksnap store gc --dry-run --json --store /backups/store'],
   attach: ['disksnap attach child.qcow2', 'disksnap attach disk.img --read-only --json'],
   detach: ['disksnap detach child.qcow2'],
   compare: ['disksnap compare disk.img --html report.html', 'disksnap compare --generate 1G --workload sequential:10%:1m --dir /mnt/xfs/tmp'],

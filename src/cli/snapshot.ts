@@ -571,17 +571,19 @@ export function register(program: Command): void {
     .description('delete block objects no completed snapshot references (waits for running commands)')
     .option(storeOption, storeHelp)
     .option('--wait <seconds>', waitHelp, secondsArg)
+    .option('--dry-run', 'count what gc would free, delete nothing')
     .option('--json', 'print a JSON report')
     .action(
-      action(async (o: StoreFlag) => {
-        const r = await snap.gc({ ...storeOpts(o), onWait: () => log('disksnap: waiting for running snapshot commands to finish...') });
+      action(async (o: StoreFlag & { dryRun?: boolean }) => {
+        const r = await snap.gc({ ...storeOpts(o), dryRun: o.dryRun, onWait: () => log('disksnap: waiting for running snapshot commands to finish...') });
         if (o.json) printJson(r);
         else {
           process.stdout.write(
-            `freed ${r.blocksFreed} blocks (${formatSize(r.bytesFreed)}) and ${r.otherFilesRemoved} other files (${formatSize(r.otherBytesFreed)}); ` +
+            `${r.dryRun ? 'would free' : 'freed'} ${r.blocksFreed} blocks (${formatSize(r.bytesFreed)}) and ${r.otherFilesRemoved} other files (${formatSize(r.otherBytesFreed)}); ` +
               `kept ${r.blocksKept} blocks (${formatSize(r.bytesKept)}) of ${r.liveSnapshots} snapshots` +
               (r.staleSnapshots.length ? `; marked ${r.staleSnapshots.length} abandoned snapshots as error` : '') +
               (r.reflinkClonesRemoved.length ? `; removed ${r.reflinkClonesRemoved.length} stale reflink clones` : '') +
+              (r.dryRun ? ' (dry run: nothing deleted)' : '') +
               '\n',
           );
         }

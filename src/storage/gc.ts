@@ -47,11 +47,15 @@ export interface GcReport {
   otherBytesFreed: number;
   /** reflink clones beside volumes (./reflink.ts) that no volume's next snapshot would use */
   reflinkClonesRemoved: string[];
+  /** nothing was deleted or changed: the figures are what gc would free */
+  dryRun: boolean;
 }
 
 export interface GcOptions extends StoreOptions {
   /** called when gc has to wait for running snapshot commands */
   onWait?: () => void;
+  /** mark and count, delete nothing (stale pending records stay as they are; clones are not swept) */
+  dryRun?: boolean;
 }
 
 /** Mark and sweep of unreferenced blocks, under the exclusive store lock. */
@@ -60,17 +64,19 @@ export async function gc(opts: GcOptions = {}): Promise<GcReport> {
   const lock = await store.lock('exclusive', { waitMs: opts.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS, onWait: opts.onWait });
   try {
     const listing = await store.listSnapshots();
-    const staleSnapshots = await store.reapStale(listing);
+    const staleSnapshots = opts.dryRun ? [] : await store.reapStale(listing);
     const { live, completed } = await mark(store, listing);
     const beforeDelete = faultsOf(opts).beforeDelete;
     const del = async (key: string): Promise<boolean> => {
+      if (opts.dryRun) return true; // counted as gc would free it
       await beforeDelete?.(key);
       store.assertLocked(); // a bucket's gc whose lease was lost stops before the next deletion
       return store.backend.delete(key);
     };
     const report = await sweep(store, listing, live, completed, del);
     report.staleSnapshots = staleSnapshots;
-    report.reflinkClonesRemoved = await sweepClones(store, listing);
+    report.dryRun = !!opts.dryRun;
+    if (!opts.dryRun) report.reflinkClonesRemoved = await sweepClones(store, listing);
     if ((await store.backend.stat('store.json')) === undefined) {
       throw new DisksnapError(`store ${store.dir} lost its store.json during gc`, 'ECORRUPT');
     }
@@ -137,6 +143,7 @@ async function sweep(store: Store, listing: SnapshotListing, live: DigestSet, co
     otherFilesRemoved: 0,
     otherBytesFreed: 0,
     reflinkClonesRemoved: [],
+    dryRun: false,
   };
   const other = async (o: { key: string; size: number }) => {
     if (!(await del(o.key))) return;
