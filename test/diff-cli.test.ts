@@ -71,6 +71,18 @@ t.test('diff create / write / read / map / info --chain / bench on a chain, then
   r = cli(['diff', 'rollback', child]);
   t.equal(r.status, 1);
   t.match(r.stderr, /children of its own.*--recursive/);
+  const filesBefore = fs.readdirSync(dir).sort();
+  r = cli(['diff', 'rollback', '--recursive', '--dry-run', '--json', child]);
+  t.equal(r.status, 0, r.stderr);
+  const dry = JSON.parse(r.out) as { removed: string[]; remaining: string[]; dryRun: boolean };
+  t.equal(dry.dryRun, true);
+  t.same(dry.removed.map((f) => path.basename(f)), ['gc.qcow2', 'child.qcow2'], 'the dry run names what would go');
+  t.same(dry.remaining, [], 'and that the base would have no children left');
+  t.same(fs.readdirSync(dir).sort(), filesBefore, 'a dry run removes nothing');
+  t.equal(fs.statSync(p.file).mode & 0o222, 0, 'the base stays read-only');
+  r = cli(['diff', 'rollback', '--dry-run', child]);
+  t.equal(r.status, 1, 'a dry run makes the same checks');
+  t.match(r.stderr, /children of its own.*--recursive/);
   r = cli(['diff', 'rollback', '--recursive', '--json', child]);
   t.equal(r.status, 0, r.stderr);
   t.same((JSON.parse(r.out) as { removed: string[] }).removed.map((f) => path.basename(f)), ['gc.qcow2', 'child.qcow2']);

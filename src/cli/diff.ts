@@ -50,17 +50,19 @@ export function register(program: Command): void {
     .description('discard CHILD: its parent is exactly as it was; writable again when its last child is gone')
     .argument('<child>')
     .option('--recursive', "also discard the child's own children")
+    .option('--dry-run', 'make every check a rollback makes and say what it would remove; remove nothing')
     .option('--json', 'print JSON')
     .action(
-      action((child: string, opts: { recursive?: boolean; json?: boolean }) => {
-        const r = diff.rollback(child, { recursive: opts.recursive });
+      action((child: string, opts: { recursive?: boolean; dryRun?: boolean; json?: boolean }) => {
+        const r = diff.rollback(child, { recursive: opts.recursive, dryRun: opts.dryRun });
         if (opts.json) printJson(r);
         else {
-          process.stdout.write(`removed ${r.removed.join(', ')}\n`);
+          const [did, left, again] = r.dryRun ? ['would remove', 'would have', 'would be'] : ['removed', 'has', 'is'];
+          process.stdout.write(`${did} ${r.removed.join(', ')}${r.dryRun ? ' (dry run: nothing removed)' : ''}\n`);
           process.stdout.write(
             r.remaining.length === 0
-              ? `${r.parent} has no children left and is writable again\n`
-              : `${r.parent} still has ${r.remaining.length} child${r.remaining.length > 1 ? 'ren' : ''} and stays read-only\n`,
+              ? `${r.parent} ${left} no children left and ${again} writable again\n`
+              : `${r.parent} ${r.dryRun ? 'would still have' : 'still has'} ${r.remaining.length} child${r.remaining.length > 1 ? 'ren' : ''} and ${r.dryRun ? 'would stay' : 'stays'} read-only\n`,
           );
         }
       }),

@@ -24,7 +24,7 @@ export const EXAMPLES: Record<string, string[]> = {
   write: ['printf hello | disksnap write child.qcow2 0', 'disksnap write disk.img 1M -i part.bin'],
   bench: ['disksnap bench child.qcow2 -c 100000 -d 16', 'disksnap bench disk.img -w -s 64k -c 10000 --json'],
   'diff create': ['disksnap diff create base.img child.qcow2', 'disksnap diff create child.qcow2 grandchild.qcow2 --json'],
-  'diff rollback': ['disksnap diff rollback child.qcow2'],
+  'diff rollback': ['disksnap diff rollback child.qcow2', 'disksnap diff rollback child.qcow2 --recursive --dry-run'],
   'diff reset': ['disksnap diff reset child.qcow2 --accept-parent'],
   'diff commit': ['disksnap diff commit child.qcow2', 'disksnap diff commit child.qcow2 --keep-child --json'],
   'diff flatten': ['disksnap diff flatten child.qcow2 standalone.img'],

@@ -17,6 +17,8 @@ import { ChildInfo, lockExclusive, readChild, replaceWithEmpty } from './child';
 export interface RollbackOptions {
   /** also discard the child's own children (recursively) */
   recursive?: boolean;
+  /** every check a rollback makes (attached, commit unfinished, children, the lock), nothing removed */
+  dryRun?: boolean;
 }
 
 export interface RollbackResult {
@@ -24,6 +26,8 @@ export interface RollbackResult {
   parent: string;
   /** children the parent still has; when empty, the parent's mode was restored */
   remaining: string[];
+  /** nothing was removed: `removed` is what would have been */
+  dryRun: boolean;
 }
 
 function assertNoCommitInProgress(child: string, consequence: string): void {
@@ -45,6 +49,12 @@ export function rollback(child: string, opts: RollbackOptions = {}): RollbackRes
     for (const g of grandchildren) removed.push(...rollback(g, opts).removed);
   }
   const lock = lockExclusive(child);
+  if (opts.dryRun) {
+    lock.close();
+    removed.push(child);
+    const gone = new Set(removed.map((f) => path.resolve(f)));
+    return { removed, parent, remaining: childrenOf(parent).filter((c) => !gone.has(path.resolve(c))), dryRun: true };
+  }
   try {
     fs.unlinkSync(child);
   } catch (e) {
@@ -55,7 +65,7 @@ export function rollback(child: string, opts: RollbackOptions = {}): RollbackRes
   syncDir(path.dirname(path.resolve(child)));
   removed.push(child);
   const remaining = removeChild(parent, child);
-  return { removed, parent, remaining };
+  return { removed, parent, remaining, dryRun: false };
 }
 
 export interface ResetOptions {
