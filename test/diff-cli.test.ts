@@ -89,7 +89,7 @@ t.test('diff create / write / read / map / info --chain / bench on a chain, then
   t.equal(fs.statSync(p.file).mode & 0o777, 0o644, 'base writable again');
 });
 
-t.test('diff commit refuses with a sibling (exit 1), commits with --force, reset and flatten', { skip }, async (t) => {
+t.test('diff commit refuses with a sibling (exit 1), commits with --allow-sibling-change, reset and flatten', { skip }, async (t) => {
   const dir = t.testdir();
   const p = parent(dir);
   const a = path.join(dir, 'a.qcow2');
@@ -99,7 +99,7 @@ t.test('diff commit refuses with a sibling (exit 1), commits with --force, reset
   t.equal(cli(['write', a, '0'], { input: Buffer.alloc(5000, 0xee) }).status, 0);
   let r = cli(['diff', 'commit', a]);
   t.equal(r.status, 1);
-  t.match(r.stderr, /other children .*b\.qcow2.*--force/);
+  t.match(r.stderr, /other children .*b\.qcow2.*--allow-sibling-change/);
 
   const flat = path.join(dir, 'flat.raw');
   fs.writeFileSync(flat, 'keep');
@@ -118,6 +118,9 @@ t.test('diff commit refuses with a sibling (exit 1), commits with --force, reset
 
   t.equal(cli(['write', a, '100'], { input: Buffer.alloc(10, 0xdd) }).status, 0);
   r = cli(['diff', 'commit', a, '--force', '--json']);
+  t.equal(r.status, 2, 'the old name is bad usage now');
+  t.match(r.stderr, /diff commit --force is now --allow-sibling-change/);
+  r = cli(['diff', 'commit', a, '--allow-sibling-change', '--json']);
   t.equal(r.status, 0, r.stderr);
   const res = JSON.parse(r.out) as { siblings: string[]; bytesCopied: number };
   t.same(res.siblings.map((f) => path.basename(f)), ['b.qcow2']);

@@ -3,12 +3,12 @@
  * Each command is a few lines over src/differencing/ (its index); results on stdout (`--json` for machines),
  * progress on stderr.
  */
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import * as diff from '../differencing';
 import { commitLive } from '../differencing/live';
 import { DisksnapError } from '../engine/errors';
 import { formatSize } from '../engine/size';
-import { action, ExitStatus, printJson, powerOfTwoArg } from './util';
+import { action, ExitStatus, printJson, powerOfTwoArg, UsageError } from './util';
 
 /** A progress line on stderr when it is a terminal (nothing otherwise). */
 function progress(label: string): diff.Progress | undefined {
@@ -87,19 +87,22 @@ export function register(program: Command): void {
     .description("write CHILD's data into its parent, then discard CHILD (or keep it, empty)")
     .argument('<child>')
     .option('--keep-child', 'keep CHILD as an empty child of the updated parent')
-    .option('--force', 'commit even though the parent has other children (they will see the change)')
+    .option('--allow-sibling-change', 'commit even though the parent has other children (they will see the change)')
+    .addOption(new Option('--force').hideHelp())
     .option('--qmp <socket>', 'CHILD is the active image of a running QEMU: commit live (block-commit), the VM moves onto the parent')
     .option('--json', 'print JSON')
     .action(
-      action(async (child: string, opts: { keepChild?: boolean; force?: boolean; json?: boolean; qmp?: string }) => {
+      action(async (child: string, opts: { keepChild?: boolean; allowSiblingChange?: boolean; force?: boolean; json?: boolean; qmp?: string }) => {
+        // --force means "replace the output file" everywhere else; here it once meant this
+        if (opts.force) throw new UsageError('diff commit --force is now --allow-sibling-change (--force only ever replaces an output file)');
         if (opts.qmp) {
           if (opts.keepChild) throw new DisksnapError('--keep-child is not supported with --qmp (QEMU drops the child when it pivots)', 'EINVALID');
-          const l = await commitLive(child, { qmp: opts.qmp, force: opts.force, onProgress: progress('commit') });
+          const l = await commitLive(child, { qmp: opts.qmp, allowSiblingChange: opts.allowSiblingChange, onProgress: progress('commit') });
           if (opts.json) printJson(l);
           else process.stdout.write(`committed ${l.child} into ${l.parent} live; the VM now runs on ${l.parent}; ${l.child} removed\n`);
           return;
         }
-        const r = await diff.commit(child, { keepChild: opts.keepChild, force: opts.force, onProgress: progress('commit') });
+        const r = await diff.commit(child, { keepChild: opts.keepChild, allowSiblingChange: opts.allowSiblingChange, onProgress: progress('commit') });
         if (opts.json) printJson(r);
         else {
           process.stdout.write(

@@ -26,7 +26,7 @@ export const EXAMPLES: Record<string, string[]> = {
   'diff create': ['disksnap diff create base.img child.qcow2', 'disksnap diff create child.qcow2 grandchild.qcow2 --json'],
   'diff rollback': ['disksnap diff rollback child.qcow2', 'disksnap diff rollback child.qcow2 --recursive --dry-run'],
   'diff reset': ['disksnap diff reset child.qcow2 --accept-parent'],
-  'diff commit': ['disksnap diff commit child.qcow2', 'disksnap diff commit child.qcow2 --keep-child --json'],
+  'diff commit': ['disksnap diff commit child.qcow2', 'disksnap diff commit child.qcow2 --keep-child --json', 'disksnap diff commit a.qcow2 --allow-sibling-change'],
   'diff flatten': ['disksnap diff flatten child.qcow2 standalone.img'],
   'diff check': ['disksnap diff check child.qcow2', 'disksnap diff check child.qcow2 --repair'],
   'diff accept-parent': ['disksnap diff accept-parent child.qcow2'],

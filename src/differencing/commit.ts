@@ -43,6 +43,8 @@ export interface CommitOptions {
   /** keep the child, emptied, instead of deleting it */
   keepChild?: boolean;
   /** commit even though the parent has other children (their view changes) */
+  allowSiblingChange?: boolean;
+  /** @deprecated the old name of allowSiblingChange */
   force?: boolean;
   onProgress?: Progress;
 }
@@ -54,7 +56,7 @@ export interface CommitResult {
   bytesZeroed: number;
   resumed: boolean;
   keptChild: boolean;
-  /** other children of the parent (only with force): their parent guard now reports the change */
+  /** other children of the parent (only with allowSiblingChange): their parent guard now reports the change */
   siblings: string[];
 }
 
@@ -105,8 +107,8 @@ function preflight(child: string, marker: CommitMarker | undefined, opts: Commit
   }
   assertNotAttached(parent, 'commit into');
   const siblings = childrenOf(parent).filter((c) => !same(c, child));
-  if (!marker && siblings.length > 0 && !opts.force) {
-    throw busy(`${parent} has other children (${siblings.join(', ')}); committing would silently change what they show. Roll them back first, or pass --force`, parent);
+  if (!marker && siblings.length > 0 && !(opts.allowSiblingChange ?? opts.force)) {
+    throw busy(`${parent} has other children (${siblings.join(', ')}); committing would silently change what they show. Roll them back first, or pass --allow-sibling-change`, parent);
   }
   if (childrenOf(child).length > 0) {
     throw busy(`${child} has children of its own; committing would change their parent; roll them back first`, child);

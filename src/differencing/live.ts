@@ -211,13 +211,13 @@ async function waitJob(qmp: QmpClient, jobId: string, after: number, until: 'rea
 }
 
 /** `diff commit --qmp`: see the opening note. */
-export async function commitLive(child: string, opts: LiveOptions & { force?: boolean }): Promise<LiveCommitResult> {
+export async function commitLive(child: string, opts: LiveOptions & { allowSiblingChange?: boolean }): Promise<LiveCommitResult> {
   const started = Date.now();
   const h = readHeader(child);
   if (h.backingFile === undefined) throw new DisksnapError(`${child} has no backing file: nothing to commit into`, 'EINVALID', undefined, child);
   const parent = cp.backingOf(child)!;
   const siblings = childrenOf(parent).filter((c) => real(c) !== real(child));
-  if (siblings.length > 0 && !opts.force) throw busy(`${parent} has other children (${siblings.join(', ')}); committing would change what they show. Pass force to do it anyway`, parent);
+  if (siblings.length > 0 && !opts.allowSiblingChange) throw busy(`${parent} has other children (${siblings.join(', ')}); committing would change what they show. Roll them back first, or pass --allow-sibling-change`, parent);
   if (childrenOf(child).length > 0) throw busy(`${child} has children of its own; committing would change their parent`, child);
   const qmp = await QmpClient.connect(opts.qmp, { timeoutMs: opts.timeoutMs ?? 60_000 });
   try {
