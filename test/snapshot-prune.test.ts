@@ -153,3 +153,57 @@ t.test('snapshot lock --until refuses delete and prune; unlock, dry runs, and wh
   t.equal(cli(['snapshot', 'restore', ids[1], '--to', out, '--store', store]).status, 0);
   t.ok(fs.readFileSync(out).equals(fs.readFileSync(a)), 'the other snapshot still restores');
 });
+
+t.test('volume policy: the rules run after each snapshot of the volume, which is always kept; shown, cleared, checked', async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const a = path.join(dir, 'a.img');
+  const b = path.join(dir, 'b.img');
+  fs.writeFileSync(a, Buffer.alloc(1 << 20, 1));
+  fs.writeFileSync(b, Buffer.alloc(1 << 20, 2));
+  const take = (img: string, fill: number, extra: string[] = []) => {
+    fs.writeFileSync(img, Buffer.alloc(1 << 20, fill));
+    const r = cli(['snapshot', 'create', img, '--store', store, '--json', ...extra]);
+    t.equal(r.status, 0, r.stderr);
+    return { id: (JSON.parse(r.out) as { id: string }).id, stderr: r.stderr };
+  };
+  const of = (img: string) => (JSON.parse(cli(['snapshot', 'list', '--volume', img, '--store', store, '--json']).out) as { snapshots: { id: string }[] }).snapshots.map((s) => s.id);
+  const a1 = take(a, 1).id;
+  const b1 = take(b, 1).id;
+  t.equal(cli(['volume', 'policy', a, '--store', store]).status, 2, 'a policy without a rule is bad usage');
+  t.equal(cli(['volume', 'policy', a, '--keep-last', '2', '--clear', '--store', store]).status, 2, '--clear with rules is bad usage');
+  t.equal(cli(['volume', 'policy', path.join(dir, 'nope.img'), '--keep-last', '2', '--store', store]).status, 1, 'an unknown volume is refused');
+  const set = cli(['volume', 'policy', a, '--keep-last', '2', '--store', store]);
+  t.equal(set.status, 0, set.stderr);
+  t.match(set.out, /after each snapshot, keep --keep-last 2/);
+  t.match(cli(['volume', 'list', '--store', store]).out, /--keep-last 2/);
+
+  const a2 = take(a, 2).id;
+  t.same(of(a), [a1, a2], 'two snapshots: nothing to remove');
+  const a3 = take(a, 3);
+  t.same(of(a), [a2, a3.id], 'the third snapshot removed the oldest');
+  t.match(a3.stderr, new RegExp(`retention policy removed ${a1}`), 'and said so');
+  t.same(of(b), [b1], 'another volume is untouched');
+  take(b, 2);
+  t.equal(of(b).length, 2, 'b has no policy: it keeps everything');
+
+  // a tag-only policy never removes the snapshot it runs after
+  t.equal(cli(['volume', 'policy', a, '--keep-tag', 'keep', '--store', store]).status, 0);
+  const a4 = take(a, 4).id;
+  t.same(of(a), [a4], 'untagged older snapshots go; the new one stays (just taken)');
+  const out = path.join(dir, 'out.img');
+  t.equal(cli(['snapshot', 'restore', a4, '--to', out, '--store', store]).status, 0);
+  t.ok(fs.readFileSync(out).equals(fs.readFileSync(a)), 'what the policy kept restores');
+
+  t.equal(cli(['volume', 'policy', a, '--clear', '--store', store]).status, 0);
+  take(a, 5);
+  t.equal(of(a).length, 2, 'cleared: nothing pruned');
+
+  // a damaged policy in the record is refused as such, never read as "no rule"
+  const volFile = fs.readdirSync(path.join(store, 'volumes')).map((f) => path.join(store, 'volumes', f)).find((f) => JSON.parse(fs.readFileSync(f, 'utf8')).path === fs.realpathSync(a))!;
+  const rec = JSON.parse(fs.readFileSync(volFile, 'utf8'));
+  fs.writeFileSync(volFile, JSON.stringify({ ...rec, retention: {} }));
+  const bad = cli(['snapshot', 'create', a, '--store', store]);
+  t.equal(bad.status, 1);
+  t.match(bad.stderr, /retention' has no rule/);
+});

@@ -46,6 +46,7 @@ export const EXAMPLES: Record<string, string[]> = {
   'snapshot copy': ['disksnap snapshot copy 9e9c --store /backups/store --to-store s3://bucket/offsite', 'disksnap snapshot copy 9e9c --store /backups/store --to-store /vault --encrypt --key-file vault.key'],
   'volume register': ['disksnap volume register disk.img --store /backups/store --encrypted --key-file disk.key'],
   'volume list': ['disksnap volume list --store /backups/store --json'],
+  'volume policy': ['disksnap volume policy disk.img --keep-daily 7 --keep-weekly 4 --store /backups/store', 'disksnap volume policy disk.img --clear --store /backups/store'],
   'key generate': ['disksnap key generate disk.key'],
   'store init': ['disksnap store init --store /backups/store'],
   'store gc': ['disksnap store gc --store /backups/store', 'disksnap store gc --dry-run --json --store /backups/store'],

@@ -25,6 +25,7 @@ import { DisksnapError } from '../engine/errors';
 import { generateKeyFile } from '../storage/keys';
 import type { KeySpec } from '../storage/keys';
 import { formatSize } from '../engine/size';
+import { keepOptions, KeepFlags, policyOf, policyText, printPrune } from './retention';
 import { ExitStatus, UsageError, action, collect, intArg, log, printJson, printLines, printable, powerOfTwoArg, untilArg } from './util';
 
 interface StoreFlag {
@@ -204,6 +205,7 @@ export function register(program: Command): void {
             noReflink: o.reflink === false,
             onProgress,
             onLog: (m) => log(`disksnap: ${m}`),
+            onPrune: (r) => r.removed.length && log(`disksnap: the volume's retention policy removed ${r.removed.map((d) => d.id).join(', ')} (their blocks go at the next store gc)`),
           }),
         );
         if (o.json) printJson(rec);
@@ -298,33 +300,17 @@ export function register(program: Command): void {
       );
   }
 
-  keyOptions(snapshot.command('prune'), 'to read the sealed tags of encrypted snapshots (for --keep-tag)')
+  keepOptions(keyOptions(snapshot.command('prune'), 'to read the sealed tags of encrypted snapshots (for --keep-tag)'))
     .description("remove each volume's completed snapshots that a retention policy does not keep (restic's forget rules, UTC buckets)")
     .option(storeOption, storeHelp)
     .option('--volume <volume>', 'only this volume (path or vol- id)')
-    .option('--keep-last <n>', 'the n newest', intArg('--keep-last', 1))
-    .option('--keep-hourly <n>', 'the newest of each of the n newest hours', intArg('--keep-hourly', 1))
-    .option('--keep-daily <n>', 'the newest of each of the n newest days', intArg('--keep-daily', 1))
-    .option('--keep-weekly <n>', 'the newest of each of the n newest ISO weeks', intArg('--keep-weekly', 1))
-    .option('--keep-monthly <n>', 'the newest of each of the n newest months', intArg('--keep-monthly', 1))
-    .option('--keep-yearly <n>', 'the newest of each of the n newest years', intArg('--keep-yearly', 1))
-    .option('--keep-tag <key[=value]>', 'every snapshot with this tag (repeatable)', collect, [])
     .option('--dry-run', 'say what would be removed, remove nothing')
     .option('--json', 'print {"dryRun", "kept": [...], "removed": [...]}')
     .action(
-      action(async (o: StoreFlag & KeyFlags & Record<'keepLast' | 'keepHourly' | 'keepDaily' | 'keepWeekly' | 'keepMonthly' | 'keepYearly', number | undefined> & { keepTag: string[]; volume?: string; dryRun?: boolean }) => {
-        for (const k of o.keepTag) if (k === '' || k.startsWith('=')) throw new UsageError(`--keep-tag '${k}' must be KEY or KEY=VALUE`);
-        const policy = { last: o.keepLast, hourly: o.keepHourly, daily: o.keepDaily, weekly: o.keepWeekly, monthly: o.keepMonthly, yearly: o.keepYearly, tags: o.keepTag };
-        if (Object.values(policy).every((v) => v === undefined || (Array.isArray(v) && v.length === 0))) {
-          throw new UsageError('prune needs at least one --keep-* rule (without one it would remove every snapshot)');
-        }
-        const r = await snap.pruneSnapshots(policy, { ...storeOpts(o), volume: o.volume, dryRun: o.dryRun, key: keySpec(o) });
+      action(async (o: StoreFlag & KeyFlags & KeepFlags & { volume?: string; dryRun?: boolean }) => {
+        const r = await snap.pruneSnapshots(policyOf(o, 'prune'), { ...storeOpts(o), volume: o.volume, dryRun: o.dryRun, key: keySpec(o) });
         if (o.json) printJson(r);
-        else {
-          for (const d of r.kept) process.stdout.write(`keep    ${d.id}  ${d.startTime}  (${d.keptBy.join(', ')})\n`);
-          for (const d of r.removed) process.stdout.write(`${r.dryRun ? 'would remove' : 'removed'} ${d.id}  ${d.startTime}\n`);
-          process.stdout.write(`${r.kept.length} kept, ${r.removed.length} ${r.dryRun ? 'would be removed (dry run)' : 'removed; their blocks go at the next store gc'}\n`);
-        }
+        else printPrune(r);
       }),
     );
 
@@ -515,6 +501,21 @@ export function register(program: Command): void {
         else process.stdout.write(`${rec.id} ${rec.path} (${formatSize(rec.size)})${rec.encrypted ? `, encrypted (key ${rec.keyId})` : ''}\n`);
       }),
     );
+  keepOptions(volume.command('policy'))
+    .description("set the retention rules applied to the volume's snapshots after each one completes (as snapshot prune; the new one is always kept)")
+    .argument('<volume>', 'path, vol- id or attached loop device')
+    .option('--clear', 'remove the policy')
+    .option(storeOption, storeHelp)
+    .option('--json', 'print the volume record as JSON')
+    .action(
+      action(async (v: string, o: StoreFlag & KeepFlags & { clear?: boolean }) => {
+        const given = o.keepTag.length > 0 || [o.keepLast, o.keepHourly, o.keepDaily, o.keepWeekly, o.keepMonthly, o.keepYearly].some((x) => x !== undefined);
+        if (o.clear && given) throw new UsageError('--clear removes the policy: give it without --keep-* rules');
+        const rec = await snap.setVolumeRetention(v, o.clear ? null : policyOf(o, 'volume policy'), storeOpts(o));
+        if (o.json) printJson(rec);
+        else process.stdout.write(rec.retention ? `${rec.id}: after each snapshot, keep ${policyText(rec.retention)}\n` : `${rec.id}: no retention policy\n`);
+      }),
+    );
   volume
     .command('list')
     .description('volumes recorded in the store')
@@ -527,8 +528,8 @@ export function register(program: Command): void {
         else if (volumes.length === 0) process.stdout.write('no volumes\n');
         else {
           table(
-            ['ID', 'SIZE', 'ENCRYPTED', 'PATH'],
-            volumes.map((v) => [v.id, formatSize(v.size), String(v.encrypted), v.path + (v.inPlaceRestore ? `  (unfinished in-place restore of ${v.inPlaceRestore.snapshotId})` : '')]),
+            ['ID', 'SIZE', 'ENCRYPTED', 'POLICY', 'PATH'],
+            volumes.map((v) => [v.id, formatSize(v.size), String(v.encrypted), v.retention ? policyText(v.retention) : '-', v.path + (v.inPlaceRestore ? `  (unfinished in-place restore of ${v.inPlaceRestore.snapshotId})` : '')]),
           );
         }
         warnDamaged(damaged, 'volume record');

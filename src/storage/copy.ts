@@ -140,6 +140,7 @@ async function copyVolumeRecord(src: Store, dst: Store, rec: SnapshotRecord, dst
     path: rec.volumePath,
     size: rec.volumeSize,
     dev: srcVol?.dev ?? 0,
+    retention: null, // a policy belongs to its store (as EBS lifecycle policies to a region)
     ino: srcVol?.ino ?? '0',
     encrypted: !!dstKeys,
     keyId: dstKeys?.id ?? null,

@@ -30,6 +30,7 @@ import * as path from 'node:path';
 import { ChangeDetector, GuestVolume, ParentView, ReflinkView, VolumeChanged, capture } from './capture';
 import { NewClone, changedRanges, cloneDir, cloneOwner, openParentClone, removeClonesExcept, takeClone } from './reflink';
 import { changeSourceOf, pickDetector } from './detect';
+import { pruneSnapshots, type PruneReport } from './prune';
 import { detectFormat, openImage } from '../image';
 import { beginTracking, finishTracking, type TrackingStart } from '../image/qcow2/bitmap-tracker';
 import { readBitmap } from '../image/qcow2/bitmap-file';
@@ -59,13 +60,32 @@ export interface CreateSnapshotOptions extends StoreOptions {
   noReflink?: boolean;
   /** called with a line of information for the user (a retry) */
   onLog?: (message: string) => void;
+  /** called with what the volume's retention policy (volume policy) removed after the snapshot */
+  onPrune?: (report: PruneReport) => void;
 }
 
 /**
  * Takes a snapshot of `volume` (a raw image file or block device). Registers the volume when
- * the store does not know it, and creates the store when it does not exist.
+ * the store does not know it, and creates the store when it does not exist. When the volume
+ * has a retention policy (`volume policy`), it is applied to the volume's snapshots once this
+ * one has completed (which it always keeps); a failure to prune is reported (onLog) and does
+ * not fail the snapshot.
  */
 export async function createSnapshot(volume: string, opts: CreateSnapshotOptions = {}): Promise<SnapshotJson> {
+  const out = await takeSnapshot(volume, opts);
+  if (out.state !== 'completed') return out;
+  const store = await Store.open(opts.store);
+  const policy = (await store.readVolume(out.volumeId)).retention;
+  if (!policy) return out;
+  try {
+    opts.onPrune?.(await pruneSnapshots(policy, { ...opts, volume: out.volumeId, protect: { ids: [out.id], reason: 'just taken' } }));
+  } catch (e) {
+    opts.onLog?.(`the retention policy of volume ${out.volumeId} could not be applied: ${(e as Error).message}`);
+  }
+  return out;
+}
+
+async function takeSnapshot(volume: string, opts: CreateSnapshotOptions): Promise<SnapshotJson> {
   if (opts.name !== undefined && typeof opts.name !== 'string') throw invalid('name must be a string');
   // The volume first: a typo in its path must not create a store as a side effect.
   const real = realVolumePath(volume);

@@ -65,7 +65,7 @@
  * read of the volume could see different bytes).
  */
 export { defaultStoreDir } from './store/store';
-export { initStore, registerVolume, listVolumes } from './volumes';
+export { initStore, registerVolume, listVolumes, setVolumeRetention } from './volumes';
 export type { InitStoreOptions, StoreInfo, RegisterVolumeOptions } from './volumes';
 export { createSnapshot } from './create';
 export type { CreateSnapshotOptions } from './create';

@@ -14,28 +14,22 @@
 import { invalid, isDisksnapError } from '../engine/errors';
 import { Store } from './store/store';
 import { checkTagFilter, lockedAt, matchesTag } from './store/records';
-import type { SnapshotRecord } from './store/records';
+import type { RetentionPolicy, SnapshotRecord } from './store/records';
 import type { StoreOptions } from './common';
 import { volumeIds } from './list';
 import { KeyRing } from './keys';
 import { reveal } from './lookup';
 import { deleteSnapshot } from './delete';
 
-export interface PrunePolicy {
-  last?: number;
-  hourly?: number;
-  daily?: number;
-  weekly?: number;
-  monthly?: number;
-  yearly?: number;
-  /** `KEY` or `KEY=VALUE` */
-  tags?: string[];
-}
+/** The rules (restic's forget rules); a volume keeps one as its `retention` (volume policy). */
+export type PrunePolicy = RetentionPolicy;
 
 export interface PruneOptions extends StoreOptions {
   /** only this volume's snapshots (as `snapshot list --volume`: path, `vol-` id or attached loop device) */
   volume?: string;
   dryRun?: boolean;
+  /** ids kept whatever the rules say, with this reason (the snapshot a policy runs after) */
+  protect?: { ids: string[]; reason: string };
 }
 
 export interface PruneDecision {
@@ -73,7 +67,7 @@ const BUCKETS: Array<[keyof PrunePolicy, (d: Date) => string]> = [
   ['yearly', (d) => d.toISOString().slice(0, 4)],
 ];
 
-function checkPolicy(p: PrunePolicy): void {
+export function checkPolicy(p: PrunePolicy): void {
   for (const k of ['last', 'hourly', 'daily', 'weekly', 'monthly', 'yearly'] as const) {
     const v = p[k];
     if (v !== undefined && (!Number.isSafeInteger(v) || v < 1)) throw invalid(`--keep-${k} ${String(v)} must be a positive whole number`);
@@ -133,7 +127,10 @@ export async function pruneSnapshots(policy: PrunePolicy, opts: PruneOptions = {
   }
   const report: PruneReport = { dryRun: !!opts.dryRun, kept: [], removed: [] };
   for (const group of byVolume.values()) {
-    for (const d of decide(group, policy)) (d.keptBy.length ? report.kept : report.removed).push(d);
+    for (const d of decide(group, policy)) {
+      if (opts.protect?.ids.includes(d.id)) d.keptBy.push(opts.protect.reason);
+      (d.keptBy.length ? report.kept : report.removed).push(d);
+    }
   }
   if (opts.dryRun) return report;
   for (const d of report.removed) {

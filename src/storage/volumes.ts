@@ -8,7 +8,9 @@ import { DisksnapError, invalid } from '../engine/errors';
 import { NativeStat } from '../engine/native';
 import { KeyRing, isExplicit, needKeyError } from './keys';
 import { Store } from './store/store';
-import { VolumeRecord, newId } from './store/records';
+import { RetentionPolicy, VolumeRecord, newId } from './store/records';
+import { volumeIds } from './list';
+import { checkPolicy } from './prune';
 import { StoreOptions, findVolumeByPath, openVolume, realVolumePath, volumeSizeOf, withStoreLock } from './common';
 
 export interface InitStoreOptions extends StoreOptions {
@@ -117,6 +119,7 @@ async function createVolume(store: Store, real: string, size: number, st: Native
     keyId: null,
     created: new Date().toISOString(),
     inPlaceRestore: null,
+    retention: null,
   };
   if (await store.createVolume(rec)) return rec;
   const theirs = await store.readVolume(rec.id);
@@ -126,6 +129,24 @@ async function createVolume(store: Store, real: string, size: number, st: Native
   rec.id = newId('vol');
   await store.writeVolume(rec);
   return rec;
+}
+
+/**
+ * `volume policy`: the retention rules applied to the volume's snapshots after each one
+ * completes (null removes them). The volume is found as `snapshot list --volume` finds it:
+ * path, `vol-` id or the loop device it is attached to; a policy without a rule is refused.
+ */
+export async function setVolumeRetention(volume: string, policy: RetentionPolicy | null, opts: StoreOptions = {}): Promise<VolumeRecord> {
+  if (policy) checkPolicy(policy);
+  const store = await Store.open(opts.store);
+  return withStoreLock(store, 'shared', opts, async () => {
+    const ids = [...(await volumeIds(store, volume))];
+    if (ids.length !== 1) throw invalid(ids.length ? `${volume} names ${ids.length} volumes of this store: give a vol- id` : `volume ${volume} is not registered in this store`);
+    const rec = await store.readVolume(ids[0]);
+    rec.retention = policy;
+    await store.writeVolume(rec);
+    return rec;
+  });
 }
 
 export async function listVolumes(opts: StoreOptions = {}): Promise<{ volumes: VolumeRecord[]; damaged: { id: string; error: DisksnapError }[] }> {

@@ -53,6 +53,42 @@ export interface VolumeRecord {
    * and the message says which restore to re-run.
    */
   inPlaceRestore: { snapshotId: string; startTime: string } | null;
+  /**
+   * `volume policy`: the retention rules `snapshot prune` applies to this volume after each
+   * of its snapshots completes (src/storage/prune.ts). Null: none (older records too).
+   */
+  retention: RetentionPolicy | null;
+}
+
+/** restic's forget rules (src/storage/prune.ts): counts per rule, and tags that keep a snapshot. */
+export interface RetentionPolicy {
+  last?: number;
+  hourly?: number;
+  daily?: number;
+  weekly?: number;
+  monthly?: number;
+  yearly?: number;
+  /** `KEY` or `KEY=VALUE` */
+  tags?: string[];
+}
+
+export const RETENTION_RULES = ['last', 'hourly', 'daily', 'weekly', 'monthly', 'yearly'] as const;
+
+function retentionOf(file: string, o: Obj): RetentionPolicy | null {
+  if (o.retention === null || o.retention === undefined) return null;
+  const r = obj(file, o, 'retention');
+  const out: RetentionPolicy = {};
+  for (const k of RETENTION_RULES) if (r[k] !== undefined) out[k] = int(file, r, k, 1);
+  if (r.tags !== undefined) {
+    if (!Array.isArray(r.tags) || r.tags.some((x) => typeof x !== 'string' || x === '' || x.startsWith('='))) {
+      throw corrupt(file, `field 'retention.tags' is ${JSON.stringify(r.tags)}, expected a list of KEY or KEY=VALUE`);
+    }
+    out.tags = r.tags as string[];
+  }
+  const unknown = Object.keys(r).filter((k) => k !== 'tags' && !(RETENTION_RULES as readonly string[]).includes(k));
+  if (unknown.length) throw corrupt(file, `field 'retention' has unknown rules: ${unknown.join(', ')}`);
+  if (!RETENTION_RULES.some((k) => out[k] !== undefined) && !out.tags?.length) throw corrupt(file, "field 'retention' has no rule (it would remove every snapshot)");
+  return out;
 }
 
 export interface SnapshotStats {
@@ -277,6 +313,7 @@ export function parseVolumeRecord(file: string, text: string | Buffer): VolumeRe
     keyId: strOrNull(file, o, 'keyId'),
     created: time(file, o, 'created'),
     inPlaceRestore,
+    retention: retentionOf(file, o),
   };
 }
 
