@@ -10,7 +10,8 @@ import * as fs from 'node:fs';
 import { Command, Option } from 'commander';
 import { writeAtomically, checkOutput } from '../engine/atomic';
 import { DisksnapError } from '../engine/errors';
-import { compare, parseWorkload, renderHtml, renderOverviewSvg, renderText, stderrProgress, WORKLOAD_HELP, DEFAULT_GROWTH } from '../compare';
+import { compare, parseWorkload, renderHtml, renderOverviewSvg, renderText, silentProgress, stderrProgress, WORKLOAD_HELP, DEFAULT_GROWTH } from '../compare';
+import { isQuiet } from './progress';
 import type { CompareReport, StrategyName } from '../compare';
 import { action, intArg, log, sizeArg } from './util';
 
@@ -58,7 +59,7 @@ export async function runCompare(image: string | undefined, opts: CompareCommand
     dir: opts.dir,
     growth,
     strategies: opts.only ? [opts.only] : undefined,
-    progress: stderrProgress(),
+    progress: isQuiet() ? silentProgress : stderrProgress(),
   });
   const json = JSON.stringify(report, null, 2) + '\n';
   if (opts.json !== undefined && opts.json !== '-') await writeReport(opts.json, json, !!opts.force);

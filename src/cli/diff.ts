@@ -8,18 +8,15 @@ import * as diff from '../differencing';
 import { commitLive } from '../differencing/live';
 import { DisksnapError } from '../engine/errors';
 import { formatSize } from '../engine/size';
+import { reporter } from './progress';
 import { action, ExitStatus, printJson, powerOfTwoArg, UsageError } from './util';
 
-/** A progress line on stderr when it is a terminal (nothing otherwise). */
-function progress(label: string): diff.Progress | undefined {
-  if (!process.stderr.isTTY) return undefined;
-  let last = 0;
+/** Progress of a commit or flatten on stderr (./progress.ts), in bytes. */
+function progress(label: string): diff.Progress {
+  const r = reporter(label);
   return (done, total) => {
-    const now = Date.now();
-    if (done < total && now - last < 200) return;
-    last = now;
-    const pct = total > 0 ? Math.floor((done / total) * 100) : 100;
-    process.stderr.write(`\r${label}: ${pct}% (${formatSize(done)} of ${formatSize(total)})${done >= total ? '\n' : ''}`);
+    r.update(label, done, total);
+    if (done >= total) r.stop();
   };
 }
 

@@ -7,6 +7,7 @@ import { Command, CommanderError } from 'commander';
 import { fail } from './util';
 import { VERSION } from '../engine/root';
 import { addExamples } from './docs';
+import { setQuiet } from './progress';
 
 interface Group {
   /** `full`: the program with every group, for commands that describe all of them */
@@ -35,6 +36,8 @@ export function buildProgram(command?: string): Command {
     .name('disksnap')
     .description('Differencing disks and storage snapshots for local disk images, side by side')
     .version(VERSION)
+    .option('-q, --quiet', 'no progress on stderr (also DISKSNAP_QUIET=1)')
+    .on('option:quiet', () => setQuiet(true))
     .showHelpAfterError('(run with --help for usage)')
     .exitOverride();
   const only = GROUPS.find(([names]) => command !== undefined && names.includes(command));

@@ -18,7 +18,7 @@ import { Command } from 'commander';
 // of 512 KiB with fdatasync took 2.2 s with 4 threads, 0.75 s with 16). The pool starts on
 // first use, after this module is loaded; a user's own setting wins.
 process.env.UV_THREADPOOL_SIZE ??= '16';
-import * as cliProgress from 'cli-progress';
+import { reporter } from './progress';
 import * as snap from '../storage';
 import { parseTags } from '../storage/store/records';
 import { DisksnapError } from '../engine/errors';
@@ -65,37 +65,13 @@ function keyOptions(c: Command, what: string): Command {
     .option('--passphrase-file <file>', `passphrase ${what} (its first line; default $DISKSNAP_PASSPHRASE)`);
 }
 
-/** A progress bar on stderr when it is a terminal; otherwise nothing. */
-function progressBar(label: string): { update: snap.ProgressFn; stop: () => void } {
-  if (!process.stderr.isTTY) return { update: () => undefined, stop: () => undefined };
-  const bar = new cliProgress.SingleBar(
-    { stream: process.stderr, format: `${label}{phase} [{bar}] {percentage}% {value}/{total}`, hideCursor: true, clearOnComplete: true },
-    cliProgress.Presets.shades_classic,
-  );
-  let started = false;
-  let phase = '';
-  return {
-    update: (p) => {
-      const shown = p.phase === label ? '' : ` (${p.phase})`;
-      if (!started) {
-        bar.start(p.total, p.done, { phase: shown });
-        started = true;
-      } else if (p.phase !== phase) bar.setTotal(p.total);
-      phase = p.phase;
-      bar.update(p.done, { phase: shown });
-    },
-    stop: () => {
-      if (started) bar.stop();
-    },
-  };
-}
-
-async function withBar<T>(label: string, fn: (update: snap.ProgressFn) => Promise<T>): Promise<T> {
-  const bar = progressBar(label);
+/** Progress of a storage operation (./progress.ts): bytes while scanning, blocks otherwise. */
+async function withBar<T>(label: string, json: boolean | undefined, fn: (update: snap.ProgressFn) => Promise<T>): Promise<T> {
+  const r = reporter(label, { json });
   try {
-    return await fn(bar.update);
+    return await fn((p) => r.update(p.phase === 'scan' ? label : p.phase, p.done, p.total, p.phase === 'scan'));
   } finally {
-    bar.stop();
+    r.stop();
   }
 }
 
@@ -193,7 +169,7 @@ export function register(program: Command): void {
       action(async (volume: string, o: StoreFlag & KeyFlags & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean; reflink: boolean }) => {
         const tags = parseTags(o.tag);
         const key = keySpec(o);
-        const rec = await withBar('snapshot', (onProgress) =>
+        const rec = await withBar('snapshot', o.json, (onProgress) =>
           snap.createSnapshot(volume, {
             ...storeOpts(o),
             name: o.name,
@@ -332,7 +308,7 @@ export function register(program: Command): void {
         if (o.format !== undefined && o.to === undefined) throw new UsageError('--format applies to --to FILE only');
         if (o.allowChainChange && o.inPlace === undefined) throw new UsageError('--allow-chain-change applies to --in-place only');
         const format = o.format as 'raw' | 'qcow2' | undefined;
-        const r = await withBar('restore', (onProgress) =>
+        const r = await withBar('restore', o.json, (onProgress) =>
           snap.restoreSnapshot(ref, { ...storeOpts(o), to: o.to, inPlace: o.inPlace, force: o.force, format, allowChainChange: o.allowChainChange, key: keySpec(o), onProgress }),
         );
         if (o.json) printJson(r);
@@ -415,7 +391,7 @@ export function register(program: Command): void {
     .option('--json', 'print a JSON report')
     .action(
       action(async (ref: string, o: StoreFlag & KeyFlags) => {
-        const r = await withBar('verify', (onProgress) => snap.verifySnapshot(ref, { ...storeOpts(o), key: keySpec(o), onProgress }));
+        const r = await withBar('verify', o.json, (onProgress) => snap.verifySnapshot(ref, { ...storeOpts(o), key: keySpec(o), onProgress }));
         if (o.json) printJson(r);
         else if (r.ok) process.stdout.write(`${r.snapshotId} ok: ${r.blocksChecked} blocks (${formatSize(r.bytesChecked)}) match their digests\n`);
         if (!r.ok) {
@@ -456,7 +432,7 @@ export function register(program: Command): void {
           const sourceKey: KeySpec | undefined =
             o.sourceKeyFile !== undefined ? { keyFile: o.sourceKeyFile } : o.sourcePassphraseFile !== undefined ? { passphraseFile: o.sourcePassphraseFile } : undefined;
           const tags = parseTags(o.tag);
-          const rec = await withBar('copy', (onProgress) =>
+          const rec = await withBar('copy', o.json, (onProgress) =>
             snap.copySnapshot(ref, {
               ...storeOpts(o),
               toStore: o.toStore,
