@@ -70,7 +70,7 @@ t.test('bash completion: a real bash sources it and completes commands, subcomma
   t.same(complete('snapshot', 'cr'), ['create']);
   t.same(complete('snapshot', 'create', '--st'), ['--store']);
   t.same(complete('diff', 'commit', '--k'), ['--keep-child']);
-  t.same(complete('snapshot', ''), ['--help', 'copy', 'create', 'delete', 'diff', 'list', 'lock', 'prune', 'restore', 'show', 'tag', 'unlock', 'untag', 'verify'], 'a group completes its commands, no files');
+  t.same(complete('snapshot', ''), ['--help', 'copy', 'create', 'delete', 'diff', 'list', 'lock', 'prune', 'restore', 'show', 'tag', 'undelete', 'unlock', 'untag', 'verify'], 'a group completes its commands, no files');
   t.same(complete('attach', 'di'), ['disk.img'], "a command's arguments complete as files");
   const zsh = cli(['completion', 'zsh']);
   t.match(zsh.out, /^#compdef disksnap\n/);

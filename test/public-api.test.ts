@@ -58,6 +58,7 @@ const NAMESPACES: Record<string, string[]> = {
     'withPointInTime'
   ],
   'snapshots': [
+    'binSettings',
     'copySnapshot',
     'createSnapshot',
     'defaultStoreDir',
@@ -65,13 +66,18 @@ const NAMESPACES: Record<string, string[]> = {
     'diffSnapshots',
     'gc',
     'initStore',
+    'listBin',
     'listSnapshots',
     'listVolumes',
+    'lockSnapshot',
     'pruneSnapshots',
     'registerVolume',
     'restoreSnapshot',
+    'setBinRetention',
+    'setVolumeRetention',
     'showSnapshot',
     'tagSnapshot',
+    'undeleteSnapshot',
     'verifySnapshot'
   ]
 };

@@ -22,7 +22,8 @@ interface Group {
 const GROUPS: Array<[string[], () => Group]> = [
   [['create', 'info', 'map', 'read', 'write', 'bench'], () => require('./image') as Group],
   [['diff'], () => require('./diff') as Group],
-  [['snapshot', 'volume', 'store', 'key'], () => require('./snapshot') as Group],
+  [['snapshot'], () => require('./snapshot') as Group],
+  [['volume', 'store', 'key'], () => require('./store') as Group],
   [['attach', 'detach'], () => require('./loop') as Group],
   [['compare'], () => require('./compare') as Group],
   [['checkpoint'], () => require('./checkpoint') as Group],

@@ -1,5 +1,6 @@
 /**
- * Storage snapshot commands: `snapshot …`, `volume …`, `store …`. Each is a few lines over
+ * Storage snapshot commands: `snapshot …` (`volume …`, `store …` and `key …` are in
+ * ./store.ts; what they share in ./store-common.ts). Each is a few lines over
  * src/storage/. Results on stdout (a table, or one JSON document with --json), progress
  * bars on stderr when it is a terminal, failures as one line on stderr with exit 1.
  *
@@ -13,78 +14,13 @@
  */
 import { Command } from 'commander';
 
-// Snapshot objects are written and fsynced many at a time so that the filesystem commits
-// them together; libuv's default of 4 pool threads serialises that (measured: 2048 objects
-// of 512 KiB with fdatasync took 2.2 s with 4 threads, 0.75 s with 16). The pool starts on
-// first use, after this module is loaded; a user's own setting wins.
-process.env.UV_THREADPOOL_SIZE ??= '16';
-import { reporter } from './progress';
+import { KeyFlags, keyOptions, keySpec, secondsArg, StoreFlag, storeHelp, storeOption, storeOpts, table, waitHelp, warnDamaged, withBar } from './store-common';
 import * as snap from '../storage';
 import { parseTags } from '../storage/store/records';
-import { DisksnapError } from '../engine/errors';
-import { generateKeyFile } from '../storage/keys';
 import type { KeySpec } from '../storage/keys';
 import { formatSize } from '../engine/size';
-import { keepOptions, KeepFlags, policyOf, policyText, printPrune } from './retention';
-import { ExitStatus, UsageError, action, collect, intArg, log, printJson, printLines, printable, powerOfTwoArg, untilArg } from './util';
-
-interface StoreFlag {
-  store?: string;
-  json?: boolean;
-  wait?: number;
-}
-
-function storeOpts(o: StoreFlag): snap.StoreOptions {
-  return { store: o.store, lockWaitMs: o.wait !== undefined ? o.wait * 1000 : undefined };
-}
-
-function secondsArg(value: string): number {
-  const n = Number(value);
-  if (!Number.isFinite(n) || n < 0) throw new DisksnapError(`--wait '${value}' is not a number of seconds`, 'EINVALID');
-  return n;
-}
-
-interface KeyFlags {
-  keyFile?: string;
-  passphraseFile?: string;
-}
-
-/** The key a command was given: --key-file, --passphrase-file, else $DISKSNAP_PASSPHRASE. */
-function keySpec(o: KeyFlags): KeySpec | undefined {
-  if (o.keyFile !== undefined && o.passphraseFile !== undefined) throw new UsageError('give one of --key-file and --passphrase-file');
-  if (o.keyFile !== undefined) return { keyFile: o.keyFile };
-  if (o.passphraseFile !== undefined) return { passphraseFile: o.passphraseFile };
-  const env = process.env.DISKSNAP_PASSPHRASE;
-  if (env) return { passphrase: env, from: 'DISKSNAP_PASSPHRASE', implicit: true };
-  return undefined;
-}
-
-function keyOptions(c: Command, what: string): Command {
-  return c
-    .option('--key-file <file>', `key ${what}: a file of 32 random bytes`)
-    .option('--passphrase-file <file>', `passphrase ${what} (its first line; default $DISKSNAP_PASSPHRASE)`);
-}
-
-/** Progress of a storage operation (./progress.ts): bytes while scanning, blocks otherwise. */
-async function withBar<T>(label: string, json: boolean | undefined, fn: (update: snap.ProgressFn) => Promise<T>): Promise<T> {
-  const r = reporter(label, { json });
-  try {
-    return await fn((p) => r.update(p.phase === 'scan' ? label : p.phase, p.done, p.total, p.phase === 'scan'));
-  } finally {
-    r.stop();
-  }
-}
-
-function table(headers: string[], raw: string[][]): void {
-  const rows = raw.map((r) => r.map(printable));
-  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
-  const line = (cells: string[]) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]))).join('  ');
-  printLines([line(headers), ...rows.map(line)]);
-}
-
-function warnDamaged(damaged: { id: string; error: DisksnapError }[], what: string): void {
-  for (const d of damaged) log(`disksnap: ${what} ${d.id} is unreadable: ${d.error.message}`);
-}
+import { keepOptions, KeepFlags, policyOf, printPrune } from './retention';
+import { ExitStatus, UsageError, action, collect, log, printJson, printLines, printable, powerOfTwoArg, untilArg } from './util';
 
 /** 'frozen-clone (filesystem frozen for 3.1 ms)' and the like. */
 function consistencyText(s: snap.SnapshotJson): string {
@@ -149,9 +85,6 @@ function printTags(rec: { id: string; tags: Record<string, string> }): void {
 
 export function register(program: Command): void {
   const snapshot = program.command('snapshot').description('EBS-style incremental storage snapshots of raw images');
-  const storeOption = '--store <dir>';
-  const storeHelp = 'snapshot store: a directory or s3://BUCKET[/PREFIX] (default $DISKSNAP_STORE, else ~/.local/share/disksnap/store)';
-  const waitHelp = 'seconds to wait for a conflicting store lock (default 60)';
 
   keyOptions(snapshot.command('create'), 'of an encrypted volume')
     .description('snapshot a raw image (stores only blocks the store does not hold yet)')
@@ -205,9 +138,18 @@ export function register(program: Command): void {
     .option('--tag <key[=value]>', 'only snapshots with this tag (KEY=VALUE, or KEY for any value; repeatable: all must match)', collect, [])
     .option('--name <name>', 'only snapshots of this name')
     .option('--state <state>', 'only snapshots in this state: pending, completed or error')
-    .option('--json', 'print {"snapshots": [...]}')
+    .option('--in-bin', 'the snapshots in the recycle bin instead, with when each expires')
+    .option('--json', 'print {"snapshots": [...]} ({"bin": [...]} with --in-bin)')
     .action(
-      action(async (o: StoreFlag & KeyFlags & { volume?: string; tag: string[]; name?: string; state?: string }) => {
+      action(async (o: StoreFlag & KeyFlags & { volume?: string; tag: string[]; name?: string; state?: string; inBin?: boolean }) => {
+        if (o.inBin) {
+          const { entries, damaged } = await snap.listBin(storeOpts(o));
+          if (o.json) printJson({ bin: entries });
+          else if (entries.length === 0) process.stdout.write('the recycle bin is empty\n');
+          else table(['ID', 'VOLUME', 'STARTED', 'DELETED', 'EXPIRES', 'NAME'], entries.map((e) => [e.snapshot.id, e.snapshot.volumeId, e.snapshot.startTime, e.binnedAt, e.binExpires, e.snapshot.name]));
+          warnDamaged(damaged, 'recycle-bin entry');
+          return;
+        }
         if (o.state !== undefined && !['pending', 'completed', 'error'].includes(o.state)) throw new UsageError(`--state must be pending, completed or error, not '${o.state}'`);
         for (const f of o.tag) if (f === '' || f.startsWith('=')) throw new UsageError(`--tag '${f}' must be KEY=VALUE or KEY`);
         const state = o.state as 'pending' | 'completed' | 'error' | undefined;
@@ -329,12 +271,28 @@ export function register(program: Command): void {
     .option(storeOption, storeHelp)
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--dry-run', 'check that the snapshot can be deleted (exists, not locked, not being taken) and delete nothing')
+    .option('--permanently', 'skip the recycle bin (store bin), when the store has one')
     .option('--json', 'print a JSON report')
     .action(
-      action(async (ref: string, o: StoreFlag & { dryRun?: boolean }) => {
-        const r = await snap.deleteSnapshot(ref, { ...storeOpts(o), dryRun: o.dryRun });
-        if (o.json) printJson({ deleted: r.id, state: r.state, dryRun: r.dryRun });
-        else process.stdout.write(r.dryRun ? `would delete ${r.id} (dry run: nothing deleted)\n` : `deleted ${r.id}\n`);
+      action(async (ref: string, o: StoreFlag & { dryRun?: boolean; permanently?: boolean }) => {
+        const r = await snap.deleteSnapshot(ref, { ...storeOpts(o), dryRun: o.dryRun, permanently: o.permanently });
+        if (o.json) printJson({ deleted: r.id, state: r.state, dryRun: r.dryRun, ...(r.binExpires ? { binExpires: r.binExpires } : {}) });
+        else if (r.dryRun) process.stdout.write(`would delete ${r.id} (dry run: nothing deleted)\n`);
+        else process.stdout.write(r.binExpires ? `deleted ${r.id}: in the recycle bin until ${r.binExpires} (snapshot undelete ${r.id})\n` : `deleted ${r.id}\n`);
+      }),
+    );
+
+  snapshot
+    .command('undelete')
+    .description('bring a deleted snapshot back from the recycle bin (store bin), whole, before it expires')
+    .argument('<snap>', 'id, unique id prefix or name')
+    .option(storeOption, storeHelp)
+    .option('--json', 'print the snapshot as JSON')
+    .action(
+      action(async (ref: string, o: StoreFlag) => {
+        const rec = await snap.undeleteSnapshot(ref, storeOpts(o));
+        if (o.json) printJson(rec);
+        else process.stdout.write(`${rec.id} is back (${rec.state})\n`);
       }),
     );
 
@@ -457,113 +415,5 @@ export function register(program: Command): void {
           }
         },
       ),
-    );
-
-  const volume = program.command('volume').description('volumes known to a snapshot store');
-  volume
-    .command('register')
-    .description("record a volume in the store (snapshot create does this for unknown volumes)")
-    .argument('<volume>')
-    .option(storeOption, storeHelp)
-    .option('--block-size <size>', 'block size of a store this command creates (default 512K)', powerOfTwoArg('block size', 4096, 64 * 1024 * 1024))
-    .option('--encrypted', 'encrypt every snapshot of the volume (with --key-file or --passphrase-file)')
-    .option('--key-file <file>', 'key for --encrypted: a file of 32 random bytes (head -c 32 /dev/urandom > K)')
-    .option('--passphrase-file <file>', 'passphrase for --encrypted (its first line; default $DISKSNAP_PASSPHRASE)')
-    .option('--json', 'print the volume record as JSON')
-    .action(
-      action(async (v: string, o: StoreFlag & KeyFlags & { blockSize?: number; encrypted?: boolean }) => {
-        const rec = await snap.registerVolume(v, { ...storeOpts(o), blockSize: o.blockSize, encrypted: o.encrypted, key: keySpec(o) });
-        if (o.json) printJson(rec);
-        else process.stdout.write(`${rec.id} ${rec.path} (${formatSize(rec.size)})${rec.encrypted ? `, encrypted (key ${rec.keyId})` : ''}\n`);
-      }),
-    );
-  keepOptions(volume.command('policy'))
-    .description("set the retention rules applied to the volume's snapshots after each one completes (as snapshot prune; the new one is always kept)")
-    .argument('<volume>', 'path, vol- id or attached loop device')
-    .option('--clear', 'remove the policy')
-    .option(storeOption, storeHelp)
-    .option('--json', 'print the volume record as JSON')
-    .action(
-      action(async (v: string, o: StoreFlag & KeepFlags & { clear?: boolean }) => {
-        const given = o.keepTag.length > 0 || [o.keepLast, o.keepHourly, o.keepDaily, o.keepWeekly, o.keepMonthly, o.keepYearly].some((x) => x !== undefined);
-        if (o.clear && given) throw new UsageError('--clear removes the policy: give it without --keep-* rules');
-        const rec = await snap.setVolumeRetention(v, o.clear ? null : policyOf(o, 'volume policy'), storeOpts(o));
-        if (o.json) printJson(rec);
-        else process.stdout.write(rec.retention ? `${rec.id}: after each snapshot, keep ${policyText(rec.retention)}\n` : `${rec.id}: no retention policy\n`);
-      }),
-    );
-  volume
-    .command('list')
-    .description('volumes recorded in the store')
-    .option(storeOption, storeHelp)
-    .option('--json', 'print {"volumes": [...]}')
-    .action(
-      action(async (o: StoreFlag) => {
-        const { volumes, damaged } = await snap.listVolumes(storeOpts(o));
-        if (o.json) printJson({ volumes });
-        else if (volumes.length === 0) process.stdout.write('no volumes\n');
-        else {
-          table(
-            ['ID', 'SIZE', 'ENCRYPTED', 'POLICY', 'PATH'],
-            volumes.map((v) => [v.id, formatSize(v.size), String(v.encrypted), v.retention ? policyText(v.retention) : '-', v.path + (v.inPlaceRestore ? `  (unfinished in-place restore of ${v.inPlaceRestore.snapshotId})` : '')]),
-          );
-        }
-        warnDamaged(damaged, 'volume record');
-        if (damaged.length) throw new ExitStatus(1);
-      }),
-    );
-
-  program
-    .command('key')
-    .description('encryption keys')
-    .command('generate')
-    .description('write a new key file (32 random bytes, mode 0600) for --key-file')
-    .argument('<file>')
-    .option('--force', 'replace an existing file')
-    .option('--json', 'print the file and key id as JSON')
-    .action(
-      action(async (file: string, o: { force?: boolean; json?: boolean }) => {
-        const r = await generateKeyFile(file, { force: o.force });
-        if (o.json) printJson(r);
-        else process.stdout.write(`wrote a new key to ${r.file} (${r.keyId}); keep a copy elsewhere: what is encrypted with it cannot be read without it\n`);
-      }),
-    );
-
-  const store = program.command('store').description('snapshot store maintenance');
-  store
-    .command('init')
-    .description('create a snapshot store (the block size is fixed from then on)')
-    .option(storeOption, storeHelp)
-    .option('--block-size <size>', 'block size (default 512K, power of two from 4K to 64M)', powerOfTwoArg('block size', 4096, 64 * 1024 * 1024))
-    .option('--json', 'print the store as JSON')
-    .action(
-      action(async (o: StoreFlag & { blockSize?: number }) => {
-        const info = await snap.initStore({ ...storeOpts(o), blockSize: o.blockSize });
-        if (o.json) printJson(info);
-        else process.stdout.write(`store ${info.path}: block size ${formatSize(info.blockSize)}, ${info.id}\n`);
-      }),
-    );
-  store
-    .command('gc')
-    .description('delete block objects no completed snapshot references (waits for running commands)')
-    .option(storeOption, storeHelp)
-    .option('--wait <seconds>', waitHelp, secondsArg)
-    .option('--dry-run', 'count what gc would free, delete nothing')
-    .option('--json', 'print a JSON report')
-    .action(
-      action(async (o: StoreFlag & { dryRun?: boolean }) => {
-        const r = await snap.gc({ ...storeOpts(o), dryRun: o.dryRun, onWait: () => log('disksnap: waiting for running snapshot commands to finish...') });
-        if (o.json) printJson(r);
-        else {
-          process.stdout.write(
-            `${r.dryRun ? 'would free' : 'freed'} ${r.blocksFreed} blocks (${formatSize(r.bytesFreed)}) and ${r.otherFilesRemoved} other files (${formatSize(r.otherBytesFreed)}); ` +
-              `kept ${r.blocksKept} blocks (${formatSize(r.bytesKept)}) of ${r.liveSnapshots} snapshots` +
-              (r.staleSnapshots.length ? `; marked ${r.staleSnapshots.length} abandoned snapshots as error` : '') +
-              (r.reflinkClonesRemoved.length ? `; removed ${r.reflinkClonesRemoved.length} stale reflink clones` : '') +
-              (r.dryRun ? ' (dry run: nothing deleted)' : '') +
-              '\n',
-          );
-        }
-      }),
     );
 }

@@ -128,3 +128,10 @@ export function untilArg(value: string): string {
   }
   return new Date(Date.parse(value)).toISOString();
 }
+
+/** A duration (`90m`, `12h`, `30d`, `2w`) in seconds. */
+export function durationArg(value: string): number {
+  const m = /^(\d+)(m|h|d|w)$/.exec(value);
+  if (!m || Number(m[1]) === 0) throw new UsageError(`'${value}' is not a duration (90m, 12h, 30d, 2w)`);
+  return Number(m[1]) * { m: 60, h: 3600, d: 86400, w: 604800 }[m[2] as 'm' | 'h' | 'd' | 'w'];
+}

@@ -3,7 +3,9 @@
  * next gc. A crash in between leaves a stray manifest (gc removes it), never a record whose
  * manifest is gone. Every other snapshot keeps its complete manifest, so stays restorable.
  * The reflink clone the snapshot kept beside its volume (./reflink.ts) goes last: without its
- * record nothing can trust it, and one left by a crash is removed by gc.
+ * record nothing can trust it, and one left by a crash is removed by gc. In a store with a
+ * recycle bin (./bin.ts) a completed or error snapshot moves there instead, unless
+ * `permanently`.
  */
 import { busy, DisksnapError, isDisksnapError } from '../engine/errors';
 import { Store } from './store/store';
@@ -12,16 +14,19 @@ import { isSnapshotId, lockedAt, type ReflinkClone } from './store/records';
 import { removeClone } from './reflink';
 import { StoreOptions, withStoreLock } from './common';
 import { faultsOf } from './faults';
+import { binRetention, moveToBin } from './bin';
 
 export interface DeleteReport {
   id: string;
   state: string;
   /** nothing was deleted: the snapshot would have been */
   dryRun: boolean;
+  /** the store has a recycle bin: the snapshot is in it until this time (`snapshot undelete`) */
+  binExpires?: string;
 }
 
 /** A locked snapshot (`snapshot lock --until`) is refused until its lock runs out or is removed. */
-export async function deleteSnapshot(ref: string, opts: StoreOptions & { dryRun?: boolean } = {}): Promise<DeleteReport> {
+export async function deleteSnapshot(ref: string, opts: StoreOptions & { dryRun?: boolean; permanently?: boolean } = {}): Promise<DeleteReport> {
   const store = await Store.open(opts.store);
   return withStoreLock(store, 'shared', opts, async () => {
     let id: string;
@@ -43,6 +48,14 @@ export async function deleteSnapshot(ref: string, opts: StoreOptions & { dryRun?
       id = ref;
     }
     if (opts.dryRun) return { id, state, dryRun: true };
+    // a store with a recycle bin keeps a readable snapshot there (./bin.ts); a damaged record goes
+    const bin = opts.permanently || state === 'damaged' || state === 'pending' ? undefined : await binRetention(store);
+    if (bin !== undefined) {
+      const entry = await moveToBin(store, id, bin);
+      await store.removeLease(id);
+      if (clone) removeClone(clone);
+      return { id, state, dryRun: false, binExpires: entry.binExpires };
+    }
     await store.backend.delete(store.snapshotKey(id));
     await faultsOf(opts).betweenSteps?.();
     await store.backend.delete(store.manifestKey(id));

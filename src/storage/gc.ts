@@ -32,6 +32,7 @@ import { SnapshotListing, Store } from './store/store';
 import { DEFAULT_LOCK_WAIT_MS, StoreOptions } from './common';
 import { faultsOf } from './faults';
 import { cloneDir, cloneOwner, removeClonesExcept } from './reflink';
+import { binForGc, purgeEntry } from './bin';
 
 export interface GcReport {
   /** snapshots that were pending with a dead writer and are now `error` */
@@ -49,6 +50,10 @@ export interface GcReport {
   reflinkClonesRemoved: string[];
   /** nothing was deleted or changed: the figures are what gc would free */
   dryRun: boolean;
+  /** recycle-bin entries (./bin.ts) purged: expired, or superseded by a live snapshot */
+  binPurged: string[];
+  /** recycle-bin entries whose blocks were kept */
+  binKept: number;
 }
 
 export interface GcOptions extends StoreOptions {
@@ -66,6 +71,8 @@ export async function gc(opts: GcOptions = {}): Promise<GcReport> {
     const listing = await store.listSnapshots();
     const staleSnapshots = opts.dryRun ? [] : await store.reapStale(listing);
     const { live, completed } = await mark(store, listing);
+    const bin = await binForGc(store, new Set(listing.snapshots.map((s) => s.id)));
+    for (const key of bin.keep) await markManifest(store, key, live);
     const beforeDelete = faultsOf(opts).beforeDelete;
     const del = async (key: string): Promise<boolean> => {
       if (opts.dryRun) return true; // counted as gc would free it
@@ -73,9 +80,13 @@ export async function gc(opts: GcOptions = {}): Promise<GcReport> {
       store.assertLocked(); // a bucket's gc whose lease was lost stops before the next deletion
       return store.backend.delete(key);
     };
+    // expired bin entries go before the sweep: their blocks, unmarked, are swept with the rest
+    if (!opts.dryRun) for (const id of bin.purge) await purgeEntry(store, id);
     const report = await sweep(store, listing, live, completed, del);
     report.staleSnapshots = staleSnapshots;
     report.dryRun = !!opts.dryRun;
+    report.binKept = bin.keep.length;
+    report.binPurged = bin.purge;
     if (!opts.dryRun) report.reflinkClonesRemoved = await sweepClones(store, listing);
     if ((await store.backend.stat('store.json')) === undefined) {
       throw new DisksnapError(`store ${store.dir} lost its store.json during gc`, 'ECORRUPT');
@@ -131,6 +142,20 @@ async function mark(store: Store, listing: SnapshotListing): Promise<{ live: Dig
   return { live, completed };
 }
 
+/** Marks every digest of the manifest at `key` (a recycle-bin entry's: no record to open it by). */
+async function markManifest(store: Store, key: string, live: DigestSet): Promise<void> {
+  if ((await store.backend.stat(key)) === undefined) return;
+  let reader: ManifestReader | undefined;
+  try {
+    reader = await ManifestReader.open(store.backend.describe(key), await store.backend.open(key), {}, { unauthenticated: true });
+    while ((await reader.next()) >= 0) live.add(reader.digest);
+  } catch (e) {
+    throw stopped(store, key, `the recycle-bin manifest ${key} is damaged (${(e as Error).message})`);
+  } finally {
+    await reader?.close();
+  }
+}
+
 /** Deletes what nothing live references; each deletion independent of the others. */
 async function sweep(store: Store, listing: SnapshotListing, live: DigestSet, completed: Set<string>, del: (key: string) => Promise<boolean>): Promise<GcReport> {
   const report: GcReport = {
@@ -144,6 +169,8 @@ async function sweep(store: Store, listing: SnapshotListing, live: DigestSet, co
     otherBytesFreed: 0,
     reflinkClonesRemoved: [],
     dryRun: false,
+    binPurged: [],
+    binKept: 0,
   };
   const other = async (o: { key: string; size: number }) => {
     if (!(await del(o.key))) return;
@@ -170,6 +197,15 @@ async function sweep(store: Store, listing: SnapshotListing, live: DigestSet, co
     const stray = o.temporary || (base.endsWith('.map') && !completed.has(base.slice(0, -4))) || (base.endsWith('.tags') && !completed.has(base.slice(0, -5)));
     if (stray) await other(o);
   }
+  // bin manifests and tags whose entry record is gone (a purge a crash interrupted)
+  const binRecords = new Set<string>();
+  const binFiles: Array<{ key: string; size: number }> = [];
+  for await (const o of store.backend.list('bin/')) {
+    if (o.temporary) await other(o);
+    else if (o.key.endsWith('.json')) binRecords.add(o.key.slice(0, -'.json'.length));
+    else binFiles.push(o);
+  }
+  for (const o of binFiles) if (!binRecords.has(o.key.replace(/\.(map|tags)$/, ''))) await other(o);
   for await (const o of store.backend.list('volumes/')) {
     if (o.temporary && (await del(o.key))) report.otherFilesRemoved++;
   }

@@ -77,6 +77,8 @@ export { copySnapshot } from './copy';
 export type { CopySnapshotOptions } from './copy';
 export { deleteSnapshot } from './delete';
 export { pruneSnapshots } from './prune';
+export { binSettings, listBin, setBinRetention, undeleteSnapshot } from './bin';
+export type { BinEntry } from './bin';
 export type { PrunePolicy, PruneOptions, PruneReport, PruneDecision } from './prune';
 export type { DeleteReport } from './delete';
 export { diffSnapshots } from './diff';

@@ -161,6 +161,8 @@ export class DirectoryBackend implements StoreBackend {
   async put(key: string, data: Uint8Array): Promise<void> {
     const file = this.file(key);
     const dir = path.dirname(file);
+    // a prefix newer than the store (bin/ of the recycle bin) is made on first use, durably
+    if ((await fs.promises.mkdir(dir, { recursive: true }).catch((e) => { throw wrap(e, dir, 'creating'); })) !== undefined) await fsyncDir(path.dirname(dir));
     const tmp = await this.writeTemp(dir, data, false);
     try {
       await fs.promises.rename(tmp, file);
