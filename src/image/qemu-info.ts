@@ -13,10 +13,10 @@
  */
 import * as fs from 'node:fs';
 import { BlockFile } from '../engine/file';
-import { corrupt } from '../engine/errors';
-import { detectFormat } from './open';
+import { corrupt, DisksnapError } from '../engine/errors';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2, COMPAT_LAZY_REFCOUNTS, parseHeader, Qcow2Header } from './qcow2/format';
 import { readHeaderCluster } from './qcow2/header';
+import { probeFormat } from './qemu-map';
 import { BitmapEntry, bitmapsState, readBitmapDirectory } from './qcow2/bitmaps';
 import { readSnapshotTable } from './qcow2/snapshots';
 import type { CheckResult } from './qcow2/check';
@@ -63,12 +63,12 @@ function layerInfo(
   filename: string,
   format: 'raw' | 'qcow2' | undefined,
 ): { info: QemuJson; backing: { filename: string; format: 'raw' | 'qcow2' | undefined } | undefined } {
-  const fmt = format ?? detectFormat(filename);
+  const fmt = format ?? probeFormat(filename);
   const file = BlockFile.open(filename, { lock: 'none' });
   try {
     const st = file.stat();
     if (fmt === 'raw') {
-      return { info: { 'virtual-size': st.size, filename, format: 'raw', 'actual-size': st.allocated, 'dirty-flag': false }, backing: undefined };
+      return { info: { 'virtual-size': Math.ceil(st.size / 512) * 512, filename, format: 'raw', 'actual-size': st.allocated, 'dirty-flag': false }, backing: undefined };
     }
     const h = parseHeader(filename, readHeaderCluster(file, st.size), st.size, { forCheck: true });
     const info: QemuJson = {};
@@ -87,7 +87,10 @@ function layerInfo(
       info['full-backing-filename'] = full;
       info['backing-filename'] = h.backingFile;
       const f = h.backingFormat;
-      backing = { filename: full, format: f === 'raw' || f === 'qcow2' ? f : undefined };
+      if (f !== undefined && f !== 'raw' && f !== 'qcow2') {
+        throw new DisksnapError(`${filename}: its backing file ${full} is a ${f} image; disksnap reads raw and qcow2`, 'EUNSUPPORTED', undefined, filename);
+      }
+      backing = { filename: full, format: f };
     }
     info['dirty-flag'] = (h.incompatible & INCOMPAT_DIRTY) !== 0;
     return { info, backing };

@@ -19,7 +19,10 @@
  * well: a qcow2 file with more clusters in use than allocated blocks is taken to be
  * metadata-preallocated, and its data clusters that are holes in the file report zero too.
  */
+import { BlockFile } from '../engine/file';
+import { DisksnapError } from '../engine/errors';
 import { ImageOpenOptions } from './view';
+import { foreignFormat } from './qcow2/probe';
 import { detectFormat } from './open';
 import { Qcow2Image } from './qcow2/image';
 import { BackingLayer, OwnStatus, RawLayer } from './qcow2/layer';
@@ -41,15 +44,34 @@ export interface QemuMapEntry {
   offset?: number;
 }
 
-/** The guest size QEMU sees: a qcow2 size in whole sectors (bs->total_sectors), a raw file to the byte. */
+/**
+ * The guest size QEMU sees, in whole sectors (bs->total_sectors): a qcow2 header's size rounded
+ * down, a raw file's size rounded up (the bytes past its end read as zeros, a hole).
+ */
 export function qemuLength(layer: { format: 'raw' | 'qcow2'; virtualSize: number }): number {
-  return layer.format === 'qcow2' ? Math.floor(layer.virtualSize / 512) * 512 : layer.virtualSize;
+  return layer.format === 'qcow2' ? Math.floor(layer.virtualSize / 512) * 512 : Math.ceil(layer.virtualSize / 512) * 512;
 }
 
 /** Opens a file with its backing chain as QEMU would for map and measure (format probed from content). */
 export function openLayer(path: string, opts: ImageOpenOptions = {}): BackingLayer {
-  return detectFormat(path) === 'qcow2' ? Qcow2Image.open(path, opts) : new RawLayer(path);
+  return probeFormat(path) === 'qcow2' ? Qcow2Image.open(path, opts) : new RawLayer(path);
 }
+
+/** The format qemu-img would probe: qcow2, raw, or a format disksnap does not read (refused by name, never shown as raw). */
+export function probeFormat(filename: string): 'raw' | 'qcow2' {
+  if (detectFormat(filename) === 'qcow2') return 'qcow2';
+  const f = BlockFile.open(filename, { lock: 'none' });
+  try {
+    let head = Buffer.alloc(512);
+    head = head.subarray(0, f.readSync(head, 0));
+    const other = foreignFormat(head);
+    if (other !== undefined) throw new DisksnapError(`${filename}: is a ${other} image; disksnap reads raw and qcow2 (use qemu-img info)`, 'EUNSUPPORTED', undefined, filename);
+  } finally {
+    f.close();
+  }
+  return 'raw';
+}
+
 
 /** `qemu-img map --output=json FILE`: opens FILE and its chain (shared lock, parent guards checked). */
 export function qemuMap(file: string): QemuMapEntry[] {

@@ -436,7 +436,8 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
     }
     const part = Math.min(n, b.virtualSize - pos);
     b.mapRange(pos, part, depth + 1, out);
-    if (part < n) out.push({ offset: pos + part, length: n - part, kind: 'zero', depth: depth + 1 });
+    // past the end of a shorter backing file: this layer answers "zeros", as qemu-img map says
+    if (part < n) out.push({ offset: pos + part, length: n - part, kind: 'zero', depth });
   }
 
   private layerInfo(): LayerInfo {
