@@ -22,7 +22,7 @@ import { readSnapshotTable } from './qcow2/snapshots';
 import type { CheckResult } from './qcow2/check';
 
 /** A value of qemu-img's JSON: only the keys qemu-img prints, with its meanings. */
-export type QemuJson = { [key: string]: string | number | boolean | QemuJson | QemuJson[] };
+export type QemuJson = { [key: string]: string | number | boolean | string[] | QemuJson | QemuJson[] };
 
 /** `qemu-img info --output=json FILE` (chain: `--backing-chain`, an array, the image first). */
 export function qemuInfo(filename: string, chain = false): QemuJson | QemuJson[] {
@@ -114,7 +114,7 @@ function formatSpecific(path: string, file: BlockFile, h: Qcow2Header, fileSize:
       const flags: string[] = [];
       if (b.inUse) flags.push('in-use');
       if (b.auto) flags.push('auto');
-      return { flags, name: b.name, granularity: b.granularity } as unknown as QemuJson;
+      return { flags, name: b.name, granularity: b.granularity };
     });
   }
   data['refcount-bits'] = 2 ** h.refcountOrder;
