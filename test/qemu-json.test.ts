@@ -242,12 +242,16 @@ t.test('a format disksnap does not read is refused by name, never described as r
 t.test('the committed fixtures: info of every one disksnap reads (extended L2 and the corrupt bit included), check of the sound ones', { skip }, async (t) => {
   const dir = t.testdir();
   const fixtures = path.join(ROOT, 'fixtures', 'qcow2');
-  for (const f of ['good.qcow2', 'good-v2.qcow2', 'corrupt-bit.qcow2', 'extended-l2.qcow2', 'leaked-cluster.qcow2', 'missing-backing.qcow2']) {
+  for (const f of ['good.qcow2', 'good-v2.qcow2', 'corrupt-bit.qcow2', 'extended-l2.qcow2', 'leaked-cluster.qcow2', 'missing-backing.qcow2', 'loop-a.qcow2', 'loop-b.qcow2']) {
     fs.copyFileSync(path.join(fixtures, f), path.join(dir, f));
   }
   for (const f of ['good.qcow2', 'good-v2.qcow2', 'corrupt-bit.qcow2', 'extended-l2.qcow2', 'missing-backing.qcow2']) {
     compareAll(t, dir, f, { only: ['info', 'check'] });
   }
+  // a chain that loops: the image alone is described, the chain is refused by both
+  compareAll(t, dir, 'loop-a.qcow2', { only: ['info', 'info --backing-chain'] });
+  const loop = cli(['info', '--output', 'json', '--backing-chain', 'loop-a.qcow2'], { cwd: dir });
+  t.match(loop.stderr, /infinite loop/, 'the loop is named');
   // map and measure of these two: disksnap refuses to read their data (the corrupt bit; subclusters)
   compareAll(t, dir, 'good.qcow2');
   compareAll(t, dir, 'good-v2.qcow2');

@@ -33,13 +33,17 @@ export function qemuInfo(filename: string, chain = false): QemuJson | QemuJson[]
     const { info, backing } = layerInfo(next.filename, next.format);
     out.push(info);
     if (!chain) return info;
-    next = backing;
-    if (next !== undefined) {
-      // QEMU refuses a chain that loops ("Backing file '...' creates an infinite loop").
-      const real = realOr(next.filename);
-      if (seen.has(real)) throw corrupt(filename, `backing file '${next.filename}' creates an infinite loop`);
-      seen.add(real);
+    if (backing === undefined) break;
+    const f = backing.format;
+    if (f !== undefined && f !== 'raw' && f !== 'qcow2') {
+      // the child itself was described; its parent is in a format disksnap does not read
+      throw new DisksnapError(`${next.filename}: its backing file ${backing.filename} is a ${f} image; disksnap reads raw and qcow2`, 'EUNSUPPORTED', undefined, next.filename);
     }
+    // QEMU refuses a chain that loops ("Backing file '...' creates an infinite loop").
+    const real = realOr(backing.filename);
+    if (seen.has(real)) throw corrupt(filename, `backing file '${backing.filename}' creates an infinite loop`);
+    seen.add(real);
+    next = { filename: backing.filename, format: f };
   }
   return out;
 }
@@ -62,7 +66,7 @@ export function qemuBackingName(child: string, backing: string): string {
 function layerInfo(
   filename: string,
   format: 'raw' | 'qcow2' | undefined,
-): { info: QemuJson; backing: { filename: string; format: 'raw' | 'qcow2' | undefined } | undefined } {
+): { info: QemuJson; backing: { filename: string; format: string | undefined } | undefined } {
   const fmt = format ?? probeFormat(filename);
   const file = BlockFile.open(filename, { lock: 'none' });
   try {
@@ -81,16 +85,12 @@ function layerInfo(
     info.format = 'qcow2';
     info['actual-size'] = st.allocated;
     info['format-specific'] = { type: 'qcow2', data: formatSpecific(filename, file, h, st.size) };
-    let backing: { filename: string; format: 'raw' | 'qcow2' | undefined } | undefined;
+    let backing: { filename: string; format: string | undefined } | undefined;
     if (h.backingFile !== undefined && h.backingFile !== '') {
       const full = qemuBackingName(filename, h.backingFile);
       info['full-backing-filename'] = full;
       info['backing-filename'] = h.backingFile;
-      const f = h.backingFormat;
-      if (f !== undefined && f !== 'raw' && f !== 'qcow2') {
-        throw new DisksnapError(`${filename}: its backing file ${full} is a ${f} image; disksnap reads raw and qcow2`, 'EUNSUPPORTED', undefined, filename);
-      }
-      backing = { filename: full, format: f };
+      backing = { filename: full, format: h.backingFormat };
     }
     info['dirty-flag'] = (h.incompatible & INCOMPAT_DIRTY) !== 0;
     return { info, backing };
