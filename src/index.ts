@@ -17,5 +17,7 @@ export * as diff from './differencing';
 export * as snapshots from './storage';
 /** Loopback: attach/detach, FUSE views of children, freeze and point-in-time views of mounted volumes. */
 export * as loop from './host';
+/** qemu-img's --output=json documents (info, map, check, measure), computed by disksnap. */
+export * as qemu from './image/qemu';
 /** The two strategies measured side by side on one image. */
 export * as comparison from './compare';

@@ -138,8 +138,9 @@ t.test('map lists data and zero extents of a sparse image', async (t) => {
   const m = JSON.parse(r.out);
   t.equal(m.virtualSize, 16 * MiB);
   const data = m.extents.filter((e: { kind: string }) => e.kind === 'data');
+  t.notOk(m.extents.some((e: object) => 'offset' in e), "no `offset` key: qemu-img's offset is a host offset, ours is named hostOffset");
   t.same(
-    data.map((e: { offset: number; length: number }) => [e.offset, e.length]),
+    data.map((e: { start: number; length: number }) => [e.start, e.length]),
     [
       [0, 64 * 1024],
       [8 * MiB, 64 * 1024],
@@ -147,7 +148,7 @@ t.test('map lists data and zero extents of a sparse image', async (t) => {
   );
   let pos = 0;
   for (const e of m.extents) {
-    t.equal(e.offset, pos, 'extents are contiguous');
+    t.equal(e.start, pos, 'extents are contiguous');
     pos += e.length;
   }
   t.equal(pos, 16 * MiB, 'extents cover the image');
@@ -274,7 +275,7 @@ t.test('bench reads and writes with the qemu-img bench pattern', async (t) => {
 t.test('--help lists every command group, and each group runs', async (t) => {
   const r = cli(['--help']);
   t.equal(r.status, 0);
-  for (const group of ['create', 'info', 'map', 'read', 'write', 'bench', 'diff', 'snapshot', 'volume', 'store', 'attach', 'detach', 'compare']) {
+  for (const group of ['create', 'info', 'map', 'measure', 'read', 'write', 'bench', 'diff', 'snapshot', 'volume', 'store', 'attach', 'detach', 'compare']) {
     t.match(r.out, new RegExp(`\\n\\s+${group}\\b`), `${group} listed`);
     const g = cli([group, '--help']);
     t.equal(g.status, 0, `${group} --help works`);

@@ -56,8 +56,8 @@ t.test('diff create / write / read / map / info --chain / bench on a chain, then
 
   r = cli(['map', '--json', gc]);
   t.equal(r.status, 0, r.stderr);
-  const map = JSON.parse(r.out) as { extents: { offset: number; length: number; depth: number; kind: string }[] };
-  const at = (off: number) => map.extents.find((e) => e.offset <= off && off < e.offset + e.length)!;
+  const map = JSON.parse(r.out) as { extents: { start: number; length: number; depth: number; kind: string }[] };
+  const at = (off: number) => map.extents.find((e) => e.start <= off && off < e.start + e.length)!;
   t.equal(at(70000).depth, 1, 'the written range comes from the middle layer');
   t.equal(at(MiB).depth, 2, 'the rest from the raw base');
 

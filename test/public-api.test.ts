@@ -57,6 +57,18 @@ const NAMESPACES: Record<string, string[]> = {
     'withFrozen',
     'withPointInTime'
   ],
+  'qemu': [
+    'formatQemuJson',
+    'formatQemuMap',
+    'measure',
+    'openLayer',
+    'qemuBackingName',
+    'qemuCheck',
+    'qemuInfo',
+    'qemuLength',
+    'qemuMap',
+    'qemuMapEntries'
+  ],
   'snapshots': [
     'binSettings',
     'copySnapshot',

@@ -8,8 +8,9 @@ import * as diff from '../differencing';
 import { commitLive } from '../differencing/live';
 import { DisksnapError } from '../engine/errors';
 import { formatSize } from '../engine/size';
+import { qemuCheck, formatQemuJson } from '../image/qemu';
 import { reporter } from './progress';
-import { action, ExitStatus, printJson, powerOfTwoArg, UsageError } from './util';
+import { action, ExitStatus, OutputFormat, outputOption, outputStyle, printJson, powerOfTwoArg, UsageError } from './util';
 
 /** Progress of a commit or flatten on stderr (./progress.ts), in bytes. */
 function progress(label: string): diff.Progress {
@@ -135,11 +136,18 @@ export function register(program: Command): void {
     .description('check refcounts and L1/L2 tables of a qcow2 image; exit 0 clean, 1 check failed, 2 corruption, 3 leaks only, 63 raw (as qemu-img check)')
     .argument('<image>')
     .option('--repair', 'free leaked clusters (never touches an image with corruption)')
-    .option('--json', 'print JSON')
+    .option('--json', "print disksnap's JSON document")
+    .addOption(outputOption())
     .action(
-      action((image: string, opts: { repair?: boolean; json?: boolean }) => {
+      action((image: string, opts: { repair?: boolean; json?: boolean; output?: OutputFormat }) => {
+        const style = outputStyle(opts);
         const r = diff.check(image, { repair: opts.repair });
-        if (opts.json) printJson(r);
+        if (style === 'qemu') {
+          // qemu-img check --output=json: the document on stdout, the findings on stderr; a raw
+          // image has no document ("does not support checks", exit 63)
+          for (const m of r.messages) process.stderr.write(`${m}\n`);
+          if (r.format === 'qcow2') process.stdout.write(formatQemuJson(qemuCheck(r)));
+        } else if (style === 'disksnap') printJson(r);
         else {
           for (const m of r.messages) process.stdout.write(`${m}\n`);
           if (r.corruptions > 0) process.stdout.write(`${r.corruptions} error${r.corruptions > 1 ? 's' : ''} were found on the image.\n`);

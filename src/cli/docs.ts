@@ -18,8 +18,9 @@ import { action } from './util';
 /** Examples per command path ("snapshot create"), shown after its options in --help. */
 export const EXAMPLES: Record<string, string[]> = {
   create: ['disksnap create disk.img 10G', 'disksnap create disk.img 1.5G --force'],
-  info: ['disksnap info child.qcow2', 'disksnap info child.qcow2 --chain --json'],
-  map: ['disksnap map child.qcow2', 'disksnap map disk.img --json'],
+  info: ['disksnap info child.qcow2', 'disksnap info child.qcow2 --chain --json', 'disksnap info child.qcow2 --backing-chain --output=json'],
+  map: ['disksnap map child.qcow2', 'disksnap map disk.img --json', 'disksnap map child.qcow2 --output json'],
+  measure: ['disksnap measure child.qcow2 -O qcow2 --output json', 'disksnap measure --size 10G -O qcow2 --cluster-size 2M'],
   read: ['disksnap read child.qcow2 0 4k | xxd | head', 'disksnap read disk.img 1M 64k -o part.bin'],
   write: ['printf hello | disksnap write child.qcow2 0', 'disksnap write disk.img 1M -i part.bin'],
   bench: ['disksnap bench child.qcow2 -c 100000 -d 16', 'disksnap bench disk.img -w -s 64k -c 10000 --json'],
@@ -28,7 +29,7 @@ export const EXAMPLES: Record<string, string[]> = {
   'diff reset': ['disksnap diff reset child.qcow2 --accept-parent'],
   'diff commit': ['disksnap diff commit child.qcow2', 'disksnap diff commit child.qcow2 --keep-child --json', 'disksnap diff commit a.qcow2 --allow-sibling-change'],
   'diff flatten': ['disksnap diff flatten child.qcow2 standalone.img'],
-  'diff check': ['disksnap diff check child.qcow2', 'disksnap diff check child.qcow2 --repair'],
+  'diff check': ['disksnap diff check child.qcow2', 'disksnap diff check child.qcow2 --repair', 'disksnap diff check child.qcow2 --output json'],
   'diff accept-parent': ['disksnap diff accept-parent child.qcow2'],
   'diff children': ['disksnap diff children base.img --json'],
   'snapshot create': ['disksnap snapshot create disk.img --store /backups/store', 'DISKSNAP_STORE=s3://bucket/disks disksnap snapshot create vm.qcow2 --name nightly --tag env=ci'],

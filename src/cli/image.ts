@@ -1,4 +1,7 @@
-/** Image commands: create, info, map, read, write, bench. */
+/**
+ * Image commands: create, info, map, measure, read, write, bench. info, map and measure take
+ * `--output json` for qemu-img's JSON document (src/image/qemu.ts); `--json` keeps disksnap's own.
+ */
 import * as fs from 'node:fs';
 import { Command, Option } from 'commander';
 import { openImage, checkRange, ImageInfo, LayerInfo } from '../image';
@@ -8,7 +11,8 @@ import { writeAtomically } from '../engine/atomic';
 import { attachmentOf } from '../host/attach';
 import { invalid } from '../engine/errors';
 import { formatSize } from '../engine/size';
-import { action, intArg, printJson, printLines, sizeArg } from './util';
+import { formatQemuJson, formatQemuMap, measure, qemuInfo, qemuMap } from '../image/qemu';
+import { action, intArg, OutputFormat, outputOption, outputStyle, powerOfTwoArg, printJson, printLines, sizeArg, UsageError } from './util';
 
 const CHUNK = 4 * 2 ** 20;
 
@@ -31,20 +35,29 @@ export function register(program: Command): void {
     .description('format, virtual size and allocation of an image (format detected from its content)')
     .argument('<file>')
     .option('--chain', 'show every layer of a differencing chain')
-    .option('--json', 'print JSON')
+    .option('--backing-chain', "the same as --chain (qemu-img's name)")
+    .option('--json', "print disksnap's JSON document")
+    .addOption(outputOption())
     .action(
-      action((file: string, opts: { chain?: boolean; json?: boolean }) => {
+      action((file: string, opts: { chain?: boolean; backingChain?: boolean; json?: boolean; output?: OutputFormat }) => {
+        const style = outputStyle(opts);
+        const chain = !!(opts.chain || opts.backingChain);
+        if (style === 'qemu') {
+          // qemu-img's document: each layer's header read on its own, as qemu-img info reads it
+          process.stdout.write(formatQemuJson(qemuInfo(file, chain)));
+          return;
+        }
         // No lock: info is for images in use too (a VM's, an attached child's), like qemu-img -U.
         const image = openImage(file, { ignoreParentGuard: true, readLock: 'none' });
         let info: ImageInfo;
         try {
-          info = image.info(!!opts.chain);
+          info = image.info(chain);
         } finally {
           image.close();
         }
         const a = attachmentOf(file);
         if (a) info.attached = { device: a.device, via: a.via, readOnly: a.readOnly, mountpoints: a.mountpoints };
-        if (opts.json) printJson(info);
+        if (style === 'disksnap') printJson(info);
         else printInfo(info);
       }),
     );
@@ -53,14 +66,24 @@ export function register(program: Command): void {
     .command('map')
     .description('data and zero extents of an image, and the layer each comes from')
     .argument('<file>')
-    .option('--json', 'print JSON')
+    .option('--json', "print disksnap's JSON document")
+    .addOption(outputOption())
     .action(
-      action((file: string, opts: { json?: boolean }) => {
+      action((file: string, opts: { json?: boolean; output?: OutputFormat }) => {
+        const style = outputStyle(opts);
+        if (style === 'qemu') {
+          process.stdout.write(formatQemuMap(qemuMap(file)));
+          return;
+        }
         const image = openImage(file);
         try {
           const extents = image.map();
-          if (opts.json) {
-            printJson({ virtualSize: image.virtualSize, extents });
+          if (style === 'disksnap') {
+            // `start`, not `offset`: qemu-img's `offset` is the host offset (ours is hostOffset)
+            printJson({
+              virtualSize: image.virtualSize,
+              extents: extents.map(({ offset, ...rest }) => ({ start: offset, ...rest })),
+            });
             return;
           }
           const rows = extents.map((e) => [
@@ -70,9 +93,31 @@ export function register(program: Command): void {
             String(e.depth),
             e.file ?? '-',
           ]);
-          printTable(['offset', 'length', 'kind', 'depth', 'file'], rows);
+          printTable(['start', 'length', 'kind', 'depth', 'file'], rows);
         } finally {
           image.close();
+        }
+      }),
+    );
+
+  program
+    .command('measure')
+    .description("bytes a new image needs for FILE's guest view, or for an empty disk of --size (qemu-img measure)")
+    .argument('[file]', 'image to measure (with its backing chain)')
+    .option('--size <size>', 'measure an empty disk of this size instead of a file', sizeArg('size'))
+    .addOption(new Option('-O, --target-format <format>', 'format of the new image').choices(['raw', 'qcow2']).default('raw'))
+    .option('--cluster-size <size>', 'qcow2 cluster size of the new image (default 64K)', powerOfTwoArg('cluster size', 512, 2 * 1024 * 1024))
+    .addOption(outputOption())
+    .action(
+      action((file: string | undefined, opts: { size?: number; targetFormat: 'raw' | 'qcow2'; clusterSize?: number; output?: OutputFormat }) => {
+        if ((file === undefined) === (opts.size === undefined)) throw new UsageError('measure needs either FILE or --size SIZE (not both)');
+        if (opts.clusterSize !== undefined && opts.targetFormat !== 'qcow2') throw new UsageError('--cluster-size needs -O qcow2');
+        const m = measure({ file, size: opts.size, target: opts.targetFormat, clusterSize: opts.clusterSize });
+        if (opts.output === 'json') process.stdout.write(formatQemuJson(m));
+        else {
+          const lines = [`required size: ${m.required}`, `fully allocated size: ${m['fully-allocated']}`];
+          if (m.bitmaps !== undefined) lines.push(`bitmaps size: ${m.bitmaps}`);
+          printLines(lines);
         }
       }),
     );

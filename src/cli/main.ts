@@ -20,7 +20,7 @@ interface Group {
  * part of a short command's time.
  */
 const GROUPS: Array<[string[], () => Group]> = [
-  [['create', 'info', 'map', 'read', 'write', 'bench'], () => require('./image') as Group],
+  [['create', 'info', 'map', 'measure', 'read', 'write', 'bench'], () => require('./image') as Group],
   [['diff'], () => require('./diff') as Group],
   [['snapshot'], () => require('./snapshot') as Group],
   [['volume', 'store', 'key'], () => require('./store') as Group],

@@ -5,6 +5,7 @@
  * Exit codes: 0 success, 1 failure (one line on stderr), 2 bad usage (commander's own, and
  * EINVALID raised while parsing arguments), or a command's documented code (diff check).
  */
+import { Option } from 'commander';
 import { DisksnapError } from '../engine/errors';
 import { formatSize, parseSize } from '../engine/size';
 
@@ -52,6 +53,34 @@ export function intArg(what: string, min = 0): (value: string) => number {
     }
     return Number(value);
   };
+}
+
+/**
+ * `--output FORMAT` of the commands qemu-img has too (info, map, diff check, measure):
+ * `human` (the default) or `json`, which prints the document `qemu-img ... --output=json`
+ * prints, key for key (README: "qemu-img compatible JSON"). `--output=json` works as well.
+ */
+export type OutputFormat = 'human' | 'json';
+
+export function outputOption(): Option {
+  return new Option('--output <format>', "human (default) or json: the JSON document qemu-img prints with --output=json").argParser(
+    (value: string): OutputFormat => {
+      if (value === 'human' || value === 'json') return value;
+      throw new UsageError(`--output '${value}' is not supported: the formats are human (the default) and json (qemu-img's --output=json document)`);
+    },
+  );
+}
+
+/**
+ * Which output a command with both `--json` (disksnap's own document) and `--output` prints:
+ * 'disksnap', 'qemu' or 'human'. Both at once is bad usage: they are different documents.
+ */
+export function outputStyle(opts: { json?: boolean; output?: OutputFormat }): 'disksnap' | 'qemu' | 'human' {
+  if (opts.json && opts.output !== undefined) {
+    throw new UsageError("--json (disksnap's document) and --output (qemu-img's) cannot be combined; pick one");
+  }
+  if (opts.json) return 'disksnap';
+  return opts.output === 'json' ? 'qemu' : 'human';
 }
 
 /** Repeatable option collector: `--tag K=V --tag K2=V2`. */

@@ -18,7 +18,11 @@ export interface MapExtent {
   length: number;
   /** data: bytes stored somewhere in the chain; zero: reads as zero (hole or zero cluster) */
   kind: 'data' | 'zero';
-  /** layer that provides the bytes: 0 = the image itself, 1 = its backing file, ... */
+  /**
+   * layer that answers for the bytes: 0 = the image itself, 1 = its backing file, ...; for a
+   * range no layer stores, the lowest layer that looked (past the end of a shorter backing
+   * file: the layer above it), as qemu-img map's depth
+   */
   depth: number;
   /** file that provides the bytes (absent for zero extents with no provider) */
   file?: string;

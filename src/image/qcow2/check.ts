@@ -45,6 +45,14 @@ export interface CheckResult {
   allocatedClusters: number;
   /** guest clusters of the virtual size */
   totalClusters: number;
+  /** compressed guest clusters (QEMU's compressed-clusters) */
+  compressedClusters: number;
+  /**
+   * QEMU's fragmented-clusters: every compressed cluster, and every allocated cluster whose
+   * host offset does not follow the previous one's in the same L2 table
+   */
+  fragmentedClusters: number;
+  /** end of the last cluster in use or with a non-zero refcount (QEMU's image-end-offset) */
   imageEndOffset: number;
   /** 0 clean, 2 corruption, 3 leaks only (after repair: what remains), 63 raw: nothing to check */
   exitCode: 0 | 2 | 3 | 63;
@@ -73,6 +81,8 @@ interface Counts {
   counted: Uint32Array;
   /** guest clusters with a data, compressed or preallocated cluster */
   allocated: number;
+  compressed: number;
+  fragmented: number;
   blocks: Map<number, RefcountBlock>;
   copiedChecks: { offset: number; copied: boolean; what: string }[];
 }
@@ -87,6 +97,8 @@ function newResult(path: string): CheckResult {
     leaksFixed: 0,
     allocatedClusters: 0,
     totalClusters: 0,
+    compressedClusters: 0,
+    fragmentedClusters: 0,
     imageEndOffset: 0,
     exitCode: 0,
     messages: [],
@@ -137,7 +149,7 @@ function countReferences(
   const h = t.header;
   const cs = h.clusterSize;
   const nClusters = Math.ceil(t.fileSize / cs);
-  const counts: Counts = { counted: new Uint32Array(nClusters), allocated: 0, blocks: new Map(), copiedChecks: [] };
+  const counts: Counts = { counted: new Uint32Array(nClusters), allocated: 0, compressed: 0, fragmented: 0, blocks: new Map(), copiedChecks: [] };
   const inc = (offset: number, length: number, what: string): boolean => {
     const first = Math.floor(offset / cs);
     const last = Math.floor((offset + Math.max(length, 1) - 1) / cs);
@@ -160,8 +172,16 @@ function countReferences(
       } else if (kind === 'L2 table') {
         counts.copiedChecks.push({ offset, copied, what: `L2 table at ${offset} (L1 entry ${index})` });
         file.readFullSync(l2, offset);
+        let nextContiguous = 0; // per L2 table, as QEMU's check_refcounts_l2 counts fragments
         walkL2(l2, index, h.clusterBits, h.version >= 3, t.fileSize, (ref, guest) => {
-          if (ref.offset !== 0 && guest < h.size) counts.allocated++;
+          if (ref.offset !== 0) counts.allocated++; // every entry of the table, as QEMU counts (none lie past the size in a sound image)
+          if (ref.kind === 'compressed') {
+            counts.compressed++;
+            counts.fragmented++;
+          } else if (ref.offset !== 0) {
+            if (nextContiguous !== 0 && ref.offset !== nextContiguous) counts.fragmented++;
+            nextContiguous = ref.offset + cs;
+          }
           if (ref.kind === 'compressed') {
             if (ref.copied) error(`compressed cluster for guest offset ${guest} has the COPIED flag`);
             inc(ref.offset, ref.length, `compressed data for guest offset ${guest}`);
@@ -255,8 +275,10 @@ function compareRefcounts(h: Qcow2Header, counts: Counts, result: CheckResult, e
     const rc = stored(cc.offset / cs);
     if (cc.copied !== (rc === 1)) error(`COPIED flag of ${cc.what} is ${cc.copied ? 'set' : 'clear'} but its refcount is ${rc}`);
   }
-  for (let c = 0; c < nClusters; c++) if (counted[c] > 0) result.imageEndOffset = (c + 1) * cs;
+  for (let c = 0; c < nClusters; c++) if (counted[c] > 0 || stored(c) > 0) result.imageEndOffset = (c + 1) * cs;
   result.allocatedClusters = counts.allocated;
+  result.compressedClusters = counts.compressed;
+  result.fragmentedClusters = counts.fragmented;
   result.totalClusters = Math.ceil(h.size / cs);
   return leaked;
 }
@@ -276,6 +298,9 @@ function repairLeaks(file: BlockFile, h: Qcow2Header, counts: Counts, leaked: nu
   file.syncSync(true);
   result.leaksFixed = leaked.length;
   result.leaks = 0;
+  // What a second check would see (qemu-img check -r reports one): the freed clusters no longer count.
+  result.imageEndOffset = 0;
+  for (let c = 0; c < nClusters; c++) if (counts.counted[c] > 0) result.imageEndOffset = (c + 1) * h.clusterSize;
   result.messages.push(`Repaired ${leaked.length} leaked cluster${leaked.length > 1 ? 's' : ''}`);
 }
 

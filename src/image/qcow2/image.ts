@@ -25,7 +25,7 @@ import { corrupt, DisksnapError, fromNodeError, invalid, busy } from '../../engi
 import { checkRange, DiskImage, ImageInfo, ImageOpenOptions, LayerInfo, MapExtent } from '../view';
 import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_DIRTY, MAX_CHAIN_DEPTH, parseHeader, Qcow2Header } from './format';
 import { BitmapHost, PersistentBitmaps } from './bitmap-writer';
-import { BackingLayer, RawLayer } from './layer';
+import { BackingLayer, OwnStatus, RawLayer } from './layer';
 import { compare as compareGuard, parentChangedError } from './guard';
 import { commitMarkerPath } from '../sidecars';
 import { assertNoChildren } from '../children';
@@ -383,6 +383,51 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
     }
   }
 
+  /**
+   * This layer's own status, as QEMU's qcow2 driver reports it (qcow2_co_block_status): a
+   * data cluster with its host offset, a compressed one without, a zero cluster (with the
+   * host offset of a preallocated one), or unallocated. qemu-map.ts builds qemu-img's map on it.
+   */
+  ownStatus(offset: number, length: number, out: OwnStatus[]): void {
+    const cs = this.clusterSize;
+    let pos = offset;
+    const end = offset + length;
+    while (pos < end) {
+      const l1i = Math.floor(pos / this.l2Span);
+      const tableEnd = Math.min(end, (l1i + 1) * this.l2Span);
+      const table = this.l2ForRead(l1i);
+      if (table === undefined) {
+        out.push({ start: pos, length: tableEnd - pos, kind: 'unallocated' });
+        pos = tableEnd;
+        continue;
+      }
+      while (pos < tableEnd) {
+        const idx = Math.floor((pos - l1i * this.l2Span) / cs);
+        const n = Math.min(tableEnd, (Math.floor(pos / cs) + 1) * cs) - pos;
+        const ref = decodeL2(table.buf, idx, this.clusterBits, this.zeroFlag);
+        const host = ref.kind === 'compressed' || ref.offset === 0 ? undefined : ref.offset + (pos % cs);
+        out.push({ start: pos, length: n, kind: ref.kind === 'compressed' ? 'data' : ref.kind, host });
+        pos += n;
+      }
+    }
+  }
+
+  /**
+   * QEMU's guess that the image was preallocated with metadata only (qcow2_detect_metadata_preallocation):
+   * more clusters in use than the file has allocated blocks. QEMU then asks the file whether a
+   * data cluster is a hole, and reports such clusters as zero.
+   */
+  metadataPreallocated(): boolean {
+    const cs = this.clusterSize;
+    const st = this.file.stat();
+    const real = Math.floor(st.allocated / cs);
+    const threshold = Math.max(Math.floor((real * 10) / 9), real + 2);
+    const end = Math.ceil(st.size / cs);
+    let used = 0;
+    for (let c = 0; c < end && used < threshold; c++) if (this.refcountOf(c) > 0) used++;
+    return used >= threshold;
+  }
+
   private mapBacking(pos: number, n: number, depth: number, out: MapExtent[]): void {
     const b = this.backing;
     if (b === undefined || pos >= b.virtualSize) {
@@ -391,7 +436,8 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
     }
     const part = Math.min(n, b.virtualSize - pos);
     b.mapRange(pos, part, depth + 1, out);
-    if (part < n) out.push({ offset: pos + part, length: n - part, kind: 'zero', depth: depth + 1 });
+    // past the end of a shorter backing file: this layer answers "zeros", as qemu-img map says
+    if (part < n) out.push({ offset: pos + part, length: n - part, kind: 'zero', depth });
   }
 
   private layerInfo(): LayerInfo {

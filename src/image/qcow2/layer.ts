@@ -6,6 +6,19 @@
 import { BlockFile } from '../../engine/file';
 import { LayerInfo, MapExtent } from '../view';
 
+/**
+ * One run of a layer's own block status, as QEMU's drivers report it (qemu-map.ts): data
+ * (host offset valid, except for compressed clusters), zero (host offset for a preallocated
+ * zero cluster and for a hole of a raw file), or unallocated (the backing file's business).
+ */
+export interface OwnStatus {
+  start: number;
+  length: number;
+  kind: 'data' | 'zero' | 'unallocated';
+  /** host offset of `start` in this layer's file, where QEMU reports one */
+  host?: number;
+}
+
 export interface BackingLayer {
   readonly path: string;
   readonly format: 'raw' | 'qcow2';
@@ -16,6 +29,8 @@ export interface BackingLayer {
   readAt(buf: Buffer, bufOff: number, len: number, guest: number): void;
   /** extents of [offset, offset+length) with depth counted from `depth` for this layer */
   mapRange(offset: number, length: number, depth: number, out: MapExtent[]): void;
+  /** this layer's own status of [offset, offset+length), without looking below it */
+  ownStatus(offset: number, length: number, out: OwnStatus[]): void;
   /** this layer and the ones below it */
   chainInfo(): LayerInfo[];
   close(): void;
@@ -50,6 +65,13 @@ export class RawLayer implements BackingLayer {
       pos = t;
     }
     if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'zero', depth });
+  }
+
+  /** As QEMU's file driver reports a raw file: every byte present, holes as zero, host offset = guest offset. */
+  ownStatus(offset: number, length: number, out: OwnStatus[]): void {
+    const extents: MapExtent[] = [];
+    this.mapRange(offset, length, 0, extents);
+    for (const e of extents) out.push({ start: e.offset, length: e.length, kind: e.kind, host: e.offset });
   }
 
   chainInfo(): LayerInfo[] {

@@ -25,6 +25,15 @@ export interface InternalSnapshot {
   name: string;
   l1TableOffset: number;
   l1Size: number;
+  /** when it was taken (date_sec, date_nsec) */
+  dateSec: number;
+  dateNsec: number;
+  /** guest clock at the time (vm_clock_nsec) */
+  vmClockNsec: number;
+  /** bytes of saved VM state (the 64-bit extra field when there is one) */
+  vmStateSize: number;
+  /** instruction count (record/replay), when the extra data has it (QEMU's -1: none) */
+  icount: number | undefined;
 }
 
 export interface SnapshotTable {
@@ -80,7 +89,18 @@ export function readSnapshotTable(
     // Version 3 requires 16 bytes of extra data (large VM state size, disk size); QEMU's check
     // calls a shorter entry incomplete, a corruption, and still counts its tables.
     if (h.version >= 3 && extraSize < 16) error(`internal snapshot table entry ${i} is incomplete: ${extraSize} bytes of extra data, version 3 needs 16`);
-    snapshots.push({ id: id || String(i), name, l1TableOffset, l1Size });
+    const extra = rest.subarray(0, extraSize);
+    snapshots.push({
+      id: id || String(i),
+      name,
+      l1TableOffset,
+      l1Size,
+      dateSec: fixed.readUInt32BE(16),
+      dateNsec: fixed.readUInt32BE(20),
+      vmClockNsec: Number(fixed.readBigUInt64BE(24)),
+      vmStateSize: extraSize >= 8 ? Number(extra.readBigUInt64BE(0)) : fixed.readUInt32BE(32),
+      icount: extraSize >= 24 && extra.readBigUInt64BE(16) !== 0xffffffffffffffffn ? Number(extra.readBigUInt64BE(16)) : undefined,
+    });
   }
   return { bytes: at - h.snapshotsOffset, snapshots };
 }
