@@ -52,6 +52,15 @@ t.test('one meaning per short flag across all commands', async (t) => {
   for (const [short, longs] of meaning) t.same([...longs], [[...longs][0]], `${short} means ${[...longs].join(' and ')}`);
 });
 
+t.test('--json on every command, and --force only ever replaces an output', async (t) => {
+  for (const { path: p, cmd } of leaves) {
+    if (p === 'completion' || p === 'man') continue; // they print a script and a page, not data
+    t.ok(cmd.options.some((o) => o.long === '--json'), `${p} has --json`);
+    const force = cmd.options.find((o) => o.long === '--force' && !o.hidden);
+    if (force) t.match(force.description, /overwrite|replace/, `${p}: --force means replacing an output ("${force.description}")`);
+  }
+});
+
 const noBash = missing({ commands: ['bash'] });
 
 t.test('bash completion: a real bash sources it and completes commands, subcommands and flags', { skip: noBash }, async (t) => {

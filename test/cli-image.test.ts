@@ -174,14 +174,14 @@ t.test('write then read round-trips at unaligned offsets, via stdin/stdout and f
   fs.writeFileSync(input, pattern(5000, 5));
   t.equal(cli(['write', img, '4k', '-i', input]).status, 0);
   const out = path.join(dir, 'out.bin');
-  r = cli(['read', img, '4k', '5000', '-o', out]);
+  r = cli(['read', img, '4k', '5000', '--to', out]);
   t.equal(r.status, 0, r.stderr);
   t.ok(fs.readFileSync(out).equals(fs.readFileSync(input)));
-  r = cli(['read', img, '0', '10', '-o', out]);
+  r = cli(['read', img, '0', '10', '--to', out]);
   t.equal(r.status, 1, 'existing output refused');
   t.match(r.stderr, /already exists/);
   t.equal(fs.statSync(out).size, 5000, 'output untouched');
-  t.equal(cli(['read', img, '0', '10', '-o', out, '--force']).status, 0);
+  t.equal(cli(['read', img, '0', '10', '--to', out, '--force']).status, 0);
   t.equal(fs.statSync(out).size, 10);
 });
 
@@ -208,7 +208,7 @@ t.test('ranges past the end fail cleanly and write nothing', async (t) => {
   t.equal(r.status, 2, 'a malformed offset is bad usage');
   t.match(r.stderr, /offset 'x1'/);
   const out = path.join(dir, 'o.bin');
-  r = cli(['read', img, '60k', '8k', '-o', out]);
+  r = cli(['read', img, '60k', '8k', '--to', out]);
   t.equal(r.status, 1);
   t.notOk(fs.existsSync(out), 'no output file on failure');
   t.same(fs.readdirSync(dir).sort(), ['a.img'], 'no temporary files');

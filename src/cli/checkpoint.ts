@@ -103,10 +103,12 @@ export function register(program: Command): void {
     .command('resume')
     .description('finish an operation on the tree that was interrupted (any command also does this first)')
     .argument('<image>')
+    .option('--json', 'print {"image", "unfinished": false}')
     .action(
-      action(async (image: string) => {
+      action(async (image: string, opts: { json?: boolean }) => {
         await cp.resume(image);
-        process.stdout.write(`${image}: nothing left unfinished\n`);
+        if (opts.json) printJson({ image, unfinished: false });
+        else process.stdout.write(`${image}: nothing left unfinished\n`);
       }),
     );
 }

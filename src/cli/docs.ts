@@ -17,12 +17,12 @@ import { action } from './util';
 
 /** Examples per command path ("snapshot create"), shown after its options in --help. */
 export const EXAMPLES: Record<string, string[]> = {
-  create: ['disksnap create disk.img 10G', 'disksnap create disk.img 1.5G --force'],
+  create: ['disksnap create disk.img 10G', 'disksnap create disk.img 1.5G --force --json'],
   info: ['disksnap info child.qcow2', 'disksnap info child.qcow2 --chain --json', 'disksnap info child.qcow2 --backing-chain --output=json'],
   map: ['disksnap map child.qcow2', 'disksnap map disk.img --json', 'disksnap map child.qcow2 --output json'],
   measure: ['disksnap measure child.qcow2 -O qcow2 --output json', 'disksnap measure --size 10G -O qcow2 --cluster-size 2M'],
-  read: ['disksnap read child.qcow2 0 4k | xxd | head', 'disksnap read disk.img 1M 64k -o part.bin'],
-  write: ['printf hello | disksnap write child.qcow2 0', 'disksnap write disk.img 1M -i part.bin'],
+  read: ['disksnap read child.qcow2 0 4k | xxd | head', 'disksnap read disk.img 1M 64k --to part.bin'],
+  write: ['printf hello | disksnap write child.qcow2 0', 'disksnap write disk.img 1M -i part.bin --json'],
   bench: ['disksnap bench child.qcow2 -c 100000 -d 16', 'disksnap bench disk.img -w -s 64k -c 10000 --json'],
   'diff create': ['disksnap diff create base.img child.qcow2', 'disksnap diff create child.qcow2 grandchild.qcow2 --json'],
   'diff rollback': ['disksnap diff rollback child.qcow2', 'disksnap diff rollback child.qcow2 --recursive --dry-run'],

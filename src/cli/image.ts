@@ -23,10 +23,12 @@ export function register(program: Command): void {
     .argument('<file>', 'image to create')
     .argument('<size>', 'virtual size (bytes or 4k, 64K, 1M, 2G, ...)', sizeArg('size'))
     .option('-f, --force', 'overwrite an existing file')
+    .option('--json', 'print {"file", "format", "virtualSize"}')
     .action(
-      action(async (file: string, size: number, opts: { force?: boolean }) => {
+      action(async (file: string, size: number, opts: { force?: boolean; json?: boolean }) => {
         await createRawImage(file, size, { force: opts.force });
-        process.stdout.write(`created ${file}: raw, ${formatSize(size)} (${size} bytes)\n`);
+        if (opts.json) printJson({ file, format: 'raw', virtualSize: size });
+        else process.stdout.write(`created ${file}: raw, ${formatSize(size)} (${size} bytes)\n`);
       }),
     );
 
@@ -108,12 +110,13 @@ export function register(program: Command): void {
     .addOption(new Option('-O, --target-format <format>', 'format of the new image').choices(['raw', 'qcow2']).default('raw'))
     .option('--cluster-size <size>', 'qcow2 cluster size of the new image (default 64K)', powerOfTwoArg('cluster size', 512, 2 * 1024 * 1024))
     .addOption(outputOption())
+    .option('--json', "print the figures as JSON (the same document as --output json: measure has no disksnap-only facts)")
     .action(
-      action((file: string | undefined, opts: { size?: number; targetFormat: 'raw' | 'qcow2'; clusterSize?: number; output?: OutputFormat }) => {
+      action((file: string | undefined, opts: { size?: number; targetFormat: 'raw' | 'qcow2'; clusterSize?: number; output?: OutputFormat; json?: boolean }) => {
         if ((file === undefined) === (opts.size === undefined)) throw new UsageError('measure needs either FILE or --size SIZE (not both)');
         if (opts.clusterSize !== undefined && opts.targetFormat !== 'qcow2') throw new UsageError('--cluster-size needs -O qcow2');
         const m = measure({ file, size: opts.size, target: opts.targetFormat, clusterSize: opts.clusterSize });
-        if (opts.output === 'json') process.stdout.write(formatQemuJson(m));
+        if (opts.output === 'json' || opts.json) process.stdout.write(formatQemuJson(m));
         else {
           const lines = [`required size: ${m.required}`, `fully allocated size: ${m['fully-allocated']}`];
           if (m.bitmaps !== undefined) lines.push(`bitmaps size: ${m.bitmaps}`);
@@ -124,19 +127,21 @@ export function register(program: Command): void {
 
   program
     .command('read')
-    .description('read bytes of the guest view (to stdout, or to a new file with -o)')
+    .description('read bytes of the guest view (to stdout, or to a new file with --to)')
     .argument('<file>')
     .argument('<offset>', 'guest offset', sizeArg('offset'))
     .argument('<length>', 'bytes to read', sizeArg('length'))
-    .option('-o, --output <out>', 'write to this file instead of stdout')
+    .option('--to <file>', 'write to this new file instead of stdout (was -o/--output: --output is the output format elsewhere)')
     .option('-f, --force', 'overwrite an existing output file')
+    .option('--json', 'with --to: print {"file", "offset", "length", "to"}')
     .action(
-      action(async (file: string, offset: number, length: number, opts: { output?: string; force?: boolean }) => {
+      action(async (file: string, offset: number, length: number, opts: { to?: string; force?: boolean; json?: boolean }) => {
+        if (opts.json && !opts.to) throw new UsageError('read --json needs --to FILE (without it the bytes themselves go to stdout)');
         const image = openImage(file);
         try {
           checkRange(image, offset, length);
-          if (opts.output) {
-            await writeAtomically(opts.output, { force: opts.force }, (tmp) => {
+          if (opts.to) {
+            await writeAtomically(opts.to, { force: opts.force }, (tmp) => {
               const fd = fs.openSync(tmp, 'wx');
               try {
                 copyOut(image, offset, length, (chunk) => fs.writeSync(fd, chunk));
@@ -144,6 +149,7 @@ export function register(program: Command): void {
                 fs.closeSync(fd);
               }
             });
+            if (opts.json) printJson({ file, offset, length, to: opts.to });
           } else {
             await copyOutAsync(image, offset, length, (chunk) => writeStdout(chunk));
           }
@@ -159,8 +165,9 @@ export function register(program: Command): void {
     .argument('<file>')
     .argument('<offset>', 'guest offset', sizeArg('offset'))
     .option('-i, --input <in>', 'read the bytes from this file (default: stdin)')
+    .option('--json', 'print {"file", "offset", "length"} on stdout')
     .action(
-      action(async (file: string, offset: number, opts: { input?: string }) => {
+      action(async (file: string, offset: number, opts: { input?: string; json?: boolean }) => {
         const image = openImage(file, { write: true });
         try {
           // Everything is read and checked against the image's bounds before a byte is written.
@@ -172,7 +179,8 @@ export function register(program: Command): void {
             image.writeSync(chunk, offset + pos);
           }
           image.flushSync();
-          process.stderr.write(`wrote ${data.length} bytes at offset ${offset} of ${file}\n`);
+          if (opts.json) printJson({ file, offset, length: data.length });
+          else process.stderr.write(`wrote ${data.length} bytes at offset ${offset} of ${file}\n`);
         } finally {
           image.close();
         }
