@@ -2,7 +2,9 @@
  * Storage snapshots end to end, through the library (and the CLI for its JSON shapes):
  * full then incremental snapshots of a sparse image, changed-block lists, restores to new
  * files and in place, deletion plus gc, damage detection, progress of a pending snapshot,
- * a volume that changes while it is read, and gc beside a snapshot in progress.
+ * a volume that changes while it is read, and gc beside a snapshot in progress. Every test
+ * runs twice: on a directory store and on a store in a bucket (test/helpers/backends.ts);
+ * where one looks at the store's objects it does so through the backend-neutral inspector.
  */
 import t from 'tap';
 import * as fs from 'node:fs';
@@ -16,13 +18,13 @@ import {
   allocated,
   applyWrites,
   ds,
-  du,
-  files,
-  flipByte,
   makeImage,
   sha,
   touched,
 } from '../fixtures/store/helpers';
+import { closeInspector, forEachBackend } from './helpers/backends';
+
+t.teardown(closeInspector);
 
 const BS = 64 * KiB;
 
@@ -39,9 +41,9 @@ const change: Write[] = [
   { offset: 21 * MiB, length: 300 * KiB, seed: 12 },
 ];
 
-t.test('full then incremental: the incremental stores only changed blocks, diff lists exactly them, every snapshot restores byte-exact and sparse, also after deleting the earlier ones and gc', async (t) => {
+forEachBackend(t, 'full then incremental: the incremental stores only changed blocks, diff lists exactly them, every snapshot restores byte-exact and sparse, also after deleting the earlier ones and gc', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   makeImage(vol, 48 * MiB, base);
   const v1 = sha(vol);
@@ -53,7 +55,7 @@ t.test('full then incremental: the incremental stores only changed blocks, diff 
   t.equal(s1.parentId, null);
   t.equal(s1.stats.dataBlocks, touched(base, BS).length, 'holes and zero blocks are not data');
   t.equal(s1.stats.blocksAdded, touched(base, BS).length);
-  const afterFull = du(path.join(store, 'blocks')).bytes;
+  const afterFull = await b.bytes(store, 'blocks/');
   t.equal(afterFull, s1.stats.bytesAdded, 'the store holds exactly the data blocks');
   t.ok(afterFull < 8 * MiB, 'a sparse 48 MiB volume costs its data only');
 
@@ -64,7 +66,7 @@ t.test('full then incremental: the incremental stores only changed blocks, diff 
   t.equal(s2.parentId, s1.id, 'an incremental snapshot names its parent');
   t.equal(s2.stats.changedBlocks, changed.length);
   t.equal(s2.stats.blocksAdded, changed.length, 'only changed blocks are stored');
-  const growth = du(path.join(store, 'blocks')).bytes - afterFull;
+  const growth = (await b.bytes(store, 'blocks/')) - afterFull;
   t.equal(growth, changed.length * BS, `the store grew by the changed blocks (${growth} bytes)`);
 
   const d = await snap.diffSnapshots(s1.id, s2.id, { store });
@@ -100,12 +102,13 @@ t.test('full then incremental: the incremental stores only changed blocks, diff 
   await snap.restoreSnapshot(s3.id, { store, to: out });
   t.equal(sha(out), v2, 'the last snapshot restores byte-exact after the others were deleted and gc ran');
   t.equal((await snap.verifySnapshot(s3.id, { store })).ok, true);
-  t.same(files(path.join(store, 'snapshots')).sort(), [`${s3.id}.json`, `${s3.id}.map`, `${s3.id}.tags`], 'a deleted snapshot leaves neither manifest nor change tags');
+  t.same(await b.keys(store, 'snapshots/'), [`${s3.id}.json`, `${s3.id}.map`, `${s3.id}.tags`].map((k) => `snapshots/${k}`), 'a deleted snapshot leaves neither manifest nor change tags');
+  t.same(await b.keys(store, 'leases/'), [], 'and no lease behind');
 });
 
-t.test('in-place restore rolls a modified volume back byte-exact, rewriting only differing blocks, and is idempotent', async (t) => {
+forEachBackend(t, 'in-place restore rolls a modified volume back byte-exact, rewriting only differing blocks, and is idempotent', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   makeImage(vol, 48 * MiB, base);
   const v1 = sha(vol);
@@ -126,9 +129,9 @@ t.test('in-place restore rolls a modified volume back byte-exact, rewriting only
   t.equal(volRec.inPlaceRestore, null, 'no restore left marked as in progress');
 });
 
-t.test('an interrupted in-place restore is re-run safely, and blocks snapshots until it is', async (t) => {
+forEachBackend(t, 'an interrupted in-place restore is re-run safely, and blocks snapshots until it is', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   makeImage(vol, 40 * MiB, [{ offset: 0, length: 36 * MiB, seed: 5 }]);
   const v1 = sha(vol);
@@ -152,15 +155,16 @@ t.test('an interrupted in-place restore is re-run safely, and blocks snapshots u
   t.equal((await snap.createSnapshot(vol, { store })).state, 'completed', 'snapshots work again');
 });
 
-t.test('a flipped byte in a block object is caught by verify and by restore, which leave no output and do not touch the volume', async (t) => {
+forEachBackend(t, 'a flipped byte in a block object is caught by verify and by restore, which leave no output and do not touch the volume', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   makeImage(vol, 16 * MiB, [{ offset: MiB, length: 2 * MiB, seed: 7 }]);
   const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
-  const objects = files(path.join(store, 'blocks')).sort();
-  const victim = path.join(store, 'blocks', objects[5]);
-  flipByte(victim, 1234);
+  const objects = await b.keys(store, 'blocks/');
+  t.equal(objects.length, 32);
+  const victim = objects[5];
+  await b.flip(store, victim, 1234);
 
   const v = await snap.verifySnapshot(s1.id, { store });
   t.equal(v.ok, false);
@@ -169,10 +173,12 @@ t.test('a flipped byte in a block object is caught by verify and by restore, whi
   t.match(v.badBlocks[0].reason, /does not match its digest/);
   t.equal(v.blocksChecked, 32, 'every block was checked');
 
-  const out = path.join(dir, 'out.img');
+  const outDir = path.join(dir, 'out');
+  fs.mkdirSync(outDir);
+  const out = path.join(outDir, 'out.img');
   await t.rejects(snap.restoreSnapshot(s1.id, { store, to: out }), { code: 'ECORRUPT', message: /block \d+ .*does not match its digest/ });
   t.notOk(fs.existsSync(out), 'no output file');
-  t.same(fs.readdirSync(dir).sort(), ['store', 'vol.img'], 'no temporary file left either');
+  t.same(fs.readdirSync(outDir), [], 'no temporary file left either');
 
   applyWrites(vol, [{ offset: MiB, length: 2 * MiB, seed: 8 }]);
   const before = sha(vol);
@@ -180,34 +186,35 @@ t.test('a flipped byte in a block object is caught by verify and by restore, whi
   t.equal(sha(vol), before, 'in-place restore found the damage before writing anything');
 
   // A missing object is named too.
-  fs.unlinkSync(victim);
+  await b.remove(store, victim);
   const v2 = await snap.verifySnapshot(s1.id, { store });
   t.match(v2.badBlocks[0].reason, /missing/);
 });
 
-t.test('a damaged manifest is caught by verify, restore, diff and gc (which then deletes nothing)', async (t) => {
+forEachBackend(t, 'a damaged manifest is caught by verify, restore, diff and gc (which then deletes nothing)', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   makeImage(vol, 8 * MiB, [{ offset: 0, length: MiB, seed: 9 }]);
   const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
   applyWrites(vol, [{ offset: 0, length: MiB, seed: 10 }]);
   const s2 = await snap.createSnapshot(vol, { store });
   await snap.deleteSnapshot(s1.id, { store }); // leaves garbage for gc
-  flipByte(path.join(store, 'snapshots', `${s2.id}.map`), 200);
+  await b.flip(store, `snapshots/${s2.id}.map`, 200);
   const v = await snap.verifySnapshot(s2.id, { store });
   t.equal(v.ok, false);
   t.match(v.manifestError, /checksum/);
   await t.rejects(snap.restoreSnapshot(s2.id, { store, to: path.join(dir, 'o.img') }), { code: 'ECORRUPT', message: /\.map.*checksum/ });
   t.notOk(fs.existsSync(path.join(dir, 'o.img')));
-  const blocksBefore = files(path.join(store, 'blocks')).length;
+  const blocksBefore = await b.keys(store, 'blocks/');
+  t.ok(blocksBefore.length > 16, 'garbage of the deleted snapshot is there to delete');
   await t.rejects(snap.gc({ store }), { code: 'ECORRUPT', message: /gc stopped before deleting anything/ });
-  t.equal(files(path.join(store, 'blocks')).length, blocksBefore, 'gc deleted nothing');
+  t.same(await b.keys(store, 'blocks/'), blocksBefore, 'gc deleted nothing');
 });
 
-t.test('a pending snapshot shows its progress to other readers, and gc waits for it', async (t) => {
+forEachBackend(t, 'a pending snapshot shows its progress to other readers, and gc waits for it', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   makeImage(vol, 64 * MiB, [{ offset: 0, length: 40 * MiB, seed: 11 }]);
   let seen: snap.SnapshotRecord | undefined;
@@ -231,9 +238,9 @@ t.test('a pending snapshot shows its progress to other readers, and gc waits for
   t.equal(g.blocksFreed, 0, 'every block the snapshot wrote is referenced');
 });
 
-t.test('a volume that changes while it is read is retried, and marked error with the reason when it keeps changing', async (t) => {
+forEachBackend(t, 'a volume that changes while it is read is retried, and marked error with the reason when it keeps changing', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   makeImage(vol, 8 * MiB, [{ offset: 0, length: 4 * MiB, seed: 12 }]);
   const logs: string[] = [];
@@ -260,29 +267,37 @@ t.test('a volume that changes while it is read is retried, and marked error with
   t.equal((await snap.gc({ store })).liveSnapshots, 1);
 });
 
-t.test('a pending snapshot whose writer died is marked error by the next command, and gc sweeps what it wrote', async (t) => {
+forEachBackend(t, 'a pending snapshot whose writer died is marked error by the next command, and gc sweeps what it wrote', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   makeImage(vol, 8 * MiB, [{ offset: 0, length: 2 * MiB, seed: 14 }]);
   await snap.createSnapshot(vol, { store, blockSize: BS });
-  // Forge what a killed writer leaves: a pending record with no live lease, a stray object.
+  // Forge what a killed writer leaves: a pending record with no live lease, an orphan block,
+  // and its scraps: in a directory a temporary file; in a bucket (whose PUTs are whole, so
+  // there are no temporary objects) the lease it held, run out.
   const id = 'snap-00000000000000aa';
-  const rec = JSON.parse(fs.readFileSync(path.join(store, 'snapshots', fs.readdirSync(path.join(store, 'snapshots')).find((f) => f.endsWith('.json'))!), 'utf8'));
-  fs.writeFileSync(path.join(store, 'snapshots', `${id}.json`), JSON.stringify({ ...rec, id, state: 'pending', progress: 40, creator: { pid: 999999, host: 'x' } }));
-  fs.writeFileSync(path.join(store, 'blocks', 'ab', 'ab'.padEnd(64, '0')), 'orphan');
-  fs.writeFileSync(path.join(store, 'blocks', 'cd', '.tmp-999999-abc'), 'half');
+  const recKey = (await b.keys(store, 'snapshots/')).find((k) => k.endsWith('.json'))!;
+  const rec = JSON.parse((await b.read(store, recKey)).toString('utf8'));
+  await b.write(store, `snapshots/${id}.json`, JSON.stringify({ ...rec, id, state: 'pending', progress: 40, creator: { pid: 999999, host: 'x' } }));
+  await b.write(store, `blocks/ab/${'ab'.padEnd(64, '0')}`, 'orphan');
+  if (b.kind === 'directory') await b.write(store, 'blocks/cd/.tmp-999999-abc', 'half');
+  else {
+    const expired = { holder: 'x-999999-dead', host: 'x', pid: 999999, purpose: `snapshot ${id}`, acquired: new Date(0).toISOString(), expires: 1000, released: false };
+    await b.write(store, `leases/${id}`, JSON.stringify(expired));
+  }
   const listed = (await snap.listSnapshots({ store })).snapshots.find((s) => s.id === id)!;
   t.equal(listed.state, 'error');
   t.match(listed.error, /pid 999999.*ended before it completed/);
   const g = await snap.gc({ store });
   t.equal(g.blocksFreed, 1);
-  t.equal(g.otherFilesRemoved, 1);
+  if (b.kind === 'directory') t.equal(g.otherFilesRemoved, 1);
+  t.same((await b.keys(store, '')).filter((k) => k.includes('999999') || k.startsWith(`leases/${id}`) || k.startsWith('blocks/ab/')), [], 'nothing of the dead writer is left');
 });
 
-t.test('an image whose size is not a multiple of the block size round-trips, short last block included', async (t) => {
+forEachBackend(t, 'an image whose size is not a multiple of the block size round-trips, short last block included', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   const size = 5 * MiB + 12345;
   makeImage(vol, size, [
@@ -302,16 +317,16 @@ t.test('an image whose size is not a multiple of the block size round-trips, sho
   t.equal(sha(vol), sha(out));
 });
 
-t.test('an all-zero or empty volume stores nothing and restores to a hole', async (t) => {
+forEachBackend(t, 'an all-zero or empty volume stores nothing and restores to a hole', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   makeImage(vol, 4 * MiB);
   fs.writeFileSync(path.join(dir, 'z.img'), Buffer.alloc(MiB)); // allocated zeros
   const s = await snap.createSnapshot(vol, { store, blockSize: BS });
   const z = await snap.createSnapshot(path.join(dir, 'z.img'), { store });
   t.equal(s.stats.dataBlocks + z.stats.dataBlocks, 0);
-  t.equal(files(path.join(store, 'blocks')).length, 0);
+  t.same(await b.keys(store, 'blocks/'), []);
   const out = path.join(dir, 'o.img');
   await snap.restoreSnapshot(z.id, { store, to: out });
   t.equal(fs.statSync(out).size, MiB);
@@ -321,9 +336,9 @@ t.test('an all-zero or empty volume stores nothing and restores to a hole', asyn
   t.equal(e.volumeSize, 0);
 });
 
-t.test('the CLI prints the JSON shapes DESIGN.md promises', async (t) => {
+forEachBackend(t, 'the CLI prints the JSON shapes DESIGN.md promises', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   makeImage(vol, 8 * MiB, [{ offset: 0, length: MiB, seed: 18 }]);
   let r = ds(['store', 'init', '--store', store, '--block-size', '64K', '--json']);
