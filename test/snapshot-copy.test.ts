@@ -4,7 +4,10 @@
  * blocks), show pending with progress then completed, and never decrypt: an encrypted
  * snapshot's copy stays encrypted (same key, or re-keyed), a plain one is encrypted with
  * --encrypt. A damaged source is never propagated. The whole flow also runs over a backend
- * that has only the core methods (get, putIfAbsent, put, list, delete).
+ * that has only the core methods (get, putIfAbsent, put, list, delete). Every test but that
+ * last one runs with both stores in directories and with both in buckets
+ * (test/helpers/backends.ts); copies between a directory and a bucket are in
+ * s3-snapshot.test.ts.
  */
 import t from 'tap';
 import * as fs from 'node:fs';
@@ -15,7 +18,10 @@ import { withFaults } from '../src/storage/faults';
 import { setBackendFactory } from '../src/storage/store/store';
 import { DirectoryBackend } from '../src/storage/store/dir';
 import type { StoreBackend } from '../src/storage/store/backend';
-import { KiB, MiB, Write, applyWrites, ds, du, files, flipByte, makeImage, sha, touched } from '../fixtures/store/helpers';
+import { KiB, MiB, Write, applyWrites, ds, makeImage, sha, touched } from '../fixtures/store/helpers';
+import { Backend, closeInspector, forEachBackend } from './helpers/backends';
+
+t.teardown(closeInspector);
 
 const BS = 64 * KiB;
 const MARKER = 'COPY-TEST-MARKER-41d9';
@@ -26,8 +32,12 @@ function keyFile(dir: string, name: string): string {
   return p;
 }
 
-function filesWithMarker(dir: string): string[] {
-  return files(dir).filter((f) => fs.readFileSync(path.join(dir, f)).includes(MARKER));
+async function objectsWithMarker(be: Backend, store: string): Promise<string[]> {
+  const keys = await be.keys(store);
+  if (keys.length === 0) throw new Error(`${store} holds no objects: nothing to search`);
+  const hits: string[] = [];
+  for (const k of keys) if ((await be.read(store, k)).includes(MARKER)) hits.push(k);
+  return hits;
 }
 
 /** 24 MiB with 20 MiB of data (several copy batches at 64 KiB blocks), the marker inside. */
@@ -46,12 +56,12 @@ const change: Write[] = [
   { offset: 15 * MiB, length: 200 * KiB, seed: 31 },
 ];
 
-const blocksOf = (store: string) => files(store).filter((f) => f.startsWith('blocks/')).length;
+const blocksOf = async (be: Backend, store: string) => (await be.keys(store, 'blocks/')).length;
 
-t.test('plain copies: metadata kept or overridden, the second copy adds only its changed blocks, the copy restores after the source store is gone', async (t) => {
+forEachBackend(t, 'plain copies: metadata kept or overridden, the second copy adds only its changed blocks, the copy restores after the source store is gone', async (t, be) => {
   const dir = t.testdir();
-  const a = path.join(dir, 'a');
-  const b = path.join(dir, 'b');
+  const a = await be.store('a');
+  const b = await be.store('b');
   const vol = path.join(dir, 'vol.img');
   volume(vol);
   const v1 = sha(vol);
@@ -60,15 +70,15 @@ t.test('plain copies: metadata kept or overridden, the second copy adds only its
   t.not(c1.id, s1.id, 'a copy is a new snapshot');
   t.equal(c1.volumeId, s1.volumeId, 'of the same volume');
   t.match(c1, { state: 'completed', progress: 100, name: 'one', description: 'first', tags: { env: 'ci', team: 'x' }, encrypted: false, parentId: null });
-  t.same(c1.copiedFrom, { storeId: JSON.parse(fs.readFileSync(path.join(a, 'store.json'), 'utf8')).id, snapshotId: s1.id, startTime: s1.startTime });
+  t.same(c1.copiedFrom, { storeId: JSON.parse((await be.read(a, 'store.json')).toString('utf8')).id, snapshotId: s1.id, startTime: s1.startTime });
   t.equal(c1.stats.blocksAdded, s1.stats.blocksAdded, 'the first copy adds every block');
-  t.equal(blocksOf(b), blocksOf(a));
+  t.equal(await blocksOf(be, b), await blocksOf(be, a));
   t.equal(JSON.parse(ds(['volume', 'list', '--store', b, '--json']).out).volumes[0].id, s1.volumeId, 'the destination knows the volume');
 
   applyWrites(vol, change);
   const v2 = sha(vol);
   const s2 = await snap.createSnapshot(vol, { store: a, name: 'two' });
-  const before = du(path.join(b, 'blocks')).bytes;
+  const before = await be.bytes(b, 'blocks/');
   const r = ds(['snapshot', 'copy', s2.id, '--store', a, '--to-store', b, '--name', 'two-copy', '--tag', 'env=prod', '--json']);
   t.equal(r.status, 0, r.stderr);
   const c2 = JSON.parse(r.out);
@@ -77,11 +87,12 @@ t.test('plain copies: metadata kept or overridden, the second copy adds only its
   t.equal(c2.stats.blocksAdded, changed, 'the second copy adds only the changed blocks');
   t.equal(c2.stats.changedBlocks, changed);
   t.equal(c2.stats.bytesScanned, changed * BS, 'and reads only those from the source (the rest maps through the previous copy)');
-  t.equal(du(path.join(b, 'blocks')).bytes - before, changed * BS, 'the destination grew by the changed blocks');
+  t.equal((await be.bytes(b, 'blocks/')) - before, changed * BS, 'the destination grew by the changed blocks');
   t.match(c2, { name: 'two-copy', tags: { env: 'prod' } }, 'name and tags overridden');
   t.same(ds(['snapshot', 'diff', c1.id, c2.id, '--store', b, '--json']).out, ds(['snapshot', 'diff', s1.id, s2.id, '--store', a, '--json']).out, 'the copies differ where the originals do');
 
-  fs.rmSync(a, { recursive: true });
+  await be.removeAll(a);
+  t.notOk(await be.exists(a), 'the source store is gone');
   for (const [c, want] of [
     [c1, v1],
     [c2, v2],
@@ -94,10 +105,10 @@ t.test('plain copies: metadata kept or overridden, the second copy adds only its
   t.ok(ds(['snapshot', 'verify', c2.id, '--store', b]).status === 0);
 });
 
-t.test('plain -> --encrypt: no file of the destination holds the marker; restores only with the key; the second encrypted copy adds only changed blocks', async (t) => {
+forEachBackend(t, 'plain -> --encrypt: no file of the destination holds the marker; restores only with the key; the second encrypted copy adds only changed blocks', async (t, be) => {
   const dir = t.testdir();
-  const a = path.join(dir, 'a');
-  const b = path.join(dir, 'b');
+  const a = await be.store('a');
+  const b = await be.store('b');
   const vol = path.join(dir, 'vol.img');
   const key = keyFile(dir, 'k');
   volume(vol);
@@ -105,7 +116,7 @@ t.test('plain -> --encrypt: no file of the destination holds the marker; restore
   let r = ds(['snapshot', 'copy', s1.id, '--store', a, '--to-store', b, '--key-file', key]);
   t.equal(r.status, 1, 'a key without --encrypt for a plain snapshot is refused');
   t.match(r.stderr, /add --encrypt/);
-  t.notOk(fs.existsSync(b), 'nothing was created');
+  t.notOk(await be.exists(b), 'nothing was created');
   r = ds(['snapshot', 'copy', s1.id, '--store', a, '--to-store', b, '--encrypt']);
   t.equal(r.status, 1);
   t.match(r.stderr, /needs a key.*ENOKEY/);
@@ -114,19 +125,19 @@ t.test('plain -> --encrypt: no file of the destination holds the marker; restore
   t.equal(r.status, 0, r.stderr);
   const c1 = JSON.parse(r.out);
   t.match(c1, { encrypted: true, name: `n-${MARKER}`, keyId: /^key-/ });
-  t.same(filesWithMarker(b), [], 'no file of the destination store contains the marker');
-  t.ok(filesWithMarker(a).length > 0, '(the plain source does)');
+  t.same(await objectsWithMarker(be, b), [], 'no object of the destination store contains the marker');
+  t.ok((await objectsWithMarker(be, a)).length > 0, '(the plain source does)');
 
   applyWrites(vol, change);
   const v2 = sha(vol);
   const s2 = await snap.createSnapshot(vol, { store: a });
-  const before = blocksOf(b);
+  const before = await blocksOf(be, b);
   const c2 = await snap.copySnapshot(s2.id, { store: a, toStore: b, encrypt: true, key: { keyFile: key } });
   t.equal(c2.parentId, c1.id);
   t.equal(c2.stats.blocksAdded, touched(change, BS).length, 'the second encrypted copy adds only the changed blocks');
-  t.equal(blocksOf(b) - before, touched(change, BS).length);
+  t.equal((await blocksOf(be, b)) - before, touched(change, BS).length);
   t.equal(c2.stats.bytesScanned, touched(change, BS).length * BS, 'unchanged blocks are not even read');
-  t.same(filesWithMarker(b), []);
+  t.same(await objectsWithMarker(be, b), []);
 
   const out = path.join(dir, 'out.img');
   r = ds(['snapshot', 'restore', c2.id, '--store', b, '--to', out]);
@@ -138,11 +149,11 @@ t.test('plain -> --encrypt: no file of the destination holds the marker; restore
   t.equal(JSON.parse(ds(['volume', 'list', '--store', b, '--json']).out).volumes[0].encrypted, true, 'the destination records the volume as encrypted');
 });
 
-t.test('encrypted -> copy without --encrypt stays encrypted under its key; re-keying needs the old key and makes the old one useless; nothing decrypts', async (t) => {
+forEachBackend(t, 'encrypted -> copy without --encrypt stays encrypted under its key; re-keying needs the old key and makes the old one useless; nothing decrypts', async (t, be) => {
   const dir = t.testdir();
-  const a = path.join(dir, 'a');
-  const b = path.join(dir, 'b');
-  const c = path.join(dir, 'c');
+  const a = await be.store('a');
+  const b = await be.store('b');
+  const c = await be.store('c');
   const vol = path.join(dir, 'vol.img');
   const k1 = keyFile(dir, 'k1');
   const k2 = keyFile(dir, 'k2');
@@ -153,7 +164,7 @@ t.test('encrypted -> copy without --encrypt stays encrypted under its key; re-ke
   let r = ds(['snapshot', 'copy', s1.id, '--store', a, '--to-store', b]);
   t.equal(r.status, 1, 'the source key is needed to copy (objects are verified on the way)');
   t.match(r.stderr, /ENOKEY/);
-  t.notOk(fs.existsSync(b), 'refused before the destination was created');
+  t.notOk(await be.exists(b), 'refused before the destination was created');
   r = ds(['snapshot', 'copy', s1.id, '--store', a, '--to-store', b, '--key-file', k2]);
   t.equal(r.status, 1);
   t.match(r.stderr, /another one; to re-key the copy, pass the snapshot's key with --source-key-file/);
@@ -162,10 +173,10 @@ t.test('encrypted -> copy without --encrypt stays encrypted under its key; re-ke
   t.equal(r.status, 0, r.stderr);
   const same = JSON.parse(r.out);
   t.match(same, { encrypted: true, keyId: s1.keyId, name: 'enc' }, 'copied without --encrypt: still encrypted, same key');
-  t.same(filesWithMarker(b), []);
+  t.same(await objectsWithMarker(be, b), []);
   t.same(
-    files(b).filter((f) => f.startsWith('blocks/')).sort(),
-    files(a).filter((f) => f.startsWith('blocks/')).sort(),
+    await be.keys(b, 'blocks/'),
+    await be.keys(a, 'blocks/'),
     'under the same key the objects have the same names',
   );
 
@@ -181,7 +192,7 @@ t.test('encrypted -> copy without --encrypt stays encrypted under its key; re-ke
   const rekeyed = JSON.parse(r.out);
   t.equal(rekeyed.encrypted, true);
   t.not(rekeyed.keyId, s1.keyId, 'a new key id');
-  t.same(filesWithMarker(c), []);
+  t.same(await objectsWithMarker(be, c), []);
   const out = path.join(dir, 'out.img');
   r = ds(['snapshot', 'restore', rekeyed.id, '--store', c, '--to', out, '--key-file', k1]);
   t.equal(r.status, 1, 'the old key does not open the re-keyed copy');
@@ -189,16 +200,17 @@ t.test('encrypted -> copy without --encrypt stays encrypted under its key; re-ke
   r = ds(['snapshot', 'restore', rekeyed.id, '--store', c, '--to', out, '--key-file', k2]);
   t.equal(r.status, 0, r.stderr);
   t.equal(sha(out), sha(vol), 'the re-keyed copy restores with the new key');
-  r = ds(['snapshot', 'copy', s2.id, '--store', a, '--to-store', path.join(dir, 'd'), '--source-key-file', k1]);
+  const d = await be.store('d');
+  r = ds(['snapshot', 'copy', s2.id, '--store', a, '--to-store', d, '--source-key-file', k1]);
   t.equal(r.status, 0, 'a copy with only the source key: encrypted under that key');
-  t.equal(JSON.parse(ds(['snapshot', 'list', '--store', path.join(dir, 'd'), '--json']).out).snapshots[0].encrypted, true);
+  t.equal(JSON.parse(ds(['snapshot', 'list', '--store', d, '--json']).out).snapshots[0].encrypted, true);
   t.notOk(ds(['snapshot', 'copy', '--help']).out.match(/decrypt/), 'there is no option to decrypt');
 });
 
-t.test('a copy shows pending with progress, then completed; a damaged source object fails the copy (error, not completed)', async (t) => {
+forEachBackend(t, 'a copy shows pending with progress, then completed; a damaged source object fails the copy (error, not completed)', async (t, be) => {
   const dir = t.testdir();
-  const a = path.join(dir, 'a');
-  const b = path.join(dir, 'b');
+  const a = await be.store('a');
+  const b = await be.store('b');
   const vol = path.join(dir, 'vol.img');
   volume(vol);
   const s1 = await snap.createSnapshot(vol, { store: a, blockSize: BS });
@@ -216,18 +228,18 @@ t.test('a copy shows pending with progress, then completed; a damaged source obj
   t.equal(c.state, 'completed');
 
   // Damage one object of the source: the copy stops, the destination's copy is `error`.
-  const obj = files(a).filter((f) => f.startsWith('blocks/')).sort()[7];
-  flipByte(path.join(a, obj), 12345);
-  const e = path.join(dir, 'e');
+  const obj = (await be.keys(a, 'blocks/'))[7];
+  await be.flip(a, obj, 12345);
+  const e = await be.store('e');
   const r = ds(['snapshot', 'copy', s1.id, '--store', a, '--to-store', e, '--json']);
   t.equal(r.status, 1, 'a damaged source is an error');
   t.match(r.stderr, /does not match its digest.*ECORRUPT/);
   const listed = JSON.parse(ds(['snapshot', 'list', '--store', e, '--json']).out).snapshots;
   t.same(listed.map((s: { state: string }) => s.state), ['error'], 'the copy is marked error, never completed');
   t.equal(ds(['store', 'gc', '--store', e]).status, 0, 'gc clears what it had written');
-  t.equal(blocksOf(e), 0);
+  t.equal(await blocksOf(be, e), 0);
 
-  const other = path.join(dir, 'other');
+  const other = await be.store('other');
   ds(['store', 'init', '--store', other, '--block-size', '128K']);
   const bad = ds(['snapshot', 'copy', c.id, '--store', b, '--to-store', other]);
   t.equal(bad.status, 1);
@@ -248,6 +260,9 @@ function coreOnly(root: string): StoreBackend {
   };
 }
 
+// Directory-only: the core-only backend wraps the directory backend (setBackendFactory
+// replaces whatever a store URL names), and the S3 backend is itself a core backend plus
+// stat and open, which the [s3] runs above exercise.
 t.test('snapshot logic needs only the core backend: create, incremental, copy (encrypting), restore, verify, delete, gc', async (t) => {
   setBackendFactory(coreOnly);
   t.teardown(() => setBackendFactory(undefined));
