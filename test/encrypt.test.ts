@@ -3,13 +3,18 @@
  * store (block data, names, descriptions, tags), restore byte-exact with the key, and every
  * way of getting it wrong — no key, a wrong key or passphrase, a flipped byte in an object or
  * manifest, an object swapped for another — is a clear error, exit 1, with no output left.
+ * Tests that touch a store run on a directory store and on a store in a bucket
+ * (test/helpers/backends.ts); the sealing tests that need no store run once.
  */
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import * as snap from '../src/storage';
-import { KiB, MiB, Write, allocated, applyWrites, ds, files, flipByte, makeImage, sha, touched } from '../fixtures/store/helpers';
+import { KiB, MiB, Write, allocated, applyWrites, ds, makeImage, sha, touched } from '../fixtures/store/helpers';
+import { Backend, closeInspector, forEachBackend } from './helpers/backends';
+
+t.teardown(closeInspector);
 
 const BS = 64 * KiB;
 const MARKER = 'DISKSNAP-TEST-MARKER-7c1e';
@@ -26,13 +31,17 @@ function markedImage(file: string, size: number, writes: Write[]): void {
   }
 }
 
-/** Every file under `dir` whose bytes contain the marker (or its UTF-16 / base64 forms). */
-function filesWithMarker(dir: string, marker = MARKER): string[] {
+/** Every object of a store whose bytes contain the marker (or its UTF-16 / base64 forms). */
+async function objectsWithMarker(b: Backend, store: string, marker = MARKER): Promise<string[]> {
   const needles = [Buffer.from(marker), Buffer.from(marker, 'utf16le'), Buffer.from(Buffer.from(marker).toString('base64').slice(0, 16))];
-  return files(dir).filter((f) => {
-    const bytes = fs.readFileSync(path.join(dir, f));
-    return needles.some((n) => bytes.includes(n));
-  });
+  const keys = await b.keys(store);
+  if (keys.length === 0) throw new Error(`${store} holds no objects: nothing to search`);
+  const hits: string[] = [];
+  for (const k of keys) {
+    const bytes = await b.read(store, k);
+    if (needles.some((n) => bytes.includes(n))) hits.push(k);
+  }
+  return hits;
 }
 
 function keyFile(dir: string, name: string): string {
@@ -57,9 +66,9 @@ const change: Write[] = [
   { offset: 33 * MiB, length: 5000, seed: 21 },
 ];
 
-t.test('an encrypted volume: no file of the store holds the marker, not even names or tags; snapshots restore byte-exact with the key; incremental under the key; gc keeps what is live', async (t) => {
+forEachBackend(t, 'an encrypted volume: no file of the store holds the marker, not even names or tags; snapshots restore byte-exact with the key; incremental under the key; gc keeps what is live', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   const key = keyFile(dir, 'k');
   markedImage(vol, SIZE, base);
@@ -83,13 +92,15 @@ t.test('an encrypted volume: no file of the store holds the marker, not even nam
   t.equal(s2.parentId, s1.id, 'incremental: the parent is under the same key');
   t.equal(s2.stats.blocksAdded, touched(change, BS).length, 'only the changed blocks are added');
 
-  t.same(filesWithMarker(store), [], 'no file of the store contains the marker (data, name, description, tags)');
-  t.same(filesWithMarker(store, 'second'), [], 'names are sealed in the record');
-  t.equal(files(store).filter((f) => f.startsWith('keys/')).length, 1, 'one key record');
-  const keyRecord = fs.readFileSync(path.join(store, files(store).find((f) => f.startsWith('keys/'))!));
+  t.same(await objectsWithMarker(b, store), [], 'no object of the store contains the marker (data, name, description, tags)');
+  t.same(await objectsWithMarker(b, store, 'second'), [], 'names are sealed in the record');
+  const keyKeys = await b.keys(store, 'keys/');
+  t.equal(keyKeys.length, 1, 'one key record');
+  const keyRecord = await b.read(store, keyKeys[0]);
   t.notOk(keyRecord.includes(fs.readFileSync(key).toString('hex')) || keyRecord.includes(fs.readFileSync(key)), 'the key is not in the store');
-  for (const f of files(store).filter((f) => f.startsWith('blocks/'))) {
-    const size = fs.statSync(path.join(store, f)).size;
+  const blockSizes = await b.sizes(store, 'blocks/');
+  t.equal(blockSizes.size, s2.stats.blocksAdded + s1.stats.blocksAdded);
+  for (const [f, size] of blockSizes) {
     t.ok(size === BS + 32 || size === (SIZE % BS) + 32, `object ${f} is a sealed block (${size} bytes)`);
   }
 
@@ -128,9 +139,9 @@ t.test('an encrypted volume: no file of the store holds the marker, not even nam
   t.same((await snap.diffSnapshots(s2.id, s2.id, { store })).changedBlocks, [], 'diff of encrypted snapshots works without the key (keyed digests)');
 });
 
-t.test('no key, a wrong key or passphrase, a flipped byte, a swapped object: each a clear error, exit 1, and no output left', async (t) => {
+forEachBackend(t, 'no key, a wrong key or passphrase, a flipped byte, a swapped object: each a clear error, exit 1, and no output left', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   const key = keyFile(dir, 'k');
   const other = keyFile(dir, 'other');
@@ -150,7 +161,7 @@ t.test('no key, a wrong key or passphrase, a flipped byte, a swapped object: eac
   r = ds(['snapshot', 'create', vol, '--store', store, '--key-file', other]);
   t.equal(r.status, 1);
   t.match(r.stderr, /wrong key \(EKEYREJECTED\)/);
-  t.same(fs.readdirSync(path.join(store, 'snapshots')), [], 'no snapshot record was written for either');
+  t.same(await b.keys(store, 'snapshots/'), [], 'no snapshot record was written for either');
   r = ds(['snapshot', 'create', vol, '--store', store, '--key-file', key, '--name', 'good', '--json']);
   t.equal(r.status, 0, r.stderr);
   const id = JSON.parse(r.out).id as string;
@@ -181,51 +192,51 @@ t.test('no key, a wrong key or passphrase, a flipped byte, a swapped object: eac
   t.match(r.stderr, /holds 31 bytes; a key file is exactly 32 random bytes/);
   noOutput('a short key file');
 
-  const objects = files(store).filter((f) => f.startsWith('blocks/')).sort();
+  const objects = await b.keys(store, 'blocks/');
   t.equal(objects.length, 33, 'two MiB of data in 64 KiB blocks, and the marker in the last block');
-  const damage = (name: string, fn: () => void, undo: () => void) => {
-    fn();
+  const damage = async (name: string, fn: () => Promise<void>, undo: () => Promise<void>) => {
+    await fn();
     const rr = ds(['snapshot', 'restore', id, '--store', store, '--to', target, '--key-file', key]);
     t.equal(rr.status, 1, `${name}: restore exits 1`);
     t.match(rr.stderr, /ECORRUPT/, `${name}: ${rr.stderr.trim()}`);
     noOutput(name);
     const v = ds(['snapshot', 'verify', id, '--store', store, '--key-file', key, '--json']);
     t.equal(v.status, 1, `${name}: verify exits 1`);
-    undo();
+    await undo();
     return JSON.parse(v.out);
   };
   // One flipped byte in the ciphertext, then in the trailer (nonce / tag).
-  const victim = path.join(store, objects[3]);
-  const original = fs.readFileSync(victim);
-  let report = damage('a flipped byte in an object', () => flipByte(victim, 1000), () => fs.writeFileSync(victim, original));
+  const victim = objects[3];
+  const original = await b.read(store, victim);
+  const restoreVictim = () => b.write(store, victim, original);
+  let report = await damage('a flipped byte in an object', () => b.flip(store, victim, 1000), restoreVictim);
   t.equal(report.badBlocks.length, 1, 'verify names exactly one bad block');
   t.match(report.badBlocks[0].reason, /failed authentication/);
-  report = damage('a flipped byte in an object\'s tag', () => flipByte(victim, BS + 20), () => fs.writeFileSync(victim, original));
+  report = await damage('a flipped byte in an object\'s tag', () => b.flip(store, victim, BS + 20), restoreVictim);
   t.equal(report.badBlocks.length, 1);
   t.match(report.badBlocks[0].reason, /failed authentication/);
-  report = damage('a flipped byte in an object\'s trailer magic', () => flipByte(victim, original.length - 2), () => fs.writeFileSync(victim, original));
+  report = await damage('a flipped byte in an object\'s trailer magic', () => b.flip(store, victim, original.length - 2), restoreVictim);
   t.match(report.badBlocks[0].reason, /trailer/);
   // An object swapped for another (both authentic on their own).
-  const a = path.join(store, objects[1]);
-  const b = path.join(store, objects[2]);
-  const bBytes = fs.readFileSync(b);
-  report = damage('a swapped object', () => fs.copyFileSync(a, b), () => fs.writeFileSync(b, bBytes));
+  const aBytes = await b.read(store, objects[1]);
+  const bBytes = await b.read(store, objects[2]);
+  report = await damage('a swapped object', () => b.write(store, objects[2], aBytes), () => b.write(store, objects[2], bBytes));
   t.equal(report.badBlocks.length, 1, 'the swapped object is named');
   // The manifest: its keyed trailer catches a changed entry.
-  const manifest = path.join(store, 'snapshots', `${id}.map`);
-  const mBytes = fs.readFileSync(manifest);
-  report = damage('a flipped byte in the manifest', () => flipByte(manifest, 128 + 40 + 20), () => fs.writeFileSync(manifest, mBytes));
+  const manifest = `snapshots/${id}.map`;
+  const mBytes = await b.read(store, manifest);
+  report = await damage('a flipped byte in the manifest', () => b.flip(store, manifest, 128 + 40 + 20), () => b.write(store, manifest, mBytes));
   t.match(report.manifestError, /authentication \(HMAC\)/);
 
   r = ds(['snapshot', 'restore', id, '--store', store, '--to', target, '--key-file', key]);
   t.equal(r.status, 0, `undamaged again, it restores: ${r.stderr}`);
   t.equal(sha(target), sha(vol));
-  t.same(leftovers(dir, ['store', 'vol.img', 'k', 'other', 'out', 'pp', 'short']), [], 'nothing else was left anywhere');
+  t.same(leftovers(dir, ['stores', 'vol.img', 'k', 'other', 'out', 'pp', 'short']), [], 'nothing else was left anywhere');
 });
 
-t.test('passphrases: DISKSNAP_PASSPHRASE or --passphrase-file, scrypt salt in the store; one passphrase is one key per store; a plain volume refuses a key', async (t) => {
+forEachBackend(t, 'passphrases: DISKSNAP_PASSPHRASE or --passphrase-file, scrypt salt in the store; one passphrase is one key per store; a plain volume refuses a key', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const v1 = path.join(dir, 'a.img');
   const v2 = path.join(dir, 'b.img');
   makeImage(v1, 4 * MiB, [{ offset: 0, length: 1 * MiB, seed: 9 }]);
@@ -237,7 +248,7 @@ t.test('passphrases: DISKSNAP_PASSPHRASE or --passphrase-file, scrypt salt in th
   r = ds(['volume', 'register', v2, '--store', store, '--encrypted', '--json'], env);
   const k2 = JSON.parse(r.out).keyId;
   t.equal(k2, k1, 'the same passphrase in one store is the same key (its salt is reused)');
-  const rec = JSON.parse(fs.readFileSync(path.join(store, 'keys', `${k1}.json`), 'utf8'));
+  const rec = JSON.parse((await b.read(store, `keys/${k1}.json`)).toString('utf8'));
   t.equal(rec.kdf, 'scrypt');
   t.same(Object.keys(rec.scrypt).sort(), ['N', 'p', 'r', 'salt']);
 
@@ -324,9 +335,9 @@ t.test('native sealing and node:crypto on the event loop make the same objects: 
   t.ok(opened.out.subarray(3 * bs, 4 * bs).every((b) => b === 0), 'no unauthenticated plaintext was written');
 });
 
-t.test('an encrypted snapshot sealed natively restores with node:crypto, and the other way round', async (t) => {
+forEachBackend(t, 'an encrypted snapshot sealed natively restores with node:crypto, and the other way round', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   const key = keyFile(dir, 'k');
   markedImage(vol, 12 * MiB, [{ offset: 0, length: 6 * MiB, seed: 40 }]);
@@ -344,14 +355,14 @@ t.test('an encrypted snapshot sealed natively restores with node:crypto, and the
     t.equal(r.status, 0, r.stderr);
     t.equal(sha(out), sha(vol), `sealed with ${create} native threads, opened with ${restore}`);
   }
-  t.same(filesWithMarker(store), []);
+  t.same(await objectsWithMarker(b, store), []);
 });
 
-t.test('a killed writer\'s pending encrypted snapshot is marked error by a process without the key, its sealed metadata intact', async (t) => {
+forEachBackend(t, 'a killed writer\'s pending encrypted snapshot is marked error by a process without the key, its sealed metadata intact', async (t, b) => {
   const { spawn } = await import('node:child_process');
   const { ROOT } = await import('../fixtures/store/helpers');
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   const key = keyFile(dir, 'k');
   markedImage(vol, 8 * MiB, [{ offset: 0, length: 4 * MiB, seed: 50 }]);
@@ -359,7 +370,9 @@ t.test('a killed writer\'s pending encrypted snapshot is marked error by a proce
   const lib = path.join(ROOT, 'dist', 'src', 'storage', 'index.js');
   const script = `require(${JSON.stringify(lib)}).createSnapshot(${JSON.stringify(vol)}, { store: ${JSON.stringify(store)}, key: { keyFile: ${JSON.stringify(key)} },
     name: ${JSON.stringify(`killed ${MARKER}`)}, faults: { afterChunk: () => { console.log('reading'); return new Promise(() => setInterval(() => {}, 1000)); } } })`;
-  const child = spawn(process.execPath, ['-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+  // In a bucket a dead writer is known by its lease running out (no pid to probe): the
+  // child's leases last 1.5 s instead of a minute.
+  const child = spawn(process.execPath, ['-e', script], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, DISKSNAP_S3_LEASE_TTL_MS: '1500' } });
   await new Promise<void>((resolve, reject) => {
     child.stdout!.once('data', () => resolve());
     child.once('exit', (code) => reject(new Error(`child exited ${code} before reading`)));
@@ -368,34 +381,35 @@ t.test('a killed writer\'s pending encrypted snapshot is marked error by a proce
   child.kill('SIGKILL');
   await died;
 
+  if (b.kind === 's3') await new Promise((r) => setTimeout(r, 2000)); // its leases run out
   const listed = (await snap.listSnapshots({ store })).snapshots; // no key: reaps on the way
   t.equal(listed.length, 1);
   t.match(listed[0], { state: 'error', encrypted: true, metadataHidden: true, error: /ended before it completed/ });
   const shown = await snap.showSnapshot(listed[0].id, { store, key: { keyFile: key } });
   t.equal(shown.name, `killed ${MARKER}`, 'the sealed name survived the keyless rewrite');
-  t.same(filesWithMarker(store), []);
+  t.same(await objectsWithMarker(b, store), []);
   const g = await snap.gc({ store });
   t.equal(g.blocksKept, 0, 'gc removes what the killed writer had stored');
 });
 
-t.test('small blocks (16 KiB) and a short last block: sealed objects are block + 32 bytes, and restore byte-exact', async (t) => {
+forEachBackend(t, 'small blocks (16 KiB) and a short last block: sealed objects are block + 32 bytes, and restore byte-exact', async (t, b) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
   const key = keyFile(dir, 'k');
   markedImage(vol, 3 * MiB + 1000, [{ offset: 0, length: 2 * MiB, seed: 60 }]);
   await snap.registerVolume(vol, { store, blockSize: 16 * KiB, encrypted: true, key: { keyFile: key } });
   const s = await snap.createSnapshot(vol, { store, key: { keyFile: key } });
-  const sizes = new Set(files(store).filter((f) => f.startsWith('blocks/')).map((f) => fs.statSync(path.join(store, f)).size));
+  const sizes = new Set((await b.sizes(store, 'blocks/')).values());
   t.same([...sizes].sort((a, b) => a - b), [1000 + 32, 16 * KiB + 32], 'objects are block + 32 bytes');
   const out = path.join(dir, 'out.img');
   await snap.restoreSnapshot(s.id, { store, to: out, key: { keyFile: key } });
   t.equal(sha(out), sha(vol));
   t.ok((await snap.verifySnapshot(s.id, { store, key: { keyFile: key } })).ok);
-  t.same(filesWithMarker(store), []);
+  t.same(await objectsWithMarker(b, store), []);
 });
 
-t.test('key generate writes a private 32-byte key that encrypts and restores, and never replaces a key without --force', async (t) => {
+forEachBackend(t, 'key generate writes a private 32-byte key that encrypts and restores, and never replaces a key without --force', async (t, b) => {
   const dir = t.testdir();
   const key = path.join(dir, 'vol.key');
   let r = ds(['key', 'generate', key, '--json']);
@@ -419,7 +433,7 @@ t.test('key generate writes a private 32-byte key that encrypts and restores, an
   // the key works, and the store records the id key generate printed
   const vol = path.join(dir, 'vol.img');
   markedImage(vol, 4 * MiB, [{ offset: 0, length: MiB, seed: 7 }]);
-  const store = path.join(dir, 'store');
+  const store = await b.store('store');
   r = ds(['volume', 'register', vol, '--store', store, '--encrypted', '--key-file', key, '--json']);
   t.equal(r.status, 0, r.stderr);
   t.equal(JSON.parse(r.out).keyId, keyId, 'the store knows the key by the id key generate printed');
@@ -429,7 +443,7 @@ t.test('key generate writes a private 32-byte key that encrypts and restores, an
   r = ds(['snapshot', 'restore', JSON.parse(r.out).id, '--store', store, '--to', out, '--key-file', key]);
   t.equal(r.status, 0, r.stderr);
   t.equal(sha(out), sha(vol));
-  t.same(filesWithMarker(store), []);
+  t.same(await objectsWithMarker(b, store), []);
 
   r = ds(['key', 'generate', key, '--force', '--json']);
   t.equal(r.status, 0, r.stderr);
