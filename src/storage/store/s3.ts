@@ -195,7 +195,10 @@ export class S3Backend implements StoreBackend {
         httpAgent: new (require('node:http') as typeof HttpModule).Agent(agentOpts),
         httpsAgent: new (require('node:https') as typeof HttpsModule).Agent(agentOpts),
         connectionTimeout: 10_000,
-        requestTimeout: opts.requestTimeoutMs ?? 120_000,
+        // socketTimeout, not requestTimeout: in @smithy/node-http-handler 4 the latter only
+        // logs a warning (unless throwOnRequestTimeout), so a server that took a request and
+        // never answered hung the command for ever. This is inactivity, not total time.
+        socketTimeout: opts.requestTimeoutMs ?? 120_000,
       },
     });
   }
