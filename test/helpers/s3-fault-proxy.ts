@@ -71,7 +71,8 @@ export async function startFaultProxy(target: string, rates: FaultRates, random:
       { host: to.hostname, port: to.port, method: req.method, path: req.url, headers: req.headers, agent },
       (upRes) => {
         res.writeHead(upRes.statusCode ?? 502, upRes.headers);
-        const len = Number(upRes.headers['content-length'] ?? 0);
+        // A HEAD answer has no body, whatever its Content-Length says: nothing to cut.
+        const len = req.method === 'HEAD' ? 0 : Number(upRes.headers['content-length'] ?? 0);
         if (!cutThis || len < 2) {
           if (!cutThis) counts.passed++;
           upRes.pipe(res);
