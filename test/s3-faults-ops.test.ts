@@ -164,7 +164,7 @@ t.test('on a gateway of its own', { skip }, async (t) => {
     const target = path.join(outDir, 'restored.img');
     // one request at a time, so that the restore is still reading when the gateway dies
     const restore = run(['snapshot', 'restore', s2.id, '--store', src, '--to', target], { ...giveUp, DISKSNAP_S3_CONCURRENCY: '1' });
-    const midRestore = await waitFor(() => fs.readdirSync(outDir).some((n) => n.endsWith('.tmp') && fs.statSync(path.join(outDir, n)).blocks > 0), 60_000);
+    const midRestore = await waitFor(() => fs.readdirSync(outDir).some((n) => n.endsWith('.tmp')), 60_000); // made first, written at the end of a chunk
     killGateway();
     const r = await restore;
     await restartGatewayAsync();
@@ -252,7 +252,7 @@ t.test('on a gateway of its own', { skip }, async (t) => {
 
     // Harsher, with processes that give up after 2 attempts: commands fail part way, clearly;
     // nothing is half-visible.
-    proxy.rates = { reset: 0.1, cut: 0.1, err503: 0.1 };
+    proxy.rates = { reset: 0.07, cut: 0.07, err503: 0.06 }; // 4% of requests fail twice: most fail part way
     applyWrites(vol, [{ offset: 4 * MiB, length: MiB, seed: 10 }]);
     const harsh = { ...viaProxy, DISKSNAP_S3_RETRIES: '2' };
     const outDir = path.join(dir, 'harsh');
