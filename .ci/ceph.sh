@@ -112,7 +112,7 @@ osd op num shards = 2
 osd op num threads per shard = 2
 
 [$RGW_NAME]
-rgw frontends = beast endpoint=127.0.0.1:$PORT
+rgw frontends = beast endpoint=127.0.0.1:$PORT tcp_nodelay=1
 rgw data = $DIR/rgw
 ms mon client mode = crc
 rgw thread pool size = 128
