@@ -18,6 +18,8 @@ import { spawn, spawnSync } from 'node:child_process';
 import * as net from 'node:net';
 import * as snap from '../src/storage';
 import { S3Backend } from '../src/storage/store/s3';
+import { withStoreLock } from '../src/storage/common';
+import type { Store } from '../src/storage/store/store';
 import { CLI, KiB, MiB, applyWrites, makeImage, sha } from '../fixtures/store/helpers';
 import { CEPH_SCRIPT, ceph, cephMissing, killGateway, newBucket, restartGatewayAsync } from './helpers/ceph';
 import { startFaultProxy } from './helpers/s3-fault-proxy';
@@ -89,6 +91,26 @@ function clearFailure(t: Tap.Test, r: { status: number | null; err: string }, wh
   t.equal(r.err.trim().split('\n').length, 1, `${what}: one line (${r.err.trim()})`);
   t.match(r.err, /S3 at http:\/\/127\.0\.0\.1:\d+: .* failed after \d+ attempt\(s\)|ELOCKED|in use/, `${what}: says what failed`);
 }
+
+t.test('an operation that fails while the gateway is down reports its own failure, not the lock release that failed after it', async (t) => {
+  let released = 0;
+  const store = {
+    lock: async () => ({
+      release: async () => {
+        released++;
+        throw new Error('PUT locks/shared/x failed after 2 attempt(s)');
+      },
+    }),
+  } as unknown as Store;
+  await t.rejects(
+    withStoreLock(store, 'shared', {}, async () => {
+      throw new Error('GET blocks/ab/abcd failed after 2 attempt(s)');
+    }),
+    { message: /GET blocks\/ab\/abcd/ },
+  );
+  t.equal(released, 1, 'the release was still tried');
+  await t.rejects(withStoreLock(store, 'shared', {}, async () => 1), { message: /PUT locks\/shared/ }, 'after a success, a failed release is reported');
+});
 
 t.test('a server that takes a request and never answers: a clear error after the attempts, not a hang', async (t) => {
   t.setTimeout(60_000); // a hang fails here rather than at the file's limit

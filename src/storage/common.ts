@@ -128,11 +128,20 @@ export async function findVolumeByPath(store: Store, real: string): Promise<Volu
 
 export async function withStoreLock<T>(store: Store, mode: 'shared' | 'exclusive', opts: StoreOptions, fn: (lock: HeldStoreLock) => Promise<T>): Promise<T> {
   const lock = await store.lock(mode, { waitMs: opts.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS });
+  let result: T;
   try {
-    return await fn(lock);
-  } finally {
-    await lock.release();
+    result = await fn(lock);
+  } catch (e) {
+    // The first failure is the one to report. When the gateway that broke `fn` is still
+    // down, the release fails too and would hide it (a restore said "PUT locks/shared/...
+    // failed", not which block); a lease not given back runs out on its own.
+    await Promise.resolve()
+      .then(() => lock.release())
+      .catch(() => undefined);
+    throw e;
   }
+  await lock.release();
+  return result;
 }
 
 /** "snapshot X is error (why); only completed snapshots can be <verb>" unless it is completed. */
