@@ -74,10 +74,12 @@ export interface CreateSnapshotOptions extends StoreOptions {
 export async function createSnapshot(volume: string, opts: CreateSnapshotOptions = {}): Promise<SnapshotJson> {
   const out = await takeSnapshot(volume, opts);
   if (out.state !== 'completed') return out;
-  const store = await Store.open(opts.store);
-  const policy = (await store.readVolume(out.volumeId)).retention;
-  if (!policy) return out;
   try {
+    // Reading the policy is part of applying it: on a bucket whose gateway fails now, a
+    // failed read must not turn a completed snapshot into a failed command either.
+    const store = await Store.open(opts.store);
+    const policy = (await store.readVolume(out.volumeId)).retention;
+    if (!policy) return out;
     opts.onPrune?.(await pruneSnapshots(policy, { ...opts, volume: out.volumeId, protect: { ids: [out.id], reason: 'just taken' } }));
   } catch (e) {
     opts.onLog?.(`the retention policy of volume ${out.volumeId} could not be applied: ${(e as Error).message}`);
