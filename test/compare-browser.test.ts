@@ -17,6 +17,7 @@ import { missing } from './helpers/tools';
 import { SCALAR_METRICS } from '../src/compare/verdict';
 import { COLORS, renderHtml } from '../src/compare/html';
 import type { CompareReport, StrategyMetrics } from '../src/compare/types';
+import { metrics } from './helpers/compare-report';
 
 const MiB = 2 ** 20;
 
@@ -169,22 +170,9 @@ t.test('the HTML report renders its SVG charts in headless Chromium', { skip }, 
 
 /** A report of three strategies whose growth curves start at the top left (where a legend inside the plot would sit). */
 function threeStrategyReport(): CompareReport {
-  const metrics = (over: Partial<StrategyMetrics>): StrategyMetrics => ({
-    snapshotSeconds: 0.1,
-    snapshotBytes: MiB,
-    writeMBps: 500,
-    writeSeconds: 0.01,
-    writeFlushSeconds: 0.001,
-    readMBps: 1000,
-    fullReadMBps: 1000,
-    extraBytes: MiB,
-    rollbackSeconds: 0.1,
-    restoreSeconds: 0.1,
-    survivesVolumeLoss: true,
-    survival: { lost: 'x', tried: 'y', survives: true, outcome: 'ok' },
-    growth: [1, 4, 16].map((n) => ({ snapshots: n, snapshotSeconds: 6.25 / n, extraBytes: (188 * MiB) / n, readMBps: 4723 / n, verified: true })),
-    ...over,
-  });
+  const growth = [1, 4, 16].map((n) => ({ snapshots: n, snapshotSeconds: 6.25 / n, extraBytes: (188 * MiB) / n, readMBps: 4723 / n, verified: true }));
+  const survives = { survivesVolumeLoss: true, survival: { lost: 'x', tried: 'y', survives: true, outcome: 'ok' } };
+  const m = (over: Partial<StrategyMetrics>) => metrics({ growth, ...survives, ...over });
   return {
     version: 2,
     date: '2026-12-02T00:00:00Z',
@@ -192,9 +180,9 @@ function threeStrategyReport(): CompareReport {
     workload: { spec: 'random:3%:4k-1m', kind: 'random', seed: 1, bytes: 8 * MiB, requests: 40, touched: { cluster64k: 9 * MiB, block512k: 20 * MiB }, growthRoundBytes: 2 * MiB },
     baseline: { writeMBps: 268, writeFlushSeconds: 0.001, readMBps: 3000, fullReadMBps: 3000, spread: { readMBps: 0.05, fullReadMBps: 0.05 } },
     strategies: [
-      { name: 'differencing-disk', title: 'd', how: {}, metrics: metrics({ writeMBps: 300, survivesVolumeLoss: false, survival: { lost: 'x', tried: 'y', survives: false, outcome: 'no', code: 'ENOENT' } }) },
-      { name: 'storage-snapshot', title: 's', how: {}, metrics: metrics({ writeMBps: 600 }) },
-      { name: 'pointer-snapshot', title: 'p', how: {}, metrics: metrics({ writeMBps: 550 }) },
+      { name: 'differencing-disk', title: 'd', how: {}, metrics: m({ writeMBps: 300, survivesVolumeLoss: false, survival: { lost: 'x', tried: 'y', survives: false, outcome: 'no', code: 'ENOENT' } }) },
+      { name: 'storage-snapshot', title: 's', how: {}, metrics: m({ writeMBps: 600 }) },
+      { name: 'pointer-snapshot', title: 'p', how: {}, metrics: m({ writeMBps: 550 }) },
     ],
     unavailable: [],
     checks: [],

@@ -6,8 +6,9 @@ import t from 'tap';
 import { parseWorkload, randomPlan, sequentialPlan, footprint, applyPlan, readBackPlan, makeWorkload, WritePlan } from '../src/compare/workload';
 import { bestOf, noiseOf, winner, verdict, formatSeconds, SCALAR_METRICS } from '../src/compare/verdict';
 import { niceTicks, tickLabel } from '../src/compare/html';
+import { metrics } from './helpers/compare-report';
 import type { DiskImage, ImageInfo, MapExtent } from '../src/image';
-import type { CompareReport, StrategyMetrics } from '../src/compare/types';
+import type { CompareReport } from '../src/compare/types';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
@@ -191,25 +192,6 @@ t.test('axis ticks are round and labelled in as few digits as they need', async 
     }
   }
 });
-
-function metrics(over: Partial<StrategyMetrics>): StrategyMetrics {
-  return {
-    snapshotSeconds: 0.1,
-    snapshotBytes: MiB,
-    writeMBps: 500,
-    writeSeconds: 0.01,
-    writeFlushSeconds: 0.001,
-    readMBps: 1000,
-    fullReadMBps: 1000,
-    extraBytes: MiB,
-    rollbackSeconds: 0.1,
-    restoreSeconds: 0.1,
-    survivesVolumeLoss: false,
-    survival: { lost: 'x', tried: 'y', survives: false, outcome: 'z', code: 'ENOENT' },
-    growth: [1, 4, 16].map((n) => ({ snapshots: n, snapshotSeconds: n * 0.01, extraBytes: n * MiB, readMBps: 1000, verified: true })),
-    ...over,
-  };
-}
 
 t.test('the verdict names what each strategy wins, from the numbers', async (t) => {
   const report = {

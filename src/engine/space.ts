@@ -6,6 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fromNodeError } from './errors';
 import { native } from './native';
+import { BlockFile } from './file';
 
 /** Bytes a file occupies on disk (st_blocks * 512). */
 export function allocatedBytes(file: string): number {
@@ -53,21 +54,16 @@ export function physicalBytes(files: string[]): number {
   const ranges: Array<[number, number]> = [];
   let unplaced = 0;
   for (const file of files) {
-    let fd: number;
+    const f = BlockFile.open(file, { lock: 'none' });
     try {
-      fd = fs.openSync(file, 'r');
-    } catch (e) {
-      throw fromNodeError(e, file);
-    }
-    try {
-      const q = native().fiemap(fd, 0, fs.fstatSync(fd).size);
+      const q = native().fiemap(f.fd, 0, f.size());
       for (let i = 0; i < q.length; i += 4) {
         const [physical, length, flags] = [q[i + 1], q[i + 2], q[i + 3]];
         if (flags & (FIEMAP_EXTENT_UNKNOWN | FIEMAP_EXTENT_DELALLOC | FIEMAP_EXTENT_DATA_INLINE)) unplaced += length;
         else ranges.push([physical, physical + length]);
       }
     } finally {
-      fs.closeSync(fd);
+      f.close();
     }
   }
   ranges.sort((a, b) => a[0] - b[0]);
