@@ -7,9 +7,16 @@
  *
  * A snapshot of such a volume first takes a FICLONE of it (of the point-in-time clone when
  * the volume is mounted: the same moment) into a temporary name, fsyncs it, renames it to its
- * final name and fsyncs the folder; then the snapshot is read from that clone, not from the
- * volume. A clone never changes, so the read is of one moment without the proof of
- * ./capture.ts (no second pass, no mtime watch), and a writer of the volume never waits.
+ * final name and fsyncs the folder. An incremental whose blocks were chosen by comparing
+ * clones (below) is read from that clone: a clone never changes, so the read and the parent
+ * entries it keeps are of one moment without the proof of ./capture.ts. A snapshot that reads
+ * every block (the first, or a fallback to tags) reads the live volume instead, with that
+ * proof: a fresh clone is a new inode, and reading it forgoes the volume's page cache (1 GiB
+ * on xfs: 9.2 s through the clone, 3.3-3.8 s live). If a writer moves the volume during that
+ * read, the retry reads the clone, so a busy volume still gets its snapshot. The clone kept
+ * is older than the live read by the moments between them; a write in between shows up in
+ * the next comparison as a moved extent (copy-on-write never writes a shared extent in
+ * place), so it is read again then, never missed.
  *
  * The next snapshot takes its own clone the same way and compares the physical extents of the
  * two clones (FIEMAP, both flushed): a block whose every byte maps to the same physical
