@@ -3,18 +3,21 @@
  * into bin/, where nothing else sees it; undelete brings it back whole (it restores
  * byte-exact); gc keeps the blocks of what is in the bin and purges what expired; a crash
  * between the steps of a move leaves the live record winning. Without a retention, delete
- * removes at once, as before.
+ * removes at once, as before. Both backends: a directory and a bucket of the Ceph gateway.
  */
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { cli } from './helpers/cli';
+import { Backend, closeInspector, forEachBackend } from './helpers/backends';
 
 const MiB = 2 ** 20;
 
-function setup(t: Tap.Test) {
+t.teardown(closeInspector);
+
+async function setup(t: Tap.Test, b: Backend) {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
+  const store = await b.store('bin');
   const vol = path.join(dir, 'v.img');
   const ids: string[] = [];
   const contents: Buffer[] = [];
@@ -39,8 +42,8 @@ function setup(t: Tap.Test) {
   return { dir, store, vol, ids, contents, listed, inBin, restores };
 }
 
-t.test('a deleted snapshot waits in the bin: invisible, its blocks kept by gc, back whole with undelete', async (t) => {
-  const s = setup(t);
+forEachBackend(t, 'a deleted snapshot waits in the bin: invisible, its blocks kept by gc, back whole with undelete', async (t, b) => {
+  const s = await setup(t, b);
   t.same(JSON.parse(cli(['store', 'bin', '--store', s.store, '--json']).out), { retentionSeconds: null }, 'no bin by default');
   const set = cli(['store', 'bin', '--retention', '7d', '--store', s.store, '--json']);
   t.equal(set.status, 0, set.stderr);
@@ -81,36 +84,34 @@ t.test('a deleted snapshot waits in the bin: invisible, its blocks kept by gc, b
   t.ok(s.restores(s.ids[1], s.contents[1]), 'the other snapshot restores');
 });
 
-t.test('gc purges expired bin entries and frees their blocks; a crashed move leaves the live record winning', async (t) => {
-  const s = setup(t);
+forEachBackend(t, 'gc purges expired bin entries and frees their blocks; a crashed move leaves the live record winning', async (t, b) => {
+  const s = await setup(t, b);
   t.equal(cli(['store', 'bin', '--retention', '1d', '--store', s.store]).status, 0);
   t.equal(cli(['snapshot', 'delete', s.ids[0], '--store', s.store]).status, 0);
   // time passes: the entry's expiry moved into the past
-  const entry = path.join(s.store, 'bin', `${s.ids[0]}.json`);
-  const o = JSON.parse(fs.readFileSync(entry, 'utf8'));
-  fs.writeFileSync(entry, JSON.stringify({ ...o, binExpires: new Date(Date.now() - 1000).toISOString() }));
+  const entry = `bin/${s.ids[0]}.json`;
+  const o = JSON.parse((await b.read(s.store, entry)).toString('utf8'));
+  await b.write(s.store, entry, JSON.stringify({ ...o, binExpires: new Date(Date.now() - 1000).toISOString() }));
   const late = cli(['snapshot', 'undelete', s.ids[0], '--store', s.store]);
   t.equal(late.status, 1);
   t.match(late.stderr, /expired in the bin/);
   const dry = JSON.parse(cli(['store', 'gc', '--dry-run', '--store', s.store, '--json']).out) as { binPurged: string[] };
   t.same(dry.binPurged, [s.ids[0]], 'a dry run names what it would purge');
-  t.ok(fs.existsSync(entry), '...and purges nothing');
+  t.ok((await b.keys(s.store, 'bin/')).includes(entry), '...and purges nothing');
   const gc = JSON.parse(cli(['store', 'gc', '--store', s.store, '--json']).out) as { binPurged: string[]; blocksFreed: number };
   t.same(gc.binPurged, [s.ids[0]]);
   t.ok(gc.blocksFreed >= 1, `its own blocks freed (${gc.blocksFreed})`);
-  t.same(fs.readdirSync(path.join(s.store, 'bin')), [], 'nothing of it left in bin/');
+  t.same(await b.keys(s.store, 'bin/'), [], 'nothing of it left in bin/');
   t.ok(s.restores(s.ids[1], s.contents[1]), 'the block it shared with the live snapshot was kept');
 
   // a move into the bin killed after the bin record was written, before the live record went:
   // both exist; the snapshot stays live, and gc removes the stale bin entry
   t.equal(cli(['snapshot', 'delete', s.ids[1], '--store', s.store]).status, 0);
-  const binDir = path.join(s.store, 'bin');
-  const snapDir = path.join(s.store, 'snapshots');
-  for (const ext of ['json', 'map']) fs.copyFileSync(path.join(binDir, `${s.ids[1]}.${ext}`), path.join(snapDir, `${s.ids[1]}.${ext}`));
-  const rec = JSON.parse(fs.readFileSync(path.join(snapDir, `${s.ids[1]}.json`), 'utf8'));
+  await b.write(s.store, `snapshots/${s.ids[1]}.map`, await b.read(s.store, `bin/${s.ids[1]}.map`));
+  const rec = JSON.parse((await b.read(s.store, `bin/${s.ids[1]}.json`)).toString('utf8'));
   delete rec.binnedAt;
   delete rec.binExpires;
-  fs.writeFileSync(path.join(snapDir, `${s.ids[1]}.json`), JSON.stringify(rec));
+  await b.write(s.store, `snapshots/${s.ids[1]}.json`, JSON.stringify(rec));
   t.same(s.listed(), [s.ids[1]], 'the live record is listed');
   const gc2 = JSON.parse(cli(['store', 'gc', '--store', s.store, '--json']).out) as { binPurged: string[]; blocksFreed: number };
   t.same(gc2.binPurged, [s.ids[1]], 'the stale bin entry goes');
@@ -119,7 +120,7 @@ t.test('gc purges expired bin entries and frees their blocks; a crashed move lea
 
   // a damaged bin record is reported, and its manifest still marks its blocks
   t.equal(cli(['snapshot', 'delete', s.ids[1], '--store', s.store]).status, 0);
-  fs.writeFileSync(path.join(binDir, `${s.ids[1]}.json`), '{ not json');
+  await b.write(s.store, `bin/${s.ids[1]}.json`, '{ not json');
   const listing = cli(['snapshot', 'list', '--in-bin', '--store', s.store]);
   t.match(listing.stderr, new RegExp(`recycle-bin entry ${s.ids[1]} is unreadable`));
   const gc3 = JSON.parse(cli(['store', 'gc', '--store', s.store, '--json']).out) as { blocksFreed: number; binKept: number };
