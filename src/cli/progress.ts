@@ -60,26 +60,17 @@ export function reporter(label: string, opts: { json?: boolean } = {}): Reporter
 /**
  * Plain and JSON lines: the first after one interval (a command shorter than that prints
  * nothing, as before), then one per interval, and the final state at the end when any was
- * printed.
+ * printed. `format` makes a line of the state, given the seconds since the start.
  */
-function lineReporter(label: string): Reporter {
+function throttled(format: (phase: string, done: number, total: number, bytes: boolean, secs: number) => string): Reporter {
   const t0 = Date.now();
   let last = t0;
   let printed = false;
   let pending: (() => string) | undefined;
-  const line = (phase: string, done: number, total: number, bytes: boolean) => {
-    const secs = (Date.now() - t0) / 1000;
-    const rate = rateOf(done, secs);
-    const pct = total > 0 ? Math.floor((done / total) * 100) : 100;
-    const parts = [`${amount(done, bytes)} of ${amount(total, bytes)}`];
-    if (bytes && rate > 0) parts.push(`${(rate / 1e6).toFixed(rate >= 1e8 ? 0 : 1)} MB/s`);
-    if (rate > 0 && done < total) parts.push(`${secondsText((total - done) / rate)} left`);
-    return `${label}: ${phase === label ? '' : `${phase} `}${pct}% (${parts.join(', ')})\n`;
-  };
   return {
     update(phase, done, total, bytes = true) {
       const now = Date.now();
-      pending = () => line(phase, done, total, bytes);
+      pending = () => format(phase, done, total, bytes, (now - t0) / 1000);
       if (now - last < intervalMs()) return;
       last = now;
       printed = true;
@@ -94,13 +85,19 @@ function lineReporter(label: string): Reporter {
   };
 }
 
+function lineReporter(label: string): Reporter {
+  return throttled((phase, done, total, bytes, secs) => {
+    const rate = rateOf(done, secs);
+    const pct = total > 0 ? Math.floor((done / total) * 100) : 100;
+    const parts = [`${amount(done, bytes)} of ${amount(total, bytes)}`];
+    if (bytes && rate > 0) parts.push(`${(rate / 1e6).toFixed(rate >= 1e8 ? 0 : 1)} MB/s`);
+    if (rate > 0 && done < total) parts.push(`${secondsText((total - done) / rate)} left`);
+    return `${label}: ${phase === label ? '' : `${phase} `}${pct}% (${parts.join(', ')})\n`;
+  });
+}
+
 function jsonReporter(label: string): Reporter {
-  const t0 = Date.now();
-  let last = t0;
-  let printed = false;
-  let pending: string | undefined;
-  const event = (phase: string, done: number, total: number, bytes: boolean) => {
-    const secs = (Date.now() - t0) / 1000;
+  return throttled((phase, done, total, bytes, secs) => {
     const rate = rateOf(done, secs);
     const o: Record<string, unknown> = {
       message_type: 'status',
@@ -113,22 +110,7 @@ function jsonReporter(label: string): Reporter {
     };
     if (rate > 0 && done < total) o.seconds_remaining = Math.round(((total - done) / rate) * 1000) / 1000;
     return `${JSON.stringify(o)}\n`;
-  };
-  return {
-    update(phase, done, total, bytes = true) {
-      pending = event(phase, done, total, bytes);
-      const now = Date.now();
-      if (now - last < intervalMs()) return;
-      last = now;
-      printed = true;
-      process.stderr.write(pending);
-      pending = undefined;
-    },
-    stop() {
-      if (pending && printed) process.stderr.write(pending);
-      pending = undefined;
-    },
-  };
+  });
 }
 
 function barReporter(label: string): Reporter {

@@ -12,8 +12,9 @@
  * A raw regular file on xfs or btrfs gets a reflink clone of that view, which the snapshot
  * keeps beside the volume for its successor (./reflink.ts: where it lives, why it is trusted,
  * the crash ordering, and which of clone and volume is read); the successor reads only the
- * blocks whose extents differ between its clone and this one. The clone is claimed by the record turning `completed`;
- * after that the older clones of the volume are removed (pruneClones). noReflink opts out.
+ * blocks whose extents differ between its clone and this one. The clone is claimed by the
+ * record turning `completed`; after that the older clones of the volume are removed
+ * (pruneClones). noReflink opts out.
  */
 import { BlockFile } from '../engine/file';
 import { busy, invalid } from '../engine/errors';
@@ -21,7 +22,7 @@ import { openCapture, type CaptureSource } from '../host/point-in-time';
 import { KeyRing, isExplicit } from './keys';
 import { PLAIN_CODEC, Store, sealedCodec } from './store/store';
 import { TagKey, tagKeyFrom } from './store/tags';
-import { SnapshotJson, SnapshotRecord, VolumeRecord } from './store/records';
+import { RetentionPolicy, SnapshotJson, SnapshotRecord, VolumeRecord } from './store/records';
 import { ProgressFn, StoreOptions, findVolumeByPath, openVolume, realVolumePath, threadsOf, volumeSizeOf, withStoreLock } from './common';
 import { Faults, faultsOf } from './faults';
 import { Captured, completeSnapshot, failSnapshot, pendingRecord, progressSaver } from './lifecycle';
@@ -72,14 +73,10 @@ export interface CreateSnapshotOptions extends StoreOptions {
  * not fail the snapshot.
  */
 export async function createSnapshot(volume: string, opts: CreateSnapshotOptions = {}): Promise<SnapshotJson> {
-  const out = await takeSnapshot(volume, opts);
-  if (out.state !== 'completed') return out;
+  // the policy comes with the volume record the snapshot read anyway: no second store open
+  const { out, policy } = await takeSnapshot(volume, opts);
+  if (out.state !== 'completed' || !policy) return out;
   try {
-    // Reading the policy is part of applying it: on a bucket whose gateway fails now, a
-    // failed read must not turn a completed snapshot into a failed command either.
-    const store = await Store.open(opts.store);
-    const policy = (await store.readVolume(out.volumeId)).retention;
-    if (!policy) return out;
     opts.onPrune?.(await pruneSnapshots(policy, { ...opts, volume: out.volumeId, protect: { ids: [out.id], reason: 'just taken' } }));
   } catch (e) {
     opts.onLog?.(`the retention policy of volume ${out.volumeId} could not be applied: ${(e as Error).message}`);
@@ -87,7 +84,7 @@ export async function createSnapshot(volume: string, opts: CreateSnapshotOptions
   return out;
 }
 
-async function takeSnapshot(volume: string, opts: CreateSnapshotOptions): Promise<SnapshotJson> {
+async function takeSnapshot(volume: string, opts: CreateSnapshotOptions): Promise<{ out: SnapshotJson; policy: RetentionPolicy | null }> {
   if (opts.name !== undefined && typeof opts.name !== 'string') throw invalid('name must be a string');
   // The volume first: a typo in its path must not create a store as a side effect.
   const real = realVolumePath(volume);
@@ -96,7 +93,7 @@ async function takeSnapshot(volume: string, opts: CreateSnapshotOptions): Promis
   const format = detectFormat(real);
   try {
     const store = await Store.open(opts.store, { create: true, blockSize: opts.blockSize });
-    return await withStoreLock(store, 'shared', opts, async (): Promise<SnapshotJson> => {
+    return await withStoreLock(store, 'shared', opts, async () => {
       const { vol, cstore, tk } = await volumeAndKeys(store, real, file, opts);
       const listing = await store.listSnapshots();
       await store.reapStale(listing);
@@ -130,7 +127,7 @@ async function takeSnapshot(volume: string, opts: CreateSnapshotOptions): Promis
         const out = await runCapture(cstore, file, rec, parent, opts, guest ? undefined : tk, guest, plan);
         if (guest && rec.changeTracking) endGuest(file, real, vol.id, rec, opts.onLog);
         if (raw) await pruneClones(store, rec, opts.onLog);
-        return out;
+        return { out, policy: vol.retention };
       } finally {
         await lease.release();
       }
