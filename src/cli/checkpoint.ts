@@ -37,7 +37,7 @@ export function register(program: Command): void {
     .action(
       action(async (image: string, name: string, opts: { qmp?: string; json?: boolean }) => {
         const n = opts.qmp ? await createLive(image, name, { qmp: opts.qmp }) : await cp.create(image, name);
-        if (opts.json) printJson(n);
+        if (opts.json) printJson('checkpoint-node', n);
         else process.stdout.write(`checkpoint ${n.name}: ${n.file}${opts.qmp ? ' (live)' : ''}; ${image} continues over it\n`);
       }),
     );
@@ -50,7 +50,7 @@ export function register(program: Command): void {
     .action(
       action(async (image: string, opts: { json?: boolean }) => {
         const t = await cp.list(image);
-        if (opts.json) printJson(t);
+        if (opts.json) printJson('checkpoint-tree', t);
         else printTree(t);
       }),
     );
@@ -65,7 +65,7 @@ export function register(program: Command): void {
     .action(
       action(async (image: string, name: string, opts: { keep?: string; json?: boolean }) => {
         const t = await cp.revert(image, name, { keep: opts.keep });
-        if (opts.json) printJson(t);
+        if (opts.json) printJson('checkpoint-tree', t);
         else process.stdout.write(`${image} now sits on ${name}${opts.keep ? `; its previous state is node ${opts.keep}` : ''}\n`);
       }),
     );
@@ -79,7 +79,7 @@ export function register(program: Command): void {
     .action(
       action(async (image: string, name: string, opts: { json?: boolean }) => {
         const r = await cp.remove(image, name);
-        if (opts.json) printJson(r);
+        if (opts.json) printJson('checkpoint-delete', r);
         else process.stdout.write(`deleted ${name}: merged into ${r.mergedInto.length} child(ren), ${formatSize(r.bytesCopied)} copied\n`);
       }),
     );
@@ -94,7 +94,7 @@ export function register(program: Command): void {
     .action(
       action(async (image: string, from: string, to: string, opts: { json?: boolean }) => {
         const r = await cp.squash(image, from, to);
-        if (opts.json) printJson(r);
+        if (opts.json) printJson('checkpoint-squash', r);
         else process.stdout.write(`squashed into ${to}: deleted ${r.deleted.join(', ') || 'nothing'}\n`);
       }),
     );
@@ -107,7 +107,7 @@ export function register(program: Command): void {
     .action(
       action(async (image: string, opts: { json?: boolean }) => {
         await cp.resume(image);
-        if (opts.json) printJson({ image, unfinished: false });
+        if (opts.json) printJson('checkpoint-resume', { image, unfinished: false });
         else process.stdout.write(`${image}: nothing left unfinished\n`);
       }),
     );

@@ -7,13 +7,14 @@
  * nothing.
  */
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { Command, Option } from 'commander';
 import { writeAtomically, checkOutput } from '../engine/atomic';
 import { DisksnapError } from '../engine/errors';
 import { compare, parseWorkload, renderHtml, renderOverviewSvg, renderText, silentProgress, stderrProgress, WORKLOAD_HELP, DEFAULT_GROWTH } from '../compare';
 import { isQuiet } from './progress';
 import type { CompareReport, StrategyName } from '../compare';
-import { action, intArg, log, sizeArg } from './util';
+import { action, intArg, log, sizeArg, traceDocument } from './util';
 
 export interface CompareCommandOptions {
   generate?: number;
@@ -62,6 +63,7 @@ export async function runCompare(image: string | undefined, opts: CompareCommand
     progress: isQuiet() ? silentProgress : stderrProgress(),
   });
   const json = JSON.stringify(report, null, 2) + '\n';
+  if (opts.json !== undefined) traceDocument('compare-report', opts.json === '-' ? 'stdout' : path.resolve(opts.json));
   if (opts.json !== undefined && opts.json !== '-') await writeReport(opts.json, json, !!opts.force);
   if (opts.html !== undefined) await writeReport(opts.html, renderHtml(report), !!opts.force);
   if (opts.svg !== undefined) await writeReport(opts.svg, renderOverviewSvg(report), !!opts.force);

@@ -8,9 +8,9 @@ import * as diff from '../differencing';
 import { commitLive } from '../differencing/live';
 import { DisksnapError } from '../engine/errors';
 import { formatSize } from '../engine/size';
-import { qemuCheck, formatQemuJson } from '../image/qemu';
+import { qemuCheck } from '../image/qemu';
 import { reporter } from './progress';
-import { action, ExitStatus, OutputFormat, outputOption, outputStyle, printJson, powerOfTwoArg, UsageError } from './util';
+import { action, ExitStatus, OutputFormat, outputOption, outputStyle, printJson, printQemuJson, powerOfTwoArg, UsageError } from './util';
 
 /** Progress of a commit or flatten on stderr (./progress.ts), in bytes. */
 function progress(label: string): diff.Progress {
@@ -35,7 +35,7 @@ export function register(program: Command): void {
     .action(
       action(async (parent: string, child: string, opts: { clusterSize?: number; force?: boolean; json?: boolean }) => {
         const r = await diff.createChild(parent, child, { clusterSize: opts.clusterSize, force: opts.force });
-        if (opts.json) printJson(r);
+        if (opts.json) printJson('diff-child', r);
         else
           process.stdout.write(
             `created ${r.child}: qcow2 child of ${r.parent} (${r.parentFormat}), ${formatSize(r.virtualSize)}, ${formatSize(r.clusterSize)} clusters; ${r.parent} is now read-only\n`,
@@ -53,7 +53,7 @@ export function register(program: Command): void {
     .action(
       action((child: string, opts: { recursive?: boolean; dryRun?: boolean; json?: boolean }) => {
         const r = diff.rollback(child, { recursive: opts.recursive, dryRun: opts.dryRun });
-        if (opts.json) printJson(r);
+        if (opts.json) printJson('diff-rollback', r);
         else {
           const [did, left, again] = r.dryRun ? ['would remove', 'would have', 'would be'] : ['removed', 'has', 'is'];
           process.stdout.write(`${did} ${r.removed.join(', ')}${r.dryRun ? ' (dry run: nothing removed)' : ''}\n`);
@@ -75,7 +75,7 @@ export function register(program: Command): void {
     .action(
       action(async (child: string, opts: { acceptParent?: boolean; json?: boolean }) => {
         const r = await diff.reset(child, { acceptParent: opts.acceptParent });
-        if (opts.json) printJson(r);
+        if (opts.json) printJson('diff-child', r);
         else process.stdout.write(`reset ${r.child}: empty child of ${r.parent}\n`);
       }),
     );
@@ -96,12 +96,12 @@ export function register(program: Command): void {
         if (opts.qmp) {
           if (opts.keepChild) throw new DisksnapError('--keep-child is not supported with --qmp (QEMU drops the child when it pivots)', 'EINVALID');
           const l = await commitLive(child, { qmp: opts.qmp, allowSiblingChange: opts.allowSiblingChange, onProgress: progress('commit') });
-          if (opts.json) printJson(l);
+          if (opts.json) printJson('diff-commit-live', l);
           else process.stdout.write(`committed ${l.child} into ${l.parent} live; the VM now runs on ${l.parent}; ${l.child} removed\n`);
           return;
         }
         const r = await diff.commit(child, { keepChild: opts.keepChild, allowSiblingChange: opts.allowSiblingChange, onProgress: progress('commit') });
-        if (opts.json) printJson(r);
+        if (opts.json) printJson('diff-commit', r);
         else {
           process.stdout.write(
             `committed ${r.child} into ${r.parent}: ${formatSize(r.bytesCopied)} written, ${formatSize(r.bytesZeroed)} zeroed${r.resumed ? ' (resumed an interrupted commit)' : ''}; ` +
@@ -126,7 +126,7 @@ export function register(program: Command): void {
     .action(
       action(async (child: string, out: string, opts: { force?: boolean; json?: boolean }) => {
         const r = await diff.flatten(child, out, { force: opts.force, onProgress: progress('flatten') });
-        if (opts.json) printJson(r);
+        if (opts.json) printJson('diff-flatten', r);
         else process.stdout.write(`wrote ${r.out}: raw, ${formatSize(r.virtualSize)}, ${formatSize(r.dataBytes)} of data\n`);
       }),
     );
@@ -142,12 +142,12 @@ export function register(program: Command): void {
       action((image: string, opts: { repair?: boolean; json?: boolean; output?: OutputFormat }) => {
         const style = outputStyle(opts);
         const r = diff.check(image, { repair: opts.repair });
-        if (style === 'qemu') {
+        if (style === 'peer') {
           // qemu-img check --output=json: the document on stdout, the findings on stderr; a raw
           // image has no document ("does not support checks", exit 63)
           for (const m of r.messages) process.stderr.write(`${m}\n`);
-          if (r.format === 'qcow2') process.stdout.write(formatQemuJson(qemuCheck(r)));
-        } else if (style === 'disksnap') printJson(r);
+          if (r.format === 'qcow2') printQemuJson('qemu-check', qemuCheck(r));
+        } else if (style === 'disksnap') printJson('diff-check', r);
         else {
           for (const m of r.messages) process.stdout.write(`${m}\n`);
           if (r.corruptions > 0) process.stdout.write(`${r.corruptions} error${r.corruptions > 1 ? 's' : ''} were found on the image.\n`);
@@ -169,7 +169,7 @@ export function register(program: Command): void {
     .action(
       action((child: string, opts: { json?: boolean }) => {
         const r = diff.acceptParent(child);
-        if (opts.json) printJson(r);
+        if (opts.json) printJson('diff-accept-parent', r);
         else process.stdout.write(`${r.child}: parent ${r.parent} accepted as it is now (guard was: ${r.before})\n`);
       }),
     );
@@ -182,7 +182,7 @@ export function register(program: Command): void {
     .action(
       action((parent: string, opts: { json?: boolean }) => {
         const children = diff.childrenOf(parent);
-        if (opts.json) printJson({ parent, children });
+        if (opts.json) printJson('diff-children', { parent, children });
         else for (const c of children) process.stdout.write(`${c}\n`);
       }),
     );

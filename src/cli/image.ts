@@ -11,8 +11,8 @@ import { writeAtomically } from '../engine/atomic';
 import { attachmentOf } from '../host/attach';
 import { invalid } from '../engine/errors';
 import { formatSize } from '../engine/size';
-import { formatQemuJson, formatQemuMap, measure, qemuInfo, qemuMap } from '../image/qemu';
-import { action, intArg, OutputFormat, outputOption, outputStyle, powerOfTwoArg, printJson, printLines, sizeArg, UsageError } from './util';
+import { formatQemuMap, measure, qemuInfo, qemuMap } from '../image/qemu';
+import { action, intArg, OutputFormat, outputOption, outputStyle, powerOfTwoArg, printJson, printQemuJson, printLines, sizeArg, traceDocument, UsageError } from './util';
 
 const CHUNK = 4 * 2 ** 20;
 
@@ -27,7 +27,7 @@ export function register(program: Command): void {
     .action(
       action(async (file: string, size: number, opts: { force?: boolean; json?: boolean }) => {
         await createRawImage(file, size, { force: opts.force });
-        if (opts.json) printJson({ file, format: 'raw', virtualSize: size });
+        if (opts.json) printJson('image-create', { file, format: 'raw', virtualSize: size });
         else process.stdout.write(`created ${file}: raw, ${formatSize(size)} (${size} bytes)\n`);
       }),
     );
@@ -44,9 +44,9 @@ export function register(program: Command): void {
       action((file: string, opts: { chain?: boolean; backingChain?: boolean; json?: boolean; output?: OutputFormat }) => {
         const style = outputStyle(opts);
         const chain = !!(opts.chain || opts.backingChain);
-        if (style === 'qemu') {
+        if (style === 'peer') {
           // qemu-img's document: each layer's header read on its own, as qemu-img info reads it
-          process.stdout.write(formatQemuJson(qemuInfo(file, chain)));
+          printQemuJson(chain ? 'qemu-info-chain' : 'qemu-info', qemuInfo(file, chain));
           return;
         }
         // No lock: info is for images in use too (a VM's, an attached child's), like qemu-img -U.
@@ -59,7 +59,7 @@ export function register(program: Command): void {
         }
         const a = attachmentOf(file);
         if (a) info.attached = { device: a.device, via: a.via, readOnly: a.readOnly, mountpoints: a.mountpoints };
-        if (style === 'disksnap') printJson(info);
+        if (style === 'disksnap') printJson('image-info', info);
         else printInfo(info);
       }),
     );
@@ -73,8 +73,10 @@ export function register(program: Command): void {
     .action(
       action((file: string, opts: { json?: boolean; output?: OutputFormat }) => {
         const style = outputStyle(opts);
-        if (style === 'qemu') {
-          process.stdout.write(formatQemuMap(qemuMap(file)));
+        if (style === 'peer') {
+          const text = formatQemuMap(qemuMap(file));
+          traceDocument('qemu-map', 'stdout');
+          process.stdout.write(text);
           return;
         }
         const image = openImage(file);
@@ -82,7 +84,7 @@ export function register(program: Command): void {
           const extents = image.map();
           if (style === 'disksnap') {
             // `start`, not `offset`: qemu-img's `offset` is the host offset (ours is hostOffset)
-            printJson({
+            printJson('image-map', {
               virtualSize: image.virtualSize,
               extents: extents.map(({ offset, ...rest }) => ({ start: offset, ...rest })),
             });
@@ -116,7 +118,7 @@ export function register(program: Command): void {
         if ((file === undefined) === (opts.size === undefined)) throw new UsageError('measure needs either FILE or --size SIZE (not both)');
         if (opts.clusterSize !== undefined && opts.targetFormat !== 'qcow2') throw new UsageError('--cluster-size needs -O qcow2');
         const m = measure({ file, size: opts.size, target: opts.targetFormat, clusterSize: opts.clusterSize });
-        if (opts.output === 'json' || opts.json) process.stdout.write(formatQemuJson(m));
+        if (opts.output === 'json' || opts.json) printQemuJson('qemu-measure', m);
         else {
           const lines = [`required size: ${m.required}`, `fully allocated size: ${m['fully-allocated']}`];
           if (m.bitmaps !== undefined) lines.push(`bitmaps size: ${m.bitmaps}`);
@@ -149,7 +151,7 @@ export function register(program: Command): void {
                 fs.closeSync(fd);
               }
             });
-            if (opts.json) printJson({ file, offset, length, to: opts.to });
+            if (opts.json) printJson('image-read', { file, offset, length, to: opts.to });
           } else {
             await copyOutAsync(image, offset, length, (chunk) => writeStdout(chunk));
           }
@@ -179,7 +181,7 @@ export function register(program: Command): void {
             image.writeSync(chunk, offset + pos);
           }
           image.flushSync();
-          if (opts.json) printJson({ file, offset, length: data.length });
+          if (opts.json) printJson('image-write', { file, offset, length: data.length });
           else process.stderr.write(`wrote ${data.length} bytes at offset ${offset} of ${file}\n`);
         } finally {
           image.close();
@@ -240,7 +242,7 @@ export function register(program: Command): void {
               random: opts.random,
               pattern: opts.pattern,
             });
-            if (opts.json) printJson({ file, format: image.format, ...r });
+            if (opts.json) printJson('image-bench', { file, format: image.format, ...r });
             else
               process.stdout.write(
                 `Run completed in ${r.seconds.toFixed(3)} seconds: ${Math.round(r.iops)} requests/s, ` +

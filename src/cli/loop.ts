@@ -19,7 +19,7 @@ export function register(program: Command): void {
     .action(
       action(async (file: string, opts: { readOnly?: boolean; cache: 'direct' | 'page'; via: 'auto' | 'fuse'; json?: boolean }) => {
         const a = await attach(file, { readOnly: !!opts.readOnly, cache: opts.cache, via: opts.via });
-        if (opts.json) printJson(a);
+        if (opts.json) printJson('attach', a);
         else process.stdout.write(`${a.device}\n`);
       }),
     );
@@ -40,7 +40,7 @@ export function register(program: Command): void {
             );
           }
         }
-        if (opts.json) printJson({ detached: results });
+        if (opts.json) printJson('detach', { detached: results });
       }),
     );
 }

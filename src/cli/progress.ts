@@ -13,6 +13,7 @@
  */
 import * as cliProgress from 'cli-progress';
 import { formatSize } from '../engine/size';
+import { traceDocument } from './util';
 
 let quiet = process.env.DISKSNAP_QUIET === '1';
 
@@ -96,19 +97,51 @@ function lineReporter(label: string): Reporter {
   });
 }
 
+/**
+ * One `--json` progress line on stderr, restic's `message_type: "status"` convention: either
+ * bytes_done/total_bytes or items_done/total_items (by what the operation counts).
+ */
+export interface ProgressEvent {
+  message_type: 'status';
+  /** the operation: snapshot, restore, verify, copy, commit, flatten, compare ... */
+  command: string;
+  /** a step of it ('' when it has one) */
+  phase: string;
+  /**
+   * fraction done, 0..1
+   * @minimum 0
+   * @maximum 1
+   */
+  percent_done: number;
+  bytes_done?: number;
+  total_bytes?: number;
+  items_done?: number;
+  total_items?: number;
+  /** @minimum 0 */
+  seconds_elapsed: number;
+  /** @minimum 0 */
+  seconds_remaining?: number;
+}
+
 function jsonReporter(label: string): Reporter {
   return throttled((phase, done, total, bytes, secs) => {
     const rate = rateOf(done, secs);
-    const o: Record<string, unknown> = {
+    const o: ProgressEvent = {
       message_type: 'status',
       command: label,
       phase,
       percent_done: total > 0 ? Math.min(1, done / total) : 1,
-      [bytes ? 'bytes_done' : 'items_done']: done,
-      [bytes ? 'total_bytes' : 'total_items']: total,
       seconds_elapsed: Math.round(secs * 1000) / 1000,
     };
+    if (bytes) {
+      o.bytes_done = done;
+      o.total_bytes = total;
+    } else {
+      o.items_done = done;
+      o.total_items = total;
+    }
     if (rate > 0 && done < total) o.seconds_remaining = Math.round(((total - done) / rate) * 1000) / 1000;
+    traceDocument('progress-event', 'stderr');
     return `${JSON.stringify(o)}\n`;
   });
 }

@@ -20,7 +20,8 @@ import { parseTags } from '../storage/store/records';
 import type { KeySpec } from '../storage/keys';
 import { formatSize } from '../engine/size';
 import { keepOptions, KeepFlags, policyOf, printPrune } from './retention';
-import { ExitStatus, UsageError, action, collect, log, printJson, printLines, printable, powerOfTwoArg, untilArg } from './util';
+import { ExitStatus, UsageError, action, collect, log, OutputFormat, outputOption, outputStyle, printJson, printLines, printable, powerOfTwoArg, untilArg } from './util';
+import { ec2CopySnapshot, ec2DescribeSnapshots, ec2ListBin, ec2LockSnapshot, ec2Snapshot } from './ec2';
 
 /** 'frozen-clone (filesystem frozen for 3.1 ms)' and the like. */
 function consistencyText(s: snap.SnapshotJson): string {
@@ -39,6 +40,9 @@ function consistencyText(s: snap.SnapshotJson): string {
 }
 
 const SEALED = '(encrypted: give the key to see it)';
+
+/** --json (disksnap's document) or --output json (EC2's, ./ec2.ts) */
+type Out = { json?: boolean; output?: OutputFormat };
 
 /** The clone a snapshot kept beside its volume, and the space it pins now. */
 function reflinkText(c: NonNullable<snap.SnapshotJson['reflinkClone']>): string {
@@ -98,11 +102,13 @@ export function register(program: Command): void {
     .option('--no-reflink', 'keep no reflink clone of the volume for the next snapshot (xfs, btrfs); removes the one it has')
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print the snapshot as JSON')
+    .addOption(outputOption('ec2'))
     .action(
-      action(async (volume: string, o: StoreFlag & KeyFlags & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean; reflink: boolean }) => {
+      action(async (volume: string, o: StoreFlag & KeyFlags & Out & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean; reflink: boolean }) => {
+        const style = outputStyle(o);
         const tags = parseTags(o.tag);
         const key = keySpec(o);
-        const rec = await withBar('snapshot', o.json, (onProgress) =>
+        const rec = await withBar('snapshot', style !== 'human', (onProgress) =>
           snap.createSnapshot(volume, {
             ...storeOpts(o),
             name: o.name,
@@ -117,7 +123,8 @@ export function register(program: Command): void {
             onPrune: (r) => r.removed.length && log(`disksnap: the volume's retention policy removed ${r.removed.map((d) => d.id).join(', ')} (their blocks go at the next store gc)`),
           }),
         );
-        if (o.json) printJson(rec);
+        if (style === 'disksnap') printJson('snapshot', rec);
+        else if (style === 'peer') printJson('ec2-snapshot', ec2Snapshot(rec));
         else {
           process.stdout.write(
             `${rec.id} ${rec.state}: ${rec.stats.dataBlocks} data blocks of ${formatSize(rec.blockSize)}, ` +
@@ -140,11 +147,14 @@ export function register(program: Command): void {
     .option('--state <state>', 'only snapshots in this state: pending, completed or error')
     .option('--in-bin', 'the snapshots in the recycle bin instead, with when each expires')
     .option('--json', 'print {"snapshots": [...]} ({"bin": [...]} with --in-bin)')
+    .addOption(outputOption('ec2'))
     .action(
-      action(async (o: StoreFlag & KeyFlags & { volume?: string; tag: string[]; name?: string; state?: string; inBin?: boolean }) => {
+      action(async (o: StoreFlag & KeyFlags & Out & { volume?: string; tag: string[]; name?: string; state?: string; inBin?: boolean }) => {
+        const style = outputStyle(o);
         if (o.inBin) {
           const { entries, damaged } = await snap.listBin(storeOpts(o));
-          if (o.json) printJson({ bin: entries });
+          if (style === 'disksnap') printJson('snapshot-bin-list', { bin: entries });
+          else if (style === 'peer') printJson('ec2-list-bin', ec2ListBin(entries));
           else if (entries.length === 0) process.stdout.write('the recycle bin is empty\n');
           else table(['ID', 'VOLUME', 'STARTED', 'DELETED', 'EXPIRES', 'NAME'], entries.map((e) => [e.snapshot.id, e.snapshot.volumeId, e.snapshot.startTime, e.binnedAt, e.binExpires, e.snapshot.name]));
           warnDamaged(damaged, 'recycle-bin entry');
@@ -154,7 +164,8 @@ export function register(program: Command): void {
         for (const f of o.tag) if (f === '' || f.startsWith('=')) throw new UsageError(`--tag '${f}' must be KEY=VALUE or KEY`);
         const state = o.state as 'pending' | 'completed' | 'error' | undefined;
         const { snapshots, damaged } = await snap.listSnapshots({ ...storeOpts(o), volume: o.volume, tags: o.tag, name: o.name, state, key: keySpec(o) });
-        if (o.json) printJson({ snapshots });
+        if (style === 'disksnap') printJson('snapshot-list', { snapshots });
+        else if (style === 'peer') printJson('ec2-describe-snapshots', ec2DescribeSnapshots(snapshots));
         else if (snapshots.length === 0) process.stdout.write('no snapshots\n');
         else {
           table(
@@ -180,10 +191,13 @@ export function register(program: Command): void {
     .argument('<snap>')
     .option(storeOption, storeHelp)
     .option('--json', 'print the snapshot as JSON')
+    .addOption(outputOption('ec2'))
     .action(
-      action(async (ref: string, o: StoreFlag & KeyFlags) => {
+      action(async (ref: string, o: StoreFlag & KeyFlags & Out) => {
+        const style = outputStyle(o);
         const rec = await snap.showSnapshot(ref, { ...storeOpts(o), key: keySpec(o) });
-        if (o.json) printJson(rec);
+        if (style === 'disksnap') printJson('snapshot', rec);
+        else if (style === 'peer') printJson('ec2-describe-snapshots', ec2DescribeSnapshots([rec]));
         else printSnapshot(rec);
       }),
     );
@@ -212,7 +226,7 @@ export function register(program: Command): void {
       .action(
         action(async (ref: string, args: string[], o: StoreFlag & KeyFlags) => {
           const rec = await snap.tagSnapshot(ref, change(args), { ...storeOpts(o), key: keySpec(o) });
-          if (o.json) printJson(rec);
+          if (o.json) printJson('snapshot', rec);
           else printTags(rec);
         }),
       );
@@ -227,7 +241,7 @@ export function register(program: Command): void {
     .action(
       action(async (o: StoreFlag & KeyFlags & KeepFlags & { volume?: string; dryRun?: boolean }) => {
         const r = await snap.pruneSnapshots(policyOf(o, 'prune'), { ...storeOpts(o), volume: o.volume, dryRun: o.dryRun, key: keySpec(o) });
-        if (o.json) printJson(r);
+        if (o.json) printJson('snapshot-prune', r);
         else printPrune(r);
       }),
     );
@@ -253,7 +267,7 @@ export function register(program: Command): void {
         const r = await withBar('restore', o.json, (onProgress) =>
           snap.restoreSnapshot(ref, { ...storeOpts(o), to: o.to, inPlace: o.inPlace, force: o.force, format, allowChainChange: o.allowChainChange, key: keySpec(o), onProgress }),
         );
-        if (o.json) printJson(r);
+        if (o.json) printJson('snapshot-restore', r);
         else if (r.mode === 'file') {
           process.stdout.write(`restored ${r.snapshotId} to ${r.target}: ${formatSize(r.volumeSize)}, ${r.blocksWritten} data blocks (${formatSize(r.bytesWritten)}) written, the rest left sparse\n`);
         } else {
@@ -276,7 +290,7 @@ export function register(program: Command): void {
     .action(
       action(async (ref: string, o: StoreFlag & { dryRun?: boolean; permanently?: boolean }) => {
         const r = await snap.deleteSnapshot(ref, { ...storeOpts(o), dryRun: o.dryRun, permanently: o.permanently });
-        if (o.json) printJson({ deleted: r.id, state: r.state, dryRun: r.dryRun, ...(r.binExpires ? { binExpires: r.binExpires } : {}) });
+        if (o.json) printJson('snapshot-delete', { deleted: r.id, state: r.state, dryRun: r.dryRun, ...(r.binExpires ? { binExpires: r.binExpires } : {}) });
         else if (r.dryRun) process.stdout.write(`would delete ${r.id} (dry run: nothing deleted)\n`);
         else process.stdout.write(r.binExpires ? `deleted ${r.id}: in the recycle bin until ${r.binExpires} (snapshot undelete ${r.id})\n` : `deleted ${r.id}\n`);
       }),
@@ -288,10 +302,13 @@ export function register(program: Command): void {
     .argument('<snap>', 'id, unique id prefix or name')
     .option(storeOption, storeHelp)
     .option('--json', 'print the snapshot as JSON')
+    .addOption(outputOption('ec2'))
     .action(
-      action(async (ref: string, o: StoreFlag) => {
+      action(async (ref: string, o: StoreFlag & Out) => {
+        const style = outputStyle(o);
         const rec = await snap.undeleteSnapshot(ref, storeOpts(o));
-        if (o.json) printJson(rec);
+        if (style === 'disksnap') printJson('snapshot', rec);
+        else if (style === 'peer') printJson('ec2-snapshot', ec2Snapshot(rec));
         else process.stdout.write(`${rec.id} is back (${rec.state})\n`);
       }),
     );
@@ -303,10 +320,13 @@ export function register(program: Command): void {
     .requiredOption('--until <time>', 'an ISO time (2027-01-31, 2027-01-31T12:00:00Z) or a duration from now (90m, 12h, 30d, 2w)', untilArg)
     .option(storeOption, storeHelp)
     .option('--json', 'print the snapshot as JSON')
+    .addOption(outputOption('ec2'))
     .action(
-      action(async (ref: string, o: StoreFlag & { until: string }) => {
+      action(async (ref: string, o: StoreFlag & Out & { until: string }) => {
+        const style = outputStyle(o);
         const rec = await snap.lockSnapshot(ref, o.until, storeOpts(o));
-        if (o.json) printJson(rec);
+        if (style === 'disksnap') printJson('snapshot', rec);
+        else if (style === 'peer') printJson('ec2-lock-snapshot', ec2LockSnapshot(rec));
         else process.stdout.write(`${rec.id} locked until ${rec.lockedUntil}\n`);
       }),
     );
@@ -316,10 +336,13 @@ export function register(program: Command): void {
     .argument('<snap>')
     .option(storeOption, storeHelp)
     .option('--json', 'print the snapshot as JSON')
+    .addOption(outputOption('ec2'))
     .action(
-      action(async (ref: string, o: StoreFlag) => {
+      action(async (ref: string, o: StoreFlag & Out) => {
+        const style = outputStyle(o);
         const rec = await snap.lockSnapshot(ref, null, storeOpts(o));
-        if (o.json) printJson(rec);
+        if (style === 'disksnap') printJson('snapshot', rec);
+        else if (style === 'peer') printJson('ec2-unlock-snapshot', { SnapshotId: rec.id });
         else process.stdout.write(`${rec.id} unlocked\n`);
       }),
     );
@@ -333,7 +356,7 @@ export function register(program: Command): void {
     .action(
       action(async (a: string, b: string, o: StoreFlag & KeyFlags) => {
         const r = await snap.diffSnapshots(a, b, { ...storeOpts(o), key: keySpec(o) });
-        if (o.json) printJson(r);
+        if (o.json) printJson('snapshot-diff', r);
         else {
           process.stdout.write(`${r.changedBlocks.length} changed blocks of ${formatSize(r.blockSize)}\n`);
           if (r.changedBlocks.length) process.stdout.write(r.changedBlocks.join('\n') + '\n');
@@ -350,7 +373,7 @@ export function register(program: Command): void {
     .action(
       action(async (ref: string, o: StoreFlag & KeyFlags) => {
         const r = await withBar('verify', o.json, (onProgress) => snap.verifySnapshot(ref, { ...storeOpts(o), key: keySpec(o), onProgress }));
-        if (o.json) printJson(r);
+        if (o.json) printJson('snapshot-verify', r);
         else if (r.ok) process.stdout.write(`${r.snapshotId} ok: ${r.blocksChecked} blocks (${formatSize(r.bytesChecked)}) match their digests\n`);
         if (!r.ok) {
           if (r.manifestError) log(`disksnap: ${r.snapshotId}: ${r.manifestError}`);
@@ -379,18 +402,21 @@ export function register(program: Command): void {
     .option('--tag <key=value>', 'tag, over the source\'s tags (repeatable)', collect, [])
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print the copy as JSON')
+    .addOption(outputOption('ec2'))
     .action(
       action(
         async (
           ref: string,
           o: StoreFlag &
-            KeyFlags & { toStore: string; encrypt?: boolean; sourceKeyFile?: string; sourcePassphraseFile?: string; name?: string; description?: string; tag: string[] },
+            KeyFlags &
+            Out & { toStore: string; encrypt?: boolean; sourceKeyFile?: string; sourcePassphraseFile?: string; name?: string; description?: string; tag: string[] },
         ) => {
+          const style = outputStyle(o);
           if (o.sourceKeyFile !== undefined && o.sourcePassphraseFile !== undefined) throw new UsageError('give one of --source-key-file and --source-passphrase-file');
           const sourceKey: KeySpec | undefined =
             o.sourceKeyFile !== undefined ? { keyFile: o.sourceKeyFile } : o.sourcePassphraseFile !== undefined ? { passphraseFile: o.sourcePassphraseFile } : undefined;
           const tags = parseTags(o.tag);
-          const rec = await withBar('copy', o.json, (onProgress) =>
+          const rec = await withBar('copy', style !== 'human', (onProgress) =>
             snap.copySnapshot(ref, {
               ...storeOpts(o),
               toStore: o.toStore,
@@ -404,7 +430,8 @@ export function register(program: Command): void {
               onLog: (m) => log(`disksnap: ${m}`),
             }),
           );
-          if (o.json) printJson(rec);
+          if (style === 'disksnap') printJson('snapshot', rec);
+          else if (style === 'peer') printJson('ec2-copy-snapshot', ec2CopySnapshot(rec));
           else {
             process.stdout.write(
               `${rec.copiedFrom!.snapshotId} copied to ${rec.id} (${rec.state}) in ${o.toStore}: ${rec.stats.dataBlocks} data blocks, ` +

@@ -8,7 +8,9 @@ import { generateKeyFile } from '../storage/keys';
 import { formatSize } from '../engine/size';
 import { keepOptions, KeepFlags, policyOf, policyText } from './retention';
 import { KeyFlags, keySpec, secondsArg, StoreFlag, storeHelp, storeOption, storeOpts, table, waitHelp, warnDamaged } from './store-common';
-import { ExitStatus, UsageError, action, durationArg, log, printJson, powerOfTwoArg } from './util';
+import { ExitStatus, UsageError, action, durationArg, log, OutputFormat, outputOption, outputStyle, printJson, powerOfTwoArg } from './util';
+import { ec2Volume } from './ec2';
+import { attachmentOf } from '../host/attach';
 
 export function register(program: Command): void {
   const volume = program.command('volume').description('volumes known to a snapshot store');
@@ -25,7 +27,7 @@ export function register(program: Command): void {
     .action(
       action(async (v: string, o: StoreFlag & KeyFlags & { blockSize?: number; encrypted?: boolean }) => {
         const rec = await snap.registerVolume(v, { ...storeOpts(o), blockSize: o.blockSize, encrypted: o.encrypted, key: keySpec(o) });
-        if (o.json) printJson(rec);
+        if (o.json) printJson('volume', rec);
         else process.stdout.write(`${rec.id} ${rec.path} (${formatSize(rec.size)})${rec.encrypted ? `, encrypted (key ${rec.keyId})` : ''}\n`);
       }),
     );
@@ -40,7 +42,7 @@ export function register(program: Command): void {
         const given = o.keepTag.length > 0 || [o.keepLast, o.keepHourly, o.keepDaily, o.keepWeekly, o.keepMonthly, o.keepYearly].some((x) => x !== undefined);
         if (o.clear && given) throw new UsageError('--clear removes the policy: give it without --keep-* rules');
         const rec = await snap.setVolumeRetention(v, o.clear ? null : policyOf(o, 'volume policy'), storeOpts(o));
-        if (o.json) printJson(rec);
+        if (o.json) printJson('volume', rec);
         else process.stdout.write(rec.retention ? `${rec.id}: after each snapshot, keep ${policyText(rec.retention)}\n` : `${rec.id}: no retention policy\n`);
       }),
     );
@@ -49,10 +51,13 @@ export function register(program: Command): void {
     .description('volumes recorded in the store')
     .option(storeOption, storeHelp)
     .option('--json', 'print {"volumes": [...]}')
+    .addOption(outputOption('ec2'))
     .action(
-      action(async (o: StoreFlag) => {
+      action(async (o: StoreFlag & { json?: boolean; output?: OutputFormat }) => {
+        const style = outputStyle(o);
         const { volumes, damaged } = await snap.listVolumes(storeOpts(o));
-        if (o.json) printJson({ volumes });
+        if (style === 'disksnap') printJson('volume-list', { volumes });
+        else if (style === 'peer') printJson('ec2-describe-volumes', { Volumes: volumes.map((v) => ec2Volume(v, attachmentOf(v.path) !== undefined)) });
         else if (volumes.length === 0) process.stdout.write('no volumes\n');
         else {
           table(
@@ -76,7 +81,7 @@ export function register(program: Command): void {
     .action(
       action(async (file: string, o: { force?: boolean; json?: boolean }) => {
         const r = await generateKeyFile(file, { force: o.force });
-        if (o.json) printJson(r);
+        if (o.json) printJson('key-generate', r);
         else process.stdout.write(`wrote a new key to ${r.file} (${r.keyId}); keep a copy elsewhere: what is encrypted with it cannot be read without it\n`);
       }),
     );
@@ -93,7 +98,7 @@ export function register(program: Command): void {
       action(async (o: StoreFlag & { retention?: number; off?: boolean }) => {
         if (o.off && o.retention !== undefined) throw new UsageError('give --retention or --off, not both');
         const r = o.off || o.retention !== undefined ? await snap.setBinRetention(o.off ? null : o.retention!, storeOpts(o)) : await snap.binSettings(storeOpts(o));
-        if (o.json) printJson(r);
+        if (o.json) printJson('store-bin', r);
         else process.stdout.write(r.retentionSeconds === null ? 'no recycle bin: snapshot delete removes snapshots at once\n' : `recycle bin: deleted snapshots are kept ${r.retentionSeconds} s (${(r.retentionSeconds / 86400).toFixed(1)} days)\n`);
       }),
     );
@@ -106,7 +111,7 @@ export function register(program: Command): void {
     .action(
       action(async (o: StoreFlag & { blockSize?: number }) => {
         const info = await snap.initStore({ ...storeOpts(o), blockSize: o.blockSize });
-        if (o.json) printJson(info);
+        if (o.json) printJson('store-info', info);
         else process.stdout.write(`store ${info.path}: block size ${formatSize(info.blockSize)}, ${info.id}\n`);
       }),
     );
@@ -120,7 +125,7 @@ export function register(program: Command): void {
     .action(
       action(async (o: StoreFlag & { dryRun?: boolean }) => {
         const r = await snap.gc({ ...storeOpts(o), dryRun: o.dryRun, onWait: () => log('disksnap: waiting for running snapshot commands to finish...') });
-        if (o.json) printJson(r);
+        if (o.json) printJson('store-gc', r);
         else {
           process.stdout.write(
             `${r.dryRun ? 'would free' : 'freed'} ${r.blocksFreed} blocks (${formatSize(r.bytesFreed)}) and ${r.otherFilesRemoved} other files (${formatSize(r.otherBytesFreed)}); ` +

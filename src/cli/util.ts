@@ -5,9 +5,12 @@
  * Exit codes: 0 success, 1 failure (one line on stderr), 2 bad usage (commander's own, and
  * EINVALID raised while parsing arguments), or a command's documented code (diff check).
  */
+import * as fs from 'node:fs';
 import { Option } from 'commander';
 import { DisksnapError } from '../engine/errors';
 import { formatSize, parseSize } from '../engine/size';
+import { formatQemuJson, type QemuJson } from '../image/qemu';
+import type { DocumentName, Documents } from './documents';
 
 /** Thrown by an action to end with a specific exit status after printing its result. */
 export class ExitStatus extends Error {
@@ -56,31 +59,39 @@ export function intArg(what: string, min = 0): (value: string) => number {
 }
 
 /**
- * `--output FORMAT` of the commands qemu-img has too (info, map, diff check, measure):
- * `human` (the default) or `json`, which prints the document `qemu-img ... --output=json`
- * prints, key for key (README: "qemu-img compatible JSON"). `--output=json` works as well.
+ * `--output FORMAT`: `human` (the default) or `json`, the document the peer tool prints for the
+ * same operation, key for key (README: "JSON for scripts"):
+ * - info, map, diff check, measure: `qemu-img ... --output=json` (peer 'qemu');
+ * - snapshot create/list/show/copy/lock/unlock/undelete, volume list: the AWS CLI's document of
+ *   the EC2 call (`aws ec2 describe-snapshots`, ...; peer 'ec2', ./ec2.ts).
+ * `--output=json` works as well. disksnap's own, fuller document is `--json`.
  */
 export type OutputFormat = 'human' | 'json';
+export type Peer = 'qemu' | 'ec2';
 
-export function outputOption(): Option {
-  return new Option('--output <format>', "human (default) or json: the JSON document qemu-img prints with --output=json").argParser(
-    (value: string): OutputFormat => {
-      if (value === 'human' || value === 'json') return value;
-      throw new UsageError(`--output '${value}' is not supported: the formats are human (the default) and json (qemu-img's --output=json document)`);
-    },
-  );
+const PEER_DOC: Record<Peer, string> = {
+  qemu: "the JSON document qemu-img prints with --output=json",
+  ec2: "the JSON document the AWS CLI prints for the EC2 call (describe-snapshots, ...)",
+};
+
+export function outputOption(peer: Peer = 'qemu'): Option {
+  return new Option('--output <format>', `human (default) or json: ${PEER_DOC[peer]}`).argParser((value: string): OutputFormat => {
+    if (value === 'human' || value === 'json') return value;
+    throw new UsageError(`--output '${value}' is not supported: the formats are human (the default) and json (${PEER_DOC[peer]})`);
+  });
 }
 
 /**
  * Which output a command with both `--json` (disksnap's own document) and `--output` prints:
- * 'disksnap', 'qemu' or 'human'. Both at once is bad usage: they are different documents.
+ * 'disksnap', 'peer' (qemu-img's or EC2's) or 'human'. Both at once is bad usage: they are
+ * different documents.
  */
-export function outputStyle(opts: { json?: boolean; output?: OutputFormat }): 'disksnap' | 'qemu' | 'human' {
+export function outputStyle(opts: { json?: boolean; output?: OutputFormat }): 'disksnap' | 'peer' | 'human' {
   if (opts.json && opts.output !== undefined) {
-    throw new UsageError("--json (disksnap's document) and --output (qemu-img's) cannot be combined; pick one");
+    throw new UsageError("--json (disksnap's document) and --output (the peer tool's) cannot be combined; pick one");
   }
   if (opts.json) return 'disksnap';
-  return opts.output === 'json' ? 'qemu' : 'human';
+  return opts.output === 'json' ? 'peer' : 'human';
 }
 
 /** Repeatable option collector: `--tag K=V --tag K2=V2`. */
@@ -103,9 +114,30 @@ export function printLines(lines: string[]): void {
   process.stdout.write(lines.map((l) => printable(l)).join('\n') + '\n');
 }
 
-export function printJson(value: unknown): void {
+/**
+ * Prints one JSON document on stdout: `name` says which (documents.ts), and the compiler checks
+ * that `value` is of its type. C1 controls are escaped too (a terminal may act on them).
+ */
+export function printJson<K extends DocumentName>(name: K, value: Documents[K]): void {
+  traceDocument(name, 'stdout');
   // eslint-disable-next-line no-control-regex
   process.stdout.write(JSON.stringify(value, null, 2).replace(/[\x7f-\x9f]/g, (c) => `\\u00${c.charCodeAt(0).toString(16)}`) + '\n');
+}
+
+/** qemu-img's documents (`--output json`), as qemu-img prints them: four-space indentation. */
+export function printQemuJson<K extends 'qemu-info' | 'qemu-info-chain' | 'qemu-check' | 'qemu-measure'>(name: K, value: QemuJson | QemuJson[]): void {
+  traceDocument(name, 'stdout');
+  process.stdout.write(formatQemuJson(value));
+}
+
+/**
+ * For the tests' schema check: with DISKSNAP_DOCUMENT_TRACE=FILE, each document printed adds
+ * a line `NAME<TAB>WHERE` (stdout, stderr, or the file a report went to) to FILE, so the test
+ * knows which schema (schemas/NAME.schema.json) the output must match. Off otherwise.
+ */
+export function traceDocument(name: DocumentName, where: string): void {
+  const trace = process.env.DISKSNAP_DOCUMENT_TRACE;
+  if (trace) fs.appendFileSync(trace, `${name}\t${where}\n`);
 }
 
 export function log(message: string): void {

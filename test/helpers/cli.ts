@@ -1,6 +1,13 @@
-/** Runs the compiled CLI (dist/src/cli/main.js) as a user would, capturing everything. */
+/**
+ * Runs the compiled CLI (dist/src/cli/main.js) as a user would, capturing everything.
+ * Every JSON document the run printed is validated against its JSON Schema (schemas/, see
+ * ./schemas.ts): a document that does not match fails the test that ran the command.
+ */
 import { spawnSync, SpawnSyncReturns } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
+import { checkTraced } from './schemas';
 
 export const ROOT = path.resolve(__dirname, '..', '..');
 export const CLI = path.join(ROOT, 'dist', 'src', 'cli', 'main.js');
@@ -12,13 +19,27 @@ export interface CliResult {
   out: string;
 }
 
+let traceSeq = 0;
+
+/** A fresh DISKSNAP_DOCUMENT_TRACE file for one run (removed by the caller). */
+export function traceFile(): string {
+  return path.join(os.tmpdir(), `disksnap-doc-trace-${process.pid}-${++traceSeq}`);
+}
+
 export function cli(args: string[], opts: { input?: Buffer | string; env?: NodeJS.ProcessEnv; cwd?: string } = {}): CliResult {
-  const r: SpawnSyncReturns<Buffer> = spawnSync(process.execPath, [CLI, ...args], {
-    input: opts.input,
-    env: { ...process.env, ...opts.env },
-    cwd: opts.cwd,
-    maxBuffer: 1 << 30,
-  });
-  if (r.error) throw r.error;
-  return { status: r.status, stdout: r.stdout, stderr: r.stderr.toString(), out: r.stdout.toString() };
+  const trace = traceFile();
+  try {
+    const r: SpawnSyncReturns<Buffer> = spawnSync(process.execPath, [CLI, ...args], {
+      input: opts.input,
+      env: { ...process.env, DISKSNAP_DOCUMENT_TRACE: trace, ...opts.env },
+      cwd: opts.cwd,
+      maxBuffer: 1 << 30,
+    });
+    if (r.error) throw r.error;
+    const res = { status: r.status, stdout: r.stdout, stderr: r.stderr.toString(), out: r.stdout.toString() };
+    checkTraced(trace, res.out, res.stderr);
+    return res;
+  } finally {
+    fs.rmSync(trace, { force: true });
+  }
 }

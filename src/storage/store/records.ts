@@ -106,18 +106,28 @@ export interface SnapshotStats {
 }
 
 export interface SnapshotRecord {
+  /** @pattern ^snap-[0-9a-f]{16}$ */
   id: string;
+  /** @pattern ^vol-[0-9a-f]{16}$ */
   volumeId: string;
   state: SnapshotState;
-  /** percent, 0..100 */
+  /**
+   * percent, 0..100
+   * @minimum 0
+   * @maximum 100
+   */
   progress: number;
   name: string;
   description: string;
   tags: Record<string, string>;
   encrypted: boolean;
+  /** @format date-time */
   startTime: string;
+  /** @format date-time */
   completionTime: string | null;
+  /** @minimum 4096 */
   blockSize: number;
+  /** @minimum 0 */
   volumeSize: number;
   /** the completed snapshot of the same volume this one was compared with */
   parentId: string | null;
@@ -133,6 +143,7 @@ export interface SnapshotRecord {
   /** how long the volume's filesystem was frozen (ms), when it was */
   frozenMs: number | null;
   /** the key an encrypted snapshot is sealed under (src/storage/store/crypto.ts); null when plain */
+  /** @pattern ^key-[0-9a-f]{32}$ */
   keyId: string | null;
   /**
    * On disk, for an encrypted snapshot: name, description and tags sealed under the key
