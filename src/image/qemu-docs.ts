@@ -6,6 +6,7 @@
  * which the CLI tests check every such document against. Names and meanings are QEMU's
  * (qapi/block-core.json: ImageInfo, ImageCheck, MapEntry, BlockMeasureInfo) as of QEMU 7.2.
  */
+import type { QemuMapEntry } from './qemu-map';
 
 /** A bitmap of a qcow2 image (Qcow2BitmapInfo). */
 export interface QemuBitmapInfo {
@@ -61,29 +62,8 @@ export interface QemuImageInfo {
 /** `qemu-img info --backing-chain --output=json FILE`: the image first, then each backing file */
 export type QemuImageInfoChain = QemuImageInfo[];
 
-/** One entry of `qemu-img map --output=json` (MapEntry) */
-export interface QemuMapEntryDoc {
-  /**
-   * guest offset
-   * @minimum 0
-   */
-  start: number;
-  /** @minimum 0 */
-  length: number;
-  /** @minimum 0 */
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-  /**
-   * host offset in the answering layer's file
-   * @minimum 0
-   */
-  offset?: number;
-}
-
 /** `qemu-img map --output=json FILE` */
-export type QemuMap = QemuMapEntryDoc[];
+export type QemuMap = QemuMapEntry[];
 
 /** `qemu-img check --output=json FILE` (ImageCheck; counts that are 0 are left out, as qemu-img does) */
 export interface QemuImageCheck {

@@ -29,10 +29,17 @@ import { BackingLayer, OwnStatus, RawLayer } from './qcow2/layer';
 
 /** One entry of `qemu-img map --output=json`. */
 export interface QemuMapEntry {
-  /** guest offset */
+  /**
+   * guest offset
+   * @minimum 0
+   */
   start: number;
+  /** @minimum 0 */
   length: number;
-  /** layer that answers: 0 the image itself, 1 its backing file, ... */
+  /**
+   * layer that answers: 0 the image itself, 1 its backing file, ...
+   * @minimum 0
+   */
   depth: number;
   /** the answering layer stores the range (false: nothing in the chain stores it) */
   present: boolean;
@@ -40,7 +47,10 @@ export interface QemuMapEntry {
   zero: boolean;
   /** stored data (a compressed cluster too) */
   data: boolean;
-  /** host offset in the answering layer's file, where QEMU reports one */
+  /**
+   * host offset in the answering layer's file, where QEMU reports one
+   * @minimum 0
+   */
   offset?: number;
 }
 
