@@ -5,8 +5,10 @@
  * and the record completed or marked `error` (./lifecycle.ts).
  *
  * A volume whose filesystem is mounted is read at a point in time (src/host/point-in-time.ts):
- * frozen while a reflink clone is made and the clone read ('frozen-clone'), or frozen for the
- * whole read ('frozen'); with noFreeze it is 'crash-consistent'. Each attempt gets its own
+ * frozen while a reflink clone is made and the clone read ('frozen-clone'), frozen while its
+ * FUSE server starts copy-before-write and its frozen moment read through that server
+ * ('frozen-cbw', bounded by cbwLimit; preservedBytes recorded), or frozen for the whole read
+ * ('frozen'); with noFreeze it is 'crash-consistent'. Each attempt gets its own
  * view, released (thawed, clone removed) when the attempt ends, however it ends.
  *
  * A raw regular file on xfs or btrfs gets a reflink clone of that view, which the snapshot
