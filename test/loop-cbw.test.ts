@@ -8,7 +8,7 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { spawn, ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { needLoop, scratch, makeExt4, sh, shOk, writeWithTimeout, debugfsCat, debugfsLs, e2fsckClean } from './helpers/loop';
 import { attach, detach, Attachment } from '../src/host/attach';
@@ -185,9 +185,15 @@ t.test('mounted ext4 via FUSE: a snapshot freezes it for milliseconds while a wr
   t.teardown(() => stopWriter(w));
   await waitFor('the writer to make 20 files', () => writerLog(log).length >= 20);
 
+  // what a server SIGKILLed between making its preserve file and unlinking it would leave
+  const dead = spawnSync('true').pid!;
+  const stale = path.join(s.dir, `.vol.img.disksnap-cbw-${dead}-0badcafe`);
+  fs.writeFileSync(stale, 'old bytes');
+
   const logs: string[] = [];
   const t0 = performance.now();
   const snap = await createSnapshot(vol, { store, onLog: (m) => logs.push(m) });
+  t.notOk(fs.existsSync(stale), 'a preserve file whose server is dead was removed');
   const took = performance.now() - t0;
   const frozenAt = sessionStart(a);
   await waitFor('20 more files after the snapshot', () => writerLog(log).filter((e) => e.start > frozenAt).length >= 20);
