@@ -3,7 +3,9 @@
  * `attach --via fuse` keeps its frozen moment readable (`snap`) while the VM's filesystem
  * goes on writing; the snapshot records 'frozen-cbw'. The oracle for the view is the image's
  * own bytes saved before the session; for the snapshots, e2fsck and debugfs on the restored
- * image, and a writer process's log of what it had made durable before the freeze.
+ * image, and a writer process's log of what it had made durable before the freeze — new files,
+ * and in-place overwrites of a big file spread over the volume, so that many writes land ahead
+ * of the snapshot's read (with preservation turned off, that check fails: 74 records wrong).
  */
 import t from 'tap';
 import * as fs from 'node:fs';
@@ -30,15 +32,35 @@ async function mountedViaFuse(s: ReturnType<typeof scratch>, vol: string, size: 
 
 const CONTENT = (i: number): string => `file ${i}\n`.repeat(6000); // ~50 KiB
 
+/** 4 KiB records of the big file the writer overwrites in place: "gen G rec K", padded. */
+const RECORD = 4096;
+const record = (gen: number, k: number): Buffer => Buffer.from(`gen ${gen} rec ${k}\n`.padEnd(RECORD, '.'));
+/** The record the writer's step i overwrites (spread over the whole file). */
+const recordOf = (i: number, records: number): number => (i * 7919) % records;
+
+/** A file of `records` records, generation 0, in `dir` (spread over the filesystem by its size). */
+function makeBig(file: string, records: number): void {
+  const fd = fs.openSync(file, 'w');
+  const batch = 256;
+  for (let k = 0; k < records; k += batch) {
+    fs.writeSync(fd, Buffer.concat(Array.from({ length: Math.min(batch, records - k) }, (_, j) => record(0, k + j))), 0, undefined, k * RECORD);
+  }
+  fs.fsyncSync(fd);
+  fs.closeSync(fd);
+}
+
 /**
- * A process that writes w0, w1, ... into `dir` until killed: each file written, fsynced with
- * its directory, then logged as "i startMs doneMs" to `log` (outside the volume).
+ * A process that, for i = 0, 1, ... until killed, writes a new file w<i> into `dir` and
+ * overwrites record recordOf(i) of the big file with generation i+1 in place, each fsynced
+ * (with the directory), then logs "i startMs doneMs" to `log` (outside the volume). The
+ * in-place writes land all over the volume: many of them ahead of the snapshot's read.
  */
-function startWriter(dir: string, log: string): ChildProcess {
+function startWriter(dir: string, log: string, big?: { file: string; records: number }): ChildProcess {
   const src = `
     const fs = require('fs'), path = require('path');
-    const [dir, log] = process.argv.slice(1);
+    const [dir, log, bigFile, records] = process.argv.slice(1);
     const dfd = fs.openSync(dir, 'r');
+    const big = bigFile ? fs.openSync(bigFile, 'r+') : undefined;
     for (let i = 0; ; i++) {
       const t0 = Date.now();
       const fd = fs.openSync(path.join(dir, 'w' + i), 'w');
@@ -46,9 +68,15 @@ function startWriter(dir: string, log: string): ChildProcess {
       fs.fsyncSync(fd);
       fs.closeSync(fd);
       fs.fsyncSync(dfd);
+      if (big !== undefined) {
+        const k = (i * 7919) % Number(records);
+        fs.writeSync(big, Buffer.from(('gen ' + (i + 1) + ' rec ' + k + '\\n').padEnd(${RECORD}, '.')), 0, ${RECORD}, k * ${RECORD});
+        fs.fsyncSync(big);
+      }
       fs.appendFileSync(log, i + ' ' + t0 + ' ' + Date.now() + '\\n');
     }`;
-  return spawn(process.execPath, ['-e', src, dir, log], { stdio: 'ignore' });
+  const args = big ? [big.file, String(big.records)] : [];
+  return spawn(process.execPath, ['-e', src, dir, log, ...args], { stdio: 'ignore' });
 }
 
 async function stopWriter(w: ChildProcess): Promise<void> {
@@ -179,9 +207,11 @@ t.test('mounted ext4 via FUSE: a snapshot freezes it for milliseconds while a wr
   const store = path.join(s.dir, 'store');
   const { a, mp } = await mountedViaFuse(s, vol, '1G');
   fs.mkdirSync(path.join(mp, 'w'));
+  const records = (384 << 20) / RECORD;
+  makeBig(path.join(mp, 'big'), records);
   const log = path.join(s.dir, 'writer.log');
   fs.writeFileSync(log, '');
-  const w = startWriter(path.join(mp, 'w'), log);
+  const w = startWriter(path.join(mp, 'w'), log, { file: path.join(mp, 'big'), records });
   t.teardown(() => stopWriter(w));
   await waitFor('the writer to make 20 files', () => writerLog(log).length >= 20);
 
@@ -231,6 +261,25 @@ t.test('mounted ext4 via FUSE: a snapshot freezes it for milliseconds while a wr
   t.equal(debugfsCat(restored, `/w/w${before[3].i}`), CONTENT(before[3].i));
   const ambiguous = entries.filter((e) => e.done >= frozenAt && e.start <= frozenAt);
   t.ok(ambiguous.length <= 1, `at most the file being written at the freeze is undecided (${ambiguous.length})`);
+
+  // The big file, overwritten in place all over the volume: each record holds the generation
+  // of its last write done before the freeze (or the undecided one), never a later one.
+  const dumped = path.join(s.dir, 'big.dump');
+  shOk('debugfs', ['-R', `dump /big ${dumped}`, restored]);
+  const big = fs.readFileSync(dumped);
+  t.equal(big.length, records * RECORD);
+  const allowed = new Map<number, Set<number>>();
+  for (const e of before) allowed.set(recordOf(e.i, records), new Set([e.i + 1]));
+  for (const e of ambiguous) allowed.get(recordOf(e.i, records))?.add(e.i + 1) ?? allowed.set(recordOf(e.i, records), new Set([0, e.i + 1]));
+  const wrong: string[] = [];
+  for (let k = 0; k < records; k++) {
+    const gen = Number(/^gen (\d+) rec /.exec(big.toString('latin1', k * RECORD, k * RECORD + 32))?.[1] ?? -1);
+    const ok = allowed.get(k) ?? new Set([0]);
+    if (!ok.has(gen) || !big.subarray(k * RECORD, (k + 1) * RECORD).equals(record(gen, k))) wrong.push(`record ${k}: gen ${gen}, expected ${[...ok].join(' or ')}`);
+  }
+  t.same(wrong.slice(0, 5), [], `every record of the big file is as at the freeze (${wrong.length} wrong)`);
+  const overwrittenAfter = new Set(after.map((e) => recordOf(e.i, records)));
+  t.ok(overwrittenAfter.size >= 20, `${overwrittenAfter.size} records were overwritten after the freeze`);
 
   // The live volume has everything, later writes included.
   s.umount(mp);
