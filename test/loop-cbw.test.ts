@@ -260,7 +260,8 @@ t.test('mounted ext4 via FUSE: a snapshot freezes it for milliseconds while a wr
   t.equal(debugfsCat(restored, `/w/w${last.i}`), CONTENT(last.i), 'the last file before the freeze is whole');
   t.equal(debugfsCat(restored, `/w/w${before[3].i}`), CONTENT(before[3].i));
   const ambiguous = entries.filter((e) => e.done >= frozenAt && e.start <= frozenAt);
-  t.ok(ambiguous.length <= 1, `at most the file being written at the freeze is undecided (${ambiguous.length})`);
+  // one step straddles the freeze; two only if both touch its millisecond
+  t.ok(ambiguous.length <= 2, `only the step being written at the freeze is undecided (${ambiguous.length})`);
 
   // The big file, overwritten in place all over the volume: each record holds the generation
   // of its last write done before the freeze (or the undecided one), never a later one.
