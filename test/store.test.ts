@@ -159,6 +159,11 @@ t.test('records are validated field by field', async (t) => {
   t.throws(() => parseSnapshotRecord('f', JSON.stringify({ ...good, id: 'snap-xyz' })), { message: /field 'id'/ });
   t.throws(() => parseSnapshotRecord('f', JSON.stringify({ ...good, tags: { a: 1 } })), { message: /tag 'a'/ });
   t.throws(() => parseSnapshotRecord('f', JSON.stringify({ ...good, stats: { ...good.stats, bytesAdded: -1 } })), { message: /bytesAdded/ });
+  const cbw = parseSnapshotRecord('f', JSON.stringify({ ...good, consistency: 'frozen-cbw', frozenMs: 4.2, preservedBytes: 12 << 20 }));
+  t.match(cbw, { consistency: 'frozen-cbw', frozenMs: 4.2, preservedBytes: 12 << 20 }, 'a copy-before-write snapshot');
+  t.equal(parseSnapshotRecord('f', JSON.stringify(good)).preservedBytes, null, 'older records: nothing preserved recorded');
+  t.throws(() => parseSnapshotRecord('f', JSON.stringify({ ...good, consistency: 'thawed' })), { message: /field 'consistency' is "thawed", expected one of .*"frozen-cbw"/ });
+  t.throws(() => parseSnapshotRecord('f', JSON.stringify({ ...good, preservedBytes: -1 })), { message: /preservedBytes/ });
   t.throws(() => parseStoreConfig('s', JSON.stringify({ format: 'disksnap-store', version: 9 })), { message: /version.*upgrade/ });
   t.same(parseTags(['a=b', 'c=d=e', 'e=']), { a: 'b', c: 'd=e', e: '' });
   t.throws(() => parseTags(['=x']), { code: 'EINVALID' });

@@ -1,7 +1,10 @@
 /**
- * `disksnap attach FILE [--read-only]` and `disksnap detach DEVICE|FILE`: thin wrappers over
- * src/host/attach.ts. attach prints the device (/dev/loopN) on stdout, or with --json the
- * whole attachment; detach prints nothing unless --json.
+ * `disksnap attach FILE [--read-only] [--via fuse]` and `disksnap detach DEVICE|FILE`: thin
+ * wrappers over src/host/attach.ts. attach prints the device (/dev/loopN) on stdout, or with
+ * --json the whole attachment; detach prints nothing unless --json. `--via fuse` serves a raw
+ * image through disksnap's FUSE server, whose copy-before-write lets `snapshot create` freeze
+ * the mounted filesystem for milliseconds on any host filesystem (src/host/cbw.ts); it is not
+ * the default because the FUSE path is slower (README, "Loop devices": measured figures).
  */
 import { Command, Option } from 'commander';
 import { attach, detach } from '../host/attach';
@@ -14,7 +17,11 @@ export function register(program: Command): void {
     .argument('<file>', 'raw image or qcow2 child')
     .option('-r, --read-only', 'attach read-only (required for a parent that has children)')
     .addOption(new Option('--cache <mode>', 'FUSE caching for children').choices(['direct', 'page']).default('direct'))
-    .addOption(new Option('--via <how>', 'serve even a raw image through the FUSE view').choices(['auto', 'fuse']).default('auto').hideHelp())
+    .addOption(
+      new Option('--via <how>', "'fuse': serve a raw image through disksnap's FUSE view too (snapshots of it then freeze its filesystem for milliseconds)")
+        .choices(['auto', 'fuse'])
+        .default('auto'),
+    )
     .option('--json', 'print the attachment as JSON')
     .action(
       action(async (file: string, opts: { readOnly?: boolean; cache: 'direct' | 'page'; via: 'auto' | 'fuse'; json?: boolean }) => {

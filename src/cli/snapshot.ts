@@ -20,7 +20,7 @@ import { parseTags } from '../storage/store/records';
 import type { KeySpec } from '../storage/keys';
 import { formatSize } from '../engine/size';
 import { keepOptions, KeepFlags, policyOf, printPrune } from './retention';
-import { ExitStatus, UsageError, action, collect, log, OutputFormat, outputOption, outputStyle, printJson, printLines, printable, powerOfTwoArg, untilArg } from './util';
+import { ExitStatus, UsageError, action, collect, log, OutputFormat, outputOption, outputStyle, printJson, printLines, printable, powerOfTwoArg, sizeArg, untilArg } from './util';
 import { ec2CopySnapshot, ec2DescribeSnapshots, ec2ListBin, ec2LockSnapshot, ec2Snapshot } from './ec2';
 
 /** 'frozen-clone (filesystem frozen for 3.1 ms)' and the like. */
@@ -34,6 +34,11 @@ function consistencyText(s: snap.SnapshotJson): string {
       return `frozen (filesystem frozen while it was read${s.frozenMs !== null ? `, ${(s.frozenMs / 1000).toFixed(2)} s` : ''})`;
     case 'frozen-clone':
       return `frozen-clone (filesystem frozen for a reflink clone${s.frozenMs !== null ? `, ${s.frozenMs} ms` : ''}; the clone was read)`;
+    case 'frozen-cbw':
+      return (
+        `frozen-cbw (filesystem frozen for ${s.frozenMs !== null ? `${s.frozenMs} ms` : 'a moment'}; ` +
+        `${s.preservedBytes !== null ? formatSize(s.preservedBytes) : 'an unrecorded amount'} preserved by copy-before-write while it was read)`
+      );
     case 'crash-consistent':
       return 'crash-consistent (mounted, not frozen: --no-freeze)';
   }
@@ -100,11 +105,12 @@ export function register(program: Command): void {
     .option('--block-size <size>', 'block size of a store this command creates (default 512K)', powerOfTwoArg('block size', 4096, 64 * 1024 * 1024))
     .option('--no-freeze', 'do not freeze a mounted volume (the snapshot is then crash-consistent)')
     .option('--no-reflink', 'keep no reflink clone of the volume for the next snapshot (xfs, btrfs); removes the one it has')
+    .option('--cbw-limit <size>', 'a mounted raw volume attached with `attach --via fuse`: the most its FUSE server may preserve of what the VM overwrites during the read (default 1G); past it the snapshot fails, never the VM', sizeArg('--cbw-limit'))
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print the snapshot as JSON')
     .addOption(outputOption('ec2'))
     .action(
-      action(async (volume: string, o: StoreFlag & KeyFlags & Out & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean; reflink: boolean }) => {
+      action(async (volume: string, o: StoreFlag & KeyFlags & Out & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean; reflink: boolean; cbwLimit?: number }) => {
         const style = outputStyle(o);
         const tags = parseTags(o.tag);
         const key = keySpec(o);
@@ -118,6 +124,7 @@ export function register(program: Command): void {
             key,
             noFreeze: o.freeze === false,
             noReflink: o.reflink === false,
+            cbwLimit: o.cbwLimit,
             onProgress,
             onLog: (m) => log(`disksnap: ${m}`),
             onPrune: (r) => r.removed.length && log(`disksnap: the volume's retention policy removed ${r.removed.map((d) => d.id).join(', ')} (their blocks go at the next store gc)`),

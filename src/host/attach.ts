@@ -3,6 +3,12 @@
  *
  *   raw image ───────────────────────────────────────────────▶ /dev/loopN      via 'loop'
  *   qcow2 child ─▶ FUSE server (background) ─▶ <run>/fuse/<id>/disk ─▶ /dev/loopN   via 'fuse+loop'
+ *   raw image, opts.via 'fuse' (CLI --via fuse): the same FUSE path as a child
+ *
+ * A raw image served through FUSE costs speed (README "Loopback": large reads 2-4x slower)
+ * but lets snapshots of its mounted filesystem freeze it for milliseconds on any host
+ * filesystem: the server's copy-before-write keeps the frozen moment (cbw.ts). Its server
+ * keeps the shared lock a plain loop attachment keeps, so `snapshot create` can open it.
  *
  * Raw: the image is opened and locked here, handed to the loop driver (native loopAttach:
  * LOOP_CTL_GET_FREE + LOOP_CONFIGURE), then closed. The loop device keeps its own reference to

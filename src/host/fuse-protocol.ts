@@ -15,6 +15,9 @@ export const FUSE_KERNEL_MINOR_VERSION = 31;
 
 export const ROOT_ID = 1;
 export const FILE_ID = 2;
+/** the copy-before-write control node and the frozen-moment view (cbw.ts) */
+export const CTL_ID = 3;
+export const SNAP_ID = 4;
 
 /** Opcodes (enum fuse_opcode). */
 export const Op = {
@@ -138,6 +141,8 @@ export const ENTRY_OUT = 40 + ATTR;
 export const ATTR_OUT = 16 + ATTR;
 /** struct fuse_open_out: fh 0, open_flags 8, backing_id 12. */
 export const OPEN_OUT = 16;
+/** struct fuse_release_in: fh 0, flags 8, release_flags 12, lock_owner 16. */
+export const ReleaseIn = { fh: 0 } as const;
 /** struct fuse_read_in (also READDIR): fh 0, offset 8, size 16, read_flags 20, lock_owner 24, flags 32. */
 export const ReadIn = { fh: 0, offset: 8, size: 16 } as const;
 /** struct fuse_write_in: fh 0, offset 8, size 16, write_flags 20, lock_owner 24, flags 32; 40 bytes, data follows. */

@@ -19,7 +19,9 @@
  *
  * Model:
  * - Node 1 is the root directory, node 2 the file `disk` (size = the image's virtual size,
- *   mode 0600, or 0400 read-only). Nothing else exists; create/unlink/rename get EPERM.
+ *   mode 0600, or 0400 read-only). Nodes 3 `ctl` and 4 `snap` are the copy-before-write
+ *   control and the frozen-moment view of a snapshot (cbw.ts: what they do, why it is exact).
+ *   Nothing else exists; create/unlink/rename get EPERM.
  * - The server is single-threaded and synchronous: read a request, answer it, repeat. The
  *   process does nothing else, so blocking is what we want: no event-loop hop per request.
  *   Requests are up to 1 MiB (INIT: max_write 1 MiB, max_pages 256, max_readahead 1 MiB);
@@ -55,8 +57,11 @@ import { parseArgs } from 'node:util';
 import { native } from '../engine/native';
 import { DisksnapError } from '../engine/errors';
 import { DiskImage, openImage } from '../image';
+import { RawImage } from '../image/raw';
+import { CbwController, CTL_NAME, CTL_SIZE, SNAP_NAME } from './cbw';
 import {
   ATTR_OUT,
+  CTL_ID,
   E,
   ENTRY_OUT,
   FALLOC_FL_KEEP_SIZE,
@@ -82,10 +87,12 @@ import {
   OUT_HEADER,
   OutHeader,
   ReadIn,
+  ReleaseIn,
   ROOT_ID,
   S_IFDIR,
   S_IFREG,
   SetattrIn,
+  SNAP_ID,
   STATFS_OUT,
   WRITE_IN,
   WRITE_OUT,
@@ -132,6 +139,10 @@ export class FuseServer {
   private errors = 0;
   /** per-opcode count, bytes and milliseconds, logged at shutdown (DISKSNAP_FUSE_STATS=1) */
   private readonly stats = process.env.DISKSNAP_FUSE_STATS === '1' ? new Map<number, { n: number; bytes: number; ms: number }>() : undefined;
+  /** copy-before-write sessions of snapshots (cbw.ts) */
+  private readonly cbw: CbwController;
+  /** file handles of `ctl` opens: a session belongs to one */
+  private nextFh = 1n;
 
   constructor(private readonly opts: FuseServeOptions) {
     this.image = opts.image;
@@ -143,6 +154,7 @@ export class FuseServer {
     // The kernel refuses a read(2) on /dev/fuse with a buffer smaller than the largest request.
     this.inBuf = Buffer.allocUnsafe(this.maxIo + 64 * 1024);
     this.outBuf = Buffer.allocUnsafe(OUT_HEADER + this.maxIo);
+    this.cbw = new CbwController(this.image, this.log);
   }
 
   /** mount(2) the FUSE filesystem; the kernel then queues INIT for serve(). */
@@ -185,6 +197,7 @@ export class FuseServer {
 
   /** Flushes and closes the image and the /dev/fuse descriptor. */
   close(): void {
+    this.cbw.end('ended by the shutdown of the server');
     try {
       if (this.image.writable) this.image.flushSync();
     } finally {
@@ -228,6 +241,8 @@ export class FuseServer {
           if (this.image.writable) this.image.flushSync();
           return this.ok();
         case Op.RELEASE:
+          if (nodeid === CTL_ID) this.cbw.released(b.readBigUInt64LE(arg + ReleaseIn.fh));
+          return this.ok();
         case Op.RELEASEDIR:
         case Op.FSYNCDIR:
         case Op.ACCESS:
@@ -325,9 +340,10 @@ export class FuseServer {
       writeAttr(this.outBuf, at, { ino: ROOT_ID, size: 0, mode: S_IFDIR | 0o755, nlink: 2, uid: 0, gid: 0, timeSec: this.startSec, blksize: 4096 });
       return true;
     }
-    if (nodeid === FILE_ID) {
-      const mode = S_IFREG | (this.readOnly ? 0o400 : 0o600);
-      writeAttr(this.outBuf, at, { ino: FILE_ID, size: this.image.virtualSize, mode, nlink: 1, uid: 0, gid: 0, timeSec: this.startSec, blksize: 4096 });
+    if (nodeid === FILE_ID || nodeid === SNAP_ID || nodeid === CTL_ID) {
+      const mode = S_IFREG | (nodeid === SNAP_ID || this.readOnly ? 0o400 : 0o600);
+      const size = nodeid === CTL_ID ? CTL_SIZE : this.image.virtualSize;
+      writeAttr(this.outBuf, at, { ino: nodeid, size, mode, nlink: 1, uid: 0, gid: 0, timeSec: this.startSec, blksize: 4096 });
       return true;
     }
     return false;
@@ -343,14 +359,15 @@ export class FuseServer {
 
   private lookup(parent: number, name: string): void {
     if (parent !== ROOT_ID) return this.error(E.ENOTDIR);
-    if (name !== FILE_NAME) return this.error(E.ENOENT);
+    const id = { [FILE_NAME]: FILE_ID, [CTL_NAME]: CTL_ID, [SNAP_NAME]: SNAP_ID }[name];
+    if (id === undefined) return this.error(E.ENOENT);
     const o = this.header(OUT_HEADER + ENTRY_OUT, 0);
     const at = OUT_HEADER;
     o.fill(0, at, at + 40);
-    o.writeBigUInt64LE(BigInt(FILE_ID), at);
+    o.writeBigUInt64LE(BigInt(id), at);
     o.writeBigUInt64LE(BigInt(VALID_SECONDS), at + 16);
     o.writeBigUInt64LE(BigInt(VALID_SECONDS), at + 24);
-    this.attr(FILE_ID, at + 40);
+    this.attr(id, at + 40);
     this.send(OUT_HEADER + ENTRY_OUT);
   }
 
@@ -358,44 +375,57 @@ export class FuseServer {
     const valid = this.inBuf.readUInt32LE(arg + SetattrIn.valid);
     if (valid & FATTR_SIZE) {
       const size = Number(this.inBuf.readBigUInt64LE(arg + SetattrIn.size));
-      if (nodeid !== FILE_ID || size !== this.image.virtualSize) return this.error(this.readOnly ? E.EROFS : E.EPERM);
+      if (size !== (nodeid === CTL_ID ? CTL_SIZE : this.image.virtualSize)) return this.error(this.readOnly ? E.EROFS : E.EPERM);
     }
     // mode, owner and times are not stored anywhere: accepted and ignored
     this.replyAttr(nodeid);
   }
 
   private open(nodeid: number): void {
-    if (nodeid !== FILE_ID) return this.error(E.EISDIR);
-    this.replyOpen(this.cache === 'direct' ? FOPEN_DIRECT_IO : FOPEN_KEEP_CACHE);
+    if (nodeid === FILE_ID) return this.replyOpen(this.cache === 'direct' ? FOPEN_DIRECT_IO : FOPEN_KEEP_CACHE);
+    // never cached: every read of `snap` and of `ctl` must reach the server
+    if (nodeid === SNAP_ID) return this.replyOpen(FOPEN_DIRECT_IO);
+    if (nodeid === CTL_ID) return this.replyOpen(FOPEN_DIRECT_IO, this.nextFh++);
+    this.error(E.EISDIR);
   }
 
-  private replyOpen(openFlags: number): void {
+  private replyOpen(openFlags: number, fh = 0n): void {
     const o = this.header(OUT_HEADER + OPEN_OUT, 0);
     o.fill(0, OUT_HEADER, OUT_HEADER + OPEN_OUT);
+    o.writeBigUInt64LE(fh, OUT_HEADER);
     o.writeUInt32LE(openFlags, OUT_HEADER + 8);
     this.send(OUT_HEADER + OPEN_OUT);
   }
 
   private read(nodeid: number, arg: number): void {
-    if (nodeid !== FILE_ID) return this.error(E.EISDIR);
+    if (nodeid !== FILE_ID && nodeid !== SNAP_ID && nodeid !== CTL_ID) return this.error(E.EISDIR);
     const offset = Number(this.inBuf.readBigUInt64LE(arg + ReadIn.offset));
     const size = this.inBuf.readUInt32LE(arg + ReadIn.size);
-    const len = Math.max(0, Math.min(size, this.image.virtualSize - offset));
+    const status = nodeid === CTL_ID ? Buffer.from(JSON.stringify(this.cbw.status()) + '\n').subarray(offset) : undefined;
+    const len = Math.max(0, Math.min(size, status ? status.length : this.image.virtualSize - offset));
     if (OUT_HEADER + len > this.outBuf.length) this.outBuf = Buffer.allocUnsafe(OUT_HEADER + len);
-    if (len > 0) this.image.readSync(this.outBuf.subarray(OUT_HEADER, OUT_HEADER + len), offset);
+    const data = this.outBuf.subarray(OUT_HEADER, OUT_HEADER + len);
+    if (status) status.copy(data, 0, 0, len);
+    else if (len > 0 && nodeid === SNAP_ID) this.cbw.readSnap(data, offset);
+    else if (len > 0) this.image.readSync(data, offset);
     this.header(OUT_HEADER + len, 0);
     this.send(OUT_HEADER + len);
   }
 
   private write(nodeid: number, arg: number, n: number): void {
-    if (nodeid !== FILE_ID) return this.error(E.EISDIR);
-    if (this.readOnly) return this.error(E.EROFS);
+    if (nodeid !== FILE_ID && nodeid !== CTL_ID) return this.error(nodeid === SNAP_ID ? E.EROFS : E.EISDIR);
+    if (this.readOnly && nodeid === FILE_ID) return this.error(E.EROFS);
     const offset = Number(this.inBuf.readBigUInt64LE(arg + WriteIn.offset));
     const size = this.inBuf.readUInt32LE(arg + WriteIn.size);
     const data = arg + WRITE_IN;
     if (data + size > n) return this.error(E.EINVAL);
-    if (offset + size > this.image.virtualSize) return this.error(E.EFBIG);
-    this.image.writeSync(this.inBuf.subarray(data, data + size), offset);
+    if (nodeid === CTL_ID) {
+      this.cbw.command(this.inBuf.toString('utf8', data, data + size), this.inBuf.readBigUInt64LE(arg + WriteIn.fh));
+    } else {
+      if (offset + size > this.image.virtualSize) return this.error(E.EFBIG);
+      this.cbw.beforeWrite(offset, size);
+      this.image.writeSync(this.inBuf.subarray(data, data + size), offset);
+    }
     const o = this.header(OUT_HEADER + WRITE_OUT, 0);
     o.writeUInt32LE(size, OUT_HEADER);
     o.writeUInt32LE(0, OUT_HEADER + 4);
@@ -410,6 +440,8 @@ export class FuseServer {
       [ROOT_ID, DT_DIR, '.'],
       [ROOT_ID, DT_DIR, '..'],
       [FILE_ID, DT_REG, FILE_NAME],
+      [CTL_ID, DT_REG, CTL_NAME],
+      [SNAP_ID, DT_REG, SNAP_NAME],
     ];
     this.header(0, 0);
     let at = OUT_HEADER;
@@ -443,6 +475,7 @@ export class FuseServer {
     const mode = b.readUInt32LE(arg + FallocateIn.mode);
     const end = Math.min(offset + length, this.image.virtualSize);
     if (mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) {
+      if (end > offset) this.cbw.beforeWrite(offset, end - offset);
       if (end > offset) this.image.writeZeroesSync(offset, end - offset);
       return this.ok();
     }
@@ -498,6 +531,8 @@ export function main(argv: string[]): number {
     const readOnly = !!values['read-only'];
     stamp(`opening ${imagePath} (${readOnly ? 'read-only' : 'read-write'})`);
     const image = openImage(imagePath, { write: !readOnly });
+    // a raw image keeps the shared lock a plain loop attachment keeps (attach.ts): snapshots read it
+    if (image instanceof RawImage && image.writable) image.file.setLock('shared');
     server = new FuseServer({
       image,
       mountpoint,

@@ -14,17 +14,33 @@
  *     (xfs, btrfs)                          FITHAW (ms); the clone
  *   raw image, mounted, no reflink          the image, frozen until       frozen
  *                                           release()
+ *   raw image attached through disksnap's   FIFREEZE, CBW session starts, frozen-cbw
+ *     FUSE view (`attach --via fuse`),      FITHAW (ms); the view's `snap`
+ *     mounted (any host filesystem)         node (frozen moment) until release()
  *   /dev/loopN (any block device), mounted  the device, frozen            frozen
  *   qcow2 child attached through FUSE,      its flat FUSE view, frozen    frozen
  *     mounted                               (refused with `rawOnly`: storage snapshots take raw images)
  *   mounted, noFreeze                       a clone where reflinks        crash-consistent
  *                                           work, else the live volume
  *
+ * Copy-before-write (cbw.ts): the FUSE server of the attachment keeps the frozen moment
+ * readable after the thaw — before the VM's filesystem overwrites a chunk the snapshot has not
+ * read yet, the server copies the old bytes into a preserve file beside the image. The preserve
+ * file is bounded (cbwLimit, default DEFAULT_CBW_LIMIT = 1 GiB; CLI `snapshot create
+ * --cbw-limit`): past it the server stops preserving, the volume's writes go on untouched, and
+ * release() fails the snapshot with ENOSPC naming the limit. The session belongs to the `ctl`
+ * file this process holds open: release() ends it, and so does this process's death (the kernel
+ * releases the file). frozenMs, as for a clone, runs from the moment the freeze holds (after
+ * FIFREEZE's flush) to the thaw; preservedBytes says how much the VM wrote over meanwhile.
+ * A plain loop attachment on a filesystem without reflinks is read frozen, and onLog is told
+ * that `attach --via fuse` would make the freeze short.
+ *
  * The clone is a new file in the image's own directory (FICLONE cannot cross filesystems),
  * named `.<image>.disksnap-pit-<pid>-<random>`. It shares every extent with the image, so it
  * costs no space until the volume is written again. It is removed by release(), by
  * SIGINT/SIGTERM/SIGHUP and process exit while it exists (exit-cleanup.ts), and — when a
- * SIGKILLed process left it — by the next point-in-time view of the same volume (its pid is dead).
+ * SIGKILLed process left it — by the next point-in-time view of the same volume (its pid is dead),
+ * which also removes a preserve file whose FUSE server died before unlinking it.
  *
  * A directory the caller writes to while reading (`storeDir`: the snapshot store) must not be
  * inside the filesystem that gets frozen: those writes would block on the freeze, and the thaw
@@ -35,15 +51,19 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { native } from '../engine/native';
 import { BlockFile } from '../engine/file';
-import { DisksnapError } from '../engine/errors';
+import { DisksnapError, fromNodeError } from '../engine/errors';
 import { attachmentOf, Attachment } from './attach';
 import { freeze, thaw, withFrozen } from './freeze';
 import { untilExit } from './exit-cleanup';
 import { mountpointsOf } from './state';
+import { CTL_NAME, CTL_SIZE, SNAP_NAME, type CbwStatus } from './cbw';
 
 /** How a snapshot's bytes were captured (the table above); recorded with each snapshot. */
-export type Consistency = 'frozen-clone' | 'frozen' | 'crash-consistent' | 'not-mounted';
-export const CONSISTENCIES: readonly Consistency[] = ['frozen-clone', 'frozen', 'crash-consistent', 'not-mounted'];
+export type Consistency = 'frozen-clone' | 'frozen-cbw' | 'frozen' | 'crash-consistent' | 'not-mounted';
+export const CONSISTENCIES: readonly Consistency[] = ['frozen-clone', 'frozen-cbw', 'frozen', 'crash-consistent', 'not-mounted'];
+
+/** The default bound of a copy-before-write preserve file (PointInTimeOptions.cbwLimit). */
+export const DEFAULT_CBW_LIMIT = 1024 ** 3;
 
 export interface PointInTime {
   /** the file to read: a reflink clone of the volume, or the volume (or its FUSE view) itself */
@@ -53,8 +73,10 @@ export interface PointInTime {
   attachment?: Attachment;
   /** the mountpoint that was (or still is) frozen */
   frozen?: string;
-  /** how long the filesystem was frozen, in ms: for a clone at once, for 'frozen' after release() */
+  /** how long the filesystem was frozen, in ms: for a clone or CBW at once, for 'frozen' after release() */
   frozenMs?: number;
+  /** frozen-cbw: bytes the FUSE server preserved for this view (final after release()) */
+  preservedBytes?: number;
   /** thaws (frozen) and removes the clone (frozen-clone); idempotent */
   release(): Promise<void>;
 }
@@ -70,11 +92,15 @@ export interface PointInTimeOptions {
   storeDir?: string;
   /** the caller reads raw images only: a mounted qcow2 child (FUSE view) is refused, not read */
   rawOnly?: boolean;
+  /** frozen-cbw: the most bytes the preserve file may hold (default DEFAULT_CBW_LIMIT) */
+  cbwLimit?: number;
+  /** a notice for the user: a long freeze that another attachment would avoid */
+  onLog?: (message: string) => void;
 }
 
 /** The view `snapshot create` reads: raw images only, its store outside what gets frozen. */
 export type CaptureSource = PointInTime;
-export type CaptureOptions = Pick<PointInTimeOptions, 'noFreeze' | 'noClone'> & { storeDir: string };
+export type CaptureOptions = Pick<PointInTimeOptions, 'noFreeze' | 'noClone' | 'cbwLimit' | 'onLog'> & { storeDir: string };
 
 // ---------------------------------------------------------------------------------------------
 // Mounts of a volume
@@ -100,8 +126,11 @@ interface Placement {
   /** what to read when no clone is taken: the volume, or a FUSE view of it */
   source: string;
   attachment?: Attachment;
-  /** the mounted filesystem: its mountpoint, its block device, whether the volume can be cloned */
-  mounted?: { mountpoint: string; rdev: bigint; clonable: boolean };
+  /**
+   * the mounted filesystem: its mountpoint, its block device, whether the volume can be cloned,
+   * and for a raw image served by disksnap's FUSE server, that view's directory (ctl, snap)
+   */
+  mounted?: { mountpoint: string; rdev: bigint; clonable: boolean; cbwView?: string };
 }
 
 function placementOf(volume: string, rawOnly: boolean): Placement {
@@ -113,7 +142,8 @@ function placementOf(volume: string, rawOnly: boolean): Placement {
   const attachment = attachmentOf(volume);
   const fuse = attachment?.via === 'fuse+loop';
   const mountpoint = attachment?.mountpoints[0];
-  if (fuse && mountpoint && rawOnly) {
+  const cbwView = fuse && attachment.format === 'raw' ? attachment.fuse?.mountpoint : undefined;
+  if (fuse && mountpoint && rawOnly && !cbwView) {
     throw new DisksnapError(
       `${volume} is attached through a FUSE view (${attachment.device}, mounted on ${attachment.mountpoints.join(', ')}); storage snapshots take raw images — ` +
         'unmount and detach it, or snapshot a raw copy (`disksnap diff flatten`)',
@@ -122,10 +152,11 @@ function placementOf(volume: string, rawOnly: boolean): Placement {
       volume,
     );
   }
-  const source = fuse && !rawOnly ? attachment.backing : volume;
+  // a raw image is its own flat view: read it, not its FUSE file, when frozen
+  const source = fuse && !rawOnly && !cbwView ? attachment.backing : volume;
   if (!attachment || !mountpoint) return { source, attachment };
   const rdev = fs.statSync(attachment.device, { bigint: true }).rdev;
-  return { source, attachment, mounted: { mountpoint, rdev, clonable: !fuse } };
+  return { source, attachment, mounted: { mountpoint, rdev, clonable: !fuse, cbwView } };
 }
 
 function devOf(p: string): bigint | undefined {
@@ -156,7 +187,7 @@ function assertStoreOutside(storeDir: string, rdev: bigint, mountpoint: string, 
 // ---------------------------------------------------------------------------------------------
 // Reflink clones
 
-/** `.<image>.disksnap-<kind>-<pid>-<random>` beside the image: a clone ('pit') or a probe. */
+/** `.<image>.disksnap-<kind>-<pid>-<random>` beside the image: a clone ('pit') or a probe (and cbw.ts's preserve files). */
 function scratchName(image: string, kind: 'pit' | 'probe'): string {
   return path.join(path.dirname(image), `.${path.basename(image)}.disksnap-${kind}-${process.pid}-${randomBytes(4).toString('hex')}`);
 }
@@ -165,7 +196,7 @@ function scratchName(image: string, kind: 'pit' | 'probe'): string {
 function scratchPid(image: string, name: string): number | undefined {
   const prefix = `.${path.basename(image)}.disksnap-`;
   if (!name.startsWith(prefix)) return undefined;
-  const m = /^(?:pit|probe)-(\d+)-[0-9a-f]{8}$/.exec(name.slice(prefix.length));
+  const m = /^(?:pit|probe|cbw)-(\d+)-[0-9a-f]{8}$/.exec(name.slice(prefix.length));
   return m ? Number(m[1]) : undefined;
 }
 
@@ -178,7 +209,7 @@ function pidAlive(pid: number): boolean {
   }
 }
 
-/** Removes clones and probes of `volume` left by processes that no longer exist (SIGKILL). */
+/** Removes clones, probes and preserve files of `volume` left by processes that no longer exist (SIGKILL). */
 export function reapStaleClones(volume: string): string[] {
   const dir = path.dirname(volume);
   const removed: string[] = [];
@@ -332,6 +363,93 @@ function frozenView(source: string, mountpoint: string, attachment: Attachment |
   return view;
 }
 
+/** The status a FUSE server's `ctl` node reports (cbw.ts). */
+function cbwStatus(fd: number): CbwStatus {
+  const buf = Buffer.alloc(CTL_SIZE);
+  const n = fs.readSync(fd, buf, 0, buf.length, 0);
+  return JSON.parse(buf.toString('utf8', 0, n)) as CbwStatus;
+}
+
+/** Why a CBW view could not give the snapshot its frozen moment, as one line; undefined when it did. */
+function cbwFailure(volume: string, st: CbwStatus): string | undefined {
+  if (st.overflow && st.refusedReads > 0) {
+    return (
+      `the snapshot of ${volume} was abandoned: ${st.overflow}. The volume and its writes are unaffected; ` +
+      'raise the limit (`snapshot create --cbw-limit SIZE`), or take the snapshot while the volume is written less'
+    );
+  }
+  if (st.refusedReads > 0) return `the frozen moment of ${volume} could not be read back whole (${st.refusedReads} read(s) refused by its FUSE server; see its log)`;
+  if (st.session === 'none') return `the copy-before-write session of ${volume} ended before the snapshot had read it (was its FUSE server restarted?)`;
+  return undefined;
+}
+
+/**
+ * Copy-before-write through the FUSE server serving the raw `volume` (its view in `viewDir`):
+ * frozen only while the session starts. Undefined where the server offers no `ctl` (an older
+ * disksnap's server) or cannot preserve (a read-only attachment): the caller freezes for the read.
+ */
+async function cbwView(volume: string, viewDir: string, mountpoint: string, attachment: Attachment | undefined, opts: PointInTimeOptions): Promise<PointInTime | undefined> {
+  const limit = opts.cbwLimit ?? DEFAULT_CBW_LIMIT;
+  let fd: number;
+  try {
+    fd = fs.openSync(path.join(viewDir, CTL_NAME), 'r+');
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'EROFS' || code === 'EACCES') return undefined;
+    throw fromNodeError(e, path.join(viewDir, CTL_NAME));
+  }
+  let t0 = 0;
+  let frozenMs = 0;
+  try {
+    await withFrozen(
+      mountpoint,
+      () => {
+        t0 = performance.now();
+        try {
+          fs.writeSync(fd, `start ${limit}\n`, 0);
+        } catch (e) {
+          const why = cbwStatus(fd).lastError ?? (e as Error).message;
+          throw new DisksnapError(`copy-before-write of ${volume} could not start: ${why}`, 'EIO', undefined, volume);
+        }
+      },
+      { noGuard: opts.noGuard },
+    );
+    frozenMs = performance.now() - t0;
+  } catch (e) {
+    fs.closeSync(fd);
+    throw e;
+  }
+  const view: PointInTime = {
+    path: path.join(viewDir, SNAP_NAME),
+    consistency: 'frozen-cbw',
+    attachment,
+    frozen: mountpoint,
+    frozenMs,
+    preservedBytes: 0,
+    release: once(() => {
+      try {
+        const st = cbwStatus(fd);
+        view.preservedBytes = st.preservedBytes;
+        fs.writeSync(fd, 'end\n', 0);
+        const why = cbwFailure(volume, st);
+        if (why) throw new DisksnapError(why, st.overflow ? 'ENOSPC' : 'EIO', undefined, volume);
+      } finally {
+        fs.closeSync(fd); // ends the session in the server too, whatever happened above
+      }
+    }),
+  };
+  return view;
+}
+
+/** The notice for a volume read frozen that `attach --via fuse` would freeze for milliseconds only. */
+function longFreezeNotice(volume: string, attachment: Attachment | undefined, mountpoint: string): string | undefined {
+  if (attachment?.via !== 'loop') return undefined;
+  return (
+    `${volume} is mounted on ${mountpoint} from a plain loop device on a filesystem without reflinks: it stays frozen for the whole read. ` +
+    `Attached with \`disksnap attach --via fuse\`, a snapshot freezes it for milliseconds (copy-before-write)`
+  );
+}
+
 /**
  * A consistent view of a (possibly attached and mounted) volume to read from: a raw image, a
  * block device, or a qcow2 child attached through FUSE. Call release() when done — or use
@@ -341,12 +459,18 @@ export async function pointInTime(volumePath: string, opts: PointInTimeOptions =
   const { source, attachment, mounted } = placementOf(volumePath, !!opts.rawOnly);
   if (!mounted) return { path: source, consistency: 'not-mounted', attachment, release: async () => undefined };
   if (!opts.noFreeze && opts.storeDir !== undefined) assertStoreOutside(opts.storeDir, mounted.rdev, mounted.mountpoint, volumePath);
-  if (mounted.clonable) reapStaleClones(volumePath);
+  if (mounted.clonable || mounted.cbwView) reapStaleClones(volumePath);
   if (mounted.clonable && !opts.noClone) {
     const clone = await cloneView(volumePath, mounted.mountpoint, attachment, opts);
     if (clone) return clone;
   }
   if (opts.noFreeze) return { path: source, consistency: 'crash-consistent', attachment, release: async () => undefined };
+  if (mounted.cbwView) {
+    const cbw = await cbwView(volumePath, mounted.cbwView, mounted.mountpoint, attachment, opts);
+    if (cbw) return cbw;
+  }
+  const notice = longFreezeNotice(volumePath, attachment, mounted.mountpoint);
+  if (notice && !opts.noClone) opts.onLog?.(notice);
   await freeze(mounted.mountpoint, { noGuard: opts.noGuard });
   return frozenView(source, mounted.mountpoint, attachment);
 }

@@ -117,6 +117,7 @@ export async function copySnapshot(ref: string, opts: CopySnapshotOptions): Prom
         volumePath: rec.volumePath,
         consistency: rec.consistency,
         frozenMs: rec.frozenMs,
+        preservedBytes: rec.preservedBytes,
         keyId: dstKeys?.id ?? null,
         copiedFrom: { storeId: src.config.id, snapshotId: rec.id, startTime: rec.startTime },
       });

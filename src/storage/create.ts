@@ -5,8 +5,10 @@
  * and the record completed or marked `error` (./lifecycle.ts).
  *
  * A volume whose filesystem is mounted is read at a point in time (src/host/point-in-time.ts):
- * frozen while a reflink clone is made and the clone read ('frozen-clone'), or frozen for the
- * whole read ('frozen'); with noFreeze it is 'crash-consistent'. Each attempt gets its own
+ * frozen while a reflink clone is made and the clone read ('frozen-clone'), frozen while its
+ * FUSE server starts copy-before-write and its frozen moment read through that server
+ * ('frozen-cbw', bounded by cbwLimit; preservedBytes recorded), or frozen for the whole read
+ * ('frozen'); with noFreeze it is 'crash-consistent'. Each attempt gets its own
  * view, released (thawed, clone removed) when the attempt ends, however it ends.
  *
  * A raw regular file on xfs or btrfs gets a reflink clone of that view, which the snapshot
@@ -54,6 +56,8 @@ export interface CreateSnapshotOptions extends StoreOptions {
   noFreeze?: boolean;
   /** do not read a reflink clone of a mounted volume: stay frozen while reading it */
   noClone?: boolean;
+  /** the bound of a copy-before-write preserve file (a raw volume attached via FUSE; src/host/cbw.ts) */
+  cbwLimit?: number;
   /**
    * Do not keep a reflink clone of a raw volume for the next snapshot (./reflink.ts); any the
    * volume has is removed once this snapshot completes (CLI: --no-reflink).
@@ -113,6 +117,7 @@ async function takeSnapshot(volume: string, opts: CreateSnapshotOptions): Promis
         volumePath: real,
         consistency: null,
         frozenMs: null,
+        preservedBytes: null,
         keyId: vol.keyId,
         copiedFrom: null,
       });
@@ -304,6 +309,7 @@ async function runCapture(
         if (from && from !== file) from.close();
         await src.release();
         rec.frozenMs = src.frozenMs === undefined ? null : Math.round(src.frozenMs * 10) / 10;
+        rec.preservedBytes = src.preservedBytes ?? null;
       }
     }
     return await completeSnapshot(store, rec, writer, progress, () => (writer = undefined), opts.onLog);
@@ -337,8 +343,9 @@ interface ReflinkAttempt {
  */
 async function reflinkAttempt(plan: ReflinkPlan, rec: SnapshotRecord, parent: SnapshotRecord | undefined, src: CaptureSource): Promise<ReflinkAttempt> {
   rec.changeSourceReason = null;
-  // Read frozen (no reflinks there, or noClone): the volume itself is what is read.
-  if (src.consistency === 'frozen') {
+  // Read frozen (no reflinks there, or noClone), or its frozen moment through a FUSE server's
+  // copy-before-write: no clone of that moment can be taken.
+  if (src.consistency === 'frozen' || src.consistency === 'frozen-cbw') {
     if (plan.noClone) rec.changeSourceReason = 'the mounted volume was read frozen, not through a clone (noClone)';
     return {};
   }
@@ -406,5 +413,5 @@ async function captureSource(store: Store, volume: string, opts: CreateSnapshotO
       },
     };
   }
-  return openCapture(volume, { noFreeze: opts.noFreeze, noClone: opts.noClone, storeDir: store.dir });
+  return openCapture(volume, { noFreeze: opts.noFreeze, noClone: opts.noClone, cbwLimit: opts.cbwLimit, onLog: opts.onLog, storeDir: store.dir });
 }

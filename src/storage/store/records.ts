@@ -22,7 +22,7 @@ export const MAX_BLOCK_SIZE = 64 * 1024 * 1024;
 
 export type SnapshotState = 'pending' | 'completed' | 'error';
 /** The values a record's `consistency` may hold (the host's Consistency, src/host/freeze.ts). */
-export const CONSISTENCIES: readonly Consistency[] = ['frozen-clone', 'frozen', 'crash-consistent', 'not-mounted'];
+export const CONSISTENCIES: readonly Consistency[] = ['frozen-clone', 'frozen-cbw', 'frozen', 'crash-consistent', 'not-mounted'];
 export type DigestAlgorithm = 'sha256' | 'hmac-sha256';
 
 export interface StoreConfig {
@@ -142,6 +142,8 @@ export interface SnapshotRecord {
   consistency: Consistency | null;
   /** how long the volume's filesystem was frozen (ms), when it was */
   frozenMs: number | null;
+  /** frozen-cbw: the bytes the VM overwrote while the snapshot read, preserved for it; else null */
+  preservedBytes: number | null;
   /** the key an encrypted snapshot is sealed under (src/storage/store/crypto.ts); null when plain */
   /** @pattern ^key-[0-9a-f]{32}$ */
   keyId: string | null;
@@ -371,6 +373,7 @@ export function parseSnapshotRecord(file: string, text: string | Buffer): Snapsh
     creator: { pid: int(file, c, 'pid'), host: str(file, c, 'host') },
     consistency: consistencyOf(file, o),
     frozenMs: o.frozenMs === null || o.frozenMs === undefined ? null : num(file, o, 'frozenMs'),
+    preservedBytes: o.preservedBytes === null || o.preservedBytes === undefined ? null : int(file, o, 'preservedBytes'),
     ...encryptionOf(file, o),
     ...changeFieldsOf(file, o),
     lockedUntil: o.lockedUntil === null || o.lockedUntil === undefined ? null : time(file, o, 'lockedUntil'),
@@ -491,6 +494,7 @@ function ordered(r: SnapshotRecord): SnapshotRecord {
     creator: r.creator,
     consistency: r.consistency,
     frozenMs: r.frozenMs,
+    preservedBytes: r.preservedBytes,
     keyId: r.keyId,
     sealedMetadata: r.sealedMetadata,
     metadataHidden: r.metadataHidden,
