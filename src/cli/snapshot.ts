@@ -12,6 +12,7 @@
  * Keys (src/storage/keys.ts): `--key-file K` (32 random bytes) or `--passphrase-file F`, else the
  * passphrase in $DISKSNAP_PASSPHRASE, wherever an encrypted volume or snapshot is touched.
  */
+import * as path from 'node:path';
 import { Command } from 'commander';
 
 import { KeyFlags, keyOptions, keySpec, secondsArg, StoreFlag, storeHelp, storeOption, storeOpts, table, waitHelp, warnDamaged, withBar } from './store-common';
@@ -34,7 +35,9 @@ function consistencyText(s: snap.SnapshotJson): string {
     case 'frozen-clone':
       return `frozen-clone (filesystem frozen for a reflink clone${s.frozenMs !== null ? `, ${s.frozenMs} ms` : ''}; the clone was read)`;
     case 'crash-consistent':
-      return 'crash-consistent (mounted, not frozen: --no-freeze)';
+      return 'crash-consistent (written to while read, not frozen: --no-freeze, or a running VM whose guest agent did not freeze it)';
+    case 'guest-frozen':
+      return `guest-frozen (the guest's filesystems frozen through qemu-guest-agent${s.frozenMs !== null ? ` for ${s.frozenMs} ms` : ''} while QEMU switched to a temporary overlay; the image was read after the thaw)`;
   }
 }
 
@@ -87,8 +90,8 @@ export function register(program: Command): void {
   const snapshot = program.command('snapshot').description('EBS-style incremental storage snapshots of raw images');
 
   keyOptions(snapshot.command('create'), 'of an encrypted volume')
-    .description('snapshot a raw image (stores only blocks the store does not hold yet)')
-    .argument('<volume>', 'raw image file or block device')
+    .description('snapshot a raw image, or a qcow2 image as its guest sees it (stores only blocks the store does not hold yet); with --qmp, the image of a running VM')
+    .argument('<volume>', 'raw image file or block device, or qcow2 image')
     .option(storeOption, storeHelp)
     .option('--name <name>', 'name of the snapshot', '')
     .option('--description <text>', 'description', '')
@@ -96,14 +99,19 @@ export function register(program: Command): void {
     .option('--block-size <size>', 'block size of a store this command creates (default 512K)', powerOfTwoArg('block size', 4096, 64 * 1024 * 1024))
     .option('--no-freeze', 'do not freeze a mounted volume (the snapshot is then crash-consistent)')
     .option('--no-reflink', 'keep no reflink clone of the volume for the next snapshot (xfs, btrfs); removes the one it has')
+    .option('--qmp <socket>', 'QEMU runs the image: its QMP socket (a live snapshot through a temporary overlay)')
+    .option('--qga <socket>', "with --qmp: the guest agent's socket, to freeze the guest for the switch (default: found through QMP)")
+    .option('--no-agent', 'with --qmp: do not freeze the guest through its agent (crash-consistent)')
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print the snapshot as JSON')
     .action(
-      action(async (volume: string, o: StoreFlag & KeyFlags & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean; reflink: boolean }) => {
+      action(async (volume: string, o: StoreFlag & KeyFlags & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean; reflink: boolean; qmp?: string; qga?: string; agent: boolean }) => {
         const tags = parseTags(o.tag);
         const key = keySpec(o);
-        const rec = await withBar('snapshot', o.json, (onProgress) =>
-          snap.createSnapshot(volume, {
+        if (o.qga !== undefined && o.qmp === undefined) throw new UsageError('--qga needs --qmp (the snapshot of a running VM)');
+        let live: snap.LiveReport | undefined;
+        const rec = await withBar('snapshot', o.json, async (onProgress) => {
+          const common = {
             ...storeOpts(o),
             name: o.name,
             description: o.description,
@@ -113,11 +121,15 @@ export function register(program: Command): void {
             noFreeze: o.freeze === false,
             noReflink: o.reflink === false,
             onProgress,
-            onLog: (m) => log(`disksnap: ${m}`),
-            onPrune: (r) => r.removed.length && log(`disksnap: the volume's retention policy removed ${r.removed.map((d) => d.id).join(', ')} (their blocks go at the next store gc)`),
-          }),
-        );
-        if (o.json) printJson(rec);
+            onLog: (m: string) => log(`disksnap: ${m}`),
+            onPrune: (r: snap.PruneReport) => r.removed.length && log(`disksnap: the volume's retention policy removed ${r.removed.map((d) => d.id).join(', ')} (their blocks go at the next store gc)`),
+          };
+          if (o.qmp === undefined) return snap.createSnapshot(volume, common);
+          const r = await snap.createLiveSnapshot(volume, { ...common, qmp: o.qmp, qga: o.qga, noAgent: o.agent === false });
+          live = r.live;
+          return r.snapshot;
+        });
+        if (o.json) printJson(live ? { ...rec, live } : rec);
         else {
           process.stdout.write(
             `${rec.id} ${rec.state}: ${rec.stats.dataBlocks} data blocks of ${formatSize(rec.blockSize)}, ` +
@@ -127,6 +139,7 @@ export function register(program: Command): void {
               (rec.consistency && rec.consistency !== 'not-mounted' ? `; ${consistencyText(rec)}` : '') +
               '\n',
           );
+          if (live) process.stdout.write(`live: QEMU switched to ${path.basename(live.overlay)} in ${live.switchMs.toFixed(1)} ms and merged it back in ${live.commitMs.toFixed(0)} ms\n`);
         }
       }),
     );

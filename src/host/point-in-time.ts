@@ -19,6 +19,9 @@
  *     mounted                               (refused with `rawOnly`: storage snapshots take raw images)
  *   mounted, noFreeze                       a clone where reflinks        crash-consistent
  *                                           work, else the live volume
+ *   a running VM's image (snapshot create   the image, after QEMU was     guest-frozen (the agent
+ *     --qmp: src/storage/live.ts)           switched to a temporary       froze the guest for the
+ *                                           overlay                       switch), else crash-consistent
  *
  * The clone is a new file in the image's own directory (FICLONE cannot cross filesystems),
  * named `.<image>.disksnap-pit-<pid>-<random>`. It shares every extent with the image, so it
@@ -42,8 +45,8 @@ import { untilExit } from './exit-cleanup';
 import { mountpointsOf } from './state';
 
 /** How a snapshot's bytes were captured (the table above); recorded with each snapshot. */
-export type Consistency = 'frozen-clone' | 'frozen' | 'crash-consistent' | 'not-mounted';
-export const CONSISTENCIES: readonly Consistency[] = ['frozen-clone', 'frozen', 'crash-consistent', 'not-mounted'];
+export type Consistency = 'frozen-clone' | 'frozen' | 'crash-consistent' | 'not-mounted' | 'guest-frozen';
+export const CONSISTENCIES: readonly Consistency[] = ['frozen-clone', 'frozen', 'crash-consistent', 'not-mounted', 'guest-frozen'];
 
 export interface PointInTime {
   /** the file to read: a reflink clone of the volume, or the volume (or its FUSE view) itself */

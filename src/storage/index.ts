@@ -69,6 +69,8 @@ export { initStore, registerVolume, listVolumes, setVolumeRetention } from './vo
 export type { InitStoreOptions, StoreInfo, RegisterVolumeOptions } from './volumes';
 export { createSnapshot } from './create';
 export type { CreateSnapshotOptions } from './create';
+export { createLiveSnapshot, findAgentSocket, liveOverlaysOf } from './live';
+export type { LiveSnapshotOptions, LiveReport } from './live';
 export { listSnapshots, lockSnapshot, showSnapshot, tagSnapshot } from './list';
 export type { ListSnapshotsOptions } from './list';
 export { restoreSnapshot } from './restore';
