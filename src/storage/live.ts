@@ -48,6 +48,9 @@ import { guestFreeze, pingAgent, type QgaClient } from '../host/qga';
 import type { Consistency } from '../host/point-in-time';
 import { detectFormat, openImage } from '../image';
 import { createQcow2 } from '../image/qcow2/create';
+import { parseHeader } from '../image/qcow2/format';
+import { readHeaderCluster } from '../image/qcow2/header';
+import { BlockFile } from '../engine/file';
 import { createSnapshot, type CreateSnapshotOptions } from './create';
 import { realVolumePath } from './common';
 import { faultsOf } from './faults';
@@ -141,13 +144,21 @@ async function qemuNames(qmp: QmpClient, file: string): Promise<boolean> {
   return nodes.some((n) => realOf(fileOf(n.file)) === want);
 }
 
-/** Whether the overlay holds any cluster of its own (guest writes). */
+/**
+ * Whether the overlay holds anything of its own (guest writes): any L1 entry set. Read from
+ * its own file only (its backing file may be QEMU's, locked for writing).
+ */
 function holdsData(overlay: string): boolean {
-  const img = openImage(overlay, { readLock: 'none' });
+  const f = BlockFile.open(overlay, { lock: 'none' });
   try {
-    return img.map().some((e) => e.depth === 0);
+    const size = f.stat().size;
+    const h = parseHeader(overlay, readHeaderCluster(f, size), size);
+    const l1 = Buffer.alloc(h.l1Size * 8);
+    f.readFullSync(l1, h.l1TableOffset);
+    for (let i = 0; i < l1.length; i += 8) if (l1.readBigUInt64BE(i) !== 0n) return true;
+    return false;
   } finally {
-    img.close();
+    f.close();
   }
 }
 
