@@ -22,7 +22,7 @@ function thawOnce(socketPath: string): Promise<boolean> {
     s.setEncoding('latin1');
     s.on('connect', () => {
       // 0xFF resets the agent's parser; the sync skips stale answers; then the thaw
-      s.write('\xff{"execute":"guest-sync-delimited","arguments":{"id":4242}}\n');
+      s.write(Buffer.concat([Buffer.from([0xff]), Buffer.from('{"execute":"guest-sync-delimited","arguments":{"id":4242}}\n')]));
     });
     s.on('data', (chunk: string) => {
       buf += chunk;

@@ -77,7 +77,7 @@ export class QgaClient {
     const c = new QgaClient(sock, socketPath);
     try {
       const id = randomInt(1, 2 ** 31);
-      sock.write('\xff');
+      sock.write(Buffer.from([0xff]));
       const r = await c.execute<number>('guest-sync-delimited', { id }, timeoutMs, (m) => m.return === id);
       if (r !== id) throw new DisksnapError(`guest agent ${socketPath}: guest-sync answered ${String(r)}, not ${id}`, 'EPROTO', undefined, socketPath);
     } catch (e) {
@@ -103,7 +103,7 @@ export class QgaClient {
         }, timeoutMs);
         this.waiting = {
           resolve: (m) => {
-            if (accept && !accept(m) && !m.error) return; // stale: keep waiting
+            if (accept && !accept(m)) return; // stale (or the parser's complaint about the 0xFF): keep waiting
             clearTimeout(timer);
             this.waiting = undefined;
             resolve(m);

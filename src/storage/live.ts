@@ -230,7 +230,7 @@ async function settleLeftovers(qmp: QmpClient, real: string, onLog?: (m: string)
 /** The agent's socket from QEMU's chardevs and virtio-serial ports, if any (see the module note). */
 export async function findAgentSocket(qmp: QmpClient): Promise<string | undefined> {
   const chardevs = await qmp.execute<{ label: string; filename: string }[]>('query-chardev');
-  const unixPath = (id: string) => /^unix:([^,]+)/.exec(chardevs.find((c) => c.label === id)?.filename ?? '')?.[1];
+  const unixPath = (id: string) => /^(?:disconnected:)?unix:([^,]+)/.exec(chardevs.find((c) => c.label === id)?.filename ?? '')?.[1];
   for (const root of ['/machine/peripheral', '/machine/peripheral-anon']) {
     const kids = await qmp.execute<{ name: string; type: string }[]>('qom-list', { path: root }).catch(() => []);
     for (const k of kids.filter((x) => x.type === 'child<virtserialport>')) {
