@@ -61,8 +61,6 @@ t.test('a live snapshot with the guest agent: guest-frozen, the VM writes on int
     t.equal(r.status, 0, `snapshot create --qmp while the guest writes: ${r.stderr}`);
     const rec = JSON.parse(r.out || '{}') as { id: string; consistency: string; frozenMs: number | null; live: { agent?: string; switchMs: number; commitMs: number } };
     id = rec.id;
-    const written = (g.output.match(/^W \d+$/gm) ?? []).length;
-    t.ok(written < FILES, `the guest was still writing when the snapshot returned (${written} of ${FILES} files)`);
     t.equal(rec.consistency, 'guest-frozen', 'the agent froze the guest for the switch');
     t.equal(rec.live.agent, qga, 'through the socket found on QEMU');
     t.ok(rec.frozenMs !== null && rec.frozenMs > 0 && rec.frozenMs < 10_000, `the freeze was bounded: ${rec.frozenMs} ms (switch ${rec.live.switchMs.toFixed(1)} ms, merge ${rec.live.commitMs.toFixed(0)} ms)`);

@@ -7,7 +7,10 @@
  * A volume whose filesystem is mounted is read at a point in time (src/host/point-in-time.ts):
  * frozen while a reflink clone is made and the clone read ('frozen-clone'), or frozen for the
  * whole read ('frozen'); with noFreeze it is 'crash-consistent'. Each attempt gets its own
- * view, released (thawed, clone removed) when the attempt ends, however it ends.
+ * view, released (thawed, clone removed) when the attempt ends, however it ends. The image of
+ * a running VM is made unchanging by ./live.ts instead (QEMU switched to a temporary overlay),
+ * which passes `heldBy`: the volume is read as it is, with the consistency live.ts reached
+ * ('guest-frozen' or 'crash-consistent'), and no persistent bitmap is read or added.
  *
  * A raw regular file on xfs or btrfs gets a reflink clone of that view, which the snapshot
  * keeps beside the volume for its successor (./reflink.ts: where it lives, why it is trusted,
