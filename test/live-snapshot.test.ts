@@ -3,8 +3,10 @@
  * the image as a drive without a device), writes made through QEMU's own `qemu-io` monitor
  * command: the snapshot holds exactly the guest view at the switch, however QEMU writes
  * during the copy; QEMU ends on IMAGE with no temporary overlay in its graph; a merge back
- * that QEMU refuses leaves the VM on a valid chain, and the next run merges it. No agent here:
- * 'crash-consistent' (the guest version with qemu-guest-agent is in vm-live-snapshot.test.ts).
+ * that QEMU refuses leaves the VM on a valid chain, and the next run merges it. Without an agent
+ * (or with one that never answers) the snapshot is 'crash-consistent'; a stand-in speaking the
+ * agent's protocol shows the order freeze, switch, thaw, copy, and the thaw when QEMU refuses
+ * the switch (the real qemu-ga in a real guest is in vm-live-snapshot.test.ts).
  */
 import t from 'tap';
 import type { Test } from 'tap';
@@ -243,4 +245,60 @@ t.test('CLI: snapshot create --qmp prints the consistency and why; an agent sock
   const show = cli(['snapshot', 'show', rec.id, '--store', store]);
   t.match(show.out, /consistency\s+crash-consistent/, 'snapshot show prints it');
   t.equal(cli(['snapshot', 'create', image, '--store', store, '--qga', qga]).status, 2, '--qga without --qmp: usage error');
+  const n = cli(['snapshot', 'create', image, '--store', store, '--qmp', sock, '--qga', qga, '--no-agent']);
+  t.equal(n.status, 0, '--no-agent');
+  t.match(n.stderr, /not used \(noAgent\).*crash-consistent/, '--no-agent: the agent is not asked, and the output says so');
+});
+
+/**
+ * A stand-in for qemu-guest-agent speaking its protocol on a unix socket (the real agent in a
+ * real guest is in vm-live-snapshot.test.ts): it records each command and when it came.
+ */
+function fakeAgent(t: Test): { sock: string; log: string[] } {
+  const sock = socketPath(t, 'qga.sock');
+  const log: string[] = [];
+  const server = net.createServer((c) => {
+    let buf = '';
+    c.on('data', (b: Buffer) => {
+      buf += b.toString('latin1').replace(/\xff/g, '');
+      let nl: number;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const m = JSON.parse(buf.slice(0, nl)) as { execute: string; arguments?: { id?: number } };
+        buf = buf.slice(nl + 1);
+        log.push(m.execute);
+        const ret = m.execute === 'guest-sync-delimited' ? m.arguments?.id : m.execute === 'guest-fsfreeze-freeze' || m.execute === 'guest-fsfreeze-thaw' ? 1 : {};
+        c.write((m.execute === 'guest-sync-delimited' ? '\xff' : '') + JSON.stringify({ return: ret }) + '\n', 'latin1');
+      }
+    });
+  }).listen(sock);
+  t.teardown(() => server.close());
+  return { sock, log };
+}
+
+t.test('with an agent: freeze, switch, thaw before the copy; a switch QEMU refuses is thawed too and changes nothing', { skip }, async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const image = await vmImage(dir);
+  const { sock, qmp } = await qemuOn(t, image);
+  const agent = fakeAgent(t);
+  let atCopy: string[] = [];
+  const ok = await createLiveSnapshot(image, withFaults({ store, qmp: sock, qga: agent.sock }, { afterSwitch: () => void (atCopy = [...agent.log]) }));
+  t.equal(ok.snapshot.consistency, 'guest-frozen', 'guest-frozen');
+  t.ok(ok.snapshot.frozenMs !== null && ok.snapshot.frozenMs >= 0, `the freeze time is recorded (${ok.snapshot.frozenMs} ms)`);
+  t.same(atCopy.filter((c) => c.startsWith('guest-fsfreeze')), ['guest-fsfreeze-freeze', 'guest-fsfreeze-thaw'], 'frozen, then thawed before the copy began');
+
+  // QEMU refuses the switch: the drive's node is in use by a job
+  agent.log.length = 0;
+  await qmp.execute('blockdev-add', { driver: 'null-co', 'node-name': 'sink', size: 8 * MiB });
+  await qmp.execute('blockdev-backup', { 'job-id': 'blocker', device: 'drv0', target: 'sink', sync: 'full', speed: 1 });
+  const before = await qemuFiles(qmp);
+  const e = await createLiveSnapshot(image, { store, qmp: sock, qga: agent.sock }).then(
+    () => undefined,
+    (x: unknown) => x,
+  );
+  t.ok(isDisksnapError(e, 'EQMP'), `the switch failed: ${String(e)}`);
+  t.same(agent.log.filter((c) => c.startsWith('guest-fsfreeze')), ['guest-fsfreeze-freeze', 'guest-fsfreeze-thaw'], 'the guest was thawed anyway');
+  t.same(liveOverlaysOf(image), [], 'the unused overlay was removed');
+  t.same((await qemuFiles(qmp)).active, before.active, 'QEMU still runs what it ran');
+  await qmp.execute('block-job-cancel', { device: 'blocker', force: true });
 });
