@@ -32,8 +32,9 @@
  * guest's newest writes: it is never dropped. The next `snapshot create IMAGE --qmp` settles
  * every IMAGE.live-snapshot-*.qcow2 first: one QEMU runs is merged back live; one QEMU does not
  * name and that holds no data is deleted; one that QEMU does not name but holds data is kept
- * and the snapshot refused (EBUSY), since whether its writes belong to IMAGE (the VM was
- * stopped while on it) only the user can say (`disksnap diff commit OVERLAY` merges it).
+ * and the snapshot refused (EBUSY): whether its writes still belong in IMAGE (the VM was
+ * stopped while on it) or are there already (a run killed between QEMU's pivot and the
+ * unlink) only the user can say (`disksnap diff commit OVERLAY` merges it).
  *
  * Errors: EJOB (QEMU's block job failed; its message included), ENOTFOUND (no device of that
  * QEMU runs IMAGE), EBUSY (a leftover overlay with data), plus QMP's EQMP/ETIMEDOUT/ECONNRESET.
@@ -218,8 +219,8 @@ async function settleLeftovers(qmp: QmpClient, real: string, onLog?: (m: string)
       syncDir(path.dirname(overlay));
     } else {
       throw busy(
-        `${overlay} (a temporary overlay of an earlier live snapshot) holds guest writes but QEMU does not run it (the VM was stopped while on it?); ` +
-          `merge it into ${real} with 'disksnap diff commit ${overlay}' if those writes belong to it, or remove it yourself, then try again`,
+        `${overlay} (a temporary overlay of an earlier live snapshot) holds guest writes but QEMU does not run it (the VM was stopped while on it, ` +
+          `or a run was killed just after merging it back); merge it into ${real} with 'disksnap diff commit ${overlay}' if its writes are not in ${real} yet, or remove it, then try again`,
         overlay,
       );
     }
