@@ -3,7 +3,8 @@
  * disksnap's images and runs a small shell job inside, whose output the test reads.
  *
  *   test/helpers/guest-setup.sh (run once, by .ci/run): qemu-system-x86, busybox-static, kmod,
- *     and the Debian kernel extracted with dpkg -x into CACHE/kernel/<version>/
+ *     and the Debian kernel extracted with dpkg -x into CACHE/kernel/<version>/; qemu-guest-agent
+ *     the same way into CACHE/qga (guestAgentFiles/guestAgentArgs put it in a guest, on ttyS1)
  *   initramfs (built here once per kernel version and init script, CACHE/initramfs-*.cpio.gz):
  *     busybox, the modules `modprobe --show-depends` lists for virtio_pci, virtio_blk, ext4 and
  *     qemu_fw_cfg (in that order, insmod'ed), and /init: mount /dev/vda, switch_root into it
