@@ -72,6 +72,7 @@ const NAMESPACES: Record<string, string[]> = {
   'snapshots': [
     'binSettings',
     'copySnapshot',
+    'createLiveSnapshot',
     'createSnapshot',
     'defaultStoreDir',
     'deleteSnapshot',
@@ -80,6 +81,7 @@ const NAMESPACES: Record<string, string[]> = {
     'initStore',
     'listBin',
     'listSnapshots',
+    'liveOverlaysOf',
     'listVolumes',
     'lockSnapshot',
     'pruneSnapshots',

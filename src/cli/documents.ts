@@ -13,6 +13,7 @@
  */
 import type { SnapshotJson, VolumeRecord } from '../storage/store/records';
 import type { BinEntry } from '../storage/bin';
+import type { LiveReport } from '../storage/live';
 import type { PruneReport } from '../storage/prune';
 import type { RestoreReport } from '../storage/restore';
 import type { DiffResult } from '../storage/diff';
@@ -34,6 +35,9 @@ import type { CompareReport } from '../compare/types';
 import type { QemuImageInfo, QemuImageInfoChain, QemuMap, QemuImageCheck, QemuMeasure } from '../image/qemu-docs';
 import type { Ec2Snapshot, Ec2DescribeSnapshots, Ec2CopySnapshot, Ec2LockSnapshot, Ec2UnlockSnapshot, Ec2DescribeVolumes, Ec2ListBin } from './ec2';
 import type { ProgressEvent } from './progress';
+
+/** `snapshot create --qmp --json`: the snapshot, and how the running VM was moved off its image */
+export type SnapshotLiveDoc = SnapshotJson & { live: LiveReport };
 
 /** `snapshot list --json` */
 export interface SnapshotListDoc {
@@ -147,6 +151,7 @@ export interface DetachDoc {
 /** Name -> type of every document. */
 export interface Documents {
   snapshot: SnapshotJson;
+  'snapshot-live': SnapshotLiveDoc;
   'snapshot-list': SnapshotListDoc;
   'snapshot-bin-list': BinListDoc;
   'snapshot-prune': PruneReport;

@@ -12,6 +12,7 @@
  * Keys (src/storage/keys.ts): `--key-file K` (32 random bytes) or `--passphrase-file F`, else the
  * passphrase in $DISKSNAP_PASSPHRASE, wherever an encrypted volume or snapshot is touched.
  */
+import * as path from 'node:path';
 import { Command } from 'commander';
 
 import { KeyFlags, keyOptions, keySpec, secondsArg, StoreFlag, storeHelp, storeOption, storeOpts, table, waitHelp, warnDamaged, withBar } from './store-common';
@@ -40,7 +41,9 @@ function consistencyText(s: snap.SnapshotJson): string {
         `${s.preservedBytes !== null ? formatSize(s.preservedBytes) : 'an unrecorded amount'} preserved by copy-before-write while it was read)`
       );
     case 'crash-consistent':
-      return 'crash-consistent (mounted, not frozen: --no-freeze)';
+      return 'crash-consistent (written to while read, not frozen: --no-freeze, or a running VM whose guest agent did not freeze it)';
+    case 'guest-frozen':
+      return `guest-frozen (the guest's filesystems frozen through qemu-guest-agent${s.frozenMs !== null ? ` for ${s.frozenMs} ms` : ''} while QEMU switched to a temporary overlay; the image was read after the thaw)`;
   }
 }
 
@@ -96,8 +99,8 @@ export function register(program: Command): void {
   const snapshot = program.command('snapshot').description('EBS-style incremental storage snapshots of raw images');
 
   keyOptions(snapshot.command('create'), 'of an encrypted volume')
-    .description('snapshot a raw image (stores only blocks the store does not hold yet)')
-    .argument('<volume>', 'raw image file or block device')
+    .description('snapshot a raw image, or a qcow2 image as its guest sees it (stores only blocks the store does not hold yet); with --qmp, the image of a running VM')
+    .argument('<volume>', 'raw image file or block device, or qcow2 image')
     .option(storeOption, storeHelp)
     .option('--name <name>', 'name of the snapshot', '')
     .option('--description <text>', 'description', '')
@@ -106,16 +109,21 @@ export function register(program: Command): void {
     .option('--no-freeze', 'do not freeze a mounted volume (the snapshot is then crash-consistent)')
     .option('--no-reflink', 'keep no reflink clone of the volume for the next snapshot (xfs, btrfs); removes the one it has')
     .option('--cbw-limit <size>', 'a mounted raw volume attached with `attach --via fuse`: the most its FUSE server may preserve of what the VM overwrites during the read (default 1G); past it the snapshot fails, never the VM', sizeArg('--cbw-limit'))
+    .option('--qmp <socket>', 'QEMU runs the image: its QMP socket (a live snapshot through a temporary overlay)')
+    .option('--qga <socket>', "with --qmp: the guest agent's socket, to freeze the guest for the switch (default: found through QMP)")
+    .option('--no-agent', 'with --qmp: do not freeze the guest through its agent (crash-consistent)')
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print the snapshot as JSON')
     .addOption(outputOption('ec2'))
     .action(
-      action(async (volume: string, o: StoreFlag & KeyFlags & Out & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean; reflink: boolean; cbwLimit?: number }) => {
+      action(async (volume: string, o: StoreFlag & KeyFlags & Out & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean; reflink: boolean; cbwLimit?: number; qmp?: string; qga?: string; agent: boolean }) => {
         const style = outputStyle(o);
         const tags = parseTags(o.tag);
         const key = keySpec(o);
-        const rec = await withBar('snapshot', style !== 'human', (onProgress) =>
-          snap.createSnapshot(volume, {
+        if (o.qga !== undefined && o.qmp === undefined) throw new UsageError('--qga needs --qmp (the snapshot of a running VM)');
+        let live: snap.LiveReport | undefined;
+        const rec = await withBar('snapshot', style !== 'human', async (onProgress) => {
+          const common = {
             ...storeOpts(o),
             name: o.name,
             description: o.description,
@@ -126,12 +134,18 @@ export function register(program: Command): void {
             noReflink: o.reflink === false,
             cbwLimit: o.cbwLimit,
             onProgress,
-            onLog: (m) => log(`disksnap: ${m}`),
-            onPrune: (r) => r.removed.length && log(`disksnap: the volume's retention policy removed ${r.removed.map((d) => d.id).join(', ')} (their blocks go at the next store gc)`),
-          }),
-        );
-        if (style === 'disksnap') printJson('snapshot', rec);
-        else if (style === 'peer') printJson('ec2-snapshot', ec2Snapshot(rec));
+            onLog: (m: string) => log(`disksnap: ${m}`),
+            onPrune: (r: snap.PruneReport) => r.removed.length && log(`disksnap: the volume's retention policy removed ${r.removed.map((d) => d.id).join(', ')} (their blocks go at the next store gc)`),
+          };
+          if (o.qmp === undefined) return snap.createSnapshot(volume, common);
+          const r = await snap.createLiveSnapshot(volume, { ...common, qmp: o.qmp, qga: o.qga, noAgent: o.agent === false });
+          live = r.live;
+          return r.snapshot;
+        });
+        if (style === 'disksnap') {
+          if (live) printJson('snapshot-live', { ...rec, live });
+          else printJson('snapshot', rec);
+        } else if (style === 'peer') printJson('ec2-snapshot', ec2Snapshot(rec));
         else {
           process.stdout.write(
             `${rec.id} ${rec.state}: ${rec.stats.dataBlocks} data blocks of ${formatSize(rec.blockSize)}, ` +
@@ -141,6 +155,7 @@ export function register(program: Command): void {
               (rec.consistency && rec.consistency !== 'not-mounted' ? `; ${consistencyText(rec)}` : '') +
               '\n',
           );
+          if (live) process.stdout.write(`live: QEMU switched to ${path.basename(live.overlay)} in ${live.switchMs.toFixed(1)} ms and merged it back in ${live.commitMs.toFixed(0)} ms\n`);
         }
       }),
     );

@@ -13,6 +13,9 @@
  *                      watcher process for SIGKILL)
  *   point-in-time.ts   the consistent view of a live volume: not mounted, a reflink clone taken
  *                      while frozen, frozen for the read, or crash-consistent; its `Consistency`
+ *   qmp.ts             a QMP client (QEMU's monitor) for live operations on a running VM
+ *   qga.ts             a qemu-guest-agent client and the guest freeze through it (thawed on
+ *                      every path; qga-thaw-guard.ts: a watcher process for SIGKILL)
  *   exit-cleanup.ts    the one signal/exit path: thaws and clone removals run on SIGINT, SIGTERM,
  *                      SIGHUP and exit, then the signal is re-raised
  *

@@ -22,6 +22,9 @@
  *     mounted                               (refused with `rawOnly`: storage snapshots take raw images)
  *   mounted, noFreeze                       a clone where reflinks        crash-consistent
  *                                           work, else the live volume
+ *   a running VM's image (snapshot create   the image, after QEMU was     guest-frozen (the agent
+ *     --qmp: src/storage/live.ts)           switched to a temporary       froze the guest for the
+ *                                           overlay                       switch), else crash-consistent
  *
  * Copy-before-write (cbw.ts): the FUSE server of the attachment keeps the frozen moment
  * readable after the thaw — before the VM's filesystem overwrites a chunk the snapshot has not
@@ -59,8 +62,8 @@ import { mountpointsOf } from './state';
 import { CTL_NAME, CTL_SIZE, SNAP_NAME, type CbwStatus } from './cbw';
 
 /** How a snapshot's bytes were captured (the table above); recorded with each snapshot. */
-export type Consistency = 'frozen-clone' | 'frozen-cbw' | 'frozen' | 'crash-consistent' | 'not-mounted';
-export const CONSISTENCIES: readonly Consistency[] = ['frozen-clone', 'frozen-cbw', 'frozen', 'crash-consistent', 'not-mounted'];
+export type Consistency = 'frozen-clone' | 'frozen-cbw' | 'frozen' | 'crash-consistent' | 'not-mounted' | 'guest-frozen';
+export const CONSISTENCIES: readonly Consistency[] = ['frozen-clone', 'frozen-cbw', 'frozen', 'crash-consistent', 'not-mounted', 'guest-frozen'];
 
 /** The default bound of a copy-before-write preserve file (PointInTimeOptions.cbwLimit). */
 export const DEFAULT_CBW_LIMIT = 1024 ** 3;

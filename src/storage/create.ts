@@ -9,7 +9,10 @@
  * FUSE server starts copy-before-write and its frozen moment read through that server
  * ('frozen-cbw', bounded by cbwLimit; preservedBytes recorded), or frozen for the whole read
  * ('frozen'); with noFreeze it is 'crash-consistent'. Each attempt gets its own
- * view, released (thawed, clone removed) when the attempt ends, however it ends.
+ * view, released (thawed, clone removed) when the attempt ends, however it ends. The image of
+ * a running VM is made unchanging by ./live.ts instead (QEMU switched to a temporary overlay),
+ * which passes `heldBy`: the volume is read as it is, with the consistency live.ts reached
+ * ('guest-frozen' or 'crash-consistent'), and no persistent bitmap is read or added.
  *
  * A raw regular file on xfs or btrfs gets a reflink clone of that view, which the snapshot
  * keeps beside the volume for its successor (./reflink.ts: where it lives, why it is trusted,
@@ -20,7 +23,7 @@
  */
 import { BlockFile } from '../engine/file';
 import { busy, invalid } from '../engine/errors';
-import { openCapture, type CaptureSource } from '../host/point-in-time';
+import { openCapture, type CaptureSource, type Consistency } from '../host/point-in-time';
 import { KeyRing, isExplicit } from './keys';
 import { PLAIN_CODEC, Store, sealedCodec } from './store/store';
 import { TagKey, tagKeyFrom } from './store/tags';
@@ -67,6 +70,13 @@ export interface CreateSnapshotOptions extends StoreOptions {
   onLog?: (message: string) => void;
   /** called with what the volume's retention policy (volume policy) removed after the snapshot */
   onPrune?: (report: PruneReport) => void;
+  /**
+   * The caller made the volume unchanging itself (a live snapshot: ./live.ts switched QEMU to
+   * a temporary overlay): the volume is read as it is, with this consistency and freeze time
+   * recorded; no bitmap is trusted or added (QEMU's writes go to the overlay, and a header
+   * write under QEMU is not ours to make): every block is compared with the parent's.
+   */
+  heldBy?: { consistency: Consistency; frozenMs: number | null; reason: string };
 }
 
 /**
@@ -123,7 +133,7 @@ async function takeSnapshot(volume: string, opts: CreateSnapshotOptions): Promis
       });
       const lease = await store.takeLease(rec.id);
       try {
-        const guest = format === 'qcow2' ? startGuest(file, real, vol.id, rec, parent) : undefined;
+        const guest = format !== 'qcow2' ? undefined : opts.heldBy ? heldGuest(rec, opts.heldBy) : startGuest(file, real, vol.id, rec, parent);
         // A raw regular file may be tracked by reflink clones kept beside it (./reflink.ts).
         const raw = !guest && file.stat().isRegular;
         const plan: ReflinkPlan | undefined = raw && !opts.noReflink ? { storeId: store.config.id, noClone: !!opts.noClone } : undefined;
@@ -204,6 +214,13 @@ function startGuest(file: BlockFile, real: string, volId: string, rec: SnapshotR
       : start.verdict.reason;
   }
   if (!start.added && start.addError) rec.changeSourceReason = `${rec.changeSourceReason ? `${rec.changeSourceReason}; ` : ''}no bitmap for the next snapshot: ${start.addError}`;
+  return { dirty: undefined };
+}
+
+/** A qcow2 volume held unchanging by the caller (heldBy): no bitmap read, none added. */
+function heldGuest(rec: SnapshotRecord, held: NonNullable<CreateSnapshotOptions['heldBy']>): GuestStart {
+  rec.changeTracking = null;
+  rec.changeSourceReason = held.reason;
   return { dirty: undefined };
 }
 
@@ -400,6 +417,10 @@ async function pruneClones(store: Store, rec: SnapshotRecord, onLog?: (m: string
 
 /** Where one attempt reads from: the automatic point-in-time view, or the test hook's. */
 async function captureSource(store: Store, volume: string, opts: CreateSnapshotOptions, faults: Faults): Promise<CaptureSource> {
+  if (opts.heldBy) {
+    const { consistency, frozenMs } = opts.heldBy;
+    return { path: volume, consistency, frozenMs: frozenMs ?? undefined, release: async () => undefined };
+  }
   if (faults.freeze) {
     let thaw = await faults.freeze(volume);
     return {

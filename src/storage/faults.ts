@@ -20,6 +20,10 @@ export interface Faults {
    * filesystem moves mtime on every write (the pass a block device or tmpfs file needs)
    */
   proveByReading?: boolean;
+  /** createLiveSnapshot: once QEMU runs on the temporary overlay, before the copy */
+  afterSwitch?: () => void | Promise<void>;
+  /** createLiveSnapshot: after the copy, before the overlay is merged back */
+  beforeCommitBack?: () => void | Promise<void>;
   /** restoreSnapshot in place: before each write batch of pass 2 */
   beforeWrite?: (batch: number) => void | Promise<void>;
   /** copySnapshot: after each batch of blocks was copied */

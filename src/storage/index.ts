@@ -10,7 +10,8 @@
  * them restores on its own.
  *
  * One module per operation: create.ts (+ capture.ts, the one read pipeline, and detect.ts, the
- * change-detection paths over it), restore.ts and restore-in-place.ts, copy.ts (+ copy-blocks.ts),
+ * change-detection paths over it; live.ts, the snapshot of a running VM's image through QMP and
+ * qemu-guest-agent), restore.ts and restore-in-place.ts, copy.ts (+ copy-blocks.ts),
  * delete.ts, diff.ts, verify.ts, gc.ts, list.ts, volumes.ts; shared: common.ts (options, one
  * Progress type, volume and lock helpers), pool.ts (buffers, throttles, read-ahead), fetch.ts
  * (blocks read back and verified), lifecycle.ts (pending -> completed | error), lookup.ts
@@ -69,6 +70,8 @@ export { initStore, registerVolume, listVolumes, setVolumeRetention } from './vo
 export type { InitStoreOptions, StoreInfo, RegisterVolumeOptions } from './volumes';
 export { createSnapshot } from './create';
 export type { CreateSnapshotOptions } from './create';
+export { createLiveSnapshot, liveOverlaysOf } from './live';
+export type { LiveSnapshotOptions, LiveReport } from './live';
 export { listSnapshots, lockSnapshot, showSnapshot, tagSnapshot } from './list';
 export type { ListSnapshotsOptions } from './list';
 export { restoreSnapshot } from './restore';

@@ -9,6 +9,9 @@
 #     kernel/<version>/boot/vmlinuz-<version>
 #     kernel/<version>/lib/modules/<version>/...   (with modules.dep from depmod)
 #     initramfs-*.cpio.gz       built by guest.ts, keyed by kernel version and init script
+#     qga/usr/sbin/qemu-ga      the guest agent (package qemu-guest-agent, extracted the same
+#                               way); guest.ts copies it and the host libraries `ldd` lists
+#                               into a guest's root filesystem (same Debian release)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 CACHE=${DISKSNAP_GUEST_CACHE:-/var/tmp/disksnap-guest}
@@ -44,3 +47,16 @@ fi
 echo "$ver" >"$CACHE/kernel.version.tmp"
 mv "$CACHE/kernel.version.tmp" "$CACHE/kernel.version"
 echo "guest-setup: kernel $ver ready in $CACHE" >&2
+
+# qemu-guest-agent for the live storage snapshot test (guest-fsfreeze-freeze/thaw).
+if [ ! -x "$CACHE/qga/usr/sbin/qemu-ga" ]; then
+  qtmp=$(mktemp -d "$CACHE/.fetch.XXXXXX")
+  chmod 755 "$qtmp"
+  trap 'rm -rf "${tmp:-}" "$qtmp"' EXIT
+  echo "guest-setup: fetching qemu-guest-agent" >&2
+  (cd "$qtmp" && apt-get download -q qemu-guest-agent >&2)
+  dpkg -x "$qtmp"/qemu-guest-agent_*.deb "$qtmp/root"
+  rm -rf "$CACHE/qga"
+  mv "$qtmp/root" "$CACHE/qga"
+fi
+echo "guest-setup: qemu-ga ready in $CACHE/qga" >&2

@@ -3,7 +3,8 @@
  * disksnap's images and runs a small shell job inside, whose output the test reads.
  *
  *   test/helpers/guest-setup.sh (run once, by .ci/run): qemu-system-x86, busybox-static, kmod,
- *     and the Debian kernel extracted with dpkg -x into CACHE/kernel/<version>/
+ *     and the Debian kernel extracted with dpkg -x into CACHE/kernel/<version>/; qemu-guest-agent
+ *     the same way into CACHE/qga (guestAgentFiles/guestAgentArgs put it in a guest, on ttyS1)
  *   initramfs (built here once per kernel version and init script, CACHE/initramfs-*.cpio.gz):
  *     busybox, the modules `modprobe --show-depends` lists for virtio_pci, virtio_blk, ext4 and
  *     qemu_fw_cfg (in that order, insmod'ed), and /init: mount /dev/vda, switch_root into it
@@ -180,7 +181,7 @@ export function initramfs(k: GuestKernel): string {
  * A raw ext4 root filesystem of `size` bytes holding busybox, the init that runs jobs, and
  * `files` (path inside the guest -> content).
  */
-export function makeRootfs(image: string, opts: { size?: number; files?: Record<string, string | Buffer> } = {}): void {
+export function makeRootfs(image: string, opts: { size?: number; files?: Record<string, string | Buffer>; executables?: Record<string, Buffer> } = {}): void {
   const tree = fs.mkdtempSync(path.join(os.tmpdir(), 'disksnap-rootfs-'));
   try {
     for (const d of ['bin', 'sbin', 'proc', 'sys', 'dev', 'tmp', 'data']) fs.mkdirSync(path.join(tree, d));
@@ -195,6 +196,11 @@ export function makeRootfs(image: string, opts: { size?: number; files?: Record<
       fs.mkdirSync(path.dirname(dest), { recursive: true });
       fs.writeFileSync(dest, content);
     }
+    for (const [p, content] of Object.entries(opts.executables ?? {})) {
+      const dest = path.join(tree, p);
+      fs.mkdirSync(path.dirname(dest), { recursive: true });
+      fs.writeFileSync(dest, content, { mode: 0o755 });
+    }
     const mkfs = findSbin('mkfs.ext4') ?? 'mkfs.ext4';
     fs.rmSync(image, { force: true });
     fs.closeSync(fs.openSync(image, 'w'));
@@ -206,6 +212,37 @@ export function makeRootfs(image: string, opts: { size?: number; files?: Record<
   } finally {
     fs.rmSync(tree, { recursive: true, force: true });
   }
+}
+
+const QGA = path.join(GUEST_CACHE, 'qga', 'usr', 'sbin', 'qemu-ga');
+
+/** Skip reason (false when qemu-ga is ready for a guest); throws under DISKSNAP_REQUIRE_TOOLS=1. */
+export function needGuestAgent(): string | false {
+  if (fs.existsSync(QGA)) return false;
+  const reason = `needs qemu-ga in ${path.dirname(QGA)}: run ${SETUP}`;
+  if (REQUIRE_TOOLS) throw new Error(`${reason}; DISKSNAP_REQUIRE_TOOLS=1 forbids skipping`);
+  return reason;
+}
+
+/**
+ * The guest agent for makeRootfs's `executables`: /bin/qemu-ga and the host's shared libraries
+ * that `ldd` lists for it, at the same paths (host and guest run the same Debian release).
+ * In the guest: `qemu-ga -m isa-serial -p /dev/ttyS1` with QEMU given guestAgentArgs(socket).
+ */
+export function guestAgentFiles(): Record<string, Buffer> {
+  const out: Record<string, Buffer> = { 'bin/qemu-ga': fs.readFileSync(QGA) };
+  const r = spawnSync('ldd', [QGA], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`ldd ${QGA}: ${r.stderr}`);
+  for (const line of r.stdout.split('\n')) {
+    const lib = /=>\s*(\/\S+)/.exec(line)?.[1] ?? /^\s*(\/\S+)\s+\(/.exec(line)?.[1];
+    if (lib) out[lib.slice(1)] = fs.readFileSync(lib); // follows the symlink: the library itself
+  }
+  return out;
+}
+
+/** QEMU arguments for a guest agent on the second serial port (ttyS1), its chardev a unix socket. */
+export function guestAgentArgs(socket: string): string[] {
+  return ['-chardev', `socket,path=${socket},server=on,wait=off,id=qga0`, '-device', 'isa-serial,chardev=qga0'];
 }
 
 /** Reads a file of the ext4 filesystem in a raw image with debugfs (undefined if absent). */
@@ -231,6 +268,8 @@ export interface BootOptions {
   memoryMiB?: number;
   /** where QEMU's console output is copied as it arrives (for failures) */
   log?: string;
+  /** more QEMU arguments (a guest agent's chardev and serial port) */
+  extraArgs?: string[];
 }
 
 export interface GuestResult {
@@ -271,6 +310,7 @@ export class Guest {
       '-fw_cfg', `name=opt/disksnap/job,file=${jobFile}`,
     ];
     if (opts.qmp) args.push('-qmp', `unix:${opts.qmp},server=on,wait=off`);
+    args.push(...(opts.extraArgs ?? []));
     const started = Date.now();
     this.proc = spawn('qemu-system-x86_64', args, { stdio: ['pipe', 'pipe', 'pipe'] });
     const log = opts.log ? fs.openSync(opts.log, 'a') : undefined;

@@ -22,7 +22,7 @@ export const MAX_BLOCK_SIZE = 64 * 1024 * 1024;
 
 export type SnapshotState = 'pending' | 'completed' | 'error';
 /** The values a record's `consistency` may hold (the host's Consistency, src/host/freeze.ts). */
-export const CONSISTENCIES: readonly Consistency[] = ['frozen-clone', 'frozen-cbw', 'frozen', 'crash-consistent', 'not-mounted'];
+export const CONSISTENCIES: readonly Consistency[] = ['frozen-clone', 'frozen-cbw', 'frozen', 'crash-consistent', 'not-mounted', 'guest-frozen'];
 export type DigestAlgorithm = 'sha256' | 'hmac-sha256';
 
 export interface StoreConfig {
