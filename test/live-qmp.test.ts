@@ -15,6 +15,10 @@ import { makeParent, needQemu, qemuCheck, qemuImg, qemuImgOk, qemuIo, sha256 } f
 import { cli } from './helpers/cli';
 import { missing } from './helpers/tools';
 import { connectQmp, socketPath, startBareQemu, stopQemu } from './helpers/guest';
+import * as os from 'node:os';
+import { spawn, spawnSync } from 'node:child_process';
+import { isDisksnapError } from '../src/engine/errors';
+import { lockHolders } from '../src/host/qmp-find';
 
 const skip = needQemu() || missing({ commands: ['qemu-system-x86_64'] });
 const MiB = 2 ** 20;
@@ -268,4 +272,154 @@ t.test('checkpoint delete while QEMU runs IMAGE: a leaf off the chain offline, t
   t.equal(qemuCheck(cp.nodePath(image, 'side')).status, 0, 'qemu-img check side clean');
   const ls = cli(['checkpoint', 'list', image, '--json']);
   t.equal(ls.status, 0, 'list works after QEMU quit');
+});
+
+t.test('a live delete whose job fails (filesystem full) leaves the VM on a valid chain and the node in place; a re-run finishes it', { skip: skip || missing({ root: true, commands: ['mount', 'umount'] }) }, async (t) => {
+  const dir = t.testdir();
+  const full = fs.mkdtempSync(path.join(os.tmpdir(), 'disksnap-full-'));
+  t.equal(spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', full]).status, 0, 'tmpfs mounted');
+  t.teardown(() => {
+    spawnSync('umount', ['-l', full]);
+    fs.rmSync(full, { recursive: true, force: true });
+  });
+  const image = path.join(full, 'vm.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', image, '32M');
+  qemuIo(image, ['write -P 0x51 0 1M']);
+  t.equal(cli(['checkpoint', 'create', image, 'p']).status, 0, 'checkpoint p');
+  qemuIo(image, ['write -P 0x52 1M 12M']);
+  t.equal(cli(['checkpoint', 'create', image, 'n1']).status, 0, 'checkpoint n1 (12 MiB of data)');
+  qemuIo(image, ['write -P 0x53 0 64k', 'write -P 0x54 4M 64k']);
+  const imageView = saveView(image, path.join(dir, 'image.raw'));
+  // room for IMAGE's metadata, not for n1's 12 MiB
+  const st = fs.statfsSync(full);
+  const size = Math.ceil(((st.blocks - st.bfree) * st.bsize + 2 * MiB) / 4096) * 4096;
+  t.equal(spawnSync('mount', ['-o', `remount,size=${size}`, full]).status, 0, `filesystem shrunk to ${size} bytes`);
+  const { sock, qmp } = await qemuOn(t, image);
+  const n1 = fs.realpathSync(cp.nodePath(image, 'n1'));
+  const p = fs.realpathSync(cp.nodePath(image, 'p'));
+
+  const r = cli(['checkpoint', 'delete', image, 'n1', '--qmp', sock]);
+  t.equal(r.status, 1, 'the live delete fails');
+  t.match(r.stderr, /EJOB/, `with EJOB (${r.stderr.trim()})`);
+  t.match(r.stderr, /space/i, "naming QEMU's error");
+  t.equal(r.stderr.trim().split('\n').length, 1, 'in one line');
+  t.ok(fs.existsSync(n1), 'n1 is still there');
+  t.ok(fs.existsSync(cp.journalPath(image)), 'the journal is kept for the re-run');
+  t.same(await chainFiles(qmp), [fs.realpathSync(image), n1, p], 'QEMU still runs IMAGE over n1 over p');
+  const c = qemuImg('check', '-U', image);
+  t.ok(c.status === 0 || c.status === 3, `qemu-img check -U IMAGE: no corruption (leaks at most) ${c.stdout}`);
+  let offline: unknown;
+  try {
+    await cp.remove(image, 'n1');
+  } catch (e) {
+    offline = e;
+  }
+  t.ok(isDisksnapError(offline, 'ELOCKED'), `an offline re-run while QEMU runs IMAGE is refused (${String(offline)})`);
+  t.ok(fs.existsSync(n1), 'and n1 is still there');
+
+  t.equal(spawnSync('mount', ['-o', `remount,size=${size + 64 * MiB}`, full]).status, 0, 'room made');
+  const again = cli(['checkpoint', 'delete', image, 'n1', '--qmp', sock, '--json']);
+  t.equal(again.status, 0, `the re-run finishes the delete: ${again.stderr}`);
+  t.ok((JSON.parse(again.out) as { resumed?: boolean }).resumed, 'as the interrupted one');
+  t.notOk(fs.existsSync(n1), 'n1 deleted');
+  t.notOk(fs.existsSync(cp.journalPath(image)), 'no journal');
+  t.same(await chainFiles(qmp), [fs.realpathSync(image), p], 'QEMU runs IMAGE over p');
+  await flush(qmp);
+  await qmp.execute('quit').catch(() => undefined);
+  await new Promise((res) => setTimeout(res, 300));
+  compareView(t, imageView, image, 'IMAGE');
+  const k = qemuCheck(image);
+  t.ok(k.status === 0 || k.status === 3, `qemu-img check IMAGE: no corruption (${k.text})`);
+  // disksnap opens IMAGE's chain (its parent guard checked): the guard QEMU carried was replaced
+  const flat = path.join(dir, 'flat.raw');
+  const f = cli(['diff', 'flatten', image, flat]);
+  t.equal(f.status, 0, `disksnap opens IMAGE over p, guard and all: ${f.stderr}`);
+  compareView(t, imageView, flat, "disksnap's read of IMAGE");
+});
+
+/** A QEMU holding `image` whose only QMP socket is a -chardev/-mon pair (plus the test's own). */
+async function qemuWithChardev(t: Test, image: string): Promise<{ qmp: QmpClient; mon: string; pid: number }> {
+  const mine = socketPath(t);
+  const mon = socketPath(t, 'mon.sock');
+  const qemu = await startBareQemu(mine, ['-drive', `file=${image},if=none,id=drv0,format=qcow2,node-name=disk0,file.node-name=file0`, '-chardev', `socket,id=mon1,path=${mon},server=on,wait=off`, '-mon', 'chardev=mon1,mode=control']);
+  t.teardown(() => stopQemu(qemu));
+  // the test stays connected to its own socket: discovery must skip a socket that does not greet
+  const qmp = await connectQmp(mine);
+  t.teardown(() => qmp.close());
+  return { qmp, mon, pid: qemu.pid! };
+}
+
+t.test('discovery: without --qmp, the QMP socket of the QEMU holding IMAGE is found and named; revert is refused', { skip }, async (t) => {
+  const dir = t.testdir();
+  const image = path.join(dir, 'vm.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', image, '4M');
+  qemuIo(image, ['write -P 0x61 0 1M']);
+  t.equal(cli(['checkpoint', 'create', image, 'a']).status, 0, 'checkpoint a');
+  qemuIo(image, ['write -P 0x62 512k 1M']);
+  t.equal(cli(['checkpoint', 'create', image, 'b']).status, 0, 'checkpoint b');
+  qemuIo(image, ['write -P 0x63 2M 64k']);
+  const imageView = saveView(image, path.join(dir, 'image.raw'));
+  const { qmp, mon, pid } = await qemuWithChardev(t, image);
+  t.same(lockHolders(image), [pid], 'the lock holder is the QEMU');
+
+  const d = cli(['checkpoint', 'delete', image, 'a']);
+  t.equal(d.status, 0, `checkpoint delete without --qmp: ${d.stderr}`);
+  t.ok(d.stderr.includes(mon) && d.stderr.includes(String(pid)), `names the socket it found and the QEMU (${d.stderr.trim()})`);
+  t.match(d.out, /block-stream/, 'QEMU merged a into b');
+  t.same(await chainFiles(qmp), [fs.realpathSync(image), fs.realpathSync(cp.nodePath(image, 'b'))], "QEMU's chain: IMAGE, b");
+
+  const c = cli(['checkpoint', 'create', image, 'c', '--json']);
+  t.equal(c.status, 0, `checkpoint create without --qmp: ${c.stderr}`);
+  t.equal((JSON.parse(c.out) as { qmp: string }).qmp, mon, 'live, over the socket found');
+  t.equal(await activeFile(qmp), image, 'QEMU runs the new overlay at IMAGE');
+
+  // revert: refused in one line, nothing changed
+  const ino = fs.statSync(image).ino;
+  const before = (await cp.list(image)).nodes.map((n) => n.name);
+  for (const args of [[], ['--keep', 'kept']]) {
+    const r = cli(['checkpoint', 'revert', image, 'b', ...args]);
+    t.equal(r.status, 1, `revert ${args.join(' ')} refused`);
+    t.match(r.stderr, /running VM.*mounted filesystems.*Stop the VM/, `saying why and what to do (${r.stderr.trim()})`);
+    t.equal(r.stderr.trim().split('\n').length, 1, 'in one line');
+  }
+  t.equal(fs.statSync(image).ino, ino, 'IMAGE is the same file');
+  t.same((await cp.list(image)).nodes.map((n) => n.name), before, 'the same nodes (no kept branch)');
+  t.notOk(fs.existsSync(cp.journalPath(image)), 'no journal');
+  t.equal(await activeFile(qmp), image, 'QEMU still runs IMAGE');
+  await flush(qmp);
+  await qmp.execute('quit').catch(() => undefined);
+  await new Promise((res) => setTimeout(res, 300));
+  compareView(t, imageView, image, 'IMAGE');
+  t.equal(qemuCheck(image).status, 0, 'qemu-img check IMAGE clean');
+});
+
+t.test('discovery: diff commit without --qmp finds the socket; a QEMU without a QMP socket gets ELOCKED saying to pass --qmp', { skip }, async (t) => {
+  const dir = t.testdir();
+  const { file: base } = makeParent(dir, 2 * MiB, 'base.raw');
+  const child = path.join(dir, 'vm.qcow2');
+  await diff.createChild(base, child);
+  qemuIo(child, ['write -P 0x71 0 1M']);
+  const childView = saveView(child, path.join(dir, 'child.raw'));
+  const { qmp, mon } = await qemuWithChardev(t, child);
+  const r = cli(['diff', 'commit', child]);
+  t.equal(r.status, 0, `diff commit without --qmp: ${r.stderr}`);
+  t.ok(r.stderr.includes(mon), 'names the socket it found');
+  t.equal(await activeFile(qmp), base, 'QEMU pivoted onto base.raw');
+  compareView(t, childView, base, 'base.raw');
+
+  // a QEMU holding an image with no QMP socket at all
+  const image = path.join(dir, 'solo.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', image, '1M');
+  t.equal(cli(['checkpoint', 'create', image, 'x']).status, 0, 'checkpoint x');
+  const q = spawn('qemu-system-x86_64', ['-machine', 'none', '-nodefaults', '-no-user-config', '-display', 'none', '-drive', `file=${image},if=none,id=drv0,format=qcow2`], { stdio: 'ignore' });
+  t.teardown(() => stopQemu(q));
+  for (let i = 0; i < 200 && lockHolders(image).length === 0; i++) await new Promise((res) => setTimeout(res, 50));
+  t.same(lockHolders(image), [q.pid], 'QEMU holds the image');
+  for (const args of [['checkpoint', 'delete', image, 'x'], ['checkpoint', 'create', image, 'y'], ['diff', 'commit', image]]) {
+    const e = cli(args);
+    t.equal(e.status, 1, `${args.slice(0, 2).join(' ')} refused`);
+    t.match(e.stderr, /ELOCKED.*no QMP unix socket.*pass --qmp SOCKET/, `ELOCKED, saying to pass --qmp (${e.stderr.trim()})`);
+  }
+  t.ok(fs.existsSync(cp.nodePath(image, 'x')), 'x is still there');
+  t.notOk(fs.existsSync(cp.journalPath(image)), 'no journal');
 });
