@@ -41,7 +41,11 @@
  *
  * Locks: the tree's .lock against other disksnap processes; IMAGE and every file written are
  * opened with QEMU-compatible locks, so a running VM makes these operations fail with ELOCKED
- * (the live forms over QMP are in live.ts).
+ * (the live forms over QMP are in live.ts and live-delete.ts). A delete whose files are none
+ * of QEMU's runs beside the VM; with DeleteHooks (live-delete.ts) a child in QEMU's chain is
+ * merged by QEMU's block-stream and the headers of files QEMU holds are written without a
+ * lock. A revert while a VM runs IMAGE is refused (the guest's filesystems would change
+ * under it).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';

@@ -28,6 +28,9 @@
  *   of CHILD's data, which CHILD covers) and the marker makes `disksnap diff commit CHILD`
  *   finish the job later, live again or after the VM stopped.
  *
+ * `checkpoint delete` while the VM runs is live-delete.ts (block-stream); finding QEMU's QMP
+ * socket without --qmp is src/host/qmp-find.ts (used by the CLI).
+ *
  * Errors: EJOB when QEMU's block job fails (QEMU's message included), ENOTFOUND when no device
  * of that QEMU runs the image, plus the QMP client's EQMP / ETIMEDOUT / ECONNRESET.
  */
