@@ -1,8 +1,11 @@
 /**
  * The live paths through the CLI against a QEMU without a guest (`-machine none`, the image as
  * a drive without a device): `checkpoint create --qmp` switches QEMU to the new overlay at
- * IMAGE's path, `diff commit --qmp` pivots it onto the parent. QEMU's own view (query-block)
- * and qemu-img (check, convert) are the oracles; the guest versions are in vm-live.test.ts.
+ * IMAGE's path, `diff commit --qmp` pivots it onto the parent, `checkpoint delete --qmp` has
+ * QEMU stream a node of its chain away (live-delete.ts), and without --qmp the QMP socket is
+ * found from the QEMU holding the image (host/qmp-find.ts). QEMU's own view (query-block, its
+ * block graph) and qemu-img (check, convert, compare) are the oracles; the guest versions are
+ * in vm-live.test.ts and vm-live-delete.test.ts.
  */
 import t from 'tap';
 import type { Test } from 'tap';
