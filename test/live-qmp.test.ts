@@ -1,8 +1,11 @@
 /**
  * The live paths through the CLI against a QEMU without a guest (`-machine none`, the image as
  * a drive without a device): `checkpoint create --qmp` switches QEMU to the new overlay at
- * IMAGE's path, `diff commit --qmp` pivots it onto the parent. QEMU's own view (query-block)
- * and qemu-img (check, convert) are the oracles; the guest versions are in vm-live.test.ts.
+ * IMAGE's path, `diff commit --qmp` pivots it onto the parent, `checkpoint delete --qmp` has
+ * QEMU stream a node of its chain away (live-delete.ts), and without --qmp the QMP socket is
+ * found from the QEMU holding the image (host/qmp-find.ts). QEMU's own view (query-block, its
+ * block graph) and qemu-img (check, convert, compare) are the oracles; the guest versions are
+ * in vm-live.test.ts and vm-live-delete.test.ts.
  */
 import t from 'tap';
 import type { Test } from 'tap';
@@ -15,6 +18,10 @@ import { makeParent, needQemu, qemuCheck, qemuImg, qemuImgOk, qemuIo, sha256 } f
 import { cli } from './helpers/cli';
 import { missing } from './helpers/tools';
 import { connectQmp, socketPath, startBareQemu, stopQemu } from './helpers/guest';
+import * as os from 'node:os';
+import { spawn, spawnSync } from 'node:child_process';
+import { isDisksnapError } from '../src/engine/errors';
+import { lockHolders } from '../src/host/qmp-find';
 
 const skip = needQemu() || missing({ commands: ['qemu-system-x86_64'] });
 const MiB = 2 ** 20;
@@ -55,9 +62,16 @@ t.test('checkpoint create --qmp: QEMU runs the new overlay at the same path; the
   qemuIo(image, ['write -P 0x5a 1M 1M']);
   const before = view(image);
   const { sock, qmp } = await qemuOn(t, image);
-  const off = cli(['checkpoint', 'create', image, 'offline-refused']);
-  t.equal(off.status, 1, 'without --qmp the create is refused while QEMU holds IMAGE');
-  t.match(off.stderr, /ELOCKED|lock/, 'with a lock error');
+  // the offline create (the library without QMP; the CLI would find disksnap's socket, see
+  // the discovery tests below) is refused while QEMU holds IMAGE
+  let off: unknown;
+  try {
+    await cp.create(image, 'offline-refused');
+  } catch (e) {
+    off = e;
+  }
+  t.ok(isDisksnapError(off, 'ELOCKED'), `the offline create is refused while QEMU holds IMAGE (${String(off)})`);
+  t.notOk(fs.existsSync(cp.nodePath(image, 'offline-refused')), 'and made no node');
   const r = cli(['checkpoint', 'create', image, 'n1', '--qmp', sock, '--json']);
   t.equal(r.status, 0, `checkpoint create --qmp: ${r.stderr}`);
   const node = cp.nodePath(image, 'n1');
@@ -148,4 +162,325 @@ t.test('a live checkpoint QEMU refuses (its disk busy in a block job) is undone:
   t.not(view(image), before, "the VM's writes still reach IMAGE");
   const c = qemuImg('check', '-U', image);
   t.equal(c.status, 0, `qemu-img check -U IMAGE clean while QEMU runs it ${c.stdout}${c.stderr}`);
+});
+
+// ---- live checkpoint delete (live-delete.ts) and QMP socket discovery (host/qmp-find.ts) ----
+
+/** IMAGE's view (or a node's) saved as raw, for qemu-img compare after QEMU quit. */
+function saveView(file: string, out: string): string {
+  qemuImgOk('convert', '-U', '-O', 'raw', file, out);
+  return out;
+}
+
+function compareView(t: Test, saved: string, file: string, what: string): void {
+  const r = qemuImg('compare', '-f', 'raw', saved, file);
+  t.equal(r.status, 0, `qemu-img compare: ${what} shows what it showed (${r.stdout.trim()}${r.stderr.trim()})`);
+}
+
+/** The files of QEMU's chain for drv0, top first (by node names: filenames can be json:{...}). */
+async function chainFiles(qmp: QmpClient): Promise<string[]> {
+  const named = await qmp.execute<{ 'node-name': string; file: string }[]>('query-named-block-nodes', { flat: true });
+  const g = await qmp.execute<{ nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph');
+  const devs = await qmp.execute<{ device: string; inserted?: { 'node-name': string } }[]>('query-block');
+  const out: string[] = [];
+  for (let cur: string | undefined = devs.find((d) => d.device === 'drv0')!.inserted!['node-name']; cur !== undefined; ) {
+    const f = named.find((n) => n['node-name'] === cur)!.file;
+    out.push(fs.realpathSync(f.startsWith('json:') ? (JSON.parse(f.slice(5)) as { file: { filename: string } }).file.filename : f));
+    const id = g.nodes.find((n) => n.name === cur)?.id;
+    cur = g.nodes.find((n) => n.id === g.edges.find((e) => e.parent === id && e.name === 'backing')?.child)?.name;
+  }
+  return out;
+}
+
+async function flush(qmp: QmpClient): Promise<void> {
+  await qmp.execute('human-monitor-command', { 'command-line': 'qemu-io drv0 flush' });
+}
+
+/**
+ * A standalone IMAGE (no backing) with checkpoints:
+ *   r (root) ── m ── u ── IMAGE          QEMU's chain
+ *   r ── other                           a leaf off the chain
+ *   m ── side                            a branch off the chain (a child of an inner node)
+ * each layer with its own writes, overlapping the layers below.
+ */
+async function buildTree(dir: string): Promise<string> {
+  const image = path.join(dir, 'vm.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', image, '8M');
+  const ok = (r: { status: number | null; stderr: string }, what: string) => {
+    if (r.status !== 0) throw new Error(`${what}: ${r.stderr}`);
+  };
+  qemuIo(image, ['write -P 0x11 0 2M', 'write -z 6M 64k']);
+  ok(cli(['checkpoint', 'create', image, 'r']), 'create r');
+  qemuIo(image, ['write -P 0x21 1M 1M']);
+  ok(cli(['checkpoint', 'create', image, 'other']), 'create other');
+  ok(cli(['checkpoint', 'revert', image, 'r']), 'revert r');
+  qemuIo(image, ['write -P 0x22 1536k 2M', 'write -z 0 64k']);
+  ok(cli(['checkpoint', 'create', image, 'm']), 'create m');
+  qemuIo(image, ['write -P 0x31 3M 1M']);
+  ok(cli(['checkpoint', 'create', image, 'side']), 'create side');
+  ok(cli(['checkpoint', 'revert', image, 'm']), 'revert m');
+  qemuIo(image, ['write -P 0x33 2M 2M']);
+  ok(cli(['checkpoint', 'create', image, 'u']), 'create u');
+  qemuIo(image, ['write -P 0x44 5M 64k', 'write -P 0x45 1M 64k']);
+  return image;
+}
+
+t.test('checkpoint delete while QEMU runs IMAGE: a leaf off the chain offline, then an inner node, the node under IMAGE and the root by block-stream; no view changes', { skip }, async (t) => {
+  const dir = t.testdir();
+  const image = await buildTree(dir);
+  const saved = path.join(dir, 'saved');
+  fs.mkdirSync(saved);
+  const imageView = saveView(image, path.join(saved, 'image.raw'));
+  const sideView = saveView(cp.nodePath(image, 'side'), path.join(saved, 'side.raw'));
+  const { sock, qmp } = await qemuOn(t, image);
+  const node = (n: string) => fs.realpathSync(cp.nodePath(image, n));
+  t.same(await chainFiles(qmp), [fs.realpathSync(image), node('u'), node('m'), node('r')], "QEMU's chain: IMAGE, u, m, r");
+
+  // a node QEMU does not use: the plain offline delete (library, no QMP) beside the running VM
+  const o = await cp.remove(image, 'other');
+  t.same(o.streamed, [], 'other: nothing for QEMU to do');
+  t.notOk(fs.existsSync(cp.nodePath(image, 'other')), 'other deleted while the VM runs');
+
+  // an inner node: QEMU streams m into u (a read-only node it holds), side gets the offline merge
+  const mDel = cli(['checkpoint', 'delete', image, 'm', '--qmp', sock, '--json'], { env: { ...process.env, DISKSNAP_PROGRESS_INTERVAL: '0' } });
+  t.equal(mDel.status, 0, `delete m --qmp: ${mDel.stderr}`);
+  const mr = JSON.parse(mDel.out) as { streamed: string[]; mergedInto: string[]; inQemuChain: boolean };
+  t.same(mr.streamed, [node('u')], 'QEMU streamed m into u');
+  t.equal(mr.mergedInto.length, 2, 'u and side were the children');
+  t.ok(mr.inQemuChain, 'm was in QEMU\'s chain');
+  t.match(mDel.stderr, /delete/, 'progress reported on stderr');
+  t.notOk(fs.existsSync(cp.nodePath(image, 'm')), 'm deleted');
+  t.same(await chainFiles(qmp), [fs.realpathSync(image), node('u'), node('r')], "QEMU's chain: IMAGE, u, r");
+  t.equal(cp.backingOf(cp.nodePath(image, 'u')), cp.nodePath(image, 'r'), 'u is backed by r on disk');
+  t.equal(cp.backingOf(cp.nodePath(image, 'side')), cp.nodePath(image, 'r'), 'side is backed by r on disk');
+  t.equal(fs.statSync(cp.nodePath(image, 'u')).mode & 0o222, 0, 'u is read-only again');
+
+  // the node under IMAGE: QEMU streams u into its active layer
+  const uDel = cli(['checkpoint', 'delete', image, 'u', '--qmp', sock]);
+  t.equal(uDel.status, 0, `delete u --qmp: ${uDel.stderr}`);
+  t.match(uDel.out, /block-stream/, `says QEMU merged it (${uDel.out.trim()})`);
+  t.notOk(fs.existsSync(cp.nodePath(image, 'u')), 'u deleted');
+  t.same(await chainFiles(qmp), [fs.realpathSync(image), node('r')], "QEMU's chain: IMAGE, r");
+  t.equal(cp.backingOf(image), cp.nodePath(image, 'r'), 'IMAGE is backed by r on disk');
+  t.equal((await cp.list(image)).current, 'r', 'list: IMAGE sits on r');
+
+  // the root (no backing): QEMU streams the whole chain into IMAGE; side (r's other child) offline
+  const rDel = cli(['checkpoint', 'delete', image, 'r', '--qmp', sock]);
+  t.equal(rDel.status, 0, `delete r --qmp: ${rDel.stderr}`);
+  t.same(await chainFiles(qmp), [fs.realpathSync(image)], 'QEMU runs IMAGE alone');
+  t.equal(cp.backingOf(image), undefined, 'IMAGE has no backing file');
+  t.equal(cp.backingOf(cp.nodePath(image, 'side')), undefined, 'side is standalone');
+  t.same((await cp.list(image)).nodes.map((n) => n.name), ['side'], 'only side is left');
+  t.notOk(fs.existsSync(cp.journalPath(image)), 'no journal');
+  await flush(qmp);
+  await qmp.execute('quit').catch(() => undefined); // QEMU closes the socket as it quits
+  await new Promise((r) => setTimeout(r, 300));
+
+  compareView(t, imageView, image, 'IMAGE');
+  compareView(t, sideView, cp.nodePath(image, 'side'), 'side');
+  t.equal(qemuCheck(image).status, 0, 'qemu-img check IMAGE clean');
+  t.equal(qemuCheck(cp.nodePath(image, 'side')).status, 0, 'qemu-img check side clean');
+  const ls = cli(['checkpoint', 'list', image, '--json']);
+  t.equal(ls.status, 0, 'list works after QEMU quit');
+});
+
+t.test('a live delete whose job fails (filesystem full) leaves the VM on a valid chain and the node in place; a re-run finishes it', { skip: skip || missing({ root: true, commands: ['mount', 'umount'] }) }, async (t) => {
+  const dir = t.testdir();
+  const full = fs.mkdtempSync(path.join(os.tmpdir(), 'disksnap-full-'));
+  t.equal(spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', full]).status, 0, 'tmpfs mounted');
+  t.teardown(() => {
+    spawnSync('umount', ['-l', full]);
+    fs.rmSync(full, { recursive: true, force: true });
+  });
+  const image = path.join(full, 'vm.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', image, '32M');
+  qemuIo(image, ['write -P 0x51 0 1M']);
+  t.equal(cli(['checkpoint', 'create', image, 'p']).status, 0, 'checkpoint p');
+  qemuIo(image, ['write -P 0x52 1M 12M']);
+  t.equal(cli(['checkpoint', 'create', image, 'n1']).status, 0, 'checkpoint n1 (12 MiB of data)');
+  qemuIo(image, ['write -P 0x53 0 64k', 'write -P 0x54 4M 64k']);
+  const imageView = saveView(image, path.join(dir, 'image.raw'));
+  // room for IMAGE's metadata, not for n1's 12 MiB
+  const st = fs.statfsSync(full);
+  const size = Math.ceil(((st.blocks - st.bfree) * st.bsize + 2 * MiB) / 4096) * 4096;
+  t.equal(spawnSync('mount', ['-o', `remount,size=${size}`, full]).status, 0, `filesystem shrunk to ${size} bytes`);
+  const { sock, qmp } = await qemuOn(t, image);
+  const n1 = fs.realpathSync(cp.nodePath(image, 'n1'));
+  const p = fs.realpathSync(cp.nodePath(image, 'p'));
+
+  const r = cli(['checkpoint', 'delete', image, 'n1', '--qmp', sock]);
+  t.equal(r.status, 1, 'the live delete fails');
+  t.match(r.stderr, /EJOB/, `with EJOB (${r.stderr.trim()})`);
+  t.match(r.stderr, /space/i, "naming QEMU's error");
+  t.equal(r.stderr.trim().split('\n').length, 1, 'in one line');
+  t.ok(fs.existsSync(n1), 'n1 is still there');
+  t.ok(fs.existsSync(cp.journalPath(image)), 'the journal is kept for the re-run');
+  t.same(await chainFiles(qmp), [fs.realpathSync(image), n1, p], 'QEMU still runs IMAGE over n1 over p');
+  const c = qemuImg('check', '-U', image);
+  t.ok(c.status === 0 || c.status === 3, `qemu-img check -U IMAGE: no corruption (leaks at most) ${c.stdout}`);
+  let offline: unknown;
+  try {
+    await cp.remove(image, 'n1');
+  } catch (e) {
+    offline = e;
+  }
+  t.ok(isDisksnapError(offline, 'ELOCKED'), `an offline re-run while QEMU runs IMAGE is refused (${String(offline)})`);
+  t.ok(fs.existsSync(n1), 'and n1 is still there');
+
+  t.equal(spawnSync('mount', ['-o', `remount,size=${size + 64 * MiB}`, full]).status, 0, 'room made');
+  const again = cli(['checkpoint', 'delete', image, 'n1', '--qmp', sock, '--json']);
+  t.equal(again.status, 0, `the re-run finishes the delete: ${again.stderr}`);
+  t.ok((JSON.parse(again.out) as { resumed?: boolean }).resumed, 'as the interrupted one');
+  t.notOk(fs.existsSync(n1), 'n1 deleted');
+  t.notOk(fs.existsSync(cp.journalPath(image)), 'no journal');
+  t.same(await chainFiles(qmp), [fs.realpathSync(image), p], 'QEMU runs IMAGE over p');
+  await flush(qmp);
+  await qmp.execute('quit').catch(() => undefined);
+  await new Promise((res) => setTimeout(res, 300));
+  compareView(t, imageView, image, 'IMAGE');
+  const k = qemuCheck(image);
+  t.ok(k.status === 0 || k.status === 3, `qemu-img check IMAGE: no corruption (${k.text})`);
+  // disksnap opens IMAGE's chain (its parent guard checked): the guard QEMU carried was replaced
+  const flat = path.join(dir, 'flat.raw');
+  const f = cli(['diff', 'flatten', image, flat]);
+  t.equal(f.status, 0, `disksnap opens IMAGE over p, guard and all: ${f.stderr}`);
+  compareView(t, imageView, flat, "disksnap's read of IMAGE");
+});
+
+/** A QEMU holding `image` whose only QMP socket is a -chardev/-mon pair (plus the test's own). */
+async function qemuWithChardev(t: Test, image: string): Promise<{ qmp: QmpClient; mon: string; pid: number }> {
+  const mine = socketPath(t);
+  const mon = socketPath(t, 'mon.sock');
+  const qemu = await startBareQemu(mine, ['-drive', `file=${image},if=none,id=drv0,format=qcow2,node-name=disk0,file.node-name=file0`, '-chardev', `socket,id=mon1,path=${mon},server=on,wait=off`, '-mon', 'chardev=mon1,mode=control']);
+  t.teardown(() => stopQemu(qemu));
+  // the test stays connected to its own socket: discovery must skip a socket that does not greet
+  const qmp = await connectQmp(mine);
+  t.teardown(() => qmp.close());
+  return { qmp, mon, pid: qemu.pid! };
+}
+
+t.test('discovery: without --qmp, the QMP socket of the QEMU holding IMAGE is found and named; revert is refused', { skip }, async (t) => {
+  const dir = t.testdir();
+  const image = path.join(dir, 'vm.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', image, '4M');
+  qemuIo(image, ['write -P 0x61 0 1M']);
+  t.equal(cli(['checkpoint', 'create', image, 'a']).status, 0, 'checkpoint a');
+  qemuIo(image, ['write -P 0x62 512k 1M']);
+  t.equal(cli(['checkpoint', 'create', image, 'b']).status, 0, 'checkpoint b');
+  qemuIo(image, ['write -P 0x63 2M 64k']);
+  const imageView = saveView(image, path.join(dir, 'image.raw'));
+  const { qmp, mon, pid } = await qemuWithChardev(t, image);
+  t.same(lockHolders(image), [pid], 'the lock holder is the QEMU');
+
+  const d = cli(['checkpoint', 'delete', image, 'a']);
+  t.equal(d.status, 0, `checkpoint delete without --qmp: ${d.stderr}`);
+  t.ok(d.stderr.includes(mon) && d.stderr.includes(String(pid)), `names the socket it found and the QEMU (${d.stderr.trim()})`);
+  t.match(d.out, /block-stream/, 'QEMU merged a into b');
+  t.same(await chainFiles(qmp), [fs.realpathSync(image), fs.realpathSync(cp.nodePath(image, 'b'))], "QEMU's chain: IMAGE, b");
+
+  const c = cli(['checkpoint', 'create', image, 'c', '--json']);
+  t.equal(c.status, 0, `checkpoint create without --qmp: ${c.stderr}`);
+  t.equal((JSON.parse(c.out) as { qmp: string }).qmp, mon, 'live, over the socket found');
+  t.equal(await activeFile(qmp), image, 'QEMU runs the new overlay at IMAGE');
+
+  // revert: refused in one line, nothing changed
+  const ino = fs.statSync(image).ino;
+  const before = (await cp.list(image)).nodes.map((n) => n.name);
+  for (const args of [[], ['--keep', 'kept']]) {
+    const r = cli(['checkpoint', 'revert', image, 'b', ...args]);
+    t.equal(r.status, 1, `revert ${args.join(' ')} refused`);
+    t.match(r.stderr, /running VM.*mounted filesystems.*Stop the VM/, `saying why and what to do (${r.stderr.trim()})`);
+    t.equal(r.stderr.trim().split('\n').length, 1, 'in one line');
+  }
+  t.equal(fs.statSync(image).ino, ino, 'IMAGE is the same file');
+  t.same((await cp.list(image)).nodes.map((n) => n.name), before, 'the same nodes (no kept branch)');
+  t.notOk(fs.existsSync(cp.journalPath(image)), 'no journal');
+  t.equal(await activeFile(qmp), image, 'QEMU still runs IMAGE');
+  await flush(qmp);
+  await qmp.execute('quit').catch(() => undefined);
+  await new Promise((res) => setTimeout(res, 300));
+  compareView(t, imageView, image, 'IMAGE');
+  t.equal(qemuCheck(image).status, 0, 'qemu-img check IMAGE clean');
+});
+
+t.test('discovery: diff commit without --qmp finds the socket; a QEMU without a QMP socket gets ELOCKED saying to pass --qmp', { skip }, async (t) => {
+  const dir = t.testdir();
+  const { file: base } = makeParent(dir, 2 * MiB, 'base.raw');
+  const child = path.join(dir, 'vm.qcow2');
+  await diff.createChild(base, child);
+  qemuIo(child, ['write -P 0x71 0 1M']);
+  const childView = saveView(child, path.join(dir, 'child.raw'));
+  const { qmp, mon } = await qemuWithChardev(t, child);
+  const r = cli(['diff', 'commit', child]);
+  t.equal(r.status, 0, `diff commit without --qmp: ${r.stderr}`);
+  t.ok(r.stderr.includes(mon), 'names the socket it found');
+  t.equal(await activeFile(qmp), base, 'QEMU pivoted onto base.raw');
+  compareView(t, childView, base, 'base.raw');
+
+  // a QEMU holding an image with no QMP socket at all
+  const image = path.join(dir, 'solo.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', image, '1M');
+  t.equal(cli(['checkpoint', 'create', image, 'x']).status, 0, 'checkpoint x');
+  const q = spawn('qemu-system-x86_64', ['-machine', 'none', '-nodefaults', '-no-user-config', '-display', 'none', '-drive', `file=${image},if=none,id=drv0,format=qcow2`], { stdio: 'ignore' });
+  t.teardown(() => stopQemu(q));
+  for (let i = 0; i < 200 && lockHolders(image).length === 0; i++) await new Promise((res) => setTimeout(res, 50));
+  t.same(lockHolders(image), [q.pid], 'QEMU holds the image');
+  for (const args of [['checkpoint', 'delete', image, 'x'], ['checkpoint', 'create', image, 'y'], ['diff', 'commit', image]]) {
+    const e = cli(args);
+    t.equal(e.status, 1, `${args.slice(0, 2).join(' ')} refused`);
+    t.match(e.stderr, /ELOCKED.*no QMP unix socket.*pass --qmp SOCKET/, `ELOCKED, saying to pass --qmp (${e.stderr.trim()})`);
+  }
+  t.ok(fs.existsSync(cp.nodePath(image, 'x')), 'x is still there');
+  t.notOk(fs.existsSync(cp.journalPath(image)), 'no journal');
+});
+
+t.test("a live delete killed while QEMU's job runs: QEMU finishes the job, the file stays until the re-run completes the delete", { skip }, async (t) => {
+  const dir = t.testdir();
+  const image = path.join(dir, 'vm.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', image, '512M');
+  qemuIo(image, ['write -P 0x81 0 1M']);
+  t.equal(cli(['checkpoint', 'create', image, 'p']).status, 0, 'checkpoint p');
+  qemuIo(image, ['write -P 0x82 1M 384M']);
+  t.equal(cli(['checkpoint', 'create', image, 'n1']).status, 0, 'checkpoint n1 (384 MiB of data)');
+  qemuIo(image, ['write -P 0x83 0 64k']);
+  const imageView = saveView(image, path.join(dir, 'image.raw'));
+  const { sock, qmp } = await qemuOn(t, image);
+  const n1 = fs.realpathSync(cp.nodePath(image, 'n1'));
+  const p = fs.realpathSync(cp.nodePath(image, 'p'));
+  let killedInJob = false;
+  for (let attempt = 0; attempt < 3 && !killedInJob; attempt++) {
+    const child = spawn(process.execPath, [path.join(__dirname, '..', 'dist', 'src', 'cli', 'main.js'), 'checkpoint', 'delete', image, 'n1', '--qmp', sock], { stdio: 'ignore' });
+    const exited = new Promise((res) => child.on('close', res));
+    let done = false;
+    void exited.then(() => (done = true));
+    while (!done) {
+      const jobs = await qmp.execute<{ id: string; status: string }[]>('query-jobs');
+      if (jobs.some((j) => j.id.startsWith('disksnap-delete-') && j.status === 'running')) {
+        child.kill('SIGKILL');
+        killedInJob = true;
+        break;
+      }
+      await new Promise((res) => setTimeout(res, 5));
+    }
+    await exited;
+    if (!killedInJob) break; // the delete won the race: nothing left to resume
+  }
+  if (killedInJob) {
+    t.ok(fs.existsSync(n1), "the killed run did not delete n1's file");
+    t.ok(fs.existsSync(cp.journalPath(image)), 'its journal is there');
+    const chain = await chainFiles(qmp);
+    t.ok(chain[0] === fs.realpathSync(image) && chain[chain.length - 1] === p, `QEMU runs IMAGE on a valid chain (${chain.length} files)`);
+    const r = cli(['checkpoint', 'delete', image, 'n1', '--qmp', sock, '--json']);
+    t.equal(r.status, 0, `the re-run finishes the delete: ${r.stderr}`);
+    t.ok((JSON.parse(r.out) as { resumed?: boolean }).resumed, 'as the interrupted one');
+  } else t.comment('the delete finished before it could be killed in its job');
+  t.notOk(fs.existsSync(n1), 'n1 deleted');
+  t.notOk(fs.existsSync(cp.journalPath(image)), 'no journal');
+  t.same(await chainFiles(qmp), [fs.realpathSync(image), p], 'QEMU runs IMAGE over p');
+  t.same((await qmp.execute<{ id: string }[]>('query-jobs')).filter((j) => j.id.startsWith('disksnap-delete-')), [], 'no job of disksnap left in QEMU');
+  await flush(qmp);
+  await qmp.execute('quit').catch(() => undefined);
+  await new Promise((res) => setTimeout(res, 300));
+  compareView(t, imageView, image, 'IMAGE');
+  t.equal(qemuCheck(image).status, 0, 'qemu-img check IMAGE clean');
 });

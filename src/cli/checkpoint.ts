@@ -6,8 +6,20 @@
 import { Command } from 'commander';
 import * as cp from '../differencing/checkpoint';
 import { createLive } from '../differencing/live';
+import { removeLive } from '../differencing/live-delete';
 import { formatSize } from '../engine/size';
+import { qmpFor } from '../host/qmp-find';
+import { reporter } from './progress';
 import { action, printJson } from './util';
+
+/** QEMU's job progress on stderr (./progress.ts). */
+function progress(label: string, json?: boolean): (done: number, total: number) => void {
+  const r = reporter(label, { json });
+  return (done, total) => {
+    r.update(label, done, total, true);
+    if (done >= total) r.stop();
+  };
+}
 
 function printTree(t: cp.TreeInfo): void {
   const out: string[] = [`${t.image} (${formatSize(t.imageAllocated)}) sits on ${t.current ?? '(no checkpoint)'}`];
@@ -32,13 +44,14 @@ export function register(program: Command): void {
     .description('what IMAGE shows now becomes node NAME; IMAGE continues as a fresh child of it')
     .argument('<image>', 'the qcow2 image a VM uses')
     .argument('<name>')
-    .option('--qmp <socket>', 'IMAGE is in use by a running QEMU: switch it live over this QMP socket')
+    .option('--qmp <socket>', 'IMAGE is in use by a running QEMU: switch it live over this QMP socket (default: found from the QEMU holding IMAGE)')
     .option('--json', 'print JSON')
     .action(
       action(async (image: string, name: string, opts: { qmp?: string; json?: boolean }) => {
-        const n = opts.qmp ? await createLive(image, name, { qmp: opts.qmp }) : await cp.create(image, name);
-        if (opts.json) printJson('checkpoint-node', n);
-        else process.stdout.write(`checkpoint ${n.name}: ${n.file}${opts.qmp ? ' (live)' : ''}; ${image} continues over it\n`);
+        const qmp = await qmpFor(image, opts.qmp, 'make a checkpoint');
+        const n = qmp ? await createLive(image, name, { qmp }) : await cp.create(image, name);
+        if (opts.json) printJson('checkpoint-node', qmp ? { ...n, qmp } : n);
+        else process.stdout.write(`checkpoint ${n.name}: ${n.file}${qmp ? ` (live, QMP ${qmp})` : ''}; ${image} continues over it\n`);
       }),
     );
 
@@ -75,12 +88,17 @@ export function register(program: Command): void {
     .description('remove node NAME, leaf or inner, without changing what any other node or IMAGE shows')
     .argument('<image>')
     .argument('<name>')
+    .option('--qmp <socket>', "IMAGE is in use by a running QEMU: a node in its chain is merged by QEMU's block-stream (default: found from the QEMU holding IMAGE)")
     .option('--json', 'print JSON')
     .action(
-      action(async (image: string, name: string, opts: { json?: boolean }) => {
-        const r = await cp.remove(image, name);
+      action(async (image: string, name: string, opts: { json?: boolean; qmp?: string }) => {
+        const qmp = await qmpFor(image, opts.qmp, 'delete a checkpoint');
+        const r = qmp ? await removeLive(image, name, { qmp, onProgress: progress('delete', opts.json) }) : await cp.remove(image, name);
         if (opts.json) printJson('checkpoint-delete', r);
-        else process.stdout.write(`deleted ${name}: merged into ${r.mergedInto.length} child(ren), ${formatSize(r.bytesCopied)} copied\n`);
+        else {
+          const live = r.streamed.length ? ` (${r.streamed.join(', ')} by the running QEMU's block-stream)` : '';
+          process.stdout.write(`deleted ${name}: merged into ${r.mergedInto.length} child(ren)${live}, ${formatSize(r.bytesCopied)} copied${qmp ? `; QMP ${qmp}` : ''}\n`);
+        }
       }),
     );
 

@@ -9,6 +9,7 @@ import { commitLive } from '../differencing/live';
 import { DisksnapError } from '../engine/errors';
 import { formatSize } from '../engine/size';
 import { qemuCheck } from '../image/qemu';
+import { qmpFor } from '../host/qmp-find';
 import { reporter } from './progress';
 import { action, ExitStatus, OutputFormat, outputOption, outputStyle, printJson, printQemuJson, powerOfTwoArg, UsageError } from './util';
 
@@ -93,11 +94,12 @@ export function register(program: Command): void {
       action(async (child: string, opts: { keepChild?: boolean; allowSiblingChange?: boolean; force?: boolean; json?: boolean; qmp?: string }) => {
         // --force means "replace the output file" everywhere else; here it once meant this
         if (opts.force) throw new UsageError('diff commit --force is now --allow-sibling-change (--force only ever replaces an output file)');
-        if (opts.qmp) {
+        const qmp = await qmpFor(child, opts.qmp, 'commit');
+        if (qmp) {
           if (opts.keepChild) throw new DisksnapError('--keep-child is not supported with --qmp (QEMU drops the child when it pivots)', 'EINVALID');
-          const l = await commitLive(child, { qmp: opts.qmp, allowSiblingChange: opts.allowSiblingChange, onProgress: progress('commit') });
-          if (opts.json) printJson('diff-commit-live', l);
-          else process.stdout.write(`committed ${l.child} into ${l.parent} live; the VM now runs on ${l.parent}; ${l.child} removed\n`);
+          const l = await commitLive(child, { qmp, allowSiblingChange: opts.allowSiblingChange, onProgress: progress('commit') });
+          if (opts.json) printJson('diff-commit-live', { ...l, qmp });
+          else process.stdout.write(`committed ${l.child} into ${l.parent} live (QMP ${qmp}); the VM now runs on ${l.parent}; ${l.child} removed\n`);
           return;
         }
         const r = await diff.commit(child, { keepChild: opts.keepChild, allowSiblingChange: opts.allowSiblingChange, onProgress: progress('commit') });

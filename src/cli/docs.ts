@@ -59,7 +59,7 @@ export const EXAMPLES: Record<string, string[]> = {
   'checkpoint create': ['disksnap checkpoint create vm.qcow2 before-upgrade', 'disksnap checkpoint create vm.qcow2 live-1 --qmp /run/vm.qmp'],
   'checkpoint list': ['disksnap checkpoint list vm.qcow2 --json'],
   'checkpoint revert': ['disksnap checkpoint revert vm.qcow2 before-upgrade', 'disksnap checkpoint revert vm.qcow2 before-upgrade --keep experiment'],
-  'checkpoint delete': ['disksnap checkpoint delete vm.qcow2 before-upgrade'],
+  'checkpoint delete': ['disksnap checkpoint delete vm.qcow2 before-upgrade', 'disksnap checkpoint delete vm.qcow2 before-upgrade --qmp /run/vm.qmp'],
   'checkpoint squash': ['disksnap checkpoint squash vm.qcow2 a c'],
   'checkpoint resume': ['disksnap checkpoint resume vm.qcow2'],
   completion: ['disksnap completion bash > /etc/bash_completion.d/disksnap', 'source <(disksnap completion bash)'],

@@ -24,6 +24,7 @@ import type { ChildInfo } from '../differencing/child';
 import type { RollbackResult } from '../differencing/rollback';
 import type { CommitResult } from '../differencing/commit';
 import type { LiveCommitResult } from '../differencing/live';
+import type { LiveDeleteResult } from '../differencing/live-delete';
 import type { FlattenResult } from '../differencing/flatten';
 import type { CheckResult } from '../image/qcow2/check';
 import type { AcceptParentResult } from '../differencing/guard';
@@ -38,6 +39,12 @@ import type { ProgressEvent } from './progress';
 
 /** `snapshot create --qmp --json`: the snapshot, and how the running VM was moved off its image */
 export type SnapshotLiveDoc = SnapshotJson & { live: LiveReport };
+
+/** `checkpoint create --json` (with `qmp`, the QMP socket of a live checkpoint) */
+export type CheckpointNodeDoc = NodeInfo & { qmp?: string };
+
+/** `diff commit --json` of a running VM: the QMP socket it used too */
+export type DiffCommitLiveDoc = LiveCommitResult & { qmp: string };
 
 /** `snapshot list --json` */
 export interface SnapshotListDoc {
@@ -168,14 +175,14 @@ export interface Documents {
   'diff-child': ChildInfo;
   'diff-rollback': RollbackResult;
   'diff-commit': CommitResult;
-  'diff-commit-live': LiveCommitResult;
+  'diff-commit-live': DiffCommitLiveDoc;
   'diff-flatten': FlattenResult;
   'diff-check': CheckResult;
   'diff-accept-parent': AcceptParentResult;
   'diff-children': ChildrenDoc;
-  'checkpoint-node': NodeInfo;
+  'checkpoint-node': CheckpointNodeDoc;
   'checkpoint-tree': TreeInfo;
-  'checkpoint-delete': DeleteResult;
+  'checkpoint-delete': DeleteResult | LiveDeleteResult;
   'checkpoint-squash': SquashDoc;
   'checkpoint-resume': ResumeDoc;
   'image-create': CreateDoc;

@@ -130,13 +130,38 @@ export function refreshGuard(image: string, opts: { file?: BlockFile } = {}): bo
   return stale;
 }
 
-/** Records, in each child of `image`, the identity `image` has now (its view is unchanged). */
-export function reguardChildren(image: string): string[] {
+/**
+ * Runs fn with a writable handle on a file a running QEMU holds (its locks forbid ours), made
+ * writable for the moment if it is read-only. Only for header fields QEMU does not change
+ * while it runs (the backing name and disksnap's extensions; see live.ts).
+ */
+export function withHeldFile<T>(file: string, fn: (f: BlockFile) => T): T {
+  const mode = fs.statSync(file).mode & 0o7777;
+  if (!(mode & 0o200)) fs.chmodSync(file, mode | 0o200);
+  try {
+    const f = BlockFile.open(file, { write: true, lock: 'none' });
+    try {
+      return fn(f);
+    } finally {
+      f.close();
+    }
+  } finally {
+    if (!(mode & 0o200)) fs.chmodSync(file, mode);
+  }
+}
+
+/**
+ * Records, in each child of `image`, the identity `image` has now (its view is unchanged).
+ * `held(file)`: the child is in a running QEMU's chain; its header is written without a lock,
+ * and a guard only where it had one.
+ */
+export function reguardChildren(image: string, held?: (file: string) => boolean): string[] {
   const kids = childrenOf(image);
   for (const k of kids) {
     const h = readHeader(k);
     if (h.backingFile === undefined) continue;
-    rewriteBacking(k, image);
+    if (held?.(k)) withHeldFile(k, (f) => rewriteBacking(k, image, { guard: h.guard !== undefined, file: f }));
+    else rewriteBacking(k, image);
   }
   return kids;
 }

@@ -41,7 +41,11 @@
  *
  * Locks: the tree's .lock against other disksnap processes; IMAGE and every file written are
  * opened with QEMU-compatible locks, so a running VM makes these operations fail with ELOCKED
- * (the live forms over QMP are in live.ts).
+ * (the live forms over QMP are in live.ts and live-delete.ts). A delete whose files are none
+ * of QEMU's runs beside the VM; with DeleteHooks (live-delete.ts) a child in QEMU's chain is
+ * merged by QEMU's block-stream and the headers of files QEMU holds are written without a
+ * lock. A revert while a VM runs IMAGE is refused (the guest's filesystems would change
+ * under it).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -53,7 +57,7 @@ import { createQcow2 } from '../image/qcow2/create';
 import { resolveBacking } from '../image/qcow2/header';
 import { detectFormat } from '../image';
 import { addChild, childrenOf, makeReadOnly, removeChild } from './registry';
-import { guardOf, mergeDown, readHeader, refreshGuard, reguardChildren, rewriteBacking } from './checkpoint-merge';
+import { guardOf, mergeDown, readHeader, refreshGuard, reguardChildren, rewriteBacking, withHeldFile } from './checkpoint-merge';
 
 export interface NodeInfo {
   name: string;
@@ -86,7 +90,7 @@ interface TreeFile {
 type Journal =
   | { op: 'create'; name: string; imageIno: number; backing: string | undefined }
   | { op: 'revert'; name: string; imageIno: number; from: string | undefined }
-  | { op: 'delete'; name: string; parent: string | undefined; children: string[] };
+  | { op: 'delete'; name: string; parent: string | undefined; children: string[]; live?: boolean };
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$/;
 
@@ -156,12 +160,12 @@ function requireNode(image: string, name: string): string {
 }
 
 /** Takes the tree's lock, finishes an interrupted operation, runs fn. */
-async function withTree<T>(image: string, fn: () => Promise<T> | T): Promise<T> {
+async function withTree<T>(image: string, fn: () => Promise<T> | T, hooks?: DeleteHooks): Promise<T> {
   const dir = treeDir(image);
   fs.mkdirSync(dir, { recursive: true });
   const lock = BlockFile.open(path.join(dir, '.lock'), { write: true, create: true, lock: 'exclusive' });
   try {
-    await recover(image);
+    await recover(image, hooks);
     return await fn();
   } finally {
     lock.close();
@@ -176,6 +180,27 @@ function checkImage(image: string): void {
   }
   const kids = childrenOf(image);
   if (kids.length > 0) throw busy(`${image} has differencing children of its own (${kids.join(', ')}); checkpoints need IMAGE to be a leaf`, image);
+}
+
+/**
+ * A revert while a VM runs IMAGE is refused: the guest's mounted filesystems would change
+ * under it (its page cache and journal describe the old disk). No live form is safe.
+ */
+function refuseRunning(image: string): void {
+  if (!fs.existsSync(image)) return;
+  try {
+    lockImage(image).close();
+  } catch (e) {
+    if (e instanceof DisksnapError && e.code === 'ELOCKED') {
+      throw new DisksnapError(
+        `${image} is in use by a running VM (locked): a revert would change the disk under the guest's mounted filesystems. Stop the VM, revert, then start it again`,
+        'ELOCKED',
+        undefined,
+        image,
+      );
+    }
+    throw e;
+  }
 }
 
 /** Fails with ELOCKED when QEMU (or anyone) uses the file; the returned handle holds the lock. */
@@ -273,6 +298,7 @@ export interface RevertOptions {
 /** `checkpoint revert IMAGE NAME`: IMAGE becomes a fresh child of node NAME. */
 export async function revert(image: string, name: string, opts: RevertOptions = {}): Promise<TreeInfo> {
   requireNode(image, name);
+  refuseRunning(image);
   if (opts.keep !== undefined) {
     checkName(opts.keep);
     const kept = nodePath(image, opts.keep);
@@ -310,8 +336,8 @@ async function runRevert(image: string, j: Extract<Journal, { op: 'revert' }>, h
  * chmods, links and renames of the step just taken; refreshGuard). `handle`: the caller's
  * locked handle on one of these files (its inode), used instead of opening it again.
  */
-function refreshTreeGuards(image: string, handle?: BlockFile): void {
-  const held = handle?.stat().ino;
+function refreshTreeGuards(image: string, handle?: BlockFile, held?: (file: string) => boolean): void {
+  const heldIno = handle?.stat().ino;
   const files = [...nodeNames(image).map((n) => nodePath(image, n)), path.resolve(image)].filter((f) => fs.existsSync(f));
   // Parents before children: re-recording a read-only node's guard chmods it for the write,
   // which moves its ctime in turn, for its own children's guards to be refreshed after it.
@@ -326,8 +352,12 @@ function refreshTreeGuards(image: string, handle?: BlockFile): void {
   };
   files.sort((a, b) => depthOf(a) - depthOf(b));
   for (const f of files) {
-    const mine = held !== undefined && fs.statSync(f, { bigint: true }).ino === held;
-    refreshGuard(f, { file: mine ? handle : undefined });
+    const mine = heldIno !== undefined && fs.statSync(f, { bigint: true }).ino === heldIno;
+    if (!mine && held?.(f)) {
+      // a file a running QEMU holds: only a stale guard is rewritten, without a lock
+      const h = readHeader(f);
+      if (h.guard !== undefined && h.backingFile !== undefined) withHeldFile(f, (file) => refreshGuard(f, { file }));
+    } else refreshGuard(f, { file: mine ? handle : undefined });
   }
 }
 
@@ -347,48 +377,96 @@ export interface DeleteResult {
   /** the files the node was merged into, rebased onto its parent */
   mergedInto: string[];
   bytesCopied: number;
+  /** of mergedInto, the files a running QEMU merged itself (block-stream; live-delete.ts) */
+  streamed: string[];
+  /** an interrupted delete of this node was finished */
+  resumed?: boolean;
+}
+
+/**
+ * The live delete's part (live-delete.ts): the files a running QEMU holds, and QEMU's block
+ * job for the one of them that is a child of the node.
+ */
+export interface DeleteHooks {
+  /** whether a running QEMU holds the file (it is in its chain) */
+  held(file: string): boolean;
+  /** QEMU merges `node` into `child` (block-stream) and rebases it onto `parent` */
+  stream(child: string, node: string, parent: string | undefined): Promise<void>;
+  /** throws unless QEMU no longer references the node's file (called before it is deleted) */
+  release(node: string): Promise<void>;
 }
 
 /** `checkpoint delete IMAGE NAME`: removes a node, leaf or inner; no other view changes. */
-export async function remove(image: string, name: string): Promise<DeleteResult> {
+export async function remove(image: string, name: string, opts: { hooks?: DeleteHooks } = {}): Promise<DeleteResult> {
   const node = requireNode(image, name);
-  return withTree(image, () => {
-    requireNode(image, name);
-    const children = childrenInTree(image, node);
-    // every file the delete will write must be free now (a running VM: ELOCKED before the journal)
-    for (const c of children) for (const f of [c, ...childrenOf(c)]) BlockFile.open(f, { write: true, lock: 'exclusive' }).close();
-    const j: Journal = { op: 'delete', name, parent: backingOf(node), children };
-    writeJsonAtomic(journalPath(image), j);
-    return runDelete(image, j);
-  });
+  const hooks = opts.hooks;
+  const pending = readJson<Journal>(journalPath(image));
+  return withTree(
+    image,
+    () => {
+      // a re-run of a delete that was interrupted: finishing its journal was the delete
+      if (pending?.op === 'delete' && pending.name === name && !fs.existsSync(node)) return { name, mergedInto: pending.children, bytesCopied: 0, streamed: [], resumed: true };
+      requireNode(image, name);
+      const children = childrenInTree(image, node);
+      // every file the delete will write must be free now (a running VM: ELOCKED before the
+      // journal), except what the live path has QEMU write
+      for (const c of children) for (const f of [c, ...childrenOf(c)]) if (!hooks?.held(f)) BlockFile.open(f, { write: true, lock: 'exclusive' }).close();
+      const j: Journal = { op: 'delete', name, parent: backingOf(node), children, live: children.some((c) => hooks?.held(c)) || undefined };
+      writeJsonAtomic(journalPath(image), j);
+      return runDelete(image, j, hooks);
+    },
+    hooks,
+  );
 }
 
-function runDelete(image: string, j: Extract<Journal, { op: 'delete' }>): DeleteResult {
+/**
+ * The steps of delete, each idempotent. A child a running QEMU holds is merged by QEMU
+ * (hooks.stream), first: a failed job stops the delete before anything else changed; the
+ * journal stays for a re-run. Its header and its children's are written without a lock.
+ */
+async function runDelete(image: string, j: Extract<Journal, { op: 'delete' }>, hooks?: DeleteHooks): Promise<DeleteResult> {
   const node = nodePath(image, j.name);
+  const held = (f: string) => hooks?.held(f) ?? false;
   let copied = 0;
-  for (const c of j.children) {
+  const streamed: string[] = [];
+  const order = [...j.children].sort((a, b) => Number(held(b)) - Number(held(a)));
+  for (const c of order) {
     if (!fs.existsSync(c)) continue;
+    const live = held(c);
     if (fs.existsSync(node) && backingOf(c) === node) {
-      copied += mergeDown(node, c).copied;
-      rewriteBacking(c, j.parent);
+      if (live) {
+        await hooks!.stream(c, node, j.parent);
+        streamed.push(c);
+      } else {
+        copied += mergeDown(node, c).copied;
+        rewriteBacking(c, j.parent);
+      }
     }
-    reguardChildren(c);
+    // QEMU wrote the backing name and kept the guard of the node: the new parent's guard (also
+    // on a re-run after the VM stopped, when QEMU had finished the job)
+    if (j.live && backingOf(c) === j.parent) {
+      const g = readHeader(c).guard !== undefined;
+      if (live) withHeldFile(c, (f) => rewriteBacking(c, j.parent, { guard: g, file: f }));
+      else rewriteBacking(c, j.parent, { guard: g });
+    }
+    reguardChildren(c, held);
     if (j.parent !== undefined) addChild(j.parent, c);
   }
   if (fs.existsSync(node)) {
     if (j.parent !== undefined) removeChild(j.parent, node);
+    if (hooks) await hooks.release(node);
     fs.rmSync(childrenRegistryPath(node), { force: true });
     fs.unlinkSync(node);
   }
   for (const c of j.children) if (c !== path.resolve(image) && fs.existsSync(c)) makeReadOnly(c);
   if (j.parent !== undefined && fs.existsSync(j.parent) && childrenOf(j.parent).length > 0) makeReadOnly(j.parent);
-  refreshTreeGuards(image);
+  refreshTreeGuards(image, undefined, held);
   const t = readTree(image);
   delete t.nodes[j.name];
   writeTree(image, t);
   fs.rmSync(journalPath(image), { force: true });
   syncDir(treeDir(image));
-  return { name: j.name, mergedInto: j.children, bytesCopied: copied };
+  return { name: j.name, mergedInto: j.children, bytesCopied: copied, streamed };
 }
 
 /**
@@ -421,12 +499,12 @@ async function finishSquash(image: string): Promise<void> {
 }
 
 /** Finishes an operation a killed process left in journal.json (tree lock held). */
-async function recover(image: string): Promise<void> {
+async function recover(image: string, hooks?: DeleteHooks): Promise<void> {
   const j = readJson<Journal>(journalPath(image));
   if (!j) return;
   if (j.op === 'create') await runCreate(image, j);
   else if (j.op === 'revert') await runRevert(image, j);
-  else if (j.op === 'delete') runDelete(image, j);
+  else if (j.op === 'delete') await runDelete(image, j, hooks);
   else throw new DisksnapError(`${journalPath(image)}: unknown operation ${(j as { op: string }).op}`, 'ECORRUPT', undefined, journalPath(image));
 }
 

@@ -28,6 +28,9 @@
  *   of CHILD's data, which CHILD covers) and the marker makes `disksnap diff commit CHILD`
  *   finish the job later, live again or after the VM stopped.
  *
+ * `checkpoint delete` while the VM runs is live-delete.ts (block-stream); finding QEMU's QMP
+ * socket without --qmp is src/host/qmp-find.ts (used by the CLI).
+ *
  * Errors: EJOB when QEMU's block job fails (QEMU's message included), ENOTFOUND when no device
  * of that QEMU runs the image, plus the QMP client's EQMP / ETIMEDOUT / ECONNRESET.
  */
@@ -72,7 +75,7 @@ function real(p: string): string {
  * its backing node's filename disagree (after a live checkpoint: QEMU never learns that the
  * old top was renamed into the tree); the image's own file is then json.file.filename.
  */
-function fileOf(qemuName: string): string {
+export function fileOf(qemuName: string): string {
   if (!qemuName.startsWith('json:')) return qemuName;
   try {
     const j = JSON.parse(qemuName.slice(5)) as { file?: { filename?: string } };
@@ -83,7 +86,7 @@ function fileOf(qemuName: string): string {
 }
 
 /** The active (top) node of the device that runs `image`. */
-async function activeNode(qmp: QmpClient, image: string): Promise<{ node: string; device: string }> {
+export async function activeNode(qmp: QmpClient, image: string): Promise<{ node: string; device: string }> {
   const devs = await qmp.execute<BlockDevice[]>('query-block');
   const want = real(image);
   for (const d of devs) {
@@ -187,7 +190,7 @@ export interface LiveCommitResult {
 }
 
 /** Waits for the job's READY or its end, reporting progress from query-jobs meanwhile. */
-async function waitJob(qmp: QmpClient, jobId: string, after: number, until: 'ready' | 'done', opts: LiveOptions): Promise<QmpEvent> {
+export async function waitJob(qmp: QmpClient, jobId: string, after: number, until: 'ready' | 'done', opts: LiveOptions): Promise<QmpEvent> {
   const ended = (e: QmpEvent) => (e.event === 'BLOCK_JOB_COMPLETED' || e.event === 'BLOCK_JOB_CANCELLED') && e.data.device === jobId;
   const ready = (e: QmpEvent) => e.event === 'BLOCK_JOB_READY' && e.data.device === jobId;
   const wait = qmp.waitEvent((e) => ended(e) || (until === 'ready' && ready(e)), { after, timeoutMs: 24 * 3600_000, what: `end of job ${jobId}` });
@@ -268,7 +271,7 @@ export async function commitLive(child: string, opts: LiveOptions & { allowSibli
   }
 }
 
-async function cancelJob(qmp: QmpClient, jobId: string): Promise<void> {
+export async function cancelJob(qmp: QmpClient, jobId: string): Promise<void> {
   if (qmp.isClosed) return;
   const seq = qmp.eventSeq;
   try {
