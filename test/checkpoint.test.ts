@@ -12,7 +12,7 @@ import { spawn } from 'node:child_process';
 import * as diff from '../src/differencing';
 import * as cp from '../src/differencing/checkpoint';
 import { isDisksnapError } from '../src/engine/errors';
-import { assertUnchanged, makeParent, needQemu, qemuCheck, qemuImgOk, qemuIo, sha256, snapshotOf } from './helpers/qemu';
+import { assertUnchanged, makeParent, needQemu, qemuCheck, qemuImgOk, qemuIo, sha256, snapshotOf, viewSha256 } from './helpers/qemu';
 import { CLI, cli } from './helpers/cli';
 import { missing } from './helpers/tools';
 import { connectQmp, startBareQemu, stopQemu, socketPath } from './helpers/guest';
@@ -23,15 +23,8 @@ const skip = needQemu();
 
 type Asserts = Test;
 
-/** sha256 of the guest view of an image (through its whole chain). */
 function view(file: string): string {
-  const out = `${file}.view-${process.pid}.raw`;
-  try {
-    qemuImgOk('convert', '-O', 'raw', file, out);
-    return sha256(out);
-  } finally {
-    fs.rmSync(out, { force: true });
-  }
+  return viewSha256(file);
 }
 
 /** The model: what each node and IMAGE must show. */

@@ -14,7 +14,7 @@ import * as path from 'node:path';
 import * as diff from '../src/differencing';
 import * as cp from '../src/differencing/checkpoint';
 import { QmpClient } from '../src/host/qmp';
-import { makeParent, needQemu, qemuCheck, qemuImg, qemuImgOk, qemuIo, sha256 } from './helpers/qemu';
+import { makeParent, needQemu, qemuCheck, qemuImg, qemuImgOk, qemuIo, sha256, viewSha256 } from './helpers/qemu';
 import { cli } from './helpers/cli';
 import { missing } from './helpers/tools';
 import { connectQmp, socketPath, startBareQemu, stopQemu } from './helpers/guest';
@@ -27,11 +27,7 @@ const skip = needQemu() || missing({ commands: ['qemu-system-x86_64'] });
 const MiB = 2 ** 20;
 
 function view(file: string): string {
-  const out = `${file}.view.raw`;
-  qemuImgOk('convert', '-U', '-O', 'raw', file, out);
-  const s = sha256(out);
-  fs.rmSync(out);
-  return s;
+  return viewSha256(file, { shared: true });
 }
 
 /** The file QEMU's drive drv0 runs (QEMU writes json:{...} when its backing names look stale). */

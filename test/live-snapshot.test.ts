@@ -19,7 +19,7 @@ import { restoreSnapshot, showSnapshot } from '../src/storage';
 import { withFaults } from '../src/storage/faults';
 import { isDisksnapError } from '../src/engine/errors';
 import { QmpClient } from '../src/host/qmp';
-import { makeParent, needQemu, qemuCheck, qemuImgOk, qemuIo, sha256 } from './helpers/qemu';
+import { makeParent, needQemu, qemuCheck, qemuImgOk, qemuIo, sha256, viewSha256 } from './helpers/qemu';
 import { cli } from './helpers/cli';
 import { missing } from './helpers/tools';
 import { connectQmp, socketPath, startBareQemu, stopQemu } from './helpers/guest';
@@ -27,13 +27,8 @@ import { connectQmp, socketPath, startBareQemu, stopQemu } from './helpers/guest
 const skip = needQemu() || missing({ commands: ['qemu-system-x86_64'] });
 const MiB = 2 ** 20;
 
-/** sha256 of the guest view of an image (its chain), read as qemu-img reads it. */
 function view(file: string): string {
-  const out = `${file}.view.raw`;
-  qemuImgOk('convert', '-U', '-O', 'raw', file, out);
-  const s = sha256(out);
-  fs.rmSync(out);
-  return s;
+  return viewSha256(file, { shared: true });
 }
 
 async function hmp(qmp: QmpClient, line: string): Promise<string> {

@@ -14,13 +14,11 @@
  * Whoever holds a freeze must not write to the frozen filesystem itself: that write would block
  * forever, and so would the thaw behind it.
  */
-import * as fs from 'node:fs';
-import * as path from 'node:path';
-import { spawn, ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { native } from '../engine/native';
-import { PACKAGE_ROOT } from '../engine/root';
 import { DisksnapError, busy } from '../engine/errors';
 import { untilExit } from './exit-cleanup';
+import { endGuard, startGuard } from './guard-process';
 
 interface Frozen {
   guard: ChildProcess | undefined;
@@ -31,52 +29,10 @@ interface Frozen {
 /** The filesystems this process has frozen, by mountpoint. */
 const frozen = new Map<string, Frozen>();
 
-function guardScript(): string | undefined {
-  const here = path.join(__dirname, 'thaw-guard.js');
-  if (fs.existsSync(here)) return here;
-  const compiled = path.join(PACKAGE_ROOT, 'dist', 'src', 'host', 'thaw-guard.js');
-  return fs.existsSync(compiled) ? compiled : undefined;
-}
-
-/** Starts the guard and waits until it is listening, so that it is in place before the freeze. */
-async function startGuard(mountpoint: string): Promise<ChildProcess | undefined> {
-  const script = guardScript();
-  if (!script) return undefined;
-  const child = spawn(process.execPath, [script, mountpoint], { stdio: ['pipe', 'pipe', 'ignore'], detached: true });
-  const ok = await new Promise<boolean>((resolve) => {
-    const timer = setTimeout(() => resolve(false), 10_000);
-    child.stdout!.once('data', () => {
-      clearTimeout(timer);
-      resolve(true);
-    });
-    child.once('exit', () => {
-      clearTimeout(timer);
-      resolve(false);
-    });
-  });
-  if (!ok) {
-    child.kill('SIGKILL');
-    return undefined;
-  }
-  child.unref();
-  (child.stdout as unknown as { unref?: () => void }).unref?.();
-  (child.stdin as unknown as { unref?: () => void }).unref?.();
-  return child;
-}
-
-function endGuard(guard: ChildProcess | undefined): void {
-  if (!guard || !guard.stdin || guard.stdin.destroyed) return;
-  try {
-    guard.stdin.end('done\n');
-  } catch {
-    // the guard is gone already: there is nobody left to tell, and nothing it could still thaw
-  }
-}
-
 /** FIFREEZE, with the safety nets; throws EBUSY if the filesystem is already frozen. */
 export async function freeze(mountpoint: string, opts: { noGuard?: boolean } = {}): Promise<void> {
   if (frozen.has(mountpoint)) throw busy(`${mountpoint} is already frozen by this process`, mountpoint);
-  const guard = opts.noGuard ? undefined : await startGuard(mountpoint);
+  const guard = opts.noGuard ? undefined : await startGuard('thaw-guard.js', mountpoint);
   // in place before the freeze: a signal arriving during FIFREEZE still thaws
   const forget = untilExit(() => {
     frozen.delete(mountpoint);

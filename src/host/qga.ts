@@ -26,12 +26,12 @@
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';
-import * as path from 'node:path';
 import { randomInt } from 'node:crypto';
-import { spawn, ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { DisksnapError, fromNodeError } from '../engine/errors';
-import { PACKAGE_ROOT } from '../engine/root';
 import { untilExit } from './exit-cleanup';
+import { endGuard, startGuard } from './guard-process';
+import { connectUnix } from './qmp';
 
 interface Waiting {
   resolve(v: Record<string, unknown>): void;
@@ -58,22 +58,7 @@ export class QgaClient {
 
   /** Connects and synchronises (guest-sync-delimited) within timeoutMs: a guest without a running agent times out here. */
   static async connect(socketPath: string, timeoutMs: number): Promise<QgaClient> {
-    const sock = await new Promise<net.Socket>((resolve, reject) => {
-      const s = net.createConnection(socketPath);
-      const timer = setTimeout(() => {
-        s.destroy();
-        reject(new DisksnapError(`guest agent ${socketPath}: no connection within ${timeoutMs} ms`, 'ETIMEDOUT', undefined, socketPath));
-      }, timeoutMs);
-      s.once('connect', () => {
-        clearTimeout(timer);
-        s.removeAllListeners('error');
-        resolve(s);
-      });
-      s.once('error', (e) => {
-        clearTimeout(timer);
-        reject(fromNodeError(e, socketPath));
-      });
-    });
+    const sock = await connectUnix(socketPath, timeoutMs, 'guest agent');
     const c = new QgaClient(sock, socketPath);
     try {
       const id = randomInt(1, 2 ** 31);
@@ -185,45 +170,10 @@ export interface GuestFreeze {
   thaw(): Promise<number>;
 }
 
-function guardScript(): string | undefined {
-  const here = path.join(__dirname, 'qga-thaw-guard.js');
-  if (fs.existsSync(here)) return here;
-  const compiled = path.join(PACKAGE_ROOT, 'dist', 'src', 'host', 'qga-thaw-guard.js');
-  return fs.existsSync(compiled) ? compiled : undefined;
-}
-
-async function startGuard(socketPath: string): Promise<ChildProcess> {
-  const script = guardScript();
-  if (!script) throw new DisksnapError(`the guest thaw guard (qga-thaw-guard.js) is missing: not freezing the guest without it`, 'ENOENT');
-  const child = spawn(process.execPath, [script, socketPath], { stdio: ['pipe', 'pipe', 'ignore'], detached: true });
-  const ok = await new Promise<boolean>((resolve) => {
-    const timer = setTimeout(() => resolve(false), 10_000);
-    child.stdout!.once('data', () => {
-      clearTimeout(timer);
-      resolve(true);
-    });
-    child.once('exit', () => {
-      clearTimeout(timer);
-      resolve(false);
-    });
-  });
-  if (!ok) {
-    child.kill('SIGKILL');
-    throw new DisksnapError(`the guest thaw guard did not start: not freezing the guest without it`, 'EIO');
-  }
-  child.unref();
-  (child.stdout as unknown as { unref?: () => void }).unref?.();
-  (child.stdin as unknown as { unref?: () => void }).unref?.();
+async function startQgaGuard(socketPath: string): Promise<ChildProcess> {
+  const child = await startGuard('qga-thaw-guard.js', socketPath);
+  if (!child) throw new DisksnapError(`the guest thaw guard (qga-thaw-guard.js) is missing or did not start: not freezing the guest without it`, 'EIO');
   return child;
-}
-
-function endGuard(guard: ChildProcess): void {
-  if (!guard.stdin || guard.stdin.destroyed) return;
-  try {
-    guard.stdin.end('done\n');
-  } catch {
-    // the guard is gone: nothing left for it to thaw
-  }
 }
 
 /**
@@ -232,7 +182,7 @@ function endGuard(guard: ChildProcess): void {
  * times out, a thaw is sent before the error is thrown.
  */
 export async function guestFreeze(client: QgaClient, freezeTimeoutMs: number): Promise<GuestFreeze> {
-  const guard = await startGuard(client.socketPath);
+  const guard = await startQgaGuard(client.socketPath);
   // on a signal or exit: drop our connection so that QEMU gives the socket to the guard, and
   // leave the guard's pipe to break as this process dies (the guard then thaws)
   const forget = untilExit(() => client.close());

@@ -97,22 +97,7 @@ export class QmpClient {
   /** Connects, reads the greeting and enters command mode. */
   static async connect(socketPath: string, opts: QmpOptions = {}): Promise<QmpClient> {
     const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-    const sock = await new Promise<net.Socket>((resolve, reject) => {
-      const s = net.createConnection(socketPath);
-      const timer = setTimeout(() => {
-        s.destroy();
-        reject(new DisksnapError(`QMP ${socketPath}: no connection within ${timeoutMs} ms`, 'ETIMEDOUT', undefined, socketPath));
-      }, timeoutMs);
-      s.once('connect', () => {
-        clearTimeout(timer);
-        s.removeAllListeners('error');
-        resolve(s);
-      });
-      s.once('error', (e) => {
-        clearTimeout(timer);
-        reject(fromNodeError(e, socketPath));
-      });
-    });
+    const sock = await connectUnix(socketPath, timeoutMs, 'QMP');
     const client = new QmpClient(sock, socketPath, timeoutMs);
     try {
       const greeting = await client.readGreeting(timeoutMs);
@@ -290,4 +275,24 @@ export class QmpClient {
 
 export function isQmpError(e: unknown, qmpClass?: string): e is QmpError {
   return e instanceof QmpError && (qmpClass === undefined || e.qmpClass === qmpClass);
+}
+
+/** A connection to a unix socket within timeoutMs (QMP, the guest agent); `label` names it in errors. */
+export function connectUnix(socketPath: string, timeoutMs: number, label: string): Promise<net.Socket> {
+  return new Promise<net.Socket>((resolve, reject) => {
+    const s = net.createConnection(socketPath);
+    const timer = setTimeout(() => {
+      s.destroy();
+      reject(new DisksnapError(`${label} ${socketPath}: no connection within ${timeoutMs} ms`, 'ETIMEDOUT', undefined, socketPath));
+    }, timeoutMs);
+    s.once('connect', () => {
+      clearTimeout(timer);
+      s.removeAllListeners('error');
+      resolve(s);
+    });
+    s.once('error', (e) => {
+      clearTimeout(timer);
+      reject(fromNodeError(e, socketPath));
+    });
+  });
 }

@@ -154,3 +154,17 @@ export function guestBytes(img: string): Buffer {
     fs.rmSync(out, { force: true });
   }
 }
+
+/**
+ * sha256 of the guest view of an image (its whole chain), as qemu-img reads it. `shared`
+ * (-U) reads an image a running QEMU holds.
+ */
+export function viewSha256(file: string, opts: { shared?: boolean } = {}): string {
+  const out = `${file}.view-${process.pid}.raw`;
+  try {
+    qemuImgOk('convert', ...(opts.shared ? ['-U'] : []), '-O', 'raw', file, out);
+    return sha256(out);
+  } finally {
+    fs.rmSync(out, { force: true });
+  }
+}
