@@ -296,8 +296,9 @@ export class Store {
   async plainTagKey(): Promise<TagKey | undefined> {
     const remote = this.shared.remote;
     if (!remote) return plainStoreTagKey(this.dir);
-    await remote.putIfAbsent('tag.key', randomBytes(32));
-    const k = await remote.get('tag.key');
+    // Read first: the key exists after a store's first snapshot (one request, not two).
+    const k: Buffer = (await remote.get('tag.key').catch((e: unknown) => (isDisksnapError(e, 'ENOENT') ? undefined : Promise.reject(e)))) ??
+      (await remote.putIfAbsent('tag.key', randomBytes(32)).then(() => remote.get('tag.key')));
     return k.length === 32 ? tagKeyFrom(k) : undefined;
   }
 
@@ -321,7 +322,8 @@ export class Store {
     const key = this.blockKey(d);
     // Sealing costs CPU: not for an object the store already has.
     if (this.codec.sealed && (await this.backend.stat(key)) !== undefined) return false;
-    return this.backend.putIfAbsent(key, this.codec.seal(d, plain));
+    // A plain block's digest is the SHA-256 of its bytes: the backend need not hash them again.
+    return this.backend.putIfAbsent(key, this.codec.seal(d, plain), this.codec.sealed || this.codec.digestKey ? undefined : d);
   }
 
   /** Stores an object already sealed with this store's codec (src/storage/store/crypto-pool.ts). */
