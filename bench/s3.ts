@@ -152,6 +152,8 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
     add('sync', seconds(() => spawnSync('sync')));
   }
   admin.destroy();
+  // every run's figures, for the record (the table has the medians)
+  for (const [k, v] of Object.entries(t)) process.stderr.write(`bench: s3: ${k}: ${v.map((x) => x.toFixed(2)).join(' ')} s\n`);
 
   const m = (k: string) => median(t[k]);
   const rows: BenchRow[] = [];

@@ -97,6 +97,25 @@ t.test('against the gateway', { skip }, async (t) => {
     t.same(await b.get('blocks/bb/race'), bodies[won.indexOf(true)], 'and its bytes are the object');
   });
 
+  t.test('putIfAbsent with the caller\'s SHA-256 (a plain block\'s digest): signed as the payload hash, and the gateway refuses a body that does not match it', async (t) => {
+    const b = new S3Backend(await newBucket('sha'));
+    t.teardown(() => b.destroy());
+    const data = randomBytes(512 * 1024);
+    const sha = createHash('sha256').update(data).digest();
+    t.equal(await b.putIfAbsent('blocks/aa/right', data, sha), true, 'the right hash: written');
+    t.same(await b.get('blocks/aa/right'), data);
+    t.equal(await b.putIfAbsent('blocks/aa/right', data, sha), false, 'and written once');
+    const parts = [data.subarray(0, 1000), data.subarray(1000)];
+    t.equal(await b.putIfAbsent('blocks/aa/parts', parts, sha), true, 'parts: the hash is of their concatenation');
+    const other = createHash('sha256').update(randomBytes(16)).digest();
+    await t.rejects(b.putIfAbsent('blocks/aa/wrong', data, other), { code: 'EIO', message: /PUT s3:\/\/.*blocks\/aa\/wrong: HTTP 400 XAmzContentSHA256Mismatch/ }, 'a wrong hash: refused at once (a 4xx is not retried)');
+    t.equal(await b.stat('blocks/aa/wrong'), undefined, 'and nothing is there');
+    const flipped = Buffer.from(data);
+    flipped[12345] ^= 1;
+    await t.rejects(b.putIfAbsent('blocks/aa/flipped', flipped, sha), { message: /XAmzContentSHA256Mismatch/ }, 'one bit off in the body: refused');
+    t.equal(await b.stat('blocks/aa/flipped'), undefined);
+  });
+
   t.test('errors are one line naming the problem: missing bucket, wrong credentials; a store URL that holds other things is visible', async (t) => {
     const s3 = await ceph();
     const missingBucket = new S3Backend(`s3://nosuch-${randomBytes(4).toString('hex')}`);

@@ -91,8 +91,13 @@ export interface StoreBackend {
    * it (no allocation per block); otherwise allocates. ENOENT when absent.
    */
   get(key: string, into?: Buffer): Promise<Buffer>;
-  /** Writes the object unless one exists under the key; true when it wrote. */
-  putIfAbsent(key: string, data: ObjectData): Promise<boolean>;
+  /**
+   * Writes the object unless one exists under the key; true when it wrote. `sha256`, when the
+   * caller already has it, is the SHA-256 of the data (a plain block's digest): an S3 backend
+   * sends it as the signed payload hash instead of hashing the body again, and the server
+   * refuses a body that does not match it.
+   */
+  putIfAbsent(key: string, data: ObjectData, sha256?: Uint8Array): Promise<boolean>;
   /** Atomically replaces the object; durable on return. */
   put(key: string, data: Uint8Array): Promise<void>;
   /**
@@ -119,13 +124,18 @@ export interface StoreBackend {
    */
   allocBuffer?(size: number): Buffer;
   /**
+   * Object requests the backend serves at once, where throughput needs that many in flight
+   * (S3: its bound on requests); readers keep at least twice this many queued. Undefined: local.
+   */
+  readonly concurrency?: number;
+  /**
    * The local file that holds an object, where objects are files (the directory backend):
    * a restore clones plain blocks from it on filesystems that share extents.
    */
   localFile?(key: string): string;
 }
 
-export type FullBackend = Required<Omit<StoreBackend, 'allocBuffer' | 'localFile'>> & Pick<StoreBackend, 'allocBuffer' | 'localFile'>;
+export type FullBackend = Required<Omit<StoreBackend, 'allocBuffer' | 'localFile' | 'concurrency'>> & Pick<StoreBackend, 'allocBuffer' | 'localFile' | 'concurrency'>;
 
 /** `b` with every optional method: its own where it has one, else built from the core. */
 export function fullBackend(b: StoreBackend): FullBackend {
@@ -174,7 +184,7 @@ export function fullBackend(b: StoreBackend): FullBackend {
     location: b.location,
     describe: (key) => b.describe(key),
     get: (key, into) => b.get(key, into),
-    putIfAbsent: (key, data) => b.putIfAbsent(key, data),
+    putIfAbsent: (key, data, sha256) => b.putIfAbsent(key, data, sha256),
     put: (key, data) => b.put(key, data),
     list: (prefix) => b.list(prefix),
     delete: (key) => b.delete(key),
@@ -184,5 +194,6 @@ export function fullBackend(b: StoreBackend): FullBackend {
     flush,
     allocBuffer: b.allocBuffer?.bind(b),
     localFile: b.localFile?.bind(b),
+    concurrency: b.concurrency,
   };
 }

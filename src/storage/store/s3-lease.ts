@@ -212,7 +212,7 @@ export class S3Lease {
     const etag = await this.backend.putConditional(this.key, this.body(true), this.etag);
     if (etag === undefined) return; // ran out and taken by another holder: not ours to touch
     this.etag = etag;
-    if (opts.remove) await this.backend.delete(this.key);
+    if (opts.remove) await this.backend.remove(this.key); // just PUT by us: no HEAD first
   }
 }
 

@@ -8,6 +8,7 @@
  *   put              PUT key                                   (records, manifests)
  *   list             ListObjectsV2 prefix, paginated           never `temporary` (PUTs are whole)
  *   delete           HEAD key, then DELETE key                 false when the HEAD found nothing
+ *   remove           DELETE key                                (leases let go of: no HEAD)
  *   stat             HEAD key                                  404 -> undefined
  *   open             HEAD key, then GET Range: ... If-Match    ETag pins the object's version
  *
@@ -28,7 +29,15 @@
  * RGW 16 with 411, so checksums are computed only where an operation requires them. Bytes
  * are still never taken on trust: every GET's length is checked against Content-Length (a
  * short body is retried), block objects are checked against their digest by the store, and
- * manifests carry their own checksums.
+ * manifests carry their own checksums. A PUT is signed with the SHA-256 of its body
+ * (x-amz-content-sha256), which the server checks; the SDK hashes the body for that, except
+ * for a plain block, whose digest is that hash already: the store passes it to putIfAbsent
+ * (one SHA-256 pass over every byte fewer on the main thread: 2.8 s of a 1 GiB snapshot's
+ * 37 s under load).
+ *
+ * Throughput: `concurrency` (the in-flight bound) tells readers how much to queue
+ * (src/storage/fetch.ts keeps twice the bound queued, so it stays full while a batch waits
+ * for its slowest GET and is hashed).
  *
  * Credentials, region and endpoint come from the SDK's usual chain: AWS_ACCESS_KEY_ID /
  * AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws, AWS_REGION, AWS_ENDPOINT_URL (or
@@ -155,6 +164,8 @@ export class S3Backend implements StoreBackend {
   readonly bucket: string;
   readonly prefix: string;
   readonly endpoint: string;
+  /** requests in flight at most (readers queue twice this many: backend.ts) */
+  readonly concurrency: number;
   private readonly client: S3Client;
   private readonly gate: Gate;
   /** lease requests: never queued behind block transfers, or a busy writer's lease would run out */
@@ -182,6 +193,7 @@ export class S3Backend implements StoreBackend {
     this.listPageSize = opts.listPageSize ?? 1000;
     this.onRetry = opts.onRetry;
     this.gate = new Gate(maxInFlight);
+    this.concurrency = maxInFlight;
     this.endpoint = opts.endpoint ?? process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL ?? 'AWS S3';
     const agentOpts = { keepAlive: true, maxSockets: maxInFlight + 4, maxFreeSockets: maxInFlight + 4 }; // + the lease gate
     this.client = new (sdk().S3Client)({
@@ -283,14 +295,17 @@ export class S3Backend implements StoreBackend {
     });
   }
 
-  async putIfAbsent(key: string, data: ObjectData): Promise<boolean> {
+  async putIfAbsent(key: string, data: ObjectData, sha256?: Uint8Array): Promise<boolean> {
     const Key = this.objectKey(key);
     const body = toBody(data);
+    const payloadHash = sha256 && Buffer.from(sha256.buffer, sha256.byteOffset, 32).toString('hex');
     return this.attempt(
       'PUT',
       key,
       async () => {
-        await this.client.send(new (sdk().PutObjectCommand)({ Bucket: this.bucket, Key, Body: body, ContentLength: body.length, IfNoneMatch: '*' }));
+        const cmd = new (sdk().PutObjectCommand)({ Bucket: this.bucket, Key, Body: body, ContentLength: body.length, IfNoneMatch: '*' });
+        if (payloadHash) withPayloadHash(cmd, payloadHash);
+        await this.client.send(cmd);
         return true;
       },
       (c) => (c.status === 412 || c.name === 'PreconditionFailed' ? { value: false } : undefined),
@@ -320,9 +335,14 @@ export class S3Backend implements StoreBackend {
 
   async delete(key: string): Promise<boolean> {
     if ((await this.stat(key)) === undefined) return false;
+    await this.remove(key);
+    return true;
+  }
+
+  /** DELETE without the HEAD that tells whether it was there (S3 answers 204 either way). */
+  async remove(key: string): Promise<void> {
     const Key = this.objectKey(key);
     await this.attempt('DELETE', key, () => this.client.send(new (sdk().DeleteObjectCommand)({ Bucket: this.bucket, Key })));
-    return true;
   }
 
   // ---- optional ----
@@ -489,6 +509,19 @@ export class S3Backend implements StoreBackend {
       await this.delete(key).catch(() => false); // a leftover probe object is harmless
     }
   }
+}
+
+/**
+ * Signs a PUT with a payload hash the caller already has (x-amz-content-sha256 is read by the
+ * signer before it would hash the body itself: src @smithy/signature-v4 getPayloadHash). The
+ * server hashes what it receives and answers 400 XAmzContentSHA256Mismatch when they differ.
+ */
+function withPayloadHash(cmd: { middlewareStack: { add: (mw: never, opts: { step: 'build'; name: string }) => void } }, hex: string): void {
+  const mw = (next: (a: unknown) => Promise<unknown>) => async (args: { request?: { headers?: Record<string, string> } }) => {
+    if (args.request?.headers) args.request.headers['x-amz-content-sha256'] = hex;
+    return next(args);
+  };
+  cmd.middlewareStack.add(mw as never, { step: 'build', name: 'disksnapPayloadHash' });
 }
 
 function toBody(data: ObjectData): Buffer {

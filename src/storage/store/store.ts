@@ -291,13 +291,14 @@ export class Store {
   /**
    * The tag key of a plain store (change tags, src/storage/store/tags.ts): `tag.key` in a
    * directory store; in a bucket the object `tag.key`, written once (readable by whoever holds
-   * the bucket's credentials, as the file is by whoever can read the directory).
+   * the bucket's credentials, as the file is by whoever can read the directory), read before
+   * it is written: it exists after a store's first snapshot (one request, not two).
    */
   async plainTagKey(): Promise<TagKey | undefined> {
     const remote = this.shared.remote;
     if (!remote) return plainStoreTagKey(this.dir);
-    await remote.putIfAbsent('tag.key', randomBytes(32));
-    const k = await remote.get('tag.key');
+    const k: Buffer = (await remote.get('tag.key').catch((e: unknown) => (isDisksnapError(e, 'ENOENT') ? undefined : Promise.reject(e)))) ??
+      (await remote.putIfAbsent('tag.key', randomBytes(32)).then(() => remote.get('tag.key')));
     return k.length === 32 ? tagKeyFrom(k) : undefined;
   }
 
@@ -313,15 +314,15 @@ export class Store {
   }
 
   /**
-   * Stores a block unless present; true when it wrote one. The digest must be that of `plain`.
-   * A sealing codec encrypts `plain` in place: pass a buffer you are done with.
+   * Stores a block unless present; true when it wrote one. The digest must be that of `plain`
+   * (plain: its SHA-256, given to the backend). Sealing encrypts `plain` in place: pass a buffer you are done with.
    */
   async putBlock(digest: Uint8Array, plain: Buffer): Promise<boolean> {
     const d = Buffer.from(digest);
     const key = this.blockKey(d);
     // Sealing costs CPU: not for an object the store already has.
     if (this.codec.sealed && (await this.backend.stat(key)) !== undefined) return false;
-    return this.backend.putIfAbsent(key, this.codec.seal(d, plain));
+    return this.backend.putIfAbsent(key, this.codec.seal(d, plain), this.codec.sealed || this.codec.digestKey ? undefined : d);
   }
 
   /** Stores an object already sealed with this store's codec (src/storage/store/crypto-pool.ts). */
