@@ -124,6 +124,18 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
     const overlayNode = `ds-${name.replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 20)}-${randomBytes(3).toString('hex')}`;
     const backing = cp.backingOf(image);
     return await cp.create(image, name, {
+      // step 2 of the opening note, before anything is renamed over IMAGE
+      beforeSwitch: async (nodeFile) => {
+        try {
+          await moveNodeToPath(qmp, top, nodeFile, { readOnly: false, locking: false });
+        } catch (e) {
+          // QEMU still runs IMAGE on its old protocol node: drop the link, nothing changed
+          fs.rmSync(nodeFile, { force: true });
+          syncDir(path.dirname(path.resolve(nodeFile)));
+          fs.rmSync(cp.journalPath(image), { force: true });
+          throw e;
+        }
+      },
       live: async (nodeFile) => {
         try {
           await qmp.execute('blockdev-snapshot-sync', {
@@ -134,13 +146,17 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
             mode: 'existing',
           });
         } catch (e) {
-          // the VM still writes the node's inode: give it back its name
+          // the VM still writes the node's inode: give it back its name, and QEMU's node a
+          // protocol node opened by that name (nodeFile names nothing after the rename)
           fs.renameSync(nodeFile, image);
           syncDir(path.dirname(path.resolve(image)));
           fs.rmSync(cp.journalPath(image), { force: true });
+          await moveNodeToPath(qmp, top, path.resolve(image), { readOnly: false, locking: true }).catch(() => undefined); // best effort: the VM runs either way
           throw e;
         }
-        await renameNodeInQemu(qmp, top, nodeFile);
+        // read-only, over a protocol node that locks the file again (shared reads): QEMU
+        // flushes the node's metadata now and never writes it again
+        await moveNodeToPath(qmp, top, nodeFile, { readOnly: true, locking: true });
         if (backing !== undefined) {
           // The node is now a read-only backing node, which QEMU never writes: disksnap fixes
           // its backing name itself, without a lock. (QMP change-backing-file is not used: it
@@ -161,24 +177,38 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
 }
 
 /**
- * QEMU opened the old top by IMAGE's path, which is the overlay's now; a later reopen by name
- * (read-only after the snapshot, read-write for a commit into it) would open the wrong file.
- * So the node gets a new protocol node opened by its new path (blockdev-add) and its qcow2
- * node is reopened over it (blockdev-reopen with a new `file` child), read-only.
+ * Puts QEMU's node `top` (qcow2) over a new protocol node opened by `file` (a hard link of,
+ * or the very name of, the file it runs on) and deletes the old protocol node. The reason:
+ * QEMU's file driver reopens its file BY NAME whenever a node's permissions change (e.g.
+ * read-write -> read-only when blockdev-snapshot-sync makes the node a backing node), and a
+ * name that names another file by then silently gives the node that other file: its L2 tables
+ * read from the new overlay, clusters the VM wrote looking unallocated (issue #16).
+ * `locking: false` while `top` is still read-write: the old protocol node holds QEMU's write
+ * lock on the same inode until the reopen drops it, so a second locking node would conflict.
  */
-async function renameNodeInQemu(qmp: QmpClient, top: string, nodeFile: string): Promise<void> {
+async function moveNodeToPath(qmp: QmpClient, top: string, file: string, opts: { readOnly: boolean; locking: boolean }): Promise<void> {
   const fileNode = `dsf-${randomBytes(4).toString('hex')}`;
-  // not read-only itself: a later live commit into the node reopens it read-write
-  await qmp.execute('blockdev-add', { driver: 'file', 'node-name': fileNode, filename: nodeFile, 'auto-read-only': true });
-  const g = await qmp.execute<{ nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph');
-  const id = g.nodes.find((n) => n.name === top)?.id;
-  const backingEdge = g.edges.find((e) => e.parent === id && e.name === 'backing');
-  const backing = g.nodes.find((n) => n.id === backingEdge?.child)?.name ?? null;
-  const oldFile = g.nodes.find((n) => n.id === g.edges.find((e) => e.parent === id && e.name === 'file')?.child)?.name;
-  await qmp.execute('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': top, file: fileNode, backing, 'read-only': true }] });
+  // not read-only itself (auto-read-only): a later live commit into the node reopens it read-write
+  await qmp.execute('blockdev-add', { driver: 'file', 'node-name': fileNode, filename: file, 'auto-read-only': true, locking: opts.locking ? 'auto' : 'off' });
+  const oldFile = await childNode(qmp, top, 'file');
+  try {
+    const backing = (await childNode(qmp, top, 'backing')) ?? null;
+    await qmp.execute('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': top, file: fileNode, backing, 'read-only': opts.readOnly }] });
+  } catch (e) {
+    await qmp.execute('blockdev-del', { 'node-name': fileNode }).catch(() => undefined); // unused: QEMU refused the reopen
+    throw e;
+  }
   // the old protocol node has no user left; QEMU refuses to delete one it created itself
-  // (-drive), which then only holds a descriptor of the same file
+  // (-drive), which then only holds a descriptor (and no lock) of the same file
   if (oldFile) await qmp.execute('blockdev-del', { 'node-name': oldFile }).catch(() => undefined);
+}
+
+/** The name of `node`'s child `edge` ('file', 'backing') in QEMU's block graph, or undefined. */
+async function childNode(qmp: QmpClient, node: string, edge: string): Promise<string | undefined> {
+  const g = await qmp.execute<{ nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph');
+  const id = g.nodes.find((n) => n.name === node)?.id;
+  const e = g.edges.find((x) => x.parent === id && x.name === edge);
+  return g.nodes.find((n) => n.id === e?.child)?.name;
 }
 
 export interface LiveCommitResult {
