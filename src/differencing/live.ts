@@ -3,20 +3,31 @@
  *
  * createLive(IMAGE, NAME)      a checkpoint without stopping the VM
  *   1. journal; hard link IMAGE -> IMAGE.checkpoints/NAME.qcow2 (QEMU keeps writing that inode)
- *   2. a fresh overlay, backing name -> the node, written under a temporary name and renamed
+ *   2. QEMU's node for IMAGE (the active layer, still read-write) is moved onto a protocol
+ *      node opened by the node's path (blockdev-add, blockdev-reopen with a new `file`, the old
+ *      protocol node deleted): the same inode under a name that will keep naming it. This
+ *      must come BEFORE anything is renamed over IMAGE: QEMU's file driver reopens a file by
+ *      its name whenever a node's permissions change (step 4 drops the old top's write
+ *      permission), and a name that names another file by then gives the node that file, its
+ *      L2 tables read from the new overlay (issue #16: two live checkpoints in a row lost
+ *      writes that way). The new protocol node takes no locks (locking=off) until step 5: the
+ *      old one holds QEMU's write lock on the inode, so a locking one would conflict; IMAGE's
+ *      inode is unlocked for the moment in between. blockdev-reopen is allowed for named
+ *      nodes only: an unnamed node is refused before step 1.
+ *   3. a fresh overlay, backing name -> the node, written under a temporary name and renamed
  *      over IMAGE (QEMU does not use it yet: IMAGE shows the node, which is what the VM sees)
- *   3. blockdev-snapshot-sync mode=existing: QEMU opens the overlay at IMAGE's path and makes
+ *   4. blockdev-snapshot-sync mode=existing: QEMU opens the overlay at IMAGE's path and makes
  *      it the active layer over the node; from here the node no longer changes
- *   4. QEMU opened the old top by IMAGE's path, the overlay's now; any later reopen by name
- *      (read-only, or read-write for a commit into it) would open the wrong file. So the node
- *      gets a protocol node opened by its new path and is reopened over it (blockdev-reopen,
- *      which QEMU allows for named nodes only: an unnamed node is refused before step 1)
- *   5. the node's backing name is rewritten by disksnap (its directory changed): QEMU holds
+ *   5. the node is reopened read-only over another protocol node of its path, a locking one
+ *      (QEMU flushes its metadata and never writes it again)
+ *   6. the node's backing name is rewritten by disksnap (its directory changed): QEMU holds
  *      it as a read-only backing node now and never writes its header; QEMU's in-memory copy
  *      of the old name is only used if QEMU itself rewrites that header (it does not for a
  *      read-only node); registries, tree.json, journal removed
- *   If step 3 fails, the node is renamed back over IMAGE: the VM never stopped writing to that
- *   inode, and IMAGE is again the file it runs on. The overlay carries no parent guard (the
+ *   If step 2 fails, the link and the journal are removed: nothing changed. If step 4 fails,
+ *   the node is renamed back over IMAGE (the VM never stopped writing to that inode, and
+ *   IMAGE is again the file it runs on) and QEMU's node is moved onto a protocol node of
+ *   IMAGE's name again (best effort). The overlay carries no parent guard (the
  *   node was still changing when it was made; a guard written later would be dropped by
  *   QEMU's own header updates), so disksnap reports its guard as 'unrecorded'.
  *
@@ -146,12 +157,17 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
             mode: 'existing',
           });
         } catch (e) {
-          // the VM still writes the node's inode: give it back its name, and QEMU's node a
-          // protocol node opened by that name (nodeFile names nothing after the rename)
-          fs.renameSync(nodeFile, image);
+          // the VM still writes the node's inode: give it back its name (a link renamed over
+          // IMAGE, so that the node's path, which QEMU's protocol node names, stays until QEMU
+          // is moved back onto IMAGE's name; best effort: the VM runs either way)
+          const undo = `${path.resolve(image)}.ds-undo-${randomBytes(3).toString('hex')}`;
+          fs.linkSync(nodeFile, undo);
+          fs.renameSync(undo, image);
           syncDir(path.dirname(path.resolve(image)));
+          await moveNodeToPath(qmp, top, path.resolve(image), { readOnly: false, locking: true }).catch(() => undefined);
+          fs.rmSync(nodeFile, { force: true });
+          syncDir(path.dirname(path.resolve(nodeFile)));
           fs.rmSync(cp.journalPath(image), { force: true });
-          await moveNodeToPath(qmp, top, path.resolve(image), { readOnly: false, locking: true }).catch(() => undefined); // best effort: the VM runs either way
           throw e;
         }
         // read-only, over a protocol node that locks the file again (shared reads): QEMU
