@@ -230,6 +230,8 @@ export interface CreateOptions {
    * is left to QEMU, and this switches the VM to the fresh child, which is in place when it runs.
    */
   live?: (node: string) => Promise<void>;
+  /** the live path: run once the node's hard link exists, before the fresh child replaces IMAGE */
+  beforeSwitch?: (node: string) => Promise<void>;
 }
 
 /** `checkpoint create IMAGE NAME`: what IMAGE shows now becomes node NAME. */
@@ -242,7 +244,7 @@ export async function create(image: string, name: string, opts: CreateOptions = 
     try {
       const j: Journal = { op: 'create', name, imageIno: fs.statSync(image).ino, backing: backingOf(image) };
       writeJsonAtomic(journalPath(image), j);
-      await runCreate(image, j, { imageHandle: lock, live: opts.live });
+      await runCreate(image, j, { imageHandle: lock, live: opts.live, beforeSwitch: opts.beforeSwitch });
     } finally {
       lock?.close();
     }
@@ -254,7 +256,7 @@ export async function create(image: string, name: string, opts: CreateOptions = 
 async function runCreate(
   image: string,
   j: Extract<Journal, { op: 'create' }>,
-  opts: { imageHandle?: BlockFile; live?: (node: string) => Promise<void> } = {},
+  opts: { imageHandle?: BlockFile; live?: (node: string) => Promise<void>; beforeSwitch?: (node: string) => Promise<void> } = {},
 ): Promise<void> {
   const live = opts.live;
   const node = nodePath(image, j.name);
@@ -267,6 +269,7 @@ async function runCreate(
     }
     // the node's backing name is relative to its new directory
     if (j.backing !== undefined && backingOf(node) !== j.backing && !live) rewriteBacking(node, j.backing, { guard: readHeader(node).guard !== undefined, file: opts.imageHandle });
+    if (opts.beforeSwitch) await opts.beforeSwitch(node);
     await freshChildOver(image, node, { guard: !live });
     if (live) await live(node);
   } else if (j.backing !== undefined && backingOf(node) !== j.backing) {

@@ -3,20 +3,31 @@
  *
  * createLive(IMAGE, NAME)      a checkpoint without stopping the VM
  *   1. journal; hard link IMAGE -> IMAGE.checkpoints/NAME.qcow2 (QEMU keeps writing that inode)
- *   2. a fresh overlay, backing name -> the node, written under a temporary name and renamed
+ *   2. QEMU's node for IMAGE (the active layer, still read-write) is moved onto a protocol
+ *      node opened by the node's path (blockdev-add, blockdev-reopen with a new `file`, the old
+ *      protocol node deleted): the same inode under a name that will keep naming it. This
+ *      must come BEFORE anything is renamed over IMAGE: QEMU's file driver reopens a file by
+ *      its name whenever a node's permissions change (step 4 drops the old top's write
+ *      permission), and a name that names another file by then gives the node that file, its
+ *      L2 tables read from the new overlay (issue #16: two live checkpoints in a row lost
+ *      writes that way). The new protocol node takes no locks (locking=off) until step 5: the
+ *      old one holds QEMU's write lock on the inode, so a locking one would conflict; IMAGE's
+ *      inode is unlocked for the moment in between. blockdev-reopen is allowed for named
+ *      nodes only: an unnamed node is refused before step 1.
+ *   3. a fresh overlay, backing name -> the node, written under a temporary name and renamed
  *      over IMAGE (QEMU does not use it yet: IMAGE shows the node, which is what the VM sees)
- *   3. blockdev-snapshot-sync mode=existing: QEMU opens the overlay at IMAGE's path and makes
+ *   4. blockdev-snapshot-sync mode=existing: QEMU opens the overlay at IMAGE's path and makes
  *      it the active layer over the node; from here the node no longer changes
- *   4. QEMU opened the old top by IMAGE's path, the overlay's now; any later reopen by name
- *      (read-only, or read-write for a commit into it) would open the wrong file. So the node
- *      gets a protocol node opened by its new path and is reopened over it (blockdev-reopen,
- *      which QEMU allows for named nodes only: an unnamed node is refused before step 1)
- *   5. the node's backing name is rewritten by disksnap (its directory changed): QEMU holds
+ *   5. the node is reopened read-only over another protocol node of its path, a locking one
+ *      (QEMU flushes its metadata and never writes it again)
+ *   6. the node's backing name is rewritten by disksnap (its directory changed): QEMU holds
  *      it as a read-only backing node now and never writes its header; QEMU's in-memory copy
  *      of the old name is only used if QEMU itself rewrites that header (it does not for a
  *      read-only node); registries, tree.json, journal removed
- *   If step 3 fails, the node is renamed back over IMAGE: the VM never stopped writing to that
- *   inode, and IMAGE is again the file it runs on. The overlay carries no parent guard (the
+ *   If step 2 fails, the link and the journal are removed: nothing changed. If step 4 fails,
+ *   the node is renamed back over IMAGE (the VM never stopped writing to that inode, and
+ *   IMAGE is again the file it runs on) and QEMU's node is moved onto a protocol node of
+ *   IMAGE's name again (best effort). The overlay carries no parent guard (the
  *   node was still changing when it was made; a guard written later would be dropped by
  *   QEMU's own header updates), so disksnap reports its guard as 'unrecorded'.
  *
@@ -124,6 +135,18 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
     const overlayNode = `ds-${name.replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 20)}-${randomBytes(3).toString('hex')}`;
     const backing = cp.backingOf(image);
     return await cp.create(image, name, {
+      // step 2 of the opening note, before anything is renamed over IMAGE
+      beforeSwitch: async (nodeFile) => {
+        try {
+          await moveNodeToPath(qmp, top, nodeFile, { readOnly: false, locking: false });
+        } catch (e) {
+          // QEMU still runs IMAGE on its old protocol node: drop the link, nothing changed
+          fs.rmSync(nodeFile, { force: true });
+          syncDir(path.dirname(path.resolve(nodeFile)));
+          fs.rmSync(cp.journalPath(image), { force: true });
+          throw e;
+        }
+      },
       live: async (nodeFile) => {
         try {
           await qmp.execute('blockdev-snapshot-sync', {
@@ -134,13 +157,22 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
             mode: 'existing',
           });
         } catch (e) {
-          // the VM still writes the node's inode: give it back its name
-          fs.renameSync(nodeFile, image);
+          // the VM still writes the node's inode: give it back its name (a link renamed over
+          // IMAGE, so that the node's path, which QEMU's protocol node names, stays until QEMU
+          // is moved back onto IMAGE's name; best effort: the VM runs either way)
+          const undo = `${path.resolve(image)}.ds-undo-${randomBytes(3).toString('hex')}`;
+          fs.linkSync(nodeFile, undo);
+          fs.renameSync(undo, image);
           syncDir(path.dirname(path.resolve(image)));
+          await moveNodeToPath(qmp, top, path.resolve(image), { readOnly: false, locking: true }).catch(() => undefined);
+          fs.rmSync(nodeFile, { force: true });
+          syncDir(path.dirname(path.resolve(nodeFile)));
           fs.rmSync(cp.journalPath(image), { force: true });
           throw e;
         }
-        await renameNodeInQemu(qmp, top, nodeFile);
+        // read-only, over a protocol node that locks the file again (shared reads): QEMU
+        // flushes the node's metadata now and never writes it again
+        await moveNodeToPath(qmp, top, nodeFile, { readOnly: true, locking: true });
         if (backing !== undefined) {
           // The node is now a read-only backing node, which QEMU never writes: disksnap fixes
           // its backing name itself, without a lock. (QMP change-backing-file is not used: it
@@ -161,24 +193,38 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
 }
 
 /**
- * QEMU opened the old top by IMAGE's path, which is the overlay's now; a later reopen by name
- * (read-only after the snapshot, read-write for a commit into it) would open the wrong file.
- * So the node gets a new protocol node opened by its new path (blockdev-add) and its qcow2
- * node is reopened over it (blockdev-reopen with a new `file` child), read-only.
+ * Puts QEMU's node `top` (qcow2) over a new protocol node opened by `file` (a hard link of,
+ * or the very name of, the file it runs on) and deletes the old protocol node. The reason:
+ * QEMU's file driver reopens its file BY NAME whenever a node's permissions change (e.g.
+ * read-write -> read-only when blockdev-snapshot-sync makes the node a backing node), and a
+ * name that names another file by then silently gives the node that other file: its L2 tables
+ * read from the new overlay, clusters the VM wrote looking unallocated (issue #16).
+ * `locking: false` while `top` is still read-write: the old protocol node holds QEMU's write
+ * lock on the same inode until the reopen drops it, so a second locking node would conflict.
  */
-async function renameNodeInQemu(qmp: QmpClient, top: string, nodeFile: string): Promise<void> {
+async function moveNodeToPath(qmp: QmpClient, top: string, file: string, opts: { readOnly: boolean; locking: boolean }): Promise<void> {
   const fileNode = `dsf-${randomBytes(4).toString('hex')}`;
-  // not read-only itself: a later live commit into the node reopens it read-write
-  await qmp.execute('blockdev-add', { driver: 'file', 'node-name': fileNode, filename: nodeFile, 'auto-read-only': true });
-  const g = await qmp.execute<{ nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph');
-  const id = g.nodes.find((n) => n.name === top)?.id;
-  const backingEdge = g.edges.find((e) => e.parent === id && e.name === 'backing');
-  const backing = g.nodes.find((n) => n.id === backingEdge?.child)?.name ?? null;
-  const oldFile = g.nodes.find((n) => n.id === g.edges.find((e) => e.parent === id && e.name === 'file')?.child)?.name;
-  await qmp.execute('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': top, file: fileNode, backing, 'read-only': true }] });
+  // not read-only itself (auto-read-only): a later live commit into the node reopens it read-write
+  await qmp.execute('blockdev-add', { driver: 'file', 'node-name': fileNode, filename: file, 'auto-read-only': true, locking: opts.locking ? 'auto' : 'off' });
+  const oldFile = await childNode(qmp, top, 'file');
+  try {
+    const backing = (await childNode(qmp, top, 'backing')) ?? null;
+    await qmp.execute('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': top, file: fileNode, backing, 'read-only': opts.readOnly }] });
+  } catch (e) {
+    await qmp.execute('blockdev-del', { 'node-name': fileNode }).catch(() => undefined); // unused: QEMU refused the reopen
+    throw e;
+  }
   // the old protocol node has no user left; QEMU refuses to delete one it created itself
-  // (-drive), which then only holds a descriptor of the same file
+  // (-drive), which then only holds a descriptor (and no lock) of the same file
   if (oldFile) await qmp.execute('blockdev-del', { 'node-name': oldFile }).catch(() => undefined);
+}
+
+/** The name of `node`'s child `edge` ('file', 'backing') in QEMU's block graph, or undefined. */
+async function childNode(qmp: QmpClient, node: string, edge: string): Promise<string | undefined> {
+  const g = await qmp.execute<{ nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph');
+  const id = g.nodes.find((n) => n.name === node)?.id;
+  const e = g.edges.find((x) => x.parent === id && x.name === edge);
+  return g.nodes.find((n) => n.id === e?.child)?.name;
 }
 
 export interface LiveCommitResult {
