@@ -44,7 +44,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { DisksnapError, busy } from '../engine/errors';
-import { QmpClient, QmpEvent } from '../host/qmp';
+import { blockGraph, graphChild, QmpClient, QmpEvent } from '../host/qmp';
 import * as cp from './checkpoint';
 import { activeNode, cancelJob, fileOf, LiveOptions, waitJob } from './live';
 
@@ -59,8 +59,6 @@ interface NamedNode {
   file: string;
   drv: string;
 }
-
-type Graph = { nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] };
 
 /** A file's identity (device and inode); undefined when it does not exist. */
 function keyOf(file: string | undefined): string | undefined {
@@ -77,7 +75,7 @@ function keyOf(file: string | undefined): string | undefined {
 async function qemuChain(qmp: QmpClient, image: string): Promise<ChainNode[]> {
   const { node: top } = await activeNode(qmp, image);
   const named = await qmp.execute<NamedNode[]>('query-named-block-nodes', { flat: true });
-  const g = await qmp.execute<Graph>('x-debug-query-block-graph');
+  const g = await blockGraph(qmp);
   const out: ChainNode[] = [];
   const seen = new Set<string>();
   for (let cur: string | undefined = top; cur !== undefined && !seen.has(cur); ) {
@@ -85,9 +83,7 @@ async function qemuChain(qmp: QmpClient, image: string): Promise<ChainNode[]> {
     const n = named.find((x) => x['node-name'] === cur);
     const file = n ? fileOf(n.file) : '';
     out.push({ node: cur, file, key: keyOf(file) });
-    const id = g.nodes.find((x) => x.name === cur)?.id;
-    const edge = g.edges.find((e) => e.parent === id && e.name === 'backing');
-    cur = g.nodes.find((x) => x.id === edge?.child)?.name;
+    cur = graphChild(g, cur, 'backing');
   }
   return out;
 }

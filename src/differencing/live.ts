@@ -50,7 +50,7 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { DisksnapError, busy } from '../engine/errors';
 import { syncDir } from '../engine/atomic';
-import { QmpClient, QmpEvent } from '../host/qmp';
+import { backingNode, childNode, QmpClient, QmpEvent } from '../host/qmp';
 import { commitMarkerPath, writeJsonAtomic } from '../image/sidecars';
 import { childrenOf, readRegistry, removeChild, makeReadOnly } from './registry';
 import * as cp from './checkpoint';
@@ -104,19 +104,6 @@ export async function activeNode(qmp: QmpClient, image: string): Promise<{ node:
     if (d.inserted && real(fileOf(d.inserted.file)) === want) return { node: d.inserted['node-name'], device: d.device || d.qdev || d.inserted['node-name'] };
   }
   throw new DisksnapError(`no device of the QEMU at ${qmp.socketPath} runs ${image} (it runs: ${devs.map((d) => d.inserted?.file ?? '-').join(', ')})`, 'ENOTFOUND', undefined, image);
-}
-
-/**
- * The node QEMU uses as `top`'s backing, from its block graph (by node name: QEMU's filenames
- * can be stale after a live checkpoint renamed files under it).
- */
-async function backingNode(qmp: QmpClient, top: string): Promise<string> {
-  const g = await qmp.execute<{ nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph');
-  const id = g.nodes.find((n) => n.name === top)?.id;
-  const edge = g.edges.find((e) => e.parent === id && e.name === 'backing');
-  const child = g.nodes.find((n) => n.id === edge?.child);
-  if (!child) throw new DisksnapError(`the QEMU at ${qmp.socketPath} shows no backing node under ${top}`, 'ENOTFOUND', undefined, qmp.socketPath);
-  return child.name;
 }
 
 /** `checkpoint create --qmp`: see the opening note. */
@@ -217,14 +204,6 @@ async function moveNodeToPath(qmp: QmpClient, top: string, file: string, opts: {
   // the old protocol node has no user left; QEMU refuses to delete one it created itself
   // (-drive), which then only holds a descriptor (and no lock) of the same file
   if (oldFile) await qmp.execute('blockdev-del', { 'node-name': oldFile }).catch(() => undefined);
-}
-
-/** The name of `node`'s child `edge` ('file', 'backing') in QEMU's block graph, or undefined. */
-async function childNode(qmp: QmpClient, node: string, edge: string): Promise<string | undefined> {
-  const g = await qmp.execute<{ nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph');
-  const id = g.nodes.find((n) => n.name === node)?.id;
-  const e = g.edges.find((x) => x.parent === id && x.name === edge);
-  return g.nodes.find((n) => n.id === e?.child)?.name;
 }
 
 export interface LiveCommitResult {

@@ -296,3 +296,35 @@ export function connectUnix(socketPath: string, timeoutMs: number, label: string
     });
   });
 }
+
+/** QEMU's block graph (x-debug-query-block-graph): nodes, and edges by role ('file', 'backing', ...). */
+export interface BlockGraph {
+  nodes: { id: number; name: string }[];
+  edges: { parent: number; child: number; name: string }[];
+}
+
+export function blockGraph(qmp: QmpClient): Promise<BlockGraph> {
+  return qmp.execute<BlockGraph>('x-debug-query-block-graph');
+}
+
+/** The name of `node`'s child in role `edge` in a block graph, or undefined. */
+export function graphChild(g: BlockGraph, node: string, edge: string): string | undefined {
+  const id = g.nodes.find((n) => n.name === node)?.id;
+  const e = g.edges.find((x) => x.parent === id && x.name === edge);
+  return g.nodes.find((n) => n.id === e?.child)?.name;
+}
+
+/** The name of `node`'s child in role `edge` ('file', 'backing') in QEMU's block graph, or undefined. */
+export async function childNode(qmp: QmpClient, node: string, edge: string): Promise<string | undefined> {
+  return graphChild(await blockGraph(qmp), node, edge);
+}
+
+/**
+ * The node QEMU uses as `top`'s backing, by node name (QEMU's filenames can be stale after a
+ * live checkpoint renamed files under it); ENOTFOUND when there is none.
+ */
+export async function backingNode(qmp: QmpClient, top: string): Promise<string> {
+  const child = await childNode(qmp, top, 'backing');
+  if (child === undefined) throw new DisksnapError(`the QEMU at ${qmp.socketPath} shows no backing node under ${top}`, 'ENOTFOUND', undefined, qmp.socketPath);
+  return child;
+}

@@ -44,7 +44,7 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { DisksnapError, busy } from '../engine/errors';
 import { syncDir } from '../engine/atomic';
-import { QmpClient } from '../host/qmp';
+import { backingNode, QmpClient } from '../host/qmp';
 import { guestFreeze, pingAgent, type QgaClient } from '../host/qga';
 import type { Consistency } from '../host/point-in-time';
 import { detectFormat, openImage } from '../image';
@@ -161,16 +161,6 @@ function holdsData(overlay: string): boolean {
   } finally {
     f.close();
   }
-}
-
-/** The backing node QEMU uses under `top` (by node name, from its block graph). */
-async function backingNode(qmp: QmpClient, top: string): Promise<string> {
-  const g = await qmp.execute<{ nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph');
-  const id = g.nodes.find((n) => n.name === top)?.id;
-  const edge = g.edges.find((e) => e.parent === id && e.name === 'backing');
-  const child = g.nodes.find((n) => n.id === edge?.child);
-  if (!child) throw new DisksnapError(`the QEMU at ${qmp.socketPath} shows no backing node under ${top}`, 'ENOTFOUND', undefined, qmp.socketPath);
-  return child.name;
 }
 
 /**
