@@ -8,6 +8,7 @@
  * of the snapshot's read (with preservation turned off, that check fails: 74 records wrong).
  */
 import t from 'tap';
+import type { Test } from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { spawn, spawnSync, ChildProcess } from 'node:child_process';
@@ -95,6 +96,18 @@ function writerLog(log: string): Array<{ i: number; start: number; done: number 
       const [i, start, done] = l.split(' ').map(Number);
       return { i, start, done };
     });
+}
+
+/** A 1 GiB ext4 mounted through the FUSE view with a writer (startWriter, files only) running in it. */
+async function mountedWithWriter(t: Test, s: ReturnType<typeof scratch>, vol: string): Promise<{ a: Attachment; mp: string; log: string; w: ChildProcess }> {
+  const { a, mp } = await mountedViaFuse(s, vol, '1G');
+  fs.mkdirSync(path.join(mp, 'w'));
+  const log = path.join(s.dir, 'writer.log');
+  fs.writeFileSync(log, '');
+  const w = startWriter(path.join(mp, 'w'), log);
+  t.teardown(() => stopWriter(w));
+  await waitFor('the writer to start', () => writerLog(log).length >= 5);
+  return { a, mp, log, w };
 }
 
 /** When the FUSE server started its (last) copy-before-write session: the frozen moment, from its log. */
@@ -297,13 +310,7 @@ t.test('the preserve limit exceeded: the snapshot fails clearly, the volume and 
   t.teardown(() => s.cleanup());
   const vol = path.join(s.dir, 'vol.img');
   const store = path.join(s.dir, 'store');
-  const { a, mp } = await mountedViaFuse(s, vol, '1G');
-  fs.mkdirSync(path.join(mp, 'w'));
-  const log = path.join(s.dir, 'writer.log');
-  fs.writeFileSync(log, '');
-  const w = startWriter(path.join(mp, 'w'), log);
-  t.teardown(() => stopWriter(w));
-  await waitFor('the writer to start', () => writerLog(log).length >= 5);
+  const { a, mp, log, w } = await mountedWithWriter(t, s, vol);
 
   await t.rejects(createSnapshot(vol, { store, cbwLimit: CBW_CHUNK }), {
     code: 'ENOSPC',
@@ -336,13 +343,7 @@ t.test('SIGKILL of the snapshot during its copy-before-write session: the server
   const s = scratch();
   t.teardown(() => s.cleanup());
   const vol = path.join(s.dir, 'vol.img');
-  const { a, mp } = await mountedViaFuse(s, vol, '1G');
-  fs.mkdirSync(path.join(mp, 'w'));
-  const log = path.join(s.dir, 'writer.log');
-  fs.writeFileSync(log, '');
-  const w = startWriter(path.join(mp, 'w'), log);
-  t.teardown(() => stopWriter(w));
-  await waitFor('the writer to start', () => writerLog(log).length >= 5);
+  const { a, mp, log, w } = await mountedWithWriter(t, s, vol);
 
   const child = spawn(process.execPath, [path.join(__dirname, '..', 'dist', 'src', 'cli', 'main.js'), 'snapshot', 'create', vol, '--store', path.join(s.dir, 'store')], { stdio: 'ignore' });
   const serverLog = () => fs.readFileSync(a.fuse!.log, 'utf8');
