@@ -5,6 +5,7 @@
  * file it wrote carries an md5 in /data/sums, and a later boot checks them all from the disk.
  */
 import t from 'tap';
+import type { Test } from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as os from 'node:os';
@@ -39,14 +40,19 @@ function sumsOf(output: string): { lines: number; ok: number } | undefined {
   return m ? { lines: Number(m[1]), ok: Number(m[2]) } : undefined;
 }
 
-t.test('a live checkpoint while the guest writes: the VM switches without stopping, no write is lost, the node boots consistent', { skip }, async (t) => {
+/** A guest booted from a fresh child vm.qcow2 of a root filesystem base.raw, running writerJob, with a QMP socket. */
+async function writingGuest(t: Test): Promise<{ dir: string; base: string; image: string; sock: string; g: Guest }> {
   const dir = t.testdir();
   const base = path.join(dir, 'base.raw');
   makeRootfs(base);
   const image = path.join(dir, 'vm.qcow2');
   await diff.createChild(base, image);
   const sock = socketPath(t);
-  const g = new Guest({ disk: image, job: writerJob, qmp: sock });
+  return { dir, base, image, sock, g: new Guest({ disk: image, job: writerJob, qmp: sock }) };
+}
+
+t.test('a live checkpoint while the guest writes: the VM switches without stopping, no write is lost, the node boots consistent', { skip }, async (t) => {
+  const { dir, base, image, sock, g } = await writingGuest(t);
   try {
     await g.waitFor(/^W 3$/m);
     const node = await createLive(image, 'live1', { qmp: sock });
@@ -83,13 +89,7 @@ t.test('two live checkpoints in a row while the guest writes: every file reads b
   // Before the fix, the second switch made QEMU read the old top's L2 tables from the new
   // overlay (its file reopened by a name that no longer named it): files written between the
   // two checkpoints came back with md5 mismatches or ext4 checksum errors.
-  const dir = t.testdir();
-  const base = path.join(dir, 'base.raw');
-  makeRootfs(base);
-  const image = path.join(dir, 'vm.qcow2');
-  await diff.createChild(base, image);
-  const sock = socketPath(t);
-  const g = new Guest({ disk: image, job: writerJob, qmp: sock });
+  const { dir, image, sock, g } = await writingGuest(t);
   try {
     await g.waitFor(/^W 2$/m);
     await createLive(image, 'one', { qmp: sock });
@@ -116,13 +116,7 @@ t.test('two live checkpoints in a row while the guest writes: every file reads b
 });
 
 t.test('a live commit while the guest writes: QEMU pivots onto the parent, the child goes, the parent boots with every file', { skip }, async (t) => {
-  const dir = t.testdir();
-  const base = path.join(dir, 'base.raw');
-  makeRootfs(base);
-  const image = path.join(dir, 'vm.qcow2');
-  await diff.createChild(base, image);
-  const sock = socketPath(t);
-  const g = new Guest({ disk: image, job: writerJob, qmp: sock });
+  const { base, image, sock, g } = await writingGuest(t);
   try {
     await g.waitFor(/^W 3$/m);
     const r = await commitLive(image, { qmp: sock });
