@@ -13,7 +13,8 @@ import { DigestSet } from '../src/storage/store/digestset';
 import { Store, defaultStoreDir } from '../src/storage/store/store';
 import { StoreLock, Lease } from '../src/storage/store/lock';
 import { parseSnapshotRecord, parseStoreConfig, parseTags } from '../src/storage/store/records';
-import { isDisksnapError } from '../src/engine/errors';
+import { DisksnapError, corrupt, isDisksnapError } from '../src/engine/errors';
+import { readListed } from '../src/storage/store/backend';
 import { native } from '../src/engine/native';
 import { flipByte } from '../fixtures/store/helpers';
 
@@ -206,6 +207,41 @@ t.test('the directory backend writes once, atomically, and lists leftovers as te
   const small = Buffer.alloc(2);
   await be.put('r.json', Buffer.from('12345'));
   t.equal((await be.get('r.json', small)).toString(), '12345', 'an object larger than `into` is still read whole');
+});
+
+t.test('a listing reads its records a bounded number at a time, in listing order, skipping deleted ones and naming damaged ones', async (t) => {
+  const keys = Array.from({ length: 50 }, (_, i) => `snapshots/r${String(i).padStart(2, '0')}.json`);
+  const backend = {
+    async *list(prefix: string) {
+      t.equal(prefix, 'snapshots/');
+      for (const key of keys) yield { key, size: 1, temporary: false };
+      yield { key: 'snapshots/r00.map', size: 1, temporary: false };
+      yield { key: 'snapshots/.tmp-1-x.json', size: 1, temporary: true };
+    },
+  };
+  let inFlight = 0;
+  let most = 0;
+  const { records, damaged } = await readListed(backend, 'snapshots/', async (id) => {
+    inFlight++;
+    most = Math.max(most, inFlight);
+    // later records answer sooner: the result keeps listing order all the same
+    await new Promise((r) => setTimeout(r, 50 - Number(id.slice(1))));
+    inFlight--;
+    if (id === 'r07') throw new DisksnapError(`no ${id}`, 'ENOENT');
+    if (id === 'r03' || id === 'r40') throw corrupt(id, 'damaged');
+    return id;
+  });
+  t.ok(most > 1 && most <= 16, `reads overlap, at most 16 at once (${most})`);
+  t.same(records, keys.map((k) => path.basename(k, '.json')).filter((id) => !['r03', 'r07', 'r40'].includes(id)));
+  t.same(damaged.map((d) => d.id), ['r03', 'r40']);
+  t.ok(damaged.every((d) => d.error.code === 'ECORRUPT'));
+  await t.rejects(
+    readListed(backend, 'snapshots/', async () => {
+      throw new TypeError('a bug, not a damaged record');
+    }),
+    /a bug/,
+    'an error that is not a store error is thrown',
+  );
 });
 
 t.test('a store is created with its block size once; a different block size later is refused', async (t) => {

@@ -1,6 +1,6 @@
 /**
- * The one interface through which a snapshot store touches its storage. The directory
- * backend (src/storage/store/dir.ts) is the only one today. Snapshot logic (src/storage/*.ts,
+ * The one interface through which a snapshot store touches its storage: a directory
+ * (src/storage/store/dir.ts) or an S3 bucket (src/storage/store/s3.ts). Snapshot logic (src/storage/*.ts,
  * src/storage/store/store.ts) sees a FullBackend: the small core every backend implements, plus
  * optional faster forms that `fullBackend()` fills in from the core where a backend lacks them.
  *
@@ -42,6 +42,7 @@
  *   never visible under its name with content that is not yet durable.
  * - Objects appear atomically: a reader sees the old object, the new one, or none.
  */
+import * as path from 'node:path';
 import { DisksnapError, isDisksnapError } from '../../engine/errors';
 
 export interface ObjectInfo {
@@ -195,5 +196,37 @@ export function fullBackend(b: StoreBackend): FullBackend {
     allocBuffer: b.allocBuffer?.bind(b),
     localFile: b.localFile?.bind(b),
     concurrency: b.concurrency,
+  };
+}
+
+/** Records (snapshots, volumes) a listing reads at once. */
+const RECORD_READS = 16;
+
+/**
+ * Every record (`ID.json`) under `prefix`, read RECORD_READS at a time (on S3 each one is a round trip:
+ * 60 records read one by one took 0.35 s of a 0.6 s `snapshot list`); one deleted while we
+ * listed is left out, an unreadable one is reported in listing order, not thrown.
+ */
+export async function readListed<R>(backend: Pick<StoreBackend, 'list'>, prefix: string, read: (id: string) => Promise<R>): Promise<{ records: R[]; damaged: { id: string; error: DisksnapError }[] }> {
+  const ids: string[] = [];
+  for await (const o of backend.list(prefix)) if (!o.temporary && o.key.endsWith('.json')) ids.push(path.basename(o.key, '.json'));
+  const got: Array<R | undefined> = new Array(ids.length);
+  const bad: Array<DisksnapError | undefined> = new Array(ids.length);
+  let next = 0;
+  const worker = async () => {
+    for (let i = next++; i < ids.length; i = next++) {
+      try {
+        got[i] = await read(ids[i]);
+      } catch (e) {
+        if (isDisksnapError(e, 'ENOENT')) continue; // deleted while we listed
+        if (e instanceof DisksnapError) bad[i] = e;
+        else throw e;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(RECORD_READS, ids.length) }, worker));
+  return {
+    records: got.filter((r): r is R => r !== undefined),
+    damaged: ids.flatMap((id, i) => (bad[i] ? [{ id, error: bad[i]! }] : [])),
   };
 }

@@ -16,7 +16,7 @@ import { randomBytes } from 'node:crypto';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DisksnapError, corrupt, isDisksnapError } from '../../engine/errors';
-import { FullBackend, ObjectData, StoreBackend, fullBackend } from './backend';
+import { FullBackend, ObjectData, StoreBackend, fullBackend, readListed } from './backend';
 import { DirectoryBackend } from './dir';
 import { Lease, StoreLock, LockOptions } from './lock';
 import { S3Backend, isS3Url } from './s3';
@@ -422,19 +422,7 @@ export class Store {
   }
 
   async listVolumes(): Promise<{ volumes: VolumeRecord[]; damaged: { id: string; error: DisksnapError }[] }> {
-    const volumes: VolumeRecord[] = [];
-    const damaged: { id: string; error: DisksnapError }[] = [];
-    for await (const o of this.backend.list('volumes/')) {
-      if (o.temporary || !o.key.endsWith('.json')) continue;
-      const id = path.basename(o.key, '.json');
-      try {
-        volumes.push(await this.readVolume(id));
-      } catch (e) {
-        if (isDisksnapError(e, 'ENOENT')) continue;
-        if (e instanceof DisksnapError) damaged.push({ id, error: e });
-        else throw e;
-      }
-    }
+    const { records: volumes, damaged } = await readListed(this.backend, 'volumes/', (id) => this.readVolume(id));
     volumes.sort((a, b) => a.created.localeCompare(b.created) || a.id.localeCompare(b.id));
     return { volumes, damaged };
   }
@@ -482,22 +470,11 @@ export class Store {
 
   /** Every snapshot record, oldest first; unreadable ones are reported, not thrown. */
   async listSnapshots(): Promise<SnapshotListing> {
-    const snapshots: SnapshotRecord[] = [];
-    const damaged: { id: string; error: DisksnapError }[] = [];
-    for await (const o of this.backend.list('snapshots/')) {
-      if (o.temporary || !o.key.endsWith('.json')) continue;
-      const id = path.basename(o.key, '.json');
-      try {
-        snapshots.push(await this.readSnapshot(id));
-      } catch (e) {
-        if (isDisksnapError(e, 'ENOENT')) continue; // deleted while we listed
-        if (e instanceof DisksnapError) damaged.push({ id, error: e });
-        else throw e;
-      }
-    }
+    const { records: snapshots, damaged } = await readListed(this.backend, 'snapshots/', (id) => this.readSnapshot(id));
     snapshots.sort((a, b) => a.startTime.localeCompare(b.startTime) || a.id.localeCompare(b.id));
     return { snapshots, damaged };
   }
+
 
   /**
    * A snapshot by id, unique name or unique id prefix (4+ hex digits, `snap-` optional): ENOENT or EINVALID.
