@@ -46,7 +46,8 @@ import { randomBytes } from 'node:crypto';
 import { DisksnapError, busy } from '../engine/errors';
 import { blockGraph, graphChild, QmpClient, QmpEvent } from '../host/qmp';
 import * as cp from './checkpoint';
-import { activeNode, cancelJob, fileOf, LiveOptions, waitJob } from './live';
+import { activeNode, fileOf, LiveOptions } from './live';
+import { cancelJob, jobFailure, waitJob } from '../host/qmp-job';
 
 interface ChainNode {
   node: string;
@@ -150,8 +151,8 @@ async function stream(qmp: QmpClient, image: string, child: string, node: string
     await qmp.execute('job-dismiss', { id: jobId }).catch(() => undefined); // gone already
     // the end, also for a job too short for a progress poll to see
     if (e.event === 'BLOCK_JOB_COMPLETED' && !e.data.error && typeof e.data.len === 'number') opts.onProgress?.(e.data.len, e.data.len);
-    if (e.event !== 'BLOCK_JOB_COMPLETED' || e.data.error) {
-      const why = typeof e.data.error === 'string' ? e.data.error : 'cancelled';
+    const why = jobFailure(e);
+    if (why !== undefined) {
       throw new DisksnapError(
         `live delete: QEMU's block-stream of ${node} into ${child} failed: ${why}. The VM still runs on ${child} over ${node}; re-run the delete to finish it`,
         'EJOB',

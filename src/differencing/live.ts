@@ -50,7 +50,8 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { DisksnapError, busy } from '../engine/errors';
 import { syncDir } from '../engine/atomic';
-import { backingNode, childNode, QmpClient, QmpEvent } from '../host/qmp';
+import { backingNode, childNode, QmpClient } from '../host/qmp';
+import { jobFailure, runCommitJob } from '../host/qmp-job';
 import { commitMarkerPath, writeJsonAtomic } from '../image/sidecars';
 import { childrenOf, readRegistry, removeChild, makeReadOnly } from './registry';
 import * as cp from './checkpoint';
@@ -214,30 +215,6 @@ export interface LiveCommitResult {
   ms: number;
 }
 
-/** Waits for the job's READY or its end, reporting progress from query-jobs meanwhile. */
-export async function waitJob(qmp: QmpClient, jobId: string, after: number, until: 'ready' | 'done', opts: LiveOptions): Promise<QmpEvent> {
-  const ended = (e: QmpEvent) => (e.event === 'BLOCK_JOB_COMPLETED' || e.event === 'BLOCK_JOB_CANCELLED') && e.data.device === jobId;
-  const ready = (e: QmpEvent) => e.event === 'BLOCK_JOB_READY' && e.data.device === jobId;
-  const wait = qmp.waitEvent((e) => ended(e) || (until === 'ready' && ready(e)), { after, timeoutMs: 24 * 3600_000, what: `end of job ${jobId}` });
-  let lastDone = -1;
-  let lastChange = Date.now();
-  const stall = opts.timeoutMs ?? 60_000;
-  for (;;) {
-    const r = await Promise.race([wait, new Promise<undefined>((res) => setTimeout(() => res(undefined), 250))]);
-    if (r) return r;
-    const jobs = await qmp.execute<{ id: string; 'current-progress': number; 'total-progress': number; status: string; error?: string }[]>('query-jobs');
-    const j = jobs.find((x) => x.id === jobId);
-    if (!j) continue;
-    opts.onProgress?.(j['current-progress'], j['total-progress']);
-    if (j['current-progress'] !== lastDone) {
-      lastDone = j['current-progress'];
-      lastChange = Date.now();
-    } else if (Date.now() - lastChange > stall && j.status === 'running') {
-      throw new DisksnapError(`job ${jobId} made no progress for ${stall} ms`, 'ETIMEDOUT', undefined, qmp.socketPath);
-    }
-  }
-}
-
 /** `diff commit --qmp`: see the opening note. */
 export async function commitLive(child: string, opts: LiveOptions & { allowSiblingChange?: boolean }): Promise<LiveCommitResult> {
   const started = Date.now();
@@ -255,25 +232,10 @@ export async function commitLive(child: string, opts: LiveOptions & { allowSibli
     const parentMode = fs.statSync(parent).mode & 0o7777;
     writeJsonAtomic(markerPath, { version: 1, parent: path.resolve(parent), keepChild: false, startedAt: new Date().toISOString(), parentMode });
     if (!(parentMode & 0o200)) fs.chmodSync(parent, parentMode | 0o200);
-    const jobId = `disksnap-commit-${randomBytes(3).toString('hex')}`;
-    const seq = qmp.eventSeq;
-    await qmp.execute('block-commit', { 'job-id': jobId, device: top, 'base-node': base, 'auto-dismiss': false });
-    let e: QmpEvent;
-    try {
-      e = await waitJob(qmp, jobId, seq, 'ready', opts);
-      if (e.event === 'BLOCK_JOB_READY') {
-        const seq2 = qmp.eventSeq;
-        await qmp.execute('job-complete', { id: jobId });
-        e = await waitJob(qmp, jobId, seq2, 'done', opts);
-      }
-    } catch (err) {
-      await cancelJob(qmp, jobId);
-      throw err;
-    }
-    await qmp.execute('job-dismiss', { id: jobId }).catch(() => undefined); // gone already: nothing to dismiss
-    if (e.event !== 'BLOCK_JOB_COMPLETED' || e.data.error) {
+    const e = await runCommitJob(qmp, `disksnap-commit-${randomBytes(3).toString('hex')}`, top, base, opts);
+    const why = jobFailure(e);
+    if (why !== undefined) {
       if (!(parentMode & 0o200)) fs.chmodSync(parent, parentMode);
-      const why = typeof e.data.error === 'string' ? e.data.error : 'cancelled';
       throw new DisksnapError(
         `live commit of ${child} into ${parent} failed: ${why}. The VM still runs on ${child}; finish with 'disksnap diff commit ${child}' (live with --qmp, or after the VM stops)`,
         'EJOB',
@@ -296,14 +258,3 @@ export async function commitLive(child: string, opts: LiveOptions & { allowSibli
   }
 }
 
-export async function cancelJob(qmp: QmpClient, jobId: string): Promise<void> {
-  if (qmp.isClosed) return;
-  const seq = qmp.eventSeq;
-  try {
-    await qmp.execute('block-job-cancel', { device: jobId, force: true });
-    await qmp.waitEvent((e) => (e.event === 'BLOCK_JOB_CANCELLED' || e.event === 'BLOCK_JOB_COMPLETED') && e.data.device === jobId, { after: seq, timeoutMs: 30_000 });
-  } catch {
-    // the job may have ended on its own meanwhile; the dismiss below settles it either way
-  }
-  await qmp.execute('job-dismiss', { id: jobId }).catch(() => undefined); // already gone: fine
-}

@@ -45,6 +45,7 @@ import { randomBytes } from 'node:crypto';
 import { DisksnapError, busy } from '../engine/errors';
 import { syncDir } from '../engine/atomic';
 import { backingNode, QmpClient } from '../host/qmp';
+import { jobFailure, JobWaitOptions, runCommitJob } from '../host/qmp-job';
 import { guestFreeze, pingAgent, type QgaClient } from '../host/qga';
 import type { Consistency } from '../host/point-in-time';
 import { detectFormat, openImage } from '../image';
@@ -166,24 +167,12 @@ function holdsData(overlay: string): boolean {
 /**
  * Merges the active layer `top` of a device into its backing node `base` (block-commit,
  * job-complete: QEMU pivots onto `base`), then deletes `overlay` once QEMU no longer names it.
- * On failure the VM keeps running on the overlay (QEMU leaves the active layer in place).
+ * On failure the VM keeps running on the overlay (QEMU leaves the active layer in place); a
+ * job that stops making progress is cancelled (src/host/qmp-job.ts).
  */
-async function commitBack(qmp: QmpClient, top: string, base: string, overlay: string): Promise<void> {
-  const jobId = `disksnap-live-${randomBytes(3).toString('hex')}`;
-  const ended = (e: { event: string; data: Record<string, unknown> }) => (e.event === 'BLOCK_JOB_COMPLETED' || e.event === 'BLOCK_JOB_CANCELLED') && e.data.device === jobId;
-  const seq = qmp.eventSeq;
-  await qmp.execute('block-commit', { 'job-id': jobId, device: top, 'base-node': base, 'auto-dismiss': false });
-  let e = await qmp.waitEvent((x) => ended(x) || (x.event === 'BLOCK_JOB_READY' && x.data.device === jobId), { after: seq, timeoutMs: 24 * 3600_000, what: `end of job ${jobId}` });
-  if (e.event === 'BLOCK_JOB_READY') {
-    const seq2 = qmp.eventSeq;
-    await qmp.execute('job-complete', { id: jobId });
-    e = await qmp.waitEvent(ended, { after: seq2, timeoutMs: 24 * 3600_000, what: `end of job ${jobId}` });
-  }
-  await qmp.execute('job-dismiss', { id: jobId }).catch(() => undefined); // dismissed already: fine
-  if (e.event !== 'BLOCK_JOB_COMPLETED' || e.data.error) {
-    const why = typeof e.data.error === 'string' ? e.data.error : 'cancelled';
-    throw new DisksnapError(`merging ${overlay} back failed: ${why}`, 'EJOB', undefined, overlay);
-  }
+async function commitBack(qmp: QmpClient, top: string, base: string, overlay: string, wait: JobWaitOptions = {}): Promise<void> {
+  const why = jobFailure(await runCommitJob(qmp, `disksnap-live-${randomBytes(3).toString('hex')}`, top, base, wait));
+  if (why !== undefined) throw new DisksnapError(`merging ${overlay} back failed: ${why}`, 'EJOB', undefined, overlay);
   if (await qemuNames(qmp, overlay)) {
     throw new DisksnapError(`QEMU still names ${overlay} after the merge: it is kept`, 'EJOB', undefined, overlay);
   }
@@ -337,7 +326,7 @@ export async function createLiveSnapshot(image: string, opts: LiveSnapshotOption
     const t0 = performance.now();
     try {
       await faults.beforeCommitBack?.();
-      await commitBack(qmp, overlayNode, dev.node, overlay);
+      await commitBack(qmp, overlayNode, dev.node, overlay, { timeoutMs: opts.timeoutMs });
     } catch (e) {
       const what = snapshot ? `snapshot ${snapshot.id} completed, but ` : '';
       const err = new DisksnapError(
