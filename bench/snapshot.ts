@@ -4,7 +4,8 @@
  *   a sparse raw image (4 GiB; quick: 256 MiB) holding random data (1 GiB; quick: 64 MiB),
  *   then about 1% of that data rewritten in 64 KiB pieces at random places:
  *     full snapshot         disksnap snapshot create    vs restic backup (new repository)
- *     incremental snapshot  disksnap snapshot create    vs restic backup (second)
+ *     unchanged snapshot    disksnap snapshot create    vs restic backup (second, nothing changed)
+ *     incremental snapshot  disksnap snapshot create    vs restic backup (third)
  *     restore to a new file disksnap snapshot restore   vs restic restore
  *   each also beside `cp --sparse=always` of the same image (the copy limit);
  *   the same three with the volume encrypted (AES-256-GCM objects, HMAC-SHA-256 digests),
@@ -200,6 +201,10 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
         const fullObjects = blocksIn(store);
         objectFloor('full', fullObjects);
 
+        // Nothing written since: both tools see it from the file's identity and times.
+        step(() => ds(`${p}unchanged`, ['snapshot', 'create', img, '--store', store]));
+        if (haveRestic) step(() => rs(`${p}restic unchanged`, ['-r', repo, 'backup', img]));
+
         // About 1% rewritten, then the incremental snapshot.
         rewrite(img, dataOffset, data, 0.01, i + 1 + (fresh ? 0 : 100));
         both('incremental', ['snapshot', 'create', img, '--store', store], ['snapshot', 'create', img, '--store', encStore, '--key-file', keyFile]);
@@ -267,6 +272,7 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
     const at = `${state}, ${label}`;
     pair(`full snapshot [${state}]`, `${p}full`, `${p}restic full`, `peer: restic backup into a new repository${p ? '; before each operation: bench/workedin.ts' : `; ${cpNote('cp')}`}`);
     floorRow(`full snapshot vs its floor [${at}]`, `${p}full`, `${p}full floor`, 'bench/floor.c: the volume read through the page cache and every block stored as an object (O_TMPFILE, O_DIRECT write, fdatasync, linkat), 16 threads; no hashing');
+    pair(`incremental snapshot, nothing changed [${state}]`, `${p}unchanged`, `${p}restic unchanged`, "peer: restic's backup of the unchanged file (restic too skips reading a file whose size, times and inode are its parent's)");
     pair(`incremental snapshot, ~1% rewritten [${state}]`, `${p}incremental`, `${p}restic incremental`, "peer: restic's second backup");
     floorRow(`incremental snapshot vs its floor [${at}]`, `${p}incremental`, `${p}incremental floor`, `bench/floor.c: the volume read through the page cache and the ${m(`${p}incremental objects`)} objects the incremental added stored the same way`);
     pair(`restore to a new file [${state}]`, `${p}restore`, `${p}restic restore`, 'disksnap reads objects it wrote with O_DIRECT (not cached) and fsyncs the image; restic reads cached packs and does not fsync');

@@ -256,6 +256,8 @@ forEachBackend(t, 'a volume that changes while it is read is retried, and marked
   t.equal(sha(out), sha(vol), 'the snapshot is of one moment (the later one)');
 
   let n = 0;
+  // written since s, so that the next snapshot reads the volume (an unwritten one is not read at all)
+  applyWrites(vol, [{ offset: 300, length: 10, seed: 19 }]);
   await t.rejects(
     snap.createSnapshot(vol, withFaults({ store }, { afterChunk: () => applyWrites(vol, [{ offset: 200, length: 10, seed: 20 + n++ }]) })),
     { code: 'EBUSY', message: /changed while it was being read/ },

@@ -58,6 +58,9 @@ function reflinkText(c: NonNullable<snap.SnapshotJson['reflinkClone']>): string 
   return `${c.path} (pins ${formatSize(c.pinnedBytes)}, ${c.pinnedBytes} bytes the volume no longer shares)`;
 }
 
+/** A time recorded in nanoseconds since the epoch (a decimal string), as ISO 8601. */
+const nsTime = (ns: string): string => new Date(Number(BigInt(ns) / 1_000_000n)).toISOString();
+
 function printSnapshot(s: snap.SnapshotJson): void {
   const rows: [string, string][] = [
     ['id', s.id],
@@ -82,6 +85,7 @@ function printSnapshot(s: snap.SnapshotJson): void {
   if (s.volumeFormat) rows.push(['volume format', s.volumeFormat + (s.volumeChain && s.volumeChain.length > 1 ? ` (chain: ${s.volumeChain.join(' -> ')})` : '')]);
   if (s.changeTracking) rows.push(['bitmap', `${s.changeTracking.bitmap} (granularity ${formatSize(s.changeTracking.granularity)})`]);
   if (s.reflinkClone) rows.push(['reflink clone', reflinkText(s.reflinkClone)]);
+  if (s.volumeStat) rows.push(['volume times', `${nsTime(s.volumeStat.mtimeNs)} modified, ${nsTime(s.volumeStat.ctimeNs)} changed, inode ${s.volumeStat.ino} (while they stay, the next snapshot reads nothing)`]);
   if (s.lockedUntil) rows.push(['locked until', `${s.lockedUntil}${Date.parse(s.lockedUntil) > Date.now() ? ' (delete and prune refuse it)' : ' (expired)'}`]);
   if (s.copiedFrom) rows.push(['copied from', `${s.copiedFrom.snapshotId} of store ${s.copiedFrom.storeId}`]);
   if (s.error) rows.push(['error', s.error]);

@@ -42,7 +42,7 @@ import type { ObjectData } from './store/backend';
 import { sealChunk } from './store/crypto-pool';
 import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength } from './store/manifest';
 import { TagKey, TagReader, TagWriter, tagIvs, xor16, SALT_LENGTH } from './store/tags';
-import { SnapshotRecord, emptyStats } from './store/records';
+import { SnapshotRecord, VolumeStat, emptyStats } from './store/records';
 import { NumberList } from './pool';
 import { HASH_CHUNK_BYTES, MAX_BUFFERS, MAX_WRITE_BYTES, ProgressFn, blocksPerChunk, chunksOf, dataRuns, guestRuns, queueObject, sleep, volumeSizeOf } from './common';
 import { BufferPool, Throttle, readAhead } from './pool';
@@ -375,6 +375,42 @@ function moved(st0: NativeStat, st1: NativeStat): string | undefined {
   return undefined;
 }
 
+let bootIdCache: string | undefined;
+
+/** This boot's id (the kernel's random boot_id), or '' where it cannot be read. */
+function bootId(): string {
+  if (bootIdCache === undefined) {
+    try {
+      bootIdCache = fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+    } catch {
+      bootIdCache = '';
+    }
+  }
+  return bootIdCache;
+}
+
+/** A stat as a record keeps it; null without a boot id to bind it to. */
+function statOf(st: NativeStat): VolumeStat | null {
+  const boot = bootId();
+  return /^[0-9a-f-]{36}$/.test(boot) ? { dev: st.dev, ino: String(st.ino), size: st.size, mtimeNs: String(st.mtimeNs), ctimeNs: String(st.ctimeNs), bootId: boot } : null;
+}
+
+/**
+ * Whether the volume is exactly as the parent recorded it: the same file (device, inode) with
+ * the same size, mtime and ctime, seen in the same boot. The parent recorded its stat only
+ * where every write moves them (a live read by clean pages), and both stats were taken once
+ * the coarse clock was past the file's mtime (stableStat), so a write after the parent's
+ * moment gives a later time. ctime cannot be set back from user space, so `touch -d` hides no
+ * write. Within one boot the times a stat returns are the kernel's own, moved by every write;
+ * across a crash they are what the journal last committed, which can be older than data
+ * already on disk: a restart means reading the volume again.
+ */
+function sameStat(v: VolumeStat | null | undefined, st: NativeStat): boolean {
+  const now = statOf(st);
+  if (!v || !now) return false;
+  return v.bootId === now.bootId && v.dev === now.dev && v.ino === now.ino && v.size === now.size && v.mtimeNs === now.mtimeNs && v.ctimeNs === now.ctimeNs;
+}
+
 /**
  * The volume's stat, taken once "now" is past its last mtime by more than the kernel's
  * coarse clock granularity, so that any write from here on moves it.
@@ -428,7 +464,7 @@ export async function capture(
   file: BlockFile,
   rec: SnapshotRecord,
   parent: SnapshotRecord | undefined,
-  pick: (parent: ParentView, guest?: GuestVolume, reflink?: ReflinkView) => ChangeDetector,
+  pick: (parent: ParentView, guest?: GuestVolume, reflink?: ReflinkView, unchanged?: boolean) => ChangeDetector,
   settings: CaptureSettings,
   readDone: () => Promise<void>,
 ): Promise<Captured> {
@@ -451,7 +487,9 @@ export async function capture(
   try {
     view = await openParent(store, parent, settings);
     p = new ReadPipeline(store, file, rec, size, writer, tagWriter, settings);
-    await pick(view, settings.guest, settings.reflink)(p, view);
+    // Unchanged since the parent, proven by its identity and times (see sameStat): nothing to read.
+    const unchanged = byCleanPages && !settings.guest && sameStat(parent?.volumeStat, st0);
+    await pick(view, settings.guest, settings.reflink, unchanged)(p, view);
     await p.chunks.drain();
     if (settings.prove) await proveOneMoment(p);
     // Every read of the volume is done: check it did not move, then let go of the freeze (or
@@ -459,6 +497,7 @@ export async function capture(
     rec.stats.zeroBlocks = blockCount(size, store.blockSize) - rec.stats.dataBlocks;
     const why = moved(st0, file.stat()) ?? settings.guest?.moved?.();
     if (why) throw new VolumeChanged(why);
+    rec.volumeStat = byCleanPages && !settings.guest ? statOf(st0) : null;
     await readDone();
     await p.writes.drain();
     ok = true;

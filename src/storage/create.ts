@@ -304,8 +304,8 @@ async function runCapture(
         // proves the read is of one moment.
         const prove = !guest && from === file && src.consistency !== 'frozen';
         const settings = { guest, reflink: track.view, threads: threadsOf(opts), attempt, tk, prove, proveByReading: faults.proveByReading, onProgress: opts.onProgress, onLog: opts.onLog, saveProgress: progress.save, afterChunk: faults.afterChunk };
-        const pick = (view: ParentView, g?: GuestVolume, r?: ReflinkView): ChangeDetector => {
-          const d = pickDetector(view, g, r);
+        const pick = (view: ParentView, g?: GuestVolume, r?: ReflinkView, unchanged?: boolean): ChangeDetector => {
+          const d = pickDetector(view, g, r, unchanged);
           rec.changeSource = changeSourceOf(d);
           if (r && !view.cursor) rec.changeSourceReason = `the manifest of the parent snapshot ${parent?.id} cannot be read`;
           return d;

@@ -13,6 +13,9 @@
  *   hashScan  a parent without usable tags: native hashFile over 64 MiB chunks (SHA-256, and
  *             the tags for next time), then only the changed blocks read into a buffer and
  *             hashed again there.
+ *   unchangedScan  a raw volume whose identity and times are those its parent recorded
+ *             (read live on ext4, xfs or btrfs, where every write moves them): nothing is
+ *             read; every block keeps the parent's entries.
  *   reflinkScan  a raw volume on xfs/btrfs whose parent kept a trusted reflink clone
  *             (./reflink.ts): only the blocks whose physical extents differ between the new
  *             clone and the parent's are read (from the new clone) and hashed; the others keep
@@ -40,7 +43,8 @@ const ENTRY = SALT_LENGTH + TAG_LENGTH;
  * into buffers, so the native file scans do not apply: its trusted bitmap's dirty blocks
  * only, or every data block hashed and compared with the parent.
  */
-export function pickDetector(parent: ParentView, guest?: GuestVolume, reflink?: ReflinkView): ChangeDetector {
+export function pickDetector(parent: ParentView, guest?: GuestVolume, reflink?: ReflinkView, unchanged?: boolean): ChangeDetector {
+  if (unchanged && parent.cursor) return unchangedScan;
   if (reflink && parent.cursor) return reflinkScan(reflink.dirty);
   if (guest) {
     if (!parent.cursor) return fullHash;
@@ -358,8 +362,16 @@ export function reflinkScan(dirty: Array<{ offset: number; length: number }>): C
 
 const REFLINK = new WeakSet<ChangeDetector>();
 
+/**
+ * A raw volume whose identity and times are the parent's (./capture.ts decides): nothing has
+ * written it since, so nothing is read and every block keeps the parent's manifest and tag
+ * entries (changeSource 'unchanged').
+ */
+export const unchangedScan: ChangeDetector = dirtyScan([]);
+
 const SOURCES = new Map<ChangeDetector, ChangeSource>([
   [fullHash, 'full'],
+  [unchangedScan, 'unchanged'],
   [tagScan, 'tags'],
   [hashScan, 'hash'],
   [guestScan, 'hash'],

@@ -21,7 +21,7 @@ export interface Captured {
 export function pendingRecord(
   fields: Omit<
     SnapshotRecord,
-    'id' | 'state' | 'progress' | 'startTime' | 'completionTime' | 'stats' | 'error' | 'creator' | 'sealedMetadata' | 'metadataHidden' | 'changeSource' | 'changeSourceReason' | 'changeTracking' | 'volumeFormat' | 'volumeChain' | 'reflinkClone' | 'lockedUntil'
+    'id' | 'state' | 'progress' | 'startTime' | 'completionTime' | 'stats' | 'error' | 'creator' | 'sealedMetadata' | 'metadataHidden' | 'changeSource' | 'changeSourceReason' | 'changeTracking' | 'volumeFormat' | 'volumeChain' | 'reflinkClone' | 'volumeStat' | 'lockedUntil'
   >,
 ): SnapshotRecord {
   return {
@@ -41,6 +41,7 @@ export function pendingRecord(
     volumeFormat: null,
     volumeChain: null,
     reflinkClone: null,
+    volumeStat: null,
     lockedUntil: null, // a copy is not locked: locks belong to a snapshot in its store
     ...fields,
   };

@@ -161,7 +161,9 @@ export interface SnapshotRecord {
    * volume: only its dirty blocks were read), 'reflink' (the physical extents of a reflink
    * clone of the volume compared with the parent's clone: only the blocks that differ were read), 'tags' (every data block's change tag compared
    * with the parent's), 'hash' (every data block hashed and compared with the parent's
-   * digest), 'full' (no parent). Null in records written before this field existed.
+   * digest), 'unchanged' (the volume's identity and times were the parent's, which a write
+   * moves: nothing was read, every block kept the parent's entry; see `volumeStat`), 'full'
+   * (no parent). Null in records written before this field existed.
    */
   changeSource: ChangeSource | null;
   /** why a bitmap or reflink clone was not used, when the volume could have had one */
@@ -178,20 +180,41 @@ export interface SnapshotRecord {
    */
   reflinkClone: ReflinkClone | null;
   /**
+   * The raw volume's identity and times at the moment this snapshot holds, recorded only when
+   * it was read live from a filesystem whose every write, through write(2) or a shared
+   * mapping, moves them (ext4, xfs, btrfs; src/storage/capture.ts). A successor that finds the
+   * volume with exactly these, in the same boot, reads nothing (changeSource 'unchanged').
+   * Null otherwise.
+   */
+  volumeStat: VolumeStat | null;
+  /**
    * `snapshot lock --until`: delete and prune refuse the snapshot until this time (ISO);
    * `snapshot unlock` clears it. Null when unlocked (and in records written before locks).
    */
   lockedUntil: string | null;
 }
 
-/** A reflink clone as a snapshot recorded it (inode numbers and times as decimal strings). */
-export interface ReflinkClone {
-  path: string;
+/** A file's identity and times as a snapshot records them (inode numbers and times as decimal strings). */
+export interface FileIdentity {
   dev: number;
   ino: string;
   size: number;
   mtimeNs: string;
   ctimeNs: string;
+}
+
+/**
+ * A live-read raw volume's identity and times, and the boot they were seen in: after a crash
+ * a write's data can be on disk while its new times were not yet (the journal commits them
+ * later), so they prove nothing across a restart.
+ */
+export interface VolumeStat extends FileIdentity {
+  bootId: string;
+}
+
+/** A reflink clone as a snapshot recorded it: where it is, and its identity and times. */
+export interface ReflinkClone extends FileIdentity {
+  path: string;
   /**
    * Shown only (`snapshot show`, computed then, never stored): bytes of the clone whose
    * physical extents the volume no longer shares, i.e. the space the clone pins; null when
@@ -200,8 +223,8 @@ export interface ReflinkClone {
   pinnedBytes?: number | null;
 }
 
-export type ChangeSource = 'bitmap' | 'reflink' | 'tags' | 'hash' | 'full';
-export const CHANGE_SOURCES: readonly ChangeSource[] = ['bitmap', 'reflink', 'tags', 'hash', 'full'];
+export type ChangeSource = 'bitmap' | 'reflink' | 'unchanged' | 'tags' | 'hash' | 'full';
+export const CHANGE_SOURCES: readonly ChangeSource[] = ['bitmap', 'reflink', 'unchanged', 'tags', 'hash', 'full'];
 
 /** `keys/<key-id>.json`: what a store knows of a key — never the key itself. */
 export interface KeyRecord {
@@ -381,7 +404,7 @@ export function parseSnapshotRecord(file: string, text: string | Buffer): Snapsh
 }
 
 /** The change-source and volume-format fields; each null when absent (older records). */
-function changeFieldsOf(file: string, o: Obj): Pick<SnapshotRecord, 'changeSource' | 'changeSourceReason' | 'changeTracking' | 'volumeFormat' | 'volumeChain' | 'reflinkClone'> {
+function changeFieldsOf(file: string, o: Obj): Pick<SnapshotRecord, 'changeSource' | 'changeSourceReason' | 'changeTracking' | 'volumeFormat' | 'volumeChain' | 'reflinkClone' | 'volumeStat'> {
   const absent = (f: string): boolean => o[f] === null || o[f] === undefined;
   let changeSource: ChangeSource | null = null;
   if (!absent('changeSource')) {
@@ -408,13 +431,19 @@ function changeFieldsOf(file: string, o: Obj): Pick<SnapshotRecord, 'changeSourc
     if (!Array.isArray(v) || v.some((x) => typeof x !== 'string')) throw corrupt(file, `field 'volumeChain' is ${JSON.stringify(v)}, expected a list of paths`);
     volumeChain = v as string[];
   }
+  const dec = /^\d+$/;
+  const statOf = (c: Obj): FileIdentity => ({ dev: int(file, c, 'dev'), ino: str(file, c, 'ino', dec), size: int(file, c, 'size'), mtimeNs: str(file, c, 'mtimeNs', dec), ctimeNs: str(file, c, 'ctimeNs', dec) });
   let reflinkClone: ReflinkClone | null = null;
   if (!absent('reflinkClone')) {
     const c = obj(file, o, 'reflinkClone');
-    const dec = /^\d+$/;
-    reflinkClone = { path: str(file, c, 'path'), dev: int(file, c, 'dev'), ino: str(file, c, 'ino', dec), size: int(file, c, 'size'), mtimeNs: str(file, c, 'mtimeNs', dec), ctimeNs: str(file, c, 'ctimeNs', dec) };
+    reflinkClone = { path: str(file, c, 'path'), ...statOf(c) };
   }
-  return { changeSource, changeSourceReason: absent('changeSourceReason') ? null : str(file, o, 'changeSourceReason'), changeTracking, volumeFormat, volumeChain, reflinkClone };
+  let volumeStat: VolumeStat | null = null;
+  if (!absent('volumeStat')) {
+    const c = obj(file, o, 'volumeStat');
+    volumeStat = { ...statOf(c), bootId: str(file, c, 'bootId', /^[0-9a-f-]{36}$/) };
+  }
+  return { changeSource, changeSourceReason: absent('changeSourceReason') ? null : str(file, o, 'changeSourceReason'), changeTracking, volumeFormat, volumeChain, reflinkClone, volumeStat };
 }
 
 const KEY_ID_RE = /^key-[0-9a-f]{32}$/;
@@ -505,6 +534,7 @@ function ordered(r: SnapshotRecord): SnapshotRecord {
     volumeFormat: r.volumeFormat,
     volumeChain: r.volumeChain,
     reflinkClone: r.reflinkClone,
+    volumeStat: r.volumeStat,
     lockedUntil: r.lockedUntil,
   };
 }
