@@ -16,6 +16,9 @@ import { native } from '../src/engine/native';
 import { withFaults } from '../src/storage/faults';
 import { KiB, MiB, Write, applyWrites, makeImage, sha } from '../fixtures/store/helpers';
 import { missing } from './helpers/tools';
+import { closeInspector, forEachBackend } from './helpers/backends';
+
+t.teardown(closeInspector);
 
 const BS = 64 * KiB;
 const n = native();
@@ -96,6 +99,26 @@ t.test('an unchanged volume is not read: every block keeps its parent entry, and
   const after = await snap.createSnapshot(vol, { store });
   t.equal(after.parentId, (await snap.listSnapshots({ store })).snapshots.at(-2)?.id, 'its parent is the newest snapshot left');
   await restoresTo(t, store, after.id, want, 'after the parent was deleted');
+});
+
+forEachBackend(t, 'on either backend an unchanged snapshot keeps its parent blocks, restores exact and verifies', async (t, b) => {
+  const dir = t.testdir();
+  const store = await b.store('store');
+  const vol = path.join(dir, 'vol.img');
+  makeImage(vol, 8 * MiB, base.slice(0, 2));
+  const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
+  const { value: s2, reads } = await countReads(() => snap.createSnapshot(vol, { store }));
+  t.equal(s2.changeSource, 'unchanged');
+  t.equal(reads, 0, 'nothing read');
+  t.equal(s2.stats.blocksAdded, 0);
+  t.equal(s2.stats.dataBlocks, s1.stats.dataBlocks);
+  await snap.deleteSnapshot(s1.id, { store });
+  await snap.gc({ store });
+  const out = path.join(dir, 'out.img');
+  await snap.restoreSnapshot(s2.id, { store, to: out });
+  t.equal(sha(out), sha(vol), 'restores byte-exact after its parent was deleted and gc ran');
+  const v = await snap.verifySnapshot(s2.id, { store });
+  t.ok(v.ok && v.blocksChecked === s1.stats.dataBlocks, `every block verifies (${v.blocksChecked})`);
 });
 
 t.test('every kind of write moves the volume off the unchanged path, and the change is found', async (t) => {
