@@ -42,7 +42,7 @@ import type { ObjectData } from './store/backend';
 import { sealChunk } from './store/crypto-pool';
 import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength } from './store/manifest';
 import { TagKey, TagReader, TagWriter, tagIvs, xor16, SALT_LENGTH } from './store/tags';
-import { SnapshotRecord, VolumeStat, emptyStats } from './store/records';
+import { SnapshotRecord, VolumeStat, emptyStats, fileIdentityOf, sameFileIdentity } from './store/records';
 import { NumberList } from './pool';
 import { HASH_CHUNK_BYTES, MAX_BUFFERS, MAX_WRITE_BYTES, ProgressFn, blocksPerChunk, chunksOf, dataRuns, guestRuns, queueObject, sleep, volumeSizeOf } from './common';
 import { BufferPool, Throttle, readAhead } from './pool';
@@ -392,7 +392,7 @@ function bootId(): string {
 /** A stat as a record keeps it; null without a boot id to bind it to. */
 function statOf(st: NativeStat): VolumeStat | null {
   const boot = bootId();
-  return /^[0-9a-f-]{36}$/.test(boot) ? { dev: st.dev, ino: String(st.ino), size: st.size, mtimeNs: String(st.mtimeNs), ctimeNs: String(st.ctimeNs), bootId: boot } : null;
+  return /^[0-9a-f-]{36}$/.test(boot) ? { ...fileIdentityOf(st), bootId: boot } : null;
 }
 
 /**
@@ -406,9 +406,7 @@ function statOf(st: NativeStat): VolumeStat | null {
  * already on disk: a restart means reading the volume again.
  */
 function sameStat(v: VolumeStat | null | undefined, st: NativeStat): boolean {
-  const now = statOf(st);
-  if (!v || !now) return false;
-  return v.bootId === now.bootId && v.dev === now.dev && v.ino === now.ino && v.size === now.size && v.mtimeNs === now.mtimeNs && v.ctimeNs === now.ctimeNs;
+  return !!v && v.bootId === bootId() && sameFileIdentity(v, st);
 }
 
 /**

@@ -54,7 +54,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BlockFile } from '../engine/file';
 import { native, NativeStat } from '../engine/native';
-import type { ReflinkClone, SnapshotRecord } from './store/records';
+import { fileIdentityOf, sameFileIdentity, type ReflinkClone, type SnapshotRecord } from './store/records';
 
 /** FIEMAP_EXTENT_* flags (linux/fiemap.h). */
 export const FIEMAP = {
@@ -87,7 +87,7 @@ export function clonePath(volume: string, storeId: string, volId: string, snapId
 const CLONE_RE = /^(store-[0-9a-f]{16})\.(vol-[0-9a-f]{16})\.(snap-[0-9a-f]{16})\.clone(?:\.tmp-\d+)?$/;
 
 function identityOf(p: string, st: NativeStat): ReflinkClone {
-  return { path: p, dev: st.dev, ino: String(st.ino), size: st.size, mtimeNs: String(st.mtimeNs), ctimeNs: String(st.ctimeNs) };
+  return { path: p, ...fileIdentityOf(st) };
 }
 
 function fsyncDir(dir: string): void {
@@ -281,7 +281,7 @@ export async function pinnedBytes(c: ReflinkClone, volume: string): Promise<numb
   try {
     cf = BlockFile.open(c.path, { lock: 'none' });
     const st = cf.stat();
-    if (String(st.ino) !== c.ino || st.dev !== c.dev || st.size !== c.size || String(st.mtimeNs) !== c.mtimeNs || String(st.ctimeNs) !== c.ctimeNs) return null;
+    if (!sameFileIdentity(c, st)) return null;
     vf = BlockFile.open(volume, { lock: 'none' });
     const [a, b] = await Promise.all([extentsOf(cf, c.size), extentsOf(vf, Math.max(c.size, vf.stat().size))]);
     let n = 0;

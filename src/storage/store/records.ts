@@ -11,6 +11,7 @@
 import { randomBytes } from 'node:crypto';
 import { corrupt, invalid } from '../../engine/errors';
 import type { Consistency } from '../../host/point-in-time';
+import type { NativeStat } from '../../engine/native';
 
 export const STORE_FORMAT = 'disksnap-store';
 export const STORE_VERSION = 1;
@@ -201,6 +202,17 @@ export interface FileIdentity {
   size: number;
   mtimeNs: string;
   ctimeNs: string;
+}
+
+/** A stat as a record keeps it. */
+export function fileIdentityOf(st: NativeStat): FileIdentity {
+  return { dev: st.dev, ino: String(st.ino), size: st.size, mtimeNs: String(st.mtimeNs), ctimeNs: String(st.ctimeNs) };
+}
+
+/** Whether `st` is the file `id` recorded, not written since (same device, inode, size, mtime, ctime). */
+export function sameFileIdentity(id: FileIdentity, st: NativeStat): boolean {
+  const now = fileIdentityOf(st);
+  return id.dev === now.dev && id.ino === now.ino && id.size === now.size && id.mtimeNs === now.mtimeNs && id.ctimeNs === now.ctimeNs;
 }
 
 /**

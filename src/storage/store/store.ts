@@ -475,7 +475,6 @@ export class Store {
     return { snapshots, damaged };
   }
 
-
   /**
    * A snapshot by id, unique name or unique id prefix (4+ hex digits, `snap-` optional): ENOENT or EINVALID.
    */
