@@ -39,14 +39,14 @@ export async function freeze(mountpoint: string, opts: { noGuard?: boolean } = {
     try {
       native().fsThaw(mountpoint);
     } finally {
-      endGuard(guard);
+      void endGuard(guard);
     }
   });
   try {
     await native().fsFreezeAsync(mountpoint);
   } catch (e) {
     forget();
-    endGuard(guard);
+    void endGuard(guard);
     if (e instanceof DisksnapError && e.code === 'EBUSY') {
       throw busy(`${mountpoint} is already frozen (by another process?): not freezing it twice`, mountpoint);
     }
@@ -63,7 +63,7 @@ export function thaw(mountpoint: string): void {
   } finally {
     frozen.delete(mountpoint);
     f?.forget();
-    endGuard(f?.guard);
+    void endGuard(f?.guard); // a "done" lost at exit only makes the guard thaw a thawed filesystem
   }
 }
 

@@ -1,9 +1,10 @@
 /**
- * The guard processes that undo a freeze when the process that froze dies (SIGKILL included):
- * thaw-guard.js for a host filesystem (freeze.ts), qga-thaw-guard.js for a guest frozen through
- * its agent (qga.ts). Each is started detached before the freeze, says "ready" on stdout and
- * waits on stdin: "done" means the thaw happened; stdin ending without it means the freezing
- * process is gone, and the guard thaws.
+ * The guard processes that undo a freeze or a pause when the process that made it dies
+ * (SIGKILL included): thaw-guard.js for a host filesystem (freeze.ts), qga-thaw-guard.js for a
+ * guest frozen through its agent (qga.ts), qmp-cont-guard.js for a VM paused over a live
+ * checkpoint's node move (differencing/live.ts). Each is started detached before the change,
+ * says "ready" on stdout and waits on stdin: "done" means the change was undone; stdin ending
+ * without it means the process is gone, and the guard undoes it (guard-main.ts is their side).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -22,7 +23,8 @@ function guardScript(name: string): string | undefined {
 export async function startGuard(name: string, arg: string): Promise<ChildProcess | undefined> {
   const script = guardScript(name);
   if (!script) return undefined;
-  const child = spawn(process.execPath, [script, arg], { stdio: ['pipe', 'pipe', 'ignore'], detached: true });
+  // without the parent's NODE_OPTIONS: loaders meant for it (a test runner's) only slow the guard's start
+  const child = spawn(process.execPath, [script, arg], { stdio: ['pipe', 'pipe', 'ignore'], detached: true, env: { ...process.env, NODE_OPTIONS: '' } });
   const ok = await new Promise<boolean>((resolve) => {
     const timer = setTimeout(() => resolve(false), 10_000);
     child.stdout!.once('data', () => {
@@ -44,12 +46,20 @@ export async function startGuard(name: string, arg: string): Promise<ChildProces
   return child;
 }
 
-/** Tells a guard the thaw happened (it exits without doing anything). */
-export function endGuard(guard: ChildProcess | undefined): void {
-  if (!guard || !guard.stdin || guard.stdin.destroyed) return;
-  try {
-    guard.stdin.end('done\n');
-  } catch {
-    // the guard is gone already: there is nobody left to tell, and nothing it could still thaw
-  }
+/**
+ * Tells a guard the change was undone (it exits without doing anything). Resolves once "done"
+ * is handed to the pipe: a process that exits right after must wait for it, or the guard sees
+ * its stdin end without "done" and undoes a second time.
+ */
+export function endGuard(guard: ChildProcess | undefined): Promise<void> {
+  const stdin = guard?.stdin;
+  if (!stdin || stdin.destroyed) return Promise.resolve();
+  return new Promise((resolve) => {
+    try {
+      stdin.end('done\n', () => resolve());
+      stdin.once('error', () => resolve()); // the guard is gone already: nobody left to tell
+    } catch {
+      resolve(); // the guard is gone already: nothing it could still undo
+    }
+  });
 }

@@ -8,6 +8,7 @@
  * detached (own process group), so a ^C aimed at the freezing process does not kill it too.
  */
 import * as net from 'node:net';
+import { guardMain, retryFor } from './guard-main';
 
 const RETRY_MS = 60_000;
 
@@ -46,38 +47,4 @@ function thawOnce(socketPath: string): Promise<boolean> {
   });
 }
 
-async function thawGuest(socketPath: string): Promise<void> {
-  const until = Date.now() + RETRY_MS;
-  while (Date.now() < until) {
-    if (await thawOnce(socketPath)) return;
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
-
-function main(): void {
-  const socketPath = process.argv[2];
-  if (!socketPath) {
-    process.stderr.write('usage: qga-thaw-guard AGENT_SOCKET\n');
-    process.exit(2);
-  }
-  let text = '';
-  let done = false;
-  let finishing = false;
-  process.stdin.setEncoding('utf8');
-  process.stdin.on('data', (chunk: string) => {
-    text += chunk;
-    if (text.includes('done')) done = true;
-  });
-  const finish = () => {
-    if (finishing) return;
-    finishing = true;
-    if (done) process.exit(0);
-    void thawGuest(socketPath).finally(() => process.exit(0));
-  };
-  process.stdin.on('end', finish);
-  process.stdin.on('close', finish);
-  process.stdin.on('error', finish);
-  process.stdout.write('ready\n');
-}
-
-main();
+guardMain('qga-thaw-guard AGENT_SOCKET', (socketPath) => retryFor(RETRY_MS, () => thawOnce(socketPath)));

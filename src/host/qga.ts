@@ -192,7 +192,7 @@ export async function guestFreeze(client: QgaClient, freezeTimeoutMs: number): P
     thawed ??= (async () => {
       try {
         await client.execute('guest-fsfreeze-thaw', undefined, 30_000);
-        endGuard(guard); // thawed: the guard has nothing to do
+        void endGuard(guard); // thawed: the guard has nothing to do (a "done" lost at exit: it thaws a thawed guest)
       } catch (e) {
         // our thaw did not get through: drop the connection and let the guard try
         client.close();

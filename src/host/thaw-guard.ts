@@ -7,34 +7,12 @@
  * so a ^C aimed at the freezing process does not kill the guard with it.
  */
 import { native } from '../engine/native';
+import { guardMain } from './guard-main';
 
-function main(): void {
-  const mountpoint = process.argv[2];
-  if (!mountpoint) {
-    process.stderr.write('usage: thaw-guard MOUNTPOINT\n');
-    process.exit(2);
+guardMain('thaw-guard MOUNTPOINT', (mountpoint) => {
+  try {
+    native().fsThaw(mountpoint);
+  } catch {
+    // not frozen (any more)
   }
-  let text = '';
-  let done = false;
-  process.stdin.setEncoding('utf8');
-  process.stdin.on('data', (chunk: string) => {
-    text += chunk;
-    if (text.includes('done')) done = true;
-  });
-  const finish = () => {
-    if (!done) {
-      try {
-        native().fsThaw(mountpoint);
-      } catch {
-        // not frozen (any more)
-      }
-    }
-    process.exit(0);
-  };
-  process.stdin.on('end', finish);
-  process.stdin.on('close', finish);
-  process.stdin.on('error', finish);
-  process.stdout.write('ready\n');
-}
-
-main();
+});
