@@ -21,7 +21,11 @@ import { missing } from './helpers/tools';
 const skip = needGuest();
 const FILES = 16;
 
-/** Writes FILES files of 256 KiB, each followed by its md5 in /data/sums and a sync. */
+/**
+ * Writes FILES files of 256 KiB, each followed by its md5 in /data/sums and a sync, and a pause
+ * of 0.1 s: on a quiet machine the guest writes a file every ~30 ms, and a live checkpoint
+ * (which starts a resume guard, a Node process of ~130 ms) must find the guest still writing.
+ */
 const writerJob = `i=0
 while [ $i -lt ${FILES} ]; do
   dd if=/dev/urandom of=/data/f$i bs=64k count=4 2>/dev/null
@@ -29,6 +33,7 @@ while [ $i -lt ${FILES} ]; do
   sync
   echo "W $i"
   i=$((i+1))
+  sleep 0.1
 done
 `;
 

@@ -187,18 +187,22 @@ function checkImage(image: string): void {
  * under it (its page cache and journal describe the old disk). No live form is safe.
  */
 function refuseRunning(image: string): void {
-  if (!fs.existsSync(image)) return;
+  if (!fs.existsSync(image) || !heldElsewhere(image)) return;
+  throw new DisksnapError(
+    `${image} is in use by a running VM (locked): a revert would change the disk under the guest's mounted filesystems. Stop the VM, revert, then start it again`,
+    'ELOCKED',
+    undefined,
+    image,
+  );
+}
+
+/** Whether another process (QEMU) holds IMAGE's lock. */
+function heldElsewhere(image: string): boolean {
   try {
     lockImage(image).close();
+    return false;
   } catch (e) {
-    if (e instanceof DisksnapError && e.code === 'ELOCKED') {
-      throw new DisksnapError(
-        `${image} is in use by a running VM (locked): a revert would change the disk under the guest's mounted filesystems. Stop the VM, revert, then start it again`,
-        'ELOCKED',
-        undefined,
-        image,
-      );
-    }
+    if (e instanceof DisksnapError && e.code === 'ELOCKED') return true;
     throw e;
   }
 }
@@ -261,6 +265,15 @@ async function runCreate(
   const live = opts.live;
   const node = nodePath(image, j.name);
   const switched = fs.existsSync(node) && !sameFile(node, image) && backingOf(image) === node;
+  if (!switched && !live && sameFile(node, image) && heldElsewhere(image)) {
+    // a live create killed before the switch: QEMU still runs IMAGE, this very inode (over a
+    // protocol node of the link's name, which it never reopens by name). Undone, not finished:
+    // finishing would write the node's header under QEMU.
+    fs.rmSync(node, { force: true });
+    fs.rmSync(journalPath(image), { force: true });
+    syncDir(treeDir(image));
+    return;
+  }
   if (!switched) {
     if (!fs.existsSync(node)) {
       if (fs.statSync(image).ino !== j.imageIno) throw new DisksnapError(`${image} changed while a checkpoint was being made of it; journal ${journalPath(image)} left for inspection`, 'ECORRUPT', undefined, image);

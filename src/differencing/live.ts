@@ -13,7 +13,11 @@
  *      writes that way). The new protocol node takes no locks (locking=off) until step 5: the
  *      old one holds QEMU's write lock on the inode, so a locking one would conflict; IMAGE's
  *      inode is unlocked for the moment in between. blockdev-reopen is allowed for named
- *      nodes only: an unnamed node is refused before step 1.
+ *      nodes only: an unnamed node is refused before step 1. The VM is paused (QMP stop/cont,
+ *      ~10 ms) from the new protocol node's open to the reopen: QEMU 7.2 learns a file's
+ *      length only at open and from the node's own writes, so a cluster the guest appended
+ *      through the old node in between read back as zeros through the new one (see
+ *      moveNodeToPath). A resume guard process sends the `cont` if disksnap dies meanwhile.
  *   3. a fresh overlay, backing name -> the node, written under a temporary name and renamed
  *      over IMAGE (QEMU does not use it yet: IMAGE shows the node, which is what the VM sees)
  *   4. blockdev-snapshot-sync mode=existing: QEMU opens the overlay at IMAGE's path and makes
@@ -52,6 +56,7 @@ import { DisksnapError, busy } from '../engine/errors';
 import { syncDir } from '../engine/atomic';
 import { backingNode, childNode, QmpClient } from '../host/qmp';
 import { jobFailure, runCommitJob } from '../host/qmp-job';
+import { VmPauser } from '../host/qmp-pause';
 import { commitMarkerPath, writeJsonAtomic } from '../image/sidecars';
 import { childrenOf, readRegistry, removeChild, makeReadOnly } from './registry';
 import * as cp from './checkpoint';
@@ -110,6 +115,7 @@ export async function activeNode(qmp: QmpClient, image: string): Promise<{ node:
 /** `checkpoint create --qmp`: see the opening note. */
 export async function createLive(image: string, name: string, opts: LiveOptions): Promise<cp.NodeInfo> {
   const qmp = await QmpClient.connect(opts.qmp, { timeoutMs: opts.timeoutMs ?? 60_000 });
+  let pause: VmPauser | undefined;
   try {
     const { node: top } = await activeNode(qmp, image);
     if (top.startsWith('#')) {
@@ -120,13 +126,14 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
         image,
       );
     }
+    pause = new VmPauser(qmp).prepare(); // its guard starts while the node is linked
     const overlayNode = `ds-${name.replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 20)}-${randomBytes(3).toString('hex')}`;
     const backing = cp.backingOf(image);
     return await cp.create(image, name, {
       // step 2 of the opening note, before anything is renamed over IMAGE
       beforeSwitch: async (nodeFile) => {
         try {
-          await moveNodeToPath(qmp, top, nodeFile, { readOnly: false, locking: false });
+          await moveNodeToPath(qmp, top, nodeFile, { readOnly: false, locking: false, pause });
         } catch (e) {
           // QEMU still runs IMAGE on its old protocol node: drop the link, nothing changed
           fs.rmSync(nodeFile, { force: true });
@@ -152,7 +159,7 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
           fs.linkSync(nodeFile, undo);
           fs.renameSync(undo, image);
           syncDir(path.dirname(path.resolve(image)));
-          await moveNodeToPath(qmp, top, path.resolve(image), { readOnly: false, locking: true }).catch(() => undefined);
+          await moveNodeToPath(qmp, top, path.resolve(image), { readOnly: false, locking: true, pause }).catch(() => undefined);
           fs.rmSync(nodeFile, { force: true });
           syncDir(path.dirname(path.resolve(nodeFile)));
           fs.rmSync(cp.journalPath(image), { force: true });
@@ -176,6 +183,7 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
       },
     });
   } finally {
+    await pause?.close();
     qmp.close();
   }
 }
@@ -189,22 +197,52 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
  * read from the new overlay, clusters the VM wrote looking unallocated (issue #16).
  * `locking: false` while `top` is still read-write: the old protocol node holds QEMU's write
  * lock on the same inode until the reopen drops it, so a second locking node would conflict.
+ *
+ * `pause` (the node is the one the VM writes): the VM is paused (host/qmp-pause.ts) from the
+ * new node's open to the reopen. QEMU's file driver learns a file's length when it opens it
+ * and afterwards only from its own writes (QEMU 7.2; 8.1 also refreshes it on reopen): a
+ * cluster the guest appends through the old node in between lies past what the new node
+ * believes is the end, and reads of it return zeros until the new node itself writes further
+ * out. A checkpoint taken while the guest appended lost the end of a file that way (the new
+ * top's copy-on-write read the cluster from the node as zeros). The pause lasts two QMP round
+ * trips; a VM the user had paused stays paused. Writers that are not the VM's devices (a block
+ * export) are not paused: a length still short after the reopen is retried on a fresh node.
  */
-async function moveNodeToPath(qmp: QmpClient, top: string, file: string, opts: { readOnly: boolean; locking: boolean }): Promise<void> {
-  const fileNode = `dsf-${randomBytes(4).toString('hex')}`;
-  // not read-only itself (auto-read-only): a later live commit into the node reopens it read-write
-  await qmp.execute('blockdev-add', { driver: 'file', 'node-name': fileNode, filename: file, 'auto-read-only': true, locking: opts.locking ? 'auto' : 'off' });
+async function moveNodeToPath(qmp: QmpClient, top: string, file: string, opts: { readOnly: boolean; locking: boolean; pause?: VmPauser }): Promise<void> {
   const oldFile = await childNode(qmp, top, 'file');
-  try {
-    const backing = (await childNode(qmp, top, 'backing')) ?? null;
-    await qmp.execute('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': top, file: fileNode, backing, 'read-only': opts.readOnly }] });
-  } catch (e) {
-    await qmp.execute('blockdev-del', { 'node-name': fileNode }).catch(() => undefined); // unused: QEMU refused the reopen
-    throw e;
+  const backing = (await childNode(qmp, top, 'backing')) ?? null;
+  let prev = oldFile;
+  for (let attempt = 1; ; attempt++) {
+    const fileNode = `dsf-${randomBytes(4).toString('hex')}`;
+    const move = async () => {
+      // not read-only itself (auto-read-only): a later live commit into the node reopens it read-write
+      await qmp.execute('blockdev-add', { driver: 'file', 'node-name': fileNode, filename: file, 'auto-read-only': true, locking: opts.locking ? 'auto' : 'off' });
+      try {
+        await qmp.execute('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': top, file: fileNode, backing, 'read-only': opts.readOnly }] });
+      } catch (e) {
+        await qmp.execute('blockdev-del', { 'node-name': fileNode }).catch(() => undefined); // unused: QEMU refused the reopen
+        throw e;
+      }
+      return (await nodeLength(qmp, fileNode)) < fs.statSync(file).size;
+    };
+    const short = opts.pause ? await opts.pause.run(move) : await move();
+    // the old protocol node has no user left; QEMU refuses to delete one it created itself
+    // (-drive), which then only holds a descriptor (and no lock) of the same file
+    if (prev) await qmp.execute('blockdev-del', { 'node-name': prev }).catch(() => undefined);
+    prev = fileNode;
+    if (!short) return;
+    if (attempt === 5) {
+      throw busy(`the file under QEMU's node ${top} kept growing through another writer (a block export?) while disksnap moved the node onto ${file}; stop that writer and retry`, file);
+    }
   }
-  // the old protocol node has no user left; QEMU refuses to delete one it created itself
-  // (-drive), which then only holds a descriptor (and no lock) of the same file
-  if (oldFile) await qmp.execute('blockdev-del', { 'node-name': oldFile }).catch(() => undefined);
+}
+
+/** The length QEMU believes the file under protocol node `node` has (what its reads stop at). */
+async function nodeLength(qmp: QmpClient, node: string): Promise<number> {
+  const named = await qmp.execute<{ 'node-name': string; image: { 'virtual-size': number } }[]>('query-named-block-nodes', { flat: true });
+  const n = named.find((x) => x['node-name'] === node);
+  if (!n) throw new DisksnapError(`QEMU has no node ${node} right after adding it`, 'EQMP', undefined, qmp.socketPath);
+  return n.image['virtual-size'];
 }
 
 export interface LiveCommitResult {
