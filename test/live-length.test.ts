@@ -18,7 +18,6 @@
 import t from 'tap';
 import type { Test } from 'tap';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
 import * as diff from '../src/differencing';
@@ -30,6 +29,7 @@ import { makeParent, needQemu, qemuImg } from './helpers/qemu';
 import { missing } from './helpers/tools';
 import { CLI, cli } from './helpers/cli';
 import { connectQmp, socketPath, startBareQemu, stopQemu } from './helpers/guest';
+import { qmpProxy } from './helpers/qmp-proxy';
 
 const skip = needQemu() || missing({ commands: ['qemu-system-x86_64', 'qemu-io'] });
 const MiB = 2 ** 20;
@@ -39,35 +39,6 @@ function nbdIo(nbd: string, cmd: string): { ok: boolean; text: string } {
   const r = spawnSync('qemu-io', ['-f', 'raw', '-c', cmd, `nbd+unix:///disk0?socket=${nbd}`], { encoding: 'utf8', timeout: 30_000 });
   const text = `${r.stdout ?? ''}${r.stderr ?? ''}`;
   return { ok: r.status === 0 && !/fail|error/i.test(text), text: text.trim() };
-}
-
-/**
- * A QMP proxy on `listen` to QEMU's socket `upstream`: records each command's name, and runs
- * `before(cmd)` (synchronously) before forwarding a command; `false` from it drops the command.
- */
-function qmpProxy(listen: string, upstream: string, before: (cmd: { execute: string; arguments?: Record<string, unknown> }) => boolean | void): { commands: string[]; close(): void } {
-  const commands: string[] = [];
-  const server = net.createServer((client) => {
-    const up = net.connect(upstream);
-    up.pipe(client);
-    let buf = '';
-    client.on('data', (b) => {
-      buf += b.toString('utf8');
-      let nl: number;
-      while ((nl = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, nl + 1);
-        buf = buf.slice(nl + 1);
-        const cmd = JSON.parse(line) as { execute: string; arguments?: Record<string, unknown> };
-        commands.push(cmd.execute);
-        if (before(cmd) !== false) up.write(line);
-      }
-    });
-    client.on('close', () => up.end());
-    client.on('error', () => up.destroy()); // a killed client resets its connection
-    up.on('error', () => client.destroy());
-  });
-  server.listen(listen);
-  return { commands, close: () => server.close() };
 }
 
 /**
@@ -154,6 +125,14 @@ async function killedAtMove(t: Test, image: string, sock: string): Promise<strin
   return proxy.commands;
 }
 
+/** The CLI in a child process, this process's event loop free (for the proxy) meanwhile. */
+function cliAsync(args: string[]): Promise<{ status: number | null; stderr: string }> {
+  const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
+  return new Promise((res) => child.once('close', (status) => res({ status, stderr })));
+}
+
 async function runningAfter(qmp: QmpClient, ms: number): Promise<boolean> {
   const until = Date.now() + ms;
   for (;;) {
@@ -193,4 +172,36 @@ t.test("the resume guard acts only on a pause in force: the last of 'armed' and 
   t.notOk(armed('armed\nsafe\n'), 'armed, then safe');
   t.ok(armed('armed\nsafe\narmed\n'), 'a second pause in force');
   t.notOk(armed('armed\nsafe\narmed\nsafe\n'), 'the second ended');
+});
+
+t.test('a switch QEMU refuses after the node was moved is undone: the VM runs IMAGE over a protocol node of its name, nothing is left behind', { skip }, async (t) => {
+  const { image, sock, qmp } = await runningChild(t, 8 * MiB);
+  const ino = fs.statSync(image).ino;
+  const proxySock = socketPath(t, 'proxy.sock');
+  // QEMU itself refuses the switch: the overlay's node name is made one it already has
+  const proxy = qmpProxy(proxySock, sock, (cmd) => {
+    if (cmd.execute === 'blockdev-snapshot-sync') cmd.arguments = { ...cmd.arguments, 'snapshot-node-name': 'disk0' };
+  });
+  t.teardown(() => proxy.close());
+  const r = await cliAsync(['checkpoint', 'create', image, 'n1', '--qmp', proxySock]); // this process serves the proxy meanwhile
+  t.equal(r.status, 1, 'the live checkpoint fails');
+  t.match(r.stderr, /EQMP/, `with QEMU's refusal (${r.stderr.trim()})`);
+  const c = proxy.commands;
+  t.ok(c.indexOf('blockdev-reopen') < c.indexOf('blockdev-snapshot-sync') && c.lastIndexOf('blockdev-reopen') > c.indexOf('blockdev-snapshot-sync'), `the node had been moved, and was moved back (${c.join(', ')})`);
+  t.equal(c.filter((x) => x === 'stop').length, c.filter((x) => x === 'cont').length, 'every pause is ended');
+  t.equal((await qmp.execute<{ running: boolean }>('query-status')).running, true, 'the VM runs');
+  t.equal(fs.statSync(image).ino, ino, 'IMAGE is again the file QEMU writes (the link was renamed back)');
+  t.notOk(fs.existsSync(cp.nodePath(image, 'n1')), 'no node');
+  t.notOk(fs.existsSync(cp.journalPath(image)), 'no journal');
+  const g = await qmp.execute<{ nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph');
+  const disk0 = g.nodes.find((n) => n.name === 'disk0')!.id;
+  const file = g.nodes.find((n) => n.id === g.edges.find((e) => e.parent === disk0 && e.name === 'file')?.child)!.name;
+  const named = await qmp.execute<{ 'node-name': string; file: string }[]>('query-named-block-nodes', { flat: true });
+  t.equal(named.find((n) => n['node-name'] === file)?.file, image, "QEMU's node for IMAGE sits on a protocol node of IMAGE's own name");
+  await qmp.execute('human-monitor-command', { 'command-line': 'qemu-io drv0 "write -P 0x3d 0 64k"' });
+  await qmp.execute('human-monitor-command', { 'command-line': 'qemu-io drv0 flush' });
+  const k = qemuImg('check', '-U', image);
+  t.equal(k.status, 0, `qemu-img check -U IMAGE clean while QEMU runs it ${k.stdout}${k.stderr}`);
+  const v = spawnSync('qemu-io', ['-r', '-U', '-f', 'qcow2', '-c', 'read -P 0x3d 0 64k', image], { encoding: 'utf8' });
+  t.match(v.stdout, /read 65536\/65536/, "the VM's write reached IMAGE");
 });

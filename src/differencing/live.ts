@@ -28,7 +28,9 @@
  *      it as a read-only backing node now and never writes its header; QEMU's in-memory copy
  *      of the old name is only used if QEMU itself rewrites that header (it does not for a
  *      read-only node); registries, tree.json, journal removed
- *   If step 2 fails, the link and the journal are removed: nothing changed. If step 4 fails,
+ *   A node a block job uses (its edges in QEMU's block graph) is refused before step 1: QEMU
+ *   refuses to switch it, and the moves would disturb the job. If step 2 fails, the link and
+ *   the journal are removed: nothing changed. If step 4 fails,
  *   the node is renamed back over IMAGE (the VM never stopped writing to that inode, and
  *   IMAGE is again the file it runs on) and QEMU's node is moved onto a protocol node of
  *   IMAGE's name again (best effort). The overlay carries no parent guard (the
@@ -54,7 +56,7 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { DisksnapError, busy } from '../engine/errors';
 import { syncDir } from '../engine/atomic';
-import { backingNode, childNode, QmpClient } from '../host/qmp';
+import { backingNode, blockGraph, BlockGraph, childNode, QmpClient } from '../host/qmp';
 import { jobFailure, runCommitJob } from '../host/qmp-job';
 import { VmPauser } from '../host/qmp-pause';
 import { commitMarkerPath, writeJsonAtomic } from '../image/sidecars';
@@ -126,6 +128,12 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
         image,
       );
     }
+    const jobs = jobsOn(await blockGraph(qmp), top);
+    if (jobs.length > 0) {
+      // QEMU refuses to switch a node a block job uses, and the moves before the switch would
+      // disturb the job (a paused and resumed stream ran past its speed limit and ended)
+      throw busy(`QEMU runs block job(s) ${jobs.join(', ')} on ${image}'s node ${top}: a live checkpoint waits for none. Retry once the job ended (QMP query-jobs); nothing changed`, image);
+    }
     pause = new VmPauser(qmp).prepare(); // its guard starts while the node is linked
     const overlayNode = `ds-${name.replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 20)}-${randomBytes(3).toString('hex')}`;
     const backing = cp.backingOf(image);
@@ -186,6 +194,14 @@ export async function createLive(image: string, name: string, opts: LiveOptions)
     await pause?.close();
     qmp.close();
   }
+}
+
+/** The block jobs in QEMU's graph that use `top` or its protocol node (file child). */
+function jobsOn(g: BlockGraph, top: string): string[] {
+  const topId = g.nodes.find((n) => n.name === top)?.id;
+  const fileId = g.edges.find((e) => e.parent === topId && e.name === 'file')?.child;
+  const used = new Set([topId, fileId].filter((x): x is number => x !== undefined));
+  return g.nodes.filter((n) => n.type === 'block-job' && g.edges.some((e) => e.parent === n.id && used.has(e.child))).map((n) => n.name);
 }
 
 /**

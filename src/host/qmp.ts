@@ -299,7 +299,7 @@ export function connectUnix(socketPath: string, timeoutMs: number, label: string
 
 /** QEMU's block graph (x-debug-query-block-graph): nodes, and edges by role ('file', 'backing', ...). */
 export interface BlockGraph {
-  nodes: { id: number; name: string }[];
+  nodes: { id: number; name: string; type?: 'block-backend' | 'block-job' | 'block-driver' }[];
   edges: { parent: number; child: number; name: string }[];
 }
 
