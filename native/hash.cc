@@ -7,6 +7,8 @@
 #include <napi.h>
 #include <openssl/crypto.h>
 
+#include <algorithm>
+#include <functional>
 #include <vector>
 
 #include "addon.h"
@@ -201,9 +203,37 @@ class HashFileWorker : public PromiseWorkerT<Napi::AsyncProgressWorker<Progress>
     job_.tags = out.tagsData();
     job_.tagKey = job_.tags != nullptr ? &tagKey_ : nullptr;
   }
-  ~HashFileWorker() { OPENSSL_cleanse(tagKey_.data(), tagKey_.size()); }
+  ~HashFileWorker() {
+    OPENSSL_cleanse(tagKey_.data(), tagKey_.size());
+    OPENSSL_cleanse(collectKey_.data(), collectKey_.size());
+  }
 
   FileHashJob& job() { return job_; }
+  // tagFile's collect mode: the inputs kept alive, the slot and digest outputs allocated here.
+  bool SetCollect(Napi::Env env, const Napi::CallbackInfo& info, const Bytes& expect, const Bytes& known,
+                  const Bytes& buf, uint64_t nblocks, uint64_t blockSize) {
+    const size_t cap = static_cast<size_t>(buf.length / blockSize);
+    Napi::Int32Array slot = Napi::Int32Array::New(env, static_cast<size_t>(nblocks));
+    if (env.IsExceptionPending()) return false;
+    Napi::Buffer<uint8_t> digests = Napi::Buffer<uint8_t>::New(env, std::max<size_t>(1, cap) * kDigestLength);
+    if (env.IsExceptionPending()) return false;
+    for (size_t b = 0; b < nblocks; b++) slot[b] = -1;
+    for (size_t i = 6; i <= 8; i++) Keep(info[i]);
+    job_.expect = expect.data;
+    job_.known = known.data;
+    job_.collectBuf = buf.data;
+    job_.collectCap = cap;
+    job_.collectDigests = digests.Data();
+    job_.slotOf = slot.Data();
+    job_.collectKey = collectKeyed_ ? &collectKey_ : nullptr;
+    slot_ = Napi::Persistent(slot.As<Napi::Value>());
+    collectDigests_ = Napi::Persistent(digests.As<Napi::Value>());
+    return true;
+  }
+  void SetCollectKey(std::vector<uint8_t> key, bool keyed) {
+    collectKey_ = std::move(key);
+    collectKeyed_ = keyed;
+  }
   void SetProgress(Napi::Function fn) {
     onProgress_ = Napi::Persistent(fn);
     reportProgress_ = true;
@@ -238,10 +268,21 @@ class HashFileWorker : public PromiseWorkerT<Napi::AsyncProgressWorker<Progress>
     }
   }
 
-  Napi::Value Result(Napi::Env env) override { return refs_.Result(env); }
+  Napi::Value Result(Napi::Env env) override {
+    Napi::Object o = refs_.Result(env);
+    if (!slot_.IsEmpty()) {
+      o.Set("slot", slot_.Value());
+      o.Set("collectDigests", collectDigests_.Value());
+      o.Set("collected", Napi::Number::New(env, static_cast<double>(std::min(job_.collected.load(), job_.collectCap))));
+    }
+    return o;
+  }
 
  private:
   static constexpr int kTickMs = 100;  // progress at most ten times a second
+  std::vector<uint8_t> collectKey_;
+  bool collectKeyed_ = false;
+  Napi::Reference<Napi::Value> slot_, collectDigests_;
   bool reportProgress_ = false;
   std::vector<uint8_t> key_;
   std::vector<uint8_t> tagKey_;
@@ -274,7 +315,8 @@ bool ParseFileRange(const Napi::CallbackInfo& info, const char* fn, FileRange* r
 // (HMAC with a key), unmasked change tags with a tag key.
 Napi::Value StartFileWorker(Napi::Env env, const char* name, const FileRange& r, bool digests,
                             std::vector<uint8_t> key, bool keyed, std::vector<uint8_t> tagKey,
-                            bool tagged, Napi::Value onProgress) {
+                            bool tagged, Napi::Value onProgress,
+                            const std::function<bool(HashFileWorker*)>& setup = nullptr) {
   Outputs out;
   if (!AllocOutputs(env, BlockCount(r.length, r.blockSize), &out, digests, tagged))
     return RejectPending(env);
@@ -286,6 +328,10 @@ Napi::Value StartFileWorker(Napi::Env env, const char* name, const FileRange& r,
   job.blockSize = static_cast<size_t>(r.blockSize);
   job.threads = r.threads;
   if (onProgress.IsFunction()) worker->SetProgress(onProgress.As<Napi::Function>());
+  if (setup && !setup(worker)) {
+    delete worker;
+    return RejectPending(env);
+  }
   return worker->Start();
 }
 
@@ -304,20 +350,38 @@ Napi::Value HashFile(const Napi::CallbackInfo& info) {
                          tagged, info[6]);
 }
 
-// tagFile(fd, offset, length, blockSize, threads, tagKey) -> Promise<{ tags, zero }>: reads
-// the range like hashFile, but computes only zero flags and unmasked change tags.
+// tagFile(fd, offset, length, blockSize, threads, tagKey[, expect, known, buf, key])
+//   -> Promise<{ tags, zero[, slot, collectDigests, collected] }>: reads the range like
+// hashFile, but computes only zero flags and unmasked change tags. With expect (16 bytes per
+// block), known (1 byte per block) and buf, the blocks that changed are also copied into buf
+// and hashed there (FileHashJob's collect mode; key: HMAC instead of SHA-256).
 Napi::Value TagFile(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   FileRange r;
-  bool tagged = false;
-  std::vector<uint8_t> tagKey;
+  bool tagged = false, keyed = false;
+  std::vector<uint8_t> tagKey, key;
   if (!ParseFileRange(info, "tagFile", &r) || !ArgTagKey(info, 5, &tagged, &tagKey)) return RejectPending(env);
   if (!tagged) {
     ThrowInvalid(env, "tagFile: argument 6 (tagKey) is required");
     return RejectPending(env);
   }
+  if (info[6].IsUndefined() || info[6].IsNull())
+    return StartFileWorker(env, "disksnap.tagFile", r, false, {}, false, std::move(tagKey), true,
+                           env.Undefined());
+  Bytes expect, known, buf;
+  if (!ArgBytes(info, 6, "expect", &expect) || !ArgBytes(info, 7, "known", &known) ||
+      !ArgBytes(info, 8, "buf", &buf) || !ArgKey(info, 9, &keyed, &key))
+    return RejectPending(env);
+  const uint64_t nblocks = BlockCount(r.length, r.blockSize);
+  if (expect.length != nblocks * kTagLength || known.length != nblocks) {
+    ThrowInvalid(env, "tagFile: expect must hold 16 bytes and known 1 byte per block of the range");
+    return RejectPending(env);
+  }
   return StartFileWorker(env, "disksnap.tagFile", r, false, {}, false, std::move(tagKey), true,
-                         env.Undefined());
+                         env.Undefined(), [&](HashFileWorker* w) {
+                           w->SetCollectKey(std::move(key), keyed);
+                           return w->SetCollect(env, info, expect, known, buf, nblocks, r.blockSize);
+                         });
 }
 
 // tagMasks(tagKey, ivs) -> Buffer: E_K(J0(iv)) for each 16-byte iv, 16 bytes each (sync; one

@@ -484,6 +484,30 @@ SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threa
   return failed ? CryptoFailure() : SysError();
 }
 
+// Collect mode (FileHashJob): the changed blocks among data[0..len), block `first` onwards.
+static bool CollectChanged(FileHashJob* job, BlockHasher* hasher, const uint8_t* data, size_t len,
+                           size_t bs, uint64_t first) {
+  for (size_t off = 0, j = 0; off < len; off += bs, j++) {
+    const uint64_t b = first + j;
+    if (job->zero[b] ||
+        (job->known[b] && memcmp(job->tags + b * kTagLength, job->expect + b * kTagLength, kTagLength) == 0)) {
+      job->slotOf[b] = -1;
+      continue;
+    }
+    const size_t slot = job->collected.fetch_add(1, std::memory_order_relaxed);
+    if (slot >= job->collectCap) {
+      job->slotOf[b] = -2;
+      continue;
+    }
+    const size_t n = std::min(bs, len - off);
+    uint8_t zero = 0;
+    memcpy(job->collectBuf + slot * bs, data + off, n);
+    if (!hasher->Blocks(data + off, n, bs, job->collectDigests + slot * kDigestLength, &zero)) return false;
+    job->slotOf[b] = static_cast<int32_t>(slot);
+  }
+  return true;
+}
+
 SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>& tick) {
   const uint64_t length = job->length;
   const size_t bs = job->blockSize;
@@ -518,11 +542,12 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
   auto worker = [&](int) {
     std::unique_ptr<uint8_t, decltype(&free)> buf(static_cast<uint8_t*>(malloc(piece)), &free);
     BlockHasher hasher(job->key);
+    BlockHasher collectHasher(job->collectKey);
     std::unique_ptr<BlockTagger> tagger;
     if (job->tags != nullptr) tagger.reset(new BlockTagger(*job->tagKey));
     if (!buf) {
       fail(SysError::Errno(ENOMEM, "hashFile"));
-    } else if (!hasher.ok() || (tagger && !tagger->ok())) {
+    } else if (!hasher.ok() || !collectHasher.ok() || (tagger && !tagger->ok())) {
       fail(CryptoFailure());
     } else {
       for (;;) {
@@ -565,6 +590,7 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
             ZeroFlags(buf.get(), n, bs, job->zero + b);
           }
           if (ok && tagger) ok = TagBlocks(tagger.get(), buf.get(), n, bs, job->zero + b, job->tags + b * kTagLength);
+          if (ok && tagger && job->slotOf != nullptr) ok = CollectChanged(job, &collectHasher, buf.get(), n, bs, b);
           if (!ok) fail(CryptoFailure());
         }
         if (!ok) break;

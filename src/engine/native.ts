@@ -63,6 +63,15 @@ export interface BlockTags {
   zero: Uint8Array;
 }
 
+/** tagFile's collect mode: the changed blocks' slots in the caller's buffer, and their digests. */
+export interface CollectedTags extends BlockTags {
+  slot: Int32Array;
+  /** 32 bytes per slot */
+  collectDigests: Buffer;
+  /** slots filled */
+  collected: number;
+}
+
 export interface HashFileOptions {
   threads?: number;
   /** HMAC-SHA-256 key; plain SHA-256 when absent */
@@ -138,6 +147,14 @@ export interface NativeAddon {
    * the unmasked change tag (GHASH under tagKey, 16 bytes) of each non-zero block.
    */
   tagFile(fd: number, offset: number, length: number, blockSize: number, threads: number, tagKey: Uint8Array): Promise<BlockTags>;
+  /**
+   * The same read, and in it the blocks that changed: a non-zero block whose tag is not
+   * `expect` (16 bytes per block; only where `known` is 1) is copied into `buf` at slot *
+   * blockSize and hashed there (SHA-256, or HMAC under `key`); slots go in any order, as many
+   * as `buf` holds. `slot[b]`: the block's slot, -1 when zero or unchanged, -2 when changed but
+   * past `buf`'s capacity (read it again).
+   */
+  tagFile(fd: number, offset: number, length: number, blockSize: number, threads: number, tagKey: Uint8Array, expect: Uint8Array, known: Uint8Array, buf: Uint8Array, key?: Uint8Array): Promise<CollectedTags>;
   /** GMAC masks E_K(J0(iv)), 16 bytes per 16-byte iv: stored tag = unmasked tag ^ mask. */
   tagMasks(tagKey: Uint8Array, ivs: Uint8Array): Buffer;
   /**
