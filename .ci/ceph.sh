@@ -150,6 +150,9 @@ wait_s3() {
 
 create_cluster() {
   local fsid osd_uuid id
+  # A start that failed part-way leaves its daemons running: stop them while their pid files
+  # still say which they are, or the new monitor finds its port taken (and so every later start).
+  stop_daemons
   rm -rf "$DIR"
   mkdir -p "$DIR"/{run,log,mon,osd/ceph-0,rgw}
   fsid=$(uuidgen)
@@ -216,11 +219,15 @@ cmd_stop() {
   [ -d "$DIR" ] || return 0
   exec 9>"$DIR.lock"
   flock 9
+  stop_daemons
+  rm -rf "$DIR"
+  rm -f "$DIR.lock"
+}
+
+stop_daemons() {
   stop_one "$DIR/run/$RGW_NAME.pid"
   stop_one "$DIR/run/osd.0.pid"
   stop_one "$DIR/run/mon.a.pid"
-  rm -rf "$DIR"
-  rm -f "$DIR.lock"
 }
 
 case "${1:-}" in
