@@ -16,6 +16,8 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "io.h"
 
@@ -484,6 +486,60 @@ SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threa
   return failed ? CryptoFailure() : SysError();
 }
 
+// A read buffer of HashFileRange's threads, kept in a process-wide list for the next call: the
+// threads are new each call, and memory a process touches for the first time costs a page fault
+// per 4 KiB (~12 us each on the bench's VM). An incremental snapshot of 1 GiB took ~2,700 of its
+// ~14,600 faults in fresh 1 MiB buffers; kept, 8 alternating runs went 0.645 -> 0.615 s and
+// 0.865 -> 0.80 s of CPU. Buffers over 4 MiB (blocks that large) are not kept.
+class PieceBuffer {
+ public:
+  explicit PieceBuffer(size_t size) : size_(size) {
+    {
+      Kept& k = kept();
+      std::lock_guard<std::mutex> lock(k.mu);
+      for (auto it = k.list.begin(); it != k.list.end(); ++it) {
+        if (it->second != size) continue;
+        p_ = it->first;
+        k.list.erase(it);
+        return;
+      }
+    }
+    void* p = nullptr;
+    if (posix_memalign(&p, 4096, size) == 0) p_ = static_cast<uint8_t*>(p);
+  }
+  ~PieceBuffer() {
+    if (p_ == nullptr) return;
+    {
+      Kept& k = kept();
+      std::lock_guard<std::mutex> lock(k.mu);
+      if (size_ <= kKeepSize && k.list.size() < kKeep) {
+        k.list.emplace_back(p_, size_);
+        return;
+      }
+    }
+    free(p_);
+  }
+  PieceBuffer(const PieceBuffer&) = delete;
+  PieceBuffer& operator=(const PieceBuffer&) = delete;
+  uint8_t* get() const { return p_; }
+  explicit operator bool() const { return p_ != nullptr; }
+
+ private:
+  static constexpr size_t kKeep = 16;  // one per thread of a 16-thread scan
+  static constexpr size_t kKeepSize = size_t{4} << 20;
+  struct Kept {
+    std::mutex mu;
+    std::vector<std::pair<uint8_t*, size_t>> list;
+  };
+  // Never destroyed: a worker may still hand its buffer back while the process exits.
+  static Kept& kept() {
+    static Kept* k = new Kept();
+    return *k;
+  }
+  uint8_t* p_ = nullptr;
+  size_t size_;
+};
+
 // Collect mode (FileHashJob): the changed blocks among data[0..len), block `first` onwards.
 static bool CollectChanged(FileHashJob* job, BlockHasher* hasher, const uint8_t* data, size_t len,
                            size_t bs, uint64_t first) {
@@ -540,14 +596,15 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
   };
 
   auto worker = [&](int) {
-    std::unique_ptr<uint8_t, decltype(&free)> buf(static_cast<uint8_t*>(malloc(piece)), &free);
+    PieceBuffer buf(piece);
     BlockHasher hasher(job->key);
-    BlockHasher collectHasher(job->collectKey);
+    std::unique_ptr<BlockHasher> collectHasher;
+    if (job->slotOf != nullptr) collectHasher.reset(new BlockHasher(job->collectKey));
     std::unique_ptr<BlockTagger> tagger;
     if (job->tags != nullptr) tagger.reset(new BlockTagger(*job->tagKey));
     if (!buf) {
       fail(SysError::Errno(ENOMEM, "hashFile"));
-    } else if (!hasher.ok() || !collectHasher.ok() || (tagger && !tagger->ok())) {
+    } else if (!hasher.ok() || (collectHasher && !collectHasher->ok()) || (tagger && !tagger->ok())) {
       fail(CryptoFailure());
     } else {
       for (;;) {
@@ -590,7 +647,7 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
             ZeroFlags(buf.get(), n, bs, job->zero + b);
           }
           if (ok && tagger) ok = TagBlocks(tagger.get(), buf.get(), n, bs, job->zero + b, job->tags + b * kTagLength);
-          if (ok && tagger && job->slotOf != nullptr) ok = CollectChanged(job, &collectHasher, buf.get(), n, bs, b);
+          if (ok && tagger && collectHasher) ok = CollectChanged(job, collectHasher.get(), buf.get(), n, bs, b);
           if (!ok) fail(CryptoFailure());
         }
         if (!ok) break;
