@@ -221,7 +221,10 @@ export const tagScan: ChangeDetector = async (p, parent) => {
         p.rec.stats.changedBlocks++;
         store.push(slot);
       }
-      await p.storeSlots(buf, store, first.collectDigests, (slot) => p.spanBytes(a + blockOf.get(slot)!, a + blockOf.get(slot)! + 1));
+      await p.storeSlots(buf, store, first.collectDigests, (slot) => {
+        const i = a + blockOf.get(slot)!;
+        return p.spanBytes(i, i + 1);
+      });
       for (let g = 0; g < again.length; g += p.maxBlocks) {
         const ks = again.slice(g, g + p.maxBlocks);
         const hashes = await p.readAndStore(
