@@ -270,16 +270,20 @@ export class DirectoryBackend implements StoreBackend {
           continue;
         }
         if (!ent.isFile()) continue;
-        let size = 0;
+        // A synchronous stat: the inode was just read by readdir, so it costs microseconds,
+        // where one trip through the thread pool per entry cost ~0.15 ms, one after the
+        // other (a store of 300 snapshots lists ~900 files under snapshots/ each
+        // `snapshot create`: 135 ms of its listing).
+        let st: fs.Stats | undefined;
         try {
-          size = (await fs.promises.stat(full)).size;
+          st = fs.statSync(full, { throwIfNoEntry: false });
         } catch (e) {
-          if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue;
           throw wrap(e, full, 'listing');
         }
+        if (!st) continue; // removed since readdir
         yield {
           key: path.relative(this.location, full).split(path.sep).join('/'),
-          size,
+          size: st.size,
           temporary: ent.name.startsWith(TMP_PREFIX),
         };
       }
