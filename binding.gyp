@@ -16,6 +16,7 @@
         "native/file.cc",
         "native/hash_engine.cc",
         "native/block_tag.cc",
+        "native/ghash.cc",
         "native/hash.cc",
         "native/gcm.cc",
         "native/object.cc",

@@ -8,12 +8,16 @@
 // (computed as GMAC under a fixed IV, xor the same IV's mask), so that one pass over a block
 // serves every IV; Mask(IV) = E_K(J0(IV)) = GMAC(K, IV, empty). A stored tag is u ^ Mask(IV)
 // for an IV used with no other data; u itself must never leave the process (two u of
-// different data would give away H).
+// different data would give away H). Where the CPU has VPCLMULQDQ, u is computed by ghash.h
+// from H = AES_K(0^128) instead (same value, ~2-3x faster than OpenSSL 3.0's GMAC here).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
+
+#include "ghash.h"
 
 namespace disksnap {
 
@@ -39,6 +43,7 @@ class BlockTagger {
   bool Gmac(const uint8_t* iv, const uint8_t* p, size_t n, uint8_t* out);
   void* ctx_ = nullptr;  // EVP_CIPHER_CTX* with the key set
   bool ok_ = false;
+  std::unique_ptr<FastGhash> fast_;  // where the CPU has it: Unmasked without OpenSSL (ghash.h)
   uint8_t mask0_[kTagLength] = {0};  // the mask of the all-zero IV
 };
 

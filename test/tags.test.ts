@@ -8,6 +8,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createCipheriv, randomBytes } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
 import * as snap from '../src/storage';
 import { native } from '../src/engine/native';
 import { KiB, MiB, Write, applyWrites, makeImage, sha, touched } from '../fixtures/store/helpers';
@@ -129,6 +130,55 @@ const base: Write[] = [
   { offset: 5 * MiB + 77, length: 1 * MiB, seed: 2 },
   { offset: 16 * MiB - 4096, length: 4096, seed: 3 },
 ];
+
+/** Lengths around the GHASH code's steps (16-byte blocks, 256-byte steps of 16) and padding. */
+const LENGTHS = [1, 15, 16, 17, 31, 32, 33, 240, 255, 256, 257, 271, 272, 511, 512, 513, 767, 1000, 4096, 4097, 65536 + 48, 512 * KiB];
+
+t.test('native tags of every length are GMAC less its mask (the CLMUL GHASH where the CPU has it)', async (t) => {
+  const key = randomBytes(32);
+  const data = randomBytes(512 * KiB + 16);
+  for (const len of LENGTHS) {
+    for (const at of [0, 3]) {
+      const block = data.subarray(at, at + len);
+      const h = await n.hashBlocksAsync(block, len, 1, undefined, key);
+      const iv = randomBytes(16);
+      const mask = n.tagMasks(key, iv);
+      t.same(xor(h.tags!.subarray(0, 16), mask), gmac(key, iv, block), `${len} bytes at offset ${at}`);
+    }
+  }
+});
+
+t.test('tags with DISKSNAP_HASH_IMPL=openssl (GMAC from node\'s OpenSSL) equal the default ones', async (t) => {
+  const addon = path.resolve(__dirname, '..', 'build', 'Release', 'disksnap.node');
+  const key = randomBytes(32);
+  const data = randomBytes(512 * KiB + 16);
+  const dir = t.testdir();
+  fs.writeFileSync(path.join(dir, 'data'), data);
+  const script = `
+    const a = require(${JSON.stringify(addon)});
+    const data = require('fs').readFileSync(${JSON.stringify(path.join(dir, 'data'))});
+    const key = Buffer.from(${JSON.stringify(key.toString('hex'))}, 'hex');
+    (async () => {
+      const out = [];
+      for (const len of ${JSON.stringify(LENGTHS)}) out.push((await a.hashBlocksAsync(data.subarray(1, 1 + len), len, 1, undefined, key)).tags.toString('hex'));
+      out.push((await a.hashBlocksAsync(data, 4096, 2, undefined, key)).tags.toString('hex'));
+      process.stdout.write(JSON.stringify(out));
+    })();`;
+  const run = (impl: string | undefined) => {
+    const env = { ...process.env };
+    if (impl) env.DISKSNAP_HASH_IMPL = impl;
+    else delete env.DISKSNAP_HASH_IMPL;
+    const r = spawnSync(process.execPath, ['-e', script], { env, encoding: 'utf8' });
+    t.equal(r.status, 0, `child (${impl ?? 'default'}) exits 0 ${r.stderr}`);
+    return JSON.parse(r.stdout) as string[];
+  };
+  const fallback = run('openssl');
+  t.equal(fallback.length, LENGTHS.length + 1);
+  t.same(run(undefined), fallback, 'the same tags either way');
+  const iv = randomBytes(16);
+  const mask = n.tagMasks(key, iv);
+  t.same(xor(Buffer.from(fallback[0], 'hex'), mask), gmac(key, iv, data.subarray(1, 2)), 'and the fallback\'s are GMAC less the mask');
+});
 
 t.test('incremental snapshots hash only blocks whose tag moved, and find every change', async (t) => {
   const dir = t.testdir();

@@ -1,0 +1,138 @@
+// See ghash.h. Only the functions marked DISKSNAP_CLMUL use the instructions; the addon is
+// built for the baseline CPU and calls them only where FastGhash::Available() says so.
+#include "ghash.h"
+
+#include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DISKSNAP_CLMUL __attribute__((target("pclmul,ssse3,sse4.1,avx2,vpclmulqdq")))
+
+namespace disksnap {
+
+namespace {
+
+DISKSNAP_CLMUL inline __m128i Reverse(__m128i x) {
+  return _mm_shuffle_epi8(x, _mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
+// The same in each 128-bit lane of a 256-bit register (two blocks).
+DISKSNAP_CLMUL inline __m256i Reverse2(__m256i x) {
+  const __m256i r = _mm256_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,  //
+                                    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm256_shuffle_epi8(x, r);
+}
+
+// The 256-bit carry-less product [hi:lo] of two byte-reversed field elements, reduced modulo
+// x^128 + x^7 + x^2 + x + 1: the bit-reflected product is one bit short, so shift left by one,
+// then fold the low half in two phases.
+DISKSNAP_CLMUL inline __m128i Reduce(__m128i lo, __m128i hi) {
+  __m128i c0 = _mm_srli_epi32(lo, 31);
+  __m128i c1 = _mm_srli_epi32(hi, 31);
+  lo = _mm_slli_epi32(lo, 1);
+  hi = _mm_slli_epi32(hi, 1);
+  const __m128i carry = _mm_srli_si128(c0, 12);
+  c1 = _mm_slli_si128(c1, 4);
+  c0 = _mm_slli_si128(c0, 4);
+  lo = _mm_or_si128(lo, c0);
+  hi = _mm_or_si128(_mm_or_si128(hi, c1), carry);
+
+  __m128i a = _mm_xor_si128(_mm_xor_si128(_mm_slli_epi32(lo, 31), _mm_slli_epi32(lo, 30)), _mm_slli_epi32(lo, 25));
+  const __m128i b = _mm_srli_si128(a, 4);
+  a = _mm_slli_si128(a, 12);
+  lo = _mm_xor_si128(lo, a);
+
+  __m128i d = _mm_xor_si128(_mm_xor_si128(_mm_srli_epi32(lo, 1), _mm_srli_epi32(lo, 2)), _mm_srli_epi32(lo, 7));
+  d = _mm_xor_si128(d, b);
+  lo = _mm_xor_si128(lo, d);
+  return _mm_xor_si128(hi, lo);
+}
+
+DISKSNAP_CLMUL inline __m128i Multiply(__m128i a, __m128i b) {
+  __m128i lo = _mm_clmulepi64_si128(a, b, 0x00);
+  __m128i hi = _mm_clmulepi64_si128(a, b, 0x11);
+  const __m128i mid = _mm_xor_si128(_mm_clmulepi64_si128(a, b, 0x01), _mm_clmulepi64_si128(a, b, 0x10));
+  lo = _mm_xor_si128(lo, _mm_slli_si128(mid, 8));
+  hi = _mm_xor_si128(hi, _mm_srli_si128(mid, 8));
+  return Reduce(lo, hi);
+}
+
+DISKSNAP_CLMUL void Powers(const uint8_t h[16], uint8_t out[][16], int count) {
+  const __m128i h1 = Reverse(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+  __m128i p = h1;
+  for (int j = 0; j < count; j++) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out[j]), p);
+    p = Multiply(p, h1);
+  }
+}
+
+// kStep = 16 blocks per step; keys[k] holds (H^(16-2k), H^(15-2k)) in its (low, high) lanes,
+// the powers of the k-th pair of blocks.
+DISKSNAP_CLMUL void TagClmul(const uint8_t (*powers)[16], const uint8_t* p, size_t n, uint8_t out[16]) {
+  __m256i keys[8], folded[8];  // folded: hi ^ lo of each key in its low quadword (Karatsuba)
+  for (int k = 0; k < 8; k++) {
+    const __m128i first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(powers[15 - 2 * k]));
+    const __m128i second = _mm_loadu_si128(reinterpret_cast<const __m128i*>(powers[14 - 2 * k]));
+    keys[k] = _mm256_inserti128_si256(_mm256_castsi128_si256(first), second, 1);
+    folded[k] = _mm256_xor_si256(keys[k], _mm256_shuffle_epi32(keys[k], 0x4E));
+  }
+  const __m128i h1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(powers[0]));
+  __m128i y = _mm_setzero_si128();
+  size_t off = 0;
+  for (; n - off >= 256; off += 256) {
+    __m256i lo = _mm256_setzero_si256(), hi = lo, mid = lo;
+    for (int k = 0; k < 8; k++) {
+      __m256i x = Reverse2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + off + 32 * k)));
+      if (k == 0) x = _mm256_xor_si256(x, _mm256_inserti128_si256(_mm256_setzero_si256(), y, 0));
+      lo = _mm256_xor_si256(lo, _mm256_clmulepi64_epi128(x, keys[k], 0x00));
+      hi = _mm256_xor_si256(hi, _mm256_clmulepi64_epi128(x, keys[k], 0x11));
+      // (x.hi ^ x.lo) * (k.hi ^ k.lo) = mid ^ lo ^ hi: three multiplies instead of four
+      const __m256i xf = _mm256_xor_si256(x, _mm256_shuffle_epi32(x, 0x4E));
+      mid = _mm256_xor_si256(mid, _mm256_clmulepi64_epi128(xf, folded[k], 0x00));
+    }
+    __m128i l = _mm_xor_si128(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));
+    __m128i h = _mm_xor_si128(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+    const __m128i m = _mm_xor_si128(_mm_xor_si128(_mm256_castsi256_si128(mid), _mm256_extracti128_si256(mid, 1)), _mm_xor_si128(l, h));
+    l = _mm_xor_si128(l, _mm_slli_si128(m, 8));
+    h = _mm_xor_si128(h, _mm_srli_si128(m, 8));
+    y = Reduce(l, h);
+  }
+  for (; n - off >= 16; off += 16) {
+    const __m128i x = Reverse(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + off)));
+    y = Multiply(_mm_xor_si128(y, x), h1);
+  }
+  if (off < n) {
+    alignas(16) uint8_t last[16] = {0};
+    memcpy(last, p + off, n - off);
+    y = Multiply(_mm_xor_si128(y, Reverse(_mm_load_si128(reinterpret_cast<const __m128i*>(last)))), h1);
+  }
+  // The length block: [8n]_64 big-endian, then [0]_64. Byte-reversed, 8n is the high quadword.
+  const __m128i len = _mm_set_epi64x(static_cast<long long>(static_cast<uint64_t>(n) * 8), 0);
+  y = Multiply(_mm_xor_si128(y, len), h1);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), Reverse(y));
+}
+
+bool CpuHasClmul() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("avx2") &&
+         __builtin_cpu_supports("vpclmulqdq");
+}
+
+}  // namespace
+
+bool FastGhash::Available() {
+  static const bool available = [] {
+    const char* v = getenv("DISKSNAP_HASH_IMPL");
+    if (v != nullptr && strcmp(v, "openssl") == 0) return false;
+    return CpuHasClmul();
+  }();
+  return available;
+}
+
+FastGhash::FastGhash(const uint8_t h[16]) {
+  if (Available()) Powers(h, powers_, kStep);
+}
+
+void FastGhash::Tag(const uint8_t* p, size_t n, uint8_t out[16]) const { TagClmul(powers_, p, n, out); }
+
+}  // namespace disksnap
