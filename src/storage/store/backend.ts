@@ -111,6 +111,11 @@ export interface StoreBackend {
 
   // ---- optional (fullBackend() supplies them from the core) ----
 
+  /**
+   * A small object (a record) whole, as get() reads it, where the backend has a cheaper way for
+   * small ones (the directory backend: one synchronous read, not a thread-pool trip each).
+   */
+  getSmall?(key: string): Promise<Buffer>;
   /** Size of an object, or undefined when absent (HEAD). */
   stat?(key: string): Promise<number | undefined>;
   /** Reader for ranges of one object; ENOENT when absent. */
@@ -185,6 +190,7 @@ export function fullBackend(b: StoreBackend): FullBackend {
     location: b.location,
     describe: (key) => b.describe(key),
     get: (key, into) => b.get(key, into),
+    getSmall: b.getSmall?.bind(b) ?? ((key) => b.get(key)),
     putIfAbsent: (key, data, sha256) => b.putIfAbsent(key, data, sha256),
     put: (key, data) => b.put(key, data),
     list: (prefix) => b.list(prefix),

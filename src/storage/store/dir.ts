@@ -88,6 +88,19 @@ export class DirectoryBackend implements StoreBackend {
     }
   }
 
+  /**
+   * A record read synchronously: a store of 300 snapshots reads 300 records per listing, and
+   * a read through the thread pool cost ~0.1-0.15 ms each here against ~0.01 ms for this.
+   */
+  async getSmall(key: string): Promise<Buffer> {
+    const file = this.file(key);
+    try {
+      return fs.readFileSync(file);
+    } catch (e) {
+      throw wrap(e, file, 'reading');
+    }
+  }
+
   async stat(key: string): Promise<number | undefined> {
     const file = this.file(key);
     try {

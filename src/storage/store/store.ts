@@ -361,7 +361,7 @@ export class Store {
     const key = this.keyRecordKey(id);
     let text: Buffer;
     try {
-      text = await this.backend.get(key);
+      text = await this.backend.getSmall(key);
     } catch (e) {
       if (isDisksnapError(e, 'ENOENT')) return undefined;
       throw e;
@@ -397,7 +397,7 @@ export class Store {
     const key = this.volumeKey(id);
     let text: Buffer;
     try {
-      text = await this.backend.get(key);
+      text = await this.backend.getSmall(key);
     } catch (e) {
       if (isDisksnapError(e, 'ENOENT')) throw new DisksnapError(`no volume ${id} in store ${this.dir}`, 'ENOENT', 2, this.backend.describe(key));
       throw e;
@@ -441,7 +441,7 @@ export class Store {
     const key = this.snapshotKey(id);
     let text: Buffer;
     try {
-      text = await this.backend.get(key);
+      text = await this.backend.getSmall(key);
     } catch (e) {
       if (isDisksnapError(e, 'ENOENT')) throw new DisksnapError(`no snapshot ${id} in store ${this.dir}`, 'ENOENT', 2, this.backend.describe(key));
       throw e;
