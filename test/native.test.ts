@@ -25,6 +25,7 @@ import {
 } from '../src/engine/native';
 import { DisksnapError } from '../src/engine/errors';
 import { missing } from './helpers/tools';
+import { withHashImpl } from './helpers/hash-impl';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -771,14 +772,7 @@ t.test('the OpenSSL fallback (DISKSNAP_HASH_IMPL=openssl) gives the same digests
     const key = Buffer.from('fallback key');
     const out = [a.hashBlocks(buf, 65536, 2), a.hashBlocks(buf, 65536, 1, key), a.hashBlocks(buf, 100, 2)];
     process.stdout.write(JSON.stringify(out.map((r) => [r.digests.toString('hex'), Array.from(r.zero)])));`;
-  const run = (impl: string | undefined) => {
-    const env = { ...process.env };
-    if (impl) env.DISKSNAP_HASH_IMPL = impl;
-    else delete env.DISKSNAP_HASH_IMPL;
-    const r = spawnSync(process.execPath, ['-e', script], { env, encoding: 'utf8' });
-    t.equal(r.status, 0, `child (${impl ?? 'default'}) exits 0 ${r.stderr}`);
-    return JSON.parse(r.stdout) as [string, number[]][];
-  };
+  const run = (impl: 'openssl' | undefined) => withHashImpl<[string, number[]][]>(t, script, impl);
   const fallback = run('openssl');
   const dflt = run(undefined);
   t.same(fallback, dflt, 'OpenSSL and the default implementation agree');

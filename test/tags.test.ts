@@ -8,10 +8,10 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createCipheriv, randomBytes } from 'node:crypto';
-import { spawnSync } from 'node:child_process';
 import * as snap from '../src/storage';
 import { native } from '../src/engine/native';
 import { KiB, MiB, Write, applyWrites, makeImage, sha, touched } from '../fixtures/store/helpers';
+import { withHashImpl } from './helpers/hash-impl';
 
 const BS = 64 * KiB;
 const n = native();
@@ -164,14 +164,7 @@ t.test('tags with DISKSNAP_HASH_IMPL=openssl (GMAC from node\'s OpenSSL) equal t
       out.push((await a.hashBlocksAsync(data, 4096, 2, undefined, key)).tags.toString('hex'));
       process.stdout.write(JSON.stringify(out));
     })();`;
-  const run = (impl: string | undefined) => {
-    const env = { ...process.env };
-    if (impl) env.DISKSNAP_HASH_IMPL = impl;
-    else delete env.DISKSNAP_HASH_IMPL;
-    const r = spawnSync(process.execPath, ['-e', script], { env, encoding: 'utf8' });
-    t.equal(r.status, 0, `child (${impl ?? 'default'}) exits 0 ${r.stderr}`);
-    return JSON.parse(r.stdout) as string[];
-  };
+  const run = (impl: 'openssl' | undefined) => withHashImpl<string[]>(t, script, impl);
   const fallback = run('openssl');
   t.equal(fallback.length, LENGTHS.length + 1);
   t.same(run(undefined), fallback, 'the same tags either way');

@@ -1,0 +1,17 @@
+/**
+ * The addon's hashing has a fast path per CPU feature (SHA-NI, VPCLMULQDQ) and node's OpenSSL
+ * as the fallback, chosen once per process by DISKSNAP_HASH_IMPL. Tests compare the two by
+ * running a script in a child process with each setting.
+ */
+import { spawnSync } from 'node:child_process';
+import type { Test } from 'tap';
+
+/** Runs `script` (node -e) with DISKSNAP_HASH_IMPL=`impl` (unset: the default) and parses its stdout as JSON. */
+export function withHashImpl<T>(t: Test, script: string, impl: 'openssl' | undefined): T {
+  const env = { ...process.env };
+  if (impl) env.DISKSNAP_HASH_IMPL = impl;
+  else delete env.DISKSNAP_HASH_IMPL;
+  const r = spawnSync(process.execPath, ['-e', script], { env, encoding: 'utf8' });
+  t.equal(r.status, 0, `child (${impl ?? 'default'}) exits 0 ${r.stderr}`);
+  return JSON.parse(r.stdout) as T;
+}
