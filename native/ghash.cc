@@ -133,6 +133,8 @@ FastGhash::FastGhash(const uint8_t h[16]) {
   if (Available()) Powers(h, powers_, kStep);
 }
 
+FastGhash::~FastGhash() { explicit_bzero(powers_, sizeof powers_); }
+
 void FastGhash::Tag(const uint8_t* p, size_t n, uint8_t out[16]) const { TagClmul(powers_, p, n, out); }
 
 }  // namespace disksnap

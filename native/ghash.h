@@ -31,6 +31,9 @@ class FastGhash {
   static bool Available();
   // h: H = AES_K(0^128), as the 16 bytes the cipher gives. Construct only where Available().
   explicit FastGhash(const uint8_t h[16]);
+  ~FastGhash();  // clears the powers of H (H is as secret as the tag key)
+  FastGhash(const FastGhash&) = delete;
+  FastGhash& operator=(const FastGhash&) = delete;
   // GHASH_H of p[0..n) zero-padded, then the length block for n bytes of additional data and
   // nothing encrypted: the unmasked GMAC tag of block_tag.h.
   void Tag(const uint8_t* p, size_t n, uint8_t out[16]) const;
