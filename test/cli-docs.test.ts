@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { cli } from './helpers/cli';
 import { missing } from './helpers/tools';
-import { buildProgram } from '../src/cli/main';
+import { buildProgram } from '../src/cli/program';
 import { commandsOf, EXAMPLES } from '../src/cli/docs';
 
 const program = buildProgram();

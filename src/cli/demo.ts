@@ -12,7 +12,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { buildProgram } from './main';
+import { buildProgram } from './program';
 
 async function main(): Promise<void> {
   const out = fs.mkdtempSync(path.join(os.tmpdir(), 'disksnap-demo-'));

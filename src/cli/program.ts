@@ -1,0 +1,71 @@
+/**
+ * The `disksnap` program: commander, one file per command group (./main.ts launches it).
+ * Results go to stdout, progress and logs to stderr; exit 0 success, 1 failure, 2 usage.
+ */
+import { Command, CommanderError } from 'commander';
+import { fail } from './util';
+import { VERSION } from '../engine/root';
+import { addExamples } from './docs';
+import { setQuiet } from './progress';
+
+interface Group {
+  /** `full`: the program with every group, for commands that describe all of them */
+  register(program: Command, full: () => Command): void;
+}
+
+/**
+ * Command groups, in the order --help lists them, with the top-level names each registers.
+ * A command loads only its own group (and the libraries behind it): start-up is a good
+ * part of a short command's time.
+ */
+const GROUPS: Array<[string[], () => Group]> = [
+  [['create', 'info', 'map', 'measure', 'read', 'write', 'bench'], () => require('./image') as Group],
+  [['diff'], () => require('./diff') as Group],
+  [['snapshot'], () => require('./snapshot') as Group],
+  [['volume', 'store', 'key'], () => require('./store') as Group],
+  [['attach', 'detach'], () => require('./loop') as Group],
+  [['compare'], () => require('./compare') as Group],
+  [['checkpoint'], () => require('./checkpoint') as Group],
+  [['completion', 'man'], () => require('./docs') as Group],
+];
+
+/** The program with every group, or with only the group of `command` when it names one. */
+export function buildProgram(command?: string): Command {
+  const program = new Command();
+  program
+    .name('disksnap')
+    .description('Differencing disks and storage snapshots for local disk images, side by side')
+    .version(VERSION)
+    .option('-q, --quiet', 'no progress on stderr (also DISKSNAP_QUIET=1)')
+    .on('option:quiet', () => setQuiet(true))
+    .showHelpAfterError('(run with --help for usage)')
+    .exitOverride();
+  const only = GROUPS.find(([names]) => command !== undefined && names.includes(command));
+  for (const group of only ? [only] : GROUPS) group[1]().register(program, () => buildProgram());
+  addExamples(program);
+  return program;
+}
+
+/** A reader that went away (`disksnap map X | head -1`) ends the command quietly. */
+function quietOnClosedStdout(): void {
+  process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+    if (e.code === 'EPIPE') process.exit(typeof process.exitCode === 'number' ? process.exitCode : 0);
+    fail(e);
+  });
+}
+
+/** Runs the command line `argv` (as process.argv: node, script, arguments). */
+export async function main(argv: string[]): Promise<void> {
+  quietOnClosedStdout();
+  const program = buildProgram(argv.slice(2).find((a) => !a.startsWith('-')));
+  try {
+    await program.parseAsync(argv);
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      // help and version exit 0; every parse error is a usage error
+      process.exit(e.exitCode === 0 ? 0 : 2);
+    }
+    fail(e);
+  }
+}
+

@@ -1,0 +1,64 @@
+/**
+ * The CLI's code cache (src/cli/main.ts, src/cli/code-cache.ts): the build keeps one that
+ * this Node accepts, and a cache that does not fit the bundle is never used, whatever it
+ * holds. Each case runs in a child process with Node's default flags, as the CLI runs.
+ */
+import t from 'tap';
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { ROOT } from './helpers/cli';
+
+const DIST = path.join(ROOT, 'dist', 'src', 'cli');
+const BUNDLE = path.join(DIST, 'disksnap.bundle.js');
+const CACHE = path.join(DIST, 'disksnap.bundle.cache');
+const VERSION = (JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
+
+/** Loads `bundle` with `cache` in a child, runs `disksnap --version` from it; its cache state and output. */
+function load(bundle: string, cache: string): { state: string; version: string } {
+  const script = `const { loadBundle } = require(${JSON.stringify(path.join(DIST, 'main.js'))});
+const b = loadBundle(${JSON.stringify(bundle)}, ${JSON.stringify(cache)});
+process.stderr.write(b.cache + '\\n');
+b.program.main(['node', 'disksnap', '--version']);`;
+  const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`child failed (${r.status}): ${r.stderr}`);
+  return { state: r.stderr.trim(), version: r.stdout.trim() };
+}
+
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'disksnap-cc-'));
+t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+t.test('the build keeps a code cache for the bundle, and V8 takes it', async (t) => {
+  t.ok(fs.existsSync(CACHE), 'npm run build wrote dist/src/cli/disksnap.bundle.cache');
+  t.ok(fs.statSync(CACHE).size > 100_000, 'the cache holds the compiled code of the trained commands, not only the top level');
+  t.same(load(BUNDLE, CACHE), { state: 'accepted', version: VERSION });
+});
+
+t.test('a cache made for other bundle bytes of the same length is not used', async (t) => {
+  const src = fs.readFileSync(BUNDLE);
+  const at = src.indexOf('Differencing disks and storage snapshots');
+  t.ok(at > 0, 'the bundle holds the program description');
+  const other = Buffer.from(src);
+  other.write('differencing', at, 'latin1'); // same length, other bytes: V8 alone would take the cache
+  // beside the real one: the bundle finds package.json and the addon from its own directory
+  const file = path.join(DIST, `same-length-${process.pid}.js`);
+  t.teardown(() => fs.rmSync(file, { force: true }));
+  fs.writeFileSync(file, other);
+  t.same(load(file, CACHE), { state: 'stale', version: VERSION }, 'compiled from source instead');
+});
+
+t.test('a cache V8 refuses (damaged) is ignored and the program still runs', async (t) => {
+  const good = fs.readFileSync(CACHE);
+  const bad = Buffer.concat([good.subarray(0, 32), Buffer.alloc(good.length - 32, 0x5a)]);
+  const file = path.join(dir, 'bad.cache');
+  fs.writeFileSync(file, bad);
+  t.same(load(BUNDLE, file), { state: 'rejected', version: VERSION });
+});
+
+t.test('no cache, or a cache too short to hold a digest: compiled as usual', async (t) => {
+  t.same(load(BUNDLE, path.join(dir, 'absent.cache')), { state: 'absent', version: VERSION });
+  const short = path.join(dir, 'short.cache');
+  fs.writeFileSync(short, Buffer.alloc(16));
+  t.same(load(BUNDLE, short), { state: 'stale', version: VERSION });
+});
