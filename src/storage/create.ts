@@ -32,6 +32,7 @@ import { ProgressFn, StoreOptions, findVolumeByPath, openVolume, realVolumePath,
 import { Faults, faultsOf } from './faults';
 import { Captured, completeSnapshot, failSnapshot, pendingRecord, progressSaver } from './lifecycle';
 import { ensureVolume } from './volumes';
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { ChangeDetector, GuestVolume, ParentView, ReflinkView, VolumeChanged, capture } from './capture';
 import { NewClone, changedRanges, cloneDir, cloneOwner, openParentClone, removeClonesExcept, takeClone } from './reflink';
@@ -141,7 +142,7 @@ async function takeSnapshot(volume: string, opts: CreateSnapshotOptions): Promis
         await cstore.writeSnapshot(rec);
         const out = await runCapture(cstore, file, rec, parent, opts, guest ? undefined : tk, guest, plan);
         if (guest && rec.changeTracking) endGuest(file, real, vol.id, rec, opts.onLog);
-        if (raw) await pruneClones(store, rec, opts.onLog);
+        if (raw) await pruneClones(store, rec, listing.snapshots, opts.onLog);
         return { out, policy: vol.retention };
       } finally {
         await lease.release();
@@ -396,9 +397,14 @@ async function reflinkAttempt(plan: ReflinkPlan, rec: SnapshotRecord, parent: Sn
  * After a snapshot of a raw volume: only the clone of the volume's latest completed snapshot
  * (and those of snapshots still being taken) is kept; stale ones go. Best effort: a clone left
  * behind costs space, never correctness (nothing completed claims it, or it is no parent's).
+ * The store is listed again (snapshots may have started since `before` was listed) only when
+ * a clone folder of the volume exists: where reflinks are not made (ext4) that second listing
+ * was most of this step, and with a long history a good part of a snapshot.
  */
-async function pruneClones(store: Store, rec: SnapshotRecord, onLog?: (m: string) => void): Promise<void> {
+async function pruneClones(store: Store, rec: SnapshotRecord, before: SnapshotRecord[], onLog?: (m: string) => void): Promise<void> {
   try {
+    const known = [cloneDir(rec.volumePath), ...before.filter((s) => s.volumeId === rec.volumeId && s.reflinkClone).map((s) => path.dirname(s.reflinkClone!.path))];
+    if (!known.some((d) => fs.existsSync(d))) return;
     const { snapshots } = await store.listSnapshots();
     const keep = new Set<string>();
     const owner = cloneOwner(snapshots, rec.volumeId);
