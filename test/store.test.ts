@@ -10,6 +10,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { DirectoryBackend } from '../src/storage/store/dir';
 import { ManifestReader, ManifestWriter, ManifestCursor, HEADER_LENGTH, ENTRY_LENGTH } from '../src/storage/store/manifest';
 import { DigestSet } from '../src/storage/store/digestset';
+import { TagReader, TagWriter, tagKeyFrom } from '../src/storage/store/tags';
 import { Store, defaultStoreDir } from '../src/storage/store/store';
 import { StoreLock, Lease } from '../src/storage/store/lock';
 import { parseSnapshotRecord, parseStoreConfig, parseTags } from '../src/storage/store/records';
@@ -78,6 +79,80 @@ t.test('a manifest with more entries than one read chunk streams in order (curso
   t.ok((await c.lookup(179997))?.equals(digestOf(179997)));
   await c.finish();
   await r.close();
+});
+
+t.test('peekNow answers as peek does where the entries are read, and only there', async (t) => {
+  const dir = t.testdir();
+  const entries = Array.from({ length: 60000 }, (_, i) => i * 3);
+  const be = await writeManifest(dir, 'big.map', entries, 200000 * 65536);
+  const open = async () => new ManifestCursor(await ManifestReader.open('big.map', await be.open('big.map')));
+  const fast = await open();
+  const ref = await open();
+  t.equal(fast.peekNow(0), undefined, 'nothing read yet: peek must read');
+  let now = 0;
+  let waited = 0;
+  // every index across the first two chunk boundaries (26214 entries each), then sparse steps
+  const probes = [...Array.from({ length: 160000 }, (_, i) => i), 170000, 179996, 179997, 179998, 200000];
+  for (const i of probes) {
+    const want = await ref.peek(i);
+    let got = fast.peekNow(i);
+    if (got === undefined) {
+      waited++;
+      got = await fast.peek(i);
+    } else now++;
+    if (got !== want) {
+      t.fail(`index ${i}: peekNow/peek gave ${got}, peek alone ${want}`);
+      break;
+    }
+    if (got >= 0 && !fast.reader.digest.equals(digestOf(got))) {
+      t.fail(`index ${i}: the digest beside entry ${got} is not its own`);
+      break;
+    }
+  }
+  t.ok(now > 150000, `answered without a read ${now} times`);
+  t.equal(waited, 4, 'waited for a read only at the start, where the 2nd and 3rd chunks begin, and for the trailer');
+  await fast.finish();
+  await ref.finish();
+  await fast.reader.close();
+  await ref.reader.close();
+});
+
+t.test('a tag file: lookupNow answers as lookup does where the entries are read, and only there', async (t) => {
+  const dir = t.testdir();
+  fs.mkdirSync(path.join(dir, 'snapshots'));
+  const be = new DirectoryBackend(dir);
+  const tk = tagKeyFrom(randomBytes(32));
+  const header = { blockSize: 65536, volumeSize: 300000 * 65536, snapshotId: 'snap-0123456789abcdef', volumeId: 'vol-0123456789abcdef' };
+  const w = await TagWriter.create(be, header, tk);
+  const salt = Buffer.alloc(8);
+  const tag = Buffer.alloc(16);
+  for (let i = 0; i < 80000; i++) {
+    salt.writeUInt32LE(i, 0);
+    tag.writeUInt32LE(i * 7, 0);
+    w.append(i * 3, salt, 0, tag, 0); // 80000 entries: three read chunks of 32768
+  }
+  await w.commit();
+  const fast = (await TagReader.open(be, header, tk))!;
+  const ref = (await TagReader.open(be, header, tk))!;
+  t.equal(fast.lookupNow(0), undefined, 'nothing read yet: lookup must read');
+  let now = 0;
+  let waited = 0;
+  let bad = '';
+  for (let i = 0; i < 240010 && !bad; i++) {
+    const want = await ref.lookup(i);
+    let got = fast.lookupNow(i);
+    if (got === undefined) {
+      waited++;
+      got = await fast.lookup(i);
+    } else now++;
+    if (got !== want) bad = `block ${i}: lookupNow/lookup gave ${got}, lookup alone ${want}`;
+    else if (got >= 0 && (fast.entries.readUInt32LE(got) !== i / 3 || fast.entries.readUInt32LE(got + 8) !== (i / 3) * 7)) bad = `block ${i}: salt or tag is not its own`;
+  }
+  t.equal(bad, '', 'the same answer, and the entry it points at is the block\'s');
+  t.ok(now > 239000, `answered without a read ${now} times`);
+  t.equal(waited, 3, 'waited for a read only at the start and where the 2nd and 3rd chunks begin');
+  await fast.close();
+  await ref.close();
 });
 
 t.test('every damaged part of a manifest is an ECORRUPT error that names it', async (t) => {

@@ -125,12 +125,12 @@ interface ParentChunk {
 async function parentChunk(p: ReadPipeline, tk: TagKey, a: number, nb: number, cursor: ManifestCursor, tags: TagReader): Promise<ParentChunk> {
   const pc: ParentChunk = { digests: Buffer.allocUnsafe(nb * 32), entries: Buffer.allocUnsafe(nb * ENTRY), hasPrev: new Uint8Array(nb), tagged: [], expect: Buffer.alloc(nb * 16), known: new Uint8Array(nb) };
   for (let k = 0; k < nb; k++) {
-    const prev = await cursor.lookup(a + k);
-    if (prev) {
-      prev.copy(pc.digests, k * 32);
+    // (the entries are mostly in the readers' chunks already: no await for those)
+    if ((cursor.peekNow(a + k) ?? (await cursor.peek(a + k))) === a + k) {
+      cursor.reader.digest.copy(pc.digests, k * 32);
       pc.hasPrev[k] = 1;
     }
-    const at = await tags.lookup(a + k);
+    const at = tags.lookupNow(a + k) ?? (await tags.lookup(a + k));
     if (at >= 0) {
       tags.entries.copy(pc.entries, k * ENTRY, at, at + ENTRY);
       pc.tagged.push(k);
@@ -268,7 +268,7 @@ export const hashScan: ChangeDetector = async (p, parent) => {
         const k = i - a;
         if (zero[k]) continue;
         data.push(i);
-        const prev = await cursor.lookup(i);
+        const prev = (cursor.peekNow(i) ?? (await cursor.peek(i))) === i ? cursor.reader.digest : undefined;
         p.record(i, digests, k * 32, tags!, k * 16);
         if (prev && prev.compare(digests, k * 32, k * 32 + 32) === 0) continue;
         p.rec.stats.changedBlocks++;
@@ -296,7 +296,7 @@ export const hashScan: ChangeDetector = async (p, parent) => {
 export const guestScan: ChangeDetector = (p, parent) => {
   const cursor = parent.cursor!;
   return hashEveryBlock(p, false, async (i, digests, k) => {
-    const prev = await cursor.lookup(i);
+    const prev = (cursor.peekNow(i) ?? (await cursor.peek(i))) === i ? cursor.reader.digest : undefined;
     return !(prev && prev.compare(digests, k * 32, k * 32 + 32) === 0);
   });
 };
@@ -339,19 +339,22 @@ function dirtyScan(dirty: Array<{ offset: number; length: number }>): ChangeDete
       if (e[2]) tw!.append(e[0], e[2], 0, e[2], SALT_LENGTH);
     };
     const tagOf = async (j: number): Promise<Buffer | undefined> => {
-      if (!ptags) return undefined;
-      const at = await ptags.lookup(j);
-      return at >= 0 ? Buffer.from(ptags.entries.subarray(at, at + ENTRY)) : undefined;
+      const at = ptags!.lookupNow(j) ?? (await ptags!.lookup(j));
+      return at >= 0 ? Buffer.from(ptags!.entries.subarray(at, at + ENTRY)) : undefined;
     };
-    /** Parent entries in [next, limit): recorded when `hold` is absent, else held (copied). */
+    /**
+     * Parent entries in [next, limit): recorded when `hold` is absent, else held (copied).
+     * Entries already in the readers' chunks are taken without an await (a qcow2 volume of
+     * 16 GiB with 4 GiB of data copies 8192 of them per snapshot).
+     */
     const parentUntil = async (limit: number, dirtyIdx: Set<number>, hold?: Kept[], dirtyPrev?: Map<number, Buffer>): Promise<void> => {
       for (;;) {
-        const j = await cursor.peek(next);
+        const j = cursor.peekNow(next) ?? (await cursor.peek(next));
         if (j < 0 || j >= limit) break;
-        const dg = (await cursor.lookup(j))!;
+        const dg = cursor.reader.digest; // the entry peek stopped on
         if (dirtyIdx.has(j)) dirtyPrev?.set(j, Buffer.from(dg));
-        else if (hold) hold.push([j, Buffer.from(dg), await tagOf(j)]);
-        else keep([j, dg, await tagOf(j)]);
+        else if (hold) hold.push([j, Buffer.from(dg), ptags ? await tagOf(j) : undefined]);
+        else keep([j, dg, ptags ? await tagOf(j) : undefined]);
         next = j + 1;
       }
       next = Math.max(next, limit);

@@ -268,11 +268,27 @@ export class ManifestReader {
 
   /** Next entry index, or -1 at the end (count and checksum verified by then). */
   async next(): Promise<number> {
-    if (this.finished) return -1;
-    if (this.pos >= this.chunk.length && !(await this.fill())) {
+    const now = this.nextBuffered();
+    if (now !== undefined) return now;
+    if (!(await this.fill())) {
       await this.finish();
       return -1;
     }
+    return this.take();
+  }
+
+  /**
+   * The next entry when it is already read, without I/O or an await (the scans copy thousands
+   * of parent entries, most from the chunk in memory); undefined when `next` must read.
+   */
+  nextBuffered(): number | undefined {
+    if (this.finished) return -1;
+    if (this.pos >= this.chunk.length) return undefined;
+    return this.take();
+  }
+
+  /** Consumes the entry at `pos` (there is one), checking its order. */
+  private take(): number {
     const o = this.pos;
     const index = this.chunk.readUInt32LE(o) + this.chunk.readUInt32LE(o + 4) * 0x100000000;
     if (!(index > this.lastIndex) || index >= this.blocks) {
@@ -328,15 +344,27 @@ export class ManifestCursor {
   /** The digest of block `index` (a view valid until the next call), or undefined when the
    * manifest has no entry for it (a zero block). Indexes must not decrease between calls. */
   async lookup(index: number): Promise<Buffer | undefined> {
-    if (this.current === -2) this.current = await this.reader.next();
-    while (this.current >= 0 && this.current < index) this.current = await this.reader.next();
-    return this.current === index ? this.reader.digest : undefined;
+    return (await this.peek(index)) === index ? this.reader.digest : undefined;
   }
 
   /** The next entry at or after `index`, or -1 (the cursor stays on it). */
   async peek(index: number): Promise<number> {
     if (this.current === -2) this.current = await this.reader.next();
-    while (this.current >= 0 && this.current < index) this.current = await this.reader.next();
+    while (this.current >= 0 && this.current < index) this.current = this.reader.nextBuffered() ?? (await this.reader.next());
+    return this.current;
+  }
+
+  /**
+   * As `peek`, where the entries up to the answer are already read (no await); undefined
+   * where `peek` would have to read. The digest of the entry it stops on is `reader.digest`.
+   */
+  peekNow(index: number): number | undefined {
+    if (this.current === -2) return undefined;
+    while (this.current >= 0 && this.current < index) {
+      const n = this.reader.nextBuffered();
+      if (n === undefined) return undefined;
+      this.current = n;
+    }
     return this.current;
   }
 

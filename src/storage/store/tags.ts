@@ -264,17 +264,21 @@ export class TagReader {
   }
 
   private async advance(): Promise<void> {
+    if (this.step()) return;
+    const n = Math.min(this.count - this.readCount, CHUNK_ENTRIES) * ENTRY;
+    this.chunk = await this.src.read(this.fileOffset, n);
+    if (this.chunk.length !== n) throw corrupt(this.file, 'tag file changed while it was read');
+    this.fileOffset += n;
+    this.pos = 0;
+    this.step();
+  }
+
+  /** Moves to the next entry (or the end) where that needs no read: false when it does. */
+  private step(): boolean {
     if (this.pos >= this.chunk.length) {
-      const left = this.count - this.readCount;
-      if (left <= 0) {
-        this.current = -1;
-        return;
-      }
-      const n = Math.min(left, CHUNK_ENTRIES) * ENTRY;
-      this.chunk = await this.src.read(this.fileOffset, n);
-      if (this.chunk.length !== n) throw corrupt(this.file, 'tag file changed while it was read');
-      this.fileOffset += n;
-      this.pos = 0;
+      if (this.count - this.readCount > 0) return false;
+      this.current = -1;
+      return true;
     }
     const o = this.pos;
     const index = this.chunk.readUInt32LE(o) + this.chunk.readUInt32LE(o + 4) * 0x100000000;
@@ -283,6 +287,7 @@ export class TagReader {
     this.current = index;
     this.readCount++;
     this.pos += ENTRY;
+    return true;
   }
 
   /**
@@ -290,8 +295,17 @@ export class TagReader {
    * or -1 when the file has none. Indexes must not decrease between calls.
    */
   async lookup(index: number): Promise<number> {
+    const now = this.lookupNow(index);
+    if (now !== undefined) return now;
     if (this.current === -2) await this.advance();
     while (this.current >= 0 && this.current < index) await this.advance();
+    return this.current === index ? this.pos - ENTRY + 8 : -1;
+  }
+
+  /** As `lookup`, where the entries up to the answer are already read (no await); else undefined. */
+  lookupNow(index: number): number | undefined {
+    if (this.current === -2 && !this.step()) return undefined;
+    while (this.current >= 0 && this.current < index) if (!this.step()) return undefined;
     return this.current === index ? this.pos - ENTRY + 8 : -1;
   }
 
