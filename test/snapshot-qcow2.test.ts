@@ -13,6 +13,7 @@ import { openImage } from '../src/image';
 import { assertClean, makeParent, qemuImgOk, qemuIo, run, guestBytes } from './helpers/qemu';
 import { needQemuNbd, qemuBitmaps, qemuDirtyRanges } from './helpers/qemu-bitmaps';
 import { cli } from './helpers/cli';
+import { withFaults } from '../src/storage/faults';
 
 const KiB = 1024;
 const MiB = 2 ** 20;
@@ -240,4 +241,38 @@ t.test('in-place restore into a qcow2 volume with a QEMU bitmap keeps the bitmap
     held.close();
   }
   t.ok(fs.readFileSync(vol).equals(before), 'and left byte for byte as it was');
+});
+
+t.test('a qcow2 volume written behind QEMU\'s back during the read is read again, all of it', { skip }, async (t) => {
+  // A writer that ignores the image's locks and bitmaps (here: bytes written straight into a
+  // data cluster of the file) is seen by the volume's mtime, which the read waits to be
+  // settled for (our own bitmap update moved it a moment before).
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vm.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', vol, '16M');
+  qemuIo(vol, ['write -P 0x11 0 2M', 'write -P 0x12 9M 1M']);
+  const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
+  qemuIo(vol, ['write -P 0x13 9M 4k']);
+  const map = JSON.parse(qemuImgOk('map', '--output=json', vol)) as { start: number; length: number; data: boolean; offset?: number }[];
+  const first = map.find((e) => e.data && e.start === 0 && e.offset !== undefined)!;
+  t.ok(first, 'guest offset 0 has a host cluster');
+  const logs: string[] = [];
+  let writes = 0;
+  const s2 = await snap.createSnapshot(
+    vol,
+    withFaults({ store, blockSize: BS, onLog: (m: string) => logs.push(m) }, {
+      afterChunk: (attempt) => {
+        if (attempt !== 1 || writes++) return;
+        const fd = fs.openSync(vol, 'r+');
+        fs.writeSync(fd, Buffer.alloc(4096, 0xee), 0, 4096, first.offset!);
+        fs.closeSync(fd);
+      },
+    }),
+  );
+  t.equal(writes, 1, 'the writer ran during the first read');
+  t.equal(s2.parentId, s1.id);
+  t.match(logs.join('\n'), /changed while it was being read.*starting over/, 'the change was seen');
+  t.match(s2.changeSourceReason ?? '', /written while it was read; every block was hashed on the retry/);
+  t.ok((await restored(store, s2.id, dir)).equals(guestBytes(vol)), 'the snapshot is the volume after the write');
 });

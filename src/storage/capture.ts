@@ -415,9 +415,16 @@ function sameStat(v: VolumeStat | null | undefined, st: NativeStat): boolean {
  */
 async function stableStat(file: BlockFile): Promise<NativeStat> {
   const st = file.stat();
-  if (BigInt(Date.now()) * 1_000_000n - st.mtimeNs >= 20_000_000n) return st;
-  await sleep(25);
+  const wait = unsettledMs(st);
+  if (!wait) return st;
+  await sleep(wait);
   return file.stat();
+}
+
+/** Milliseconds until "now" is 20 ms past `st`'s mtime (two ticks of a 100 Hz kernel clock): 0 when it is. */
+function unsettledMs(st: NativeStat): number {
+  const age = Number(BigInt(Date.now()) * 1_000_000n - st.mtimeNs) / 1e6;
+  return age >= 20 ? 0 : Math.ceil(20 - age) + 1;
 }
 
 /** The new manifest's writer, and the change tags' where they can be written. */
@@ -466,7 +473,11 @@ export async function capture(
   settings: CaptureSettings,
   readDone: () => Promise<void>,
 ): Promise<Captured> {
-  const st0 = await stableStat(file);
+  // A guest view's stat is not recorded (no volumeStat): it only has to be settled when the
+  // read starts, so the wait overlaps the setup below instead of coming first. For a qcow2
+  // volume it always came: adding our bitmap a moment ago moved its mtime (25 ms of a 0.3 s
+  // incremental; now the rest of ~20 ms after that update).
+  const st0 = settings.guest ? file.stat() : await stableStat(file);
   // One moment by clean pages where the filesystem allows it (see the note above): every
   // store from here on faults and moves mtime, so the second read pass is not needed.
   const byCleanPages = settings.prove && !settings.proveByReading && writesMoveMtime(file);
@@ -487,6 +498,8 @@ export async function capture(
     p = new ReadPipeline(store, file, rec, size, writer, tagWriter, settings);
     // Unchanged since the parent, proven by its identity and times (see sameStat): nothing to read.
     const unchanged = byCleanPages && !settings.guest && sameStat(parent?.volumeStat, st0);
+    const settle = settings.guest ? unsettledMs(st0) : 0;
+    if (settle) await sleep(settle); // from here on any write moves the mtime
     await pick(view, settings.guest, settings.reflink, unchanged)(p, view);
     await p.chunks.drain();
     if (settings.prove) await proveOneMoment(p);
