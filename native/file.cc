@@ -11,6 +11,7 @@
 #include <linux/fiemap.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -692,6 +693,71 @@ Napi::Value CloneRange(const Napi::CallbackInfo& info) {
   return Napi::Value();
 }
 
+// lstatDir(dir): the entries of a directory (not . or ..) with each one's st_mode and st_uid
+// as lstat gives them (symbolic links are not followed): { names, modes, uids }. One call for
+// what a readdir and an lstat per entry cost from JS (the store's trust check stats every
+// record file: ~1,200 of them in a store of 300 snapshots). An entry removed between the
+// readdir and its stat is left out; `dir` itself must not be a symbolic link (ENOTDIR).
+Napi::Value LstatDir(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string dir;
+  if (!ArgString(info, 0, "dir", &dir)) return Napi::Value();
+  int fd;
+  do {
+    fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) {
+    Throw(env, SysError::Errno(errno, "open", dir));
+    return Napi::Value();
+  }
+  DIR* d = ::fdopendir(fd);
+  if (d == nullptr) {
+    int e = errno;
+    ::close(fd);
+    Throw(env, SysError::Errno(e, "fdopendir", dir));
+    return Napi::Value();
+  }
+  std::vector<std::string> names;
+  std::vector<uint32_t> modes, uids;
+  SysError err;
+  for (;;) {
+    errno = 0;
+    struct dirent* e = ::readdir(d);
+    if (e == nullptr) {
+      if (errno != 0) err = SysError::Errno(errno, "readdir", dir);
+      break;
+    }
+    if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+    struct stat st;
+    if (::fstatat(fd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+      if (errno == ENOENT) continue;
+      err = SysError::Errno(errno, "lstat", dir + "/" + e->d_name);
+      break;
+    }
+    names.emplace_back(e->d_name);
+    modes.push_back(st.st_mode);
+    uids.push_back(st.st_uid);
+  }
+  ::closedir(d);  // closes fd
+  if (err.failed()) {
+    Throw(env, err);
+    return Napi::Value();
+  }
+  Napi::Array jn = Napi::Array::New(env, names.size());
+  Napi::Array jm = Napi::Array::New(env, names.size());
+  Napi::Array ju = Napi::Array::New(env, names.size());
+  for (size_t i = 0; i < names.size(); i++) {
+    jn.Set(static_cast<uint32_t>(i), Napi::String::New(env, names[i]));
+    jm.Set(static_cast<uint32_t>(i), Napi::Number::New(env, modes[i]));
+    ju.Set(static_cast<uint32_t>(i), Napi::Number::New(env, uids[i]));
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("names", jn);
+  o.Set("modes", jm);
+  o.Set("uids", ju);
+  return o;
+}
+
 }  // namespace
 
 void InitFile(Napi::Env env, Napi::Object exports) {
@@ -713,6 +779,7 @@ void InitFile(Napi::Env env, Napi::Object exports) {
   fn("fsyncAsync", FsyncAsync);
   fn("fallocate", FallocateSync);
   fn("fstat", FstatSync);
+  fn("lstatDir", LstatDir);
   fn("ftruncate", FtruncateSync);
   fn("extents", ExtentsSync);
   fn("fiemap", FiemapSync);

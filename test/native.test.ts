@@ -116,6 +116,26 @@ t.test('open errors carry code, errno and path as DisksnapError', async (t) => {
   await rejectsWith(t, () => n.open(existing, 1 << 10, 0), { code: 'EINVAL' }, 'unknown flag bits');
 });
 
+t.test('lstatDir gives what lstat gives for every entry, follows no link, and names what failed', async (t) => {
+  const dir = dirOf(t);
+  fs.writeFileSync(path.join(dir, 'file'), 'x');
+  fs.chmodSync(path.join(dir, 'file'), 0o606);
+  fs.mkdirSync(path.join(dir, 'sub'));
+  fs.symlinkSync('file', path.join(dir, 'link'));
+  fs.symlinkSync('nowhere', path.join(dir, 'dangling'));
+  const r = n.lstatDir(dir);
+  t.same([...r.names].sort(), ['dangling', 'file', 'link', 'sub'], 'every entry but . and ..');
+  r.names.forEach((name, i) => {
+    const st = fs.lstatSync(path.join(dir, name));
+    t.same({ mode: r.modes[i], uid: r.uids[i] }, { mode: st.mode, uid: st.uid }, `${name}: mode and uid as lstat gives them`);
+  });
+  t.same(n.lstatDir(path.join(dir, 'sub')), { names: [], modes: [], uids: [] }, 'an empty directory');
+  fs.symlinkSync('sub', path.join(dir, 'sublink'));
+  await rejectsWith(t, () => n.lstatDir(path.join(dir, 'sublink')), { code: 'ENOTDIR', path: path.join(dir, 'sublink') }, 'a link to a directory is not followed (O_NOFOLLOW with O_DIRECTORY)');
+  await rejectsWith(t, () => n.lstatDir(path.join(dir, 'gone')), { code: 'ENOENT', path: path.join(dir, 'gone') }, 'a missing directory');
+  await rejectsWith(t, () => n.lstatDir(path.join(dir, 'file')), { code: 'ENOTDIR' }, 'a file');
+});
+
 t.test('O_CLOEXEC is always set (a child process does not inherit the descriptor)', async (t) => {
   const { fd } = tempFile(t);
   const r = spawnSync('sh', ['-c', `test -e /proc/self/fd/${fd} && echo inherited || echo closed`], { encoding: 'utf8' });

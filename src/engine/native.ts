@@ -121,6 +121,8 @@ export interface NativeAddon {
   fsyncAsync(fd: number, dataOnly: boolean): Promise<void>;
   fallocate(fd: number, mode: number, offset: number, length: number): void;
   fstat(fd: number): NativeStat;
+  /** A directory's entries (not . or ..), each with st_mode and st_uid as lstat gives them; ENOTDIR for a link to one. */
+  lstatDir(dir: string): { names: string[]; modes: number[]; uids: number[] };
   ftruncate(fd: number, size: number): void;
   /** Data extents in [offset, offset+length) as pairs [start, length] (SEEK_DATA/SEEK_HOLE). */
   extents(fd: number, offset: number, length: number): Float64Array;
