@@ -123,8 +123,9 @@ t.test('an operation that fails while the gateway is down reports its own failur
   await t.rejects(withStoreLock(store, 'shared', {}, async () => 1), { message: /PUT locks\/shared/ }, 'after a success, a failed release is reported');
 });
 
-t.test('a snapshot that completed is not reported failed because the store failed a read after it (the retention-policy lookup)', async (t) => {
+t.test('a snapshot that completed is not reported failed because the store failed a read after it (the retention policy)', async (t) => {
   const dir = t.testdir();
+  let armed = false; // reads fail once a snapshot taken while armed has completed
   let completed = false;
   let failedReads = 0;
   setBackendFactory((root) => {
@@ -142,7 +143,7 @@ t.test('a snapshot that completed is not reported failed because the store faile
       putIfAbsent: (k, data) => d.putIfAbsent(k, data),
       put: async (k, data) => {
         await d.put(k, data);
-        if (/^snapshots\/.*\.json$/.test(k) && JSON.parse(Buffer.from(data).toString('utf8')).state === 'completed') completed = true;
+        if (armed && /^snapshots\/.*\.json$/.test(k) && JSON.parse(Buffer.from(data).toString('utf8')).state === 'completed') completed = true;
       },
       list: (p) => d.list(p),
       delete: (k) => d.delete(k),
@@ -150,10 +151,17 @@ t.test('a snapshot that completed is not reported failed because the store faile
   });
   t.teardown(() => setBackendFactory(undefined));
   const vol = path.join(dir, 'vol.img');
+  const store = path.join(dir, 'store');
   makeImage(vol, 2 * MiB, [{ offset: 0, length: MiB, seed: 3 }]);
-  const s = await snap.createSnapshot(vol, { store: path.join(dir, 'store'), blockSize: BS });
+  await snap.createSnapshot(vol, { store, blockSize: BS });
+  // the policy is applied after each snapshot completes: it lists the volume's snapshots
+  await snap.setVolumeRetention(vol, { last: 1 }, { store });
+  armed = true;
+  const logs: string[] = [];
+  const s = await snap.createSnapshot(vol, { store, blockSize: BS, onLog: (m: string) => logs.push(m) });
   t.equal(s.state, 'completed', 'the completed snapshot is what the call returns');
   t.ok(failedReads > 0, `the store failed ${failedReads} read(s) after it completed`);
+  t.match(logs.join('\n'), /retention policy of volume .* could not be applied: GET .* failed/, 'the failure is reported, not thrown');
 });
 
 t.test('a server that takes a request and never answers: a clear error after the attempts, not a hang', async (t) => {

@@ -8,6 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { decide, PrunePolicy } from '../src/storage/prune';
 import { cli } from './helpers/cli';
+import * as snap from '../src/storage';
 
 function snaps(times: string[], tags: Record<number, Record<string, string>> = {}) {
   return times.map((startTime, i) => ({ id: `snap-${String(i).padStart(16, '0')}`, volumeId: 'vol-1', startTime, tags: tags[i] ?? {} }));
@@ -206,4 +207,25 @@ t.test('volume policy: the rules run after each snapshot of the volume, which is
   const bad = cli(['snapshot', 'create', a, '--store', store]);
   t.equal(bad.status, 1);
   t.match(bad.stderr, /retention' has no rule/);
+});
+
+t.test("the library applies a volume's retention policy after each snapshot, with or without onPrune", async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'v.img');
+  const take = async (fill: number, opts: Partial<snap.CreateSnapshotOptions> = {}) => {
+    fs.writeFileSync(vol, Buffer.alloc(1 << 20, fill));
+    return (await snap.createSnapshot(vol, { store, ...opts })).id;
+  };
+  const ids = async () => (await snap.listSnapshots({ store })).snapshots.map((s) => s.id);
+  const s1 = await take(1);
+  await snap.setVolumeRetention(vol, { last: 2 }, { store });
+  const s2 = await take(2);
+  const s3 = await take(3); // no onPrune: the policy applies all the same
+  t.same(await ids(), [s2, s3], 'the oldest went when the third was taken');
+  const reports: snap.PruneReport[] = [];
+  const s4 = await take(4, { onPrune: (r) => reports.push(r) });
+  t.same(await ids(), [s3, s4]);
+  t.same(reports.map((r) => r.removed.map((d) => d.id)), [[s2]], 'onPrune hears what went');
+  t.notOk((await ids()).includes(s1));
 });

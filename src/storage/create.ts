@@ -92,7 +92,10 @@ export async function createSnapshot(volume: string, opts: CreateSnapshotOptions
   const { out, policy } = await takeSnapshot(volume, opts);
   if (out.state !== 'completed' || !policy) return out;
   try {
-    opts.onPrune?.(await pruneSnapshots(policy, { ...opts, volume: out.volumeId, protect: { ids: [out.id], reason: 'just taken' } }));
+    // (not `onPrune?.(await pruneSnapshots(...))`: an optional call skips its arguments, and
+    // the policy then went unapplied for every caller without onPrune)
+    const report = await pruneSnapshots(policy, { ...opts, volume: out.volumeId, protect: { ids: [out.id], reason: 'just taken' } });
+    opts.onPrune?.(report);
   } catch (e) {
     opts.onLog?.(`the retention policy of volume ${out.volumeId} could not be applied: ${(e as Error).message}`);
   }
