@@ -62,3 +62,13 @@ t.test('no cache, or a cache too short to hold a digest: compiled as usual', asy
   fs.writeFileSync(short, Buffer.alloc(16));
   t.same(load(BUNDLE, short), { state: 'stale', version: VERSION });
 });
+
+t.test('a build whose training cannot run keeps no cache, says why, and does not fail', async (t) => {
+  const kept = fs.readFileSync(CACHE);
+  t.teardown(() => fs.writeFileSync(CACHE, kept)); // the build's own cache, for the tests after this one
+  const r = spawnSync(process.execPath, [path.join(DIST, 'code-cache.js')], { encoding: 'utf8', env: { ...process.env, TMPDIR: path.join(dir, 'no-such-dir') } });
+  t.equal(r.status, 0, 'the build goes on');
+  t.match(r.stderr, /disksnap build: no code cache for the CLI \(it still works, starting ~40 ms slower\): .*no-such-dir/);
+  t.notOk(fs.existsSync(CACHE), 'no cache is left, not even the previous one');
+  t.same(load(BUNDLE, CACHE), { state: 'absent', version: VERSION }, 'and the CLI still runs');
+});
