@@ -81,6 +81,26 @@ t.test('a manifest with more entries than one read chunk streams in order (curso
   await r.close();
 });
 
+/**
+ * Walks `probes` with a synchronous answer (`now`, undefined where it must read) falling back
+ * to the awaited one (`later`), against a second reader's awaited answers (`ref`); `own` says
+ * what is wrong with the entry an answer points at. Counts answers without and with a read.
+ */
+async function walkBoth<T>(probes: Iterable<number>, now: (i: number) => T | undefined, later: (i: number) => Promise<T>, ref: (i: number) => Promise<T>, own: (i: number, got: T) => string): Promise<{ now: number; waited: number; bad: string }> {
+  const r = { now: 0, waited: 0, bad: '' };
+  for (const i of probes) {
+    const want = await ref(i);
+    let got = now(i);
+    if (got === undefined) {
+      r.waited++;
+      got = await later(i);
+    } else r.now++;
+    r.bad = got !== want ? `index ${i}: the fast path gave ${String(got)}, the awaited one alone ${String(want)}` : own(i, got);
+    if (r.bad) break;
+  }
+  return r;
+}
+
 t.test('peekNow answers as peek does where the entries are read, and only there', async (t) => {
   const dir = t.testdir();
   const entries = Array.from({ length: 60000 }, (_, i) => i * 3);
@@ -89,26 +109,12 @@ t.test('peekNow answers as peek does where the entries are read, and only there'
   const fast = await open();
   const ref = await open();
   t.equal(fast.peekNow(0), undefined, 'nothing read yet: peek must read');
-  let now = 0;
-  let waited = 0;
   // every index across the first two chunk boundaries (26214 entries each), then sparse steps
   const probes = [...Array.from({ length: 160000 }, (_, i) => i), 170000, 179996, 179997, 179998, 200000];
-  for (const i of probes) {
-    const want = await ref.peek(i);
-    let got = fast.peekNow(i);
-    if (got === undefined) {
-      waited++;
-      got = await fast.peek(i);
-    } else now++;
-    if (got !== want) {
-      t.fail(`index ${i}: peekNow/peek gave ${got}, peek alone ${want}`);
-      break;
-    }
-    if (got >= 0 && !fast.reader.digest.equals(digestOf(got))) {
-      t.fail(`index ${i}: the digest beside entry ${got} is not its own`);
-      break;
-    }
-  }
+  const { now, waited, bad } = await walkBoth(probes, (i) => fast.peekNow(i), (i) => fast.peek(i), (i) => ref.peek(i), (i, got) =>
+    got >= 0 && !fast.reader.digest.equals(digestOf(got)) ? `index ${i}: the digest beside entry ${got} is not its own` : '',
+  );
+  t.equal(bad, '', 'the same answer, and the digest beside it is its entry\'s');
   t.ok(now > 150000, `answered without a read ${now} times`);
   t.equal(waited, 4, 'waited for a read only at the start, where the 2nd and 3rd chunks begin, and for the trailer');
   await fast.finish();
@@ -135,19 +141,9 @@ t.test('a tag file: lookupNow answers as lookup does where the entries are read,
   const fast = (await TagReader.open(be, header, tk))!;
   const ref = (await TagReader.open(be, header, tk))!;
   t.equal(fast.lookupNow(0), undefined, 'nothing read yet: lookup must read');
-  let now = 0;
-  let waited = 0;
-  let bad = '';
-  for (let i = 0; i < 240010 && !bad; i++) {
-    const want = await ref.lookup(i);
-    let got = fast.lookupNow(i);
-    if (got === undefined) {
-      waited++;
-      got = await fast.lookup(i);
-    } else now++;
-    if (got !== want) bad = `block ${i}: lookupNow/lookup gave ${got}, lookup alone ${want}`;
-    else if (got >= 0 && (fast.entries.readUInt32LE(got) !== i / 3 || fast.entries.readUInt32LE(got + 8) !== (i / 3) * 7)) bad = `block ${i}: salt or tag is not its own`;
-  }
+  const { now, waited, bad } = await walkBoth(Array.from({ length: 240010 }, (_, i) => i), (i) => fast.lookupNow(i), (i) => fast.lookup(i), (i) => ref.lookup(i), (i, got) =>
+    got >= 0 && (fast.entries.readUInt32LE(got) !== i / 3 || fast.entries.readUInt32LE(got + 8) !== (i / 3) * 7) ? `block ${i}: salt or tag is not its own` : '',
+  );
   t.equal(bad, '', 'the same answer, and the entry it points at is the block\'s');
   t.ok(now > 239000, `answered without a read ${now} times`);
   t.equal(waited, 3, 'waited for a read only at the start and where the 2nd and 3rd chunks begin');
