@@ -5,9 +5,10 @@
  * and retries through a proxy that resets connections and answers 503 at random without
  * ever yielding a wrong byte.
  */
-import t from 'tap';
+import t, { Test } from 'tap';
 import { createHash, randomBytes } from 'node:crypto';
-import { S3Backend, parseS3Url } from '../src/storage/store/s3';
+import { OPEN_PREFETCH, S3Backend, parseS3Url } from '../src/storage/store/s3';
+import { S3Client } from '@aws-sdk/client-s3';
 import { S3Lease, S3StoreLock, leaseIsLive } from '../src/storage/store/s3-lease';
 import { isDisksnapError } from '../src/engine/errors';
 import { ceph, cephMissing, newBucket } from './helpers/ceph';
@@ -15,6 +16,19 @@ import { startFaultProxy } from './helpers/s3-fault-proxy';
 
 const skip = cephMissing();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** The requests every S3 client sends from now until the test ends: command, Range, If-Match form. */
+function recordSends(t: Test): string[] {
+  const sent: string[] = [];
+  const send = S3Client.prototype.send;
+  S3Client.prototype.send = function (this: S3Client, cmd: { constructor: { name: string }; input: { Range?: string; IfMatch?: string } }, ...rest: unknown[]) {
+    const m = cmd.input.IfMatch;
+    sent.push(`${cmd.constructor.name.replace('Command', '')}${cmd.input.Range ? ` ${cmd.input.Range}` : ''}${m ? ` If-Match ${m.startsWith('"') ? 'quoted' : 'bare'}` : ''}`);
+    return (send as (...a: unknown[]) => unknown).call(this, cmd, ...rest);
+  } as typeof send;
+  t.teardown(() => void (S3Client.prototype.send = send));
+  return sent;
+}
 
 t.test('s3:// URLs: bucket and prefix are parsed, bad ones refused with the reason', async (t) => {
   t.same(parseS3Url('s3://bkt'), { bucket: 'bkt', prefix: '' });
@@ -59,6 +73,42 @@ t.test('against the gateway', { skip }, async (t) => {
     t.equal(await b.delete('snapshots/x.json'), false, 'false when it was not there');
     await t.rejects(b.get('snapshots/x.json'), { code: 'ENOENT' });
     t.equal(await other.stat('snapshots/x.json'), 11);
+  });
+
+  t.test('open: a small object is read in one request; past the prefetch, ranged GETs that refuse a replaced object', async (t) => {
+    const b = new S3Backend(await newBucket('open'));
+    t.teardown(() => b.destroy());
+    const sent = recordSends(t);
+
+    const small = randomBytes(82_088);
+    await b.put('snapshots/s.map', small);
+    sent.length = 0;
+    const rs = await b.open('snapshots/s.map');
+    t.equal(rs.size, small.length);
+    t.same(await rs.read(0, 40), small.subarray(0, 40));
+    t.same(await rs.read(40, 65_536), small.subarray(40, 65_576));
+    t.same(await rs.read(small.length - 24, 24), small.subarray(small.length - 24));
+    t.same(sent, [`GetObject bytes=0-${OPEN_PREFETCH - 1}`], 'open and three reads: one GET, no HEAD');
+
+    const big = randomBytes(OPEN_PREFETCH * 2 + 12_345);
+    await b.put('snapshots/b.map', big);
+    sent.length = 0;
+    const rb = await b.open('snapshots/b.map');
+    t.equal(rb.size, big.length);
+    t.same(await rb.read(1000, 5000), big.subarray(1000, 6000), 'inside the prefetch');
+    t.equal(sent.length, 1);
+    t.same(await rb.read(OPEN_PREFETCH - 10, 100), big.subarray(OPEN_PREFETCH - 10, OPEN_PREFETCH + 90), 'across its end: a ranged GET');
+    t.same(await rb.read(big.length - 5, 100), big.subarray(big.length - 5), 'short only at the end');
+    t.same(sent.slice(1), [`GetObject bytes=${OPEN_PREFETCH - 10}-${OPEN_PREFETCH + 89} If-Match quoted`, `GetObject bytes=${big.length - 5}-${big.length - 1} If-Match quoted`], 'on the ETag of the first answer');
+    await b.put('snapshots/b.map', randomBytes(big.length));
+    t.same(await rb.read(0, 10), big.subarray(0, 10), 'the prefetched bytes are those of the object opened');
+    await t.rejects(rb.read(OPEN_PREFETCH, 10), 'a read past the prefetch of a replaced object fails (If-Match)');
+
+    await b.put('snapshots/empty', Buffer.alloc(0));
+    const re = await b.open('snapshots/empty');
+    t.equal(re.size, 0, 'an empty object (416 to the ranged GET) opens with size 0');
+    t.same((await re.read(0, 10)).length, 0);
+    await t.rejects(b.open('snapshots/none'), { code: 'ENOENT', message: /snapshots\/none: no such object/ });
   });
 
   t.test('list walks every page, recursively, only under its prefix, with store-relative keys', async (t) => {
@@ -171,6 +221,29 @@ t.test('against the gateway', { skip }, async (t) => {
     await t.rejects(d1.renew(), { code: 'ELOCKED' }, 'only one handle holds the current ETag');
   });
 
+  t.test('lease requests: the first If-Match sends both ETag forms at once, later ones the form the server took; a holder\'s own lease goes with one DELETE', async (t) => {
+    const b = new S3Backend(await newBucket('lease-req'));
+    t.teardown(() => b.destroy());
+    const sent = recordSends(t);
+    const l = await S3Lease.take(b, 'locks/shared/h1', { purpose: 'test', holder: 'h1' });
+    t.same(sent, ['PutObject'], 'taken with one PUT (If-None-Match)');
+    sent.length = 0;
+    await l.renew();
+    t.same([...sent].sort(), ['PutObject If-Match bare', 'PutObject If-Match quoted'], 'the first renewal: both forms, one round trip');
+    sent.length = 0;
+    await l.renew();
+    await l.renew();
+    t.same(sent, ['PutObject If-Match bare', 'PutObject If-Match bare'], 'then only the form RGW matches');
+    t.ok(leaseIsLive((await S3Lease.inspect(b, 'locks/shared/h1'))?.body), 'and the lease is live');
+    sent.length = 0;
+    await l.release({ remove: true });
+    t.same(sent, ['DeleteObject'], 'released by removing it: one request');
+    t.equal(await b.stat('locks/shared/h1'), undefined);
+    const m = await S3Lease.take(b, 'locks/gc', { purpose: 'test' });
+    await m.release();
+    t.notOk(leaseIsLive((await S3Lease.inspect(b, 'locks/gc'))?.body), 'a shared key is marked released, not removed');
+  });
+
   t.test('store lock: writers share, gc is exclusive both ways, gc waits for writers, a crashed writer\'s lease runs out', async (t) => {
     const b = new S3Backend(await newBucket('lock'));
     t.teardown(() => b.destroy());
@@ -240,6 +313,12 @@ t.test('against the gateway', { skip }, async (t) => {
     const bigKey = [...objects].find(([, d]) => d === big)![0];
     const r = await b.open(bigKey);
     for (let off = 0; off < big.length; off += 100_000) t.same(await r.read(off, 100_000), big.subarray(off, off + 100_000));
+    // past what open fetches first: ranged GETs through the faults too
+    const large = randomBytes(OPEN_PREFETCH * 3 + 777);
+    await direct.put('snapshots/large', large);
+    const rl = await b.open('snapshots/large');
+    t.equal(rl.size, large.length);
+    for (let off = 0; off < large.length; off += 700_000) t.same(await rl.read(off, 700_000), large.subarray(off, off + 700_000));
     t.ok(proxy.counts.reset > 0 && proxy.counts.cut > 0 && proxy.counts.err503 > 0, `faults happened: ${JSON.stringify(proxy.counts)}`);
     t.ok(retries > 0, `${retries} retries`);
   });

@@ -7,7 +7,8 @@
  *             PUT key, If-Match: <its ETag> (412 again: another taker won -> ELOCKED)
  *   renew     PUT key, If-Match: <our ETag>        412: the lease ran out and was taken
  *   release   PUT key, If-Match: <our ETag> with `released: true`; a lease whose key is unique
- *             to its holder (a writer's) is then deleted
+ *             to its holder (a writer's, a shared lock's) is deleted instead: nobody else
+ *             writes such a key
  *
  * Body: {holder, host, pid, purpose, acquired, expires (ms since the epoch), released}. A
  * holder renews every ttl/3 (`startHeartbeat`), so a crashed holder's lease runs out within
@@ -209,10 +210,12 @@ export class S3Lease {
     await this.renewing;
     await this.queue;
     if (this.lost) return;
+    // A key unique to its holder is written by nobody else (others only delete it once it
+    // ran out): it goes in one request, without being marked released first.
+    if (opts.remove) return void (await this.backend.remove(this.key));
     const etag = await this.backend.putConditional(this.key, this.body(true), this.etag);
     if (etag === undefined) return; // ran out and taken by another holder: not ours to touch
     this.etag = etag;
-    if (opts.remove) await this.backend.remove(this.key); // just PUT by us: no HEAD first
   }
 }
 

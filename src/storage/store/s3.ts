@@ -134,6 +134,9 @@ class Gate {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** Bytes the first request of `open` fetches (see there). */
+export const OPEN_PREFETCH = 1024 * 1024;
+
 /** What an S3/SDK/socket error is, as far as retrying and messages go. */
 interface Classified {
   status: number | undefined;
@@ -365,20 +368,39 @@ export class S3Backend implements StoreBackend {
     );
   }
 
+  /**
+   * A ranged reader. Its first request is a GET of the first OPEN_PREFETCH bytes, which also
+   * tells the size and the ETag: an object that small (a manifest or tag file of a volume up to
+   * ~25 GiB) is then read in that one round trip, not a HEAD and ranged GETs. Reads past the
+   * prefetched bytes are ranged GETs with If-Match on that ETag: a replaced object is an error.
+   */
   async open(key: string): Promise<ObjectReader> {
-    const h = await this.head(key);
-    if (!h) throw new DisksnapError(`${this.describe(key)}: no such object`, 'ENOENT', 2, this.describe(key));
     const Key = this.objectKey(key);
-    const size = h.size;
+    const first = await this.attempt(
+      'GET',
+      key,
+      async () => {
+        const r = await this.client.send(new (sdk().GetObjectCommand)({ Bucket: this.bucket, Key, Range: `bytes=0-${OPEN_PREFETCH - 1}` }));
+        const data = await readBody(r.Body as Readable, r.ContentLength, undefined);
+        // "bytes 0-N/TOTAL"; a server that ignores Range answers 200 with the whole object
+        const total = /\/(\d+)$/.exec(r.ContentRange ?? '');
+        return { size: total ? Number(total[1]) : data.length, etag: r.ETag ?? '', data };
+      },
+      // 416: an empty object has no byte 0 (the HEAD below tells its size and ETag)
+      (c) => (c.status === 416 || c.name === 'InvalidRange' ? { value: undefined } : undefined),
+    ); // a missing object: ENOENT, "no such object"
+    const h = first ?? (await this.head(key));
+    if (!h) throw new DisksnapError(`${this.describe(key)}: no such object`, 'ENOENT', 2, this.describe(key));
+    const { size, etag } = h;
+    const head = first?.data ?? Buffer.alloc(0);
     return {
       size,
       read: async (offset, length) => {
         const end = Math.min(size, offset + length);
         if (offset >= end) return Buffer.alloc(0);
+        if (end <= head.length) return Buffer.from(head.subarray(offset, end));
         return this.attempt('GET', key, async () => {
-          const r = await this.client.send(
-            new (sdk().GetObjectCommand)({ Bucket: this.bucket, Key, Range: `bytes=${offset}-${end - 1}`, IfMatch: h.etag || undefined }),
-          );
+          const r = await this.client.send(new (sdk().GetObjectCommand)({ Bucket: this.bucket, Key, Range: `bytes=${offset}-${end - 1}`, IfMatch: etag || undefined }));
           return readBody(r.Body as Readable, end - offset, undefined);
         });
       },
@@ -429,15 +451,13 @@ export class S3Backend implements StoreBackend {
     const bare = ifMatch.replace(/^"|"$/g, '');
     if (this.bareEtags !== undefined) return this.putIf(key, data, this.bareEtags ? bare : `"${bare}"`);
     // RGW 16 matches If-Match on PUT against the bare ETag, AWS against the quoted one: the
-    // first If-Match learns which. A 412 to both forms means the ETag is not the object's.
-    const quoted = await this.putIf(key, data, `"${bare}"`);
-    if (quoted !== undefined) {
-      this.bareEtags = false;
-      return quoted;
-    }
-    const plain = await this.putIf(key, data, bare);
-    if (plain !== undefined) this.bareEtags = true;
-    return plain;
+    // first If-Match learns which, sending both forms at once (one round trip, not two). At
+    // most one can match: the other finds the object changed (or, should a lenient server
+    // take both, the same bytes are written twice). A 412 to both: the ETag is not the object's.
+    const [quoted, plain] = await Promise.all([this.putIf(key, data, `"${bare}"`), this.putIf(key, data, bare)]);
+    if (quoted !== undefined) this.bareEtags = false;
+    else if (plain !== undefined) this.bareEtags = true;
+    return quoted ?? plain;
   }
 
   private async putIf(key: string, data: Uint8Array, ifMatch: string | undefined): Promise<string | undefined> {
