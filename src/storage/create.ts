@@ -171,7 +171,7 @@ async function volumeAndKeys(store: Store, real: string, file: BlockFile, opts: 
   }
   const codec = known?.encrypted ? sealedCodec(await new KeyRing(opts.key).forId(store, known.keyId!, `volume ${real} (${known.id})`)) : PLAIN_CODEC;
   const tk = opts.changeTags === false ? undefined : codec.keys ? tagKeyFrom(codec.keys.tag) : await store.plainTagKey();
-  const vol = await ensureVolume(store, real, file, file.stat());
+  const vol = await ensureVolume(store, real, file, file.stat(), known);
   if (vol.inPlaceRestore) {
     const r = vol.inPlaceRestore;
     throw busy(

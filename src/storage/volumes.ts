@@ -55,14 +55,14 @@ export async function registerVolume(volume: string, opts: RegisterVolumeOptions
     const store = await Store.open(opts.store, { create: true, blockSize: opts.blockSize });
     return await withStoreLock(store, 'shared', opts, async () => {
       const existing = await findVolumeByPath(store, real);
-      if (!opts.encrypted) return ensureVolume(store, real, file, file.stat());
+      if (!opts.encrypted) return ensureVolume(store, real, file, file.stat(), existing);
       if (existing?.encrypted) {
         await ring.forId(store, existing.keyId!, `volume ${real} (${existing.id})`);
-        return ensureVolume(store, real, file, file.stat());
+        return ensureVolume(store, real, file, file.stat(), existing);
       }
       if (existing) await refusePlainSnapshots(store, existing);
       const keys = await ring.forNew(store, `volume register --encrypted ${real}`);
-      const rec = await ensureVolume(store, real, file, file.stat());
+      const rec = await ensureVolume(store, real, file, file.stat(), existing);
       rec.encrypted = true;
       rec.keyId = keys.id;
       await store.writeVolume(rec);
@@ -94,10 +94,13 @@ export function volumeIdFor(real: string): string {
   return `vol-${createHash('sha256').update(`disksnap volume\0${real}`).digest('hex').slice(0, 16)}`;
 }
 
-/** The record of the volume at `real`, created when the store has none; size and identity kept current. */
-export async function ensureVolume(store: Store, real: string, file: BlockFile, st: NativeStat): Promise<VolumeRecord> {
+/**
+ * The record of the volume at `real`, created when the store has none; size and identity kept
+ * current. `known`: the record the caller just found for `real` (saves a second listing).
+ */
+export async function ensureVolume(store: Store, real: string, file: BlockFile, st: NativeStat, known?: VolumeRecord): Promise<VolumeRecord> {
   const size = volumeSizeOf(file, st);
-  const existing = (await findVolumeByPath(store, real)) ?? (await createVolume(store, real, size, st));
+  const existing = known ?? (await findVolumeByPath(store, real)) ?? (await createVolume(store, real, size, st));
   if (existing.size !== size || existing.dev !== st.dev || existing.ino !== String(st.ino)) {
     existing.size = size;
     existing.dev = st.dev;
