@@ -76,3 +76,24 @@ for (const c of cases) {
     t.equal(sha256(file), before, 'the file is byte for byte unchanged');
   });
 }
+
+t.test('the metadata cluster set answers hasFast as a Set would, through adds, deletes and clears after its bit array was built', async (t) => {
+  const { ClusterSet } = await import('../src/image/qcow2/refcounts');
+  const s = new ClusterSet();
+  const ref = new Set<number>();
+  let x = 7;
+  const rnd = (n: number) => ((x = (x * 1103515245 + 12345) % 2 ** 31) % n);
+  let wrong = 0;
+  for (let step = 0; step < 20_000; step++) {
+    const r = rnd(100);
+    // mostly small indices, some past the bit array's current end, a few past its limit
+    const c = r < 2 ? 2 ** 27 + rnd(1000) : rnd(r < 20 ? 1 << 20 : 4096);
+    if (r < 50) (s.add(c), ref.add(c));
+    else if (r < 70) (s.delete(c), ref.delete(c));
+    else if (r === 99 && rnd(50) === 0) (s.clear(), ref.clear());
+    else if (s.hasFast(c) !== ref.has(c)) wrong++;
+    if (step % 997 === 0) for (const v of [0, 1, 4095, 2 ** 27, ...ref]) if (s.hasFast(v) !== ref.has(v)) wrong++;
+  }
+  t.equal(wrong, 0, 'no lookup differs from the Set');
+  t.equal(s.size, ref.size);
+});

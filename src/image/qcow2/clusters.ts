@@ -235,7 +235,7 @@ export abstract class ClusterLayer extends RefcountLayer {
       if (hi & (HI_COMPRESSED | HI_RESERVED_L2) || lo & LO_RESERVED_L2) return false;
       const off = entryOffset(hi, lo);
       if (off === 0) continue;
-      if (off % cs !== 0 || off >= this.fileSize || this.metaClusters.has(off / cs)) return false;
+      if (off % cs !== 0 || off >= this.fileSize || this.metaClusters.hasFast(off / cs)) return false;
     }
     return true;
   }
