@@ -136,6 +136,21 @@ t.test('lstatDir gives what lstat gives for every entry, follows no link, and na
   await rejectsWith(t, () => n.lstatDir(path.join(dir, 'file')), { code: 'ENOTDIR' }, 'a file');
 });
 
+t.test('timestampTickNs is the tick file times are stamped with: a write one tick or more after another gets a later mtime', async (t) => {
+  const tick = n.timestampTickNs();
+  t.ok([1e6, 1e9 / 300, 4e6, 1e7].some((ns) => Math.abs(tick - ns) < 1000), `${tick} ns: the tick of a 1000, 300, 250 or 100 Hz kernel`);
+  const { file, fd } = tempFile(t);
+  let later = 0;
+  for (let i = 0; i < 20; i++) {
+    n.pwrite(fd, Buffer.from([i]), 0);
+    const a = fs.statSync(file, { bigint: true }).mtimeNs;
+    await new Promise((r) => setTimeout(r, Math.ceil((2 * tick) / 1e6)));
+    n.pwrite(fd, Buffer.from([i + 1]), 0);
+    if (fs.statSync(file, { bigint: true }).mtimeNs > a) later++;
+  }
+  t.equal(later, 20, 'two ticks apart: every second write moved the mtime');
+});
+
 t.test('O_CLOEXEC is always set (a child process does not inherit the descriptor)', async (t) => {
   const { fd } = tempFile(t);
   const r = spawnSync('sh', ['-c', `test -e /proc/self/fd/${fd} && echo inherited || echo closed`], { encoding: 'utf8' });

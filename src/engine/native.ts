@@ -123,6 +123,8 @@ export interface NativeAddon {
   fstat(fd: number): NativeStat;
   /** A directory's entries (not . or ..), each with st_mode and st_uid as lstat gives them; ENOTDIR for a link to one. */
   lstatDir(dir: string): { names: string[]; modes: number[]; uids: number[] };
+  /** Resolution of CLOCK_REALTIME_COARSE (ns), the clock file mtimes are stamped from; 0 if unknown. */
+  timestampTickNs(): number;
   ftruncate(fd: number, size: number): void;
   /** Data extents in [offset, offset+length) as pairs [start, length] (SEEK_DATA/SEEK_HOLE). */
   extents(fd: number, offset: number, length: number): Float64Array;

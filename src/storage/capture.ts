@@ -421,10 +421,28 @@ async function stableStat(file: BlockFile): Promise<NativeStat> {
   return file.stat();
 }
 
-/** Milliseconds until "now" is 20 ms past `st`'s mtime (two ticks of a 100 Hz kernel clock): 0 when it is. */
+let settleMs: number | undefined;
+
+/**
+ * How far past a file's mtime "now" must be for every later write to move it: two ticks of the
+ * coarse clock the kernel stamps mtimes from (a write one tick later gets a later time), and a
+ * millisecond for Date.now's rounding. 9 ms on a 250 Hz kernel (these VMs), 21 at 100 Hz,
+ * and 21 where the kernel does not tell its tick. A qcow2 snapshot waited up to 20 ms here after
+ * adding its bitmap (~10 ms of a 0.23 s incremental; ~0 now).
+ */
+function settle(): number {
+  if (settleMs === undefined) {
+    const tick = native().timestampTickNs() / 1e6;
+    settleMs = tick > 0 ? 2 * tick + 1 : 21;
+  }
+  return settleMs;
+}
+
+/** Milliseconds until "now" is settle() past `st`'s mtime: 0 when it is. */
 function unsettledMs(st: NativeStat): number {
   const age = Number(BigInt(Date.now()) * 1_000_000n - st.mtimeNs) / 1e6;
-  return age >= 20 ? 0 : Math.ceil(20 - age) + 1;
+  const need = settle();
+  return age >= need ? 0 : Math.ceil(need - age);
 }
 
 /** The new manifest's writer, and the change tags' where they can be written. */
@@ -476,7 +494,7 @@ export async function capture(
   // A guest view's stat is not recorded (no volumeStat): it only has to be settled when the
   // read starts, so the wait overlaps the setup below instead of coming first. For a qcow2
   // volume it always came: adding our bitmap a moment ago moved its mtime (25 ms of a 0.3 s
-  // incremental; now the rest of ~20 ms after that update).
+  // incremental; now the rest of settle() after that update).
   const st0 = settings.guest ? file.stat() : await stableStat(file);
   // One moment by clean pages where the filesystem allows it (see the note above): every
   // store from here on faults and moves mtime, so the second read pass is not needed.
