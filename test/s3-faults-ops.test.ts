@@ -32,8 +32,13 @@ const BS = 64 * KiB;
 const TTL = 6000;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-// A gateway of our own (see ownGateway); leases of killed holders run out in 6 s.
+// A gateway of our own (see ownGateway); leases of killed holders run out in 6 s. Its
+// directory is its port's default: a DISKSNAP_CEPH_DIR inherited from the shared cluster's env
+// file would make our `stop` remove the shared cluster under every other test file.
+const sharedPort = process.env.DISKSNAP_CEPH_PORT;
+const sharedDir = process.env.DISKSNAP_CEPH_DIR;
 process.env.DISKSNAP_CEPH_PORT = process.env.DISKSNAP_CEPH_OWN_PORT ?? '7490';
+delete process.env.DISKSNAP_CEPH_DIR;
 process.env.DISKSNAP_S3_LEASE_TTL_MS = String(TTL);
 
 async function countBlocks(url: string): Promise<number> {
@@ -207,7 +212,9 @@ async function ownGateway(t: Tap.Test): Promise<Awaited<ReturnType<typeof ceph>>
       spawnSync('bash', [CEPH_SCRIPT, 'stop'], { timeout: 120_000 });
     }
   }
-  delete process.env.DISKSNAP_CEPH_PORT;
+  if (sharedPort === undefined) delete process.env.DISKSNAP_CEPH_PORT;
+  else process.env.DISKSNAP_CEPH_PORT = sharedPort;
+  if (sharedDir !== undefined) process.env.DISKSNAP_CEPH_DIR = sharedDir;
   t.comment('using the shared gateway');
   const s3 = await ceph();
   t.teardown(() => void spawnSync('bash', [CEPH_SCRIPT, 'start'], { timeout: 300_000 })); // leave it up
