@@ -51,6 +51,12 @@ import { Captured, abortQuietly, percentOf } from './lifecycle';
 /** The volume moved while it was being read: the attempt is thrown away (and retried). */
 export class VolumeChanged extends Error {}
 
+/** Blocks read into a pool buffer and hashed there (ReadPipeline.readAndHash). */
+export interface Hashed {
+  buf: Buffer;
+  again: BlockHashes;
+}
+
 /** What the parent snapshot offers a change-detection path (each part only where usable). */
 export interface ParentView {
   /** the parent's manifest: its digest of each block */
@@ -299,25 +305,46 @@ export class ReadPipeline {
    * fresh hashes (it may throw VolumeChanged) and says whether to store it. Returns the hashes.
    */
   async readAndStore(group: number[], decide: (k: number, again: BlockHashes) => boolean): Promise<BlockHashes> {
+    return this.storeHashed(await this.readAndHash(group), group, decide);
+  }
+
+  /**
+   * The first half of readAndStore: blocks `group` read into a pool buffer and hashed there.
+   * The caller owns the buffer: it passes the result to storeHashed, or gives it back with
+   * `discard` (a read ahead whose turn never came).
+   */
+  async readAndHash(group: number[]): Promise<Hashed> {
     const buf = await this.pool.acquire();
-    const lenOf = (k: number) => blockLength(group[k], this.size, this.bs);
-    let again: BlockHashes;
-    const ks: number[] = [];
     try {
       const reqs = new Float64Array(group.length * 3);
-      group.forEach((i, k) => reqs.set([i * this.bs, k * this.bs, lenOf(k)], k * 3));
+      group.forEach((i, k) => reqs.set([i * this.bs, k * this.bs, blockLength(i, this.size, this.bs)], k * 3));
       // only the volume's last block is short, and it comes last
-      const glen = group.length ? (group.length - 1) * this.bs + lenOf(group.length - 1) : 0;
+      const glen = group.length ? (group.length - 1) * this.bs + blockLength(group[group.length - 1], this.size, this.bs) : 0;
       if (this.image) await this.image.readBatch(buf, reqs);
       else await this.file.readBatch(buf, reqs);
-      again = await this.n.hashBlocksAsync(buf.subarray(0, glen), this.bs, this.threads, this.key, this.proofKey);
-      for (let k = 0; k < group.length; k++) if (decide(k, again)) ks.push(k);
+      return { buf, again: await this.n.hashBlocksAsync(buf.subarray(0, glen), this.bs, this.threads, this.key, this.proofKey) };
     } catch (e) {
       this.pool.release(buf);
       throw e;
     }
-    await this.storeSlots(buf, ks, again.digests, lenOf);
-    return again;
+  }
+
+  /** Gives back the buffer of a readAndHash result that will not be stored. */
+  discard(r: Hashed): void {
+    this.pool.release(r.buf);
+  }
+
+  /** The second half of readAndStore: `decide` per block, then the chosen ones stored (takes the buffer). */
+  async storeHashed(r: Hashed, group: number[], decide: (k: number, again: BlockHashes) => boolean): Promise<BlockHashes> {
+    const ks: number[] = [];
+    try {
+      for (let k = 0; k < group.length; k++) if (decide(k, r.again)) ks.push(k);
+    } catch (e) {
+      this.pool.release(r.buf);
+      throw e;
+    }
+    await this.storeSlots(r.buf, ks, r.again.digests, (k) => blockLength(group[k], this.size, this.bs));
+    return r.again;
   }
 
   /** After each chunk of `len` bytes: stats, progress, the test hook, a failed write surfaced. */
