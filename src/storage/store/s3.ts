@@ -454,9 +454,14 @@ export class S3Backend implements StoreBackend {
     // first If-Match learns which, sending both forms at once (one round trip, not two). At
     // most one can match: the other finds the object changed (or, should a lenient server
     // take both, the same bytes are written twice). A 412 to both: the ETag is not the object's.
-    const [quoted, plain] = await Promise.all([this.putIf(key, data, `"${bare}"`), this.putIf(key, data, bare)]);
+    // A form that failed for good (after its retries) does not hide the other's success.
+    const [q, b] = await Promise.allSettled([this.putIf(key, data, `"${bare}"`), this.putIf(key, data, bare)]);
+    const quoted = q.status === 'fulfilled' ? q.value : undefined;
+    const plain = b.status === 'fulfilled' ? b.value : undefined;
     if (quoted !== undefined) this.bareEtags = false;
     else if (plain !== undefined) this.bareEtags = true;
+    else if (q.status === 'rejected') throw q.reason;
+    else if (b.status === 'rejected') throw b.reason;
     return quoted ?? plain;
   }
 
