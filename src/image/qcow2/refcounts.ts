@@ -63,11 +63,11 @@ const REQUIRES: Record<number, number> = {
   [FREES]: L2 | L1,
 };
 
-
 /**
- * A set of host cluster indices that also answers `has` from a bit array (rebuilt after a
- * change): every entry of every L2 table read is checked against the metadata clusters, and a
- * Set lookup per entry was most of that check (262,144 entries for a 16 GiB image).
+ * A set of host cluster indices that also answers `has` from a bit array (built at the first
+ * hasFast, kept current by add and delete): every entry of every L2 table read is checked
+ * against the metadata clusters, and a Set lookup per entry was most of that check (262,144
+ * entries for a 16 GiB image).
  */
 export class ClusterSet extends Set<number> {
   private bits: Uint8Array | undefined;
