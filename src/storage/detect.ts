@@ -334,10 +334,12 @@ function dirtyScan(dirty: Array<{ offset: number; length: number }>): ChangeDete
     let d = 0; // next dirty block
     /** A parent entry kept: its digest and (if any) its tag entry (salt + tag). */
     type Kept = [number, Buffer, Buffer | undefined];
-    const keep = (e: Kept): void => {
-      p.record(e[0], e[1], 0);
-      if (e[2]) tw!.append(e[0], e[2], 0, e[2], SALT_LENGTH);
+    /** Records parent entry j: its digest and, where given, its tag entry at `at` of `te`. */
+    const keepEntry = (j: number, dg: Buffer, te: Buffer | undefined, at: number): void => {
+      p.record(j, dg, 0);
+      if (te) tw!.append(j, te, at, te, at + SALT_LENGTH);
     };
+    const keep = (e: Kept): void => keepEntry(e[0], e[1], e[2], 0);
     /**
      * Parent entries in [next, limit): recorded when `hold` is absent, else held (copied).
      * Entries already in the readers' chunks are taken without an await and, when recorded
@@ -354,10 +356,7 @@ function dirtyScan(dirty: Array<{ offset: number; length: number }>): ChangeDete
           const at = ptags ? (ptags.lookupNow(j) ?? (await ptags.lookup(j))) : -1;
           const te = ptags?.entries;
           if (hold) hold.push([j, Buffer.from(dg), at >= 0 ? Buffer.from(te!.subarray(at, at + ENTRY)) : undefined]);
-          else {
-            p.record(j, dg, 0);
-            if (at >= 0) tw!.append(j, te!, at, te!, at + SALT_LENGTH);
-          }
+          else keepEntry(j, dg, at >= 0 ? te : undefined, at);
         }
         next = j + 1;
       }
