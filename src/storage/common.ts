@@ -157,6 +157,16 @@ export function assertCompleted(rec: { id: string; state: string; error: string 
  * data lives in, once the write is done or was never queued.
  */
 export async function queueObject(writes: Throttle, store: Store, stats: SnapshotStats, digest: Buffer, data: ObjectData, plainLength: number, release: () => void): Promise<void> {
+  // The same object twice in flight (two equal blocks of one batch): written once. On S3 two
+  // racing conditional PUTs of one key can both succeed, and both counted as added.
+  const key = digest.toString('hex');
+  let flying = IN_FLIGHT.get(writes);
+  if (!flying) IN_FLIGHT.set(writes, (flying = new Set()));
+  if (flying.has(key)) {
+    release();
+    return;
+  }
+  flying.add(key);
   const job = async () => {
     try {
       if (await (data instanceof Uint8Array ? store.putBlock(digest, data as Buffer) : store.putSealed(digest, data))) {
@@ -164,13 +174,18 @@ export async function queueObject(writes: Throttle, store: Store, stats: Snapsho
         stats.bytesAdded += plainLength;
       }
     } finally {
+      flying.delete(key);
       release();
     }
   };
   try {
     await writes.add(plainLength, job);
   } catch (e) {
+    flying.delete(key);
     release(); // an earlier write failed: this one was never queued
     throw e;
   }
 }
+
+/** Digests of the object writes in flight, per throttle (see queueObject). */
+const IN_FLIGHT = new WeakMap<Throttle, Set<string>>();
