@@ -40,7 +40,7 @@ import { BlockHashes, native, NativeStat } from '../engine/native';
 import type { Store } from './store/store';
 import type { ObjectData } from './store/backend';
 import { sealChunk } from './store/crypto-pool';
-import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength } from './store/manifest';
+import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength, pieceSizeFor } from './store/manifest';
 import { TagKey, TagReader, TagWriter, tagIvs, xor16, SALT_LENGTH } from './store/tags';
 import { SnapshotRecord, VolumeStat, emptyStats, fileIdentityOf, sameFileIdentity } from './store/records';
 import { NumberList } from './pool';
@@ -170,6 +170,9 @@ export class ReadPipeline {
   readonly recorded = new RecordedTags();
   private done = 0;
   private chunkNo = 0;
+  private lastRecorded = -1;
+  /** the piece size of the new manifest (0: whole blocks only) */
+  readonly pieceSize: number;
   /** the guest view read instead of `file` (a qcow2 volume) */
   readonly image: DiskImage | undefined;
 
@@ -189,6 +192,7 @@ export class ReadPipeline {
     this.pool = new BufferPool(this.maxBlocks * this.bs, MAX_BUFFERS, (n) => store.backend.allocBuffer?.(n) ?? Buffer.allocUnsafeSlow(n));
     this.key = store.codec.digestKey;
     this.proofKey = settings.tk?.key ?? randomBytes(32);
+    this.pieceSize = writer.header.pieceSize ?? 0;
   }
 
   /**
@@ -229,18 +233,17 @@ export class ReadPipeline {
   }
 
   /**
-   * Records data block i in the new manifest: its digest at digests[dOff], and the unmasked
-   * tag (under proofKey) of the bytes that digest is of at u[uOff].
+   * Records an entry of data block i: its digest at digests[dOff], and slot 0 (the whole
+   * block) or a piece slot (./store/manifest.ts). `u` is the unmasked tag (under proofKey) of
+   * the bytes that digest is of, which a read that must prove one moment needs (the
+   * guest-view paths, which never prove, have none).
    */
-  /**
-   * Records block i's digest; `u` is its unmasked tag, which a read that must prove one
-   * moment needs (the guest-view paths, which never prove, have none).
-   */
-  record(i: number, digests: Buffer, dOff: number, u?: Buffer, uOff = 0): void {
-    this.rec.stats.dataBlocks++;
-    this.writer.append(i, digests, dOff);
+  record(i: number, digests: Buffer, dOff: number, u?: Buffer, uOff = 0, slot = 0): void {
+    if (i !== this.lastRecorded) this.rec.stats.dataBlocks++;
+    this.lastRecorded = i;
+    this.writer.append(i, digests, dOff, slot);
     if (!this.settings.prove) return;
-    if (!u) throw new Error(`internal: block ${i} recorded without the tag its proof needs`);
+    if (!u || slot) throw new Error(`internal: block ${i} recorded without the tag its proof needs`);
     this.recorded.push(i, u, uOff);
   }
 
@@ -277,22 +280,33 @@ export class ReadPipeline {
 
   /**
    * Stores the blocks in slots `ks` of `buf` (slot k at k*bs, its digest at digests[k*32],
-   * `lenOf(k)` bytes): sealed on a worker when the store encrypts, then queued for writing
-   * from that same memory. Takes `buf`: back in the pool once the last write is done.
+   * `lenOf(k)` bytes): see storeItems. Takes `buf`.
    */
   async storeSlots(buf: Buffer, ks: number[], digests: Buffer, lenOf: (k: number) => number): Promise<void> {
+    await this.storeItems(
+      buf,
+      ks.map((k) => ({ off: k * this.bs, len: lenOf(k), digest: digests.subarray(k * 32, k * 32 + 32) })),
+    );
+  }
+
+  /**
+   * Stores objects held in `buf` (each `len` bytes at `off`, named by `digest`): sealed on a
+   * worker when the store encrypts, then queued for writing from that same memory. Takes
+   * `buf`: back in the pool once the last write is done.
+   */
+  async storeItems(buf: Buffer, items: Array<{ off: number; len: number; digest: Buffer }>): Promise<void> {
     let ref: ReturnType<BufferPool['shared']> | undefined;
     try {
       const keys = this.store.codec.keys;
-      let data = (k: number, _j: number): ObjectData => buf.subarray(k * this.bs, k * this.bs + lenOf(k));
-      if (keys && ks.length) {
-        const r = await sealChunk(keys, buf, ks.map((k) => ({ off: k * this.bs, len: lenOf(k), digest: digests.subarray(k * 32, k * 32 + 32) })));
+      let data = (x: number): ObjectData => buf.subarray(items[x].off, items[x].off + items[x].len);
+      if (keys && items.length) {
+        const r = await sealChunk(keys, buf, items);
         buf = r.buf; // the same memory; the buffer object may have moved through a worker
         const sealedBuf = r.buf;
-        data = (k, j) => [sealedBuf.subarray(k * this.bs, k * this.bs + lenOf(k)), r.trailers[j]];
+        data = (x) => [sealedBuf.subarray(items[x].off, items[x].off + items[x].len), r.trailers[x]];
       }
       ref = this.pool.shared(buf);
-      for (let j = 0; j < ks.length; j++) await queueObject(this.writes, this.store, this.rec.stats, digests.subarray(ks[j] * 32, ks[j] * 32 + 32), data(ks[j], j), lenOf(ks[j]), ref.hold());
+      for (let x = 0; x < items.length; x++) await queueObject(this.writes, this.store, this.rec.stats, items[x].digest, data(x), items[x].len, ref.hold());
     } finally {
       if (ref) ref.done();
       else this.pool.release(buf);
@@ -473,9 +487,9 @@ function unsettledMs(st: NativeStat): number {
 }
 
 /** The new manifest's writer, and the change tags' where they can be written. */
-async function openOutputs(store: Store, rec: SnapshotRecord, size: number, s: CaptureSettings): Promise<{ writer: ManifestWriter; tagWriter?: TagWriter }> {
+async function openOutputs(store: Store, rec: SnapshotRecord, size: number, s: CaptureSettings, pieceSize: number): Promise<{ writer: ManifestWriter; tagWriter?: TagWriter }> {
   const bs = store.blockSize;
-  const writer = await store.createManifest({ blockSize: bs, volumeSize: size, snapshotId: rec.id, volumeId: rec.volumeId, digest: store.codec.digest, sealed: store.codec.sealed });
+  const writer = await store.createManifest({ blockSize: bs, volumeSize: size, snapshotId: rec.id, volumeId: rec.volumeId, digest: store.codec.digest, sealed: store.codec.sealed, pieceSize });
   if (!s.tk) return { writer };
   try {
     return { writer, tagWriter: await TagWriter.create(store.backend, { blockSize: bs, volumeSize: size, snapshotId: rec.id, volumeId: rec.volumeId }, s.tk) };
@@ -493,6 +507,12 @@ async function openParent(store: Store, parent: SnapshotRecord | undefined, s: C
     reader = await store.openManifest(parent);
   } catch (e) {
     s.onLog?.(`parent snapshot ${parent.id} cannot be used (${(e as Error).message}); comparing with the store instead`);
+    return {};
+  }
+  const ps = reader.header.pieceSize ?? 0;
+  if (ps && ps !== pieceSizeFor(store.blockSize)) {
+    await reader.close();
+    s.onLog?.(`parent snapshot ${parent.id} has pieces of ${ps} bytes, not ${pieceSizeFor(store.blockSize)}; comparing with the store instead`);
     return {};
   }
   const view: ParentView & { reader?: ManifestReader } = { reader, cursor: new ManifestCursor(reader) };
@@ -534,12 +554,16 @@ export async function capture(
   rec.volumeSize = size;
   rec.stats = emptyStats();
   rec.progress = 0;
-  const { writer, tagWriter } = await openOutputs(store, rec, size, settings);
   let view: ParentView & { reader?: ManifestReader } = {};
+  let writer: ManifestWriter | undefined;
+  let tagWriter: TagWriter | undefined;
   let p: ReadPipeline | undefined;
   let ok = false;
   try {
     view = await openParent(store, parent, settings);
+    // Pieces (./store/manifest.ts) where a dirty-range scan may store them, or the parent has some to keep.
+    const pieces = !!(settings.guest?.dirty || settings.reflink || view.reader?.header.pieceSize);
+    ({ writer, tagWriter } = await openOutputs(store, rec, size, settings, pieces ? pieceSizeFor(store.blockSize) : 0));
     p = new ReadPipeline(store, file, rec, size, writer, tagWriter, settings);
     // Unchanged since the parent, proven by its identity and times (see sameStat): nothing to read.
     const unchanged = byCleanPages && !settings.guest && sameStat(parent?.volumeStat, st0);
@@ -564,7 +588,7 @@ export async function capture(
     await view.reader?.close();
     await view.tags?.close();
     if (!ok) {
-      await abortQuietly(writer);
+      if (writer) await abortQuietly(writer);
       if (tagWriter) await abortQuietly(tagWriter);
     }
   }

@@ -7,7 +7,7 @@
 import { native } from '../engine/native';
 import type { Store } from './store/store';
 import { sealChunk } from './store/crypto-pool';
-import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength } from './store/manifest';
+import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength, sameEntries } from './store/manifest';
 import { SnapshotJson, SnapshotRecord } from './store/records';
 import { MAX_BUFFERS, MAX_WRITE_BYTES, blocksPerChunk, queueObject, threadsOf } from './common';
 import { faultsOf } from './faults';
@@ -102,6 +102,16 @@ async function openParents(s: CopyState, dstParent: SnapshotRecord, srcParent: S
   }
 }
 
+/**
+ * Whether a source block is copied as one whole object: a block with pieces (or pieces over
+ * zeros) is read assembled and stored whole, so a copy holds no pieces (./store/manifest.ts)
+ * and costs what the block is, once; its next copy reuses it while the source keeps the
+ * same entries.
+ */
+function flattened(e: BatchEntry): boolean {
+  return !e.digest || !!e.pieces;
+}
+
 /** One batch: each block's destination digest found or computed, the missing objects written, the entries recorded. */
 async function copyBatch(s: CopyState, batch: BatchEntry[], writer: ManifestWriter): Promise<void> {
   const digests = Buffer.alloc(batch.length * 32);
@@ -111,14 +121,14 @@ async function copyBatch(s: CopyState, batch: BatchEntry[], writer: ManifestWrit
     const e = batch[k];
     const p = s.dstCursor ? await s.dstCursor.lookup(e.index) : undefined;
     prev[k] = p && Buffer.from(p);
-    const sp = s.srcCursor ? await s.srcCursor.lookup(e.index) : undefined;
-    if (sp && prev[k] && sp.equals(e.digest)) {
+    const sp = s.srcCursor ? await s.srcCursor.lookupBlock(e.index) : undefined;
+    if (sp && prev[k] && sameEntries(sp, e)) {
       digests.set(prev[k]!, k * 32); // unchanged since the previous copy: no I/O
       continue;
     }
-    if (s.sameDigests) {
-      digests.set(e.digest, k * 32);
-      if (await s.dst.hasBlock(e.digest)) continue;
+    if (s.sameDigests && !flattened(e)) {
+      digests.set(e.digest!, k * 32);
+      if (await s.dst.hasBlock(e.digest!)) continue;
     }
     need.push(k);
   }
@@ -143,14 +153,17 @@ async function copyObjects(s: CopyState, batch: BatchEntry[], need: number[], di
     buf = r.buf; // the same memory, possibly moved through a worker
     if (r.bad.length) throw corruptBlock(rec, sub[r.bad[0].k].index, r.bad[0].why);
     s.out.stats.bytesScanned += r.len;
-    if (!s.sameDigests) {
+    const anyFlat = need.some((k) => flattened(batch[k]));
+    if (!s.sameDigests || anyFlat) {
       const h = await native().hashBlocksAsync(buf.subarray(0, r.len), bs, s.threads, dst.codec.digestKey);
-      need.forEach((k, j) => digests.set(h.digests.subarray(j * 32, j * 32 + 32), k * 32));
+      need.forEach((k, j) => {
+        if (!s.sameDigests || flattened(batch[k])) digests.set(h.digests.subarray(j * 32, j * 32 + 32), k * 32);
+      });
     }
     const digestOf = (j: number) => digests.subarray(need[j] * 32, need[j] * 32 + 32);
-    // Only what the destination lacks is sealed and written.
+    // Only what the destination lacks is sealed and written (same digests: checked already).
     const js: number[] = [];
-    for (let j = 0; j < need.length; j++) if (s.sameDigests || !(await dst.hasBlock(digestOf(j)))) js.push(j);
+    for (let j = 0; j < need.length; j++) if ((s.sameDigests && !flattened(batch[need[j]])) || !(await dst.hasBlock(digestOf(j)))) js.push(j);
     const lenOf = (j: number) => blockLength(batch[need[j]].index, size, bs);
     let trailers: Buffer[] | undefined;
     if (dst.codec.keys && js.length) {

@@ -21,7 +21,8 @@
  *             (./reflink.ts): only the blocks whose physical extents differ between the new
  *             clone and the parent's are read (from the new clone) and hashed; the others keep
  *             the parent's manifest and tag entries. bitmapScan (a qcow2 volume's persistent
- *             bitmap) is the same scan over the bitmap's dirty ranges.
+ *             bitmap) is the same scan over the bitmap's dirty ranges (./dirty.ts), and both
+ *             store a block with few dirty 64 KiB granules as pieces.
  *
  * Every path computes the unmasked tag of each block it records (under p.proofKey), for the
  * tag file and for the second pass of ./capture.ts (where the one moment is proven by reading).
@@ -34,7 +35,8 @@ import type { ManifestCursor } from './store/manifest';
 import type { TagReader } from './store/tags';
 import { chunksOf } from './common';
 import { readAhead } from './pool';
-import { ChangeDetector, GuestVolume, Hashed, ParentView, ReadPipeline, ReflinkView, VolumeChanged } from './capture';
+import { ChangeDetector, GuestVolume, ParentView, ReadPipeline, ReflinkView, VolumeChanged } from './capture';
+import { dirtyScan } from './dirty';
 import type { ChangeSource } from './store/records';
 
 const ENTRY = SALT_LENGTH + TAG_LENGTH;
@@ -300,127 +302,6 @@ export const guestScan: ChangeDetector = (p, parent) => {
     return !(prev && prev.compare(digests, k * 32, k * 32 + 32) === 0);
   });
 };
-
-/** Sorted block indices that overlap any of the byte ranges. */
-export function blocksOf(ranges: Array<{ offset: number; length: number }>, bs: number, size: number): number[] {
-  const out: number[] = [];
-  for (const r of ranges) {
-    if (r.length <= 0 || r.offset >= size) continue;
-    const first = Math.floor(r.offset / bs);
-    const end = Math.ceil(Math.min(size, r.offset + r.length) / bs);
-    for (let i = Math.max(first, out.length ? out[out.length - 1] + 1 : 0); i < end; i++) out.push(i);
-  }
-  return out;
-}
-
-/**
- * A trusted record of which byte ranges may have changed since the parent (a persistent
- * bitmap, or the extents of two reflink clones that differ): only the blocks they touch are
- * read and hashed; every other block keeps the parent's manifest entry and, where the new
- * snapshot writes change tags, the parent's tag entry (a block that became zero was written
- * too, so it is among the dirty ones). Dirty blocks are read in groups that span at most 8
- * buffers' worth of blocks, so the parent entries held back to keep the manifest in block
- * order stay few. The read blocks get fresh tags under this attempt's salt.
- */
-function dirtyScan(dirty: Array<{ offset: number; length: number }>): ChangeDetector {
-  return async (p, parent) => {
-    if (p.settings.prove) throw new Error('internal: a dirty-range scan reads an unchanging view and cannot prove one moment');
-    const cursor = parent.cursor!;
-    const tw = p.tagWriter && p.tk ? p.tagWriter : undefined;
-    const ptags = tw ? parent.tags : undefined;
-    const blocks = blocksOf(dirty, p.bs, p.size);
-    p.willRead(blocks.reduce((n, i) => n + p.spanBytes(i, i + 1), 0));
-    let next = 0; // first index the parent's manifest has not been consulted for
-    let d = 0; // next dirty block
-    /** A parent entry kept: its digest and (if any) its tag entry (salt + tag). */
-    type Kept = [number, Buffer, Buffer | undefined];
-    /** Records parent entry j: its digest and, where given, its tag entry at `at` of `te`. */
-    const keepEntry = (j: number, dg: Buffer, te: Buffer | undefined, at: number): void => {
-      p.record(j, dg, 0);
-      if (te) tw!.append(j, te, at, te, at + SALT_LENGTH);
-    };
-    const keep = (e: Kept): void => keepEntry(e[0], e[1], e[2], 0);
-    /**
-     * Parent entries in [next, limit): recorded when `hold` is absent, else held (copied).
-     * Entries already in the readers' chunks are taken without an await and, when recorded
-     * at once, without a copy (a qcow2 volume of 16 GiB with 4 GiB of data copies 8192 of
-     * them per snapshot).
-     */
-    const parentUntil = async (limit: number, dirtyIdx: Set<number>, hold?: Kept[], dirtyPrev?: Map<number, Buffer>): Promise<void> => {
-      for (;;) {
-        const j = cursor.peekNow(next) ?? (await cursor.peek(next));
-        if (j < 0 || j >= limit) break;
-        const dg = cursor.reader.digest; // the entry peek stopped on (a tag lookup leaves it be)
-        if (dirtyIdx.has(j)) dirtyPrev?.set(j, Buffer.from(dg));
-        else {
-          const at = ptags ? (ptags.lookupNow(j) ?? (await ptags.lookup(j))) : -1;
-          const te = ptags?.entries;
-          if (hold) hold.push([j, Buffer.from(dg), at >= 0 ? Buffer.from(te!.subarray(at, at + ENTRY)) : undefined]);
-          else keepEntry(j, dg, at >= 0 ? te : undefined, at);
-        }
-        next = j + 1;
-      }
-      next = Math.max(next, limit);
-    };
-    /** One group read and hashed: merged with the held parent entries in block order, stored (takes `read`). */
-    const mergeGroup = async (group: number[], read: Hashed): Promise<void> => {
-      let stored = false;
-      try {
-        const inGroup = new Set(group);
-        await parentUntil(group[0], inGroup);
-        const held: Kept[] = [];
-        const prev = new Map<number, Buffer>();
-        await parentUntil(group[group.length - 1] + 1, inGroup, held, prev);
-        const same = (k: number, h: { digests: Buffer }): boolean => {
-          const pd = prev.get(group[k]);
-          return pd !== undefined && pd.compare(h.digests, k * 32, k * 32 + 32) === 0;
-        };
-        stored = true;
-        const h = await p.storeHashed(read, group, (k, again) => !again.zero[k] && !same(k, again));
-        // fresh tags of the group's data blocks: the unmasked tag under this attempt's salt
-        const data = group.map((_, k) => k).filter((k) => !h.zero[k]);
-        const masks = tw && h.tags && data.length ? p.n.tagMasks(p.tk!.key, tagIvs(data.map((k) => group[k]), p.salt, () => 0)) : undefined;
-        if (masks) data.forEach((k, j) => xor16(h.tags!, k * 16, masks, j * 16, masks, j * 16));
-        // the group's blocks and the held parent entries, merged in block order
-        let x = 0;
-        let j = 0;
-        group.forEach((i, k) => {
-          while (x < held.length && held[x][0] < i) keep(held[x++]);
-          if (h.zero[k]) return;
-          if (!same(k, h)) p.rec.stats.changedBlocks++;
-          p.record(i, h.digests, k * 32);
-          if (masks) tw!.append(i, p.salt, 0, masks, j * 16);
-          j++;
-        });
-        for (; x < held.length; x++) keep(held[x]);
-        await p.chunkDone(group.reduce((n, i) => n + p.spanBytes(i, i + 1), 0));
-      } finally {
-        if (!stored) p.discard(read);
-      }
-    };
-    const groups: number[][] = [];
-    while (d < blocks.length) {
-      const group: number[] = [];
-      while (d < blocks.length && group.length < p.maxBlocks && (group.length === 0 || blocks[d] - group[0] < 8 * p.maxBlocks)) group.push(blocks[d++]);
-      groups.push(group);
-    }
-    // The next group is read and hashed while this one is merged and stored: a group is often
-    // a few blocks (41 dirty 1 MiB pieces over a 16 GiB volume are 41 groups of 2), so the
-    // time between reads mattered as much as the reads.
-    let ahead: Promise<Hashed> | undefined = groups.length ? p.readAndHash(groups[0]) : undefined;
-    try {
-      for (let gi = 0; gi < groups.length; gi++) {
-        const read = await ahead!;
-        ahead = gi + 1 < groups.length ? p.readAndHash(groups[gi + 1]) : undefined;
-        await mergeGroup(groups[gi], read);
-      }
-    } finally {
-      // a failure left a read ahead in flight: its buffer goes back to the pool
-      if (ahead) await ahead.then((r) => p.discard(r), () => undefined);
-    }
-    await parentUntil(Number.MAX_SAFE_INTEGER, new Set());
-  };
-}
 
 /** A qcow2 volume's trusted persistent bitmap: its dirty ranges (changeSource 'bitmap'). */
 export function bitmapScan(dirty: Array<{ offset: number; length: number }>): ChangeDetector {

@@ -2,7 +2,7 @@
 import { invalid } from '../engine/errors';
 import { KeyRing, isExplicit } from './keys';
 import { Store, sealedCodec } from './store/store';
-import type { ManifestReader } from './store/manifest';
+import { ManifestReader, sameEntries } from './store/manifest';
 import { StoreOptions, assertCompleted } from './common';
 import { resolve } from './lookup';
 import { NumberList } from './pool';
@@ -44,22 +44,23 @@ export async function diffSnapshots(refA: string, refB: string, opts: StoreOptio
   }
 }
 
-/** Merges two manifests in index order: the indexes present in one only, or with different digests. */
+/** Merges two manifests in index order: the indexes present in one only, or with different entries. */
 async function changed(ra: ManifestReader, rb: ManifestReader): Promise<number[]> {
   const out = new NumberList();
-  let ia = await ra.next();
-  let ib = await rb.next();
-  while (ia >= 0 || ib >= 0) {
-    if (ib < 0 || (ia >= 0 && ia < ib)) {
-      out.push(ia);
-      ia = await ra.next();
-    } else if (ia < 0 || ib < ia) {
-      out.push(ib);
-      ib = await rb.next();
+  let ea = await ra.nextBlock();
+  let eb = await rb.nextBlock();
+  while (ea || eb) {
+    if (!eb || (ea && ea.index < eb.index)) {
+      out.push(ea!.index);
+      ea = await ra.nextBlock();
+    } else if (!ea || eb.index < ea.index) {
+      out.push(eb.index);
+      eb = await rb.nextBlock();
     } else {
-      if (!ra.digest.equals(rb.digest)) out.push(ia);
-      ia = await ra.next();
-      ib = await rb.next();
+      // (the same bytes kept whole in one and as pieces in the other count as changed)
+      if (!sameEntries(ea, eb)) out.push(ea.index);
+      ea = await ra.nextBlock();
+      eb = await rb.nextBlock();
     }
   }
   return out.toArray();

@@ -4,21 +4,20 @@
  * objects hashed again in one native call; sealed ones authenticated by AES-GCM on a worker),
  * and a manifest streamed through that in batches with the next batches fetched ahead.
  */
+import { createHash, createHmac } from 'node:crypto';
 import { DisksnapError, isDisksnapError } from '../engine/errors';
 import { native } from '../engine/native';
 import type { Store } from './store/store';
 import { DerivedKeys, TRAILER_BYTES } from './store/crypto';
 import { acquireStaging, openChunk, releaseStaging } from './store/crypto-pool';
-import { ManifestReader, blockLength } from './store/manifest';
+import { BlockEntries, ManifestReader, blockLength, pieceRange } from './store/manifest';
 import { DIRECT_ALIGN } from './store/direct';
 import type { SnapshotRecord } from './store/records';
 import { Progress, ProgressFn, blocksPerChunk } from './common';
 import { BufferPool } from './pool';
 
-export interface BatchEntry {
-  index: number;
-  digest: Buffer;
-}
+/** A block of a manifest: its whole object (if any) and its pieces (./store/manifest.ts). */
+export type BatchEntry = BlockEntries;
 
 export interface Fetched {
   /** bytes of the batch in `buf` */
@@ -39,13 +38,56 @@ function batchBytes(entries: BatchEntry[], volumeSize: number, bs: number): numb
  * `recheck`, a sealed object's plaintext is hashed again too (verify does both).
  */
 export async function fetchVerified(store: Store, entries: BatchEntry[], buf: Buffer, volumeSize: number, threads: number, recheck = false): Promise<Fetched> {
-  if (store.codec.keys) return fetchSealed(store, store.codec.keys, entries, buf, volumeSize, threads, recheck);
+  const r = store.codec.keys ? await fetchSealed(store, store.codec.keys, entries, buf, volumeSize, threads, recheck) : await fetchPlain(store, entries, buf, volumeSize, threads);
+  await overlayPieces(store, entries, r, volumeSize);
+  return r;
+}
+
+/**
+ * The pieces of the batch's blocks, once their whole objects are in place and checked: each
+ * fetched, checked against its digest (authenticated, when sealed) and copied over its range
+ * of the block; a block without a whole object starts as zeros. A bad piece makes its block bad.
+ */
+async function overlayPieces(store: Store, entries: BatchEntry[], r: Fetched, volumeSize: number): Promise<void> {
+  const bs = store.blockSize;
+  const ps = bs / 8;
+  const pieced = entries.map((e, k) => k).filter((k) => entries[k].pieces && !r.bad.some((b) => b.k === k));
+  if (!pieced.length) return;
+  const key = store.codec.digestKey;
+  await Promise.all(
+    pieced.map(async (k) => {
+      const e = entries[k];
+      try {
+        for (const piece of e.pieces!) {
+          const { offset, length } = pieceRange(piece.slot, e.index, volumeSize, bs, ps);
+          const where = store.backend.describe(store.blockKey(piece.digest));
+          const got = await store.getBlock(piece.digest);
+          if (got.length !== length) throw new DisksnapError(`piece object ${where} has ${got.length} bytes, expected ${length}`, 'ECORRUPT');
+          const h = key ? createHmac('sha256', key) : createHash('sha256');
+          if (!h.update(got).digest().equals(piece.digest)) throw new DisksnapError(`piece object ${where} does not match its digest (damaged)`, 'ECORRUPT');
+          got.copy(r.buf, k * bs + offset);
+        }
+      } catch (err) {
+        if (!(err instanceof DisksnapError) || (err.code !== 'ECORRUPT' && err.code !== 'ENOENT' && err.code !== 'EIO')) throw err;
+        r.bad.push({ k, why: err.message });
+      }
+    }),
+  );
+  r.bad.sort((a, b) => a.k - b.k);
+}
+
+/** fetchVerified for plain objects (SHA-256 names). */
+async function fetchPlain(store: Store, entries: BatchEntry[], buf: Buffer, volumeSize: number, threads: number): Promise<Fetched> {
   const bs = store.blockSize;
   const bad: { k: number; why: string }[] = [];
   await Promise.all(
     entries.map(async (e, k) => {
       const want = blockLength(e.index, volumeSize, bs);
       const slot = buf.subarray(k * bs, (k + 1) * bs);
+      if (!e.digest) {
+        slot.fill(0, 0, want); // pieces over zeros
+        return;
+      }
       try {
         const got = await store.getBlock(e.digest, slot);
         if (got.length !== want) {
@@ -69,9 +111,10 @@ export async function fetchVerified(store: Store, entries: BatchEntry[], buf: Bu
 async function recheckDigests(store: Store, entries: BatchEntry[], data: Buffer, threads: number, key: Uint8Array | undefined, bad: { k: number; why: string }[]): Promise<void> {
   const { digests } = await native().hashBlocksAsync(data, store.blockSize, threads, key);
   for (let k = 0; k < entries.length; k++) {
-    if (bad.some((b) => b.k === k)) continue;
-    if (digests.compare(entries[k].digest, 0, 32, k * 32, k * 32 + 32) !== 0) {
-      bad.push({ k, why: `object ${store.backend.describe(store.blockKey(entries[k].digest))} does not match its digest (damaged)` });
+    const d = entries[k].digest;
+    if (!d || bad.some((b) => b.k === k)) continue; // (a block of pieces over zeros: each piece is checked on its own)
+    if (digests.compare(d, 0, 32, k * 32, k * 32 + 32) !== 0) {
+      bad.push({ k, why: `object ${store.backend.describe(store.blockKey(d))} does not match its digest (damaged)` });
     }
   }
 }
@@ -93,6 +136,10 @@ async function fetchSealed(store: Store, keys: DerivedKeys, entries: BatchEntry[
   try {
     await Promise.all(
       entries.map(async (e, k) => {
+        if (!e.digest) {
+          buf.fill(0, k * bs, k * bs + blockLength(e.index, volumeSize, bs)); // pieces over zeros
+          return;
+        }
         const want = blockLength(e.index, volumeSize, bs) + TRAILER_BYTES;
         const key = store.blockKey(e.digest);
         const where = store.backend.describe(key);
@@ -123,14 +170,14 @@ async function fetchSealed(store: Store, keys: DerivedKeys, entries: BatchEntry[
   return { len, bad, buf };
 }
 
-/** Pulls up to `max` entries from a manifest reader (digests copied). */
+/** Pulls up to `max` blocks from a manifest reader (digests copied). */
 export async function nextBatch(reader: ManifestReader, max: number, filter?: (index: number) => boolean): Promise<BatchEntry[]> {
   const out: BatchEntry[] = [];
   while (out.length < max) {
-    const i = await reader.next();
-    if (i < 0) break;
-    if (filter && !filter(i)) continue;
-    out.push({ index: i, digest: Buffer.from(reader.digest) });
+    const e = await reader.nextBlock();
+    if (!e) break;
+    if (filter && !filter(e.index)) continue;
+    out.push(e);
   }
   return out;
 }

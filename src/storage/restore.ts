@@ -192,11 +192,15 @@ class FileOutput {
     for (let k = 0; k < batch.length; k++) {
       const len = blockLength(batch[k].index, this.rec.volumeSize, bs);
       this.report.bytesWritten += len;
-      if (this.clone && len === bs && cloneBlock(this.localFile!(this.store.blockKey(batch[k].digest)), this.file, batch[k].index * len, len)) {
-        this.report.blocksCloned!++;
-        continue;
+      const e = batch[k];
+      // (a block with pieces is written from the buffer, where it was assembled)
+      if (this.clone && len === bs && e.digest && !e.pieces) {
+        if (cloneBlock(this.localFile!(this.store.blockKey(e.digest)), this.file, e.index * len, len)) {
+          this.report.blocksCloned!++;
+          continue;
+        }
+        this.clone = false;
       }
-      this.clone = false;
       const list = this.useDirect && len === bs ? viaDirect : viaCache;
       list.push(batch[k].index * bs, k * bs, len);
     }

@@ -50,7 +50,7 @@ export async function verifySnapshot(ref: string, opts: VerifyOptions = {}): Pro
         // recheck: a sealed object is authenticated, and its plaintext hashed again too
         const r = await fetchVerified(store, batch, buf, rec.volumeSize, threads, true);
         buf = r.buf;
-        for (const b of r.bad) report.badBlocks.push({ index: batch[b.k].index, digest: batch[b.k].digest.toString('hex'), reason: b.why });
+        for (const b of r.bad) report.badBlocks.push({ index: batch[b.k].index, digest: (batch[b.k].digest ?? batch[b.k].pieces![0].digest).toString('hex'), reason: b.why });
         report.blocksChecked += batch.length;
         report.bytesChecked += r.len;
         opts.onProgress?.({ phase: 'verify', done: report.blocksChecked, total: reader.entryCount });

@@ -12,18 +12,20 @@
  *
  *   offset  size  field
  *   0       8     magic "DSNAPMF\n"
- *   8       2     version (1)
+ *   8       2     version (1, or 2 for a manifest with pieces: see below)
  *   10      2     header length (128)
  *   12      2     entry length (40)
  *   14      1     digest algorithm: 1 = SHA-256, 2 = HMAC-SHA-256 (keyed, encrypted stores)
  *   15      1     flags: bit 0 = block objects are sealed (encrypted); other bits must be 0
  *   16      4     block size
- *   20      4     reserved, 0
+ *   20      4     piece size: 0 in version 1; in version 2 a power of two, at least 4096,
+ *                 an eighth of the block size or more (see "Pieces")
  *   24      8     volume size in bytes
  *   32      32    snapshot id, ASCII, NUL padded   (binds the manifest to its record)
  *   64      32    volume id, ASCII, NUL padded
  *   96      32    reserved, 0
- *   128     40*n  entries: block index (u64), digest (32 bytes)
+ *   128     40*n  entries: block index (u64; in version 2 the low 56 bits, and the top byte
+ *                 the entry's slot), digest (32 bytes)
  *   end-40  8     entry count n (u64)
  *   end-32  32    SHA-256 of every byte before it; for a sealed manifest (flag bit 0) an
  *                 HMAC-SHA-256 under the key's manifest subkey (src/storage/store/crypto.ts), so that
@@ -34,6 +36,19 @@
  * field by field when they open a manifest, the ordering and range of every entry as they
  * stream it, and the count and checksum when they reach the end; consumers that produce an
  * output (restore, diff, verify) finish the stream before they publish anything.
+ *
+ * Pieces (version 2). An incremental that knows which 64 KiB granules of a block were written
+ * (a QEMU dirty bitmap, two reflink clones) reads and stores only those granules, as objects
+ * of their own, instead of the whole 512 KiB block: with 1% of a 4 GiB qcow2 volume rewritten
+ * in scattered 64 KiB writes, that is 41 MiB read and stored instead of 328 MiB. A block then
+ * has up to 1 + blockSize/pieceSize entries, in ascending (index, slot) order:
+ *   slot 0       the whole block's object (absent: the block starts as zeros);
+ *   slot s >= 1  a piece: the object of bytes [(s-1)*pieceSize, s*pieceSize) of the block
+ *                (cut at the block's end), which replace those of slot 0.
+ * A block with entries of slot 0 only is as in version 1. A change tag (./tags.ts) is only
+ * ever kept for a block without pieces, so a scan that compares whole-block digests or tags
+ * with the parent finds a pieced block changed, hashes it whole and stores it whole. Writers
+ * use version 2 only where a snapshot may hold pieces; readers take both.
  */
 import { createHash, createHmac, Hash, Hmac } from 'node:crypto';
 import { DisksnapError, corrupt, invalid } from '../../engine/errors';
@@ -43,6 +58,10 @@ import type { DigestAlgorithm } from './records';
 
 export const MANIFEST_MAGIC = Buffer.from('DSNAPMF\n', 'latin1');
 export const MANIFEST_VERSION = 1;
+/** The version of a manifest with pieces (see above). */
+export const MANIFEST_VERSION_PIECES = 2;
+/** Entry slots (the top byte of the index field of a version 2 entry). */
+const SLOT_SHIFT = 2 ** 56;
 export const HEADER_LENGTH = 128;
 export const ENTRY_LENGTH = 40;
 export const TRAILER_LENGTH = 40;
@@ -60,6 +79,42 @@ export interface ManifestHeader {
   volumeId: string;
   digest: DigestAlgorithm;
   sealed: boolean;
+  /** 0 or absent: version 1, no pieces; else the piece size of a version 2 manifest */
+  pieceSize?: number;
+}
+
+/** The piece size a store of block size `bs` uses for pieces (0: none, blocks too small). */
+export function pieceSizeFor(bs: number): number {
+  return bs >= 32768 ? bs / 8 : 0;
+}
+
+/** One entry of a block: slot 0 the whole block's object, s >= 1 piece s-1 (see above). */
+export interface SlotEntry {
+  slot: number;
+  digest: Buffer;
+}
+
+/** Every entry of one block, in slot order (digests copied). */
+export interface BlockEntries {
+  index: number;
+  /** the whole block's object, or undefined (then the block starts as zeros) */
+  digest: Buffer | undefined;
+  /** its pieces in slot order, or undefined for a block without any */
+  pieces: SlotEntry[] | undefined;
+}
+
+/** Whether two blocks' entries name the same objects in the same slots. */
+export function sameEntries(a: BlockEntries, b: BlockEntries): boolean {
+  if (!a.digest !== !b.digest || (a.digest && !a.digest.equals(b.digest!))) return false;
+  const pa = a.pieces ?? [];
+  const pb = b.pieces ?? [];
+  return pa.length === pb.length && pa.every((p, j) => p.slot === pb[j].slot && p.digest.equals(pb[j].digest));
+}
+
+/** Bytes [offset, offset+length) of block `index` that slot `slot` (>= 1) replaces. */
+export function pieceRange(slot: number, index: number, volumeSize: number, bs: number, ps: number): { offset: number; length: number } {
+  const offset = (slot - 1) * ps;
+  return { offset, length: Math.min(ps, blockLength(index, volumeSize, bs) - offset) };
 }
 
 export function blockCount(volumeSize: number, blockSize: number): number {
@@ -88,12 +143,13 @@ function readAscii(file: string, buf: Buffer, offset: number, field: string): st
 export function encodeHeader(h: ManifestHeader): Buffer {
   const b = Buffer.alloc(HEADER_LENGTH);
   MANIFEST_MAGIC.copy(b, 0);
-  b.writeUInt16LE(MANIFEST_VERSION, 8);
+  b.writeUInt16LE(h.pieceSize ? MANIFEST_VERSION_PIECES : MANIFEST_VERSION, 8);
   b.writeUInt16LE(HEADER_LENGTH, 10);
   b.writeUInt16LE(ENTRY_LENGTH, 12);
   b.writeUInt8(ALGO_CODE[h.digest], 14);
   b.writeUInt8(h.sealed ? FLAG_SEALED : 0, 15);
   b.writeUInt32LE(h.blockSize, 16);
+  b.writeUInt32LE(h.pieceSize ?? 0, 20);
   b.writeBigUInt64LE(BigInt(h.volumeSize), 24);
   writeAscii(b, 32, h.snapshotId, 'snapshot id');
   writeAscii(b, 64, h.volumeId, 'volume id');
@@ -104,7 +160,7 @@ export function decodeHeader(file: string, b: Buffer): ManifestHeader {
   if (b.length < HEADER_LENGTH) throw corrupt(file, `manifest is ${b.length} bytes, shorter than its ${HEADER_LENGTH}-byte header`);
   if (!b.subarray(0, 8).equals(MANIFEST_MAGIC)) throw corrupt(file, `manifest magic is ${JSON.stringify(b.subarray(0, 8).toString('latin1'))}, expected "DSNAPMF\\n"`);
   const version = b.readUInt16LE(8);
-  if (version !== MANIFEST_VERSION) throw corrupt(file, `manifest version is ${version}, expected ${MANIFEST_VERSION}`);
+  if (version !== MANIFEST_VERSION && version !== MANIFEST_VERSION_PIECES) throw corrupt(file, `manifest version is ${version}, expected ${MANIFEST_VERSION} or ${MANIFEST_VERSION_PIECES}`);
   const hlen = b.readUInt16LE(10);
   if (hlen !== HEADER_LENGTH) throw corrupt(file, `manifest header length is ${hlen}, expected ${HEADER_LENGTH}`);
   const elen = b.readUInt16LE(12);
@@ -116,7 +172,11 @@ export function decodeHeader(file: string, b: Buffer): ManifestHeader {
   if (flags & ~FLAG_SEALED) throw corrupt(file, `manifest flags are 0x${flags.toString(16)}, unknown bits set`);
   const blockSize = b.readUInt32LE(16);
   if (blockSize === 0 || (blockSize & (blockSize - 1)) !== 0) throw corrupt(file, `manifest block size is ${blockSize}, expected a power of two`);
-  if (b.readUInt32LE(20) !== 0) throw corrupt(file, 'manifest reserved field at offset 20 is not zero');
+  const pieceSize = b.readUInt32LE(20);
+  if (version === MANIFEST_VERSION && pieceSize !== 0) throw corrupt(file, 'manifest reserved field at offset 20 is not zero');
+  if (version === MANIFEST_VERSION_PIECES && (pieceSize < 4096 || (pieceSize & (pieceSize - 1)) !== 0 || pieceSize >= blockSize || blockSize / pieceSize > 8)) {
+    throw corrupt(file, `manifest piece size is ${pieceSize}, expected a power of two from 4096 and from an eighth of the block size (${blockSize}) up to half of it`);
+  }
   const volumeSize = b.readBigUInt64LE(24);
   if (volumeSize > BigInt(Number.MAX_SAFE_INTEGER)) throw corrupt(file, `manifest volume size ${volumeSize} is too large`);
   if (b.subarray(96, 128).some((x) => x !== 0)) throw corrupt(file, 'manifest reserved bytes 96..127 are not zero');
@@ -127,6 +187,7 @@ export function decodeHeader(file: string, b: Buffer): ManifestHeader {
     volumeId: readAscii(file, b, 64, 'volume id'),
     digest,
     sealed: (flags & FLAG_SEALED) !== 0,
+    pieceSize,
   };
 }
 
@@ -145,6 +206,9 @@ function checksum(header: ManifestHeader, macKey: Uint8Array | undefined): Hash 
 export class ManifestWriter {
   private readonly w: EntryWriter;
   private readonly blocks: number;
+  /** slots per block besides slot 0 (0 in version 1) */
+  private readonly slots: number;
+  private lastSlot = 0;
 
   constructor(
     out: ObjectWriter,
@@ -152,6 +216,7 @@ export class ManifestWriter {
     macKey?: Uint8Array,
   ) {
     this.blocks = blockCount(header.volumeSize, header.blockSize);
+    this.slots = header.pieceSize ? header.blockSize / header.pieceSize : 0;
     this.w = new EntryWriter(out, checksum(header, macKey), ENTRY_LENGTH, CHUNK_ENTRIES, encodeHeader(header));
   }
 
@@ -159,12 +224,21 @@ export class ManifestWriter {
     return this.w.entries;
   }
 
-  /** Adds block `index` (strictly greater than the previous one) with its digest. */
-  append(index: number, digest: Uint8Array, digestOffset = 0): void {
-    if (!(index > this.w.last) || index >= this.blocks || !Number.isSafeInteger(index)) {
-      throw invalid(`manifest entry ${index} out of order or past block ${this.blocks - 1}`);
+  /**
+   * Adds an entry of block `index` with its digest: slot 0 (the whole block) or, in a
+   * manifest with pieces, piece slot s >= 1. (index, slot) must be greater than the last.
+   */
+  append(index: number, digest: Uint8Array, digestOffset = 0, slot = 0): void {
+    const last = this.w.last;
+    if (!(index > last || (index === last && slot > this.lastSlot)) || index >= this.blocks || !Number.isSafeInteger(index)) {
+      throw invalid(`manifest entry ${index}${slot ? ` slot ${slot}` : ''} out of order or past block ${this.blocks - 1}`);
+    }
+    if (slot !== 0 && !(Number.isInteger(slot) && slot > 0 && slot <= this.slots && pieceRange(slot, index, this.header.volumeSize, this.header.blockSize, this.header.pieceSize!).length > 0)) {
+      throw invalid(`manifest entry ${index}: slot ${slot} is not a piece of this block (${this.slots} per block)`);
     }
     const o = this.w.add(index);
+    if (slot) this.w.buf[o + 7] = slot;
+    this.lastSlot = slot;
     this.w.buf.set(digest.subarray(digestOffset, digestOffset + DIGEST_LENGTH), o + 8);
   }
 
@@ -207,9 +281,16 @@ export class ManifestReader {
   private fileOffset: number; // next byte to read from the object
   private read = 0; // entries consumed
   private lastIndex = -1;
+  private lastSlot = 0;
   private finished = false;
+  /** slots per block besides slot 0 (0 in version 1) */
+  private readonly slots: number;
+  /** the entry nextBlock read past the block it returned (index, slot, digest copy) */
+  private ahead: SlotEntry & { index: number } | undefined;
   digest: Buffer = Buffer.alloc(0);
   index = -1;
+  /** the slot of the current entry: 0 the whole block, s >= 1 a piece */
+  slot = 0;
 
   private constructor(
     private readonly file: string,
@@ -232,7 +313,8 @@ export class ManifestReader {
     }
     this.entryCount = body / ENTRY_LENGTH;
     this.blocks = blockCount(header.volumeSize, header.blockSize);
-    if (this.entryCount > this.blocks) throw corrupt(file, `manifest has ${this.entryCount} entries for a volume of ${this.blocks} blocks`);
+    this.slots = header.pieceSize ? header.blockSize / header.pieceSize : 0;
+    if (this.entryCount > this.blocks * (1 + this.slots)) throw corrupt(file, `manifest has ${this.entryCount} entries for a volume of ${this.blocks} blocks`);
     this.fileOffset = HEADER_LENGTH;
   }
 
@@ -290,11 +372,18 @@ export class ManifestReader {
   /** Consumes the entry at `pos` (there is one), checking its order. */
   private take(): number {
     const o = this.pos;
-    const index = this.chunk.readUInt32LE(o) + this.chunk.readUInt32LE(o + 4) * 0x100000000;
-    if (!(index > this.lastIndex) || index >= this.blocks) {
-      throw corrupt(this.file, `manifest entry ${this.read} has block index ${index} (previous ${this.lastIndex}, volume has ${this.blocks} blocks)`);
+    const hi = this.chunk.readUInt32LE(o + 4);
+    const slot = this.slots ? hi >>> 24 : 0;
+    const index = this.chunk.readUInt32LE(o) + (this.slots ? hi & 0xffffff : hi) * 0x100000000;
+    if (!(index > this.lastIndex || (index === this.lastIndex && slot > this.lastSlot)) || index >= this.blocks) {
+      throw corrupt(this.file, `manifest entry ${this.read} has block index ${index}${slot ? ` slot ${slot}` : ''} (previous ${this.lastIndex}, volume has ${this.blocks} blocks)`);
+    }
+    if (slot > this.slots || (slot && pieceRange(slot, index, this.header.volumeSize, this.header.blockSize, this.header.pieceSize!).length <= 0)) {
+      throw corrupt(this.file, `manifest entry ${this.read} of block ${index} has slot ${slot}, which is not a piece of that block`);
     }
     this.lastIndex = index;
+    this.lastSlot = slot;
+    this.slot = slot;
     this.digest = this.chunk.subarray(o + 8, o + ENTRY_LENGTH);
     this.index = index;
     this.pos += ENTRY_LENGTH;
@@ -322,6 +411,34 @@ export class ManifestReader {
     this.index = -1;
   }
 
+  /**
+   * The next block's entries (whole object, pieces), or undefined at the end (count and
+   * checksum verified by then). Not to be mixed with `next` on one reader.
+   */
+  async nextBlock(): Promise<BlockEntries | undefined> {
+    let first = this.ahead;
+    this.ahead = undefined;
+    if (!first) {
+      const i = this.nextBuffered() ?? (await this.next());
+      if (i < 0) return undefined;
+      first = { index: i, slot: this.slot, digest: Buffer.from(this.digest) };
+    }
+    const e: BlockEntries = { index: first.index, digest: undefined, pieces: undefined };
+    addSlot(e, first);
+    if (!this.slots) return e; // version 1: one entry per block
+    for (;;) {
+      const i = this.nextBuffered() ?? (await this.next());
+      if (i < 0) break;
+      const entry = { index: i, slot: this.slot, digest: Buffer.from(this.digest) };
+      if (i !== e.index) {
+        this.ahead = entry;
+        break;
+      }
+      addSlot(e, entry);
+    }
+    return e;
+  }
+
   /** Reads to the end, checking everything; the reader is then finished. */
   async validate(): Promise<void> {
     while ((await this.next()) >= 0);
@@ -330,6 +447,11 @@ export class ManifestReader {
   async close(): Promise<void> {
     await this.src.close();
   }
+}
+
+function addSlot(e: BlockEntries, x: SlotEntry): void {
+  if (x.slot === 0) e.digest = x.digest;
+  else (e.pieces ??= []).push({ slot: x.slot, digest: x.digest });
 }
 
 /**
@@ -341,10 +463,29 @@ export class ManifestCursor {
 
   constructor(readonly reader: ManifestReader) {}
 
-  /** The digest of block `index` (a view valid until the next call), or undefined when the
-   * manifest has no entry for it (a zero block). Indexes must not decrease between calls. */
+  /**
+   * The whole-block digest of block `index` (a view valid until the next call), or undefined
+   * when the manifest has no slot-0 entry for it (a zero block, or pieces over zeros: never
+   * equal to a whole block's digest). A block with pieces also has entries after this one: a
+   * caller comparing whole-block digests finds the block changed unless its bytes are those of
+   * slot 0 — then recording slot 0 alone is right. Indexes must not decrease between calls.
+   */
   async lookup(index: number): Promise<Buffer | undefined> {
-    return (await this.peek(index)) === index ? this.reader.digest : undefined;
+    return (await this.peek(index)) === index && this.reader.slot === 0 ? this.reader.digest : undefined;
+  }
+
+  /**
+   * Every entry of block `index` (copies), or undefined when it has none; the cursor moves
+   * past them. Indexes must increase between calls.
+   */
+  async lookupBlock(index: number): Promise<BlockEntries | undefined> {
+    if ((await this.peek(index)) !== index) return undefined;
+    const e: BlockEntries = { index, digest: undefined, pieces: undefined };
+    for (;;) {
+      addSlot(e, { slot: this.reader.slot, digest: Buffer.from(this.reader.digest) });
+      this.current = this.reader.nextBuffered() ?? (await this.reader.next());
+      if (this.current !== index) return e;
+    }
   }
 
   /** The next entry at or after `index`, or -1 (the cursor stays on it). */
@@ -366,6 +507,21 @@ export class ManifestCursor {
       this.current = n;
     }
     return this.current;
+  }
+
+  /**
+   * Moves past the entry the cursor stands on (to the next one, of the same block or a later
+   * one) without I/O; false where that needs a read, which `step` does.
+   */
+  stepNow(): boolean {
+    const n = this.reader.nextBuffered();
+    if (n === undefined) return false;
+    this.current = n;
+    return true;
+  }
+
+  async step(): Promise<void> {
+    this.current = await this.reader.next();
   }
 
   /** Consumes the rest, which verifies count and checksum. */
