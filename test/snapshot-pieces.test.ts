@@ -119,8 +119,8 @@ t.test('a damaged version 2 manifest is named: slots out of order, out of range,
   await damage('a slot above 8', (b) => (b[entry(1) + 7] = 9), /slot 9, which is not a piece/);
   await damage('a slot past a short last block', (b) => (b[entry(2) + 7] = 2), /slot 2, which is not a piece/);
   await damage('slots out of order', (b) => (b[entry(1) + 7] = 0), /previous 1/);
-  await damage('a piece size that is not a power of two', (b) => b.writeUInt32LE(PS + 1, 20), /piece size is 65537/);
-  await damage('a piece size of a whole block', (b) => b.writeUInt32LE(BS, 20), /piece size is 524288/);
+  await damage('a piece size that is not an eighth of the block', (b) => b.writeUInt32LE(PS + 1, 20), /piece size is 65537, expected an eighth/);
+  await damage('a piece size of a quarter block', (b) => b.writeUInt32LE(2 * PS, 20), /piece size is 131072/);
   await damage('version 1 with a piece size', (b) => b.writeUInt16LE(1, 8), /reserved field at offset 20/);
 });
 

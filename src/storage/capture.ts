@@ -509,12 +509,6 @@ async function openParent(store: Store, parent: SnapshotRecord | undefined, s: C
     s.onLog?.(`parent snapshot ${parent.id} cannot be used (${(e as Error).message}); comparing with the store instead`);
     return {};
   }
-  const ps = reader.header.pieceSize ?? 0;
-  if (ps && ps !== pieceSizeFor(store.blockSize)) {
-    await reader.close();
-    s.onLog?.(`parent snapshot ${parent.id} has pieces of ${ps} bytes, not ${pieceSizeFor(store.blockSize)}; comparing with the store instead`);
-    return {};
-  }
   const view: ParentView & { reader?: ManifestReader } = { reader, cursor: new ManifestCursor(reader) };
   if (!s.tk) return view;
   try {

@@ -196,14 +196,14 @@ class DirtyScan {
     await this.parentUntil(Number.MAX_SAFE_INTEGER, new Set());
   }
 
-  /** Records parent entry (j, slot): its digest and, where given, its tag entry at `at` of `te`. */
-  private keepEntry(j: number, slot: number, dg: Buffer, te: Buffer | undefined, at: number): void {
-    this.p.record(j, dg, 0, undefined, 0, slot);
+  /** Records parent entry (j, slot): its digest at dOff of `dg` and, where given, its tag entry at `at` of `te`. */
+  private keepEntry(j: number, slot: number, dg: Buffer, dOff: number, te: Buffer | undefined, at: number): void {
+    this.p.record(j, dg, dOff, undefined, 0, slot);
     if (te) this.tw!.append(j, te, at, te, at + SALT_LENGTH);
   }
 
   private keep(e: Kept): void {
-    this.keepEntry(e[0], e[1], e[2], e[3], 0);
+    this.keepEntry(e[0], e[1], e[2], 0, e[3], 0);
   }
 
   /**
@@ -217,16 +217,16 @@ class DirtyScan {
     for (;;) {
       const j = cursor.peekNow(this.next) ?? (await cursor.peek(this.next));
       if (j < 0 || j >= limit) break;
-      const slot = cursor.reader.slot;
-      const dg = cursor.reader.digest; // the entry peek stopped on (a tag lookup leaves it be)
+      const { slot, chunkBytes, digestOffset } = cursor.reader; // the entry peek stopped on (a tag lookup leaves it be)
+      const copy = () => Buffer.from(chunkBytes.subarray(digestOffset, digestOffset + 32));
       if (dirtyIdx.has(j)) {
-        if (dirtyPrev) addEntry(dirtyPrev, j, { slot, digest: Buffer.from(dg) });
+        if (dirtyPrev) addEntry(dirtyPrev, j, { slot, digest: copy() });
       } else {
         // (only a block without pieces has a tag: its one entry is slot 0)
         const at = ptags && slot === 0 ? (ptags.lookupNow(j) ?? (await ptags.lookup(j))) : -1;
         const te = ptags?.entries;
-        if (hold) hold.push([j, slot, Buffer.from(dg), at >= 0 ? Buffer.from(te!.subarray(at, at + ENTRY)) : undefined]);
-        else this.keepEntry(j, slot, dg, at >= 0 ? te : undefined, at);
+        if (hold) hold.push([j, slot, copy(), at >= 0 ? Buffer.from(te!.subarray(at, at + ENTRY)) : undefined]);
+        else this.keepEntry(j, slot, chunkBytes, digestOffset, at >= 0 ? te : undefined, at);
       }
       if (!cursor.stepNow()) await cursor.step();
       this.next = j;

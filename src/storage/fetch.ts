@@ -10,7 +10,7 @@ import { native } from '../engine/native';
 import type { Store } from './store/store';
 import { DerivedKeys, TRAILER_BYTES } from './store/crypto';
 import { acquireStaging, openChunk, releaseStaging } from './store/crypto-pool';
-import { BlockEntries, ManifestReader, blockLength, pieceRange } from './store/manifest';
+import { BlockEntries, ManifestReader, blockLength, pieceRange, pieceSizeFor } from './store/manifest';
 import { DIRECT_ALIGN } from './store/direct';
 import type { SnapshotRecord } from './store/records';
 import { Progress, ProgressFn, blocksPerChunk } from './common';
@@ -50,7 +50,7 @@ export async function fetchVerified(store: Store, entries: BatchEntry[], buf: Bu
  */
 async function overlayPieces(store: Store, entries: BatchEntry[], r: Fetched, volumeSize: number): Promise<void> {
   const bs = store.blockSize;
-  const ps = bs / 8;
+  const ps = pieceSizeFor(bs);
   const pieced = entries.map((e, k) => k).filter((k) => entries[k].pieces && !r.bad.some((b) => b.k === k));
   if (!pieced.length) return;
   const key = store.codec.digestKey;

@@ -18,8 +18,8 @@
  *   14      1     digest algorithm: 1 = SHA-256, 2 = HMAC-SHA-256 (keyed, encrypted stores)
  *   15      1     flags: bit 0 = block objects are sealed (encrypted); other bits must be 0
  *   16      4     block size
- *   20      4     piece size: 0 in version 1; in version 2 a power of two, at least 4096,
- *                 an eighth of the block size or more (see "Pieces")
+ *   20      4     piece size: 0 in version 1; in version 2 an eighth of the block size,
+ *                 at least 4096 (see "Pieces")
  *   24      8     volume size in bytes
  *   32      32    snapshot id, ASCII, NUL padded   (binds the manifest to its record)
  *   64      32    volume id, ASCII, NUL padded
@@ -60,8 +60,6 @@ export const MANIFEST_MAGIC = Buffer.from('DSNAPMF\n', 'latin1');
 export const MANIFEST_VERSION = 1;
 /** The version of a manifest with pieces (see above). */
 export const MANIFEST_VERSION_PIECES = 2;
-/** Entry slots (the top byte of the index field of a version 2 entry). */
-const SLOT_SHIFT = 2 ** 56;
 export const HEADER_LENGTH = 128;
 export const ENTRY_LENGTH = 40;
 export const TRAILER_LENGTH = 40;
@@ -174,8 +172,8 @@ export function decodeHeader(file: string, b: Buffer): ManifestHeader {
   if (blockSize === 0 || (blockSize & (blockSize - 1)) !== 0) throw corrupt(file, `manifest block size is ${blockSize}, expected a power of two`);
   const pieceSize = b.readUInt32LE(20);
   if (version === MANIFEST_VERSION && pieceSize !== 0) throw corrupt(file, 'manifest reserved field at offset 20 is not zero');
-  if (version === MANIFEST_VERSION_PIECES && (pieceSize < 4096 || (pieceSize & (pieceSize - 1)) !== 0 || pieceSize >= blockSize || blockSize / pieceSize > 8)) {
-    throw corrupt(file, `manifest piece size is ${pieceSize}, expected a power of two from 4096 and from an eighth of the block size (${blockSize}) up to half of it`);
+  if (version === MANIFEST_VERSION_PIECES && (pieceSize !== pieceSizeFor(blockSize) || pieceSize === 0)) {
+    throw corrupt(file, `manifest piece size is ${pieceSize}, expected an eighth of the block size (${blockSize}), at least 4096`);
   }
   const volumeSize = b.readBigUInt64LE(24);
   if (volumeSize > BigInt(Number.MAX_SAFE_INTEGER)) throw corrupt(file, `manifest volume size ${volumeSize} is too large`);
@@ -239,7 +237,8 @@ export class ManifestWriter {
     const o = this.w.add(index);
     if (slot) this.w.buf[o + 7] = slot;
     this.lastSlot = slot;
-    this.w.buf.set(digest.subarray(digestOffset, digestOffset + DIGEST_LENGTH), o + 8);
+    if (Buffer.isBuffer(digest)) digest.copy(this.w.buf, o + 8, digestOffset, digestOffset + DIGEST_LENGTH);
+    else this.w.buf.set(digest.subarray(digestOffset, digestOffset + DIGEST_LENGTH), o + 8);
   }
 
   /** Waits for buffered writes (keeps memory bounded when called now and then). */
@@ -287,7 +286,9 @@ export class ManifestReader {
   private readonly slots: number;
   /** the entry nextBlock read past the block it returned (index, slot, digest copy) */
   private ahead: SlotEntry & { index: number } | undefined;
-  digest: Buffer = Buffer.alloc(0);
+  /** the chunk holding the current entry, whose digest is at `digestOffset` in it */
+  chunkBytes: Buffer = Buffer.alloc(0);
+  digestOffset = 0;
   index = -1;
   /** the slot of the current entry: 0 the whole block, s >= 1 a piece */
   slot = 0;
@@ -384,7 +385,8 @@ export class ManifestReader {
     this.lastIndex = index;
     this.lastSlot = slot;
     this.slot = slot;
-    this.digest = this.chunk.subarray(o + 8, o + ENTRY_LENGTH);
+    this.chunkBytes = this.chunk;
+    this.digestOffset = o + 8;
     this.index = index;
     this.pos += ENTRY_LENGTH;
     this.read++;
@@ -409,6 +411,14 @@ export class ManifestReader {
     }
     this.finished = true;
     this.index = -1;
+  }
+
+  /**
+   * The digest of the current entry: a view, valid until the next call. (Scans that copy
+   * thousands of entries take `chunkBytes` at `digestOffset` instead: no view made per entry.)
+   */
+  get digest(): Buffer {
+    return this.chunkBytes.subarray(this.digestOffset, this.digestOffset + DIGEST_LENGTH);
   }
 
   /**
