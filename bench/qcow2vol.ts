@@ -8,7 +8,7 @@
  *   twice, in two patterns, each followed by an incremental snapshot, which reads the
  *   persistent dirty bitmap the first snapshot added (changeSource must say `bitmap`):
  *     scattered 64 KiB writes     the worst case for 512 KiB blocks: each dirty granule
- *                                  costs a whole block (read, hash, stored object)
+ *                                  is read and stored as a piece (src/storage/dirty.ts)
  *     1 MiB writes                 whole blocks (a guest writing files sequentially)
  *     incremental            disksnap snapshot create   vs restic's second backup (it re-reads
  *                                                           the 4 GiB file: its mtime moved)
@@ -143,8 +143,19 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
   for (const r of regions) fillRandom(raw, r.offset, r.length);
   run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=65536', raw, img]);
   fs.rmSync(raw);
-  const source = path.join(opts.dir, 'piece.bin'); // what qemu-io writes (`write -s`): random, 1 MiB
-  fillRandom(source, 0, MiB);
+  // What qemu-io writes (`write -s FILE`): a random file of its own for each write, as a guest
+  // writes different data each time (one file for all writes made every 64 KiB piece the same
+  // object, which flattered the store until session 14).
+  const sources = path.join(opts.dir, 'sources');
+  const sourcesFor = (piece: number, count: number): string[] => {
+    fs.rmSync(sources, { recursive: true, force: true });
+    fs.mkdirSync(sources);
+    return Array.from({ length: count }, (_, k) => {
+      const f = path.join(sources, `${k}.bin`);
+      fillRandom(f, 0, piece);
+      return f;
+    });
+  };
 
   const t: Record<string, number[]> = {};
   const add = (k: string, v: number) => (t[k] ??= []).push(v);
@@ -172,7 +183,8 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
     for (const [j, p] of patterns.entries()) {
       const dirty = pieces(regions, p.piece, Math.round((data * 0.01) / p.piece), 100 * i + j + 1);
       // -n: cache=none, as a VM configured with cache=none writes (O_DIRECT)
-      const cmds = dirty.flatMap((r) => ['-c', `write -q -s ${source} ${r.offset} ${r.length}`]);
+      const src = sourcesFor(p.piece, dirty.length);
+      const cmds = dirty.flatMap((r, k) => ['-c', `write -q -s ${src[k]} ${r.offset} ${r.length}`]);
       for (let c = 0; c < cmds.length; c += 2000) run('qemu-io', ['-n', '-f', 'qcow2', ...cmds.slice(c, c + 2000), img]);
       const granules = widen(dirty, 64 * KiB);
       const blocks = widen(dirty, BLOCK);
@@ -208,11 +220,12 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
     const what = `incremental, ~1% rewritten in ${p.what}`;
     row(what, `incr ${p.key}`, "restic's second backup", `restic incr ${p.key}`, `changeSource bitmap; ${facts[`${p.key} scanned`]}; target: 50x`);
     row(`${what}, vs reading and hashing the dirty granules`, `incr ${p.key}`, 'floor: node pread + SHA-256 of the dirty 64 KiB granules', `floor granules ${p.key}`, 'the floor is a process (node start-up included) that reads the dirty data at the host offsets qemu-img map gives; target: ratio >= 0.5 (within 2x)');
-    row(`${what}, vs reading and hashing the dirty blocks`, `incr ${p.key}`, 'floor: node pread + SHA-256 of the dirty 512 KiB blocks', `floor blocks ${p.key}`, 'the same floor over the whole 512 KiB blocks the store keeps (what an incremental must read and hash)');
+    row(`${what}, vs reading and hashing the dirty blocks`, `incr ${p.key}`, 'floor: node pread + SHA-256 of the dirty 512 KiB blocks', `floor blocks ${p.key}`, 'the same floor over the whole 512 KiB blocks around the dirty data (what an incremental read before pieces)');
   }
 
   // Memory: a 1 TiB sparse qcow2 volume with 4 MiB of data; full then incremental.
   const big = path.join(opts.dir, 'sparse-1t.qcow2');
+  const [source] = sourcesFor(MiB, 1);
   run('qemu-img', ['create', '-q', '-f', 'qcow2', big, '1T']);
   run('qemu-io', ['-f', 'qcow2', ...[0, 2 ** 38, 2 ** 39, 2 ** 40 - 4 * MiB].flatMap((at) => ['-c', `write -q -s ${source} ${at} 1M`]), big]);
   const bigStore = path.join(opts.dir, 'store-1t');
