@@ -11,7 +11,7 @@
  *
  * The interval of plain lines is 5 s (DISKSNAP_PROGRESS_INTERVAL in ms: tests use a short one).
  */
-import * as cliProgress from 'cli-progress';
+import type * as CliProgress from 'cli-progress';
 import { formatSize } from '../engine/size';
 import { traceDocument } from './util';
 
@@ -147,6 +147,10 @@ function jsonReporter(label: string): Reporter {
 }
 
 function barReporter(label: string): Reporter {
+  // Loaded only for a bar on a terminal: its module and readline cost a few ms of every
+  // command's start, and `--json`, pipes and CI never draw one.
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const cliProgress = require('cli-progress') as typeof CliProgress;
   const bar = new cliProgress.SingleBar(
     {
       stream: process.stderr,

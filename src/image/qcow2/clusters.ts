@@ -17,7 +17,7 @@
  * with the old head and tail and the new bytes, and only then points the L2 entries at it;
  * the old clusters lose their reference at the next flush (pending frees).
  */
-import { inflateRawSync } from 'node:zlib';
+import type * as Zlib from 'node:zlib';
 import { BlockFile } from '../../engine/file';
 import { corrupt } from '../../engine/errors';
 import { CachedTable, TableCache } from './cache';
@@ -165,6 +165,9 @@ export abstract class ClusterLayer extends RefcountLayer {
     this.file.readFullSync(raw, d.offset);
     let data: Buffer;
     try {
+      // (zlib is loaded on the first compressed cluster: most images have none)
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      const { inflateRawSync } = require('node:zlib') as typeof Zlib;
       data = inflateRawSync(raw, { finishFlush: 2 /* Z_SYNC_FLUSH: trailing bytes are allowed */, maxOutputLength: this.clusterSize });
     } catch (e) {
       // The stream may be followed by padding; zlib reports that as an error only when the
