@@ -20,6 +20,9 @@
  *                                                           and once for the dirty 512 KiB blocks
  *                                                        vs `node -e 0`: the runtime's own start,
  *                                                           which both floors include
+ *                                                        vs the store's floor: bench/floor.c
+ *                                                           writing as many objects of the same
+ *                                                           size as the incremental added
  *   and peak RSS of snapshots of a 1 TiB sparse qcow2 volume holding 4 MiB (budget: 256 MiB).
  *
  * Before each measured operation: `sync`, then the image read once (both tools start from a
@@ -86,6 +89,18 @@ function hostRanges(img: string, guest: Range[]): Range[] {
     }
   }
   return out;
+}
+
+/** Compiles bench/floor.c into `dir` with the system's C compiler; undefined without one. */
+function buildFloor(dir: string): string | undefined {
+  const src = [path.resolve(__dirname, '..', '..', 'bench', 'floor.c'), path.resolve(__dirname, 'floor.c')].find((f) => fs.existsSync(f));
+  if (!src || !hasCommand('cc')) {
+    process.stderr.write('bench qcow2vol: no C compiler (cc) or bench/floor.c: no store floor rows\n');
+    return undefined;
+  }
+  const bin = path.join(dir, 'floor');
+  run('cc', ['-O2', '-pthread', '-o', bin, src]);
+  return bin;
 }
 
 /** The floor process: pread each range of `file` into one buffer and SHA-256 it; prints nothing. */
@@ -171,6 +186,7 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
     { key: '1m', piece: MiB, what: '1 MiB writes' },
   ];
   const facts: Record<string, string> = {};
+  const floorBin = buildFloor(opts.dir);
   for (let i = 0; i < runs; i++) {
     dropBitmaps(img);
     const store = path.join(opts.dir, `store-${i}`);
@@ -202,6 +218,18 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
         before();
         add(`restic incr ${p.key}`, timeOf('restic', ['--quiet', '-r', repo, 'backup', img], resticEnv));
       }
+      // The store's own floor: the objects this incremental added (as many, as large) written
+      // by bench/floor.c with the same syscalls (O_TMPFILE, O_DIRECT write, fdatasync, linkat,
+      // a fsync per directory; 16 threads), from the image's bytes in the page cache.
+      const objects = rec.stats.blocksAdded as number;
+      if (floorBin && objects > 0) {
+        const objSize = Math.round(rec.stats.bytesAdded / objects / 4096) * 4096;
+        const fdir = path.join(opts.dir, `floor-${p.key}-${i}`);
+        before();
+        add(`store floor ${p.key}`, Number(run(floorBin, [img, '0', String(objects * objSize), String(objSize), fdir, '16', String(objects)]).out));
+        fs.rmSync(fdir, { recursive: true, force: true });
+        facts[`${p.key} objects`] = `${objects} objects of ${objSize / KiB} KiB`;
+      }
       before();
       add(`node start ${p.key}`, timeOf(process.execPath, ['-e', '0']));
       for (const [k, list] of Object.entries(lists)) {
@@ -224,6 +252,7 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
     const what = `incremental, ~1% rewritten in ${p.what}`;
     row(what, `incr ${p.key}`, "restic's second backup", `restic incr ${p.key}`, `changeSource bitmap; ${facts[`${p.key} scanned`]}; target: 50x`);
     row(`${what}, vs reading and hashing the dirty granules`, `incr ${p.key}`, 'floor: node pread + SHA-256 of the dirty 64 KiB granules', `floor granules ${p.key}`, 'the floor is a process (node start-up included) that reads the dirty data at the host offsets qemu-img map gives; target: ratio >= 0.5 (within 2x)');
+    row(`${what}, vs storing its objects`, `incr ${p.key}`, 'floor: bench/floor.c storing the same objects', `store floor ${p.key}`, `what the store's writes alone cost on this disk: ${facts[`${p.key} objects`]}, each O_TMPFILE, O_DIRECT write, fdatasync, linkat (16 threads), then a fsync per directory`);
     row(`${what}, vs the Node runtime starting`, `incr ${p.key}`, 'node -e 0 (the runtime starting and exiting)', `node start ${p.key}`, 'what no Node process avoids, measured beside it: part of both floors above');
     row(`${what}, vs reading and hashing the dirty blocks`, `incr ${p.key}`, 'floor: node pread + SHA-256 of the dirty 512 KiB blocks', `floor blocks ${p.key}`, 'the same floor over the whole 512 KiB blocks around the dirty data (what an incremental read before pieces)');
   }
