@@ -31,7 +31,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BenchOptions, BenchRow } from './types';
-import { GiB, MiB, fillRandom, hasCommand, median, run, warm } from './util';
+import { GiB, MiB, buildFloor, fillRandom, hasCommand, median, run, warm } from './util';
 
 const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
 const LIB = path.resolve(__dirname, '..', 'src', 'storage', 'index.js');
@@ -89,18 +89,6 @@ function hostRanges(img: string, guest: Range[]): Range[] {
     }
   }
   return out;
-}
-
-/** Compiles bench/floor.c into `dir` with the system's C compiler; undefined without one. */
-function buildFloor(dir: string): string | undefined {
-  const src = [path.resolve(__dirname, '..', '..', 'bench', 'floor.c'), path.resolve(__dirname, 'floor.c')].find((f) => fs.existsSync(f));
-  if (!src || !hasCommand('cc')) {
-    process.stderr.write('bench qcow2vol: no C compiler (cc) or bench/floor.c: no store floor rows\n');
-    return undefined;
-  }
-  const bin = path.join(dir, 'floor');
-  run('cc', ['-O2', '-pthread', '-o', bin, src]);
-  return bin;
 }
 
 /** The floor process: pread each range of `file` into one buffer and SHA-256 it; prints nothing. */
@@ -186,7 +174,7 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
     { key: '1m', piece: MiB, what: '1 MiB writes' },
   ];
   const facts: Record<string, string> = {};
-  const floorBin = buildFloor(opts.dir);
+  const floorBin = buildFloor(opts.dir, 'qcow2vol');
   for (let i = 0; i < runs; i++) {
     dropBitmaps(img);
     const store = path.join(opts.dir, `store-${i}`);

@@ -38,7 +38,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { BenchOptions, BenchRow } from './types';
-import { GiB, MiB, fillRandom, hasCommand, median, run, warm, rewrite } from './util';
+import { GiB, MiB, buildFloor, fillRandom, hasCommand, median, run, warm, rewrite } from './util';
 import { WorkedIn } from './workedin';
 
 const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
@@ -75,18 +75,6 @@ function sync(): void {
 
 function disksnap(args: string[]): string {
   return run(process.execPath, [CLI, ...args]).out;
-}
-
-/** Compiles bench/floor.c into `dir` with the system's C compiler; undefined without one. */
-function buildFloor(dir: string): string | undefined {
-  const src = [path.resolve(__dirname, '..', '..', 'bench', 'floor.c'), path.resolve(__dirname, 'floor.c')].find((f) => fs.existsSync(f));
-  if (!src || !hasCommand('cc')) {
-    process.stderr.write('bench snapshot: no C compiler (cc) or bench/floor.c: no floor rows\n');
-    return undefined;
-  }
-  const bin = path.join(dir, 'floor');
-  run('cc', ['-O2', '-pthread', '-o', bin, src]);
-  return bin;
 }
 
 /** Peak RSS (MiB) of a fresh process that snapshots `volume` into `store` through the library. */
@@ -141,7 +129,7 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
   // right after removing the previous run's 2048-object store, 1.17-1.35 s instead of
   // 0.85-0.88 s). Removing them between runs would measure that, not the snapshot.
   const leftovers: string[] = [];
-  const floorBin = buildFloor(opts.dir);
+  const floorBin = buildFloor(opts.dir, 'snapshot');
   const workedIn = new WorkedIn(opts.dir, quick);
   const blocksIn = (store: string) => {
     let n = 0;

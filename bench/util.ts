@@ -1,6 +1,7 @@
 /** Shared helpers of the benchmarks: timing, medians, running peer commands. */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { randomFillSync } from 'node:crypto';
 
 export function median(values: number[]): number {
@@ -83,3 +84,18 @@ export function dropCaches(): boolean {
 export const MB = 1e6;
 export const MiB = 2 ** 20;
 export const GiB = 2 ** 30;
+
+/**
+ * Compiles bench/floor.c (a store's object writes in C: the floor of the snapshot benches) into
+ * `dir` with the system's C compiler; undefined, said on stderr, without one.
+ */
+export function buildFloor(dir: string, bench: string): string | undefined {
+  const src = [path.resolve(__dirname, '..', '..', 'bench', 'floor.c'), path.resolve(__dirname, 'floor.c')].find((f) => fs.existsSync(f));
+  if (!src || !hasCommand('cc')) {
+    process.stderr.write(`bench ${bench}: no C compiler (cc) or bench/floor.c: no floor rows\n`);
+    return undefined;
+  }
+  const bin = path.join(dir, 'floor');
+  run('cc', ['-O2', '-pthread', '-o', bin, src]);
+  return bin;
+}
