@@ -191,6 +191,12 @@ t.test('scattered 64 KiB writes: only the granules are read and stored, and ever
   t.ok((await restoredBytes(store, s1.id, dir)).equals(want1), 'its parent still does');
   const v = await snap.verifySnapshot(s2.id, { store });
   t.ok(v.ok, 'verify checks every piece');
+  const events: snap.Progress[] = [];
+  const out = path.join(dir, 'progress.raw');
+  await snap.restoreSnapshot(s2.id, { store, to: out, onProgress: (e) => events.push(e) });
+  fs.rmSync(out);
+  const last = events.filter((e) => e.phase === 'write').pop();
+  t.same(last && [last.done, last.total], [41, 41], 'restore progress counts blocks, not entries, and ends at its total');
   const d = await snap.diffSnapshots(s1.id, s2.id, { store });
   t.same(d.changedBlocks, [0, 2, 6, 14, 38, 80], 'diff names the blocks with pieces');
   // the parent deleted and its objects collected: the pieces' base objects are still live

@@ -12,7 +12,7 @@ import { SnapshotJson, SnapshotRecord } from './store/records';
 import { MAX_BUFFERS, MAX_WRITE_BYTES, blocksPerChunk, queueObject, threadsOf } from './common';
 import { faultsOf } from './faults';
 import { BufferPool, Throttle } from './pool';
-import { BatchEntry, corruptBlock, fetchVerified, nextBatch } from './fetch';
+import { BatchEntry, blocksListed, corruptBlock, fetchVerified, nextBatch } from './fetch';
 import { completeSnapshot, failSnapshot, percentOf, progressSaver } from './lifecycle';
 import type { CopySnapshotOptions } from './copy';
 
@@ -60,7 +60,7 @@ export async function runCopy(
     const reader = await src.openManifest(rec);
     readers.push(reader);
     if (dstParent) await openParents(s, dstParent, srcParent, readers, opts);
-    const total = reader.entryCount;
+    const total = blocksListed(reader, rec);
     let done = 0;
     for (let batchNo = 0; ; batchNo++) {
       const batch = await nextBatch(reader, maxBlocks);

@@ -173,6 +173,14 @@ async function fetchSealed(store: Store, keys: DerivedKeys, entries: BatchEntry[
   return { len, bad, buf };
 }
 
+/**
+ * How many blocks a manifest lists, for progress: its entry count, except where pieces make
+ * several entries per block (then the record's count of data blocks).
+ */
+export function blocksListed(reader: ManifestReader, rec: SnapshotRecord): number {
+  return reader.header.pieceSize ? rec.stats.dataBlocks : reader.entryCount;
+}
+
 /** Pulls up to `max` blocks from a manifest reader (digests copied). */
 export async function nextBatch(reader: ManifestReader, max: number, filter?: (index: number) => boolean): Promise<BatchEntry[]> {
   const out: BatchEntry[] = [];

@@ -22,7 +22,7 @@ import { blockLength } from './store/manifest';
 import type { SnapshotRecord } from './store/records';
 import { ProgressFn, StoreOptions, assertCompleted, threadsOf, withStoreLock } from './common';
 import { codecOf, resolve } from './lookup';
-import { BatchEntry, pipelineBlocks } from './fetch';
+import { BatchEntry, blocksListed, pipelineBlocks } from './fetch';
 import { emptyReport, restoreInPlace } from './restore-in-place';
 
 /** Restore starts an fdatasync of what it wrote every this many bytes (see FileOutput). */
@@ -101,7 +101,7 @@ async function restoreToFile(store: Store, rec: SnapshotRecord, to: string, opts
   let out: FileOutput | undefined;
   try {
     out = new FileOutput(store, rec, tmp, report);
-    await pipelineBlocks(store, rec, reader, { threads: threadsOf(opts), total: reader.entryCount, phase: 'write', onProgress: opts.onProgress, alloc: out.alloc }, (batch, buf) =>
+    await pipelineBlocks(store, rec, reader, { threads: threadsOf(opts), total: blocksListed(reader, rec), phase: 'write', onProgress: opts.onProgress, alloc: out.alloc }, (batch, buf) =>
       out!.write(batch, buf),
     );
     await out.finish();

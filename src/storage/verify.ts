@@ -5,7 +5,7 @@ import { Store } from './store/store';
 import { ManifestReader } from './store/manifest';
 import { ProgressFn, StoreOptions, assertCompleted, blocksPerChunk, threadsOf, withStoreLock } from './common';
 import { codecOf, resolve } from './lookup';
-import { fetchVerified, nextBatch } from './fetch';
+import { blocksListed, fetchVerified, nextBatch } from './fetch';
 
 export interface VerifyReport {
   snapshotId: string;
@@ -53,7 +53,7 @@ export async function verifySnapshot(ref: string, opts: VerifyOptions = {}): Pro
         for (const b of r.bad) report.badBlocks.push({ index: batch[b.k].index, digest: (batch[b.k].digest ?? batch[b.k].pieces![0].digest).toString('hex'), reason: b.why });
         report.blocksChecked += batch.length;
         report.bytesChecked += r.len;
-        opts.onProgress?.({ phase: 'verify', done: report.blocksChecked, total: reader.entryCount });
+        opts.onProgress?.({ phase: 'verify', done: report.blocksChecked, total: blocksListed(reader, rec) });
       }
     } catch (e) {
       if (!isDisksnapError(e, 'ECORRUPT')) throw e;
