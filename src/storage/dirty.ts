@@ -11,9 +11,10 @@
  * most MAX_NEW_PIECES of its eight 64 KiB granules dirty reads only those granules and
  * stores each as an object of its own. The parent's entries for the block stay beside them.
  * With 1% of a 4 GiB qcow2 volume rewritten in scattered 64 KiB writes, an incremental reads
- * and stores 41 MiB instead of 328 MiB. A block whose pieces would then number more than
- * MAX_PIECES, or where a dirty granule now reads as zeros, is read whole again and stored as
- * one object (compacted), so a restore reads at most 1 + MAX_PIECES objects for a block.
+ * and stores 41 MiB instead of the 285 MiB of blocks around them. A block whose pieces would
+ * then number more than MAX_PIECES, or where a dirty granule now reads as zeros, is read whole
+ * again and stored as one object (compacted), so a restore reads at most 1 + MAX_PIECES
+ * objects for a block.
  * A block with pieces gets no change tag: a tag is of a whole block's bytes, and scans that
  * compare tags or digests with the parent must find such a block changed (./store/manifest.ts).
  *

@@ -40,8 +40,9 @@
  * Pieces (version 2). An incremental that knows which 64 KiB granules of a block were written
  * (a QEMU dirty bitmap, two reflink clones) reads and stores only those granules, as objects
  * of their own, instead of the whole 512 KiB block: with 1% of a 4 GiB qcow2 volume rewritten
- * in scattered 64 KiB writes, that is 41 MiB read and stored instead of 328 MiB. A block then
- * has up to 1 + blockSize/pieceSize entries, in ascending (index, slot) order:
+ * in scattered 64 KiB writes, that is 41 MiB read and stored instead of the 285 MiB of whole
+ * blocks around them. A block then has up to 1 + blockSize/pieceSize entries, in ascending
+ * (index, slot) order:
  *   slot 0       the whole block's object (absent: the block starts as zeros);
  *   slot s >= 1  a piece: the object of bytes [(s-1)*pieceSize, s*pieceSize) of the block
  *                (cut at the block's end), which replace those of slot 0.
