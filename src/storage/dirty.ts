@@ -23,7 +23,7 @@
  * blocks read whole get fresh tags under this attempt's salt.
  */
 import type { BlockHashes } from '../engine/native';
-import { BlockEntries, ManifestCursor, SlotEntry, blockLength, pieceRange } from './store/manifest';
+import { BlockEntries, ManifestCursor, SlotEntry, addSlot, blockLength, pieceRange } from './store/manifest';
 import { SALT_LENGTH, TAG_LENGTH, TagReader, TagWriter, tagIvs, xor16 } from './store/tags';
 import type { ChangeDetector, ReadPipeline } from './capture';
 
@@ -334,6 +334,5 @@ function sameWhole(prev: Map<number, BlockEntries>, i: number, h: BlockHashes, k
 function addEntry(m: Map<number, BlockEntries>, i: number, x: SlotEntry): void {
   let e = m.get(i);
   if (!e) m.set(i, (e = { index: i, digest: undefined, pieces: undefined }));
-  if (x.slot === 0) e.digest = x.digest;
-  else (e.pieces ??= []).push(x);
+  addSlot(e, x);
 }

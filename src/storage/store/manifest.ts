@@ -460,7 +460,8 @@ export class ManifestReader {
   }
 }
 
-function addSlot(e: BlockEntries, x: SlotEntry): void {
+/** Adds one entry to a block's entries (slot 0: the whole object, else a piece, in slot order). */
+export function addSlot(e: BlockEntries, x: SlotEntry): void {
   if (x.slot === 0) e.digest = x.digest;
   else (e.pieces ??= []).push({ slot: x.slot, digest: x.digest });
 }
