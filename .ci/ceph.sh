@@ -26,7 +26,13 @@
 # - with cephx off, radosgw hangs at "get_initial_auth_request returned -13" unless it uses
 #   `ms mon client mode = crc` (set globally here);
 # - an OSD must exist in the OSD map before it boots (`ceph osd new`), and pools need size 1
-#   on a one-OSD cluster (`mon allow pool size one`).
+#   on a one-OSD cluster (`mon allow pool size one`);
+# - on a loaded machine the OSD's own start-up CRUSH commands (set its device class, place it
+#   in the map) can be sent before its monitor client knows the cluster's fsid; the monitor
+#   answers 'wrong fsid' and the OSD exits ("init unable to update_crush_device_class"). So
+#   the OSD makes no CRUSH change at start (`osd crush update on start = false`, `osd class
+#   update on start = false`); this script places it in the map before it boots.
+# A cluster that still fails to come up is made anew once, with the failing log's tail shown.
 set -euo pipefail
 
 PORT=${DISKSNAP_CEPH_PORT:-7480}
@@ -101,6 +107,8 @@ osd data = $DIR/osd/\$cluster-\$id
 public addr = v1:127.0.0.1:$MON_PORT
 
 [osd]
+osd crush update on start = false
+osd class update on start = false
 osd objectstore = bluestore
 bluestore block create = true
 bluestore block size = $(numfmt --from=iec "$OSD_SIZE")
@@ -128,9 +136,16 @@ start_mon() {
   ceph-mon -c "$CONF" -i a 9>&- >>"$DIR/log/start.log" 2>&1 || die "ceph-mon did not start (see $DIR/log/mon.a.log)"
 }
 
+# The last error lines a daemon logged, for a failure message.
+log_errors() { # logfile
+  grep -E '^[0-9T:.+-]+ [0-9a-f]+ +-1 ' "$1" 2>/dev/null | tail -n 3 | sed 's/^/  /' || true
+}
+
 start_osd() {
   pid_alive "$DIR/run/osd.0.pid" && return 0
-  ceph-osd -c "$CONF" -i 0 9>&- >>"$DIR/log/start.log" 2>&1 || die "ceph-osd did not start (see $DIR/log/osd.0.log)"
+  ceph-osd -c "$CONF" -i 0 9>&- >>"$DIR/log/start.log" 2>&1 ||
+    die "ceph-osd did not start (see $DIR/log/osd.0.log):
+$(log_errors "$DIR/log/osd.0.log")"
 }
 
 start_rgw() {
@@ -164,6 +179,8 @@ create_cluster() {
   osd_uuid=$(uuidgen)
   id=$(cephc osd new "$osd_uuid" 2>"$DIR/log/osd-new.log") || die "ceph osd new failed: $(tail -n 3 "$DIR/log/osd-new.log")"
   [ "$id" = 0 ] || die "ceph osd new gave id '$id', expected 0"
+  cephc osd crush add osd.0 1.0 root=default host=disksnap >"$DIR/log/osd-crush.log" 2>&1 ||
+    die "ceph osd crush add failed: $(tail -n 3 "$DIR/log/osd-crush.log")"
   ceph-osd -c "$CONF" -i 0 --mkfs --osd-uuid "$osd_uuid" >"$DIR/log/mkfs-osd.log" 2>&1 ||
     die "ceph-osd --mkfs failed: $(tail -n 3 "$DIR/log/mkfs-osd.log")"
   start_osd
@@ -196,7 +213,8 @@ cmd_start() {
     start_osd
     start_rgw
     wait_s3
-  else
+  elif ! (create_cluster); then
+    say "making the cluster anew"
     create_cluster
   fi
   cat "$ENVFILE"
