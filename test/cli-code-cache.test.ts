@@ -1,7 +1,7 @@
 /**
- * The CLI's code cache (src/cli/main.ts, src/cli/code-cache.ts): the build keeps one that
- * this Node accepts, and a cache that does not fit the bundle is never used, whatever it
- * holds. Each case runs in a child process with Node's default flags, as the CLI runs.
+ * The CLI's code cache (src/cli/main.ts, src/cli/code-cache.ts, src/engine/bundle.ts): the
+ * build keeps one that this Node accepts, for the CLI's bundle and for the AWS SDK's, and a
+ * cache that does not fit the bundle is never used, whatever it holds. Each case runs in a child process with Node's default flags, as the CLI runs.
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
@@ -13,6 +13,8 @@ import { ROOT } from './helpers/cli';
 const DIST = path.join(ROOT, 'dist', 'src', 'cli');
 const BUNDLE = path.join(DIST, 'disksnap.bundle.js');
 const CACHE = path.join(DIST, 'disksnap.bundle.cache');
+const SDK_BUNDLE = path.join(DIST, 's3-sdk.bundle.js');
+const SDK_CACHE = path.join(DIST, 's3-sdk.bundle.cache');
 const VERSION = (JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
 
 /** Loads `bundle` with `cache` in a child, runs `disksnap --version` from it; its cache state and output. */
@@ -63,12 +65,38 @@ t.test('no cache, or a cache too short to hold a digest: compiled as usual', asy
   t.same(load(BUNDLE, short), { state: 'stale', version: VERSION });
 });
 
+/** Loads the SDK's bundle with `cache` in a child: its cache state and whether it gave an S3 client. */
+function loadSdk(cache: string): string {
+  const script = `const { loadScript } = require(${JSON.stringify(path.join(ROOT, 'dist', 'src', 'engine', 'bundle.js'))});
+const b = loadScript(${JSON.stringify(SDK_BUNDLE)}, ${JSON.stringify(cache)});
+const c = new b.exports.S3Client({ region: 'x', endpoint: 'http://127.0.0.1:9', credentials: { accessKeyId: 'a', secretAccessKey: 'b' } });
+process.stdout.write(b.cache + ' ' + typeof c.send);`;
+  const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`child failed (${r.status}): ${r.stderr}`);
+  return r.stdout.trim();
+}
+
+t.test('the build keeps a code cache for the S3 client bundle too, and V8 takes it', async (t) => {
+  t.ok(fs.existsSync(SDK_CACHE), 'npm run build wrote dist/src/cli/s3-sdk.bundle.cache');
+  t.equal(loadSdk(SDK_CACHE), 'accepted function');
+  const short = path.join(dir, 'sdk-short.cache');
+  fs.writeFileSync(short, Buffer.alloc(16));
+  t.equal(loadSdk(short), 'stale function', 'a cache of other bytes is not used');
+});
+
 t.test('a build whose training cannot run keeps no cache, says why, and does not fail', async (t) => {
   const kept = fs.readFileSync(CACHE);
-  t.teardown(() => fs.writeFileSync(CACHE, kept)); // the build's own cache, for the tests after this one
+  const keptSdk = fs.readFileSync(SDK_CACHE);
+  t.teardown(() => {
+    // the build's own caches, for the tests after this one
+    fs.writeFileSync(CACHE, kept);
+    fs.writeFileSync(SDK_CACHE, keptSdk);
+  });
   const r = spawnSync(process.execPath, [path.join(DIST, 'code-cache.js')], { encoding: 'utf8', env: { ...process.env, TMPDIR: path.join(dir, 'no-such-dir') } });
   t.equal(r.status, 0, 'the build goes on');
   t.match(r.stderr, /disksnap build: no code cache for the CLI \(it still works, starting ~40 ms slower\): .*no-such-dir/);
+  t.match(r.stderr, /disksnap build: no code cache for the S3 client \(it still works, ~60 ms slower on an S3 store\): .*no-such-dir/);
   t.notOk(fs.existsSync(CACHE), 'no cache is left, not even the previous one');
+  t.notOk(fs.existsSync(SDK_CACHE), 'nor of the S3 client');
   t.same(load(BUNDLE, CACHE), { state: 'absent', version: VERSION }, 'and the CLI still runs');
 });

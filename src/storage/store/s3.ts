@@ -48,8 +48,10 @@
 import type * as HttpModule from 'node:http';
 import type * as HttpsModule from 'node:https';
 import { randomBytes } from 'node:crypto';
+import * as path from 'node:path';
 import type { Readable } from 'node:stream';
 import type { S3Client } from '@aws-sdk/client-s3';
+import { cacheFileOf, loadScript } from '../../engine/bundle';
 import { DisksnapError, invalid } from '../../engine/errors';
 import { ObjectData, dataLength } from './backend';
 import type { ObjectInfo, ObjectReader, StoreBackend } from './backend';
@@ -60,14 +62,20 @@ process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 
 type Sdk = typeof import('@aws-sdk/client-s3');
 let sdkModule: Sdk | undefined;
+/** Where `npm run build` puts the SDK's bundle (./s3-sdk.ts): beside the CLI's bundle, whose code this is then. */
+export const SDK_BUNDLE = path.join(__dirname, 's3-sdk.bundle.js');
 /**
- * The AWS SDK, loaded the first time an S3 store is opened: loading it costs ~170 ms and ~20 MiB
- * of resident memory, which every command on a directory store would otherwise pay.
+ * The AWS SDK, loaded the first time an S3 store is opened: loading it costs ~20 MiB of
+ * resident memory and, from its package's ~300 files, ~90 ms before the first request and
+ * ~40 ms more in it, which every command on a directory store would otherwise pay. The CLI
+ * loads it from one bundle with a code cache made at build time (../../engine/bundle.ts):
+ * ~45 ms and ~20 ms (README, "Stores in S3 buckets"). Elsewhere (the library, tests run
+ * from the sources) it comes from the package.
  */
 function sdk(): Sdk {
   // A package, not a module of src/: the layer check's "no lazy require" rule is about the
   // latter. node:http/https (with tls and net, ~8 ms) load with the first S3Backend too.
-  return (sdkModule ??= require('@aws-sdk/client-s3') as Sdk);
+  return (sdkModule ??= loadScript<Sdk>(SDK_BUNDLE, cacheFileOf(SDK_BUNDLE))?.exports ?? (require('@aws-sdk/client-s3') as Sdk));
 }
 
 /** `s3://BUCKET[/PREFIX]` -> bucket and prefix (no leading or trailing '/'; '' for none). */
