@@ -172,7 +172,8 @@ create_cluster() {
   mkdir -p "$DIR"/{run,log,mon,osd/ceph-0,rgw}
   fsid=$(uuidgen)
   write_conf "$fsid"
-  ceph-authtool --create-keyring "$DIR/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
+  ceph-authtool --create-keyring "$DIR/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null ||
+    die "ceph-authtool could not make the monitor's keyring"
   ceph-mon -c "$CONF" --mkfs -i a --fsid "$fsid" --keyring "$DIR/keyring" >"$DIR/log/mkfs-mon.log" 2>&1 ||
     die "ceph-mon --mkfs failed: $(tail -n 3 "$DIR/log/mkfs-mon.log")"
   start_mon
@@ -214,6 +215,9 @@ cmd_start() {
     start_rgw
     wait_s3
   elif ! (create_cluster); then
+    # (in that subshell `set -e` is off, as in any tested command: every daemon and tool
+    # step ends in `|| die`, which leaves the subshell; a failed mkdir or uuidgen makes the
+    # next of those fail, and a missing env file fails the `cat` below)
     say "making the cluster anew"
     create_cluster
   fi

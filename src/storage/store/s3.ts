@@ -63,14 +63,14 @@ process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 type Sdk = typeof import('@aws-sdk/client-s3');
 let sdkModule: Sdk | undefined;
 /** Where `npm run build` puts the SDK's bundle (./s3-sdk.ts): beside the CLI's bundle, whose code this is then. */
-export const SDK_BUNDLE = path.join(__dirname, 's3-sdk.bundle.js');
+const SDK_BUNDLE = path.join(__dirname, 's3-sdk.bundle.js');
 /**
- * The AWS SDK, loaded the first time an S3 store is opened: loading it costs ~20 MiB of
- * resident memory and, from its package's ~300 files, ~90 ms before the first request and
- * ~40 ms more in it, which every command on a directory store would otherwise pay. The CLI
- * loads it from one bundle with a code cache made at build time (../../engine/bundle.ts):
- * ~45 ms and ~20 ms (README, "Stores in S3 buckets"). Elsewhere (the library, tests run
- * from the sources) it comes from the package.
+ * The AWS SDK, loaded the first time an S3 store is opened, so that commands on a directory
+ * store do not pay for it (~20 MiB of resident memory). From the package's ~300 files it
+ * takes ~90 ms to load and ~40 ms more in the first request. The CLI loads it from one
+ * bundle with a code cache made at build time (../../engine/bundle.ts): ~45 ms and ~30 ms
+ * (README, "Design", esbuild). Elsewhere (the library, tests run from the sources) it comes
+ * from the package.
  */
 function sdk(): Sdk {
   // A package, not a module of src/: the layer check's "no lazy require" rule is about the
