@@ -319,7 +319,7 @@ else forEachBackend(t, 'pieces in any store: a qcow2 incremental of scattered wr
   qemuIo(vol, ['write -P 0x11 0 6M']);
   const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
   const want1 = guestBytes(vol);
-  qemuIo(vol, ['write -P 0x91 64k 64k', 'write -P 0x92 1M+448k 64k'.replace('1M+448k', String(MiB + 448 * KiB)), 'write -P 0x93 10M 64k']);
+  qemuIo(vol, ['write -P 0x91 64k 64k', `write -P 0x92 ${MiB + 448 * KiB} 64k`, 'write -P 0x93 10M 64k']);
   const s2 = await snap.createSnapshot(vol, { store });
   t.equal(s2.changeSource, 'bitmap');
   t.equal(s2.stats.bytesScanned, 3 * PS, 'three granules read');
