@@ -384,6 +384,45 @@ Napi::Value TagFile(const Napi::CallbackInfo& info) {
                          });
 }
 
+// tagBlocksAsync(buf, blockSize, threads, tagKey) -> Promise<{ tags, zero }>: the zero flag
+// and unmasked change tag of each block of buf, no SHA-256 (the 64 KiB granules' tags of
+// blocks already in memory: src/storage/store/tags.ts).
+class TagBlocksWorker : public PromiseWorker {
+ public:
+  TagBlocksWorker(Napi::Env env, HashArgs args, Outputs& out)
+      : PromiseWorker(env, "disksnap.tagBlocks"), args_(std::move(args)), zeroData_(out.zero.Data()), tagsData_(out.tagsData()), refs_(out) {}
+
+ protected:
+  void Execute() override {
+    error_ = TagBuffer(args_.buf.data, args_.buf.length, args_.blockSize, args_.threads, args_.tagKey, zeroData_, tagsData_);
+    OPENSSL_cleanse(args_.tagKey.data(), args_.tagKey.size());
+  }
+  Napi::Value Result(Napi::Env env) override { return refs_.Result(env); }
+
+ private:
+  HashArgs args_;
+  uint8_t* zeroData_;
+  uint8_t* tagsData_;
+  OutputRefs refs_;
+};
+
+Napi::Value TagBlocksAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  HashArgs a;
+  Outputs out;
+  if (!ArgBytes(info, 0, "buf", &a.buf) || !ArgBlockSize(info, 1, &a.blockSize) ||
+      !ArgI32(info, 2, "threads", &a.threads) || !ArgTagKey(info, 3, &a.tagged, &a.tagKey))
+    return RejectPending(env);
+  if (!a.tagged) {
+    ThrowInvalid(env, "tagBlocksAsync: argument 4 (tagKey) is required");
+    return RejectPending(env);
+  }
+  if (!AllocOutputs(env, BlockCount(a.buf.length, a.blockSize), &out, false, true)) return RejectPending(env);
+  auto* worker = new TagBlocksWorker(env, std::move(a), out);
+  worker->Keep(info[0]);
+  return worker->Start();
+}
+
 // tagMasks(tagKey, ivs) -> Buffer: E_K(J0(iv)) for each 16-byte iv, 16 bytes each (sync; one
 // AES block and a GHASH of the iv per tag).
 Napi::Value TagMasks(const Napi::CallbackInfo& info) {
@@ -424,6 +463,7 @@ void InitHash(Napi::Env env, Napi::Object exports) {
   exports.Set("hashFile", Napi::Function::New(env, HashFile, "hashFile"));
   exports.Set("isZero", Napi::Function::New(env, IsZero, "isZero"));
   exports.Set("tagFile", Napi::Function::New(env, TagFile, "tagFile"));
+  exports.Set("tagBlocksAsync", Napi::Function::New(env, TagBlocksAsync, "tagBlocksAsync"));
   exports.Set("tagMasks", Napi::Function::New(env, TagMasks, "tagMasks"));
 }
 

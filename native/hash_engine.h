@@ -83,6 +83,11 @@ SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threa
                     const std::vector<uint8_t>* key, uint8_t* digests, uint8_t* zero,
                     const std::vector<uint8_t>* tagKey = nullptr, uint8_t* tags = nullptr);
 
+// The zero flag and unmasked change tag of each block of data[0..len) (no SHA-256): the
+// tags of a buffer's 64 KiB granules, beside its blocks' (src/storage/store/tags.ts).
+SysError TagBuffer(const uint8_t* data, size_t len, size_t blockSize, int threads,
+                   const std::vector<uint8_t>& tagKey, uint8_t* zero, uint8_t* tags);
+
 // Reads [offset, offset+length) of fd in chunks of several MiB and hashes them on `threads`
 // threads; bytes past EOF hash as zeros, and chunks that SEEK_DATA reports as holes are not
 // read at all. `done` counts bytes hashed; setting `cancel` stops the workers early.

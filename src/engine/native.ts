@@ -159,6 +159,11 @@ export interface NativeAddon {
    * past `buf`'s capacity (read it again).
    */
   tagFile(fd: number, offset: number, length: number, blockSize: number, threads: number, tagKey: Uint8Array, expect: Uint8Array, known: Uint8Array, buf: Uint8Array, key?: Uint8Array): Promise<CollectedTags>;
+  /**
+   * Zero flags and unmasked change tags of the consecutive blocks of `buf` (no SHA-256): the
+   * tags of 64 KiB granules of blocks already in memory (src/storage/store/tags.ts).
+   */
+  tagBlocksAsync(buf: Uint8Array, blockSize: number, threads: number, tagKey: Uint8Array): Promise<BlockTags>;
   /** GMAC masks E_K(J0(iv)), 16 bytes per 16-byte iv: stored tag = unmasked tag ^ mask. */
   tagMasks(tagKey: Uint8Array, ivs: Uint8Array): Buffer;
   /**

@@ -41,7 +41,7 @@ import type { Store } from './store/store';
 import type { ObjectData } from './store/backend';
 import { sealChunk } from './store/crypto-pool';
 import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength, pieceSizeFor } from './store/manifest';
-import { TagKey, TagReader, TagWriter, tagIvs, xor16, SALT_LENGTH } from './store/tags';
+import { TagKey, TagReader, TagWriter, granuleIvs, tagIvs, xor16, SALT_LENGTH } from './store/tags';
 import { SnapshotRecord, VolumeStat, emptyStats, fileIdentityOf, sameFileIdentity } from './store/records';
 import { NumberList } from './pool';
 import { HASH_CHUNK_BYTES, MAX_BUFFERS, MAX_WRITE_BYTES, ProgressFn, blocksPerChunk, chunksOf, dataRuns, guestRuns, queueObject, sleep, volumeSizeOf } from './common';
@@ -235,29 +235,37 @@ export class ReadPipeline {
   /**
    * Records an entry of data block i: its digest at digests[dOff], and slot 0 (the whole
    * block) or a piece slot (./store/manifest.ts). `u` is the unmasked tag (under proofKey) of
-   * the bytes that digest is of, which a read that must prove one moment needs (the
-   * guest-view paths, which never prove, have none).
+   * the whole block's bytes as recorded, which a read that must prove one moment needs with
+   * the block's first entry (the guest-view paths, which never prove, have none).
    */
   record(i: number, digests: Buffer, dOff: number, u?: Buffer, uOff = 0, slot = 0): void {
-    if (i !== this.lastRecorded) this.rec.stats.dataBlocks++;
+    const first = i !== this.lastRecorded;
+    if (first) this.rec.stats.dataBlocks++;
     this.lastRecorded = i;
     this.writer.append(i, digests, dOff, slot);
-    if (!this.settings.prove) return;
-    if (!u || slot) throw new Error(`internal: block ${i} recorded without the tag its proof needs`);
+    if (!this.settings.prove || !first) return;
+    if (!u) throw new Error(`internal: block ${i} recorded without the tag its proof needs`);
     this.recorded.push(i, u, uOff);
   }
 
   /**
    * Records the change tags of blocks `idx` (ascending, after every block recorded so far),
-   * computed now from their unmasked tags (u, 16 bytes each at uOff(j)) under this attempt's salt.
+   * computed now from their unmasked tags (u, 16 bytes each at uOff(j)) under this attempt's
+   * salt; with `gu`, the unmasked tags of each block's granules too (the tag writer's
+   * granules x 16 bytes at gOff(j), or none where gOff gives -1).
    */
-  newTags(idx: number[], u: Buffer, uOff: (j: number) => number): void {
+  newTags(idx: number[], u: Buffer, uOff: (j: number) => number, gu?: Buffer, gOff?: (j: number) => number): void {
     const tk = this.tk;
-    if (!this.tagWriter || !tk || !idx.length) return;
+    const tw = this.tagWriter;
+    if (!tw || !tk || !idx.length) return;
     const masks = this.n.tagMasks(tk.key, tagIvs(idx, this.salt, () => 0));
+    const G = tw.granules;
+    const gm = gu && gOff && G ? this.n.tagMasks(tk.key, granuleIvs(idx, G, this.salt, () => 0)) : undefined;
     for (let j = 0; j < idx.length; j++) {
       xor16(u, uOff(j), masks, j * 16, masks, j * 16);
-      this.tagWriter.append(idx[j], this.salt, 0, masks, j * 16);
+      const at = gm ? gOff!(j) : -1;
+      for (let s = 0; at >= 0 && s < G; s++) xor16(gu!, at + s * 16, gm!, (j * G + s) * 16, gm!, (j * G + s) * 16);
+      tw.append(idx[j], this.salt, 0, masks, j * 16, at >= 0 ? gm : undefined, j * G * 16);
     }
   }
 
@@ -555,8 +563,9 @@ export async function capture(
   let ok = false;
   try {
     view = await openParent(store, parent, settings);
-    // Pieces (./store/manifest.ts) where a dirty-range scan may store them, or the parent has some to keep.
-    const pieces = !!(settings.guest?.dirty || settings.reflink || view.reader?.header.pieceSize);
+    // Pieces (./store/manifest.ts) where a dirty-range scan or a tag scan with granule tags
+    // (./store/tags.ts) may store them, or the parent has some to keep.
+    const pieces = !!(settings.guest?.dirty || settings.reflink || view.reader?.header.pieceSize || view.tags?.granules);
     ({ writer, tagWriter } = await openOutputs(store, rec, size, settings, pieces ? pieceSizeFor(store.blockSize) : 0));
     p = new ReadPipeline(store, file, rec, size, writer, tagWriter, settings);
     // Unchanged since the parent, proven by its identity and times (see sameStat): nothing to read.

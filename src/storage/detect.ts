@@ -29,14 +29,15 @@
  *
  * A block read twice whose two hashes differ is proof the volume moved (VolumeChanged).
  */
+import { createHash, createHmac } from 'node:crypto';
 import type { BlockTags, CollectedTags } from '../engine/native';
-import { SALT_LENGTH, TAG_LENGTH, TagKey, tagIvs, xor16 } from './store/tags';
-import type { ManifestCursor } from './store/manifest';
+import { SALT_LENGTH, TAG_LENGTH, TagKey, granuleIvs, granuleSizeFor, tagIvs, xor16 } from './store/tags';
+import type { ManifestCursor, SlotEntry } from './store/manifest';
 import type { TagReader } from './store/tags';
 import { chunksOf } from './common';
 import { readAhead } from './pool';
 import { ChangeDetector, GuestVolume, ParentView, ReadPipeline, ReflinkView, VolumeChanged } from './capture';
-import { dirtyScan } from './dirty';
+import { MAX_NEW_PIECES, MAX_PIECES, dirtyScan } from './dirty';
 import type { ChangeSource } from './store/records';
 
 const ENTRY = SALT_LENGTH + TAG_LENGTH;
@@ -79,8 +80,11 @@ async function hashEveryBlock(p: ReadPipeline, tags: boolean, changed: (i: numbe
       const [first, end] = list[c];
       let digests: Buffer;
       const keep: number[] = [];
+      // the granule tags of the next snapshot's tag file (./store/tags.ts), beside the blocks'
+      const G = tags ? (p.tagWriter?.granules ?? 0) : 0;
       try {
-        const h = await p.n.hashBlocksAsync(cur.buf.subarray(0, cur.len), p.bs, p.threads, p.key, tags ? p.proofKey : undefined);
+        const data = cur.buf.subarray(0, cur.len);
+        const [h, gt] = await Promise.all([p.n.hashBlocksAsync(data, p.bs, p.threads, p.key, tags ? p.proofKey : undefined), G ? p.n.tagBlocksAsync(data, granuleSizeFor(p.bs), p.threads, p.proofKey) : undefined]);
         digests = h.digests;
         for (let k = 0; k < end - first; k++) {
           if (h.zero[k]) continue;
@@ -89,7 +93,8 @@ async function hashEveryBlock(p: ReadPipeline, tags: boolean, changed: (i: numbe
           p.rec.stats.changedBlocks++;
           keep.push(k);
         }
-        if (tags && h.tags) p.newTags(keep.map((k) => first + k), h.tags, (j) => keep[j] * 16);
+        const full = (k: number) => p.spanBytes(first + k, first + k + 1) === p.bs;
+        if (tags && h.tags) p.newTags(keep.map((k) => first + k), h.tags, (j) => keep[j] * 16, gt?.tags, (j) => (full(keep[j]) ? keep[j] * G * 16 : -1));
       } catch (e) {
         p.pool.release(cur.buf);
         throw e;
@@ -106,16 +111,23 @@ async function hashEveryBlock(p: ReadPipeline, tags: boolean, changed: (i: numbe
 /** Every block read, hashed and (where new) written from the one buffer. */
 export const fullHash: ChangeDetector = (p) => hashEveryBlock(p, true, async () => true);
 
-/** Per block of a chunk: the parent's digest and tag entry, where it has them. */
+/** Per block of a chunk: the parent's entries and tag entry, where it has them. */
 interface ParentChunk {
+  /** the parent's slot-0 digest of block k at k*32, where hasPrev[k] */
   digests: Buffer;
-  entries: Buffer;
   hasPrev: Uint8Array;
+  /** the parent's pieces of block k, where it has any */
+  pieces: Array<SlotEntry[] | undefined>;
+  /** the parent's tag entries from their salt on (salt, tag, granule tags): el bytes at k*el */
+  entries: Buffer;
+  el: number;
+  /** 1 where entries[k] has granule tags this snapshot's tag file can keep */
+  granules: Uint8Array;
   /** k of the blocks the parent has a tag for */
   tagged: number[];
   /** the unmasked tag each block has if unchanged (16 bytes at k*16), where `known[k]` */
   expect: Buffer;
-  /** 1 where the parent has both the block's digest and its tag */
+  /** 1 where the parent has both entries for the block and its tag */
   known: Uint8Array;
 }
 
@@ -125,43 +137,37 @@ interface ParentChunk {
  * stored tag = unmasked tag ^ mask, so expect = stored tag ^ mask.
  */
 async function parentChunk(p: ReadPipeline, tk: TagKey, a: number, nb: number, cursor: ManifestCursor, tags: TagReader): Promise<ParentChunk> {
-  const pc: ParentChunk = { digests: Buffer.allocUnsafe(nb * 32), entries: Buffer.allocUnsafe(nb * ENTRY), hasPrev: new Uint8Array(nb), tagged: [], expect: Buffer.alloc(nb * 16), known: new Uint8Array(nb) };
+  const el = ENTRY + tags.granules * TAG_LENGTH;
+  const G = p.tagWriter?.granules ?? 0;
+  const pc: ParentChunk = { digests: Buffer.allocUnsafe(nb * 32), hasPrev: new Uint8Array(nb), pieces: new Array(nb), entries: Buffer.allocUnsafe(nb * el), el, granules: new Uint8Array(nb), tagged: [], expect: Buffer.alloc(nb * 16), known: new Uint8Array(nb) };
+  const inPrev = new Uint8Array(nb);
   for (let k = 0; k < nb; k++) {
     // (the entries are mostly in the readers' chunks already: no await for those)
     if ((cursor.peekNow(a + k) ?? (await cursor.peek(a + k))) === a + k) {
-      cursor.reader.digest.copy(pc.digests, k * 32);
-      pc.hasPrev[k] = 1;
+      inPrev[k] = 1;
+      if (cursor.reader.slot === 0) {
+        cursor.reader.digest.copy(pc.digests, k * 32);
+        pc.hasPrev[k] = 1;
+        if (!cursor.stepNow()) await cursor.step();
+      }
+      // a block with pieces: the rest of its entries
+      if ((cursor.peekNow(a + k) ?? (await cursor.peek(a + k))) === a + k) pc.pieces[k] = (await cursor.lookupBlock(a + k))!.pieces;
     }
     const at = tags.lookupNow(a + k) ?? (await tags.lookup(a + k));
     if (at >= 0) {
-      tags.entries.copy(pc.entries, k * ENTRY, at, at + ENTRY);
+      tags.entries.copy(pc.entries, k * el, at, at + el);
       pc.tagged.push(k);
+      if (G && tags.granules === G && tags.hasGranules(at)) pc.granules[k] = 1;
     }
   }
   if (pc.tagged.length) {
-    const masks = p.n.tagMasks(tk.key, tagIvs(pc.tagged.map((k) => a + k), pc.entries, (j) => pc.tagged[j] * ENTRY));
+    const masks = p.n.tagMasks(tk.key, tagIvs(pc.tagged.map((k) => a + k), pc.entries, (j) => pc.tagged[j] * el));
     pc.tagged.forEach((k, j) => {
-      xor16(pc.entries, k * ENTRY + SALT_LENGTH, masks, j * 16, pc.expect, k * 16);
-      pc.known[k] = pc.hasPrev[k];
+      xor16(pc.entries, k * el + SALT_LENGTH, masks, j * 16, pc.expect, k * 16);
+      pc.known[k] = inPrev[k];
     });
   }
   return pc;
-}
-
-/** The new tags of a chunk in block order: the parent's entry where unchanged, fresh ones for `check`. */
-function chunkTags(p: ReadPipeline, tk: TagKey, a: number, first: BlockTags, pc: ParentChunk, data: number[], check: number[]): void {
-  if (!p.tagWriter) return;
-  const fresh = new Map<number, number>(); // k -> j: its new tag at masks[j*16]
-  const masks = check.length ? p.n.tagMasks(tk.key, tagIvs(check.map((k) => a + k), p.salt, () => 0)) : Buffer.alloc(0);
-  check.forEach((k, j) => {
-    xor16(first.tags, k * 16, masks, j * 16, masks, j * 16);
-    fresh.set(k, j);
-  });
-  for (const k of data) {
-    const j = fresh.get(k);
-    if (j === undefined) p.tagWriter.append(a + k, pc.entries, k * ENTRY, pc.entries, k * ENTRY + SALT_LENGTH);
-    else p.tagWriter.append(a + k, p.salt, 0, masks, j * 16);
-  }
 }
 
 /** A chunk of tagScan as read: the parent's entries, the tags, and the changed blocks in `buf`. */
@@ -171,14 +177,141 @@ interface TagChunk {
   buf: Buffer;
 }
 
+/** What tagScan stores and records for a chunk as read. */
+interface ChunkPlan {
+  /** k of the chunk's data blocks */
+  data: number[];
+  /** k of the blocks whose tags moved (fresh tags) */
+  check: number[];
+  /** k of the changed blocks past the buffer's capacity (read again) */
+  again: number[];
+  /** objects to store from the buffer */
+  items: Array<{ off: number; len: number; digest: Buffer }>;
+  /** block k's entries when it has pieces (the parent's, kept, or new ones) */
+  piecesOf: Map<number, SlotEntry[]>;
+  /** the unmasked tags of the collected blocks' granules (granules x 16 bytes at slot*granules*16) */
+  gt: BlockTags | undefined;
+}
+
+/**
+ * The granules of collected block k (in `slot` of buf) whose tags moved, stored as pieces
+ * over the parent's entries: undefined where the block is stored whole instead (no granule
+ * tags to compare, none or more than MAX_NEW_PIECES moved, one is now zero, or the block
+ * would have more than MAX_PIECES pieces).
+ */
+function piecesFor(p: ReadPipeline, k: number, slot: number, pc: ParentChunk, gt: BlockTags, gexpect: Buffer, gx: number, buf: Buffer, plan: ChunkPlan): boolean {
+  const G = p.tagWriter!.granules;
+  const ps = p.pieceSize;
+  const dirty: number[] = [];
+  for (let s = 0; s < G; s++) {
+    const u = (slot * G + s) * 16;
+    if (gt.tags.compare(gexpect, gx + s * 16, gx + s * 16 + 16, u, u + 16) === 0) continue;
+    if (gt.zero[slot * G + s]) return false;
+    dirty.push(s + 1);
+  }
+  const old = pc.pieces[k] ?? [];
+  const kept = old.filter((x) => !dirty.includes(x.slot));
+  if (!dirty.length || dirty.length > MAX_NEW_PIECES || kept.length + dirty.length > MAX_PIECES) return false;
+  const fresh = dirty.map((s) => {
+    const off = slot * p.bs + (s - 1) * ps;
+    const h = p.key ? createHmac('sha256', p.key) : createHash('sha256');
+    const digest = h.update(buf.subarray(off, off + ps)).digest();
+    const was = old.find((o) => o.slot === s);
+    if (!was || !was.digest.equals(digest)) plan.items.push({ off, len: ps, digest });
+    return { slot: s, digest };
+  });
+  plan.piecesOf.set(k, [...kept, ...fresh].sort((x, y) => x.slot - y.slot));
+  return true;
+}
+
+/**
+ * A chunk as read: which blocks are unchanged, changed and stored whole, changed and stored
+ * as pieces (the granules whose tags moved, where the parent has granule tags: see
+ * ./store/tags.ts), or to be read again.
+ */
+async function planChunk(p: ReadPipeline, tk: TagKey, a: number, b: number, pc: ParentChunk, first: CollectedTags, buf: Buffer): Promise<ChunkPlan> {
+  const G = p.tagWriter?.granules ?? 0;
+  const plan: ChunkPlan = { data: [], check: [], again: [], items: [], piecesOf: new Map(), gt: undefined };
+  if (G && first.collected) plan.gt = await p.n.tagBlocksAsync(buf.subarray(0, first.collected * p.bs), granuleSizeFor(p.bs), p.threads, tk.key);
+  // the granule tags the candidates for pieces have if unchanged (parent's stored ^ mask)
+  const full = (k: number) => p.spanBytes(a + k, a + k + 1) === p.bs;
+  const cands = plan.gt && p.pieceSize === granuleSizeFor(p.bs) ? pc.tagged.filter((k) => first.slot[k] >= 0 && pc.granules[k] && pc.known[k] && full(k)) : [];
+  const gexpect = cands.length ? p.n.tagMasks(tk.key, granuleIvs(cands.map((k) => a + k), G, pc.entries, (j) => cands[j] * pc.el)) : Buffer.alloc(0);
+  const gxOf = new Map<number, number>();
+  cands.forEach((k, j) => {
+    for (let s = 0; s < G; s++) xor16(pc.entries, k * pc.el + ENTRY + s * 16, gexpect, (j * G + s) * 16, gexpect, (j * G + s) * 16);
+    gxOf.set(k, j * G * 16);
+  });
+  for (let k = 0; k < b - a; k++) {
+    if (first.zero[k]) continue;
+    plan.data.push(k);
+    const slot = first.slot[k];
+    if (slot === -1) {
+      if (pc.pieces[k]) plan.piecesOf.set(k, pc.pieces[k]!); // unchanged: every entry kept
+      continue;
+    }
+    plan.check.push(k);
+    if (slot === -2) {
+      plan.again.push(k);
+      continue;
+    }
+    const gx = gxOf.get(k);
+    if (gx !== undefined && piecesFor(p, k, slot, pc, plan.gt!, gexpect, gx, buf, plan)) {
+      p.rec.stats.changedBlocks++;
+      continue;
+    }
+    const unchanged = pc.hasPrev[k] && !pc.pieces[k] && first.collectDigests.compare(pc.digests, k * 32, k * 32 + 32, slot * 32, slot * 32 + 32) === 0;
+    first.collectDigests.copy(pc.digests, k * 32, slot * 32, slot * 32 + 32);
+    if (unchanged) continue;
+    p.rec.stats.changedBlocks++;
+    plan.items.push({ off: slot * p.bs, len: p.spanBytes(a + k, a + k + 1), digest: first.collectDigests.subarray(slot * 32, slot * 32 + 32) });
+  }
+  return plan;
+}
+
+/**
+ * The new tags of a chunk in block order: the parent's entry where unchanged, fresh ones for
+ * `check` (with the granule tags of the blocks collected whole into the buffer).
+ */
+function chunkTags(p: ReadPipeline, tk: TagKey, a: number, first: CollectedTags, pc: ParentChunk, plan: ChunkPlan): void {
+  const tw = p.tagWriter;
+  if (!tw) return;
+  const { data, check, gt } = plan;
+  const G = tw.granules;
+  const fresh = new Map<number, number>(); // k -> j: its new tag at masks[j*16]
+  const masks = check.length ? p.n.tagMasks(tk.key, tagIvs(check.map((k) => a + k), p.salt, () => 0)) : Buffer.alloc(0);
+  check.forEach((k, j) => {
+    xor16(first.tags, k * 16, masks, j * 16, masks, j * 16);
+    fresh.set(k, j);
+  });
+  const withG = gt && G ? check.filter((k) => first.slot[k] >= 0 && p.spanBytes(a + k, a + k + 1) === p.bs) : [];
+  const gm = withG.length ? p.n.tagMasks(tk.key, granuleIvs(withG.map((k) => a + k), G, p.salt, () => 0)) : undefined;
+  const gAt = new Map<number, number>();
+  withG.forEach((k, j) => {
+    const src = first.slot[k] * G * 16;
+    for (let s = 0; s < G; s++) xor16(gt!.tags, src + s * 16, gm!, (j * G + s) * 16, gm!, (j * G + s) * 16);
+    gAt.set(k, j * G * 16);
+  });
+  for (const k of data) {
+    const j = fresh.get(k);
+    const o = k * pc.el;
+    if (j === undefined) tw.append(a + k, pc.entries, o, pc.entries, o + SALT_LENGTH, pc.granules[k] ? pc.entries : undefined, o + ENTRY);
+    else tw.append(a + k, p.salt, 0, masks, j * 16, gAt.has(k) ? gm : undefined, gAt.get(k) ?? 0);
+  }
+}
+
 /**
  * Tags only (GHASH, no SHA-256) over 64 MiB chunks, each block's tag compared in the same
  * native pass with the one it has if unchanged (its parent's): blocks whose tag is the
- * parent's keep the parent's digest; the others are copied, in that one read, into a pool
+ * parent's keep the parent's entries; the others are copied, in that one read, into a pool
  * buffer and hashed with SHA-256 there, and written from it where their digest is new. Changed
  * blocks past the buffer's capacity are read again into another buffer, hashed there and
  * checked against the first pass. (Issue 18, 12 alternating runs of a 1% rewrite of 1 GiB:
  * reading the changed blocks a second time cost ~0.045 s of a 0.645 s incremental.)
+ *
+ * Where the parent has granule tags (./store/tags.ts) a changed block's granules are tagged
+ * in the buffer and compared with them: a block with at most MAX_NEW_PIECES granules moved is
+ * stored as those pieces over the parent's entries (./dirty.ts has the same rule).
  */
 export const tagScan: ChangeDetector = async (p, parent) => {
   const tk = p.tk!;
@@ -201,32 +334,16 @@ export const tagScan: ChangeDetector = async (p, parent) => {
     },
     async (c, { pc, first, buf }) => {
       const [a, b] = list[c];
-      const data: number[] = [];
-      const check: number[] = [];
-      const store: number[] = []; // slots to write
-      const blockOf = new Map<number, number>(); // slot -> k
-      const again: number[] = []; // changed past the buffer's capacity
-      for (let k = 0; k < b - a; k++) {
-        if (first.zero[k]) continue;
-        data.push(k);
-        const slot = first.slot[k];
-        if (slot === -1) continue;
-        check.push(k);
-        if (slot === -2) {
-          again.push(k);
-          continue;
-        }
-        blockOf.set(slot, k);
-        const unchanged = pc.hasPrev[k] && first.collectDigests.compare(pc.digests, k * 32, k * 32 + 32, slot * 32, slot * 32 + 32) === 0;
-        first.collectDigests.copy(pc.digests, k * 32, slot * 32, slot * 32 + 32);
-        if (unchanged) continue;
-        p.rec.stats.changedBlocks++;
-        store.push(slot);
+      let plan: ChunkPlan;
+      try {
+        plan = await planChunk(p, tk, a, b, pc, first, buf);
+      } catch (e) {
+        p.pool.release(buf);
+        throw e;
       }
-      await p.storeSlots(buf, store, first.collectDigests, (slot) => {
-        const i = a + blockOf.get(slot)!;
-        return p.spanBytes(i, i + 1);
-      });
+      chunkTags(p, tk, a, first, pc, plan); // (before the buffer is sealed in place)
+      await p.storeItems(buf, plan.items);
+      const { again } = plan;
       for (let g = 0; g < again.length; g += p.maxBlocks) {
         const ks = again.slice(g, g + p.maxBlocks);
         const hashes = await p.readAndStore(
@@ -234,16 +351,23 @@ export const tagScan: ChangeDetector = async (p, parent) => {
           (j, h) => {
             const k = ks[j];
             if (h.tags!.compare(first.tags, k * 16, k * 16 + 16, j * 16, j * 16 + 16) !== 0) throw new VolumeChanged(`block ${a + k} changed between two reads`);
-            const unchanged = pc.hasPrev[k] && h.digests.compare(pc.digests, k * 32, k * 32 + 32, j * 32, j * 32 + 32) === 0;
+            const unchanged = pc.hasPrev[k] && !pc.pieces[k] && h.digests.compare(pc.digests, k * 32, k * 32 + 32, j * 32, j * 32 + 32) === 0;
             if (!unchanged) p.rec.stats.changedBlocks++;
             return !unchanged;
           },
         );
         ks.forEach((k, j) => hashes.digests.copy(pc.digests, k * 32, j * 32, j * 32 + 32));
       }
-      chunkTags(p, tk, a, first, pc, data, check);
-      // (every recorded tag is of the bytes its digest is of: one read, or checked in readAndStore)
-      for (const k of data) p.record(a + k, pc.digests, k * 32, first.tags, k * 16);
+      // (every recorded tag is of the bytes its entries are of: one read, or checked in readAndStore)
+      for (const k of plan.data) {
+        const pieces = plan.piecesOf.get(k);
+        if (!pieces) {
+          p.record(a + k, pc.digests, k * 32, first.tags, k * 16);
+          continue;
+        }
+        if (pc.hasPrev[k]) p.record(a + k, pc.digests, k * 32, first.tags, k * 16);
+        for (const x of pieces) p.record(a + k, x.digest, 0, first.tags, k * 16, x.slot);
+      }
       await p.chunkDone(p.spanBytes(a, b));
     },
     ({ buf }) => p.pool.release(buf),

@@ -15,8 +15,9 @@
  * then number more than MAX_PIECES, or where a dirty granule now reads as zeros, is read whole
  * again and stored as one object (compacted), so a restore reads at most 1 + MAX_PIECES
  * objects for a block.
- * A block with pieces gets no change tag: a tag is of a whole block's bytes, and scans that
- * compare tags or digests with the parent must find such a block changed (./store/manifest.ts).
+ * A block this scan stores as pieces gets no change tag (it read only the granules, and a tag
+ * is of a whole block's bytes): the next tag scan finds it changed. A parent's block with
+ * pieces that a tag scan tagged keeps its tag entry (of the bytes all its entries make).
  *
  * Dirty blocks are read in groups that fill a buffer and span at most 8 buffers' worth of
  * blocks, so the parent entries held back to keep the manifest in block order stay few. The
@@ -24,10 +25,9 @@
  */
 import type { BlockHashes } from '../engine/native';
 import { BlockEntries, ManifestCursor, SlotEntry, addSlot, blockLength, pieceRange } from './store/manifest';
-import { SALT_LENGTH, TAG_LENGTH, TagReader, TagWriter, tagIvs, xor16 } from './store/tags';
+import { TagReader, TagWriter, tagIvs, xor16 } from './store/tags';
 import type { ChangeDetector, ReadPipeline } from './capture';
 
-const ENTRY = SALT_LENGTH + TAG_LENGTH;
 
 /** A block with more dirty granules than this is read whole. */
 export const MAX_NEW_PIECES = 4;
@@ -129,7 +129,7 @@ async function readUnits(p: ReadPipeline, units: Unit[]): Promise<UnitsRead> {
   }
 }
 
-/** A parent entry kept: block, slot, digest and (slot 0 only, if any) its tag entry (salt + tag). */
+/** A parent entry kept: block, slot, digest and (slot 0 only, if any) its tag entry (from the salt on). */
 type Kept = [number, number, Buffer, Buffer | undefined];
 
 export function dirtyScan(dirty: Array<{ offset: number; length: number }>): ChangeDetector {
@@ -197,14 +197,15 @@ class DirtyScan {
     await this.parentUntil(Number.MAX_SAFE_INTEGER, new Set());
   }
 
-  /** Records parent entry (j, slot): its digest at dOff of `dg` and, where given, its tag entry at `at` of `te`. */
-  private keepEntry(j: number, slot: number, dg: Buffer, dOff: number, te: Buffer | undefined, at: number): void {
+  /** Records parent entry (j, slot): its digest at dOff of `dg` and, where at >= 0, its tag entry at `at` of the parent's tag reader. */
+  private keepEntry(j: number, slot: number, dg: Buffer, dOff: number, at: number): void {
     this.p.record(j, dg, dOff, undefined, 0, slot);
-    if (te) this.tw!.append(j, te, at, te, at + SALT_LENGTH);
+    if (at >= 0) this.tw!.carry(j, this.ptags!, at);
   }
 
   private keep(e: Kept): void {
-    this.keepEntry(e[0], e[1], e[2], 0, e[3], 0);
+    this.p.record(e[0], e[2], 0, undefined, 0, e[1]);
+    if (e[3]) this.tw!.carryCopy(e[0], this.ptags!, e[3]);
   }
 
   /**
@@ -223,11 +224,10 @@ class DirtyScan {
       if (dirtyIdx.has(j)) {
         if (dirtyPrev) addEntry(dirtyPrev, j, { slot, digest: copy() });
       } else {
-        // (only a block without pieces has a tag: its one entry is slot 0)
+        // (a block's tag entry goes with its first entry, slot 0; pieces over zeros lose theirs)
         const at = ptags && slot === 0 ? (ptags.lookupNow(j) ?? (await ptags.lookup(j))) : -1;
-        const te = ptags?.entries;
-        if (hold) hold.push([j, slot, copy(), at >= 0 ? Buffer.from(te!.subarray(at, at + ENTRY)) : undefined]);
-        else this.keepEntry(j, slot, chunkBytes, digestOffset, at >= 0 ? te : undefined, at);
+        if (hold) hold.push([j, slot, copy(), at >= 0 ? ptags!.copyEntry(at) : undefined]);
+        else this.keepEntry(j, slot, chunkBytes, digestOffset, at);
       }
       if (!cursor.stepNow()) await cursor.step();
       this.next = j;

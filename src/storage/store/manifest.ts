@@ -38,7 +38,7 @@
  * output (restore, diff, verify) finish the stream before they publish anything.
  *
  * Pieces (version 2). An incremental that knows which 64 KiB granules of a block were written
- * (a QEMU dirty bitmap, two reflink clones) reads and stores only those granules, as objects
+ * (a QEMU dirty bitmap, two reflink clones, granule change tags) reads and stores only those granules, as objects
  * of their own, instead of the whole 512 KiB block: with 1% of a 4 GiB qcow2 volume rewritten
  * in scattered 64 KiB writes, that is 41 MiB read and stored instead of the 285 MiB of whole
  * blocks around them. A block then has up to 1 + blockSize/pieceSize entries, in ascending
@@ -46,10 +46,12 @@
  *   slot 0       the whole block's object (absent: the block starts as zeros);
  *   slot s >= 1  a piece: the object of bytes [(s-1)*pieceSize, s*pieceSize) of the block
  *                (cut at the block's end), which replace those of slot 0.
- * A block with entries of slot 0 only is as in version 1. A change tag (./tags.ts) is only
- * ever kept for a block without pieces, so a scan that compares whole-block digests or tags
- * with the parent finds a pieced block changed, hashes it whole and stores it whole. Writers
- * use version 2 only where a snapshot may hold pieces; readers take both.
+ * A block with entries of slot 0 only is as in version 1. A scan that compares whole-block
+ * digests with the parent finds a pieced block changed, hashes it whole and stores it whole.
+ * A change tag (./tags.ts) of a pieced block is of the bytes all its entries make, so a tag
+ * scan that finds the tag unchanged keeps every entry of the block; a tag scan also stores
+ * pieces, of the granules whose granule tags moved. Writers use version 2 only where a
+ * snapshot may hold pieces; readers take both.
  */
 import { createHash, createHmac, Hash, Hmac } from 'node:crypto';
 import { DisksnapError, corrupt, invalid } from '../../engine/errors';

@@ -20,22 +20,35 @@
  * make an incremental snapshot miss a change to that volume; a user who cannot read it gets
  * snapshots without tags (slower, as correct).
  *
+ * Granule tags (version 2). A block whose tag moved is known to have changed, but not where.
+ * Beside each block's tag, version 2 keeps the tags of its eight 64 KiB granules (the piece
+ * size of ./manifest.ts), under the block's salt with IV `salt || (block index | s << 56)`
+ * for granule s = 1..8 (the top byte keeps them apart from every block's IV). An incremental
+ * tag scan compares a changed block's granule tags with its parent's and stores only the
+ * granules that moved, as pieces: with 1% of 1 GiB rewritten in scattered 64 KiB writes, ~10
+ * MiB of objects instead of the ~78 MiB of blocks around them (an S3 store sends each byte
+ * over the network). A block's granule tags are all zero where they were not computed (a
+ * block hashed from a file without a buffer, or read back from a version 1 file): it is then
+ * stored whole when it changes. Granule tags cost a second GHASH pass over a full snapshot's
+ * data (~0.05 s per GiB on two threads); an incremental computes them for changed blocks only.
+ *
  * Sidecar `snapshots/<snap-id>.tags`, written with the manifest and committed after it:
  *
  *   offset  size  field
  *   0       8     magic "DSNAPTG\n"
- *   8       2     version (1)
+ *   8       2     version (2; version 1 files, without granule tags, are still read)
  *   10      2     header length (128)
- *   12      2     entry length (32)
+ *   12      2     entry length: 32 + 16 * granules (160 for 512 KiB blocks; 32 in version 1)
  *   14      2     reserved, 0
  *   16      4     block size
- *   20      4     reserved, 0
+ *   20      4     granule size: the manifest's piece size, 0 where blocks have none (and in version 1)
  *   24      8     volume size in bytes
  *   32      32    snapshot id, ASCII, NUL padded
  *   64      32    volume id, ASCII, NUL padded
  *   96      16    key check: the GMAC mask of the all-0xff IV (tells a sidecar of another key)
  *   112     16    reserved, 0
- *   128     32*n  entries: block index (u64), salt (8 bytes), tag (16 bytes)
+ *   128     e*n   entries: block index (u64), salt (8 bytes), tag (16 bytes), then (version 2)
+ *                 one 16-byte tag per granule
  *   end-40  8     entry count n (u64)
  *   end-32  32    HMAC-SHA-256 of every byte before it, under a subkey of the tag key
  *
@@ -53,17 +66,19 @@ import { native } from '../../engine/native';
 import { syncDir } from '../../engine/atomic';
 import type { FullBackend, ObjectReader } from './backend';
 import { EntryWriter } from './entries';
+import { pieceSizeFor } from './manifest';
 import { readSecretFile } from './secure';
 
 export const TAGS_MAGIC = Buffer.from('DSNAPTG\n', 'latin1');
-export const TAGS_VERSION = 1;
+export const TAGS_VERSION = 2;
 const HEADER = 128;
+/** index, salt, block tag: the entry of version 1, and the head of every entry */
 const ENTRY = 32;
 const TRAILER = 40;
 export const TAG_LENGTH = 16;
 export const SALT_LENGTH = 8;
-/** Entries per read or write: 1 MiB. */
-const CHUNK_ENTRIES = 32768;
+/** Bytes per read or write. */
+const CHUNK_BYTES = 1 << 20;
 const KEY_FILE = 'tag.key';
 
 export interface TagKey {
@@ -139,13 +154,26 @@ export interface TagsHeader {
   volumeId: string;
 }
 
-function encodeHeader(h: TagsHeader, check: Buffer): Buffer {
+/** The granule size of tag files for blocks of `bs` bytes (./manifest.ts's piece size; 0: none). */
+export function granuleSizeFor(bs: number): number {
+  return pieceSizeFor(bs);
+}
+
+/** Granules per block in a tag file of `version` for blocks of `bs` bytes. */
+function granulesOf(version: number, bs: number): number {
+  const g = granuleSizeFor(bs);
+  return version >= 2 && g ? Math.ceil(bs / g) : 0;
+}
+
+function encodeHeader(h: TagsHeader, check: Buffer, version = TAGS_VERSION): Buffer {
   const b = Buffer.alloc(HEADER);
+  const granules = granulesOf(version, h.blockSize);
   TAGS_MAGIC.copy(b, 0);
-  b.writeUInt16LE(TAGS_VERSION, 8);
+  b.writeUInt16LE(version, 8);
   b.writeUInt16LE(HEADER, 10);
-  b.writeUInt16LE(ENTRY, 12);
+  b.writeUInt16LE(ENTRY + granules * TAG_LENGTH, 12);
   b.writeUInt32LE(h.blockSize, 16);
+  b.writeUInt32LE(granules ? granuleSizeFor(h.blockSize) : 0, 20);
   b.writeBigUInt64LE(BigInt(h.volumeSize), 24);
   b.write(h.snapshotId, 32, 32, 'latin1');
   b.write(h.volumeId, 64, 32, 'latin1');
@@ -155,17 +183,28 @@ function encodeHeader(h: TagsHeader, check: Buffer): Buffer {
 
 /**
  * The IVs of blocks `indexes`, 16 bytes each: the salt of the j-th (8 bytes of `salts` at
- * saltAt(j)), then its index (u64 LE).
+ * saltAt(j)), then its index (u64 LE) — with `granule(j)` (1..8) in the top byte for the tag
+ * of that granule of the block instead of the block's own.
  */
-export function tagIvs(indexes: ArrayLike<number>, salts: Buffer, saltAt: (j: number) => number): Buffer {
+export function tagIvs(indexes: ArrayLike<number>, salts: Buffer, saltAt: (j: number) => number, granule?: (j: number) => number): Buffer {
   const ivs = Buffer.allocUnsafe(indexes.length * 16);
   for (let j = 0; j < indexes.length; j++) {
     const i = indexes[j];
     salts.copy(ivs, j * 16, saltAt(j), saltAt(j) + SALT_LENGTH);
     ivs.writeUInt32LE(i % 0x100000000, j * 16 + 8);
-    ivs.writeUInt32LE(Math.floor(i / 0x100000000), j * 16 + 12);
+    ivs.writeUInt32LE(Math.floor(i / 0x100000000) + (granule ? granule(j) * 0x1000000 : 0), j * 16 + 12);
   }
   return ivs;
+}
+
+/**
+ * The IVs of every granule of blocks `indexes` (granules per block, in block then granule
+ * order), each block's under the salt at saltAt(j).
+ */
+export function granuleIvs(indexes: ArrayLike<number>, granules: number, salts: Buffer, saltAt: (j: number) => number): Buffer {
+  const each = new Float64Array(indexes.length * granules);
+  for (let x = 0; x < each.length; x++) each[x] = indexes[Math.floor(x / granules)];
+  return tagIvs(each, salts, (x) => saltAt(Math.floor(x / granules)), (x) => (x % granules) + 1);
 }
 
 /** out = a ^ b, 16 bytes. */
@@ -175,19 +214,45 @@ export function xor16(a: Uint8Array, aOff: number, b: Uint8Array, bOff: number, 
 
 /** Appends tag entries in 1 MiB chunks; `commit()` writes the trailer and publishes the file. */
 export class TagWriter {
-  private constructor(private readonly w: EntryWriter) {}
+  private constructor(
+    private readonly w: EntryWriter,
+    /** granule tags per entry (0: none) */
+    readonly granules: number,
+  ) {}
 
   static async create(backend: FullBackend, header: TagsHeader, tk: TagKey): Promise<TagWriter> {
     const out = await backend.create(tagsKey(header.snapshotId));
-    return new TagWriter(new EntryWriter(out, createHmac('sha256', tk.mac), ENTRY, CHUNK_ENTRIES, encodeHeader(header, tk.check)));
+    const granules = granulesOf(TAGS_VERSION, header.blockSize);
+    const entry = ENTRY + granules * TAG_LENGTH;
+    return new TagWriter(new EntryWriter(out, createHmac('sha256', tk.mac), entry, Math.floor(CHUNK_BYTES / entry), encodeHeader(header, tk.check)), granules);
   }
 
-  /** Block `index` (ascending) carries `tag` (16 bytes at tagOff) computed under `salt`. */
-  append(index: number, salt: Uint8Array, saltOff: number, tag: Uint8Array, tagOff: number): void {
+  /**
+   * Block `index` (ascending) carries `tag` (16 bytes at tagOff) computed under `salt`, and
+   * its granules the tags at `granuleTags[gOff..]` (16 bytes each, this.granules of them)
+   * under the same salt, where given (else none: all zero).
+   */
+  append(index: number, salt: Uint8Array, saltOff: number, tag: Uint8Array, tagOff: number, granuleTags?: Uint8Array, gOff = 0): void {
     if (!(index > this.w.last)) throw new DisksnapError(`tag entry ${index} out of order`, 'EINVALID');
     const o = this.w.add(index);
-    this.w.buf.set(salt.subarray(saltOff, saltOff + SALT_LENGTH), o + 8);
-    this.w.buf.set(tag.subarray(tagOff, tagOff + TAG_LENGTH), o + 16);
+    const b = this.w.buf;
+    b.set(salt.subarray(saltOff, saltOff + SALT_LENGTH), o + 8);
+    b.set(tag.subarray(tagOff, tagOff + TAG_LENGTH), o + 16);
+    const glen = this.granules * TAG_LENGTH;
+    if (!glen) return;
+    if (granuleTags) b.set(granuleTags.subarray(gOff, gOff + glen), o + ENTRY);
+    else b.fill(0, o + ENTRY, o + ENTRY + glen);
+  }
+
+  /** Block `index` keeps a parent's entry as `from` has it at `at` (lookup's offset): salt, tag and granule tags. */
+  carry(index: number, from: TagReader, at: number): void {
+    const e = from.entries;
+    this.append(index, e, at, e, at + SALT_LENGTH, from.granules === this.granules && from.hasGranules(at) ? e : undefined, at + SALT_LENGTH + TAG_LENGTH);
+  }
+
+  /** As `carry`, from a copy of the entry from its salt on (`TagReader.copyEntry`). */
+  carryCopy(index: number, from: TagReader, copy: Buffer): void {
+    this.append(index, copy, 0, copy, SALT_LENGTH, from.granules === this.granules && copy.length > ENTRY - 8 && !isZero(copy, ENTRY - 8, copy.length - (ENTRY - 8)) ? copy : undefined, ENTRY - 8);
   }
 
   async commit(): Promise<void> {
@@ -211,14 +276,30 @@ export class TagReader {
   private current = -2; // -2: not started, -1: at end
   private lastIndex = -1;
   private readonly blocks: number;
+  /** granule tags per entry (0: a version 1 file, or blocks too small for pieces) */
+  readonly granules: number;
+  private readonly entry: number;
 
   private constructor(
     private readonly file: string,
     private readonly src: ObjectReader,
     private readonly count: number,
     header: TagsHeader,
+    version: number,
   ) {
     this.blocks = Math.ceil(header.volumeSize / header.blockSize);
+    this.granules = granulesOf(version, header.blockSize);
+    this.entry = ENTRY + this.granules * TAG_LENGTH;
+  }
+
+  /** Whether the entry at `at` (lookup's offset) has granule tags (they are all zero where not computed). */
+  hasGranules(at: number): boolean {
+    return this.granules > 0 && !isZero(this.chunk, at + SALT_LENGTH + TAG_LENGTH, this.granules * TAG_LENGTH);
+  }
+
+  /** The entry at `at` from its salt on (salt, tag, granule tags), copied. */
+  copyEntry(at: number): Buffer {
+    return Buffer.from(this.chunk.subarray(at, at + this.entry - 8));
   }
 
   /**
@@ -236,26 +317,29 @@ export class TagReader {
       throw e;
     }
     try {
-      const body = src.size - HEADER - TRAILER;
-      if (body < 0 || body % ENTRY !== 0) throw corrupt(file, `tag file is ${src.size} bytes: not a header, whole entries and a trailer`);
       const h = await src.read(0, HEADER);
-      const want = encodeHeader(expect, tk.check);
+      const version = h.length === HEADER && h.readUInt16LE(8) === 1 ? 1 : TAGS_VERSION;
+      const want = encodeHeader(expect, tk.check, version);
+      const entry = want.readUInt16LE(12);
+      const body = src.size - HEADER - TRAILER;
+      if (body < 0 || body % entry !== 0) throw corrupt(file, `tag file is ${src.size} bytes: not a header, whole entries and a trailer`);
       if (!h.subarray(0, 96).equals(want.subarray(0, 96))) throw corrupt(file, 'tag file header does not match its snapshot (magic, version, sizes or ids)');
       if (!h.subarray(96).equals(want.subarray(96))) throw corrupt(file, 'tag file was written under another tag key');
       // Authenticate everything before any entry is used.
       const hmac = createHmac('sha256', tk.mac).update(h);
+      const step = Math.floor(CHUNK_BYTES / entry) * entry;
       for (let off = HEADER; off < HEADER + body; ) {
-        const n = Math.min(CHUNK_ENTRIES * ENTRY, HEADER + body - off);
+        const n = Math.min(step, HEADER + body - off);
         const b = await src.read(off, n);
         if (b.length !== n) throw corrupt(file, `tag file ended early at byte ${off + b.length}`);
         hmac.update(b);
         off += n;
       }
       const t = await src.read(HEADER + body, TRAILER);
-      const count = body / ENTRY;
+      const count = body / entry;
       if (t.length !== TRAILER || t.readBigUInt64LE(0) !== BigInt(count)) throw corrupt(file, 'tag file trailer does not count its entries');
       if (!hmac.update(t.subarray(0, 8)).digest().equals(t.subarray(8))) throw corrupt(file, 'tag file authentication (HMAC) does not match its contents');
-      return new TagReader(file, src, count, expect);
+      return new TagReader(file, src, count, expect, version);
     } catch (e) {
       await src.close();
       if (e instanceof DisksnapError) throw e;
@@ -265,7 +349,7 @@ export class TagReader {
 
   private async advance(): Promise<void> {
     if (this.step()) return;
-    const n = Math.min(this.count - this.readCount, CHUNK_ENTRIES) * ENTRY;
+    const n = Math.min(this.count - this.readCount, Math.floor(CHUNK_BYTES / this.entry)) * this.entry;
     this.chunk = await this.src.read(this.fileOffset, n);
     if (this.chunk.length !== n) throw corrupt(this.file, 'tag file changed while it was read');
     this.fileOffset += n;
@@ -286,27 +370,28 @@ export class TagReader {
     this.lastIndex = index;
     this.current = index;
     this.readCount++;
-    this.pos += ENTRY;
+    this.pos += this.entry;
     return true;
   }
 
   /**
-   * Block `index`'s entry: the offset in `chunk` of its salt (8 bytes, the tag follows at +8),
-   * or -1 when the file has none. Indexes must not decrease between calls.
+   * Block `index`'s entry: the offset in `chunk` of its salt (8 bytes, the tag follows at +8,
+   * then the granule tags at +24), or -1 when the file has none. Indexes must not decrease
+   * between calls.
    */
   async lookup(index: number): Promise<number> {
     const now = this.lookupNow(index);
     if (now !== undefined) return now;
     if (this.current === -2) await this.advance();
     while (this.current >= 0 && this.current < index) await this.advance();
-    return this.current === index ? this.pos - ENTRY + 8 : -1;
+    return this.current === index ? this.pos - this.entry + 8 : -1;
   }
 
   /** As `lookup`, where the entries up to the answer are already read (no await); else undefined. */
   lookupNow(index: number): number | undefined {
     if (this.current === -2 && !this.step()) return undefined;
     while (this.current >= 0 && this.current < index) if (!this.step()) return undefined;
-    return this.current === index ? this.pos - ENTRY + 8 : -1;
+    return this.current === index ? this.pos - this.entry + 8 : -1;
   }
 
   /** The buffer that `lookup`'s offsets point into (valid until the next lookup). */
@@ -317,4 +402,10 @@ export class TagReader {
   async close(): Promise<void> {
     await this.src.close();
   }
+}
+
+/** Whether b[off, off+len) is all zero. */
+function isZero(b: Buffer, off: number, len: number): boolean {
+  for (let x = off; x < off + len; x++) if (b[x] !== 0) return false;
+  return true;
 }
