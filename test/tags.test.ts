@@ -309,7 +309,7 @@ t.test('a missing, damaged, swapped or foreign tag file costs speed, never corre
   await round('missing', undefined, 1, 40);
 
   const damaged = fs.readFileSync(tagsOf(last.id));
-  damaged[128 + 32 * 2 + 20] ^= 1; // a tag byte of the third entry
+  damaged[128 + 160 * 2 + 20] ^= 1; // a tag byte of the third entry (160 bytes each: tag and granule tags)
   fs.writeFileSync(tagsOf(last.id), damaged);
   await round('a flipped bit', /authentication \(HMAC\) does not match/, 1, 41);
 

@@ -11,6 +11,8 @@
  *             block whose tag is its parent's keeps the parent's digest and tag; the others
  *             are copied by that same read into a buffer and hashed there with SHA-256
  *             (written if new); only those past the buffer's room are read a second time.
+ *             Where the parent has granule tags, a changed block whose moved 64 KiB granules
+ *             are few is stored as those granules (pieces), not whole.
  *   hashScan  a parent without usable tags: native hashFile over 64 MiB chunks (SHA-256, and
  *             the tags for next time), then only the changed blocks read into a buffer and
  *             hashed again there.
