@@ -5,3 +5,5 @@
  * Nothing in src/ imports this module.
  */
 export * from '@aws-sdk/client-s3';
+// the SDK's own SigV4 signer, for block requests sent without its middleware (./s3-wire.ts)
+export { SignatureV4 } from '@smithy/signature-v4';
