@@ -144,8 +144,9 @@ Napi::Value HashBlocks(const Napi::CallbackInfo& info) {
 
 class HashBlocksWorker : public PromiseWorker {
  public:
-  HashBlocksWorker(Napi::Env env, HashArgs args, Outputs& out)
-      : PromiseWorker(env, "disksnap.hashBlocks"),
+  // Without a digests output (tagBlocksAsync): zero flags and tags only, no SHA-256.
+  HashBlocksWorker(Napi::Env env, HashArgs args, Outputs& out, const char* name = "disksnap.hashBlocks")
+      : PromiseWorker(env, name),
         args_(std::move(args)),
         digestsData_(out.digestsData()),
         zeroData_(out.zero.Data()),
@@ -154,9 +155,12 @@ class HashBlocksWorker : public PromiseWorker {
 
  protected:
   void Execute() override {
-    error_ = HashBuffer(args_.buf.data, args_.buf.length, args_.blockSize, args_.threads,
-                        args_.keyed ? &args_.key : nullptr, digestsData_, zeroData_,
-                        args_.tagged ? &args_.tagKey : nullptr, tagsData_);
+    if (digestsData_ == nullptr)
+      error_ = TagBuffer(args_.buf.data, args_.buf.length, args_.blockSize, args_.threads, args_.tagKey, zeroData_, tagsData_);
+    else
+      error_ = HashBuffer(args_.buf.data, args_.buf.length, args_.blockSize, args_.threads,
+                          args_.keyed ? &args_.key : nullptr, digestsData_, zeroData_,
+                          args_.tagged ? &args_.tagKey : nullptr, tagsData_);
     OPENSSL_cleanse(args_.tagKey.data(), args_.tagKey.size());
   }
   Napi::Value Result(Napi::Env env) override { return refs_.Result(env); }
@@ -387,25 +391,6 @@ Napi::Value TagFile(const Napi::CallbackInfo& info) {
 // tagBlocksAsync(buf, blockSize, threads, tagKey) -> Promise<{ tags, zero }>: the zero flag
 // and unmasked change tag of each block of buf, no SHA-256 (the 64 KiB granules' tags of
 // blocks already in memory: src/storage/store/tags.ts).
-class TagBlocksWorker : public PromiseWorker {
- public:
-  TagBlocksWorker(Napi::Env env, HashArgs args, Outputs& out)
-      : PromiseWorker(env, "disksnap.tagBlocks"), args_(std::move(args)), zeroData_(out.zero.Data()), tagsData_(out.tagsData()), refs_(out) {}
-
- protected:
-  void Execute() override {
-    error_ = TagBuffer(args_.buf.data, args_.buf.length, args_.blockSize, args_.threads, args_.tagKey, zeroData_, tagsData_);
-    OPENSSL_cleanse(args_.tagKey.data(), args_.tagKey.size());
-  }
-  Napi::Value Result(Napi::Env env) override { return refs_.Result(env); }
-
- private:
-  HashArgs args_;
-  uint8_t* zeroData_;
-  uint8_t* tagsData_;
-  OutputRefs refs_;
-};
-
 Napi::Value TagBlocksAsync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   HashArgs a;
@@ -418,7 +403,7 @@ Napi::Value TagBlocksAsync(const Napi::CallbackInfo& info) {
     return RejectPending(env);
   }
   if (!AllocOutputs(env, BlockCount(a.buf.length, a.blockSize), &out, false, true)) return RejectPending(env);
-  auto* worker = new TagBlocksWorker(env, std::move(a), out);
+  auto* worker = new HashBlocksWorker(env, std::move(a), out, "disksnap.tagBlocks");
   worker->Keep(info[0]);
   return worker->Start();
 }

@@ -445,6 +445,31 @@ static void ZeroFlags(const uint8_t* data, size_t len, size_t blockSize, uint8_t
     zero[b] = IsAllZero(data + off, std::min(blockSize, len - off)) ? 1 : 0;
 }
 
+// Runs work(state, first, last) over blocks [0, nblocks) in runs of `run` blocks that
+// `nthreads` threads claim from a shared counter; each thread first makes its own state with
+// make() (nullptr: it could not, and the whole call fails). False when any part failed.
+template <typename Make, typename Work>
+static bool ForEachRun(size_t nblocks, size_t run, int nthreads, Make make, Work work) {
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  ParallelFor(nthreads, [&](int) {
+    auto state = make();
+    if (!state) {
+      failed = true;
+      return;
+    }
+    for (;;) {
+      size_t first = next.fetch_add(run, std::memory_order_relaxed);
+      if (first >= nblocks || failed.load(std::memory_order_relaxed)) return;
+      if (!work(*state, first, std::min(nblocks, first + run))) {
+        failed = true;
+        return;
+      }
+    }
+  });
+  return !failed;
+}
+
 SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threads,
                     const std::vector<uint8_t>* key, uint8_t* digests, uint8_t* zero,
                     const std::vector<uint8_t>* tagKey, uint8_t* tags) {
@@ -459,31 +484,25 @@ SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threa
   const size_t runs = (nblocks + run - 1) / run;
   int nthreads = static_cast<int>(std::min<size_t>(want, runs));
 
-  std::atomic<size_t> next{0};
-  std::atomic<bool> failed{false};
-  ParallelFor(nthreads, [&](int) {
-    BlockHasher hasher(key);
+  struct State {
+    BlockHasher hasher;
     std::unique_ptr<BlockTagger> tagger;
-    if (tags != nullptr) tagger.reset(new BlockTagger(*tagKey));
-    if (!hasher.ok() || (tagger && !tagger->ok())) {
-      failed = true;
-      return;
-    }
-    for (;;) {
-      size_t first = next.fetch_add(run, std::memory_order_relaxed);
-      if (first >= nblocks || failed.load(std::memory_order_relaxed)) return;
-      size_t last = std::min(nblocks, first + run);
-      size_t off = first * blockSize, end = std::min(len, last * blockSize);
-      if (!hasher.Blocks(data + off, end - off, blockSize, digests + first * kDigestLength,
-                         zero + first) ||
-          (tagger && !TagBlocks(tagger.get(), data + off, end - off, blockSize, zero + first,
-                                tags + first * kTagLength))) {
-        failed = true;
-        return;
-      }
-    }
-  });
-  return failed ? CryptoFailure() : SysError();
+    explicit State(const std::vector<uint8_t>* key) : hasher(key) {}
+  };
+  const bool ok = ForEachRun(
+      nblocks, run, nthreads,
+      [&]() -> std::unique_ptr<State> {
+        std::unique_ptr<State> st(new State(key));
+        if (tags != nullptr) st->tagger.reset(new BlockTagger(*tagKey));
+        if (!st->hasher.ok() || (st->tagger && !st->tagger->ok())) return nullptr;
+        return st;
+      },
+      [&](State& st, size_t first, size_t last) {
+        size_t off = first * blockSize, end = std::min(len, last * blockSize);
+        return st.hasher.Blocks(data + off, end - off, blockSize, digests + first * kDigestLength, zero + first) &&
+               (!st.tagger || TagBlocks(st.tagger.get(), data + off, end - off, blockSize, zero + first, tags + first * kTagLength));
+      });
+  return ok ? SysError() : CryptoFailure();
 }
 
 SysError TagBuffer(const uint8_t* data, size_t len, size_t blockSize, int threads,
@@ -494,27 +513,18 @@ SysError TagBuffer(const uint8_t* data, size_t len, size_t blockSize, int thread
   const size_t run = std::max<size_t>(1, (size_t{1} << 20) / blockSize);
   const size_t runs = (nblocks + run - 1) / run;
   const int nthreads = static_cast<int>(std::min<size_t>(ResolveThreads(threads), runs));
-  std::atomic<size_t> next{0};
-  std::atomic<bool> failed{false};
-  ParallelFor(nthreads, [&](int) {
-    BlockTagger tagger(tagKey);
-    if (!tagger.ok()) {
-      failed = true;
-      return;
-    }
-    for (;;) {
-      size_t first = next.fetch_add(run, std::memory_order_relaxed);
-      if (first >= nblocks || failed.load(std::memory_order_relaxed)) return;
-      size_t last = std::min(nblocks, first + run);
-      size_t off = first * blockSize, end = std::min(len, last * blockSize);
-      ZeroFlags(data + off, end - off, blockSize, zero + first);
-      if (!TagBlocks(&tagger, data + off, end - off, blockSize, zero + first, tags + first * kTagLength)) {
-        failed = true;
-        return;
-      }
-    }
-  });
-  return failed ? CryptoFailure() : SysError();
+  const bool ok = ForEachRun(
+      nblocks, run, nthreads,
+      [&]() -> std::unique_ptr<BlockTagger> {
+        std::unique_ptr<BlockTagger> t(new BlockTagger(tagKey));
+        return t->ok() ? std::move(t) : nullptr;
+      },
+      [&](BlockTagger& tagger, size_t first, size_t last) {
+        size_t off = first * blockSize, end = std::min(len, last * blockSize);
+        ZeroFlags(data + off, end - off, blockSize, zero + first);
+        return TagBlocks(&tagger, data + off, end - off, blockSize, zero + first, tags + first * kTagLength);
+      });
+  return ok ? SysError() : CryptoFailure();
 }
 
 // A read buffer of HashFileRange's threads, kept in a process-wide list for the next call: the
