@@ -2,13 +2,15 @@
 // least a store of one file per object can do, in plain C, with the syscalls disksnap issues
 // and nothing else — no hashing, no manifest, no records.
 //
-//   floor SRC OFFSET LENGTH OBJSIZE DIR THREADS WRITES
+//   floor SRC OFFSET LENGTH OBJSIZE DIR THREADS WRITES [WRITESIZE]
 //
 // Reads [OFFSET, OFFSET+LENGTH) of SRC in OBJSIZE pieces (pread through the page cache, into a
 // page-aligned buffer per thread, as a snapshot reads its volume) and stores WRITES of those
 // pieces, spread evenly, each as an object in DIR/<xx>/ (256 directories, created first):
 // O_TMPFILE, O_DIRECT write, fdatasync, linkat; then one fsync per directory. THREADS threads
-// take pieces in turn. Prints the seconds taken, from the first read to the last fsync.
+// take pieces in turn. With WRITESIZE, each stored object is the first WRITESIZE bytes of its
+// piece (objects smaller than the pieces read: an incremental's 64 KiB granules). Prints the
+// seconds taken, from the first read to the last fsync.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -24,7 +26,7 @@
 
 static const char* src;
 static const char* dir;
-static uint64_t offset, length, objsize, writes, pieces;
+static uint64_t offset, length, objsize, writes, pieces, writesize;
 static atomic_uint_fast64_t next;
 
 static void die(const char* what, const char* path) {
@@ -81,7 +83,7 @@ static void* worker(void* arg) {
       if (r == 0) break;
       got += (size_t)r;
     }
-    if (stored(k)) put(k, buf, len);
+    if (stored(k)) put(k, buf, len < writesize ? len : (size_t)writesize);
   }
   close(in);
   free(buf);
@@ -89,8 +91,8 @@ static void* worker(void* arg) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 8) {
-    fprintf(stderr, "usage: floor SRC OFFSET LENGTH OBJSIZE DIR THREADS WRITES\n");
+  if (argc != 8 && argc != 9) {
+    fprintf(stderr, "usage: floor SRC OFFSET LENGTH OBJSIZE DIR THREADS WRITES [WRITESIZE]\n");
     return 2;
   }
   src = argv[1];
@@ -100,6 +102,8 @@ int main(int argc, char** argv) {
   dir = argv[5];
   int threads = atoi(argv[6]);
   writes = strtoull(argv[7], NULL, 0);
+  writesize = argc == 9 ? strtoull(argv[8], NULL, 0) : objsize;
+  if (writesize == 0 || writesize > objsize) writesize = objsize;
   if (objsize == 0 || threads < 1 || threads > 256) return 2;
   pieces = (length + objsize - 1) / objsize;
   if (writes > pieces) writes = pieces;

@@ -131,11 +131,20 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
   const leftovers: string[] = [];
   const floorBin = buildFloor(opts.dir, 'snapshot');
   const workedIn = new WorkedIn(opts.dir, quick);
-  const blocksIn = (store: string) => {
+  /** The store's block objects: how many, and their bytes. */
+  const objectsIn = (store: string) => {
     let n = 0;
+    let bytes = 0;
     const b = path.join(store, 'blocks');
-    if (fs.existsSync(b)) for (const d of fs.readdirSync(b)) n += fs.readdirSync(path.join(b, d)).length;
-    return n;
+    if (fs.existsSync(b)) {
+      for (const d of fs.readdirSync(b)) {
+        for (const f of fs.readdirSync(path.join(b, d))) {
+          n++;
+          bytes += fs.statSync(path.join(b, d, f)).size;
+        }
+      }
+    }
+    return { n, bytes };
   };
   try {
     for (let i = 0; i < runs; i++) {
@@ -180,13 +189,15 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
         both('full', ['snapshot', 'create', img, '--store', store], ['snapshot', 'create', img, '--store', encStore, '--key-file', keyFile]);
         if (haveRestic) step(() => rs(`${p}restic full`, ['-r', repo, 'backup', img]));
         const floorDir = (what: string) => path.join(opts.dir, `floor-${what}-${p ? 'w' : ''}${i}`);
-        const objectFloor = (k: string, writes: number) => {
+        // writeSize: the bytes of each stored object, where they are not whole blocks (pieces)
+        const objectFloor = (k: string, writes: number, writeSize = 512 * 1024) => {
           if (!floorBin) return;
           const dir = floorDir(k);
           leftovers.push(dir);
-          step(() => add(`${p}${k} floor`, Number(run(floorBin, [img, String(dataOffset), String(data), String(512 * 1024), dir, '16', String(writes)]).out)));
+          step(() => add(`${p}${k} floor`, Number(run(floorBin, [img, String(dataOffset), String(data), String(512 * 1024), dir, '16', String(writes), String(writeSize)]).out)));
         };
-        const fullObjects = blocksIn(store);
+        const afterFull = objectsIn(store);
+        const fullObjects = afterFull.n;
         objectFloor('full', fullObjects);
 
         // Nothing written since: both tools see it from the file's identity and times.
@@ -197,9 +208,14 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
         rewrite(img, dataOffset, data, 0.01, i + 1 + (fresh ? 0 : 100));
         both('incremental', ['snapshot', 'create', img, '--store', store], ['snapshot', 'create', img, '--store', encStore, '--key-file', keyFile]);
         if (haveRestic) step(() => rs(`${p}restic incremental`, ['-r', repo, 'backup', img]));
-        const added = blocksIn(store) - fullObjects;
+        const now = objectsIn(store);
+        const added = now.n - fullObjects;
         add(`${p}incremental objects`, added);
-        objectFloor('incremental', added);
+        // since granule change tags most of them are 64 KiB pieces: the floor stores objects
+        // of their mean size (whole 4 KiB pages, for O_DIRECT), not 512 KiB blocks
+        const mean = added ? (now.bytes - afterFull.bytes) / added : 512 * 1024;
+        add(`${p}incremental object bytes`, mean);
+        objectFloor('incremental', added, Math.max(4096, Math.round(mean / 4096) * 4096));
 
         // Restore the latest snapshot to a new file.
         const latest = JSON.parse(disksnap(['snapshot', 'list', '--store', store, '--json'])).snapshots.pop().id as string;
@@ -262,7 +278,7 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
     floorRow(`full snapshot vs its floor [${at}]`, `${p}full`, `${p}full floor`, 'bench/floor.c: the volume read through the page cache and every block stored as an object (O_TMPFILE, O_DIRECT write, fdatasync, linkat), 16 threads; no hashing');
     pair(`incremental snapshot, nothing changed [${state}]`, `${p}unchanged`, `${p}restic unchanged`, "peer: restic's backup of the unchanged file (restic too skips reading a file whose size, times and inode are its parent's)");
     pair(`incremental snapshot, ~1% rewritten [${state}]`, `${p}incremental`, `${p}restic incremental`, "peer: restic's second backup");
-    floorRow(`incremental snapshot vs its floor [${at}]`, `${p}incremental`, `${p}incremental floor`, `bench/floor.c: the volume read through the page cache and the ${m(`${p}incremental objects`)} objects the incremental added stored the same way`);
+    floorRow(`incremental snapshot vs its floor [${at}]`, `${p}incremental`, `${p}incremental floor`, `bench/floor.c: the volume read through the page cache and the ${m(`${p}incremental objects`)} objects the incremental added (mean ${Math.round(m(`${p}incremental object bytes`) / 1024)} KiB) stored the same way`);
     pair(`restore to a new file [${state}]`, `${p}restore`, `${p}restic restore`, 'disksnap reads objects it wrote with O_DIRECT (not cached) and fsyncs the image; restic reads cached packs and does not fsync');
     floorRow(`restore to a new file vs the disk's floor [${at}]`, `${p}restore`, `${p}restore floor`, 'dd copy of the same data, O_DIRECT both ways + fdatasync: a restore reads the objects (not cached) and writes the image durably; dd does only that, sequentially, in 16 MiB requests');
   }
