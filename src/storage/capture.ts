@@ -41,7 +41,7 @@ import type { Store } from './store/store';
 import type { ObjectData } from './store/backend';
 import { sealChunk } from './store/crypto-pool';
 import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength, pieceSizeFor } from './store/manifest';
-import { TagKey, TagReader, TagWriter, granuleIvs, tagIvs, xor16, SALT_LENGTH } from './store/tags';
+import { TagKey, TagReader, TagWriter, maskGranules, tagIvs, xor16, SALT_LENGTH } from './store/tags';
 import { SnapshotRecord, VolumeStat, emptyStats, fileIdentityOf, sameFileIdentity } from './store/records';
 import { NumberList } from './pool';
 import { HASH_CHUNK_BYTES, MAX_BUFFERS, MAX_WRITE_BYTES, ProgressFn, blocksPerChunk, chunksOf, dataRuns, guestRuns, queueObject, sleep, volumeSizeOf } from './common';
@@ -260,12 +260,10 @@ export class ReadPipeline {
     if (!tw || !tk || !idx.length) return;
     const masks = this.n.tagMasks(tk.key, tagIvs(idx, this.salt, () => 0));
     const G = tw.granules;
-    const gm = gu && gOff && G ? this.n.tagMasks(tk.key, granuleIvs(idx, G, this.salt, () => 0)) : undefined;
+    const gm = gu && gOff && G ? maskGranules(tk.key, idx, G, this.salt, () => 0, gu, gOff) : undefined;
     for (let j = 0; j < idx.length; j++) {
       xor16(u, uOff(j), masks, j * 16, masks, j * 16);
-      const at = gm ? gOff!(j) : -1;
-      for (let s = 0; at >= 0 && s < G; s++) xor16(gu!, at + s * 16, gm!, (j * G + s) * 16, gm!, (j * G + s) * 16);
-      tw.append(idx[j], this.salt, 0, masks, j * 16, at >= 0 ? gm : undefined, j * G * 16);
+      tw.append(idx[j], this.salt, 0, masks, j * 16, gm && gOff!(j) >= 0 ? gm : undefined, j * G * 16);
     }
   }
 

@@ -33,7 +33,7 @@
  */
 import { createHash, createHmac } from 'node:crypto';
 import type { BlockTags, CollectedTags } from '../engine/native';
-import { SALT_LENGTH, TAG_LENGTH, TagKey, granuleIvs, granuleSizeFor, tagIvs, xor16 } from './store/tags';
+import { GRANULES_AT, SALT_LENGTH, TAG_LENGTH, TagKey, granuleSizeFor, maskGranules, tagIvs, xor16 } from './store/tags';
 import type { ManifestCursor, SlotEntry } from './store/manifest';
 import type { TagReader } from './store/tags';
 import { chunksOf } from './common';
@@ -41,8 +41,6 @@ import { readAhead } from './pool';
 import { ChangeDetector, GuestVolume, ParentView, ReadPipeline, ReflinkView, VolumeChanged } from './capture';
 import { MAX_NEW_PIECES, MAX_PIECES, dirtyScan } from './dirty';
 import type { ChangeSource } from './store/records';
-
-const ENTRY = SALT_LENGTH + TAG_LENGTH;
 
 /**
  * The path for what the parent offers. A guest view (qcow2) is read through the image layer
@@ -139,7 +137,7 @@ interface ParentChunk {
  * stored tag = unmasked tag ^ mask, so expect = stored tag ^ mask.
  */
 async function parentChunk(p: ReadPipeline, tk: TagKey, a: number, nb: number, cursor: ManifestCursor, tags: TagReader): Promise<ParentChunk> {
-  const el = ENTRY + tags.granules * TAG_LENGTH;
+  const el = GRANULES_AT + tags.granules * TAG_LENGTH; // an entry from its salt on
   const G = p.tagWriter?.granules ?? 0;
   const pc: ParentChunk = { digests: Buffer.allocUnsafe(nb * 32), hasPrev: new Uint8Array(nb), pieces: new Array(nb), entries: Buffer.allocUnsafe(nb * el), el, granules: new Uint8Array(nb), tagged: [], expect: Buffer.alloc(nb * 16), known: new Uint8Array(nb) };
   const inPrev = new Uint8Array(nb);
@@ -196,10 +194,10 @@ interface ChunkPlan {
 }
 
 /**
- * The granules of collected block k (in `slot` of buf) whose tags moved, stored as pieces
- * over the parent's entries: undefined where the block is stored whole instead (no granule
- * tags to compare, none or more than MAX_NEW_PIECES moved, one is now zero, or the block
- * would have more than MAX_PIECES pieces).
+ * The granules of collected block k (in `slot` of buf) whose tags moved, planned as pieces
+ * over the parent's entries: false where the block is stored whole instead (none or more
+ * than MAX_NEW_PIECES moved, one is now zero, or the block would have more than MAX_PIECES
+ * pieces).
  */
 function piecesFor(p: ReadPipeline, k: number, slot: number, pc: ParentChunk, gt: BlockTags, gexpect: Buffer, gx: number, buf: Buffer, plan: ChunkPlan): boolean {
   const G = p.tagWriter!.granules;
@@ -238,12 +236,9 @@ async function planChunk(p: ReadPipeline, tk: TagKey, a: number, b: number, pc: 
   // the granule tags the candidates for pieces have if unchanged (parent's stored ^ mask)
   const full = (k: number) => p.spanBytes(a + k, a + k + 1) === p.bs;
   const cands = plan.gt && p.pieceSize === granuleSizeFor(p.bs) ? pc.tagged.filter((k) => first.slot[k] >= 0 && pc.granules[k] && pc.known[k] && full(k)) : [];
-  const gexpect = cands.length ? p.n.tagMasks(tk.key, granuleIvs(cands.map((k) => a + k), G, pc.entries, (j) => cands[j] * pc.el)) : Buffer.alloc(0);
-  const gxOf = new Map<number, number>();
-  cands.forEach((k, j) => {
-    for (let s = 0; s < G; s++) xor16(pc.entries, k * pc.el + ENTRY + s * 16, gexpect, (j * G + s) * 16, gexpect, (j * G + s) * 16);
-    gxOf.set(k, j * G * 16);
-  });
+  const at = (j: number) => cands[j] * pc.el;
+  const gexpect = cands.length ? maskGranules(tk.key, cands.map((k) => a + k), G, pc.entries, at, pc.entries, (j) => at(j) + GRANULES_AT) : Buffer.alloc(0);
+  const gxOf = new Map(cands.map((k, j) => [k, j * G * 16]));
   for (let k = 0; k < b - a; k++) {
     if (first.zero[k]) continue;
     plan.data.push(k);
@@ -287,17 +282,12 @@ function chunkTags(p: ReadPipeline, tk: TagKey, a: number, first: CollectedTags,
     fresh.set(k, j);
   });
   const withG = gt && G ? check.filter((k) => first.slot[k] >= 0 && p.spanBytes(a + k, a + k + 1) === p.bs) : [];
-  const gm = withG.length ? p.n.tagMasks(tk.key, granuleIvs(withG.map((k) => a + k), G, p.salt, () => 0)) : undefined;
-  const gAt = new Map<number, number>();
-  withG.forEach((k, j) => {
-    const src = first.slot[k] * G * 16;
-    for (let s = 0; s < G; s++) xor16(gt!.tags, src + s * 16, gm!, (j * G + s) * 16, gm!, (j * G + s) * 16);
-    gAt.set(k, j * G * 16);
-  });
+  const gm = withG.length ? maskGranules(tk.key, withG.map((k) => a + k), G, p.salt, () => 0, gt!.tags, (j) => first.slot[withG[j]] * G * 16) : undefined;
+  const gAt = new Map(withG.map((k, j) => [k, j * G * 16]));
   for (const k of data) {
     const j = fresh.get(k);
     const o = k * pc.el;
-    if (j === undefined) tw.append(a + k, pc.entries, o, pc.entries, o + SALT_LENGTH, pc.granules[k] ? pc.entries : undefined, o + ENTRY);
+    if (j === undefined) tw.append(a + k, pc.entries, o, pc.entries, o + SALT_LENGTH, pc.granules[k] ? pc.entries : undefined, o + GRANULES_AT);
     else tw.append(a + k, p.salt, 0, masks, j * 16, gAt.has(k) ? gm : undefined, gAt.get(k) ?? 0);
   }
 }

@@ -74,6 +74,8 @@ export const TAGS_VERSION = 2;
 const HEADER = 128;
 /** index, salt, block tag: the entry of version 1, and the head of every entry */
 const ENTRY = 32;
+/** Where an entry's granule tags start, counted from its salt (lookup's offsets point at the salt). */
+export const GRANULES_AT = 24;
 const TRAILER = 40;
 export const TAG_LENGTH = 16;
 export const SALT_LENGTH = 8;
@@ -201,10 +203,25 @@ export function tagIvs(indexes: ArrayLike<number>, salts: Buffer, saltAt: (j: nu
  * The IVs of every granule of blocks `indexes` (granules per block, in block then granule
  * order), each block's under the salt at saltAt(j).
  */
-export function granuleIvs(indexes: ArrayLike<number>, granules: number, salts: Buffer, saltAt: (j: number) => number): Buffer {
+function granuleIvs(indexes: ArrayLike<number>, granules: number, salts: Buffer, saltAt: (j: number) => number): Buffer {
   const each = new Float64Array(indexes.length * granules);
   for (let x = 0; x < each.length; x++) each[x] = indexes[Math.floor(x / granules)];
   return tagIvs(each, salts, (x) => saltAt(Math.floor(x / granules)), (x) => (x % granules) + 1);
+}
+
+/**
+ * The granule tags of blocks `indexes` masked, or unmasked (the same xor): the `granules`
+ * tags of the j-th block, 16 bytes each from src[srcAt(j)], under the salt at saltAt(j).
+ * Returns them in block then granule order (granules x 16 bytes a block); a block whose
+ * srcAt(j) is -1 gets nothing meaningful in its place.
+ */
+export function maskGranules(key: Buffer, indexes: ArrayLike<number>, granules: number, salts: Buffer, saltAt: (j: number) => number, src: Uint8Array, srcAt: (j: number) => number): Buffer {
+  const m = native().tagMasks(key, granuleIvs(indexes, granules, salts, saltAt));
+  for (let j = 0; j < indexes.length; j++) {
+    const at = srcAt(j);
+    for (let s = 0; at >= 0 && s < granules; s++) xor16(src, at + s * 16, m, (j * granules + s) * 16, m, (j * granules + s) * 16);
+  }
+  return m;
 }
 
 /** out = a ^ b, 16 bytes. */
@@ -246,13 +263,17 @@ export class TagWriter {
 
   /** Block `index` keeps a parent's entry as `from` has it at `at` (lookup's offset): salt, tag and granule tags. */
   carry(index: number, from: TagReader, at: number): void {
-    const e = from.entries;
-    this.append(index, e, at, e, at + SALT_LENGTH, from.granules === this.granules && from.hasGranules(at) ? e : undefined, at + SALT_LENGTH + TAG_LENGTH);
+    this.keep(index, from, from.entries, at);
   }
 
   /** As `carry`, from a copy of the entry from its salt on (`TagReader.copyEntry`). */
   carryCopy(index: number, from: TagReader, copy: Buffer): void {
-    this.append(index, copy, 0, copy, SALT_LENGTH, from.granules === this.granules && copy.length > ENTRY - 8 && !isZero(copy, ENTRY - 8, copy.length - (ENTRY - 8)) ? copy : undefined, ENTRY - 8);
+    this.keep(index, from, copy, 0);
+  }
+
+  private keep(index: number, from: TagReader, e: Buffer, at: number): void {
+    const granules = from.granules === this.granules && hasGranules(e, at, this.granules);
+    this.append(index, e, at, e, at + SALT_LENGTH, granules ? e : undefined, at + GRANULES_AT);
   }
 
   async commit(): Promise<void> {
@@ -294,7 +315,7 @@ export class TagReader {
 
   /** Whether the entry at `at` (lookup's offset) has granule tags (they are all zero where not computed). */
   hasGranules(at: number): boolean {
-    return this.granules > 0 && !isZero(this.chunk, at + SALT_LENGTH + TAG_LENGTH, this.granules * TAG_LENGTH);
+    return hasGranules(this.chunk, at, this.granules);
   }
 
   /** The entry at `at` from its salt on (salt, tag, granule tags), copied. */
@@ -404,8 +425,7 @@ export class TagReader {
   }
 }
 
-/** Whether b[off, off+len) is all zero. */
-function isZero(b: Buffer, off: number, len: number): boolean {
-  for (let x = off; x < off + len; x++) if (b[x] !== 0) return false;
-  return true;
+/** Whether the entry at `at` of `e` (from its salt on) has its `granules` granule tags (all zero where not computed). */
+function hasGranules(e: Buffer, at: number, granules: number): boolean {
+  return granules > 0 && !native().isZero(e.subarray(at + GRANULES_AT, at + GRANULES_AT + granules * TAG_LENGTH));
 }
