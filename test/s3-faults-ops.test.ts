@@ -242,7 +242,7 @@ t.test('on a gateway of its own', { skip }, async (t) => {
 
     // ---- copy ----
     const copy = run(['snapshot', 'copy', s1.id, '--store', src, '--to-store', dst, '--json'], giveUp);
-    const midCopy = await waitFor(async () => (await countBlocks(dst)) >= 40, 60_000);
+    const midCopy = await waitFor(async () => (await countBlocks(dst)) >= 8, 60_000); // early: since block requests skip the SDK, 192 objects copy in well under a second
     killGateway();
     const c = await copy;
     await restartGatewayAsync();
