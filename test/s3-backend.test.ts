@@ -6,9 +6,14 @@
  * ever yielding a wrong byte.
  */
 import t, { Test } from 'tap';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { CLI, cli } from './helpers/cli';
 import { createHash, randomBytes } from 'node:crypto';
 import { OPEN_PREFETCH, S3Backend, parseS3Url } from '../src/storage/store/s3';
 import { S3Client } from '@aws-sdk/client-s3';
+import { S3Wire } from '../src/storage/store/s3-wire';
 import { S3Lease, S3StoreLock, leaseIsLive } from '../src/storage/store/s3-lease';
 import { isDisksnapError } from '../src/engine/errors';
 import { ceph, cephMissing, newBucket } from './helpers/ceph';
@@ -17,16 +22,33 @@ import { startFaultProxy } from './helpers/s3-fault-proxy';
 const skip = cephMissing();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** The requests every S3 client sends from now until the test ends: command, Range, If-Match form. */
-function recordSends(t: Test): string[] {
+/** How a request reads in the records below: its command, Range, If-Match form. */
+function describeSend(command: string, range: string | undefined, ifMatch: string | undefined): string {
+  return `${command}${range ? ` ${range}` : ''}${ifMatch ? ` If-Match ${ifMatch.startsWith('"') ? 'quoted' : 'bare'}` : ''}`;
+}
+
+/**
+ * The requests sent from now until the test ends, as command, Range and If-Match form: through
+ * the SDK's client only (`sdk`), or on either path (`any`: ./s3-wire.ts's too, named by the S3
+ * operation they are).
+ */
+function recordSends(t: Test, which: 'any' | 'sdk' = 'any'): string[] {
   const sent: string[] = [];
   const send = S3Client.prototype.send;
   S3Client.prototype.send = function (this: S3Client, cmd: { constructor: { name: string }; input: { Range?: string; IfMatch?: string } }, ...rest: unknown[]) {
-    const m = cmd.input.IfMatch;
-    sent.push(`${cmd.constructor.name.replace('Command', '')}${cmd.input.Range ? ` ${cmd.input.Range}` : ''}${m ? ` If-Match ${m.startsWith('"') ? 'quoted' : 'bare'}` : ''}`);
+    sent.push(describeSend(cmd.constructor.name.replace('Command', ''), cmd.input.Range, cmd.input.IfMatch));
     return (send as (...a: unknown[]) => unknown).call(this, cmd, ...rest);
   } as typeof send;
   t.teardown(() => void (S3Client.prototype.send = send));
+  if (which === 'sdk') return sent;
+  const wire = S3Wire.prototype.send;
+  S3Wire.prototype.send = function (this: S3Wire, r: Parameters<typeof wire>[0]) {
+    const h = r.headers ?? {};
+    const command = r.method === 'GET' ? (r.key === undefined ? 'ListObjectsV2' : 'GetObject') : r.method === 'HEAD' ? (r.key === undefined ? 'HeadBucket' : 'HeadObject') : r.method === 'PUT' ? 'PutObject' : 'DeleteObject';
+    sent.push(describeSend(command, h.range, h['if-match']));
+    return wire.call(this, r);
+  };
+  t.teardown(() => void (S3Wire.prototype.send = wire));
   return sent;
 }
 
@@ -166,14 +188,16 @@ t.test('against the gateway', { skip }, async (t) => {
     t.equal(await b.stat('blocks/aa/flipped'), undefined);
   });
 
-  t.test('block PUTs and GETs go without the SDK where an endpoint is set (s3-wire.ts); the SDK path reads and writes the same objects', async (t) => {
+  t.test('every request goes without the SDK where an endpoint is set (s3-wire.ts); the SDK path reads and writes the same objects', async (t) => {
     const url = await newBucket('wire');
-    const lean = new S3Backend(url);
-    const sdkOnly = new S3Backend(url, { wire: false });
+    const lean = new S3Backend(url, { listPageSize: 2 });
+    const sdkOnly = new S3Backend(url, { wire: false, listPageSize: 2 });
     t.teardown(() => (lean.destroy(), sdkOnly.destroy()));
-    const sent = recordSends(t);
+    const viaSdk = recordSends(t, 'sdk');
     const a = randomBytes(64 * 1024);
     const b = randomBytes(300 * 1024 + 5);
+    await lean.checkBucket();
+    t.equal(await lean.hasAnyObject(), false, 'an empty bucket: nothing under the prefix');
     t.equal(await lean.putIfAbsent('blocks/aa/a', a, createHash('sha256').update(a).digest()), true);
     t.equal(await lean.putIfAbsent('blocks/bb/b', [b.subarray(0, 7), b.subarray(7)]), true, 'parts, hashed here');
     t.equal(await lean.putIfAbsent('blocks/aa/a', a), false, 'If-None-Match: * answered 412 -> false');
@@ -181,12 +205,69 @@ t.test('against the gateway', { skip }, async (t) => {
     const into = Buffer.alloc(1024 * 1024);
     t.equal((await lean.get('blocks/aa/a', into)).buffer, into.buffer, 'into the caller\'s buffer');
     await t.rejects(lean.get('blocks/cc/none'), { code: 'ENOENT', message: /blocks\/cc\/none: no such object/ });
-    t.same(sent, [], 'no SDK command for any of them');
-    t.same(await sdkOnly.get('blocks/aa/a'), a, 'the SDK path reads what the short one wrote');
+    await lean.put('snapshots/odd name+&=%.json', Buffer.from('{"a":1}'));
+    t.same((await lean.get('snapshots/odd name+&=%.json')).toString(), '{"a":1}', 'a key with characters that need escaping');
+    t.equal(await lean.stat('blocks/aa/a'), a.length, 'HEAD: the size');
+    t.equal(await lean.stat('blocks/aa/none'), undefined, 'HEAD of nothing: undefined');
+    const keys: string[] = [];
+    for await (const o of lean.list('blocks/')) keys.push(`${o.key}:${o.size}`);
+    t.same(keys.sort(), [`blocks/aa/a:${a.length}`, `blocks/bb/b:${b.length}`], 'LIST');
+    for (let i = 0; i < 5; i++) await lean.put(`volumes/v${i}.json`, Buffer.from(String(i)));
+    const vols: string[] = [];
+    for await (const o of lean.list('volumes')) vols.push(o.key);
+    t.same(vols, [0, 1, 2, 3, 4].map((i) => `volumes/v${i}.json`), 'LIST over three pages of two');
+    t.equal(await lean.hasAnyObject(), true);
+    const r = await lean.open('blocks/bb/b');
+    t.same(await r.read(100, 50), b.subarray(100, 150), 'open and read');
+    const etag = await lean.putConditional('locks/x', Buffer.from('1'), undefined);
+    t.ok(etag, 'conditional PUT (If-None-Match): an ETag');
+    t.equal(await lean.putConditional('locks/x', Buffer.from('2'), undefined), undefined, 'taken: 412');
+    t.ok(await lean.putConditional('locks/x', Buffer.from('3'), etag), 'If-Match on its ETag');
+    t.same((await lean.getWithEtag('locks/x'))?.data.toString(), '3');
+    t.equal(await lean.delete('blocks/aa/a'), true, 'DELETE (after a HEAD)');
+    t.equal(await lean.delete('blocks/aa/a'), false, 'and it is gone');
+    await lean.remove('locks/x');
+    t.same(viaSdk, [], 'no SDK command for any of them');
+    t.same(await sdkOnly.get('blocks/bb/b'), b, 'the SDK path reads what the short one wrote');
     const c = randomBytes(1000);
     t.equal(await sdkOnly.putIfAbsent('blocks/dd/c', c), true);
     t.same(await lean.get('blocks/dd/c'), c, 'and the short path what the SDK wrote');
-    t.same(sent, ['GetObject', 'PutObject'], 'wire: false sends them through the SDK');
+    const sdkKeys: string[] = [];
+    for await (const o of sdkOnly.list('volumes')) sdkKeys.push(o.key);
+    t.same(sdkKeys, vols, 'the SDK lists the same keys');
+    t.same(viaSdk, ['GetObject', 'PutObject', 'ListObjectsV2', 'ListObjectsV2', 'ListObjectsV2'], 'wire: false sends them through the SDK');
+  });
+
+  t.test('the CLI on an S3 store: no AWS SDK loaded when the environment has the credentials; the SDK\'s chain (a profile) when it has not', async (t) => {
+    const s3 = await ceph();
+    const dir = t.testdir({
+      'probe.js': `const M = require('module'); const fs = require('fs'); const seen = new Set();
+const load = M._load; M._load = function (r, ...a) { if (/^@aws-sdk\\/client-s3|^@smithy\\//.test(r)) seen.add(r); return load.call(this, r, ...a); };
+const read = fs.readFileSync; fs.readFileSync = function (f, ...a) { if (String(f).endsWith('s3-sdk.bundle.js')) seen.add('s3-sdk.bundle.js'); return read.call(this, f, ...a); };
+process.on('exit', () => fs.writeFileSync(process.env.PROBE_OUT, JSON.stringify([...seen])));`,
+      credentials: `[other]\naws_access_key_id = ${s3.accessKeyId}\naws_secret_access_key = ${s3.secretAccessKey}\n`,
+      config: `[profile other]\nregion = ${s3.region}\n`,
+    });
+    const vol = path.join(dir, 'vol.img');
+    fs.writeFileSync(vol, randomBytes(2 * 1024 * 1024));
+    const store = `${await newBucket('nosdk')}/store`;
+    const probe = (name: string) => ({ NODE_OPTIONS: `-r ${path.join(dir, 'probe.js')}`, PROBE_OUT: path.join(dir, name) });
+    const made = cli(['snapshot', 'create', vol, '--store', store, '--json'], { env: probe('env.json') });
+    t.equal(made.status, 0, made.stderr);
+    t.same(JSON.parse(fs.readFileSync(path.join(dir, 'env.json'), 'utf8')), [], 'credentials in the environment: the SDK is never loaded');
+    // the environment without the keys and the region: a profile names them
+    const profile = (name: string, extra: Record<string, string> = {}) => {
+      const env: NodeJS.ProcessEnv = { ...process.env, AWS_PROFILE: name, AWS_SHARED_CREDENTIALS_FILE: path.join(dir, 'credentials'), AWS_CONFIG_FILE: path.join(dir, 'config'), ...extra };
+      for (const k of ['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_REGION', 'AWS_DEFAULT_REGION']) delete env[k];
+      return env;
+    };
+    const listed = spawnSync(process.execPath, [CLI, 'snapshot', 'list', '--store', store, '--json'], { env: profile('other', probe('profile.json')), encoding: 'utf8' });
+    t.equal(listed.status, 0, listed.stderr);
+    t.equal(JSON.parse(listed.stdout).snapshots.length, 1, 'a profile: the snapshot is listed');
+    t.ok(JSON.parse(fs.readFileSync(path.join(dir, 'profile.json'), 'utf8')).length > 0, 'through the SDK\'s credential chain, loaded for it');
+    const wrong = spawnSync(process.execPath, [CLI, 'snapshot', 'list', '--store', store], { env: profile('nosuch'), encoding: 'utf8' });
+    t.not(wrong.status, 0, 'a profile that does not exist: an error');
+    t.match(wrong.stderr, /nosuch|credential|region/i, wrong.stderr);
   });
 
   t.test('errors are one line naming the problem: missing bucket, wrong credentials; a store URL that holds other things is visible', async (t) => {

@@ -1,9 +1,7 @@
 /**
  * The entry point of the AWS SDK's bundle (`npm run build`: esbuild makes
  * dist/src/cli/s3-sdk.bundle.js of it, and ../../cli/code-cache.ts its code cache): the S3
- * client package and everything it loads, as one file that ./s3.ts loads with that cache.
+ * client package and everything it loads, as one file that ./s3-sdk-ops.ts loads with that cache.
  * Nothing in src/ imports this module.
  */
 export * from '@aws-sdk/client-s3';
-// the SDK's own SigV4 signer, for block requests sent without its middleware (./s3-wire.ts)
-export { SignatureV4 } from '@smithy/signature-v4';

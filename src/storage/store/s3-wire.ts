@@ -1,105 +1,86 @@
 /**
- * The short request path of the S3 backend (./s3.ts) for block objects: a PUT with
- * If-None-Match or a GET, signed with SigV4 (@smithy/signature-v4, the SDK's own signer) and
- * sent with node:http(s) over the backend's keep-alive agent, without the SDK's middleware.
+ * The S3 requests of the S3 backend (./s3-ops.ts) signed with SigV4 by the `aws4` package and
+ * sent with node:http(s) over the backend's keep-alive agent: no AWS SDK in the path.
  *
- * Why: the SDK spends 2-3 ms of CPU on each request (its middleware stack, the serializers,
- * the response parsers, promise chains): 164 PUTs of 64 KiB took 0.35-0.50 s of CPU through
- * it and 0.12-0.15 s signed and sent here, in the same runs against the test gateway. A
- * snapshot sends one request per object it stores, and a restore one per object it reads,
- * on the two cores that Ceph's gateway and OSD share on these machines: in an S3
- * incremental of a 1% rewrite the SDK was most of the CPU beyond the local snapshot's.
+ * Why: a snapshot sends one request per object it stores, a restore one per object it reads,
+ * on the two cores that Ceph's gateway and OSD share on these machines. The SDK spends 2-3 ms
+ * of CPU on each request (its middleware stack, serializers, response parsers, promise
+ * chains): 164 PUTs of 64 KiB took 0.35-0.50 s of CPU through it, 0.12-0.15 s here. And
+ * loading it costs a command ~75 ms before its first request even from its bundle with a code
+ * cache (the SDK's signer package alone ~40 ms; `aws4`, one file, ~2 ms): an incremental S3
+ * snapshot of a 1% rewrite spent a third of its time before and between the scan's requests.
+ * So everything the backend sends goes this way where an endpoint is configured
+ * (AWS_ENDPOINT_URL and the like: the local gateways this backend is tested on); AWS itself,
+ * with its region's virtual hosts, keeps the SDK (./s3-sdk-ops.ts), and so do `wire: false`
+ * and DISKSNAP_S3_WIRE=sdk.
  *
- * Only what blocks need: an object key of URL-safe characters, a body with its SHA-256
- * known (the signed x-amz-content-sha256; the server checks it), a whole-object or ranged GET
- * into a caller's buffer. Everything else (records, manifests, lists, leases, the bucket
- * check) stays on the SDK. Errors take the shape ./s3.ts's `classify` reads (the S3 error
- * code from the XML body as `name`, the status in `$metadata.httpStatusCode`; socket errors
- * as node gives them), so retries and messages are the same on both paths. Used where an
- * endpoint is configured (AWS_ENDPOINT_URL and the like: the local gateways this backend is
- * tested on); AWS itself, with its region's virtual hosts, keeps the SDK.
+ * Credentials and region: where the environment has them (AWS_ACCESS_KEY_ID and
+ * AWS_SECRET_ACCESS_KEY without AWS_PROFILE, as the SDK's chain itself takes them; AWS_REGION)
+ * they are read here; otherwise the SDK's chain resolves them (profiles, ~/.aws, SSO, instance
+ * roles), which loads the SDK once for that.
+ *
+ * Error answers take the shape ./s3.ts's `classify` reads (the S3 error code from the XML body
+ * as `name`, the status in `$metadata.httpStatusCode`; socket errors as node gives them), so
+ * retries and messages are the same on both paths. List answers are parsed with the SDK's own
+ * small XML parser (@aws-sdk/xml-builder, no dependencies of weight).
  */
 import type * as HttpModule from 'node:http';
 import type { IncomingMessage } from 'node:http';
 import type { Readable } from 'node:stream';
+import { createHash } from 'node:crypto';
+import { sign } from 'aws4';
+import { parseXML } from '@aws-sdk/xml-builder';
 import { ObjectData, dataLength } from './backend';
-import { createHash, createHmac } from 'node:crypto';
-
-/** An S3 credential set, as the SDK's provider chain resolves it. */
-export interface WireCredentials {
-  accessKeyId: string;
-  secretAccessKey: string;
-  sessionToken?: string;
-}
-
-/** The part of @smithy/signature-v4's SignatureV4 used here. */
-interface Signer {
-  sign(req: SignableRequest): Promise<SignableRequest>;
-}
-export type SignerClass = new (init: {
-  credentials: () => Promise<WireCredentials>;
-  region: string | (() => Promise<string>);
-  service: string;
-  sha256: new (secret?: unknown) => { update(d: Uint8Array | string): void; digest(): Promise<Uint8Array> };
-  uriEscapePath: boolean;
-  applyChecksum: boolean;
-}) => Signer;
-
-interface SignableRequest {
-  method: string;
-  protocol: string;
-  hostname: string;
-  port?: number;
-  path: string;
-  query: Record<string, string>;
-  headers: Record<string, string>;
-}
+import type { GetAnswer, ListPage, PutOptions, S3Credentials, S3Ops } from './s3-ops';
 
 export interface WireOptions {
   endpoint: URL;
+  bucket: string;
   region: () => Promise<string>;
-  credentials: () => Promise<WireCredentials>;
+  credentials: () => Promise<S3Credentials>;
   agent: HttpModule.Agent;
   /** socket inactivity limit (ms) */
   timeoutMs: number;
-  signer: SignerClass;
-}
-
-/** SHA-256 and HMAC-SHA-256 in the form the signer takes (node:crypto underneath). */
-class Sha256 {
-  private readonly h;
-  constructor(secret?: unknown) {
-    this.h = secret ? createHmac('sha256', secret as Uint8Array) : createHash('sha256');
-  }
-  update(d: Uint8Array | string): void {
-    this.h.update(d);
-  }
-  async digest(): Promise<Uint8Array> {
-    return this.h.digest();
-  }
 }
 
 /** Socket error codes that mean a broken connection (retried: ./s3.ts). */
 export const RETRY_CODES = new Set(['ECONNRESET', 'ECONNREFUSED', 'EPIPE', 'ETIMEDOUT', 'ECONNABORTED', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'ERR_STREAM_PREMATURE_CLOSE', 'EPROTO', 'ESHORTBODY']);
 
-/** SHA-256 of nothing: the payload hash of a GET. */
+/** SHA-256 of nothing: the payload hash of a request without a body. */
 const EMPTY_SHA256 = 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855';
 
-/** A key's path segments escaped as S3 signs them (every character but unreserved ones and '/'). */
-function escapeKey(key: string): string {
-  return key
-    .split('/')
-    .map((s) => encodeURIComponent(s).replace(/[!'()*]/g, (c) => '%' + c.charCodeAt(0).toString(16).toUpperCase()))
-    .join('/');
+/** A string escaped as SigV4 wants (every character but the unreserved ones). */
+function escape(s: string): string {
+  return encodeURIComponent(s).replace(/[!'()*]/g, (c) => '%' + c.charCodeAt(0).toString(16).toUpperCase());
 }
 
-export class S3Wire {
-  private readonly signer: Signer;
+/** A key's path segments escaped, the '/' between them kept. */
+function escapeKey(key: string): string {
+  return key.split('/').map(escape).join('/');
+}
+
+/** The credentials and region the environment gives, as the SDK's chain would take them (else undefined). */
+export function envCredentials(): S3Credentials | undefined {
+  const e = process.env;
+  if (e.AWS_PROFILE || !e.AWS_ACCESS_KEY_ID || !e.AWS_SECRET_ACCESS_KEY) return undefined;
+  return { accessKeyId: e.AWS_ACCESS_KEY_ID, secretAccessKey: e.AWS_SECRET_ACCESS_KEY, sessionToken: e.AWS_SESSION_TOKEN || undefined };
+}
+
+export interface WireRequest {
+  method: 'GET' | 'PUT' | 'HEAD' | 'DELETE';
+  /** the object key; undefined: the bucket itself */
+  key: string | undefined;
+  query?: Record<string, string | undefined>;
+  headers?: Record<string, string | undefined>;
+  body?: Buffer;
+  payloadHash?: string;
+}
+
+export class S3Wire implements S3Ops {
   private readonly http: typeof HttpModule;
   private readonly base: string;
 
   constructor(private readonly o: WireOptions) {
-    this.signer = new o.signer({ credentials: o.credentials, region: o.region, service: 's3', sha256: Sha256, uriEscapePath: false, applyChecksum: false });
     this.http = require(o.endpoint.protocol === 'https:' ? 'node:https' : 'node:http') as typeof HttpModule;
     this.base = o.endpoint.pathname.replace(/\/+$/, '');
   }
@@ -108,14 +89,21 @@ export class S3Wire {
    * One request; resolves with the response of a 2xx answer (its body unread: the caller
    * reads it), rejects with an S3-shaped error otherwise.
    */
-  async send(method: 'GET' | 'PUT', bucket: string, key: string, opts: { body?: Buffer; payloadHash?: string; headers?: Record<string, string> } = {}): Promise<IncomingMessage> {
+  async send(r: WireRequest): Promise<IncomingMessage> {
     const ep = this.o.endpoint;
-    const headers: Record<string, string> = { host: ep.host, 'x-amz-content-sha256': opts.payloadHash ?? EMPTY_SHA256, ...opts.headers };
-    if (opts.body) headers['content-length'] = String(opts.body.length);
-    const path = `${this.base}/${bucket}/${escapeKey(key)}`;
-    const signed = await this.signer.sign({ method, protocol: ep.protocol, hostname: ep.hostname, port: ep.port ? Number(ep.port) : undefined, path, query: {}, headers });
+    const headers: Record<string, string> = { host: ep.host, 'x-amz-content-sha256': r.payloadHash ?? (r.body ? createHash('sha256').update(r.body).digest('hex') : EMPTY_SHA256) };
+    for (const [k, v] of Object.entries(r.headers ?? {})) if (v !== undefined) headers[k] = v;
+    if (r.body) headers['content-length'] = String(r.body.length);
+    const query = Object.entries(r.query ?? {})
+      .filter((e): e is [string, string] => e[1] !== undefined)
+      .map(([k, v]) => (v === '' ? escape(k) : `${escape(k)}=${escape(v)}`))
+      .join('&');
+    const path = `${this.base}/${this.o.bucket}${r.key === undefined ? '' : '/' + escapeKey(r.key)}${query ? '?' + query : ''}`;
+    const [credentials, region] = await Promise.all([this.o.credentials(), this.o.region()]);
+    // no body for the signer: the payload hash is in its header (aws4 would hash it again)
+    const signed = sign({ host: ep.host, path, method: r.method, service: 's3', region, headers }, credentials);
     return new Promise<IncomingMessage>((resolve, reject) => {
-      const req = this.http.request({ method, protocol: ep.protocol, hostname: ep.hostname, port: ep.port || undefined, path, headers: signed.headers, agent: this.o.agent }, (res) => {
+      const req = this.http.request({ method: r.method, protocol: ep.protocol, hostname: ep.hostname, port: ep.port || undefined, path, headers: signed.headers as HttpModule.OutgoingHttpHeaders, agent: this.o.agent }, (res) => {
         const status = res.statusCode ?? 0;
         if (status >= 200 && status < 300) return resolve(res);
         // an error answer: its XML body names the S3 error code
@@ -126,8 +114,56 @@ export class S3Wire {
       });
       req.setTimeout(this.o.timeoutMs, () => req.destroy(Object.assign(new Error(`no answer for ${this.o.timeoutMs} ms (socket timed out)`), { code: 'ETIMEDOUT' })));
       req.on('error', reject);
-      req.end(opts.body);
+      req.end(r.body);
     });
+  }
+
+  async get(key: string, o: { range?: string; ifMatch?: string } = {}): Promise<GetAnswer> {
+    const res = await this.send({ method: 'GET', key, headers: { range: o.range, 'if-match': o.ifMatch } });
+    const len = Number(res.headers['content-length']);
+    return { body: res, length: Number.isInteger(len) ? len : undefined, contentRange: res.headers['content-range'], etag: res.headers.etag ?? '' };
+  }
+
+  async put(key: string, body: Buffer, o: PutOptions = {}): Promise<string> {
+    const res = await this.send({ method: 'PUT', key, body, payloadHash: o.payloadHash, headers: { 'if-none-match': o.ifNoneMatch ? '*' : undefined, 'if-match': o.ifMatch } });
+    res.resume();
+    return res.headers.etag ?? '';
+  }
+
+  async head(key: string): Promise<{ size: number; etag: string }> {
+    const res = await this.send({ method: 'HEAD', key });
+    res.resume();
+    return { size: Number(res.headers['content-length'] ?? 0), etag: res.headers.etag ?? '' };
+  }
+
+  async delete(key: string): Promise<void> {
+    (await this.send({ method: 'DELETE', key })).resume();
+  }
+
+  async list(prefix: string | undefined, token: string | undefined, maxKeys: number): Promise<ListPage> {
+    const res = await this.send({ method: 'GET', key: undefined, query: { 'list-type': '2', prefix, 'continuation-token': token, 'max-keys': String(maxKeys) } });
+    const xml = (await readBody(res, undefined, undefined)).toString('utf8');
+    let doc: { ListBucketResult?: { Contents?: unknown; IsTruncated?: string; NextContinuationToken?: string } };
+    try {
+      doc = parseXML(xml) as typeof doc;
+    } catch (e) {
+      // a body cut short parses badly: retried as a broken connection
+      throw Object.assign(new Error(`ListObjectsV2 answer is not XML: ${(e as Error).message}`), { code: 'ESHORTBODY' });
+    }
+    const result = doc.ListBucketResult;
+    if (!result) throw Object.assign(new Error('ListObjectsV2 answer has no ListBucketResult'), { code: 'ESHORTBODY' });
+    const contents = (Array.isArray(result.Contents) ? result.Contents : result.Contents ? [result.Contents] : []) as Array<{ Key?: string; Size?: string }>;
+    const objects = contents.filter((c) => typeof c.Key === 'string').map((c) => ({ key: c.Key as string, size: Number(c.Size ?? 0) }));
+    const next = result.IsTruncated === 'true' ? result.NextContinuationToken || undefined : undefined;
+    return { objects, next };
+  }
+
+  async headBucket(): Promise<void> {
+    (await this.send({ method: 'HEAD', key: undefined })).resume();
+  }
+
+  destroy(): void {
+    // the agent is the backend's (./s3.ts destroys it)
   }
 }
 

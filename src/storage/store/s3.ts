@@ -10,31 +10,31 @@
  *   delete           HEAD key, then DELETE key                 false when the HEAD found nothing
  *   remove           DELETE key                                (leases let go of: no HEAD)
  *   stat             HEAD key                                  404 -> undefined
- *   open             HEAD key, then GET Range: ... If-Match    ETag pins the object's version
+ *   open             GET Range: the first MiB (size, ETag),    then ranged GETs If-Match the ETag
+ *   prefetch         that first GET, started early             for the next open or get of the key
  *
  * A PUT is durable when the server answers it and an object appears whole or not at all, so
  * there are no temporary names, no multipart uploads (nothing the store writes is near the
  * 5 GiB single-PUT limit) and `flush` is a no-op.
  *
- * Block objects (get, putIfAbsent) go without the SDK's middleware where an endpoint is set
- * (./s3-wire.ts: 2-3 ms of CPU less per request; `wire: false` or DISKSNAP_S3_WIRE=sdk keep
- * them on the SDK), over the same agent, gate and retries.
+ * Requests (./s3-ops.ts) go without the AWS SDK where an endpoint is set (./s3-wire.ts: SigV4
+ * by `aws4` over node:http; no SDK to load, 2-3 ms of CPU less per request); AWS itself,
+ * `wire: false` and DISKSNAP_S3_WIRE=sdk use the SDK's client (./s3-sdk-ops.ts).
  *
- * Transport: one S3Client per backend over a keep-alive agent; at most `maxInFlight`
- * requests at once (the agent's socket limit and a semaphore in front of it, so queued work
- * waits here rather than inside the SDK's timers). The SDK's own retries are off: `attempt()`
+ * Transport: one keep-alive agent per backend; at most `maxInFlight` requests at once (the
+ * agent's socket limit and a semaphore in front of it, so queued work waits here rather than
+ * inside a client's timers). No client retries by itself: `attempt()`
  * retries 5xx (except 501), SlowDown, RequestTimeout, connection resets/refusals, timeouts and
  * responses whose body ended short, with exponential backoff and full jitter; any other 4xx
  * fails at once. A request retried after an answer that got lost is safe: GET, HEAD, PUT of a
  * record and DELETE are idempotent, and a putIfAbsent that finds its own earlier PUT answers
  * 412 -> false, which for content-addressed objects means the same bytes are there.
  *
- * Checksums: the SDK's default (CRC32 trailers, aws-chunked bodies) makes plain PUTs fail on
- * RGW 16 with 411, so checksums are computed only where an operation requires them. Bytes
- * are still never taken on trust: every GET's length is checked against Content-Length (a
+ * Checksums: no CRC trailers (RGW 16 refuses the SDK's default aws-chunked bodies with 411:
+ * ./s3-sdk-ops.ts). Bytes are still never taken on trust: every GET's length is checked against Content-Length (a
  * short body is retried), block objects are checked against their digest by the store, and
  * manifests carry their own checksums. A PUT is signed with the SHA-256 of its body
- * (x-amz-content-sha256), which the server checks; the SDK hashes the body for that, except
+ * (x-amz-content-sha256), which the server checks; the body is hashed for that, except
  * for a plain block, whose digest is that hash already: the store passes it to putIfAbsent
  * (one SHA-256 pass over every byte fewer on the main thread: 2.8 s of a 1 GiB snapshot's
  * 37 s under load).
@@ -45,43 +45,19 @@
  *
  * Credentials, region and endpoint come from the SDK's usual chain: AWS_ACCESS_KEY_ID /
  * AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws, AWS_REGION, AWS_ENDPOINT_URL (or
- * AWS_ENDPOINT_URL_S3). Addressing is path-style (local gateways rarely have wildcard DNS).
+ * AWS_ENDPOINT_URL_S3); the SDK is loaded for them only when the environment lacks them. Addressing is path-style (local gateways rarely have wildcard DNS).
  * Tuning: DISKSNAP_S3_CONCURRENCY (requests in flight, default 32), DISKSNAP_S3_RETRIES
  * (attempts per request, default 8).
  */
 import type * as HttpModule from 'node:http';
 import type * as HttpsModule from 'node:https';
 import { createHash, randomBytes } from 'node:crypto';
-import * as path from 'node:path';
-import type { Readable } from 'node:stream';
-import type { S3Client } from '@aws-sdk/client-s3';
-import { cacheFileOf, loadScript } from '../../engine/bundle';
 import { DisksnapError, invalid } from '../../engine/errors';
 import type { ObjectData } from './backend';
-import { RETRY_CODES, S3Wire, SignerClass, readBody, toBody } from './s3-wire';
+import type { S3Ops } from './s3-ops';
+import { SdkOps } from './s3-sdk-ops';
+import { RETRY_CODES, S3Wire, envCredentials, readBody, toBody } from './s3-wire';
 import type { ObjectInfo, ObjectReader, StoreBackend } from './backend';
-
-// The SDK warns once per process that releases after January 2027 need Node 22; package.json
-// pins a release that supports Node 20, and the warning would land in every CLI run's stderr.
-process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
-
-type Sdk = typeof import('@aws-sdk/client-s3');
-let sdkModule: Sdk | undefined;
-/** Where `npm run build` puts the SDK's bundle (./s3-sdk.ts): beside the CLI's bundle, whose code this is then. */
-const SDK_BUNDLE = path.join(__dirname, 's3-sdk.bundle.js');
-/**
- * The AWS SDK, loaded the first time an S3 store is opened, so that commands on a directory
- * store do not pay for it (~20 MiB of resident memory). From the package's ~300 files it
- * takes ~90 ms to load and ~40 ms more in the first request. The CLI loads it from one
- * bundle with a code cache made at build time (../../engine/bundle.ts): ~45 ms and ~30 ms
- * (README, "Design", esbuild). Elsewhere (the library, tests run from the sources) it comes
- * from the package.
- */
-function sdk(): Sdk {
-  // A package, not a module of src/: the layer check's "no lazy require" rule is about the
-  // latter. node:http/https (with tls and net, ~8 ms) load with the first S3Backend too.
-  return (sdkModule ??= loadScript<Sdk>(SDK_BUNDLE, cacheFileOf(SDK_BUNDLE))?.exports ?? (require('@aws-sdk/client-s3') as Sdk));
-}
 
 /** `s3://BUCKET[/PREFIX]` -> bucket and prefix (no leading or trailing '/'; '' for none). */
 export function parseS3Url(url: string): { bucket: string; prefix: string } {
@@ -123,7 +99,7 @@ export interface S3BackendOptions {
   requestTimeoutMs?: number;
   /** static credentials instead of the SDK's chain (tests: wrong keys) */
   credentials?: { accessKeyId: string; secretAccessKey: string };
-  /** false: block PUTs and GETs through the SDK too (./s3-wire.ts; DISKSNAP_S3_WIRE=sdk) */
+  /** false: every request through the SDK even where an endpoint is set (./s3-wire.ts; DISKSNAP_S3_WIRE=sdk) */
   wire?: boolean;
   /** called before each retry (tests count them) */
   onRetry?: (what: string, attempt: number, err: unknown) => void;
@@ -183,9 +159,10 @@ export class S3Backend implements StoreBackend {
   readonly endpoint: string;
   /** requests in flight at most (readers queue twice this many: backend.ts) */
   readonly concurrency: number;
-  private readonly client: S3Client;
-  /** block PUTs and GETs without the SDK's middleware (./s3-wire.ts), where an endpoint is set */
-  private readonly wire: S3Wire | undefined;
+  /** how requests are sent: ./s3-wire.ts where an endpoint is set, else the SDK (./s3-sdk-ops.ts) */
+  private readonly ops: S3Ops;
+  private readonly sdkOps: SdkOps;
+  private readonly agents: HttpModule.Agent[];
   private readonly gate: Gate;
   /** lease requests: never queued behind block transfers, or a busy writer's lease would run out */
   private readonly leaseGate = new Gate(4);
@@ -193,6 +170,8 @@ export class S3Backend implements StoreBackend {
   private readonly listPageSize: number;
   private readonly onRetry?: S3BackendOptions['onRetry'];
   private conditional: Promise<string | undefined> | undefined;
+  /** opens started by prefetch(), each taken by the next open() or get() of its key */
+  private readonly prefetched = new Map<string, Promise<ObjectReader>>();
   /** undefined until an If-Match PUT succeeded in one of the two forms */
   private bareEtags: boolean | undefined;
 
@@ -217,30 +196,26 @@ export class S3Backend implements StoreBackend {
     const agentOpts = { keepAlive: true, maxSockets: maxInFlight + 4, maxFreeSockets: maxInFlight + 4 }; // + the lease gate
     const httpAgent = new (require('node:http') as typeof HttpModule).Agent(agentOpts);
     const httpsAgent = new (require('node:https') as typeof HttpsModule).Agent(agentOpts);
-    this.client = new (sdk().S3Client)({
-      endpoint: opts.endpoint,
-      credentials: opts.credentials,
-      forcePathStyle: true,
-      maxAttempts: 1,
-      requestChecksumCalculation: 'WHEN_REQUIRED',
-      responseChecksumValidation: 'WHEN_REQUIRED',
-      requestHandler: {
-        httpAgent,
-        httpsAgent,
-        connectionTimeout: 10_000,
-        // socketTimeout, not requestTimeout: in @smithy/node-http-handler 4 the latter only
-        // logs a warning (unless throwOnRequestTimeout), so a server that took a request and
-        // never answered hung the command for ever. This is inactivity, not total time.
-        socketTimeout: opts.requestTimeoutMs ?? 120_000,
-      },
-    });
+    this.agents = [httpAgent, httpsAgent];
+    const timeoutMs = opts.requestTimeoutMs ?? 120_000;
+    this.sdkOps = new SdkOps({ bucket, endpoint: opts.endpoint, credentials: opts.credentials, httpAgent, httpsAgent, timeoutMs });
     const ep = opts.endpoint ?? process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL;
     if (ep && /^https?:\/\//.test(ep) && opts.wire !== false && process.env.DISKSNAP_S3_WIRE !== 'sdk') {
-      const { config } = this.client;
-      const signer = ((sdk() as { SignatureV4?: SignerClass }).SignatureV4 ?? require('@smithy/signature-v4').SignatureV4) as SignerClass;
       const endpoint = new URL(ep);
       const agent = endpoint.protocol === 'https:' ? httpsAgent : httpAgent;
-      this.wire = new S3Wire({ endpoint, agent, region: () => config.region(), credentials: () => config.credentials(), timeoutMs: opts.requestTimeoutMs ?? 120_000, signer });
+      // from the environment where it has them; else the SDK's chain (which loads the SDK)
+      const creds = opts.credentials ?? envCredentials();
+      const region = process.env.AWS_REGION;
+      this.ops = new S3Wire({
+        endpoint,
+        bucket,
+        agent,
+        timeoutMs,
+        credentials: creds ? async () => creds : () => this.sdkOps.credentials(),
+        region: region ? async () => region : () => this.sdkOps.region(),
+      });
+    } else {
+      this.ops = this.sdkOps;
     }
   }
 
@@ -256,7 +231,8 @@ export class S3Backend implements StoreBackend {
 
   /** Closes the keep-alive connections (a process exits sooner without them). */
   destroy(): void {
-    this.client.destroy();
+    this.sdkOps.destroy();
+    for (const a of this.agents) a.destroy();
   }
 
   /** One-line error for a failed request; `key` undefined for bucket-level requests. */
@@ -317,43 +293,36 @@ export class S3Backend implements StoreBackend {
   // ---- the core ----
 
   async get(key: string, into?: Buffer): Promise<Buffer> {
+    const early = this.prefetched.get(key);
+    if (early) {
+      this.prefetched.delete(key);
+      const r = await early;
+      return r.read(0, r.size);
+    }
     const Key = this.objectKey(key);
     return this.attempt('GET', key, async () => {
-      if (this.wire) {
-        const res = await this.wire.send('GET', this.bucket, Key);
-        const len = Number(res.headers['content-length']);
-        return readBody(res, Number.isInteger(len) ? len : undefined, into);
-      }
-      const r = await this.client.send(new (sdk().GetObjectCommand)({ Bucket: this.bucket, Key }));
-      return readBody(r.Body as Readable, r.ContentLength, into);
+      const r = await this.ops.get(Key);
+      return readBody(r.body, r.length, into);
     });
   }
 
   async putIfAbsent(key: string, data: ObjectData, sha256?: Uint8Array): Promise<boolean> {
     const Key = this.objectKey(key);
     const body = toBody(data);
-    const payloadHash = sha256 && Buffer.from(sha256.buffer, sha256.byteOffset, 32).toString('hex');
+    // hashed once here, not on every attempt
+    const payloadHash = sha256 ? Buffer.from(sha256.buffer, sha256.byteOffset, 32).toString('hex') : createHash('sha256').update(body).digest('hex');
     return this.attempt(
       'PUT',
       key,
-      async () => {
-        if (this.wire) {
-          const hash = payloadHash ?? createHash('sha256').update(body).digest('hex');
-          (await this.wire.send('PUT', this.bucket, Key, { body, payloadHash: hash, headers: { 'if-none-match': '*' } })).resume();
-          return true;
-        }
-        const cmd = new (sdk().PutObjectCommand)({ Bucket: this.bucket, Key, Body: body, ContentLength: body.length, IfNoneMatch: '*' });
-        if (payloadHash) withPayloadHash(cmd, payloadHash);
-        await this.client.send(cmd);
-        return true;
-      },
+      async () => (await this.ops.put(Key, body, { payloadHash, ifNoneMatch: true }), true),
       (c) => (c.status === 412 || c.name === 'PreconditionFailed' ? { value: false } : undefined),
     );
   }
 
   async put(key: string, data: Uint8Array): Promise<void> {
     const Key = this.objectKey(key);
-    await this.attempt('PUT', key, () => this.client.send(new (sdk().PutObjectCommand)({ Bucket: this.bucket, Key, Body: data, ContentLength: data.length })));
+    const body = toBody(data);
+    await this.attempt('PUT', key, () => this.ops.put(Key, body));
   }
 
   async *list(prefix: string): AsyncIterable<ObjectInfo & { temporary: boolean }> {
@@ -361,14 +330,9 @@ export class S3Backend implements StoreBackend {
     const strip = this.prefix ? this.prefix.length + 1 : 0;
     let token: string | undefined;
     do {
-      const page = await this.attempt('LIST', prefix, () =>
-        this.client.send(new (sdk().ListObjectsV2Command)({ Bucket: this.bucket, Prefix: full, ContinuationToken: token, MaxKeys: this.listPageSize })),
-      );
-      for (const o of page.Contents ?? []) {
-        if (!o.Key) continue;
-        yield { key: o.Key.slice(strip), size: o.Size ?? 0, temporary: false };
-      }
-      token = page.IsTruncated ? page.NextContinuationToken : undefined;
+      const page = await this.attempt('LIST', prefix, () => this.ops.list(full, token, this.listPageSize));
+      for (const o of page.objects) yield { key: o.key.slice(strip), size: o.size, temporary: false };
+      token = page.next;
     } while (token);
   }
 
@@ -381,7 +345,7 @@ export class S3Backend implements StoreBackend {
   /** DELETE without the HEAD that tells whether it was there (S3 answers 204 either way). */
   async remove(key: string): Promise<void> {
     const Key = this.objectKey(key);
-    await this.attempt('DELETE', key, () => this.client.send(new (sdk().DeleteObjectCommand)({ Bucket: this.bucket, Key })));
+    await this.attempt('DELETE', key, () => this.ops.delete(Key));
   }
 
   // ---- optional ----
@@ -396,10 +360,7 @@ export class S3Backend implements StoreBackend {
     return this.attempt(
       'HEAD',
       key,
-      async () => {
-        const r = await this.client.send(new (sdk().HeadObjectCommand)({ Bucket: this.bucket, Key }));
-        return { size: r.ContentLength ?? 0, etag: r.ETag ?? '' };
-      },
+      () => this.ops.head(Key),
       (c) => (c.status === 404 ? { value: undefined } : undefined),
     );
   }
@@ -411,16 +372,34 @@ export class S3Backend implements StoreBackend {
    * prefetched bytes are ranged GETs with If-Match on that ETag: a replaced object is an error.
    */
   async open(key: string): Promise<ObjectReader> {
+    const early = this.prefetched.get(key);
+    if (early) {
+      this.prefetched.delete(key);
+      return early;
+    }
+    return this.openNow(key);
+  }
+
+  prefetch(keys: string[]): void {
+    for (const key of keys) {
+      if (this.prefetched.has(key)) continue;
+      const p = this.openNow(key);
+      p.catch(() => undefined); // the open() that takes it sees the error
+      this.prefetched.set(key, p);
+    }
+  }
+
+  private async openNow(key: string): Promise<ObjectReader> {
     const Key = this.objectKey(key);
     const first = await this.attempt(
       'GET',
       key,
       async () => {
-        const r = await this.client.send(new (sdk().GetObjectCommand)({ Bucket: this.bucket, Key, Range: `bytes=0-${OPEN_PREFETCH - 1}` }));
-        const data = await readBody(r.Body as Readable, r.ContentLength, undefined);
+        const r = await this.ops.get(Key, { range: `bytes=0-${OPEN_PREFETCH - 1}` });
+        const data = await readBody(r.body, r.length, undefined);
         // "bytes 0-N/TOTAL"; a server that ignores Range answers 200 with the whole object
-        const total = /\/(\d+)$/.exec(r.ContentRange ?? '');
-        return { size: total ? Number(total[1]) : data.length, etag: r.ETag ?? '', data };
+        const total = /\/(\d+)$/.exec(r.contentRange ?? '');
+        return { size: total ? Number(total[1]) : data.length, etag: r.etag, data };
       },
       // 416: an empty object has no byte 0 (the HEAD below tells its size and ETag)
       (c) => (c.status === 416 || c.name === 'InvalidRange' ? { value: undefined } : undefined),
@@ -436,8 +415,8 @@ export class S3Backend implements StoreBackend {
         if (offset >= end) return Buffer.alloc(0);
         if (end <= head.length) return Buffer.from(head.subarray(offset, end));
         return this.attempt('GET', key, async () => {
-          const r = await this.client.send(new (sdk().GetObjectCommand)({ Bucket: this.bucket, Key, Range: `bytes=${offset}-${end - 1}`, IfMatch: etag || undefined }));
-          return readBody(r.Body as Readable, end - offset, undefined);
+          const r = await this.ops.get(Key, { range: `bytes=${offset}-${end - 1}`, ifMatch: etag || undefined });
+          return readBody(r.body, end - offset, undefined);
         });
       },
       close: async () => undefined,
@@ -458,7 +437,7 @@ export class S3Backend implements StoreBackend {
     await this.attempt(
       'HEAD bucket',
       undefined,
-      () => this.client.send(new (sdk().HeadBucketCommand)({ Bucket: this.bucket })),
+      () => this.ops.headBucket(),
       (c) => {
         if (c.status === 404) throw new DisksnapError(`S3 bucket '${this.bucket}' does not exist at ${this.endpoint} (create it first, e.g. \`aws s3 mb s3://${this.bucket}\`)`, 'ENOENT', 2, this.location);
         // HEAD has no body, so a 403 does not say whether the key or the permission is wrong.
@@ -470,10 +449,8 @@ export class S3Backend implements StoreBackend {
 
   /** Whether anything is stored under the prefix (one LIST of one key). */
   async hasAnyObject(): Promise<boolean> {
-    const r = await this.attempt('LIST', '', () =>
-      this.client.send(new (sdk().ListObjectsV2Command)({ Bucket: this.bucket, Prefix: this.prefix ? this.prefix + '/' : undefined, MaxKeys: 1 })),
-    );
-    return (r.KeyCount ?? r.Contents?.length ?? 0) > 0;
+    const r = await this.attempt('LIST', '', () => this.ops.list(this.prefix ? this.prefix + '/' : undefined, undefined, 1));
+    return r.objects.length > 0;
   }
 
   // ---- conditional writes (leases: src/storage/store/s3-lease.ts) ----
@@ -503,22 +480,11 @@ export class S3Backend implements StoreBackend {
 
   private async putIf(key: string, data: Uint8Array, ifMatch: string | undefined): Promise<string | undefined> {
     const Key = this.objectKey(key);
+    const body = toBody(data);
     return this.attempt(
       'PUT',
       key,
-      async () => {
-        const r = await this.client.send(
-          new (sdk().PutObjectCommand)({
-            Bucket: this.bucket,
-            Key,
-            Body: data,
-            ContentLength: data.length,
-            IfNoneMatch: ifMatch === undefined ? '*' : undefined,
-            IfMatch: ifMatch,
-          }),
-        );
-        return r.ETag ?? '';
-      },
+      () => this.ops.put(Key, body, { ifNoneMatch: ifMatch === undefined, ifMatch }),
       (c) => (c.status === 412 || c.name === 'PreconditionFailed' ? { value: undefined } : undefined),
       this.leaseGate,
     );
@@ -531,8 +497,8 @@ export class S3Backend implements StoreBackend {
       'GET',
       key,
       async () => {
-        const r = await this.client.send(new (sdk().GetObjectCommand)({ Bucket: this.bucket, Key }));
-        return { data: await readBody(r.Body as Readable, r.ContentLength, undefined), etag: r.ETag ?? '' };
+        const r = await this.ops.get(Key);
+        return { data: await readBody(r.body, r.length, undefined), etag: r.etag };
       },
       (c) => (c.status === 404 ? { value: undefined } : undefined),
       this.leaseGate,
@@ -570,17 +536,4 @@ export class S3Backend implements StoreBackend {
       await this.delete(key).catch(() => false); // a leftover probe object is harmless
     }
   }
-}
-
-/**
- * Signs a PUT with a payload hash the caller already has (x-amz-content-sha256 is read by the
- * signer before it would hash the body itself: src @smithy/signature-v4 getPayloadHash). The
- * server hashes what it receives and answers 400 XAmzContentSHA256Mismatch when they differ.
- */
-function withPayloadHash(cmd: { middlewareStack: { add: (mw: never, opts: { step: 'build'; name: string }) => void } }, hex: string): void {
-  const mw = (next: (a: unknown) => Promise<unknown>) => async (args: { request?: { headers?: Record<string, string> } }) => {
-    if (args.request?.headers) args.request.headers['x-amz-content-sha256'] = hex;
-    return next(args);
-  };
-  cmd.middlewareStack.add(mw as never, { step: 'build', name: 'disksnapPayloadHash' });
 }
