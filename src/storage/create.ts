@@ -112,8 +112,10 @@ async function takeSnapshot(volume: string, opts: CreateSnapshotOptions): Promis
   try {
     const store = await Store.open(opts.store, { create: true, blockSize: opts.blockSize });
     return await withStoreLock(store, 'shared', opts, async () => {
-      const { vol, cstore, tk } = await volumeAndKeys(store, real, file, opts);
-      const listing = await store.listSnapshots();
+      // independent reads, at once (on S3 each is a few round trips); a plain volume's tag key
+      // with them (only read here: volumeAndKeys makes it where it is missing)
+      if (opts.changeTags !== false) store.backend.prefetch(['tag.key']);
+      const [{ vol, cstore, tk }, listing] = await Promise.all([volumeAndKeys(store, real, file, opts), store.listSnapshots()]);
       await store.reapStale(listing);
       // The parent is compared digest by digest: it must be under the same key (or none).
       const parent = listing.snapshots
@@ -135,6 +137,7 @@ async function takeSnapshot(volume: string, opts: CreateSnapshotOptions): Promis
         keyId: vol.keyId,
         copiedFrom: null,
       });
+      if (parent) cstore.prefetchParent(parent); // read while the lease and the record are written
       const lease = await store.takeLease(rec.id);
       try {
         const guest = format !== 'qcow2' ? undefined : opts.heldBy ? heldGuest(rec, opts.heldBy) : startGuest(file, real, vol.id, rec, parent);

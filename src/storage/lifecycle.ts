@@ -100,17 +100,22 @@ export async function completeSnapshot(
     await abortQuietly(t);
     onLog?.(`change tags of ${rec.id} not written (${(e as Error).message}); its next snapshot hashes every block`);
   });
+  // The leases' renewal (proof that no gc took the store meanwhile: store.ts writeSnapshot)
+  // goes at once with them: a bucket's round trip less before the record.
+  const proof = store.renewLeases();
+  proof.catch(() => undefined); // awaited below, after the manifest's own outcome
   try {
     await writer.manifest.commit();
   } finally {
     await tags;
   }
   committed();
+  await proof;
   await progress.settle();
   rec.state = 'completed';
   rec.progress = 100;
   rec.completionTime = new Date().toISOString();
-  await store.writeSnapshot(rec);
+  await store.writeSnapshot(rec, { leasesProven: true });
   return snapshotJson(rec);
 }
 

@@ -125,6 +125,13 @@ export interface StoreBackend {
   /** Makes every name created by putIfAbsent so far durable. */
   flush?(): Promise<void>;
   /**
+   * Starts reading objects that are about to be opened or read and that nobody changes (a
+   * completed snapshot's manifest and tags, the tag key), where that is a round trip (S3): the
+   * next open() or get() of each key gets this read, so the wait overlaps other work.
+   * Fallback: nothing.
+   */
+  prefetch?(keys: string[]): void;
+  /**
    * A buffer the backend writes fastest from (the directory backend aligns it for O_DIRECT).
    * Callers that fill blocks in it pass views of it to putIfAbsent.
    */
@@ -186,6 +193,7 @@ export function fullBackend(b: StoreBackend): FullBackend {
       };
     });
   const flush = b.flush?.bind(b) ?? (async () => undefined);
+  const prefetch = b.prefetch?.bind(b) ?? (() => undefined);
   return {
     location: b.location,
     describe: (key) => b.describe(key),
@@ -199,6 +207,7 @@ export function fullBackend(b: StoreBackend): FullBackend {
     open,
     create,
     flush,
+    prefetch,
     allocBuffer: b.allocBuffer?.bind(b),
     localFile: b.localFile?.bind(b),
     concurrency: b.concurrency,

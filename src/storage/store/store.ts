@@ -263,8 +263,11 @@ export class Store {
     for (const l of this.shared.leases) l.assertHeld();
   }
 
-  /** Renews every lease held now: proof, at that moment, that none was lost. */
-  private async renewLeases(): Promise<void> {
+  /**
+   * Renews every lease held now: proof, at that moment, that none was lost. `writeSnapshot`
+   * does it before a `completed` record unless the caller did (`leasesProven`).
+   */
+  async renewLeases(): Promise<void> {
     await Promise.all([...this.shared.leases].map((l) => l.renew()));
   }
 
@@ -456,7 +459,7 @@ export class Store {
    * store's codec when it holds the snapshot's key; without the key (marking an abandoned
    * snapshot `error`) the sealed metadata that was read is written back as it was.
    */
-  async writeSnapshot(rec: SnapshotRecord): Promise<void> {
+  async writeSnapshot(rec: SnapshotRecord, opts: { leasesProven?: boolean } = {}): Promise<void> {
     let sealed: string | null = null;
     if (rec.encrypted) {
       const keys = this.codec.keys;
@@ -464,7 +467,7 @@ export class Store {
       else if (rec.metadataHidden && rec.sealedMetadata) sealed = rec.sealedMetadata;
       else throw new DisksnapError(`cannot write the record of encrypted snapshot ${rec.id} without its key ${rec.keyId}`, 'ENOKEY');
     }
-    if (rec.state === 'completed' && this.shared.leases.size) await this.renewLeases();
+    if (rec.state === 'completed' && this.shared.leases.size && !opts.leasesProven) await this.renewLeases();
     await this.backend.put(this.snapshotKey(rec.id), Buffer.from(JSON.stringify(snapshotDisk(rec, sealed), null, 2) + '\n'));
   }
 
@@ -508,6 +511,11 @@ export class Store {
    * authenticated with this store's codec, which must hold its key — or, with
    * `unauthenticated`, read for its entries only (gc, diff without a key).
    */
+  /** Starts reading a completed snapshot's manifest and tags, which a snapshot of its volume is about to open (S3: one round trip less to wait for). */
+  prefetchParent(rec: SnapshotRecord): void {
+    this.backend.prefetch([this.manifestKey(rec.id), tagsKey(rec.id)]);
+  }
+
   async openManifest(rec: SnapshotRecord, opts: { unauthenticated?: boolean } = {}): Promise<ManifestReader> {
     const keyed = rec.encrypted && this.codec.keys?.id === rec.keyId;
     if (rec.encrypted && !keyed && !opts.unauthenticated) {
