@@ -82,6 +82,12 @@ bool BlockTagger::Unmasked(const uint8_t* p, size_t n, uint8_t* out) {
   return true;
 }
 
+bool BlockTagger::Combine(const uint8_t* parts, const uint8_t* zero, const size_t* lens, size_t count, uint8_t* out) {
+  if (!ok_ || !fast_) return false;
+  fast_->Combine(reinterpret_cast<const uint8_t(*)[16]>(parts), zero, lens, count, out);
+  return true;
+}
+
 bool BlockTagger::Mask(const uint8_t* iv, uint8_t* out) { return ok_ && Gmac(iv, nullptr, 0, out); }
 
 }  // namespace disksnap

@@ -36,6 +36,10 @@ class BlockTagger {
   bool ok() const { return ok_; }
   // u = GHASH_H(p[0..n)) into out[0..16). False on an OpenSSL failure.
   bool Unmasked(const uint8_t* p, size_t n, uint8_t* out);
+  // The u of `count` consecutive parts' bytes from each part's u (FastGhash::Combine: every
+  // part but the last a multiple of 16 bytes; zero[i]: part i is all zeros, parts[i] unread).
+  // False where there is no FastGhash (the caller then tags the whole again).
+  bool Combine(const uint8_t* parts, const uint8_t* zero, const size_t* lens, size_t count, uint8_t* out);
   // E_K(J0(iv)) for a 16-byte iv into out[0..16).
   bool Mask(const uint8_t* iv, uint8_t* out);
 

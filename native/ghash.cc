@@ -112,6 +112,51 @@ DISKSNAP_CLMUL void TagClmul(const uint8_t (*powers)[16], const uint8_t* p, size
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), Reverse(y));
 }
 
+// H^m (byte-reversed) from h1 = H: square and multiply.
+DISKSNAP_CLMUL __m128i Power(__m128i h1, size_t m) {
+  __m128i result = h1, base = h1;
+  bool have = false;
+  for (; m > 0; m >>= 1) {
+    if (m & 1) {
+      result = have ? Multiply(result, base) : base;
+      have = true;
+    }
+    if (m > 1) base = Multiply(base, base);
+  }
+  return result;
+}
+
+// The length block of n bytes of additional data, byte-reversed: [8n]_64 is the high quadword.
+DISKSNAP_CLMUL inline __m128i LengthBlock(size_t n) {
+  return _mm_set_epi64x(static_cast<long long>(static_cast<uint64_t>(n) * 8), 0);
+}
+
+DISKSNAP_CLMUL void CombineClmul(const uint8_t (*powers)[16], const uint8_t (*parts)[16], const uint8_t* zero,
+                                 const size_t* lens, size_t count, size_t* cachedBlocks, uint8_t* cachedPower,
+                                 uint8_t out[16]) {
+  const __m128i h1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(powers[0]));
+  __m128i acc = _mm_setzero_si128();
+  size_t total = 0;
+  for (size_t i = 0; i < count; i++) {
+    const size_t blocks = (lens[i] + 15) / 16;
+    if (i > 0) {
+      if (*cachedBlocks != blocks) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(cachedPower), Power(h1, blocks));
+        *cachedBlocks = blocks;
+      }
+      acc = Multiply(acc, _mm_loadu_si128(reinterpret_cast<const __m128i*>(cachedPower)));
+    }
+    // an all-zero part adds nothing: its X is 0
+    if (!zero[i]) {
+      const __m128i tag = Reverse(_mm_loadu_si128(reinterpret_cast<const __m128i*>(parts[i])));
+      acc = _mm_xor_si128(acc, _mm_xor_si128(tag, Multiply(LengthBlock(lens[i]), h1)));
+    }
+    total += lens[i];
+  }
+  acc = _mm_xor_si128(acc, Multiply(LengthBlock(total), h1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), Reverse(acc));
+}
+
 bool CpuHasClmul() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("avx2") &&
@@ -136,5 +181,10 @@ FastGhash::FastGhash(const uint8_t h[16]) {
 FastGhash::~FastGhash() { explicit_bzero(powers_, sizeof powers_); }
 
 void FastGhash::Tag(const uint8_t* p, size_t n, uint8_t out[16]) const { TagClmul(powers_, p, n, out); }
+
+void FastGhash::Combine(const uint8_t (*parts)[16], const uint8_t* zero, const size_t* lens, size_t count,
+                        uint8_t out[16]) const {
+  CombineClmul(powers_, parts, zero, lens, count, &cachedBlocks_, cachedPower_, out);
+}
 
 }  // namespace disksnap

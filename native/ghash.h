@@ -37,11 +37,22 @@ class FastGhash {
   // GHASH_H of p[0..n) zero-padded, then the length block for n bytes of additional data and
   // nothing encrypted: the unmasked GMAC tag of block_tag.h.
   void Tag(const uint8_t* p, size_t n, uint8_t out[16]) const;
+  // The Tag() of the concatenation of `count` consecutive parts from the Tag() of each part
+  // (no second pass over the bytes): parts[i] of lens[i] bytes, every part but the last a
+  // multiple of 16 bytes long; a part whose zero[i] is set is all zero bytes (its parts[i] is
+  // not read). With X the parts' GHASH sums before their length blocks and L(n) the length
+  // block of n bytes, Tag(part) = (X ^ L(len)) * H, so X * H = Tag(part) ^ L(len) * H, and the
+  // whole's X is sum of part i's X times H^(blocks after part i): Horner over the parts, then
+  // the whole's length block. src/storage/store/tags.ts: a block's tag from its granules'.
+  void Combine(const uint8_t (*parts)[16], const uint8_t* zero, const size_t* lens, size_t count, uint8_t out[16]) const;
 
  private:
   static constexpr int kStep = 16;
   // powers_[j] = H^(j+1), byte-reversed (the form the multiply takes)
   alignas(32) uint8_t powers_[kStep][16];
+  // H^cachedBlocks_ (byte-reversed), the step of Combine over equal parts (granules)
+  mutable size_t cachedBlocks_ = 0;
+  alignas(16) mutable uint8_t cachedPower_[16] = {0};
 };
 
 }  // namespace disksnap

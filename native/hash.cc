@@ -30,6 +30,7 @@ struct HashArgs {
   std::vector<uint8_t> key;
   bool tagged = false;
   std::vector<uint8_t> tagKey;
+  uint64_t granuleSize = 0;  // hashBlocksAsync's optional 6th argument: granule tags too
 };
 
 bool ArgBlockSize(const Napi::CallbackInfo& info, size_t i, uint64_t* out) {
@@ -77,11 +78,25 @@ bool ParseHash(const Napi::CallbackInfo& info, HashArgs* a) {
          ArgTagKey(info, 4, &a->tagged, &a->tagKey);
 }
 
+// hashBlocksAsync's optional granule size (argument 5): absent for none; else a divisor of
+// the block size, with a tag key.
+bool ArgGranuleSize(const Napi::CallbackInfo& info, size_t i, HashArgs* a) {
+  if (info[i].IsUndefined() || info[i].IsNull()) return true;
+  if (!ArgU64(info, i, "granuleSize", &a->granuleSize)) return false;
+  if (a->granuleSize == 0 || a->blockSize % a->granuleSize != 0 || !a->tagged) {
+    ThrowInvalid(info.Env(), "granuleSize must divide blockSize, and needs a tagKey");
+    return false;
+  }
+  return true;
+}
+
 // The result buffers, allocated on the main thread; each one is empty when not asked for.
 struct Outputs {
   Napi::Buffer<uint8_t> digests;
   Napi::Uint8Array zero;
   Napi::Buffer<uint8_t> tags;
+  Napi::Uint8Array granuleZero;
+  Napi::Buffer<uint8_t> granuleTags;
   uint8_t* digestsData() { return digests.IsEmpty() ? nullptr : digests.Data(); }
   uint8_t* tagsData() { return tags.IsEmpty() ? nullptr : tags.Data(); }
 };
@@ -109,15 +124,25 @@ struct OutputRefs {
     if (!out.digests.IsEmpty()) digests = Napi::Persistent(out.digests.As<Napi::Value>());
     zero = Napi::Persistent(out.zero.As<Napi::Value>());
     if (!out.tags.IsEmpty()) tags = Napi::Persistent(out.tags.As<Napi::Value>());
+    if (!out.granuleTags.IsEmpty()) {
+      granuleTags = Napi::Persistent(out.granuleTags.As<Napi::Value>());
+      granuleZero = Napi::Persistent(out.granuleZero.As<Napi::Value>());
+    }
   }
   Napi::Object Result(Napi::Env env) {
     Napi::Object o = Napi::Object::New(env);
     if (!digests.IsEmpty()) o.Set("digests", digests.Value());
     o.Set("zero", zero.Value());
     if (!tags.IsEmpty()) o.Set("tags", tags.Value());
+    if (!granuleTags.IsEmpty()) {
+      Napi::Object g = Napi::Object::New(env);
+      g.Set("tags", granuleTags.Value());
+      g.Set("zero", granuleZero.Value());
+      o.Set("granules", g);
+    }
     return o;
   }
-  Napi::Reference<Napi::Value> digests, zero, tags;
+  Napi::Reference<Napi::Value> digests, zero, tags, granuleZero, granuleTags;
 };
 
 uint64_t BlockCount(uint64_t length, uint64_t blockSize) {
@@ -151,7 +176,9 @@ class HashBlocksWorker : public PromiseWorker {
         digestsData_(out.digestsData()),
         zeroData_(out.zero.Data()),
         tagsData_(out.tagsData()),
-        refs_(out) {}
+        refs_(out) {
+    if (!out.granuleTags.IsEmpty()) granules_ = GranuleOut{static_cast<size_t>(args_.granuleSize), out.granuleZero.Data(), out.granuleTags.Data()};
+  }
 
  protected:
   void Execute() override {
@@ -160,7 +187,8 @@ class HashBlocksWorker : public PromiseWorker {
     else
       error_ = HashBuffer(args_.buf.data, args_.buf.length, args_.blockSize, args_.threads,
                           args_.keyed ? &args_.key : nullptr, digestsData_, zeroData_,
-                          args_.tagged ? &args_.tagKey : nullptr, tagsData_);
+                          args_.tagged ? &args_.tagKey : nullptr, tagsData_,
+                          granules_.tags != nullptr ? &granules_ : nullptr);
     OPENSSL_cleanse(args_.tagKey.data(), args_.tagKey.size());
   }
   Napi::Value Result(Napi::Env env) override { return refs_.Result(env); }
@@ -170,6 +198,7 @@ class HashBlocksWorker : public PromiseWorker {
   uint8_t* digestsData_;
   uint8_t* zeroData_;
   uint8_t* tagsData_;
+  GranuleOut granules_;
   OutputRefs refs_;
 };
 
@@ -177,9 +206,15 @@ Napi::Value HashBlocksAsync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   HashArgs a;
   Outputs out;
-  if (!ParseHash(info, &a) ||
+  if (!ParseHash(info, &a) || !ArgGranuleSize(info, 5, &a) ||
       !AllocOutputs(env, BlockCount(a.buf.length, a.blockSize), &out, true, a.tagged))
     return RejectPending(env);
+  if (a.granuleSize) {
+    const size_t n = static_cast<size_t>(BlockCount(a.buf.length, a.blockSize) * (a.blockSize / a.granuleSize));
+    out.granuleTags = Napi::Buffer<uint8_t>::New(env, n * kTagLength);
+    out.granuleZero = Napi::Uint8Array::New(env, n);
+    if (env.IsExceptionPending()) return RejectPending(env);
+  }
   auto* worker = new HashBlocksWorker(env, std::move(a), out);
   worker->Keep(info[0]);
   return worker->Start();

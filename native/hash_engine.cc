@@ -470,9 +470,37 @@ static bool ForEachRun(size_t nblocks, size_t run, int nthreads, Make make, Work
   return !failed;
 }
 
+// Granule tags and zero flags of the blocks of data[0..len) (block `first` onwards: granule
+// indexes count from the caller's buffer start), and each block's tag from them.
+static bool TagGranules(BlockTagger* tagger, const uint8_t* data, size_t len, size_t blockSize, size_t first,
+                        const uint8_t* zero, uint8_t* tags, const GranuleOut& g) {
+  const size_t gs = g.granuleSize, per = blockSize / gs;
+  std::vector<size_t> lens(per);
+  for (size_t off = 0, b = 0; off < len; off += blockSize, b++) {
+    const size_t blen = std::min(blockSize, len - off), count = (blen + gs - 1) / gs;
+    const size_t g0 = (first + b) * per;
+    uint8_t* gz = g.zero + g0;
+    uint8_t* gt = g.tags + g0 * kTagLength;
+    for (size_t s = 0; s < count; s++) {
+      lens[s] = std::min(gs, blen - s * gs);
+      gz[s] = zero[b] || IsAllZero(data + off + s * gs, lens[s]) ? 1 : 0;
+      if (gz[s]) memset(gt + s * kTagLength, 0, kTagLength);
+      else if (!tagger->Unmasked(data + off + s * gs, lens[s], gt + s * kTagLength)) return false;
+    }
+    for (size_t s = count; s < per; s++) {  // past a short last block: none there
+      gz[s] = 1;
+      memset(gt + s * kTagLength, 0, kTagLength);
+    }
+    uint8_t* out = tags + b * kTagLength;
+    if (zero[b]) memset(out, 0, kTagLength);
+    else if (!tagger->Combine(gt, gz, lens.data(), count, out) && !tagger->Unmasked(data + off, blen, out)) return false;
+  }
+  return true;
+}
+
 SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threads,
                     const std::vector<uint8_t>* key, uint8_t* digests, uint8_t* zero,
-                    const std::vector<uint8_t>* tagKey, uint8_t* tags) {
+                    const std::vector<uint8_t>* tagKey, uint8_t* tags, const GranuleOut* granules) {
   const size_t nblocks = len == 0 ? 0 : (len - 1) / blockSize + 1;
   if (nblocks == 0) return {};
   // Claim about 1 MiB per grab, and start no more threads than there are grabs.
@@ -499,8 +527,10 @@ SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threa
       },
       [&](State& st, size_t first, size_t last) {
         size_t off = first * blockSize, end = std::min(len, last * blockSize);
-        return st.hasher.Blocks(data + off, end - off, blockSize, digests + first * kDigestLength, zero + first) &&
-               (!st.tagger || TagBlocks(st.tagger.get(), data + off, end - off, blockSize, zero + first, tags + first * kTagLength));
+        if (!st.hasher.Blocks(data + off, end - off, blockSize, digests + first * kDigestLength, zero + first)) return false;
+        if (!st.tagger) return true;
+        if (granules) return TagGranules(st.tagger.get(), data + off, end - off, blockSize, first, zero + first, tags + first * kTagLength, *granules);
+        return TagBlocks(st.tagger.get(), data + off, end - off, blockSize, zero + first, tags + first * kTagLength);
       });
   return ok ? SysError() : CryptoFailure();
 }

@@ -79,9 +79,18 @@ class BlockHasher {
 
 // Hashes the blocks of data[0..len) on `threads` threads. With a tag key, also the unmasked
 // change tag of each non-zero block (block_tag.h) at tags[16 * i]; zero blocks get 16 zeros.
+// With `granules` too (granuleSize dividing blockSize): the zero flag and unmasked tag of each
+// granule (granule j: bytes [j * granuleSize, ...) of data), and each block's tag combined
+// from its granules' (FastGhash::Combine: one GHASH pass for both; two without VPCLMULQDQ).
+struct GranuleOut {
+  size_t granuleSize = 0;
+  uint8_t* zero = nullptr;
+  uint8_t* tags = nullptr;
+};
 SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threads,
                     const std::vector<uint8_t>* key, uint8_t* digests, uint8_t* zero,
-                    const std::vector<uint8_t>* tagKey = nullptr, uint8_t* tags = nullptr);
+                    const std::vector<uint8_t>* tagKey = nullptr, uint8_t* tags = nullptr,
+                    const GranuleOut* granules = nullptr);
 
 // The zero flag and unmasked change tag of each block of data[0..len) (no SHA-256): the
 // tags of a buffer's 64 KiB granules, beside its blocks' (src/storage/store/tags.ts).

@@ -176,6 +176,52 @@ t.test('tags with DISKSNAP_HASH_IMPL=openssl (GMAC from node\'s OpenSSL) equal t
   t.same(xor(Buffer.from(fallback[0], 'hex'), mask), gmac(key, iv, data.subarray(1, 2)), 'and the fallback\'s are GMAC less the mask');
 });
 
+t.test('hashBlocksAsync with granules: their tags as tagBlocksAsync gives them, and block tags combined from them equal the blocks\' own (both implementations)', async (t) => {
+  const addon = path.resolve(__dirname, '..', 'build', 'Release', 'disksnap.node');
+  const key = randomBytes(32);
+  const bs = 512 * KiB;
+  const gs = 64 * KiB;
+  // 5 blocks: random; a zero block; zero granules (first, middle, last) in random blocks;
+  // a short last block whose last granule is short and not a multiple of 16 bytes
+  const data = randomBytes(4 * bs + 3 * gs + 1000);
+  data.fill(0, bs, 2 * bs);
+  data.fill(0, 2 * bs, 2 * bs + gs);
+  data.fill(0, 2 * bs + 4 * gs, 2 * bs + 5 * gs);
+  data.fill(0, 4 * bs - gs, 4 * bs);
+  const dir = t.testdir();
+  fs.writeFileSync(path.join(dir, 'data'), data);
+  const script = `
+    const a = require(${JSON.stringify(addon)});
+    const data = require('fs').readFileSync(${JSON.stringify(path.join(dir, 'data'))});
+    const key = Buffer.from(${JSON.stringify(key.toString('hex'))}, 'hex');
+    (async () => {
+      const both = await a.hashBlocksAsync(data, ${bs}, 2, undefined, key, ${gs});
+      const plain = await a.hashBlocksAsync(data, ${bs}, 2, undefined, key);
+      const gran = await a.tagBlocksAsync(data, ${gs}, 2, key);
+      const hex = (b) => Buffer.from(b).toString('hex');
+      process.stdout.write(JSON.stringify({ tags: hex(both.tags), plainTags: hex(plain.tags), digests: hex(both.digests), plainDigests: hex(plain.digests),
+        zero: hex(both.zero), gtags: hex(both.granules.tags), gzero: hex(both.granules.zero), granTags: hex(gran.tags), granZero: hex(gran.zero) }));
+    })();`;
+  for (const impl of [undefined, 'openssl'] as const) {
+    const r = withHashImpl<Record<string, string>>(t, script, impl);
+    const label = impl ?? 'default';
+    t.equal(r.tags, r.plainTags, `${label}: block tags combined from the granules' are the blocks' own`);
+    t.equal(r.digests, r.plainDigests, `${label}: digests unchanged`);
+    const count = Math.ceil(data.length / gs); // the granules there are
+    t.equal(r.gtags.slice(0, count * 32), r.granTags, `${label}: granule tags as tagBlocksAsync gives them`);
+    t.equal(r.gzero.slice(0, count * 2), r.granZero, `${label}: and their zero flags`);
+    t.equal(r.gzero.slice(count * 2), '01'.repeat(5 * 8 - count), `${label}: past the short last block: none`);
+    t.same([...Buffer.from(r.zero, 'hex')], [0, 1, 0, 0, 0], `${label}: block zero flags`);
+  }
+  const iv = randomBytes(16);
+  const mask = n.tagMasks(key, iv);
+  const r = await n.hashBlocksAsync(data, bs, 2, undefined, key, gs);
+  t.same(xor(r.tags!.subarray(4 * 16, 5 * 16), mask), gmac(key, iv, data.subarray(4 * bs)), 'the short last block\'s combined tag is its GMAC less the mask');
+  t.same(xor(r.tags!.subarray(2 * 16, 3 * 16), mask), gmac(key, iv, data.subarray(2 * bs, 3 * bs)), 'and a block with zero granules');
+  await t.rejects(n.hashBlocksAsync(data, bs, 2, undefined, key, 3000), /granuleSize must divide blockSize/);
+  await t.rejects(n.hashBlocksAsync(data, bs, 2, undefined, undefined, gs), /needs a tagKey/);
+});
+
 t.test('incremental snapshots hash only blocks whose tag moved, and find every change', async (t) => {
   const dir = t.testdir();
   const store = path.join(dir, 'store');

@@ -55,6 +55,11 @@ export interface BlockHashes {
   zero: Uint8Array;
   /** with a tag key: 16 bytes per block, the unmasked change tag (zeros for zero blocks) */
   tags?: Buffer;
+  /**
+   * hashBlocksAsync with a granule size: each granule's tag and zero flag, blockSize /
+   * granuleSize per block (past a short last block: zero)
+   */
+  granules?: BlockTags;
 }
 
 export interface BlockTags {
@@ -144,8 +149,13 @@ export interface NativeAddon {
 
   /** SHA-256 (or HMAC-SHA-256 with key) of consecutive blocks of buf; the last may be short. */
   hashBlocks(buf: Uint8Array, blockSize: number, threads: number, key?: Uint8Array, tagKey?: Uint8Array): BlockHashes;
-  /** With a 32-byte `tagKey`, also each block's unmasked change tag (src/storage/store/tags.ts). */
-  hashBlocksAsync(buf: Uint8Array, blockSize: number, threads: number, key?: Uint8Array, tagKey?: Uint8Array): Promise<BlockHashes>;
+  /**
+   * With a 32-byte `tagKey`, also each block's unmasked change tag (src/storage/store/tags.ts);
+   * with a `granuleSize` (a divisor of blockSize) too, each granule's, and the blocks' tags
+   * are then combined from their granules' (one GHASH pass for both where the CPU has
+   * VPCLMULQDQ: native/ghash.h Combine).
+   */
+  hashBlocksAsync(buf: Uint8Array, blockSize: number, threads: number, key?: Uint8Array, tagKey?: Uint8Array, granuleSize?: number): Promise<BlockHashes>;
   /**
    * Reads [offset, offset+length) of fd like hashFile but computes no SHA-256: zero flags and
    * the unmasked change tag (GHASH under tagKey, 16 bytes) of each non-zero block.

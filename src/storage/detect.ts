@@ -84,7 +84,9 @@ async function hashEveryBlock(p: ReadPipeline, tags: boolean, changed: (i: numbe
       const G = tags ? (p.tagWriter?.granules ?? 0) : 0;
       try {
         const data = cur.buf.subarray(0, cur.len);
-        const [h, gt] = await Promise.all([p.n.hashBlocksAsync(data, p.bs, p.threads, p.key, tags ? p.proofKey : undefined), G ? p.n.tagBlocksAsync(data, granuleSizeFor(p.bs), p.threads, p.proofKey) : undefined]);
+        // (granule tags in the same pass: the blocks' tags are combined from them)
+        const h = await p.n.hashBlocksAsync(data, p.bs, p.threads, p.key, tags ? p.proofKey : undefined, G ? granuleSizeFor(p.bs) : undefined);
+        const gt = h.granules;
         digests = h.digests;
         for (let k = 0; k < end - first; k++) {
           if (h.zero[k]) continue;

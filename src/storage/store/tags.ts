@@ -29,8 +29,10 @@
  * MiB of objects instead of the ~78 MiB of blocks around them (an S3 store sends each byte
  * over the network). A block's granule tags are all zero where they were not computed (a
  * block hashed from a file without a buffer, or read back from a version 1 file): it is then
- * stored whole when it changes. Granule tags cost a second GHASH pass over a full snapshot's
- * data (~0.05 s per GiB on two threads); an incremental computes them for changed blocks only.
+ * stored whole when it changes. A full snapshot computes its granule tags in its one GHASH pass
+ * and each block's tag from its granules' (native hashBlocksAsync with a granule size:
+ * native/ghash.h Combine; without VPCLMULQDQ, a second pass); an incremental computes them
+ * for changed blocks only.
  *
  * Sidecar `snapshots/<snap-id>.tags`, written with the manifest and committed after it:
  *
