@@ -16,6 +16,7 @@
  * Needs the Ceph packages (.ci/run installs them); the cluster is started if not running.
  */
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -66,6 +67,34 @@ function readBlocks(file: string, offset: number, bytes: number): Buffer[] {
   } finally {
     fs.closeSync(fd);
   }
+}
+
+const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
+
+/** utime + stime (s) of a /proc/PID/stat line; `children`: cutime + cstime (waited-for children) instead. */
+function statCpu(stat: string, children = false): number {
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // f[0] is field 3 (state)
+  return children ? (Number(f[13]) + Number(f[14])) / CLK_TCK : (Number(f[11]) + Number(f[12])) / CLK_TCK;
+}
+
+/** CPU seconds so far of the commands this process ran and waited for. */
+function commandsCpu(): number {
+  return statCpu(fs.readFileSync('/proc/self/stat', 'utf8'), true);
+}
+
+/** CPU seconds so far of the cluster's daemons (radosgw, ceph-osd, ceph-mon): the gateway's side of a run. */
+function gatewayCpu(): number {
+  let sum = 0;
+  for (const pid of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(pid)) continue;
+    try {
+      if (!['radosgw', 'ceph-osd', 'ceph-mon'].includes(fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim())) continue;
+      sum += statCpu(fs.readFileSync(`/proc/${pid}/stat`, 'utf8'));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return sum;
 }
 
 async function parallel<T>(items: T[], n: number, fn: (x: T, i: number) => Promise<void>): Promise<void> {
@@ -134,7 +163,10 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
 
     rewrite(img, dataOffset, data, 0.01, i + 1);
     warm(img);
+    const [c0, g0] = [commandsCpu(), gatewayCpu()];
     add('incremental', ds(['snapshot', 'create', img, '--store', store]));
+    add('incremental client cpu', commandsCpu() - c0);
+    add('incremental gateway cpu', gatewayCpu() - g0);
     if (haveRestic) {
       warm(img);
       add('restic incremental', restic(repo, ['backup', img]));
@@ -165,6 +197,15 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
   row('full snapshot', 'full', `parallel PUT of ${n} x 512 KiB (floor)`, 'put floor', 'the gateway\'s own floor: the same objects PUT from memory, 32 in flight');
   row('full snapshot', 'full', 'restic backup (s3:)', 'restic full', 'restic into a new repository in a bucket of the same gateway');
   row('incremental snapshot, ~1% rewritten', 'incremental', 'restic backup, second (s3:)', 'restic incremental', '');
+  // Where the time goes: the machine's two cores are shared by disksnap and the gateway. The
+  // CPU both used, over the cores, is what no schedule of that work on them finishes sooner.
+  if (t['incremental gateway cpu']) {
+    const cores = os.availableParallelism();
+    const client = m('incremental client cpu');
+    const gw = m('incremental gateway cpu');
+    t['incremental cpu floor'] = [(client + gw) / cores];
+    row('incremental snapshot, ~1% rewritten', 'incremental', `(disksnap CPU + gateway CPU) / ${cores} cores`, 'incremental cpu floor', `disksnap ${client.toFixed(2)} s of CPU, the gateway (radosgw, OSD, monitor) ${gw.toFixed(2)} s, medians: the cores were busy for all but the rest`);
+  }
   row('restore to a new file', 'restore', `parallel GET of ${n} x 512 KiB (floor)`, 'get floor', 'the same objects GET into memory, 32 in flight; disksnap also verifies every digest and writes the file');
   row('restore to a new file', 'restore', 'restic restore (s3:)', 'restic restore', '');
   return rows;
