@@ -31,9 +31,9 @@
  * 412 -> false, which for content-addressed objects means the same bytes are there.
  *
  * Checksums: no CRC trailers (RGW 16 refuses the SDK's default aws-chunked bodies with 411:
- * ./s3-sdk-ops.ts). Bytes are still never taken on trust: every GET's length is checked against Content-Length (a
- * short body is retried), block objects are checked against their digest by the store, and
- * manifests carry their own checksums. A PUT is signed with the SHA-256 of its body
+ * ./s3-sdk-ops.ts). Bytes are still never taken on trust: every GET's length is checked
+ * against Content-Length (a short body is retried), block objects are checked against their
+ * digest by the store, and manifests carry their own checksums. A PUT is signed with the SHA-256 of its body
  * (x-amz-content-sha256), which the server checks; the body is hashed for that, except
  * for a plain block, whose digest is that hash already: the store passes it to putIfAbsent
  * (one SHA-256 pass over every byte fewer on the main thread: 2.8 s of a 1 GiB snapshot's
@@ -45,7 +45,8 @@
  *
  * Credentials, region and endpoint come from the SDK's usual chain: AWS_ACCESS_KEY_ID /
  * AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws, AWS_REGION, AWS_ENDPOINT_URL (or
- * AWS_ENDPOINT_URL_S3); the SDK is loaded for them only when the environment lacks them. Addressing is path-style (local gateways rarely have wildcard DNS).
+ * AWS_ENDPOINT_URL_S3); the SDK is loaded for them only when the environment lacks them.
+ * Addressing is path-style (local gateways rarely have wildcard DNS).
  * Tuning: DISKSNAP_S3_CONCURRENCY (requests in flight, default 32), DISKSNAP_S3_RETRIES
  * (attempts per request, default 8).
  */
@@ -293,9 +294,8 @@ export class S3Backend implements StoreBackend {
   // ---- the core ----
 
   async get(key: string, into?: Buffer): Promise<Buffer> {
-    const early = this.prefetched.get(key);
+    const early = this.takePrefetched(key);
     if (early) {
-      this.prefetched.delete(key);
       const r = await early;
       return r.read(0, r.size);
     }
@@ -372,12 +372,14 @@ export class S3Backend implements StoreBackend {
    * prefetched bytes are ranged GETs with If-Match on that ETag: a replaced object is an error.
    */
   async open(key: string): Promise<ObjectReader> {
+    return this.takePrefetched(key) ?? this.openNow(key);
+  }
+
+  /** The open prefetch() started for `key`, once (undefined when there is none). */
+  private takePrefetched(key: string): Promise<ObjectReader> | undefined {
     const early = this.prefetched.get(key);
-    if (early) {
-      this.prefetched.delete(key);
-      return early;
-    }
-    return this.openNow(key);
+    this.prefetched.delete(key);
+    return early;
   }
 
   prefetch(keys: string[]): void {
