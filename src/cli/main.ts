@@ -4,9 +4,15 @@
  * loads) into one file, `disksnap.bundle.js`, and keeps V8's compiled code for that file
  * from a training run (`disksnap.bundle.cache`, written by ./code-cache.ts). This launcher
  * compiles the bundle with that code, which spares every command most of the parsing and
- * compiling of ~1 MB of JavaScript (README, "Design": ~40 ms of a 0.3 s snapshot). When the
+ * compiling of ~0.9 MB of JavaScript (README, "Design": ~40 ms of a 0.3 s snapshot). When the
  * cache is used: ../engine/bundle.ts. Without a bundle (a build that stopped after tsc) the
  * program loads as plain modules.
+ *
+ * The bundle is built with esbuild's `--minify-whitespace --charset=ascii` (names kept): without
+ * comments it is 0.9 MB instead of 1.3 MB, and with no byte above 0x7f V8 holds its source as a
+ * one-byte string (three comments with a dash made it two-byte before). Reading, decoding and
+ * compiling it with its cache went from ~35 to ~25 ms, and `--version` from 219 to 197 ms (medians
+ * of 40 alternating runs, `node -e 0` 100 ms).
  */
 import * as path from 'node:path';
 import { LoadedScript, cacheFileOf, loadScript } from '../engine/bundle';
