@@ -244,17 +244,14 @@ class HashFileWorker : public PromiseWorkerT<Napi::AsyncProgressWorker<Progress>
   }
   ~HashFileWorker() {
     OPENSSL_cleanse(tagKey_.data(), tagKey_.size());
-    OPENSSL_cleanse(collectKey_.data(), collectKey_.size());
   }
 
   FileHashJob& job() { return job_; }
-  // tagFile's collect mode: the inputs kept alive, the slot and digest outputs allocated here.
+  // tagFile's collect mode: the inputs kept alive, the slot output allocated here.
   bool SetCollect(Napi::Env env, const Napi::CallbackInfo& info, const Bytes& expect, const Bytes& known,
                   const Bytes& buf, uint64_t nblocks, uint64_t blockSize) {
     const size_t cap = static_cast<size_t>(buf.length / blockSize);
     Napi::Int32Array slot = Napi::Int32Array::New(env, static_cast<size_t>(nblocks));
-    if (env.IsExceptionPending()) return false;
-    Napi::Buffer<uint8_t> digests = Napi::Buffer<uint8_t>::New(env, std::max<size_t>(1, cap) * kDigestLength);
     if (env.IsExceptionPending()) return false;
     for (size_t b = 0; b < nblocks; b++) slot[b] = -1;
     for (size_t i = 6; i <= 8; i++) Keep(info[i]);
@@ -262,16 +259,9 @@ class HashFileWorker : public PromiseWorkerT<Napi::AsyncProgressWorker<Progress>
     job_.known = known.data;
     job_.collectBuf = buf.data;
     job_.collectCap = cap;
-    job_.collectDigests = digests.Data();
     job_.slotOf = slot.Data();
-    job_.collectKey = collectKeyed_ ? &collectKey_ : nullptr;
     slot_ = Napi::Persistent(slot.As<Napi::Value>());
-    collectDigests_ = Napi::Persistent(digests.As<Napi::Value>());
     return true;
-  }
-  void SetCollectKey(std::vector<uint8_t> key, bool keyed) {
-    collectKey_ = std::move(key);
-    collectKeyed_ = keyed;
   }
   void SetProgress(Napi::Function fn) {
     onProgress_ = Napi::Persistent(fn);
@@ -311,7 +301,6 @@ class HashFileWorker : public PromiseWorkerT<Napi::AsyncProgressWorker<Progress>
     Napi::Object o = refs_.Result(env);
     if (!slot_.IsEmpty()) {
       o.Set("slot", slot_.Value());
-      o.Set("collectDigests", collectDigests_.Value());
       o.Set("collected", Napi::Number::New(env, static_cast<double>(std::min(job_.collected.load(), job_.collectCap))));
     }
     return o;
@@ -319,9 +308,7 @@ class HashFileWorker : public PromiseWorkerT<Napi::AsyncProgressWorker<Progress>
 
  private:
   static constexpr int kTickMs = 100;  // progress at most ten times a second
-  std::vector<uint8_t> collectKey_;
-  bool collectKeyed_ = false;
-  Napi::Reference<Napi::Value> slot_, collectDigests_;
+  Napi::Reference<Napi::Value> slot_;
   bool reportProgress_ = false;
   std::vector<uint8_t> key_;
   std::vector<uint8_t> tagKey_;
@@ -389,16 +376,16 @@ Napi::Value HashFile(const Napi::CallbackInfo& info) {
                          tagged, info[6]);
 }
 
-// tagFile(fd, offset, length, blockSize, threads, tagKey[, expect, known, buf, key])
-//   -> Promise<{ tags, zero[, slot, collectDigests, collected] }>: reads the range like
-// hashFile, but computes only zero flags and unmasked change tags. With expect (16 bytes per
-// block), known (1 byte per block) and buf, the blocks that changed are also copied into buf
-// and hashed there (FileHashJob's collect mode; key: HMAC instead of SHA-256).
+// tagFile(fd, offset, length, blockSize, threads, tagKey[, expect, known, buf])
+//   -> Promise<{ tags, zero[, slot, collected] }>: reads the range like hashFile, but computes
+// only zero flags and unmasked change tags. With expect (16 bytes per block), known (1 byte per
+// block) and buf, the blocks that changed are also copied into buf (FileHashJob's collect
+// mode), for the caller to hash those it stores whole.
 Napi::Value TagFile(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   FileRange r;
-  bool tagged = false, keyed = false;
-  std::vector<uint8_t> tagKey, key;
+  bool tagged = false;
+  std::vector<uint8_t> tagKey;
   if (!ParseFileRange(info, "tagFile", &r) || !ArgTagKey(info, 5, &tagged, &tagKey)) return RejectPending(env);
   if (!tagged) {
     ThrowInvalid(env, "tagFile: argument 6 (tagKey) is required");
@@ -409,7 +396,7 @@ Napi::Value TagFile(const Napi::CallbackInfo& info) {
                            env.Undefined());
   Bytes expect, known, buf;
   if (!ArgBytes(info, 6, "expect", &expect) || !ArgBytes(info, 7, "known", &known) ||
-      !ArgBytes(info, 8, "buf", &buf) || !ArgKey(info, 9, &keyed, &key))
+      !ArgBytes(info, 8, "buf", &buf))
     return RejectPending(env);
   const uint64_t nblocks = BlockCount(r.length, r.blockSize);
   if (expect.length != nblocks * kTagLength || known.length != nblocks) {
@@ -418,7 +405,6 @@ Napi::Value TagFile(const Napi::CallbackInfo& info) {
   }
   return StartFileWorker(env, "disksnap.tagFile", r, false, {}, false, std::move(tagKey), true,
                          env.Undefined(), [&](HashFileWorker* w) {
-                           w->SetCollectKey(std::move(key), keyed);
                            return w->SetCollect(env, info, expect, known, buf, nblocks, r.blockSize);
                          });
 }

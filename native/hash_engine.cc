@@ -612,8 +612,7 @@ class PieceBuffer {
 };
 
 // Collect mode (FileHashJob): the changed blocks among data[0..len), block `first` onwards.
-static bool CollectChanged(FileHashJob* job, BlockHasher* hasher, const uint8_t* data, size_t len,
-                           size_t bs, uint64_t first) {
+static void CollectChanged(FileHashJob* job, const uint8_t* data, size_t len, size_t bs, uint64_t first) {
   for (size_t off = 0, j = 0; off < len; off += bs, j++) {
     const uint64_t b = first + j;
     if (job->zero[b] ||
@@ -626,13 +625,9 @@ static bool CollectChanged(FileHashJob* job, BlockHasher* hasher, const uint8_t*
       job->slotOf[b] = -2;
       continue;
     }
-    const size_t n = std::min(bs, len - off);
-    uint8_t zero = 0;
-    memcpy(job->collectBuf + slot * bs, data + off, n);
-    if (!hasher->Blocks(data + off, n, bs, job->collectDigests + slot * kDigestLength, &zero)) return false;
+    memcpy(job->collectBuf + slot * bs, data + off, std::min(bs, len - off));
     job->slotOf[b] = static_cast<int32_t>(slot);
   }
-  return true;
 }
 
 SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>& tick) {
@@ -669,13 +664,11 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
   auto worker = [&](int) {
     PieceBuffer buf(piece);
     BlockHasher hasher(job->key);
-    std::unique_ptr<BlockHasher> collectHasher;
-    if (job->slotOf != nullptr) collectHasher.reset(new BlockHasher(job->collectKey));
     std::unique_ptr<BlockTagger> tagger;
     if (job->tags != nullptr) tagger.reset(new BlockTagger(*job->tagKey));
     if (!buf) {
       fail(SysError::Errno(ENOMEM, "hashFile"));
-    } else if (!hasher.ok() || (collectHasher && !collectHasher->ok()) || (tagger && !tagger->ok())) {
+    } else if (!hasher.ok() || (tagger && !tagger->ok())) {
       fail(CryptoFailure());
     } else {
       for (;;) {
@@ -718,7 +711,7 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
             ZeroFlags(buf.get(), n, bs, job->zero + b);
           }
           if (ok && tagger) ok = TagBlocks(tagger.get(), buf.get(), n, bs, job->zero + b, job->tags + b * kTagLength);
-          if (ok && tagger && collectHasher) ok = CollectChanged(job, collectHasher.get(), buf.get(), n, bs, b);
+          if (ok && tagger && job->slotOf != nullptr) CollectChanged(job, buf.get(), n, bs, b);
           if (!ok) fail(CryptoFailure());
         }
         if (!ok) break;

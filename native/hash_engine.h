@@ -112,17 +112,16 @@ struct FileHashJob {
   const std::vector<uint8_t>* tagKey = nullptr;  // with tags: unmasked change tags (block_tag.h)
   uint8_t* tags = nullptr;
   // tagFile's collect mode (with tags): each non-zero block whose tag is not expect[16 b] (or
-  // whose known[b] is 0) is copied into collectBuf at slot * blockSize, its digest (SHA-256, or
-  // HMAC under collectKey) put at collectDigests[32 slot]; slots are claimed in any order, at
-  // most collectCap. slotOf[b] is the block's slot: -1 for a zero or unchanged block, -2 for a
-  // changed block past the capacity (the caller reads it again). One read serves both passes.
+  // whose known[b] is 0) is copied into collectBuf at slot * blockSize; slots are claimed in any
+  // order, at most collectCap. slotOf[b] is the block's slot: -1 for a zero or unchanged block,
+  // -2 for a changed block past the capacity (the caller reads it again). One read serves both
+  // passes. The copies are not hashed here: the caller stores most changed blocks as pieces
+  // (their granules' tags decide), so it hashes only the blocks it stores whole.
   const uint8_t* expect = nullptr;
   const uint8_t* known = nullptr;
   uint8_t* collectBuf = nullptr;
   size_t collectCap = 0;
-  uint8_t* collectDigests = nullptr;
   int32_t* slotOf = nullptr;
-  const std::vector<uint8_t>* collectKey = nullptr;
   std::atomic<size_t> collected{0};
   std::atomic<uint64_t> done{0};
   std::atomic<bool> cancel{false};

@@ -68,11 +68,9 @@ export interface BlockTags {
   zero: Uint8Array;
 }
 
-/** tagFile's collect mode: the changed blocks' slots in the caller's buffer, and their digests. */
+/** tagFile's collect mode: the changed blocks' slots in the caller's buffer. */
 export interface CollectedTags extends BlockTags {
   slot: Int32Array;
-  /** 32 bytes per slot */
-  collectDigests: Buffer;
   /** slots filled */
   collected: number;
 }
@@ -164,11 +162,11 @@ export interface NativeAddon {
   /**
    * The same read, and in it the blocks that changed: a non-zero block whose tag is not
    * `expect` (16 bytes per block; only where `known` is 1) is copied into `buf` at slot *
-   * blockSize and hashed there (SHA-256, or HMAC under `key`); slots go in any order, as many
-   * as `buf` holds. `slot[b]`: the block's slot, -1 when zero or unchanged, -2 when changed but
-   * past `buf`'s capacity (read it again).
+   * blockSize, not hashed (the caller hashes those it stores whole); slots go in any order, as
+   * many as `buf` holds. `slot[b]`: the block's slot, -1 when zero or unchanged, -2 when changed
+   * but past `buf`'s capacity (read it again).
    */
-  tagFile(fd: number, offset: number, length: number, blockSize: number, threads: number, tagKey: Uint8Array, expect: Uint8Array, known: Uint8Array, buf: Uint8Array, key?: Uint8Array): Promise<CollectedTags>;
+  tagFile(fd: number, offset: number, length: number, blockSize: number, threads: number, tagKey: Uint8Array, expect: Uint8Array, known: Uint8Array, buf: Uint8Array): Promise<CollectedTags>;
   /**
    * Zero flags and unmasked change tags of the consecutive blocks of `buf` (no SHA-256): the
    * tags of 64 KiB granules of blocks already in memory (src/storage/store/tags.ts).

@@ -9,10 +9,10 @@
  *   tagScan   the parent has change tags (src/storage/store/tags.ts: a GMAC per block under
  *             a secret key, ~6x cheaper than SHA-256): native tagFile over 64 MiB chunks; a
  *             block whose tag is its parent's keeps the parent's digest and tag; the others
- *             are copied by that same read into a buffer and hashed there with SHA-256
- *             (written if new); only those past the buffer's room are read a second time.
- *             Where the parent has granule tags, a changed block whose moved 64 KiB granules
- *             are few is stored as those granules (pieces), not whole.
+ *             are copied by that same read into a buffer (only those past the buffer's room
+ *             are read a second time). Where the parent has granule tags, a changed block
+ *             whose moved 64 KiB granules are few is stored as those granules (pieces);
+ *             the others are hashed there with SHA-256 and stored whole (if new).
  *   hashScan  a parent without usable tags: native hashFile over 64 MiB chunks (SHA-256, and
  *             the tags for next time), then only the changed blocks read into a buffer and
  *             hashed again there.
@@ -241,6 +241,7 @@ async function planChunk(p: ReadPipeline, tk: TagKey, a: number, b: number, pc: 
   const at = (j: number) => cands[j] * pc.el;
   const gexpect = cands.length ? maskGranules(tk.key, cands.map((k) => a + k), G, pc.entries, at, pc.entries, (j) => at(j) + GRANULES_AT) : Buffer.alloc(0);
   const gxOf = new Map(cands.map((k, j) => [k, j * G * 16]));
+  const whole: number[] = []; // k of the collected blocks stored whole: hashed below
   for (let k = 0; k < b - a; k++) {
     if (first.zero[k]) continue;
     plan.data.push(k);
@@ -259,13 +260,43 @@ async function planChunk(p: ReadPipeline, tk: TagKey, a: number, b: number, pc: 
       p.rec.stats.changedBlocks++;
       continue;
     }
-    const unchanged = pc.hasPrev[k] && !pc.pieces[k] && first.collectDigests.compare(pc.digests, k * 32, k * 32 + 32, slot * 32, slot * 32 + 32) === 0;
-    first.collectDigests.copy(pc.digests, k * 32, slot * 32, slot * 32 + 32);
-    if (unchanged) continue;
-    p.rec.stats.changedBlocks++;
-    plan.items.push({ off: slot * p.bs, len: p.spanBytes(a + k, a + k + 1), digest: first.collectDigests.subarray(slot * 32, slot * 32 + 32) });
+    whole.push(k);
   }
+  const lenOf = (k: number) => p.spanBytes(a + k, a + k + 1);
+  const digests = await slotDigests(p, buf, whole.map((k) => first.slot[k]), whole.map(lenOf));
+  whole.forEach((k, j) => {
+    const unchanged = pc.hasPrev[k] && !pc.pieces[k] && digests.compare(pc.digests, k * 32, k * 32 + 32, j * 32, j * 32 + 32) === 0;
+    digests.copy(pc.digests, k * 32, j * 32, j * 32 + 32);
+    if (unchanged) return;
+    p.rec.stats.changedBlocks++;
+    plan.items.push({ off: first.slot[k] * p.bs, len: lenOf(k), digest: digests.subarray(j * 32, j * 32 + 32) });
+  });
   return plan;
+}
+
+/**
+ * The digests (SHA-256, or HMAC under the store's key) of the blocks in `slots` of buf (lens[j]
+ * bytes at slots[j] * bs), 32 bytes each in that order: one native call per run of consecutive
+ * slots (tagFile fills them in runs of whole blocks), the runs hashed side by side.
+ */
+async function slotDigests(p: ReadPipeline, buf: Buffer, slots: number[], lens: number[]): Promise<Buffer> {
+  const out = Buffer.allocUnsafe(slots.length * 32);
+  const runs: Array<[number, number]> = []; // [j, end): slots[j..end) consecutive, all but the last whole
+  for (let j = 0; j < slots.length; j++) {
+    const r = runs[runs.length - 1];
+    if (r && r[1] === j && slots[j] === slots[j - 1] + 1 && lens[j - 1] === p.bs) r[1] = j + 1;
+    else runs.push([j, j + 1]);
+  }
+  const threads = runs.length === 1 ? p.threads : 1;
+  await Promise.all(
+    runs.map(async ([j, end]) => {
+      const from = slots[j] * p.bs;
+      const len = (end - j - 1) * p.bs + lens[end - 1];
+      const h = await p.n.hashBlocksAsync(buf.subarray(from, from + len), p.bs, threads, p.key);
+      h.digests.copy(out, j * 32, 0, (end - j) * 32);
+    }),
+  );
+  return out;
 }
 
 /**
@@ -298,14 +329,17 @@ function chunkTags(p: ReadPipeline, tk: TagKey, a: number, first: CollectedTags,
  * Tags only (GHASH, no SHA-256) over 64 MiB chunks, each block's tag compared in the same
  * native pass with the one it has if unchanged (its parent's): blocks whose tag is the
  * parent's keep the parent's entries; the others are copied, in that one read, into a pool
- * buffer and hashed with SHA-256 there, and written from it where their digest is new. Changed
- * blocks past the buffer's capacity are read again into another buffer, hashed there and
- * checked against the first pass. (Issue 18, 12 alternating runs of a 1% rewrite of 1 GiB:
- * reading the changed blocks a second time cost ~0.045 s of a 0.645 s incremental.)
+ * buffer. Changed blocks past the buffer's capacity are read again into another buffer, hashed
+ * there and checked against the first pass. (Issue 18, 12 alternating runs of a 1% rewrite of
+ * 1 GiB: reading the changed blocks a second time cost ~0.045 s of a 0.645 s incremental.)
  *
  * Where the parent has granule tags (./store/tags.ts) a changed block's granules are tagged
  * in the buffer and compared with them: a block with at most MAX_NEW_PIECES granules moved is
- * stored as those pieces over the parent's entries (./dirty.ts has the same rule).
+ * stored as those pieces over the parent's entries (./dirty.ts has the same rule). Only the
+ * blocks stored whole are hashed with SHA-256 (slotDigests) and written from the buffer where
+ * their digest is new: the native read no longer hashes every block it copies, since in a
+ * small rewrite nearly all of them become pieces (1% of 1 GiB: ~80 MiB of SHA-256, ~50 ms of
+ * CPU, not done).
  */
 export const tagScan: ChangeDetector = async (p, parent) => {
   const tk = p.tk!;
@@ -319,7 +353,7 @@ export const tagScan: ChangeDetector = async (p, parent) => {
       const pc = await parentChunk(p, tk, a, b - a, cursor, tags);
       const buf = await p.pool.acquire();
       try {
-        const first = await p.n.tagFile(p.file.fd, a * p.bs, p.spanBytes(a, b), p.bs, p.threads, tk.key, pc.expect, pc.known, buf, p.key);
+        const first = await p.n.tagFile(p.file.fd, a * p.bs, p.spanBytes(a, b), p.bs, p.threads, tk.key, pc.expect, pc.known, buf);
         return { pc, first, buf };
       } catch (e) {
         p.pool.release(buf);
