@@ -9,6 +9,8 @@
  *   incremental (~1%)  disksnap snapshot create                  vs  restic's second backup
  *   restore            disksnap snapshot restore --to FILE       vs  a plain parallel GET of
  *                                                                    the same objects (to memory)
+ *                                                                vs  the same GETs written into
+ *                                                                    a new file, + fdatasync
  *                                                                vs  restic restore
  *
  * The image: 4 GiB sparse with 1 GiB of random data (quick: 256 MiB with 64 MiB), so 2048
@@ -148,6 +150,26 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
     const floor = new S3Backend(`s3://${floorBucket}`, { maxInFlight: 32 });
     add('put floor', await secondsAsync(() => parallel(blocks, 32, (b, k) => floor.put(`blocks/${k}`, b))));
     add('get floor', await secondsAsync(() => parallel(blocks, 32, async (_b, k) => void (await floor.get(`blocks/${k}`, Buffer.allocUnsafe(BLOCK))))));
+    // A restore's floor: the same GETs, each object written at its place in a new sparse file
+    // of the volume's size, then fdatasync (the restore writes its file durably too).
+    const floorOut = path.join(opts.dir, 'floor-restored.img');
+    add(
+      'get+write floor',
+      await secondsAsync(async () => {
+        const fh = await fs.promises.open(floorOut, 'w');
+        try {
+          await fh.truncate(size);
+          await parallel(blocks, 32, async (_b, k) => {
+            const got = await floor.get(`blocks/${k}`, Buffer.allocUnsafe(BLOCK));
+            await fh.write(got, 0, got.length, dataOffset + k * BLOCK);
+          });
+          await fh.datasync();
+        } finally {
+          await fh.close();
+        }
+      }),
+    );
+    fs.rmSync(floorOut);
     floor.destroy();
     blocks.length = 0;
 
@@ -207,6 +229,7 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
     row('incremental snapshot, ~1% rewritten', 'incremental', `(disksnap CPU + gateway CPU) / ${cores} cores`, 'incremental cpu floor', `disksnap ${client.toFixed(2)} s of CPU, the gateway (radosgw, OSD, monitor) ${gw.toFixed(2)} s, medians: the cores were busy for all but the rest`);
   }
   row('restore to a new file', 'restore', `parallel GET of ${n} x 512 KiB (floor)`, 'get floor', 'the same objects GET into memory, 32 in flight; disksnap also verifies every digest and writes the file');
+  row('restore to a new file', 'restore', `parallel GET of ${n} x 512 KiB, written into a new file + fdatasync (floor)`, 'get+write floor', 'the same GETs, each object written at its offset of a new sparse file, then fdatasync: the GETs and the file a restore must write, without verifying');
   row('restore to a new file', 'restore', 'restic restore (s3:)', 'restic restore', '');
   return rows;
 }
