@@ -10,11 +10,11 @@
  *
  * The bundle is built with esbuild's `--minify-whitespace --charset=ascii` (names kept): without
  * comments it is 0.9 MB instead of 1.3 MB, and with no byte above 0x7f V8 holds its source as a
- * one-byte string (three comments with a dash made it two-byte before). `--line-limit=160`
- * keeps its lines short, so the source line Node prints above an uncaught exception's stack
- * stays readable (without it, lines of ~30 KB). Reading, decoding and
- * compiling it with its cache went from ~35 to ~25 ms, and `--version` from 219 to 197 ms (medians
- * of 40 alternating runs, `node -e 0` 100 ms).
+ * one-byte string (three comments with a dash made it two-byte before). Reading, decoding and
+ * compiling it with its cache went from ~35 to ~22 ms, and `--version` from 219 to 197 ms
+ * (medians of 40 alternating runs, `node -e 0` 100 ms). `--line-limit=160` keeps its lines
+ * short, so that the source line Node prints above an uncaught exception's stack stays
+ * readable (without it, lines of ~30 KB).
  */
 import * as path from 'node:path';
 import { LoadedScript, cacheFileOf, loadScript } from '../engine/bundle';
