@@ -1,7 +1,8 @@
 /**
  * The CLI's code cache (src/cli/main.ts, src/cli/code-cache.ts, src/engine/bundle.ts): the
  * build keeps one that this Node accepts, for the CLI's bundle and for the AWS SDK's, and a
- * cache that does not fit the bundle is never used, whatever it holds. Each case runs in a child process with Node's default flags, as the CLI runs.
+ * cache that does not fit the bundle is never used, whatever it holds. Each case runs in a
+ * child process with the V8 flags the CLI sets (setCliFlags), as the CLI runs.
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
@@ -17,9 +18,13 @@ const SDK_BUNDLE = path.join(DIST, 's3-sdk.bundle.js');
 const SDK_CACHE = path.join(DIST, 's3-sdk.bundle.cache');
 const VERSION = (JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
 
-/** Loads `bundle` with `cache` in a child, runs `disksnap --version` from it; its cache state and output. */
-function load(bundle: string, cache: string): { state: string; version: string } {
-  const script = `const { loadBundle } = require(${JSON.stringify(path.join(DIST, 'main.js'))});
+/**
+ * Loads `bundle` with `cache` in a child (with the CLI's V8 flags unless `cliFlags` is false),
+ * runs `disksnap --version` from it; its cache state and output.
+ */
+function load(bundle: string, cache: string, cliFlags = true): { state: string; version: string } {
+  const script = `const { loadBundle, setCliFlags } = require(${JSON.stringify(path.join(DIST, 'main.js'))});
+${cliFlags ? 'setCliFlags();' : ''}
 const b = loadBundle(${JSON.stringify(bundle)}, ${JSON.stringify(cache)});
 process.stderr.write(b.cache + '\\n');
 b.program.main(['node', 'disksnap', '--version']);`;
@@ -35,6 +40,8 @@ t.test('the build keeps a code cache for the bundle, and V8 takes it', async (t)
   t.ok(fs.existsSync(CACHE), 'npm run build wrote dist/src/cli/disksnap.bundle.cache');
   t.ok(fs.statSync(CACHE).size > 100_000, 'the cache holds the compiled code of the trained commands, not only the top level');
   t.same(load(BUNDLE, CACHE), { state: 'accepted', version: VERSION });
+  // V8 takes a cache only under the flags it was made with: the training ran with the CLI's
+  t.same(load(BUNDLE, CACHE, false), { state: 'rejected', version: VERSION }, 'refused by a process without the CLI\'s flags');
 });
 
 t.test('a cache made for other bundle bytes of the same length is not used', async (t) => {
@@ -67,7 +74,8 @@ t.test('no cache, or a cache too short to hold a digest: compiled as usual', asy
 
 /** Loads the SDK's bundle with `cache` in a child: its cache state and whether it gave an S3 client. */
 function loadSdk(cache: string): string {
-  const script = `const { loadScript } = require(${JSON.stringify(path.join(ROOT, 'dist', 'src', 'engine', 'bundle.js'))});
+  const script = `require(${JSON.stringify(path.join(DIST, 'main.js'))}).setCliFlags();
+const { loadScript } = require(${JSON.stringify(path.join(ROOT, 'dist', 'src', 'engine', 'bundle.js'))});
 const b = loadScript(${JSON.stringify(SDK_BUNDLE)}, ${JSON.stringify(cache)});
 const c = new b.exports.S3Client({ region: 'x', endpoint: 'http://127.0.0.1:9', credentials: { accessKeyId: 'a', secretAccessKey: 'b' } });
 process.stdout.write(b.cache + ' ' + typeof c.send);`;

@@ -18,7 +18,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import type { Readable } from 'node:stream';
 import { cacheFileOf, keepCodeCache, loadScript } from '../engine/bundle';
-import { BUNDLE, CODE_CACHE, loadBundle } from './main';
+import { BUNDLE, CODE_CACHE, loadBundle, setCliFlags } from './main';
 
 /** The SDK's bundle, beside the CLI's (package.json "build"). */
 const SDK_BUNDLE = path.join(path.dirname(BUNDLE), 's3-sdk.bundle.js');
@@ -145,6 +145,7 @@ function buildCache(cache: string, mode: string, missing: string): void {
 if (require.main === module) {
   const mode = process.argv[2];
   if (mode === 'train' || mode === 'train-sdk') {
+    setCliFlags(); // the CLI's flags: V8 refuses a cache made under others
     (mode === 'train' ? train(process.argv[3], process.argv[4]) : trainSdk()).catch((e: Error) => {
       process.stderr.write(`${e.stack ?? e}\n`);
       process.exit(1);
