@@ -47,8 +47,9 @@ export function loadBundle(file = BUNDLE, cacheFile: string | null = CODE_CACHE)
  * incremental snapshot's CPU (a `perf` profile: the compiler's own work and the memory it
  * touches, at ~11 us per first-touched page on these VMs). Eight times the budget leaves the
  * short commands' functions to the baseline compiler and still optimizes what a long command
- * runs hot. 8 alternating runs of a 1% incremental: CPU 0.87 -> 0.78 s, wall 0.59 -> 0.58 s;
- * full snapshots no slower (README, Design). V8 takes a code cache only from a process with the
+ * runs hot. 8 alternating runs of a 1% incremental, the build before and after: 0.61 -> 0.55 s,
+ * CPU 0.90 -> 0.75 s; full snapshots no slower; `--version` ~12 ms slower (loading node:v8
+ * costs more than such a command saves) (README, Design). V8 takes a code cache only from a process with the
  * same flags, so ./code-cache.ts trains with this too.
  */
 export function setCliFlags(): void {

@@ -337,9 +337,9 @@ function chunkTags(p: ReadPipeline, tk: TagKey, a: number, first: CollectedTags,
  * in the buffer and compared with them: a block with at most MAX_NEW_PIECES granules moved is
  * stored as those pieces over the parent's entries (./dirty.ts has the same rule). Only the
  * blocks stored whole are hashed with SHA-256 (slotDigests) and written from the buffer where
- * their digest is new: the native read no longer hashes every block it copies, since in a
- * small rewrite nearly all of them become pieces (1% of 1 GiB: ~80 MiB of SHA-256, ~50 ms of
- * CPU, not done).
+ * their digest is new. The native read does not hash the blocks it copies: in a small rewrite
+ * nearly all of them become pieces, and their whole-block digests were thrown away (1% of
+ * 1 GiB: ~80 MiB of SHA-256, ~50 ms of CPU).
  */
 export const tagScan: ChangeDetector = async (p, parent) => {
   const tk = p.tk!;
