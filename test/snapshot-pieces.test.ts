@@ -92,6 +92,85 @@ t.test('the writer refuses entries out of (block, slot) order or outside their b
   await w.commit();
 });
 
+t.test('runs of entries copied as they are (runNow, appendRun) make the same manifest as entry by entry', async (t) => {
+  const dir = t.testdir();
+  // 70000 entries over 50000 blocks, some with pieces: three read chunks of 26214 entries,
+  // so runs end where a chunk ends (spent) as well as at their limit
+  const entries: Array<[number, number]> = [];
+  for (let i = 0; entries.length < 70000; i++) {
+    if (i % 7 !== 3) entries.push([i, 0]);
+    if (i % 5 === 1) entries.push([i, 2], [i, 8]);
+  }
+  const last = entries[entries.length - 1][0];
+  const volumeSize = (last + 1) * BS;
+  const be = await writeEntries(dir, entries, volumeSize);
+  const r = await openM(be);
+  const c = new ManifestCursor(r);
+  const w = new ManifestWriter(await be.create('copy.map'), header(volumeSize, PS));
+  let next = 0;
+  let runs = 0;
+  let spent = 0;
+  let perEntry = 0;
+  let blocks = 0;
+  let wholes = 0;
+  for (let limit = 1; ; limit += 1 + ((limit * 7919) % 3001)) {
+    // alternately: a run up to `limit`, and the next entry on its own (as held entries go)
+    for (;;) {
+      const j = c.peekNow(next) ?? (await c.peek(next));
+      if (j < 0 || j >= limit) break;
+      const run = c.runNow(limit)!;
+      t.equal(run.first, j, 'a run starts at the entry the cursor stands on');
+      w.appendRun(run);
+      runs++;
+      blocks += run.blocks;
+      wholes += run.wholes.length;
+      next = run.last;
+      if (run.spent) {
+        spent++;
+        await c.step();
+      }
+    }
+    const j = c.peekNow(next) ?? (await c.peek(next));
+    if (j < 0) break;
+    w.append(j, r.digest, 0, r.slot);
+    perEntry++;
+    if (!c.stepNow()) await c.step();
+    next = j;
+  }
+  await w.commit();
+  await r.close();
+  t.ok(fs.readFileSync(path.join(dir, 'copy.map')).equals(fs.readFileSync(path.join(dir, 'm.map'))), `byte for byte the same (${runs} runs, ${perEntry} entries on their own)`);
+  t.ok(spent >= 2, `runs ended with their chunk (${spent})`);
+  t.ok(perEntry > 10, 'entries appended on their own between the runs');
+  t.ok(blocks > 40000 && blocks < 50000 && wholes > 30000, `the runs counted their blocks (${blocks}) and whole objects (${wholes})`);
+});
+
+t.test('appendRun refuses a run out of order, past the volume, or pieces where they do not fit', async (t) => {
+  const dir = t.testdir();
+  const be = await writeEntries(dir, [[0, 0], [1, 0], [1, 2], [4, 0]], 5 * BS);
+  const runOf = async () => {
+    const c = new ManifestCursor(await openM(be));
+    await c.peek(0);
+    return c.runNow(10)!;
+  };
+  const run = await runOf();
+  t.same([run.first, run.last, run.blocks, run.wholes, run.pieces, run.spent], [0, 4, 3, [0, 1, 4], true, true]);
+  let w = new ManifestWriter(await be.create('a.map'), header(5 * BS, PS));
+  w.append(2, digestOf('x'));
+  t.throws(() => w.appendRun(run), { code: 'EINVALID', message: /out of order/ }, 'after a later block');
+  w = new ManifestWriter(await be.create('b.map'), header(4 * BS, PS));
+  t.throws(() => w.appendRun(run), { code: 'EINVALID', message: /past block 3/ }, 'past the end of a smaller volume');
+  w = new ManifestWriter(await be.create('c.map'), header(5 * BS));
+  t.throws(() => w.appendRun(run), { code: 'EINVALID', message: /pieces of another/ }, 'pieces into a manifest without them');
+  w = new ManifestWriter(await be.create('d.map'), header(5 * BS + 4096, PS));
+  t.throws(() => w.appendRun(run), { code: 'EINVALID', message: /pieces of another/ }, 'pieces into a volume of another size');
+  w = new ManifestWriter(await be.create('e.map'), header(5 * BS, PS));
+  w.appendRun(run);
+  t.equal(w.entries, 4);
+  await w.commit();
+  t.ok(fs.readFileSync(path.join(dir, 'e.map')).equals(fs.readFileSync(path.join(dir, 'm.map'))), 'taken whole where it fits');
+});
+
 t.test('a damaged version 2 manifest is named: slots out of order, out of range, a bad piece size', async (t) => {
   const dir = t.testdir();
   const be = await writeEntries(dir, [[1, 0], [1, 2], [2, 1]], 2 * BS + 64 * KiB);

@@ -40,7 +40,7 @@ import { BlockHashes, native, NativeStat } from '../engine/native';
 import type { Store } from './store/store';
 import type { ObjectData } from './store/backend';
 import { sealChunk } from './store/crypto-pool';
-import { ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength, pieceSizeFor } from './store/manifest';
+import { EntryRun, ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength, pieceSizeFor } from './store/manifest';
 import { TagKey, TagReader, TagWriter, maskGranules, tagIvs, xor16, SALT_LENGTH } from './store/tags';
 import { SnapshotRecord, VolumeStat, emptyStats, fileIdentityOf, sameFileIdentity } from './store/records';
 import { NumberList } from './pool';
@@ -206,12 +206,7 @@ export class ReadPipeline {
 
   /** Bytes this attempt reads, for progress: the data runs unless the detector said otherwise. */
   get totalBytes(): number {
-    if (this.totalCache === undefined) {
-      let total = 0;
-      for (const [a, b] of this.runs) total += this.spanBytes(a, b);
-      this.totalCache = total;
-    }
-    return this.totalCache;
+    return (this.totalCache ??= this.runs.reduce((n, [a, b]) => n + this.spanBytes(a, b), 0));
   }
 
   /** A detector that reads only some blocks says how many bytes (progress counts those). */
@@ -246,6 +241,14 @@ export class ReadPipeline {
     if (!this.settings.prove || !first) return;
     if (!u) throw new Error(`internal: block ${i} recorded without the tag its proof needs`);
     this.recorded.push(i, u, uOff);
+  }
+
+  /** Records a run of the parent's entries as they are (not in a proving snapshot: no tags to prove them). */
+  recordRun(run: EntryRun): void {
+    if (this.settings.prove) throw new Error('internal: a proving snapshot records each block with its tag');
+    this.writer.appendRun(run);
+    this.rec.stats.dataBlocks += run.blocks - (run.first === this.lastRecorded ? 1 : 0);
+    this.lastRecorded = run.last;
   }
 
   /**

@@ -56,6 +56,23 @@ export class EntryWriter {
     return o;
   }
 
+  /**
+   * Appends whole entries as they are: bytes [start, end) of `src`, entries of this writer's
+   * length whose order the caller has checked (the last one's block index is `lastIndex`).
+   */
+  addRaw(src: Buffer, start: number, end: number, lastIndex: number): void {
+    if ((end - start) % this.entryLength !== 0 || end <= start) throw new Error(`internal: ${end - start} bytes are not whole entries of ${this.entryLength}`);
+    for (let at = start; at < end; ) {
+      if (this.used === this.chunk.length) this.flushChunk();
+      const n = Math.min(end - at, this.chunk.length - this.used);
+      src.copy(this.chunk, this.used, at, at + n);
+      this.used += n;
+      at += n;
+    }
+    this.count += (end - start) / this.entryLength;
+    this.lastIndex = lastIndex;
+  }
+
   /** The chunk that `add`'s offsets point into. */
   get buf(): Buffer {
     return this.chunk;

@@ -244,6 +244,24 @@ export class ManifestWriter {
     else this.w.buf.set(digest.subarray(digestOffset, digestOffset + DIGEST_LENGTH), o + 8);
   }
 
+  /**
+   * Adds a run of entries as read (ManifestCursor.runNow), one copy for all: it must follow
+   * the last entry and fit the volume; pieces (slots checked against their own manifest's
+   * header as they were read) only where block, piece and volume size are the same.
+   */
+  appendRun(run: EntryRun): void {
+    const last = this.w.last;
+    if (!(run.first > last || (run.first === last && run.firstSlot > this.lastSlot)) || run.last >= this.blocks) {
+      throw invalid(`manifest entries ${run.first}-${run.last} out of order or past block ${this.blocks - 1}`);
+    }
+    const h = this.header;
+    if (run.pieces && !(this.slots && run.header.pieceSize === h.pieceSize && run.header.blockSize === h.blockSize && run.header.volumeSize === h.volumeSize)) {
+      throw invalid(`manifest entries ${run.first}-${run.last}: pieces of another piece, block or volume size`);
+    }
+    this.w.addRaw(run.chunk, run.start, run.end, run.last);
+    this.lastSlot = run.lastSlot;
+  }
+
   /** Waits for buffered writes (keeps memory bounded when called now and then). */
   async drain(): Promise<void> {
     await this.w.drain();
@@ -469,6 +487,15 @@ export function addSlot(e: BlockEntries, x: SlotEntry): void {
 }
 
 /**
+ * Consecutive entries of a manifest as read (ManifestCursor.runNow), each checked as `next`
+ * checks it: bytes [start, end) of `chunk` (valid until the reader reads on), the manifest's
+ * header, block index and slot of the first and last entry, how many blocks they are of, the
+ * blocks with a slot-0 entry (ascending), whether any entry is a piece, and `spent`: the chunk
+ * ended the run, and the cursor stands on its last entry (`step` moves on).
+ */
+export interface EntryRun { chunk: Buffer; start: number; end: number; header: ManifestHeader; first: number; firstSlot: number; last: number; lastSlot: number; blocks: number; wholes: number[]; pieces: boolean; spent: boolean }
+
+/**
  * Looks up entries of a manifest by ascending block index (the parent manifest while a new
  * snapshot is hashed, the snapshot's manifest while a volume is restored in place).
  */
@@ -536,6 +563,32 @@ export class ManifestCursor {
 
   async step(): Promise<void> {
     this.current = await this.reader.next();
+  }
+
+  /**
+   * The entries from the one the cursor stands on up to block `limit`, as far as they are read
+   * (none: undefined); the cursor moves past them, or stays on the last (`spent`): a check per
+   * entry copied, not a lookup, a record and an append each (ManifestWriter.appendRun).
+   */
+  runNow(limit: number): EntryRun | undefined {
+    const r = this.reader;
+    if (this.current < 0 || this.current >= limit) return undefined;
+    const chunk = r.chunkBytes;
+    const start = r.digestOffset - 8;
+    const at = this.current;
+    const run: EntryRun = { chunk, start, end: start + ENTRY_LENGTH, header: r.header, first: at, firstSlot: r.slot, last: at, lastSlot: r.slot, blocks: 1, wholes: r.slot ? [] : [at], pieces: r.slot !== 0, spent: false };
+    for (;;) {
+      const n = r.nextBuffered();
+      if (n === undefined) return Object.assign(run, { spent: true });
+      this.current = n;
+      if (n < 0 || n >= limit) return run;
+      run.end += ENTRY_LENGTH; // the chunk's entries are consecutive (no read happened)
+      if (n !== run.last) run.blocks++;
+      if (r.slot === 0) run.wholes.push(n);
+      else run.pieces = true;
+      run.last = n;
+      run.lastSlot = r.slot;
+    }
   }
 
   /** Consumes the rest, which verifies count and checksum. */

@@ -274,6 +274,13 @@ export class TagWriter {
   }
 
   private keep(index: number, from: TagReader, e: Buffer, at: number): void {
+    if (from.granules === this.granules) {
+      // the entry as it is, from its salt on (granule tags that are all zero stay so)
+      if (!(index > this.w.last)) throw new DisksnapError(`tag entry ${index} out of order`, 'EINVALID');
+      const o = this.w.add(index);
+      e.copy(this.w.buf, o + 8, at, at + SALT_LENGTH + TAG_LENGTH * (1 + this.granules));
+      return;
+    }
     const granules = from.granules === this.granules && hasGranules(e, at, this.granules);
     this.append(index, e, at, e, at + SALT_LENGTH, granules ? e : undefined, at + GRANULES_AT);
   }
