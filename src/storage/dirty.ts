@@ -24,7 +24,7 @@
  * blocks read whole get fresh tags under this attempt's salt.
  */
 import type { BlockHashes } from '../engine/native';
-import { BlockEntries, ManifestCursor, SlotEntry, addSlot, blockLength, pieceRange } from './store/manifest';
+import { BlockEntries, ENTRY_LENGTH, ManifestCursor, ManifestHeader, SlotEntry, addSlot, blockLength, pieceRange } from './store/manifest';
 import { TagReader, TagWriter, tagIvs, xor16 } from './store/tags';
 import type { ChangeDetector, ReadPipeline } from './capture';
 
@@ -129,8 +129,60 @@ async function readUnits(p: ReadPipeline, units: Unit[]): Promise<UnitsRead> {
   }
 }
 
-/** A parent entry kept: block, slot, digest and (slot 0 only, if any) its tag entry (from the salt on). */
-type Kept = [number, number, Buffer, Buffer | undefined];
+/**
+ * The parent entries of a group's span held back while the group is stored (they go into the
+ * manifest between its blocks): the manifest entries as they are, one after the other in one
+ * buffer, and the tag entries (from the salt on) of those that have one; recorded in runs.
+ */
+class Held {
+  private m: Buffer = Buffer.allocUnsafe(256 * ENTRY_LENGTH);
+  private t: Buffer = Buffer.alloc(0);
+  private tUsed = 0;
+  private readonly idx: number[] = [];
+  private readonly slot: number[] = [];
+  private readonly tagAt: number[] = [];
+  private done = 0;
+
+  constructor(private readonly header: ManifestHeader) {}
+
+  add(j: number, slot: number, chunk: Buffer, entryOffset: number, tags: TagReader | undefined, at: number): void {
+    const k = this.idx.length;
+    if ((k + 1) * ENTRY_LENGTH > this.m.length) this.m = grown(this.m, 2 * this.m.length, k * ENTRY_LENGTH);
+    chunk.copy(this.m, k * ENTRY_LENGTH, entryOffset, entryOffset + ENTRY_LENGTH);
+    this.idx.push(j);
+    this.slot.push(slot);
+    if (at < 0 || !tags) return void this.tagAt.push(-1);
+    const n = tags.entryBytes;
+    if (this.tUsed + n > this.t.length) this.t = grown(this.t, Math.max(2 * this.t.length, 64 * n), this.tUsed);
+    tags.entries.copy(this.t, this.tUsed, at, at + n);
+    this.tagAt.push(this.tUsed);
+    this.tUsed += n;
+  }
+
+  /** Records the held entries of blocks below `limit` not recorded yet, with their tag entries. */
+  recordUntil(limit: number, p: ReadPipeline, tw: TagWriter | undefined, ptags: TagReader | undefined): void {
+    const { idx, slot } = this;
+    const a = this.done;
+    let b = a;
+    let blocks = 0;
+    let pieces = false;
+    for (; b < idx.length && idx[b] < limit; b++) {
+      if (b === a || idx[b] !== idx[b - 1]) blocks++;
+      if (slot[b]) pieces = true;
+    }
+    if (b === a) return;
+    p.recordRun({ chunk: this.m, start: a * ENTRY_LENGTH, end: b * ENTRY_LENGTH, header: this.header, first: idx[a], firstSlot: slot[a], last: idx[b - 1], lastSlot: slot[b - 1], blocks, wholes: [], pieces, spent: false });
+    for (let k = a; k < b; k++) if (this.tagAt[k] >= 0) tw!.carryCopy(idx[k], ptags!, this.t, this.tagAt[k]);
+    this.done = b;
+  }
+}
+
+/** A buffer of `size` bytes holding the first `used` of `b`. */
+function grown(b: Buffer, size: number, used: number): Buffer {
+  const n = Buffer.allocUnsafe(size);
+  b.copy(n, 0, 0, used);
+  return n;
+}
 
 export function dirtyScan(dirty: Array<{ offset: number; length: number }>): ChangeDetector {
   return (p, parent) => new DirtyScan(p, parent.cursor!, parent.tags).run(dirty);
@@ -203,11 +255,6 @@ class DirtyScan {
     if (at >= 0) this.tw!.carry(j, this.ptags!, at);
   }
 
-  private keep(e: Kept): void {
-    this.p.record(e[0], e[2], 0, undefined, 0, e[1]);
-    if (e[3]) this.tw!.carryCopy(e[0], this.ptags!, e[3]);
-  }
-
   /**
    * Parent entries of blocks [next, limit): recorded when `hold` is absent, else held
    * (copied); those of dirty blocks go to `dirtyPrev`. Entries already in the readers'
@@ -216,7 +263,7 @@ class DirtyScan {
    * data block's entry, 8192 of a 16 GiB qcow2 volume with 4 GiB of data, two million of a
    * full 1 TiB one.
    */
-  private async parentUntil(limit: number, dirtyIdx: Set<number>, hold?: Kept[], dirtyPrev?: Map<number, BlockEntries>): Promise<void> {
+  private async parentUntil(limit: number, dirtyIdx: Set<number>, hold?: Held, dirtyPrev?: Map<number, BlockEntries>): Promise<void> {
     const { cursor, ptags } = this;
     // below every dirty block, nothing held: the entries go over in runs as they are
     let runs = !hold;
@@ -239,13 +286,12 @@ class DirtyScan {
         continue;
       }
       const { slot, chunkBytes, digestOffset } = cursor.reader; // the entry peek stopped on (a tag lookup leaves it be)
-      const copy = () => Buffer.from(chunkBytes.subarray(digestOffset, digestOffset + 32));
       if (dirtyIdx.has(j)) {
-        if (dirtyPrev) addEntry(dirtyPrev, j, { slot, digest: copy() });
+        if (dirtyPrev) addEntry(dirtyPrev, j, { slot, digest: Buffer.from(chunkBytes.subarray(digestOffset, digestOffset + 32)) });
       } else {
         // (a block's tag entry goes with its first entry, slot 0; pieces over zeros lose theirs)
         const at = ptags && slot === 0 ? (ptags.lookupNow(j) ?? (await ptags.lookup(j))) : -1;
-        if (hold) hold.push([j, slot, copy(), at >= 0 ? ptags!.copyEntry(at) : undefined]);
+        if (hold) hold.add(j, slot, chunkBytes, digestOffset - 8, ptags, at);
         else this.keepEntry(j, slot, chunkBytes, digestOffset, at);
       }
       if (!cursor.stepNow()) await cursor.step();
@@ -295,7 +341,7 @@ class DirtyScan {
     try {
       const inGroup = new Set(group.map((u) => u.i));
       await this.parentUntil(group[0].i, inGroup);
-      const held: Kept[] = [];
+      const held = new Held(this.cursor.reader.header);
       const prev = new Map<number, BlockEntries>();
       await this.parentUntil(group[group.length - 1].i + 1, inGroup, held, prev);
       const g = this.plan(group, read, prev);
@@ -318,10 +364,9 @@ class DirtyScan {
       const masks = tw && tagged.length && tagged[0][1].tags ? p.n.tagMasks(p.tk!.key, tagIvs(tagged.map((t) => t[0]), p.salt, () => 0)) : undefined;
       if (masks) tagged.forEach(([, h, k], y) => xor16(h.tags!, k * 16, masks, y * 16, masks, y * 16));
       // the group's blocks and the held parent entries, merged in block order
-      let hx = 0;
       let y = 0;
       group.forEach((u, x) => {
-        while (hx < held.length && held[hx][0] < u.i) this.keep(held[hx++]);
+        held.recordUntil(u.i, p, tw, this.ptags);
         const w = wholeOf(u, x);
         if (w) {
           const [h, k] = w;
@@ -336,7 +381,7 @@ class DirtyScan {
         for (const piece of g.piecesOf.get(u.i)!) p.record(u.i, piece.digest, 0, undefined, 0, piece.slot);
         p.rec.stats.changedBlocks++;
       });
-      for (; hx < held.length; hx++) this.keep(held[hx]);
+      held.recordUntil(Number.MAX_SAFE_INTEGER, p, tw, this.ptags);
       await p.chunkDone(group.reduce((n, u) => n + unitBytes(p, u), 0) + g.compact.reduce((n, i) => n + p.spanBytes(i, i + 1), 0));
     } finally {
       if (!stored) p.pool.release(read.buf);

@@ -268,9 +268,9 @@ export class TagWriter {
     this.keep(index, from, from.entries, at);
   }
 
-  /** As `carry`, from a copy of the entry from its salt on (`TagReader.copyEntry`). */
-  carryCopy(index: number, from: TagReader, copy: Buffer): void {
-    this.keep(index, from, copy, 0);
+  /** As `carry`, from a copy of the entry from its salt on (`TagReader.entryBytes` of them) at `at` of `copy`. */
+  carryCopy(index: number, from: TagReader, copy: Buffer, at = 0): void {
+    this.keep(index, from, copy, at);
   }
 
   private keep(index: number, from: TagReader, e: Buffer, at: number): void {
@@ -327,9 +327,9 @@ export class TagReader {
     return hasGranules(this.chunk, at, this.granules);
   }
 
-  /** The entry at `at` from its salt on (salt, tag, granule tags), copied. */
-  copyEntry(at: number): Buffer {
-    return Buffer.from(this.chunk.subarray(at, at + this.entry - 8));
+  /** Bytes of an entry from its salt on (salt, tag, granule tags): what a copy of one holds. */
+  get entryBytes(): number {
+    return this.entry - 8;
   }
 
   /**
