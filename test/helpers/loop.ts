@@ -104,10 +104,15 @@ export function scratch(prefix = 'disksnap-loop-'): Scratch {
   return s;
 }
 
-/** A sparse raw image with an ext4 filesystem (no discard: faster, and nothing to punch). */
+/**
+ * A sparse raw image with an ext4 filesystem (no discard: faster, and nothing to punch). Inode
+ * tables and journal are zeroed now, not by the kernel's ext4lazyinit thread after the first
+ * mount: that thread writes to the volume for seconds after mounting, which a live read
+ * (--no-freeze) sees as the volume changing under it (an EBUSY once in a full CI run).
+ */
 export function makeExt4(file: string, size = '64M', extra: string[] = []): void {
   shOk('truncate', ['-s', size, file]);
-  shOk('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard', ...extra, file]);
+  shOk('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard,lazy_itable_init=0,lazy_journal_init=0', ...extra, file]);
 }
 
 /** `debugfs -R 'cat PATH' image`: a file's contents read from an unmounted ext4 image. */

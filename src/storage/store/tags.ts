@@ -281,8 +281,8 @@ export class TagWriter {
       e.copy(this.w.buf, o + 8, at, at + SALT_LENGTH + TAG_LENGTH * (1 + this.granules));
       return;
     }
-    const granules = from.granules === this.granules && hasGranules(e, at, this.granules);
-    this.append(index, e, at, e, at + SALT_LENGTH, granules ? e : undefined, at + GRANULES_AT);
+    // granule tags of another count (a version 1 file has none): salt and block tag, granules zero
+    this.append(index, e, at, e, at + SALT_LENGTH);
   }
 
   async commit(): Promise<void> {
