@@ -53,8 +53,8 @@ export function loadBundle(file = BUNDLE, cacheFile: string | null = CODE_CACHE)
  * short commands' functions to the baseline compiler and still optimizes what a long command
  * runs hot. 8 alternating runs of a 1% incremental, the build before and after: 0.61 -> 0.55 s,
  * CPU 0.90 -> 0.75 s; full snapshots no slower; `--version` ~12 ms slower (loading node:v8
- * costs more than such a command saves) (README, Design). V8 takes a code cache only from a process with the
- * same flags, so ./code-cache.ts trains with this too.
+ * costs more than such a command saves) (README, Design). V8 takes a code cache only from a
+ * process with the same flags, so ./code-cache.ts trains with this too.
  */
 export function setCliFlags(): void {
   setFlagsFromString(`--interrupt-budget=${8 * 132 * 1024}`);

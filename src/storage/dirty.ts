@@ -274,9 +274,8 @@ class DirtyScan {
       const run = runs ? cursor.runNow(limit) : undefined;
       if (run) {
         this.p.recordRun(run);
-        const wholes = run.wholes; // (a number array: the tag lookups below may read on)
         if (ptags) {
-          for (const w of wholes) {
+          for (const w of run.wholes) {
             const at = ptags.lookupNow(w) ?? (await ptags.lookup(w));
             if (at >= 0) this.tw!.carry(w, ptags, at);
           }

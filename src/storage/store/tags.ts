@@ -269,7 +269,7 @@ export class TagWriter {
   }
 
   /** As `carry`, from a copy of the entry from its salt on (`TagReader.entryBytes` of them) at `at` of `copy`. */
-  carryCopy(index: number, from: TagReader, copy: Buffer, at = 0): void {
+  carryCopy(index: number, from: TagReader, copy: Buffer, at: number): void {
     this.keep(index, from, copy, at);
   }
 
