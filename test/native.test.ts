@@ -26,10 +26,12 @@ import {
 import { DisksnapError } from '../src/engine/errors';
 import { missing } from './helpers/tools';
 import { withHashImpl } from './helpers/hash-impl';
+import { bigBuffer } from '../src/storage/store/direct';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const ADDON = path.resolve(__dirname, '..', 'build', 'Release', 'disksnap.node');
+const THP = '/sys/kernel/mm/transparent_hugepage/enabled';
 const n = native();
 
 function pattern(len: number, seed: number): Buffer {
@@ -918,6 +920,35 @@ t.test('alignOffset: the distance to the next boundary moves by one per byte of 
   t.equal(n.alignOffset(buf, 1), 0);
   t.throws(() => n.alignOffset(buf, 3000), { code: 'EINVAL' });
   t.throws(() => n.alignOffset(buf, 0), { code: 'EINVAL' });
+});
+
+t.test('adviseHugePages: a big chunk buffer is backed by 2 MiB pages once written', async (t) => {
+  const n = native();
+  t.equal(n.adviseHugePages(Buffer.allocUnsafeSlow(1 << 20)), 0, 'a buffer without a whole aligned 2 MiB range is left alone');
+  t.throws(() => n.adviseHugePages('x' as unknown as Buffer), { code: 'EINVAL' });
+  const mode = fs.existsSync(THP) ? fs.readFileSync(THP, 'utf8') : '';
+  if (!/\[(always|madvise)\]/.test(mode)) {
+    t.skip(`transparent huge pages are off on this kernel (${THP}: ${mode.trim() || 'missing'})`);
+    return;
+  }
+  const hugeKb = () => Number(/^AnonHugePages:\s+(\d+) kB/m.exec(fs.readFileSync('/proc/self/smaps_rollup', 'utf8'))?.[1] ?? 0);
+  const before = hugeKb();
+  const faults = process.resourceUsage().minorPageFault;
+  const buf = bigBuffer(16 << 20);
+  buf.fill(0xa5);
+  const took = process.resourceUsage().minorPageFault - faults;
+  const gained = hugeKb() - before;
+  t.ok(gained >= 8 << 10, `the process gained ${gained} kB of huge pages (at least 8 MiB of the 16 MiB buffer expected)`);
+  t.ok(took < 2048, `${took} page faults to write 16 MiB (4,096 with 4 KiB pages)`);
+  t.equal(buf.indexOf(0), -1, 'every byte holds what was written');
+  t.equal(buf.length, 16 << 20);
+});
+
+t.test('tuneMalloc: glibc takes the settings', async (t) => {
+  t.equal(native().tuneMalloc(), true);
+  const b = Buffer.allocUnsafeSlow(256 << 10);
+  b.fill(1);
+  t.equal(b.readUInt32LE(1000), 0x01010101, 'allocation works after it');
 });
 
 t.test('gcmSeal/gcmOpen refuse bad arguments before touching memory', async (t) => {

@@ -7,6 +7,7 @@ import { fail } from './util';
 import { VERSION } from '../engine/root';
 import { addExamples } from './docs';
 import { setQuiet } from './progress';
+import { tuneProcessMemory } from '../engine/native';
 
 interface Group {
   /** `full`: the program with every group, for commands that describe all of them */
@@ -57,6 +58,7 @@ function quietOnClosedStdout(): void {
 /** Runs the command line `argv` (as process.argv: node, script, arguments). */
 export async function main(argv: string[]): Promise<void> {
   quietOnClosedStdout();
+  tuneProcessMemory();
   const program = buildProgram(argv.slice(2).find((a) => !a.startsWith('-')));
   try {
     await program.parseAsync(argv);

@@ -195,6 +195,14 @@ export interface NativeAddon {
   readObjectAsync(path: string, buf: Uint8Array): Promise<number>;
   /** Bytes from the start of `buf` to its first address that is a multiple of `align` (a power of two). */
   alignOffset(buf: Uint8Array, align: number): number;
+  /**
+   * Marks the 2 MiB-aligned middle of `buf` for transparent huge pages (madvise), before its
+   * first write: one page fault per 2 MiB instead of per 4 KiB. Resolves to the bytes marked
+   * (0 where the kernel refuses or the buffer is too small).
+   */
+  adviseHugePages(buf: Uint8Array): number;
+  /** Process-wide malloc settings for short commands that move a lot of data (native/object.cc); false where refused. */
+  tuneMalloc(): boolean;
   /** Reads [offset, offset+length) of fd and hashes it block by block on worker threads. */
   hashFile(
     fd: number,
@@ -325,7 +333,20 @@ function namingFiles(addon: NativeAddon): NativeAddon {
 
 /** The addon, loaded on first use so that `--help` works even where it is not built. */
 let cached: NativeAddon | undefined;
+let tuneOnLoad = false;
 export function native(): NativeAddon {
-  if (!cached) cached = load();
+  if (!cached) {
+    cached = load();
+    if (tuneOnLoad) cached.tuneMalloc();
+  }
   return cached;
+}
+
+/**
+ * The CLI's process keeps freed memory for reuse (native/object.cc, tuneMalloc): set when the
+ * addon loads, so that commands that never load it pay nothing.
+ */
+export function tuneProcessMemory(): void {
+  tuneOnLoad = true;
+  cached?.tuneMalloc();
 }

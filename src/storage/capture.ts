@@ -47,6 +47,7 @@ import { NumberList } from './pool';
 import { HASH_CHUNK_BYTES, MAX_BUFFERS, MAX_WRITE_BYTES, ProgressFn, blocksPerChunk, chunksOf, dataRuns, guestRuns, queueObject, sleep, volumeSizeOf } from './common';
 import { BufferPool, Throttle, readAhead } from './pool';
 import { Captured, abortQuietly, percentOf } from './lifecycle';
+import { bigBuffer } from './store/direct';
 
 /** The volume moved while it was being read: the attempt is thrown away (and retried). */
 export class VolumeChanged extends Error {}
@@ -189,7 +190,7 @@ export class ReadPipeline {
     this.maxBlocks = blocksPerChunk(this.bs);
     this.hashBlocks = Math.max(this.maxBlocks, Math.floor(HASH_CHUNK_BYTES / this.bs));
     this.image = settings.guest?.image;
-    this.pool = new BufferPool(this.maxBlocks * this.bs, MAX_BUFFERS, (n) => store.backend.allocBuffer?.(n) ?? Buffer.allocUnsafeSlow(n));
+    this.pool = new BufferPool(this.maxBlocks * this.bs, MAX_BUFFERS, (n) => store.backend.allocBuffer?.(n) ?? bigBuffer(n));
     this.key = store.codec.digestKey;
     this.proofKey = settings.tk?.key ?? randomBytes(32);
     this.pieceSize = writer.header.pieceSize ?? 0;

@@ -15,6 +15,7 @@ import { BufferPool, Throttle } from './pool';
 import { BatchEntry, blocksListed, corruptBlock, fetchVerified, nextBatch } from './fetch';
 import { completeSnapshot, failSnapshot, percentOf, progressSaver } from './lifecycle';
 import type { CopySnapshotOptions } from './copy';
+import { bigBuffer } from './store/direct';
 
 interface CopyState {
   src: Store;
@@ -49,7 +50,7 @@ export async function runCopy(
     out,
     threads: threadsOf(opts),
     sameDigests: (src.codec.keys?.id ?? null) === (dst.codec.keys?.id ?? null),
-    pool: new BufferPool(maxBlocks * bs, MAX_BUFFERS, (n) => dst.backend.allocBuffer?.(n) ?? Buffer.allocUnsafeSlow(n)),
+    pool: new BufferPool(maxBlocks * bs, MAX_BUFFERS, (n) => dst.backend.allocBuffer?.(n) ?? bigBuffer(n)),
     writes: new Throttle(MAX_WRITE_BYTES),
   };
   const afterBatch = faultsOf(opts).afterBatch;

@@ -3,6 +3,7 @@
  * pool of chunk buffers that bounds memory, a throttle that bounds outstanding writes, and a
  * read-ahead loop that starts chunk c+1 while chunk c is handled.
  */
+import { bigBuffer } from './store/direct';
 
 /** A growable list of numbers in a Float64Array (never a JS object per block). */
 export class NumberList {
@@ -40,7 +41,7 @@ export class BufferPool {
   constructor(
     private readonly size: number,
     private readonly max: number,
-    private readonly alloc: (size: number) => Buffer = (n) => Buffer.allocUnsafeSlow(n),
+    private readonly alloc: (size: number) => Buffer = (n) => bigBuffer(n),
   ) {}
   async acquire(): Promise<Buffer> {
     const b = this.free.pop();

@@ -26,6 +26,7 @@ import { faultsOf } from './faults';
 import { NumberList } from './pool';
 import { pipelineBlocks } from './fetch';
 import type { RestoreOptions, RestoreReport } from './restore';
+import { bigBuffer } from './store/direct';
 
 export async function restoreInPlace(store: Store, rec: SnapshotRecord, volume: string, opts: RestoreOptions): Promise<RestoreReport> {
   const real = realVolumePath(volume);
@@ -161,7 +162,7 @@ async function planRestore(store: Store, rec: SnapshotRecord, file: Target, repo
     const cursor = new ManifestCursor(reader);
     const runs = file.runs(bs);
     const maxBlocks = blocksPerChunk(bs);
-    const buf = Buffer.allocUnsafeSlow(maxBlocks * bs);
+    const buf = bigBuffer(maxBlocks * bs);
     let done = 0;
     const total = runs.reduce((s, [a, b]) => s + (b - a), 0);
     let pos = 0; // blocks below pos are planned

@@ -6,6 +6,7 @@ import { ManifestReader } from './store/manifest';
 import { ProgressFn, StoreOptions, assertCompleted, blocksPerChunk, threadsOf, withStoreLock } from './common';
 import { codecOf, resolve } from './lookup';
 import { blocksListed, fetchVerified, nextBatch } from './fetch';
+import { bigBuffer } from './store/direct';
 
 export interface VerifyReport {
   snapshotId: string;
@@ -42,7 +43,7 @@ export async function verifySnapshot(ref: string, opts: VerifyOptions = {}): Pro
     }
     const threads = threadsOf(opts);
     const maxBlocks = blocksPerChunk(rec.blockSize);
-    let buf: Buffer = Buffer.allocUnsafeSlow(maxBlocks * rec.blockSize);
+    let buf: Buffer = bigBuffer(maxBlocks * rec.blockSize);
     try {
       for (;;) {
         const batch = await nextBatch(reader, maxBlocks);

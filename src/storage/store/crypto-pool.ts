@@ -15,6 +15,7 @@
  */
 import * as os from 'node:os';
 import { native } from '../../engine/native';
+import { bigBuffer } from './direct';
 import { DerivedKeys, TRAILER_BYTES, sealBlock, unsealBlock } from './crypto';
 
 /** Native threads per chunk; 0: node:crypto on the event loop. */
@@ -110,7 +111,7 @@ const staging = new Map<number, Buffer[]>();
 
 /** A staging buffer of `size` bytes; a new one from `alloc` (aligned for O_DIRECT) if given. */
 export function acquireStaging(size: number, alloc?: (size: number) => Buffer): Buffer {
-  return staging.get(size)?.pop() ?? (alloc ? alloc(size) : Buffer.allocUnsafeSlow(size));
+  return staging.get(size)?.pop() ?? (alloc ? alloc(size) : bigBuffer(size));
 }
 
 export function releaseStaging(b: Buffer): void {

@@ -25,7 +25,7 @@ import { randomBytes } from 'node:crypto';
 import { DisksnapError, fromNodeError } from '../../engine/errors';
 import { ObjectData, dataBytes } from './backend';
 import type { ObjectInfo, ObjectReader, ObjectWriter, StoreBackend } from './backend';
-import { DirectIo } from './direct';
+import { DirectIo, bigBuffer } from './direct';
 import { native } from '../../engine/native';
 
 const TMP_PREFIX = '.tmp-';
@@ -140,7 +140,7 @@ export class DirectoryBackend implements StoreBackend {
 
   allocBuffer(size: number): Buffer {
     if (this.direct === undefined) this.direct = DirectIo.probe(path.join(this.location, 'blocks')) ?? null;
-    return this.direct ? this.direct.alloc(size) : Buffer.allocUnsafeSlow(size);
+    return this.direct ? this.direct.alloc(size) : bigBuffer(size);
   }
 
   async putIfAbsent(key: string, data: ObjectData): Promise<boolean> {
