@@ -42,6 +42,8 @@ export interface ListPage {
 
 export interface S3Ops {
   get(key: string, o?: { range?: string; ifMatch?: string }): Promise<GetAnswer>;
+  /** A whole object, read into `into` when it fits (where given, the path for block GETs). */
+  getInto?(key: string, into: Buffer | undefined): Promise<Buffer>;
   /** Resolves with the new object's ETag ('' when the server sent none). */
   put(key: string, body: Buffer, o?: PutOptions): Promise<string>;
   head(key: string): Promise<{ size: number; etag: string }>;

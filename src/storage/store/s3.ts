@@ -233,6 +233,7 @@ export class S3Backend implements StoreBackend {
   /** Closes the keep-alive connections (a process exits sooner without them). */
   destroy(): void {
     this.sdkOps.destroy();
+    if (this.ops !== this.sdkOps) this.ops.destroy();
     for (const a of this.agents) a.destroy();
   }
 
@@ -301,6 +302,7 @@ export class S3Backend implements StoreBackend {
     }
     const Key = this.objectKey(key);
     return this.attempt('GET', key, async () => {
+      if (this.ops.getInto) return this.ops.getInto(Key, into);
       const r = await this.ops.get(Key);
       return readBody(r.body, r.length, into);
     });
