@@ -197,7 +197,7 @@ export interface NativeAddon {
   alignOffset(buf: Uint8Array, align: number): number;
   /**
    * Marks the 2 MiB-aligned middle of `buf` for transparent huge pages (madvise), before its
-   * first write: one page fault per 2 MiB instead of per 4 KiB. Resolves to the bytes marked
+   * first write: one page fault per 2 MiB instead of per 4 KiB. Returns the bytes marked
    * (0 where the kernel refuses or the buffer is too small).
    */
   adviseHugePages(buf: Uint8Array): number;

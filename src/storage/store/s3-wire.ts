@@ -95,10 +95,6 @@ export class S3Wire implements S3Ops {
     }
   }
 
-  /**
-   * One request; resolves with the response of a 2xx answer (its body unread: the caller
-   * reads it), rejects with an S3-shaped error otherwise.
-   */
   /** The request's path and its headers, signed (SigV4). */
   private async signed(r: WireRequest): Promise<{ path: string; headers: Record<string, string> }> {
     const ep = this.o.endpoint;
