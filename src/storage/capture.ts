@@ -43,9 +43,8 @@ import { sealChunk } from './store/crypto-pool';
 import { EntryRun, ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength, pieceSizeFor } from './store/manifest';
 import { TagKey, TagReader, TagWriter, maskGranules, tagIvs, xor16, SALT_LENGTH } from './store/tags';
 import { SnapshotRecord, VolumeStat, emptyStats, fileIdentityOf, sameFileIdentity } from './store/records';
-import { NumberList } from './pool';
 import { HASH_CHUNK_BYTES, MAX_BUFFERS, MAX_WRITE_BYTES, ProgressFn, blocksPerChunk, chunksOf, dataRuns, guestRuns, queueObject, sleep, volumeSizeOf } from './common';
-import { BufferPool, Throttle, readAhead } from './pool';
+import { BufferPool, NumberList, Throttle, readAhead } from './pool';
 import { Captured, abortQuietly, percentOf } from './lifecycle';
 import { bigBuffer } from './store/direct';
 
