@@ -13,7 +13,7 @@ import { CLI, cli } from './helpers/cli';
 import { createHash, randomBytes } from 'node:crypto';
 import { OPEN_PREFETCH, S3Backend, parseS3Url } from '../src/storage/store/s3';
 import { S3Client } from '@aws-sdk/client-s3';
-import { S3Wire } from '../src/storage/store/s3-wire';
+import { S3Wire, type WireRequest } from '../src/storage/store/s3-wire';
 import { S3Lease, S3StoreLock, leaseIsLive } from '../src/storage/store/s3-lease';
 import { isDisksnapError } from '../src/engine/errors';
 import { ceph, cephMissing, newBucket } from './helpers/ceph';
@@ -41,14 +41,17 @@ function recordSends(t: Test, which: 'any' | 'sdk' = 'any'): string[] {
   } as typeof send;
   t.teardown(() => void (S3Client.prototype.send = send));
   if (which === 'sdk') return sent;
-  const wire = S3Wire.prototype.send;
-  S3Wire.prototype.send = function (this: S3Wire, r: Parameters<typeof wire>[0]) {
+  // every request the wire sends is signed once, on node:http and on raw sockets alike
+  type Signed = { signed(r: WireRequest): Promise<unknown> };
+  const proto = S3Wire.prototype as unknown as Signed;
+  const wire = proto.signed;
+  proto.signed = function (this: Signed, r: WireRequest) {
     const h = r.headers ?? {};
     const command = r.method === 'GET' ? (r.key === undefined ? 'ListObjectsV2' : 'GetObject') : r.method === 'HEAD' ? (r.key === undefined ? 'HeadBucket' : 'HeadObject') : r.method === 'PUT' ? 'PutObject' : 'DeleteObject';
     sent.push(describeSend(command, h.range, h['if-match']));
     return wire.call(this, r);
   };
-  t.teardown(() => void (S3Wire.prototype.send = wire));
+  t.teardown(() => void (proto.signed = wire));
   return sent;
 }
 
