@@ -7,6 +7,9 @@
  *                                                                    (32 in flight, from memory)
  *                                                                vs  restic -r s3:... backup
  *   incremental (~1%)  disksnap snapshot create                  vs  restic's second backup
+ *                                                                vs  a parallel PUT of as many
+ *                                                                    objects as it added (and
+ *                                                                    that + `node -e 0`)
  *   restore            disksnap snapshot restore --to FILE       vs  a plain parallel GET of
  *                                                                    the same objects (to memory)
  *                                                                vs  the same GETs written into
@@ -170,7 +173,6 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
       }),
     );
     fs.rmSync(floorOut);
-    floor.destroy();
     blocks.length = 0;
 
     const store = `s3://${await bucket('ds')}/store`;
@@ -194,7 +196,17 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
       add('restic incremental', restic(repo, ['backup', img]));
     }
 
-    const latest = JSON.parse(run(process.execPath, [CLI, 'snapshot', 'list', '--store', store, '--json'], { env }).out).snapshots.pop().id as string;
+    const last = JSON.parse(run(process.execPath, [CLI, 'snapshot', 'list', '--store', store, '--json'], { env }).out).snapshots.pop() as { id: string; stats: { blocksAdded: number; bytesAdded: number } };
+    const latest = last.id;
+    // The incremental's own floor: as many objects as it added, of their mean size (most are
+    // 64 KiB granules), PUT from memory the same way; and the runtime starting, which every
+    // command pays before its first request.
+    const added = last.stats.blocksAdded;
+    const pieces = Array.from({ length: added }, () => randomBytes(Math.max(1, Math.round(last.stats.bytesAdded / Math.max(1, added)))));
+    add('incremental objects', added);
+    add('incremental put floor', await secondsAsync(() => parallel(pieces, 32, async (b, k) => void (await floor.putIfAbsent(`pieces/${i}/${k}`, b)))));
+    add('runtime start', run(process.execPath, ['-e', '0']).seconds);
+    floor.destroy();
     const out = path.join(opts.dir, 'restored.img');
     add('restore', ds(['snapshot', 'restore', latest, '--to', out, '--store', store]));
     fs.rmSync(out);
@@ -219,6 +231,12 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
   row('full snapshot', 'full', `parallel PUT of ${n} x 512 KiB (floor)`, 'put floor', 'the gateway\'s own floor: the same objects PUT from memory, 32 in flight');
   row('full snapshot', 'full', 'restic backup (s3:)', 'restic full', 'restic into a new repository in a bucket of the same gateway');
   row('incremental snapshot, ~1% rewritten', 'incremental', 'restic backup, second (s3:)', 'restic incremental', '');
+  if (t['incremental put floor']) {
+    const objects = Math.round(m('incremental objects'));
+    row('incremental snapshot, ~1% rewritten', 'incremental', `parallel PUT of the ${objects} objects it added (floor)`, 'incremental put floor', 'as many objects as the incremental stored, of their mean size, PUT from memory, 32 in flight, with If-None-Match as the store sends them');
+    t['incremental put+start floor'] = t['incremental put floor'].map((x, k) => x + t['runtime start'][k]);
+    row('incremental snapshot, ~1% rewritten', 'incremental', 'node -e 0 + that PUT (floor)', 'incremental put+start floor', 'the runtime starting and exiting, plus the PUT floor above, run by run: what a command of this runtime that only stored those objects would take');
+  }
   // Where the time goes: the machine's two cores are shared by disksnap and the gateway. The
   // CPU both used, over the cores, is what no schedule of that work on them finishes sooner.
   if (t['incremental gateway cpu']) {
