@@ -108,3 +108,18 @@ t.test('the man page renders without warnings and lists every command with its f
   t.match(text, /EXIT STATUS/);
   t.match(text, /DISKSNAP_STORE/);
 });
+
+t.test('--version loads no command group; a command loads only its own', async (t) => {
+  const programJs = path.resolve(__dirname, '..', 'dist', 'src', 'cli', 'program.js');
+  const version = (JSON.parse(fs.readFileSync(path.resolve(__dirname, '..', 'package.json'), 'utf8')) as { version: string }).version;
+  const groupsLoaded = (args: string[]) => {
+    const script = `process.on('exit', () => process.stderr.write(JSON.stringify(Object.keys(require.cache).map((k) => /[\\\\/]cli[\\\\/](image|diff|snapshot|store|loop|compare|checkpoint)\\.js$/.exec(k)?.[1]).filter(Boolean))));
+require(${JSON.stringify(programJs)}).main(['node', 'disksnap', ...${JSON.stringify(args)}]);`;
+    const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8' });
+    return { out: r.stdout.trim(), groups: JSON.parse(r.stderr.slice(r.stderr.lastIndexOf('['))) as string[] };
+  };
+  t.same(groupsLoaded(['--version']), { out: version, groups: [] });
+  t.same(groupsLoaded(['-V']), { out: version, groups: [] });
+  t.same(groupsLoaded(['snapshot', '--help']).groups, ['snapshot']);
+  t.same(groupsLoaded(['--help']).groups.sort(), ['checkpoint', 'compare', 'diff', 'image', 'loop', 'snapshot', 'store']);
+});

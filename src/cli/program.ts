@@ -30,8 +30,11 @@ const GROUPS: Array<[string[], () => Group]> = [
   [['completion', 'man'], () => require('./docs') as Group],
 ];
 
-/** The program with every group, or with only the group of `command` when it names one. */
-export function buildProgram(command?: string): Command {
+/**
+ * The program with every group, with only the group of `command` when it names one, or with
+ * none (`null`: for `--version`, which needs no command's code).
+ */
+export function buildProgram(command?: string | null): Command {
   const program = new Command();
   program
     .name('disksnap')
@@ -41,8 +44,8 @@ export function buildProgram(command?: string): Command {
     .on('option:quiet', () => setQuiet(true))
     .showHelpAfterError('(run with --help for usage)')
     .exitOverride();
-  const only = GROUPS.find(([names]) => command !== undefined && names.includes(command));
-  for (const group of only ? [only] : GROUPS) group[1]().register(program, () => buildProgram());
+  const only = GROUPS.find(([names]) => typeof command === 'string' && names.includes(command));
+  for (const group of command === null ? [] : only ? [only] : GROUPS) group[1]().register(program, () => buildProgram());
   addExamples(program);
   return program;
 }
@@ -59,7 +62,9 @@ function quietOnClosedStdout(): void {
 export async function main(argv: string[]): Promise<void> {
   quietOnClosedStdout();
   tuneProcessMemory();
-  const program = buildProgram(argv.slice(2).find((a) => !a.startsWith('-')));
+  const args = argv.slice(2);
+  const versionOnly = args.length === 1 && (args[0] === '--version' || args[0] === '-V');
+  const program = buildProgram(versionOnly ? null : args.find((a) => !a.startsWith('-')));
   try {
     await program.parseAsync(argv);
   } catch (e) {
