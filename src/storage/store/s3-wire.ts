@@ -146,7 +146,9 @@ export class S3Wire implements S3Ops {
    * `r` over the raw sockets of ./s3-raw.ts, a GET's body into `into` (when it fits):
    * undefined where there are none (https:, DISKSNAP_S3_RAW=0) or from the first answer they
    * cannot read (then for good: such a server answers the same way again), and the caller
-   * sends it through node:http. Error answers reject as send() rejects them.
+   * sends it through node:http. Error answers reject as send() rejects them. (A PUT such a
+   * server stored before its unreadable answer is sent again: a conditional one then gets 412,
+   * which is "already there" for a block and a lost lease, the safe side, for a lease.)
    */
   private async viaRaw(r: WireRequest & { method: 'GET' | 'PUT' }, into?: Buffer): Promise<RawAnswer | undefined> {
     if (!this.raw) return undefined;
