@@ -6,6 +6,9 @@
  *     full snapshot          disksnap snapshot create   vs restic backup of the qcow2 file
  *                                                        vs the store's floor: bench/floor.c
  *                                                           writing as many 512 KiB objects
+ *                                                        vs the disk's floor: 4 dd streams
+ *                                                           writing as many bytes (O_DIRECT,
+ *                                                           fdatasync) + `node -e 0`
  *   then ~1% of the data rewritten by qemu-io (cache=none, as a VM with cache=none writes),
  *   twice, in two patterns, each followed by an incremental snapshot, which reads the
  *   persistent dirty bitmap the first snapshot added (changeSource must say `bitmap`):
@@ -33,7 +36,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BenchOptions, BenchRow } from './types';
-import { GiB, MiB, buildFloor, fillRandom, hasCommand, median, run, warm } from './util';
+import { GiB, MiB, buildFloor, diskFloor, fillRandom, hasCommand, median, run, warm } from './util';
 
 const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
 const LIB = path.resolve(__dirname, '..', 'src', 'storage', 'index.js');
@@ -195,6 +198,13 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
       fs.rmSync(fdir, { recursive: true, force: true });
       facts['full objects'] = `${fullObjects} objects of ${BLOCK / KiB} KiB`;
     }
+    if (fullObjects > 0) {
+      // the device's own floor for as many bytes (4 dd streams, O_DIRECT, fdatasync), and the runtime starting
+      before();
+      add('disk floor full', diskFloor(img, 0, fullObjects * BLOCK, opts.dir));
+      add('node start full', run(process.execPath, ['-e', '0']).seconds);
+      add('disk floor full+start', t['disk floor full'][t['disk floor full'].length - 1] + t['node start full'][t['node start full'].length - 1]);
+    }
     if (haveRestic) {
       run('restic', ['--quiet', 'init', '-r', repo], { env: resticEnv });
       before();
@@ -251,6 +261,7 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
   };
   row('full snapshot', 'full', 'restic backup', 'restic full', 'restic backs up the qcow2 file into a new repository; target: 5x');
   row('full snapshot, vs storing its objects', 'full', 'floor: bench/floor.c storing the same objects', 'store floor full', `what the store's writes alone cost on this disk: ${facts['full objects']}, each O_TMPFILE, O_DIRECT write, fdatasync, linkat (16 threads), then a fsync per directory; read from the image in the page cache, not hashed`);
+  row('full snapshot, vs the disk writing its bytes', 'full', 'floor: 4 dd streams writing as many bytes + node -e 0', 'disk floor full+start', 'the image\'s first bytes (in the page cache) written by 4 dd processes at once into new files, 4 MiB O_DIRECT requests, fdatasync, plus `node -e 0`: the device and the runtime alone; restic / 5 below this cannot be reached on this machine');
   for (const p of patterns) {
     const what = `incremental, ~1% rewritten in ${p.what}`;
     row(what, `incr ${p.key}`, "restic's second backup", `restic incr ${p.key}`, `changeSource bitmap; ${facts[`${p.key} scanned`]}; target: 50x`);

@@ -99,3 +99,27 @@ export function buildFloor(dir: string, bench: string): string | undefined {
   run('cc', ['-O2', '-pthread', '-o', bin, src]);
   return bin;
 }
+
+/**
+ * The disk's floor for writing `bytes` of `src` (from `offset`, a multiple of 4 MiB) durably:
+ * `streams` dd processes at once, each copying its slice into a file of its own in `dir` in
+ * 4 MiB requests, O_DIRECT, then fdatasync; with `readDirect` the reads bypass the page cache
+ * too (a restore reads objects that are not cached). No hashing, no objects, no metadata: what
+ * the device does with the same bytes when nothing else is asked of it. Seconds, from the
+ * first dd starting to the last one's fdatasync; the files are removed afterwards.
+ */
+export function diskFloor(src: string, offset: number, bytes: number, dir: string, streams = 4, readDirect = false): number {
+  const req = 4 * MiB;
+  const slice = Math.ceil(bytes / streams / req) * req;
+  const out = (k: number) => path.join(dir, `disk-floor-${process.pid}-${k}`);
+  const dds = Array.from({ length: streams }, (_, k) => {
+    const count = Math.min(slice, bytes - k * slice) / req;
+    return `dd if='${src}' of='${out(k)}' bs=${req} skip=${(offset + k * slice) / req} count=${Math.ceil(count)} ${readDirect ? 'iflag=direct ' : ''}oflag=direct conv=fdatasync status=none & pids+=($!);`;
+  });
+  try {
+    // each dd waited for by its pid: a failed one fails the floor
+    return run('bash', ['-c', `set -e; pids=(); ${dds.join(' ')} for p in "\${pids[@]}"; do wait "$p"; done`]).seconds;
+  } finally {
+    for (let k = 0; k < streams; k++) fs.rmSync(out(k), { force: true });
+  }
+}
