@@ -126,21 +126,34 @@ export async function findVolumeByPath(store: Store, real: string): Promise<Volu
   return volumes.find((v) => v.path === real);
 }
 
-export async function withStoreLock<T>(store: Store, mode: 'shared' | 'exclusive', opts: StoreOptions, fn: (lock: HeldStoreLock) => Promise<T>): Promise<T> {
+export async function withStoreLock<T>(store: Store, mode: 'shared' | 'exclusive', opts: StoreOptions & { onLog?: (message: string) => void }, fn: (lock: HeldStoreLock) => Promise<T>): Promise<T> {
   const lock = await store.lock(mode, { waitMs: opts.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS });
+  return holding(lock, `the ${mode} lock of store ${store.dir}`, opts.onLog, () => fn(lock));
+}
+
+/**
+ * Runs `fn` holding `held` (a store lock or a snapshot's lease), then gives it back. After a
+ * failure of `fn` the release is quiet: the first failure is the one to report (a gateway
+ * that broke `fn` usually fails the release too, and its error would hide which request
+ * failed: a restore said "PUT locks/shared/... failed", not which block). After success a
+ * failed release is only logged: the work is done and durable, and a lease not given back
+ * runs out on its own (a command that exits 1 must not have completed its snapshot).
+ */
+export async function holding<T>(held: { release(): void | Promise<void> }, what: string, onLog: ((message: string) => void) | undefined, fn: () => Promise<T>): Promise<T> {
   let result: T;
   try {
-    result = await fn(lock);
+    result = await fn();
   } catch (e) {
-    // The first failure is the one to report. When the gateway that broke `fn` is still
-    // down, the release fails too and would hide it (a restore said "PUT locks/shared/...
-    // failed", not which block); a lease not given back runs out on its own.
     await Promise.resolve()
-      .then(() => lock.release())
+      .then(() => held.release())
       .catch(() => undefined);
     throw e;
   }
-  await lock.release();
+  try {
+    await held.release();
+  } catch (e) {
+    onLog?.(`${what} was not given back (${(e as Error).message}); it runs out on its own`);
+  }
   return result;
 }
 

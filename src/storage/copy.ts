@@ -20,7 +20,7 @@ import { KeyRing, KeySpec, isExplicit, needKeyError } from './keys';
 import { PLAIN_CODEC, Store, sealedCodec } from './store/store';
 import { DerivedKeys } from './store/crypto';
 import { KeyRecord, SnapshotJson, SnapshotRecord, VolumeRecord } from './store/records';
-import { ProgressFn, StoreOptions, assertCompleted, withStoreLock } from './common';
+import { ProgressFn, StoreOptions, assertCompleted, holding, withStoreLock } from './common';
 import { openMetadata, resolve } from './lookup';
 import { pendingRecord } from './lifecycle';
 import { runCopy } from './copy-blocks';
@@ -122,12 +122,10 @@ export async function copySnapshot(ref: string, opts: CopySnapshotOptions): Prom
         copiedFrom: { storeId: src.config.id, snapshotId: rec.id, startTime: rec.startTime },
       });
       const lease = await dst.takeLease(out.id);
-      try {
+      return holding(lease, `the lease of ${out.id}`, opts.onLog, async () => {
         await dstC.writeSnapshot(out);
-        return await runCopy(srcC, rec, dstC, out, dstParent, srcParent, opts);
-      } finally {
-        await lease.release();
-      }
+        return runCopy(srcC, rec, dstC, out, dstParent, srcParent, opts);
+      });
     });
   });
 }

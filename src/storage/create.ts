@@ -28,7 +28,7 @@ import { KeyRing, isExplicit } from './keys';
 import { PLAIN_CODEC, Store, sealedCodec } from './store/store';
 import { TagKey, tagKeyFrom } from './store/tags';
 import { RetentionPolicy, SnapshotJson, SnapshotRecord, VolumeRecord } from './store/records';
-import { ProgressFn, StoreOptions, findVolumeByPath, openVolume, realVolumePath, threadsOf, volumeSizeOf, withStoreLock } from './common';
+import { ProgressFn, StoreOptions, findVolumeByPath, holding, openVolume, realVolumePath, threadsOf, volumeSizeOf, withStoreLock } from './common';
 import { Faults, faultsOf } from './faults';
 import { Captured, completeSnapshot, failSnapshot, pendingRecord, progressSaver } from './lifecycle';
 import { ensureVolume } from './volumes';
@@ -139,7 +139,7 @@ async function takeSnapshot(volume: string, opts: CreateSnapshotOptions): Promis
       });
       if (parent) cstore.prefetchParent(parent); // read while the lease and the record are written
       const lease = await store.takeLease(rec.id);
-      try {
+      return holding(lease, `the lease of ${rec.id}`, opts.onLog, async () => {
         const guest = format !== 'qcow2' ? undefined : opts.heldBy ? heldGuest(rec, opts.heldBy) : startGuest(file, real, vol.id, rec, parent);
         // A raw regular file may be tracked by reflink clones kept beside it (./reflink.ts).
         const raw = !guest && file.stat().isRegular;
@@ -150,9 +150,7 @@ async function takeSnapshot(volume: string, opts: CreateSnapshotOptions): Promis
         if (guest && rec.changeTracking) endGuest(file, real, vol.id, rec, opts.onLog);
         if (raw) await pruneClones(store, rec, listing.snapshots, opts.onLog);
         return { out, policy: vol.retention };
-      } finally {
-        await lease.release();
-      }
+      });
     });
   } finally {
     file.close();

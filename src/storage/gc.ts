@@ -29,7 +29,7 @@ import { DisksnapError } from '../engine/errors';
 import { DigestSet } from './store/digestset';
 import { ManifestReader } from './store/manifest';
 import { SnapshotListing, Store } from './store/store';
-import { DEFAULT_LOCK_WAIT_MS, StoreOptions } from './common';
+import { DEFAULT_LOCK_WAIT_MS, StoreOptions, holding } from './common';
 import { faultsOf } from './faults';
 import { cloneDir, cloneOwner, removeClonesExcept } from './reflink';
 import { binForGc, purgeEntry } from './bin';
@@ -67,7 +67,8 @@ export interface GcOptions extends StoreOptions {
 export async function gc(opts: GcOptions = {}): Promise<GcReport> {
   const store = await Store.open(opts.store);
   const lock = await store.lock('exclusive', { waitMs: opts.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS, onWait: opts.onWait });
-  try {
+  // (a lock not given back after a gc that finished runs out on its own: nothing to report)
+  return holding(lock, 'the exclusive store lock', undefined, async () => {
     const listing = await store.listSnapshots();
     const staleSnapshots = opts.dryRun ? [] : await store.reapStale(listing);
     const { live, completed } = await mark(store, listing);
@@ -92,9 +93,7 @@ export async function gc(opts: GcOptions = {}): Promise<GcReport> {
       throw new DisksnapError(`store ${store.dir} lost its store.json during gc`, 'ECORRUPT');
     }
     return report;
-  } finally {
-    await lock.release();
-  }
+  });
 }
 
 function stopped(store: Store, key: string, why: string): DisksnapError {

@@ -96,9 +96,10 @@ export async function completeSnapshot(
   // Manifest and tags are written at once (one round trip or fsync, not two). Tags that landed
   // beside a manifest that failed belong to no completed snapshot: gc and the reaper remove them.
   const t = writer.tags;
+  let tagsLost: string | undefined; // said once the snapshot is completed: a failed one says only why
   const tags = t?.commit().catch(async (e: unknown) => {
     await abortQuietly(t);
-    onLog?.(`change tags of ${rec.id} not written (${(e as Error).message}); its next snapshot hashes every block`);
+    tagsLost = (e as Error).message;
   });
   // The leases' renewal (proof that no gc took the store meanwhile: store.ts writeSnapshot)
   // goes at once with them: a bucket's round trip less before the record.
@@ -116,6 +117,7 @@ export async function completeSnapshot(
   rec.progress = 100;
   rec.completionTime = new Date().toISOString();
   await store.writeSnapshot(rec, { leasesProven: true });
+  if (tagsLost !== undefined) onLog?.(`change tags of ${rec.id} not written (${tagsLost}); its next snapshot hashes every block`);
   return snapshotJson(rec);
 }
 
