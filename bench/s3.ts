@@ -27,7 +27,7 @@ import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3';
 import { BenchOptions, BenchRow } from './types';
-import { GiB, MiB, fillRandom, hasCommand, median, run, warm, rewrite } from './util';
+import { GiB, MiB, fillRandom, hasCommand, median, run, sumByRun, warm, rewrite } from './util';
 import { S3Backend } from '../src/storage/store/s3';
 
 const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
@@ -234,7 +234,7 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
   if (t['incremental put floor']) {
     const objects = Math.round(m('incremental objects'));
     row('incremental snapshot, ~1% rewritten', 'incremental', `parallel PUT of the ${objects} objects it added (floor)`, 'incremental put floor', 'as many objects as the incremental stored, of their mean size, PUT from memory, 32 in flight, with If-None-Match as the store sends them');
-    t['incremental put+start floor'] = t['incremental put floor'].map((x, k) => x + t['runtime start'][k]);
+    t['incremental put+start floor'] = sumByRun(t['incremental put floor'], t['runtime start']);
     row('incremental snapshot, ~1% rewritten', 'incremental', 'node -e 0 + that PUT (floor)', 'incremental put+start floor', 'the runtime starting and exiting, plus the PUT floor above, run by run: what a command of this runtime that only stored those objects would take');
   }
   // Where the time goes: the machine's two cores are shared by disksnap and the gateway. The

@@ -43,7 +43,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { BenchOptions, BenchRow } from './types';
-import { GiB, MiB, buildFloor, diskFloor, fillRandom, hasCommand, median, run, warm, rewrite } from './util';
+import { GiB, MiB, buildFloor, diskFloor, fillRandom, hasCommand, median, run, sumByRun, warm, rewrite } from './util';
 import { WorkedIn } from './workedin';
 
 const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
@@ -279,7 +279,7 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
   };
   /** `fk` + `node start`, run by run: a device floor with the runtime's start beside it. */
   const withStart = (fk: string, p: string) => {
-    if (t[fk] && t[`${p}node start`]) t[`${fk}+start`] = t[fk].map((x, k) => x + t[`${p}node start`][k]);
+    if (t[fk] && t[`${p}node start`]) t[`${fk}+start`] = sumByRun(t[fk], t[`${p}node start`]);
     return `${fk}+start`;
   };
   const pair = (metric: string, k: string, rk: string, note: string) => {

@@ -17,6 +17,11 @@ export async function medianOf(runs: number, fn: () => number | Promise<number>)
   return median(out);
 }
 
+/** Two series of one bench's runs added run by run (a floor and the runtime's start beside it). */
+export function sumByRun(a: number[], b: number[]): number[] {
+  return a.map((x, k) => x + b[k]);
+}
+
 /** Seconds taken by fn. */
 export async function timed(fn: () => unknown): Promise<number> {
   const t0 = process.hrtime.bigint();

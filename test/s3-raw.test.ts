@@ -61,7 +61,7 @@ t.test('heads and bodies split anywhere arrive whole, in the caller buffer, over
   t.teardown(() => raw.destroy());
   const into = Buffer.alloc(512 * 1024);
   for (let i = 0; i < bodies.length; i++) {
-    const a = await raw.get(`/bucket/k${i}`, { host: `127.0.0.1:${srv.port}`, authorization: 'AWS4 x' }, into);
+    const a = await raw.request('GET', `/bucket/k${i}`, { host: `127.0.0.1:${srv.port}`, authorization: 'AWS4 x' }, undefined, into);
     t.equal(a.status, 200);
     t.equal(a.headers.get('etag'), '"x"', 'header names in lower case');
     t.ok(a.body.equals(bodies[i]), `body ${i} (${bodies[i].length} bytes) is byte for byte the one sent`);
@@ -69,7 +69,7 @@ t.test('heads and bodies split anywhere arrive whole, in the caller buffer, over
   }
   t.equal(srv.connections(), 1, 'one connection carried all four requests');
   t.match(srv.requests()[0], /^GET \/bucket\/k0 HTTP\/1\.1\r\nhost: 127\.0\.0\.1:\d+\r\nauthorization: AWS4 x$/);
-  const small = await raw.get('/bucket/big', {}, Buffer.alloc(10)); // (the server's first body again)
+  const small = await raw.request('GET', '/bucket/big', {}, undefined, Buffer.alloc(10)); // (the server's first body again)
   t.equal(small.body.length, 70_000, 'a body larger than the buffer gets one of its own');
   t.ok(small.body.equals(bodies[0]));
 });
@@ -83,10 +83,10 @@ t.test('a chunked body (extensions, trailer) is decoded; a chunk size that is no
   });
   const raw = new RawHttp('127.0.0.1', srv.port, 5000);
   t.teardown(() => raw.destroy());
-  const a = await raw.get('/b/k', {}, undefined);
+  const a = await raw.request('GET', '/b/k', {}, undefined, undefined);
   t.equal(a.status, 503);
   t.ok(a.body.equals(Buffer.concat(part)), 'the chunks, in order, without sizes or CRLFs');
-  await t.rejects(raw.get('/b/k', {}, undefined), { code: 'EPROTO', message: /chunk size/ });
+  await t.rejects(raw.request('GET', '/b/k', {}, undefined, undefined), { code: 'EPROTO', message: /chunk size/ });
 });
 
 t.test('a connection cut mid-body, a server gone silent, and Connection: close', async (t) => {
@@ -102,12 +102,12 @@ t.test('a connection cut mid-body, a server gone silent, and Connection: close',
   });
   const raw = new RawHttp('127.0.0.1', srv.port, 300);
   t.teardown(() => raw.destroy());
-  await t.rejects(raw.get('/b/1', {}, undefined), { code: 'ECONNRESET', message: /after 400 of 1000 body bytes/ });
-  await t.rejects(raw.get('/b/2', {}, undefined), { code: 'ETIMEDOUT', message: /before the response head was complete/ });
-  t.equal((await raw.get('/b/3', {}, undefined)).body.toString(), 'abc');
-  t.equal((await raw.get('/b/4', {}, undefined)).body.toString(), 'abc');
+  await t.rejects(raw.request('GET', '/b/1', {}, undefined, undefined), { code: 'ECONNRESET', message: /after 400 of 1000 body bytes/ });
+  await t.rejects(raw.request('GET', '/b/2', {}, undefined, undefined), { code: 'ETIMEDOUT', message: /before the response head was complete/ });
+  t.equal((await raw.request('GET', '/b/3', {}, undefined, undefined)).body.toString(), 'abc');
+  t.equal((await raw.request('GET', '/b/4', {}, undefined, undefined)).body.toString(), 'abc');
   t.equal(srv.connections(), 4, 'a broken, a silent and a closed connection are never reused');
-  await t.rejects(raw.get('/b/5', { 'x-evil': 'a\r\nb' }, undefined), { code: 'EINVAL' });
+  await t.rejects(raw.request('GET', '/b/5', { 'x-evil': 'a\r\nb' }, undefined, undefined), { code: 'EINVAL' });
 });
 
 t.test('answers raw sockets do not read: RAW_UNSUPPORTED, and S3Wire.getInto sends the request through node:http', async (t) => {
@@ -118,7 +118,7 @@ t.test('answers raw sockets do not read: RAW_UNSUPPORTED, and S3Wire.getInto sen
   });
   const raw = new RawHttp('127.0.0.1', srv.port, 5000);
   t.teardown(() => raw.destroy());
-  await t.rejects(raw.get('/b/k', {}, undefined), { code: RAW_UNSUPPORTED, message: /without Content-Length/ });
+  await t.rejects(raw.request('GET', '/b/k', {}, undefined, undefined), { code: RAW_UNSUPPORTED, message: /without Content-Length/ });
 
   const srv2 = await server(t, (head, socket, n) => {
     if (n === 1) socket.end(Buffer.concat([Buffer.from('HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n'), body]));

@@ -239,11 +239,6 @@ export class RawHttp {
     private readonly timeoutMs: number,
   ) {}
 
-  /** A GET: `request('GET', ...)` without a body. */
-  get(path: string, headers: Record<string, string>, into: Buffer | undefined): Promise<RawAnswer> {
-    return this.request('GET', path, headers, undefined, into);
-  }
-
   /**
    * Sends `method path` with `headers` (already signed, with the body's Content-Length) and
    * `body`, and reads the answer whole, into `into` when its body fits. Rejects with the
