@@ -46,3 +46,31 @@ t.test('nothing failed: released once, nothing said; a synchronous release works
   t.equal(sync, 1);
   await t.rejects(holding({ release: () => { throw new Error('lock file gone'); } }, 'y', undefined, async () => { throw new Error('first'); }), { message: 'first' });
 });
+
+t.test('gc that finished says its exclusive lock was not given back (the store\'s other commands wait for it)', async (t) => {
+  const os = await import('node:os');
+  const fs = await import('node:fs');
+  const path = await import('node:path');
+  const { gc } = await import('../src/storage/gc');
+  const { Store } = await import('../src/storage/store/store');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'disksnap-release-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const store = path.join(dir, 'store');
+  await Store.open(store, { create: true });
+  const lock = Store.prototype.lock;
+  t.teardown(() => void (Store.prototype.lock = lock));
+  Store.prototype.lock = async function (this: InstanceType<typeof Store>, ...a: Parameters<typeof lock>) {
+    const held = await lock.apply(this, a);
+    const release = held.release.bind(held);
+    held.release = async () => {
+      await release();
+      throw new Error('PUT locks/exclusive failed after 2 attempt(s): ECONNREFUSED');
+    };
+    return held;
+  };
+  const logs: string[] = [];
+  const r = await gc({ store, onLog: (m) => logs.push(m) });
+  t.equal(r.blocksFreed, 0, 'the gc report stands');
+  t.equal(logs.length, 1);
+  t.match(logs[0], /^the exclusive lock of store .*store was not given back \(PUT locks\/exclusive failed .*\); it runs out on its own$/);
+});

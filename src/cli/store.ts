@@ -124,7 +124,7 @@ export function register(program: Command): void {
     .option('--json', 'print a JSON report')
     .action(
       action(async (o: StoreFlag & { dryRun?: boolean }) => {
-        const r = await snap.gc({ ...storeOpts(o), dryRun: o.dryRun, onWait: () => log('disksnap: waiting for running snapshot commands to finish...') });
+        const r = await snap.gc({ ...storeOpts(o), dryRun: o.dryRun, onWait: () => log('disksnap: waiting for running snapshot commands to finish...'), onLog: (m) => log(`disksnap: ${m}`) });
         if (o.json) printJson('store-gc', r);
         else {
           process.stdout.write(

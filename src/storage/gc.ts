@@ -59,6 +59,8 @@ export interface GcReport {
 export interface GcOptions extends StoreOptions {
   /** called when gc has to wait for running snapshot commands */
   onWait?: () => void;
+  /** what gc says beside its report (an exclusive lock it could not give back) */
+  onLog?: (message: string) => void;
   /** mark and count, delete nothing (stale pending records stay as they are; clones are not swept) */
   dryRun?: boolean;
 }
@@ -67,8 +69,9 @@ export interface GcOptions extends StoreOptions {
 export async function gc(opts: GcOptions = {}): Promise<GcReport> {
   const store = await Store.open(opts.store);
   const lock = await store.lock('exclusive', { waitMs: opts.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS, onWait: opts.onWait });
-  // (a lock not given back after a gc that finished runs out on its own: nothing to report)
-  return holding(lock, 'the exclusive store lock', undefined, async () => {
+  // (a lock not given back after a gc that finished runs out on its own; until then the store's
+  // other commands wait, so gc says so, as the other commands do of theirs)
+  return holding(lock, `the exclusive lock of store ${store.dir}`, opts.onLog, async () => {
     const listing = await store.listSnapshots();
     const staleSnapshots = opts.dryRun ? [] : await store.reapStale(listing);
     const { live, completed } = await mark(store, listing);
