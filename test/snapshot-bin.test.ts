@@ -108,6 +108,8 @@ forEachBackend(t, 'gc purges expired bin entries and frees their blocks; a crash
   // both exist; the snapshot stays live, and gc removes the stale bin entry
   t.equal(cli(['snapshot', 'delete', s.ids[1], '--store', s.store]).status, 0);
   await b.write(s.store, `snapshots/${s.ids[1]}.map`, await b.read(s.store, `bin/${s.ids[1]}.map`));
+  // (a packed manifest's pack index too: the move copies it before the bin record)
+  if ((await b.keys(s.store, 'bin/')).includes(`bin/${s.ids[1]}.packs`)) await b.write(s.store, `snapshots/${s.ids[1]}.packs`, await b.read(s.store, `bin/${s.ids[1]}.packs`));
   const rec = JSON.parse((await b.read(s.store, `bin/${s.ids[1]}.json`)).toString('utf8'));
   delete rec.binnedAt;
   delete rec.binExpires;

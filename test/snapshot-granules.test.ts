@@ -14,6 +14,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import * as snap from '../src/storage';
 import { withFaults } from '../src/storage/faults';
 import { forEachBackend } from './helpers/backends';
+import { logicalSizesSync } from './helpers/packs';
 
 const KiB = 1024;
 const MiB = 2 ** 20;
@@ -47,11 +48,8 @@ async function restored(store: string, id: string, dir: string, key?: { keyFile:
   return digest;
 }
 
-/** Sizes of a directory store's block objects. */
-function objectSizes(store: string): number[] {
-  const root = path.join(store, 'blocks');
-  return fs.readdirSync(root).flatMap((d) => fs.readdirSync(path.join(root, d)).map((f) => fs.statSync(path.join(root, d, f)).size));
-}
+/** Sizes of a directory store's block objects, packs counted as their pieces. */
+const objectSizes = logicalSizesSync;
 
 const newObjects = (before: number[], after: number[]) => {
   const count = (xs: number[], n: number) => xs.filter((x) => x === n).length;

@@ -19,6 +19,7 @@ import { qemuImgOk, qemuIo, guestBytes, assertClean } from './helpers/qemu';
 import { needQemuNbd, qemuBitmaps } from './helpers/qemu-bitmaps';
 import { isDisksnapError } from '../src/engine/errors';
 import { forEachBackend } from './helpers/backends';
+import { logicalSizesSync } from './helpers/packs';
 
 const KiB = 1024;
 const MiB = 2 ** 20;
@@ -242,13 +243,8 @@ async function restoredBytes(store: string, id: string, dir: string, key?: { key
   return b;
 }
 
-/** Sizes of the store's block objects. */
-function objectSizes(store: string): number[] {
-  const out: number[] = [];
-  const root = path.join(store, 'blocks');
-  for (const d of fs.readdirSync(root)) for (const f of fs.readdirSync(path.join(root, d))) out.push(fs.statSync(path.join(root, d, f)).size);
-  return out;
-}
+/** Sizes of the store's block objects, packs counted as their pieces. */
+const objectSizes = logicalSizesSync;
 
 t.test('scattered 64 KiB writes: only the granules are read and stored, and every snapshot restores exactly', { skip }, async (t) => {
   const dir = t.testdir();

@@ -19,11 +19,12 @@
 import { DisksnapError, invalid, isDisksnapError } from '../engine/errors';
 import { Store } from './store/store';
 import { tagsKey } from './store/tags';
+import { packsKey } from './store/packs';
 import { isSnapshotId, parseSnapshotRecord, SnapshotJson, snapshotJson } from './store/records';
 import { StoreOptions, withStoreLock } from './common';
 
 const CONFIG = 'bin.json';
-const binKey = (id: string, ext: 'json' | 'map' | 'tags') => `bin/${id}.${ext}`;
+const binKey = (id: string, ext: 'json' | 'map' | 'tags' | 'packs') => `bin/${id}.${ext}`;
 
 export interface BinEntry {
   snapshot: SnapshotJson;
@@ -82,6 +83,7 @@ async function copyIfPresent(store: Store, from: string, to: string): Promise<vo
 export async function moveToBin(store: Store, id: string, seconds: number): Promise<BinEntry> {
   await copyIfPresent(store, store.manifestKey(id), binKey(id, 'map'));
   await copyIfPresent(store, tagsKey(id), binKey(id, 'tags'));
+  await copyIfPresent(store, packsKey(id), binKey(id, 'packs'));
   const rec = JSON.parse((await store.backend.get(store.snapshotKey(id))).toString('utf8')) as Record<string, unknown>;
   const now = new Date();
   const entry = { ...rec, binnedAt: now.toISOString(), binExpires: new Date(now.getTime() + seconds * 1000).toISOString() };
@@ -89,6 +91,7 @@ export async function moveToBin(store: Store, id: string, seconds: number): Prom
   await store.backend.delete(store.snapshotKey(id));
   await store.backend.delete(store.manifestKey(id));
   await store.backend.delete(tagsKey(id)).catch(() => false);
+  await store.backend.delete(packsKey(id)).catch(() => false);
   return readEntry(store, id);
 }
 
@@ -135,6 +138,7 @@ export async function purgeEntry(store: Store, id: string): Promise<void> {
   await store.backend.delete(binKey(id, 'json'));
   await store.backend.delete(binKey(id, 'map'));
   await store.backend.delete(binKey(id, 'tags')).catch(() => false);
+  await store.backend.delete(binKey(id, 'packs')).catch(() => false);
 }
 
 /** The manifest keys of bin entries gc must keep (not expired), and the ids it purges. */
@@ -166,6 +170,7 @@ export async function undeleteSnapshot(ref: string, opts: StoreOptions = {}): Pr
     const sid = e.snapshot.id;
     await copyIfPresent(store, binKey(sid, 'map'), store.manifestKey(sid));
     await copyIfPresent(store, binKey(sid, 'tags'), tagsKey(sid));
+    await copyIfPresent(store, binKey(sid, 'packs'), packsKey(sid));
     const o = JSON.parse((await store.backend.get(binKey(sid, 'json'))).toString('utf8')) as Record<string, unknown>;
     delete o.binnedAt;
     delete o.binExpires;

@@ -47,6 +47,16 @@ import { HASH_CHUNK_BYTES, MAX_BUFFERS, MAX_WRITE_BYTES, ProgressFn, blocksPerCh
 import { BufferPool, NumberList, Throttle, readAhead } from './pool';
 import { Captured, abortQuietly, percentOf } from './lifecycle';
 import { bigBuffer } from './store/direct';
+import { PackWriter } from './store/packs';
+import { openOutputs, openParent } from './outputs';
+
+/** An object to store from a chunk buffer: `len` bytes at `off`, named `digest`; a piece goes into a pack. */
+export interface StoreItem {
+  off: number;
+  len: number;
+  digest: Buffer;
+  piece?: boolean;
+}
 
 /** The volume moved while it was being read: the attempt is thrown away (and retried). */
 export class VolumeChanged extends Error {}
@@ -175,6 +185,9 @@ export class ReadPipeline {
   readonly pieceSize: number;
   /** the guest view read instead of `file` (a qcow2 volume) */
   readonly image: DiskImage | undefined;
+  /** where new pieces go in a packed manifest (./store/packs.ts) */
+  readonly packs: PackWriter | undefined;
+  private readonly packNew: boolean;
 
   constructor(
     readonly store: Store,
@@ -193,6 +206,9 @@ export class ReadPipeline {
     this.key = store.codec.digestKey;
     this.proofKey = settings.tk?.key ?? randomBytes(32);
     this.pieceSize = writer.header.pieceSize ?? 0;
+    this.packs = writer.header.packed ? new PackWriter(store.backend, store.packs, this.writes, (d) => store.blockKey(d)) : undefined;
+    // DISKSNAP_NO_PACKS=1, a diagnostic: new pieces are objects of their own (the index still lists the parent's)
+    this.packNew = !!this.packs && process.env.DISKSNAP_NO_PACKS !== '1';
   }
 
   /**
@@ -303,7 +319,7 @@ export class ReadPipeline {
    * worker when the store encrypts, then queued for writing from that same memory. Takes
    * `buf`: back in the pool once the last write is done.
    */
-  async storeItems(buf: Buffer, items: Array<{ off: number; len: number; digest: Buffer }>): Promise<void> {
+  async storeItems(buf: Buffer, items: StoreItem[]): Promise<void> {
     let ref: ReturnType<BufferPool['shared']> | undefined;
     try {
       const keys = this.store.codec.keys;
@@ -315,7 +331,16 @@ export class ReadPipeline {
         data = (x) => [sealedBuf.subarray(items[x].off, items[x].off + items[x].len), r.trailers[x]];
       }
       ref = this.pool.shared(buf);
-      for (let x = 0; x < items.length; x++) await queueObject(this.writes, this.store, this.rec.stats, items[x].digest, data(x), items[x].len, ref.hold());
+      const stats = this.rec.stats;
+      for (let x = 0; x < items.length; x++) {
+        const it = items[x];
+        if (!this.packNew || !it.piece) {
+          await queueObject(this.writes, this.store, stats, it.digest, data(x), it.len, ref.hold());
+        } else if (await this.packs!.add(it.digest, data(x))) {
+          stats.blocksAdded++; // (its bytes copied into the pack: nothing held)
+          stats.bytesAdded += it.len;
+        }
+      }
     } finally {
       if (ref) ref.done();
       else this.pool.release(buf);
@@ -495,39 +520,6 @@ function unsettledMs(st: NativeStat): number {
   return age >= need ? 0 : Math.ceil(need - age);
 }
 
-/** The new manifest's writer, and the change tags' where they can be written. */
-async function openOutputs(store: Store, rec: SnapshotRecord, size: number, s: CaptureSettings, pieceSize: number): Promise<{ writer: ManifestWriter; tagWriter?: TagWriter }> {
-  const bs = store.blockSize;
-  const writer = await store.createManifest({ blockSize: bs, volumeSize: size, snapshotId: rec.id, volumeId: rec.volumeId, digest: store.codec.digest, sealed: store.codec.sealed, pieceSize });
-  if (!s.tk) return { writer };
-  try {
-    return { writer, tagWriter: await TagWriter.create(store.backend, { blockSize: bs, volumeSize: size, snapshotId: rec.id, volumeId: rec.volumeId }, s.tk) };
-  } catch (e) {
-    s.onLog?.(`change tags of ${rec.id} cannot be written (${(e as Error).message}); its next snapshot hashes every block`);
-    return { writer };
-  }
-}
-
-/** The parent's manifest and change tags; a damaged one only costs speed. */
-async function openParent(store: Store, parent: SnapshotRecord | undefined, s: CaptureSettings): Promise<ParentView & { reader?: ManifestReader }> {
-  if (!parent) return {};
-  let reader: ManifestReader;
-  try {
-    reader = await store.openManifest(parent);
-  } catch (e) {
-    s.onLog?.(`parent snapshot ${parent.id} cannot be used (${(e as Error).message}); comparing with the store instead`);
-    return {};
-  }
-  const view: ParentView & { reader?: ManifestReader } = { reader, cursor: new ManifestCursor(reader) };
-  if (!s.tk) return view;
-  try {
-    view.tags = await TagReader.open(store.backend, { blockSize: parent.blockSize, volumeSize: parent.volumeSize, snapshotId: parent.id, volumeId: parent.volumeId }, s.tk);
-  } catch (e) {
-    s.onLog?.(`change tags of parent snapshot ${parent.id} cannot be used (${(e as Error).message}); hashing every block`);
-  }
-  return view;
-}
-
 /**
  * One attempt: the manifest (and change tags) of `file` as `detect` reads it, ready to
  * commit. Throws VolumeChanged when the volume moved while it was read.
@@ -583,9 +575,10 @@ export async function capture(
     if (why) throw new VolumeChanged(why);
     rec.volumeStat = byCleanPages && !settings.guest ? statOf(st0) : null;
     await readDone();
+    await p.packs?.flush();
     await p.writes.drain();
     ok = true;
-    return { manifest: writer, tags: tagWriter };
+    return { manifest: writer, tags: tagWriter, packs: p.packs };
   } finally {
     await p?.chunks.settle();
     await p?.writes.settle();

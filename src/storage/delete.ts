@@ -10,6 +10,7 @@
 import { busy, DisksnapError, isDisksnapError } from '../engine/errors';
 import { Store } from './store/store';
 import { tagsKey } from './store/tags';
+import { packsKey } from './store/packs';
 import { isSnapshotId, lockedAt, type ReflinkClone } from './store/records';
 import { removeClone } from './reflink';
 import { StoreOptions, withStoreLock } from './common';
@@ -61,6 +62,7 @@ export async function deleteSnapshot(ref: string, opts: StoreOptions & { dryRun?
     await store.backend.delete(store.manifestKey(id));
     // The change tags are a cache of the deleted snapshot: one left behind is removed by gc.
     await store.backend.delete(tagsKey(id)).catch(() => false);
+    await store.backend.delete(packsKey(id)).catch(() => false); // (gc also removes one left behind)
     await store.removeLease(id);
     if (clone) removeClone(clone);
     return { id, state, dryRun: false };

@@ -38,7 +38,7 @@ import type { ManifestCursor, SlotEntry } from './store/manifest';
 import type { TagReader } from './store/tags';
 import { chunksOf } from './common';
 import { readAhead } from './pool';
-import { ChangeDetector, GuestVolume, ParentView, ReadPipeline, ReflinkView, VolumeChanged } from './capture';
+import { ChangeDetector, GuestVolume, ParentView, ReadPipeline, ReflinkView, StoreItem, VolumeChanged } from './capture';
 import { MAX_NEW_PIECES, MAX_PIECES, dirtyScan } from './dirty';
 import type { ChangeSource } from './store/records';
 
@@ -188,7 +188,7 @@ interface ChunkPlan {
   /** k of the changed blocks past the buffer's capacity (read again) */
   again: number[];
   /** objects to store from the buffer */
-  items: Array<{ off: number; len: number; digest: Buffer }>;
+  items: StoreItem[];
   /** block k's entries when it has pieces (the parent's, kept, or new ones) */
   piecesOf: Map<number, SlotEntry[]>;
   /** the unmasked tags of the collected blocks' granules (granules x 16 bytes at slot*granules*16) */
@@ -219,7 +219,7 @@ function piecesFor(p: ReadPipeline, k: number, slot: number, pc: ParentChunk, gt
     const h = p.key ? createHmac('sha256', p.key) : createHash('sha256');
     const digest = h.update(buf.subarray(off, off + ps)).digest();
     const was = old.find((o) => o.slot === s);
-    if (!was || !was.digest.equals(digest)) plan.items.push({ off, len: ps, digest });
+    if (!was || !was.digest.equals(digest)) plan.items.push({ off, len: ps, digest, piece: true });
     return { slot: s, digest };
   });
   plan.piecesOf.set(k, [...kept, ...fresh].sort((x, y) => x.slot - y.slot));

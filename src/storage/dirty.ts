@@ -26,7 +26,7 @@
 import type { BlockHashes } from '../engine/native';
 import { BlockEntries, ENTRY_LENGTH, ManifestCursor, ManifestHeader, SlotEntry, addSlot, blockLength, pieceRange } from './store/manifest';
 import { TagReader, TagWriter, tagIvs, xor16 } from './store/tags';
-import type { ChangeDetector, ReadPipeline } from './capture';
+import type { ChangeDetector, ReadPipeline, StoreItem } from './capture';
 
 
 /** A block with more dirty granules than this is read whole. */
@@ -191,7 +191,7 @@ export function dirtyScan(dirty: Array<{ offset: number; length: number }>): Cha
 /** A group as planned for storing: per unit where its new entries come from. */
 interface GroupPlan {
   /** objects to store from the group's buffer */
-  items: Array<{ off: number; len: number; digest: Buffer }>;
+  items: StoreItem[];
   /** blocks to read whole again (compacted) */
   compact: number[];
   /** per unit: its whole-block hash index in the group's read (whole units) */
@@ -326,7 +326,7 @@ class DirtyScan {
       const fresh = u.slots.map((slot, x) => ({ slot, digest: h.digests.subarray((j0 + x) * 32, (j0 + x) * 32 + 32) }));
       fresh.forEach((f, x) => {
         const was = old.find((o) => o.slot === f.slot);
-        if (!was || !was.digest.equals(f.digest)) g.items.push({ off: read.base + (j0 + x) * p.pieceSize, len: pieceRange(f.slot, u.i, p.size, p.bs, p.pieceSize).length, digest: f.digest });
+        if (!was || !was.digest.equals(f.digest)) g.items.push({ off: read.base + (j0 + x) * p.pieceSize, len: pieceRange(f.slot, u.i, p.size, p.bs, p.pieceSize).length, digest: f.digest, piece: true });
       });
       g.piecesOf.set(u.i, [...kept, ...fresh].sort((a, b) => a.slot - b.slot));
     }

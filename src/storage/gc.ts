@@ -18,8 +18,11 @@
  * names of their objects; only the keyed trailer goes unchecked, which can only keep more.
  * Key records (`keys/`) are never removed: they are tiny, and a passphrase needs its salt.
  *
- * Sweep: block objects not in the set, temporary files of dead writers, manifests and change
- * tag files with no completed snapshot, and leases of dead writers are deleted; so are this
+ * Packs (./store/packs.ts) are block objects too: a packed manifest's pack index marks the
+ * packs its pieces are in, and a pack stays whole while any index names it.
+ *
+ * Sweep: block objects not in the set, temporary files of dead writers, manifests, change
+ * tag files and pack indexes with no completed snapshot, and leases of dead writers are deleted; so are this
  * store's reflink clones (in the folders beside the volumes its volume and snapshot records
  * name) other than the one of each volume's latest completed snapshot. Each deletion
  * is independent, so a gc killed half-way leaves a store with less garbage and nothing else changed.
@@ -28,6 +31,7 @@ import * as path from 'node:path';
 import { DisksnapError } from '../engine/errors';
 import { DigestSet } from './store/digestset';
 import { ManifestReader } from './store/manifest';
+import { packsOf, readPackIndex } from './store/packs';
 import { SnapshotListing, Store } from './store/store';
 import { DEFAULT_LOCK_WAIT_MS, StoreOptions, holding } from './common';
 import { faultsOf } from './faults';
@@ -125,6 +129,7 @@ async function mark(store: Store, listing: SnapshotListing): Promise<{ live: Dig
     } finally {
       await reader.close();
     }
+    if (reader.header.packed) await markPacks(store, key, live);
   }
   // Damaged records: keep whatever their manifest references, if it is readable.
   for (const d of listing.damaged) {
@@ -140,6 +145,7 @@ async function mark(store: Store, listing: SnapshotListing): Promise<{ live: Dig
     } finally {
       await reader?.close();
     }
+    if (reader.header.packed) await markPacks(store, key, live);
   }
   return { live, completed };
 }
@@ -156,6 +162,23 @@ async function markManifest(store: Store, key: string, live: DigestSet): Promise
   } finally {
     await reader?.close();
   }
+  if (reader.header.packed) await markPacks(store, key, live);
+}
+
+/**
+ * Marks the packs named by the pack index beside the packed manifest at `key` (`.map` ->
+ * `.packs`, ./store/packs.ts): without it gc would free the pieces of a completed snapshot.
+ */
+async function markPacks(store: Store, key: string, live: DigestSet): Promise<void> {
+  const at = key.replace(/\.map$/, '.packs');
+  let entries: Buffer | undefined;
+  try {
+    entries = await readPackIndex(store.backend, at);
+  } catch (e) {
+    throw stopped(store, at, `the pack index ${at} is damaged (${(e as Error).message})`);
+  }
+  if (!entries) throw stopped(store, at, `the pack index ${at} of the manifest ${key} is missing`);
+  for (const p of packsOf(entries)) live.add(p);
 }
 
 /** Deletes what nothing live references; each deletion independent of the others. */
@@ -196,7 +219,7 @@ async function sweep(store: Store, listing: SnapshotListing, live: DigestSet, co
   }
   for await (const o of store.backend.list('snapshots/')) {
     const base = path.posix.basename(o.key);
-    const stray = o.temporary || (base.endsWith('.map') && !completed.has(base.slice(0, -4))) || (base.endsWith('.tags') && !completed.has(base.slice(0, -5)));
+    const stray = o.temporary || [/\.map$/, /\.tags$/, /\.packs$/].some((x) => x.test(base) && !completed.has(base.replace(x, '')));
     if (stray) await other(o);
   }
   // bin manifests and tags whose entry record is gone (a purge a crash interrupted)
@@ -207,7 +230,7 @@ async function sweep(store: Store, listing: SnapshotListing, live: DigestSet, co
     else if (o.key.endsWith('.json')) binRecords.add(o.key.slice(0, -'.json'.length));
     else binFiles.push(o);
   }
-  for (const o of binFiles) if (!binRecords.has(o.key.replace(/\.(map|tags)$/, ''))) await other(o);
+  for (const o of binFiles) if (!binRecords.has(o.key.replace(/\.(map|tags|packs)$/, ''))) await other(o);
   for await (const o of store.backend.list('volumes/')) {
     if (o.temporary && (await del(o.key))) report.otherFilesRemoved++;
   }

@@ -7,6 +7,7 @@ import * as os from 'node:os';
 import type { Store } from './store/store';
 import type { ManifestWriter } from './store/manifest';
 import type { TagWriter } from './store/tags';
+import { PackWriter, packsKey } from './store/packs';
 import { SnapshotJson, SnapshotRecord, emptyStats, newId, snapshotJson } from './store/records';
 
 const PROGRESS_INTERVAL_MS = 500;
@@ -15,6 +16,8 @@ const PROGRESS_INTERVAL_MS = 500;
 export interface Captured {
   manifest: ManifestWriter;
   tags?: TagWriter;
+  /** the packs of a packed manifest (./store/packs.ts): its pack index is written beside it */
+  packs?: PackWriter;
 }
 
 /** A new pending record; `fields` fills what the operation knows (volume, sizes, names...). */
@@ -105,11 +108,17 @@ export async function completeSnapshot(
   // goes at once with them: a bucket's round trip less before the record.
   const proof = store.renewLeases();
   proof.catch(() => undefined); // awaited below, after the manifest's own outcome
+  // A packed manifest's pack index goes at once with it; the record names neither until both are durable.
+  const packs = writer.packs;
+  if (packs?.pending) throw new Error(`internal: a pack of ${rec.id} was not written before its manifest`);
+  const index = packs ? store.backend.put(packsKey(rec.id), packs.index(writer.manifest.pieceDigests)) : undefined;
+  index?.catch(() => undefined); // awaited below
   try {
     await writer.manifest.commit();
   } finally {
     await tags;
   }
+  await index;
   committed();
   await proof;
   await progress.settle();

@@ -120,6 +120,11 @@ export interface StoreBackend {
   stat?(key: string): Promise<number | undefined>;
   /** Reader for ranges of one object; ENOENT when absent. */
   open?(key: string): Promise<ObjectReader>;
+  /**
+   * Up to `length` bytes at `offset` of one object (short only at its end), in one request:
+   * a piece in a pack (./packs.ts). ENOENT when absent.
+   */
+  getRange?(key: string, offset: number, length: number): Promise<Buffer>;
   /** Streaming put; nothing visible until commit. */
   create?(key: string): Promise<ObjectWriter>;
   /** Makes every name created by putIfAbsent so far durable. */
@@ -192,6 +197,16 @@ export function fullBackend(b: StoreBackend): FullBackend {
         },
       };
     });
+  const getRange =
+    b.getRange?.bind(b) ??
+    (async (key: string, offset: number, length: number): Promise<Buffer> => {
+      const r = await open(key);
+      try {
+        return await r.read(offset, length);
+      } finally {
+        await r.close();
+      }
+    });
   const flush = b.flush?.bind(b) ?? (async () => undefined);
   const prefetch = b.prefetch?.bind(b) ?? (() => undefined);
   return {
@@ -205,6 +220,7 @@ export function fullBackend(b: StoreBackend): FullBackend {
     delete: (key) => b.delete(key),
     stat,
     open,
+    getRange,
     create,
     flush,
     prefetch,

@@ -264,6 +264,26 @@ export class DirectoryBackend implements StoreBackend {
     };
   }
 
+  async getRange(key: string, offset: number, length: number): Promise<Buffer> {
+    const file = this.file(key);
+    let fh: fs.promises.FileHandle | undefined;
+    try {
+      fh = await fs.promises.open(file, 'r');
+      const buf = Buffer.allocUnsafe(length);
+      let done = 0;
+      while (done < length) {
+        const { bytesRead } = await fh.read(buf, done, length - done, offset + done);
+        if (bytesRead === 0) break;
+        done += bytesRead;
+      }
+      return buf.subarray(0, done);
+    } catch (e) {
+      throw wrap(e, file, 'reading');
+    } finally {
+      await fh?.close().catch(() => undefined);
+    }
+  }
+
   async *list(prefix: string): AsyncIterable<ObjectInfo & { temporary: boolean }> {
     const base = prefix === '' ? this.location : this.file(prefix.replace(/\/$/, ''));
     const stack: string[] = [base];

@@ -12,7 +12,7 @@
  *
  *   offset  size  field
  *   0       8     magic "DSNAPMF\n"
- *   8       2     version (1, or 2 for a manifest with pieces: see below)
+ *   8       2     version (1; 2 for a manifest with pieces; 3 with pieces in packs: see below)
  *   10      2     header length (128)
  *   12      2     entry length (40)
  *   14      1     digest algorithm: 1 = SHA-256, 2 = HMAC-SHA-256 (keyed, encrypted stores)
@@ -52,42 +52,23 @@
  * scan that finds the tag unchanged keeps every entry of the block; a tag scan also stores
  * pieces, of the granules whose granule tags moved. Writers use version 2 only where a
  * snapshot may hold pieces; readers take both.
+ *
+ * Packs (version 3: version 2 whose pieces may be stored in packs). A snapshot stores its new
+ * pieces as parts of a few pack objects of ~4 MiB, not one object each, and lists where each
+ * piece it references lives in `snapshots/<id>.packs` (./packs.ts), written beside the manifest.
+ * Entries are as in version 2 (a piece's digest is still of its own bytes); a piece not in
+ * the index is an object of its own, as in version 2.
  */
 import { createHash, createHmac, Hash, Hmac } from 'node:crypto';
 import { DisksnapError, corrupt, invalid } from '../../engine/errors';
 import type { ObjectReader, ObjectWriter } from './backend';
 import { EntryWriter } from './entries';
-import type { DigestAlgorithm } from './records';
+import { DIGEST_LENGTH, ENTRY_LENGTH, HEADER_LENGTH, ManifestHeader, TRAILER_LENGTH, decodeHeader, encodeHeader } from './manifest-header';
 
-export const MANIFEST_MAGIC = Buffer.from('DSNAPMF\n', 'latin1');
-export const MANIFEST_VERSION = 1;
-/** The version of a manifest with pieces (see above). */
-export const MANIFEST_VERSION_PIECES = 2;
-export const HEADER_LENGTH = 128;
-export const ENTRY_LENGTH = 40;
-export const TRAILER_LENGTH = 40;
-export const DIGEST_LENGTH = 32;
+export * from './manifest-header';
+
 /** Entries per read or write chunk: 1 MiB and a bit. */
 const CHUNK_ENTRIES = 26214;
-
-const ALGO_CODE: Record<DigestAlgorithm, number> = { sha256: 1, 'hmac-sha256': 2 };
-const FLAG_SEALED = 1;
-
-export interface ManifestHeader {
-  blockSize: number;
-  volumeSize: number;
-  snapshotId: string;
-  volumeId: string;
-  digest: DigestAlgorithm;
-  sealed: boolean;
-  /** 0 or absent: version 1, no pieces; else the piece size of a version 2 manifest */
-  pieceSize?: number;
-}
-
-/** The piece size a store of block size `bs` uses for pieces (0: none, blocks too small). */
-export function pieceSizeFor(bs: number): number {
-  return bs >= 32768 ? bs / 8 : 0;
-}
 
 /** One entry of a block: slot 0 the whole block's object, s >= 1 piece s-1 (see above). */
 export interface SlotEntry {
@@ -127,71 +108,6 @@ export function blockLength(index: number, volumeSize: number, blockSize: number
   return Math.min(blockSize, volumeSize - index * blockSize);
 }
 
-function writeAscii(buf: Buffer, offset: number, text: string, field: string): void {
-  if (text.length > 32 || !/^[\x21-\x7e]*$/.test(text)) throw invalid(`manifest ${field} '${text}' is not up to 32 printable ASCII characters`);
-  buf.write(text, offset, 'latin1');
-}
-
-function readAscii(file: string, buf: Buffer, offset: number, field: string): string {
-  const raw = buf.subarray(offset, offset + 32);
-  const end = raw.indexOf(0);
-  const text = raw.subarray(0, end < 0 ? 32 : end).toString('latin1');
-  if (end >= 0 && raw.subarray(end).some((b) => b !== 0)) throw corrupt(file, `manifest ${field} has bytes after its NUL padding`);
-  if (!/^[\x21-\x7e]+$/.test(text)) throw corrupt(file, `manifest ${field} ${JSON.stringify(text)} is not printable ASCII`);
-  return text;
-}
-
-export function encodeHeader(h: ManifestHeader): Buffer {
-  const b = Buffer.alloc(HEADER_LENGTH);
-  MANIFEST_MAGIC.copy(b, 0);
-  b.writeUInt16LE(h.pieceSize ? MANIFEST_VERSION_PIECES : MANIFEST_VERSION, 8);
-  b.writeUInt16LE(HEADER_LENGTH, 10);
-  b.writeUInt16LE(ENTRY_LENGTH, 12);
-  b.writeUInt8(ALGO_CODE[h.digest], 14);
-  b.writeUInt8(h.sealed ? FLAG_SEALED : 0, 15);
-  b.writeUInt32LE(h.blockSize, 16);
-  b.writeUInt32LE(h.pieceSize ?? 0, 20);
-  b.writeBigUInt64LE(BigInt(h.volumeSize), 24);
-  writeAscii(b, 32, h.snapshotId, 'snapshot id');
-  writeAscii(b, 64, h.volumeId, 'volume id');
-  return b;
-}
-
-export function decodeHeader(file: string, b: Buffer): ManifestHeader {
-  if (b.length < HEADER_LENGTH) throw corrupt(file, `manifest is ${b.length} bytes, shorter than its ${HEADER_LENGTH}-byte header`);
-  if (!b.subarray(0, 8).equals(MANIFEST_MAGIC)) throw corrupt(file, `manifest magic is ${JSON.stringify(b.subarray(0, 8).toString('latin1'))}, expected "DSNAPMF\\n"`);
-  const version = b.readUInt16LE(8);
-  if (version !== MANIFEST_VERSION && version !== MANIFEST_VERSION_PIECES) throw corrupt(file, `manifest version is ${version}, expected ${MANIFEST_VERSION} or ${MANIFEST_VERSION_PIECES}`);
-  const hlen = b.readUInt16LE(10);
-  if (hlen !== HEADER_LENGTH) throw corrupt(file, `manifest header length is ${hlen}, expected ${HEADER_LENGTH}`);
-  const elen = b.readUInt16LE(12);
-  if (elen !== ENTRY_LENGTH) throw corrupt(file, `manifest entry length is ${elen}, expected ${ENTRY_LENGTH}`);
-  const algo = b.readUInt8(14);
-  const digest = (Object.keys(ALGO_CODE) as DigestAlgorithm[]).find((k) => ALGO_CODE[k] === algo);
-  if (!digest) throw corrupt(file, `manifest digest algorithm is ${algo}, expected 1 (SHA-256) or 2 (HMAC-SHA-256)`);
-  const flags = b.readUInt8(15);
-  if (flags & ~FLAG_SEALED) throw corrupt(file, `manifest flags are 0x${flags.toString(16)}, unknown bits set`);
-  const blockSize = b.readUInt32LE(16);
-  if (blockSize === 0 || (blockSize & (blockSize - 1)) !== 0) throw corrupt(file, `manifest block size is ${blockSize}, expected a power of two`);
-  const pieceSize = b.readUInt32LE(20);
-  if (version === MANIFEST_VERSION && pieceSize !== 0) throw corrupt(file, 'manifest reserved field at offset 20 is not zero');
-  if (version === MANIFEST_VERSION_PIECES && (pieceSize !== pieceSizeFor(blockSize) || pieceSize === 0)) {
-    throw corrupt(file, `manifest piece size is ${pieceSize}, expected an eighth of the block size (${blockSize}), at least 4096`);
-  }
-  const volumeSize = b.readBigUInt64LE(24);
-  if (volumeSize > BigInt(Number.MAX_SAFE_INTEGER)) throw corrupt(file, `manifest volume size ${volumeSize} is too large`);
-  if (b.subarray(96, 128).some((x) => x !== 0)) throw corrupt(file, 'manifest reserved bytes 96..127 are not zero');
-  return {
-    blockSize,
-    volumeSize: Number(volumeSize),
-    snapshotId: readAscii(file, b, 32, 'snapshot id'),
-    volumeId: readAscii(file, b, 64, 'volume id'),
-    digest,
-    sealed: (flags & FLAG_SEALED) !== 0,
-    pieceSize,
-  };
-}
-
 /**
  * Appends entries to an ObjectWriter in 1 MiB chunks, computing the checksum as it goes.
  * `commit()` writes the trailer and makes the manifest durable under its final name.
@@ -210,6 +126,9 @@ export class ManifestWriter {
   /** slots per block besides slot 0 (0 in version 1) */
   private readonly slots: number;
   private lastSlot = 0;
+  /** a packed manifest's piece digests, 32 bytes each (what its pack index must list) */
+  private pieceList: Buffer | undefined;
+  private pieceCount = 0;
 
   constructor(
     out: ObjectWriter,
@@ -219,6 +138,22 @@ export class ManifestWriter {
     this.blocks = blockCount(header.volumeSize, header.blockSize);
     this.slots = header.pieceSize ? header.blockSize / header.pieceSize : 0;
     this.w = new EntryWriter(out, checksum(header, macKey), ENTRY_LENGTH, CHUNK_ENTRIES, encodeHeader(header));
+    if (header.packed) this.pieceList = Buffer.allocUnsafe(64 * DIGEST_LENGTH);
+  }
+
+  /** The digests of every piece entry so far (a packed manifest only; empty otherwise), 32 bytes each. */
+  get pieceDigests(): Buffer {
+    return this.pieceList ? this.pieceList.subarray(0, this.pieceCount * DIGEST_LENGTH) : Buffer.alloc(0);
+  }
+
+  private notePiece(src: Uint8Array, offset: number): void {
+    if (!this.pieceList) return;
+    if ((this.pieceCount + 1) * DIGEST_LENGTH > this.pieceList.length) {
+      const bigger = Buffer.allocUnsafe(this.pieceList.length * 2);
+      this.pieceList.copy(bigger);
+      this.pieceList = bigger;
+    }
+    this.pieceList.set(src.subarray(offset, offset + DIGEST_LENGTH), this.pieceCount++ * DIGEST_LENGTH);
   }
 
   get entries(): number {
@@ -242,6 +177,7 @@ export class ManifestWriter {
     this.lastSlot = slot;
     if (Buffer.isBuffer(digest)) digest.copy(this.w.buf, o + 8, digestOffset, digestOffset + DIGEST_LENGTH);
     else this.w.buf.set(digest.subarray(digestOffset, digestOffset + DIGEST_LENGTH), o + 8);
+    if (slot) this.notePiece(digest, digestOffset);
   }
 
   /**
@@ -260,6 +196,7 @@ export class ManifestWriter {
     }
     this.w.addRaw(run.chunk, run.start, run.end, run.last);
     this.lastSlot = run.lastSlot;
+    if (run.pieces && this.pieceList) for (let o = run.start; o < run.end; o += ENTRY_LENGTH) if (run.chunk[o + 7]) this.notePiece(run.chunk, o + 8);
   }
 
   /** Waits for buffered writes (keeps memory bounded when called now and then). */

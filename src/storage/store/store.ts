@@ -23,6 +23,7 @@ import { S3Backend, isS3Url } from './s3';
 import { S3Lease, lockBucket, snapshotWriterGone, takeSnapshotLease } from './s3-lease';
 import { TagKey, plainStoreTagKey, tagKeyFrom, tagsKey } from './tags';
 import { ManifestHeader, ManifestReader, ManifestWriter } from './manifest';
+import { PackTable, packsKey, readPackIndex } from './packs';
 import { assertTrustedStore } from './secure';
 import { DerivedKeys, sealBlock, sealMetadata, unsealBlock } from './crypto';
 import {
@@ -125,6 +126,8 @@ const s3Backend = (url: string): S3Backend => s3Backends.get(url) ?? s3Backends.
 interface Shared {
   remote: S3Backend | undefined;
   leases: Set<S3Lease>;
+  /** where pieces in packs are, from the pack indexes of the manifests opened (./packs.ts) */
+  packs: PackTable;
 }
 
 export interface SnapshotListing {
@@ -152,7 +155,7 @@ export class Store {
     readonly backend: FullBackend,
     readonly config: StoreConfig,
     readonly codec: BlockCodec = PLAIN_CODEC,
-    private readonly shared: Shared = { remote: undefined, leases: new Set() },
+    private readonly shared: Shared = { remote: undefined, leases: new Set(), packs: new PackTable() },
   ) {}
 
   /** The same store, reading and writing blocks, manifests and records with `codec`. */
@@ -167,6 +170,11 @@ export class Store {
 
   get blockSize(): number {
     return this.config.blockSize;
+  }
+
+  /** Where the pieces of the manifests opened so far are, where they are in packs. */
+  get packs(): PackTable {
+    return this.shared.packs;
   }
 
   static async open(dir: string | undefined, opts: OpenStoreOptions = {}): Promise<Store> {
@@ -197,28 +205,18 @@ export class Store {
     }
     if (!text) {
       if (!opts.create) {
-        throw new DisksnapError(
-          `no snapshot store at ${root} (create one with \`disksnap store init\`, or let \`disksnap snapshot create\` create it)`,
-          'ENOENT',
-          2,
-          root,
-        );
+        throw new DisksnapError(`no snapshot store at ${root} (create one with \`disksnap store init\`, or let \`disksnap snapshot create\` create it)`, 'ENOENT', 2, root);
       }
       text = await Store.init(root, backend, opts.blockSize ?? DEFAULT_BLOCK_SIZE, !remote);
     }
     const config = parseStoreConfig(backend.describe('store.json'), text);
     if (opts.blockSize !== undefined && opts.blockSize !== config.blockSize) {
-      throw new DisksnapError(
-        `store ${root} exists with block size ${config.blockSize}; a block size applies only when a store is created`,
-        'EINVALID',
-        undefined,
-        root,
-      );
+      throw new DisksnapError(`store ${root} exists with block size ${config.blockSize}; a block size applies only when a store is created`, 'EINVALID', undefined, root);
     }
     if (config.digest !== 'sha256') {
       throw new DisksnapError(`store ${root} uses keyed digests (${config.digest}), which this version cannot open`, 'EUNSUPPORTED', undefined, root);
     }
-    return new Store(root, backend, config, PLAIN_CODEC, { remote, leases: new Set() });
+    return new Store(root, backend, config, PLAIN_CODEC, { remote, leases: new Set(), packs: new PackTable() });
   }
 
   /** Creates the directories, then store.json last (its presence means "a store"). */
@@ -339,18 +337,19 @@ export class Store {
    */
   async getBlock(digest: Uint8Array, into?: Buffer): Promise<Buffer> {
     const d = Buffer.from(digest);
-    const key = this.blockKey(d);
+    const at = this.shared.packs.lookup(d);
+    const key = this.blockKey(at?.pack ?? d);
+    const where = at ? `${this.backend.describe(key)} (a pack, bytes ${at.offset}+${at.length})` : this.backend.describe(key);
     let stored: Buffer;
     try {
       // A sealed object is larger than its block: read it whole, then decrypt into `into`.
-      stored = await this.backend.get(key, this.codec.sealed ? undefined : into);
+      stored = at ? await this.backend.getRange(key, at.offset, at.length) : await this.backend.get(key, this.codec.sealed ? undefined : into);
     } catch (e) {
-      if (isDisksnapError(e, 'ENOENT')) {
-        throw new DisksnapError(`block object ${this.backend.describe(key)} is missing`, 'ECORRUPT', undefined, this.backend.describe(key));
-      }
+      if (isDisksnapError(e, 'ENOENT')) throw new DisksnapError(`block object ${where} is missing`, 'ECORRUPT', undefined, this.backend.describe(key));
       throw e;
     }
-    return this.codec.unseal(d, stored, this.backend.describe(key), into);
+    if (at && stored.length !== at.length) throw new DisksnapError(`block object ${where} ends after ${stored.length} bytes`, 'ECORRUPT', undefined, this.backend.describe(key));
+    return this.codec.unseal(d, stored, where, into);
   }
 
   // ---- keys ----
@@ -506,16 +505,17 @@ export class Store {
     );
   }
 
+  /** Starts reading a completed snapshot's manifest, tags and pack index, which a snapshot of its volume is about to open (S3: one round trip less to wait for). */
+  prefetchParent(rec: SnapshotRecord): void {
+    this.backend.prefetch([this.manifestKey(rec.id), tagsKey(rec.id), packsKey(rec.id)]);
+  }
+
   /**
    * Opens a snapshot's manifest; its header must agree with the record. A sealed manifest is
    * authenticated with this store's codec, which must hold its key — or, with
-   * `unauthenticated`, read for its entries only (gc, diff without a key).
+   * `unauthenticated`, read for its entries only (gc, diff without a key). A packed one's
+   * pack index is read too (./packs.ts), so that getBlock finds its pieces.
    */
-  /** Starts reading a completed snapshot's manifest and tags, which a snapshot of its volume is about to open (S3: one round trip less to wait for). */
-  prefetchParent(rec: SnapshotRecord): void {
-    this.backend.prefetch([this.manifestKey(rec.id), tagsKey(rec.id)]);
-  }
-
   async openManifest(rec: SnapshotRecord, opts: { unauthenticated?: boolean } = {}): Promise<ManifestReader> {
     const keyed = rec.encrypted && this.codec.keys?.id === rec.keyId;
     if (rec.encrypted && !keyed && !opts.unauthenticated) {
@@ -531,7 +531,7 @@ export class Store {
       }
       throw e;
     }
-    return ManifestReader.open(
+    const reader = await ManifestReader.open(
       this.backend.describe(key),
       src,
       {
@@ -544,6 +544,17 @@ export class Store {
       },
       { macKey: keyed ? this.codec.keys!.manifest : undefined, unauthenticated: opts.unauthenticated },
     );
+    if (reader.header.packed) {
+      try {
+        const entries = await readPackIndex(this.backend, packsKey(rec.id));
+        if (!entries) throw new DisksnapError(`pack index ${this.backend.describe(packsKey(rec.id))} of snapshot ${rec.id} is missing`, 'ECORRUPT', undefined, this.backend.describe(packsKey(rec.id)));
+        this.shared.packs.add(entries);
+      } catch (e) {
+        await reader.close();
+        throw e;
+      }
+    }
+    return reader;
   }
 
   async createManifest(header: ManifestHeader): Promise<ManifestWriter> {
@@ -574,6 +585,7 @@ export class Store {
       await this.removeLease(s.id);
       await this.backend.delete(this.manifestKey(s.id)).catch(() => false);
       await this.backend.delete(tagsKey(s.id)).catch(() => false);
+      await this.backend.delete(packsKey(s.id)).catch(() => false);
       s.state = again.state;
       s.error = again.error;
       marked.push(s.id);

@@ -1,0 +1,233 @@
+/**
+ * Packs: a snapshot's pieces (64 KiB granules, ./manifest.ts) stored as parts of a few large
+ * objects instead of one object each.
+ *
+ * Why: an incremental that rewrote 1% of a volume in scattered writes stores hundreds of
+ * pieces, and one object per piece costs a round trip and the gateway's per-request work on
+ * S3 (164 PUTs of 64 KiB: 0.6 s on the Ceph gateway of the tests; the same bytes as 6 PUTs:
+ * 0.12 s, and a fifth of the gateway's CPU), and a file, a fdatasync and a link each in a
+ * directory store (656 objects of 64 KiB: 0.155 s; one 41 MiB file: 0.08 s). Whole blocks stay
+ * objects of their own: they are large already, and shared by content across volumes.
+ *
+ * A pack is an object under `blocks/` named, like a plain block, by the SHA-256 of its bytes:
+ * the stored bytes of its pieces one after the other (sealed pieces as sealed, with their
+ * trailers), ~PACK_BYTES each. It is written like any object (whole or not at all, durable
+ * before the manifest that needs it is committed), so gc, copies and the crash order need no
+ * new rule beyond marking it live.
+ *
+ * Where a piece lives: `snapshots/<id>.packs`, the pack index of a snapshot whose manifest is
+ * version 3, written beside the manifest before the record says `completed`. It lists every
+ * piece of that manifest that is in a pack (its own new ones and those it kept from its
+ * parent), sorted by piece digest, so that a snapshot restores alone after its parent is
+ * deleted, and gc keeps a pack as long as any index names it:
+ *
+ *   offset  size  field
+ *   0       8     magic "DSNAPPK\n"
+ *   8       2     version (1)
+ *   10      2     entry length (72)
+ *   12      4     reserved, 0
+ *   16      72*n  entries: piece digest (32), pack digest (32), offset in the pack (u32),
+ *                 stored length (u32), sorted by piece digest, no digest twice
+ *   end-40  8     entry count n (u64)
+ *   end-32  32    SHA-256 of every byte before it
+ *
+ * Little-endian. A reader does not have to trust the index: every piece read through it is
+ * checked against its digest as before (authenticated, when sealed), so a damaged or altered
+ * index can make a piece unreadable, never wrong.
+ */
+import { createHash } from 'node:crypto';
+import { corrupt, isDisksnapError } from '../../engine/errors';
+import { native } from '../../engine/native';
+import { ObjectData, StoreBackend, dataLength } from './backend';
+import type { Throttle } from '../pool';
+
+/** The size a pack is filled to before it is written. */
+export const PACK_BYTES = 4 * 1024 * 1024;
+const MAGIC = Buffer.from('DSNAPPK\n', 'latin1');
+const VERSION = 1;
+const HEADER = 16;
+const ENTRY = 72;
+const TRAILER = 40;
+
+export function packsKey(id: string): string {
+  return `snapshots/${id}.packs`;
+}
+
+/** Where a piece is: a pack's digest, and its bytes there. */
+export interface PackedAt {
+  pack: Buffer;
+  offset: number;
+  length: number;
+}
+
+/** Piece digest -> where, over the pack indexes read so far (sorted entry tables). */
+export class PackTable {
+  private readonly tables: Buffer[] = [];
+
+  /** Adds a table of sorted entries (as a pack index holds them). */
+  add(entries: Buffer): void {
+    if (entries.length) this.tables.push(entries);
+  }
+
+  lookup(digest: Uint8Array): PackedAt | undefined {
+    const d = Buffer.from(digest.buffer, digest.byteOffset, 32);
+    for (const t of this.tables) {
+      let lo = 0;
+      let hi = t.length / ENTRY - 1;
+      while (lo <= hi) {
+        const mid = (lo + hi) >>> 1;
+        const o = mid * ENTRY;
+        const c = t.compare(d, 0, 32, o, o + 32);
+        if (c === 0) return { pack: t.subarray(o + 32, o + 64), offset: t.readUInt32LE(o + 64), length: t.readUInt32LE(o + 68) };
+        if (c < 0) lo = mid + 1;
+        else hi = mid - 1;
+      }
+    }
+    return undefined;
+  }
+}
+
+/** The encoded pack index of `entries` (unsorted; a digest listed twice is kept once). */
+export function encodePackIndex(entries: Array<{ digest: Buffer } & PackedAt>): Buffer {
+  const sorted = [...entries].sort((a, b) => a.digest.compare(b.digest));
+  const out = Buffer.alloc(HEADER + sorted.length * ENTRY + TRAILER);
+  MAGIC.copy(out, 0);
+  out.writeUInt16LE(VERSION, 8);
+  out.writeUInt16LE(ENTRY, 10);
+  let n = 0;
+  for (const e of sorted) {
+    const o = HEADER + n * ENTRY;
+    if (n && out.compare(e.digest, 0, 32, o - ENTRY, o - ENTRY + 32) === 0) continue;
+    e.digest.copy(out, o, 0, 32);
+    e.pack.copy(out, o + 32, 0, 32);
+    out.writeUInt32LE(e.offset, o + 64);
+    out.writeUInt32LE(e.length, o + 68);
+    n++;
+  }
+  const end = HEADER + n * ENTRY;
+  out.writeBigUInt64LE(BigInt(n), end);
+  createHash('sha256').update(out.subarray(0, end + 8)).digest().copy(out, end + 8);
+  return out.subarray(0, end + TRAILER);
+}
+
+/** The sorted entries of an encoded pack index, checked (ECORRUPT naming `file` otherwise). */
+export function decodePackIndex(file: string, b: Buffer): Buffer {
+  if (b.length < HEADER + TRAILER || !b.subarray(0, 8).equals(MAGIC)) throw corrupt(file, 'pack index has no "DSNAPPK\\n" header');
+  if (b.readUInt16LE(8) !== VERSION || b.readUInt16LE(10) !== ENTRY) throw corrupt(file, `pack index version ${b.readUInt16LE(8)} with ${b.readUInt16LE(10)}-byte entries, expected version ${VERSION} with ${ENTRY}`);
+  const body = b.length - HEADER - TRAILER;
+  const n = Number(b.readBigUInt64LE(b.length - TRAILER));
+  if (body % ENTRY !== 0 || n !== body / ENTRY) throw corrupt(file, `pack index is ${b.length} bytes for ${n} entries`);
+  if (!createHash('sha256').update(b.subarray(0, b.length - 32)).digest().equals(b.subarray(b.length - 32))) throw corrupt(file, 'pack index does not match its checksum (damaged)');
+  const entries = b.subarray(HEADER, HEADER + body);
+  for (let o = ENTRY; o < body; o += ENTRY) {
+    // (entry o against the one before it: each must be greater)
+    if (entries.compare(entries, o - ENTRY, o - ENTRY + 32, o, o + 32) <= 0) throw corrupt(file, `pack index entry ${o / ENTRY} is out of order`);
+  }
+  return entries;
+}
+
+/** The pack digests an index's entries name (each once). */
+export function packsOf(entries: Buffer): Buffer[] {
+  const seen = new Map<string, Buffer>();
+  for (let o = 0; o < entries.length; o += ENTRY) {
+    const p = entries.subarray(o + 32, o + 64);
+    seen.set(p.toString('hex'), p);
+  }
+  return [...seen.values()];
+}
+
+/** The entries of a snapshot's pack index at `key`, or undefined when there is none. */
+export async function readPackIndex(backend: Pick<StoreBackend, 'get' | 'describe'>, key: string): Promise<Buffer | undefined> {
+  let b: Buffer;
+  try {
+    b = await backend.get(key);
+  } catch (e) {
+    if (isDisksnapError(e, 'ENOENT')) return undefined;
+    throw e;
+  }
+  return decodePackIndex(backend.describe(key), b);
+}
+
+/**
+ * Collects a snapshot's new pieces into packs and writes each full one through `writes` (the
+ * snapshot's object writes: drained before its manifest is committed). A piece the snapshot
+ * already packed, or one the parent's index places in a pack, is not stored again.
+ */
+export class PackWriter {
+  private buf: Buffer | undefined;
+  private used = 0;
+  private parts: Array<{ digest: Buffer; offset: number; length: number }> = [];
+  /** hex digests of pieces queued into packs by this writer */
+  private readonly seen = new Set<string>();
+  /** the pieces in packs written so far */
+  private readonly written: Array<{ digest: Buffer } & PackedAt> = [];
+  private readonly free: Buffer[] = [];
+
+  constructor(
+    private readonly backend: Pick<StoreBackend, 'putIfAbsent' | 'allocBuffer'>,
+    private readonly table: PackTable,
+    private readonly writes: Throttle,
+    private readonly keyOf: (digest: Buffer) => string,
+  ) {}
+
+  /** Queues one piece (its stored bytes); false when it was packed already (not stored again). */
+  async add(digest: Buffer, data: ObjectData): Promise<boolean> {
+    const hex = digest.toString('hex');
+    if (this.seen.has(hex) || this.table.lookup(digest)) return false;
+    this.seen.add(hex);
+    const len = dataLength(data);
+    if (this.buf && this.used + len > this.buf.length) await this.flush();
+    this.buf ??= this.free.pop() ?? this.alloc(Math.max(PACK_BYTES, len));
+    let at = this.used;
+    for (const part of data instanceof Uint8Array ? [data] : data) {
+      this.buf.set(part, at);
+      at += part.length;
+    }
+    this.parts.push({ digest: Buffer.from(digest), offset: this.used, length: len });
+    this.used = at;
+    return true;
+  }
+
+  private alloc(n: number): Buffer {
+    return this.backend.allocBuffer?.(n) ?? Buffer.allocUnsafeSlow(n);
+  }
+
+  /** Writes the pack being filled, if any (the write is queued on `writes`). */
+  async flush(): Promise<void> {
+    const buf = this.buf;
+    const len = this.used;
+    const parts = this.parts;
+    this.buf = undefined;
+    this.used = 0;
+    this.parts = [];
+    if (!buf) return;
+    await this.writes.add(len, async () => {
+      const body = buf.subarray(0, len);
+      const name = Buffer.from((await native().hashBlocksAsync(body, len, 1)).digests.subarray(0, 32));
+      await this.backend.putIfAbsent(this.keyOf(name), body, name);
+      for (const p of parts) this.written.push({ ...p, pack: name });
+      if (buf.length === PACK_BYTES && this.free.length < 2) this.free.push(buf);
+    });
+  }
+
+  /**
+   * The pack index of a manifest whose piece entries are `pieceDigests` (32 bytes each): where
+   * each one is, from this writer's packs or the tables read (the parent's); pieces in neither
+   * are objects of their own and not listed. Call once every write is done.
+   */
+  index(pieceDigests: Buffer): Buffer {
+    const mine = new Map(this.written.map((w) => [w.digest.toString('hex'), w]));
+    const out: Array<{ digest: Buffer } & PackedAt> = [];
+    for (let o = 0; o < pieceDigests.length; o += 32) {
+      const d = pieceDigests.subarray(o, o + 32);
+      const at = mine.get(d.toString('hex')) ?? this.table.lookup(d);
+      if (at) out.push({ digest: d, pack: at.pack, offset: at.offset, length: at.length });
+    }
+    return encodePackIndex(out);
+  }
+
+  /** Whether a piece this writer queued has no pack (its write has not finished): a bug if so at commit. */
+  get pending(): boolean {
+    return this.written.length < this.seen.size;
+  }
+}

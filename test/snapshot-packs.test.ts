@@ -1,0 +1,225 @@
+/**
+ * Packs (src/storage/store/packs.ts): an incremental's pieces are stored as parts of a few
+ * pack objects, and its manifest (version 3) has a pack index beside it that says where each
+ * piece it references lives. Checked on both backends: fewer objects than pieces, exact
+ * restores along a chain after the parents are deleted and gc ran, a damaged pack or index
+ * never giving wrong bytes (and gc stopping rather than freeing packs it cannot account for),
+ * the recycle bin, copies, encryption, and the DISKSNAP_NO_PACKS diagnostic.
+ */
+import t from 'tap';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { createHash, randomBytes } from 'node:crypto';
+import * as snap from '../src/storage';
+import { PackTable, decodePackIndex, encodePackIndex, packsOf } from '../src/storage/store/packs';
+import { forEachBackend } from './helpers/backends';
+
+const KiB = 1024;
+const MiB = 2 ** 20;
+const BS = 512 * KiB;
+const PS = 64 * KiB;
+const SIZE = 24 * MiB;
+
+const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+
+function makeVolume(file: string): void {
+  fs.writeFileSync(file, randomBytes(20 * MiB));
+  fs.truncateSync(file, SIZE);
+}
+
+/**
+ * Fresh random granules at `count` places (at most 60): two granules in each of count/2 blocks,
+ * which a tag scan stores as pieces (at most four moved, and fewer changed blocks than its
+ * buffer holds).
+ */
+function scatter(file: string, count: number, seed: number): void {
+  const fd = fs.openSync(file, 'r+');
+  try {
+    for (let k = 0; k < count; k++) {
+      const block = (seed + (k >> 1)) % 40;
+      const granule = (seed + block + (k & 1) * 4) % 8;
+      fs.writeSync(fd, randomBytes(PS), 0, PS, block * BS + granule * PS);
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+async function restoredDigest(store: string, id: string, dir: string, key?: { keyFile: string }): Promise<string> {
+  const out = path.join(dir, `r-${randomBytes(4).toString('hex')}.raw`);
+  await snap.restoreSnapshot(id, { store, to: out, key });
+  const digest = sha(fs.readFileSync(out));
+  fs.rmSync(out);
+  return digest;
+}
+
+t.test('a pack index: sorted entries, each digest once, a checksum; lookups find every entry', async (t) => {
+  const packA = randomBytes(32);
+  const packB = randomBytes(32);
+  const entries = Array.from({ length: 300 }, (_, k) => ({ digest: randomBytes(32), pack: k % 2 ? packA : packB, offset: k * PS, length: PS + (k % 3) }));
+  const encoded = encodePackIndex([...entries, entries[7]]);
+  t.equal(encoded.toString('latin1', 0, 8), 'DSNAPPK\n');
+  t.equal(encoded.length, 16 + 300 * 72 + 40, 'a digest given twice is listed once');
+  const table = new PackTable();
+  table.add(decodePackIndex('idx', encoded));
+  for (const e of entries) {
+    const at = table.lookup(e.digest);
+    if (!at || !at.pack.equals(e.pack) || at.offset !== e.offset || at.length !== e.length) {
+      t.fail(`entry ${e.digest.toString('hex')} not found as written`);
+      return;
+    }
+  }
+  t.equal(table.lookup(randomBytes(32)), undefined, 'a digest not listed is not found');
+  t.same(packsOf(decodePackIndex('idx', encoded)).map((p) => p.toString('hex')).sort(), [packA, packB].map((p) => p.toString('hex')).sort(), 'the packs it names, each once');
+  const damaged = Buffer.from(encoded);
+  damaged[16 + 5 * 72 + 40] ^= 1;
+  t.throws(() => decodePackIndex('idx', damaged), { code: 'ECORRUPT', message: /does not match its checksum/ });
+  t.throws(() => decodePackIndex('idx', encoded.subarray(0, encoded.length - 72)), { code: 'ECORRUPT' }, 'a truncated index');
+});
+
+forEachBackend(t, 'an incremental stores its pieces in packs: fewer objects, a version 3 manifest with its index, exact restores after parents are deleted', async (t, b) => {
+  const dir = t.testdir();
+  const store = await b.store('packs');
+  const vol = path.join(dir, 'vol.img');
+  makeVolume(vol);
+  const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
+  const want1 = sha(fs.readFileSync(vol));
+  const blocksBefore = (await b.keys(store, 'blocks/')).length;
+  scatter(vol, 60, 1);
+  const s2 = await snap.createSnapshot(vol, { store });
+  const want2 = sha(fs.readFileSync(vol));
+  t.equal(s2.changeSource, 'tags');
+  t.equal(s2.stats.blocksAdded, 60, 'sixty pieces stored');
+  t.equal(s2.stats.bytesAdded, 60 * PS, 'of a granule each');
+  const added = (await b.keys(store, 'blocks/')).length - blocksBefore;
+  t.ok(added >= 1 && added <= 2, `in ${added} pack object(s), not 60 objects`);
+  const manifest = await b.read(store, `snapshots/${s2.id}.map`);
+  t.equal(manifest.readUInt16LE(8), 3, 'the manifest is version 3');
+  const index = decodePackIndex('idx', await b.read(store, `snapshots/${s2.id}.packs`));
+  t.equal(index.length / 72, 60, 'its pack index lists the 60 pieces');
+  t.equal(await restoredDigest(store, s2.id, dir), want2, 'the incremental restores exactly');
+  t.ok((await snap.verifySnapshot(s2.id, { store })).ok, 'verify reads every piece from its pack');
+
+  // a second incremental keeps some of the first one's pieces and adds its own
+  scatter(vol, 30, 5);
+  const s3 = await snap.createSnapshot(vol, { store });
+  const want3 = sha(fs.readFileSync(vol));
+  const index3 = decodePackIndex('idx', await b.read(store, `snapshots/${s3.id}.packs`));
+  const packs2 = new Set(packsOf(index).map((p) => p.toString('hex')));
+  t.ok(packsOf(index3).some((p) => packs2.has(p.toString('hex'))), 'its index names pieces kept in the parent\'s pack');
+  t.ok(index3.length / 72 > 30, `and lists those as well as its own (${index3.length / 72} entries)`);
+
+  // the parents deleted and gc run: the packs the last one needs stay
+  for (const s of [s1, s2]) await snap.deleteSnapshot(s.id, { store, permanently: true });
+  const g = await snap.gc({ store });
+  t.equal(g.liveSnapshots, 1);
+  t.equal(await restoredDigest(store, s3.id, dir), want3, 'the last restores exactly after its parents are gone');
+  t.ok((await snap.verifySnapshot(s3.id, { store })).ok, 'and verifies');
+  t.notOk((await b.keys(store, 'snapshots/')).some((k) => k.includes(s2.id)), 'the deleted snapshot\'s index went with it');
+  t.not(want1, want3);
+});
+
+forEachBackend(t, 'a damaged pack or pack index never gives wrong bytes; gc stops rather than free packs it cannot account for', async (t, b) => {
+  const dir = t.testdir();
+  const store = await b.store('damage');
+  const vol = path.join(dir, 'vol.img');
+  makeVolume(vol);
+  await snap.createSnapshot(vol, { store, blockSize: BS });
+  const before = new Set(await b.keys(store, 'blocks/'));
+  scatter(vol, 6, 3);
+  const s2 = await snap.createSnapshot(vol, { store });
+  const packs = (await b.keys(store, 'blocks/')).filter((k) => !before.has(k));
+  t.equal(packs.length, 1, 'six pieces: one pack');
+
+  // a bit flipped in the pack: the piece over it is bad, named by verify; restore refuses
+  await b.flip(store, packs[0], 2 * PS + 100);
+  const v = await snap.verifySnapshot(s2.id, { store });
+  t.notOk(v.ok);
+  t.equal(v.badBlocks.length, 1, 'one block bad');
+  t.match(v.badBlocks[0].reason, /does not match its digest/);
+  await t.rejects(snap.restoreSnapshot(s2.id, { store, to: path.join(dir, 'r.raw') }), { code: 'ECORRUPT' });
+  t.notOk(fs.existsSync(path.join(dir, 'r.raw')), 'no output under the final name');
+  await b.flip(store, packs[0], 2 * PS + 100);
+  t.ok((await snap.verifySnapshot(s2.id, { store })).ok, 'flipped back: verifies');
+
+  // a damaged index: restore names it
+  const key = `snapshots/${s2.id}.packs`;
+  const good = await b.read(store, key);
+  await b.flip(store, key, 40);
+  await t.rejects(snap.restoreSnapshot(s2.id, { store, to: path.join(dir, 'r.raw') }), { code: 'ECORRUPT', message: /\.packs: pack index does not match its checksum/ });
+  // ... and gc stops before deleting anything
+  const objects = async () => [...(await b.keys(store, 'blocks/')), ...(await b.keys(store, 'snapshots/'))];
+  const keysBefore = await objects();
+  await t.rejects(snap.gc({ store }), { code: 'ECORRUPT', message: /gc stopped before deleting anything/ });
+  t.same(await objects(), keysBefore, 'gc deleted nothing');
+  // a missing index likewise
+  await b.remove(store, key);
+  await t.rejects(snap.restoreSnapshot(s2.id, { store, to: path.join(dir, 'r.raw') }), { code: 'ECORRUPT', message: /pack index .* is missing/ });
+  await t.rejects(snap.gc({ store }), { code: 'ECORRUPT', message: /gc stopped before deleting anything/ });
+  t.ok((await b.keys(store, 'blocks/')).includes(packs[0]), 'the pack is still there');
+  await b.write(store, key, good);
+  t.equal(await restoredDigest(store, s2.id, dir), sha(fs.readFileSync(vol)), 'the index put back: restores exactly');
+  await snap.gc({ store });
+  t.equal(await restoredDigest(store, s2.id, dir), sha(fs.readFileSync(vol)), 'and after gc');
+});
+
+t.test('packs in an encrypted store, copied to another store, through the recycle bin', async (t) => {
+  const dir = t.testdir();
+  const vol = path.join(dir, 'vol.img');
+  makeVolume(vol);
+  const store = path.join(dir, 'sealed');
+  const keyFile = path.join(dir, 'k');
+  fs.writeFileSync(keyFile, randomBytes(32), { mode: 0o600 });
+  const key = { keyFile };
+  await snap.registerVolume(vol, { store, blockSize: BS, encrypted: true, key });
+  const s1 = await snap.createSnapshot(vol, { store, key });
+  scatter(vol, 12, 2);
+  const s2 = await snap.createSnapshot(vol, { store, key });
+  const want2 = sha(fs.readFileSync(vol));
+  t.equal(s2.stats.blocksAdded, 12, 'twelve sealed pieces');
+  t.ok(fs.existsSync(path.join(store, 'snapshots', `${s2.id}.packs`)), 'in packs, with an index');
+  t.equal(await restoredDigest(store, s2.id, dir, key), want2, 'restores exactly');
+  t.ok((await snap.verifySnapshot(s2.id, { store, key })).ok, 'verifies (each sealed piece authenticated)');
+
+  // a copy to another store holds whole blocks and restores alone
+  const other = path.join(dir, 'other');
+  const c = await snap.copySnapshot(s2.id, { store, toStore: other, key });
+  t.equal(await restoredDigest(other, c.id, dir, key), want2, 'the copy restores exactly');
+
+  // the bin: delete the parent for good, the child into the bin; gc keeps its packs; undelete
+  await snap.setBinRetention(7 * 86400, { store });
+  await snap.deleteSnapshot(s1.id, { store, permanently: true });
+  await snap.deleteSnapshot(s2.id, { store });
+  t.ok(fs.existsSync(path.join(store, 'bin', `${s2.id}.packs`)), 'its index went into the bin with it');
+  await snap.gc({ store });
+  await snap.undeleteSnapshot(s2.id, { store });
+  t.equal(await restoredDigest(store, s2.id, dir, key), want2, 'back from the bin after gc: restores exactly');
+});
+
+t.test('DISKSNAP_NO_PACKS=1: new pieces are objects of their own, and the index still lists the parent\'s packed ones', async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vol.img');
+  makeVolume(vol);
+  await snap.createSnapshot(vol, { store, blockSize: BS });
+  scatter(vol, 8, 4);
+  const packed = await snap.createSnapshot(vol, { store });
+  const count = () => fs.readdirSync(path.join(store, 'blocks')).reduce((n, d) => n + fs.readdirSync(path.join(store, 'blocks', d)).length, 0);
+  const before = count();
+  scatter(vol, 5, 9);
+  const old = process.env.DISKSNAP_NO_PACKS;
+  process.env.DISKSNAP_NO_PACKS = '1';
+  let loose;
+  try {
+    loose = await snap.createSnapshot(vol, { store });
+  } finally {
+    if (old === undefined) delete process.env.DISKSNAP_NO_PACKS;
+    else process.env.DISKSNAP_NO_PACKS = old;
+  }
+  t.equal(count() - before, loose.stats.blocksAdded, 'one object per new piece');
+  const index = decodePackIndex('idx', fs.readFileSync(path.join(store, 'snapshots', `${loose.id}.packs`)));
+  t.ok(index.length > 0, 'the pieces kept from the packed parent are listed');
+  await snap.deleteSnapshot(packed.id, { store, permanently: true });
+  await snap.gc({ store });
+  t.equal(await restoredDigest(store, loose.id, dir), sha(fs.readFileSync(vol)), 'restores exactly after its parent is gone');
+});
