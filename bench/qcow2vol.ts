@@ -38,6 +38,14 @@ import * as path from 'node:path';
 import { BenchOptions, BenchRow } from './types';
 import { GiB, MiB, buildFloor, diskFloor, fillRandom, hasCommand, median, run, warm } from './util';
 
+/** A directory store's block objects (packs included) and their sizes, by path. */
+function objectSizes(store: string): Map<string, number> {
+  const out = new Map<string, number>();
+  const root = path.join(store, 'blocks');
+  for (const d of fs.readdirSync(root)) for (const f of fs.readdirSync(path.join(root, d))) out.set(`${d}/${f}`, fs.statSync(path.join(root, d, f)).size);
+  return out;
+}
+
 const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
 const LIB = path.resolve(__dirname, '..', 'src', 'storage', 'index.js');
 const AREA = 'storage snapshot, qcow2 volume';
@@ -218,10 +226,12 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
       const granules = widen(dirty, 64 * KiB);
       const blocks = widen(dirty, BLOCK);
       const lists = { granules: hostRanges(img, granules), blocks: hostRanges(img, blocks) };
+      const had = objectSizes(store);
       before();
       const t0 = process.hrtime.bigint();
       const out = run(process.execPath, [CLI, 'snapshot', 'create', img, '--store', store, '--json']).out;
       add(`incr ${p.key}`, Number(process.hrtime.bigint() - t0) / 1e9);
+      const wrote = [...objectSizes(store)].filter(([k]) => !had.has(k)).map(([, n]) => n);
       const rec = JSON.parse(out);
       if (rec.changeSource !== 'bitmap') throw new Error(`bench qcow2vol: the incremental did not use the bitmap: ${rec.changeSource} (${rec.changeSourceReason})`);
       facts[`${p.key} scanned`] = `${(rec.stats.bytesScanned / MiB).toFixed(0)} MiB read (dirty granules ${(bytesOf(granules) / MiB).toFixed(0)} MiB, blocks ${(bytesOf(blocks) / MiB).toFixed(0)} MiB)`;
@@ -229,17 +239,18 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
         before();
         add(`restic incr ${p.key}`, timeOf('restic', ['--quiet', '-r', repo, 'backup', img], resticEnv));
       }
-      // The store's own floor: the objects this incremental added (as many, as large) written
-      // by bench/floor.c with the same syscalls (O_TMPFILE, O_DIRECT write, fdatasync, linkat,
-      // a fsync per directory; 16 threads), from the image's bytes in the page cache.
-      const objects = rec.stats.blocksAdded as number;
+      // The store's own floor: the objects this incremental wrote (as many, of their mean size:
+      // its packs of pieces and whole blocks, not the pieces it counts) written by bench/floor.c
+      // with the same syscalls (O_TMPFILE, O_DIRECT write, fdatasync, linkat, a fsync per
+      // directory; 16 threads), from the image's bytes in the page cache.
+      const objects = wrote.length;
       if (floorBin && objects > 0) {
-        const objSize = Math.round(rec.stats.bytesAdded / objects / 4096) * 4096;
+        const objSize = Math.max(4096, Math.round(wrote.reduce((a, b) => a + b, 0) / objects / 4096) * 4096);
         const fdir = path.join(opts.dir, `floor-${p.key}-${i}`);
         before();
         add(`store floor ${p.key}`, Number(run(floorBin, [img, '0', String(objects * objSize), String(objSize), fdir, '16', String(objects)]).out));
         fs.rmSync(fdir, { recursive: true, force: true });
-        facts[`${p.key} objects`] = `${objects} objects of ${objSize / KiB} KiB`;
+        facts[`${p.key} objects`] = `${objects} objects of ${objSize / KiB} KiB (${rec.stats.blocksAdded} blocks and pieces)`;
       }
       before();
       add(`node start ${p.key}`, timeOf(process.execPath, ['-e', '0']));

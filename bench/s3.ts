@@ -30,6 +30,18 @@ import { BenchOptions, BenchRow } from './types';
 import { GiB, MiB, fillRandom, hasCommand, median, run, sumByRun, warm, rewrite } from './util';
 import { S3Backend } from '../src/storage/store/s3';
 
+/** A store's block objects (packs included) and their sizes, by key. */
+async function objectSizes(url: string): Promise<Map<string, number>> {
+  const b = new S3Backend(url);
+  const out = new Map<string, number>();
+  try {
+    for await (const o of b.list('blocks/')) out.set(o.key, o.size);
+  } finally {
+    b.destroy();
+  }
+  return out;
+}
+
 const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
 const CEPH = path.resolve(__dirname, '..', '..', '.ci', 'ceph.sh');
 const AREA = 'S3 store (Ceph RGW)';
@@ -187,6 +199,7 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
 
     rewrite(img, dataOffset, data, 0.01, i + 1);
     warm(img);
+    const had = await objectSizes(store);
     const [c0, g0] = [commandsCpu(), gatewayCpu()];
     add('incremental', ds(['snapshot', 'create', img, '--store', store]));
     add('incremental client cpu', commandsCpu() - c0);
@@ -198,11 +211,12 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
 
     const last = JSON.parse(run(process.execPath, [CLI, 'snapshot', 'list', '--store', store, '--json'], { env }).out).snapshots.pop() as { id: string; stats: { blocksAdded: number; bytesAdded: number } };
     const latest = last.id;
-    // The incremental's own floor: as many objects as it added, of their mean size (most are
-    // 64 KiB granules), PUT from memory the same way; and the runtime starting, which every
-    // command pays before its first request.
-    const added = last.stats.blocksAdded;
-    const pieces = Array.from({ length: added }, () => randomBytes(Math.max(1, Math.round(last.stats.bytesAdded / Math.max(1, added)))));
+    // The incremental's own floor: as many objects as it wrote, of their mean size (packs of its
+    // 64 KiB pieces, and whole blocks), PUT from memory the same way; and the runtime starting,
+    // which every command pays before its first request.
+    const wrote = [...(await objectSizes(store))].filter(([k]) => !had.has(k)).map(([, n]) => n);
+    const added = wrote.length;
+    const pieces = Array.from({ length: added }, () => randomBytes(Math.max(1, Math.round(wrote.reduce((a, b) => a + b, 0) / Math.max(1, added)))));
     add('incremental objects', added);
     add('incremental put floor', await secondsAsync(() => parallel(pieces, 32, async (b, k) => void (await floor.putIfAbsent(`pieces/${i}/${k}`, b)))));
     add('runtime start', run(process.execPath, ['-e', '0']).seconds);

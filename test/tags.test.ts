@@ -120,7 +120,7 @@ function countHashing(): { blocks: number; again: number; whole: number; restore
     if (tagKey) {
       c.blocks += count;
       c.again += count;
-    } else c.whole += count;
+    } else if (bs === BS) c.whole += count; // (not the SHA-256 naming a pack of pieces: one "block" of the pack's length)
     return orig.call(n, buf, bs, threads, key, tagKey);
   };
   n.tagFile = (async (...args: Parameters<typeof origTag>) => {
@@ -401,13 +401,15 @@ t.test('deleted snapshots take their tag files along; gc removes stray ones', as
   const s2 = await snap.createSnapshot(vol, { store });
   await snap.deleteSnapshot(s1.id, { store });
   const names = fs.readdirSync(path.join(store, 'snapshots')).sort();
-  t.same(names, [`${s2.id}.json`, `${s2.id}.map`, `${s2.id}.tags`]);
-  // A stray tag file (as a crash between the manifest and the record would leave) and a
-  // temporary file of a killed key writer.
+  // (s2 stored its change as a piece: its pack index is beside its manifest)
+  t.same(names, [`${s2.id}.json`, `${s2.id}.map`, `${s2.id}.packs`, `${s2.id}.tags`]);
+  // A stray tag file and pack index (as a crash between the manifest and the record would
+  // leave) and a temporary file of a killed key writer.
   fs.writeFileSync(path.join(store, 'snapshots', 'snap-0123456789abcdef.tags'), 'x');
+  fs.writeFileSync(path.join(store, 'snapshots', 'snap-0123456789abcdef.packs'), 'z');
   fs.writeFileSync(path.join(store, 'snapshots', '.tmp-99999-abcdef'), 'y');
   const g = await snap.gc({ store });
-  t.equal(g.otherFilesRemoved, 2, 'gc removed the stray tag file and the temporary file');
+  t.equal(g.otherFilesRemoved, 3, 'gc removed the stray tag file, the stray pack index and the temporary file');
   t.same(fs.readdirSync(path.join(store, 'snapshots')).sort(), names);
 });
 

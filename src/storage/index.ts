@@ -28,15 +28,18 @@
  *   snapshots/<snap-id>.json     the record: state pending | completed | error, stats, names
  *   snapshots/<snap-id>.map      the manifest (checksummed; sealed when encrypted)
  *   snapshots/<snap-id>.tags     change tags: a cache that lets the next snapshot skip SHA-256
- *   blocks/<ab>/<digest>         block objects, named by their (keyed) digest
+ *   snapshots/<snap-id>.packs    pack index of a version 3 manifest: where its pieces are in packs
+ *   blocks/<ab>/<digest>         block objects, named by their (keyed) digest, and packs of a
+ *                                snapshot's 64 KiB pieces, named by their SHA-256 (store/packs.ts)
  *   leases/<snap-id>             held by the live writer of a pending snapshot
  *
  * Crash safety: every file is written to a temporary name, synced and renamed (objects are
  * linked, so an existing name is never replaced); the order of `snapshot create` is
  *   1. each new object: temporary file, fdatasync, link to its name (many in flight at once)
  *   2. fsync every block directory that got a new name                  (backend.flush)
- *   3. manifest: temporary file, fsync, rename, fsync snapshots/ (then the change tags the
- *      same way: a cache, whose failure only makes the next snapshot hash every block)
+ *   3. manifest: temporary file, fsync, rename, fsync snapshots/ (beside it the pack index of a
+ *      packed manifest, and the change tags the same way: a cache, whose failure only makes
+ *      the next snapshot hash every block)
  *   4. record `completed`: temporary file, fsync, rename, fsync snapshots/
  * so a crash anywhere leaves pending (later `error`) snapshots and garbage, never a completed
  * snapshot that cannot be restored. Progress rewrites the pending record atomically and is
