@@ -62,7 +62,7 @@ async function overlayPieces(store: Store, entries: BatchEntry[], r: Fetched, vo
         await Promise.all(
           e.pieces!.map(async (piece) => {
             const { offset, length } = pieceRange(piece.slot, e.index, volumeSize, bs, ps);
-            const where = store.backend.describe(store.blockKey(piece.digest));
+            const where = store.describeBlock(piece.digest);
             const got = await store.getBlock(piece.digest);
             if (got.length !== length) throw new DisksnapError(`piece object ${where} has ${got.length} bytes, expected ${length}`, 'ECORRUPT');
             const h = key ? createHmac('sha256', key) : createHash('sha256');

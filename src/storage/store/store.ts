@@ -314,10 +314,7 @@ export class Store {
     return (await this.backend.stat(this.blockKey(digest, offset))) !== undefined;
   }
 
-  /**
-   * Stores a block unless present; true when it wrote one. The digest must be that of `plain`
-   * (plain: its SHA-256, given to the backend). Sealing encrypts `plain` in place: pass a buffer you are done with.
-   */
+  /** Stores a block unless present; true when it wrote one. The digest must be that of `plain` (plain: its SHA-256, given to the backend). Sealing encrypts `plain` in place: pass a buffer you are done with. */
   async putBlock(digest: Uint8Array, plain: Buffer): Promise<boolean> {
     const d = Buffer.from(digest);
     const key = this.blockKey(d);
@@ -331,15 +328,19 @@ export class Store {
     return this.backend.putIfAbsent(this.blockKey(digest), parts);
   }
 
-  /**
-   * The plaintext of a block object. A sealed object is authenticated here (ECORRUPT if it
-   * fails); its digest is checked by the callers, which hash in batches.
-   */
+  /** Where a block object is, for messages: its file or key, or its bytes in a pack. */
+  describeBlock(digest: Uint8Array): string {
+    const at = this.shared.packs.lookup(digest);
+    const where = this.backend.describe(this.blockKey(at?.pack ?? digest));
+    return at ? `${where} (a pack, bytes ${at.offset}+${at.length})` : where;
+  }
+
+  /** The plaintext of a block object (or of a piece in a pack). A sealed object is authenticated here (ECORRUPT if it fails); its digest is checked by the callers, which hash in batches. */
   async getBlock(digest: Uint8Array, into?: Buffer): Promise<Buffer> {
     const d = Buffer.from(digest);
     const at = this.shared.packs.lookup(d);
     const key = this.blockKey(at?.pack ?? d);
-    const where = at ? `${this.backend.describe(key)} (a pack, bytes ${at.offset}+${at.length})` : this.backend.describe(key);
+    const where = this.describeBlock(d);
     let stored: Buffer;
     try {
       // A sealed object is larger than its block: read it whole, then decrypt into `into`.
