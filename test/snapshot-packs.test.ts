@@ -11,7 +11,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
 import * as snap from '../src/storage';
-import { PackTable, decodePackIndex, encodePackIndex, packsOf } from '../src/storage/store/packs';
+import { PACK_BYTES, PackTable, PackWriter, decodePackIndex, encodePackIndex, packsOf } from '../src/storage/store/packs';
+import { Throttle } from '../src/storage/pool';
 import { forEachBackend } from './helpers/backends';
 
 const KiB = 1024;
@@ -75,6 +76,36 @@ t.test('a pack index: sorted entries, each digest once, a checksum; lookups find
   damaged[16 + 5 * 72 + 40] ^= 1;
   t.throws(() => decodePackIndex('idx', damaged), { code: 'ECORRUPT', message: /does not match its checksum/ });
   t.throws(() => decodePackIndex('idx', encoded.subarray(0, encoded.length - 72)), { code: 'ECORRUPT' }, 'a truncated index');
+});
+
+t.test('a pack writer: pieces one after the other, a pack named by its SHA-256, pieces larger than a pack (64 MiB blocks) in packs of their own', async (t) => {
+  const written = new Map<string, Buffer>();
+  const backend = {
+    putIfAbsent: async (key: string, data: Uint8Array | readonly Uint8Array[]) => {
+      written.set(key, Buffer.concat(data instanceof Uint8Array ? [data] : [...data]));
+      return true;
+    },
+  };
+  const w = new PackWriter(backend, new PackTable(), new Throttle(64 * MiB), (d) => `blocks/${d.toString('hex')}`);
+  const small = randomBytes(4 * KiB);
+  const big = randomBytes(PACK_BYTES + 4 * MiB); // a piece of a 64 MiB block is 8 MiB
+  const d = (b: Buffer) => createHash('sha256').update(b).digest();
+  t.ok(await w.add(d(small), small));
+  t.notOk(await w.add(d(small), small), 'the same piece twice is packed once');
+  await w.flush(); // (its buffer is kept for the next pack)
+  await new Promise((r) => setTimeout(r, 50));
+  t.ok(await w.add(d(big), [big.subarray(0, 100), big.subarray(100)]), 'a piece larger than a pack buffer (in parts)');
+  await w.flush();
+  await new Promise((r) => setTimeout(r, 50));
+  t.notOk(w.pending, 'every piece is in a written pack');
+  t.equal(written.size, 2, 'two packs');
+  for (const [key, bytes] of written) t.equal(key, `blocks/${createHash('sha256').update(bytes).digest('hex')}`, 'named by the SHA-256 of its bytes');
+  const table = new PackTable();
+  table.add(decodePackIndex('idx', w.index(Buffer.concat([d(small), d(big)]))));
+  for (const piece of [small, big]) {
+    const at = table.lookup(d(piece))!;
+    t.ok(written.get(`blocks/${at.pack.toString('hex')}`)!.subarray(at.offset, at.offset + at.length).equals(piece), 'the index places each piece at its bytes');
+  }
 });
 
 forEachBackend(t, 'an incremental stores its pieces in packs: fewer objects, a version 3 manifest with its index, exact restores after parents are deleted', async (t, b) => {

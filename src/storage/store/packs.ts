@@ -177,7 +177,8 @@ export class PackWriter {
     this.seen.add(hex);
     const len = dataLength(data);
     if (this.buf && this.used + len > this.buf.length) await this.flush();
-    this.buf ??= this.free.pop() ?? this.alloc(Math.max(PACK_BYTES, len));
+    // (a free buffer is PACK_BYTES long; a piece larger than that, of a store with blocks over 32 MiB, gets its own)
+    this.buf ??= (len <= PACK_BYTES ? this.free.pop() : undefined) ?? this.alloc(Math.max(PACK_BYTES, len));
     let at = this.used;
     for (const part of data instanceof Uint8Array ? [data] : data) {
       this.buf.set(part, at);
