@@ -10,25 +10,12 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import * as snap from '../src/storage';
 import { withFaults } from '../src/storage/faults';
 import { forEachBackend } from './helpers/backends';
 import { logicalSizesSync } from './helpers/packs';
-
-const KiB = 1024;
-const MiB = 2 ** 20;
-const BS = 512 * KiB;
-const PS = 64 * KiB;
-const SIZE = 24 * MiB;
-
-const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
-
-/** A raw volume with 20 MiB of random data and 4 MiB of hole at the end. */
-function makeVolume(file: string): void {
-  fs.writeFileSync(file, randomBytes(20 * MiB));
-  fs.truncateSync(file, SIZE);
-}
+import { BS, KiB, MiB, PS, makeVolume, restored, sha } from './helpers/granules';
 
 /** Writes `len` bytes of fresh random data (or zeros) at each offset. */
 function writeAt(file: string, offsets: number[], len = PS, zero = false): void {
@@ -40,13 +27,6 @@ function writeAt(file: string, offsets: number[], len = PS, zero = false): void 
   }
 }
 
-async function restored(store: string, id: string, dir: string, key?: { keyFile: string }): Promise<string> {
-  const out = path.join(dir, `r-${randomBytes(4).toString('hex')}.raw`);
-  await snap.restoreSnapshot(id, { store, to: out, key });
-  const digest = sha(fs.readFileSync(out));
-  fs.rmSync(out);
-  return digest;
-}
 
 /** Sizes of a directory store's block objects, packs counted as their pieces. */
 const objectSizes = logicalSizesSync;

@@ -14,19 +14,7 @@ import * as snap from '../src/storage';
 import { PACK_BYTES, PackTable, PackWriter, decodePackIndex, encodePackIndex, packsOf } from '../src/storage/store/packs';
 import { Throttle } from '../src/storage/pool';
 import { forEachBackend } from './helpers/backends';
-
-const KiB = 1024;
-const MiB = 2 ** 20;
-const BS = 512 * KiB;
-const PS = 64 * KiB;
-const SIZE = 24 * MiB;
-
-const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
-
-function makeVolume(file: string): void {
-  fs.writeFileSync(file, randomBytes(20 * MiB));
-  fs.truncateSync(file, SIZE);
-}
+import { BS, KiB, MiB, PS, makeVolume, restored, sha } from './helpers/granules';
 
 /**
  * Fresh random granules at `count` places (at most 60): two granules in each of count/2 blocks,
@@ -46,13 +34,6 @@ function scatter(file: string, count: number, seed: number): void {
   }
 }
 
-async function restoredDigest(store: string, id: string, dir: string, key?: { keyFile: string }): Promise<string> {
-  const out = path.join(dir, `r-${randomBytes(4).toString('hex')}.raw`);
-  await snap.restoreSnapshot(id, { store, to: out, key });
-  const digest = sha(fs.readFileSync(out));
-  fs.rmSync(out);
-  return digest;
-}
 
 t.test('a pack index: sorted entries, each digest once, a checksum; lookups find every entry', async (t) => {
   const packA = randomBytes(32);
@@ -128,7 +109,7 @@ forEachBackend(t, 'an incremental stores its pieces in packs: fewer objects, a v
   t.equal(manifest.readUInt16LE(8), 3, 'the manifest is version 3');
   const index = decodePackIndex('idx', await b.read(store, `snapshots/${s2.id}.packs`));
   t.equal(index.length / 72, 60, 'its pack index lists the 60 pieces');
-  t.equal(await restoredDigest(store, s2.id, dir), want2, 'the incremental restores exactly');
+  t.equal(await restored(store, s2.id, dir), want2, 'the incremental restores exactly');
   t.ok((await snap.verifySnapshot(s2.id, { store })).ok, 'verify reads every piece from its pack');
 
   // a second incremental keeps some of the first one's pieces and adds its own
@@ -144,7 +125,7 @@ forEachBackend(t, 'an incremental stores its pieces in packs: fewer objects, a v
   for (const s of [s1, s2]) await snap.deleteSnapshot(s.id, { store, permanently: true });
   const g = await snap.gc({ store });
   t.equal(g.liveSnapshots, 1);
-  t.equal(await restoredDigest(store, s3.id, dir), want3, 'the last restores exactly after its parents are gone');
+  t.equal(await restored(store, s3.id, dir), want3, 'the last restores exactly after its parents are gone');
   t.ok((await snap.verifySnapshot(s3.id, { store })).ok, 'and verifies');
   t.notOk((await b.keys(store, 'snapshots/')).some((k) => k.includes(s2.id)), 'the deleted snapshot\'s index went with it');
   t.not(want1, want3);
@@ -189,9 +170,9 @@ forEachBackend(t, 'a damaged pack or pack index never gives wrong bytes; gc stop
   await t.rejects(snap.gc({ store }), { code: 'ECORRUPT', message: /gc stopped before deleting anything/ });
   t.ok((await b.keys(store, 'blocks/')).includes(packs[0]), 'the pack is still there');
   await b.write(store, key, good);
-  t.equal(await restoredDigest(store, s2.id, dir), sha(fs.readFileSync(vol)), 'the index put back: restores exactly');
+  t.equal(await restored(store, s2.id, dir), sha(fs.readFileSync(vol)), 'the index put back: restores exactly');
   await snap.gc({ store });
-  t.equal(await restoredDigest(store, s2.id, dir), sha(fs.readFileSync(vol)), 'and after gc');
+  t.equal(await restored(store, s2.id, dir), sha(fs.readFileSync(vol)), 'and after gc');
 });
 
 t.test('packs in an encrypted store, copied to another store, through the recycle bin', async (t) => {
@@ -209,13 +190,13 @@ t.test('packs in an encrypted store, copied to another store, through the recycl
   const want2 = sha(fs.readFileSync(vol));
   t.equal(s2.stats.blocksAdded, 12, 'twelve sealed pieces');
   t.ok(fs.existsSync(path.join(store, 'snapshots', `${s2.id}.packs`)), 'in packs, with an index');
-  t.equal(await restoredDigest(store, s2.id, dir, key), want2, 'restores exactly');
+  t.equal(await restored(store, s2.id, dir, key), want2, 'restores exactly');
   t.ok((await snap.verifySnapshot(s2.id, { store, key })).ok, 'verifies (each sealed piece authenticated)');
 
   // a copy to another store holds whole blocks and restores alone
   const other = path.join(dir, 'other');
   const c = await snap.copySnapshot(s2.id, { store, toStore: other, key });
-  t.equal(await restoredDigest(other, c.id, dir, key), want2, 'the copy restores exactly');
+  t.equal(await restored(other, c.id, dir, key), want2, 'the copy restores exactly');
 
   // the bin: delete the parent for good, the child into the bin; gc keeps its packs; undelete
   await snap.setBinRetention(7 * 86400, { store });
@@ -224,7 +205,7 @@ t.test('packs in an encrypted store, copied to another store, through the recycl
   t.ok(fs.existsSync(path.join(store, 'bin', `${s2.id}.packs`)), 'its index went into the bin with it');
   await snap.gc({ store });
   await snap.undeleteSnapshot(s2.id, { store });
-  t.equal(await restoredDigest(store, s2.id, dir, key), want2, 'back from the bin after gc: restores exactly');
+  t.equal(await restored(store, s2.id, dir, key), want2, 'back from the bin after gc: restores exactly');
 });
 
 t.test('DISKSNAP_NO_PACKS=1: new pieces are objects of their own, and the index still lists the parent\'s packed ones', async (t) => {
@@ -252,5 +233,5 @@ t.test('DISKSNAP_NO_PACKS=1: new pieces are objects of their own, and the index 
   t.ok(index.length > 0, 'the pieces kept from the packed parent are listed');
   await snap.deleteSnapshot(packed.id, { store, permanently: true });
   await snap.gc({ store });
-  t.equal(await restoredDigest(store, loose.id, dir), sha(fs.readFileSync(vol)), 'restores exactly after its parent is gone');
+  t.equal(await restored(store, loose.id, dir), sha(fs.readFileSync(vol)), 'restores exactly after its parent is gone');
 });
