@@ -9,7 +9,8 @@
  *
  * Pieces (./store/manifest.ts): where the new manifest has them, a dirty block that has at
  * most MAX_NEW_PIECES of its eight 64 KiB granules dirty reads only those granules and
- * stores each as an object of its own. The parent's entries for the block stay beside them.
+ * stores each as a piece of its own (in a pack: ./store/packs.ts). The parent's entries for
+ * the block stay beside them.
  * With 1% of a 4 GiB qcow2 volume rewritten in scattered 64 KiB writes, an incremental reads
  * and stores 41 MiB instead of the 285 MiB of blocks around them. A block whose pieces would
  * then number more than MAX_PIECES, or where a dirty granule now reads as zeros, is read whole
