@@ -129,8 +129,10 @@ async function mark(store: Store, listing: SnapshotListing): Promise<{ live: Dig
     } finally {
       await reader.close();
     }
-    if (reader.header.packed) await markPacks(store, key, live);
   }
+  // Their packs: openManifest read each packed manifest's pack index into the store's table
+  // (and refused a missing or damaged one, which stopped gc above), so none is read twice.
+  for (const p of store.packs.packs()) live.add(p);
   // Damaged records: keep whatever their manifest references, if it is readable.
   for (const d of listing.damaged) {
     const key = store.manifestKey(d.id);

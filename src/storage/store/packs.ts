@@ -69,6 +69,11 @@ export class PackTable {
     if (entries.length) this.tables.push(entries);
   }
 
+  /** Every pack the tables name, each once. */
+  packs(): Buffer[] {
+    return packsOf(Buffer.concat(this.tables));
+  }
+
   lookup(digest: Uint8Array): PackedAt | undefined {
     const d = Buffer.from(digest.buffer, digest.byteOffset, 32);
     for (const t of this.tables) {

@@ -328,9 +328,8 @@ export class Store {
     return this.backend.putIfAbsent(this.blockKey(digest), parts);
   }
 
-  /** Where a block object is, for messages: its file or key, or its bytes in a pack. */
-  describeBlock(digest: Uint8Array): string {
-    const at = this.shared.packs.lookup(digest);
+  /** Where a block object is, for messages: its file or key, or its bytes in a pack (`at`, when already looked up). */
+  describeBlock(digest: Uint8Array, at = this.shared.packs.lookup(digest)): string {
     const where = this.backend.describe(this.blockKey(at?.pack ?? digest));
     return at ? `${where} (a pack, bytes ${at.offset}+${at.length})` : where;
   }
@@ -340,7 +339,7 @@ export class Store {
     const d = Buffer.from(digest);
     const at = this.shared.packs.lookup(d);
     const key = this.blockKey(at?.pack ?? d);
-    const where = this.describeBlock(d);
+    const where = this.describeBlock(d, at); // (one lookup per block)
     let stored: Buffer;
     try {
       // A sealed object is larger than its block: read it whole, then decrypt into `into`.
