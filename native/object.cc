@@ -274,8 +274,8 @@ Napi::Value AlignOffset(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   const double a = info[1].As<Napi::Number>().DoubleValue();
-  if (!(a >= 1 && a <= 1 << 20) || (static_cast<uint32_t>(a) & (static_cast<uint32_t>(a) - 1)) != 0) {
-    ThrowInvalid(env, "alignOffset: align must be a power of two up to 1 MiB");
+  if (!(a >= 1 && a <= 1 << 21) || (static_cast<uint32_t>(a) & (static_cast<uint32_t>(a) - 1)) != 0) {
+    ThrowInvalid(env, "alignOffset: align must be a power of two up to 2 MiB");
     return env.Undefined();
   }
   const uintptr_t align = static_cast<uintptr_t>(a);

@@ -89,6 +89,56 @@ t.test('a pack writer: pieces one after the other, a pack named by its SHA-256, 
   }
 });
 
+t.test('a pack writer fills at most four buffers: the next pack waits for a stored one, and a failed store lets it go on and is reported', async (t) => {
+  const gates: Array<() => void> = [];
+  let allocated = 0;
+  let failNext = false;
+  const written: string[] = [];
+  const backend = {
+    allocBuffer: (n: number) => (allocated++, Buffer.alloc(n)),
+    putIfAbsent: async (key: string) => {
+      await new Promise<void>((r) => gates.push(r));
+      if (failNext) throw Object.assign(new Error('disk full'), { code: 'ENOSPC' });
+      written.push(key);
+      return true;
+    },
+  };
+  const w = new PackWriter(backend, new PackTable(), new Throttle(1024 * MiB), (d) => `blocks/${d.toString('hex')}`);
+  const piece = () => {
+    const b = randomBytes(PACK_BYTES); // one piece fills a pack
+    return { d: createHash('sha256').update(b).digest(), b };
+  };
+  for (let k = 0; k < 4; k++) {
+    const p = piece();
+    t.ok(await w.add(p.d, p.b));
+  }
+  await w.flush(); // the fourth pack goes out; four writes wait on their gates
+  await new Promise((r) => setTimeout(r, 20));
+  t.equal(allocated, 4, 'four buffers for four packs in flight');
+  const fifth = piece();
+  let added = false;
+  const adding = w.add(fifth.d, fifth.b).then(() => (added = true));
+  await new Promise((r) => setTimeout(r, 50));
+  t.notOk(added, 'a fifth pack waits while four buffers are being stored');
+  while (!gates.length) await new Promise((r) => setTimeout(r, 5));
+  gates.shift()!();
+  await adding;
+  t.equal(allocated, 4, 'and then fills the buffer the stored pack gave back');
+  failNext = true;
+  while (gates.length) gates.shift()!();
+  await new Promise((r) => setTimeout(r, 20));
+  const sixth = piece();
+  await t.rejects(
+    (async () => {
+      await w.add(sixth.d, sixth.b);
+      await w.flush();
+    })(),
+    { code: 'ENOSPC' },
+    'a failed pack store is reported to the writer, which is not left waiting for its buffer',
+  );
+  t.equal(allocated, 4, 'no buffer beyond the four');
+});
+
 forEachBackend(t, 'an incremental stores its pieces in packs: fewer objects, a version 3 manifest with its index, exact restores after parents are deleted', async (t, b) => {
   const dir = t.testdir();
   const store = await b.store('packs');

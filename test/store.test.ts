@@ -394,3 +394,17 @@ t.test('block objects from an aligned buffer are written with O_DIRECT and read 
   t.ok((await be.get('blocks/ab/short')).equals(buf.subarray(0, 1000)));
   t.same(fs.readdirSync(path.join(dir, 'blocks', 'ab')).sort(), ['one', 'short'], 'no probe or temporary file left');
 });
+
+t.test('big buffers start on a 2 MiB boundary (whole huge pages), small ones are plain', async (t) => {
+  const { bigBuffer, DirectIo } = await import('../src/storage/store/direct');
+  for (const size of [4 * 2 ** 20, 4 * 2 ** 20 + 4096, 9 * 2 ** 20]) {
+    const b = bigBuffer(size);
+    t.equal(b.length, size);
+    t.equal(native().alignOffset(b, 2 * 2 ** 20), 0, `${size} bytes: at a 2 MiB boundary`);
+    const z = bigBuffer(size, true);
+    t.ok(z.every((x) => x === 0), 'zeroed when asked');
+  }
+  t.equal(bigBuffer(65536).length, 65536);
+  const dio = DirectIo.probe(t.testdir());
+  if (dio) t.equal(native().alignOffset(dio.alloc(4 * 2 ** 20), 2 * 2 ** 20), 0, 'an O_DIRECT buffer of a pack\'s size too');
+});
