@@ -137,6 +137,23 @@ t.test('a pack writer fills at most four buffers: the next pack waits for a stor
     'a failed pack store is reported to the writer, which is not left waiting for its buffer',
   );
   t.equal(allocated, 4, 'no buffer beyond the four');
+
+  // a remote backend (with a request concurrency): as many packs in flight as the write throttle admits
+  let remote = 0;
+  const held: Array<() => void> = [];
+  const s3like = {
+    concurrency: 32,
+    putIfAbsent: async () => (await new Promise<void>((r) => held.push(r)), true),
+    allocBuffer: (n: number) => (remote++, Buffer.alloc(n)),
+  };
+  const r = new PackWriter(s3like, new PackTable(), new Throttle(1024 * MiB), (d) => `blocks/${d.toString('hex')}`);
+  for (let k = 0; k < 16; k++) {
+    const p = piece();
+    await r.add(p.d, p.b);
+  }
+  await r.flush();
+  t.equal(remote, 16, 'sixteen packs in flight to a remote store');
+  while (held.length) held.shift()!();
 });
 
 forEachBackend(t, 'an incremental stores its pieces in packs: fewer objects, a version 3 manifest with its index, exact restores after parents are deleted', async (t, b) => {

@@ -49,8 +49,11 @@ export const PACK_BYTES = 4 * 1024 * 1024;
  * once its pack is stored. Fresh memory costs page faults (./direct.ts), and a buffer per pack
  * (11 for 1% of a 4 GiB volume in scattered writes) cost the incremental ~40 ms of faults and
  * garbage collection on the bench's VM; 4 keep 3 packs in flight while the next one fills.
+ * A remote backend (one with a `concurrency`) gets as many as the snapshot's write throttle
+ * admits (64 MiB), as before: there a PUT's round trip, not memory, is what packs wait for.
  */
 const PACK_BUFFERS = 4;
+const REMOTE_PACK_BUFFERS = 16;
 const MAGIC = Buffer.from('DSNAPPK\n', 'latin1');
 const VERSION = 1;
 const HEADER = 16;
@@ -177,13 +180,16 @@ export class PackWriter {
   private readonly free: Buffer[] = [];
   private buffers = 0;
   private readonly waiting: Array<() => void> = [];
+  private readonly maxBuffers: number;
 
   constructor(
-    private readonly backend: Pick<StoreBackend, 'putIfAbsent' | 'allocBuffer'>,
+    private readonly backend: Pick<StoreBackend, 'putIfAbsent' | 'allocBuffer' | 'concurrency'>,
     private readonly table: PackTable,
     private readonly writes: Throttle,
     private readonly keyOf: (digest: Buffer) => string,
-  ) {}
+  ) {
+    this.maxBuffers = backend.concurrency ? REMOTE_PACK_BUFFERS : PACK_BUFFERS;
+  }
 
   /** Queues one piece (its stored bytes); false when it was packed already (not stored again). */
   async add(digest: Buffer, data: ObjectData): Promise<boolean> {
@@ -204,13 +210,13 @@ export class PackWriter {
   }
 
   /**
-   * A buffer to fill: a free one, a new one while fewer than PACK_BUFFERS exist, else the
+   * A buffer to fill: a free one, a new one while fewer than maxBuffers exist, else the
    * next one a finished write gives back. (A piece larger than PACK_BYTES, of a store with
    * blocks over 32 MiB, gets a buffer of its own, not kept.)
    */
   private async take(len: number): Promise<Buffer> {
     if (len > PACK_BYTES) return this.alloc(len);
-    while (!this.free.length && this.buffers >= PACK_BUFFERS) await new Promise<void>((r) => this.waiting.push(r));
+    while (!this.free.length && this.buffers >= this.maxBuffers) await new Promise<void>((r) => this.waiting.push(r));
     const buf = this.free.pop();
     if (buf) return buf;
     this.buffers++;
