@@ -48,8 +48,9 @@ export function bigBuffer(size: number, zeroed = false): Buffer {
   // allocations land) has one such range, its other half faulted in 4 KiB at a time (a pack
   // being filled, ./packs.ts: ~500 faults, ~6 ms of CPU on the bench's VM). The slack is
   // address space only: pages never touched are never faulted in.
-  // (calloc of a large size maps fresh zero pages without writing them: zeroed costs nothing)
-  const raw = Buffer.alloc(size + HUGE_PAGE);
+  // (zeroed: calloc of a mapped size gives fresh zero pages without writing them; where the
+  // memory comes from malloc's heap instead, calloc writes zeros before the advice below)
+  const raw = zeroed ? Buffer.alloc(size + HUGE_PAGE) : Buffer.allocUnsafeSlow(size + HUGE_PAGE);
   const shift = native().alignOffset(raw, HUGE_PAGE);
   const b = raw.subarray(shift, shift + size);
   native().adviseHugePages(b);
