@@ -46,8 +46,9 @@ export function bigBuffer(size: number, zeroed = false): Buffer {
   // 2 MiB more than asked, and the view from the first 2 MiB boundary: only whole aligned 2 MiB
   // ranges can be huge pages, and a 4 MiB buffer at a mere page boundary (where large
   // allocations land) has one such range, its other half faulted in 4 KiB at a time (a pack
-  // being filled, ./packs.ts: ~500 faults, ~6 ms of CPU on the bench's VM). The slack is
-  // address space only: pages never touched are never faulted in.
+  // being filled, ./packs.ts: ~500 faults, ~6 ms of CPU on the bench's VM). Where the memory
+  // is freshly mapped (always in the CLI: tuneMalloc maps every allocation from 1 MiB on) the
+  // slack is address space only: pages never touched are never faulted in.
   // (zeroed: calloc of a mapped size gives fresh zero pages without writing them; where the
   // memory comes from malloc's heap instead, calloc writes zeros before the advice below)
   const raw = zeroed ? Buffer.alloc(size + HUGE_PAGE) : Buffer.allocUnsafeSlow(size + HUGE_PAGE);

@@ -23,7 +23,7 @@ import { S3Backend, isS3Url } from './s3';
 import { S3Lease, lockBucket, snapshotWriterGone, takeSnapshotLease } from './s3-lease';
 import { TagKey, plainStoreTagKey, tagKeyFrom, tagsKey } from './tags';
 import { ManifestHeader, ManifestReader, ManifestWriter } from './manifest';
-import { PackTable, packsKey, readPackIndex } from './packs';
+import { PackTable, PackedAt, packsKey, readPackIndex } from './packs';
 import { assertTrustedStore } from './secure';
 import { DerivedKeys, sealBlock, sealMetadata, unsealBlock } from './crypto';
 import {
@@ -328,8 +328,12 @@ export class Store {
     return this.backend.putIfAbsent(this.blockKey(digest), parts);
   }
 
-  /** Where a block object is, for messages: its file or key, or its bytes in a pack (`at`, when already looked up). */
-  describeBlock(digest: Uint8Array, at = this.shared.packs.lookup(digest)): string {
+  /** Where a block object is, for messages: its file or key, or its bytes in a pack. */
+  describeBlock(digest: Uint8Array): string {
+    return this.describeAt(digest, this.shared.packs.lookup(digest));
+  }
+  /** describeBlock with the pack lookup done (`at`: undefined when the block is no piece in a pack). */
+  private describeAt(digest: Uint8Array, at: PackedAt | undefined): string {
     const where = this.backend.describe(this.blockKey(at?.pack ?? digest));
     return at ? `${where} (a pack, bytes ${at.offset}+${at.length})` : where;
   }
@@ -339,7 +343,7 @@ export class Store {
     const d = Buffer.from(digest);
     const at = this.shared.packs.lookup(d);
     const key = this.blockKey(at?.pack ?? d);
-    const where = this.describeBlock(d, at); // (one lookup per block)
+    const where = this.describeAt(d, at); // (one lookup per block: a default argument would look an unpacked block up again)
     let stored: Buffer;
     try {
       // A sealed object is larger than its block: read it whole, then decrypt into `into`.
