@@ -13,8 +13,8 @@ import * as path from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
 import * as snap from '../src/storage';
 import { DirectoryBackend } from '../src/storage/store/dir';
-import { ManifestCursor, ManifestReader, ManifestWriter, HEADER_LENGTH, ENTRY_LENGTH, sameEntries } from '../src/storage/store/manifest';
-import { unitsOf } from '../src/storage/dirty';
+import { BlockEntries, EntryRun, ManifestCursor, ManifestReader, ManifestWriter, HEADER_LENGTH, ENTRY_LENGTH, sameEntries } from '../src/storage/store/manifest';
+import { Held, ParentEntries, unitsOf } from '../src/storage/dirty';
 import { qemuImgOk, qemuIo, guestBytes, assertClean } from './helpers/qemu';
 import { needQemuNbd, qemuBitmaps } from './helpers/qemu-bitmaps';
 import { isDisksnapError } from '../src/engine/errors';
@@ -144,6 +144,60 @@ t.test('runs of entries copied as they are (runNow, appendRun) make the same man
   t.ok(spent >= 2, `runs ended with their chunk (${spent})`);
   t.ok(perEntry > 10, 'entries appended on their own between the runs');
   t.ok(blocks > 40000 && blocks < 50000 && wholes > 30000, `the runs counted their blocks (${blocks}) and whole objects (${wholes})`);
+});
+
+t.test('a dirty scan takes the parent entries in runs, held ones cut at dirty blocks, across read chunks (ParentEntries, Held)', async (t) => {
+  const dir = t.testdir();
+  // 70000 entries over 50000 blocks, some with pieces: three read chunks of 26214 entries
+  const entries: Array<[number, number]> = [];
+  for (let i = 0; entries.length < 70000; i++) {
+    if (i % 7 !== 3) entries.push([i, 0]);
+    if (i % 5 === 1) entries.push([i, 2], [i, 8]);
+  }
+  const last = entries[entries.length - 1][0];
+  const volumeSize = (last + 1) * BS;
+  const be = await writeEntries(dir, entries, volumeSize);
+  const r = await openM(be);
+  const w = new ManifestWriter(await be.create('copy.map'), header(volumeSize, PS));
+  let blocks = 0;
+  let lastRecorded = -1;
+  let spent = 0;
+  const rec = {
+    recordRun(run: EntryRun): void {
+      w.appendRun(run);
+      blocks += run.blocks - (run.first === lastRecorded ? 1 : 0);
+      lastRecorded = run.last;
+    },
+  };
+  const parent = new ParentEntries(new ManifestCursor(r), rec);
+  // groups of dirty blocks as the scan makes them (ascending, spanning up to ~1500 blocks),
+  // some of them around the chunk ends (entry 26214 is near block 18700, 52428 near 37450)
+  let held = 0;
+  for (let g0 = 5; g0 < last; g0 += 1733) {
+    const group = [g0, g0 + 1, g0 + 401, g0 + 777, g0 + 1490].filter((i) => i <= last);
+    await parent.until(group[0], group);
+    const hold = new Held(r.header);
+    const prev = new Map<number, BlockEntries>();
+    await parent.until(group[group.length - 1] + 1, group, hold, prev);
+    // the dirty blocks' own entries (as the parent had them), merged with the held ones in block order
+    for (const i of group) {
+      hold.recordUntil(i, rec, undefined, undefined);
+      const e = prev.get(i);
+      if (!e) continue;
+      if (e.digest) w.append(i, e.digest, 0, 0);
+      for (const p of e.pieces ?? []) w.append(i, p.digest, 0, p.slot);
+      if (i !== lastRecorded) blocks++;
+      lastRecorded = i;
+      held++;
+    }
+    hold.recordUntil(Number.MAX_SAFE_INTEGER, rec, undefined, undefined);
+  }
+  await parent.until(Number.MAX_SAFE_INTEGER, []);
+  await w.commit();
+  await r.close();
+  t.ok(fs.readFileSync(path.join(dir, 'copy.map')).equals(fs.readFileSync(path.join(dir, 'm.map'))), `byte for byte the same (${held} dirty blocks taken over on their own)`);
+  t.equal(blocks, new Set(entries.map((e) => e[0])).size, 'every block counted once, also where a run went on in the next chunk');
+  t.ok(held > 100, 'dirty blocks with entries were handed over');
 });
 
 t.test('appendRun refuses a run out of order, past the volume, or pieces where they do not fit', async (t) => {
