@@ -329,6 +329,31 @@ t.test('a store is created with its block size once; a different block size late
   await t.rejects(Store.open(dir), { code: 'ECORRUPT', message: /store\.json.*field/ });
 });
 
+t.test('a new store makes a prefix directory when its first object goes in, and syncs it and blocks/ then', async (t) => {
+  const dir = path.join(t.testdir(), 'st');
+  const s = await Store.open(dir, { create: true });
+  t.same(fs.readdirSync(path.join(dir, 'blocks')).filter((n) => !n.startsWith('.tmp-')), [], 'no prefix directories yet');
+  const be = new DirectoryBackend(dir);
+  const data = randomBytes(1000);
+  const key = s.blockKey(createHash('sha256').update(data).digest());
+  t.equal(await be.putIfAbsent(key, data), true);
+  t.same(fs.readdirSync(path.join(dir, 'blocks')), [path.basename(path.dirname(key))], 'its prefix directory made');
+  const synced: string[] = [];
+  const open = fs.promises.open;
+  fs.promises.open = (async (p: fs.PathLike, flags?: string | number, mode?: fs.Mode) => {
+    if (flags === 'r') synced.push(String(p));
+    return open(p, flags, mode);
+  }) as typeof fs.promises.open;
+  try {
+    await be.flush();
+  } finally {
+    fs.promises.open = open;
+  }
+  t.same(synced.sort(), [path.join(dir, 'blocks'), path.dirname(path.join(dir, key))].sort(), 'flush syncs the new directory and blocks/, where its name is');
+  t.same(await be.get(key), data);
+  t.equal(await be.putIfAbsent(key, data), false, 'written once');
+});
+
 t.test('the default store is $DISKSNAP_STORE, else under $XDG_DATA_HOME, else ~/.local/share', async (t) => {
   const saved = { s: process.env.DISKSNAP_STORE, x: process.env.XDG_DATA_HOME };
   t.teardown(() => {

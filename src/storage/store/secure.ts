@@ -122,8 +122,9 @@ export function assertTrustedStore(root: string): void {
   const bs = lstatIfAny(blocks);
   if (bs) {
     assertTrusted(blocks, bs, 'directory');
-    // its 256 prefix directories (the objects below them are not walked: see above), and the
-    // temporary files a killed process can leave beside them (the O_DIRECT probe: direct.ts)
+    // its prefix directories (up to 256, made as objects need them; the objects below them are
+    // not walked: see above), and the temporary files a killed process can leave beside them
+    // (the O_DIRECT probe: direct.ts)
     assertEntries(blocks, (name) => (name.startsWith('.tmp-') ? 'file' : 'directory'));
   }
   for (const d of RECORD_DIRS) {

@@ -219,13 +219,12 @@ export class Store {
     return new Store(root, backend, config, PLAIN_CODEC, { remote, leases: new Set(), packs: new PackTable() });
   }
 
-  /** Creates the directories, then store.json last (its presence means "a store"). */
+  /** Creates the directories, then store.json last (its presence means "a store"; blocks/<xx>: DirectoryBackend.putIfAbsent). */
   private static async init(root: string, backend: FullBackend, blockSize: number, local: boolean): Promise<Buffer> {
     checkBlockSize(blockSize);
     if (local) try {
       fs.mkdirSync(root, { recursive: true });
       for (const d of ['volumes', 'snapshots', 'leases', 'blocks', 'keys']) fs.mkdirSync(path.join(root, d), { recursive: true });
-      for (let i = 0; i < 256; i++) fs.mkdirSync(path.join(root, 'blocks', i.toString(16).padStart(2, '0')), { recursive: true });
     } catch (e) {
       const err = e as NodeJS.ErrnoException;
       throw new DisksnapError(`cannot create store ${root}: ${err.message}`, err.code ?? 'EIO', undefined, root);
