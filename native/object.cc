@@ -302,6 +302,44 @@ Napi::Value AdviseHugePages(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(to - from));
 }
 
+// allocHuge(size) -> Buffer: `size` bytes of fresh zero memory (an anonymous mapping of their
+// own) starting on a 2 MiB boundary and marked MADV_HUGEPAGE, unmapped when the Buffer is
+// collected. For the pipeline's large buffers (src/storage/store/direct.ts bigBuffer): aligning
+// a Buffer from V8's allocator took 2 MiB of slack each, and V8 counts a Buffer's whole size as
+// external memory, which sets off its collections ("external memory pressure" in --trace-gc).
+// Here each buffer counts its own size only, and zero memory costs nothing whatever malloc's
+// settings are. Throws ENOMEM when the mapping fails.
+Napi::Value AllocHuge(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber()) {
+    ThrowInvalid(env, "allocHuge: size must be a number");
+    return env.Undefined();
+  }
+  const double n = info[0].As<Napi::Number>().DoubleValue();
+  constexpr size_t kHuge = size_t{2} << 20;
+  if (!(n >= 1 && n <= double{1ull << 40}) || n != static_cast<double>(static_cast<size_t>(n))) {
+    ThrowInvalid(env, "allocHuge: size must be a whole number of bytes from 1 to 1 TiB");
+    return env.Undefined();
+  }
+  const size_t len = static_cast<size_t>(n);
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  const size_t mapped = (len + page - 1) / page * page;
+  // map 2 MiB more than needed, then unmap what lies before the first 2 MiB boundary and after
+  // the buffer's last page
+  const size_t span = mapped + kHuge;
+  void* p = ::mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) {
+    Throw(env, SysError::Errno(errno, "mmap"));
+    return env.Undefined();
+  }
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t b = (a + kHuge - 1) & ~(uintptr_t{kHuge} - 1);
+  if (b > a) ::munmap(p, b - a);
+  if (a + span > b + mapped) ::munmap(reinterpret_cast<void*>(b + mapped), a + span - (b + mapped));
+  if (mapped >= kHuge) ::madvise(reinterpret_cast<void*>(b), mapped & ~(kHuge - 1), MADV_HUGEPAGE);
+  return Napi::Buffer<uint8_t>::New(env, reinterpret_cast<uint8_t*>(b), len, [mapped](Napi::Env, uint8_t* data) { ::munmap(data, mapped); });
+}
+
 // tuneMalloc(): glibc's malloc keeps up to 64 MiB of freed memory for reuse instead of giving
 // it back to the kernel at once, and serves allocations under 1 MiB from its heap. Node
 // allocates every HTTP body chunk (64 KiB) and socket read anew; with glibc's defaults the
@@ -333,6 +371,7 @@ void InitObject(Napi::Env env, Napi::Object exports) {
   exports.Set("alignOffset", Napi::Function::New(env, AlignOffset, "alignOffset"));
   exports.Set("tuneMalloc", Napi::Function::New(env, TuneMalloc, "tuneMalloc"));
   exports.Set("adviseHugePages", Napi::Function::New(env, AdviseHugePages, "adviseHugePages"));
+  exports.Set("allocHuge", Napi::Function::New(env, AllocHuge, "allocHuge"));
 }
 
 }  // namespace disksnap

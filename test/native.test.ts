@@ -27,6 +27,8 @@ import { DisksnapError } from '../src/engine/errors';
 import { missing } from './helpers/tools';
 import { withHashImpl } from './helpers/hash-impl';
 import { bigBuffer } from '../src/storage/store/direct';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -942,6 +944,36 @@ t.test('adviseHugePages: a big chunk buffer is backed by 2 MiB pages once writte
   t.ok(took < 2048, `${took} page faults to write 16 MiB (4,096 with 4 KiB pages)`);
   t.equal(buf.indexOf(0), -1, 'every byte holds what was written');
   t.equal(buf.length, 16 << 20);
+});
+
+t.test('allocHuge: exact size, zero, on a 2 MiB boundary, unmapped once collected; bad sizes refused', async (t) => {
+  const n = native();
+  for (const bad of [0, -1, 1.5, 2 ** 41, NaN, '4096' as unknown as number]) t.throws(() => n.allocHuge(bad), { code: 'EINVAL' }, `size ${String(bad)}`);
+  const size = 5 * 2 ** 20 + 123;
+  const b = n.allocHuge(size);
+  t.equal(b.length, size);
+  t.equal(n.alignOffset(b, 2 * 2 ** 20), 0, 'starts on a 2 MiB boundary');
+  t.ok(b.every((x) => x === 0), 'fresh memory is zero');
+  b.fill(0x5a);
+  t.equal(b[size - 1], 0x5a, 'its last byte is writable');
+  // its mapping goes when the Buffer is collected: 256 MiB of address space (never touched,
+  // so it costs no memory) is far more than anything else here maps or unmaps meanwhile
+  const vmKb = () => Number(/^VmSize:\s+(\d+) kB/m.exec(fs.readFileSync('/proc/self/status', 'utf8'))?.[1]);
+  setFlagsFromString('--expose-gc');
+  const gc = runInNewContext('gc') as () => void;
+  const before = vmKb();
+  let during = 0;
+  (() => {
+    const c = n.allocHuge(256 * 2 ** 20);
+    c[c.length - 1] = 1;
+    during = vmKb();
+  })();
+  t.ok(during - before >= 256 << 10, `mapped while in use (+${during - before} kB)`);
+  for (let i = 0; i < 5 && during - vmKb() < 256 << 10; i++) {
+    gc();
+    await new Promise((r) => setImmediate(r));
+  }
+  t.ok(during - vmKb() >= 256 << 10, `unmapped after a collection (-${during - vmKb()} kB)`);
 });
 
 t.test('tuneMalloc: glibc takes the settings', async (t) => {

@@ -201,6 +201,11 @@ export interface NativeAddon {
    * (0 where the kernel refuses or the buffer is too small).
    */
   adviseHugePages(buf: Uint8Array): number;
+  /**
+   * `size` bytes of fresh zero memory, a mapping of its own starting on a 2 MiB boundary and
+   * marked for huge pages, unmapped when the Buffer is collected (native/object.cc).
+   */
+  allocHuge(size: number): Buffer;
   /** Process-wide malloc settings for short commands that move a lot of data (native/object.cc); false where refused. */
   tuneMalloc(): boolean;
   /** Reads [offset, offset+length) of fd and hashes it block by block on worker threads. */

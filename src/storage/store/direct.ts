@@ -32,7 +32,6 @@ export const DIRECT_ALIGN = 4096;
 
 /** Buffers from this size on get transparent huge pages (bigBuffer). */
 const HUGE_FROM = 4 * 2 ** 20;
-const HUGE_PAGE = 2 * 2 ** 20;
 
 /**
  * A buffer for a pipeline's chunks (several MiB, kept for the whole command), with its memory
@@ -43,19 +42,13 @@ const HUGE_PAGE = 2 * 2 ** 20;
  */
 export function bigBuffer(size: number, zeroed = false): Buffer {
   if (size < HUGE_FROM) return zeroed ? Buffer.alloc(size) : Buffer.allocUnsafeSlow(size);
-  // 2 MiB more than asked, and the view from the first 2 MiB boundary: only whole aligned 2 MiB
-  // ranges can be huge pages, and a 4 MiB buffer at a mere page boundary (where large
-  // allocations land) has one such range, its other half faulted in 4 KiB at a time (a pack
-  // being filled, ./packs.ts: ~500 faults, ~6 ms of CPU on the bench's VM). Where the memory
-  // is freshly mapped (always in the CLI: tuneMalloc maps every allocation from 1 MiB on) the
-  // slack is address space only: pages never touched are never faulted in.
-  // (zeroed: calloc of a mapped size gives fresh zero pages without writing them; where the
-  // memory comes from malloc's heap instead, calloc writes zeros before the advice below)
-  const raw = zeroed ? Buffer.alloc(size + HUGE_PAGE) : Buffer.allocUnsafeSlow(size + HUGE_PAGE);
-  const shift = native().alignOffset(raw, HUGE_PAGE);
-  const b = raw.subarray(shift, shift + size);
-  native().adviseHugePages(b);
-  return b;
+  // A mapping of its own that starts on a 2 MiB boundary (native/object.cc allocHuge): only
+  // whole aligned 2 MiB ranges can be huge pages, and a 4 MiB buffer at a mere page boundary
+  // (where large allocations land) has one such range, its other half faulted in 4 KiB at a
+  // time (a pack being filled, ./packs.ts: ~500 faults, ~6 ms of CPU on the bench's VM). Fresh
+  // mappings are zero, so `zeroed` costs nothing; and V8 counts each buffer's own size as
+  // external memory, not 2 MiB of alignment slack besides.
+  return native().allocHuge(size);
 }
 
 /** Aligned offset of each buffer we allocated, by its ArrayBuffer. */
@@ -97,7 +90,8 @@ export class DirectIo {
 
   /** A zeroed buffer of `size` bytes whose memory starts on a page (4 KiB) boundary. */
   alloc(size: number): Buffer {
-    const raw = bigBuffer(size + DIRECT_ALIGN, true);
+    // (a big buffer starts on a 2 MiB boundary already)
+    const raw = size >= HUGE_FROM ? bigBuffer(size, true) : bigBuffer(size + DIRECT_ALIGN, true);
     const shift = native().alignOffset(raw, DIRECT_ALIGN);
     bases.set(raw.buffer, raw.byteOffset + shift);
     return raw.subarray(shift, shift + size);
