@@ -21,7 +21,8 @@
         "native/gcm.cc",
         "native/object.cc",
         "native/loop.cc",
-        "native/fuse.cc"
+        "native/fuse.cc",
+        "native/qcow2.cc"
       ],
       "include_dirs": [
         "<!@(node -p \"require('node-addon-api').include\")"

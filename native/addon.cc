@@ -38,6 +38,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitObject(env, exports);
   InitLoop(env, exports);
   InitFuse(env, exports);
+  InitQcow2(env, exports);
   return exports;
 }
 

@@ -11,5 +11,6 @@ void InitGcm(Napi::Env env, Napi::Object exports);   // native/gcm.cc
 void InitObject(Napi::Env env, Napi::Object exports);  // native/object.cc
 void InitLoop(Napi::Env env, Napi::Object exports);  // native/loop.cc
 void InitFuse(Napi::Env env, Napi::Object exports);  // native/fuse.cc
+void InitQcow2(Napi::Env env, Napi::Object exports);  // native/qcow2.cc
 
 }  // namespace disksnap

@@ -976,6 +976,37 @@ t.test('allocHuge: exact size, zero, on a 2 MiB boundary, unmapped once collecte
   t.ok(during - vmKb() >= 256 << 10, `unmapped after a collection (-${during - vmKb()} kB)`);
 });
 
+t.test('l2Ordinary: plain qcow2 L2 tables pass; compressed, reserved, unaligned, outside or metadata entries do not', async (t) => {
+  const n = native();
+  const cs = 65536;
+  const fileSize = 1000 * cs;
+  const meta = new Uint8Array(16); // clusters 0-127; 3 and 100 hold metadata
+  meta[0] = 1 << 3;
+  meta[12] = 1 << 4;
+  const entry = (hi: number, lo: number) => {
+    const e = Buffer.alloc(8);
+    e.writeUInt32BE(hi >>> 0, 0);
+    e.writeUInt32BE(lo >>> 0, 4);
+    return e;
+  };
+  const at = (c: number, copied = true, zero = false) => entry((copied ? 0x80000000 : 0) + Math.floor((c * cs) / 2 ** 32), ((c * cs) % 2 ** 32) + (zero ? 1 : 0));
+  const table = (...es: Buffer[]) => Buffer.concat([...es, Buffer.alloc(8 * (8192 - es.length))]);
+  const ok = (tb: Buffer) => n.l2Ordinary(tb, cs, fileSize, meta, 2 ** 27);
+  t.equal(ok(table()), true, 'an empty table');
+  t.equal(ok(table(at(5), at(6, false), entry(0, 1), at(7, true, true), at(999), at(200))), true, 'data clusters (copied or not), zero entries, a preallocated zero cluster');
+  t.equal(ok(table(at(5), at(3))), false, 'a cluster that holds metadata (bit 3)');
+  t.equal(ok(table(at(100))), false, 'a cluster that holds metadata (bit 100)');
+  t.equal(ok(table(at(1000))), false, 'a cluster at the end of the file');
+  t.equal(ok(table(entry(0x80000000, cs + 512))), false, 'an offset not on a cluster boundary');
+  t.equal(ok(table(entry(0x40000000, 0))), false, 'a compressed entry');
+  t.equal(ok(table(entry(0x01000000, 0))), false, 'a reserved bit of the high word');
+  t.equal(ok(table(at(5).fill(0x02, 7, 8))), false, 'a reserved bit of the low word');
+  t.equal(n.l2Ordinary(table(at(600)), cs, fileSize, meta, 500), false, 'a cluster at or past the bit array\'s limit');
+  t.equal(n.l2Ordinary(table(at(600)), cs, fileSize, new Uint8Array(0), 2 ** 27), true, 'clusters past a short bit array are not metadata');
+  t.throws(() => n.l2Ordinary(Buffer.alloc(12), cs, fileSize, meta, 2 ** 27), { code: 'EINVAL' });
+  t.throws(() => n.l2Ordinary(table(), 0, fileSize, meta, 2 ** 27), { code: 'EINVAL' });
+});
+
 t.test('tuneMalloc: glibc takes the settings', async (t) => {
   t.equal(native().tuneMalloc(), true);
   const b = Buffer.allocUnsafeSlow(256 << 10);

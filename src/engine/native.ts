@@ -206,6 +206,12 @@ export interface NativeAddon {
    * marked for huge pages, unmapped when the Buffer is collected (native/object.cc).
    */
   allocHuge(size: number): Buffer;
+  /**
+   * Whether every 8-byte entry of the qcow2 L2 table `table` is empty, zero, or a plain data
+   * cluster inside `fileSize`, cluster-aligned and not a metadata cluster (bit c of `metaBits`,
+   * for c below `metaLimit`; a cluster at or past it answers false) (native/qcow2.cc).
+   */
+  l2Ordinary(table: Uint8Array, clusterSize: number, fileSize: number, metaBits: Uint8Array, metaLimit: number): boolean;
   /** Process-wide malloc settings for short commands that move a lot of data (native/object.cc); false where refused. */
   tuneMalloc(): boolean;
   /** Reads [offset, offset+length) of fd and hashes it block by block on worker threads. */

@@ -19,9 +19,10 @@
  */
 import type * as Zlib from 'node:zlib';
 import { BlockFile } from '../../engine/file';
+import { native } from '../../engine/native';
 import { corrupt } from '../../engine/errors';
 import { CachedTable, TableCache } from './cache';
-import { compressedDescriptor, entryOffset, HI_COMPRESSED, HI_COPIED, HI_RESERVED_L2, LO_RESERVED_L2, LO_ZERO, writeEntry } from './format';
+import { compressedDescriptor, entryOffset, HI_COMPRESSED, HI_COPIED, LO_ZERO, writeEntry } from './format';
 import { BackingLayer } from './layer';
 import { Qcow2Tables, walkL2 } from './metadata';
 import { DATA, L1, L2, RefcountLayer } from './refcounts';
@@ -225,22 +226,14 @@ export abstract class ClusterLayer extends RefcountLayer {
 
   /**
    * The common case of validateL2, without decoding: every entry empty, zero, or an aligned
-   * data cluster inside the file and on no metadata. Anything else (compressed entries
+   * data cluster inside the file and on no metadata (native/qcow2.cc: a loop in TypeScript cost
+   * ~80 ns an entry, 262,144 entries for a 16 GiB image). Anything else (compressed entries
    * included) goes through walkL2, which names the problem. Decoding every entry into an
    * object cost 75 ms of a 0.9 s incremental snapshot of a 16 GiB image (32 tables).
    */
   private l2IsOrdinary(t: Buffer): boolean {
-    const cs = this.clusterSize;
-    for (let at = 0; at < t.length; at += 8) {
-      const hi = t.readUInt32BE(at);
-      const lo = t.readUInt32BE(at + 4);
-      if (hi === 0 && lo === 0) continue;
-      if (hi & (HI_COMPRESSED | HI_RESERVED_L2) || lo & LO_RESERVED_L2) return false;
-      const off = entryOffset(hi, lo);
-      if (off === 0) continue;
-      if (off % cs !== 0 || off >= this.fileSize || this.metaClusters.hasFast(off / cs)) return false;
-    }
-    return true;
+    const { bits, limit } = this.metaClusters.bitArray();
+    return native().l2Ordinary(t, this.clusterSize, this.fileSize, bits, limit);
   }
 
   /** The L2 table for writing, allocated (zeroed: everything falls through) when missing. */

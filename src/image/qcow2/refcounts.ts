@@ -94,6 +94,12 @@ export class ClusterSet extends Set<number> {
     super.clear();
   }
 
+  /** The bit array `hasFast` answers from (built now if need be), and the index it answers below. */
+  bitArray(): { bits: Uint8Array; limit: number } {
+    this.hasFast(0);
+    return { bits: this.bits!, limit: ClusterSet.MAX_BITS };
+  }
+
   /** `has`, for many lookups in a row (the bit array is built on the first). */
   hasFast(c: number): boolean {
     if (c >= ClusterSet.MAX_BITS) return super.has(c);
