@@ -93,10 +93,12 @@ t.test('the writer refuses entries out of (block, slot) order or outside their b
   await w.commit();
 });
 
-t.test('runs of entries copied as they are (runNow, appendRun) make the same manifest as entry by entry', async (t) => {
-  const dir = t.testdir();
-  // 70000 entries over 50000 blocks, some with pieces: three read chunks of 26214 entries,
-  // so runs end where a chunk ends (spent) as well as at their limit
+/**
+ * A manifest of 70000 entries over 50000 blocks, some with pieces: three read chunks of 26214
+ * entries, so runs end where a chunk ends (spent) as well as at their limit. Its reader, and a
+ * writer of `copy.map` beside it.
+ */
+async function manyEntries(dir: string) {
   const entries: Array<[number, number]> = [];
   for (let i = 0; entries.length < 70000; i++) {
     if (i % 7 !== 3) entries.push([i, 0]);
@@ -106,8 +108,14 @@ t.test('runs of entries copied as they are (runNow, appendRun) make the same man
   const volumeSize = (last + 1) * BS;
   const be = await writeEntries(dir, entries, volumeSize);
   const r = await openM(be);
-  const c = new ManifestCursor(r);
   const w = new ManifestWriter(await be.create('copy.map'), header(volumeSize, PS));
+  return { entries, last, r, w };
+}
+
+t.test('runs of entries copied as they are (runNow, appendRun) make the same manifest as entry by entry', async (t) => {
+  const dir = t.testdir();
+  const { r, w } = await manyEntries(dir);
+  const c = new ManifestCursor(r);
   let next = 0;
   let runs = 0;
   let spent = 0;
@@ -148,17 +156,7 @@ t.test('runs of entries copied as they are (runNow, appendRun) make the same man
 
 t.test('a dirty scan takes the parent entries in runs, held ones cut at dirty blocks, across read chunks (ParentEntries, Held)', async (t) => {
   const dir = t.testdir();
-  // 70000 entries over 50000 blocks, some with pieces: three read chunks of 26214 entries
-  const entries: Array<[number, number]> = [];
-  for (let i = 0; entries.length < 70000; i++) {
-    if (i % 7 !== 3) entries.push([i, 0]);
-    if (i % 5 === 1) entries.push([i, 2], [i, 8]);
-  }
-  const last = entries[entries.length - 1][0];
-  const volumeSize = (last + 1) * BS;
-  const be = await writeEntries(dir, entries, volumeSize);
-  const r = await openM(be);
-  const w = new ManifestWriter(await be.create('copy.map'), header(volumeSize, PS));
+  const { entries, last, r, w } = await manyEntries(dir);
   let blocks = 0;
   let lastRecorded = -1;
   let spent = 0;
