@@ -283,32 +283,18 @@ Napi::Value AlignOffset(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>((align - addr % align) % align));
 }
 
-// adviseHugePages(buf) -> bytes of buf now in 2 MiB-aligned ranges marked MADV_HUGEPAGE.
-// The first touch of fresh memory costs a page fault per 4 KiB: ~12 us each on the bench's VM
-// (a paravirtualised guest), so a 64 MiB pool of chunk buffers cost ~200 ms of CPU in faults
-// (16,384 of them) where 2 MiB pages take 32 faults (~5 ms, with the page cache full as well).
-// The kernel's default THP mode here is `madvise`: only marked ranges get huge pages. Called on
-// a buffer before it is first written; where the kernel has no THP, madvise fails and
-// nothing changes. Only the aligned middle is marked, so neighbouring allocations are not.
-Napi::Value AdviseHugePages(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  Bytes buf;
-  if (!ArgBytes(info, 0, "buf", &buf)) return env.Undefined();
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(buf.data);
-  const uintptr_t from = (start + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t to = (start + buf.length) & ~(kHuge - 1);
-  if (to <= from || ::madvise(reinterpret_cast<void*>(from), to - from, MADV_HUGEPAGE) != 0) return Napi::Number::New(env, 0);
-  return Napi::Number::New(env, static_cast<double>(to - from));
-}
-
 // allocHuge(size) -> Buffer: `size` bytes of fresh zero memory (an anonymous mapping of their
 // own) starting on a 2 MiB boundary and marked MADV_HUGEPAGE, unmapped when the Buffer is
-// collected. For the pipeline's large buffers (src/storage/store/direct.ts bigBuffer): aligning
-// a Buffer from V8's allocator took 2 MiB of slack each, and V8 counts a Buffer's whole size as
-// external memory, which sets off its collections ("external memory pressure" in --trace-gc).
-// Here each buffer counts its own size only, and zero memory costs nothing whatever malloc's
-// settings are. Throws ENOMEM when the mapping fails.
+// collected. For the pipeline's large buffers (src/storage/store/direct.ts bigBuffer). The
+// first touch of fresh memory costs a page fault per 4 KiB: ~12 us each on the bench's VM (a
+// paravirtualised guest), so a 64 MiB pool of chunk buffers cost ~200 ms of CPU in faults
+// (16,384 of them) where 2 MiB pages take 32 faults (~5 ms, with the page cache full as well).
+// The kernel's default THP mode here is `madvise`: only marked ranges get huge pages; where the
+// kernel has no THP, madvise fails and nothing changes. Until session 25 a Buffer from V8's
+// allocator was aligned in JavaScript with 2 MiB of slack, which V8 counted as external memory
+// too, and external memory sets off its collections ("external memory pressure" in
+// --trace-gc); here each buffer counts its own size only, and zero memory costs nothing
+// whatever malloc's settings are. Throws ENOMEM when the mapping fails.
 Napi::Value AllocHuge(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsNumber()) {
@@ -345,7 +331,7 @@ Napi::Value AllocHuge(const Napi::CallbackInfo& info) {
 // allocates every HTTP body chunk (64 KiB) and socket read anew; with glibc's defaults the
 // heap top was trimmed and faulted in again over and over (a restore of 1 GiB from S3: 50,000
 // to 78,000 page faults at ~12 us each on the bench's VM). Allocations from 1 MiB on (chunk
-// buffers) stay mmaps of their own, which adviseHugePages can mark. Process-wide: the CLI
+// buffers) stay mmaps of their own. Process-wide: the CLI
 // calls it (src/engine/native.ts, tuneProcessMemory); a program that loads the addon as a
 // library keeps its own settings.
 Napi::Value TuneMalloc(const Napi::CallbackInfo& info) {
@@ -370,7 +356,6 @@ void InitObject(Napi::Env env, Napi::Object exports) {
   exports.Set("readObjectAsync", Napi::Function::New(env, ReadObjectAsync, "readObjectAsync"));
   exports.Set("alignOffset", Napi::Function::New(env, AlignOffset, "alignOffset"));
   exports.Set("tuneMalloc", Napi::Function::New(env, TuneMalloc, "tuneMalloc"));
-  exports.Set("adviseHugePages", Napi::Function::New(env, AdviseHugePages, "adviseHugePages"));
   exports.Set("allocHuge", Napi::Function::New(env, AllocHuge, "allocHuge"));
 }
 

@@ -196,12 +196,6 @@ export interface NativeAddon {
   /** Bytes from the start of `buf` to its first address that is a multiple of `align` (a power of two). */
   alignOffset(buf: Uint8Array, align: number): number;
   /**
-   * Marks the 2 MiB-aligned middle of `buf` for transparent huge pages (madvise), before its
-   * first write: one page fault per 2 MiB instead of per 4 KiB. Returns the bytes marked
-   * (0 where the kernel refuses or the buffer is too small).
-   */
-  adviseHugePages(buf: Uint8Array): number;
-  /**
    * `size` bytes of fresh zero memory, a mapping of its own starting on a 2 MiB boundary and
    * marked for huge pages, unmapped when the Buffer is collected (native/object.cc).
    */
