@@ -290,11 +290,11 @@ Napi::Value AlignOffset(const Napi::CallbackInfo& info) {
 // paravirtualised guest), so a 64 MiB pool of chunk buffers cost ~200 ms of CPU in faults
 // (16,384 of them) where 2 MiB pages take 32 faults (~5 ms, with the page cache full as well).
 // The kernel's default THP mode here is `madvise`: only marked ranges get huge pages; where the
-// kernel has no THP, madvise fails and nothing changes. Until session 25 a Buffer from V8's
-// allocator was aligned in JavaScript with 2 MiB of slack, which V8 counted as external memory
-// too, and external memory sets off its collections ("external memory pressure" in
-// --trace-gc); here each buffer counts its own size only, and zero memory costs nothing
-// whatever malloc's settings are. Throws ENOMEM when the mapping fails.
+// kernel has no THP, madvise fails and nothing changes. (Before, a Buffer from V8's allocator
+// was aligned in JavaScript with 2 MiB of slack, which V8 counted as external memory too, and
+// external memory sets off its collections: "external memory pressure" in --trace-gc.) Here
+// each buffer counts its own size only, and zero memory costs nothing whatever malloc's
+// settings are. Throws ENOMEM when the mapping fails.
 Napi::Value AllocHuge(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsNumber()) {
@@ -330,8 +330,9 @@ Napi::Value AllocHuge(const Napi::CallbackInfo& info) {
 // it back to the kernel at once, and serves allocations under 1 MiB from its heap. Node
 // allocates every HTTP body chunk (64 KiB) and socket read anew; with glibc's defaults the
 // heap top was trimmed and faulted in again over and over (a restore of 1 GiB from S3: 50,000
-// to 78,000 page faults at ~12 us each on the bench's VM). Allocations from 1 MiB on (chunk
-// buffers) stay mmaps of their own. Process-wide: the CLI
+// to 78,000 page faults at ~12 us each on the bench's VM). Allocations from 1 MiB on stay
+// mmaps of their own (the big pipeline buffers are mappings of their own anyway: allocHuge
+// above). Process-wide: the CLI
 // calls it (src/engine/native.ts, tuneProcessMemory); a program that loads the addon as a
 // library keeps its own settings.
 Napi::Value TuneMalloc(const Napi::CallbackInfo& info) {
