@@ -65,9 +65,10 @@ const REQUIRES: Record<number, number> = {
 
 /**
  * A set of host cluster indices that also answers `has` from a bit array (built at the first
- * hasFast, kept current by add and delete): every entry of every L2 table read is checked
- * against the metadata clusters, and a Set lookup per entry was most of that check (262,144
- * entries for a 16 GiB image).
+ * hasFast or bitArray, kept current by add and delete): every entry of every L2 table read is
+ * checked against the metadata clusters, and a Set lookup per entry was most of that check
+ * (262,144 entries for a 16 GiB image). The addon's check of a whole table (native/qcow2.cc,
+ * through clusters.ts) reads the bit array itself.
  */
 export class ClusterSet extends Set<number> {
   private bits: Uint8Array | undefined;
