@@ -17,16 +17,15 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BenchOptions, BenchRow } from './types';
-import { fillRandom, hasCommand, median, MiB, GiB, run, timed } from './util';
+import { CLI, fillRandom, hasCommand, median, MiB, GiB, run, timed } from './util';
 import { WorkedIn } from './workedin';
 import { parseQemuSeconds } from './engine';
 import * as diff from '../src/differencing';
 import { Qcow2Image } from '../src/image/qcow2/image';
 
-const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
 
 function disksnap(args: string[]): string {
-  const r = spawnSync(process.execPath, [CLI, ...args], { maxBuffer: 1 << 26 });
+  const r = spawnSync(CLI, args, { maxBuffer: 1 << 26 });
   if (r.status !== 0) throw new Error(`disksnap ${args.join(' ')} failed (${r.status}): ${r.stderr}`);
   return r.stdout.toString();
 }

@@ -36,7 +36,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BenchOptions, BenchRow } from './types';
-import { GiB, MiB, buildFloor, diskFloor, fillRandom, hasCommand, median, run, warm } from './util';
+import { CLI, nodeAsCli, GiB, MiB, buildFloor, diskFloor, fillRandom, hasCommand, median, run, warm } from './util';
 
 /** A directory store's block objects (packs included) and their sizes, by path. */
 function objectSizes(store: string): Map<string, number> {
@@ -46,7 +46,6 @@ function objectSizes(store: string): Map<string, number> {
   return out;
 }
 
-const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
 const LIB = path.resolve(__dirname, '..', 'src', 'storage', 'index.js');
 const AREA = 'storage snapshot, qcow2 volume';
 const KiB = 1024;
@@ -194,7 +193,7 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
     const repo = path.join(opts.dir, `restic-${i}`);
     before();
     const f0 = process.hrtime.bigint();
-    const fullRec = JSON.parse(run(process.execPath, [CLI, 'snapshot', 'create', img, '--store', store, '--json']).out);
+    const fullRec = JSON.parse(run(CLI, ['snapshot', 'create', img, '--store', store, '--json']).out);
     add('full', Number(process.hrtime.bigint() - f0) / 1e9);
     // The store's floor for the full snapshot: as many 512 KiB objects written by bench/floor.c
     // from the image's bytes in the page cache (the same syscalls as below).
@@ -210,7 +209,7 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
       // the device's own floor for as many bytes (4 dd streams, O_DIRECT, fdatasync), and the runtime starting
       before();
       const disk = diskFloor(img, 0, fullObjects * BLOCK, opts.dir);
-      add('disk floor full+start', disk + run(process.execPath, ['-e', '0']).seconds);
+      add('disk floor full+start', disk + run(...nodeAsCli(['-e', '0'])).seconds);
     }
     if (haveRestic) {
       run('restic', ['--quiet', 'init', '-r', repo], { env: resticEnv });
@@ -229,7 +228,7 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
       const had = objectSizes(store);
       before();
       const t0 = process.hrtime.bigint();
-      const out = run(process.execPath, [CLI, 'snapshot', 'create', img, '--store', store, '--json']).out;
+      const out = run(CLI, ['snapshot', 'create', img, '--store', store, '--json']).out;
       add(`incr ${p.key}`, Number(process.hrtime.bigint() - t0) / 1e9);
       const wrote = [...objectSizes(store)].filter(([k]) => !had.has(k)).map(([, n]) => n);
       const rec = JSON.parse(out);
@@ -253,12 +252,12 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
         facts[`${p.key} objects`] = `${objects} objects of ${objSize / KiB} KiB (${rec.stats.blocksAdded} blocks and pieces)`;
       }
       before();
-      add(`node start ${p.key}`, timeOf(process.execPath, ['-e', '0']));
+      add(`node start ${p.key}`, timeOf(...nodeAsCli(['-e', '0'])));
       for (const [k, list] of Object.entries(lists)) {
         const f = path.join(opts.dir, `ranges-${k}.json`);
         fs.writeFileSync(f, JSON.stringify(list.map((r) => [r.offset, r.length])));
         before();
-        add(`floor ${k} ${p.key}`, timeOf(process.execPath, ['-e', FLOOR, img, f]));
+        add(`floor ${k} ${p.key}`, timeOf(...nodeAsCli(['-e', FLOOR, img, f])));
       }
     }
   }

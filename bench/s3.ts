@@ -27,7 +27,7 @@ import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3';
 import { BenchOptions, BenchRow } from './types';
-import { GiB, MiB, fillRandom, hasCommand, median, run, sumByRun, warm, rewrite } from './util';
+import { CLI, nodeAsCli, GiB, MiB, fillRandom, hasCommand, median, run, sumByRun, warm, rewrite } from './util';
 import { S3Backend } from '../src/storage/store/s3';
 
 /** A store's block objects (packs included) and their sizes, by key. */
@@ -42,7 +42,6 @@ async function objectSizes(url: string): Promise<Map<string, number>> {
   return out;
 }
 
-const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
 const CEPH = path.resolve(__dirname, '..', '..', '.ci', 'ceph.sh');
 const AREA = 'S3 store (Ceph RGW)';
 const BLOCK = 512 * 1024;
@@ -149,7 +148,7 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
   const port = new URL(env.AWS_ENDPOINT_URL).port;
   const resticEnv = { ...env, RESTIC_PASSWORD: 'disksnap-bench', RESTIC_CACHE_DIR: path.join(opts.dir, 'restic-cache'), AWS_DEFAULT_REGION: env.AWS_REGION };
   const restic = (repo: string, args: string[]) => run('restic', ['--quiet', '-r', `s3:http://127.0.0.1:${port}/${repo}`, ...args], { env: resticEnv }).seconds;
-  const ds = (args: string[]) => run(process.execPath, [CLI, ...args], { env }).seconds;
+  const ds = (args: string[]) => run(CLI, args, { env }).seconds;
 
   const img = path.join(opts.dir, 'vol.img');
   fs.writeFileSync(img, '');
@@ -209,7 +208,7 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
       add('restic incremental', restic(repo, ['backup', img]));
     }
 
-    const last = JSON.parse(run(process.execPath, [CLI, 'snapshot', 'list', '--store', store, '--json'], { env }).out).snapshots.pop() as { id: string; stats: { blocksAdded: number; bytesAdded: number } };
+    const last = JSON.parse(run(CLI, ['snapshot', 'list', '--store', store, '--json'], { env }).out).snapshots.pop() as { id: string; stats: { blocksAdded: number; bytesAdded: number } };
     const latest = last.id;
     // The incremental's own floor: as many objects as it wrote, of their mean size (packs of its
     // 64 KiB pieces, and whole blocks), PUT from memory the same way; and the runtime starting,
@@ -219,7 +218,7 @@ export async function benchS3(opts: BenchOptions): Promise<BenchRow[]> {
     const pieces = Array.from({ length: added }, () => randomBytes(Math.max(1, Math.round(wrote.reduce((a, b) => a + b, 0) / Math.max(1, added)))));
     add('incremental objects', added);
     add('incremental put floor', await secondsAsync(() => parallel(pieces, 32, async (b, k) => void (await floor.putIfAbsent(`pieces/${i}/${k}`, b)))));
-    add('runtime start', run(process.execPath, ['-e', '0']).seconds);
+    add('runtime start', run(...nodeAsCli(['-e', '0'])).seconds);
     floor.destroy();
     const out = path.join(opts.dir, 'restored.img');
     add('restore', ds(['snapshot', 'restore', latest, '--to', out, '--store', store]));

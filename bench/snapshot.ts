@@ -33,8 +33,9 @@
  * against restic that needs less time than that cannot be reached on this machine by any
  * Node process. Encrypted, copy-limit, xfs and memory rows: fresh only.
  *
- * Both tools run as processes through their CLIs, from a warm page cache (the image is read
- * once before each operation), so neither pays for the other's dirty pages. disksnap
+ * Both tools run as processes through their CLIs (disksnap as its executable, whose first line
+ * starts node without NODE_EXTRA_CA_CERTS, and every `node -e 0` of a floor started the same
+ * way: bench/util.ts nodeAsCli), from a warm page cache (the image is read once before each operation), so neither pays for the other's dirty pages. disksnap
  * fsyncs every object and its restored image before it reports success; restic 0.14 fsyncs
  * the pack files it writes but not the files it restores, and cp fsyncs nothing — the
  * "data on disk" rows add a `sync` to each so that all three finish with the bytes durable.
@@ -43,10 +44,9 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { BenchOptions, BenchRow } from './types';
-import { GiB, MiB, buildFloor, diskFloor, fillRandom, hasCommand, median, run, sumByRun, warm, rewrite } from './util';
+import { CLI, nodeAsCli, GiB, MiB, buildFloor, diskFloor, fillRandom, hasCommand, median, run, sumByRun, warm, rewrite } from './util';
 import { WorkedIn } from './workedin';
 
-const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
 const LIB = path.resolve(__dirname, '..', 'src', 'storage', 'index.js');
 const AREA = 'storage snapshot';
 
@@ -79,7 +79,7 @@ function sync(): void {
 }
 
 function disksnap(args: string[]): string {
-  return run(process.execPath, [CLI, ...args]).out;
+  return run(CLI, args).out;
 }
 
 /** Peak RSS (MiB) of a fresh process that snapshots `volume` into `store` through the library. */
@@ -125,7 +125,7 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
     add(`${k} cpu`, r.cpu);
     return r.wall;
   };
-  const ds = (k: string, args: string[]) => time(k, process.execPath, [CLI, ...args]);
+  const ds = (k: string, args: string[]) => time(k, CLI, args);
   const rs = (k: string, args: string[]) => time(k, 'restic', ['--quiet', ...args], resticEnv);
 
   // Stores and repositories stay until every run is done: this VM's root ext4 has no journal,
@@ -207,7 +207,7 @@ export async function benchSnapshot(opts: BenchOptions): Promise<BenchRow[]> {
         // The device's own floor for the same bytes (4 dd streams, O_DIRECT, fdatasync) and the
         // runtime starting: what no snapshot by a Node process escapes.
         step(() => add(`${p}disk write floor`, diskFloor(img, dataOffset, data, opts.dir)));
-        add(`${p}node start`, run(process.execPath, ['-e', '0']).seconds);
+        add(`${p}node start`, run(...nodeAsCli(['-e', '0'])).seconds);
 
         // Nothing written since: both tools see it from the file's identity and times.
         step(() => ds(`${p}unchanged`, ['snapshot', 'create', img, '--store', store]));
@@ -395,7 +395,7 @@ function history(dir: string, n: number, runs: number): BenchRow {
     for (const k of ['one', 'many'] as const) {
       fillRandom(vol, (i % 64) * MiB, MiB);
       sync();
-      times[k].push(measure(process.execPath, [CLI, 'snapshot', 'create', vol, '--store', stores[k], '-q']).wall);
+      times[k].push(measure(CLI, ['snapshot', 'create', vol, '--store', stores[k], '-q']).wall);
     }
   }
   for (const d of [...Object.values(stores), vol]) fs.rmSync(d, { recursive: true, force: true });
@@ -439,13 +439,13 @@ function onXfs(opts: BenchOptions, img: string, runs: number, label: string, res
       run('restic', ['--quiet', 'init', '-r', repo], { env: resticEnv });
       sync();
       warm(vol);
-      add('full', measure(process.execPath, [CLI, 'snapshot', 'create', vol, '--store', store]).wall);
+      add('full', measure(CLI, ['snapshot', 'create', vol, '--store', store]).wall);
       sync();
       warm(vol);
       add('restic full', measure('restic', ['--quiet', '-r', repo, 'backup', vol], resticEnv).wall);
       const latest = JSON.parse(disksnap(['snapshot', 'list', '--store', store, '--json'])).snapshots.pop().id as string;
       sync();
-      add('restore', measure(process.execPath, [CLI, 'snapshot', 'restore', latest, '--to', out, '--store', store]).wall);
+      add('restore', measure(CLI, ['snapshot', 'restore', latest, '--to', out, '--store', store]).wall);
       fs.rmSync(out);
       sync();
       add('restic restore', measure('restic', ['--quiet', '-r', repo, 'restore', 'latest', '--target', target], resticEnv).wall);

@@ -29,6 +29,17 @@ export async function timed(fn: () => unknown): Promise<number> {
   return Number(process.hrtime.bigint() - t0) / 1e9;
 }
 
+/** The CLI as a user runs it: the executable itself, whose first line starts node. */
+export const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
+
+/**
+ * `node ARGS` started as the executable starts node (through env, without NODE_EXTRA_CA_CERTS:
+ * src/engine/extra-ca.ts): the runtime's start in a floor costs what it costs the CLI.
+ */
+export function nodeAsCli(args: string[]): [string, string[]] {
+  return ['/usr/bin/env', ['-u', 'NODE_EXTRA_CA_CERTS', process.execPath, ...args]];
+}
+
 /** Runs a command, throws with its stderr on failure, returns stdout and the seconds taken. */
 export function run(cmd: string, args: string[], opts: { env?: NodeJS.ProcessEnv; input?: string } = {}): { out: string; seconds: number } {
   const t0 = process.hrtime.bigint();

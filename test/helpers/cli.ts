@@ -1,5 +1,6 @@
 /**
- * Runs the compiled CLI (dist/src/cli/main.js) as a user would, capturing everything.
+ * Runs the compiled CLI (dist/src/cli/main.js) as a user would (the executable itself, its first
+ * line starting node), capturing everything.
  * Every JSON document the run printed is validated against its JSON Schema (schemas/, see
  * ./schemas.ts): a document that does not match fails the test that ran the command.
  */
@@ -29,7 +30,7 @@ export function traceFile(): string {
 export function cli(args: string[], opts: { input?: Buffer | string; env?: NodeJS.ProcessEnv; cwd?: string } = {}): CliResult {
   const trace = traceFile();
   try {
-    const r: SpawnSyncReturns<Buffer> = spawnSync(process.execPath, [CLI, ...args], {
+    const r: SpawnSyncReturns<Buffer> = spawnSync(CLI, args, {
       input: opts.input,
       env: { ...process.env, DISKSNAP_DOCUMENT_TRACE: trace, ...opts.env },
       cwd: opts.cwd,

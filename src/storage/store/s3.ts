@@ -48,17 +48,25 @@
  * AWS_ENDPOINT_URL_S3); the SDK is loaded for them only when the environment lacks them.
  * Addressing is path-style (local gateways rarely have wildcard DNS).
  * Tuning: DISKSNAP_S3_CONCURRENCY (requests in flight, default 32), DISKSNAP_S3_RETRIES
- * (attempts per request, default 8).
+ * (attempts per request, default 8). A private CA for an https endpoint: NODE_EXTRA_CA_CERTS,
+ * as for any node program (the executable defers it to here: ../../engine/extra-ca.ts).
  */
 import type * as HttpModule from 'node:http';
 import type * as HttpsModule from 'node:https';
 import { createHash, randomBytes } from 'node:crypto';
 import { DisksnapError, invalid } from '../../engine/errors';
+import { trustExtraCa } from '../../engine/extra-ca';
 import type { ObjectData } from './backend';
 import type { S3Ops } from './s3-ops';
 import { SdkOps } from './s3-sdk-ops';
 import { RETRY_CODES, S3Wire, envCredentials, readBody, toBody } from './s3-wire';
 import type { ObjectInfo, ObjectReader, StoreBackend } from './backend';
+
+/** node's codes for a server certificate that does not verify: never retried, named as such. */
+const TLS_TRUST_CODES = new Set([
+  'DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'UNABLE_TO_GET_ISSUER_CERT',
+  'UNABLE_TO_GET_ISSUER_CERT_LOCALLY', 'CERT_UNTRUSTED', 'CERT_REJECTED', 'CERT_HAS_EXPIRED', 'CERT_NOT_YET_VALID', 'ERR_TLS_CERT_ALTNAME_INVALID',
+]);
 
 /** `s3://BUCKET[/PREFIX]` -> bucket and prefix (no leading or trailing '/'; '' for none). */
 export function parseS3Url(url: string): { bucket: string; prefix: string } {
@@ -194,6 +202,7 @@ export class S3Backend implements StoreBackend {
     this.gate = new Gate(maxInFlight);
     this.concurrency = maxInFlight;
     this.endpoint = opts.endpoint ?? process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL ?? 'AWS S3';
+    trustExtraCa(); // NODE_EXTRA_CA_CERTS the executable left for the first TLS connection
     const agentOpts = { keepAlive: true, maxSockets: maxInFlight + 4, maxFreeSockets: maxInFlight + 4 }; // + the lease gate
     const httpAgent = new (require('node:http') as typeof HttpModule).Agent(agentOpts);
     const httpsAgent = new (require('node:https') as typeof HttpsModule).Agent(agentOpts);
@@ -254,6 +263,11 @@ export class S3Backend implements StoreBackend {
     }
     if (c.name === 'NoSuchKey' || c.name === 'NotFound' || c.status === 404) {
       return new DisksnapError(`${where}: no such object`, 'ENOENT', 2, where);
+    }
+    const code = (e as { code?: unknown })?.code;
+    if (typeof code === 'string' && TLS_TRUST_CODES.has(code)) {
+      const hint = code === 'ERR_TLS_CERT_ALTNAME_INVALID' || code.startsWith('CERT_') ? '' : ': for a private CA, set NODE_EXTRA_CA_CERTS to its PEM file';
+      return new DisksnapError(`S3 at ${this.endpoint}: its TLS certificate is not trusted (${(e as Error).message}, ${code})${hint}`, 'EACCES', 13, this.location);
     }
     if (/Region is missing/i.test((e as Error)?.message ?? '')) {
       return new DisksnapError(`S3 region is not set: set AWS_REGION (any name your server accepts, e.g. us-east-1)`, 'EINVALID');
