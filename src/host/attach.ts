@@ -350,7 +350,9 @@ async function startServer(
   const logFd = fs.openSync(log, 'a', 0o644);
   const args = [serverScript(), '--image', image, '--mountpoint', mountpoint, '--cache', cache, '--ready-fd', '3'];
   if (readOnly) args.push('--read-only');
-  const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', logFd, logFd, 'pipe'] });
+  // without NODE_EXTRA_CA_CERTS, which node parses as it starts (../engine/extra-ca.ts): the server opens no TLS connection
+  const env = { ...process.env, NODE_EXTRA_CA_CERTS: undefined };
+  const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', logFd, logFd, 'pipe'], env });
   fs.closeSync(logFd);
   const ready = await new Promise<ServerReady>((resolve) => {
     let text = '';

@@ -23,8 +23,10 @@ function guardScript(name: string): string | undefined {
 export async function startGuard(name: string, arg: string): Promise<ChildProcess | undefined> {
   const script = guardScript(name);
   if (!script) return undefined;
-  // without the parent's NODE_OPTIONS: loaders meant for it (a test runner's) only slow the guard's start
-  const child = spawn(process.execPath, [script, arg], { stdio: ['pipe', 'pipe', 'ignore'], detached: true, env: { ...process.env, NODE_OPTIONS: '' } });
+  // without the parent's NODE_OPTIONS: loaders meant for it (a test runner's) only slow the guard's
+  // start; nor NODE_EXTRA_CA_CERTS, which node parses as it starts (../engine/extra-ca.ts): no TLS here
+  const env = { ...process.env, NODE_OPTIONS: '', NODE_EXTRA_CA_CERTS: undefined };
+  const child = spawn(process.execPath, [script, arg], { stdio: ['pipe', 'pipe', 'ignore'], detached: true, env });
   const ok = await new Promise<boolean>((resolve) => {
     const timer = setTimeout(() => resolve(false), 10_000);
     child.stdout!.once('data', () => {
