@@ -1,4 +1,6 @@
-// The hot check of the qcow2 reader (src/image/qcow2/clusters.ts l2IsOrdinary): whether every
+// Two hot loops of the qcow2 code, which TypeScript ran at ~80-470 ns an element.
+//
+// l2Ordinary: the hot check of the qcow2 reader (src/image/qcow2/clusters.ts l2IsOrdinary): whether every
 // entry of an L2 table read from a file is empty, zero, or a plain data cluster that lies
 // inside the file, on a cluster boundary and on no metadata cluster. Anything else (compressed
 // or reserved bits, a bad offset) answers false, and the caller walks the table entry by entry
@@ -9,6 +11,8 @@
 #include <napi.h>
 
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include "addon.h"
 #include "args.h"
@@ -62,10 +66,67 @@ Napi::Value L2Ordinary(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, true);
 }
 
+// bitRuns(data, limit) -> Float64Array [from0, to0, from1, to1, ...]: the runs of set bits among
+// the first `limit` bits of a persistent dirty bitmap's data (bit i is bit i % 8 of byte i / 8,
+// as in QEMU's docs/interop/qcow2.txt), in order, each run [from, to). The TypeScript reference
+// is scanBits in src/image/qcow2/bitmaps.ts: there, running in V8's interpreter (a command is
+// too short for it to compile the loop), the 16,384 words of one 64 KiB cluster took ~8 ms;
+// here they take microseconds, zero words 64 bits at a time.
+Napi::Value BitRuns(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Bytes data;
+  uint64_t limit = 0;
+  if (!ArgBytes(info, 0, "data", &data) || !ArgU64(info, 1, "limit", &limit)) return env.Undefined();
+  if (limit > uint64_t{data.length} * 8) {
+    ThrowInvalid(env, "bitRuns: limit is past the end of the data");
+    return env.Undefined();
+  }
+  std::vector<double> runs;
+  int64_t start = -1;
+  auto bitAt = [&](uint64_t i) { return (data.data[i >> 3] >> (i & 7)) & 1; };
+  uint64_t i = 0;
+  while (i < limit) {
+    // whole bytes of one value at once: 8 bytes, then single bytes
+    if ((i & 7) == 0) {
+      const uint64_t byte = i >> 3;
+      const uint8_t fill = start < 0 ? 0x00 : 0xff;
+      if (limit - i >= 64) {
+        uint64_t w;
+        memcpy(&w, data.data + byte, 8);
+        if (w == (fill ? ~uint64_t{0} : uint64_t{0})) {
+          i += 64;
+          continue;
+        }
+      }
+      if (limit - i >= 8 && data.data[byte] == fill) {
+        i += 8;
+        continue;
+      }
+    }
+    const int set = bitAt(i);
+    if (set && start < 0) {
+      start = static_cast<int64_t>(i);
+    } else if (!set && start >= 0) {
+      runs.push_back(static_cast<double>(start));
+      runs.push_back(static_cast<double>(i));
+      start = -1;
+    }
+    i++;
+  }
+  if (start >= 0) {
+    runs.push_back(static_cast<double>(start));
+    runs.push_back(static_cast<double>(limit));
+  }
+  Napi::Float64Array out = Napi::Float64Array::New(env, runs.size());
+  for (size_t k = 0; k < runs.size(); k++) out[k] = runs[k];
+  return out;
+}
+
 }  // namespace
 
 void InitQcow2(Napi::Env env, Napi::Object exports) {
   exports.Set("l2Ordinary", Napi::Function::New(env, L2Ordinary, "l2Ordinary"));
+  exports.Set("bitRuns", Napi::Function::New(env, BitRuns, "bitRuns"));
 }
 
 }  // namespace disksnap

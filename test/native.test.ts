@@ -1004,6 +1004,46 @@ t.test('l2Ordinary: plain qcow2 L2 tables pass; compressed, reserved, unaligned,
   t.throws(() => n.l2Ordinary(table(), 0, fileSize, meta, 2 ** 27), { code: 'EINVAL' });
 });
 
+/** The runs of set bits among the first `limit` bits, one bit at a time: the model of bitRuns. */
+function bitRunsModel(data: Uint8Array, limit: number): number[] {
+  const out: number[] = [];
+  let start = -1;
+  for (let i = 0; i < limit; i++) {
+    const set = (data[i >> 3] >> (i & 7)) & 1;
+    if (set && start < 0) start = i;
+    else if (!set && start >= 0) out.push(start, i), (start = -1);
+  }
+  if (start >= 0) out.push(start, limit);
+  return out;
+}
+
+t.test('bitRuns: the runs of set bits of a qcow2 bitmap cluster, as the bit-by-bit model finds them', async (t) => {
+  const n = native();
+  const runs = (d: Uint8Array, limit = d.length * 8) => [...n.bitRuns(d, limit)];
+  t.same(runs(new Uint8Array(4096)), [], 'all clear');
+  t.same(runs(new Uint8Array(4096).fill(0xff)), [0, 32768], 'all set: one run');
+  const b = new Uint8Array(64);
+  b[0] = 0b1000_0001; // bits 0 and 7
+  b[7] = 0x80; // bit 63 runs on into byte 8
+  b[8] = 0xff;
+  b[9] = 0x01; // ... to bit 72
+  b[63] = 0x80; // the last bit
+  t.same(runs(b), [0, 1, 7, 8, 63, 73, 511, 512]);
+  t.same(runs(b, 68), [0, 1, 7, 8, 63, 68], 'a run cut at the limit, inside a byte');
+  t.same(runs(b, 0), []);
+  for (const density of [0.001, 0.02, 0.5, 0.98]) {
+    const d = new Uint8Array(65536 + 5);
+    let x = Math.round(density * 1e6) + 7;
+    for (let i = 0; i < d.length * 8; i++) {
+      x = (x * 1103515245 + 12345) % 2147483648;
+      // runs of a few bits to a few hundred, so both the 8-byte and the byte steps are taken
+      if (x / 2147483648 < density / 50) for (let k = 0; k < (x % 400) + 1 && i + k < d.length * 8; k++) d[(i + k) >> 3] |= 1 << ((i + k) & 7);
+    }
+    for (const limit of [d.length * 8, d.length * 8 - 3, 300_001]) t.same(runs(d, limit), bitRunsModel(d, limit), `density ${density}, limit ${limit}`);
+  }
+  t.throws(() => n.bitRuns(new Uint8Array(8), 65), { code: 'EINVAL', message: /past the end/ });
+});
+
 t.test('tuneMalloc: glibc takes the settings', async (t) => {
   t.equal(native().tuneMalloc(), true);
   const b = Buffer.allocUnsafeSlow(256 << 10);

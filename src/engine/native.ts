@@ -206,6 +206,11 @@ export interface NativeAddon {
    * for c below `metaLimit`; a cluster at or past it answers false) (native/qcow2.cc).
    */
   l2Ordinary(table: Uint8Array, clusterSize: number, fileSize: number, metaBits: Uint8Array, metaLimit: number): boolean;
+  /**
+   * The runs of set bits among the first `limit` bits of `data` (bit i: bit i % 8 of byte
+   * i / 8), as [from, to) pairs laid flat, in order (native/qcow2.cc).
+   */
+  bitRuns(data: Uint8Array, limit: number): Float64Array;
   /** Process-wide malloc settings for short commands that move a lot of data (native/object.cc); false where refused. */
   tuneMalloc(): boolean;
   /** Reads [offset, offset+length) of fd and hashes it block by block on worker threads. */

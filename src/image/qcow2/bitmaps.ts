@@ -29,6 +29,7 @@
  */
 import * as BL from 'buffer-layout';
 import { corrupt, DisksnapError } from '../../engine/errors';
+import { native } from '../../engine/native';
 import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, HeaderExtension } from './format';
 
 /** Bytes of the extension's data. */
@@ -363,33 +364,11 @@ export function readDirtyRanges(path: string, read: ReadAt, e: BitmapEntry, clus
     const off = tableEntryOffset(table, i);
     if (off === 0) continue;
     read(data, off);
-    scanBits(data, base, push);
+    // only the bits of guest offsets below the virtual size (a cluster's last bits lie past it)
+    const runs = native().bitRuns(data, Math.min(bitsPerCluster, Math.ceil(virtualSize / g) - base));
+    for (let k = 0; k < runs.length; k += 2) push(base + runs[k], base + runs[k + 1]);
   }
   return out;
-}
-
-/** Calls run(first, end) for every run of set bits (bit numbers offset by `base`). */
-export function scanBits(data: Buffer, base: number, run: (from: number, to: number) => void): void {
-  let start = -1;
-  const words = data.length >>> 2;
-  for (let w = 0; w < words; w++) {
-    const v = data.readUInt32LE(w * 4);
-    const bit0 = base + w * 32;
-    if (v === 0) {
-      if (start >= 0) run(start, bit0), (start = -1);
-      continue;
-    }
-    if (v === 0xffffffff) {
-      if (start < 0) start = bit0;
-      continue;
-    }
-    for (let b = 0; b < 32; b++) {
-      const set = (v >>> b) & 1;
-      if (set && start < 0) start = bit0 + b;
-      else if (!set && start >= 0) run(start, bit0 + b), (start = -1);
-    }
-  }
-  if (start >= 0) run(start, base + words * 32);
 }
 
 // -----------------------------------------------------------------------------------------
