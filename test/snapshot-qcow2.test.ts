@@ -120,6 +120,33 @@ t.test('the incremental of a qcow2 volume reads only the blocks its bitmap marke
   t.ok((await restored(store, s3.id, dir)).equals(guestBytes(vol)), 'the third restores exactly');
 });
 
+t.test('a qcow2 volume\'s record holds the size its guest sees, and later snapshots leave the record alone', { skip }, async (t) => {
+  const dir = t.testdir();
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vm.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', vol, '3G');
+  qemuIo(vol, ['write -P 0x11 0 3M']);
+  const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
+  const size0 = fs.statSync(vol).size;
+  t.ok(size0 < 64 * MiB, `the file (${size0} bytes) is smaller than the guest's disk`);
+  const { volumes } = await snap.listVolumes({ store });
+  t.same(volumes.map((v) => [v.id, v.size]), [[s1.volumeId, 3 * 1024 * MiB]], 'the record says 3 GiB');
+  const recordFile = path.join(store, 'volumes', `${s1.volumeId}.json`);
+  const before = fs.statSync(recordFile);
+  qemuIo(vol, ['write -P 0x22 40M 1M']); // the file grows; the guest's size does not
+  const s2 = await snap.createSnapshot(vol, { store });
+  t.equal(s2.changeSource, 'bitmap');
+  t.ok(fs.statSync(vol).size > size0, 'the file grew');
+  const after = fs.statSync(recordFile);
+  t.same([after.ino, after.mtimeMs], [before.ino, before.mtimeMs], 'the record was not rewritten');
+  const listed = cli(['volume', 'list', '--store', store, '--output', 'json']);
+  t.equal(listed.status, 0, listed.stderr);
+  t.equal(JSON.parse(listed.out).Volumes[0].Size, 3, 'EC2 form: 3 GiB, not the file\'s size');
+  qemuImgOk('resize', '-q', '-f', 'qcow2', vol, '4G');
+  await snap.createSnapshot(vol, { store });
+  t.same((await snap.listVolumes({ store })).volumes.map((v) => v.size), [4 * 1024 * MiB], 'a resize is recorded');
+});
+
 t.test('an untrusted bitmap falls back to hashing every block, and says why', { skip }, async (t) => {
   const cases: [string, (vol: string, bitmap: string) => void, RegExp][] = [
     ['QEMU killed while writing', (vol) => void run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x55 5M 4k', '-c', 'abort', vol]), /in use/],

@@ -6,7 +6,7 @@
  */
 export { checkRange } from './view';
 export type { DiskImage, ImageFormat, ImageInfo, LayerInfo, MapExtent, ImageOpenOptions } from './view';
-export { detectFormat, openImage } from './open';
+export { detectFormat, guestSizeOf, openImage } from './open';
 export { RawImage, createRawImage } from './raw';
 export { runBench } from './bench';
 export type { BenchOptions, BenchResult } from './bench';

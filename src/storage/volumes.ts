@@ -6,6 +6,7 @@ import { createHash } from 'node:crypto';
 import { BlockFile } from '../engine/file';
 import { DisksnapError, invalid } from '../engine/errors';
 import { NativeStat } from '../engine/native';
+import { guestSizeOf } from '../image';
 import { KeyRing, isExplicit, needKeyError } from './keys';
 import { Store } from './store/store';
 import { RetentionPolicy, VolumeRecord, newId } from './store/records';
@@ -95,11 +96,13 @@ export function volumeIdFor(real: string): string {
 }
 
 /**
- * The record of the volume at `real`, created when the store has none; size and identity kept
- * current. `known`: the record the caller just found for `real` (saves a second listing).
+ * The record of the volume at `real`, created when the store has none; size (the guest's)
+ * and identity kept current. `known`: the record the caller just found for `real` (saves a second listing).
  */
 export async function ensureVolume(store: Store, real: string, file: BlockFile, st: NativeStat, known?: VolumeRecord): Promise<VolumeRecord> {
-  const size = volumeSizeOf(file, st);
+  // what the guest sees: the virtual size of a qcow2 volume, which its file's size is not (that
+  // grows with every bitmap a snapshot adds, and rewrote this record at each snapshot)
+  const size = guestSizeOf(file, volumeSizeOf(file, st));
   const existing = known ?? (await findVolumeByPath(store, real)) ?? (await createVolume(store, real, size, st));
   if (existing.size !== size || existing.dev !== st.dev || existing.ino !== String(st.ino)) {
     existing.size = size;

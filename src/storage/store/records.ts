@@ -41,6 +41,7 @@ export interface VolumeRecord {
   id: string;
   /** absolute path the volume was registered from; a hint, the identity is the id */
   path: string;
+  /** bytes the guest sees: a raw file's or device's size, a qcow2 volume's virtual size */
   size: number;
   /** st_dev / st_ino at registration or last snapshot: finds a volume that moved */
   dev: number;
