@@ -5,42 +5,27 @@
  * openssl) is trusted through it, as with node's own handling of the variable.
  */
 import t from 'tap';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import * as tls from 'node:tls';
-import { CLI } from './helpers/cli';
+import { CLI, cliAsync } from './helpers/cli';
 import { ceph, cephMissing, newBucket } from './helpers/ceph';
 import { missing } from './helpers/tools';
 import { MiB, makeImage, sha } from '../fixtures/store/helpers';
 import { MOVED_EXTRA_CA, deferExtraCa, pemCertificates } from '../src/engine/extra-ca';
 
 /** Runs the executable itself (its first line picks the runtime), as a shell would. */
-function run(args: string[], env: NodeJS.ProcessEnv): { status: number | null; out: string; stderr: string } {
+function run(args: string[], env: NodeJS.ProcessEnv): { status: number | null; out: string; err: string } {
   const r = spawnSync(CLI, args, { env, encoding: 'utf8', maxBuffer: 1 << 26, timeout: 120_000 });
   if (r.error) throw r.error;
-  return { status: r.status, out: r.stdout, stderr: r.stderr };
+  return { status: r.status, out: r.stdout, err: r.stderr };
 }
 
-/** `run` without blocking this process, which serves the TLS front. */
-function runAsync(args: string[], env: NodeJS.ProcessEnv): Promise<{ status: number | null; out: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const c = spawn(CLI, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let stderr = '';
-    c.stdout.on('data', (d) => (out += d));
-    c.stderr.on('data', (d) => (stderr += d));
-    c.on('error', reject);
-    c.on('close', (status) => resolve({ status, out, stderr }));
-  });
-}
-
-/** The environment without NODE_EXTRA_CA_CERTS, plus `more`. */
+/** The environment without NODE_EXTRA_CA_CERTS (undefined: left out by spawn), plus `more`. */
 function envWith(more: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
-  const env = { ...process.env, ...more };
-  if (!('NODE_EXTRA_CA_CERTS' in more)) delete env.NODE_EXTRA_CA_CERTS;
-  return env;
+  return { ...process.env, NODE_EXTRA_CA_CERTS: undefined, ...more };
 }
 
 /**
@@ -67,16 +52,16 @@ t.test('the executable starts node without NODE_EXTRA_CA_CERTS and gives it back
   fs.writeFileSync(pem, '');
   const p = probe(dir);
   const r = run(['--version'], envWith({ ...p.env, NODE_EXTRA_CA_CERTS: pem }));
-  t.equal(r.status, 0, r.stderr);
+  t.equal(r.status, 0, r.err);
   t.same(p.read(), {
     start: { NODE_EXTRA_CA_CERTS: null, [MOVED_EXTRA_CA]: pem },
     exit: { NODE_EXTRA_CA_CERTS: pem, [MOVED_EXTRA_CA]: null },
   });
-  t.notMatch(r.stderr, /Ignoring extra certs/, 'nothing read where no TLS connection was made');
+  t.notMatch(r.err, /Ignoring extra certs/, 'nothing read where no TLS connection was made');
 
   const q = probe(dir);
   const none = run(['--version'], envWith(q.env));
-  t.equal(none.status, 0, none.stderr);
+  t.equal(none.status, 0, none.err);
   t.same(q.read(), { start: { NODE_EXTRA_CA_CERTS: null, [MOVED_EXTRA_CA]: '' }, exit: { NODE_EXTRA_CA_CERTS: null, [MOVED_EXTRA_CA]: null } }, 'no variable made up');
 });
 
@@ -129,18 +114,18 @@ t.test('an S3 store over https with a private CA: trusted through NODE_EXTRA_CA_
   const env = (more: NodeJS.ProcessEnv) => envWith({ ...s3.env, AWS_ENDPOINT_URL: endpoint, DISKSNAP_S3_RETRIES: '2', ...more });
 
   const trusted = env({ NODE_EXTRA_CA_CERTS: cert });
-  const c = await runAsync(['snapshot', 'create', vol, '--store', url, '--json'], trusted);
-  t.equal(c.status, 0, c.stderr);
+  const c = await cliAsync(['snapshot', 'create', vol, '--store', url, '--json'], trusted);
+  t.equal(c.status, 0, c.err);
   t.ok(connections > 0, 'through the TLS front');
   const out = path.join(dir, 'out.img');
-  const r = await runAsync(['snapshot', 'restore', JSON.parse(c.out).id, '--to', out, '--store', url], trusted);
-  t.equal(r.status, 0, r.stderr);
+  const r = await cliAsync(['snapshot', 'restore', JSON.parse(c.out).id, '--to', out, '--store', url], trusted);
+  t.equal(r.status, 0, r.err);
   t.equal(sha(out), sha(vol), 'restored byte for byte');
 
   const bundle = path.join(dir, 'bundle.pem');
   fs.writeFileSync(bundle, `# a bundle of two\n${fs.readFileSync(path.join(__dirname, '..', 'fixtures', 'tls', 'other-ca.pem'), 'utf8')}\n${fs.readFileSync(cert, 'utf8')}`);
-  const l = await runAsync(['snapshot', 'list', '--store', url, '--json'], env({ NODE_EXTRA_CA_CERTS: bundle }));
-  t.equal(l.status, 0, l.stderr);
+  const l = await cliAsync(['snapshot', 'list', '--store', url, '--json'], env({ NODE_EXTRA_CA_CERTS: bundle }));
+  t.equal(l.status, 0, l.err);
   t.equal(JSON.parse(l.out).snapshots.length, 1, 'the certificate found in a bundle');
 
   for (const [label, more] of [
@@ -148,10 +133,10 @@ t.test('an S3 store over https with a private CA: trusted through NODE_EXTRA_CA_
     ['a file with no certificate', { NODE_EXTRA_CA_CERTS: key }],
     ['a missing file', { NODE_EXTRA_CA_CERTS: path.join(dir, 'nosuch.pem') }],
   ] as const) {
-    const bad = await runAsync(['snapshot', 'list', '--store', url], env(more));
+    const bad = await cliAsync(['snapshot', 'list', '--store', url], env(more));
     t.equal(bad.status, 1, label);
-    t.match(bad.stderr, /^disksnap: S3 at https:\/\/127\.0\.0\.1:\d+: its TLS certificate is not trusted \(self[- ]signed certificate, DEPTH_ZERO_SELF_SIGNED_CERT\): for a private CA, set NODE_EXTRA_CA_CERTS to its PEM file \(EACCES\)$/m, `${label}: the error names the certificate`);
-    t.equal(bad.stderr.split('\n').filter((l) => l.startsWith('disksnap:')).length, 1, `${label}: one line`);
-    if ('NODE_EXTRA_CA_CERTS' in more) t.match(bad.stderr, /Ignoring extra certs from/, `${label}: warned, as node warns`);
+    t.match(bad.err, /^disksnap: S3 at https:\/\/127\.0\.0\.1:\d+: its TLS certificate is not trusted \(self[- ]signed certificate, DEPTH_ZERO_SELF_SIGNED_CERT\): for a private CA, set NODE_EXTRA_CA_CERTS to its PEM file \(EACCES\)$/m, `${label}: the error names the certificate`);
+    t.equal(bad.err.split('\n').filter((l) => l.startsWith('disksnap:')).length, 1, `${label}: one line`);
+    if ('NODE_EXTRA_CA_CERTS' in more) t.match(bad.err, /Ignoring extra certs from/, `${label}: warned, as node warns`);
   }
 });

@@ -14,7 +14,7 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import * as net from 'node:net';
 import * as snap from '../src/storage';
 import { S3Backend } from '../src/storage/store/s3';
@@ -22,7 +22,8 @@ import { withStoreLock } from '../src/storage/common';
 import { setBackendFactory, type Store } from '../src/storage/store/store';
 import { DirectoryBackend } from '../src/storage/store/dir';
 import { DisksnapError } from '../src/engine/errors';
-import { CLI, KiB, MiB, applyWrites, makeImage, sha } from '../fixtures/store/helpers';
+import { KiB, MiB, applyWrites, makeImage, sha } from '../fixtures/store/helpers';
+import { cliAsync } from './helpers/cli';
 import { CEPH_SCRIPT, ceph, cephMissing, killGateway, newBucket, restartGatewayAsync } from './helpers/ceph';
 import { startFaultProxy } from './helpers/s3-fault-proxy';
 
@@ -61,17 +62,6 @@ async function waitFor(cond: () => Promise<boolean> | boolean, maxMs: number): P
   }
 }
 
-function run(args: string[], env: NodeJS.ProcessEnv): Promise<{ status: number | null; out: string; err: string }> {
-  return new Promise((resolve, reject) => {
-    const c = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...env } });
-    let out = '';
-    let err = '';
-    c.stdout.on('data', (d) => (out += d));
-    c.stderr.on('data', (d) => (err += d));
-    c.on('error', reject);
-    c.on('exit', (status) => resolve({ status, out, err }));
-  });
-}
 
 /** Every completed snapshot of a store restores byte-exact (one of `expected`) and verifies. */
 async function everyCompletedRestores(t: Tap.Test, url: string, dir: string, expected: Map<string, string>, what: string): Promise<number> {
@@ -245,7 +235,7 @@ t.test('on a gateway of its own', { skip }, async (t) => {
     moments.set('two', sha(vol));
 
     // ---- copy ----
-    const copy = run(['snapshot', 'copy', s1.id, '--store', src, '--to-store', dst, '--json'], giveUp);
+    const copy = cliAsync(['snapshot', 'copy', s1.id, '--store', src, '--to-store', dst, '--json'], giveUp);
     const midCopy = await waitFor(async () => (await countBlocks(dst)) >= 8, 60_000); // early: since block requests skip the SDK, 192 objects copy in well under a second
     killGateway();
     const c = await copy;
@@ -270,7 +260,7 @@ t.test('on a gateway of its own', { skip }, async (t) => {
     fs.mkdirSync(outDir);
     const target = path.join(outDir, 'restored.img');
     // one request at a time, so that the restore is still reading when the gateway dies
-    const restore = run(['snapshot', 'restore', s2.id, '--store', src, '--to', target], { ...giveUp, DISKSNAP_S3_CONCURRENCY: '1' });
+    const restore = cliAsync(['snapshot', 'restore', s2.id, '--store', src, '--to', target], { ...giveUp, DISKSNAP_S3_CONCURRENCY: '1' });
     const midRestore = await waitFor(() => fs.readdirSync(outDir).some((n) => n.endsWith('.tmp')), 60_000); // made first, written at the end of a chunk
     killGateway();
     const r = await restore;
@@ -298,7 +288,7 @@ t.test('on a gateway of its own', { skip }, async (t) => {
     // ---- gc ----
     await snap.deleteSnapshot(s1.id, { store: src }); // s1's blocks that s2 replaced become garbage
     const before = await countBlocks(src);
-    const gc = run(['store', 'gc', '--store', src, '--json'], giveUp);
+    const gc = cliAsync(['store', 'gc', '--store', src, '--json'], giveUp);
     const midGc = await waitFor(async () => (await countBlocks(src)) <= before - 10, 60_000);
     killGateway();
     const g = await gc;
@@ -329,7 +319,7 @@ t.test('on a gateway of its own', { skip }, async (t) => {
     /** Runs a CLI command through the proxy until it succeeds (3 tries); a failure must be clear. */
     const through = async (args: string[], env: NodeJS.ProcessEnv = viaProxy) => {
       for (let i = 1; ; i++) {
-        const r = await run(args, env);
+        const r = await cliAsync(args, env);
         if (r.status === 0) return r;
         clearFailure(t, r, `${args.slice(0, 2).join(' ')} (try ${i})`);
         failures.push(r.err.trim());
@@ -366,10 +356,10 @@ t.test('on a gateway of its own', { skip }, async (t) => {
     const outDir = path.join(dir, 'harsh');
     fs.mkdirSync(outDir);
     const results = [
-      await run(['snapshot', 'create', vol, '--store', src, '--name', 'c', '--json'], harsh),
-      await run(['snapshot', 'copy', b.id, '--store', src, '--to-store', dst, '--name', 'b2', '--json'], harsh),
-      await run(['snapshot', 'restore', b.id, '--store', src, '--to', path.join(outDir, 'b.img')], harsh),
-      await run(['store', 'gc', '--store', dst, '--json'], harsh),
+      await cliAsync(['snapshot', 'create', vol, '--store', src, '--name', 'c', '--json'], harsh),
+      await cliAsync(['snapshot', 'copy', b.id, '--store', src, '--to-store', dst, '--name', 'b2', '--json'], harsh),
+      await cliAsync(['snapshot', 'restore', b.id, '--store', src, '--to', path.join(outDir, 'b.img')], harsh),
+      await cliAsync(['store', 'gc', '--store', dst, '--json'], harsh),
     ];
     const failed = results.filter((r) => r.status !== 0);
     for (const r of failed) clearFailure(t, r, 'under harsh faults');

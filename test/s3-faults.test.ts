@@ -9,10 +9,10 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { spawn } from 'node:child_process';
 import * as snap from '../src/storage';
 import { S3Backend } from '../src/storage/store/s3';
-import { CLI, KiB, MiB, applyWrites, ds, makeImage, sha } from '../fixtures/store/helpers';
+import { KiB, MiB, applyWrites, ds, makeImage, sha } from '../fixtures/store/helpers';
+import { cliAsync } from './helpers/cli';
 import { ceph, cephMissing, killGateway, newBucket, restartGateway, restartGatewayAsync } from './helpers/ceph';
 
 const skip = cephMissing();
@@ -41,17 +41,6 @@ async function waitForBlocks(url: string, atLeast: number, maxMs: number): Promi
   }
 }
 
-function run(args: string[], env: NodeJS.ProcessEnv): Promise<{ status: number | null; out: string; err: string }> {
-  return new Promise((resolve, reject) => {
-    const c = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...env } });
-    let out = '';
-    let err = '';
-    c.stdout.on('data', (d) => (out += d));
-    c.stderr.on('data', (d) => (err += d));
-    c.on('error', reject);
-    c.on('exit', (status) => resolve({ status, out, err }));
-  });
-}
 
 t.test('on the gateway', { skip }, async (t) => {
   const s3 = await ceph();
@@ -69,7 +58,7 @@ t.test('on the gateway', { skip }, async (t) => {
     applyWrites(vol, [{ offset: 4 * MiB, length: 24 * MiB, seed: 2 }]);
     const vA = sha(vol);
     const before = await countBlocks(url);
-    const child = run(['snapshot', 'create', vol, '--store', url, '--name', 'a', '--json'], { ...s3.env, DISKSNAP_S3_RETRIES: '2' });
+    const child = cliAsync(['snapshot', 'create', vol, '--store', url, '--name', 'a', '--json'], { ...s3.env, DISKSNAP_S3_RETRIES: '2' });
     await waitForBlocks(url, before + 40, 60_000);
     killGateway();
     const a = await child;
@@ -141,13 +130,13 @@ t.test('on the gateway', { skip }, async (t) => {
     await snap.deleteSnapshot(s0.id, { store: url });
 
     const env = { ...s3.env, HOME: dir, XDG_DATA_HOME: path.join(dir, 'xdg') };
-    const w1 = run(['snapshot', 'create', v1, '--store', url, '--json'], { ...env, HOME: path.join(dir, 'h1') });
-    const w2 = run(['snapshot', 'create', v2, '--store', url, '--json'], { ...env, HOME: path.join(dir, 'h2') });
+    const w1 = cliAsync(['snapshot', 'create', v1, '--store', url, '--json'], { ...env, HOME: path.join(dir, 'h1') });
+    const w2 = cliAsync(['snapshot', 'create', v2, '--store', url, '--json'], { ...env, HOME: path.join(dir, 'h2') });
     let done = false;
     const gcs = { ok: 0, locked: 0, other: [] as string[] };
     const gcLoop = (async () => {
       while (!done) {
-        const g = await run(['store', 'gc', '--store', url, '--json'], { ...env, HOME: path.join(dir, 'h3') });
+        const g = await cliAsync(['store', 'gc', '--store', url, '--json'], { ...env, HOME: path.join(dir, 'h3') });
         if (g.status === 0) gcs.ok++;
         else if (/ELOCKED|in use|locked/.test(g.err)) gcs.locked++;
         else gcs.other.push(g.err);

@@ -7,22 +7,11 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as snap from '../src/storage';
-import { CLI, MiB, makeImage, sha } from '../fixtures/store/helpers';
+import { MiB, makeImage, sha } from '../fixtures/store/helpers';
+import { cliAsync } from './helpers/cli';
 
-function run(args: string[]): Promise<{ status: number | null; out: string; err: string }> {
-  return new Promise((resolve, reject) => {
-    const c = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    c.stdout.on('data', (d) => (out += d));
-    c.stderr.on('data', (d) => (err += d));
-    c.on('error', reject);
-    c.on('close', (status) => resolve({ status, out, err }));
-  });
-}
 
 t.test('two snapshot creates of one new volume at once register it once', async (t) => {
   const dir = t.testdir();
@@ -36,7 +25,7 @@ t.test('two snapshot creates of one new volume at once register it once', async 
     const rec = { id, path: path.join(dir, `other-${i}.img`), size: MiB, dev: 1, ino: String(i + 1), encrypted: false, keyId: null, created: new Date().toISOString(), inPlaceRestore: null };
     fs.writeFileSync(path.join(store, 'volumes', `${id}.json`), JSON.stringify(rec));
   }
-  const [a, b] = await Promise.all([0, 1].map((n) => run(['snapshot', 'create', vol, '--store', store, '--name', `s${n}`, '--json'])));
+  const [a, b] = await Promise.all([0, 1].map((n) => cliAsync(['snapshot', 'create', vol, '--store', store, '--name', `s${n}`, '--json'])));
   t.equal(a.status, 0, a.err);
   t.equal(b.status, 0, b.err);
   const real = fs.realpathSync(vol);

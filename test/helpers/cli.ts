@@ -4,7 +4,7 @@
  * Every JSON document the run printed is validated against its JSON Schema (schemas/, see
  * ./schemas.ts): a document that does not match fails the test that ran the command.
  */
-import { spawnSync, SpawnSyncReturns } from 'node:child_process';
+import { spawn, spawnSync, SpawnSyncReturns } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -43,4 +43,21 @@ export function cli(args: string[], opts: { input?: Buffer | string; env?: NodeJ
   } finally {
     fs.rmSync(trace, { force: true });
   }
+}
+
+/**
+ * Runs the executable without blocking this process (a test that serves something to the
+ * command, or runs two at once). `env` is laid over this process's environment; a key set to
+ * undefined is left out.
+ */
+export function cliAsync(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ status: number | null; out: string; err: string }> {
+  return new Promise((resolve, reject) => {
+    const c = spawn(CLI, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    c.stdout.on('data', (d) => (out += d));
+    c.stderr.on('data', (d) => (err += d));
+    c.on('error', reject);
+    c.on('close', (status) => resolve({ status, out, err }));
+  });
 }
