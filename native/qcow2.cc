@@ -68,10 +68,11 @@ Napi::Value L2Ordinary(const Napi::CallbackInfo& info) {
 
 // bitRuns(data, limit) -> Float64Array [from0, to0, from1, to1, ...]: the runs of set bits among
 // the first `limit` bits of a persistent dirty bitmap's data (bit i is bit i % 8 of byte i / 8,
-// as in QEMU's docs/interop/qcow2.txt), in order, each run [from, to). The TypeScript reference
-// is scanBits in src/image/qcow2/bitmaps.ts: there, running in V8's interpreter (a command is
-// too short for it to compile the loop), the 16,384 words of one 64 KiB cluster took ~8 ms;
-// here they take microseconds, zero words 64 bits at a time.
+// as in QEMU's docs/interop/qcow2.txt), in order, each run [from, to); test/native.test.ts
+// holds it to a bit-by-bit model. The TypeScript loop it replaces (readDirtyRanges in
+// src/image/qcow2/bitmaps.ts) ran in V8's interpreter (a command is too short for V8 to compile
+// it) and took ~8 ms for the 16,384 words of one 64 KiB cluster; here, zero words 64 bits at a
+// time, microseconds.
 Napi::Value BitRuns(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Bytes data;
