@@ -33,8 +33,8 @@
  * against restic that needs less time than that cannot be reached on this machine by any
  * Node process. Encrypted, copy-limit, xfs and memory rows: fresh only.
  *
- * Both tools run as processes through their CLIs (disksnap as its executable, whose first line
- * starts node without NODE_EXTRA_CA_CERTS, and every `node -e 0` of a floor started the same
+ * Both tools run as processes through their CLIs (disksnap as its executable, whose shell lines
+ * start node without NODE_EXTRA_CA_CERTS, and every `node -e 0` of a floor started the same
  * way: bench/util.ts nodeAsCli), from a warm page cache (the image is read once before each operation), so neither pays for the other's dirty pages. disksnap
  * fsyncs every object and its restored image before it reports success; restic 0.14 fsyncs
  * the pack files it writes but not the files it restores, and cp fsyncs nothing — the

@@ -29,11 +29,11 @@ export async function timed(fn: () => unknown): Promise<number> {
   return Number(process.hrtime.bigint() - t0) / 1e9;
 }
 
-/** The CLI as a user runs it: the executable itself, whose first line starts node. */
+/** The CLI as a user runs it: the executable itself, whose first two lines start node. */
 export const CLI = path.resolve(__dirname, '..', 'src', 'cli', 'main.js');
 
 /**
- * `node ARGS` started as the executable starts node (through env, without NODE_EXTRA_CA_CERTS:
+ * `node ARGS` started as the executable starts node (without NODE_EXTRA_CA_CERTS, through an exec:
  * src/engine/extra-ca.ts): the runtime's start in a floor costs what it costs the CLI.
  */
 export function nodeAsCli(args: string[]): [string, string[]] {

@@ -1,5 +1,5 @@
 /**
- * The executable's first line: node starts without NODE_EXTRA_CA_CERTS (node 20 parses that
+ * The executable's shell lines: node starts without NODE_EXTRA_CA_CERTS (node 20 parses that
  * file at start, ~40 ms), the user's value comes back for child processes, and an S3 store over
  * https with a private CA (a TLS front on the real Ceph gateway, its certificate made here by
  * openssl) is trusted through it, as with node's own handling of the variable.
@@ -15,8 +15,9 @@ import { ceph, cephMissing, newBucket } from './helpers/ceph';
 import { missing } from './helpers/tools';
 import { MiB, makeImage, sha } from '../fixtures/store/helpers';
 import { MOVED_EXTRA_CA, deferExtraCa, pemCertificates } from '../src/engine/extra-ca';
+import { LAUNCHER, writeLauncher } from '../src/cli/executable';
 
-/** Runs the executable itself (its first line picks the runtime), as a shell would. */
+/** Runs the executable itself (its shell lines start the runtime), as a shell would. */
 function run(args: string[], env: NodeJS.ProcessEnv): { status: number | null; out: string; err: string } {
   const r = spawnSync(CLI, args, { env, encoding: 'utf8', maxBuffer: 1 << 26, timeout: 120_000 });
   if (r.error) throw r.error;
@@ -63,6 +64,44 @@ t.test('the executable starts node without NODE_EXTRA_CA_CERTS and gives it back
   const none = run(['--version'], envWith(q.env));
   t.equal(none.status, 0, none.err);
   t.same(q.read(), { start: { NODE_EXTRA_CA_CERTS: null, [MOVED_EXTRA_CA]: '' }, exit: { NODE_EXTRA_CA_CERTS: null, [MOVED_EXTRA_CA]: null } }, 'no variable made up');
+});
+
+t.test('the executable begins with POSIX shell: busybox sh runs it as /bin/sh does; node reads a string and a comment', async (t) => {
+  const dir = t.testdir();
+  const pem = path.join(dir, 'extra.pem');
+  fs.writeFileSync(pem, '');
+  t.ok(fs.readFileSync(CLI, 'utf8').startsWith(LAUNCHER), 'the build put the launcher lines in place');
+  t.ok(fs.statSync(CLI).mode & 0o111, 'executable');
+  const direct = probe(dir);
+  const byNode = spawnSync(process.execPath, [CLI, '--version'], { env: envWith({ ...direct.env, NODE_EXTRA_CA_CERTS: pem }), encoding: 'utf8' });
+  t.equal(byNode.status, 0, byNode.stderr);
+  t.same(direct.read().start, { NODE_EXTRA_CA_CERTS: pem, [MOVED_EXTRA_CA]: null }, 'run by node itself: the variable is node\'s, as before');
+  const skip = missing({ commands: ['busybox'] });
+  if (skip) return void t.skip(skip);
+  const b = probe(dir);
+  const bb = spawnSync('busybox', ['sh', CLI, '--version'], { env: envWith({ ...b.env, NODE_EXTRA_CA_CERTS: pem }), encoding: 'utf8' });
+  t.equal(bb.status, 0, bb.stderr);
+  t.match(bb.stdout, /^\d+\.\d+\.\d+\n$/, 'the version');
+  t.equal(bb.stderr, '', 'nothing on stderr');
+  t.same(b.read().start, { NODE_EXTRA_CA_CERTS: null, [MOVED_EXTRA_CA]: pem }, 'busybox sh: node started without it');
+});
+
+t.test('writeLauncher: the #! line becomes the launcher, once, executable; a file without one is refused', async (t) => {
+  const dir = t.testdir();
+  const f = path.join(dir, 'tool.js');
+  fs.writeFileSync(f, '#!/usr/bin/env node\n"use strict";\nconsole.log(process.argv.slice(2).join(","));\n', { mode: 0o644 });
+  writeLauncher(f);
+  const text = fs.readFileSync(f, 'utf8');
+  t.equal(text, `${LAUNCHER}"use strict";\nconsole.log(process.argv.slice(2).join(","));\n`);
+  t.equal(fs.statSync(f).mode & 0o777, 0o755);
+  const r = spawnSync(f, ['a b', 'c'], { encoding: 'utf8' });
+  t.equal(r.stdout, 'a b,c\n', 'arguments pass through the shell unchanged');
+  writeLauncher(f);
+  t.equal(fs.readFileSync(f, 'utf8'), text, 'a second run changes nothing');
+  const plain = path.join(dir, 'plain.js');
+  fs.writeFileSync(plain, 'console.log(1)\n');
+  t.throws(() => writeLauncher(plain), /does not start with a #! line/);
+  t.same(fs.readdirSync(dir).sort(), ['plain.js', 'tool.js'], 'no temporary file left');
 });
 
 t.test('deferExtraCa: the moved value goes back under its own name; none, or started by node itself: nothing changes', async (t) => {

@@ -1,4 +1,4 @@
-#!/usr/bin/env -S -u NODE_EXTRA_CA_CERTS DISKSNAP_NODE_EXTRA_CA_CERTS=${NODE_EXTRA_CA_CERTS} node
+#!/usr/bin/env node
 /**
  * The `disksnap` executable. `npm run build` bundles the program (./program.ts and all it
  * loads) into one file, `disksnap.bundle.js`, and keeps V8's compiled code for that file
@@ -20,11 +20,11 @@
  * (identifiers are not minified), and nothing here reads a function's name. `--version` 209 ->
  * 196 ms, a "nothing changed" snapshot 280 -> 274 ms (40 and 20 alternating runs).
  *
- * The first line starts node without NODE_EXTRA_CA_CERTS, which node 20 parses at start (~40
- * ms with Debian's bundle), and passes the value on; `deferExtraCa` puts it back for child
- * processes, and an S3 store over https trusts it at its first connection (../engine/extra-ca.ts).
- * `env -S` is GNU coreutils 8.30 or later (or a BSD env); run as `node main.js`, the variable is
- * node's own as before.
+ * The build puts two lines of shell in place of this file's #! line (./executable.ts): they
+ * start node without NODE_EXTRA_CA_CERTS, which node 20 parses at start (~40 ms with Debian's
+ * bundle), and pass the value on; `deferExtraCa` puts it back for child processes, and an S3
+ * store over https trusts it at its first connection (../engine/extra-ca.ts). Run as `node
+ * main.js`, the variable is node's own as before.
  */
 import * as path from 'node:path';
 import { setFlagsFromString } from 'node:v8';

@@ -6,10 +6,10 @@
  * connection. With Debian's bundle (/etc/ssl/certs/ca-certificates.crt, 144 certificates),
  * which these machines name there, that is ~40 ms of `node -e 0`'s ~100 ms, and it made a
  * snapshot command ~60 ms slower (README, "Design"). Only an S3 store over https ever opens
- * a TLS connection here. So the executable's first line (../cli/main.ts) starts node
- * without the variable and passes its value on as DISKSNAP_NODE_EXTRA_CA_CERTS:
+ * a TLS connection here. So the executable's first two lines, shell (../cli/executable.ts),
+ * start node without the variable and pass its value on as DISKSNAP_NODE_EXTRA_CA_CERTS:
  *
- *   #!/usr/bin/env -S -u NODE_EXTRA_CA_CERTS DISKSNAP_NODE_EXTRA_CA_CERTS=${NODE_EXTRA_CA_CERTS} node
+ *   ':' //; export DISKSNAP_NODE_EXTRA_CA_CERTS="${NODE_EXTRA_CA_CERTS-}"; unset NODE_EXTRA_CA_CERTS; exec node "$0" "$@"
  *
  *   deferExtraCa()   (the launcher, first thing) puts NODE_EXTRA_CA_CERTS back in
  *                    process.env, so child processes see the user's environment unchanged,
@@ -24,7 +24,7 @@
 import * as fs from 'node:fs';
 import type * as TlsModule from 'node:tls';
 
-/** The variable the executable's first line moves NODE_EXTRA_CA_CERTS to. */
+/** The variable the executable's shell lines move NODE_EXTRA_CA_CERTS to. */
 export const MOVED_EXTRA_CA = 'DISKSNAP_NODE_EXTRA_CA_CERTS';
 
 const STATE = Symbol.for('disksnap.extraCaCerts');
@@ -39,7 +39,7 @@ function state(): Deferred | undefined {
 }
 
 /**
- * Takes over the value the executable's first line moved aside (no-op when the process was
+ * Takes over the value the executable's shell lines moved aside (no-op when the process was
  * started some other way): back under its own name for child processes, and noted for
  * `trustExtraCa`. Returns the file, or undefined when there is none to defer.
  */
