@@ -35,7 +35,8 @@
  *
  * Both tools run as processes through their CLIs (disksnap as its executable, whose shell lines
  * start node without NODE_EXTRA_CA_CERTS, and every `node -e 0` of a floor started the same
- * way: bench/util.ts nodeAsCli), from a warm page cache (the image is read once before each operation), so neither pays for the other's dirty pages. disksnap
+ * way: bench/util.ts nodeAsCli), from a warm page cache (the image is read once before each
+ * operation), so neither pays for the other's dirty pages. disksnap
  * fsyncs every object and its restored image before it reports success; restic 0.14 fsyncs
  * the pack files it writes but not the files it restores, and cp fsyncs nothing — the
  * "data on disk" rows add a `sync` to each so that all three finish with the bytes durable.
