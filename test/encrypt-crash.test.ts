@@ -97,18 +97,31 @@ t.test(`SIGKILL of create, delete and gc on an encrypted volume: completed snaps
   const outcome = { early: 0, midway: 0, after: 0, deletesKilled: 0, gcsKilled: 0 };
   const interrupted = new Set<string>(); // creates killed while their record was pending
 
+  // Where a create's record is pending, as the rounds so far tell: after the latest kill that
+  // found no record, before the earliest that found it completed (or a whole unkilled run). Most
+  // of a create is start-up, so that window is ~0.1 s of ~0.5 s: delays spread blindly missed it
+  // in all 18 rounds of one CI run.
+  let pendingFrom = 0;
+  let pendingTo = 2 * createMs;
   for (let k = 0; k < 18 && (k < 12 || outcome.midway < 3); k++) {
     const before = new Set((await raw()).map((s) => s.id));
-    // Stratified delays from 0 to 2x a create's time: early, mid-way and after completion.
-    const r = await runAndKill(process.execPath, nextRound(), (((k % 4) + rand()) / 4) * 2 * createMs);
+    // Stratified delays from 0 to 1.5x a create's time (early, mid-way, after completion), and
+    // every fourth inside the window above.
+    const delay = k % 4 === 3 ? pendingFrom + rand() * Math.max(0, pendingTo - pendingFrom) : (((k % 4) + rand()) / 4) * 2 * createMs;
+    const t0 = Date.now();
+    const r = await runAndKill(process.execPath, nextRound(), delay);
+    const ran = Date.now() - t0;
     const mine = (await raw()).filter((s) => !before.has(s.id));
     t.ok(mine.length <= 1, `round ${round}: at most one new record`);
     if (!r.killed) t.equal(r.status, 0, `round ${round}: a create that was not killed exits 0 ${r.stderr}`);
     if (!r.killed || mine[0]?.state === 'completed') {
       t.equal(mine[0]?.state, 'completed', `round ${round}: a create that exited is completed`);
       outcome.after++;
-    } else if (mine.length === 0) outcome.early++;
-    else {
+      pendingTo = Math.min(pendingTo, r.killed ? delay : ran);
+    } else if (mine.length === 0) {
+      outcome.early++;
+      pendingFrom = Math.max(pendingFrom, delay);
+    } else {
       t.equal(mine[0].state, 'pending', `round ${round}: killed mid-way, the record is pending`);
       interrupted.add(mine[0].id);
       outcome.midway++;
