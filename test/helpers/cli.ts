@@ -1,6 +1,6 @@
 /**
- * Runs the compiled CLI (dist/src/cli/main.js) as a user would (the executable itself, its first
- * line starting node), capturing everything.
+ * Runs the compiled CLI (dist/src/cli/main.js) as a user would (the executable itself, whose
+ * two lines of shell start node: src/cli/executable.ts), capturing everything.
  * Every JSON document the run printed is validated against its JSON Schema (schemas/, see
  * ./schemas.ts): a document that does not match fails the test that ran the command.
  */
