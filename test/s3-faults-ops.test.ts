@@ -163,6 +163,81 @@ t.test('a snapshot that completed is not reported failed because the store faile
   t.match(logs.join('\n'), /retention policy of volume .* could not be applied: GET .* failed/, 'the failure is reported, not thrown');
 });
 
+/**
+ * A directory store whose record writes fail as a gateway's do when it dies: the completing
+ * write of a record lands (`lands`) or not, its answer is lost either way, and so are the
+ * writes after it while `down` says the gateway is still gone.
+ */
+function completingWriteFails(lands: boolean, down: () => boolean): { failed: () => number } {
+  let failed = 0;
+  let dead = false;
+  setBackendFactory((root) => {
+    const d = new DirectoryBackend(root);
+    const lost = (k: string) => new DisksnapError(`S3 at http://gw: PUT ${k} failed after 2 attempt(s): Error: socket hang up`, 'EIO', 5, k);
+    return {
+      location: d.location,
+      describe: (k) => d.describe(k),
+      get: (k, into) => d.get(k, into),
+      putIfAbsent: (k, data) => d.putIfAbsent(k, data),
+      put: async (k, data) => {
+        if (dead && down()) {
+          failed++;
+          throw lost(k);
+        }
+        if (/^snapshots\/.*\.json$/.test(k) && JSON.parse(Buffer.from(data).toString('utf8')).state === 'completed' && failed === 0) {
+          if (lands) await d.put(k, data);
+          dead = true;
+          failed++;
+          throw lost(k);
+        }
+        return d.put(k, data);
+      },
+      list: (p) => d.list(p),
+      delete: (k) => d.delete(k),
+    };
+  });
+  return { failed: () => failed };
+}
+
+t.test("a record's completing write whose answer is lost: the error says whether the snapshot completed is unknown, and it is whole if it did", async (t) => {
+  t.teardown(() => setBackendFactory(undefined));
+  for (const op of ['create', 'copy'] as const) {
+    const dir = t.testdir(); // each round gets a directory of its own
+    const vol = path.join(dir, `vol-${op}.img`);
+    const store = path.join(dir, `store-${op}`);
+    const to = path.join(dir, `to-${op}`);
+    makeImage(vol, 2 * MiB, [{ offset: 0, length: MiB, seed: 4 }]);
+    const want = sha(vol);
+    const first = op === 'copy' ? await snap.createSnapshot(vol, { store, blockSize: BS }) : undefined;
+    const run = () => (first ? snap.copySnapshot(first.id, { store, toStore: to }) : snap.createSnapshot(vol, { store, blockSize: BS }));
+    const target = first ? to : store;
+
+    // the write landed, and the gateway stayed down for the `error` one
+    let down = true;
+    const f = completingWriteFails(true, () => down);
+    const e = await run().catch((x: unknown) => x);
+    t.match(e, { code: 'EIO', message: /PUT snapshots\/snap-[0-9a-f]+\.json failed after 2 attempt\(s\).*; whether (snap-[0-9a-f]+) completed is unknown .*`disksnap snapshot show \1 --store / }, `${op}: the error says the outcome is unknown`);
+    t.equal(f.failed(), 2, `${op}: the completing write and the error one failed`);
+    down = false;
+    const id = /whether (snap-[0-9a-f]+) completed/.exec((e as Error).message)?.[1] ?? '';
+    const shown = await snap.showSnapshot(id, { store: target });
+    t.equal(shown.state, 'completed', `${op}: the store took the write: the snapshot stands completed`);
+    const out = path.join(dir, `out-${op}.img`);
+    await snap.restoreSnapshot(id, { store: target, to: out });
+    t.equal(sha(out), want, `${op}: and restores byte-exact`);
+    await snap.deleteSnapshot(id, { store: target });
+
+    // the write did not land, and the gateway was back for the `error` one: a plain failure
+    const g = completingWriteFails(false, () => false);
+    const e2 = await run().catch((x: unknown) => x);
+    t.match(e2, { code: 'EIO', message: /failed after 2 attempt\(s\): Error: socket hang up$/ }, `${op}: the record says error: the error is the failure alone`);
+    t.equal(g.failed(), 1, `${op}: one write failed`);
+    setBackendFactory(undefined);
+    const left = (await snap.listSnapshots({ store: target })).snapshots.filter((s) => s.id !== first?.id);
+    t.same(left.map((s) => s.state), ['error'], `${op}: its record says error`);
+  }
+});
+
 t.test('a server that takes a request and never answers: a clear error after the attempts, not a hang', async (t) => {
   t.setTimeout(60_000); // a hang fails here rather than at the file's limit
   const sockets = new Set<net.Socket>();
@@ -244,15 +319,22 @@ t.test('on a gateway of its own', { skip }, async (t) => {
     else clearFailure(t, c, 'copy interrupted');
     await sleep(TTL + 500); // the dead copier's leases run out
     const dstListing = await snap.listSnapshots({ store: dst });
+    // A kill between the gateway taking the record's completing write and its answer leaves the
+    // copy completed (whole: its manifest was durable first) while the copy fails: the error says so.
+    const unknown = c.status !== 0 && /whether snap-[0-9a-f]+ completed is unknown/.test(c.err);
+    const landed = dstListing.snapshots.filter((s) => s.state === 'completed').length;
     if (c.status !== 0) {
-      t.notOk(dstListing.snapshots.some((s) => s.state === 'completed'), 'the interrupted copy is not completed');
+      if (unknown) t.comment(`the kill came with the copy's completing write (completed copies: ${landed})`);
+      else t.equal(landed, 0, 'the interrupted copy is not completed');
+      t.ok(landed <= 1, 'at most the one copy');
       t.equal(dstListing.snapshots.filter((s) => s.state === 'pending').length, 0, 'nor left pending once its writer is gone');
     }
     t.equal(await everyCompletedRestores(t, src, dir, moments, 'source after the copy kill'), 2);
     const c1 = await snap.copySnapshot(s1.id, { store: src, toStore: dst });
     t.equal(c1.state, 'completed', 'the copy re-run completes');
-    // the copy that finished before the kill (exit 0) is in the destination beside the re-run's
-    const copies = c.status === 0 ? 2 : 1;
+    // a copy that finished before the kill (exit 0, or its completing write taken) is in the
+    // destination beside the re-run's, and restores byte-exact like it
+    const copies = c.status === 0 ? 2 : 1 + landed;
     t.equal(await everyCompletedRestores(t, dst, dir, moments, 'destination after the re-run'), copies);
 
     // ---- restore ----

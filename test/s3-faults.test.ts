@@ -74,7 +74,11 @@ t.test('on the gateway', { skip }, async (t) => {
     await sleep(TTL + 500); // the dead writer's leases run out
     const listing = await snap.listSnapshots({ store: url });
     const aRec = listing.snapshots.find((s) => s.name === 'a');
-    if (a.status !== 0) t.not(aRec?.state, 'completed', 'the interrupted snapshot is not completed');
+    // a kill between the gateway taking the completing record write and its answer: the
+    // snapshot may stand completed (and whole: checked below), and the error says so
+    const unknown = /whether snap-[0-9a-f]+ completed is unknown/.test(a.err);
+    if (a.status !== 0 && !unknown) t.not(aRec?.state, 'completed', 'the interrupted snapshot is not completed');
+    if (unknown) t.comment(`the kill came with the completing write (the record says ${aRec?.state})`);
     const r0 = path.join(dir, 'r0.img');
     await snap.restoreSnapshot(s0.id, { store: url, to: r0 });
     t.equal(sha(r0), v0, 'the completed snapshot restores byte-exact');

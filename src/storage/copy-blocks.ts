@@ -79,8 +79,7 @@ export async function runCopy(
     return await completeSnapshot(dst, out, { manifest: writer }, progress, () => (writer = undefined));
   } catch (e) {
     await s.writes.settle();
-    await failSnapshot(dst, out, writer && { manifest: writer }, progress, e);
-    throw e;
+    throw await failSnapshot(dst, out, writer && { manifest: writer }, progress, e);
   } finally {
     for (const r of readers) await r.close();
   }

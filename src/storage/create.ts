@@ -340,8 +340,7 @@ async function runCapture(
       kept.discard();
       rec.reflinkClone = null;
     }
-    await failSnapshot(store, rec, writer, progress, e);
-    throw e;
+    throw await failSnapshot(store, rec, writer, progress, e);
   }
 }
 

@@ -5,6 +5,7 @@
  */
 import * as os from 'node:os';
 import type { Store } from './store/store';
+import { DisksnapError } from '../engine/errors';
 import type { ManifestWriter } from './store/manifest';
 import type { TagWriter } from './store/tags';
 import { PackWriter, packsKey } from './store/packs';
@@ -132,16 +133,31 @@ export async function completeSnapshot(
 
 /**
  * After a failure: the manifest abandoned, the record `error` with the reason. Best effort:
- * the caller rethrows the first error; a record left `pending` is reaped as `error` by the
- * next command (its lease shows the writer gone).
+ * a record left `pending` is reaped as `error` by the next command (its lease shows the writer
+ * gone). Returns the error for the caller to throw: the first one, except when the record's
+ * completing write failed and so did this `error` one. A store may have written a record whose
+ * answer was lost (a gateway killed after it took the request), so the snapshot may stand
+ * completed, whole (its manifest was durable first), while the command fails: the error says
+ * so, and how to see which it is.
  */
-export async function failSnapshot(store: Store, rec: SnapshotRecord, writer: Captured | undefined, progress: ProgressSaver, e: unknown): Promise<void> {
+export async function failSnapshot(store: Store, rec: SnapshotRecord, writer: Captured | undefined, progress: ProgressSaver, e: unknown): Promise<unknown> {
+  const completing = rec.state === 'completed'; // set just before the record's completing write
   await progress.settle();
   if (writer) await abortQuietly(writer.manifest);
   if (writer?.tags) await abortQuietly(writer.tags);
   rec.state = 'error';
   rec.error = e instanceof Error ? e.message : String(e);
-  await store.writeSnapshot(rec).catch(() => undefined);
+  const marked = await store.writeSnapshot(rec).then(
+    () => true,
+    () => false,
+  );
+  if (!completing || marked || !(e instanceof DisksnapError)) return e;
+  return new DisksnapError(
+    `${e.message}; whether ${rec.id} completed is unknown (the store may have taken the write whose answer failed): \`disksnap snapshot show ${rec.id} --store ${store.dir}\` says`,
+    e.code,
+    e.errno,
+    e.path,
+  );
 }
 
 /**
