@@ -62,7 +62,6 @@ async function waitFor(cond: () => Promise<boolean> | boolean, maxMs: number): P
   }
 }
 
-
 /** Every completed snapshot of a store restores byte-exact (one of `expected`) and verifies. */
 async function everyCompletedRestores(t: Tap.Test, url: string, dir: string, expected: Map<string, string>, what: string): Promise<number> {
   const listing = await snap.listSnapshots({ store: url });

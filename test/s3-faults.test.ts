@@ -41,7 +41,6 @@ async function waitForBlocks(url: string, atLeast: number, maxMs: number): Promi
   }
 }
 
-
 t.test('on the gateway', { skip }, async (t) => {
   const s3 = await ceph();
   t.teardown(() => restartGateway()); // whatever happened, leave a gateway up for the next file

@@ -12,7 +12,6 @@ import * as snap from '../src/storage';
 import { MiB, makeImage, sha } from '../fixtures/store/helpers';
 import { cliAsync } from './helpers/cli';
 
-
 t.test('two snapshot creates of one new volume at once register it once', async (t) => {
   const dir = t.testdir();
   const store = path.join(dir, 'store');
