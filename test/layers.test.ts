@@ -6,7 +6,7 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import ts from 'typescript';
+import * as ts from 'typescript';
 
 const SRC = path.join(__dirname, '..', 'src');
 
