@@ -7,6 +7,7 @@
 #include <string.h>
 
 #define DISKSNAP_CLMUL __attribute__((target("pclmul,ssse3,sse4.1,avx2,vpclmulqdq")))
+#define DISKSNAP_ZMM __attribute__((target("pclmul,ssse3,sse4.1,avx2,vpclmulqdq,avx512f,avx512bw")))
 
 namespace disksnap {
 
@@ -66,9 +67,9 @@ DISKSNAP_CLMUL void Powers(const uint8_t h[16], uint8_t out[][16], int count) {
   }
 }
 
-// kStep = 16 blocks per step; keys[k] holds (H^(16-2k), H^(15-2k)) in its (low, high) lanes,
-// the powers of the k-th pair of blocks.
-DISKSNAP_CLMUL void TagClmul(const uint8_t (*powers)[16], const uint8_t* p, size_t n, uint8_t out[16]) {
+// Absorbs p[0..n) (n a multiple of 256) into y, 16 blocks per step: keys[k] holds
+// (H^(16-2k), H^(15-2k)) in its (low, high) lanes, the powers of the k-th pair of blocks.
+DISKSNAP_CLMUL __m128i Absorb256(const uint8_t (*powers)[16], const uint8_t* p, size_t n, __m128i y) {
   __m256i keys[8], folded[8];  // folded: hi ^ lo of each key in its low quadword (Karatsuba)
   for (int k = 0; k < 8; k++) {
     const __m128i first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(powers[15 - 2 * k]));
@@ -76,10 +77,7 @@ DISKSNAP_CLMUL void TagClmul(const uint8_t (*powers)[16], const uint8_t* p, size
     keys[k] = _mm256_inserti128_si256(_mm256_castsi128_si256(first), second, 1);
     folded[k] = _mm256_xor_si256(keys[k], _mm256_shuffle_epi32(keys[k], 0x4E));
   }
-  const __m128i h1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(powers[0]));
-  __m128i y = _mm_setzero_si128();
-  size_t off = 0;
-  for (; n - off >= 256; off += 256) {
+  for (size_t off = 0; off < n; off += 256) {
     __m256i lo = _mm256_setzero_si256(), hi = lo, mid = lo;
     for (int k = 0; k < 8; k++) {
       __m256i x = Reverse2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + off + 32 * k)));
@@ -97,6 +95,55 @@ DISKSNAP_CLMUL void TagClmul(const uint8_t (*powers)[16], const uint8_t* p, size
     h = _mm_xor_si128(h, _mm_srli_si128(m, 8));
     y = Reduce(l, h);
   }
+  return y;
+}
+
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*(), which it then warns about
+// (GCC bug 105593, fixed in 13): nothing here reads an undefined lane.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+DISKSNAP_ZMM inline __m128i Fold4(__m512i v) {
+  const __m256i a = _mm256_xor_si256(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  return _mm_xor_si128(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+}
+
+// The same with 512-bit registers, 32 blocks per step (n a multiple of 512): keys[k] holds
+// H^(32-4k) .. H^(29-4k) in its four lanes.
+DISKSNAP_ZMM __m128i Absorb512(const uint8_t (*powers)[16], const uint8_t* p, size_t n, __m128i y) {
+  __m512i keys[8], folded[8];
+  for (int k = 0; k < 8; k++) {
+    __m512i z = _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(powers[31 - 4 * k])));
+    z = _mm512_inserti32x4(z, _mm_loadu_si128(reinterpret_cast<const __m128i*>(powers[30 - 4 * k])), 1);
+    z = _mm512_inserti32x4(z, _mm_loadu_si128(reinterpret_cast<const __m128i*>(powers[29 - 4 * k])), 2);
+    z = _mm512_inserti32x4(z, _mm_loadu_si128(reinterpret_cast<const __m128i*>(powers[28 - 4 * k])), 3);
+    keys[k] = z;
+    folded[k] = _mm512_xor_si512(z, _mm512_shuffle_epi32(z, static_cast<_MM_PERM_ENUM>(0x4E)));
+  }
+  const __m512i rev = _mm512_broadcast_i32x4(_mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  for (size_t off = 0; off < n; off += 512) {
+    __m512i lo = _mm512_setzero_si512(), hi = lo, mid = lo;
+    for (int k = 0; k < 8; k++) {
+      __m512i x = _mm512_shuffle_epi8(_mm512_loadu_si512(p + off + 64 * k), rev);
+      if (k == 0) x = _mm512_xor_si512(x, _mm512_zextsi128_si512(y));
+      lo = _mm512_xor_si512(lo, _mm512_clmulepi64_epi128(x, keys[k], 0x00));
+      hi = _mm512_xor_si512(hi, _mm512_clmulepi64_epi128(x, keys[k], 0x11));
+      const __m512i xf = _mm512_xor_si512(x, _mm512_shuffle_epi32(x, static_cast<_MM_PERM_ENUM>(0x4E)));
+      mid = _mm512_xor_si512(mid, _mm512_clmulepi64_epi128(xf, folded[k], 0x00));
+    }
+    __m128i l = Fold4(lo), h = Fold4(hi);
+    const __m128i m = _mm_xor_si128(Fold4(mid), _mm_xor_si128(l, h));
+    l = _mm_xor_si128(l, _mm_slli_si128(m, 8));
+    h = _mm_xor_si128(h, _mm_srli_si128(m, 8));
+    y = Reduce(l, h);
+  }
+  return y;
+}
+
+#pragma GCC diagnostic pop
+
+// The blocks after the last whole step (zero-padded), then the length block of n bytes.
+DISKSNAP_CLMUL void Finish(__m128i h1, const uint8_t* p, size_t off, size_t n, __m128i y, uint8_t out[16]) {
   for (; n - off >= 16; off += 16) {
     const __m128i x = Reverse(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + off)));
     y = Multiply(_mm_xor_si128(y, x), h1);
@@ -110,6 +157,17 @@ DISKSNAP_CLMUL void TagClmul(const uint8_t (*powers)[16], const uint8_t* p, size
   const __m128i len = _mm_set_epi64x(static_cast<long long>(static_cast<uint64_t>(n) * 8), 0);
   y = Multiply(_mm_xor_si128(y, len), h1);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), Reverse(y));
+}
+
+DISKSNAP_CLMUL void TagClmul(const uint8_t (*powers)[16], const uint8_t* p, size_t n, uint8_t out[16]) {
+  const size_t whole = n & ~size_t{255};
+  Finish(_mm_loadu_si128(reinterpret_cast<const __m128i*>(powers[0])), p, whole, n, Absorb256(powers, p, whole, _mm_setzero_si128()), out);
+}
+
+DISKSNAP_ZMM void TagZmm(const uint8_t (*powers)[16], const uint8_t* p, size_t n, uint8_t out[16]) {
+  const size_t wide = n & ~size_t{511}, whole = n & ~size_t{255};
+  const __m128i y = Absorb512(powers, p, wide, _mm_setzero_si128());
+  Finish(_mm_loadu_si128(reinterpret_cast<const __m128i*>(powers[0])), p, whole, n, Absorb256(powers, p + wide, whole - wide, y), out);
 }
 
 // H^m (byte-reversed) from h1 = H: square and multiply.
@@ -163,24 +221,50 @@ bool CpuHasClmul() {
          __builtin_cpu_supports("vpclmulqdq");
 }
 
+// AVX-512 as well (libgcc sets these only where the OS saves the 512-bit registers).
+bool CpuHasZmm() {
+  __builtin_cpu_init();
+  return CpuHasClmul() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}
+
+const char* Impl() { return getenv("DISKSNAP_HASH_IMPL"); }
+
 }  // namespace
 
 bool FastGhash::Available() {
   static const bool available = [] {
-    const char* v = getenv("DISKSNAP_HASH_IMPL");
+    const char* v = Impl();
     if (v != nullptr && strcmp(v, "openssl") == 0) return false;
     return CpuHasClmul();
   }();
   return available;
 }
 
+bool FastGhash::Wide() {
+  static const bool wide = [] {
+    const char* v = Impl();
+    if (v != nullptr && strcmp(v, "avx2") == 0) return false;
+    return Available() && CpuHasZmm();
+  }();
+  return wide;
+}
+
+const char* FastGhash::Implementation() {
+  return Wide() ? "vpclmulqdq-512" : Available() ? "vpclmulqdq-256" : "openssl";
+}
+
 FastGhash::FastGhash(const uint8_t h[16]) {
-  if (Available()) Powers(h, powers_, kStep);
+  if (Available()) Powers(h, powers_, Wide() ? kPowers : kPowers / 2);
 }
 
 FastGhash::~FastGhash() { explicit_bzero(powers_, sizeof powers_); }
 
-void FastGhash::Tag(const uint8_t* p, size_t n, uint8_t out[16]) const { TagClmul(powers_, p, n, out); }
+void FastGhash::Tag(const uint8_t* p, size_t n, uint8_t out[16]) const {
+  if (Wide())
+    TagZmm(powers_, p, n, out);
+  else
+    TagClmul(powers_, p, n, out);
+}
 
 void FastGhash::Combine(const uint8_t (*parts)[16], const uint8_t* zero, const size_t* lens, size_t count,
                         uint8_t out[16]) const {

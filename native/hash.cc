@@ -461,9 +461,18 @@ Napi::Value IsZero(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), IsAllZero(b.data, b.length));
 }
 
+// What this process hashes with: {sha256: HashImplementation(), ghash: FastGhash::Implementation()}.
+Napi::Value HashImplementations(const Napi::CallbackInfo& info) {
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("sha256", HashImplementation());
+  o.Set("ghash", FastGhash::Implementation());
+  return o;
+}
+
 }  // namespace
 
 void InitHash(Napi::Env env, Napi::Object exports) {
+  exports.Set("hashImplementations", Napi::Function::New(env, HashImplementations, "hashImplementations"));
   exports.Set("hashBlocks", Napi::Function::New(env, HashBlocks, "hashBlocks"));
   exports.Set("hashBlocksAsync", Napi::Function::New(env, HashBlocksAsync, "hashBlocksAsync"));
   exports.Set("hashFile", Napi::Function::New(env, HashFile, "hashFile"));

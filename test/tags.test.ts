@@ -138,7 +138,9 @@ const base: Write[] = [
 ];
 
 /** Lengths around the GHASH code's steps (16-byte blocks, 256-byte steps of 16) and padding. */
-const LENGTHS = [1, 15, 16, 17, 31, 32, 33, 240, 255, 256, 257, 271, 272, 511, 512, 513, 767, 1000, 4096, 4097, 65536 + 48, 512 * KiB];
+// around the 16-byte blocks and the 256- and 512-byte steps (ghash.cc: a 512-bit step, then a
+// 256-bit one, then single blocks)
+const LENGTHS = [1, 15, 16, 17, 31, 32, 33, 240, 255, 256, 257, 271, 272, 511, 512, 513, 767, 768, 784, 1000, 1023, 1024, 1296, 4096, 4097, 65536 + 48, 512 * KiB];
 
 t.test('native tags of every length are GMAC less its mask (the CLMUL GHASH where the CPU has it)', async (t) => {
   const key = randomBytes(32);
@@ -154,7 +156,13 @@ t.test('native tags of every length are GMAC less its mask (the CLMUL GHASH wher
   }
 });
 
-t.test('tags with DISKSNAP_HASH_IMPL=openssl (GMAC from node\'s OpenSSL) equal the default ones', async (t) => {
+/** Whether this CPU has what the 512-bit GHASH needs (native/ghash.cc CpuHasZmm). */
+function cpuHasZmm(): boolean {
+  const flags = (fs.readFileSync('/proc/cpuinfo', 'utf8').match(/^flags\s*:(.*)$/m)?.[1] ?? '').split(/\s+/);
+  return ['avx2', 'vpclmulqdq', 'avx512f', 'avx512bw'].every((f) => flags.includes(f));
+}
+
+t.test('tags are the same from each GHASH (512-bit, DISKSNAP_HASH_IMPL=avx2 256-bit, =openssl node\'s GMAC)', async (t) => {
   const addon = path.resolve(__dirname, '..', 'build', 'Release', 'disksnap.node');
   const key = randomBytes(32);
   const data = randomBytes(512 * KiB + 16);
@@ -168,15 +176,22 @@ t.test('tags with DISKSNAP_HASH_IMPL=openssl (GMAC from node\'s OpenSSL) equal t
       const out = [];
       for (const len of ${JSON.stringify(LENGTHS)}) out.push((await a.hashBlocksAsync(data.subarray(1, 1 + len), len, 1, undefined, key)).tags.toString('hex'));
       out.push((await a.hashBlocksAsync(data, 4096, 2, undefined, key)).tags.toString('hex'));
-      process.stdout.write(JSON.stringify(out));
+      process.stdout.write(JSON.stringify({ impl: a.hashImplementations().ghash, out }));
     })();`;
-  const run = (impl: 'openssl' | undefined) => withHashImpl<string[]>(t, script, impl);
+  const run = (impl: 'openssl' | 'avx2' | undefined) => withHashImpl<{ impl: string; out: string[] }>(t, script, impl);
   const fallback = run('openssl');
-  t.equal(fallback.length, LENGTHS.length + 1);
-  t.same(run(undefined), fallback, 'the same tags either way');
+  t.equal(fallback.impl, 'openssl');
+  t.equal(fallback.out.length, LENGTHS.length + 1);
+  const def = run(undefined);
+  const narrow = run('avx2');
+  // the project's machines have AVX-512 (README, Design): there the default must be the 512-bit code
+  if (cpuHasZmm()) t.equal(def.impl, 'vpclmulqdq-512', 'this CPU has AVX-512: the default is the 512-bit GHASH');
+  t.not(narrow.impl, 'vpclmulqdq-512', 'DISKSNAP_HASH_IMPL=avx2 keeps to 256-bit registers');
+  t.same(def.out, fallback.out, `${def.impl}: the same tags as OpenSSL's`);
+  t.same(narrow.out, fallback.out, `${narrow.impl}: the same tags as OpenSSL's`);
   const iv = randomBytes(16);
   const mask = n.tagMasks(key, iv);
-  t.same(xor(Buffer.from(fallback[0], 'hex'), mask), gmac(key, iv, data.subarray(1, 2)), 'and the fallback\'s are GMAC less the mask');
+  t.same(xor(Buffer.from(fallback.out[0], 'hex'), mask), gmac(key, iv, data.subarray(1, 2)), 'and the fallback\'s are GMAC less the mask');
 });
 
 t.test('hashBlocksAsync with granules: their tags as tagBlocksAsync gives them, and block tags combined from them equal the blocks\' own (both implementations)', async (t) => {
@@ -205,7 +220,7 @@ t.test('hashBlocksAsync with granules: their tags as tagBlocksAsync gives them, 
       process.stdout.write(JSON.stringify({ tags: hex(both.tags), plainTags: hex(plain.tags), digests: hex(both.digests), plainDigests: hex(plain.digests),
         zero: hex(both.zero), gtags: hex(both.granules.tags), gzero: hex(both.granules.zero), granTags: hex(gran.tags), granZero: hex(gran.zero) }));
     })();`;
-  for (const impl of [undefined, 'openssl'] as const) {
+  for (const impl of [undefined, 'avx2', 'openssl'] as const) {
     const r = withHashImpl<Record<string, string>>(t, script, impl);
     const label = impl ?? 'default';
     t.equal(r.tags, r.plainTags, `${label}: block tags combined from the granules' are the blocks' own`);

@@ -175,6 +175,12 @@ export interface NativeAddon {
   /** GMAC masks E_K(J0(iv)), 16 bytes per 16-byte iv: stored tag = unmasked tag ^ mask. */
   tagMasks(tagKey: Uint8Array, ivs: Uint8Array): Buffer;
   /**
+   * What this process hashes with (DISKSNAP_HASH_IMPL and the CPU decide, once): SHA-256 with
+   * SHA-NI (`sha-ni-x2`) or node's OpenSSL; change tags' GHASH with VPCLMULQDQ in 512-bit
+   * (`vpclmulqdq-512`, AVX-512) or 256-bit registers, or OpenSSL's GMAC.
+   */
+  hashImplementations(): { sha256: 'sha-ni-x2' | 'openssl'; ghash: 'vpclmulqdq-512' | 'vpclmulqdq-256' | 'openssl' };
+  /**
    * AES-256-GCM seal of block objects in place (format: src/storage/store/crypto.ts), on `threads`
    * threads: spans are [offset, length] pairs in buf, digests 32 bytes each (the AAD).
    * Resolves to the 32-byte trailers, one after the other.
