@@ -80,6 +80,18 @@ t.test('a store writable by others, or with a link or a foreign entry inside, is
   fs.rmSync(leases);
   fs.mkdirSync(leases);
 
+  fs.chmodSync(rec, 0o666);
+  await refused('a record writable by others', /\.json in the store is writable by others/);
+  fs.chmodSync(rec, 0o644);
+
+  const prefix = path.join(store, 'blocks', fs.readdirSync(path.join(store, 'blocks')).find((n) => !n.startsWith('.'))!);
+  const aside = path.join(dir, 'prefix-aside');
+  fs.renameSync(prefix, aside);
+  fs.symlinkSync(aside, prefix);
+  await refused("a prefix directory of blocks/ replaced by a link", /is a symbolic link inside a store/);
+  fs.rmSync(prefix);
+  fs.renameSync(aside, prefix);
+
   const snaps = path.join(store, 'snapshots');
   fs.chmodSync(snaps, 0o777);
   await refused('snapshots/ writable by others', /snapshots in the store is writable by others/);
