@@ -137,9 +137,10 @@ const base: Write[] = [
   { offset: 16 * MiB - 4096, length: 4096, seed: 3 },
 ];
 
-/** Lengths around the GHASH code's steps (16-byte blocks, 256-byte steps of 16) and padding. */
-// around the 16-byte blocks and the 256- and 512-byte steps (ghash.cc: a 512-bit step, then a
-// 256-bit one, then single blocks)
+/**
+ * Lengths around the GHASH code's steps and padding: 16-byte blocks, 256-byte steps of 16 and
+ * 512-byte steps of 32 (ghash.cc: 512-bit steps, then at most one 256-bit step, then blocks).
+ */
 const LENGTHS = [1, 15, 16, 17, 31, 32, 33, 240, 255, 256, 257, 271, 272, 511, 512, 513, 767, 768, 784, 1000, 1023, 1024, 1296, 4096, 4097, 65536 + 48, 512 * KiB];
 
 t.test('native tags of every length are GMAC less its mask (the CLMUL GHASH where the CPU has it)', async (t) => {
