@@ -57,6 +57,21 @@ t.test('a cache made for other bundle bytes of the same length is not used', asy
   t.same(load(file, CACHE), { state: 'stale', version: VERSION }, 'compiled from source instead');
 });
 
+t.test('the build writes each bundle as the script V8 compiles: wrapped in its first and last lines', async (t) => {
+  const { WRAPPER } = require(path.join(ROOT, 'dist', 'src', 'engine', 'bundle.js')) as { WRAPPER: string };
+  for (const file of [BUNDLE, SDK_BUNDLE]) {
+    const text = fs.readFileSync(file, 'latin1');
+    t.ok(text.startsWith(`${WRAPPER}\n`), `${path.basename(file)} starts with the wrapper, on a line of its own`);
+    t.ok(/\n\}\)\n?$/.test(text), `${path.basename(file)} ends by closing it`);
+  }
+  // a bundle that is not wrapped (not from this build) is wrapped on loading, and runs
+  const bare = fs.readFileSync(BUNDLE, 'latin1').replace(/^[^\n]*\n/, '').replace(/\n\}\)\n?$/, '\n');
+  const file = path.join(DIST, `bare-${process.pid}.js`);
+  t.teardown(() => fs.rmSync(file, { force: true }));
+  fs.writeFileSync(file, bare, 'latin1');
+  t.same(load(file, CACHE), { state: 'stale', version: VERSION }, 'an unwrapped bundle still runs (compiled without the cache, made for other bytes)');
+});
+
 t.test('a cache V8 refuses (damaged) is ignored and the program still runs', async (t) => {
   const good = fs.readFileSync(CACHE);
   const bad = Buffer.concat([good.subarray(0, 32), Buffer.alloc(good.length - 32, 0x5a)]);
