@@ -63,15 +63,32 @@ interface Owned {
   uid: number;
 }
 
-function assertTrusted(p: string, st: Owned, kind: 'file' | 'directory'): void {
+/**
+ * What is wrong with a store entry of this stat (undefined: nothing), for the user `uid`
+ * (undefined where the platform has none). No path is needed to tell: the usual entry passes
+ * without one being built.
+ */
+function untrusted(st: Owned, kind: 'file' | 'directory', uid: number | undefined): 'link' | 'kind' | 'owner' | 'mode' | undefined {
   const type = st.mode & fs.constants.S_IFMT;
-  if (type === fs.constants.S_IFLNK) throw refuse(`${p} is a symbolic link inside a store; disksnap follows none there (remove it, or restore what it replaced)`, p);
-  if (type !== (kind === 'directory' ? fs.constants.S_IFDIR : fs.constants.S_IFREG)) throw refuse(`${p} is not a ${kind}; a store has a ${kind} there`, p);
+  if (type === fs.constants.S_IFLNK) return 'link';
+  if (type !== (kind === 'directory' ? fs.constants.S_IFDIR : fs.constants.S_IFREG)) return 'kind';
+  if (uid !== undefined && st.uid !== uid && st.uid !== 0) return 'owner';
+  if (st.mode & 0o002) return 'mode';
+  return undefined;
+}
+
+function assertTrusted(p: string, st: Owned, kind: 'file' | 'directory'): void {
   const uid = myUid();
-  if (uid !== undefined && st.uid !== uid && st.uid !== 0) {
-    throw refuse(`${p} in the store is owned by uid ${st.uid}, not by you (uid ${uid}); use a store of your own (or run: chown -R ${uid} ${p})`, p);
+  switch (untrusted(st, kind, uid)) {
+    case 'link':
+      throw refuse(`${p} is a symbolic link inside a store; disksnap follows none there (remove it, or restore what it replaced)`, p);
+    case 'kind':
+      throw refuse(`${p} is not a ${kind}; a store has a ${kind} there`, p);
+    case 'owner':
+      throw refuse(`${p} in the store is owned by uid ${st.uid}, not by you (uid ${uid}); use a store of your own (or run: chown -R ${uid} ${p})`, p);
+    case 'mode':
+      throw refuse(`${p} in the store is writable by others (mode ${mode(st)}); run: chmod o-w ${p}`, p);
   }
-  if (st.mode & 0o002) throw refuse(`${p} in the store is writable by others (mode ${mode(st)}); run: chmod o-w ${p}`, p);
 }
 
 /**
@@ -89,15 +106,12 @@ function assertEntries(dir: string, kindOf: (name: string) => 'file' | 'director
   }
   const { names, modes, uids } = listed;
   const uid = myUid();
-  const { S_IFMT, S_IFDIR, S_IFREG } = fs.constants;
   for (let i = 0; i < names.length; i++) {
     const kind = kindOf(names[i]);
-    // The usual entry passes here without its path being built (a store's blocks/ alone has
-    // 256: path.join and a uid lookup each were ~3 ms of every command); one that does not
-    // goes to assertTrusted, which says what is wrong with it.
-    const m = modes[i];
-    if ((m & S_IFMT) === (kind === 'directory' ? S_IFDIR : S_IFREG) && (uid === undefined || uids[i] === uid || uids[i] === 0) && (m & 0o002) === 0) continue;
-    assertTrusted(path.join(dir, names[i]), { mode: m, uid: uids[i] }, kind);
+    const st = { mode: modes[i], uid: uids[i] };
+    // (a store's blocks/ alone has 256 entries: path.join and a uid lookup for each were ~3 ms
+    // of every command, so the path is built only for an entry that fails)
+    if (untrusted(st, kind, uid)) assertTrusted(path.join(dir, names[i]), st, kind);
   }
 }
 
