@@ -79,7 +79,7 @@ t.test(`SIGKILL of snapshot create at random moments on a bitmap-tracked qcow2 v
     if (c.status === 3) leaks++;
     if (k % 4 === 3) {
       await clean(`round ${round + 1}`);
-      const last = (await snap.listSnapshots({ store })).snapshots.filter((s) => s.tags.round === String(round))[0];
+      const last = (await snap.listSnapshots({ store })).snapshots.find((s) => s.tags.round === String(round));
       t.equal(last?.changeSource, 'bitmap', `round ${round}: after the kills the next snapshot still reads a bitmap (${last?.changeSourceReason ?? ''})`);
     }
   }
