@@ -22,7 +22,8 @@
         "native/object.cc",
         "native/loop.cc",
         "native/fuse.cc",
-        "native/qcow2.cc"
+        "native/qcow2.cc",
+        "native/sorted.cc"
       ],
       "include_dirs": [
         "<!@(node -p \"require('node-addon-api').include\")"

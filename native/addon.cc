@@ -39,6 +39,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitLoop(env, exports);
   InitFuse(env, exports);
   InitQcow2(env, exports);
+  InitSorted(env, exports);
   return exports;
 }
 

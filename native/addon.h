@@ -12,5 +12,6 @@ void InitObject(Napi::Env env, Napi::Object exports);  // native/object.cc
 void InitLoop(Napi::Env env, Napi::Object exports);  // native/loop.cc
 void InitFuse(Napi::Env env, Napi::Object exports);  // native/fuse.cc
 void InitQcow2(Napi::Env env, Napi::Object exports);  // native/qcow2.cc
+void InitSorted(Napi::Env env, Napi::Object exports);  // native/sorted.cc
 
 }  // namespace disksnap

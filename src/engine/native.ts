@@ -217,6 +217,22 @@ export interface NativeAddon {
    * i / 8), as [from, to) pairs laid flat, in order (native/qcow2.cc).
    */
   bitRuns(data: Uint8Array, limit: number): Float64Array;
+  /**
+   * Tables of `entryLength`-byte entries sorted by the key at their start, each key once
+   * (native/sorted.cc): the index of the entry whose key is `key` (its first key.length bytes),
+   * or -1.
+   */
+  sortedFind(table: Uint8Array, entryLength: number, key: Uint8Array): number;
+  /** -1 when every entry's key (its first keyLength bytes) is greater than the one before, else the index of the first that is not. */
+  sortedCheck(table: Uint8Array, entryLength: number, keyLength: number): number;
+  /** Sorts the entries in place by key, keeps the first of each key at the front, and returns how many that is. */
+  sortRecords(table: Uint8Array, entryLength: number, keyLength: number): number;
+  /**
+   * For each distinct key of `keys` (keyLength bytes each, any order), in ascending order, the
+   * entry of the first of `tables` (sorted, as sortedCheck accepts) that holds it; keys in no
+   * table are left out.
+   */
+  sortedJoin(keys: Uint8Array, keyLength: number, tables: Uint8Array[], entryLength: number): Buffer;
   /** Process-wide malloc settings for short commands that move a lot of data (native/object.cc); false where refused. */
   tuneMalloc(): boolean;
   /** Reads [offset, offset+length) of fd and hashes it block by block on worker threads. */
