@@ -17,6 +17,7 @@
  * whose snapshot is live), and each step can be re-run.
  */
 import { DisksnapError, invalid, isDisksnapError } from '../engine/errors';
+import { ordinal } from '../engine/order';
 import { Store } from './store/store';
 import { tagsKey } from './store/tags';
 import { packsKey } from './store/packs';
@@ -129,7 +130,7 @@ export async function binOf(store: Store): Promise<{ entries: BinEntry[]; damage
       damaged.push({ id, error: e instanceof DisksnapError ? e : new DisksnapError(String((e as Error).message), 'ECORRUPT') });
     }
   }
-  entries.sort((a, b) => a.binnedAt.localeCompare(b.binnedAt));
+  entries.sort((a, b) => ordinal(a.binnedAt, b.binnedAt));
   return { entries, damaged };
 }
 

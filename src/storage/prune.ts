@@ -12,6 +12,7 @@
  * it would remove everything. `dryRun` reports and deletes nothing.
  */
 import { invalid, isDisksnapError } from '../engine/errors';
+import { ordinal } from '../engine/order';
 import { Store } from './store/store';
 import { checkTagFilter, lockedAt, matchesTag } from './store/records';
 import type { RetentionPolicy, SnapshotRecord } from './store/records';
@@ -80,7 +81,7 @@ export function checkPolicy(p: PrunePolicy): void {
 /** The policy applied to one volume's completed snapshots (any order); pure, for tests. */
 export function decide(snapshots: Candidate[], policy: PrunePolicy, now = Date.now()): PruneDecision[] {
   checkPolicy(policy);
-  const newest = [...snapshots].sort((a, b) => b.startTime.localeCompare(a.startTime) || b.id.localeCompare(a.id));
+  const newest = [...snapshots].sort((a, b) => ordinal(b.startTime, a.startTime) || ordinal(b.id, a.id));
   const out = newest.map((s) => ({ id: s.id, volumeId: s.volumeId, startTime: s.startTime, keptBy: [] as string[] }));
   if (policy.last) for (let i = 0; i < Math.min(policy.last, out.length); i++) out[i].keptBy.push('last');
   for (const [rule, bucketOf] of BUCKETS) {

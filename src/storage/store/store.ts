@@ -16,6 +16,7 @@ import { randomBytes } from 'node:crypto';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DisksnapError, corrupt, isDisksnapError } from '../../engine/errors';
+import { ordinal } from '../../engine/order';
 import { FullBackend, ObjectData, StoreBackend, fullBackend, readListed } from './backend';
 import { DirectoryBackend } from './dir';
 import { Lease, StoreLock, LockOptions } from './lock';
@@ -428,7 +429,7 @@ export class Store {
 
   async listVolumes(): Promise<{ volumes: VolumeRecord[]; damaged: { id: string; error: DisksnapError }[] }> {
     const { records: volumes, damaged } = await readListed(this.backend, 'volumes/', (id) => this.readVolume(id));
-    volumes.sort((a, b) => a.created.localeCompare(b.created) || a.id.localeCompare(b.id));
+    volumes.sort((a, b) => ordinal(a.created, b.created) || ordinal(a.id, b.id));
     return { volumes, damaged };
   }
 
@@ -476,7 +477,7 @@ export class Store {
   /** Every snapshot record, oldest first; unreadable ones are reported, not thrown. */
   async listSnapshots(): Promise<SnapshotListing> {
     const { records: snapshots, damaged } = await readListed(this.backend, 'snapshots/', (id) => this.readSnapshot(id));
-    snapshots.sort((a, b) => a.startTime.localeCompare(b.startTime) || a.id.localeCompare(b.id));
+    snapshots.sort((a, b) => ordinal(a.startTime, b.startTime) || ordinal(a.id, b.id));
     return { snapshots, damaged };
   }
 
