@@ -22,7 +22,7 @@
  *   EPROTO      the other end does not speak QMP (no greeting, a line that is not JSON)
  * and connection errors keep their errno code (ENOENT, ECONNREFUSED) and the socket path.
  */
-import * as net from 'node:net';
+import type * as net from 'node:net';
 import { DisksnapError, fromNodeError } from '../engine/errors';
 
 export interface QmpEvent {
@@ -280,7 +280,8 @@ export function isQmpError(e: unknown, qmpClass?: string): e is QmpError {
 /** A connection to a unix socket within timeoutMs (QMP, the guest agent); `label` names it in errors. */
 export function connectUnix(socketPath: string, timeoutMs: number, label: string): Promise<net.Socket> {
   return new Promise<net.Socket>((resolve, reject) => {
-    const s = net.createConnection(socketPath);
+    // (node:net loaded here, at the first connection: ~2 ms of every command otherwise, most of which talk to no QEMU)
+    const s = (require('node:net') as typeof net).createConnection(socketPath);
     const timer = setTimeout(() => {
       s.destroy();
       reject(new DisksnapError(`${label} ${socketPath}: no connection within ${timeoutMs} ms`, 'ETIMEDOUT', undefined, socketPath));

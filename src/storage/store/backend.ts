@@ -68,6 +68,11 @@ export interface ObjectWriter {
 /** An object's bytes: one buffer, or parts written one after the other (gathered). */
 export type ObjectData = Uint8Array | readonly Uint8Array[];
 
+/** Whether a store location is an S3 URL (./s3.ts) rather than a directory. */
+export function isS3Url(s: string): boolean {
+  return s.startsWith('s3://');
+}
+
 export function dataLength(data: ObjectData): number {
   if (data instanceof Uint8Array) return data.length;
   let n = 0;

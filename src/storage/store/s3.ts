@@ -83,9 +83,7 @@ export function parseS3Url(url: string): { bucket: string; prefix: string } {
   return { bucket, prefix };
 }
 
-export function isS3Url(s: string): boolean {
-  return s.startsWith('s3://');
-}
+export { isS3Url } from './backend';
 
 export interface RetryPolicy {
   /** attempts per request, the first included */
