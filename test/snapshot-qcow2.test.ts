@@ -98,7 +98,8 @@ t.test('the incremental of a qcow2 volume reads only the blocks its bitmap marke
     [[s1.changeTracking!.bitmap, ['auto']]],
     'QEMU shows it, enabled and consistent',
   );
-  t.match(s1.changeTracking!.bitmap, new RegExp(`^disksnap-${s1.volumeId}-${s1.id}$`), 'its name says whose it is');
+  const storeId = (JSON.parse(fs.readFileSync(path.join(store, 'store.json'), 'utf8')) as { id: string }).id;
+  t.match(s1.changeTracking!.bitmap, new RegExp(`^disksnap-${storeId}-${s1.volumeId}-${s1.id}$`), 'its name says whose it is: store, volume, snapshot');
   // QEMU writes with the bitmap loaded: two blocks' worth in three places
   qemuIo(vol, ['write -P 0x22 3M 4k', 'write -P 0x23 3M+600k 1k', 'write -P 0x24 40M 1'].map((c) => c.replace('3M+600k', String(3 * MiB + 600 * KiB))));
   const want2 = guestBytes(vol);

@@ -140,14 +140,14 @@ async function takeSnapshot(volume: string, opts: CreateSnapshotOptions): Promis
       if (parent) cstore.prefetchParent(parent); // read while the lease and the record are written
       const lease = await store.takeLease(rec.id);
       return holding(lease, `the lease of ${rec.id}`, opts.onLog, async () => {
-        const guest = format !== 'qcow2' ? undefined : opts.heldBy ? heldGuest(rec, opts.heldBy) : startGuest(file, real, vol.id, rec, parent);
+        const guest = format !== 'qcow2' ? undefined : opts.heldBy ? heldGuest(rec, opts.heldBy) : startGuest(file, real, store.config.id, vol.id, rec, parent);
         // A raw regular file may be tracked by reflink clones kept beside it (./reflink.ts).
         const raw = !guest && file.stat().isRegular;
         const plan: ReflinkPlan | undefined = raw && !opts.noReflink ? { storeId: store.config.id, noClone: !!opts.noClone } : undefined;
         if (raw && opts.noReflink) rec.changeSourceReason = 'reflink tracking turned off (--no-reflink)';
         await cstore.writeSnapshot(rec);
         const out = await runCapture(cstore, file, rec, parent, opts, guest ? undefined : tk, guest, plan);
-        if (guest && rec.changeTracking) endGuest(file, real, vol.id, rec, opts.onLog);
+        if (guest && rec.changeTracking) endGuest(file, real, store.config.id, vol.id, rec, guest, opts.onLog);
         if (raw) await pruneClones(store, rec, listing.snapshots, opts.onLog);
         return { out, policy: vol.retention };
       });
@@ -184,8 +184,19 @@ async function volumeAndKeys(store: Store, real: string, file: BlockFile, opts: 
   return { vol, cstore: store.withCodec(codec), tk };
 }
 
-/** Name prefix of the persistent bitmaps disksnap keeps in a qcow2 volume for volume `volId`. */
-export function bitmapPrefix(volId: string): string {
+/**
+ * Name prefix of the persistent bitmaps that store `storeId` keeps in a qcow2 volume for volume
+ * `volId`. A volume's id is the same in every store (derived from its path: ./volumes.ts), so
+ * the store's id is part of the name: with the volume's alone (the naming before, which
+ * `legacyBitmapPrefix` still reads), a snapshot into one store removed the bitmap of the
+ * other, and every incremental of a volume kept in two stores hashed all of its data.
+ */
+export function bitmapPrefix(storeId: string, volId: string): string {
+  return `disksnap-${storeId}-${volId}-`;
+}
+
+/** The earlier prefix, one per volume: a parent's bitmap recorded under it is still read, then removed. */
+function legacyBitmapPrefix(volId: string): string {
   return `disksnap-${volId}-`;
 }
 
@@ -193,6 +204,8 @@ export function bitmapPrefix(volId: string): string {
 interface GuestStart {
   /** dirty ranges of the parent's bitmap, when it can be trusted */
   dirty: Array<{ offset: number; length: number }> | undefined;
+  /** the parent's bitmap under the earlier naming, removed with the older ones once this snapshot completes */
+  legacy: string | undefined;
 }
 
 /**
@@ -201,39 +214,46 @@ interface GuestStart {
  * tracker.ts has why this order loses no write). Our shared lock on the volume steps aside
  * for that open.
  */
-function startGuest(file: BlockFile, real: string, volId: string, rec: SnapshotRecord, parent: SnapshotRecord | undefined): GuestStart {
+function startGuest(file: BlockFile, real: string, storeId: string, volId: string, rec: SnapshotRecord, parent: SnapshotRecord | undefined): GuestStart {
   const t = parent?.changeTracking;
-  const base = parent && t && parent.volumeFormat === 'qcow2' ? { id: parent.id, granularity: t.granularity, virtualSize: t.virtualSize } : undefined;
+  const prefix = bitmapPrefix(storeId, volId);
+  // The parent's bitmap by the name its record gives, when that is one of this store's names
+  // (a record that names any other bitmap is not followed: that one may track something else).
+  const legacy = parent && t?.bitmap === legacyBitmapPrefix(volId) + parent.id ? t.bitmap : undefined;
+  const ours = parent && t && (t.bitmap === prefix + parent.id || legacy !== undefined);
+  const base = parent && t && ours && parent.volumeFormat === 'qcow2' ? { id: parent.id, name: t.bitmap, granularity: t.granularity, virtualSize: t.virtualSize } : undefined;
   file.setLock('none');
   let start: TrackingStart;
   try {
-    start = beginTracking(real, bitmapPrefix(volId), rec.id, base);
+    start = beginTracking(real, prefix, rec.id, base);
   } finally {
     file.setLock('shared');
   }
   rec.changeTracking = start.added ? { bitmap: start.added.name, granularity: start.added.granularity, virtualSize: start.added.virtualSize } : null;
-  if (start.verdict.usable) return { dirty: start.verdict.ranges };
+  if (start.verdict.usable) return { dirty: start.verdict.ranges, legacy };
   if (parent) {
     rec.changeSourceReason = !t
       ? `the parent snapshot ${parent.id} left no bitmap to compare with`
-      : start.verdict.reason;
+      : !ours
+        ? `the parent snapshot ${parent.id} records bitmap '${t.bitmap}', which is not a name this store gives (${prefix}${parent.id})`
+        : start.verdict.reason;
   }
   if (!start.added && start.addError) rec.changeSourceReason = `${rec.changeSourceReason ? `${rec.changeSourceReason}; ` : ''}no bitmap for the next snapshot: ${start.addError}`;
-  return { dirty: undefined };
+  return { dirty: undefined, legacy };
 }
 
 /** A qcow2 volume held unchanging by the caller (heldBy): no bitmap read, none added. */
 function heldGuest(rec: SnapshotRecord, held: NonNullable<CreateSnapshotOptions['heldBy']>): GuestStart {
   rec.changeTracking = null;
   rec.changeSourceReason = held.reason;
-  return { dirty: undefined };
+  return { dirty: undefined, legacy: undefined };
 }
 
 /** After a completed snapshot of a qcow2 volume: the older disksnap bitmaps go (best effort). */
-function endGuest(file: BlockFile, real: string, volId: string, rec: SnapshotRecord, onLog?: (m: string) => void): void {
+function endGuest(file: BlockFile, real: string, storeId: string, volId: string, rec: SnapshotRecord, g: GuestStart, onLog?: (m: string) => void): void {
   file.setLock('none');
   try {
-    finishTracking(real, bitmapPrefix(volId), rec.id);
+    finishTracking(real, bitmapPrefix(storeId, volId), rec.id, g.legacy === undefined ? [] : [g.legacy]);
   } catch (e) {
     // The snapshot is complete either way; an older bitmap left behind costs only space and
     // is removed by the next snapshot.

@@ -1,6 +1,8 @@
 /**
  * Changed-block tracking for one consumer of a qcow2 image (a storage volume's snapshot
- * series) with QEMU persistent dirty bitmaps, crash-safe by rotation rather than clearing:
+ * series in one store: each store its own prefix, so that two stores of one volume never
+ * remove each other's bitmaps) with QEMU persistent dirty bitmaps, crash-safe by rotation
+ * rather than clearing:
  *
  *   snapshot N starts   (one exclusive open of the image, so no writer runs in between)
  *       - read bitmap <prefix><N-1> (the changes since snapshot N-1 started), if trusted
@@ -28,6 +30,8 @@ import { FileBitmapHost } from './bitmap-file';
 export interface TrackingBase {
   /** id of the generation whose bitmap holds the changes since it started */
   id: string;
+  /** the name its bitmap was made under, when not <prefix><id> (an earlier naming) */
+  name?: string;
   /** virtual size and granularity when that bitmap was added */
   virtualSize: number;
   granularity: number;
@@ -100,7 +104,7 @@ export function beginTracking(path: string, prefix: string, id: string, base: Tr
 
 function judge(bitmaps: PersistentBitmaps, host: FileBitmapHost, prefix: string, base: TrackingBase | undefined): TrackingVerdict {
   if (!base) return { usable: false, reason: 'no earlier snapshot to compare with' };
-  const name = prefix + base.id;
+  const name = base.name ?? prefix + base.id;
   if (bitmaps.state === 'stale') return { usable: false, reason: 'the bitmaps are inconsistent: a program lacking bitmap support wrote the image (autoclear bit cleared)' };
   const e = bitmaps.find(name);
   if (!e) return { usable: false, reason: `bitmap '${name}' is missing` };
@@ -117,10 +121,11 @@ function judge(bitmaps: PersistentBitmaps, host: FileBitmapHost, prefix: string,
 }
 
 /**
- * Removes every bitmap of this consumer but `keepId`'s. Returns the names removed; a lock
- * held by another process (QEMU running) leaves them for next time (they cost only space).
+ * Removes every bitmap of this consumer but `keepId`'s, and those named in `also` (a base's
+ * bitmap under an earlier naming). Returns the names removed; a lock held by another process
+ * (QEMU running) leaves them for next time (they cost only space).
  */
-export function finishTracking(path: string, prefix: string, keepId: string): string[] {
+export function finishTracking(path: string, prefix: string, keepId: string, also: readonly string[] = []): string[] {
   let file: BlockFile;
   try {
     file = BlockFile.open(path, { write: true });
@@ -135,7 +140,7 @@ export function finishTracking(path: string, prefix: string, keepId: string): st
     const gone = bitmaps
       .list()
       .map((e) => e.name)
-      .filter((n) => n.startsWith(prefix) && n !== prefix + keepId);
+      .filter((n) => (n.startsWith(prefix) || also.includes(n)) && n !== prefix + keepId);
     for (const n of gone) bitmaps.remove(n);
     host.sync();
     return gone;
