@@ -69,7 +69,6 @@ export function fillRandom(file: string, offset: number, bytes: number): void {
   }
 }
 
-/** Reads a file once so that the page cache holds it (benchmarks of the warm path). */
 /** Rewrites ~`fraction` of the data region in 64 KiB pieces at pseudo-random places. */
 export function rewrite(file: string, dataOffset: number, dataBytes: number, fraction: number, seed: number): void {
   const piece = 64 * 1024;
@@ -82,6 +81,7 @@ export function rewrite(file: string, dataOffset: number, dataBytes: number, fra
   }
 }
 
+/** Reads a file once so that the page cache holds it (benchmarks of the warm path). */
 export function warm(file: string): void {
   run('sh', ['-c', 'cat "$1" > /dev/null', 'sh', file]);
 }
