@@ -60,6 +60,13 @@ bool ArgTable(const Napi::CallbackInfo& info, size_t i, const char* name, uint64
   return true;
 }
 
+// The arguments (table, entryLength, keyLength) of sortedCheck and sortRecords.
+bool ArgKeyedTable(const Napi::CallbackInfo& info, Table* out) {
+  uint64_t entry = 0;
+  uint64_t key = 0;
+  return ArgU64(info, 1, "entryLength", &entry) && ArgU64(info, 2, "keyLength", &key) && ArgTable(info, 0, "table", entry, key, out);
+}
+
 // sortedFind(table, entryLength, key) -> the index of the entry whose first key.length bytes
 // equal key, or -1. The table is sorted by those bytes, each key once.
 Napi::Value SortedFind(const Napi::CallbackInfo& info) {
@@ -78,13 +85,8 @@ Napi::Value SortedFind(const Napi::CallbackInfo& info) {
 // one before it, else the index of the first entry whose key is not.
 Napi::Value SortedCheck(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  uint64_t entry = 0;
-  uint64_t key = 0;
   Table t;
-  if (!ArgU64(info, 1, "entryLength", &entry) || !ArgU64(info, 2, "keyLength", &key) ||
-      !ArgTable(info, 0, "table", entry, key, &t)) {
-    return env.Undefined();
-  }
+  if (!ArgKeyedTable(info, &t)) return env.Undefined();
   for (size_t i = 1; i < t.count; i++) {
     if (memcmp(t.At(i - 1), t.At(i), t.key) >= 0) return Napi::Number::New(env, static_cast<double>(i));
   }
@@ -95,13 +97,8 @@ Napi::Value SortedCheck(const Napi::CallbackInfo& info) {
 // place by key and keeps the first of each key (the rest of the buffer past them is left as is).
 Napi::Value SortRecords(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  uint64_t entry = 0;
-  uint64_t key = 0;
   Table t;
-  if (!ArgU64(info, 1, "entryLength", &entry) || !ArgU64(info, 2, "keyLength", &key) ||
-      !ArgTable(info, 0, "table", entry, key, &t)) {
-    return env.Undefined();
-  }
+  if (!ArgKeyedTable(info, &t)) return env.Undefined();
   std::vector<uint32_t> order(t.count);
   std::iota(order.begin(), order.end(), 0);
   // stable: of equal keys, the first in the buffer stays
