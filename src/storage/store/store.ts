@@ -120,8 +120,7 @@ export interface HeldStoreLock {
 
 /** One S3Backend per store URL in a process: its keep-alive connections are shared. */
 const s3Backends = new Map<string, S3Backend>();
-
-// (./s3 and the HTTP client under it are loaded for an S3 store only: ~5 ms of every command on a directory store)
+// (./s3, its HTTP clients and node:net are loaded for an S3 store only: ~5 ms of every command on a directory store)
 const s3Backend = (url: string): S3Backend => s3Backends.get(url) ?? s3Backends.set(url, new (require('./s3') as typeof import('./s3')).S3Backend(url)).get(url)!;
 
 /** What a Store value shares with its `withCodec` copies: the S3 locks it holds. */
