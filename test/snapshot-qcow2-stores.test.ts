@@ -11,7 +11,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as snap from '../src/storage';
 import { assertClean, guestBytes, qemuImgOk, qemuIo } from './helpers/qemu';
-import { needQemuNbd, qemuBitmaps } from './helpers/qemu-bitmaps';
+import { needQemuNbd, qemuBitmaps, trackedVolume } from './helpers/qemu-bitmaps';
+import { restored, sha } from './helpers/granules';
 
 const KiB = 1024;
 const MiB = 2 ** 20;
@@ -19,14 +20,6 @@ const BS = 512 * KiB;
 const skip = needQemuNbd();
 
 const storeId = (store: string): string => (JSON.parse(fs.readFileSync(path.join(store, 'store.json'), 'utf8')) as { id: string }).id;
-
-async function restored(store: string, id: string, dir: string): Promise<Buffer> {
-  const out = path.join(dir, `restored-${id}.raw`);
-  await snap.restoreSnapshot(id, { store, to: out });
-  const b = fs.readFileSync(out);
-  fs.rmSync(out);
-  return b;
-}
 
 /** Rewrites a snapshot record's bitmap name (a directory store's record is plain JSON). */
 function recordBitmap(store: string, id: string, name: string): void {
@@ -57,7 +50,7 @@ t.test('two stores snapshot one qcow2 volume in turns: each incremental reads it
       t.equal(s.changeSource, 'bitmap', `round ${round + 1}, store ${k + 1}: the bitmap was used (${s.changeSourceReason})`);
       // store 2 also sees the writes made before store 1's snapshot of this round: the same ones
       t.equal(s.stats.bytesScanned, 2 * 64 * KiB, `round ${round + 1}, store ${k + 1}: only the two dirty granules were read`);
-      t.ok((await restored(store, s.id, dir)).equals(want), `round ${round + 1}, store ${k + 1}: restores exactly`);
+      t.equal(await restored(store, s.id, dir), sha(want), `round ${round + 1}, store ${k + 1}: restores exactly`);
     }
     t.equal(qemuBitmaps(vol).length, 2, `round ${round + 1}: still one bitmap per store`);
     assertClean(t, vol, `round ${round + 1}`);
@@ -66,11 +59,7 @@ t.test('two stores snapshot one qcow2 volume in turns: each incremental reads it
 
 t.test('a parent recorded under the earlier bitmap name is read, and its bitmap removed after', { skip }, async (t) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
-  const vol = path.join(dir, 'vm.qcow2');
-  qemuImgOk('create', '-q', '-f', 'qcow2', vol, '64M');
-  qemuIo(vol, ['write -P 0x11 0 8M']);
-  const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
+  const { store, vol, s1 } = await trackedVolume(dir, '8M');
   // as an earlier disksnap left it: the bitmap named for the volume alone, and the record saying so
   const legacy = `disksnap-${s1.volumeId}-${s1.id}`;
   qemuImgOk('bitmap', '--add', '-g', '65536', '-f', 'qcow2', vol, legacy);
@@ -80,18 +69,14 @@ t.test('a parent recorded under the earlier bitmap name is read, and its bitmap 
   const s2 = await snap.createSnapshot(vol, { store });
   t.equal(s2.changeSource, 'bitmap', `the bitmap under the earlier name was read (${s2.changeSourceReason})`);
   t.equal(s2.stats.bytesScanned, 64 * KiB, 'one dirty granule read');
-  t.ok((await restored(store, s2.id, dir)).equals(guestBytes(vol)), 'restores exactly');
+  t.equal(await restored(store, s2.id, dir), sha(guestBytes(vol)), 'restores exactly');
   t.same(qemuBitmaps(vol).map((b) => b.name), [s2.changeTracking!.bitmap], 'the earlier-named bitmap is gone; the new one is named for the store');
   t.match(s2.changeTracking!.bitmap, new RegExp(`^disksnap-${storeId(store)}-`));
 });
 
 t.test('a record that names a bitmap this store does not name is not followed, and that bitmap stays', { skip }, async (t) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
-  const vol = path.join(dir, 'vm.qcow2');
-  qemuImgOk('create', '-q', '-f', 'qcow2', vol, '64M');
-  qemuIo(vol, ['write -P 0x11 0 8M']);
-  const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
+  const { store, vol, s1 } = await trackedVolume(dir, '8M');
   // another tool's bitmap, added after the snapshot: it would miss nothing here, but it is not
   // this store's to read (nor to remove)
   qemuImgOk('bitmap', '--add', '-g', '65536', '-f', 'qcow2', vol, 'backup-tool');
@@ -100,6 +85,6 @@ t.test('a record that names a bitmap this store does not name is not followed, a
   const s2 = await snap.createSnapshot(vol, { store });
   t.not(s2.changeSource, 'bitmap', 'the named bitmap was not used');
   t.match(s2.changeSourceReason ?? '', /records bitmap 'backup-tool', which is not a name this store gives/);
-  t.ok((await restored(store, s2.id, dir)).equals(guestBytes(vol)), 'restores exactly (every data block hashed)');
+  t.equal(await restored(store, s2.id, dir), sha(guestBytes(vol)), 'restores exactly (every data block hashed)');
   t.same(qemuBitmaps(vol).map((b) => b.name).sort(), ['backup-tool', s2.changeTracking!.bitmap].sort(), "the other tool's bitmap is left alone");
 });

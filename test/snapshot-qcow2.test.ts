@@ -11,7 +11,7 @@ import * as path from 'node:path';
 import * as snap from '../src/storage';
 import { openImage } from '../src/image';
 import { assertClean, makeParent, qemuImgOk, qemuIo, run, guestBytes } from './helpers/qemu';
-import { needQemuNbd, qemuBitmaps, qemuDirtyRanges } from './helpers/qemu-bitmaps';
+import { needQemuNbd, qemuBitmaps, qemuDirtyRanges, trackedVolume } from './helpers/qemu-bitmaps';
 import { cli } from './helpers/cli';
 import { withFaults } from '../src/storage/faults';
 
@@ -86,11 +86,7 @@ t.test('a three-deep chain restores as its top image showed it', { skip }, async
 
 t.test('the incremental of a qcow2 volume reads only the blocks its bitmap marked', { skip }, async (t) => {
   const dir = t.testdir();
-  const store = path.join(dir, 'store');
-  const vol = path.join(dir, 'vm.qcow2');
-  qemuImgOk('create', '-q', '-f', 'qcow2', vol, '64M');
-  qemuIo(vol, ['write -P 0x11 0 20M']);
-  const s1 = await snap.createSnapshot(vol, { store, blockSize: BS });
+  const { store, vol, s1 } = await trackedVolume(dir, '20M');
   t.equal(s1.changeSource, 'full');
   t.ok(s1.changeTracking, 'the first snapshot added a bitmap');
   t.same(

@@ -8,7 +8,9 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { missing } from './tools';
-import { qemuImgOk } from './qemu';
+import { qemuImgOk, qemuIo } from './qemu';
+import * as snap from '../../src/storage';
+import type { SnapshotJson } from '../../src/storage';
 
 export function needQemuNbd(): string | false {
   return missing({ commands: ['qemu-img', 'qemu-io', 'qemu-nbd'] });
@@ -81,4 +83,17 @@ export function granules(ranges: Range[], granularity: number, size: number): Ra
     else out.push({ offset: m.from, length: m.to - m.from });
   }
   return out;
+}
+
+/**
+ * A 64 MiB qcow2 volume `vm.qcow2` in `dir` holding `data` bytes of 0x11 from offset 0, and its
+ * first snapshot into `dir/store` (512 KiB blocks), which adds the store's tracking bitmap.
+ */
+export async function trackedVolume(dir: string, data: string): Promise<{ store: string; vol: string; s1: SnapshotJson }> {
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vm.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', vol, '64M');
+  qemuIo(vol, [`write -P 0x11 0 ${data}`]);
+  const s1 = await snap.createSnapshot(vol, { store, blockSize: 512 * 1024 });
+  return { store, vol, s1 };
 }
