@@ -270,6 +270,17 @@ t.test('the directory backend writes once, atomically, and lists leftovers as te
     { key: 'blocks/ab/.tmp-1-dead', size: 4, temporary: true },
     { key: 'blocks/ab/x', size: 3, temporary: false },
   ]);
+  const unsized = [];
+  for await (const o of be.list('blocks/', { sizes: false })) unsized.push(o);
+  unsized.sort((a, b) => a.key.localeCompare(b.key));
+  t.same(
+    unsized,
+    listed.map((o) => ({ ...o, size: -1 })),
+    'without sizes: the same keys and flags, size -1',
+  );
+  const all = [];
+  for await (const o of be.list('')) all.push(o.key);
+  t.same(all.sort(), ['blocks/ab/.tmp-1-dead', 'blocks/ab/x'], 'the whole store: keys relative to its root');
   await t.rejects(be.get('blocks/ab/none'), { code: 'ENOENT' });
   t.equal(await be.stat('blocks/ab/none'), undefined);
   t.equal(await be.delete('blocks/ab/x'), true);

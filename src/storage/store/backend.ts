@@ -47,7 +47,13 @@ import { DisksnapError, isDisksnapError } from '../../engine/errors';
 
 export interface ObjectInfo {
   key: string;
+  /** bytes; -1 where the listing was asked for no sizes and would have had to look */
   size: number;
+}
+
+export interface ListOptions {
+  /** false: the caller reads no size (records are read whole anyway); default true */
+  sizes?: boolean;
 }
 
 export interface ObjectReader {
@@ -109,8 +115,10 @@ export interface StoreBackend {
   /**
    * Objects under a prefix ending in '/', recursively, in no particular order. Temporary
    * objects of interrupted writers are listed too, with `temporary` set, so gc can remove them.
+   * With `sizes: false` a backend may give -1 for sizes it would have to ask for one by one
+   * (the directory store skips a stat a file).
    */
-  list(prefix: string): AsyncIterable<ObjectInfo & { temporary: boolean }>;
+  list(prefix: string, opts?: ListOptions): AsyncIterable<ObjectInfo & { temporary: boolean }>;
   /** Removes the object; false when it was not there. */
   delete(key: string): Promise<boolean>;
 
@@ -221,7 +229,7 @@ export function fullBackend(b: StoreBackend): FullBackend {
     getSmall: b.getSmall?.bind(b) ?? ((key) => b.get(key)),
     putIfAbsent: (key, data, sha256) => b.putIfAbsent(key, data, sha256),
     put: (key, data) => b.put(key, data),
-    list: (prefix) => b.list(prefix),
+    list: (prefix, opts) => b.list(prefix, opts),
     delete: (key) => b.delete(key),
     stat,
     open,
@@ -246,7 +254,7 @@ const RECORD_READS = 16;
  */
 export async function readListed<R>(backend: Pick<StoreBackend, 'list'>, prefix: string, read: (id: string) => Promise<R>): Promise<{ records: R[]; damaged: { id: string; error: DisksnapError }[] }> {
   const ids: string[] = [];
-  for await (const o of backend.list(prefix)) if (!o.temporary && o.key.endsWith('.json')) ids.push(path.basename(o.key, '.json'));
+  for await (const o of backend.list(prefix, { sizes: false })) if (!o.temporary && o.key.endsWith('.json')) ids.push(path.basename(o.key, '.json'));
   const got: Array<R | undefined> = new Array(ids.length);
   const bad: Array<DisksnapError | undefined> = new Array(ids.length);
   let next = 0;
