@@ -8,8 +8,12 @@
 import type { Hash, Hmac } from 'node:crypto';
 import type { ObjectWriter } from './backend';
 
+const EMPTY = Buffer.alloc(0);
+
 export class EntryWriter {
-  private readonly chunk: Buffer;
+  /** entries not yet emitted; EMPTY until the first one and after each flush */
+  private chunk: Buffer = EMPTY;
+  private readonly chunkBytes: number;
   private used = 0;
   private count = 0;
   private lastIndex = -1;
@@ -22,8 +26,10 @@ export class EntryWriter {
     chunkEntries: number,
     header: Buffer,
   ) {
-    this.chunk = Buffer.allocUnsafe(chunkEntries * entryLength);
-    this.emit(header);
+    this.chunkBytes = chunkEntries * entryLength;
+    this.hash.update(header);
+    const copy = Buffer.from(header);
+    this.pending = this.pending.then(() => this.out.write(copy));
   }
 
   get entries(): number {
@@ -35,18 +41,12 @@ export class EntryWriter {
     return this.lastIndex;
   }
 
-  private emit(data: Buffer): void {
-    this.hash.update(data);
-    const copy = Buffer.from(data);
-    this.pending = this.pending.then(() => this.out.write(copy));
-  }
-
   /**
    * Starts the entry of block `index` (the caller has checked it is ascending): writes the
    * index and returns the entry's offset in `buf`, where the caller fills the rest of it.
    */
   add(index: number): number {
-    if (this.used === this.chunk.length) this.flushChunk();
+    if (this.used === this.chunk.length) this.room();
     this.lastIndex = index;
     const o = this.used;
     this.chunk.writeUInt32LE(index % 0x100000000, o);
@@ -63,7 +63,7 @@ export class EntryWriter {
   addRaw(src: Buffer, start: number, end: number, lastIndex: number): void {
     if ((end - start) % this.entryLength !== 0 || end <= start) throw new Error(`internal: ${end - start} bytes are not whole entries of ${this.entryLength}`);
     for (let at = start; at < end; ) {
-      if (this.used === this.chunk.length) this.flushChunk();
+      if (this.used === this.chunk.length) this.room();
       const n = Math.min(end - at, this.chunk.length - this.used);
       src.copy(this.chunk, this.used, at, at + n);
       this.used += n;
@@ -78,9 +78,24 @@ export class EntryWriter {
     return this.chunk;
   }
 
+  /** A new chunk, the full one (if any) emitted. */
+  private room(): void {
+    this.flushChunk();
+    this.chunk = Buffer.allocUnsafe(this.chunkBytes);
+  }
+
+  /**
+   * Hands the entries gathered to the writer as they are, and leaves no chunk: the next
+   * entry allocates a new one. (The chunk used to be copied and reused: a second write of
+   * every byte of the manifest, into freshly faulted pages, ~1-3 ms of a scattered
+   * incremental's 330 KB manifest on these VMs, and its last chunk is never reused.)
+   */
   private flushChunk(): void {
     if (this.used === 0) return;
-    this.emit(this.chunk.subarray(0, this.used));
+    const data = this.chunk.subarray(0, this.used);
+    this.hash.update(data);
+    this.pending = this.pending.then(() => this.out.write(data));
+    this.chunk = EMPTY;
     this.used = 0;
   }
 
