@@ -23,7 +23,8 @@
         "native/loop.cc",
         "native/fuse.cc",
         "native/qcow2.cc",
-        "native/sorted.cc"
+        "native/sorted.cc",
+        "native/records.cc"
       ],
       "include_dirs": [
         "<!@(node -p \"require('node-addon-api').include\")"

@@ -40,6 +40,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitFuse(env, exports);
   InitQcow2(env, exports);
   InitSorted(env, exports);
+  InitRecords(env, exports);
   return exports;
 }
 

@@ -13,5 +13,6 @@ void InitLoop(Napi::Env env, Napi::Object exports);  // native/loop.cc
 void InitFuse(Napi::Env env, Napi::Object exports);  // native/fuse.cc
 void InitQcow2(Napi::Env env, Napi::Object exports);  // native/qcow2.cc
 void InitSorted(Napi::Env env, Napi::Object exports);  // native/sorted.cc
+void InitRecords(Napi::Env env, Napi::Object exports);  // native/records.cc
 
 }  // namespace disksnap

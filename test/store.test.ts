@@ -326,6 +326,60 @@ t.test('a listing reads its records a bounded number at a time, in listing order
   );
 });
 
+t.test('a directory store reads a listing\'s records in one native call: bytes, gone, damaged, links not followed', async (t) => {
+  const dir = t.testdir({ snapshots: { 'a.json': '{"n":1}', 'b.json': '{"n":2}', 'd.json': {} }, volumes: { 'v.json': '{"v":1}' } });
+  fs.symlinkSync(path.join(dir, 'snapshots', 'a.json'), path.join(dir, 'snapshots', 'l.json'));
+  const be = new DirectoryBackend(dir);
+  const got = await be.getSmallMany(['snapshots/b.json', 'volumes/v.json', 'snapshots/gone.json', 'snapshots/d.json', 'snapshots/l.json', 'snapshots/a.json']);
+  t.same(
+    got.map((r) => (r instanceof Error ? r.code : r.toString())),
+    ['{"n":2}', '{"v":1}', 'ENOENT', 'EISDIR', 'ELOOP', '{"n":1}'],
+    'in the order asked, across directories',
+  );
+  t.ok(got.slice(2, 5).every((r) => r instanceof DisksnapError && r.message.includes(path.join(dir, 'snapshots'))), 'each error names its file');
+  t.same(
+    (await be.getSmallMany(['none/x.json'])).map((r) => (r as DisksnapError).code),
+    ['ENOENT'],
+    'a directory that is not there: each of its records is gone',
+  );
+  await t.rejects(be.getSmallMany(['../x.json']), { code: 'EINVALID' }, 'a key that leaves the store is refused');
+  const big = Buffer.alloc((16 << 20) + 1, 0x20);
+  fs.writeFileSync(path.join(dir, 'snapshots', 'big.json'), big);
+  t.match((await be.getSmallMany(['snapshots/big.json']))[0], { code: 'EFBIG', message: /too large for a record/ });
+  // through readListed (which lists files only: not d.json, a directory, nor l.json, a link):
+  // bytes handed to the reader, the gone one left out, the one too large reported
+  const read: string[] = [];
+  const { records, damaged } = await readListed(be, 'snapshots/', async (id, bytes) => {
+    read.push(id);
+    t.ok(Buffer.isBuffer(bytes), `${id}: its bytes come with it`);
+    if (id === 'b') throw new DisksnapError('no b', 'ENOENT');
+    return JSON.parse(bytes!.toString()).n as number;
+  });
+  t.same(records, [1]);
+  t.same(damaged.map((d) => [d.id, d.error.code]), [['big', 'EFBIG']]);
+  t.same(read.sort(), ['a', 'b'], 'the reader sees only what was read');
+});
+
+t.test('native readFiles refuses what is not a file name and a directory it cannot open', async (t) => {
+  const dir = t.testdir({ 'x.json': 'x' });
+  fs.writeFileSync(path.join(dir, 'y.json'), 'yy');
+  const n = native();
+  const none = n.readFiles(dir, [], 10);
+  t.same([none.data.length, [...none.ends], none.failed], [0, [], []]);
+  const two = n.readFiles(dir, ['x.json', 'z.json', 'y.json', 'x.json'], 2);
+  t.same([two.data.toString(), [...two.ends]], ['xyyx', [1, 1, 3, 4]], 'one after the other, a failed one empty');
+  t.same([two.failed[0], (two.failed[1] as DisksnapError).code, two.failed.length], [1, 'ENOENT', 2]);
+  t.same(n.readFiles(dir, ['x.json'], 1).data.toString(), 'x', 'maxBytes is inclusive');
+  t.same((n.readFiles(dir, ['x.json'], 0).failed[1] as DisksnapError).code, 'EFBIG');
+  for (const bad of ['', '.', '..', 'a/b', '../x.json']) t.throws(() => n.readFiles(dir, [bad], 10), { code: 'EINVAL' }, `'${bad}'`);
+  t.throws(() => n.readFiles(dir, 'x.json' as unknown as string[], 10), { code: 'EINVAL' });
+  t.throws(() => n.readFiles(dir, ['x.json'], -1), { code: 'EINVAL' });
+  t.throws(() => n.readFiles(path.join(dir, 'none'), ['x.json'], 10), { code: 'ENOENT' });
+  const fifo = path.join(dir, 'p.json');
+  require('node:child_process').execFileSync('mkfifo', [fifo]);
+  t.match(n.readFiles(dir, ['p.json'], 10).failed[1], { code: 'EINVAL', message: /not a regular file/ }, 'a FIFO is refused without blocking');
+});
+
 t.test('a store is created with its block size once; a different block size later is refused', async (t) => {
   const base = t.testdir();
   const dir = path.join(base, 'st');

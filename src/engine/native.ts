@@ -126,6 +126,13 @@ export interface NativeAddon {
   fstat(fd: number): NativeStat;
   /** A directory's entries (not . or ..), each with st_mode and st_uid as lstat gives them; ENOTDIR for a link to one. */
   lstatDir(dir: string): { names: string[]; modes: number[]; uids: number[] };
+  /**
+   * The files `names` of directory `dir`, each read whole (native/records.cc): `data` holds
+   * them one after the other, file i ending at ends[i]; `failed` is [index, error, ...] for
+   * those that could not be read (ENOENT when gone, ELOOP for a link, which is not followed,
+   * EISDIR, EFBIG past maxBytes). Throws when `dir` cannot be opened.
+   */
+  readFiles(dir: string, names: string[], maxBytes: number): { data: Buffer; ends: Float64Array; failed: Array<number | DisksnapError> };
   /** Resolution of CLOCK_REALTIME_COARSE (ns), the clock file mtimes are stamped from; 0 if unknown. */
   timestampTickNs(): number;
   ftruncate(fd: number, size: number): void;

@@ -129,6 +129,13 @@ export interface StoreBackend {
    * small ones (the directory backend: one synchronous read, not a thread-pool trip each).
    */
   getSmall?(key: string): Promise<Buffer>;
+  /**
+   * Small objects (records) whole, in the order of `keys`: each a Buffer, or the DisksnapError
+   * that reading it gave (ENOENT for one that is gone). The directory backend reads them in
+   * one native call; the fallback runs RECORD_READS getSmall at a time (on S3 each one is a
+   * round trip). Errors other than DisksnapErrors are thrown.
+   */
+  getSmallMany?(keys: string[]): Promise<Array<Buffer | DisksnapError>>;
   /** Size of an object, or undefined when absent (HEAD). */
   stat?(key: string): Promise<number | undefined>;
   /** Reader for ranges of one object; ENOENT when absent. */
@@ -220,13 +227,33 @@ export function fullBackend(b: StoreBackend): FullBackend {
         await r.close();
       }
     });
+  const getSmall = b.getSmall?.bind(b) ?? ((key: string) => b.get(key));
+  const getSmallMany =
+    b.getSmallMany?.bind(b) ??
+    (async (keys: string[]): Promise<Array<Buffer | DisksnapError>> => {
+      const out: Array<Buffer | DisksnapError> = new Array(keys.length);
+      let next = 0;
+      const worker = async () => {
+        for (let i = next++; i < keys.length; i = next++) {
+          try {
+            out[i] = await getSmall(keys[i]);
+          } catch (e) {
+            if (e instanceof DisksnapError) out[i] = e;
+            else throw e;
+          }
+        }
+      };
+      await Promise.all(Array.from({ length: Math.min(RECORD_READS, keys.length) }, worker));
+      return out;
+    });
   const flush = b.flush?.bind(b) ?? (async () => undefined);
   const prefetch = b.prefetch?.bind(b) ?? (() => undefined);
   return {
     location: b.location,
     describe: (key) => b.describe(key),
     get: (key, into) => b.get(key, into),
-    getSmall: b.getSmall?.bind(b) ?? ((key) => b.get(key)),
+    getSmall,
+    getSmallMany,
     putIfAbsent: (key, data, sha256) => b.putIfAbsent(key, data, sha256),
     put: (key, data) => b.put(key, data),
     list: (prefix, opts) => b.list(prefix, opts),
@@ -243,33 +270,47 @@ export function fullBackend(b: StoreBackend): FullBackend {
   };
 }
 
-/** Records (snapshots, volumes) a listing reads at once. */
+/** Records (snapshots, volumes) a listing reads at once where each is a request of its own. */
 const RECORD_READS = 16;
 
 /**
- * Every record (`ID.json`) under `prefix`, read RECORD_READS at a time: on S3 each one is a
- * round trip (60 snapshots on the Ceph gateway: `snapshot list` 0.61 s -> 0.55 s, a small
- * volume's `snapshot create` 1.03 s -> 0.87 s). One deleted while we listed is left out; an
- * unreadable one is reported in listing order, not thrown.
+ * Every record (`ID.json`) under `prefix`, each given to `read` with its bytes (getSmallMany:
+ * one native call on a directory store; on S3 RECORD_READS requests at a time: 60 snapshots
+ * on the Ceph gateway, `snapshot list` 0.61 s -> 0.55 s, a small volume's `snapshot create`
+ * 1.03 s -> 0.87 s). A backend without getSmallMany (a test's) has `read` called without
+ * bytes, RECORD_READS at a time. One deleted while we listed is left out; an unreadable one is
+ * reported in listing order, not thrown.
  */
-export async function readListed<R>(backend: Pick<StoreBackend, 'list'>, prefix: string, read: (id: string) => Promise<R>): Promise<{ records: R[]; damaged: { id: string; error: DisksnapError }[] }> {
-  const ids: string[] = [];
-  for await (const o of backend.list(prefix, { sizes: false })) if (!o.temporary && o.key.endsWith('.json')) ids.push(path.basename(o.key, '.json'));
+export async function readListed<R>(
+  backend: Pick<StoreBackend, 'list' | 'getSmallMany'>,
+  prefix: string,
+  read: (id: string, bytes?: Buffer) => Promise<R>,
+): Promise<{ records: R[]; damaged: { id: string; error: DisksnapError }[] }> {
+  const keys: string[] = [];
+  for await (const o of backend.list(prefix, { sizes: false })) if (!o.temporary && o.key.endsWith('.json')) keys.push(o.key);
+  const ids = keys.map((k) => path.basename(k, '.json'));
   const got: Array<R | undefined> = new Array(ids.length);
   const bad: Array<DisksnapError | undefined> = new Array(ids.length);
-  let next = 0;
-  const worker = async () => {
-    for (let i = next++; i < ids.length; i = next++) {
-      try {
-        got[i] = await read(ids[i]);
-      } catch (e) {
-        if (isDisksnapError(e, 'ENOENT')) continue; // deleted while we listed
-        if (e instanceof DisksnapError) bad[i] = e;
-        else throw e;
-      }
+  const one = async (i: number, bytes: Buffer | DisksnapError | undefined): Promise<void> => {
+    try {
+      if (bytes instanceof DisksnapError) throw bytes;
+      got[i] = await read(ids[i], bytes);
+    } catch (e) {
+      if (isDisksnapError(e, 'ENOENT')) return; // deleted while we listed
+      if (e instanceof DisksnapError) bad[i] = e;
+      else throw e;
     }
   };
-  await Promise.all(Array.from({ length: Math.min(RECORD_READS, ids.length) }, worker));
+  if (backend.getSmallMany) {
+    const all = await backend.getSmallMany(keys);
+    for (let i = 0; i < ids.length; i++) await one(i, all[i]);
+  } else {
+    let next = 0;
+    const worker = async () => {
+      for (let i = next++; i < ids.length; i = next++) await one(i, undefined);
+    };
+    await Promise.all(Array.from({ length: Math.min(RECORD_READS, ids.length) }, worker));
+  }
   return {
     records: got.filter((r): r is R => r !== undefined),
     damaged: ids.flatMap((id, i) => (bad[i] ? [{ id, error: bad[i]! }] : [])),

@@ -26,7 +26,7 @@ import { DisksnapError, fromNodeError } from '../../engine/errors';
 import { ObjectData, dataBytes } from './backend';
 import type { ListOptions, ObjectInfo, ObjectReader, ObjectWriter, StoreBackend } from './backend';
 import { DirectIo, bigBuffer } from './direct';
-import { native } from '../../engine/native';
+import { NativeAddon, native } from '../../engine/native';
 
 const TMP_PREFIX = '.tmp-';
 
@@ -49,6 +49,9 @@ function wrap(e: unknown, file: string, what: string): DisksnapError {
   if (!err.message.includes(file)) return new DisksnapError(`${file}: ${what}: ${err.message}`, err.code, err.errno, file);
   return err;
 }
+
+/** What getSmallMany reads of one record at most (records are a few KB; a snapshot's sealed metadata a few more). */
+const MAX_RECORD_BYTES = 16 << 20;
 
 export class DirectoryBackend implements StoreBackend {
   readonly location: string;
@@ -99,6 +102,40 @@ export class DirectoryBackend implements StoreBackend {
     } catch (e) {
       throw wrap(e, file, 'reading');
     }
+  }
+
+  /**
+   * Records whole, each directory's in one native call (native/records.cc): ~9 us a record
+   * where getSmall's readFileSync took ~30 us of the main thread (a store of 610 snapshots:
+   * ~19 ms of every listing). A link is not followed (ELOOP): the trust check refuses them.
+   */
+  async getSmallMany(keys: string[]): Promise<Array<Buffer | DisksnapError>> {
+    const out: Array<Buffer | DisksnapError> = new Array(keys.length);
+    const byDir = new Map<string, number[]>();
+    keys.forEach((key, i) => {
+      const dir = path.dirname(this.file(key));
+      const at = byDir.get(dir);
+      if (at) at.push(i);
+      else byDir.set(dir, [i]);
+    });
+    for (const [dir, at] of byDir) {
+      let got: ReturnType<NativeAddon['readFiles']>;
+      try {
+        got = native().readFiles(dir, at.map((i) => path.basename(keys[i])), MAX_RECORD_BYTES);
+      } catch (e) {
+        const err = wrap(e, dir, 'reading');
+        if (err.code !== 'ENOENT') throw err;
+        for (const i of at) out[i] = err; // the directory is gone: so is each record
+        continue;
+      }
+      const { data, ends, failed } = got;
+      at.forEach((i, k) => (out[i] = data.subarray(k ? ends[k - 1] : 0, ends[k])));
+      for (let f = 0; f < failed.length; f += 2) {
+        const i = at[failed[f] as number];
+        out[i] = wrap(failed[f + 1], path.join(dir, path.basename(keys[i])), 'reading');
+      }
+    }
+    return out;
   }
 
   async stat(key: string): Promise<number | undefined> {

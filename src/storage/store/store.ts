@@ -399,11 +399,11 @@ export class Store {
     return `volumes/${id}.json`;
   }
 
-  async readVolume(id: string): Promise<VolumeRecord> {
+  async readVolume(id: string, bytes?: Buffer): Promise<VolumeRecord> {
     const key = this.volumeKey(id);
     let text: Buffer;
     try {
-      text = await this.backend.getSmall(key);
+      text = bytes ?? (await this.backend.getSmall(key));
     } catch (e) {
       if (isDisksnapError(e, 'ENOENT')) throw new DisksnapError(`no volume ${id} in store ${this.dir}`, 'ENOENT', 2, this.backend.describe(key));
       throw e;
@@ -428,7 +428,7 @@ export class Store {
   }
 
   async listVolumes(): Promise<{ volumes: VolumeRecord[]; damaged: { id: string; error: DisksnapError }[] }> {
-    const { records: volumes, damaged } = await readListed(this.backend, 'volumes/', (id) => this.readVolume(id));
+    const { records: volumes, damaged } = await readListed(this.backend, 'volumes/', (id, bytes) => this.readVolume(id, bytes));
     volumes.sort((a, b) => ordinal(a.created, b.created) || ordinal(a.id, b.id));
     return { volumes, damaged };
   }
@@ -443,11 +443,12 @@ export class Store {
     return `snapshots/${id}.map`;
   }
 
-  async readSnapshot(id: string): Promise<SnapshotRecord> {
+  /** The record of `id` (`bytes`: as a listing read them; so for readVolume). */
+  async readSnapshot(id: string, bytes?: Buffer): Promise<SnapshotRecord> {
     const key = this.snapshotKey(id);
     let text: Buffer;
     try {
-      text = await this.backend.getSmall(key);
+      text = bytes ?? (await this.backend.getSmall(key));
     } catch (e) {
       if (isDisksnapError(e, 'ENOENT')) throw new DisksnapError(`no snapshot ${id} in store ${this.dir}`, 'ENOENT', 2, this.backend.describe(key));
       throw e;
@@ -476,7 +477,7 @@ export class Store {
 
   /** Every snapshot record, oldest first; unreadable ones are reported, not thrown. */
   async listSnapshots(): Promise<SnapshotListing> {
-    const { records: snapshots, damaged } = await readListed(this.backend, 'snapshots/', (id) => this.readSnapshot(id));
+    const { records: snapshots, damaged } = await readListed(this.backend, 'snapshots/', (id, bytes) => this.readSnapshot(id, bytes));
     snapshots.sort((a, b) => ordinal(a.startTime, b.startTime) || ordinal(a.id, b.id));
     return { snapshots, damaged };
   }
