@@ -2,10 +2,11 @@
 // the record files of a directory store (src/storage/store/dir.ts, getSmallMany), which every
 // listing of snapshots or volumes reads all of.
 //
-// Through node's fs a record cost ~30 us of the main thread (openSync, fstat, readSync,
-// closeSync, each with its argument checks and its own path resolution): ~19 ms of a
-// `snapshot create` into a store of 610 snapshots. Here each is openat on the directory's
-// descriptor, fstat, read, close: ~9 us, as a C loop over the same files takes.
+// Through node's fs a record cost ~15-30 us of the main thread (openSync, fstat, readSync,
+// closeSync, each with its argument checks and its own path resolution) and a Buffer: 8-19 ms
+// of every listing of a store of 655 snapshots (the CPU profile of a `snapshot create`: ~19
+// ms). Here each is openat on the directory's descriptor, fstat, read, close, into one buffer:
+// 8.5 ms for the 655 (a C loop of the same calls into a stack buffer: ~6 us a file).
 //
 // The result: `data`, the files one after the other; `ends`, where each one ends in it; and
 // `failed`, [index, error, ...] for the files that could not be read, each error as the addon

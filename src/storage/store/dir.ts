@@ -105,9 +105,10 @@ export class DirectoryBackend implements StoreBackend {
   }
 
   /**
-   * Records whole, each directory's in one native call (native/records.cc): ~9 us a record
-   * where getSmall's readFileSync took ~30 us of the main thread (a store of 610 snapshots:
-   * ~19 ms of every listing). A link is not followed (ELOOP): the trust check refuses them.
+   * Records whole, each directory's in one native call (native/records.cc): ~13 us a record
+   * where getSmall's readFileSync took ~15-30 us of the main thread and a Buffer each (a
+   * store of 655 snapshots: 8.5 ms against 8-19 ms). A link is not followed (ELOOP): the
+   * trust check refuses them.
    */
   async getSmallMany(keys: string[]): Promise<Array<Buffer | DisksnapError>> {
     const out: Array<Buffer | DisksnapError> = new Array(keys.length);
