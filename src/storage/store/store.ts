@@ -443,7 +443,6 @@ export class Store {
     return `snapshots/${id}.map`;
   }
 
-  /** The record of `id` (`bytes`: as a listing read them; so for readVolume). */
   async readSnapshot(id: string, bytes?: Buffer): Promise<SnapshotRecord> {
     const key = this.snapshotKey(id);
     let text: Buffer;
