@@ -1,6 +1,7 @@
 #include "io.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -14,6 +15,14 @@ namespace disksnap {
 
 // Linux transfers at most 0x7ffff000 bytes per call; asking for less keeps the loop simple.
 static constexpr size_t kMaxIo = size_t{1} << 30;
+
+int OpenAtRetry(int dirfd, const char* path, int flags, mode_t mode) {
+  int fd;
+  do {
+    fd = ::openat(dirfd, path, flags, mode);
+  } while (fd < 0 && errno == EINTR);
+  return fd;
+}
 
 SysError PreadFull(int fd, uint8_t* buf, size_t len, uint64_t off, size_t* got) {
   size_t done = 0;

@@ -3,6 +3,8 @@
 // is false on success.
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -11,6 +13,9 @@
 #include "error.h"
 
 namespace disksnap {
+
+// openat(dirfd, path, flags, mode), retried on EINTR (AT_FDCWD for a plain open); -1 with errno set.
+int OpenAtRetry(int dirfd, const char* path, int flags, mode_t mode = 0);
 
 // Reads up to `len` bytes at `off`, looping over short reads and EINTR; `*got` < len only at EOF.
 SysError PreadFull(int fd, uint8_t* buf, size_t len, uint64_t off, size_t* got);

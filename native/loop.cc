@@ -18,6 +18,7 @@
 // Everything here is a handful of ioctls and returns in well under a millisecond, except
 // FIFREEZE (it syncs the filesystem first), which also has an async form.
 #include "addon.h"
+#include "io.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -40,13 +41,7 @@ namespace disksnap {
 
 namespace {
 
-int OpenRetry(const char* path, int flags) {
-  int fd;
-  do {
-    fd = ::open(path, flags | O_CLOEXEC);
-  } while (fd < 0 && errno == EINTR);
-  return fd;
-}
+int OpenRetry(const char* path, int flags) { return OpenAtRetry(AT_FDCWD, path, flags | O_CLOEXEC); }
 
 class Fd {
  public:

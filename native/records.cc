@@ -28,18 +28,11 @@
 #include "addon.h"
 #include "args.h"
 #include "error.h"
+#include "io.h"
 
 namespace disksnap {
 
 namespace {
-
-int OpenRetry(int dirfd, const char* name, int flags) {
-  int fd;
-  do {
-    fd = ::openat(dirfd, name, flags);
-  } while (fd < 0 && errno == EINTR);
-  return fd;
-}
 
 SysError TooLarge(const std::string& path, double maxBytes) {
   return SysError::Custom("EFBIG", EFBIG, path + ": larger than " + std::to_string(static_cast<uint64_t>(maxBytes)) + " bytes, too large for a record", path);
@@ -48,7 +41,7 @@ SysError TooLarge(const std::string& path, double maxBytes) {
 // The whole of `name` (under dirfd) into `out`; the failed call's SysError otherwise.
 SysError ReadWhole(int dirfd, const std::string& dir, const std::string& name, double maxBytes, std::vector<uint8_t>* out) {
   const std::string path = dir + "/" + name;
-  const int fd = OpenRetry(dirfd, name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+  const int fd = OpenAtRetry(dirfd, name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) return SysError::Errno(errno, "open", path);
   SysError err;
   struct stat st;
@@ -63,25 +56,20 @@ SysError ReadWhole(int dirfd, const std::string& dir, const std::string& name, d
   } else {
     // the size fstat gave, plus one byte: a file that grew since is read on to its end
     out->resize(static_cast<size_t>(st.st_size) + 1);
-    size_t done = 0;
-    for (;;) {
-      if (done == out->size()) {
-        if (static_cast<double>(done) > maxBytes) {
-          err = TooLarge(path, maxBytes);
-          break;
-        }
-        out->resize(out->size() * 2);
-      }
-      const ssize_t n = ::read(fd, out->data() + done, out->size() - done);
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) {
-        err = SysError::Errno(errno, "read", path);
+    size_t got = 0;
+    err = PreadFull(fd, out->data(), out->size(), 0, &got);
+    while (!err.failed() && got == out->size()) {
+      if (static_cast<double>(got) > maxBytes) {
+        err = TooLarge(path, maxBytes);
         break;
       }
-      if (n == 0) break;
-      done += static_cast<size_t>(n);
+      const size_t had = got;
+      out->resize(had * 2);
+      err = PreadFull(fd, out->data() + had, had, had, &got);
+      got += had;
     }
-    out->resize(done);
+    if (err.failed()) err.path = path;
+    out->resize(got);
   }
   ::close(fd);
   return err;
@@ -114,18 +102,15 @@ Napi::Value ReadFiles(const Napi::CallbackInfo& info) {
       return Napi::Value();
     }
   }
-  int dirfd;
-  do {
-    dirfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  } while (dirfd < 0 && errno == EINTR);
+  const int dirfd = OpenAtRetry(AT_FDCWD, dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dirfd < 0) {
     Throw(env, SysError::Errno(errno, "open", dir));
     return Napi::Value();
   }
-  // one buffer for all the files, and the offset where each ends: a Buffer per file made
-  // through napi cost ~10 us each, as much again as reading it
-  // (page faults cost ~10-15 us each on the VMs measured: the buffer is sized once, for
-  // records of up to 2 KiB, and handed to JS as it is, not copied)
+  // One buffer for all the files and the offset where each ends: a Buffer per file made
+  // through napi cost ~10 us each, as much again as reading it. It is sized once, for records
+  // of up to 2 KiB, and handed to JS as it is, not copied: a page fault costs ~10-15 us on
+  // the VMs measured.
   auto* all = new std::vector<uint8_t>();
   all->reserve(list.size() * 2048);
   std::vector<double> ends(list.size());
