@@ -612,7 +612,9 @@ class PieceBuffer {
 };
 
 // Collect mode (FileHashJob): the changed blocks among data[0..len), block `first` onwards.
-static void CollectChanged(FileHashJob* job, const uint8_t* data, size_t len, size_t bs, uint64_t first) {
+// With `retag` (data is a mapping others may write), each copy's tag is computed again from
+// the copy, so that the tag the caller records is of the bytes it stores.
+static bool CollectChanged(FileHashJob* job, const uint8_t* data, size_t len, size_t bs, uint64_t first, BlockTagger* retag) {
   for (size_t off = 0, j = 0; off < len; off += bs, j++) {
     const uint64_t b = first + j;
     if (job->zero[b] ||
@@ -625,10 +627,16 @@ static void CollectChanged(FileHashJob* job, const uint8_t* data, size_t len, si
       job->slotOf[b] = -2;
       continue;
     }
-    memcpy(job->collectBuf + slot * bs, data + off, std::min(bs, len - off));
+    const size_t n = std::min(bs, len - off);
+    memcpy(job->collectBuf + slot * bs, data + off, n);
     job->slotOf[b] = static_cast<int32_t>(slot);
+    if (retag != nullptr && !retag->Unmasked(job->collectBuf + slot * bs, n, job->tags + b * kTagLength)) return false;
   }
+  return true;
 }
+
+// Ranges larger than this are read with pread only (the mapping takes address space, not memory).
+constexpr uint64_t kMaxMapped = uint64_t{16} << 30;
 
 SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>& tick) {
   const uint64_t length = job->length;
@@ -648,6 +656,19 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
   struct stat st;
   if (::fstat(job->fd, &st) < 0) return SysError::Errno(errno, "fstat");
   std::atomic<bool> seekData{S_ISREG(st.st_mode)};
+  // tagFile over a regular file reads it in place through one mapping of the range
+  // (FileMapping, io.h: no copy out of the page cache), piece by piece as below, each piece
+  // under GuardedRead; the pieces past the file's size at the start, and every piece of a
+  // thread after a SIGBUS (the file shrank meanwhile), are pread as before. Only tags: one
+  // pass over each block, and a collected block's tag is taken again from its copy
+  // (CollectChanged), so every tag is of the bytes it is recorded with. hashFile, whose digest
+  // and tag of a block are two passes that must see the same bytes, preads into its own buffer.
+  // DISKSNAP_NO_MMAP=1 preads everything (a diagnostic, for comparing the two).
+  const char* noMap = ::getenv("DISKSNAP_NO_MMAP");
+  const bool mapIt = job->digests == nullptr && S_ISREG(st.st_mode) && length <= kMaxMapped &&
+                     !(noMap != nullptr && strcmp(noMap, "1") == 0);
+  const FileMapping map(mapIt ? job->fd : -1, job->offset, length);
+  const uint64_t mappedEnd = static_cast<uint64_t>(st.st_size);
 
   std::atomic<uint64_t> next{0};
   std::mutex mu;
@@ -663,12 +684,26 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
 
   auto worker = [&](int) {
     PieceBuffer buf(piece);
-    BlockHasher hasher(job->key);
+    std::unique_ptr<BlockHasher> hasher(new BlockHasher(job->key));
     std::unique_ptr<BlockTagger> tagger;
     if (job->tags != nullptr) tagger.reset(new BlockTagger(*job->tagKey));
+    bool mapped = static_cast<bool>(map);
+    // One piece of n bytes at data, block b onwards: digests or zero flags, tags, the copies.
+    auto piecework = [&](const uint8_t* data, size_t n, uint64_t b, bool shared) {
+      bool good;
+      if (job->digests != nullptr) {
+        good = hasher->Blocks(data, n, bs, job->digests + b * kDigestLength, job->zero + b);
+      } else {
+        ZeroFlags(data, n, bs, job->zero + b);
+        good = true;
+      }
+      if (good && tagger) good = TagBlocks(tagger.get(), data, n, bs, job->zero + b, job->tags + b * kTagLength);
+      if (good && tagger && job->slotOf != nullptr) good = CollectChanged(job, data, n, bs, b, shared ? tagger.get() : nullptr);
+      return good;
+    };
     if (!buf) {
       fail(SysError::Errno(ENOMEM, "hashFile"));
-    } else if (!hasher.ok() || (tagger && !tagger->ok())) {
+    } else if (!hasher->ok() || (tagger && !tagger->ok())) {
       fail(CryptoFailure());
     } else {
       for (;;) {
@@ -694,6 +729,24 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
         bool ok = true;
         for (size_t p = 0; p < want && ok; p += piece) {
           const size_t n = std::min(piece, want - p);
+          const uint64_t b = firstBlock + p / bs;
+          if (!hole && mapped && at + p + n <= mappedEnd) {
+            if (GuardedRead([&] { ok = piecework(map.at(at + p), n, b, true); })) {
+              if (!ok) fail(CryptoFailure());
+              continue;
+            }
+            // SIGBUS: the file shrank under the mapping. This piece and the rest are pread (they
+            // read short: zeros), and the move is the caller's to see (its size, its times);
+            // hasher and tagger were left halfway, so they start afresh.
+            mapped = false;
+            hasher.reset(new BlockHasher(job->key));
+            if (tagger) tagger.reset(new BlockTagger(*job->tagKey));
+            ok = hasher->ok() && (!tagger || tagger->ok());
+            if (!ok) {
+              fail(CryptoFailure());
+              break;
+            }
+          }
           size_t got = 0;
           if (!hole) {
             SysError err = PreadFull(job->fd, buf.get(), n, at + p, &got);
@@ -704,14 +757,7 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
             }
           }
           if (got < n) memset(buf.get() + got, 0, n - got);
-          const uint64_t b = firstBlock + p / bs;
-          if (job->digests != nullptr) {
-            ok = hasher.Blocks(buf.get(), n, bs, job->digests + b * kDigestLength, job->zero + b);
-          } else {
-            ZeroFlags(buf.get(), n, bs, job->zero + b);
-          }
-          if (ok && tagger) ok = TagBlocks(tagger.get(), buf.get(), n, bs, job->zero + b, job->tags + b * kTagLength);
-          if (ok && tagger && job->slotOf != nullptr) CollectChanged(job, buf.get(), n, bs, b);
+          ok = piecework(buf.get(), n, b, false);
           if (!ok) fail(CryptoFailure());
         }
         if (!ok) break;

@@ -3,12 +3,16 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 namespace disksnap {
@@ -223,6 +227,54 @@ SysError CopyRange(int fdIn, uint64_t offIn, int fdOut, uint64_t offOut, uint64_
   }
   *copied = done;
   return {};
+}
+
+FileMapping::FileMapping(int fd, uint64_t offset, uint64_t length) {
+  if (fd < 0 || length == 0) return;
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  start_ = offset / page * page;
+  size_ = static_cast<size_t>(offset + length - start_);
+  void* p = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd, static_cast<off_t>(start_));
+  if (p != MAP_FAILED) base_ = static_cast<uint8_t*>(p);
+}
+
+FileMapping::~FileMapping() {
+  if (base_ != nullptr) ::munmap(base_, size_);
+}
+
+namespace {
+
+thread_local sigjmp_buf* t_guard = nullptr;
+struct sigaction g_before;
+
+void OnSigbus(int, siginfo_t*, void*) {
+  sigjmp_buf* g = t_guard;
+  if (g != nullptr) siglongjmp(*g, 1);
+  // Not a guarded read: the disposition from before takes the fault when the access repeats.
+  ::sigaction(SIGBUS, &g_before, nullptr);
+}
+
+}  // namespace
+
+bool GuardedRead(const std::function<void()>& fn) {
+  static std::once_flag installed;
+  std::call_once(installed, [] {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = OnSigbus;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;  // not blocked in the handler: no mask to restore
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGBUS, &sa, &g_before);
+  });
+  sigjmp_buf jb;
+  if (sigsetjmp(jb, 0) != 0) {
+    t_guard = nullptr;
+    return false;
+  }
+  t_guard = &jb;
+  fn();
+  t_guard = nullptr;
+  return true;
 }
 
 }  // namespace disksnap

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "args.h"
@@ -33,5 +34,34 @@ SysError Fsync(int fd, bool dataOnly);
 // the filesystem cannot (EXDEV, EINVAL, ENOSYS, EOPNOTSUPP). `*copied` < len only at EOF of fdIn.
 SysError CopyRange(int fdIn, uint64_t offIn, int fdOut, uint64_t offOut, uint64_t len,
                    uint64_t* copied);
+
+// A read-only shared mapping of bytes [offset, offset + length) of a file, for reading them in
+// place instead of copying them out of the page cache with pread. On these VMs (kernel 6.18,
+// ext4 with large folios) touching 1 GiB of a cached file through a mapping costs ~4 ms of
+// faults, where pread copies it in ~130 ms; a scan that only reads (hashes, tags) then does
+// half the memory traffic (1 GiB read and xor-summed: 135 ms through pread, 79 ms mapped).
+// Empty (false) where mmap refuses (the caller preads). A page past the file's end raises
+// SIGBUS: read it only through GuardedRead.
+class FileMapping {
+ public:
+  FileMapping(int fd, uint64_t offset, uint64_t length);
+  ~FileMapping();
+  FileMapping(const FileMapping&) = delete;
+  FileMapping& operator=(const FileMapping&) = delete;
+  explicit operator bool() const { return base_ != nullptr; }
+  // The byte at file offset `off` (inside the mapped range).
+  const uint8_t* at(uint64_t off) const { return base_ + (off - start_); }
+
+ private:
+  uint8_t* base_ = nullptr;
+  uint64_t start_ = 0;  // file offset of base_ (page aligned)
+  size_t size_ = 0;
+};
+
+// Runs fn() and returns true; false where a SIGBUS interrupted it (a mapped page past the end
+// of a file that shrank while it was read): fn was abandoned halfway, so it must hold no lock
+// and allocate nothing, and what it wrote is incomplete. A SIGBUS outside GuardedRead goes to
+// the disposition the process had before (the default: the process ends, as without this).
+bool GuardedRead(const std::function<void()>& fn);
 
 }  // namespace disksnap

@@ -1,0 +1,131 @@
+/**
+ * The native tag scan (tagFile: native/hash_engine.cc HashFileRange) reads a regular file in
+ * place through a mapping (native/io.h FileMapping) instead of copying it out with pread. It
+ * must give exactly what the pread path gives (DISKSNAP_NO_MMAP=1) and what the bytes are, and
+ * a file that shrinks while it is scanned must cost a short read, not the process (SIGBUS).
+ */
+import t from 'tap';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { FALLOC_PUNCH_HOLE, native } from '../src/engine/native';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const n = native();
+
+/** Runs fn with DISKSNAP_NO_MMAP set to `value` (read by the addon at each call). */
+async function withNoMap<T>(value: string | undefined, fn: () => Promise<T>): Promise<T> {
+  const before = process.env.DISKSNAP_NO_MMAP;
+  if (value === undefined) delete process.env.DISKSNAP_NO_MMAP;
+  else process.env.DISKSNAP_NO_MMAP = value;
+  try {
+    return await fn();
+  } finally {
+    if (before === undefined) delete process.env.DISKSNAP_NO_MMAP;
+    else process.env.DISKSNAP_NO_MMAP = before;
+  }
+}
+
+t.test('the mapped tag scan gives what pread gives and what the bytes are: tags, zero flags, collected copies', async (t) => {
+  const dir = t.testdir();
+  const f = path.join(dir, 'vol');
+  const bs = 64 * KiB;
+  // 40 blocks and a short one: random data, a zero block, a hole of 3 blocks, a block that is
+  // zero but for its last byte; more than one 1 MiB piece, so the threads share the work.
+  const size = 40 * bs + 3000;
+  const data = randomBytes(size);
+  data.fill(0, 5 * bs, 6 * bs);
+  data.fill(0, 20 * bs, 21 * bs - 1);
+  fs.writeFileSync(f, data);
+  const fd = fs.openSync(f, 'r+');
+  try {
+    n.fallocate(fd, FALLOC_PUNCH_HOLE, 10 * bs, 3 * bs);
+    data.fill(0, 10 * bs, 13 * bs);
+    const key = randomBytes(32);
+    // whole file, and ranges that start inside a page and end before the file does
+    for (const [off, len] of [[0, size], [bs, 17 * bs], [512, 9 * bs + 512], [3 * bs, size - 3 * bs]] as const) {
+      const what = `bytes ${off}..${off + len}`;
+      const scan = () => n.tagFile(fd, off, len, bs, 2, key);
+      const mt = await withNoMap(undefined, scan);
+      const pt = await withNoMap('1', scan);
+      t.same(mt.tags, pt.tags, `${what}: the same tags`);
+      t.same(Buffer.from(mt.zero), Buffer.from(pt.zero), `${what}: the same zero flags`);
+      // and what the bytes themselves give, block by block (tags from memory: hashBlocks)
+      const blocks = Math.ceil(len / bs);
+      let wrong = 0;
+      for (let b = 0; b < blocks; b++) {
+        const bytes = data.subarray(off + b * bs, Math.min(off + len, off + (b + 1) * bs));
+        const h = n.hashBlocks(bytes, bs, 1, undefined, key);
+        if (mt.zero[b] !== h.zero[0] || !mt.tags.subarray(b * 16, b * 16 + 16).equals(h.tags!.subarray(0, 16))) wrong++;
+      }
+      t.equal(wrong, 0, `${what}: every block's zero flag and tag are those of its bytes`);
+      if (off === 0) t.ok(mt.zero.includes(1) && mt.zero.includes(0), `${what}: zero and data blocks both`);
+      // collect mode: every non-zero block expected otherwise is copied, with its own tag
+      const expect = Buffer.alloc(blocks * 16);
+      const known = new Uint8Array(blocks).fill(1);
+      const into = Buffer.alloc(blocks * bs);
+      const collect = (buf: Buffer) => () => n.tagFile(fd, off, len, bs, 2, key, expect, known, buf);
+      const [mc, pc] = [await withNoMap(undefined, collect(into)), await withNoMap('1', collect(Buffer.alloc(blocks * bs)))];
+      t.same(mc.tags, pc.tags, `${what}: collect mode, the same tags`);
+      t.equal(mc.collected, pc.collected, `${what}: collect mode, as many blocks collected`);
+      t.ok(mc.collected > 0);
+      t.same([...mc.slot].map((s) => s >= 0), [...pc.slot].map((s) => s >= 0), `${what}: the same blocks collected`);
+      let badCopies = 0;
+      mc.slot.forEach((slot, b) => {
+        if (slot < 0) return;
+        const bytes = data.subarray(off + b * bs, Math.min(off + len, off + (b + 1) * bs));
+        if (!into.subarray(slot * bs, slot * bs + bytes.length).equals(bytes)) badCopies++;
+      });
+      t.equal(badCopies, 0, `${what}: every collected copy holds its block's bytes`);
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+});
+
+// A child process scans a large file with one thread while the parent part of it truncates the
+// file: a page of the mapping past the new end raises SIGBUS, which must become a short read
+// (the blocks past the end read as zeros). Without the guard the child dies by SIGBUS.
+const CHILD = `
+const fs = require('fs');
+const { randomFillSync, randomBytes } = require('crypto');
+const n = require(process.argv[1]).native();
+const [file, trials] = [process.argv[2], Number(process.argv[3])];
+const bs = 512 * 1024, size = 256 * 1024 * 1024, keep = 1024 * 1024;
+const buf = Buffer.allocUnsafe(16 * 1024 * 1024);
+(async () => {
+  let midway = 0;
+  for (let i = 0; i < trials; i++) {
+    const w = fs.openSync(file, 'w');
+    for (let o = 0; o < size; o += buf.length) fs.writeSync(w, randomFillSync(buf), 0, buf.length, o);
+    const fd = fs.openSync(file, 'r');
+    const scan = n.tagFile(fd, 0, size, bs, 1, randomBytes(32));
+    await new Promise((r) => setTimeout(r, 1 + (i % 6)));
+    fs.ftruncateSync(w, keep);
+    const r = await scan;
+    const past = r.zero.subarray(keep / bs);
+    // scanned partly before the truncation (tags) and partly after it (zeros): midway
+    if (past.includes(0) && past.includes(1)) midway++;
+    fs.closeSync(fd);
+    fs.closeSync(w);
+  }
+  process.stdout.write(JSON.stringify({ midway }));
+})().catch((e) => { console.error(e); process.exit(1); });
+`;
+
+t.test('a file that shrinks while it is scanned through the mapping: a short read, not SIGBUS', async (t) => {
+  const dir = t.testdir();
+  const lib = path.resolve(__dirname, '..', 'dist', 'src', 'engine', 'native.js');
+  let midway = 0;
+  for (let round = 0; round < 4 && midway === 0; round++) {
+    const r = spawnSync(process.execPath, ['-e', CHILD, lib, path.join(dir, 'shrinking'), '8'], { encoding: 'utf8' });
+    t.equal(r.signal, null, `the scanning process was not killed by a signal (round ${round})`);
+    t.equal(r.status, 0, `it finished every scan (round ${round}) ${r.stderr}`);
+    if (r.status !== 0) return;
+    midway += (JSON.parse(r.stdout) as { midway: number }).midway;
+  }
+  // A scan cut by the truncation touched pages past the new end through the mapping.
+  t.ok(midway > 0, `at least one scan was cut midway by the truncation (${midway})`);
+});
