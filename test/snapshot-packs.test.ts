@@ -11,7 +11,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
 import * as snap from '../src/storage';
-import { PACK_BYTES, PackTable, PackWriter, decodePackIndex, encodePackIndex, packsOf } from '../src/storage/store/packs';
+import { PACK_BYTES, PackTable, PackWriter, decodePackIndex, encodePackIndex, packName, packsOf } from '../src/storage/store/packs';
 import { Throttle } from '../src/storage/pool';
 import { forEachBackend } from './helpers/backends';
 import { BS, KiB, MiB, PS, makeVolume, restored, sha } from './helpers/granules';
@@ -59,11 +59,36 @@ t.test('a pack index: sorted entries, each digest once, a checksum; lookups find
   t.throws(() => decodePackIndex('idx', encoded.subarray(0, encoded.length - 72)), { code: 'ECORRUPT' }, 'a truncated index');
 });
 
-t.test('a pack writer: pieces one after the other, a pack named by its SHA-256, pieces larger than a pack (64 MiB blocks) in packs of their own', async (t) => {
+/** The pieces of the pack named `pack` in index entries, in pack order, as packName takes them. */
+function partsOf(entries: Buffer, pack: Buffer): Array<{ digest: Buffer; offset: number; length: number }> {
+  const out: Array<{ digest: Buffer; offset: number; length: number }> = [];
+  for (let o = 0; o < entries.length; o += 72) {
+    if (entries.subarray(o + 32, o + 64).equals(pack)) out.push({ digest: entries.subarray(o, o + 32), offset: entries.readUInt32LE(o + 64), length: entries.readUInt32LE(o + 68) });
+  }
+  return out.sort((a, b) => a.offset - b.offset);
+}
+
+t.test('a pack name: the SHA-256 of the piece table, so any digest, offset or length changes it', async (t) => {
+  const parts = [0, 1, 2].map((i) => ({ digest: randomBytes(32), offset: i * 64 * KiB, length: 64 * KiB }));
+  const name = packName(parts);
+  t.equal(name.length, 32);
+  t.same(packName(parts.map((p) => ({ ...p, digest: Buffer.from(p.digest) }))), name, 'the same table, the same name');
+  t.notSame(packName([parts[1], parts[0], parts[2]]), name, 'another order');
+  t.notSame(packName(parts.map((p, i) => (i === 2 ? { ...p, length: p.length - 1 } : p))), name, 'another length');
+  t.notSame(packName(parts.map((p, i) => (i === 1 ? { ...p, offset: p.offset + 512 } : p))), name, 'another offset');
+  const other = Buffer.from(parts[0].digest);
+  other[31] ^= 1;
+  t.notSame(packName([{ ...parts[0], digest: other }, parts[1], parts[2]]), name, 'another digest');
+  t.notSame(packName(parts.slice(0, 2)), name, 'one piece fewer');
+});
+
+t.test('a pack writer: pieces one after the other, a pack named by its piece table, pieces larger than a pack (64 MiB blocks) in packs of their own', async (t) => {
   const written = new Map<string, Buffer>();
+  const payloads: Array<Uint8Array | undefined> = [];
   const backend = {
-    putIfAbsent: async (key: string, data: Uint8Array | readonly Uint8Array[]) => {
+    putIfAbsent: async (key: string, data: Uint8Array | readonly Uint8Array[], sha256?: Uint8Array) => {
       written.set(key, Buffer.concat(data instanceof Uint8Array ? [data] : [...data]));
+      payloads.push(sha256);
       return true;
     },
   };
@@ -80,9 +105,26 @@ t.test('a pack writer: pieces one after the other, a pack named by its SHA-256, 
   await new Promise((r) => setTimeout(r, 50));
   t.notOk(w.pending, 'every piece is in a written pack');
   t.equal(written.size, 2, 'two packs');
-  for (const [key, bytes] of written) t.equal(key, `blocks/${createHash('sha256').update(bytes).digest('hex')}`, 'named by the SHA-256 of its bytes');
+  const entries = decodePackIndex('idx', w.index(Buffer.concat([d(small), d(big)])));
+  for (const key of written.keys()) {
+    const pack = Buffer.from(key.slice('blocks/'.length), 'hex');
+    t.equal(key, `blocks/${packName(partsOf(entries, pack)).toString('hex')}`, 'named by the SHA-256 of its piece table');
+  }
+  t.same(payloads, [undefined, undefined], 'a local backend gets no payload hash (none is computed)');
+  // a remote one (S3 signs x-amz-content-sha256) gets the SHA-256 of the bytes it stores
+  const signed: Array<[Buffer, Uint8Array | undefined]> = [];
+  const remote = new PackWriter(
+    { concurrency: 4, putIfAbsent: async (_k: string, data: Uint8Array | readonly Uint8Array[], sha256?: Uint8Array) => (signed.push([Buffer.concat(data instanceof Uint8Array ? [data] : [...data]), sha256]), true) },
+    new PackTable(),
+    new Throttle(64 * MiB),
+    (x) => `blocks/${x.toString('hex')}`,
+  );
+  t.ok(await remote.add(d(small), small));
+  await remote.flush();
+  while (!signed.length) await new Promise((r) => setTimeout(r, 5));
+  t.same(Buffer.from(signed[0][1] ?? []), d(signed[0][0]), 'a remote backend gets the SHA-256 of the pack\'s bytes to sign');
   const table = new PackTable();
-  table.add(decodePackIndex('idx', w.index(Buffer.concat([d(small), d(big)]))));
+  table.add(entries);
   for (const piece of [small, big]) {
     const at = table.lookup(d(piece))!;
     t.ok(written.get(`blocks/${at.pack.toString('hex')}`)!.subarray(at.offset, at.offset + at.length).equals(piece), 'the index places each piece at its bytes');
@@ -176,6 +218,7 @@ forEachBackend(t, 'an incremental stores its pieces in packs: fewer objects, a v
   t.equal(manifest.readUInt16LE(8), 3, 'the manifest is version 3');
   const index = decodePackIndex('idx', await b.read(store, `snapshots/${s2.id}.packs`));
   t.equal(index.length / 72, 60, 'its pack index lists the 60 pieces');
+  for (const pack of packsOf(index)) t.same(packName(partsOf(index, pack)), pack, `pack ${pack.toString('hex').slice(0, 12)} is named by its piece table`);
   t.equal(await restored(store, s2.id, dir), want2, 'the incremental restores exactly');
   t.ok((await snap.verifySnapshot(s2.id, { store })).ok, 'verify reads every piece from its pack');
 
