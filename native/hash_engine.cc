@@ -665,8 +665,8 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
   // and tag of a block are two passes that must see the same bytes, preads into its own buffer.
   // DISKSNAP_NO_MMAP=1 preads everything (a diagnostic, for comparing the two).
   const char* noMap = ::getenv("DISKSNAP_NO_MMAP");
-  const bool mapIt = job->digests == nullptr && S_ISREG(st.st_mode) && length <= kMaxMapped &&
-                     !(noMap != nullptr && strcmp(noMap, "1") == 0);
+  const bool mapIt = job->digests == nullptr && job->tags != nullptr && S_ISREG(st.st_mode) &&
+                     length <= kMaxMapped && !(noMap != nullptr && strcmp(noMap, "1") == 0);
   const FileMapping map(mapIt ? job->fd : -1, job->offset, length);
   const uint64_t mappedEnd = static_cast<uint64_t>(st.st_size);
 
@@ -684,7 +684,7 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
 
   auto worker = [&](int) {
     PieceBuffer buf(piece);
-    std::unique_ptr<BlockHasher> hasher(new BlockHasher(job->key));
+    BlockHasher hasher(job->key);
     std::unique_ptr<BlockTagger> tagger;
     if (job->tags != nullptr) tagger.reset(new BlockTagger(*job->tagKey));
     bool mapped = static_cast<bool>(map);
@@ -692,7 +692,7 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
     auto piecework = [&](const uint8_t* data, size_t n, uint64_t b, bool shared) {
       bool good;
       if (job->digests != nullptr) {
-        good = hasher->Blocks(data, n, bs, job->digests + b * kDigestLength, job->zero + b);
+        good = hasher.Blocks(data, n, bs, job->digests + b * kDigestLength, job->zero + b);
       } else {
         ZeroFlags(data, n, bs, job->zero + b);
         good = true;
@@ -703,7 +703,7 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
     };
     if (!buf) {
       fail(SysError::Errno(ENOMEM, "hashFile"));
-    } else if (!hasher->ok() || (tagger && !tagger->ok())) {
+    } else if (!hasher.ok() || (tagger && !tagger->ok())) {
       fail(CryptoFailure());
     } else {
       for (;;) {
@@ -736,12 +736,11 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
               continue;
             }
             // SIGBUS: the file shrank under the mapping. This piece and the rest are pread (they
-            // read short: zeros), and the move is the caller's to see (its size, its times);
-            // hasher and tagger were left halfway, so they start afresh.
+            // read short: zeros), and the move is the caller's to see (its size, its times); the
+            // tagger was left halfway, so it starts afresh (only tags are read mapped).
             mapped = false;
-            hasher.reset(new BlockHasher(job->key));
-            if (tagger) tagger.reset(new BlockTagger(*job->tagKey));
-            ok = hasher->ok() && (!tagger || tagger->ok());
+            tagger.reset(new BlockTagger(*job->tagKey));
+            ok = tagger->ok();
             if (!ok) {
               fail(CryptoFailure());
               break;
