@@ -635,9 +635,6 @@ static bool CollectChanged(FileHashJob* job, const uint8_t* data, size_t len, si
   return true;
 }
 
-// Ranges larger than this are read with pread only (the mapping takes address space, not memory).
-constexpr uint64_t kMaxMapped = uint64_t{16} << 30;
-
 SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>& tick) {
   const uint64_t length = job->length;
   const size_t bs = job->blockSize;
@@ -668,7 +665,7 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
   // DISKSNAP_NO_MMAP=1 preads everything (a diagnostic, for comparing the two).
   const char* noMap = ::getenv("DISKSNAP_NO_MMAP");
   const bool mapIt = job->digests == nullptr && job->tags != nullptr && S_ISREG(st.st_mode) &&
-                     length <= kMaxMapped && !(noMap != nullptr && strcmp(noMap, "1") == 0);
+                     !(noMap != nullptr && strcmp(noMap, "1") == 0);
   const uint64_t mappedEnd = static_cast<uint64_t>(st.st_size);
 
   std::atomic<uint64_t> next{0};
