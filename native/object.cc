@@ -36,6 +36,7 @@
 // writes (77 s), that inode-table block's own writes (39 s), cache flushes (26 s) — every
 // device request slow, not one step: the per-object sync is a chain through shared inode-table
 // blocks, so a slower request multiplies by the 2048 objects.
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <malloc.h>
@@ -275,28 +276,86 @@ Napi::Value AlignOffset(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>((align - addr % align) % align));
 }
 
-// allocHuge(size) -> Buffer: `size` bytes of fresh zero memory (an anonymous mapping of their
-// own) starting on a 2 MiB boundary and marked MADV_HUGEPAGE, unmapped when the Buffer is
-// collected. For the pipeline's large buffers (src/storage/store/direct.ts bigBuffer). The
-// first touch of fresh memory costs a page fault per 4 KiB: ~12 us each on the bench's VM (a
-// paravirtualised guest), so a 64 MiB pool of chunk buffers cost ~200 ms of CPU in faults
-// (16,384 of them) where 2 MiB pages take 32 faults (~5 ms, with the page cache full as well).
-// The kernel's default THP mode here is `madvise`: only marked ranges get huge pages; where the
-// kernel has no THP, madvise fails and nothing changes. (Before, a Buffer from V8's allocator
-// was aligned in JavaScript with 2 MiB of slack, which V8 counted as external memory too, and
-// external memory sets off its collections: "external memory pressure" in --trace-gc.) Here
-// each buffer counts its own size only, and zero memory costs nothing whatever malloc's
-// settings are. Throws ENOMEM when the mapping fails.
-Napi::Value AllocHuge(const Napi::CallbackInfo& info) {
+// Whether the big buffers get 2 MiB pages or 4 KiB ones: decided once per process (PickPages),
+// or forced by DISKSNAP_BUFFER_PAGES=huge|small (for comparing the two, and for tests).
+enum class Pages { kUndecided, kHuge, kSmall };
+struct PageChoice {
+  Pages pages = Pages::kUndecided;
+  const char* reason = "";
+};
+PageChoice g_pages;
+
+// Whether this kernel hands free memory back to a hypervisor: a virtio balloon device that
+// negotiated free page reporting (VIRTIO_BALLOON_F_REPORTING, feature bit 5; sysfs prints a
+// device's features as a string of 0s and 1s, bit 0 first).
+bool ReportsFreePages() {
+  const char* dir = "/sys/bus/virtio/drivers/virtio_balloon";
+  DIR* d = ::opendir(dir);
+  if (d == nullptr) return false;
+  bool reports = false;
+  while (dirent* e = ::readdir(d)) {
+    if (strncmp(e->d_name, "virtio", 6) != 0) continue;
+    const std::string path = std::string(dir) + "/" + e->d_name + "/features";
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) continue;
+    char bits[8] = {0};
+    const ssize_t n = ::read(fd, bits, sizeof bits);
+    ::close(fd);
+    if (n > 5 && bits[5] == '1') reports = true;
+  }
+  ::closedir(d);
+  return reports;
+}
+
+// The first touch of fresh memory is a page fault per page, and where a guest reports its free
+// memory to the host, the host has to fault it in again too. The kernel reports free blocks from
+// page_reporting_order up (2 MiB on the Firecracker VMs since session 32), and a huge page is
+// carved out of such a block: its first touch is a host fault over 2 MiB. 4 KiB pages come from
+// the kernel's per-CPU lists and small free blocks, which are not reported. Measured there,
+// 2 MiB at a time over 32 MiB, 3 s after the last run (3 rounds): 4 KiB pages 0.9-1.4 ms per
+// 2 MiB, steadily; huge pages 0.3-0.4 ms where the block had not been reported yet, 3.8-5.7 ms
+// where it had, and most runs had several of those. Alternating fixed-state runs, huge pages
+// against 4 KiB ones: the scattered qcow2 incremental 0.205 -> 0.170 s (8 pairs), its 1 MiB
+// pattern 0.160 -> 0.140 s (8 pairs), the raw 1% incremental 0.280 -> 0.265 s (10 pairs); the
+// full snapshot and the restore unchanged. Elsewhere (the VMs of sessions 24-31: a 4 KiB fault
+// ~12 us, a huge page ~0.15 ms) huge pages, as before. A one-page probe of each size was tried
+// first and dropped: the first huge page of a process was usually one not yet reported (0.14-0.6
+// ms per MiB in 5 of 6 runs), so it chose huge pages where most of them were slow.
+void PickPages() {
+  const char* v = ::getenv("DISKSNAP_BUFFER_PAGES");
+  if (v != nullptr && strcmp(v, "huge") == 0) {
+    g_pages = {Pages::kHuge, "forced"};
+  } else if (v != nullptr && strcmp(v, "small") == 0) {
+    g_pages = {Pages::kSmall, "forced"};
+  } else if (ReportsFreePages()) {
+    g_pages = {Pages::kSmall, "free page reporting"};
+  } else {
+    g_pages = {Pages::kHuge, "default"};
+  }
+}
+
+// allocBig(size) -> Buffer: `size` bytes of fresh zero memory (an anonymous mapping of their
+// own) starting on a 2 MiB boundary, unmapped when the Buffer is collected. For the pipeline's
+// large buffers (src/storage/store/direct.ts bigBuffer). The first touch of fresh memory is a
+// page fault per page, and what a page costs depends on the machine (PickPages): the whole
+// 2 MiB ranges are marked MADV_HUGEPAGE (one fault per 2 MiB) or, where the guest hands free
+// memory back to its host, MADV_NOHUGEPAGE (4 KiB pages, also where THP is `always`). The default
+// THP mode here is `madvise`: only marked ranges get huge pages; where the kernel has no THP,
+// madvise fails and nothing changes. (Before, a Buffer from V8's allocator was aligned in
+// JavaScript with 2 MiB of slack, which V8 counted as external memory too, and external memory
+// sets off its collections: "external memory pressure" in --trace-gc.) Here each buffer counts
+// its own size only, and zero memory costs nothing whatever malloc's settings are. Throws
+// ENOMEM when the mapping fails.
+Napi::Value AllocBig(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsNumber()) {
-    ThrowInvalid(env, "allocHuge: size must be a number");
+    ThrowInvalid(env, "allocBig: size must be a number");
     return env.Undefined();
   }
   const double n = info[0].As<Napi::Number>().DoubleValue();
   constexpr size_t kHuge = size_t{2} << 20;
   if (!(n >= 1 && n <= double{1ull << 40}) || n != static_cast<double>(static_cast<size_t>(n))) {
-    ThrowInvalid(env, "allocHuge: size must be a whole number of bytes from 1 to 1 TiB");
+    ThrowInvalid(env, "allocBig: size must be a whole number of bytes from 1 to 1 TiB");
     return env.Undefined();
   }
   const size_t len = static_cast<size_t>(n);
@@ -314,8 +373,22 @@ Napi::Value AllocHuge(const Napi::CallbackInfo& info) {
   const uintptr_t b = (a + kHuge - 1) & ~(uintptr_t{kHuge} - 1);
   if (b > a) ::munmap(p, b - a);
   if (a + span > b + mapped) ::munmap(reinterpret_cast<void*>(b + mapped), a + span - (b + mapped));
-  if (mapped >= kHuge) ::madvise(reinterpret_cast<void*>(b), mapped & ~(kHuge - 1), MADV_HUGEPAGE);
-  return Napi::Buffer<uint8_t>::New(env, reinterpret_cast<uint8_t*>(b), len, [mapped](Napi::Env, uint8_t* data) { ::munmap(data, mapped); });
+  uint8_t* const base = reinterpret_cast<uint8_t*>(b);
+  if (g_pages.pages == Pages::kUndecided) PickPages();
+  // MADV_NOHUGEPAGE too, not just no advice: where THP is `always`, unmarked memory gets them
+  if (mapped >= kHuge) ::madvise(base, mapped & ~(kHuge - 1), g_pages.pages == Pages::kHuge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+  return Napi::Buffer<uint8_t>::New(env, base, len, [mapped](Napi::Env, uint8_t* data) { ::munmap(data, mapped); });
+}
+
+// bufferPages() -> { pages: 'huge' | 'small', reason: 'forced' | 'free page reporting' |
+// 'default' }: what allocBig uses in this process, and why.
+Napi::Value BufferPages(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (g_pages.pages == Pages::kUndecided) PickPages();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("pages", g_pages.pages == Pages::kHuge ? "huge" : "small");
+  o.Set("reason", g_pages.reason);
+  return o;
 }
 
 // tuneMalloc(): glibc's malloc keeps up to 64 MiB of freed memory for reuse instead of giving
@@ -323,7 +396,7 @@ Napi::Value AllocHuge(const Napi::CallbackInfo& info) {
 // allocates every HTTP body chunk (64 KiB) and socket read anew; with glibc's defaults the
 // heap top was trimmed and faulted in again over and over (a restore of 1 GiB from S3: 50,000
 // to 78,000 page faults at ~12 us each on the bench's VM). Allocations from 1 MiB on stay
-// mmaps of their own (the big pipeline buffers are mappings of their own anyway: allocHuge
+// mmaps of their own (the big pipeline buffers are mappings of their own anyway: allocBig
 // above). Process-wide: the CLI
 // calls it (src/engine/native.ts, tuneProcessMemory); a program that loads the addon as a
 // library keeps its own settings.
@@ -349,7 +422,8 @@ void InitObject(Napi::Env env, Napi::Object exports) {
   exports.Set("readObjectAsync", Napi::Function::New(env, ReadObjectAsync, "readObjectAsync"));
   exports.Set("alignOffset", Napi::Function::New(env, AlignOffset, "alignOffset"));
   exports.Set("tuneMalloc", Napi::Function::New(env, TuneMalloc, "tuneMalloc"));
-  exports.Set("allocHuge", Napi::Function::New(env, AllocHuge, "allocHuge"));
+  exports.Set("allocBig", Napi::Function::New(env, AllocBig, "allocBig"));
+  exports.Set("bufferPages", Napi::Function::New(env, BufferPages, "bufferPages"));
 }
 
 }  // namespace disksnap

@@ -26,7 +26,6 @@ import {
 import { DisksnapError } from '../src/engine/errors';
 import { missing } from './helpers/tools';
 import { withHashImpl } from './helpers/hash-impl';
-import { bigBuffer } from '../src/storage/store/direct';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 
@@ -924,30 +923,101 @@ t.test('alignOffset: the distance to the next boundary moves by one per byte of 
   t.throws(() => n.alignOffset(buf, 0), { code: 'EINVAL' });
 });
 
-t.test('bigBuffer: a big chunk buffer is backed by 2 MiB pages once written', async (t) => {
+/**
+ * The child of the page-size tests: allocates two 18 MiB buffers through the addon, writes
+ * them, and prints what it chose (bufferPages) and, for the mappings that appeared, the MiB
+ * marked for huge pages (VmFlags hg), for small ones (nh), and backed by huge pages.
+ */
+const PAGES_CHILD = `
+const fs = require('node:fs');
+const n = require(process.argv[1]).native();
+const vmas = () => {
+  const out = new Map();
+  let cur;
+  for (const line of fs.readFileSync('/proc/self/smaps', 'utf8').split('\\n')) {
+    const h = /^([0-9a-f]+)-([0-9a-f]+) /.exec(line);
+    if (h) { cur = { start: h[1], size: (parseInt(h[2], 16) - parseInt(h[1], 16)) / 2 ** 20, huge: 0, flags: '' }; out.set(h[1], cur); continue; }
+    const a = /^AnonHugePages:\\s+(\\d+) kB/.exec(line);
+    if (a && cur) cur.huge = Number(a[1]) / 1024;
+    const f = /^VmFlags:(.*)$/.exec(line);
+    if (f && cur) cur.flags = f[1];
+  }
+  return out;
+};
+const before = vmas();
+const faults = process.resourceUsage().minorPageFault;
+const bufs = [n.allocBig(18 * 2 ** 20), n.allocBig(18 * 2 ** 20)];
+for (const b of bufs) b.fill(0xa5);
+const took = process.resourceUsage().minorPageFault - faults;
+const r = { ...n.bufferPages(), hg: 0, nh: 0, huge: 0, took, intact: bufs.every((b) => b.indexOf(0) === -1) };
+for (const [start, v] of vmas()) {
+  if (before.has(start) && before.get(start).size === v.size) continue;
+  if (/ hg\\b/.test(v.flags)) r.hg += v.size;
+  if (/ nh\\b/.test(v.flags)) r.nh += v.size;
+  r.huge += v.huge;
+}
+process.stdout.write(JSON.stringify(r));
+`;
+
+function pagesChild(t: Test, forced?: string): { pages: string; reason: string; hg: number; nh: number; huge: number; took: number; intact: boolean } {
+  const lib = path.resolve(__dirname, '..', 'dist', 'src', 'engine', 'native.js');
+  const env = { ...process.env };
+  delete env.DISKSNAP_BUFFER_PAGES;
+  if (forced) env.DISKSNAP_BUFFER_PAGES = forced;
+  const r = spawnSync(process.execPath, ['-e', PAGES_CHILD, lib], { encoding: 'utf8', env });
+  t.equal(r.status, 0, `the child ran ${r.stderr}`);
+  return JSON.parse(r.stdout);
+}
+
+t.test('bigBuffer pages: DISKSNAP_BUFFER_PAGES=huge gives 2 MiB pages, =small 4 KiB ones', async (t) => {
   const mode = fs.existsSync(THP) ? fs.readFileSync(THP, 'utf8') : '';
   if (!/\[(always|madvise)\]/.test(mode)) {
     t.skip(`transparent huge pages are off on this kernel (${THP}: ${mode.trim() || 'missing'})`);
     return;
   }
-  const hugeKb = () => Number(/^AnonHugePages:\s+(\d+) kB/m.exec(fs.readFileSync('/proc/self/smaps_rollup', 'utf8'))?.[1] ?? 0);
-  const before = hugeKb();
-  const faults = process.resourceUsage().minorPageFault;
-  const buf = bigBuffer(16 << 20);
-  buf.fill(0xa5);
-  const took = process.resourceUsage().minorPageFault - faults;
-  const gained = hugeKb() - before;
-  t.ok(gained >= 8 << 10, `the process gained ${gained} kB of huge pages (at least 8 MiB of the 16 MiB buffer expected)`);
-  t.ok(took < 2048, `${took} page faults to write 16 MiB (4,096 with 4 KiB pages)`);
-  t.equal(buf.indexOf(0), -1, 'every byte holds what was written');
-  t.equal(buf.length, 16 << 20);
+  const huge = pagesChild(t, 'huge');
+  t.match(huge, { pages: 'huge', reason: 'forced', intact: true });
+  t.equal(huge.hg, 36, 'both buffers marked for huge pages');
+  t.equal(huge.nh, 0);
+  t.ok(huge.huge >= 16, `backed by ${huge.huge} MiB of huge pages once written (at least 16 of 36 expected)`);
+  t.ok(huge.took < 4096, `${huge.took} page faults to write 36 MiB (9,216 with 4 KiB pages)`);
+  const small = pagesChild(t, 'small');
+  t.match(small, { pages: 'small', reason: 'forced', intact: true });
+  t.equal(small.nh, 36, 'both buffers marked for 4 KiB pages');
+  t.equal(small.hg, 0);
+  t.equal(small.huge, 0, 'no huge page behind them');
+  t.ok(small.took >= 9216, `${small.took} page faults to write 36 MiB: one per 4 KiB page`);
 });
 
-t.test('allocHuge: exact size, zero, on a 2 MiB boundary, unmapped once collected; bad sizes refused', async (t) => {
+/** Whether a virtio balloon device here negotiated free page reporting (feature bit 5), read as a user would. */
+function reportsFreePages(): boolean {
+  const dir = '/sys/bus/virtio/drivers/virtio_balloon';
+  if (!fs.existsSync(dir)) return false;
+  return fs
+    .readdirSync(dir)
+    .filter((d) => d.startsWith('virtio'))
+    .some((d) => fs.readFileSync(path.join(dir, d, 'features'), 'utf8')[5] === '1');
+}
+
+t.test('bigBuffer pages: unforced, 4 KiB pages where the guest reports free memory to its host, huge ones elsewhere', async (t) => {
+  const mode = fs.existsSync(THP) ? fs.readFileSync(THP, 'utf8') : '';
+  if (!/\[(always|madvise)\]/.test(mode)) {
+    t.skip(`transparent huge pages are off on this kernel (${THP}: ${mode.trim() || 'missing'})`);
+    return;
+  }
+  const r = pagesChild(t);
+  const reports = reportsFreePages();
+  t.match(r, reports ? { pages: 'small', reason: 'free page reporting' } : { pages: 'huge', reason: 'default' }, `free page reporting: ${reports}`);
+  t.ok(r.intact, 'every byte holds what was written');
+  t.equal(r.hg, reports ? 0 : 36, 'MiB marked for huge pages');
+  t.equal(r.nh, reports ? 36 : 0, 'MiB marked for 4 KiB pages');
+});
+
+t.test('allocBig: exact size, zero, on a 2 MiB boundary, unmapped once collected; bad sizes refused', async (t) => {
   const n = native();
-  for (const bad of [0, -1, 1.5, 2 ** 41, NaN, '4096' as unknown as number]) t.throws(() => n.allocHuge(bad), { code: 'EINVAL' }, `size ${String(bad)}`);
+  for (const bad of [0, -1, 1.5, 2 ** 41, NaN, '4096' as unknown as number]) t.throws(() => n.allocBig(bad), { code: 'EINVAL' }, `size ${String(bad)}`);
   const size = 5 * 2 ** 20 + 123;
-  const b = n.allocHuge(size);
+  const b = n.allocBig(size);
   t.equal(b.length, size);
   t.equal(n.alignOffset(b, 2 * 2 ** 20), 0, 'starts on a 2 MiB boundary');
   t.ok(b.every((x) => x === 0), 'fresh memory is zero');
@@ -961,7 +1031,7 @@ t.test('allocHuge: exact size, zero, on a 2 MiB boundary, unmapped once collecte
   const before = vmKb();
   let during = 0;
   (() => {
-    const c = n.allocHuge(256 * 2 ** 20);
+    const c = n.allocBig(256 * 2 ** 20);
     c[c.length - 1] = 1;
     during = vmKb();
   })();

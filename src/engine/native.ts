@@ -209,10 +209,13 @@ export interface NativeAddon {
   /** Bytes from the start of `buf` to its first address that is a multiple of `align` (a power of two). */
   alignOffset(buf: Uint8Array, align: number): number;
   /**
-   * `size` bytes of fresh zero memory, a mapping of its own starting on a 2 MiB boundary and
-   * marked for huge pages, unmapped when the Buffer is collected (native/object.cc).
+   * `size` bytes of fresh zero memory, a mapping of its own starting on a 2 MiB boundary, in
+   * 2 MiB pages, or 4 KiB ones where the guest hands free memory back to its host
+   * (bufferPages), unmapped when the Buffer is collected (native/object.cc).
    */
-  allocHuge(size: number): Buffer;
+  allocBig(size: number): Buffer;
+  /** The page size allocBig uses in this process, and why (DISKSNAP_BUFFER_PAGES=huge|small forces one). */
+  bufferPages(): { pages: 'huge' | 'small'; reason: 'forced' | 'free page reporting' | 'default' };
   /**
    * Whether every 8-byte entry of the qcow2 L2 table `table` is empty, zero, or a plain data
    * cluster inside `fileSize`, cluster-aligned and not a metadata cluster (bit c of `metaBits`,

@@ -30,25 +30,24 @@ import { native } from '../../engine/native';
 
 export const DIRECT_ALIGN = 4096;
 
-/** Buffers from this size on get transparent huge pages (bigBuffer). */
+/** Buffers from this size on are mappings of their own (bigBuffer). */
 const HUGE_FROM = 4 * 2 ** 20;
 
 /**
- * A buffer for a pipeline's chunks (several MiB, kept for the whole command), with its memory
- * marked for 2 MiB pages before anything touches it. A fresh 4 KiB page costs a fault on first
- * touch, ~12 us on the bench's VM (a paravirtualised guest): a restore's 64 MiB of chunk buffers
- * alone took 16,384 faults, ~0.2 s of CPU, and an incremental snapshot ~40% of its ~12,000
- * faults in the buffer the scan collects changed blocks into. `zeroed` as Buffer.alloc.
+ * A buffer for a pipeline's chunks (several MiB, kept for the whole command). Memory a command
+ * touches for the first time costs a fault per page, and on a VM the host may have to fault it
+ * in as well: the addon marks the buffer for 2 MiB pages, or 4 KiB ones where the guest hands
+ * its free memory back to the host (native/object.cc, PickPages; DISKSNAP_BUFFER_PAGES=huge|small
+ * forces one). `zeroed` as Buffer.alloc.
  */
 export function bigBuffer(size: number, zeroed = false): Buffer {
   if (size < HUGE_FROM) return zeroed ? Buffer.alloc(size) : Buffer.allocUnsafeSlow(size);
-  // A mapping of its own that starts on a 2 MiB boundary (native/object.cc allocHuge): only
+  // A mapping of its own that starts on a 2 MiB boundary (native/object.cc allocBig): only
   // whole aligned 2 MiB ranges can be huge pages, and a 4 MiB buffer at a mere page boundary
   // (where large allocations land) has one such range, its other half faulted in 4 KiB at a
-  // time (a pack being filled, ./packs.ts: ~500 faults, ~6 ms of CPU on the bench's VM). Fresh
-  // mappings are zero, so `zeroed` costs nothing; and V8 counts each buffer's own size as
-  // external memory, not 2 MiB of alignment slack besides.
-  return native().allocHuge(size);
+  // time. Fresh mappings are zero, so `zeroed` costs nothing; and V8 counts each buffer's own
+  // size as external memory, not 2 MiB of alignment slack besides.
+  return native().allocBig(size);
 }
 
 /** Aligned offset of each buffer we allocated, by its ArrayBuffer. */
