@@ -13,6 +13,13 @@ namespace disksnap {
 
 namespace {
 
+// How far ahead of the bytes being hashed the loops ask for the next ones (prefetcht0): the CPU's
+// own prefetchers stop at each 4 KiB page, and a tag scan reads the page cache (or a big buffer)
+// once, from memory. Measured on the Xeon VMs (one thread, 1 GiB of memory, best of 3): 8.0 GB/s
+// without, 8.7 at 512 bytes ahead, 10.7 at 1 KiB, 12.0 at 2 KiB, 9.7 at 4 KiB. A prefetch of an
+// address past the data (or unmapped) is a hint the CPU drops: it never faults.
+constexpr size_t kPrefetch = 2048;
+
 DISKSNAP_CLMUL inline __m128i Reverse(__m128i x) {
   return _mm_shuffle_epi8(x, _mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
 }
@@ -78,6 +85,7 @@ DISKSNAP_CLMUL __m128i Absorb256(const uint8_t (*powers)[16], const uint8_t* p, 
     folded[k] = _mm256_xor_si256(keys[k], _mm256_shuffle_epi32(keys[k], 0x4E));
   }
   for (size_t off = 0; off < n; off += 256) {
+    for (int q = 0; q < 4; q++) _mm_prefetch(reinterpret_cast<const char*>(p + off + kPrefetch + 64 * q), _MM_HINT_T0);
     __m256i lo = _mm256_setzero_si256(), hi = lo, mid = lo;
     for (int k = 0; k < 8; k++) {
       __m256i x = Reverse2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + off + 32 * k)));
@@ -122,6 +130,7 @@ DISKSNAP_ZMM __m128i Absorb512(const uint8_t (*powers)[16], const uint8_t* p, si
   }
   const __m512i rev = _mm512_broadcast_i32x4(_mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
   for (size_t off = 0; off < n; off += 512) {
+    for (int q = 0; q < 8; q++) _mm_prefetch(reinterpret_cast<const char*>(p + off + kPrefetch + 64 * q), _MM_HINT_T0);
     __m512i lo = _mm512_setzero_si512(), hi = lo, mid = lo;
     for (int k = 0; k < 8; k++) {
       __m512i x = _mm512_shuffle_epi8(_mm512_loadu_si512(p + off + 64 * k), rev);
