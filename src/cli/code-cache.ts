@@ -56,6 +56,16 @@ async function train(out: string, dir: string): Promise<void> {
   await run('snapshot', 'create', img, '--store', store, '--name', 'third', '--quiet');
   await run('snapshot', 'list', '--store', store);
   await run('snapshot', 'restore', 'second', '--to', path.join(dir, 'restored.img'), '--store', store, '--quiet');
+  // A qcow2 volume (a child over a raw parent) snapshotted twice with a write between: the
+  // image layer, the persistent bitmap, the dirty-block scan and --json. Without this, those
+  // paths were compiled from source in every qcow2 incremental (issue 13).
+  const child = path.join(dir, 'vol.qcow2');
+  const bytes = path.join(dir, 'bytes');
+  fs.writeFileSync(bytes, randomFillSync(Buffer.alloc(128 * 1024)));
+  await run('diff', 'create', img, child);
+  await run('snapshot', 'create', child, '--store', store, '--quiet', '--json');
+  await run('write', child, String(3 * MiB), '--input', bytes);
+  await run('snapshot', 'create', child, '--store', store, '--quiet', '--json');
   keepCodeCache({ ...loaded, exports: loaded.program }, out);
 }
 
