@@ -10,8 +10,9 @@
  * (`put`: records, manifests) go to a temporary name, are fsynced, renamed onto their key, and
  * sync their directory at once.
  *
- * Block objects filled into buffers from `allocBuffer` are written with O_DIRECT
- * (src/storage/store/direct.ts says why); everything else goes through the page cache. Those
+ * Block objects filled into buffers from `allocBuffer` are written with O_DIRECT where the
+ * filesystem takes it (src/storage/store/direct.ts says why; the addon falls back to the page
+ * cache where it is refused, with no probe first); everything else goes through the page cache. Those
  * buffers start on a page boundary: O_DIRECT from memory 512 bytes off a page made every
  * object write several times slower on this project's VM (issue 18; native/object.cc has the
  * measurements).
@@ -177,7 +178,7 @@ export class DirectoryBackend implements StoreBackend {
   }
 
   allocBuffer(size: number): Buffer {
-    if (this.direct === undefined) this.direct = DirectIo.probe(path.join(this.location, 'blocks')) ?? null;
+    if (this.direct === undefined) this.direct = DirectIo.forObjects() ?? null;
     return this.direct ? this.direct.alloc(size) : bigBuffer(size);
   }
 
