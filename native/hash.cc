@@ -249,10 +249,19 @@ class HashFileWorker : public PromiseWorkerT<Napi::AsyncProgressWorker<Progress>
   FileHashJob& job() { return job_; }
   // tagFile's collect mode: the inputs kept alive, the slot output allocated here.
   bool SetCollect(Napi::Env env, const Napi::CallbackInfo& info, const Bytes& expect, const Bytes& known,
-                  const Bytes& buf, uint64_t nblocks, uint64_t blockSize) {
+                  const Bytes& buf, uint64_t nblocks, uint64_t blockSize, size_t granuleSize) {
     const size_t cap = static_cast<size_t>(buf.length / blockSize);
     Napi::Int32Array slot = Napi::Int32Array::New(env, static_cast<size_t>(nblocks));
     if (env.IsExceptionPending()) return false;
+    if (granuleSize != 0) {
+      const size_t n = cap * static_cast<size_t>(blockSize / granuleSize);
+      Napi::Buffer<uint8_t> gt = Napi::Buffer<uint8_t>::New(env, n * kTagLength);
+      Napi::Uint8Array gz = Napi::Uint8Array::New(env, n);
+      if (env.IsExceptionPending()) return false;
+      job_.collectGranules = GranuleOut{granuleSize, gz.Data(), gt.Data()};
+      granuleTags_ = Napi::Persistent(gt.As<Napi::Value>());
+      granuleZero_ = Napi::Persistent(gz.As<Napi::Value>());
+    }
     for (size_t b = 0; b < nblocks; b++) slot[b] = -1;
     for (size_t i = 6; i <= 8; i++) Keep(info[i]);
     job_.expect = expect.data;
@@ -303,12 +312,18 @@ class HashFileWorker : public PromiseWorkerT<Napi::AsyncProgressWorker<Progress>
       o.Set("slot", slot_.Value());
       o.Set("collected", Napi::Number::New(env, static_cast<double>(std::min(job_.collected.load(), job_.collectCap))));
     }
+    if (!granuleTags_.IsEmpty()) {
+      o.Set("granuleTags", granuleTags_.Value());
+      o.Set("granuleZero", granuleZero_.Value());
+    }
     return o;
   }
 
  private:
   static constexpr int kTickMs = 100;  // progress at most ten times a second
   Napi::Reference<Napi::Value> slot_;
+  Napi::Reference<Napi::Value> granuleTags_;
+  Napi::Reference<Napi::Value> granuleZero_;
   bool reportProgress_ = false;
   std::vector<uint8_t> key_;
   std::vector<uint8_t> tagKey_;
@@ -376,11 +391,12 @@ Napi::Value HashFile(const Napi::CallbackInfo& info) {
                          tagged, info[6]);
 }
 
-// tagFile(fd, offset, length, blockSize, threads, tagKey[, expect, known, buf])
-//   -> Promise<{ tags, zero[, slot, collected] }>: reads the range like hashFile, but computes
-// only zero flags and unmasked change tags. With expect (16 bytes per block), known (1 byte per
-// block) and buf, the blocks that changed are also copied into buf (FileHashJob's collect
-// mode), for the caller to hash those it stores whole.
+// tagFile(fd, offset, length, blockSize, threads, tagKey[, expect, known, buf[, granuleSize]])
+//   -> Promise<{ tags, zero[, slot, collected[, granuleTags, granuleZero]] }>: reads the range
+// like hashFile, but computes only zero flags and unmasked change tags. With expect (16 bytes
+// per block), known (1 byte per block) and buf, the blocks that changed are also copied into
+// buf (FileHashJob's collect mode), for the caller to hash those it stores whole; with a
+// granuleSize (dividing blockSize), also each copy's granule tags and zero flags.
 Napi::Value TagFile(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   FileRange r;
@@ -403,9 +419,19 @@ Napi::Value TagFile(const Napi::CallbackInfo& info) {
     ThrowInvalid(env, "tagFile: expect must hold 16 bytes and known 1 byte per block of the range");
     return RejectPending(env);
   }
+  size_t granuleSize = 0;
+  if (!info[9].IsUndefined() && !info[9].IsNull()) {
+    uint64_t gs = 0;
+    if (!ArgU64(info, 9, "granuleSize", &gs)) return RejectPending(env);
+    if (gs == 0 || r.blockSize % gs != 0) {
+      ThrowInvalid(env, "tagFile: granuleSize must divide blockSize");
+      return RejectPending(env);
+    }
+    granuleSize = static_cast<size_t>(gs);
+  }
   return StartFileWorker(env, "disksnap.tagFile", r, false, {}, false, std::move(tagKey), true,
                          env.Undefined(), [&](HashFileWorker* w) {
-                           return w->SetCollect(env, info, expect, known, buf, nblocks, r.blockSize);
+                           return w->SetCollect(env, info, expect, known, buf, nblocks, r.blockSize, granuleSize);
                          });
 }
 

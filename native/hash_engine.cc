@@ -612,9 +612,14 @@ class PieceBuffer {
 };
 
 // Collect mode (FileHashJob): the changed blocks among data[0..len), block `first` onwards.
-// With `retag` (data is a mapping others may write), each copy's tag is computed again from
-// the copy, so that the tag the caller records is of the bytes it stores.
-static bool CollectChanged(FileHashJob* job, const uint8_t* data, size_t len, size_t bs, uint64_t first, BlockTagger* retag) {
+// Where `shared` (data is a mapping others may write), each copy's tag is computed again from
+// the copy, so that the tag the caller records is of the bytes it stores. With collectGranules,
+// every copy's granule tags are computed from it, and its block tag combined from them: one
+// GHASH pass over the copy gives both, where the caller's tagBlocksAsync over the copies had
+// been a second (session 33).
+static bool CollectChanged(FileHashJob* job, const uint8_t* data, size_t len, size_t bs, uint64_t first, BlockTagger* tagger,
+                           bool shared) {
+  static const uint8_t kNotZero = 0;
   for (size_t off = 0, j = 0; off < len; off += bs, j++) {
     const uint64_t b = first + j;
     if (job->zero[b] ||
@@ -628,9 +633,14 @@ static bool CollectChanged(FileHashJob* job, const uint8_t* data, size_t len, si
       continue;
     }
     const size_t n = std::min(bs, len - off);
-    memcpy(job->collectBuf + slot * bs, data + off, n);
+    uint8_t* copy = job->collectBuf + slot * bs;
+    memcpy(copy, data + off, n);
     job->slotOf[b] = static_cast<int32_t>(slot);
-    if (retag != nullptr && !retag->Unmasked(job->collectBuf + slot * bs, n, job->tags + b * kTagLength)) return false;
+    if (job->collectGranules.granuleSize != 0) {
+      if (!TagGranules(tagger, copy, n, bs, slot, &kNotZero, job->tags + b * kTagLength, job->collectGranules)) return false;
+    } else if (shared && !tagger->Unmasked(copy, n, job->tags + b * kTagLength)) {
+      return false;
+    }
   }
   return true;
 }
@@ -696,7 +706,7 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
         good = true;
       }
       if (good && tagger) good = TagBlocks(tagger.get(), data, n, bs, job->zero + b, job->tags + b * kTagLength);
-      if (good && tagger && job->slotOf != nullptr) good = CollectChanged(job, data, n, bs, b, shared ? tagger.get() : nullptr);
+      if (good && tagger && job->slotOf != nullptr) good = CollectChanged(job, data, n, bs, b, tagger.get(), shared);
       return good;
     };
     if (!buf) {

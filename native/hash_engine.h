@@ -122,6 +122,10 @@ struct FileHashJob {
   uint8_t* collectBuf = nullptr;
   size_t collectCap = 0;
   int32_t* slotOf = nullptr;
+  // With a granuleSize: the zero flag and unmasked tag of each granule of each copy (granule s
+  // of slot k at k * blockSize / granuleSize + s), taken from the copy, and its block's tag
+  // combined from them; granules past a short block's end are zero.
+  GranuleOut collectGranules;
   std::atomic<size_t> collected{0};
   std::atomic<uint64_t> done{0};
   std::atomic<bool> cancel{false};

@@ -85,6 +85,69 @@ t.test('the mapped tag scan gives what pread gives and what the bytes are: tags,
   }
 });
 
+t.test('collect mode with a granule size: the granule tags and zero flags of each copy, and its block tag combined from them', async (t) => {
+  const dir = t.testdir();
+  const f = path.join(dir, 'vol');
+  const bs = 512 * KiB;
+  const gs = 64 * KiB;
+  const G = bs / gs;
+  // 9 blocks and a short one (1.5 granules): random data, one block with a zero granule in the
+  // middle, one all zero (not collected), one whose tag is expected (not collected either)
+  const size = 9 * bs + gs + gs / 2;
+  const data = randomBytes(size);
+  data.fill(0, 2 * bs + 3 * gs, 2 * bs + 4 * gs);
+  data.fill(0, 4 * bs, 5 * bs);
+  fs.writeFileSync(f, data);
+  const fd = fs.openSync(f, 'r');
+  try {
+    const key = randomBytes(32);
+    const blocks = 10;
+    const plain = await n.tagFile(fd, 0, size, bs, 2, key);
+    const expect = Buffer.alloc(blocks * 16);
+    plain.tags.copy(expect, 6 * 16, 6 * 16, 7 * 16); // block 6 as its parent had it
+    const known = new Uint8Array(blocks).fill(1);
+    for (const noMap of [undefined, '1']) {
+      const how = noMap ? 'pread' : 'mapped';
+      const into = Buffer.alloc(blocks * bs);
+      const r = await withNoMap(noMap, () => n.tagFile(fd, 0, size, bs, 2, key, expect, known, into, gs));
+      t.equal(r.collected, 8, `${how}: the 8 changed non-zero blocks collected`);
+      t.equal(r.slot[4], -1, `${how}: the zero block is not`);
+      t.equal(r.slot[6], -1, `${how}: nor the one whose tag was expected`);
+      t.ok(r.granuleTags && r.granuleZero, `${how}: granule tags returned`);
+      t.equal(r.granuleTags!.length, blocks * G * 16, `${how}: 16 bytes per granule of the buffer`);
+      // what tagBlocksAsync over the copies gives, the copies' bytes themselves (the short
+      // block's granules past its end are zero, and its tail in the buffer is not read)
+      const ref = await n.tagBlocksAsync(into.subarray(0, r.collected * bs), gs, 1, key);
+      let wrong = 0;
+      let blockWrong = 0;
+      r.slot.forEach((slot, b) => {
+        if (slot < 0) return;
+        const len = Math.min(bs, size - b * bs);
+        for (let s = 0; s < G; s++) {
+          const k = slot * G + s;
+          if (s * gs >= len) {
+            if (r.granuleZero![k] !== 1 || !r.granuleTags!.subarray(k * 16, k * 16 + 16).equals(Buffer.alloc(16))) wrong++;
+            continue;
+          }
+          if (s * gs + gs > len) continue; // a short granule: not a whole one of the reference
+          if (r.granuleZero![k] !== ref.zero[k] || !r.granuleTags!.subarray(k * 16, k * 16 + 16).equals(ref.tags.subarray(k * 16, k * 16 + 16))) wrong++;
+        }
+        if (!r.tags.subarray(b * 16, b * 16 + 16).equals(plain.tags.subarray(b * 16, b * 16 + 16))) blockWrong++;
+      });
+      t.equal(wrong, 0, `${how}: every granule's zero flag and tag are those of its copy`);
+      t.equal(blockWrong, 0, `${how}: every collected block's tag, combined from its granules, is its tag from the bytes`);
+      t.equal(r.granuleZero![r.slot[2] * G + 3], 1, `${how}: the zero granule inside a changed block is flagged`);
+      // the short block's own granule tags, from its bytes
+      const last = r.slot[9];
+      const short = n.hashBlocks(data.subarray(9 * bs + gs), gs, 1, undefined, key);
+      t.ok(r.granuleTags!.subarray((last * G + 1) * 16, (last * G + 2) * 16).equals(short.tags!.subarray(0, 16)), `${how}: the short block's half granule tagged from its bytes`);
+    }
+    t.rejects(n.tagFile(fd, 0, size, bs, 2, key, expect, known, Buffer.alloc(bs), 3000), { code: 'EINVAL' }, 'a granule size that does not divide the block size is refused');
+  } finally {
+    fs.closeSync(fd);
+  }
+});
+
 // A child process scans a large file with one thread while the parent part of it truncates the
 // file: a page of the mapping past the new end raises SIGBUS, which must become a short read
 // (the blocks past the end read as zeros). Without the guard the child dies by SIGBUS.

@@ -73,6 +73,12 @@ export interface CollectedTags extends BlockTags {
   slot: Int32Array;
   /** slots filled */
   collected: number;
+  /**
+   * With a granuleSize: the granules of the copies, granule s of slot k at k * blockSize /
+   * granuleSize + s (as tagBlocksAsync over the buffer would give), taken from the copies
+   */
+  granuleTags?: Buffer;
+  granuleZero?: Uint8Array;
 }
 
 export interface HashFileOptions {
@@ -171,9 +177,11 @@ export interface NativeAddon {
    * `expect` (16 bytes per block; only where `known` is 1) is copied into `buf` at slot *
    * blockSize, not hashed (the caller hashes those it stores whole); slots go in any order, as
    * many as `buf` holds. `slot[b]`: the block's slot, -1 when zero or unchanged, -2 when changed
-   * but past `buf`'s capacity (read it again).
+   * but past `buf`'s capacity (read it again). With `granuleSize`, also the zero flags and
+   * unmasked tags of each copy's granules, and its block tag combined from them (one GHASH pass
+   * over the copy for both).
    */
-  tagFile(fd: number, offset: number, length: number, blockSize: number, threads: number, tagKey: Uint8Array, expect: Uint8Array, known: Uint8Array, buf: Uint8Array): Promise<CollectedTags>;
+  tagFile(fd: number, offset: number, length: number, blockSize: number, threads: number, tagKey: Uint8Array, expect: Uint8Array, known: Uint8Array, buf: Uint8Array, granuleSize?: number): Promise<CollectedTags>;
   /**
    * Zero flags and unmasked change tags of the consecutive blocks of `buf` (no SHA-256): the
    * tags of 64 KiB granules of blocks already in memory (src/storage/store/tags.ts).

@@ -234,7 +234,8 @@ function piecesFor(p: ReadPipeline, k: number, slot: number, pc: ParentChunk, gt
 async function planChunk(p: ReadPipeline, tk: TagKey, a: number, b: number, pc: ParentChunk, first: CollectedTags, buf: Buffer): Promise<ChunkPlan> {
   const G = p.tagWriter?.granules ?? 0;
   const plan: ChunkPlan = { data: [], check: [], again: [], items: [], piecesOf: new Map(), gt: undefined };
-  if (G && first.collected) plan.gt = await p.n.tagBlocksAsync(buf.subarray(0, first.collected * p.bs), granuleSizeFor(p.bs), p.threads, tk.key);
+  // (the copies' granule tags came with them from tagFile: same layout as tagBlocksAsync's)
+  if (G && first.collected) plan.gt = first.granuleTags ? { tags: first.granuleTags, zero: first.granuleZero! } : await p.n.tagBlocksAsync(buf.subarray(0, first.collected * p.bs), granuleSizeFor(p.bs), p.threads, tk.key);
   // the granule tags the candidates for pieces have if unchanged (parent's stored ^ mask)
   const full = (k: number) => p.spanBytes(a + k, a + k + 1) === p.bs;
   const cands = plan.gt && p.pieceSize === granuleSizeFor(p.bs) ? pc.tagged.filter((k) => first.slot[k] >= 0 && pc.granules[k] && pc.known[k] && full(k)) : [];
@@ -363,7 +364,8 @@ export const tagScan: ChangeDetector = async (p, parent) => {
       const pc = await parentChunk(p, tk, a, b - a, cursor, tags);
       const buf = await p.pool.acquire();
       try {
-        const first = await p.n.tagFile(p.file.fd, a * p.bs, p.spanBytes(a, b), p.bs, p.threads, tk.key, pc.expect, pc.known, buf);
+        const G = p.tagWriter?.granules;
+        const first = await p.n.tagFile(p.file.fd, a * p.bs, p.spanBytes(a, b), p.bs, p.threads, tk.key, pc.expect, pc.known, buf, G ? granuleSizeFor(p.bs) : undefined);
         return { pc, first, buf };
       } catch (e) {
         p.pool.release(buf);
