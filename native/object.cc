@@ -315,9 +315,9 @@ bool ReportsFreePages() {
 // 2 MiB at a time over 32 MiB, 3 s after the last run (3 rounds): 4 KiB pages 0.9-1.4 ms per
 // 2 MiB, steadily; huge pages 0.3-0.4 ms where the block had not been reported yet, 3.8-5.7 ms
 // where it had, and most runs had several of those. Alternating fixed-state runs, huge pages
-// against 4 KiB ones: the scattered qcow2 incremental 0.205 -> 0.170 s (8 pairs), its 1 MiB
-// pattern 0.160 -> 0.140 s (8 pairs), the raw 1% incremental 0.280 -> 0.265 s (10 pairs); the
-// full snapshot and the restore unchanged. Elsewhere (the VMs of sessions 24-31: a 4 KiB fault
+// against 4 KiB ones: the scattered qcow2 incremental 0.205 -> 0.170 s (8 pairs; 0.180 -> 0.170
+// s in 12 more), its 1 MiB pattern 0.160 -> 0.140 s (8 pairs), the raw 1% incremental 0.280 ->
+// 0.265 s and 0.405 -> 0.350 s (10 pairs twice); the full snapshot and the restore unchanged. Elsewhere (the VMs of sessions 24-31: a 4 KiB fault
 // ~12 us, a huge page ~0.15 ms) huge pages, as before. A one-page probe of each size was tried
 // first and dropped: the first huge page of a process was usually one not yet reported (0.14-0.6
 // ms per MiB in 5 of 6 runs), so it chose huge pages where most of them were slow.

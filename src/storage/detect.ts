@@ -335,7 +335,8 @@ function chunkTags(p: ReadPipeline, tk: TagKey, a: number, first: CollectedTags,
  * 1 GiB: reading the changed blocks a second time cost ~0.045 s of a 0.645 s incremental.)
  *
  * Where the parent has granule tags (./store/tags.ts) a changed block's granules are tagged
- * in the buffer and compared with them: a block with at most MAX_NEW_PIECES granules moved is
+ * as tagFile copies it (from the copy, with its block tag in the same pass) and compared with
+ * them: a block with at most MAX_NEW_PIECES granules moved is
  * stored as those pieces over the parent's entries (./dirty.ts has the same rule). Only the
  * blocks stored whole are hashed with SHA-256 (slotDigests) and written from the buffer where
  * their digest is new. The native read does not hash the blocks it copies: in a small rewrite
