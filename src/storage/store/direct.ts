@@ -55,7 +55,7 @@ const bases = new WeakMap<ArrayBufferLike, number>();
 
 export class DirectIo {
 
-  private constructor(private readonly dir: string) {}
+  private constructor() {}
 
   /**
    * A DirectIo for a store's objects, undefined only under DISKSNAP_NO_DIRECT=1. No probe: the
@@ -66,19 +66,18 @@ export class DirectIo {
    * incremental while the disk was busy with the run before.
    */
   static forObjects(): DirectIo | undefined {
-    return process.env.DISKSNAP_NO_DIRECT === '1' ? undefined : new DirectIo('');
+    return process.env.DISKSNAP_NO_DIRECT === '1' ? undefined : new DirectIo();
   }
 
   /** A DirectIo for files in `dir`, or undefined when O_DIRECT does not work there. */
   static probe(dir: string): DirectIo | undefined {
     if (process.env.DISKSNAP_NO_DIRECT === '1') return undefined;
-    const d = new DirectIo(dir);
-    return d.works() ? d : undefined;
+    return DirectIo.works(dir) ? new DirectIo() : undefined;
   }
 
   /** Whether a 4 KiB O_DIRECT write from page-aligned memory works in the directory. */
-  private works(): boolean {
-    const p = path.join(this.dir, `.tmp-${process.pid}-probe-${randomBytes(4).toString('hex')}`);
+  private static works(dir: string): boolean {
+    const p = path.join(dir, `.tmp-${process.pid}-probe-${randomBytes(4).toString('hex')}`);
     let scratch: BlockFile;
     try {
       scratch = BlockFile.open(p, { create: true, exclusive: true, direct: true, lock: 'none' });
