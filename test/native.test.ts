@@ -665,6 +665,31 @@ t.test('hashBlocks equals node:crypto SHA-256 and HMAC, with zero detection', as
   await rejectsWith(t, () => n.hashBlocksAsync(odd, 0, 1), { code: 'EINVAL' }, 'async block size 0');
 });
 
+t.test('hashBlocksAsync with reads: the same job reads the triples into buf, then hashes what it read', async (t) => {
+  const bs = 64 * KiB;
+  const data = randomBytes(5 * bs);
+  const { file, fd } = tempFile(t, 'reads.img');
+  fs.writeFileSync(file, data);
+  // blocks 3, 0 and 4 of the file into slots 0, 1 and 2; slot 3 is read from 16 KiB before the
+  // end of the file: its last 48 KiB read as zeros; slot 1 comes in two requests
+  const reads = Float64Array.from([3 * bs, 0, bs, 0, bs, 1000, 1000, bs + 1000, bs - 1000, 4 * bs, 2 * bs, bs, 5 * bs - 16 * KiB, 3 * bs, bs]);
+  const buf = Buffer.alloc(4 * bs, 0xee);
+  const want = Buffer.concat([data.subarray(3 * bs, 4 * bs), data.subarray(0, bs), data.subarray(4 * bs), data.subarray(5 * bs - 16 * KiB), Buffer.alloc(48 * KiB)]);
+  const tagKey = randomBytes(32);
+  const r = await n.hashBlocksAsync(buf, bs, 2, undefined, tagKey, undefined, fd, reads);
+  t.ok(buf.equals(want), 'buf holds what the triples name, zeros past the end of the file');
+  t.ok(r.digests.equals(refDigests(want, bs)), 'digests are those of the bytes read');
+  const plain = await n.hashBlocksAsync(want, bs, 1, undefined, tagKey);
+  t.ok(r.tags!.equals(plain.tags!), 'tags too');
+  // no triples: a hash of buf as it is
+  const none = await n.hashBlocksAsync(want, bs, 1, undefined, undefined, undefined, fd, new Float64Array(0));
+  t.ok(none.digests.equals(refDigests(want, bs)), 'no reads: buf hashed as it is');
+  await rejectsWith(t, () => n.hashBlocksAsync(Buffer.alloc(bs), bs, 1, undefined, undefined, undefined, fd, Float64Array.from([0, 1, bs])), { code: 'EINVAL' }, 'a triple past the end of buf');
+  const closed = n.open(file, OPEN_READ, 0);
+  n.close(closed);
+  await rejectsWith(t, () => n.hashBlocksAsync(Buffer.alloc(bs), bs, 1, undefined, undefined, undefined, closed, Float64Array.from([0, 0, bs])), { code: 'EBADF', errno: EBADF }, 'a closed descriptor');
+});
+
 t.test('isZero finds a single non-zero byte anywhere', async (t) => {
   for (const len of [0, 1, 15, 16, 17, 31, 32, 4096, 512 * KiB + 3]) {
     const b = Buffer.alloc(len);

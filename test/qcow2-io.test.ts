@@ -9,6 +9,7 @@ import * as path from 'node:path';
 import { Qcow2Image } from '../src/image/qcow2/image';
 import { createChild } from '../src/differencing';
 import { openImage } from '../src/image';
+import { native } from '../src/engine/native';
 import {
   assertClean,
   assertShows,
@@ -271,6 +272,20 @@ t.test('async reads and batched writes/reads agree with the synchronous path', {
   t.same(small.subarray(0, 5000), expected.subarray(0, 5000));
   t.same(small.subarray(5000, 10000), expected.subarray(1.5 * MiB, 1.5 * MiB + 5000));
   t.same(small.subarray(10000), expected.subarray(4000, 9000));
+  // readBatchWith: the child's own clusters through `io` (the file's descriptor and host
+  // offsets), the parent's filled before it
+  const viaIo = Buffer.alloc(4 * 5000, 0xee);
+  const hosts: number[] = [];
+  const back = await img.readBatchWith(viaIo, new Float64Array([0, 0, 5000, 1.5 * MiB, 5000, 5000, 4000, 10000, 5000, MiB, 15000, 5000]), async (fd, host) => {
+    hosts.push(host.length / 3);
+    await native().preadBatchAsync(fd, viaIo, host);
+    return 'done';
+  });
+  t.equal(back, 'done', 'readBatchWith returns what io returns');
+  t.ok(viaIo.subarray(0, 15000).equals(small), 'readBatchWith reads what readBatchSync reads');
+  t.ok(viaIo.subarray(15000).equals(expected.subarray(MiB, MiB + 5000)), "and the parent's bytes where the child has none");
+  t.equal(hosts.length, 1, 'io is called once');
+  t.ok(hosts[0] > 0 && hosts[0] < 9, `io reads the child's clusters only (${hosts[0]} host requests)`);
   await img.flush();
   img.close();
   assertClean(t, child, 'after batches');

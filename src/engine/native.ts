@@ -164,9 +164,11 @@ export interface NativeAddon {
    * With a 32-byte `tagKey`, also each block's unmasked change tag (src/storage/store/tags.ts);
    * with a `granuleSize` (a divisor of blockSize) too, each granule's, and the blocks' tags
    * are then combined from their granules' (one GHASH pass for both where the CPU has
-   * VPCLMULQDQ: native/ghash.h Combine).
+   * VPCLMULQDQ: native/ghash.h Combine). With `fd` and `reads` ([fileOffset, bufferOffset,
+   * length] triples, buffer offsets within buf, as preadBatchAsync), the same pool job reads
+   * them into buf first (zeros past the end of the file), then hashes.
    */
-  hashBlocksAsync(buf: Uint8Array, blockSize: number, threads: number, key?: Uint8Array, tagKey?: Uint8Array, granuleSize?: number): Promise<BlockHashes>;
+  hashBlocksAsync(buf: Uint8Array, blockSize: number, threads: number, key?: Uint8Array, tagKey?: Uint8Array, granuleSize?: number, fd?: number, reads?: Float64Array): Promise<BlockHashes>;
   /**
    * Reads [offset, offset+length) of fd like hashFile but computes no SHA-256: zero flags and
    * the unmasked change tag (GHASH under tagKey, 16 bytes) of each non-zero block.

@@ -59,6 +59,11 @@ export class RawImage implements DiskImage {
     await this.file.readBatch(buf, requests);
   }
 
+  async readBatchWith<T>(buf: Uint8Array, requests: Float64Array, io: (fd: number, host: Float64Array) => Promise<T>): Promise<T> {
+    this.checkBatch(requests);
+    return io(this.file.fd, requests);
+  }
+
   writeBatchSync(buf: Uint8Array, requests: Float64Array): void {
     this.checkBatch(requests);
     this.file.writeBatchSync(buf, requests);

@@ -69,6 +69,13 @@ export interface DiskImage {
   readBatchSync(buf: Uint8Array, requests: Float64Array): void;
   /** readBatchSync with the file reads on the thread pool (in parallel), off the event loop */
   readBatch(buf: Uint8Array, requests: Float64Array): Promise<void>;
+  /**
+   * readBatch with the reads of the image's own file left to `io`: the rest (zeros, backing
+   * layers, compressed clusters) is filled here, then `io(fd, host)` must read `host`
+   * ([fileOffset, bufferOffset, length] triples, maybe none) from `fd` into buf. For a read and
+   * a hash in one pool job (native hashBlocksAsync's `reads`, src/storage/dirty.ts).
+   */
+  readBatchWith<T>(buf: Uint8Array, requests: Float64Array, io: (fd: number, host: Float64Array) => Promise<T>): Promise<T>;
   writeBatchSync(buf: Uint8Array, requests: Float64Array): void;
   /** make a range read as zeros, releasing space where the format allows */
   writeZeroesSync(offset: number, length: number): void;

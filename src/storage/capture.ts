@@ -368,9 +368,9 @@ export class ReadPipeline {
       group.forEach((i, k) => reqs.set([i * this.bs, k * this.bs, blockLength(i, this.size, this.bs)], k * 3));
       // only the volume's last block is short, and it comes last
       const glen = group.length ? (group.length - 1) * this.bs + blockLength(group[group.length - 1], this.size, this.bs) : 0;
-      if (this.image) await this.image.readBatch(buf, reqs);
-      else await this.file.readBatch(buf, reqs);
-      return { buf, again: await this.n.hashBlocksAsync(buf.subarray(0, glen), this.bs, this.threads, this.key, this.proofKey) };
+      // read by the pool job that hashes (./dirty.ts readUnits says why)
+      const io = (fd: number, host: Float64Array) => this.n.hashBlocksAsync(buf.subarray(0, glen), this.bs, this.threads, this.key, this.proofKey, undefined, fd, host);
+      return { buf, again: this.image ? await this.image.readBatchWith(buf, reqs, io) : await io(this.file.fd, reqs) };
     } catch (e) {
       this.pool.release(buf);
       throw e;

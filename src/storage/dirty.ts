@@ -116,18 +116,48 @@ async function readUnits(p: ReadPipeline, units: Unit[]): Promise<UnitsRead> {
         j++;
       }
     }
+    // Each part is read by the pool job that hashes it (hashBlocksAsync's `reads`): a read and
+    // then a hash waited for the event loop between them, busy merging the group before.
+    const io = (fd: number, host: Float64Array) => {
+      const [w, pc] = splitReads(host, base);
+      return Promise.all([
+        kw ? p.n.hashBlocksAsync(buf.subarray(0, wlen), bs, p.threads, p.key, p.proofKey, undefined, fd, w) : undefined,
+        j ? p.n.hashBlocksAsync(buf.subarray(base, base + plen), ps, p.threads, p.key, undefined, undefined, fd, pc) : undefined,
+      ]);
+    };
     const batch = Float64Array.from(reqs);
-    if (p.image) await p.image.readBatch(buf, batch);
-    else await p.file.readBatch(buf, batch);
-    const [whole, pieces] = await Promise.all([
-      kw ? p.n.hashBlocksAsync(buf.subarray(0, wlen), bs, p.threads, p.key, p.proofKey) : undefined,
-      j ? p.n.hashBlocksAsync(buf.subarray(base, base + plen), ps, p.threads, p.key) : undefined,
-    ]);
+    const [whole, pieces] = p.image ? await p.image.readBatchWith(buf, batch, io) : await io(p.file.fd, batch);
     return { buf, whole, pieces, base };
   } catch (e) {
     p.pool.release(buf);
     throw e;
   }
+}
+
+/**
+ * Host reads `host` ([fileOffset, bufferOffset, length] triples) split at buffer offset `base`:
+ * those below it, and those at or past it with their buffer offsets made relative to `base`.
+ * (Exported for tests.)
+ */
+export function splitReads(host: Float64Array, base: number): [Float64Array, Float64Array] {
+  let n = 0;
+  for (let i = 0; i < host.length; i += 3) if (host[i + 1] < base) n++;
+  const below = new Float64Array(n * 3);
+  const above = new Float64Array(host.length - n * 3);
+  let b = 0;
+  let a = 0;
+  for (let i = 0; i < host.length; i += 3) {
+    if (host[i + 1] < base) {
+      below.set(host.subarray(i, i + 3), b);
+      b += 3;
+    } else {
+      above[a] = host[i];
+      above[a + 1] = host[i + 1] - base;
+      above[a + 2] = host[i + 2];
+      a += 3;
+    }
+  }
+  return [below, above];
 }
 
 /**

@@ -239,6 +239,20 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
     }
   }
 
+  async readBatchWith<T>(buf: Uint8Array, requests: Float64Array, io: (fd: number, host: Float64Array) => Promise<T>): Promise<T> {
+    this.checkOpen();
+    this.checkBatch(buf, requests);
+    const b = asBuffer(buf);
+    const reqs: number[] = [];
+    for (let i = 0; i < requests.length; i += 3) this.readAt(b, requests[i + 1], requests[i + 2], requests[i], reqs);
+    this.inflight++;
+    try {
+      return await io(this.file.fd, Float64Array.from(reqs));
+    } finally {
+      this.inflight--;
+    }
+  }
+
   private checkBatch(buf: Uint8Array, requests: Float64Array): void {
     for (let i = 0; i < requests.length; i += 3) {
       checkRange(this, requests[i], requests[i + 2]);
