@@ -117,13 +117,17 @@ async function readUnits(p: ReadPipeline, units: Unit[]): Promise<UnitsRead> {
       }
     }
     // Each part is read by the pool job that hashes it (hashBlocksAsync's `reads`): a read and
-    // then a hash waited for the event loop between them, busy merging the group before.
-    const io = (fd: number, host: Float64Array) => {
+    // then a hash waited for the event loop between them, busy merging the group before. Both
+    // jobs end before a failure is thrown: the buffer goes back to the pool only then.
+    const io = async (fd: number, host: Float64Array) => {
       const [w, pc] = splitReads(host, base);
-      return Promise.all([
+      const [a, b] = await Promise.allSettled([
         kw ? p.n.hashBlocksAsync(buf.subarray(0, wlen), bs, p.threads, p.key, p.proofKey, undefined, fd, w) : undefined,
         j ? p.n.hashBlocksAsync(buf.subarray(base, base + plen), ps, p.threads, p.key, undefined, undefined, fd, pc) : undefined,
       ]);
+      if (a.status === 'rejected') throw a.reason;
+      if (b.status === 'rejected') throw b.reason;
+      return [a.value, b.value] as const;
     };
     const batch = Float64Array.from(reqs);
     const [whole, pieces] = p.image ? await p.image.readBatchWith(buf, batch, io) : await io(p.file.fd, batch);
