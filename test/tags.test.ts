@@ -115,13 +115,14 @@ function countHashing(): { blocks: number; again: number; whole: number; restore
       n.tagFile = origTag;
     },
   };
-  n.hashBlocksAsync = (buf, bs, threads, key, tagKey) => {
+  n.hashBlocksAsync = (...args: Parameters<typeof orig>) => {
+    const [buf, bs, , , tagKey] = args;
     const count = Math.ceil(buf.length / bs);
     if (tagKey) {
       c.blocks += count;
       c.again += count;
     } else if (bs === BS) c.whole += count; // (not the SHA-256 naming a pack of pieces: one "block" of the pack's length)
-    return orig.call(n, buf, bs, threads, key, tagKey);
+    return orig.apply(n, args); // (every argument: a call may read its blocks first, `fd` and `reads`)
   };
   n.tagFile = (async (...args: Parameters<typeof origTag>) => {
     const r = await (origTag as (...a: unknown[]) => Promise<{ collected?: number }>).apply(n, args);
