@@ -380,6 +380,41 @@ Napi::Value AllocBig(const Napi::CallbackInfo& info) {
   return Napi::Buffer<uint8_t>::New(env, base, len, [mapped](Napi::Env, uint8_t* data) { ::munmap(data, mapped); });
 }
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14
+#endif
+
+// populateAsync(buf) -> Promise<boolean>: faults in the whole pages of `buf` for writing, on the
+// thread pool (madvise MADV_POPULATE_WRITE), so that whoever fills it later does not take the
+// faults; false where the kernel cannot (before Linux 5.14). The contents do not change. For
+// buffers that are certain to be filled soon, allocated ahead (src/storage/store/packs.ts).
+struct PopulateJob {
+  Bytes buf;
+  bool done = false;
+  SysError Run() {
+    const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const uintptr_t a = (reinterpret_cast<uintptr_t>(buf.data) + page - 1) & ~(page - 1);
+    const uintptr_t b = (reinterpret_cast<uintptr_t>(buf.data) + buf.length) & ~(page - 1);
+    if (b <= a) return {};
+    if (::madvise(reinterpret_cast<void*>(a), b - a, MADV_POPULATE_WRITE) == 0) {
+      done = true;
+      return {};
+    }
+    if (errno == EINVAL) return {};  // an older kernel: the faults stay where they were
+    return SysError::Errno(errno, "madvise");
+  }
+  Napi::Value Result(Napi::Env env) { return Napi::Boolean::New(env, done); }
+};
+
+Napi::Value PopulateAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  PopulateJob job;
+  if (!ArgBytes(info, 0, "buf", &job.buf)) return RejectPending(env);
+  auto* w = new ObjectWorker<PopulateJob>(env, "disksnap.populate", std::move(job));
+  w->Keep(info[0]);
+  return w->Start();
+}
+
 // bufferPages() -> { pages: 'huge' | 'small', reason: 'forced' | 'free page reporting' |
 // 'default' }: what allocBig uses in this process, and why.
 Napi::Value BufferPages(const Napi::CallbackInfo& info) {
@@ -424,6 +459,7 @@ void InitObject(Napi::Env env, Napi::Object exports) {
   exports.Set("tuneMalloc", Napi::Function::New(env, TuneMalloc, "tuneMalloc"));
   exports.Set("allocBig", Napi::Function::New(env, AllocBig, "allocBig"));
   exports.Set("bufferPages", Napi::Function::New(env, BufferPages, "bufferPages"));
+  exports.Set("populateAsync", Napi::Function::New(env, PopulateAsync, "populateAsync"));
 }
 
 }  // namespace disksnap

@@ -1014,6 +1014,33 @@ t.test('bigBuffer pages: DISKSNAP_BUFFER_PAGES=huge gives 2 MiB pages, =small 4 
   t.ok(small.took >= 9216, `${small.took} page faults to write 36 MiB: one per 4 KiB page`);
 });
 
+t.test('populateAsync faults a buffer in ahead, on the thread pool, and leaves its bytes as they were', async (t) => {
+  const lib = path.resolve(__dirname, '..', 'dist', 'src', 'engine', 'native.js');
+  const child = `
+const n = require(process.argv[1]).native();
+(async () => {
+  const a = n.allocBig(8 * 2 ** 20), b = n.allocBig(8 * 2 ** 20);
+  a.fill(0x5a, 0, 5000);
+  const populated = await n.populateAsync(a);
+  const kept = a.subarray(0, 5000).every((x) => x === 0x5a) && a.subarray(5000).every((x) => x === 0);
+  const fill = (buf) => { const f = process.resourceUsage().minorPageFault; buf.fill(0xa5); return process.resourceUsage().minorPageFault - f; };
+  process.stdout.write(JSON.stringify({ populated, kept, ahead: fill(a), control: fill(b), empty: await n.populateAsync(a.subarray(1, 100)) }));
+})();`;
+  const r = spawnSync(process.execPath, ['-e', child, lib], { encoding: 'utf8', env: { ...process.env, DISKSNAP_BUFFER_PAGES: 'small' } });
+  t.equal(r.status, 0, `the child ran ${r.stderr}`);
+  const got = JSON.parse(r.stdout) as { populated: boolean; kept: boolean; ahead: number; control: number; empty: boolean };
+  t.ok(got.kept, 'the bytes written before are still there, the rest still zero');
+  t.equal(got.empty, false, 'a range without a whole page: nothing to do');
+  t.ok(got.control >= 2048, `${got.control} faults to fill 8 MiB of 4 KiB pages not faulted in ahead`);
+  const [major, minor] = fs.readFileSync('/proc/sys/kernel/osrelease', 'utf8').split('.').map(Number);
+  if (major < 5 || (major === 5 && minor < 14)) {
+    t.equal(got.populated, false, 'before Linux 5.14 the kernel cannot: false');
+    return;
+  }
+  t.equal(got.populated, true, 'Linux 5.14 and later: done');
+  t.ok(got.ahead < 64, `${got.ahead} faults to fill it after populateAsync (2,048 pages)`);
+});
+
 /** Whether a virtio balloon device here negotiated free page reporting (feature bit 5), read as a user would. */
 function reportsFreePages(): boolean {
   const dir = '/sys/bus/virtio/drivers/virtio_balloon';

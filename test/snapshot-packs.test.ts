@@ -345,3 +345,31 @@ t.test('DISKSNAP_NO_PACKS=1: new pieces are objects of their own, and the index 
   await snap.gc({ store });
   t.equal(await restored(store, loose.id, dir), sha(fs.readFileSync(vol)), 'restores exactly after its parent is gone');
 });
+
+t.test('a pack writer prepares the buffers a known amount of pieces will fill, and fills those', async (t) => {
+  const allocated: Buffer[] = [];
+  const stored: Buffer[] = [];
+  const backend = {
+    allocBuffer: (n: number) => {
+      const b = Buffer.alloc(n);
+      allocated.push(b);
+      return b;
+    },
+    putIfAbsent: async (_k: string, data: Uint8Array | readonly Uint8Array[]) => (stored.push(Buffer.from(data as Uint8Array)), true),
+  };
+  const w = new PackWriter(backend, new PackTable(), new Throttle(1024 * MiB), (d) => `blocks/${d.toString('hex')}`);
+  w.prepare(PACK_BYTES + 1);
+  t.equal(allocated.length, 2, 'two buffers for a pack and one byte');
+  w.prepare(2 * PACK_BYTES);
+  t.equal(allocated.length, 2, 'no more for as much again (it counts the buffers it has)');
+  w.prepare(100 * PACK_BYTES);
+  t.equal(allocated.length, 4, 'at most four, as when filling');
+  const pieces = [randomBytes(64 * KiB), randomBytes(64 * KiB)];
+  for (const p of pieces) t.ok(await w.add(createHash('sha256').update(p).digest(), p));
+  await w.flush();
+  while (!stored.length) await new Promise((r) => setTimeout(r, 5));
+  t.equal(allocated.length, 4, 'the pieces went into a prepared buffer');
+  t.ok(allocated.some((b) => b.subarray(0, 128 * KiB).equals(Buffer.concat(pieces))), 'one of the prepared buffers holds them');
+  t.ok(stored[0].equals(Buffer.concat(pieces)), 'and the pack stored is their bytes');
+  t.notOk(w.pending);
+});

@@ -227,6 +227,11 @@ export interface NativeAddon {
   /** The page size allocBig uses in this process, and why (DISKSNAP_BUFFER_PAGES=huge|small forces one). */
   bufferPages(): { pages: 'huge' | 'small'; reason: 'forced' | 'free page reporting' | 'default' };
   /**
+   * Faults in buf's whole pages for writing on the thread pool (MADV_POPULATE_WRITE), its
+   * contents unchanged; false where the kernel cannot (before Linux 5.14).
+   */
+  populateAsync(buf: Uint8Array): Promise<boolean>;
+  /**
    * Whether every 8-byte entry of the qcow2 L2 table `table` is empty, zero, or a plain data
    * cluster inside `fileSize`, cluster-aligned and not a metadata cluster (bit c of `metaBits`,
    * for c below `metaLimit`; a cluster at or past it answers false) (native/qcow2.cc).

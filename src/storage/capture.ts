@@ -187,7 +187,8 @@ export class ReadPipeline {
   readonly image: DiskImage | undefined;
   /** where new pieces go in a packed manifest (./store/packs.ts) */
   readonly packs: PackWriter | undefined;
-  private readonly packNew: boolean;
+  /** whether new pieces go into packs (not DISKSNAP_NO_PACKS) */
+  readonly packNew: boolean;
 
   constructor(
     readonly store: Store,

@@ -345,6 +345,8 @@ class DirtyScan {
     // a few blocks (41 dirty 1 MiB pieces over a 16 GiB volume are 41 groups of 2), so the
     // time between reads mattered as much as the reads.
     let ahead: Promise<UnitsRead> | undefined = groups.length ? readUnits(p, groups[0]) : undefined;
+    // the pack buffers the pieces will fill, faulted in on the thread pool while the groups are read
+    if (p.packNew) p.packs!.prepare(units.reduce((n, u) => n + (u.slots ? unitBytes(p, u) : 0), 0));
     try {
       for (let gi = 0; gi < groups.length; gi++) {
         const read = await ahead!;

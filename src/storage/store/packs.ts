@@ -245,6 +245,25 @@ export class PackWriter {
   }
 
   /**
+   * Allocates the pack buffers that `bytes` of new pieces will fill (up to the writer's limit)
+   * and has their pages faulted in now, one buffer after another on the thread pool, while the
+   * snapshot reads: the first touch of fresh pack buffers had been taken by the copies into
+   * them on the event loop (4,096 faults for four 4 MiB buffers of 4 KiB pages). For a caller
+   * that knows what it will pack before it reads (a dirty-range scan, ../dirty.ts). Measured on
+   * a scattered qcow2 incremental (40 MiB of pieces), alternating fixed-state pairs: -10, 0 and
+   * -5 ms at the median in three sets (15, 15 and 20 pairs).
+   */
+  prepare(bytes: number): void {
+    let chain: Promise<unknown> = Promise.resolve();
+    for (let want = Math.min(this.maxBuffers, Math.ceil(bytes / PACK_BYTES)); this.buffers < want; ) {
+      const buf = this.alloc(PACK_BYTES);
+      this.buffers++;
+      this.free.push(buf);
+      chain = chain.then(() => native().populateAsync(buf)).catch(() => undefined); // (only a head start: a failure costs nothing)
+    }
+  }
+
+  /**
    * A buffer to fill: a free one, a new one while fewer than maxBuffers exist, else the
    * next one a finished write gives back. (A piece larger than PACK_BYTES, of a store with
    * blocks over 32 MiB, gets a buffer of its own, not kept.)
