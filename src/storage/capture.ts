@@ -370,12 +370,16 @@ export class ReadPipeline {
       // only the volume's last block is short, and it comes last
       const glen = group.length ? (group.length - 1) * this.bs + blockLength(group[group.length - 1], this.size, this.bs) : 0;
       // read by the pool job that hashes (./dirty.ts readUnits says why)
-      const io = (fd: number, host: Float64Array) => this.n.hashBlocksAsync(buf.subarray(0, glen), this.bs, this.threads, this.key, this.proofKey, undefined, fd, host);
-      return { buf, again: this.image ? await this.image.readBatchWith(buf, reqs, io) : await io(this.file.fd, reqs) };
+      return { buf, again: await this.readWith(buf, reqs, (fd, host) => this.n.hashBlocksAsync(buf.subarray(0, glen), this.bs, this.threads, this.key, this.proofKey, undefined, fd, host)) };
     } catch (e) {
       this.pool.release(buf);
       throw e;
     }
+  }
+
+  /** Guest requests `reqs` into buf, the volume file's own reads done by `io` (DiskImage.readBatchWith). */
+  readWith<T>(buf: Buffer, reqs: Float64Array, io: (fd: number, host: Float64Array) => Promise<T>): Promise<T> {
+    return this.image ? this.image.readBatchWith(buf, reqs, io) : io(this.file.fd, reqs);
   }
 
   /** Gives back the buffer of a readAndHash result that will not be stored. */

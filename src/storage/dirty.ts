@@ -130,7 +130,7 @@ async function readUnits(p: ReadPipeline, units: Unit[]): Promise<UnitsRead> {
       return [a.value, b.value] as const;
     };
     const batch = Float64Array.from(reqs);
-    const [whole, pieces] = p.image ? await p.image.readBatchWith(buf, batch, io) : await io(p.file.fd, batch);
+    const [whole, pieces] = await p.readWith(buf, batch, io);
     return { buf, whole, pieces, base };
   } catch (e) {
     p.pool.release(buf);

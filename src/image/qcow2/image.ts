@@ -225,18 +225,9 @@ export class Qcow2Image extends ClusterLayer implements DiskImage, BackingLayer 
   }
 
   async readBatch(buf: Uint8Array, requests: Float64Array): Promise<void> {
-    this.checkOpen();
-    this.checkBatch(buf, requests);
-    const b = asBuffer(buf);
-    const reqs: number[] = [];
-    for (let i = 0; i < requests.length; i += 3) this.readAt(b, requests[i + 1], requests[i + 2], requests[i], reqs);
-    if (!reqs.length) return;
-    this.inflight++;
-    try {
-      await this.file.readBatch(b, Float64Array.from(reqs));
-    } finally {
-      this.inflight--;
-    }
+    await this.readBatchWith(buf, requests, async (_fd, host) => {
+      if (host.length) await this.file.readBatch(buf, host);
+    });
   }
 
   async readBatchWith<T>(buf: Uint8Array, requests: Float64Array, io: (fd: number, host: Float64Array) => Promise<T>): Promise<T> {
