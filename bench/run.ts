@@ -64,7 +64,9 @@ async function main(): Promise<void> {
   const runs = runsArg !== undefined && /^[1-9]\d*$/.test(runsArg) ? Number(runsArg) : undefined;
   const only = flag('--only')?.split(',');
   const jsonFile = flag('--json');
-  const dir = fs.mkdtempSync(path.join(flag('--dir') ?? os.tmpdir(), 'disksnap-bench-'));
+  const parent = flag('--dir') ?? os.tmpdir();
+  fs.mkdirSync(parent, { recursive: true }); // (a --dir that does not exist yet is made)
+  const dir = fs.mkdtempSync(path.join(parent, 'disksnap-bench-'));
   const rows: BenchRow[] = [];
   try {
     for (const [name, load] of Object.entries(suites())) {
