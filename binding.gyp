@@ -24,7 +24,8 @@
         "native/fuse.cc",
         "native/qcow2.cc",
         "native/sorted.cc",
-        "native/records.cc"
+        "native/records.cc",
+        "native/manifest.cc"
       ],
       "include_dirs": [
         "<!@(node -p \"require('node-addon-api').include\")"

@@ -41,6 +41,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitQcow2(env, exports);
   InitSorted(env, exports);
   InitRecords(env, exports);
+  InitManifest(env, exports);
   return exports;
 }
 

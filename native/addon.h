@@ -14,5 +14,6 @@ void InitFuse(Napi::Env env, Napi::Object exports);  // native/fuse.cc
 void InitQcow2(Napi::Env env, Napi::Object exports);  // native/qcow2.cc
 void InitSorted(Napi::Env env, Napi::Object exports);  // native/sorted.cc
 void InitRecords(Napi::Env env, Napi::Object exports);  // native/records.cc
+void InitManifest(Napi::Env env, Napi::Object exports);  // native/manifest.cc
 
 }  // namespace disksnap

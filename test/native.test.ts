@@ -1191,3 +1191,40 @@ t.test('gcmSeal/gcmOpen refuse bad arguments before touching memory', async (t) 
   const wrong = await n.gcmOpenAsync(key, tr, Buffer.alloc(0), new Float64Array([0, 32, 0]), Buffer.alloc(32, 2), 1);
   t.same(Array.from(wrong), [3], 'another digest fails authentication');
 });
+
+t.test('scanEntries: consumes checked manifest entries below a limit, and stops before any it cannot take', async (t) => {
+  const n = native();
+  // entries: [block index (u32 lo, u24 hi), slot (top byte)], 32 digest bytes each
+  const entry = (index: number, slot = 0) => {
+    const e = Buffer.alloc(40, 0xab);
+    e.writeUInt32LE(index % 2 ** 32, 0);
+    e.writeUInt32LE(Math.floor(index / 2 ** 32) | (slot << 24), 4);
+    return e;
+  };
+  const chunk = (...es: Array<[number, number?]>) => Buffer.concat(es.map(([i, s]) => entry(i, s)));
+  // a volume of 10 blocks of 512 KiB, the last one 100 KiB (so only its slots 1 and 2 exist), pieces of 64 KiB
+  const state = (last = -1, lastSlot = 0) => Float64Array.from([last, lastSlot, 8, 10, 9 * 2 ** 19 + 100 * 1024, 2 ** 19, 2 ** 16, -7, -7]);
+  const c = chunk([0], [1], [1, 3], [4], [5, 2], [9, 1], [9, 2]);
+  let st = state();
+  t.equal(n.scanEntries(c, 0, 100, st), 7, 'every entry, to the chunk end');
+  t.same([...st], [9, 2, 8, 10, 9 * 2 ** 19 + 100 * 1024, 2 ** 19, 2 ** 16, 5, 1], 'last entry, blocks started, pieces seen');
+  st = state();
+  t.equal(n.scanEntries(c, 0, 4, st), 3, 'stops before the first entry at the limit');
+  t.same([st[0], st[1], st[7], st[8]], [1, 3, 2, 1]);
+  st = state(1, 3);
+  t.equal(n.scanEntries(c, 120, 5, st), 1, 'from a later entry, after the one before it');
+  t.same([st[0], st[1], st[7], st[8]], [4, 0, 1, 0], 'no piece among them');
+  t.equal(n.scanEntries(c, 0, 100, state(0)), 0, 'an entry not after the last one is left to the caller');
+  t.equal(n.scanEntries(chunk([0], [2], [2]), 0, 100, state()), 2, 'the same block and slot twice: stops at the second');
+  t.equal(n.scanEntries(chunk([0], [1, 3], [1, 2]), 0, 100, state()), 2, 'slots out of order: stops');
+  t.equal(n.scanEntries(chunk([0], [9, 3]), 0, 100, state()), 1, 'a slot past the short last block: stops');
+  t.equal(n.scanEntries(chunk([0], [3, 9]), 0, 100, state()), 1, 'a slot past the pieces a block has: stops');
+  t.equal(n.scanEntries(chunk([0], [10]), 0, 100, state()), 1, 'a block past the volume: stops');
+  const v1 = Float64Array.from([-1, 0, 0, 2 ** 33, 2 ** 52, 2 ** 19, 0, 0, 0]);
+  t.equal(n.scanEntries(chunk([1], [2 ** 32 + 5]), 0, 2 ** 40, v1), 2, 'without pieces the top bytes are index bits');
+  t.equal(v1[0], 2 ** 32 + 5);
+  t.equal(n.scanEntries(c, c.length, 100, state()), 0, 'nothing after the chunk end');
+  t.throws(() => n.scanEntries(c, 20, 100, state()), /entry boundary/, 'pos inside an entry');
+  t.throws(() => n.scanEntries(c, c.length + 40, 100, state()), /entry boundary/, 'pos past the chunk');
+  t.throws(() => n.scanEntries(c, 0, 100, new Float64Array(3)), /Float64Array of 9/, 'a short state');
+});

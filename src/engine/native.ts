@@ -232,6 +232,15 @@ export interface NativeAddon {
    */
   populateAsync(buf: Uint8Array): Promise<boolean>;
   /**
+   * The consecutive manifest entries of `chunk` from byte `pos` with a block index below
+   * `limit`, each checked as ManifestReader.take checks it; stops before the first that is not
+   * (past the limit, or failing a check) or at the chunk's end, and returns how many.
+   * `state`: [lastIndex, lastSlot, slots, blocks, volumeSize, blockSize, pieceSize] in; [0] and
+   * [1] set to the last entry consumed, [7] to how many consumed entries start another block,
+   * [8] to 1 when any is a piece (native/manifest.cc).
+   */
+  scanEntries(chunk: Uint8Array, pos: number, limit: number, state: Float64Array): number;
+  /**
    * Whether every 8-byte entry of the qcow2 L2 table `table` is empty, zero, or a plain data
    * cluster inside `fileSize`, cluster-aligned and not a metadata cluster (bit c of `metaBits`,
    * for c below `metaLimit`; a cluster at or past it answers false) (native/qcow2.cc).

@@ -277,7 +277,7 @@ export class ParentEntries {
         continue;
       }
       // j is kept: it and the blocks after it up to the next dirty one go over as a run
-      const run = cursor.runNow(Math.min(limit, d < dirty.length ? dirty[d] : limit))!;
+      const run = cursor.runNow(Math.min(limit, d < dirty.length ? dirty[d] : limit), !!ptags)!;
       if (hold) hold.addRun(run);
       else this.rec.recordRun(run);
       if (ptags) {

@@ -62,6 +62,7 @@
 import { createHash, createHmac, Hash, Hmac } from 'node:crypto';
 import { DisksnapError, corrupt, invalid } from '../../engine/errors';
 import type { ObjectReader, ObjectWriter } from './backend';
+import { native } from '../../engine/native';
 import { EntryWriter } from './entries';
 import { DIGEST_LENGTH, ENTRY_LENGTH, HEADER_LENGTH, ManifestHeader, TRAILER_LENGTH, decodeHeader, encodeHeader } from './manifest-header';
 
@@ -97,6 +98,12 @@ export function sameEntries(a: BlockEntries, b: BlockEntries): boolean {
 export function pieceRange(slot: number, index: number, volumeSize: number, bs: number, ps: number): { offset: number; length: number } {
   const offset = (slot - 1) * ps;
   return { offset, length: Math.min(ps, blockLength(index, volumeSize, bs) - offset) };
+}
+
+/** The block index of the entry at `o` of `chunk` (`slots`: a manifest with pieces, whose slot is the top byte). */
+function entryIndex(chunk: Buffer, o: number, slots: boolean): number {
+  const hi = chunk.readUInt32LE(o + 4);
+  return chunk.readUInt32LE(o) + (slots ? hi & 0xffffff : hi) * 0x100000000;
 }
 
 export function blockCount(volumeSize: number, blockSize: number): number {
@@ -250,6 +257,8 @@ export class ManifestReader {
   index = -1;
   /** the slot of the current entry: 0 the whole block, s >= 1 a piece */
   slot = 0;
+  /** takeBelow's arguments and results (native scanEntries) */
+  private readonly scanState = new Float64Array(9);
 
   private constructor(
     private readonly file: string,
@@ -328,12 +337,41 @@ export class ManifestReader {
     return this.take();
   }
 
+  /**
+   * Consumes the buffered entries after the current one whose block index is below `limit`,
+   * each checked as take() checks it (native scanEntries, in one call), and stops before the
+   * first one at or past it, before one that fails a check (the next take() names what is
+   * wrong) or at the chunk's end. The last one consumed becomes the current entry. Returns how
+   * many were consumed, how many of them start another block than the entry before, and
+   * whether any is a piece.
+   */
+  takeBelow(limit: number): { n: number; newBlocks: number; pieces: boolean } {
+    if (this.finished || this.pos >= this.chunk.length) return { n: 0, newBlocks: 0, pieces: false };
+    const h = this.header;
+    const st = this.scanState;
+    st[0] = this.lastIndex;
+    st[1] = this.lastSlot;
+    st[2] = this.slots;
+    st[3] = this.blocks;
+    st[4] = h.volumeSize;
+    st[5] = h.blockSize;
+    st[6] = h.pieceSize ?? 0;
+    const n = native().scanEntries(this.chunk, this.pos, limit, st);
+    if (n === 0) return { n: 0, newBlocks: 0, pieces: false };
+    this.lastIndex = this.index = st[0];
+    this.lastSlot = this.slot = st[1];
+    this.chunkBytes = this.chunk;
+    this.pos += n * ENTRY_LENGTH;
+    this.digestOffset = this.pos - ENTRY_LENGTH + 8;
+    this.read += n;
+    return { n, newBlocks: st[7], pieces: st[8] === 1 };
+  }
+
   /** Consumes the entry at `pos` (there is one), checking its order. */
   private take(): number {
     const o = this.pos;
-    const hi = this.chunk.readUInt32LE(o + 4);
-    const slot = this.slots ? hi >>> 24 : 0;
-    const index = this.chunk.readUInt32LE(o) + (this.slots ? hi & 0xffffff : hi) * 0x100000000;
+    const slot = this.slots ? this.chunk[o + 7] : 0;
+    const index = entryIndex(this.chunk, o, this.slots !== 0);
     if (!(index > this.lastIndex || (index === this.lastIndex && slot > this.lastSlot)) || index >= this.blocks) {
       throw corrupt(this.file, `manifest entry ${this.read} has block index ${index}${slot ? ` slot ${slot}` : ''} (previous ${this.lastIndex}, volume has ${this.blocks} blocks)`);
     }
@@ -504,28 +542,33 @@ export class ManifestCursor {
 
   /**
    * The entries from the one the cursor stands on up to block `limit`, as far as they are read
-   * (none: undefined); the cursor moves past them, or stays on the last (`spent`): a check per
-   * entry copied, not a lookup, a record and an append each (ManifestWriter.appendRun).
+   * (none: undefined); the cursor moves past them, or stays on the last (`spent`): the entries
+   * checked in one native call (ManifestReader.takeBelow), not a lookup, a record and an append
+   * each (ManifestWriter.appendRun). `withWholes`: list the whole-block entries' blocks in
+   * `wholes` (else it stays empty).
    */
-  runNow(limit: number): EntryRun | undefined {
+  runNow(limit: number, withWholes = false): EntryRun | undefined {
     const r = this.reader;
     if (this.current < 0 || this.current >= limit) return undefined;
     const chunk = r.chunkBytes;
     const start = r.digestOffset - 8;
     const at = this.current;
-    const run: EntryRun = { chunk, start, end: start + ENTRY_LENGTH, header: r.header, first: at, firstSlot: r.slot, last: at, lastSlot: r.slot, blocks: 1, wholes: r.slot ? [] : [at], pieces: r.slot !== 0, spent: false };
-    for (;;) {
-      const n = r.nextBuffered();
-      if (n === undefined) return Object.assign(run, { spent: true });
-      this.current = n;
-      if (n < 0 || n >= limit) return run;
-      run.end += ENTRY_LENGTH; // the chunk's entries are consecutive (no read happened)
-      if (n !== run.last) run.blocks++;
-      if (r.slot === 0) run.wholes.push(n);
-      else run.pieces = true;
-      run.last = n;
-      run.lastSlot = r.slot;
-    }
+    const run: EntryRun = { chunk, start, end: start + ENTRY_LENGTH, header: r.header, first: at, firstSlot: r.slot, last: at, lastSlot: r.slot, blocks: 1, wholes: [], pieces: r.slot !== 0, spent: false };
+    // the entries below `limit` in the chunk already read, at once (the chunk's entries are consecutive)
+    const b = r.takeBelow(limit);
+    this.current = r.index;
+    run.end += b.n * ENTRY_LENGTH;
+    run.blocks += b.newBlocks;
+    run.pieces ||= b.pieces;
+    run.last = r.index;
+    run.lastSlot = r.slot;
+    if (withWholes) for (let o = run.start; o < run.end; o += ENTRY_LENGTH) if (!r.header.pieceSize || chunk[o + 7] === 0) run.wholes.push(entryIndex(chunk, o, !!r.header.pieceSize));
+    // the entry after them: past `limit` (the cursor stands on it), the chunk's end, or one that fails its check (take throws)
+    const n = r.nextBuffered();
+    if (n === undefined) return Object.assign(run, { spent: true });
+    this.current = n;
+    if (n >= 0 && n < limit) throw new Error(`internal: manifest entry of block ${n} below ${limit} left out of a run`);
+    return run;
   }
 
   /** Consumes the rest, which verifies count and checksum. */
