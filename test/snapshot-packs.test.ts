@@ -131,6 +131,78 @@ t.test('a pack writer: pieces one after the other, a pack named by its piece tab
   }
 });
 
+t.test('pieces read into reserved pack regions: the stored ones closed up, the others dropped, the pack written once its regions are settled', async (t) => {
+  const written = new Map<string, Buffer>();
+  const backend = {
+    putIfAbsent: async (key: string, data: Uint8Array | readonly Uint8Array[]) => (written.set(key, Buffer.concat(data instanceof Uint8Array ? [data] : [...data])), true),
+  };
+  const writes = new Throttle(64 * MiB);
+  const w = new PackWriter(backend, new PackTable(), writes, (x) => `blocks/${x.toString('hex')}`);
+  const d = (b: Buffer) => createHash('sha256').update(b).digest();
+  const [a, b, c] = [randomBytes(PS), randomBytes(PS), randomBytes(1000)];
+  const r1 = await w.reserve(3 * PS);
+  const r2 = await w.reserve(2 * PS);
+  t.equal(r1.buf.length, 3 * PS, 'a region of the bytes asked for');
+  t.equal(r2.buf.byteOffset - r1.buf.byteOffset, 3 * PS, 'the next one after it, in the same pack buffer');
+  // as a dirty scan reads them: r1 holds a, a piece that did not change, then b; r2 holds c (short) and a again
+  r1.buf.set(a, 0);
+  r1.buf.fill(7, PS, 2 * PS);
+  r1.buf.set(b, 2 * PS);
+  r2.buf.set(c, 0);
+  r2.buf.set(a, PS);
+  const r3 = await w.reserve(PACK_BYTES - 5 * PS + 1); // does not fit: a fresh pack, and the first one is sealed
+  await new Promise((r) => setTimeout(r, 20));
+  t.equal(written.size, 0, 'a sealed pack waits for its open regions');
+  t.same(w.settle(r1, [{ off: 0, len: PS, digest: d(a) }, { off: 2 * PS, len: PS, digest: d(b) }]), { count: 2, bytes: 2 * PS });
+  t.same(w.settle(r2, [{ off: 0, len: 1000, digest: d(c) }, { off: PS, len: PS, digest: d(a) }]), { count: 1, bytes: 1000 }, 'a piece packed already is dropped');
+  t.same(w.settle(r3, []), { count: 0, bytes: 0 }, 'a region with nothing to store (a failed read settles so)');
+  await w.flush();
+  await writes.drain();
+  t.equal(written.size, 1, 'one pack: the empty one is not written');
+  const [body] = [...written.values()];
+  t.ok(body.equals(Buffer.concat([a, b, c])), 'the stored pieces closed up, in their order');
+  t.notOk(w.pending, 'every piece is in a written pack');
+  const table = new PackTable();
+  table.add(decodePackIndex('idx', w.index(Buffer.concat([d(a), d(b), d(c)]))));
+  for (const piece of [a, b, c]) {
+    const at = table.lookup(d(piece))!;
+    t.ok(body.subarray(at.offset, at.offset + at.length).equals(piece), 'the index places each piece at its bytes');
+  }
+  // a region larger than a pack buffer gets a buffer of its own
+  const big = await w.reserve(PACK_BYTES + PS);
+  t.equal(big.buf.length, PACK_BYTES + PS);
+  big.buf.fill(1);
+  w.settle(big, [{ off: 0, len: PACK_BYTES + PS, digest: d(big.buf) }]);
+  await w.flush();
+  await writes.drain();
+  t.equal(written.size, 2, 'written once settled and flushed');
+  // reservations asked for at once are made one after the other, in order (a fresh pack for the first)
+  const [x, y] = await Promise.all([w.reserve(PS), w.reserve(PS)]);
+  t.same([x.at, y.at], [0, PS], 'in the order asked, one after the other');
+  t.equal(x.f, y.f, 'in the same pack');
+  w.settle(y, []);
+  w.settle(x, []);
+});
+
+t.test('a pack region left open by a failed read is settled empty: a reader waiting for a buffer goes on', async (t) => {
+  const gates: Array<() => void> = [];
+  const backend = { allocBuffer: (n: number) => Buffer.alloc(n), putIfAbsent: async () => (await new Promise<void>((r) => gates.push(r)), true) };
+  const writes = new Throttle(1024 * MiB);
+  const w = new PackWriter(backend, new PackTable(), writes, (x) => `blocks/${x.toString('hex')}`);
+  const regions = [];
+  for (let k = 0; k < 4; k++) regions.push(await w.reserve(PACK_BYTES)); // four buffers, each a pack
+  let fifth = false;
+  const next = w.reserve(PACK_BYTES).then((r) => ((fifth = true), r));
+  await new Promise((r) => setTimeout(r, 30));
+  t.notOk(fifth, 'a fifth region waits for a buffer');
+  w.settle(regions[0], []); // the group failed: nothing stored, its (sealed) pack buffer goes back unwritten
+  const r5 = await next;
+  t.ok(fifth, 'and then gets the buffer back');
+  for (const r of [...regions.slice(1), r5]) w.settle(r, []);
+  await w.flush();
+  t.equal(gates.length, 0, 'nothing written for empty packs');
+});
+
 t.test('a pack writer fills at most four buffers: the next pack waits for a stored one, and a failed store lets it go on and is reported', async (t) => {
   const gates: Array<() => void> = [];
   let allocated = 0;

@@ -14,7 +14,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import * as snap from '../src/storage';
 import { DirectoryBackend } from '../src/storage/store/dir';
 import { BlockEntries, EntryRun, ManifestCursor, ManifestReader, ManifestWriter, HEADER_LENGTH, ENTRY_LENGTH, sameEntries } from '../src/storage/store/manifest';
-import { Held, ParentEntries, splitReads, unitsOf } from '../src/storage/dirty';
+import { Held, ParentEntries, unitsOf } from '../src/storage/dirty';
 import { qemuImgOk, qemuIo, guestBytes, assertClean } from './helpers/qemu';
 import { needQemuNbd, qemuBitmaps } from './helpers/qemu-bitmaps';
 import { isDisksnapError } from '../src/engine/errors';
@@ -79,17 +79,6 @@ t.test('a version 2 manifest round-trips whole blocks and pieces, block by block
   w.append(0, digestOf('x'));
   await w.commit();
   t.equal(fs.readFileSync(path.join(dir, 'v1.map')).readUInt16LE(8), 1, 'version 1 without pieces');
-});
-
-t.test('splitReads: host reads below a buffer offset as they are, the rest made relative to it', async (t) => {
-  const host = Float64Array.from([100, 0, 10, 900, 4096, 50, 200, 10, 20, 5000, 8192, 4096, 7000, 4146, 30]);
-  const [below, above] = splitReads(host, 4096);
-  t.same(Array.from(below), [100, 0, 10, 200, 10, 20], 'the triples that land below 4096, in order');
-  t.same(Array.from(above), [900, 0, 50, 5000, 4096, 4096, 7000, 50, 30], 'the others, buffer offsets less 4096, in order');
-  const [none, all] = splitReads(host, 0);
-  t.equal(none.length, 0);
-  t.same(Array.from(all), Array.from(host), 'base 0: every triple as it is');
-  t.same(splitReads(new Float64Array(0), 10).map((a) => a.length), [0, 0], 'nothing to split');
 });
 
 t.test('the writer refuses entries out of (block, slot) order or outside their block', async (t) => {
