@@ -429,8 +429,8 @@ class DirtyScan {
       await this.parent.until(group[group.length - 1].i + 1, inGroup, held, prev);
       const g = this.plan(group, read, prev);
       if (read.region) {
+        settled = true; // (once: not again in `finally` should this throw)
         const added = p.packs!.settle(read.region, g.packed);
-        settled = true;
         p.rec.stats.blocksAdded += added.count;
         p.rec.stats.bytesAdded += added.bytes;
       }
