@@ -331,8 +331,9 @@ export class PackWriter {
   /**
    * Allocates the pack buffers that `bytes` of new pieces will fill (up to the writer's limit)
    * and has their pages faulted in now, one buffer after another on the thread pool, while the
-   * snapshot reads: the first touch of fresh pack buffers had been taken by the copies into
-   * them on the event loop (4,096 faults for four 4 MiB buffers of 4 KiB pages). For a caller
+   * snapshot reads: the first touch of fresh pack buffers is otherwise taken by whoever fills
+   * them (4,096 faults for four 4 MiB buffers of 4 KiB pages): until session 35 the copies on
+   * the event loop, now the read jobs that fill them in place (../dirty.ts). For a caller
    * that knows what it will pack before it reads (a dirty-range scan, ../dirty.ts). Measured on
    * a scattered qcow2 incremental (40 MiB of pieces), alternating fixed-state pairs: -10, 0 and
    * -5 ms at the median in three sets (15, 15 and 20 pairs).
