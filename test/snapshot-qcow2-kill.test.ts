@@ -51,10 +51,12 @@ t.test(`SIGKILL of snapshot create at random moments on a bitmap-tracked qcow2 v
     qemuIo(vol, writes);
     expected.set(String(round), guest());
   };
+  let finished = 0; // runs that exited 0: each left a completed snapshot
   const clean = async (why: string) => {
     newRound();
     const r = await runAndKill(process.execPath, [...create(round), '--json'], 120_000);
     t.equal(r.status, 0, `${why}: the snapshot completed ${r.stderr}`);
+    if (r.status === 0) finished++;
   };
 
   // The first snapshot adds the bitmap; the time of the second sets the window of the kills.
@@ -72,7 +74,7 @@ t.test(`SIGKILL of snapshot create at random moments on a bitmap-tracked qcow2 v
     const delay = 40 + rand() * createMs;
     const r = await runAndKill(process.execPath, create(round), delay);
     if (r.killed) kills++;
-    else t.equal(r.status, 0, `round ${round}: not killed, so it completed ${r.stderr}`);
+    else if (t.equal(r.status, 0, `round ${round}: not killed, so it completed ${r.stderr}`)) finished++;
     const c = qemuCheck(vol);
     t.ok(c.status === 0 || c.status === 3, `round ${round} (killed after ${Math.round(delay)} ms: ${r.killed}): qemu-img check finds no corruption${c.status === 0 || c.status === 3 ? '' : `: ${c.text}`}`);
     t.equal(c.result?.corruptions ?? 0, 0, `round ${round}: no corrupt cluster`);
@@ -88,7 +90,8 @@ t.test(`SIGKILL of snapshot create at random moments on a bitmap-tracked qcow2 v
   const { snapshots, damaged } = await snap.listSnapshots({ store });
   t.same(damaged, [], 'no damaged records');
   const good = snapshots.filter((s) => s.state === 'completed');
-  t.ok(good.length >= 5, `${good.length} completed snapshots to restore`);
+  // A kill that lands after the record is completed but before the exit adds one more.
+  t.ok(good.length >= finished && good.length >= 4, `${good.length} completed snapshots to restore (${finished} runs exited 0)`);
   for (const s of good) {
     const out = path.join(dir, `check-${s.id}.raw`);
     await snap.restoreSnapshot(s.id, { store, to: out });
