@@ -33,6 +33,14 @@ export const FALLOC_ALLOCATE = 0;
 export const FALLOC_PUNCH_HOLE = 1; // PUNCH_HOLE|KEEP_SIZE
 export const FALLOC_ZERO_RANGE = 2; // ZERO_RANGE (falls back to punch-hole where unsupported)
 
+/** native mtimeProbe's answer for one directory. */
+export interface MtimeProbe {
+  /** st_dev of the filesystem probed */
+  dev: number;
+  fine: boolean;
+  wholeSeconds: boolean;
+}
+
 export interface NativeStat {
   size: number;
   /** bytes actually allocated (st_blocks * 512) */
@@ -141,6 +149,12 @@ export interface NativeAddon {
   readFiles(dir: string, names: string[], maxBytes: number): { data: Buffer; ends: Float64Array; failed: Array<number | DisksnapError> };
   /** Resolution of CLOCK_REALTIME_COARSE (ns), the clock file mtimes are stamped from; 0 if unknown. */
   timestampTickNs(): number;
+  /**
+   * How writes move a file's mtime on `dir`'s filesystem, probed on an unnamed O_TMPFILE (null
+   * where none can be made): `fine` when a write right after an fstat always moves it (Linux
+   * 6.13+ multigrain timestamps), `wholeSeconds` when times have no nanoseconds.
+   */
+  mtimeProbe(dir: string): MtimeProbe | null;
   ftruncate(fd: number, size: number): void;
   /** Data extents in [offset, offset+length) as pairs [start, length] (SEEK_DATA/SEEK_HOLE). */
   extents(fd: number, offset: number, length: number): Float64Array;

@@ -20,8 +20,8 @@
  *   - By clean pages (a regular file on ext4, xfs or btrfs): after the first stat, an
  *     fdatasync of the volume writes its dirty pages back, which write-protects every shared
  *     mapping of them; from then on the first store into any page faults, and these
- *     filesystems' page_mkwrite updates mtime (the coarse clock is already past the stat's
- *     mtime: stableStat). Every change after the fdatasync, through write(2) or a mapping,
+ *     filesystems' page_mkwrite updates mtime (to a later time than the stat's: stableStat,
+ *     ./volume-times.ts). Every change after the fdatasync, through write(2) or a mapping,
  *     then moves mtime or ctime, and the stat after the read sees it. No second read.
  *   - By reading again (block devices, other filesystems — tmpfs pages are never written
  *     back, nor write-protected — or the proveByReading test hook): each block's change tag
@@ -33,19 +33,19 @@
  * A block that moved throws VolumeChanged (the attempt is retried, then the snapshot is `error`).
  */
 import { randomBytes } from 'node:crypto';
-import * as fs from 'node:fs';
 import { BlockFile } from '../engine/file';
 import type { DiskImage } from '../image';
-import { BlockHashes, native, NativeStat } from '../engine/native';
+import { BlockHashes, native } from '../engine/native';
 import type { Store } from './store/store';
 import type { ObjectData } from './store/backend';
 import { sealChunk } from './store/crypto-pool';
 import { EntryRun, ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength, pieceSizeFor } from './store/manifest';
 import { TagKey, TagReader, TagWriter, maskGranules, tagIvs, xor16, SALT_LENGTH } from './store/tags';
-import { SnapshotRecord, VolumeStat, emptyStats, fileIdentityOf, sameFileIdentity } from './store/records';
+import { SnapshotRecord, emptyStats } from './store/records';
 import { HASH_CHUNK_BYTES, MAX_BUFFERS, MAX_WRITE_BYTES, ProgressFn, blocksPerChunk, chunksOf, dataRuns, guestRuns, queueObject, sleep, volumeSizeOf } from './common';
 import { BufferPool, NumberList, Throttle, readAhead } from './pool';
 import { Captured, abortQuietly, percentOf } from './lifecycle';
+import { sameStat, stableStat, statMoved, statOf, unsettledMs, writesMoveMtime } from './volume-times';
 import { bigBuffer } from './store/direct';
 import { PackWriter } from './store/packs';
 import { openOutputs, openParent } from './outputs';
@@ -117,18 +117,6 @@ export interface CaptureSettings {
   prove: boolean;
   /** prove it by the second read pass even where clean pages would do (a test hook) */
   proveByReading?: boolean;
-}
-
-/** statfs f_type of the filesystems whose page_mkwrite updates mtime (linux/magic.h). */
-const MTIME_ON_FAULT = new Set([0xef53 /* ext2/3/4 */, 0x58465342 /* xfs */, 0x9123683e /* btrfs */]);
-
-/** Whether writes to `file`, through write(2) or a shared mapping of clean pages, move its mtime. */
-function writesMoveMtime(file: BlockFile): boolean {
-  try {
-    return fs.fstatSync(file.fd).isFile() && MTIME_ON_FAULT.has(fs.statfsSync(file.path).type);
-  } catch {
-    return false;
-  }
 }
 
 /** The data blocks recorded so far, ascending, with the unmasked change tag of the bytes recorded. */
@@ -446,85 +434,6 @@ async function proveOneMoment(p: ReadPipeline): Promise<void> {
   if (j < seen.length) throw moved(seen.index.get(j));
 }
 
-/** Why the volume's stat says it moved between two stats, or undefined. */
-function moved(st0: NativeStat, st1: NativeStat): string | undefined {
-  if (st1.size !== st0.size) return `size ${st0.size} -> ${st1.size}`;
-  if (st1.mtimeNs !== st0.mtimeNs) return 'modification time moved';
-  if (st1.ctimeNs !== st0.ctimeNs) return 'change time moved';
-  if (st1.ino !== st0.ino) return 'replaced by another file';
-  return undefined;
-}
-
-let bootIdCache: string | undefined;
-
-/** This boot's id (the kernel's random boot_id), or '' where it cannot be read. */
-function bootId(): string {
-  if (bootIdCache === undefined) {
-    try {
-      bootIdCache = fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
-    } catch {
-      bootIdCache = '';
-    }
-  }
-  return bootIdCache;
-}
-
-/** A stat as a record keeps it; null without a boot id to bind it to. */
-function statOf(st: NativeStat): VolumeStat | null {
-  const boot = bootId();
-  return /^[0-9a-f-]{36}$/.test(boot) ? { ...fileIdentityOf(st), bootId: boot } : null;
-}
-
-/**
- * Whether the volume is exactly as the parent recorded it: the same file (device, inode) with
- * the same size, mtime and ctime, seen in the same boot. The parent recorded its stat only
- * where every write moves them (a live read by clean pages), and both stats were taken once
- * the coarse clock was past the file's mtime (stableStat), so a write after the parent's
- * moment gives a later time. ctime cannot be set back from user space, so `touch -d` hides no
- * write. Within one boot the times a stat returns are the kernel's own, moved by every write;
- * across a crash they are what the journal last committed, which can be older than data
- * already on disk: a restart means reading the volume again.
- */
-function sameStat(v: VolumeStat | null | undefined, st: NativeStat): boolean {
-  return !!v && v.bootId === bootId() && sameFileIdentity(v, st);
-}
-
-/**
- * The volume's stat, taken once "now" is past its last mtime by more than the kernel's
- * coarse clock granularity, so that any write from here on moves it.
- */
-async function stableStat(file: BlockFile): Promise<NativeStat> {
-  const st = file.stat();
-  const wait = unsettledMs(st);
-  if (!wait) return st;
-  await sleep(wait);
-  return file.stat();
-}
-
-let settleMs: number | undefined;
-
-/**
- * How far past a file's mtime "now" must be for every later write to move it: two ticks of the
- * coarse clock the kernel stamps mtimes from (a write one tick later gets a later time), and a
- * millisecond for Date.now's rounding. 9 ms on a 250 Hz kernel (these VMs), 21 at 100 Hz,
- * and 21 where the kernel does not tell its tick. A qcow2 snapshot waited up to 20 ms here after
- * adding its bitmap (~10 ms of a 0.23 s incremental; ~0 now).
- */
-function settle(): number {
-  if (settleMs === undefined) {
-    const tick = native().timestampTickNs() / 1e6;
-    settleMs = tick > 0 ? 2 * tick + 1 : 21;
-  }
-  return settleMs;
-}
-
-/** Milliseconds until "now" is settle() past `st`'s mtime: 0 when it is. */
-function unsettledMs(st: NativeStat): number {
-  const age = Number(BigInt(Date.now()) * 1_000_000n - st.mtimeNs) / 1e6;
-  const need = settle();
-  return age >= need ? 0 : Math.ceil(need - age);
-}
-
 /**
  * One attempt: the manifest (and change tags) of `file` as `detect` reads it, ready to
  * commit. Throws VolumeChanged when the volume moved while it was read.
@@ -539,9 +448,9 @@ export async function capture(
   readDone: () => Promise<void>,
 ): Promise<Captured> {
   // A guest view's stat is not recorded (no volumeStat): it only has to be settled when the
-  // read starts, so the wait overlaps the setup below instead of coming first. For a qcow2
-  // volume it always came: adding our bitmap a moment ago moved its mtime (25 ms of a 0.3 s
-  // incremental; now the rest of settle() after that update).
+  // read starts, so a wait overlaps the setup below instead of coming first. For a qcow2
+  // volume one always came where the filesystem's times are coarse: adding our bitmap a
+  // moment ago moved its mtime (./volume-times.ts).
   const st0 = settings.guest ? file.stat() : await stableStat(file);
   // One moment by clean pages where the filesystem allows it (see the note above): every
   // store from here on faults and moves mtime, so the second read pass is not needed.
@@ -568,7 +477,7 @@ export async function capture(
     p = new ReadPipeline(store, file, rec, size, writer, tagWriter, settings);
     // Unchanged since the parent, proven by its identity and times (see sameStat): nothing to read.
     const unchanged = byCleanPages && !settings.guest && sameStat(parent?.volumeStat, st0);
-    const settle = settings.guest ? unsettledMs(st0) : 0;
+    const settle = settings.guest ? unsettledMs(file, st0) : 0;
     if (settle) await sleep(settle); // from here on any write moves the mtime
     await pick(view, settings.guest, settings.reflink, unchanged)(p, view);
     await p.chunks.drain();
@@ -576,7 +485,7 @@ export async function capture(
     // Every read of the volume is done: check it did not move, then let go of the freeze (or
     // the clone) before waiting for the object writes.
     rec.stats.zeroBlocks = blockCount(size, store.blockSize) - rec.stats.dataBlocks;
-    const why = moved(st0, file.stat()) ?? settings.guest?.moved?.();
+    const why = statMoved(st0, file.stat()) ?? settings.guest?.moved?.();
     if (why) throw new VolumeChanged(why);
     rec.volumeStat = byCleanPages && !settings.guest ? statOf(st0) : null;
     await readDone();
