@@ -46,8 +46,9 @@ t.test('the build keeps a code cache for the bundle, and V8 takes it', async (t)
 
 t.test('a cache made for other bundle bytes of the same length is not used', async (t) => {
   const src = fs.readFileSync(BUNDLE);
-  const at = src.indexOf('Differencing disks and storage snapshots');
-  t.ok(at > 0, 'the bundle holds the program description');
+  // (the program's description; esbuild's --line-limit may break the string after a few words)
+  const at = src.indexOf('.description("Differencing') + '.description("'.length;
+  t.ok(at > 20, 'the bundle holds the program description');
   const other = Buffer.from(src);
   other.write('differencing', at, 'latin1'); // same length, other bytes: V8 alone would take the cache
   // beside the real one: the bundle finds package.json and the addon from its own directory

@@ -3,6 +3,9 @@
  * src/engine/lazy-child-process.ts (esbuild's --alias in package.json's build), so a command
  * that starts no process does not load it, nor net and dgram with it (~5 ms of every command);
  * the commands that do start one (a FUSE attachment, a guard) get the real module through it.
+ * Output goes to descriptors 1 and 2 by write(2) (src/engine/stdio.ts), and V8's flag comes on
+ * node's command line (src/cli/executable.ts): with stdout and stderr pipes, as here, neither
+ * net (the streams node makes for pipes) nor v8 is loaded.
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
@@ -43,7 +46,25 @@ t.test('a snapshot of a raw file, and a listing, load no node:child_process', as
     t.equal(r.status, 0, `${args.slice(0, 2).join(' ')} ${r.err}`);
     t.ok(r.builtins.includes('fs') && r.builtins.includes('crypto'), 'the probe saw the builtins the command loads');
     t.notOk(r.builtins.includes('child_process'), `${args.slice(0, 2).join(' ')}: node:child_process not loaded`);
+    for (const m of ['net', 'tty', 'v8']) t.notOk(r.builtins.includes(m), `${args.slice(0, 2).join(' ')}: node:${m} not loaded`);
   }
+  const r = runRecording(dir, ['snapshot', 'create', vol, '--store', store, '--json']);
+  t.equal(r.status, 0, `snapshot create --json ${r.err}`);
+  for (const m of ['net', 'tty', 'v8']) t.notOk(r.builtins.includes(m), `snapshot create --json: node:${m} not loaded`);
+});
+
+t.test('output by write(2): a reader that goes away ends the command quietly; a slow one gets every byte', async (t) => {
+  const dir = t.testdir();
+  const vol = path.join(dir, 'vol.img');
+  makeImage(vol, 8 * MiB, [{ offset: 0, length: 8 * MiB, seed: 7 }]);
+  // 8 MiB to a pipe whose reader stops after 10 bytes: EPIPE on a write, exit 0, nothing on stderr
+  const piped = spawnSync('bash', ['-c', '"$@" | head -c 10 > /dev/null; echo "${PIPESTATUS[0]}"', 'bash', CLI, 'read', vol, '0', String(8 * MiB)], { encoding: 'utf8', timeout: 60_000 });
+  t.equal(piped.stdout.trim(), '0', 'the command exits 0 when its reader goes away');
+  t.equal(piped.stderr, '', 'and says nothing');
+  // a reader that starts late: the pipe fills, and the writes wait for it
+  const slow = spawnSync('bash', ['-c', '"$@" | { sleep 0.5; cat; }', 'bash', CLI, 'read', vol, '0', String(8 * MiB)], { maxBuffer: 64 * MiB, timeout: 60_000 });
+  t.equal(slow.status, 0, `read to a slow reader: ${slow.stderr}`);
+  t.ok(slow.stdout.equals(fs.readFileSync(vol)), 'every byte arrived, in order');
 });
 
 t.test('the lazy node:child_process is the real module at first use', async (t) => {

@@ -11,6 +11,7 @@ import { formatSize } from '../engine/size';
 import { qmpFor } from '../host/qmp-find';
 import { reporter } from './progress';
 import { action, printJson } from './util';
+import { writeOut } from '../engine/stdio';
 
 /** QEMU's job progress on stderr (./progress.ts). */
 function progress(label: string, json?: boolean): (done: number, total: number) => void {
@@ -33,7 +34,7 @@ function printTree(t: cp.TreeInfo): void {
     if (r.base) out.push(`(over ${r.base})`);
     walk(r.name, 0);
   }
-  process.stdout.write(out.join('\n') + '\n');
+  writeOut(out.join('\n') + '\n');
 }
 
 export function register(program: Command): void {
@@ -51,7 +52,7 @@ export function register(program: Command): void {
         const qmp = await qmpFor(image, opts.qmp, 'make a checkpoint');
         const n = qmp ? await createLive(image, name, { qmp }) : await cp.create(image, name);
         if (opts.json) printJson('checkpoint-node', qmp ? { ...n, qmp } : n);
-        else process.stdout.write(`checkpoint ${n.name}: ${n.file}${qmp ? ` (live, QMP ${qmp})` : ''}; ${image} continues over it\n`);
+        else writeOut(`checkpoint ${n.name}: ${n.file}${qmp ? ` (live, QMP ${qmp})` : ''}; ${image} continues over it\n`);
       }),
     );
 
@@ -79,7 +80,7 @@ export function register(program: Command): void {
       action(async (image: string, name: string, opts: { keep?: string; json?: boolean }) => {
         const t = await cp.revert(image, name, { keep: opts.keep });
         if (opts.json) printJson('checkpoint-tree', t);
-        else process.stdout.write(`${image} now sits on ${name}${opts.keep ? `; its previous state is node ${opts.keep}` : ''}\n`);
+        else writeOut(`${image} now sits on ${name}${opts.keep ? `; its previous state is node ${opts.keep}` : ''}\n`);
       }),
     );
 
@@ -97,7 +98,7 @@ export function register(program: Command): void {
         if (opts.json) printJson('checkpoint-delete', r);
         else {
           const live = r.streamed.length ? ` (${r.streamed.join(', ')} by the running QEMU's block-stream)` : '';
-          process.stdout.write(`deleted ${name}: merged into ${r.mergedInto.length} child(ren)${live}, ${formatSize(r.bytesCopied)} copied${qmp ? `; QMP ${qmp}` : ''}\n`);
+          writeOut(`deleted ${name}: merged into ${r.mergedInto.length} child(ren)${live}, ${formatSize(r.bytesCopied)} copied${qmp ? `; QMP ${qmp}` : ''}\n`);
         }
       }),
     );
@@ -113,7 +114,7 @@ export function register(program: Command): void {
       action(async (image: string, from: string, to: string, opts: { json?: boolean }) => {
         const r = await cp.squash(image, from, to);
         if (opts.json) printJson('checkpoint-squash', r);
-        else process.stdout.write(`squashed into ${to}: deleted ${r.deleted.join(', ') || 'nothing'}\n`);
+        else writeOut(`squashed into ${to}: deleted ${r.deleted.join(', ') || 'nothing'}\n`);
       }),
     );
 
@@ -126,7 +127,7 @@ export function register(program: Command): void {
       action(async (image: string, opts: { json?: boolean }) => {
         await cp.resume(image);
         if (opts.json) printJson('checkpoint-resume', { image, unfinished: false });
-        else process.stdout.write(`${image}: nothing left unfinished\n`);
+        else writeOut(`${image}: nothing left unfinished\n`);
       }),
     );
 }

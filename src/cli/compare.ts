@@ -15,6 +15,7 @@ import { compare, parseWorkload, renderHtml, renderOverviewSvg, renderText, sile
 import { isQuiet } from './progress';
 import type { CompareReport, StrategyName } from '../compare';
 import { action, intArg, log, sizeArg, traceDocument } from './util';
+import { writeOut } from '../engine/stdio';
 
 export interface CompareCommandOptions {
   generate?: number;
@@ -67,8 +68,8 @@ export async function runCompare(image: string | undefined, opts: CompareCommand
   if (opts.json !== undefined && opts.json !== '-') await writeReport(opts.json, json, !!opts.force);
   if (opts.html !== undefined) await writeReport(opts.html, renderHtml(report), !!opts.force);
   if (opts.svg !== undefined) await writeReport(opts.svg, renderOverviewSvg(report), !!opts.force);
-  if (opts.json === '-') process.stdout.write(json);
-  else process.stdout.write(renderText(report));
+  if (opts.json === '-') writeOut(json);
+  else writeOut(renderText(report));
   for (const [what, f] of [['JSON', opts.json], ['HTML', opts.html], ['SVG', opts.svg]] as const) {
     if (f !== undefined && f !== '-') log(`compare: ${what} report written to ${f}`);
   }

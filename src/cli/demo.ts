@@ -13,14 +13,15 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { buildProgram } from './program';
+import { writeErr, writeOut } from '../engine/stdio';
 
 async function main(): Promise<void> {
   const out = fs.mkdtempSync(path.join(os.tmpdir(), 'disksnap-demo-'));
   const files = { html: path.join(out, 'report.html'), json: path.join(out, 'report.json'), svg: path.join(out, 'report.svg') };
-  process.stderr.write(`disksnap demo: comparing the strategies on a generated image; reports go to ${out}\n`);
+  writeErr(`disksnap demo: comparing the strategies on a generated image; reports go to ${out}\n`);
   const argv = ['compare', '--generate', '256M', '--dir', out, '--html', files.html, '--json', files.json, '--svg', files.svg, ...process.argv.slice(2)];
   await buildProgram().parseAsync(argv, { from: 'user' });
-  process.stdout.write(`\nreport: ${files.html}\n        ${files.json}\n        ${files.svg}\n`);
+  writeOut(`\nreport: ${files.html}\n        ${files.json}\n        ${files.svg}\n`);
 }
 
 void main();

@@ -12,6 +12,7 @@ import { qemuCheck } from '../image/qemu';
 import { qmpFor } from '../host/qmp-find';
 import { reporter } from './progress';
 import { action, ExitStatus, OutputFormat, outputOption, outputStyle, printJson, printQemuJson, powerOfTwoArg, UsageError } from './util';
+import { writeErr, writeOut } from '../engine/stdio';
 
 /** Progress of a commit or flatten on stderr (./progress.ts), in bytes. */
 function progress(label: string): diff.Progress {
@@ -38,7 +39,7 @@ export function register(program: Command): void {
         const r = await diff.createChild(parent, child, { clusterSize: opts.clusterSize, force: opts.force });
         if (opts.json) printJson('diff-child', r);
         else
-          process.stdout.write(
+          writeOut(
             `created ${r.child}: qcow2 child of ${r.parent} (${r.parentFormat}), ${formatSize(r.virtualSize)}, ${formatSize(r.clusterSize)} clusters; ${r.parent} is now read-only\n`,
           );
       }),
@@ -57,8 +58,8 @@ export function register(program: Command): void {
         if (opts.json) printJson('diff-rollback', r);
         else {
           const [did, left, again] = r.dryRun ? ['would remove', 'would have', 'would be'] : ['removed', 'has', 'is'];
-          process.stdout.write(`${did} ${r.removed.join(', ')}${r.dryRun ? ' (dry run: nothing removed)' : ''}\n`);
-          process.stdout.write(
+          writeOut(`${did} ${r.removed.join(', ')}${r.dryRun ? ' (dry run: nothing removed)' : ''}\n`);
+          writeOut(
             r.remaining.length === 0
               ? `${r.parent} ${left} no children left and ${again} writable again\n`
               : `${r.parent} ${r.dryRun ? 'would still have' : 'still has'} ${r.remaining.length} child${r.remaining.length > 1 ? 'ren' : ''} and ${r.dryRun ? 'would stay' : 'stays'} read-only\n`,
@@ -77,7 +78,7 @@ export function register(program: Command): void {
       action(async (child: string, opts: { acceptParent?: boolean; json?: boolean }) => {
         const r = await diff.reset(child, { acceptParent: opts.acceptParent });
         if (opts.json) printJson('diff-child', r);
-        else process.stdout.write(`reset ${r.child}: empty child of ${r.parent}\n`);
+        else writeOut(`reset ${r.child}: empty child of ${r.parent}\n`);
       }),
     );
 
@@ -99,18 +100,18 @@ export function register(program: Command): void {
           if (opts.keepChild) throw new DisksnapError('--keep-child is not supported with --qmp (QEMU drops the child when it pivots)', 'EINVALID');
           const l = await commitLive(child, { qmp, allowSiblingChange: opts.allowSiblingChange, onProgress: progress('commit') });
           if (opts.json) printJson('diff-commit-live', { ...l, qmp });
-          else process.stdout.write(`committed ${l.child} into ${l.parent} live (QMP ${qmp}); the VM now runs on ${l.parent}; ${l.child} removed\n`);
+          else writeOut(`committed ${l.child} into ${l.parent} live (QMP ${qmp}); the VM now runs on ${l.parent}; ${l.child} removed\n`);
           return;
         }
         const r = await diff.commit(child, { keepChild: opts.keepChild, allowSiblingChange: opts.allowSiblingChange, onProgress: progress('commit') });
         if (opts.json) printJson('diff-commit', r);
         else {
-          process.stdout.write(
+          writeOut(
             `committed ${r.child} into ${r.parent}: ${formatSize(r.bytesCopied)} written, ${formatSize(r.bytesZeroed)} zeroed${r.resumed ? ' (resumed an interrupted commit)' : ''}; ` +
               (r.keptChild ? `${r.child} is empty\n` : `${r.child} removed\n`),
           );
           if (r.siblings.length) {
-            process.stderr.write(
+            writeErr(
               `warning: ${r.parent} changed under its other children (${r.siblings.join(', ')}); they will refuse to open until rolled back or re-accepted with 'disksnap diff accept-parent'\n`,
             );
           }
@@ -129,7 +130,7 @@ export function register(program: Command): void {
       action(async (child: string, out: string, opts: { force?: boolean; json?: boolean }) => {
         const r = await diff.flatten(child, out, { force: opts.force, onProgress: progress('flatten') });
         if (opts.json) printJson('diff-flatten', r);
-        else process.stdout.write(`wrote ${r.out}: raw, ${formatSize(r.virtualSize)}, ${formatSize(r.dataBytes)} of data\n`);
+        else writeOut(`wrote ${r.out}: raw, ${formatSize(r.virtualSize)}, ${formatSize(r.dataBytes)} of data\n`);
       }),
     );
 
@@ -147,16 +148,16 @@ export function register(program: Command): void {
         if (style === 'peer') {
           // qemu-img check --output=json: the document on stdout, the findings on stderr; a raw
           // image has no document ("does not support checks", exit 63)
-          for (const m of r.messages) process.stderr.write(`${m}\n`);
+          for (const m of r.messages) writeErr(`${m}\n`);
           if (r.format === 'qcow2') printQemuJson('qemu-check', qemuCheck(r));
         } else if (style === 'disksnap') printJson('diff-check', r);
         else {
-          for (const m of r.messages) process.stdout.write(`${m}\n`);
-          if (r.corruptions > 0) process.stdout.write(`${r.corruptions} error${r.corruptions > 1 ? 's' : ''} were found on the image.\n`);
-          if (r.leaks > 0) process.stdout.write(`${r.leaks} leaked cluster${r.leaks > 1 ? 's' : ''} were found on the image (repair with --repair).\n`);
+          for (const m of r.messages) writeOut(`${m}\n`);
+          if (r.corruptions > 0) writeOut(`${r.corruptions} error${r.corruptions > 1 ? 's' : ''} were found on the image.\n`);
+          if (r.leaks > 0) writeOut(`${r.leaks} leaked cluster${r.leaks > 1 ? 's' : ''} were found on the image (repair with --repair).\n`);
           if (r.format === 'qcow2') {
-            if (r.corruptions === 0 && r.leaks === 0) process.stdout.write('No errors were found on the image.\n');
-            process.stdout.write(`${r.allocatedClusters}/${r.totalClusters} guest clusters allocated; image end offset ${r.imageEndOffset}\n`);
+            if (r.corruptions === 0 && r.leaks === 0) writeOut('No errors were found on the image.\n');
+            writeOut(`${r.allocatedClusters}/${r.totalClusters} guest clusters allocated; image end offset ${r.imageEndOffset}\n`);
           }
         }
         if (r.exitCode !== 0) throw new ExitStatus(r.exitCode);
@@ -172,7 +173,7 @@ export function register(program: Command): void {
       action((child: string, opts: { json?: boolean }) => {
         const r = diff.acceptParent(child);
         if (opts.json) printJson('diff-accept-parent', r);
-        else process.stdout.write(`${r.child}: parent ${r.parent} accepted as it is now (guard was: ${r.before})\n`);
+        else writeOut(`${r.child}: parent ${r.parent} accepted as it is now (guard was: ${r.before})\n`);
       }),
     );
 
@@ -185,7 +186,7 @@ export function register(program: Command): void {
       action((parent: string, opts: { json?: boolean }) => {
         const children = diff.childrenOf(parent);
         if (opts.json) printJson('diff-children', { parent, children });
-        else for (const c of children) process.stdout.write(`${c}\n`);
+        else for (const c of children) writeOut(`${c}\n`);
       }),
     );
 }

@@ -14,6 +14,7 @@
 import { Argument, Command } from 'commander';
 import { VERSION } from '../engine/root';
 import { action } from './util';
+import { writeOut } from '../engine/stdio';
 
 /** Examples per command path ("snapshot create"), shown after its options in --help. */
 export const EXAMPLES: Record<string, string[]> = {
@@ -201,7 +202,7 @@ export function register(program: Command, full: () => Command): void {
     .addArgument(new Argument('<shell>', 'the shell').choices(['bash', 'zsh']))
     .action(
       action(async (shell: string) => {
-        process.stdout.write(shell === 'zsh' ? zshCompletion(full()) : bashCompletion(full()));
+        writeOut(shell === 'zsh' ? zshCompletion(full()) : bashCompletion(full()));
       }),
     );
   program
@@ -209,7 +210,7 @@ export function register(program: Command, full: () => Command): void {
     .description('print the man page (roff), generated from the command definitions')
     .action(
       action(async () => {
-        process.stdout.write(manPage(full(), VERSION));
+        writeOut(manPage(full(), VERSION));
       }),
     );
 }

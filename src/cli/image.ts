@@ -13,6 +13,7 @@ import { invalid } from '../engine/errors';
 import { formatSize } from '../engine/size';
 import { formatQemuMap, measure, qemuInfo, qemuMap } from '../image/qemu';
 import { action, intArg, OutputFormat, outputOption, outputStyle, powerOfTwoArg, printJson, printQemuJson, printLines, sizeArg, traceDocument, UsageError } from './util';
+import { writeErr, writeOut } from '../engine/stdio';
 
 const CHUNK = 4 * 2 ** 20;
 
@@ -28,7 +29,7 @@ export function register(program: Command): void {
       action(async (file: string, size: number, opts: { force?: boolean; json?: boolean }) => {
         await createRawImage(file, size, { force: opts.force });
         if (opts.json) printJson('image-create', { file, format: 'raw', virtualSize: size });
-        else process.stdout.write(`created ${file}: raw, ${formatSize(size)} (${size} bytes)\n`);
+        else writeOut(`created ${file}: raw, ${formatSize(size)} (${size} bytes)\n`);
       }),
     );
 
@@ -76,7 +77,7 @@ export function register(program: Command): void {
         if (style === 'peer') {
           const text = formatQemuMap(qemuMap(file));
           traceDocument('qemu-map', 'stdout');
-          process.stdout.write(text);
+          writeOut(text);
           return;
         }
         const image = openImage(file);
@@ -182,7 +183,7 @@ export function register(program: Command): void {
           }
           image.flushSync();
           if (opts.json) printJson('image-write', { file, offset, length: data.length });
-          else process.stderr.write(`wrote ${data.length} bytes at offset ${offset} of ${file}\n`);
+          else writeErr(`wrote ${data.length} bytes at offset ${offset} of ${file}\n`);
         } finally {
           image.close();
         }
@@ -225,7 +226,7 @@ export function register(program: Command): void {
           const banner = () => {
             if (opts.json) return;
             const step = opts.step ?? opts.size;
-            process.stderr.write(
+            writeErr(
               `Sending ${opts.count} ${opts.write ? 'write' : 'read'} requests, ${opts.size} bytes each, ` +
                 `${opts.depth} in parallel (starting at offset ${opts.offset}, ${opts.random ? 'random offsets' : `step size ${step}`})\n`,
             );
@@ -244,7 +245,7 @@ export function register(program: Command): void {
             });
             if (opts.json) printJson('image-bench', { file, format: image.format, ...r });
             else
-              process.stdout.write(
+              writeOut(
                 `Run completed in ${r.seconds.toFixed(3)} seconds: ${Math.round(r.iops)} requests/s, ` +
                   `${formatSize(r.bytesPerSecond)}/s` +
                   (r.operation === 'write' ? ` (final flush ${r.flushSeconds.toFixed(3)} s)` : '') +
@@ -296,7 +297,7 @@ function printInfo(info: ImageInfo): void {
 export function printTable(header: string[], rows: string[][]): void {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   const line = (cells: string[]) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]))).join('  ');
-  process.stdout.write([line(header), ...rows.map(line)].join('\n') + '\n');
+  writeOut([line(header), ...rows.map(line)].join('\n') + '\n');
 }
 
 function copyOut(image: ReturnType<typeof openImage>, offset: number, length: number, sink: (b: Buffer) => void): void {
@@ -321,10 +322,8 @@ async function copyOutAsync(
   }
 }
 
-function writeStdout(chunk: Buffer): Promise<void> {
-  return new Promise((resolve, reject) => {
-    process.stdout.write(chunk, (err) => (err ? reject(err) : resolve()));
-  });
+async function writeStdout(chunk: Buffer): Promise<void> {
+  writeOut(chunk);
 }
 
 /** Reads all of `input` (or stdin), failing as soon as it exceeds `limit` bytes. */

@@ -9,6 +9,7 @@
 import { Command, Option } from 'commander';
 import { attach, detach } from '../host/attach';
 import { action, log, printJson } from './util';
+import { writeOut } from '../engine/stdio';
 
 export function register(program: Command): void {
   program
@@ -27,7 +28,7 @@ export function register(program: Command): void {
       action(async (file: string, opts: { readOnly?: boolean; cache: 'direct' | 'page'; via: 'auto' | 'fuse'; json?: boolean }) => {
         const a = await attach(file, { readOnly: !!opts.readOnly, cache: opts.cache, via: opts.via });
         if (opts.json) printJson('attach', a);
-        else process.stdout.write(`${a.device}\n`);
+        else writeOut(`${a.device}\n`);
       }),
     );
 

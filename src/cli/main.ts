@@ -27,9 +27,9 @@
  * main.js`, the variable is node's own as before.
  */
 import * as path from 'node:path';
-import { setFlagsFromString } from 'node:v8';
 import { LoadedScript, cacheFileOf, loadScript } from '../engine/bundle';
 import { deferExtraCa } from '../engine/extra-ca';
+import { V8_FLAG } from './executable';
 
 export const BUNDLE = path.join(__dirname, 'disksnap.bundle.js');
 export const CODE_CACHE = cacheFileOf(BUNDLE);
@@ -61,10 +61,12 @@ export function loadBundle(file = BUNDLE, cacheFile: string | null = CODE_CACHE)
  * runs hot. 8 alternating runs of a 1% incremental, the build before and after: 0.61 -> 0.55 s,
  * CPU 0.90 -> 0.75 s; full snapshots no slower; `--version` ~12 ms slower (loading node:v8
  * costs more than such a command saves) (README, Design). V8 takes a code cache only from a
- * process with the same flags, so ./code-cache.ts trains with this too.
+ * process with the same flags, so ./code-cache.ts trains with this too. The executable passes
+ * it on node's command line (./executable.ts), where it costs nothing; this sets it when node
+ * was started without it (`node main.js`, the training).
  */
 export function setCliFlags(): void {
-  setFlagsFromString(`--interrupt-budget=${8 * 132 * 1024}`);
+  if (!process.execArgv.includes(V8_FLAG)) (require('node:v8') as typeof import('node:v8')).setFlagsFromString(V8_FLAG);
 }
 
 if (require.main === module) {

@@ -8,6 +8,7 @@ import { VERSION } from '../engine/root';
 import { addExamples } from './docs';
 import { setQuiet } from './progress';
 import { tuneProcessMemory } from '../engine/native';
+import { writeErr, writeOut } from '../engine/stdio';
 
 interface Group {
   /** `full`: the program with every group, for commands that describe all of them */
@@ -43,6 +44,9 @@ export function buildProgram(command?: string | null): Command {
     .option('-q, --quiet', 'no progress on stderr (also DISKSNAP_QUIET=1)')
     .on('option:quiet', () => setQuiet(true))
     .showHelpAfterError('(run with --help for usage)')
+    // help, version and usage errors by write(2) too (../engine/stdio.ts), set before the groups
+    // add their commands, which take it over
+    .configureOutput({ writeOut, writeErr })
     .exitOverride();
   const only = GROUPS.find(([names]) => typeof command === 'string' && names.includes(command));
   for (const group of command === null ? [] : only ? [only] : GROUPS) group[1]().register(program, () => buildProgram());
@@ -50,17 +54,8 @@ export function buildProgram(command?: string | null): Command {
   return program;
 }
 
-/** A reader that went away (`disksnap map X | head -1`) ends the command quietly. */
-function quietOnClosedStdout(): void {
-  process.stdout.on('error', (e: NodeJS.ErrnoException) => {
-    if (e.code === 'EPIPE') process.exit(typeof process.exitCode === 'number' ? process.exitCode : 0);
-    fail(e);
-  });
-}
-
 /** Runs the command line `argv` (as process.argv: node, script, arguments). */
 export async function main(argv: string[]): Promise<void> {
-  quietOnClosedStdout();
   tuneProcessMemory();
   const args = argv.slice(2);
   const versionOnly = args.length === 1 && (args[0] === '--version' || args[0] === '-V');

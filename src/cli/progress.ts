@@ -14,6 +14,7 @@
 import type * as CliProgress from 'cli-progress';
 import { formatSize } from '../engine/size';
 import { traceDocument } from './util';
+import { isTerminal, writeErr } from '../engine/stdio';
 
 let quiet = process.env.DISKSNAP_QUIET === '1';
 
@@ -55,7 +56,7 @@ function secondsText(s: number): string {
 export function reporter(label: string, opts: { json?: boolean } = {}): Reporter {
   if (quiet) return { update: () => undefined, stop: () => undefined };
   if (opts.json) return jsonReporter(label);
-  return process.stderr.isTTY ? barReporter(label) : lineReporter(label);
+  return isTerminal(2) ? barReporter(label) : lineReporter(label);
 }
 
 /**
@@ -75,12 +76,12 @@ function throttled(format: (phase: string, done: number, total: number, bytes: b
       if (now - last < intervalMs()) return;
       last = now;
       printed = true;
-      process.stderr.write(pending());
+      writeErr(pending());
       pending = undefined;
     },
     stop() {
       // the last state, unless it was just printed: a log ends with where the command got to
-      if (pending && printed) process.stderr.write(pending());
+      if (pending && printed) writeErr(pending());
       pending = undefined;
     },
   };

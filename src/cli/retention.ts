@@ -5,6 +5,7 @@
 import { Command } from 'commander';
 import type { PrunePolicy, PruneReport } from '../storage';
 import { collect, intArg, UsageError } from './util';
+import { stdoutWriter } from '../engine/stdio';
 
 export type KeepFlags = Record<'keepLast' | 'keepHourly' | 'keepDaily' | 'keepWeekly' | 'keepMonthly' | 'keepYearly', number | undefined> & { keepTag: string[] };
 
@@ -39,7 +40,7 @@ export function policyText(p: PrunePolicy): string {
   return parts.join(' ');
 }
 
-export function printPrune(r: PruneReport, out: NodeJS.WritableStream = process.stdout): void {
+export function printPrune(r: PruneReport, out: { write(text: string): unknown } = stdoutWriter): void {
   for (const d of r.kept) out.write(`keep    ${d.id}  ${d.startTime}  (${d.keptBy.join(', ')})\n`);
   for (const d of r.removed) out.write(`${r.dryRun ? 'would remove' : 'removed'} ${d.id}  ${d.startTime}\n`);
   out.write(`${r.kept.length} kept, ${r.removed.length} ${r.dryRun ? 'would be removed (dry run)' : 'removed; their blocks go at the next store gc'}\n`);

@@ -23,6 +23,7 @@ import { formatSize } from '../engine/size';
 import { keepOptions, KeepFlags, policyOf, printPrune } from './retention';
 import { ExitStatus, UsageError, action, collect, log, OutputFormat, outputOption, outputStyle, printJson, printLines, printable, powerOfTwoArg, sizeArg, untilArg } from './util';
 import { ec2CopySnapshot, ec2DescribeSnapshots, ec2ListBin, ec2LockSnapshot, ec2Snapshot } from './ec2';
+import { writeOut } from '../engine/stdio';
 
 /** 'frozen-clone (filesystem frozen for 3.1 ms)' and the like. */
 function consistencyText(s: snap.SnapshotJson): string {
@@ -96,7 +97,7 @@ function printSnapshot(s: snap.SnapshotJson): void {
 /** `snap-…: k=v k2=v2` (control characters escaped), after tag/untag. */
 function printTags(rec: { id: string; tags: Record<string, string> }): void {
   const tags = Object.entries(rec.tags).map(([k, v]) => `${printable(k)}=${printable(v)}`);
-  process.stdout.write(`${rec.id}: ${tags.join(' ') || 'no tags'}\n`);
+  writeOut(`${rec.id}: ${tags.join(' ') || 'no tags'}\n`);
 }
 
 export function register(program: Command): void {
@@ -151,7 +152,7 @@ export function register(program: Command): void {
           else printJson('snapshot', rec);
         } else if (style === 'peer') printJson('ec2-snapshot', ec2Snapshot(rec));
         else {
-          process.stdout.write(
+          writeOut(
             `${rec.id} ${rec.state}: ${rec.stats.dataBlocks} data blocks of ${formatSize(rec.blockSize)}, ` +
               `${rec.stats.changedBlocks} changed${rec.parentId ? ` since ${rec.parentId}` : ''}, ` +
               `${rec.stats.blocksAdded} added to the store (${formatSize(rec.stats.bytesAdded)})` +
@@ -159,7 +160,7 @@ export function register(program: Command): void {
               (rec.consistency && rec.consistency !== 'not-mounted' ? `; ${consistencyText(rec)}` : '') +
               '\n',
           );
-          if (live) process.stdout.write(`live: QEMU switched to ${path.basename(live.overlay)} in ${live.switchMs.toFixed(1)} ms and merged it back in ${live.commitMs.toFixed(0)} ms\n`);
+          if (live) writeOut(`live: QEMU switched to ${path.basename(live.overlay)} in ${live.switchMs.toFixed(1)} ms and merged it back in ${live.commitMs.toFixed(0)} ms\n`);
         }
       }),
     );
@@ -181,7 +182,7 @@ export function register(program: Command): void {
           const { entries, damaged } = await snap.listBin(storeOpts(o));
           if (style === 'disksnap') printJson('snapshot-bin-list', { bin: entries });
           else if (style === 'peer') printJson('ec2-list-bin', ec2ListBin(entries));
-          else if (entries.length === 0) process.stdout.write('the recycle bin is empty\n');
+          else if (entries.length === 0) writeOut('the recycle bin is empty\n');
           else table(['ID', 'VOLUME', 'STARTED', 'DELETED', 'EXPIRES', 'NAME'], entries.map((e) => [e.snapshot.id, e.snapshot.volumeId, e.snapshot.startTime, e.binnedAt, e.binExpires, e.snapshot.name]));
           warnDamaged(damaged, 'recycle-bin entry');
           return;
@@ -192,7 +193,7 @@ export function register(program: Command): void {
         const { snapshots, damaged } = await snap.listSnapshots({ ...storeOpts(o), volume: o.volume, tags: o.tag, name: o.name, state, key: keySpec(o) });
         if (style === 'disksnap') printJson('snapshot-list', { snapshots });
         else if (style === 'peer') printJson('ec2-describe-snapshots', ec2DescribeSnapshots(snapshots));
-        else if (snapshots.length === 0) process.stdout.write('no snapshots\n');
+        else if (snapshots.length === 0) writeOut('no snapshots\n');
         else {
           table(
             ['ID', 'STATE', 'VOLUME', 'STARTED', 'SIZE', 'ADDED', 'NAME'],
@@ -295,9 +296,9 @@ export function register(program: Command): void {
         );
         if (o.json) printJson('snapshot-restore', r);
         else if (r.mode === 'file') {
-          process.stdout.write(`restored ${r.snapshotId} to ${r.target}: ${formatSize(r.volumeSize)}, ${r.blocksWritten} data blocks (${formatSize(r.bytesWritten)}) written, the rest left sparse\n`);
+          writeOut(`restored ${r.snapshotId} to ${r.target}: ${formatSize(r.volumeSize)}, ${r.blocksWritten} data blocks (${formatSize(r.bytesWritten)}) written, the rest left sparse\n`);
         } else {
-          process.stdout.write(
+          writeOut(
             `rolled ${r.target} back to ${r.snapshotId}: ${r.blocksWritten} blocks rewritten, ${r.blocksPunched} punched to holes, ${r.blocksUnchanged} already equal\n`,
           );
         }
@@ -317,8 +318,8 @@ export function register(program: Command): void {
       action(async (ref: string, o: StoreFlag & { dryRun?: boolean; permanently?: boolean }) => {
         const r = await snap.deleteSnapshot(ref, { ...storeOpts(o), dryRun: o.dryRun, permanently: o.permanently });
         if (o.json) printJson('snapshot-delete', { deleted: r.id, state: r.state, dryRun: r.dryRun, ...(r.binExpires ? { binExpires: r.binExpires } : {}) });
-        else if (r.dryRun) process.stdout.write(`would delete ${r.id} (dry run: nothing deleted)\n`);
-        else process.stdout.write(r.binExpires ? `deleted ${r.id}: in the recycle bin until ${r.binExpires} (snapshot undelete ${r.id})\n` : `deleted ${r.id}\n`);
+        else if (r.dryRun) writeOut(`would delete ${r.id} (dry run: nothing deleted)\n`);
+        else writeOut(r.binExpires ? `deleted ${r.id}: in the recycle bin until ${r.binExpires} (snapshot undelete ${r.id})\n` : `deleted ${r.id}\n`);
       }),
     );
 
@@ -335,7 +336,7 @@ export function register(program: Command): void {
         const rec = await snap.undeleteSnapshot(ref, storeOpts(o));
         if (style === 'disksnap') printJson('snapshot', rec);
         else if (style === 'peer') printJson('ec2-snapshot', ec2Snapshot(rec));
-        else process.stdout.write(`${rec.id} is back (${rec.state})\n`);
+        else writeOut(`${rec.id} is back (${rec.state})\n`);
       }),
     );
 
@@ -353,7 +354,7 @@ export function register(program: Command): void {
         const rec = await snap.lockSnapshot(ref, o.until, storeOpts(o));
         if (style === 'disksnap') printJson('snapshot', rec);
         else if (style === 'peer') printJson('ec2-lock-snapshot', ec2LockSnapshot(rec));
-        else process.stdout.write(`${rec.id} locked until ${rec.lockedUntil}\n`);
+        else writeOut(`${rec.id} locked until ${rec.lockedUntil}\n`);
       }),
     );
   snapshot
@@ -369,7 +370,7 @@ export function register(program: Command): void {
         const rec = await snap.lockSnapshot(ref, null, storeOpts(o));
         if (style === 'disksnap') printJson('snapshot', rec);
         else if (style === 'peer') printJson('ec2-unlock-snapshot', { SnapshotId: rec.id });
-        else process.stdout.write(`${rec.id} unlocked\n`);
+        else writeOut(`${rec.id} unlocked\n`);
       }),
     );
 
@@ -384,8 +385,8 @@ export function register(program: Command): void {
         const r = await snap.diffSnapshots(a, b, { ...storeOpts(o), key: keySpec(o) });
         if (o.json) printJson('snapshot-diff', r);
         else {
-          process.stdout.write(`${r.changedBlocks.length} changed blocks of ${formatSize(r.blockSize)}\n`);
-          if (r.changedBlocks.length) process.stdout.write(r.changedBlocks.join('\n') + '\n');
+          writeOut(`${r.changedBlocks.length} changed blocks of ${formatSize(r.blockSize)}\n`);
+          if (r.changedBlocks.length) writeOut(r.changedBlocks.join('\n') + '\n');
         }
       }),
     );
@@ -400,7 +401,7 @@ export function register(program: Command): void {
       action(async (ref: string, o: StoreFlag & KeyFlags) => {
         const r = await withBar('verify', o.json, (onProgress) => snap.verifySnapshot(ref, { ...storeOpts(o), key: keySpec(o), onProgress }));
         if (o.json) printJson('snapshot-verify', r);
-        else if (r.ok) process.stdout.write(`${r.snapshotId} ok: ${r.blocksChecked} blocks (${formatSize(r.bytesChecked)}) match their digests\n`);
+        else if (r.ok) writeOut(`${r.snapshotId} ok: ${r.blocksChecked} blocks (${formatSize(r.bytesChecked)}) match their digests\n`);
         if (!r.ok) {
           if (r.manifestError) log(`disksnap: ${r.snapshotId}: ${r.manifestError}`);
           const shown = r.badBlocks.slice(0, 10);
@@ -459,7 +460,7 @@ export function register(program: Command): void {
           if (style === 'disksnap') printJson('snapshot', rec);
           else if (style === 'peer') printJson('ec2-copy-snapshot', ec2CopySnapshot(rec));
           else {
-            process.stdout.write(
+            writeOut(
               `${rec.copiedFrom!.snapshotId} copied to ${rec.id} (${rec.state}) in ${o.toStore}: ${rec.stats.dataBlocks} data blocks, ` +
                 `${rec.stats.changedBlocks} changed${rec.parentId ? ` since ${rec.parentId}` : ''}, ${rec.stats.blocksAdded} added (${formatSize(rec.stats.bytesAdded)})` +
                 (rec.encrypted ? `, encrypted (key ${rec.keyId})` : '') +

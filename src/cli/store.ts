@@ -11,6 +11,7 @@ import { KeyFlags, keySpec, secondsArg, StoreFlag, storeHelp, storeOption, store
 import { ExitStatus, UsageError, action, durationArg, log, OutputFormat, outputOption, outputStyle, printJson, powerOfTwoArg } from './util';
 import { ec2Volume } from './ec2';
 import { attachmentOf } from '../host/attach';
+import { writeOut } from '../engine/stdio';
 
 export function register(program: Command): void {
   const volume = program.command('volume').description('volumes known to a snapshot store');
@@ -28,7 +29,7 @@ export function register(program: Command): void {
       action(async (v: string, o: StoreFlag & KeyFlags & { blockSize?: number; encrypted?: boolean }) => {
         const rec = await snap.registerVolume(v, { ...storeOpts(o), blockSize: o.blockSize, encrypted: o.encrypted, key: keySpec(o) });
         if (o.json) printJson('volume', rec);
-        else process.stdout.write(`${rec.id} ${rec.path} (${formatSize(rec.size)})${rec.encrypted ? `, encrypted (key ${rec.keyId})` : ''}\n`);
+        else writeOut(`${rec.id} ${rec.path} (${formatSize(rec.size)})${rec.encrypted ? `, encrypted (key ${rec.keyId})` : ''}\n`);
       }),
     );
   keepOptions(volume.command('policy'))
@@ -43,7 +44,7 @@ export function register(program: Command): void {
         if (o.clear && given) throw new UsageError('--clear removes the policy: give it without --keep-* rules');
         const rec = await snap.setVolumeRetention(v, o.clear ? null : policyOf(o, 'volume policy'), storeOpts(o));
         if (o.json) printJson('volume', rec);
-        else process.stdout.write(rec.retention ? `${rec.id}: after each snapshot, keep ${policyText(rec.retention)}\n` : `${rec.id}: no retention policy\n`);
+        else writeOut(rec.retention ? `${rec.id}: after each snapshot, keep ${policyText(rec.retention)}\n` : `${rec.id}: no retention policy\n`);
       }),
     );
   volume
@@ -58,7 +59,7 @@ export function register(program: Command): void {
         const { volumes, damaged } = await snap.listVolumes(storeOpts(o));
         if (style === 'disksnap') printJson('volume-list', { volumes });
         else if (style === 'peer') printJson('ec2-describe-volumes', { Volumes: volumes.map((v) => ec2Volume(v, attachmentOf(v.path) !== undefined)) });
-        else if (volumes.length === 0) process.stdout.write('no volumes\n');
+        else if (volumes.length === 0) writeOut('no volumes\n');
         else {
           table(
             ['ID', 'SIZE', 'ENCRYPTED', 'POLICY', 'PATH'],
@@ -82,7 +83,7 @@ export function register(program: Command): void {
       action(async (file: string, o: { force?: boolean; json?: boolean }) => {
         const r = await generateKeyFile(file, { force: o.force });
         if (o.json) printJson('key-generate', r);
-        else process.stdout.write(`wrote a new key to ${r.file} (${r.keyId}); keep a copy elsewhere: what is encrypted with it cannot be read without it\n`);
+        else writeOut(`wrote a new key to ${r.file} (${r.keyId}); keep a copy elsewhere: what is encrypted with it cannot be read without it\n`);
       }),
     );
 
@@ -99,7 +100,7 @@ export function register(program: Command): void {
         if (o.off && o.retention !== undefined) throw new UsageError('give --retention or --off, not both');
         const r = o.off || o.retention !== undefined ? await snap.setBinRetention(o.off ? null : o.retention!, storeOpts(o)) : await snap.binSettings(storeOpts(o));
         if (o.json) printJson('store-bin', r);
-        else process.stdout.write(r.retentionSeconds === null ? 'no recycle bin: snapshot delete removes snapshots at once\n' : `recycle bin: deleted snapshots are kept ${r.retentionSeconds} s (${(r.retentionSeconds / 86400).toFixed(1)} days)\n`);
+        else writeOut(r.retentionSeconds === null ? 'no recycle bin: snapshot delete removes snapshots at once\n' : `recycle bin: deleted snapshots are kept ${r.retentionSeconds} s (${(r.retentionSeconds / 86400).toFixed(1)} days)\n`);
       }),
     );
   store
@@ -112,7 +113,7 @@ export function register(program: Command): void {
       action(async (o: StoreFlag & { blockSize?: number }) => {
         const info = await snap.initStore({ ...storeOpts(o), blockSize: o.blockSize });
         if (o.json) printJson('store-info', info);
-        else process.stdout.write(`store ${info.path}: block size ${formatSize(info.blockSize)}, ${info.id}\n`);
+        else writeOut(`store ${info.path}: block size ${formatSize(info.blockSize)}, ${info.id}\n`);
       }),
     );
   store
@@ -127,7 +128,7 @@ export function register(program: Command): void {
         const r = await snap.gc({ ...storeOpts(o), dryRun: o.dryRun, onWait: () => log('disksnap: waiting for running snapshot commands to finish...'), onLog: (m) => log(`disksnap: ${m}`) });
         if (o.json) printJson('store-gc', r);
         else {
-          process.stdout.write(
+          writeOut(
             `${r.dryRun ? 'would free' : 'freed'} ${r.blocksFreed} blocks (${formatSize(r.bytesFreed)}) and ${r.otherFilesRemoved} other files (${formatSize(r.otherBytesFreed)}); ` +
               `kept ${r.blocksKept} blocks (${formatSize(r.bytesKept)}) of ${r.liveSnapshots} snapshots` +
               (r.staleSnapshots.length ? `; marked ${r.staleSnapshots.length} abandoned snapshots as error` : '') +

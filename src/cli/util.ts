@@ -11,6 +11,7 @@ import { DisksnapError } from '../engine/errors';
 import { formatSize, parseSize } from '../engine/size';
 import { formatQemuJson, type QemuJson } from '../image/qemu';
 import type { DocumentName, Documents } from './documents';
+import { writeErr, writeOut } from '../engine/stdio';
 
 /** Thrown by an action to end with a specific exit status after printing its result. */
 export class ExitStatus extends Error {
@@ -111,7 +112,7 @@ export function printable(text: string): string {
 
 /** Human output: each line made printable (tabs and newlines between lines are kept). */
 export function printLines(lines: string[]): void {
-  process.stdout.write(lines.map((l) => printable(l)).join('\n') + '\n');
+  writeOut(lines.map((l) => printable(l)).join('\n') + '\n');
 }
 
 /**
@@ -121,13 +122,13 @@ export function printLines(lines: string[]): void {
 export function printJson<K extends DocumentName>(name: K, value: Documents[K]): void {
   traceDocument(name, 'stdout');
   // eslint-disable-next-line no-control-regex
-  process.stdout.write(JSON.stringify(value, null, 2).replace(/[\x7f-\x9f]/g, (c) => `\\u00${c.charCodeAt(0).toString(16)}`) + '\n');
+  writeOut(JSON.stringify(value, null, 2).replace(/[\x7f-\x9f]/g, (c) => `\\u00${c.charCodeAt(0).toString(16)}`) + '\n');
 }
 
 /** qemu-img's documents (`--output json`), as qemu-img prints them: four-space indentation. */
 export function printQemuJson<K extends 'qemu-info' | 'qemu-info-chain' | 'qemu-check' | 'qemu-measure'>(name: K, value: QemuJson | QemuJson[]): void {
   traceDocument(name, 'stdout');
-  process.stdout.write(formatQemuJson(value));
+  writeOut(formatQemuJson(value));
 }
 
 /**
@@ -141,7 +142,7 @@ export function traceDocument(name: DocumentName, where: string): void {
 }
 
 export function log(message: string): void {
-  process.stderr.write(printable(message) + '\n');
+  writeErr(printable(message) + '\n');
 }
 
 /**
@@ -162,21 +163,21 @@ export function action<A extends unknown[]>(fn: (...args: A) => unknown | Promis
 export function fail(e: unknown): never {
   if (e instanceof ExitStatus) process.exit(e.status);
   if (e instanceof UsageError) {
-    process.stderr.write(`disksnap: ${printable(e.message)}\n`);
+    writeErr(`disksnap: ${printable(e.message)}\n`);
     process.exit(2);
   }
   if (e instanceof DisksnapError) {
-    process.stderr.write(`disksnap: ${printable(e.message)}${e.code && !e.message.includes(e.code) ? ` (${e.code})` : ''}\n`);
-    if (process.env.DISKSNAP_DEBUG) process.stderr.write(`${e.stack}\n`);
+    writeErr(`disksnap: ${printable(e.message)}${e.code && !e.message.includes(e.code) ? ` (${e.code})` : ''}\n`);
+    if (process.env.DISKSNAP_DEBUG) writeErr(`${e.stack}\n`);
     process.exit(1);
   }
   const err = e as NodeJS.ErrnoException;
   if (err && typeof err.code === 'string' && typeof err.syscall === 'string') {
     // node:fs errors already name the call and the path: "ENOENT: no such file or directory, open 'x'"
-    process.stderr.write(`disksnap: ${printable(err.message)}\n`);
+    writeErr(`disksnap: ${printable(err.message)}\n`);
     process.exit(1);
   }
-  process.stderr.write(`disksnap: internal error: ${err?.stack ?? String(e)}\n`);
+  writeErr(`disksnap: internal error: ${err?.stack ?? String(e)}\n`);
   process.exit(1);
 }
 
