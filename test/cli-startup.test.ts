@@ -3,9 +3,10 @@
  * src/engine/lazy-child-process.ts (esbuild's --alias in package.json's build), so a command
  * that starts no process does not load it, nor net and dgram with it (~5 ms of every command);
  * the commands that do start one (a FUSE attachment, a guard) get the real module through it.
- * Output goes to descriptors 1 and 2 by write(2) (src/engine/stdio.ts), and V8's flag comes on
- * node's command line (src/cli/executable.ts): with stdout and stderr pipes, as here, neither
- * net (the streams node makes for pipes) nor v8 is loaded.
+ * Output goes to descriptors 1 and 2 by write(2) (src/engine/stdio.ts): with stdout and stderr
+ * pipes, as here, net (the streams node makes for pipes) is not loaded. The node modules a
+ * command loads come before V8's flag is set (src/cli/main.ts PRELOAD), so that node's compiled
+ * code for them is used.
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
@@ -15,12 +16,19 @@ import { CLI } from './helpers/cli';
 import { MiB, makeImage } from '../fixtures/store/helpers';
 
 /** Runs the executable with a preload that writes the builtins loaded by the exit to `out`. */
-function runRecording(dir: string, args: string[]): { status: number | null; err: string; builtins: string[] } {
+function runRecording(dir: string, args: string[]): { status: number | null; err: string; builtins: string[]; afterFlag: string[] | null } {
   const out = path.join(dir, `loaded-${args[0]}-${args[1] ?? ''}.json`);
   const probe = path.join(dir, 'probe.js');
   fs.writeFileSync(
     probe,
-    `process.on('exit', () => require('fs').writeFileSync(process.env.LOADED_OUT, JSON.stringify(process.moduleLoadList.filter((m) => m.startsWith('NativeModule ')).map((m) => m.slice(13)))));\n`,
+    [
+      // (and which of them came after V8's flag was set: those node compiles from source)
+      "const v8 = require('v8'), set = v8.setFlagsFromString; let at = -1;",
+      'v8.setFlagsFromString = function (f) { at = process.moduleLoadList.length; return set.call(this, f); };',
+      "const names = (l) => l.filter((m) => m.startsWith('NativeModule ')).map((m) => m.slice(13));",
+      "process.on('exit', () => require('fs').writeFileSync(process.env.LOADED_OUT, JSON.stringify({ all: names(process.moduleLoadList), after: at < 0 ? null : names(process.moduleLoadList.slice(at)) })));",
+      '',
+    ].join('\n'),
   );
   // (through sh, which sets NODE_OPTIONS itself: tap's process hooks add their own preload to
   // every child's NODE_OPTIONS, and that preload loads node:child_process)
@@ -30,7 +38,8 @@ function runRecording(dir: string, args: string[]): { status: number | null; err
     timeout: 120_000,
   });
   if (r.error) throw r.error;
-  return { status: r.status, err: r.stderr, builtins: JSON.parse(fs.readFileSync(out, 'utf8')) as string[] };
+  const loaded = JSON.parse(fs.readFileSync(out, 'utf8')) as { all: string[]; after: string[] | null };
+  return { status: r.status, err: r.stderr, builtins: loaded.all, afterFlag: loaded.after };
 }
 
 t.test('a snapshot of a raw file, and a listing, load no node:child_process', async (t) => {
@@ -46,11 +55,14 @@ t.test('a snapshot of a raw file, and a listing, load no node:child_process', as
     t.equal(r.status, 0, `${args.slice(0, 2).join(' ')} ${r.err}`);
     t.ok(r.builtins.includes('fs') && r.builtins.includes('crypto'), 'the probe saw the builtins the command loads');
     t.notOk(r.builtins.includes('child_process'), `${args.slice(0, 2).join(' ')}: node:child_process not loaded`);
-    for (const m of ['net', 'tty', 'v8']) t.notOk(r.builtins.includes(m), `${args.slice(0, 2).join(' ')}: node:${m} not loaded`);
+    for (const m of ['net', 'tty']) t.notOk(r.builtins.includes(m), `${args.slice(0, 2).join(' ')}: node:${m} not loaded`);
   }
   const r = runRecording(dir, ['snapshot', 'create', vol, '--store', store, '--json']);
   t.equal(r.status, 0, `snapshot create --json ${r.err}`);
-  for (const m of ['net', 'tty', 'v8']) t.notOk(r.builtins.includes(m), `snapshot create --json: node:${m} not loaded`);
+  for (const m of ['net', 'tty']) t.notOk(r.builtins.includes(m), `snapshot create --json: node:${m} not loaded`);
+  t.ok(r.afterFlag, 'V8\'s flag was set');
+  const late = (r.afterFlag ?? []).filter((m) => !m.startsWith('internal/fs/rimraf'));
+  t.same(late, [], 'no node module but fs.rm\'s was loaded after the flag');
 });
 
 t.test('output by write(2): a reader that goes away ends the command quietly; a slow one gets every byte', async (t) => {

@@ -4,15 +4,13 @@
  * for JavaScript:
  *
  *   #!/bin/sh
- *   ':' //; export DISKSNAP_NODE_EXTRA_CA_CERTS="${NODE_EXTRA_CA_CERTS-}"; unset NODE_EXTRA_CA_CERTS; exec node --interrupt-budget=1081344 "$0" "$@"
+ *   ':' //; export DISKSNAP_NODE_EXTRA_CA_CERTS="${NODE_EXTRA_CA_CERTS-}"; unset NODE_EXTRA_CA_CERTS; exec node "$0" "$@"
  *
  * The shell starts node without NODE_EXTRA_CA_CERTS, which node 20 parses as it starts (~40 ms
  * with Debian's bundle), and passes its value on (../engine/extra-ca.ts). Only POSIX sh is
  * needed: `env -S` would do it on one line, but busybox's env (Alpine) has no -S. `exec`
- * replaces the shell, so the process is node's, with the same pid. V8's flag (./main.ts
- * setCliFlags has why) is given on node's command line: set from JavaScript it needs node:v8,
- * whose loading pulls in node's stream modules (~2 ms of a command's start in a `--cpu-prof`
- * profile). Run as `node main.js`, node
+ * replaces the shell, so the process is node's, with the same pid. (V8's flag is not given
+ * here: ./main.ts setCliFlags has why.) Run as `node main.js`, node
  * skips the first line and reads the second as a string and a comment. The compiled file puts
  * "use strict" after them, still in the directive prologue.
  */
@@ -20,10 +18,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { MOVED_EXTRA_CA } from '../engine/extra-ca';
 
-/** The V8 flag every disksnap process runs with (./main.ts setCliFlags). */
-export const V8_FLAG = `--interrupt-budget=${8 * 132 * 1024}`;
-
-export const LAUNCHER = `#!/bin/sh\n':' //; export ${MOVED_EXTRA_CA}="\${NODE_EXTRA_CA_CERTS-}"; unset NODE_EXTRA_CA_CERTS; exec node ${V8_FLAG} "$0" "$@"\n`;
+export const LAUNCHER = `#!/bin/sh\n':' //; export ${MOVED_EXTRA_CA}="\${NODE_EXTRA_CA_CERTS-}"; unset NODE_EXTRA_CA_CERTS; exec node "$0" "$@"\n`;
 
 /** Puts LAUNCHER in place of `file`'s #! line (once), executable, through a temporary name. */
 export function writeLauncher(file: string): void {

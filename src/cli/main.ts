@@ -29,7 +29,6 @@
 import * as path from 'node:path';
 import { LoadedScript, cacheFileOf, loadScript } from '../engine/bundle';
 import { deferExtraCa } from '../engine/extra-ca';
-import { V8_FLAG } from './executable';
 
 export const BUNDLE = path.join(__dirname, 'disksnap.bundle.js');
 export const CODE_CACHE = cacheFileOf(BUNDLE);
@@ -52,6 +51,19 @@ export function loadBundle(file = BUNDLE, cacheFile: string | null = CODE_CACHE)
   return b && { program: b.exports, script: b.script, digest: b.digest, cache: b.cache };
 }
 
+/** The V8 flag every disksnap process runs with (setCliFlags). */
+export const V8_FLAG = `--interrupt-budget=${8 * 132 * 1024}`;
+
+/**
+ * Node's modules that most commands load, loaded before setCliFlags: node keeps V8's compiled
+ * code for its own modules, and V8 takes compiled code only from a process with the same flags,
+ * so a node module loaded after the flag is set is compiled from its source. Measured with
+ * `node -e` loading crypto, fs/promises, stream, net, zlib and http: 35.8 ms, 45.7 with the flag
+ * set first from JavaScript (as every command did before session 36) and 53.6 with it on
+ * node's command line (medians of 15). `node:v8` is the one that sets it.
+ */
+const PRELOAD = ['node:fs/promises', 'node:os', 'node:process', 'node:v8'];
+
 /**
  * V8 optimizes a function (TurboFan, on a second thread) once it has run about 132 KB of its
  * bytecode; a command lasts a fraction of a second, and those compilations were ~10% of an
@@ -61,12 +73,12 @@ export function loadBundle(file = BUNDLE, cacheFile: string | null = CODE_CACHE)
  * runs hot. 8 alternating runs of a 1% incremental, the build before and after: 0.61 -> 0.55 s,
  * CPU 0.90 -> 0.75 s; full snapshots no slower; `--version` ~12 ms slower (loading node:v8
  * costs more than such a command saves) (README, Design). V8 takes a code cache only from a
- * process with the same flags, so ./code-cache.ts trains with this too. The executable passes
- * it on node's command line (./executable.ts), where it costs nothing; this sets it when node
- * was started without it (`node main.js`, the training).
+ * process with the same flags, so ./code-cache.ts trains with this too, and node's own
+ * modules are loaded first (PRELOAD).
  */
 export function setCliFlags(): void {
-  if (!process.execArgv.includes(V8_FLAG)) (require('node:v8') as typeof import('node:v8')).setFlagsFromString(V8_FLAG);
+  for (const m of PRELOAD) require(m);
+  (require('node:v8') as typeof import('node:v8')).setFlagsFromString(V8_FLAG);
 }
 
 if (require.main === module) {

@@ -43,8 +43,16 @@ export function writeErr(text: string): void {
   writeAll(2, text);
 }
 
-/** Whether `fd` is a terminal (as `process.stderr.isTTY`, without making the stream). */
+/**
+ * Whether `fd` is a terminal (as `process.stderr.isTTY`, without making the stream). A pipe or
+ * a file is ruled out by its stat, without loading node:tty (which loads net).
+ */
 export function isTerminal(fd: 1 | 2): boolean {
+  try {
+    if (!fs.fstatSync(fd).isCharacterDevice()) return false;
+  } catch {
+    return false;
+  }
   return (require('node:tty') as typeof import('node:tty')).isatty(fd);
 }
 
