@@ -154,7 +154,7 @@ export function register(program: Command): void {
             });
             if (opts.json) printJson('image-read', { file, offset, length, to: opts.to });
           } else {
-            await copyOutAsync(image, offset, length, (chunk) => writeStdout(chunk));
+            await copyOutAsync(image, offset, length, async (chunk) => writeOut(chunk));
           }
         } finally {
           image.close();
@@ -320,10 +320,6 @@ async function copyOutAsync(
     image.readSync(chunk, offset + pos);
     await sink(chunk);
   }
-}
-
-async function writeStdout(chunk: Buffer): Promise<void> {
-  writeOut(chunk);
 }
 
 /** Reads all of `input` (or stdin), failing as soon as it exceeds `limit` bytes. */
