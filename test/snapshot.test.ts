@@ -11,6 +11,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as snap from '../src/storage';
 import { withFaults } from '../src/storage/faults';
+import { progressSaver } from '../src/storage/lifecycle';
+import type { Store } from '../src/storage/store/store';
 import {
   KiB,
   MiB,
@@ -222,12 +224,19 @@ forEachBackend(t, 'a pending snapshot shows its progress to other readers, and g
   const dir = t.testdir();
   const store = await b.store('store');
   const vol = path.join(dir, 'vol.img');
-  makeImage(vol, 64 * MiB, [{ offset: 0, length: 40 * MiB, seed: 11 }]);
+  // two 64 MiB read chunks; progress is first saved half a second in, so the first chunk waits that long
+  makeImage(vol, 128 * MiB, [{ offset: 0, length: 40 * MiB, seed: 11 }, { offset: 64 * MiB, length: 40 * MiB, seed: 12 }]);
   let seen: snap.SnapshotRecord | undefined;
+  let early: snap.SnapshotRecord | undefined;
   let gcError: unknown;
   const s = await snap.createSnapshot(vol, withFaults({ store, blockSize: BS }, {
     afterChunk: async (_attempt, chunk) => {
-      if (chunk !== 0) return;
+      if (chunk === 0) {
+        early = (await snap.listSnapshots({ store })).snapshots[0];
+        await new Promise((r) => setTimeout(r, 600));
+        return;
+      }
+      if (chunk !== 1) return;
       for (let i = 0; i < 40 && !(seen && seen.progress > 0); i++) {
         await new Promise((r) => setTimeout(r, 50));
         seen = (await snap.listSnapshots({ store })).snapshots[0];
@@ -235,6 +244,7 @@ forEachBackend(t, 'a pending snapshot shows its progress to other readers, and g
       gcError = await snap.gc({ store, lockWaitMs: 0 }).catch((e) => e);
     },
   }));
+  t.match(early, { state: 'pending', progress: 0 }, 'no progress rewritten in the first half second');
   t.equal(seen?.state, 'pending');
   t.ok(seen && seen.progress > 0 && seen.progress < 100, `progress visible while pending (${seen?.progress}%)`);
   t.match(gcError, { code: 'ELOCKED', message: /in use/ }, 'gc does not run beside a snapshot in progress');
@@ -389,4 +399,27 @@ forEachBackend(t, 'the CLI prints the JSON shapes DESIGN.md promises', async (t,
   r = ds(['store', 'gc', '--store', store, '--json']);
   t.equal(r.status, 0, r.stderr);
   t.equal(JSON.parse(r.out).blocksFreed, 1);
+});
+
+t.test('a pending snapshot\'s progress: first rewritten half a second in, then at most every half second', async (t) => {
+  const writes: number[] = [];
+  const store = { writeSnapshot: async (r: snap.SnapshotRecord) => void writes.push(r.progress) } as unknown as Store;
+  const rec = { progress: 0, stats: {} } as snap.SnapshotRecord;
+  let clock = 1000;
+  const saver = progressSaver(store, rec, () => clock);
+  saver.save(10);
+  clock += 499;
+  saver.save(20);
+  await saver.settle();
+  t.same(writes, [], 'nothing rewritten in the first half second (a short snapshot never rewrites its record)');
+  clock += 1;
+  saver.save(30);
+  clock += 100;
+  saver.save(40);
+  clock += 400;
+  saver.save(50);
+  clock += 600;
+  saver.save(50);
+  await saver.settle();
+  t.same(writes, [30, 50], 'then at most one rewrite per half second, and none without news');
 });
