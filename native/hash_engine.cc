@@ -13,7 +13,6 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
-#include <deque>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -44,6 +43,17 @@ int ResolveThreads(int threads) {
 
 namespace {
 
+struct ThreadArg {
+  const std::function<void(int)>* fn;
+  int index;
+};
+
+void* ThreadMain(void* p) {
+  ThreadArg* a = static_cast<ThreadArg*>(p);
+  (*a->fn)(a->index);
+  return nullptr;
+}
+
 // EVP_MD for SHA-256, fetched once (an explicit fetch avoids a provider lookup per init).
 const EVP_MD* Sha256() {
   static const EVP_MD* md = [] {
@@ -55,122 +65,25 @@ const EVP_MD* Sha256() {
 
 }  // namespace
 
-// ---------------------------------------------------------------------------------------------
-// Helper threads, kept for the process's life
-//
-// ParallelFor and HashFileRange used to start their threads per call (pthread_create, then
-// join). On these VMs a new thread costs ~0.15-0.5 ms of CPU before it does any work (its stack
-// and its malloc arena are memory touched for the first time, a fault per 4 KiB page), and a
-// scattered qcow2 incremental hashes its dirty granules in ~32 calls of 0.5-2 MiB. Hashing 1.3
-// MiB in 64 KiB blocks, 400 calls in a row: one thread 0.80-0.86 ms wall and CPU a call; two
-// started per call 0.73-0.83 ms wall, 1.05-1.19 ms CPU; two kept here 0.62-0.67 ms wall,
-// 0.85-0.93 ms CPU. A task is handed to one waiting thread (notify_one), not to all of them.
-
-namespace {
-
-class Helpers {
- public:
-  // A call's share of the queue: how many of its tasks are still to finish.
-  struct Batch {
-    std::mutex mu;
-    std::condition_variable cv;
-    int left = 0;
-    void Wait() {
-      std::unique_lock<std::mutex> lock(mu);
-      cv.wait(lock, [this] { return left == 0; });
-    }
-  };
-
-  static Helpers& Get() {
-    static Helpers* helpers = new Helpers();  // never destroyed: its threads live as long as the process
-    return *helpers;
-  }
-
-  // Queues fn(first) .. fn(first + n - 1) for helper threads and returns how many it queued:
-  // all of them, or none when no helper thread exists or can be started (the caller then runs
-  // them). `b` must outlive them (b->Wait()).
-  int Submit(const std::function<void(int)>* fn, int first, int n, Batch* b) {
-    if (n <= 0) return 0;
-    std::lock_guard<std::mutex> lock(mu_);
-    // a thread for every task waiting, up to kMax in all (a thread counts as free from the
-    // moment its task returned: before its caller can know, and so submit again)
-    const int free = threads_ - running_ - static_cast<int>(queue_.size());
-    for (int i = free; i < n && threads_ < kMax; i++) {
-      pthread_attr_t attr;
-      pthread_attr_init(&attr);
-      pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-      pthread_t t;
-      const bool started = pthread_create(&t, &attr, Main, this) == 0;
-      pthread_attr_destroy(&attr);
-      if (!started) break;
-      threads_++;
-    }
-    if (threads_ == 0) return 0;
-    {
-      std::lock_guard<std::mutex> bl(b->mu);
-      b->left += n;
-    }
-    for (int i = 0; i < n; i++) {
-      queue_.push_back(Task{fn, first + i, b});
-      cv_.notify_one();  // (one thread per task: not every idle one, to find the queue empty)
-    }
-    return n;
-  }
-
- private:
-  static constexpr int kMax = 64;
-  struct Task {
-    const std::function<void(int)>* fn;
-    int index;
-    Batch* batch;
-  };
-
-  static void* Main(void* self) {
-    pthread_setname_np(pthread_self(), "disksnap-hash");  // (what `top -H` and /proc/PID/task/*/comm show)
-    static_cast<Helpers*>(self)->Loop();
-    return nullptr;
-  }
-
-  void Loop() {
-    std::unique_lock<std::mutex> lock(mu_);
-    for (;;) {
-      cv_.wait(lock, [this] { return !queue_.empty(); });
-      Task t = queue_.front();
-      queue_.pop_front();
-      running_++;
-      lock.unlock();
-      (*t.fn)(t.index);
-      lock.lock();
-      running_--;
-      lock.unlock();
-      {
-        // (the caller may return, and its batch go, as soon as this lock is released)
-        std::lock_guard<std::mutex> bl(t.batch->mu);
-        if (--t.batch->left == 0) t.batch->cv.notify_all();
-      }
-      lock.lock();
-    }
-  }
-
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Task> queue_;
-  int running_ = 0;  // threads running a task
-  int threads_ = 0;
-};
-
-}  // namespace
-
 void ParallelFor(int n, const std::function<void(int)>& fn) {
   if (n <= 1) {
     fn(0);
     return;
   }
-  Helpers::Batch batch;
-  const int queued = Helpers::Get().Submit(&fn, 1, n - 1, &batch);
+  std::vector<pthread_t> tids(n);
+  std::vector<ThreadArg> args(n);
+  std::vector<bool> started(n, false);
+  for (int i = 1; i < n; i++) {
+    args[i] = ThreadArg{&fn, i};
+    started[i] = pthread_create(&tids[i], nullptr, ThreadMain, &args[i]) == 0;
+  }
   fn(0);
-  for (int i = 1 + queued; i < n; i++) fn(i);  // none queued: all here, one after the other
-  batch.Wait();
+  for (int i = 1; i < n; i++) {
+    if (started[i])
+      pthread_join(tids[i], nullptr);
+    else
+      fn(i);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -863,13 +776,26 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
     if (--running == 0) cv.notify_all();
   };
 
-  // The calling thread only coordinates: it reports progress while the helper threads run.
+  // The calling thread only coordinates: it reports progress while the workers run.
+  std::vector<pthread_t> tids;
   std::function<void(int)> fn = worker;
-  Helpers::Batch batch;
-  const int queued = Helpers::Get().Submit(&fn, 0, nthreads, &batch);
-  if (queued == 0) {
-    worker(0);  // no helper thread: all chunks here (the worker takes them until none are left)
+  std::vector<ThreadArg> args(nthreads);
+  int inlineRuns = 0;
+  for (int i = 0; i < nthreads; i++) {
+    pthread_t t;
+    args[i] = ThreadArg{&fn, i};
+    if (pthread_create(&t, nullptr, ThreadMain, &args[i]) == 0)
+      tids.push_back(t);
+    else
+      inlineRuns++;
+  }
+  if (tids.empty()) {
+    for (int i = 0; i < inlineRuns; i++) worker(i);
   } else {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      running -= inlineRuns;  // threads that could not start; the others cover their chunks
+    }
     std::unique_lock<std::mutex> lock(mu);
     while (running > 0) {
       cv.wait_for(lock, std::chrono::milliseconds(tickMs));
@@ -880,7 +806,7 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
       }
     }
   }
-  batch.Wait();
+  for (pthread_t t : tids) pthread_join(t, nullptr);
   return firstError;
 }
 

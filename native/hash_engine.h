@@ -29,9 +29,8 @@ bool IsAllZero(const uint8_t* p, size_t n);
 // threads <= 0 means "one per CPU"; capped at 64.
 int ResolveThreads(int threads);
 
-// Runs fn(0) .. fn(n-1), fn(0) on the calling thread and the others on helper threads (started
-// once, kept for the process's life: hash_engine.cc); where none can be started, all of them on
-// the calling thread, one after the other.
+// Runs fn(0) .. fn(n-1), fn(0) on the calling thread and the others on new threads; a thread
+// that cannot be created runs its share inline after fn(0).
 void ParallelFor(int n, const std::function<void(int)>& fn);
 
 // Which SHA-256 code the hashers use: "sha-ni-x2" (our own, two blocks at once with the x86

@@ -665,28 +665,6 @@ t.test('hashBlocks equals node:crypto SHA-256 and HMAC, with zero detection', as
   await rejectsWith(t, () => n.hashBlocksAsync(odd, 0, 1), { code: 'EINVAL' }, 'async block size 0');
 });
 
-t.test('hashing threads are started once and kept for the next calls', async (t) => {
-  // (native/hash_engine.cc Helpers: a thread started per call cost more CPU than it saved on small calls)
-  const helpers = () => fs.readdirSync('/proc/self/task').filter((id) => {
-    try {
-      return fs.readFileSync(`/proc/self/task/${id}/comm`, 'utf8').trim() === 'disksnap-hash';
-    } catch {
-      return false; // (a thread that ended meanwhile)
-    }
-  }).length;
-  const bs = 64 * KiB;
-  const buf = randomBytes(64 * bs);
-  const want = refDigests(buf, bs);
-  t.ok(n.hashBlocks(buf, bs, 4).digests.equals(want), '4 threads: digests');
-  const kept = helpers();
-  t.ok(kept >= 1, `the helper threads outlive the call (${kept})`);
-  for (let i = 0; i < 30; i++) if (!n.hashBlocks(buf, bs, 4).digests.equals(want)) t.fail(`call ${i}: digests differ`);
-  const results = await Promise.all([1, 2, 3].map(() => n.hashBlocksAsync(buf, bs, 2)));
-  t.ok(results.every((r) => r.digests.equals(want)), 'three calls at once on the thread pool: digests');
-  for (let i = 0; i < 30; i++) if (!n.hashBlocks(buf, bs, 4).digests.equals(want)) t.fail(`call ${i}: digests differ`);
-  t.ok(helpers() <= Math.max(kept, 3), `30 calls, 3 at once, 30 more: no more than the threads they need at once (${helpers()})`);
-});
-
 t.test('hashBlocksAsync with reads: the same job reads the triples into buf, then hashes what it read', async (t) => {
   const bs = 64 * KiB;
   const data = randomBytes(5 * bs);
