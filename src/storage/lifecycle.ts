@@ -1,7 +1,8 @@
 /**
  * The life of a snapshot record, shared by create and copy: `pending` (with progress saved
- * at most ~2/s, from half a second in), then `completed` once its blocks and manifest are durable, or `error` with
- * the reason. Steps 2-4 of the durability order in ./index.ts happen here.
+ * at most ~2/s, from half a second in), then `completed` once its blocks and manifest are
+ * durable, or `error` with the reason. Steps 2-4 of the durability order in ./index.ts happen
+ * here.
  */
 import * as os from 'node:os';
 import type { Store } from './store/store';
