@@ -10,6 +10,8 @@
 //     the backend's flush (one fsync per directory).
 //   readObjectAsync(path, buf) -> the object's size; its bytes are in buf when they fit
 //     (read with O_DIRECT, but for a short tail, when buf is aligned).
+//   syncDirsAsync(dirs) -> undefined
+//     Each directory fsynced (the backend's flush), several at a time, in one trip.
 //
 // Measured on this project's VM, 2048 objects of 512 KiB: the JS sequence (stat, open, write,
 // fdatasync, close, link, unlink: seven pool round trips) kept a full snapshot's writes at
@@ -40,6 +42,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -47,7 +50,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "addon.h"
 #include "args.h"
@@ -225,6 +231,67 @@ struct ReadObjectJob {
   Napi::Value Result(Napi::Env env) { return Napi::Number::New(env, static_cast<double>(size)); }
 };
 
+// syncDirsAsync(dirs) -> undefined: each directory opened, fsynced and closed, on up to
+// kSyncThreads threads of one job (this pool thread and threads of its own), the first failure
+// reported with its directory. The directory store's flush (src/storage/store/dir.ts) makes the
+// links of a snapshot's new objects durable with it: one fsync per directory that got one.
+// Before, each directory cost three trips through libuv's pool (open, fsync, close of a
+// FileHandle): the main thread's promise work for ~70 directories of a 1 MiB-pattern qcow2
+// incremental, 256 of a full snapshot. The fsyncs still run side by side: the first one
+// commits the filesystem's journal, and the device's cache flushes that follow coalesce.
+constexpr size_t kSyncThreads = 16;
+
+SysError SyncDir(const std::string& dir) {
+  const int fd = OpenAtRetry(AT_FDCWD, dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+  if (fd < 0) return SysError::Errno(errno, "open", dir);
+  SysError e = Fsync(fd, false);
+  if (e.failed() && e.path.empty()) e.path = dir;
+  ::close(fd);
+  return e;
+}
+
+struct SyncDirsJob {
+  std::vector<std::string> dirs;
+
+  struct Shared {
+    const std::vector<std::string>* dirs;
+    std::atomic<size_t> next{0};
+    std::mutex mu;
+    SysError first;
+  };
+
+  static void Work(Shared* s) {
+    for (size_t i; (i = s->next.fetch_add(1)) < s->dirs->size();) {
+      SysError e = SyncDir((*s->dirs)[i]);
+      if (!e.failed()) continue;
+      std::lock_guard<std::mutex> lock(s->mu);
+      if (!s->first.failed()) s->first = std::move(e);
+    }
+  }
+
+  static void* ThreadMain(void* arg) {
+    Work(static_cast<Shared*>(arg));
+    return nullptr;
+  }
+
+  SysError Run() {
+    Shared s;
+    s.dirs = &dirs;
+    std::vector<pthread_t> tids;
+    const size_t n = std::min(dirs.size(), kSyncThreads);
+    for (size_t k = 1; k < n; k++) {
+      pthread_t t;
+      if (pthread_create(&t, nullptr, ThreadMain, &s) != 0) break;  // fewer threads, same work
+      tids.push_back(t);
+    }
+    Work(&s);
+    for (pthread_t t : tids) pthread_join(t, nullptr);
+    return std::move(s.first);
+  }
+
+  Napi::Value Result(Napi::Env env) { return env.Undefined(); }
+};
+
 template <class Job>
 class ObjectWorker : public PromiseWorker {
  public:
@@ -253,6 +320,25 @@ Napi::Value PutObjectAsync(const Napi::CallbackInfo& info) {
   w->Keep(info[2]);
   if (!info[3].IsUndefined()) w->Keep(info[3]);
   return w->Start();
+}
+
+Napi::Value SyncDirsAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  SyncDirsJob job;
+  if (!info[0].IsArray()) {
+    ThrowInvalid(env, "syncDirs: dirs must be an array of paths");
+    return RejectPending(env);
+  }
+  const Napi::Array a = info[0].As<Napi::Array>();
+  for (uint32_t i = 0; i < a.Length(); i++) {
+    const Napi::Value v = a.Get(i);
+    if (!v.IsString() || v.As<Napi::String>().Utf8Value().empty()) {
+      ThrowInvalid(env, "syncDirs: dirs must be an array of paths");
+      return RejectPending(env);
+    }
+    job.dirs.push_back(v.As<Napi::String>().Utf8Value());
+  }
+  return (new ObjectWorker<SyncDirsJob>(env, "disksnap.syncDirs", std::move(job)))->Start();
 }
 
 // alignOffset(buf, align) -> bytes from buf's start to the first address that is a multiple of
@@ -455,6 +541,7 @@ Napi::Value ReadObjectAsync(const Napi::CallbackInfo& info) {
 void InitObject(Napi::Env env, Napi::Object exports) {
   exports.Set("putObjectAsync", Napi::Function::New(env, PutObjectAsync, "putObjectAsync"));
   exports.Set("readObjectAsync", Napi::Function::New(env, ReadObjectAsync, "readObjectAsync"));
+  exports.Set("syncDirsAsync", Napi::Function::New(env, SyncDirsAsync, "syncDirsAsync"));
   exports.Set("alignOffset", Napi::Function::New(env, AlignOffset, "alignOffset"));
   exports.Set("tuneMalloc", Napi::Function::New(env, TuneMalloc, "tuneMalloc"));
   exports.Set("allocBig", Napi::Function::New(env, AllocBig, "allocBig"));

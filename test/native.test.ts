@@ -24,6 +24,7 @@ import {
   FALLOC_ZERO_RANGE,
 } from '../src/engine/native';
 import { DisksnapError } from '../src/engine/errors';
+import { DirectoryBackend } from '../src/storage/store/dir';
 import { missing } from './helpers/tools';
 import { withHashImpl } from './helpers/hash-impl';
 import { setFlagsFromString } from 'node:v8';
@@ -915,6 +916,54 @@ t.test('putObject publishes complete objects under free names only, and leaves n
   t.same(fs.readdirSync(dir).sort(), ['a', 'b', 'c'], 'nothing else in the directory');
   await t.rejects(n.putObjectAsync(path.join(dir, 'missing'), 'd', head), { code: 'ENOENT' });
   await t.rejects(n.putObjectAsync(dir, 'x/y', head), { code: 'EINVAL' });
+});
+
+t.test('syncDirs opens and fsyncs every directory it is given, and names the first it could not', async (t) => {
+  const root = t.testdir();
+  const n = native();
+  const dirs = Array.from({ length: 40 }, (_, i) => path.join(root, `d${i}`));
+  for (const d of dirs) fs.mkdirSync(d);
+  t.equal(await n.syncDirsAsync(dirs), undefined, 'forty directories');
+  t.equal(await n.syncDirsAsync([]), undefined, 'none');
+  const gone = path.join(root, 'gone');
+  await rejectsWith(t, () => n.syncDirsAsync([...dirs.slice(0, 20), gone, ...dirs.slice(20)]), { code: 'ENOENT', path: gone }, 'a missing directory among others');
+  const file = path.join(root, 'file');
+  fs.writeFileSync(file, 'x');
+  await rejectsWith(t, () => n.syncDirsAsync([file]), { code: 'ENOTDIR', path: file }, 'a file is not a directory');
+  await rejectsWith(t, () => n.syncDirsAsync('dir' as unknown as string[]), { code: 'EINVAL' }, 'not an array');
+  await rejectsWith(t, () => n.syncDirsAsync([root, 7 as unknown as string]), { code: 'EINVAL' }, 'not a path');
+  await rejectsWith(t, () => n.syncDirsAsync(['']), { code: 'EINVAL' }, 'an empty path');
+});
+
+t.test('syncDirs: strace sees one fsync of each directory', { skip: missing({ commands: ['strace'] }) }, async (t) => {
+  // what makes a store's new links durable (./store/dir.ts flush): checked where it happens
+  const root = t.testdir();
+  const dirs = Array.from({ length: 24 }, (_, i) => path.join(root, `d${i}`));
+  for (const d of dirs) fs.mkdirSync(d);
+  const script = `require(${JSON.stringify(ADDON)}).syncDirsAsync(${JSON.stringify(dirs)}).then(() => process.stdout.write('done'))`;
+  // (one trace file per thread: a call in one thread then reads as one line)
+  const out = path.join(root, 'trace');
+  const r = spawnSync('strace', ['-ff', '-qq', '-y', '-e', 'trace=fsync', '-o', out, process.execPath, '-e', script], { encoding: 'utf8' });
+  t.equal(r.status, 0, r.stderr.slice(-2000));
+  t.equal(r.stdout, 'done');
+  const traced = fs.readdirSync(root).filter((f) => f.startsWith('trace.')).map((f) => fs.readFileSync(path.join(root, f), 'utf8')).join('\n');
+  const synced = [...traced.matchAll(/fsync\(\d+<([^>]*)>\)\s*=\s*0/g)].map((m) => m[1]);
+  t.same(synced.sort(), [...dirs].sort(), 'each directory fsynced once, successfully');
+});
+
+t.test('a directory store\'s flush names a directory it could not sync and keeps it for the next flush', async (t) => {
+  const root = t.testdir();
+  const d = new DirectoryBackend(root);
+  t.equal(await d.putIfAbsent('blocks/ab/one', Buffer.from('1')), true);
+  t.equal(await d.putIfAbsent('blocks/cd/two', Buffer.from('2')), true);
+  fs.renameSync(path.join(root, 'blocks', 'ab'), path.join(root, 'away'));
+  await rejectsWith(t, () => d.flush(), { code: 'ENOENT', path: path.join(root, 'blocks', 'ab') }, 'the directory that went away');
+  fs.renameSync(path.join(root, 'away'), path.join(root, 'blocks', 'ab'));
+  fs.rmSync(path.join(root, 'blocks', 'cd'), { recursive: true });
+  await rejectsWith(t, () => d.flush(), { code: 'ENOENT', path: path.join(root, 'blocks', 'cd') }, 'kept: tried again at the next flush');
+  fs.mkdirSync(path.join(root, 'blocks', 'cd'));
+  await d.flush();
+  t.pass('synced once all are there');
 });
 
 t.test('readObject reads a whole file when it fits and tells its size either way', async (t) => {

@@ -230,6 +230,8 @@ export interface NativeAddon {
   putObjectAsync(dir: string, name: string, head: Uint8Array, tail?: Uint8Array): Promise<number>;
   /** Reads a whole file into buf when it fits; resolves to the file's size either way. */
   readObjectAsync(path: string, buf: Uint8Array): Promise<number>;
+  /** Opens, fsyncs and closes each directory, several at a time, in one pool job; rejects with the first failure. */
+  syncDirsAsync(dirs: string[]): Promise<void>;
   /** Bytes from the start of `buf` to its first address that is a multiple of `align` (a power of two). */
   alignOffset(buf: Uint8Array, align: number): number;
   /**

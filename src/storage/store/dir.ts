@@ -383,7 +383,8 @@ export class DirectoryBackend implements StoreBackend {
     const dirs = [...this.dirtyDirs];
     this.dirtyDirs.clear();
     try {
-      await Promise.all(dirs.map((d) => fsyncDir(d)));
+      // one trip through the pool for all of them (native/object.cc syncDirsAsync)
+      if (dirs.length) await native().syncDirsAsync(dirs);
     } catch (e) {
       for (const d of dirs) this.dirtyDirs.add(d);
       throw wrap(e, this.location, 'syncing directories');
