@@ -237,10 +237,10 @@ struct ReadObjectJob {
 // links of a snapshot's new objects durable with it: one fsync per directory that got one.
 // Before, each directory cost three trips through libuv's pool (open, fsync, close of a
 // FileHandle): the main thread's promise work for ~70 directories of a 1 MiB-pattern qcow2
-// incremental, 256 of a full snapshot. The fsyncs still run side by side, 16 at a time as the
-// pool's threads did: 256 freshly linked directories took 5.9 ms with 16 threads, 7.8 ms with 8
-// and 9-11.6 ms with 4 (medians of 9 rounds); 70 of them, 2.7-3.3 ms with any of the three,
-// against 5-6.6 ms through fs.promises.
+// incremental, 256 of a full snapshot. The fsyncs still run side by side, 16 at a time as
+// the pool's threads did: 256 freshly linked directories took 5.9 ms with 16 threads,
+// 7.8-10.5 ms with 8 and 9.2-11.6 ms with 4 (medians of 9 rounds); 70 of them, 2.7-3.4 ms with
+// any of the three, against 5-6.6 ms through fs.promises.
 constexpr size_t kSyncThreads = 16;
 
 SysError SyncDir(const std::string& dir) {
