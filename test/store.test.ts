@@ -403,31 +403,24 @@ t.test('a new store makes a prefix directory when its first object goes in, and 
   const key = s.blockKey(createHash('sha256').update(data).digest());
   t.equal(await be.putIfAbsent(key, data), true);
   t.same(fs.readdirSync(path.join(dir, 'blocks')), [path.basename(path.dirname(key))], 'its prefix directory made');
-  // what flush hands the addon to fsync (test/native.test.ts sees, under strace, that it does)
-  const synced: string[] = [];
-  const n = native();
-  const sync = n.syncDirsAsync;
-  n.syncDirsAsync = (dirs: string[]) => {
-    synced.push(...dirs);
-    return sync(dirs);
+  // what a flush hands the addon to fsync (test/native.test.ts sees, under strace, that it does)
+  const flushed = async (): Promise<string[]> => {
+    const synced: string[] = [];
+    const n = native();
+    const sync = n.syncDirsAsync;
+    n.syncDirsAsync = (dirs: string[]) => {
+      synced.push(...dirs);
+      return sync(dirs);
+    };
+    try {
+      await be.flush();
+    } finally {
+      n.syncDirsAsync = sync;
+    }
+    return synced.sort();
   };
-  try {
-    await be.flush();
-  } finally {
-    n.syncDirsAsync = sync;
-  }
-  t.same(synced.sort(), [path.join(dir, 'blocks'), path.dirname(path.join(dir, key))].sort(), 'flush syncs the new directory and blocks/, where its name is');
-  synced.length = 0;
-  n.syncDirsAsync = (dirs: string[]) => {
-    synced.push(...dirs);
-    return sync(dirs);
-  };
-  try {
-    await be.flush();
-  } finally {
-    n.syncDirsAsync = sync;
-  }
-  t.same(synced, [], 'and nothing at the next flush: no object went in since');
+  t.same(await flushed(), [path.join(dir, 'blocks'), path.dirname(path.join(dir, key))].sort(), 'flush syncs the new directory and blocks/, where its name is');
+  t.same(await flushed(), [], 'and nothing at the next flush: no object went in since');
   t.same(await be.get(key), data);
   t.equal(await be.putIfAbsent(key, data), false, 'written once');
 });
