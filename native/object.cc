@@ -42,7 +42,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <malloc.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -58,6 +57,7 @@
 #include "addon.h"
 #include "args.h"
 #include "error.h"
+#include "hash_engine.h"
 #include "io.h"
 #include "worker.h"
 
@@ -255,40 +255,20 @@ SysError SyncDir(const std::string& dir) {
 struct SyncDirsJob {
   std::vector<std::string> dirs;
 
-  struct Shared {
-    const std::vector<std::string>* dirs;
+  SysError Run() {
     std::atomic<size_t> next{0};
     std::mutex mu;
     SysError first;
-  };
-
-  static void Work(Shared* s) {
-    for (size_t i; (i = s->next.fetch_add(1)) < s->dirs->size();) {
-      SysError e = SyncDir((*s->dirs)[i]);
-      if (!e.failed()) continue;
-      std::lock_guard<std::mutex> lock(s->mu);
-      if (!s->first.failed()) s->first = std::move(e);
-    }
-  }
-
-  static void* ThreadMain(void* arg) {
-    Work(static_cast<Shared*>(arg));
-    return nullptr;
-  }
-
-  SysError Run() {
-    Shared s;
-    s.dirs = &dirs;
-    std::vector<pthread_t> tids;
-    const size_t n = std::min(dirs.size(), kSyncThreads);
-    for (size_t k = 1; k < n; k++) {
-      pthread_t t;
-      if (pthread_create(&t, nullptr, ThreadMain, &s) != 0) break;  // fewer threads, same work
-      tids.push_back(t);
-    }
-    Work(&s);
-    for (pthread_t t : tids) pthread_join(t, nullptr);
-    return std::move(s.first);
+    // this thread and up to kSyncThreads - 1 more (ParallelFor, hash_engine.h)
+    ParallelFor(static_cast<int>(std::min(dirs.size(), kSyncThreads)), [&](int) {
+      for (size_t i; (i = next.fetch_add(1)) < dirs.size();) {
+        SysError e = SyncDir(dirs[i]);
+        if (!e.failed()) continue;
+        std::lock_guard<std::mutex> lock(mu);
+        if (!first.failed()) first = std::move(e);
+      }
+    });
+    return first;
   }
 
   Napi::Value Result(Napi::Env env) { return env.Undefined(); }
