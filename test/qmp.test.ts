@@ -4,9 +4,10 @@
  * events (including ones that arrived before the wait), timeouts, and a QEMU that goes away.
  */
 import t from 'tap';
+import type { Test } from 'tap';
 import * as net from 'node:net';
 import * as path from 'node:path';
-import { QmpClient, isQmpError } from '../src/host/qmp';
+import { CONNECT_ATTEMPTS, QmpClient, isQmpError } from '../src/host/qmp';
 import { isDisksnapError } from '../src/engine/errors';
 import * as diff from '../src/differencing';
 import { makeParent, needQemu } from './helpers/qemu';
@@ -116,4 +117,60 @@ t.test('a QEMU that exits fails outstanding waits with ECONNRESET; a missing soc
     server2.close();
   });
   t.equal(await codeOf(QmpClient.connect(silent, { timeoutMs: 300 })), 'ETIMEDOUT', 'a peer that says nothing: ETIMEDOUT');
+});
+
+/**
+ * A scripted QMP peer on a unix socket (no QEMU: the faults below cannot be made on demand in
+ * one). Connection n (from 1) greets; `drop(n)` true: it reads nothing and closes after 50 ms,
+ * so the client's qmp_capabilities is left unread and the client's read fails with ECONNRESET,
+ * as from a QEMU dropping it. Otherwise it answers every command, first with a stale answer
+ * (the id a killed client's second command had under the ids before session 39), then with
+ * `{return: {ok: n}}` under the command's own id.
+ */
+async function scriptedPeer(t: Test, drop: (n: number) => boolean): Promise<{ sock: string; connections: () => number }> {
+  const sock = socketPath(t, `scripted-${Math.random().toString(36).slice(2, 8)}.sock`);
+  let n = 0;
+  const server = net.createServer({ pauseOnConnect: true }, (c) => {
+    const me = ++n;
+    c.write('{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}\n');
+    if (drop(me)) {
+      setTimeout(() => c.destroy(), 50);
+      return;
+    }
+    let buf = '';
+    c.setEncoding('utf8');
+    c.on('data', (chunk: string) => {
+      buf += chunk;
+      for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
+        const msg = JSON.parse(buf.slice(0, nl)) as { id: string };
+        buf = buf.slice(nl + 1);
+        c.write(`{"return": {"stale": true}, "id": "disksnap-2"}\n{"return": {"ok": ${me}}, "id": ${JSON.stringify(msg.id)}}\n`);
+      }
+    });
+    c.resume();
+  });
+  await new Promise<void>((r) => server.listen(sock, r));
+  t.teardown(() => server.close());
+  return { sock, connections: () => n };
+}
+
+t.test('a connection QEMU drops before the handshake is made again; errors name the socket; ids are unique per connection', async (t) => {
+  const once = await scriptedPeer(t, (n) => n === 1);
+  const qmp = await QmpClient.connect(once.sock, { timeoutMs: 5000 });
+  t.teardown(() => qmp.close());
+  t.equal(once.connections(), 2, 'the dropped connection was made again, once');
+  t.same(await qmp.execute('query-status'), { ok: 2 }, "a command gets its own answer, not one owed to an earlier client's same-numbered command");
+
+  const always = await scriptedPeer(t, () => true);
+  let err: unknown;
+  try {
+    await QmpClient.connect(always.sock, { timeoutMs: 5000 });
+  } catch (e) {
+    err = e;
+  }
+  t.ok(isDisksnapError(err, 'ECONNRESET'), `a peer that drops every connection: ECONNRESET (${String(err)})`);
+  t.equal(always.connections(), CONNECT_ATTEMPTS, `after ${CONNECT_ATTEMPTS} connections`);
+  const msg = (err as Error).message;
+  t.ok(msg.includes(always.sock), `the message names the socket (${msg})`);
+  t.match(msg, /reset by the other end \(read ECONNRESET\).*3 connections, each dropped before the QMP handshake was done/, 'and says what happened, how often');
 });

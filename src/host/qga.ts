@@ -28,10 +28,10 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { randomInt } from 'node:crypto';
 import type { ChildProcess } from 'node:child_process';
-import { DisksnapError, fromNodeError } from '../engine/errors';
+import { DisksnapError } from '../engine/errors';
 import { untilExit } from './exit-cleanup';
 import { endGuard, startGuard } from './guard-process';
-import { connectUnix } from './qmp';
+import { connectUnix, socketError } from './qmp';
 
 interface Waiting {
   resolve(v: Record<string, unknown>): void;
@@ -53,7 +53,7 @@ export class QgaClient {
     sock.setEncoding('latin1');
     sock.on('data', (chunk: string) => this.onData(chunk));
     sock.on('close', () => this.fail(new DisksnapError(`guest agent ${socketPath}: connection closed`, 'ECONNRESET', undefined, socketPath)));
-    sock.on('error', (e) => this.fail(fromNodeError(e, socketPath)));
+    sock.on('error', (e) => this.fail(socketError(e, socketPath, 'guest agent')));
   }
 
   /** Connects and synchronises (guest-sync-delimited) within timeoutMs: a guest without a running agent times out here. */

@@ -20,7 +20,15 @@
  *   ETIMEDOUT   no answer / event within the time allowed
  *   ECONNRESET  the socket closed (QEMU exited) with commands or waits outstanding
  *   EPROTO      the other end does not speak QMP (no greeting, a line that is not JSON)
- * and connection errors keep their errno code (ENOENT, ECONNREFUSED) and the socket path.
+ * and connection errors keep their errno code (ENOENT, ECONNREFUSED) and the socket path; every
+ * message names the socket.
+ *
+ * A connection that QEMU drops before the handshake is done (greeting, qmp_capabilities) is
+ * made again, up to CONNECT_ATTEMPTS times: nothing has been asked of QEMU yet. Why: a QEMU
+ * whose previous client was just killed can drop the next one while it tears the old one down
+ * (a re-run of `checkpoint delete --qmp` right after a SIGKILL got `read ECONNRESET` once in
+ * CI). Command ids name this process and connection, not only a counter: an answer QEMU still
+ * owed a killed client can never be taken for the answer to one of ours.
  */
 import type * as net from 'node:net';
 import { DisksnapError, fromNodeError } from '../engine/errors';
@@ -55,6 +63,11 @@ interface Waiter {
 /** How many events are kept for waitEvent's look-back. */
 const EVENT_LOG = 1000;
 const DEFAULT_TIMEOUT_MS = 30_000;
+/** Connections tried when QEMU drops one before the handshake is done, and the pause between. */
+export const CONNECT_ATTEMPTS = 3;
+const RECONNECT_PAUSE_MS = 100;
+/** Connections made by this process, for command ids. */
+let connections = 0;
 
 export class QmpError extends DisksnapError {
   /** QEMU's error class (GenericError, DeviceNotFound, ...) */
@@ -76,6 +89,8 @@ export class QmpClient {
   private sock: net.Socket;
   private buf = '';
   private nextId = 1;
+  /** `disksnap-<pid>.<connection>-`: ids unique across processes and connections */
+  private readonly idPrefix = `disksnap-${process.pid}.${++connections}-`;
   private pending = new Map<string, Pending>();
   private waiters = new Set<Waiter>();
   private events: QmpEvent[] = [];
@@ -91,19 +106,38 @@ export class QmpClient {
     sock.setEncoding('utf8');
     sock.on('data', (chunk: string) => this.onData(chunk));
     sock.on('close', () => this.fail(new DisksnapError(`QMP ${socketPath}: connection closed`, 'ECONNRESET', undefined, socketPath)));
-    sock.on('error', (e) => this.fail(fromNodeError(e, socketPath)));
+    sock.on('error', (e) => this.fail(socketError(e, socketPath)));
   }
 
-  /** Connects, reads the greeting and enters command mode. */
+  /**
+   * Connects, reads the greeting and enters command mode; a connection dropped before that is
+   * made again (CONNECT_ATTEMPTS in all, within timeoutMs).
+   */
   static async connect(socketPath: string, opts: QmpOptions = {}): Promise<QmpClient> {
     const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    const until = Date.now() + timeoutMs;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await QmpClient.connectOnce(socketPath, Math.max(1, until - Date.now()), timeoutMs);
+      } catch (e) {
+        const dropped = e instanceof DisksnapError && (e.code === 'ECONNRESET' || e.code === 'EPIPE');
+        if (!dropped || attempt >= CONNECT_ATTEMPTS || Date.now() + RECONNECT_PAUSE_MS >= until) {
+          if (dropped && attempt > 1) (e as Error).message += ` (${attempt} connections, each dropped before the QMP handshake was done)`;
+          throw e;
+        }
+        await new Promise((res) => setTimeout(res, RECONNECT_PAUSE_MS));
+      }
+    }
+  }
+
+  private static async connectOnce(socketPath: string, timeoutMs: number, commandTimeoutMs: number): Promise<QmpClient> {
     const sock = await connectUnix(socketPath, timeoutMs, 'QMP');
-    const client = new QmpClient(sock, socketPath, timeoutMs);
+    const client = new QmpClient(sock, socketPath, commandTimeoutMs);
     try {
       const greeting = await client.readGreeting(timeoutMs);
       const v = (greeting.QMP as { version?: { qemu?: QmpClient['version'] } } | undefined)?.version?.qemu;
       if (v) client.version = v;
-      await client.execute('qmp_capabilities');
+      await client.execute('qmp_capabilities', undefined, { timeoutMs });
     } catch (e) {
       client.close();
       throw e;
@@ -145,7 +179,7 @@ export class QmpClient {
    */
   execute<T = unknown>(command: string, args?: Record<string, unknown>, opts: { timeoutMs?: number } = {}): Promise<T> {
     if (this.closed) return Promise.reject(this.closed);
-    const id = `disksnap-${this.nextId++}`;
+    const id = `${this.idPrefix}${this.nextId++}`;
     const msg: Record<string, unknown> = { execute: command, id };
     if (args !== undefined) msg.arguments = args;
     const timeoutMs = opts.timeoutMs ?? this.defaultTimeout;
@@ -275,6 +309,13 @@ export class QmpClient {
 
 export function isQmpError(e: unknown, qmpClass?: string): e is QmpError {
   return e instanceof QmpError && (qmpClass === undefined || e.qmpClass === qmpClass);
+}
+
+/** A socket error as a DisksnapError whose message names the socket (node's says only `read ECONNRESET`). */
+export function socketError(e: unknown, socketPath: string, label = 'QMP'): DisksnapError {
+  const err = fromNodeError(e, socketPath);
+  const why = err.code === 'ECONNRESET' || err.code === 'EPIPE' ? 'the connection was reset by the other end' : 'socket error';
+  return new DisksnapError(`${label} ${socketPath}: ${why} (${err.message})`, err.code, err.errno, socketPath);
 }
 
 /** A connection to a unix socket within timeoutMs (QMP, the guest agent); `label` names it in errors. */
