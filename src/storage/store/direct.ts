@@ -38,7 +38,10 @@ const HUGE_FROM = 4 * 2 ** 20;
  * touches for the first time costs a fault per page, and on a VM the host may have to fault it
  * in as well: the addon marks the buffer for 2 MiB pages, or 4 KiB ones where the guest hands
  * its free memory back to the host (native/object.cc, PickPages; DISKSNAP_BUFFER_PAGES=huge|small
- * forces one). `zeroed` as Buffer.alloc.
+ * forces one). `zeroed` as Buffer.alloc. Not faulted in ahead on the thread pool while a
+ * snapshot's first ~40 ms leave a core idle: tried in session 39, the pipeline got as much
+ * faster as the setup before it got slower, since on these VMs a first touch is mostly the
+ * host's work (README, the qcow2 volumes' session 39 paragraph).
  */
 export function bigBuffer(size: number, zeroed = false): Buffer {
   if (size < HUGE_FROM) return zeroed ? Buffer.alloc(size) : Buffer.allocUnsafeSlow(size);
