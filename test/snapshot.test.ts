@@ -423,3 +423,61 @@ t.test('a pending snapshot\'s progress: first rewritten half a second in, then a
   await saver.settle();
   t.same(writes, [30, 50], 'then at most one rewrite per half second, and none without news');
 });
+
+t.test("the progress chain starts with a record write already under way: later writes and settle wait for it; its failure is dropped", async (t) => {
+  const writes: string[] = [];
+  const store = { writeSnapshot: async (r: snap.SnapshotRecord) => void writes.push(`progress ${r.progress}`) } as unknown as Store;
+  const rec = { progress: 0, stats: {} } as snap.SnapshotRecord;
+  let clock = 1000;
+  let land!: () => void;
+  const first = new Promise<void>((res) => (land = res)).then(() => void writes.push('pending'));
+  const saver = progressSaver(store, rec, () => clock, first);
+  clock += 600;
+  saver.save(30);
+  let settled = false;
+  const s = saver.settle().then(() => (settled = true));
+  await new Promise((res) => setTimeout(res, 50));
+  t.same(writes, [], 'a progress write waits for the write under way');
+  t.notOk(settled, 'and so does settle');
+  land();
+  await s;
+  t.same(writes, ['pending', 'progress 30'], 'then they land in order');
+
+  const failing = progressSaver(store, rec, () => clock, Promise.reject(new Error('the store said no')));
+  clock += 600;
+  failing.save(60);
+  await failing.settle();
+  t.same(writes.slice(2), ['progress 60'], 'a failed first write is dropped; the writes after it still go');
+});
+
+forEachBackend(t, 'the pending record is written while the capture starts, and never lands after the completed one', async (t, b) => {
+  const dir = t.testdir();
+  const store = await b.store('store');
+  const vol = path.join(dir, 'vol.img');
+  makeImage(vol, 8 * MiB, [{ offset: 0, length: 8 * MiB, seed: 21 }]);
+  const proto = (await import('../src/storage/store/store')).Store.prototype;
+  const original = proto.writeSnapshot;
+  const events: string[] = [];
+  const started: Promise<void>[] = [];
+  proto.writeSnapshot = function (this: Store, rec: snap.SnapshotRecord, opts?: { leasesProven?: boolean }) {
+    const state = rec.state;
+    const copy = { ...rec, stats: { ...rec.stats } };
+    const w = (async () => {
+      // (the pending record's write held back: longer than the whole capture of this volume)
+      if (state === 'pending' && rec.progress === 0) await new Promise((res) => setTimeout(res, 400));
+      await original.call(this, copy, opts);
+      events.push(`record ${state}`);
+    })();
+    started.push(w.catch(() => undefined));
+    return w;
+  };
+  t.teardown(() => (proto.writeSnapshot = original));
+  const s = await snap.createSnapshot(vol, withFaults({ store, blockSize: BS }, { afterChunk: () => void events.push('chunk') }));
+  await Promise.all(started); // every record write the command started, landed (a late one too)
+  t.equal(s.state, 'completed');
+  const at = (e: string) => events.indexOf(e);
+  t.ok(at('chunk') >= 0 && at('record pending') > at('chunk'), `the volume was read before the pending record landed (${events.join(', ')})`);
+  t.ok(at('record pending') >= 0 && at('record completed') > at('record pending'), 'the completed record was written after the pending one');
+  const listed = (await snap.listSnapshots({ store })).snapshots.filter((r) => r.id === s.id);
+  t.same(listed.map((r) => r.state), ['completed'], 'and is what the store holds');
+});

@@ -65,9 +65,12 @@ export interface ProgressSaver {
  * incremental of ~0.15 s paid a record write (a temporary file, fsync, rename, directory
  * fsync) in the middle of its dirty-range scan. Writes are chained; a failed one is dropped on
  * purpose (progress is a hint; the final state is written apart and reports its own failure).
+ * `first`: a write of the record already under way (`snapshot create`'s pending record, which
+ * the capture does not wait for), chained first: no later write of the record can land
+ * before it, and `settle` waits for it too.
  */
-export function progressSaver(store: Store, rec: SnapshotRecord, now: () => number = Date.now): ProgressSaver {
-  let chain: Promise<void> = Promise.resolve();
+export function progressSaver(store: Store, rec: SnapshotRecord, now: () => number = Date.now, first?: Promise<void>): ProgressSaver {
+  let chain: Promise<void> = first ? first.catch(() => undefined) : Promise.resolve();
   let lastWrite = now();
   return {
     save: (percent) => {
