@@ -195,7 +195,14 @@ class HashBlocksWorker : public PromiseWorker {
 
  protected:
   void Execute() override {
-    if (args_.readFd >= 0) {
+    // A hash with a read: the hashing threads read their own ranges just before hashing them
+    // (ReadFill), so the read is spread over the threads and what it wrote is still in cache
+    // when the hash reads it. Before, this job read every request first, on one thread: a full
+    // snapshot's 16 MiB chunk took ~7-9 ms to read beside ~7 ms to hash (session 40, AMD EPYC).
+    RangeFill fill;
+    const bool fused = args_.readFd >= 0 && digestsData_ != nullptr &&
+                       ReadFill(args_.readFd, args_.buf.data, args_.reads.data(), args_.reads.size(), &fill);
+    if (args_.readFd >= 0 && !fused) {
       uint64_t total = 0;
       error_ = PreadBatch(args_.readFd, args_.buf.data, args_.reads.data(), args_.reads.size(), &total);
       if (error_.failed()) {
@@ -209,7 +216,7 @@ class HashBlocksWorker : public PromiseWorker {
       error_ = HashBuffer(args_.buf.data, args_.buf.length, args_.blockSize, args_.threads,
                           args_.keyed ? &args_.key : nullptr, digestsData_, zeroData_,
                           args_.tagged ? &args_.tagKey : nullptr, tagsData_,
-                          granules_.tags != nullptr ? &granules_ : nullptr);
+                          granules_.tags != nullptr ? &granules_ : nullptr, fused ? &fill : nullptr);
     OPENSSL_cleanse(args_.tagKey.data(), args_.tagKey.size());
   }
   Napi::Value Result(Napi::Env env) override { return refs_.Result(env); }

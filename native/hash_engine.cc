@@ -500,9 +500,12 @@ static bool TagGranules(BlockTagger* tagger, const uint8_t* data, size_t len, si
 
 SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threads,
                     const std::vector<uint8_t>* key, uint8_t* digests, uint8_t* zero,
-                    const std::vector<uint8_t>* tagKey, uint8_t* tags, const GranuleOut* granules) {
+                    const std::vector<uint8_t>* tagKey, uint8_t* tags, const GranuleOut* granules,
+                    const RangeFill* fill) {
   const size_t nblocks = len == 0 ? 0 : (len - 1) / blockSize + 1;
   if (nblocks == 0) return {};
+  std::mutex mu;
+  SysError fillError;
   // Claim about 1 MiB per grab, and start no more threads than there are grabs.
   // Blocks of 1 MiB or more go two per grab when there are enough of them for every thread, so
   // that they can be hashed as a pair.
@@ -527,12 +530,43 @@ SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threa
       },
       [&](State& st, size_t first, size_t last) {
         size_t off = first * blockSize, end = std::min(len, last * blockSize);
+        if (fill != nullptr) {
+          SysError err = (*fill)(off, end);
+          if (err.failed()) {
+            std::lock_guard<std::mutex> lock(mu);
+            if (!fillError.failed()) fillError = std::move(err);
+            return false;
+          }
+        }
         if (!st.hasher.Blocks(data + off, end - off, blockSize, digests + first * kDigestLength, zero + first)) return false;
         if (!st.tagger) return true;
         if (granules) return TagGranules(st.tagger.get(), data + off, end - off, blockSize, first, zero + first, tags + first * kTagLength, *granules);
         return TagBlocks(st.tagger.get(), data + off, end - off, blockSize, zero + first, tags + first * kTagLength);
       });
+  if (fillError.failed()) return fillError;
   return ok ? SysError() : CryptoFailure();
+}
+
+bool ReadFill(int fd, uint8_t* buf, const IoRequest* reqs, size_t n, RangeFill* out) {
+  // The requests by buffer offset; a range's share is found by binary search.
+  std::vector<IoRequest> sorted(reqs, reqs + n);
+  std::stable_sort(sorted.begin(), sorted.end(), [](const IoRequest& a, const IoRequest& b) { return a.bufferOffset < b.bufferOffset; });
+  for (size_t i = 1; i < n; i++)
+    if (sorted[i - 1].bufferOffset + sorted[i - 1].length > sorted[i].bufferOffset) return false;
+  *out = [fd, buf, sorted = std::move(sorted)](size_t off, size_t end) -> SysError {
+    // the first request that ends after `off`
+    auto it = std::upper_bound(sorted.begin(), sorted.end(), off, [](size_t o, const IoRequest& q) { return o < q.bufferOffset + q.length; });
+    std::vector<IoRequest> part;
+    for (; it != sorted.end() && it->bufferOffset < end; ++it) {
+      const size_t a = std::max(off, it->bufferOffset), b = std::min(end, it->bufferOffset + it->length);
+      if (a < b) part.push_back(IoRequest{it->fileOffset + (a - it->bufferOffset), a, b - a});
+    }
+    // back in file order within the range, so that PreadBatch joins neighbours into one preadv
+    std::sort(part.begin(), part.end(), [](const IoRequest& x, const IoRequest& y) { return x.fileOffset < y.fileOffset; });
+    uint64_t total = 0;
+    return PreadBatch(fd, buf, part.data(), part.size(), &total);
+  };
+  return true;
 }
 
 SysError TagBuffer(const uint8_t* data, size_t len, size_t blockSize, int threads,

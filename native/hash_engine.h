@@ -87,10 +87,23 @@ struct GranuleOut {
   uint8_t* zero = nullptr;
   uint8_t* tags = nullptr;
 };
+//
+// With `fill`, the bytes are not there yet: each thread calls fill(off, end) for the range
+// [off, end) of data it is about to hash, and hashes it once it returns (a read into the
+// buffer, run by the hashing threads: see ReadFill). Its first failure is the call's.
+struct IoRequest;  // args.h
+using RangeFill = std::function<SysError(size_t off, size_t end)>;
 SysError HashBuffer(const uint8_t* data, size_t len, size_t blockSize, int threads,
                     const std::vector<uint8_t>* key, uint8_t* digests, uint8_t* zero,
                     const std::vector<uint8_t>* tagKey = nullptr, uint8_t* tags = nullptr,
-                    const GranuleOut* granules = nullptr);
+                    const GranuleOut* granules = nullptr, const RangeFill* fill = nullptr);
+
+// A RangeFill that reads requests `reqs` (file offset, buffer offset, length) of fd into buf,
+// as PreadBatch does (zeros past the end of the file), each range's share when it is asked
+// for: a request that crosses a range's edge is read in two parts. False (and no fill) where
+// two requests overlap in the buffer: PreadBatch's order then decides which bytes stay, so
+// the caller reads them all first, as before.
+bool ReadFill(int fd, uint8_t* buf, const IoRequest* reqs, size_t n, RangeFill* out);
 
 // The zero flag and unmasked change tag of each block of data[0..len) (no SHA-256): the
 // tags of a buffer's 64 KiB granules, beside its blocks' (src/storage/store/tags.ts).

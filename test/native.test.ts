@@ -693,6 +693,56 @@ t.test('hashBlocksAsync with reads: the same job reads the triples into buf, the
   await rejectsWith(t, () => n.hashBlocksAsync(Buffer.alloc(bs), bs, 1, undefined, undefined, undefined, closed, Float64Array.from([0, 0, bs])), { code: 'EBADF', errno: EBADF }, 'a closed descriptor');
 });
 
+t.test('hashBlocksAsync with reads over several of its threads\' ranges: each range reads its share of the triples (cut at the edges), as one read first would', async (t) => {
+  // 4 KiB blocks: a hashing thread takes 1 MiB (256 blocks) at a time, so these triples cross
+  // the ranges' edges and come in any order; 4 KiB of the buffer are named by none and keep
+  // what they held; the last triple runs past the end of the file (zeros)
+  const bs = 4 * KiB;
+  const fileLen = 3 * MiB + 5000;
+  const data = randomBytes(fileLen);
+  data.fill(0, 2 * MiB, 2 * MiB + 8 * bs); // zero blocks in the file too
+  const { file, fd } = tempFile(t, 'ranges.img');
+  fs.writeFileSync(file, data);
+  const len = 3 * MiB + 3 * bs + 100; // a short last block
+  const triples = [
+    [2 * MiB - 3 * bs, 1 * MiB - 5 * bs, 10 * bs], // crosses the 1 MiB edge of the buffer
+    [0, 0, 1 * MiB - 5 * bs],
+    [fileLen - 1000, 3 * MiB, 3 * bs + 100], // past the file's end
+    [1 * MiB + 77, 1 * MiB + 5 * bs, 2 * MiB - 6 * bs], // unaligned in the file; leaves 4 KiB before 3 MiB unread
+  ];
+  const reads = Float64Array.from(triples.flat());
+  const before = randomBytes(len);
+  const want = Buffer.from(before);
+  for (const [fo, bo, l] of triples) {
+    const part = Buffer.alloc(l);
+    data.copy(part, 0, fo, Math.min(fileLen, fo + l));
+    part.copy(want, bo);
+  }
+  const tagKey = randomBytes(32);
+  const key = randomBytes(32);
+  for (const threads of [1, 2, 3]) {
+    const buf = Buffer.from(before);
+    const r = await n.hashBlocksAsync(buf, bs, threads, key, tagKey, 1024, fd, reads);
+    t.ok(buf.equals(want), `${threads} threads: buf holds what the triples name, the rest as it was, zeros past the end of the file`);
+    const ref = await n.hashBlocksAsync(want, bs, 1, key, tagKey, 1024);
+    t.ok(r.digests.equals(ref.digests), `${threads} threads: digests of the bytes read`);
+    t.same(Array.from(r.zero), Array.from(ref.zero), `${threads} threads: zero flags`);
+    t.ok(r.tags!.equals(ref.tags!) && r.granules!.tags.equals(ref.granules!.tags), `${threads} threads: block and granule tags`);
+  }
+  t.ok(refZero(want, bs).some((z) => z === 1), 'the buffer has zero blocks (from the file)');
+  // two triples that overlap in the buffer: read in their order, as before (the second wins)
+  const over = Float64Array.from([0, 0, 2 * bs, 8 * bs, bs, 2 * bs]);
+  const buf = Buffer.alloc(4 * bs, 0xee);
+  const r = await n.hashBlocksAsync(buf, bs, 2, undefined, undefined, undefined, fd, over);
+  const wantOver = Buffer.concat([data.subarray(0, bs), data.subarray(8 * bs, 10 * bs), Buffer.alloc(bs, 0xee)]);
+  t.ok(buf.equals(wantOver), 'overlapping triples: the later one\'s bytes stay');
+  t.ok(r.digests.equals(refDigests(wantOver, bs)), 'and the hash is of them');
+  // a read that fails in one range fails the call with the read's error (not a hash failure)
+  const closed = n.open(file, OPEN_READ, 0);
+  n.close(closed);
+  await rejectsWith(t, () => n.hashBlocksAsync(Buffer.from(before), bs, 2, key, tagKey, undefined, closed, reads), { code: 'EBADF', errno: EBADF }, 'a closed descriptor, ranges read by the threads');
+});
+
 t.test('isZero finds a single non-zero byte anywhere', async (t) => {
   for (const len of [0, 1, 15, 16, 17, 31, 32, 4096, 512 * KiB + 3]) {
     const b = Buffer.alloc(len);

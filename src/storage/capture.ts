@@ -275,21 +275,24 @@ export class ReadPipeline {
     }
   }
 
-  /** Reads blocks [first, end) into a pool buffer (the caller owns it from then on). */
-  async load(first: number, end: number): Promise<{ buf: Buffer; len: number }> {
+  /**
+   * Reads blocks [first, end) into a pool buffer and hashes them there, in one pool job whose
+   * hashing threads each read the part they hash next (native ReadFill), with unmasked change
+   * tags under proofKey where `tags`, and granule tags too with a `granuleSize`. The caller owns
+   * the buffer from then on. (A load then a hash, as two jobs, left the read on one thread: on
+   * the 2-core AMD EPYC VM of session 40, 7-9 ms to read a 16 MiB chunk beside 7 ms to hash it.)
+   */
+  async loadHashed(first: number, end: number, tags: boolean, granuleSize?: number): Promise<{ buf: Buffer; len: number; h: BlockHashes }> {
     const buf = await this.pool.acquire();
     const len = this.spanBytes(first, end);
     try {
-      if (this.image) await this.image.read(buf.subarray(0, len), first * this.bs);
-      else {
-        const got = await this.file.read(buf.subarray(0, len), first * this.bs);
-        if (got < len) buf.fill(0, got, len); // the file shrank: the stat check will notice
-      }
+      const reqs = Float64Array.of(first * this.bs, 0, len);
+      const h = await this.readWith(buf, reqs, (fd, host) => this.n.hashBlocksAsync(buf.subarray(0, len), this.bs, this.threads, this.key, tags ? this.proofKey : undefined, granuleSize, fd, host));
+      return { buf, len, h };
     } catch (e) {
       this.pool.release(buf);
       throw e;
     }
-    return { buf, len };
   }
 
   /**

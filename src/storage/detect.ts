@@ -73,19 +73,18 @@ export function changeSourceOf(d: ChangeDetector): ChangeSource {
  */
 async function hashEveryBlock(p: ReadPipeline, tags: boolean, changed: (i: number, digests: Buffer, k: number) => Promise<boolean>): Promise<void> {
   const list = [...chunksOf(p.runs, p.maxBlocks)];
+  // the granule tags of the next snapshot's tag file (./store/tags.ts), beside the blocks'
+  const G = tags ? (p.tagWriter?.granules ?? 0) : 0;
   await readAhead(
     list.length,
-    (c) => p.load(list[c][0], list[c][1]),
+    // (granule tags in the same pass: the blocks' tags are combined from them)
+    (c) => p.loadHashed(list[c][0], list[c][1], tags, G ? granuleSizeFor(p.bs) : undefined),
     async (c, cur) => {
       const [first, end] = list[c];
       let digests: Buffer;
       const keep: number[] = [];
-      // the granule tags of the next snapshot's tag file (./store/tags.ts), beside the blocks'
-      const G = tags ? (p.tagWriter?.granules ?? 0) : 0;
       try {
-        const data = cur.buf.subarray(0, cur.len);
-        // (granule tags in the same pass: the blocks' tags are combined from them)
-        const h = await p.n.hashBlocksAsync(data, p.bs, p.threads, p.key, tags ? p.proofKey : undefined, G ? granuleSizeFor(p.bs) : undefined);
+        const h = cur.h;
         const gt = h.granules;
         digests = h.digests;
         for (let k = 0; k < end - first; k++) {
