@@ -415,6 +415,16 @@ void PickPages() {
 // sets off its collections: "external memory pressure" in --trace-gc.) Here each buffer counts
 // its own size only, and zero memory costs nothing whatever malloc's settings are. Throws
 // ENOMEM when the mapping fails.
+//
+// allocBig(size, true): a buffer for bulk O_DIRECT traffic (a pipeline that moves many times
+// its own size through it: a full snapshot, a restore) gets 2 MiB pages even where the guest
+// reports free memory (only DISKSNAP_BUFFER_PAGES=small overrides). An O_DIRECT request from
+// 4 KiB pages is up to 128 segments, one per page, and the host's block device serves each;
+// from a huge page it is one. Measured on the 2-core AMD EPYC VM of session 40 (free page
+// reporting on; a first touch of fresh memory 0.65 ms per 2 MiB in 4 KiB pages, 2.5 ms as a
+// huge page): a full snapshot of 1 GiB 0.659 -> 0.567 s (7 alternating pairs), its pwrite64
+// CPU halved; a restore 0.97 -> 0.80 s. The fault costs more once and the requests cost less
+// every time, so only buffers that are reused many times are asked for this way.
 Napi::Value AllocBig(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsNumber()) {
@@ -444,8 +454,11 @@ Napi::Value AllocBig(const Napi::CallbackInfo& info) {
   if (a + span > b + mapped) ::munmap(reinterpret_cast<void*>(b + mapped), a + span - (b + mapped));
   uint8_t* const base = reinterpret_cast<uint8_t*>(b);
   if (g_pages.pages == Pages::kUndecided) PickPages();
+  const bool bulk = info.Length() > 1 && info[1].ToBoolean().Value();
+  const bool forcedSmall = g_pages.pages == Pages::kSmall && strcmp(g_pages.reason, "forced") == 0;
+  const bool huge = g_pages.pages == Pages::kHuge || (bulk && !forcedSmall);
   // MADV_NOHUGEPAGE too, not just no advice: where THP is `always`, unmarked memory gets them
-  if (mapped >= kHuge) ::madvise(base, mapped & ~(kHuge - 1), g_pages.pages == Pages::kHuge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+  if (mapped >= kHuge) ::madvise(base, mapped & ~(kHuge - 1), huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
   return Napi::Buffer<uint8_t>::New(env, base, len, [mapped](Napi::Env, uint8_t* data) { ::munmap(data, mapped); });
 }
 

@@ -1072,7 +1072,8 @@ const vmas = () => {
 };
 const before = vmas();
 const faults = process.resourceUsage().minorPageFault;
-const bufs = [n.allocBig(18 * 2 ** 20), n.allocBig(18 * 2 ** 20)];
+const bulk = process.env.PAGES_BULK === '1';
+const bufs = [n.allocBig(18 * 2 ** 20, bulk), n.allocBig(18 * 2 ** 20, bulk)];
 for (const b of bufs) b.fill(0xa5);
 const took = process.resourceUsage().minorPageFault - faults;
 const r = { ...n.bufferPages(), hg: 0, nh: 0, huge: 0, took, intact: bufs.every((b) => b.indexOf(0) === -1) };
@@ -1085,11 +1086,12 @@ for (const [start, v] of vmas()) {
 process.stdout.write(JSON.stringify(r));
 `;
 
-function pagesChild(t: Test, forced?: string): { pages: string; reason: string; hg: number; nh: number; huge: number; took: number; intact: boolean } {
+function pagesChild(t: Test, forced?: string, bulk = false): { pages: string; reason: string; hg: number; nh: number; huge: number; took: number; intact: boolean } {
   const lib = path.resolve(__dirname, '..', 'dist', 'src', 'engine', 'native.js');
   const env = { ...process.env };
   delete env.DISKSNAP_BUFFER_PAGES;
   if (forced) env.DISKSNAP_BUFFER_PAGES = forced;
+  env.PAGES_BULK = bulk ? '1' : '0';
   const r = spawnSync(process.execPath, ['-e', PAGES_CHILD, lib], { encoding: 'utf8', env });
   t.equal(r.status, 0, `the child ran ${r.stderr}`);
   return JSON.parse(r.stdout);
@@ -1164,6 +1166,21 @@ t.test('bigBuffer pages: unforced, 4 KiB pages where the guest reports free memo
   t.ok(r.intact, 'every byte holds what was written');
   t.equal(r.hg, reports ? 0 : 36, 'MiB marked for huge pages');
   t.equal(r.nh, reports ? 36 : 0, 'MiB marked for 4 KiB pages');
+});
+
+t.test('allocBig(size, true), buffers for bulk O_DIRECT traffic: 2 MiB pages whatever the host does with free memory, unless DISKSNAP_BUFFER_PAGES=small', async (t) => {
+  const mode = fs.existsSync(THP) ? fs.readFileSync(THP, 'utf8') : '';
+  if (!/\[(always|madvise)\]/.test(mode)) {
+    t.skip(`transparent huge pages are off on this kernel (${THP}: ${mode.trim() || 'missing'})`);
+    return;
+  }
+  const unforced = pagesChild(t, undefined, true);
+  t.match(unforced, { reason: reportsFreePages() ? 'free page reporting' : 'default', intact: true }, 'the process\'s own choice is as before');
+  t.equal(unforced.hg, 36, 'both buffers marked for huge pages');
+  t.equal(unforced.nh, 0);
+  t.ok(unforced.huge >= 16, `backed by ${unforced.huge} MiB of huge pages once written (at least 16 of 36 expected)`);
+  t.match(pagesChild(t, 'huge', true), { hg: 36, nh: 0 }, 'forced huge: huge');
+  t.match(pagesChild(t, 'small', true), { hg: 0, nh: 36, huge: 0 }, 'forced small: small, bulk or not');
 });
 
 t.test('allocBig: exact size, zero, on a 2 MiB boundary, unmapped once collected; bad sizes refused', async (t) => {

@@ -237,9 +237,11 @@ export interface NativeAddon {
   /**
    * `size` bytes of fresh zero memory, a mapping of its own starting on a 2 MiB boundary, in
    * 2 MiB pages, or 4 KiB ones where the guest hands free memory back to its host
-   * (bufferPages), unmapped when the Buffer is collected (native/object.cc).
+   * (bufferPages), unmapped when the Buffer is collected (native/object.cc). `bulk`: a buffer
+   * that carries many times its size of O_DIRECT requests, in 2 MiB pages either way (unless
+   * DISKSNAP_BUFFER_PAGES=small).
    */
-  allocBig(size: number): Buffer;
+  allocBig(size: number, bulk?: boolean): Buffer;
   /** The page size allocBig uses in this process, and why (DISKSNAP_BUFFER_PAGES=huge|small forces one). */
   bufferPages(): { pages: 'huge' | 'small'; reason: 'forced' | 'free page reporting' | 'default' };
   /**

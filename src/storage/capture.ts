@@ -177,6 +177,12 @@ export class ReadPipeline {
   readonly packs: PackWriter | undefined;
   /** whether new pieces go into packs (not DISKSNAP_NO_PACKS) */
   readonly packNew: boolean;
+  /**
+   * Whether the pool's buffers, allocated on first use, are for bulk traffic (2 MiB pages:
+   * ./store/direct.ts bigBuffer): set by a path that reads the whole volume through them, when
+   * that is at least BULK_REUSE times their bytes.
+   */
+  bulk = false;
 
   constructor(
     readonly store: Store,
@@ -191,7 +197,7 @@ export class ReadPipeline {
     this.maxBlocks = blocksPerChunk(this.bs);
     this.hashBlocks = Math.max(this.maxBlocks, Math.floor(HASH_CHUNK_BYTES / this.bs));
     this.image = settings.guest?.image;
-    this.pool = new BufferPool(this.maxBlocks * this.bs, MAX_BUFFERS, (n) => store.backend.allocBuffer?.(n) ?? bigBuffer(n));
+    this.pool = new BufferPool(this.maxBlocks * this.bs, MAX_BUFFERS, (n) => store.backend.allocBuffer?.(n, this.bulk) ?? bigBuffer(n, false, this.bulk));
     this.key = store.codec.digestKey;
     this.proofKey = settings.tk?.key ?? randomBytes(32);
     this.pieceSize = writer.header.pieceSize ?? 0;

@@ -22,6 +22,17 @@ export const MAX_BUFFERS = 4;
 export const HASH_CHUNK_BYTES = 64 * 1024 * 1024;
 /** Outstanding bytes of object writes before the reader waits for them. */
 export const MAX_WRITE_BYTES = 64 * 1024 * 1024;
+
+/**
+ * How many times its bytes a pipeline's buffer pool must carry to get 2 MiB pages where the
+ * host takes free memory back (./capture.ts ReadPipeline.bulk, ./fetch.ts pipelineBlocks).
+ * There a first touch costs ~4x more per byte in huge pages (2.5 against 0.65 ms per 2 MiB on
+ * session 40's VM), and each O_DIRECT request from them much less (./store/direct.ts
+ * bigBuffer). A full snapshot of 1 GiB through the 64 MiB pool gained 90 ms net; below about
+ * 6x its bytes the extra faults would cost more than the requests save.
+ */
+export const BULK_REUSE = 8;
+
 /** How long commands wait for a running gc (or gc for running commands) by default. */
 export const DEFAULT_LOCK_WAIT_MS = 60_000;
 

@@ -36,7 +36,7 @@ import type { BlockTags, CollectedTags } from '../engine/native';
 import { GRANULES_AT, SALT_LENGTH, TAG_LENGTH, TagKey, granuleSizeFor, maskGranules, tagIvs, xor16 } from './store/tags';
 import type { ManifestCursor, SlotEntry } from './store/manifest';
 import type { TagReader } from './store/tags';
-import { chunksOf } from './common';
+import { BULK_REUSE, MAX_BUFFERS, chunksOf } from './common';
 import { readAhead } from './pool';
 import { ChangeDetector, GuestVolume, ParentView, ReadPipeline, ReflinkView, StoreItem, VolumeChanged } from './capture';
 import { MAX_NEW_PIECES, MAX_PIECES, dirtyScan } from './dirty';
@@ -73,6 +73,7 @@ export function changeSourceOf(d: ChangeDetector): ChangeSource {
  */
 async function hashEveryBlock(p: ReadPipeline, tags: boolean, changed: (i: number, digests: Buffer, k: number) => Promise<boolean>): Promise<void> {
   const list = [...chunksOf(p.runs, p.maxBlocks)];
+  p.bulk = p.totalBytes >= BULK_REUSE * MAX_BUFFERS * p.maxBlocks * p.bs;
   // the granule tags of the next snapshot's tag file (./store/tags.ts), beside the blocks'
   const G = tags ? (p.tagWriter?.granules ?? 0) : 0;
   await readAhead(

@@ -11,9 +11,9 @@ import type { Store } from './store/store';
 import { DerivedKeys, TRAILER_BYTES } from './store/crypto';
 import { acquireStaging, openChunk, releaseStaging } from './store/crypto-pool';
 import { BlockEntries, ManifestReader, blockLength, pieceRange, pieceSizeFor } from './store/manifest';
-import { DIRECT_ALIGN } from './store/direct';
+import { DIRECT_ALIGN, bigBuffer } from './store/direct';
 import type { SnapshotRecord } from './store/records';
-import { Progress, ProgressFn, blocksPerChunk } from './common';
+import { BULK_REUSE, Progress, ProgressFn, blocksPerChunk } from './common';
 import { BufferPool } from './pool';
 
 /** A block of a manifest: its whole object (if any) and its pieces (./store/manifest.ts). */
@@ -205,8 +205,8 @@ export interface PipelineOptions {
   onProgress?: ProgressFn;
   /** only the entries whose index passes (ascending queries) */
   filter?: (index: number) => boolean;
-  /** allocates the chunk buffers (memory that suits O_DIRECT on the output) */
-  alloc?: (size: number) => Buffer;
+  /** allocates the chunk buffers (memory that suits O_DIRECT on the output; `bulk`: ./direct.ts bigBuffer) */
+  alloc?: (size: number, bulk?: boolean) => Buffer;
 }
 
 type Loaded = { batch: BatchEntry[]; buf: Buffer } | undefined;
@@ -226,7 +226,9 @@ export async function pipelineBlocks(store: Store, rec: SnapshotRecord, reader: 
   // 32 GETs of a 16 MiB batch kept a gateway at ~24 of 32 on average.
   const wanted = store.backend.concurrency ? Math.ceil((2 * store.backend.concurrency) / maxBlocks) + 1 : 2;
   const DEPTH = Math.min(8, Math.max(2, wanted));
-  const pool = new BufferPool(maxBlocks * bs, DEPTH + 1, o.alloc);
+  // (2 MiB pages where the restore carries many times the pool's bytes: ./common.ts BULK_REUSE)
+  const bulk = o.total * bs >= BULK_REUSE * (DEPTH + 1) * maxBlocks * bs;
+  const pool = new BufferPool(maxBlocks * bs, DEPTH + 1, (n) => (o.alloc ? o.alloc(n, bulk) : bigBuffer(n, false, bulk)));
   let done = 0;
   let take: Promise<unknown> = Promise.resolve();
   const fetch = async (): Promise<Loaded> => {

@@ -163,7 +163,7 @@ class FileOutput {
   private clone: boolean;
   private readonly syncs: Promise<void>[] = [];
   private unsynced = 0;
-  readonly alloc: ((size: number) => Buffer) | undefined;
+  readonly alloc: ((size: number, bulk?: boolean) => Buffer) | undefined;
 
   constructor(
     private readonly store: Store,
@@ -264,7 +264,7 @@ function cloneBlock(object: string, out: BlockFile, at: number, len: number): bo
 interface DirectWriter {
   file: BlockFile;
   /** Allocates buffers whose memory suits O_DIRECT on this file. */
-  alloc: (size: number) => Buffer;
+  alloc: (size: number, bulk?: boolean) => Buffer;
   close: () => void;
 }
 
@@ -279,5 +279,5 @@ function openDirect(file: string, blockSize: number, size: number): DirectWriter
   } catch {
     return undefined; // O_DIRECT refused for this file: every block goes through the page cache
   }
-  return { file: f, alloc: (n) => dio.alloc(n), close: () => f.close() };
+  return { file: f, alloc: (n, bulk) => dio.alloc(n, bulk), close: () => f.close() };
 }

@@ -158,9 +158,10 @@ export interface StoreBackend {
   prefetch?(keys: string[]): void;
   /**
    * A buffer the backend writes fastest from (the directory backend aligns it for O_DIRECT).
-   * Callers that fill blocks in it pass views of it to putIfAbsent.
+   * Callers that fill blocks in it pass views of it to putIfAbsent. `bulk`: it will carry many
+   * times its size (./direct.ts bigBuffer).
    */
-  allocBuffer?(size: number): Buffer;
+  allocBuffer?(size: number, bulk?: boolean): Buffer;
   /**
    * Object requests the backend serves at once, where throughput needs that many in flight
    * (S3: its bound on requests); readers keep at least twice this many queued. Undefined: local.

@@ -177,9 +177,9 @@ export class DirectoryBackend implements StoreBackend {
     return this.file(key);
   }
 
-  allocBuffer(size: number): Buffer {
+  allocBuffer(size: number, bulk = false): Buffer {
     if (this.direct === undefined) this.direct = DirectIo.forObjects() ?? null;
-    return this.direct ? this.direct.alloc(size) : bigBuffer(size);
+    return this.direct ? this.direct.alloc(size, bulk) : bigBuffer(size, false, bulk);
   }
 
   async putIfAbsent(key: string, data: ObjectData): Promise<boolean> {

@@ -42,15 +42,20 @@ const HUGE_FROM = 4 * 2 ** 20;
  * snapshot's first ~40 ms leave a core idle: tried in session 39, the pipeline got as much
  * faster as the setup before it got slower, since on these VMs a first touch is mostly the
  * host's work (README, the qcow2 volumes' session 39 paragraph).
+ *
+ * `bulk`: the buffer will carry many times its own size of O_DIRECT requests (a full
+ * snapshot's chunks, a restore's): 2 MiB pages even where the host takes free memory back,
+ * since a request from 4 KiB pages is one segment per page for the host's block device to
+ * serve (native/object.cc allocBig has the measurements).
  */
-export function bigBuffer(size: number, zeroed = false): Buffer {
+export function bigBuffer(size: number, zeroed = false, bulk = false): Buffer {
   if (size < HUGE_FROM) return zeroed ? Buffer.alloc(size) : Buffer.allocUnsafeSlow(size);
   // A mapping of its own that starts on a 2 MiB boundary (native/object.cc allocBig): only
   // whole aligned 2 MiB ranges can be huge pages, and a 4 MiB buffer at a mere page boundary
   // (where large allocations land) has one such range, its other half faulted in 4 KiB at a
   // time. Fresh mappings are zero, so `zeroed` costs nothing; and V8 counts each buffer's own
   // size as external memory, not 2 MiB of alignment slack besides.
-  return native().allocBig(size);
+  return native().allocBig(size, bulk);
 }
 
 /** Aligned offset of each buffer we allocated, by its ArrayBuffer. */
@@ -101,10 +106,10 @@ export class DirectIo {
     }
   }
 
-  /** A zeroed buffer of `size` bytes whose memory starts on a page (4 KiB) boundary. */
-  alloc(size: number): Buffer {
+  /** A zeroed buffer of `size` bytes whose memory starts on a page (4 KiB) boundary (`bulk`: see bigBuffer). */
+  alloc(size: number, bulk = false): Buffer {
     // (a big buffer starts on a 2 MiB boundary already)
-    const raw = size >= HUGE_FROM ? bigBuffer(size, true) : bigBuffer(size + DIRECT_ALIGN, true);
+    const raw = size >= HUGE_FROM ? bigBuffer(size, true, bulk) : bigBuffer(size + DIRECT_ALIGN, true);
     const shift = native().alignOffset(raw, DIRECT_ALIGN);
     bases.set(raw.buffer, raw.byteOffset + shift);
     return raw.subarray(shift, shift + size);
