@@ -970,6 +970,41 @@ t.test('putObject publishes complete objects under free names only, and leaves n
   await t.rejects(n.putObjectAsync(dir, 'x/y', head), { code: 'EINVAL' });
 });
 
+t.test('putObjects: many objects as putObject writes each, in one call; a missing directory is made, one whose parent is missing too reported; other failures reject once all are done', async (t) => {
+  const root = t.testdir();
+  const n = native();
+  const dirs = ['d0', 'd1', 'd2'].map((d) => path.join(root, d));
+  for (const d of dirs) fs.mkdirSync(d);
+  fs.writeFileSync(path.join(dirs[1], 'old'), 'kept');
+  const missingDir = path.join(root, 'missing');
+  const items = Array.from({ length: 40 }, (_, i) => ({ dir: dirs[i % 3], name: `o${i}`, head: randomBytes(i % 2 ? 512 * KiB : 1000 + i) }));
+  const deeper = path.join(root, 'gone', 'sub');
+  items.push({ dir: dirs[1], name: 'old', head: Buffer.from('new') }, { dir: missingDir, name: 'm', head: Buffer.from('x') }, { dir: missingDir, name: 'm2', head: Buffer.from('y') }, { dir: deeper, name: 'z', head: Buffer.from('z') });
+  const status = await n.putObjectsAsync(items.map((i) => i.dir), items.map((i) => i.name), items.map((i) => i.head));
+  t.ok(status instanceof Int32Array && status.length === items.length, 'a status per object');
+  t.same(Array.from(status.subarray(0, 40)), new Array(40).fill(0), 'every new object published');
+  t.equal(status[40], 1, 'an existing name is not replaced');
+  t.equal(fs.readFileSync(path.join(dirs[1], 'old'), 'utf8'), 'kept', 'and keeps its content');
+  t.same([status[41] & 1, status[42] & 1], [0, 0], 'objects in a missing directory published');
+  t.equal((status[41] | status[42]) & 2, 2, 'the call says it made their directory (one of them did)');
+  t.equal(status[41] & status[42] & 2, 0, 'only once');
+  t.same(fs.readdirSync(missingDir).sort(), ['m', 'm2']);
+  t.equal(status[43], -2, 'a directory whose parent is missing too: -ENOENT for that object alone');
+  t.notOk(fs.existsSync(path.join(root, 'gone')), 'and nothing made for it');
+  t.ok(items.slice(0, 40).every((i) => fs.readFileSync(path.join(i.dir, i.name)).equals(i.head)), 'each file holds its bytes');
+  t.same(dirs.map((d) => fs.readdirSync(d).length), [14, 14, 13], 'nothing else in the directories (no temporary files)');
+  t.same(Array.from(await n.putObjectsAsync([], [], [])), [], 'none');
+  // a failure other than a missing directory: the call rejects with it, after the others are written
+  const file = path.join(root, 'file');
+  fs.writeFileSync(file, 'x');
+  const late = path.join(dirs[0], 'late');
+  await rejectsWith(t, () => n.putObjectsAsync([file, dirs[0]], ['a', 'late'], [Buffer.from('a'), Buffer.from('late')]), { code: 'ENOTDIR' }, 'a file where a directory should be');
+  t.equal(fs.readFileSync(late, 'utf8'), 'late', 'the other object was still written');
+  await rejectsWith(t, () => n.putObjectsAsync([dirs[0]], ['x/y'], [Buffer.from('a')]), { code: 'EINVAL' }, 'a name of two components');
+  await rejectsWith(t, () => n.putObjectsAsync([dirs[0]], ['a', 'b'], [Buffer.from('a')]), { code: 'EINVAL' }, 'arrays of different lengths');
+  await rejectsWith(t, () => n.putObjectsAsync([dirs[0]], ['a'], ['a' as unknown as Buffer]), { code: 'EINVAL' }, 'a head that is not a Buffer');
+});
+
 t.test('syncDirs opens and fsyncs every directory it is given, and names the first it could not', async (t) => {
   const root = t.testdir();
   const n = native();

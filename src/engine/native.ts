@@ -228,6 +228,13 @@ export interface NativeAddon {
    * and links it under `name` if that is free: 0 published, 1 the name existed.
    */
   putObjectAsync(dir: string, name: string, head: Uint8Array, tail?: Uint8Array): Promise<number>;
+  /**
+   * putObjectAsync for each object (no tails), several in flight, in one pool job: per object 0
+   * published, 1 the name existed, plus 2 where the call made the object's directory; -ENOENT
+   * (-2) where the directory's parent is missing too; rejects with the first other failure once
+   * all are done.
+   */
+  putObjectsAsync(dirs: string[], names: string[], heads: Uint8Array[]): Promise<Int32Array>;
   /** Reads a whole file into buf when it fits; resolves to the file's size either way. */
   readObjectAsync(path: string, buf: Uint8Array): Promise<number>;
   /** Opens, fsyncs and closes each directory, several at a time, in one pool job; rejects with the first failure. */

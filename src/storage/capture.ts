@@ -42,7 +42,7 @@ import { sealChunk } from './store/crypto-pool';
 import { EntryRun, ManifestCursor, ManifestReader, ManifestWriter, blockCount, blockLength, pieceSizeFor } from './store/manifest';
 import { TagKey, TagReader, TagWriter, maskGranules, tagIvs, xor16, SALT_LENGTH } from './store/tags';
 import { SnapshotRecord, emptyStats } from './store/records';
-import { HASH_CHUNK_BYTES, MAX_BUFFERS, MAX_WRITE_BYTES, ProgressFn, blocksPerChunk, chunksOf, dataRuns, guestRuns, queueObject, sleep, volumeSizeOf } from './common';
+import { HASH_CHUNK_BYTES, MAX_BUFFERS, MAX_WRITE_BYTES, ProgressFn, blocksPerChunk, chunksOf, dataRuns, guestRuns, queueObject, queueObjects, sleep, volumeSizeOf } from './common';
 import { BufferPool, NumberList, Throttle, readAhead } from './pool';
 import { Captured, abortQuietly, percentOf } from './lifecycle';
 import { sameStat, stableStat, statMoved, statOf, unsettledMs, writesMoveMtime } from './volume-times';
@@ -330,15 +330,19 @@ export class ReadPipeline {
       }
       ref = this.pool.shared(buf);
       const stats = this.rec.stats;
+      // Plain objects go to a backend that takes many at once together (queueObjects).
+      const together = !keys && this.store.backend.putManyIfAbsent ? ([] as Array<{ digest: Buffer; data: Buffer }>) : undefined;
       for (let x = 0; x < items.length; x++) {
         const it = items[x];
         if (!this.packNew || !it.piece) {
-          await queueObject(this.writes, this.store, stats, it.digest, data(x), it.len, ref.hold());
+          if (together) together.push({ digest: it.digest, data: buf.subarray(it.off, it.off + it.len) });
+          else await queueObject(this.writes, this.store, stats, it.digest, data(x), it.len, ref.hold());
         } else if (await this.packs!.add(it.digest, data(x))) {
           stats.blocksAdded++; // (its bytes copied into the pack: nothing held)
           stats.bytesAdded += it.len;
         }
       }
+      if (together?.length) await queueObjects(this.writes, this.store, stats, together, ref.hold());
     } finally {
       if (ref) ref.done();
       else this.pool.release(buf);

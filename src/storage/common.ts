@@ -211,5 +211,54 @@ export async function queueObject(writes: Throttle, store: Store, stats: Snapsho
   }
 }
 
+/**
+ * queueObject for several blocks of an unsealed store at once: one call where the backend
+ * takes many (putManyIfAbsent: one native job on a directory store), else one put each;
+ * counted against the throttle together; `release` once all are done.
+ */
+export async function queueObjects(writes: Throttle, store: Store, stats: SnapshotStats, objs: Array<{ digest: Buffer; data: Buffer }>, release: () => void): Promise<void> {
+  let flying = IN_FLIGHT.get(writes);
+  if (!flying) IN_FLIGHT.set(writes, (flying = new Set()));
+  const fly = flying;
+  const keys: string[] = [];
+  const mine = objs.filter((o) => {
+    const key = o.digest.toString('hex');
+    if (fly.has(key)) return false; // the same object in flight already (see queueObject)
+    fly.add(key);
+    keys.push(key);
+    return true;
+  });
+  const done = () => {
+    for (const k of keys) fly.delete(k);
+    release();
+  };
+  if (!mine.length) return done();
+  const job = async () => {
+    try {
+      if (store.codec.sealed) throw new Error('internal: queueObjects takes plain blocks');
+      const many = store.backend.putManyIfAbsent;
+      const added = many
+        ? await many.call(store.backend, mine.map((o) => ({ key: store.blockKey(o.digest), data: o.data })))
+        : await Promise.all(mine.map((o) => store.putBlock(o.digest, o.data)));
+      added.forEach((a, i) => {
+        if (!a) return;
+        stats.blocksAdded++;
+        stats.bytesAdded += mine[i].data.length;
+      });
+    } finally {
+      done();
+    }
+  };
+  try {
+    await writes.add(
+      mine.reduce((n, o) => n + o.data.length, 0),
+      job,
+    );
+  } catch (e) {
+    done(); // an earlier write failed: these were never queued
+    throw e;
+  }
+}
+
 /** Digests of the object writes in flight, per throttle (see queueObject). */
 const IN_FLIGHT = new WeakMap<Throttle, Set<string>>();

@@ -110,6 +110,11 @@ export interface StoreBackend {
    * refuses a body that does not match it.
    */
   putIfAbsent(key: string, data: ObjectData, sha256?: Uint8Array): Promise<boolean>;
+  /**
+   * putIfAbsent of several objects at once, each as it would be alone (true: written); a
+   * failure of any is thrown once every one has finished. Fallback: none (callers put each).
+   */
+  putManyIfAbsent?(items: Array<{ key: string; data: Uint8Array }>): Promise<boolean[]>;
   /** Atomically replaces the object; durable on return. */
   put(key: string, data: Uint8Array): Promise<void>;
   /**
@@ -174,7 +179,7 @@ export interface StoreBackend {
   localFile?(key: string): string;
 }
 
-export type FullBackend = Required<Omit<StoreBackend, 'allocBuffer' | 'localFile' | 'concurrency'>> & Pick<StoreBackend, 'allocBuffer' | 'localFile' | 'concurrency'>;
+export type FullBackend = Required<Omit<StoreBackend, 'allocBuffer' | 'localFile' | 'concurrency' | 'putManyIfAbsent'>> & Pick<StoreBackend, 'allocBuffer' | 'localFile' | 'concurrency' | 'putManyIfAbsent'>;
 
 /** `b` with every optional method: its own where it has one, else built from the core. */
 export function fullBackend(b: StoreBackend): FullBackend {
@@ -266,6 +271,7 @@ export function fullBackend(b: StoreBackend): FullBackend {
     flush,
     prefetch,
     allocBuffer: b.allocBuffer?.bind(b),
+    putManyIfAbsent: b.putManyIfAbsent?.bind(b),
     localFile: b.localFile?.bind(b),
     concurrency: b.concurrency,
   };

@@ -213,6 +213,33 @@ export class DirectoryBackend implements StoreBackend {
     return true;
   }
 
+  /**
+   * Many objects as putIfAbsent writes each, in one native job (putObjectsAsync: up to 8 in
+   * flight on threads of its own). A missing prefix directory is made there; where its parent
+   * is missing too, the object is put again alone (putIfAbsent makes the directories).
+   */
+  async putManyIfAbsent(items: Array<{ key: string; data: Uint8Array }>): Promise<boolean[]> {
+    const files = items.map((it) => this.file(it.key));
+    let status: Int32Array;
+    try {
+      status = await native().putObjectsAsync(files.map((f) => path.dirname(f)), files.map((f) => path.basename(f)), items.map((it) => it.data));
+    } catch (e) {
+      const file = (e as DisksnapError).path ?? this.location;
+      throw wrap(e, file, 'writing');
+    }
+    const out: boolean[] = new Array(items.length);
+    for (let i = 0; i < items.length; i++) {
+      const s = status[i];
+      if (s < 0) {
+        out[i] = await this.putIfAbsent(items[i].key, items[i].data); // (makes the missing directories)
+        continue;
+      }
+      if (s & 2) this.dirtyDirs.add(path.dirname(path.dirname(files[i]))); // a directory made
+      if ((out[i] = (s & 1) === 0)) this.dirtyDirs.add(path.dirname(files[i]));
+    }
+    return out;
+  }
+
   async put(key: string, data: Uint8Array): Promise<void> {
     const file = this.file(key);
     const dir = path.dirname(file);
