@@ -336,7 +336,9 @@ async function runCapture(
         // Read live (not frozen, not a clone, not through an image's guest view): the capture
         // proves the read is of one moment.
         const prove = !guest && from === file && src.consistency !== 'frozen';
-        const settings = { guest, reflink: track.view, threads: threadsOf(opts), attempt, tk, prove, proveByReading: faults.proveByReading, onProgress: opts.onProgress, onLog: opts.onLog, saveProgress: progress.save, afterChunk: faults.afterChunk };
+        // (the test hook runs once the record writes begun so far have landed: see Faults.afterChunk)
+        const afterChunk = faults.afterChunk && (async (a: number, c: number) => (await progress.settle(), faults.afterChunk!(a, c)));
+        const settings = { guest, reflink: track.view, threads: threadsOf(opts), attempt, tk, prove, proveByReading: faults.proveByReading, onProgress: opts.onProgress, onLog: opts.onLog, saveProgress: progress.save, afterChunk };
         const pick = (view: ParentView, g?: GuestVolume, r?: ReflinkView, unchanged?: boolean): ChangeDetector => {
           const d = pickDetector(view, g, r, unchanged);
           rec.changeSource = changeSourceOf(d);

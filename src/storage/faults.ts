@@ -7,7 +7,12 @@
  */
 
 export interface Faults {
-  /** createSnapshot: after each chunk of an attempt was read and hashed */
+  /**
+   * createSnapshot: after each chunk of an attempt was read and hashed, once the record writes
+   * begun so far (the pending record first) have landed. The pending record is written beside
+   * the first reads, not before them, and a fast first chunk can finish first: a test that
+   * kills the writer here expects to find that record.
+   */
   afterChunk?: (attempt: number, chunk: number) => void | Promise<void>;
   /**
    * createSnapshot: replaces the automatic point-in-time capture. Called before each attempt
