@@ -181,34 +181,12 @@ export function assertCompleted(rec: { id: string; state: string; error: string 
  * data lives in, once the write is done or was never queued.
  */
 export async function queueObject(writes: Throttle, store: Store, stats: SnapshotStats, digest: Buffer, data: ObjectData, plainLength: number, release: () => void): Promise<void> {
-  // The same object twice in flight (two equal blocks of one batch): written once. On S3 two
-  // racing conditional PUTs of one key can both succeed, and both counted as added.
-  const key = digest.toString('hex');
-  let flying = IN_FLIGHT.get(writes);
-  if (!flying) IN_FLIGHT.set(writes, (flying = new Set()));
-  if (flying.has(key)) {
-    release();
-    return;
-  }
-  flying.add(key);
-  const job = async () => {
-    try {
-      if (await (data instanceof Uint8Array ? store.putBlock(digest, data as Buffer) : store.putSealed(digest, data))) {
-        stats.blocksAdded++;
-        stats.bytesAdded += plainLength;
-      }
-    } finally {
-      flying.delete(key);
-      release();
+  await queueClaimed(writes, [{ digest, data, plainLength }], release, async ([o]) => {
+    if (await (o.data instanceof Uint8Array ? store.putBlock(o.digest, o.data as Buffer) : store.putSealed(o.digest, o.data))) {
+      stats.blocksAdded++;
+      stats.bytesAdded += o.plainLength;
     }
-  };
-  try {
-    await writes.add(plainLength, job);
-  } catch (e) {
-    flying.delete(key);
-    release(); // an earlier write failed: this one was never queued
-    throw e;
-  }
+  });
 }
 
 /**
@@ -217,13 +195,37 @@ export async function queueObject(writes: Throttle, store: Store, stats: Snapsho
  * counted against the throttle together; `release` once all are done.
  */
 export async function queueObjects(writes: Throttle, store: Store, stats: SnapshotStats, objs: Array<{ digest: Buffer; data: Buffer }>, release: () => void): Promise<void> {
+  if (store.codec.sealed) {
+    release();
+    throw new Error('internal: queueObjects takes plain blocks');
+  }
+  await queueClaimed(writes, objs.map((o) => ({ ...o, plainLength: o.data.length })), release, async (mine) => {
+    const many = store.backend.putManyIfAbsent;
+    const added = many
+      ? await many.call(store.backend, mine.map((o) => ({ key: store.blockKey(o.digest), data: o.data })))
+      : await Promise.all(mine.map((o) => store.putBlock(o.digest, o.data)));
+    added.forEach((a, i) => {
+      if (!a) return;
+      stats.blocksAdded++;
+      stats.bytesAdded += mine[i].plainLength;
+    });
+  });
+}
+
+/**
+ * The objects of `objs` not in flight already are claimed (the same object twice in flight,
+ * two equal blocks of one batch, is written once: on S3 two racing conditional PUTs of one key
+ * can both succeed, and both be counted as added) and `put` for them is queued on the throttle.
+ * Their claims go, and `release` is called, once `put` is done or was never queued.
+ */
+async function queueClaimed<T extends { digest: Buffer; plainLength: number }>(writes: Throttle, objs: T[], release: () => void, put: (mine: T[]) => Promise<void>): Promise<void> {
   let flying = IN_FLIGHT.get(writes);
   if (!flying) IN_FLIGHT.set(writes, (flying = new Set()));
   const fly = flying;
   const keys: string[] = [];
   const mine = objs.filter((o) => {
     const key = o.digest.toString('hex');
-    if (fly.has(key)) return false; // the same object in flight already (see queueObject)
+    if (fly.has(key)) return false;
     fly.add(key);
     keys.push(key);
     return true;
@@ -233,26 +235,16 @@ export async function queueObjects(writes: Throttle, store: Store, stats: Snapsh
     release();
   };
   if (!mine.length) return done();
-  const job = async () => {
-    try {
-      if (store.codec.sealed) throw new Error('internal: queueObjects takes plain blocks');
-      const many = store.backend.putManyIfAbsent;
-      const added = many
-        ? await many.call(store.backend, mine.map((o) => ({ key: store.blockKey(o.digest), data: o.data })))
-        : await Promise.all(mine.map((o) => store.putBlock(o.digest, o.data)));
-      added.forEach((a, i) => {
-        if (!a) return;
-        stats.blocksAdded++;
-        stats.bytesAdded += mine[i].data.length;
-      });
-    } finally {
-      done();
-    }
-  };
   try {
     await writes.add(
-      mine.reduce((n, o) => n + o.data.length, 0),
-      job,
+      mine.reduce((n, o) => n + o.plainLength, 0),
+      async () => {
+        try {
+          await put(mine);
+        } finally {
+          done();
+        }
+      },
     );
   } catch (e) {
     done(); // an earlier write failed: these were never queued
