@@ -254,6 +254,11 @@ export class ReadPipeline {
     this.recorded.push(i, u, uOff);
   }
 
+  /** Notes the whole block whose digest is at `dOff` of `digests` as one put into a pack: the pack index must list it (./store/packs.ts). */
+  notePacked(digests: Buffer, dOff: number): void {
+    this.writer.noteWhole(digests, dOff);
+  }
+
   /** Records a run of the parent's entries as they are (not in a proving snapshot: no tags to prove them). */
   recordRun(run: EntryRun): void {
     if (this.settings.prove) throw new Error('internal: a proving snapshot records each block with its tag');

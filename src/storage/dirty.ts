@@ -25,10 +25,14 @@
  * blocks read whole get fresh tags under this attempt's salt.
  *
  * Where new pieces go into packs unsealed, a group's pieces are read straight into a region of
- * a pack buffer (PackWriter.reserve; at most a pack's bytes of pieces per group), hashed there,
- * and the region settled once the group is planned: the pieces found new stay, the others'
- * bytes are closed up before the pack is written. Before, they were read into the pool buffer
- * and copied into the pack, ~12% of the event loop's work in the scattered incremental above.
+ * a pack buffer (PackWriter.reserve; at most a pack's bytes per group), hashed there, and the
+ * region settled once the group is planned: the pieces found new stay, the others' bytes are
+ * closed up before the pack is written. Before, they were read into the pool buffer and copied
+ * into the pack, ~12% of the event loop's work in the scattered incremental above.
+ * Since session 41 the group's whole blocks are read into that region too, ahead of its pieces,
+ * and the new ones stored in the pack (whole blocks in packs: ./store/packs.ts): the 1 MiB
+ * pattern's 82 blocks were 82 objects, each a file, a fdatasync and a link. Compacted blocks,
+ * read again, still go out as objects.
  */
 import type { BlockHashes } from '../engine/native';
 import { BlockEntries, ENTRY_LENGTH, EntryRun, ManifestCursor, ManifestHeader, SlotEntry, addSlot, blockLength, pieceRange } from './store/manifest';
@@ -95,13 +99,13 @@ export function unitsOf(ranges: Array<{ offset: number; length: number }>, bs: n
  * region (`region`), read there in place.
  */
 interface UnitsRead {
-  /** the pool buffer (none when the group has only pieces, read into a region) */
+  /** the pool buffer (none when the group was read into a region) */
   buf: Buffer | undefined;
   /** the whole blocks' hashes (with unmasked tags under the proof key), in unit order */
   whole: BlockHashes | undefined;
   /** the pieces' hashes, in unit then slot order */
   pieces: BlockHashes | undefined;
-  /** where the pieces start in `buf` (without a region) */
+  /** where the pieces start in `buf` or in the region (after the whole blocks, at k*bs of either) */
   base: number;
   region: PackRegion | undefined;
 }
@@ -113,16 +117,17 @@ function unitBytes(p: ReadPipeline, u: Unit): number {
 }
 
 /**
- * Whether new pieces are read straight into pack buffers (./store/packs.ts PackWriter.reserve):
- * when they go into packs, and unsealed (a sealed piece is stored with a trailer after it).
+ * Whether dirty blocks and pieces are read straight into pack buffers (./store/packs.ts
+ * PackWriter.reserve) and the new ones stored there: when pieces go into packs, and unsealed (a
+ * sealed object is stored with a trailer after it).
  */
 function inPlace(p: ReadPipeline): boolean {
   return p.packNew && !p.store.codec.keys;
 }
 
 /**
- * Reads `units` and hashes them where they were read: a pool buffer, and a pack region for the
- * pieces where they are read in place. The caller owns the buffer and the region.
+ * Reads `units` and hashes them where they were read: a pack region where they are read in
+ * place, else a pool buffer. The caller owns the buffer or the region.
  */
 async function readUnits(p: ReadPipeline, units: Unit[]): Promise<UnitsRead> {
   const { bs, size, pieceSize: ps } = p;
@@ -147,18 +152,21 @@ async function readUnits(p: ReadPipeline, units: Unit[]): Promise<UnitsRead> {
       j++;
     }
   }
-  const direct = j > 0 && inPlace(p);
-  const base = direct ? 0 : kw * bs;
-  const buf = kw || !direct ? await p.pool.acquire() : undefined;
+  // in place: the whole blocks, then the pieces, in one region of a pack buffer; else the
+  // whole blocks, then the pieces, in a pool buffer
+  const direct = inPlace(p);
+  const base = direct ? wlen : kw * bs;
+  const buf = direct ? undefined : await p.pool.acquire();
   let region: PackRegion | undefined;
   try {
-    if (direct) region = await p.packs!.reserve(plen);
-    const into = region?.buf ?? buf!.subarray(base);
+    if (direct) region = await p.packs!.reserve(wlen + plen);
+    const mem = region?.buf ?? buf!;
+    const into = mem.subarray(base);
     // Each part is read by the pool job that hashes it (hashBlocksAsync's `reads`): a read and
     // then a hash waited for the event loop between them, busy merging the group before. Both
     // jobs end before a failure is thrown: the buffers go back only then.
     const [a, b] = await Promise.allSettled([
-      kw ? p.readWith(buf!, Float64Array.from(whole), (fd, host) => p.n.hashBlocksAsync(buf!.subarray(0, wlen), bs, p.threads, p.key, p.proofKey, undefined, fd, host)) : undefined,
+      kw ? p.readWith(mem, Float64Array.from(whole), (fd, host) => p.n.hashBlocksAsync(mem.subarray(0, wlen), bs, p.threads, p.key, p.proofKey, undefined, fd, host)) : undefined,
       j ? p.readWith(into, Float64Array.from(pieces), (fd, host) => p.n.hashBlocksAsync(into.subarray(0, plen), ps, p.threads, p.key, undefined, undefined, fd, host)) : undefined,
     ]);
     if (a.status === 'rejected') throw a.reason;
@@ -313,7 +321,7 @@ interface GroupPlan {
   at: number[];
   /** per pieced unit kept as pieces: its pieces in the new manifest, in slot order */
   piecesOf: Map<number, SlotEntry[]>;
-  /** the new pieces read in place into the group's pack region: offset there, length, digest */
+  /** the new blocks and pieces read in place into the group's pack region: offset there, length, digest */
   packed: Array<{ off: number; len: number; digest: Buffer }>;
 }
 
@@ -338,19 +346,16 @@ class DirtyScan {
     if (p.settings.prove) throw new Error('internal: a dirty-range scan reads an unchanging view and cannot prove one moment');
     const units = unitsOf(dirty, p.bs, p.pieceSize, p.size);
     p.willRead(units.reduce((n, u) => n + unitBytes(p, u), 0));
-    const cap = p.maxBlocks * p.bs;
+    // (a group read in place takes one pack region: at most a pack's bytes)
+    const cap = inPlace(p) ? Math.min(PACK_BYTES, p.maxBlocks * p.bs) : p.maxBlocks * p.bs;
     const capOf = (u: Unit) => (u.slots ? u.slots.length * p.pieceSize : p.bs);
-    // (pieces read in place take one pack region per group: at most a pack's bytes of them)
-    const pieceCap = inPlace(p) ? PACK_BYTES : cap;
     const groups: Unit[][] = [];
     for (let d = 0; d < units.length; ) {
       const group: Unit[] = [];
       let used = 0;
-      let pieced = 0;
-      const fits = (u: Unit) => used + capOf(u) <= cap && (!u.slots || pieced + capOf(u) <= pieceCap) && u.i - group[0].i < 8 * p.maxBlocks;
+      const fits = (u: Unit) => used + capOf(u) <= cap && u.i - group[0].i < 8 * p.maxBlocks;
       while (d < units.length && (group.length === 0 || fits(units[d]))) {
         used += capOf(units[d]);
-        if (units[d].slots) pieced += capOf(units[d]);
         group.push(units[d++]);
       }
       groups.push(group);
@@ -358,8 +363,9 @@ class DirtyScan {
     // The next groups are read and hashed while this one is merged and stored: a group is often
     // a few blocks (41 dirty 1 MiB pieces over a 16 GiB volume are 41 groups of 2), so the
     // time between reads mattered as much as the reads. READ_AHEAD says how many.
-    // the pack buffers the pieces will fill, faulted in on the thread pool while the groups are read
-    if (p.packNew) p.packs!.prepare(units.reduce((n, u) => n + (u.slots ? unitBytes(p, u) : 0), 0));
+    // the pack buffers the reads will fill, faulted in on the thread pool while the groups are read
+    if (inPlace(p)) p.packs!.prepare(units.reduce((n, u) => n + unitBytes(p, u), 0));
+    else if (p.packNew) p.packs!.prepare(units.reduce((n, u) => n + (u.slots ? unitBytes(p, u) : 0), 0));
     const aheads: Array<Promise<UnitsRead>> = [];
     let next = 0;
     const fill = () => {
@@ -389,7 +395,7 @@ class DirtyScan {
       if (!u.slots) {
         const h = read.whole!;
         const k = kw++;
-        if (!h.zero[k] && !sameWhole(prev, u.i, h, k)) g.items.push({ off: k * p.bs, len: p.spanBytes(u.i, u.i + 1), digest: h.digests.subarray(k * 32, k * 32 + 32) });
+        if (!h.zero[k] && !sameWhole(prev, u.i, h, k)) (read.region ? g.packed : g.items).push({ off: k * p.bs, len: p.spanBytes(u.i, u.i + 1), digest: h.digests.subarray(k * 32, k * 32 + 32) });
         g.at.push(k);
         continue;
       }
@@ -407,9 +413,9 @@ class DirtyScan {
       fresh.forEach((f, x) => {
         const was = old.find((o) => o.slot === f.slot);
         if (was && was.digest.equals(f.digest)) return;
-        const piece = { off: (j0 + x) * p.pieceSize, len: pieceRange(f.slot, u.i, p.size, p.bs, p.pieceSize).length, digest: f.digest };
+        const piece = { off: read.base + (j0 + x) * p.pieceSize, len: pieceRange(f.slot, u.i, p.size, p.bs, p.pieceSize).length, digest: f.digest };
         if (read.region) g.packed.push(piece);
-        else g.items.push({ ...piece, off: read.base + piece.off, piece: true });
+        else g.items.push({ ...piece, piece: true });
       });
       g.piecesOf.set(u.i, [...kept, ...fresh].sort((a, b) => a.slot - b.slot));
     }
@@ -462,6 +468,8 @@ class DirtyScan {
           if (h.zero[k]) return;
           if (!sameWhole(prev, u.i, h, k)) p.rec.stats.changedBlocks++;
           p.record(u.i, h.digests, k * 32);
+          // a block read in place went into a pack (or was in one already): its index lists it
+          if (read.region && !u.slots) p.notePacked(h.digests, k * 32);
           if (masks) tw!.append(u.i, p.salt, 0, masks, y++ * 16);
           return;
         }

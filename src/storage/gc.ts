@@ -175,7 +175,7 @@ async function markPacks(store: Store, key: string, live: DigestSet): Promise<vo
   const at = key.replace(/\.map$/, '.packs');
   let entries: Buffer | undefined;
   try {
-    entries = await readPackIndex(store.backend, at);
+    entries = (await readPackIndex(store.backend, at))?.entries;
   } catch (e) {
     throw stopped(store, at, `the pack index ${at} is damaged (${(e as Error).message})`);
   }

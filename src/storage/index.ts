@@ -28,9 +28,11 @@
  *   snapshots/<snap-id>.json     the record: state pending | completed | error, stats, names
  *   snapshots/<snap-id>.map      the manifest (checksummed; sealed when encrypted)
  *   snapshots/<snap-id>.tags     change tags: a cache that lets the next snapshot skip SHA-256
- *   snapshots/<snap-id>.packs    pack index of a version 3 manifest: where its pieces are in packs
+ *   snapshots/<snap-id>.packs    pack index of a version 3 manifest: where its pieces (and, in
+ *                                index version 2, whole blocks) are in packs
  *   blocks/<ab>/<digest>         block objects, named by their (keyed) digest, and packs of a
- *                                snapshot's 64 KiB pieces, named by their SHA-256 (store/packs.ts)
+ *                                snapshot's 64 KiB pieces and unsealed incremental blocks, named
+ *                                by the SHA-256 of their piece table (store/packs.ts)
  *   leases/<snap-id>             held by the live writer of a pending snapshot
  *
  * Crash safety: every file is written to a temporary name, synced and renamed (objects are

@@ -13,6 +13,8 @@ export async function openOutputs(store: Store, rec: SnapshotRecord, size: numbe
   const bs = store.blockSize;
   // A manifest with pieces is packed (version 3, ./store/packs.ts): it lists the pieces it keeps from a packed parent.
   const writer = await store.createManifest({ blockSize: bs, volumeSize: size, snapshotId: rec.id, volumeId: rec.volumeId, digest: store.codec.digest, sealed: store.codec.sealed, pieceSize, packed: !!pieceSize });
+  // whole blocks the parent's chain packed (./store/packs.ts): each entry kept is looked up too
+  if (store.packs.listsWhole) writer.noteEveryWhole();
   if (!s.tk) return { writer };
   try {
     return { writer, tagWriter: await TagWriter.create(store.backend, { blockSize: bs, volumeSize: size, snapshotId: rec.id, volumeId: rec.volumeId }, s.tk) };

@@ -193,8 +193,9 @@ class FileOutput {
       const len = blockLength(batch[k].index, this.rec.volumeSize, bs);
       this.report.bytesWritten += len;
       const e = batch[k];
-      // (a block with pieces is written from the buffer, where it was assembled)
-      if (this.clone && len === bs && e.digest && !e.pieces) {
+      // (a block with pieces is written from the buffer, where it was assembled, and so is a
+      // block in a pack: the clone takes a whole object)
+      if (this.clone && len === bs && e.digest && !e.pieces && !this.store.packs.lookup(e.digest)) {
         if (cloneBlock(this.localFile!(this.store.blockKey(e.digest)), this.file, e.index * len, len)) {
           this.report.blocksCloned!++;
           continue;

@@ -121,3 +121,22 @@ export class EntryWriter {
     await this.out.abort();
   }
 }
+
+/** A growing list of 32-byte digests (a manifest's pieces, and its whole blocks in packs: ./manifest.ts). */
+export class DigestList {
+  private b = Buffer.allocUnsafe(64 * 32);
+  private n = 0;
+
+  push(src: Uint8Array, offset: number): void {
+    if ((this.n + 1) * 32 > this.b.length) {
+      const bigger = Buffer.allocUnsafe(this.b.length * 2);
+      this.b.copy(bigger);
+      this.b = bigger;
+    }
+    this.b.set(src.subarray(offset, offset + 32), this.n++ * 32);
+  }
+
+  get bytes(): Buffer {
+    return this.b.subarray(0, this.n * 32);
+  }
+}

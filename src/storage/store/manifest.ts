@@ -57,13 +57,15 @@
  * pieces as parts of a few pack objects of ~4 MiB, not one object each, and lists where each
  * piece it references lives in `snapshots/<id>.packs` (./packs.ts), written beside the manifest.
  * Entries are as in version 2 (a piece's digest is still of its own bytes); a piece not in
- * the index is an object of its own, as in version 2.
+ * the index is an object of its own, as in version 2. Since session 41 an index may list whole
+ * blocks too (its version 2, ./packs.ts): an unsealed incremental packs the whole blocks it reads
+ * in place; their slot-0 entries are unchanged, and a block the index does not list is an object.
  */
 import { createHash, createHmac, Hash, Hmac } from 'node:crypto';
 import { DisksnapError, corrupt, invalid } from '../../engine/errors';
 import type { ObjectReader, ObjectWriter } from './backend';
 import { native } from '../../engine/native';
-import { EntryWriter } from './entries';
+import { DigestList, EntryWriter } from './entries';
 import { DIGEST_LENGTH, ENTRY_LENGTH, HEADER_LENGTH, ManifestHeader, TRAILER_LENGTH, decodeHeader, encodeHeader } from './manifest-header';
 
 export * from './manifest-header';
@@ -133,9 +135,11 @@ export class ManifestWriter {
   /** slots per block besides slot 0 (0 in version 1) */
   private readonly slots: number;
   private lastSlot = 0;
-  /** a packed manifest's piece digests, 32 bytes each (what its pack index must list) */
-  private pieceList: Buffer | undefined;
-  private pieceCount = 0;
+  /** a packed manifest's piece digests (what its pack index must list, ./packs.ts) */
+  private readonly pieceList: DigestList | undefined;
+  /** a packed manifest's whole-block digests that may be in packs (noteWhole, noteEveryWhole) */
+  private readonly wholeList: DigestList | undefined;
+  private everyWhole = false;
 
   constructor(
     out: ObjectWriter,
@@ -145,22 +149,30 @@ export class ManifestWriter {
     this.blocks = blockCount(header.volumeSize, header.blockSize);
     this.slots = header.pieceSize ? header.blockSize / header.pieceSize : 0;
     this.w = new EntryWriter(out, checksum(header, macKey), ENTRY_LENGTH, CHUNK_ENTRIES, encodeHeader(header));
-    if (header.packed) this.pieceList = Buffer.allocUnsafe(64 * DIGEST_LENGTH);
+    if (header.packed) {
+      this.pieceList = new DigestList();
+      this.wholeList = new DigestList();
+    }
   }
 
   /** The digests of every piece entry so far (a packed manifest only; empty otherwise), 32 bytes each. */
   get pieceDigests(): Buffer {
-    return this.pieceList ? this.pieceList.subarray(0, this.pieceCount * DIGEST_LENGTH) : Buffer.alloc(0);
+    return this.pieceList?.bytes ?? Buffer.alloc(0);
   }
 
-  private notePiece(src: Uint8Array, offset: number): void {
-    if (!this.pieceList) return;
-    if ((this.pieceCount + 1) * DIGEST_LENGTH > this.pieceList.length) {
-      const bigger = Buffer.allocUnsafe(this.pieceList.length * 2);
-      this.pieceList.copy(bigger);
-      this.pieceList = bigger;
-    }
-    this.pieceList.set(src.subarray(offset, offset + DIGEST_LENGTH), this.pieceCount++ * DIGEST_LENGTH);
+  /** The whole-block digests noted so far that may be in packs (a packed manifest only), 32 bytes each, repeats possible. */
+  get wholeDigests(): Buffer {
+    return this.wholeList?.bytes ?? Buffer.alloc(0);
+  }
+
+  /** Notes a whole block's digest as one its pack index must look up: one this snapshot put into a pack (./packs.ts). */
+  noteWhole(src: Uint8Array, offset = 0): void {
+    this.wholeList?.push(src, offset);
+  }
+
+  /** Notes every whole-block entry appended from now on: where the parent's pack index lists whole blocks (PackTable.listsWhole). */
+  noteEveryWhole(): void {
+    this.everyWhole = !!this.wholeList;
   }
 
   get entries(): number {
@@ -184,7 +196,8 @@ export class ManifestWriter {
     this.lastSlot = slot;
     if (Buffer.isBuffer(digest)) digest.copy(this.w.buf, o + 8, digestOffset, digestOffset + DIGEST_LENGTH);
     else this.w.buf.set(digest.subarray(digestOffset, digestOffset + DIGEST_LENGTH), o + 8);
-    if (slot) this.notePiece(digest, digestOffset);
+    if (slot) this.pieceList?.push(digest, digestOffset);
+    else if (this.everyWhole) this.wholeList!.push(digest, digestOffset);
   }
 
   /**
@@ -203,7 +216,8 @@ export class ManifestWriter {
     }
     this.w.addRaw(run.chunk, run.start, run.end, run.last);
     this.lastSlot = run.lastSlot;
-    if (run.pieces && this.pieceList) for (let o = run.start; o < run.end; o += ENTRY_LENGTH) if (run.chunk[o + 7]) this.notePiece(run.chunk, o + 8);
+    if (run.pieces && this.pieceList) for (let o = run.start; o < run.end; o += ENTRY_LENGTH) if (run.chunk[o + 7]) this.pieceList.push(run.chunk, o + 8);
+    if (this.everyWhole) for (let o = run.start; o < run.end; o += ENTRY_LENGTH) if (!run.pieces || !run.chunk[o + 7]) this.wholeList!.push(run.chunk, o + 8);
   }
 
   /** Waits for buffered writes (keeps memory bounded when called now and then). */

@@ -24,7 +24,7 @@
  *
  *   offset  size  field
  *   0       8     magic "DSNAPPK\n"
- *   8       2     version (1)
+ *   8       2     version (1; 2 for an index that lists whole blocks too: see below)
  *   10      2     entry length (72)
  *   12      4     reserved, 0
  *   16      72*n  entries: piece digest (32), pack digest (32), offset in the pack (u32),
@@ -35,6 +35,20 @@
  * Little-endian. A reader does not have to trust the index: every piece read through it is
  * checked against its digest as before (authenticated, when sealed), so a damaged or altered
  * index can make a piece unreadable, never wrong.
+ *
+ * Whole blocks in packs (index version 2, since session 41). An unsealed incremental that reads
+ * its dirty blocks in place (../dirty.ts) packs the whole blocks it stores too, not only the
+ * pieces: 41 dirty 1 MiB writes over a 16 GiB qcow2 volume were 82 objects of 512 KiB, each a
+ * file, an O_DIRECT write, a fdatasync and a link (or a PUT on S3), and are now ~11 packs. Such a
+ * block keeps its slot-0 entry in the manifest, named by its digest as before; its snapshot's
+ * index lists where it is, and so does the index of every later snapshot that keeps the entry.
+ * An index that lists a whole block has version 2, so that a reader that knows only version 1
+ * refuses it instead of finding the block's object missing, and so that the writer of a child
+ * knows it must look its parent's whole-block entries up too (PackTable.listsWhole; a chain
+ * without packed whole blocks pays nothing for them). The cost: a whole block in a pack is
+ * shared within its volume's chain (the parent's index is consulted) but not with other
+ * volumes, which look for objects; full snapshots, sealed stores and compacted blocks still
+ * store whole blocks as objects, shared by content across volumes.
  */
 import { createHash } from 'node:crypto';
 import { corrupt, isDisksnapError } from '../../engine/errors';
@@ -57,6 +71,8 @@ const PACK_BUFFERS = 4;
 const REMOTE_PACK_BUFFERS = 16;
 const MAGIC = Buffer.from('DSNAPPK\n', 'latin1');
 const VERSION = 1;
+/** The version of an index that lists whole blocks (slot 0) too (see above). */
+const VERSION_WHOLE = 2;
 const HEADER = 16;
 const ENTRY = 72;
 const TRAILER = 40;
@@ -79,10 +95,17 @@ export interface PackedAt {
  */
 export class PackTable {
   private readonly tables: Buffer[] = [];
+  private whole = false;
 
-  /** Adds a table of sorted entries (as a pack index holds them). */
-  add(entries: Buffer): void {
+  /** Adds a table of sorted entries (as a pack index holds them); `whole`: the index lists whole blocks too (version 2). */
+  add(entries: Buffer, whole = false): void {
     if (entries.length) this.tables.push(entries);
+    this.whole ||= whole && entries.length > 0;
+  }
+
+  /** Whether a table added lists whole blocks: then a manifest that keeps their entries must look each whole block up. */
+  get listsWhole(): boolean {
+    return this.whole;
   }
 
   /** Every pack the tables name, each once. */
@@ -121,18 +144,18 @@ function entryTable(entries: ReadonlyArray<{ digest: Buffer } & PackedAt>): Buff
   return out;
 }
 
-/** The encoded pack index of `entries` (unsorted; of a digest listed twice the first is kept). */
-export function encodePackIndex(entries: ReadonlyArray<{ digest: Buffer } & PackedAt>): Buffer {
+/** The encoded pack index of `entries` (unsorted; of a digest listed twice the first is kept); `whole`: some are whole blocks (version 2). */
+export function encodePackIndex(entries: ReadonlyArray<{ digest: Buffer } & PackedAt>, whole = false): Buffer {
   const table = entryTable(entries);
-  return frameIndex(table.subarray(0, native().sortRecords(table, ENTRY, 32) * ENTRY));
+  return frameIndex(table.subarray(0, native().sortRecords(table, ENTRY, 32) * ENTRY), whole);
 }
 
-/** A pack index around `sorted`, entries already sorted by digest, each digest once. */
-function frameIndex(sorted: Buffer): Buffer {
+/** A pack index around `sorted`, entries already sorted by digest, each digest once; `whole`: some are whole blocks (version 2). */
+function frameIndex(sorted: Buffer, whole: boolean): Buffer {
   const n = sorted.length / ENTRY;
   const out = Buffer.allocUnsafe(HEADER + sorted.length + TRAILER);
   MAGIC.copy(out, 0);
-  out.writeUInt16LE(VERSION, 8);
+  out.writeUInt16LE(whole ? VERSION_WHOLE : VERSION, 8);
   out.writeUInt16LE(ENTRY, 10);
   out.writeUInt32LE(0, 12);
   sorted.copy(out, HEADER);
@@ -142,10 +165,24 @@ function frameIndex(sorted: Buffer): Buffer {
   return out;
 }
 
+/** A pack index as read: its sorted entries, and whether it lists whole blocks too (version 2). */
+export interface PackIndex {
+  entries: Buffer;
+  whole: boolean;
+}
+
 /** The sorted entries of an encoded pack index, checked (ECORRUPT naming `file` otherwise). */
 export function decodePackIndex(file: string, b: Buffer): Buffer {
+  return openPackIndex(file, b).entries;
+}
+
+/** An encoded pack index, checked (ECORRUPT naming `file` otherwise). */
+export function openPackIndex(file: string, b: Buffer): PackIndex {
   if (b.length < HEADER + TRAILER || !b.subarray(0, 8).equals(MAGIC)) throw corrupt(file, 'pack index has no "DSNAPPK\\n" header');
-  if (b.readUInt16LE(8) !== VERSION || b.readUInt16LE(10) !== ENTRY) throw corrupt(file, `pack index version ${b.readUInt16LE(8)} with ${b.readUInt16LE(10)}-byte entries, expected version ${VERSION} with ${ENTRY}`);
+  const version = b.readUInt16LE(8);
+  if ((version !== VERSION && version !== VERSION_WHOLE) || b.readUInt16LE(10) !== ENTRY) {
+    throw corrupt(file, `pack index version ${version} with ${b.readUInt16LE(10)}-byte entries, expected version ${VERSION} or ${VERSION_WHOLE} with ${ENTRY}`);
+  }
   const body = b.length - HEADER - TRAILER;
   const n = Number(b.readBigUInt64LE(b.length - TRAILER));
   if (body % ENTRY !== 0 || n !== body / ENTRY) throw corrupt(file, `pack index is ${b.length} bytes for ${n} entries`);
@@ -154,7 +191,7 @@ export function decodePackIndex(file: string, b: Buffer): Buffer {
   // each entry's digest must be greater than the one before it
   const unordered = native().sortedCheck(entries, ENTRY, 32);
   if (unordered >= 0) throw corrupt(file, `pack index entry ${unordered} is out of order`);
-  return entries;
+  return { entries, whole: version === VERSION_WHOLE };
 }
 
 const NAME_DOMAIN = Buffer.from('DSNAPPK name\n', 'latin1');
@@ -187,8 +224,8 @@ export function packsOf(entries: Buffer): Buffer[] {
   return [...seen.values()];
 }
 
-/** The entries of a snapshot's pack index at `key`, or undefined when there is none. */
-export async function readPackIndex(backend: Pick<StoreBackend, 'get' | 'describe'>, key: string): Promise<Buffer | undefined> {
+/** A snapshot's pack index at `key`, or undefined when there is none. */
+export async function readPackIndex(backend: Pick<StoreBackend, 'get' | 'describe'>, key: string): Promise<PackIndex | undefined> {
   let b: Buffer;
   try {
     b = await backend.get(key);
@@ -196,7 +233,7 @@ export async function readPackIndex(backend: Pick<StoreBackend, 'get' | 'describ
     if (isDisksnapError(e, 'ENOENT')) return undefined;
     throw e;
   }
-  return decodePackIndex(backend.describe(key), b);
+  return openPackIndex(backend.describe(key), b);
 }
 
 /** A pack buffer being filled. */
@@ -420,14 +457,21 @@ export class PackWriter {
   }
 
   /**
-   * The pack index of a manifest whose piece entries are `pieceDigests` (32 bytes each): where
-   * each one is, from this writer's packs or the tables read (the parent's); pieces in neither
-   * are objects of their own and not listed. Call once every write is done.
+   * The pack index of a manifest whose piece entries are `pieceDigests` and whose whole-block
+   * entries that may be in packs are `wholeDigests` (32 bytes each, in any order, repeats
+   * allowed): where each one is, from this writer's packs or the tables read (the parent's);
+   * those in neither are objects of their own and not listed. Version 2 when it lists a whole
+   * block. Call once every write is done.
    */
-  index(pieceDigests: Buffer): Buffer {
+  index(pieceDigests: Buffer, wholeDigests: Buffer = Buffer.alloc(0)): Buffer {
     const mine = entryTable(this.written);
-    const sorted = mine.subarray(0, native().sortRecords(mine, ENTRY, 32) * ENTRY);
-    return frameIndex(native().sortedJoin(pieceDigests, 32, [sorted, ...this.table.entryTables], ENTRY));
+    const tables = [mine.subarray(0, native().sortRecords(mine, ENTRY, 32) * ENTRY), ...this.table.entryTables];
+    const pieces = native().sortedJoin(pieceDigests, 32, tables, ENTRY);
+    const wholes = wholeDigests.length ? native().sortedJoin(wholeDigests, 32, tables, ENTRY) : Buffer.alloc(0);
+    if (!wholes.length) return frameIndex(pieces, false);
+    // (a digest both a piece's and a whole block's would be one object: listed once)
+    const all = Buffer.concat([pieces, wholes]);
+    return frameIndex(all.subarray(0, native().sortRecords(all, ENTRY, 32) * ENTRY), true);
   }
 
   /** Whether a piece this writer queued has no pack (its write has not finished): a bug if so at commit. */

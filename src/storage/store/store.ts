@@ -550,9 +550,9 @@ export class Store {
     );
     if (reader.header.packed) {
       try {
-        const entries = await readPackIndex(this.backend, packsKey(rec.id));
-        if (!entries) throw new DisksnapError(`pack index ${this.backend.describe(packsKey(rec.id))} of snapshot ${rec.id} is missing`, 'ECORRUPT', undefined, this.backend.describe(packsKey(rec.id)));
-        this.shared.packs.add(entries);
+        const index = await readPackIndex(this.backend, packsKey(rec.id));
+        if (!index) throw new DisksnapError(`pack index ${this.backend.describe(packsKey(rec.id))} of snapshot ${rec.id} is missing`, 'ECORRUPT', undefined, this.backend.describe(packsKey(rec.id)));
+        this.shared.packs.add(index.entries, index.whole);
       } catch (e) {
         await reader.close();
         throw e;
