@@ -181,3 +181,30 @@ else
     t.ok((await restoredBytes(store, last.id, dir)).equals(want), 'the last restores exactly alone, after gc');
     t.ok((await snap.verifySnapshot(last.id, { store })).ok, 'and verifies');
   });
+
+if (skip) t.test('whole blocks in packs, compacted', { skip }, async () => undefined);
+else
+  t.test('a block compacted (its fifth piece) goes into the pack too, and restores alone', async (t) => {
+    const dir = t.testdir();
+    const store = path.join(dir, 'store');
+    const vol = path.join(dir, 'vm.qcow2');
+    qemuImgOk('create', '-q', '-f', 'qcow2', vol, '8M');
+    qemuIo(vol, ['write -P 0x11 0 4M']);
+    const snaps = [await snap.createSnapshot(vol, { store, blockSize: BS })];
+    const files = () => fs.readdirSync(path.join(store, 'blocks')).reduce((n, d) => n + fs.readdirSync(path.join(store, 'blocks', d)).length, 0);
+    for (let k = 0; k < 5; k++) {
+      qemuIo(vol, [`write -P ${0x40 + k} ${2 * MiB + k * PS} 64k`]);
+      const before = files();
+      const s = await snap.createSnapshot(vol, { store });
+      t.equal(files() - before, 1, `snapshot ${k + 2}: one new file, a pack`);
+      snaps.push(s);
+    }
+    const last = snaps[snaps.length - 1];
+    t.equal(last.stats.bytesScanned, PS + BS, 'the fifth piece made the block be read whole again');
+    const want = guestBytes(vol);
+    const idx = openPackIndex('idx', fs.readFileSync(path.join(store, 'snapshots', `${last.id}.packs`)));
+    t.equal(listed(idx.entries).get(sha(want.subarray(4 * BS, 5 * BS)).toString('hex')), BS, 'the compacted block is listed in its pack');
+    for (const s of snaps.slice(0, -1)) await snap.deleteSnapshot(s.id, { store, permanently: true });
+    await snap.gc({ store });
+    t.ok((await restoredBytes(store, last.id, dir)).equals(want), 'and the snapshot restores exactly alone, after gc');
+  });

@@ -55,6 +55,7 @@ export interface StoreItem {
   off: number;
   len: number;
   digest: Buffer;
+  /** goes into a pack where the snapshot packs (a piece, or a whole block of an unsealed incremental: ./store/packs.ts) */
   piece?: boolean;
 }
 
@@ -308,12 +309,12 @@ export class ReadPipeline {
 
   /**
    * Stores the blocks in slots `ks` of `buf` (slot k at k*bs, its digest at digests[k*32],
-   * `lenOf(k)` bytes): see storeItems. Takes `buf`.
+   * `lenOf(k)` bytes): see storeItems; `packed`: into packs. Takes `buf`.
    */
-  async storeSlots(buf: Buffer, ks: number[], digests: Buffer, lenOf: (k: number) => number): Promise<void> {
+  async storeSlots(buf: Buffer, ks: number[], digests: Buffer, lenOf: (k: number) => number, packed = false): Promise<void> {
     await this.storeItems(
       buf,
-      ks.map((k) => ({ off: k * this.bs, len: lenOf(k), digest: digests.subarray(k * 32, k * 32 + 32) })),
+      ks.map((k) => ({ off: k * this.bs, len: lenOf(k), digest: digests.subarray(k * 32, k * 32 + 32), piece: packed })),
     );
   }
 
@@ -357,10 +358,11 @@ export class ReadPipeline {
   /**
    * Reads blocks `group` (ascending, at most a buffer's worth) into a pool buffer and hashes
    * them there (with unmasked change tags when there is a tag key); `decide` sees each block's
-   * fresh hashes (it may throw VolumeChanged) and says whether to store it. Returns the hashes.
+   * fresh hashes (it may throw VolumeChanged) and says whether to store it (`packed`: into
+   * packs). Returns the hashes.
    */
-  async readAndStore(group: number[], decide: (k: number, again: BlockHashes) => boolean): Promise<BlockHashes> {
-    return this.storeHashed(await this.readAndHash(group), group, decide);
+  async readAndStore(group: number[], decide: (k: number, again: BlockHashes) => boolean, packed = false): Promise<BlockHashes> {
+    return this.storeHashed(await this.readAndHash(group), group, decide, packed);
   }
 
   /**
@@ -394,7 +396,7 @@ export class ReadPipeline {
   }
 
   /** The second half of readAndStore: `decide` per block, then the chosen ones stored (takes the buffer). */
-  async storeHashed(r: Hashed, group: number[], decide: (k: number, again: BlockHashes) => boolean): Promise<BlockHashes> {
+  async storeHashed(r: Hashed, group: number[], decide: (k: number, again: BlockHashes) => boolean, packed = false): Promise<BlockHashes> {
     const ks: number[] = [];
     try {
       for (let k = 0; k < group.length; k++) if (decide(k, r.again)) ks.push(k);
@@ -402,7 +404,7 @@ export class ReadPipeline {
       this.pool.release(r.buf);
       throw e;
     }
-    await this.storeSlots(r.buf, ks, r.again.digests, (k) => blockLength(group[k], this.size, this.bs));
+    await this.storeSlots(r.buf, ks, r.again.digests, (k) => blockLength(group[k], this.size, this.bs), packed);
     return r.again;
   }
 

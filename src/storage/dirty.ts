@@ -32,7 +32,7 @@
  * Since session 41 the group's whole blocks are read into that region too, ahead of its pieces,
  * and the new ones stored in the pack (whole blocks in packs: ./store/packs.ts): the 1 MiB
  * pattern's 82 blocks were 82 objects, each a file, a fdatasync and a link. Compacted blocks,
- * read again, still go out as objects.
+ * read again into a pool buffer, are copied into the packs too.
  */
 import type { BlockHashes } from '../engine/native';
 import { BlockEntries, ENTRY_LENGTH, EntryRun, ManifestCursor, ManifestHeader, SlotEntry, addSlot, blockLength, pieceRange } from './store/manifest';
@@ -446,7 +446,7 @@ class DirtyScan {
       const again = new Map<number, [BlockHashes, number]>();
       for (let c = 0; c < g.compact.length; c += p.maxBlocks) {
         const part = g.compact.slice(c, c + p.maxBlocks);
-        const h = await p.readAndStore(part, (k, hh) => !hh.zero[k] && !sameWhole(prev, part[k], hh, k));
+        const h = await p.readAndStore(part, (k, hh) => !hh.zero[k] && !sameWhole(prev, part[k], hh, k), inPlace(p));
         part.forEach((i, k) => again.set(i, [h, k]));
       }
       const wholeOf = (u: Unit, x: number): [BlockHashes, number] | undefined => (u.slots ? again.get(u.i) : [read.whole!, g.at[x]]);
@@ -468,8 +468,8 @@ class DirtyScan {
           if (h.zero[k]) return;
           if (!sameWhole(prev, u.i, h, k)) p.rec.stats.changedBlocks++;
           p.record(u.i, h.digests, k * 32);
-          // a block read in place went into a pack (or was in one already): its index lists it
-          if (read.region && !u.slots) p.notePacked(h.digests, k * 32);
+          // a block read in place, or compacted, went into a pack (or was in one already): its index lists it
+          if (inPlace(p)) p.notePacked(h.digests, k * 32);
           if (masks) tw!.append(u.i, p.salt, 0, masks, y++ * 16);
           return;
         }
