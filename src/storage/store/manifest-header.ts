@@ -106,3 +106,46 @@ export function decodeHeader(file: string, b: Buffer): ManifestHeader {
   };
 }
 
+/** One entry of a block: slot 0 the whole block's object, s >= 1 piece s-1 (./manifest.ts). */
+export interface SlotEntry {
+  slot: number;
+  digest: Buffer;
+}
+
+/** Every entry of one block, in slot order (digests copied). */
+export interface BlockEntries {
+  index: number;
+  /** the whole block's object, or undefined (then the block starts as zeros) */
+  digest: Buffer | undefined;
+  /** its pieces in slot order, or undefined for a block without any */
+  pieces: SlotEntry[] | undefined;
+}
+
+/** Whether two blocks' entries name the same objects in the same slots. */
+export function sameEntries(a: BlockEntries, b: BlockEntries): boolean {
+  if (!a.digest !== !b.digest || (a.digest && !a.digest.equals(b.digest!))) return false;
+  const pa = a.pieces ?? [];
+  const pb = b.pieces ?? [];
+  return pa.length === pb.length && pa.every((p, j) => p.slot === pb[j].slot && p.digest.equals(pb[j].digest));
+}
+
+/** Bytes [offset, offset+length) of block `index` that slot `slot` (>= 1) replaces. */
+export function pieceRange(slot: number, index: number, volumeSize: number, bs: number, ps: number): { offset: number; length: number } {
+  const offset = (slot - 1) * ps;
+  return { offset, length: Math.min(ps, blockLength(index, volumeSize, bs) - offset) };
+}
+
+/** The block index of the entry at `o` of `chunk` (`slots`: a manifest with pieces, whose slot is the top byte). */
+export function entryIndex(chunk: Buffer, o: number, slots: boolean): number {
+  const hi = chunk.readUInt32LE(o + 4);
+  return chunk.readUInt32LE(o) + (slots ? hi & 0xffffff : hi) * 0x100000000;
+}
+
+export function blockCount(volumeSize: number, blockSize: number): number {
+  return Math.ceil(volumeSize / blockSize);
+}
+
+/** Length of block `index` (the last block of a volume may be short). */
+export function blockLength(index: number, volumeSize: number, blockSize: number): number {
+  return Math.min(blockSize, volumeSize - index * blockSize);
+}
