@@ -116,6 +116,27 @@ t.test('sortedJoin: each distinct key once, ascending, from the first table that
   t.equal(n.sortedJoin(Buffer.alloc(0), KEY, [tA, tb], ENTRY).length, 0, 'no keys: no entries');
   t.equal(n.sortedJoin(Buffer.concat(keys), KEY, [], ENTRY).length, 0, 'no tables: no entries');
   t.throws(() => n.sortedJoin(Buffer.alloc(33), KEY, [tA], ENTRY), { code: 'EINVAL', message: /whole keys/ });
+  // keys alike in their first 8 bytes (the native sort compares those as a number first), and
+  // keys shorter than 8 bytes; tables walked from both ends
+  const same = randomBytes(8);
+  const alike = entries(500);
+  for (let o = 0; o < alike.length; o += ENTRY) same.copy(alike, o + (o % (3 * ENTRY) === 0 ? 0 : 1)); // most share 8 bytes at 0 or 1
+  const tAlike = alike.subarray(0, n.sortRecords(alike, ENTRY, KEY) * ENTRY);
+  const some = [...rows(tAlike)].filter((_, k) => k % 3 !== 1).map((r) => r.subarray(0, KEY));
+  const mixed = [...some].reverse().concat(randomBytes(KEY), Buffer.concat([same, randomBytes(KEY - 8)]));
+  const gotAlike = n.sortedJoin(Buffer.concat(mixed), KEY, [tAlike], ENTRY);
+  const wantAlike = Buffer.concat(some.sort((x, y) => x.compare(y)).map((k) => rows(tAlike).find((r) => r.compare(k, 0, KEY, 0, KEY) === 0)!));
+  t.ok(gotAlike.equals(wantAlike), `keys alike in their first 8 bytes: ${gotAlike.length / ENTRY} entries as the model has them (${wantAlike.length / ENTRY})`);
+  const short = Buffer.alloc(6 * 16);
+  for (let k = 0; k < 16; k++) short.writeUIntBE(k * 7919 + (k % 2) * 0x10000000, k * 6, 6);
+  const tShort = Buffer.concat(Array.from({ length: 16 }, (_, k) => Buffer.concat([short.subarray(k * 6, k * 6 + 6), Buffer.alloc(10, k)])));
+  const tS = tShort.subarray(0, n.sortRecords(tShort, 16, 6) * 16);
+  const shortKeys = Buffer.concat([short.subarray(5 * 6, 6 * 6), short.subarray(0, 6), Buffer.from('zzzzzz')]);
+  t.same(rows16(n.sortedJoin(shortKeys, 6, [tS], 16)).map((r) => r[6]), [0, 5], '6-byte keys: found in order, the one in no table left out');
   t.throws(() => n.sortedJoin(Buffer.alloc(32), KEY, [Buffer.alloc(10)], ENTRY), { code: 'EINVAL', message: /whole entries/ });
   t.throws(() => n.sortedJoin(Buffer.alloc(32), KEY, 'x' as unknown as Buffer[], ENTRY), { code: 'EINVAL', message: /array of buffers/ });
 });
+
+function rows16(b: Buffer): Buffer[] {
+  return Array.from({ length: b.length / 16 }, (_, k) => b.subarray(k * 16, (k + 1) * 16));
+}
