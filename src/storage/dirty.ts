@@ -13,10 +13,9 @@
  * the block stay beside them.
  * With 1% of a 4 GiB qcow2 volume rewritten in scattered 64 KiB writes, an incremental reads
  * and stores 41 MiB instead of the 285 MiB of blocks around them. A block whose pieces would
- * then number more than MAX_PIECES is read whole instead (compacted; at once where the parent's
- * manifest is one chunk and so known before the reads, else read again as it is merged), and
- * so is a block where a dirty granule now reads as zeros (again, once that is seen); it is
- * stored as one object, so a restore reads at most 1 + MAX_PIECES objects for a block.
+ * then number more than MAX_PIECES, or where a dirty granule now reads as zeros, is read whole
+ * again and stored as one object (compacted), so a restore reads at most 1 + MAX_PIECES
+ * objects for a block.
  * A block this scan stores as pieces gets no change tag (it read only the granules, and a tag
  * is of a whole block's bytes): the next tag scan finds it changed. A parent's block with
  * pieces that a tag scan tagged keeps its tag entry (of the bytes all its entries make).
@@ -36,7 +35,7 @@
  * read again into a pool buffer, are copied into the packs too.
  */
 import type { BlockHashes } from '../engine/native';
-import { BlockEntries, ENTRY_LENGTH, EntryRun, ManifestCursor, ManifestHeader, SlotEntry, addSlot, blockLength, entryIndex, pieceRange } from './store/manifest';
+import { BlockEntries, ENTRY_LENGTH, EntryRun, ManifestCursor, ManifestHeader, SlotEntry, addSlot, blockLength, pieceRange } from './store/manifest';
 import { TagReader, TagWriter, tagIvs, xor16 } from './store/tags';
 import type { ChangeDetector, ReadPipeline, StoreItem } from './capture';
 import { PACK_BYTES, type PackRegion } from './store/packs';
@@ -345,13 +344,7 @@ class DirtyScan {
   async run(dirty: Array<{ offset: number; length: number }>): Promise<void> {
     const p = this.p;
     if (p.settings.prove) throw new Error('internal: a dirty-range scan reads an unchanging view and cannot prove one moment');
-    let units = unitsOf(dirty, p.bs, p.pieceSize, p.size);
-    // A block whose pieces would number more than MAX_PIECES is read whole at once where the
-    // parent's pieces are known before the reads, not its granules first and then the block
-    // again in the middle of merging (which held up every group after it: a scattered
-    // incremental after 23 others of its volume spent ~13 ms more in its groups than the first).
-    const had = units.some((u) => u.slots) ? await parentSlots(this.cursor, units) : undefined;
-    if (had) units = units.map((u) => (u.slots && bits(had.get(u.i) ?? 0, u.slots) + u.slots.length > MAX_PIECES ? { i: u.i } : u));
+    const units = unitsOf(dirty, p.bs, p.pieceSize, p.size);
     p.willRead(units.reduce((n, u) => n + unitBytes(p, u), 0));
     // (a group read in place takes one pack region: at most a pack's bytes)
     const cap = inPlace(p) ? Math.min(PACK_BYTES, p.maxBlocks * p.bs) : p.maxBlocks * p.bs;
@@ -492,36 +485,6 @@ class DirtyScan {
       if (read.region && !settled) p.packs!.settle(read.region, []);
     }
   }
-}
-
-/**
- * The parent's piece slots of the pieced units' blocks (bit s-1 for slot s), from its manifest
- * where all of it is one chunk (ManifestReader.bufferedAll: a hint, not checked); undefined for
- * a larger manifest, whose blocks are compacted as they are merged.
- */
-async function parentSlots(cursor: ManifestCursor, units: Unit[]): Promise<Map<number, number> | undefined> {
-  const chunk = cursor.reader.header.pieceSize ? await cursor.reader.bufferedAll() : undefined;
-  if (!chunk) return undefined;
-  const want = units.filter((u) => u.slots).map((u) => u.i);
-  const out = new Map<number, number>();
-  let w = 0;
-  for (let o = 0; o < chunk.length && w < want.length; o += ENTRY_LENGTH) {
-    const slot = chunk[o + 7];
-    if (!slot) continue;
-    const i = entryIndex(chunk, o, true);
-    while (w < want.length && want[w] < i) w++;
-    if (want[w] === i) out.set(i, (out.get(i) ?? 0) | (1 << ((slot - 1) & 31)));
-  }
-  return out;
-}
-
-/** How many of the slots in `mask` (bit s-1 for slot s) are not among `slots`: the pieces a block keeps. */
-function bits(mask: number, slots: number[]): number {
-  let m = mask;
-  for (const s of slots) m &= ~(1 << (s - 1));
-  let n = 0;
-  for (; m; m &= m - 1) n++;
-  return n;
 }
 
 /** Gives back what a group's read holds, unused: its pool buffer, and its pack region (settled with nothing). */

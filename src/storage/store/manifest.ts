@@ -66,12 +66,56 @@ import { DisksnapError, corrupt, invalid } from '../../engine/errors';
 import type { ObjectReader, ObjectWriter } from './backend';
 import { native } from '../../engine/native';
 import { DigestList, EntryWriter } from './entries';
-import { BlockEntries, DIGEST_LENGTH, ENTRY_LENGTH, HEADER_LENGTH, ManifestHeader, SlotEntry, TRAILER_LENGTH, blockCount, decodeHeader, encodeHeader, entryIndex, pieceRange } from './manifest-header';
+import { DIGEST_LENGTH, ENTRY_LENGTH, HEADER_LENGTH, ManifestHeader, TRAILER_LENGTH, decodeHeader, encodeHeader } from './manifest-header';
 
 export * from './manifest-header';
 
 /** Entries per read or write chunk: 1 MiB and a bit. */
 const CHUNK_ENTRIES = 26214;
+
+/** One entry of a block: slot 0 the whole block's object, s >= 1 piece s-1 (see above). */
+export interface SlotEntry {
+  slot: number;
+  digest: Buffer;
+}
+
+/** Every entry of one block, in slot order (digests copied). */
+export interface BlockEntries {
+  index: number;
+  /** the whole block's object, or undefined (then the block starts as zeros) */
+  digest: Buffer | undefined;
+  /** its pieces in slot order, or undefined for a block without any */
+  pieces: SlotEntry[] | undefined;
+}
+
+/** Whether two blocks' entries name the same objects in the same slots. */
+export function sameEntries(a: BlockEntries, b: BlockEntries): boolean {
+  if (!a.digest !== !b.digest || (a.digest && !a.digest.equals(b.digest!))) return false;
+  const pa = a.pieces ?? [];
+  const pb = b.pieces ?? [];
+  return pa.length === pb.length && pa.every((p, j) => p.slot === pb[j].slot && p.digest.equals(pb[j].digest));
+}
+
+/** Bytes [offset, offset+length) of block `index` that slot `slot` (>= 1) replaces. */
+export function pieceRange(slot: number, index: number, volumeSize: number, bs: number, ps: number): { offset: number; length: number } {
+  const offset = (slot - 1) * ps;
+  return { offset, length: Math.min(ps, blockLength(index, volumeSize, bs) - offset) };
+}
+
+/** The block index of the entry at `o` of `chunk` (`slots`: a manifest with pieces, whose slot is the top byte). */
+function entryIndex(chunk: Buffer, o: number, slots: boolean): number {
+  const hi = chunk.readUInt32LE(o + 4);
+  return chunk.readUInt32LE(o) + (slots ? hi & 0xffffff : hi) * 0x100000000;
+}
+
+export function blockCount(volumeSize: number, blockSize: number): number {
+  return Math.ceil(volumeSize / blockSize);
+}
+
+/** Length of block `index` (the last block of a volume may be short). */
+export function blockLength(index: number, volumeSize: number, blockSize: number): number {
+  return Math.min(blockSize, volumeSize - index * blockSize);
+}
 
 /**
  * Appends entries to an ObjectWriter in 1 MiB chunks, computing the checksum as it goes.
@@ -305,18 +349,6 @@ export class ManifestReader {
     if (this.finished) return -1;
     if (this.pos >= this.chunk.length) return undefined;
     return this.take();
-  }
-
-  /**
-   * Every entry of a manifest that fits in one chunk, read now if reading has not begun (the
-   * stream then takes them from that chunk); undefined for a larger manifest or once an entry
-   * was taken. Unchecked: a hint for planning reads (../dirty.ts); each entry is still checked
-   * as it is taken.
-   */
-  async bufferedAll(): Promise<Buffer | undefined> {
-    if (this.read > 0 || this.entryCount > CHUNK_ENTRIES || this.finished) return undefined;
-    if (this.chunk.length === 0 && this.entryCount > 0) await this.fill();
-    return this.chunk;
   }
 
   /**
