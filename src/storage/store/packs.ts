@@ -38,17 +38,17 @@
  *
  * Whole blocks in packs (index version 2, since session 41). An unsealed incremental that reads
  * its dirty blocks in place (../dirty.ts) packs the whole blocks it stores too (those it
- * compacts included), not only the pieces: 41 dirty 1 MiB writes over a 16 GiB qcow2 volume were 82 objects of 512 KiB, each a
- * file, an O_DIRECT write, a fdatasync and a link (or a PUT on S3), and are now ~11 packs. Such a
- * block keeps its slot-0 entry in the manifest, named by its digest as before; its snapshot's
- * index lists where it is, and so does the index of every later snapshot that keeps the entry.
- * An index that lists a whole block has version 2, so that a reader that knows only version 1
- * refuses it instead of finding the block's object missing, and so that the writer of a child
- * knows it must look its parent's whole-block entries up too (PackTable.listsWhole; a chain
- * without packed whole blocks pays nothing for them). The cost: a whole block in a pack is
- * shared within its volume's chain (the parent's index is consulted) but not with other
- * volumes, which look for objects; full snapshots, sealed stores and tag scans still store
- * whole blocks as objects, shared by content across volumes.
+ * compacts included), not only the pieces: 41 dirty 1 MiB writes over a 16 GiB qcow2 volume
+ * were 82 objects of 512 KiB, each a file, an O_DIRECT write, a fdatasync and a link (or a PUT
+ * on S3), and are now ~11 packs. Such a block keeps its slot-0 entry in the manifest, named by
+ * its digest as before; its snapshot's index lists where it is, and so does the index of every
+ * later snapshot that keeps the entry. An index that lists a whole block has version 2, so that
+ * a reader that knows only version 1 refuses it instead of finding the block's object missing,
+ * and so that the writer of a child knows it must look its parent's whole-block entries up too
+ * (PackTable.listsWhole; a chain without packed whole blocks pays nothing for them). The cost: a
+ * whole block in a pack is shared within its volume's chain (the parent's index is consulted)
+ * but not with other volumes, which look for objects; full snapshots, sealed stores and tag
+ * scans still store whole blocks as objects, shared by content across volumes.
  */
 import { createHash } from 'node:crypto';
 import { corrupt, isDisksnapError } from '../../engine/errors';
