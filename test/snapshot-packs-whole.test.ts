@@ -32,6 +32,15 @@ async function restoredBytes(store: string, id: string, dir: string): Promise<Bu
   return b;
 }
 
+/** An 8 MiB qcow2 volume with 4 MiB of data, and its full snapshot in a directory store. */
+async function volumeWithFull(dir: string): Promise<{ store: string; vol: string; full: snap.SnapshotJson }> {
+  const store = path.join(dir, 'store');
+  const vol = path.join(dir, 'vm.qcow2');
+  qemuImgOk('create', '-q', '-f', 'qcow2', vol, '8M');
+  qemuIo(vol, ['write -P 0x11 0 4M']);
+  return { store, vol, full: await snap.createSnapshot(vol, { store, blockSize: BS }) };
+}
+
 /** The index's entries as digest (hex) -> stored length. */
 function listed(entries: Buffer): Map<string, number> {
   const m = new Map<string, number>();
@@ -142,11 +151,7 @@ if (skip) t.test('whole blocks in packs, rewritten', { skip }, async () => undef
 else
   t.test('packed blocks rewritten whole, in a granule, zeroed, or with the same bytes: exact restores, and the index lists just what the manifest keeps', async (t) => {
     const dir = t.testdir();
-    const store = path.join(dir, 'store');
-    const vol = path.join(dir, 'vm.qcow2');
-    qemuImgOk('create', '-q', '-f', 'qcow2', vol, '8M');
-    qemuIo(vol, ['write -P 0x11 0 4M']);
-    await snap.createSnapshot(vol, { store, blockSize: BS });
+    const { store, vol } = await volumeWithFull(dir);
     // blocks 0-3 each of its own byte, blocks 4 and 5 alike
     qemuIo(vol, [0x61, 0x62, 0x63, 0x64, 0x65, 0x65].map((p, i) => `write -P ${p} ${i * BS} 512k`));
     const s2 = await snap.createSnapshot(vol, { store });
@@ -186,11 +191,8 @@ if (skip) t.test('whole blocks in packs, compacted', { skip }, async () => undef
 else
   t.test('a block compacted (its fifth piece) goes into the pack too, and restores alone', async (t) => {
     const dir = t.testdir();
-    const store = path.join(dir, 'store');
-    const vol = path.join(dir, 'vm.qcow2');
-    qemuImgOk('create', '-q', '-f', 'qcow2', vol, '8M');
-    qemuIo(vol, ['write -P 0x11 0 4M']);
-    const snaps = [await snap.createSnapshot(vol, { store, blockSize: BS })];
+    const { store, vol, full } = await volumeWithFull(dir);
+    const snaps = [full];
     const files = () => fs.readdirSync(path.join(store, 'blocks')).reduce((n, d) => n + fs.readdirSync(path.join(store, 'blocks', d)).length, 0);
     for (let k = 0; k < 5; k++) {
       qemuIo(vol, [`write -P ${0x40 + k} ${2 * MiB + k * PS} 64k`]);
