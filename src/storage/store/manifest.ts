@@ -216,8 +216,13 @@ export class ManifestWriter {
     }
     this.w.addRaw(run.chunk, run.start, run.end, run.last);
     this.lastSlot = run.lastSlot;
-    if (run.pieces && this.pieceList) for (let o = run.start; o < run.end; o += ENTRY_LENGTH) if (run.chunk[o + 7]) this.pieceList.push(run.chunk, o + 8);
-    if (this.everyWhole) for (let o = run.start; o < run.end; o += ENTRY_LENGTH) if (!run.pieces || !run.chunk[o + 7]) this.wholeList!.push(run.chunk, o + 8);
+    // the run's pieces, and its whole blocks where every one is noted: one pass over its entries
+    if (this.pieceList && (run.pieces || this.everyWhole)) {
+      for (let o = run.start; o < run.end; o += ENTRY_LENGTH) {
+        if (run.pieces && run.chunk[o + 7]) this.pieceList.push(run.chunk, o + 8);
+        else if (this.everyWhole) this.wholeList!.push(run.chunk, o + 8);
+      }
+    }
   }
 
   /** Waits for buffered writes (keeps memory bounded when called now and then). */
