@@ -8,6 +8,7 @@
 #include <openssl/crypto.h>
 
 #include <algorithm>
+#include <atomic>
 #include <functional>
 #include <vector>
 
@@ -244,6 +245,86 @@ Napi::Value HashBlocksAsync(const Napi::CallbackInfo& info) {
     if (env.IsExceptionPending()) return RejectPending(env);
   }
   auto* worker = new HashBlocksWorker(env, std::move(a), out);
+  worker->Keep(info[0]);
+  return worker->Start();
+}
+
+// ---------------------------------------------------------------------------------------------
+// hashSpansAsync(buf, spans, threads, key?): the digest of each [offset, length] pair of
+// `spans` (a Float64Array) within buf, 32 bytes each in that order. For objects scattered in a
+// buffer (a tag scan's pieces and whole blocks): one pool job, the spans split between the
+// threads and hashed two at a time where SHA-NI allows, where node's createHash on the main
+// thread had taken ~11 ms of a 1 GiB raw incremental's ~130 (session 42, 164 pieces of 64 KiB).
+
+class HashSpansWorker : public PromiseWorker {
+ public:
+  HashSpansWorker(Napi::Env env, Bytes buf, std::vector<size_t> offs, int threads, bool keyed,
+                  std::vector<uint8_t> key, Napi::Buffer<uint8_t> out)
+      : PromiseWorker(env, "disksnap.hashSpans"), buf_(buf), offs_(std::move(offs)), threads_(threads),
+        keyed_(keyed), key_(std::move(key)), out_(out.Data()), ref_(Napi::Persistent(out)) {}
+  ~HashSpansWorker() override { OPENSSL_cleanse(key_.data(), key_.size()); }
+
+ protected:
+  void Execute() override {
+    // Threads claim two spans at a time (one SHA-NI pair), so pieces and whole blocks mixed in
+    // one call still spread evenly.
+    const size_t n = offs_.size() / 2;
+    const int t = static_cast<int>(std::min<size_t>((n + 1) / 2, static_cast<size_t>(ResolveThreads(threads_))));
+    std::atomic<size_t> next{0};
+    std::atomic<bool> failed{false};
+    ParallelFor(std::max(t, 1), [&](int) {
+      BlockHasher h(keyed_ ? &key_ : nullptr);
+      if (!h.ok()) {
+        failed = true;
+        return;
+      }
+      for (size_t i; !failed && (i = next.fetch_add(2)) < n;)
+        if (!h.Spans(buf_.data, offs_.data() + 2 * i, std::min<size_t>(2, n - i), out_ + i * kDigestLength)) failed = true;
+    });
+    if (failed) error_ = SysError::Custom("ECRYPTO", 0, "SHA-256 failed inside OpenSSL");
+  }
+  Napi::Value Result(Napi::Env) override { return ref_.Value(); }
+
+ private:
+  Bytes buf_;
+  std::vector<size_t> offs_;
+  int threads_;
+  bool keyed_;
+  std::vector<uint8_t> key_;
+  uint8_t* out_;
+  Napi::Reference<Napi::Buffer<uint8_t>> ref_;
+};
+
+Napi::Value HashSpansAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Bytes buf;
+  int32_t threads = 0;
+  bool keyed = false;
+  std::vector<uint8_t> key;
+  if (!ArgBytes(info, 0, "buf", &buf)) return RejectPending(env);
+  Napi::Value v = info[1];
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float64_array ||
+      v.As<Napi::Float64Array>().ElementLength() % 2 != 0) {
+    ThrowInvalid(env, "spans must be a Float64Array of [offset, length] pairs");
+    return RejectPending(env);
+  }
+  Napi::Float64Array arr = v.As<Napi::Float64Array>();
+  std::vector<size_t> offs(arr.ElementLength());
+  for (size_t k = 0; k < offs.size(); k += 2) {
+    const double off = arr[k], len = arr[k + 1];
+    if (!(off >= 0 && len >= 0 && off == static_cast<double>(static_cast<uint64_t>(off)) &&
+          len == static_cast<double>(static_cast<uint64_t>(len)) && off + len <= static_cast<double>(buf.length))) {
+      ThrowInvalid(env, "span " + std::to_string(k / 2) + " is not inside the buffer of " + std::to_string(buf.length) +
+                            " bytes (or is not a pair of non-negative integers)");
+      return RejectPending(env);
+    }
+    offs[k] = static_cast<size_t>(off);
+    offs[k + 1] = static_cast<size_t>(len);
+  }
+  if (!ArgI32(info, 2, "threads", &threads) || !ArgKey(info, 3, &keyed, &key)) return RejectPending(env);
+  Napi::Buffer<uint8_t> out = Napi::Buffer<uint8_t>::New(env, offs.size() / 2 * kDigestLength);
+  if (env.IsExceptionPending()) return RejectPending(env);
+  auto* worker = new HashSpansWorker(env, buf, std::move(offs), threads, keyed, std::move(key), out);
   worker->Keep(info[0]);
   return worker->Start();
 }
@@ -529,6 +610,7 @@ void InitHash(Napi::Env env, Napi::Object exports) {
   exports.Set("hashImplementations", Napi::Function::New(env, HashImplementations, "hashImplementations"));
   exports.Set("hashBlocks", Napi::Function::New(env, HashBlocks, "hashBlocks"));
   exports.Set("hashBlocksAsync", Napi::Function::New(env, HashBlocksAsync, "hashBlocksAsync"));
+  exports.Set("hashSpansAsync", Napi::Function::New(env, HashSpansAsync, "hashSpansAsync"));
   exports.Set("hashFile", Napi::Function::New(env, HashFile, "hashFile"));
   exports.Set("isZero", Napi::Function::New(env, IsZero, "isZero"));
   exports.Set("tagFile", Napi::Function::New(env, TagFile, "tagFile"));

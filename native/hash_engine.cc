@@ -418,6 +418,17 @@ bool BlockHasher::Blocks(const uint8_t* data, size_t len, size_t blockSize, uint
   return held == nullptr || Digest(held, heldLen, heldOut);
 }
 
+bool BlockHasher::Spans(const uint8_t* data, const size_t* offs, size_t n, uint8_t* digests) {
+  size_t i = 0;
+  if (shani_)
+    for (; i + 1 < n; i += 2)
+      Digest2(data + offs[2 * i], offs[2 * i + 1], digests + i * kDigestLength, data + offs[2 * i + 2],
+              offs[2 * i + 3], digests + (i + 1) * kDigestLength);
+  for (; i < n; i++)
+    if (!Digest(data + offs[2 * i], offs[2 * i + 1], digests + i * kDigestLength)) return false;
+  return true;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Drivers
 

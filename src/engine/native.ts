@@ -184,6 +184,12 @@ export interface NativeAddon {
    */
   hashBlocksAsync(buf: Uint8Array, blockSize: number, threads: number, key?: Uint8Array, tagKey?: Uint8Array, granuleSize?: number, fd?: number, reads?: Float64Array): Promise<BlockHashes>;
   /**
+   * SHA-256 (or HMAC-SHA-256 with key) of each span of buf (`spans`: [offset, length] pairs),
+   * 32 bytes each in that order, in one pool job on up to `threads` threads, two spans at a
+   * time where SHA-NI allows; no zero check. For objects scattered in one buffer.
+   */
+  hashSpansAsync(buf: Uint8Array, spans: Float64Array, threads: number, key?: Uint8Array): Promise<Buffer>;
+  /**
    * Reads [offset, offset+length) of fd like hashFile but computes no SHA-256: zero flags and
    * the unmasked change tag (GHASH under tagKey, 16 bytes) of each non-zero block.
    */

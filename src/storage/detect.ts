@@ -31,7 +31,6 @@
  *
  * A block read twice whose two hashes differ is proof the volume moved (VolumeChanged).
  */
-import { createHash, createHmac } from 'node:crypto';
 import type { BlockTags, CollectedTags } from '../engine/native';
 import { GRANULES_AT, SALT_LENGTH, TAG_LENGTH, TagKey, granuleSizeFor, maskGranules, tagIvs, xor16 } from './store/tags';
 import type { ManifestCursor, SlotEntry } from './store/manifest';
@@ -193,17 +192,18 @@ interface ChunkPlan {
   piecesOf: Map<number, SlotEntry[]>;
   /** the unmasked tags of the collected blocks' granules (granules x 16 bytes at slot*granules*16) */
   gt: BlockTags | undefined;
+  /** new pieces (block k, granule slot, offset in buf) before they are hashed */
+  fresh: Array<{ k: number; slot: number; off: number }>;
 }
 
 /**
  * The granules of collected block k (in `slot` of buf) whose tags moved, planned as pieces
- * over the parent's entries: false where the block is stored whole instead (none or more
- * than MAX_NEW_PIECES moved, one is now zero, or the block would have more than MAX_PIECES
- * pieces).
+ * over the parent's entries (hashed later, with the chunk's other objects: ChunkPlan.fresh):
+ * false where the block is stored whole instead (none or more than MAX_NEW_PIECES moved, one
+ * is now zero, or the block would have more than MAX_PIECES pieces).
  */
-function piecesFor(p: ReadPipeline, k: number, slot: number, pc: ParentChunk, gt: BlockTags, gexpect: Buffer, gx: number, buf: Buffer, plan: ChunkPlan): boolean {
+function piecesFor(p: ReadPipeline, k: number, slot: number, pc: ParentChunk, gt: BlockTags, gexpect: Buffer, gx: number, plan: ChunkPlan): boolean {
   const G = p.tagWriter!.granules;
-  const ps = p.pieceSize;
   const dirty: number[] = [];
   for (let s = 0; s < G; s++) {
     const u = (slot * G + s) * 16;
@@ -214,15 +214,8 @@ function piecesFor(p: ReadPipeline, k: number, slot: number, pc: ParentChunk, gt
   const old = pc.pieces[k] ?? [];
   const kept = old.filter((x) => !dirty.includes(x.slot));
   if (!dirty.length || dirty.length > MAX_NEW_PIECES || kept.length + dirty.length > MAX_PIECES) return false;
-  const fresh = dirty.map((s) => {
-    const off = slot * p.bs + (s - 1) * ps;
-    const h = p.key ? createHmac('sha256', p.key) : createHash('sha256');
-    const digest = h.update(buf.subarray(off, off + ps)).digest();
-    const was = old.find((o) => o.slot === s);
-    if (!was || !was.digest.equals(digest)) plan.items.push({ off, len: ps, digest, piece: true });
-    return { slot: s, digest };
-  });
-  plan.piecesOf.set(k, [...kept, ...fresh].sort((x, y) => x.slot - y.slot));
+  for (const s of dirty) plan.fresh.push({ k, slot: s, off: slot * p.bs + (s - 1) * p.pieceSize });
+  plan.piecesOf.set(k, kept);
   return true;
 }
 
@@ -233,7 +226,7 @@ function piecesFor(p: ReadPipeline, k: number, slot: number, pc: ParentChunk, gt
  */
 async function planChunk(p: ReadPipeline, tk: TagKey, a: number, b: number, pc: ParentChunk, first: CollectedTags, buf: Buffer): Promise<ChunkPlan> {
   const G = p.tagWriter?.granules ?? 0;
-  const plan: ChunkPlan = { data: [], check: [], again: [], items: [], piecesOf: new Map(), gt: undefined };
+  const plan: ChunkPlan = { data: [], check: [], again: [], items: [], piecesOf: new Map(), gt: undefined, fresh: [] };
   // (the copies' granule tags came with them from tagFile: same layout as tagBlocksAsync's)
   if (G && first.collected) plan.gt = first.granuleTags ? { tags: first.granuleTags, zero: first.granuleZero! } : await p.n.tagBlocksAsync(buf.subarray(0, first.collected * p.bs), granuleSizeFor(p.bs), p.threads, tk.key);
   // the granule tags the candidates for pieces have if unchanged (parent's stored ^ mask)
@@ -257,15 +250,29 @@ async function planChunk(p: ReadPipeline, tk: TagKey, a: number, b: number, pc: 
       continue;
     }
     const gx = gxOf.get(k);
-    if (gx !== undefined && piecesFor(p, k, slot, pc, plan.gt!, gexpect, gx, buf, plan)) {
+    if (gx !== undefined && piecesFor(p, k, slot, pc, plan.gt!, gexpect, gx, plan)) {
       p.rec.stats.changedBlocks++;
       continue;
     }
     whole.push(k);
   }
+  // One pool job hashes the new pieces and the blocks stored whole, where they are in buf.
   const lenOf = (k: number) => p.spanBytes(a + k, a + k + 1);
-  const digests = await slotDigests(p, buf, whole.map((k) => first.slot[k]), whole.map(lenOf));
-  whole.forEach((k, j) => {
+  const { fresh } = plan;
+  const ps = p.pieceSize;
+  const spans = new Float64Array((fresh.length + whole.length) * 2);
+  fresh.forEach((x, j) => spans.set([x.off, ps], j * 2));
+  whole.forEach((k, j) => spans.set([first.slot[k] * p.bs, lenOf(k)], (fresh.length + j) * 2));
+  const digests = spans.length ? await p.n.hashSpansAsync(buf, spans, p.threads, p.key) : Buffer.alloc(0);
+  fresh.forEach((x, j) => {
+    const digest = digests.subarray(j * 32, j * 32 + 32);
+    const was = pc.pieces[x.k]?.find((o) => o.slot === x.slot);
+    if (!was || !was.digest.equals(digest)) plan.items.push({ off: x.off, len: ps, digest, piece: true });
+    plan.piecesOf.get(x.k)!.push({ slot: x.slot, digest });
+  });
+  for (const k of new Set(fresh.map((x) => x.k))) plan.piecesOf.get(k)!.sort((x, y) => x.slot - y.slot);
+  whole.forEach((k, i) => {
+    const j = fresh.length + i;
     const unchanged = pc.hasPrev[k] && !pc.pieces[k] && digests.compare(pc.digests, k * 32, k * 32 + 32, j * 32, j * 32 + 32) === 0;
     digests.copy(pc.digests, k * 32, j * 32, j * 32 + 32);
     if (unchanged) return;
@@ -273,31 +280,6 @@ async function planChunk(p: ReadPipeline, tk: TagKey, a: number, b: number, pc: 
     plan.items.push({ off: first.slot[k] * p.bs, len: lenOf(k), digest: digests.subarray(j * 32, j * 32 + 32) });
   });
   return plan;
-}
-
-/**
- * The digests (SHA-256, or HMAC under the store's key) of the blocks in `slots` of buf (lens[j]
- * bytes at slots[j] * bs), 32 bytes each in that order: one native call per run of consecutive
- * slots (tagFile fills them in runs of whole blocks), the runs hashed side by side.
- */
-async function slotDigests(p: ReadPipeline, buf: Buffer, slots: number[], lens: number[]): Promise<Buffer> {
-  const out = Buffer.allocUnsafe(slots.length * 32);
-  const runs: Array<[number, number]> = []; // [j, end): slots[j..end) consecutive, all but the last whole
-  for (let j = 0; j < slots.length; j++) {
-    const r = runs[runs.length - 1];
-    if (r && r[1] === j && slots[j] === slots[j - 1] + 1 && lens[j - 1] === p.bs) r[1] = j + 1;
-    else runs.push([j, j + 1]);
-  }
-  const threads = runs.length === 1 ? p.threads : 1;
-  await Promise.all(
-    runs.map(async ([j, end]) => {
-      const from = slots[j] * p.bs;
-      const len = (end - j - 1) * p.bs + lens[end - 1];
-      const h = await p.n.hashBlocksAsync(buf.subarray(from, from + len), p.bs, threads, p.key);
-      h.digests.copy(out, j * 32, 0, (end - j) * 32);
-    }),
-  );
-  return out;
 }
 
 /**
@@ -338,8 +320,9 @@ function chunkTags(p: ReadPipeline, tk: TagKey, a: number, first: CollectedTags,
  * as tagFile copies it (from the copy, with its block tag in the same pass) and compared with
  * them: a block with at most MAX_NEW_PIECES granules moved is
  * stored as those pieces over the parent's entries (./dirty.ts has the same rule). Only the
- * blocks stored whole are hashed with SHA-256 (slotDigests) and written from the buffer where
- * their digest is new. The native read does not hash the blocks it copies: in a small rewrite
+ * new pieces and the blocks stored whole are hashed with SHA-256 (one hashSpansAsync job a
+ * chunk, on the pool's threads; node's createHash for each piece on the event loop had cost
+ * ~11 ms of the incremental below) and written from the buffer where their digest is new. The native read does not hash the blocks it copies: in a small rewrite
  * nearly all of them become pieces, and their whole-block digests were thrown away (1% of
  * 1 GiB: ~80 MiB of SHA-256, ~50 ms of CPU).
  *
