@@ -186,16 +186,19 @@ export function listAttachments(): Attachment[] {
 export function attachmentsOf(imagePath: string): Attachment[] {
   const id = tryIdentify(imagePath);
   if (!id) return [];
+  // (the records and the mount table only where they can matter: every raw snapshot asks)
+  const loops = kernelLoops();
+  if (!loops.length) return [];
   const records = new Map(readRecords().map((r) => [r.index, r]));
-  const all = mounts();
+  let all: ReturnType<typeof mounts> | undefined;
   const out: Attachment[] = [];
-  for (const k of kernelLoops()) {
+  for (const k of loops) {
     const rec = records.get(k.index);
     const valid = rec && recordMatchesKernel(rec, k) ? rec : undefined;
     if (valid) {
-      if (valid.imageDev === id.dev && valid.imageIno === id.ino) out.push(describe(k, valid, all));
+      if (valid.imageDev === id.dev && valid.imageIno === id.ino) out.push(describe(k, valid, (all ??= mounts())));
     } else if (k.status.backingDev === id.dev && k.status.backingIno.toString() === id.ino) {
-      out.push(describe(k, undefined, all));
+      out.push(describe(k, undefined, (all ??= mounts())));
     }
   }
   return out.sort((a, b) => Number(a.readOnly) - Number(b.readOnly) || a.index - b.index);

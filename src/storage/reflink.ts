@@ -99,6 +99,22 @@ function fsyncDir(dir: string): void {
   }
 }
 
+/**
+ * Filesystems that cannot share extents at all (statfs f_type): ext2/3/4 (one magic number)
+ * and tmpfs. A snapshot of a raw volume there makes no FICLONE attempt, which cost a folder,
+ * two opens, the failing ioctl and the clean-up (~1.2 ms of a ~125 ms raw incremental,
+ * session 42). Any other type, or a statfs that fails, is tried as before.
+ */
+const NO_SHARED_EXTENTS = new Set([0xef53, 0x01021994]);
+
+function cannotShareExtents(p: string): boolean {
+  try {
+    return NO_SHARED_EXTENTS.has(Number(fs.statfsSync(p).type));
+  } catch {
+    return false;
+  }
+}
+
 /** A new clone, open for reading; `discard` removes it (an attempt that failed). */
 export interface NewClone {
   file: BlockFile;
@@ -112,6 +128,7 @@ export interface NewClone {
  * extents (nothing is left behind then).
  */
 export function takeClone(volume: string, source: string, storeId: string, volId: string, snapId: string): NewClone | { reason: string } {
+  if (cannotShareExtents(source)) return { reason: `the filesystem of ${volume} cannot share extents` };
   const dir = cloneDir(volume);
   const final = clonePath(volume, storeId, volId, snapId);
   const tmp = `${final}.tmp-${process.pid}`;
