@@ -322,9 +322,10 @@ function chunkTags(p: ReadPipeline, tk: TagKey, a: number, first: CollectedTags,
  * stored as those pieces over the parent's entries (./dirty.ts has the same rule). Only the
  * new pieces and the blocks stored whole are hashed with SHA-256 (one hashSpansAsync job a
  * chunk, on the pool's threads; node's createHash for each piece on the event loop had cost
- * ~11 ms of the incremental below) and written from the buffer where their digest is new. The native read does not hash the blocks it copies: in a small rewrite
- * nearly all of them become pieces, and their whole-block digests were thrown away (1% of
- * 1 GiB: ~80 MiB of SHA-256, ~50 ms of CPU).
+ * ~11 ms of the incremental below) and written from the buffer where their digest is new.
+ * The native read does not hash the blocks it copies: in a small rewrite nearly all of them
+ * become pieces, and their whole-block digests were thrown away (1% of 1 GiB: ~80 MiB of
+ * SHA-256, ~50 ms of CPU).
  *
  * Measured and dropped (session 22; the incremental's CPU, not its I/O, is what bounds it on
  * two cores): a first tag pass started as soon as the tag key is known, before the parent is

@@ -52,10 +52,10 @@ export async function fetchVerified(store: Store, entries: BatchEntry[], buf: Bu
 async function overlayPieces(store: Store, entries: BatchEntry[], r: Fetched, volumeSize: number, threads: number): Promise<void> {
   const bs = store.blockSize;
   const ps = pieceSizeFor(bs);
-  const pieced = entries.map((e, k) => k).filter((k) => entries[k].pieces && !r.bad.some((b) => b.k === k));
+  const isBad = (k: number) => r.bad.some((b) => b.k === k);
+  const pieced = entries.map((e, k) => k).filter((k) => entries[k].pieces && !isBad(k));
   if (!pieced.length) return;
   const copied: Array<{ k: number; at: number; length: number; digest: Buffer }> = [];
-  const isBad = (k: number) => r.bad.some((b) => b.k === k);
   await Promise.all(
     pieced.map(async (k) => {
       const e = entries[k];
