@@ -12,10 +12,10 @@
  * stores each as a piece of its own (in a pack: ./store/packs.ts). The parent's entries for
  * the block stay beside them.
  * With 1% of a 4 GiB qcow2 volume rewritten in scattered 64 KiB writes, an incremental reads
- * and stores 41 MiB instead of the 285 MiB of blocks around them. A block whose pieces would
- * then number more than MAX_PIECES, or where a dirty granule now reads as zeros, is read whole
- * again and stored as one object (compacted), so a restore reads at most 1 + MAX_PIECES
- * objects for a block.
+ * and stores 41 MiB instead of the 285 MiB of blocks around them. A block where a dirty
+ * granule now reads as zeros (or whose pieces would number more than MAX_PIECES: one for each
+ * granule, so never by count) is read whole again and stored as one object (compacted); a
+ * restore reads at most 1 + MAX_PIECES objects for a block.
  * A block this scan stores as pieces gets no change tag (it read only the granules, and a tag
  * is of a whole block's bytes): the next tag scan finds it changed. A parent's block with
  * pieces that a tag scan tagged keeps its tag entry (of the bytes all its entries make).
@@ -43,8 +43,21 @@ import { PACK_BYTES, type PackRegion } from './store/packs';
 
 /** A block with more dirty granules than this is read whole. */
 export const MAX_NEW_PIECES = 4;
-/** A block whose pieces would number more than this is read whole again (compacted). */
-export const MAX_PIECES = 4;
+/**
+ * A block whose pieces would number more than this is read whole again (compacted). Eight:
+ * one for each granule of a block (pieces are an eighth of a block), so a block's pieces never
+ * need compacting by their count, only when a dirty granule reads as zeros. It was four until
+ * session 42: along a chain of scattered 64 KiB incrementals, more and more blocks reached a
+ * fifth piece and were read whole again, on the merge's path (the compaction is known only once
+ * the parent's entries are merged): over 16 GiB with 4 GiB of data, 656 writes a round, the
+ * bytes read went 41 -> 49 MiB by round 24 and 76 MiB by round 48, and the incremental 0.091
+ * -> 0.109 -> 0.136 s. With eight, in the same run beside it (its own store and bitmap over the
+ * same writes): 41 MiB every round, 0.091 -> 0.097 -> 0.115 s. The price: bigger manifests and
+ * pack indexes (at round 48 1.33 against 1.11 MB, 1.81 against 1.50 MB), bounded by nine
+ * entries a block, and a restore that reads up to nine objects for a block (the last snapshot
+ * of that chain restored in 5.2-5.5 s against 4.9-6.9 s).
+ */
+export const MAX_PIECES = 8;
 /**
  * Groups read and hashed ahead of the one being merged. One, while the event loop's share of a
  * group (merging, copying pieces into packs) was the longer one; two since the pieces are read
