@@ -101,4 +101,25 @@ bool ArgRequests(const Napi::CallbackInfo& info, size_t i, size_t bufferLength,
   return true;
 }
 
+bool ArgSpans(const Napi::CallbackInfo& info, size_t i, size_t bufferLength, std::vector<size_t>* out) {
+  Napi::Value v = info[i];
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float64_array ||
+      v.As<Napi::Float64Array>().ElementLength() % 2 != 0)
+    return Fail(info, i, "spans", "a Float64Array of [offset, length] pairs");
+  Napi::Float64Array arr = v.As<Napi::Float64Array>();
+  const double* d = arr.Data();
+  out->resize(arr.ElementLength());
+  for (size_t k = 0; k < out->size(); k += 2) {
+    double off = d[k], len = d[k + 1];
+    if (!IsWholeNumber(off) || !IsWholeNumber(len) || off < 0 || len < 0 || off + len > static_cast<double>(bufferLength)) {
+      ThrowInvalid(info.Env(), "span " + std::to_string(k / 2) + " is not inside the buffer of " +
+                                   std::to_string(bufferLength) + " bytes (or is not a pair of non-negative integers)");
+      return false;
+    }
+    (*out)[k] = static_cast<size_t>(off);
+    (*out)[k + 1] = static_cast<size_t>(len);
+  }
+  return true;
+}
+
 }  // namespace disksnap

@@ -39,5 +39,8 @@ bool ArgBytes(const Napi::CallbackInfo& info, size_t i, const char* name, Bytes*
 // A Float64Array of triples, each checked against a buffer of `bufferLength` bytes.
 bool ArgRequests(const Napi::CallbackInfo& info, size_t i, size_t bufferLength,
                  std::vector<IoRequest>* out);
+// A Float64Array of [offset, length] pairs, each inside a buffer of `bufferLength` bytes, as
+// offset, length, offset, ... in `out`.
+bool ArgSpans(const Napi::CallbackInfo& info, size_t i, size_t bufferLength, std::vector<size_t>* out);
 
 }  // namespace disksnap

@@ -301,26 +301,8 @@ Napi::Value HashSpansAsync(const Napi::CallbackInfo& info) {
   int32_t threads = 0;
   bool keyed = false;
   std::vector<uint8_t> key;
-  if (!ArgBytes(info, 0, "buf", &buf)) return RejectPending(env);
-  Napi::Value v = info[1];
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float64_array ||
-      v.As<Napi::Float64Array>().ElementLength() % 2 != 0) {
-    ThrowInvalid(env, "spans must be a Float64Array of [offset, length] pairs");
-    return RejectPending(env);
-  }
-  Napi::Float64Array arr = v.As<Napi::Float64Array>();
-  std::vector<size_t> offs(arr.ElementLength());
-  for (size_t k = 0; k < offs.size(); k += 2) {
-    const double off = arr[k], len = arr[k + 1];
-    if (!(off >= 0 && len >= 0 && off == static_cast<double>(static_cast<uint64_t>(off)) &&
-          len == static_cast<double>(static_cast<uint64_t>(len)) && off + len <= static_cast<double>(buf.length))) {
-      ThrowInvalid(env, "span " + std::to_string(k / 2) + " is not inside the buffer of " + std::to_string(buf.length) +
-                            " bytes (or is not a pair of non-negative integers)");
-      return RejectPending(env);
-    }
-    offs[k] = static_cast<size_t>(off);
-    offs[k + 1] = static_cast<size_t>(len);
-  }
+  std::vector<size_t> offs;
+  if (!ArgBytes(info, 0, "buf", &buf) || !ArgSpans(info, 1, buf.length, &offs)) return RejectPending(env);
   if (!ArgI32(info, 2, "threads", &threads) || !ArgKey(info, 3, &keyed, &key)) return RejectPending(env);
   Napi::Buffer<uint8_t> out = Napi::Buffer<uint8_t>::New(env, offs.size() / 2 * kDigestLength);
   if (env.IsExceptionPending()) return RejectPending(env);
