@@ -113,48 +113,111 @@ Napi::Value SortRecords(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(sorted.size() / t.entry));
 }
 
-// A key's first 8 bytes as a number that orders as memcmp orders them (big-endian; a shorter
-// key padded with zeros): most comparisons of a sort of digests end there.
-uint64_t Prefix(const uint8_t* p, size_t key) {
-  uint8_t b[8] = {0};
-  memcpy(b, p, key < 8 ? key : 8);
-  uint64_t v;
-  memcpy(&v, b, 8);
-  return __builtin_bswap64(v);
-}
-
-// The first entry at or after `from` whose key is not below `key` (t.count if none), found by
-// galloping from `from`: a walk of ascending keys through a table costs what it skips, in
-// steps that double, instead of a binary search of the whole table for every key.
-size_t LowerBoundFrom(const Table& t, size_t from, const uint8_t* key) {
-  if (from >= t.count || memcmp(t.At(from), key, t.key) >= 0) return from;
-  size_t lo = from;  // below key
-  size_t step = 1;
-  size_t hi = from + step;
-  while (hi < t.count && memcmp(t.At(hi), key, t.key) < 0) {
-    lo = hi;
-    step *= 2;
-    hi = from + step;
-  }
-  if (hi > t.count) hi = t.count;
-  // t.At(lo) < key <= t.At(hi) (or hi == count)
-  while (hi - lo > 1) {
-    const size_t mid = lo + (hi - lo) / 2;
-    if (memcmp(t.At(mid), key, t.key) < 0) {
-      lo = mid;
-    } else {
-      hi = mid;
+// The distinct keys of a join, in an open-addressing hash set: per key, whether it occurs among
+// the later keys, and whether a table has given its entry yet.
+class KeySet {
+ public:
+  // The keys of `first` (n1 of them) then of `later` (n2), keyLength bytes each.
+  KeySet(const uint8_t* first, size_t n1, const uint8_t* later, size_t n2, size_t keyLength) : k1_(first), k2_(later), n1_(n1), key_(keyLength) {
+    const size_t count = n1 + n2;
+    size_t cap = 16;
+    while (cap < count * 2) cap *= 2;
+    slots_.assign(cap, 0);
+    mask_ = cap - 1;
+    flags_.assign(count, 0);
+    constexpr size_t kAhead = 16;
+    size_t starts[kAhead];
+    for (size_t i = 0; i < count && i < kAhead; i++) starts[i] = Start(Key(i));
+    for (size_t i = 0; i < count; i++) {
+      const uint8_t* k = Key(i);
+      size_t s = starts[i % kAhead];
+      if (i + kAhead < count) starts[i % kAhead] = Start(Key(i + kAhead));
+      const uint8_t mark = i >= n1 ? kLater : 0;
+      for (;; s = (s + 1) & mask_) {
+        const uint32_t at = slots_[s];
+        if (at == 0) {
+          slots_[s] = static_cast<uint32_t>(i + 1);
+          flags_[i] = mark;
+          break;
+        }
+        if (memcmp(Key(at - 1), k, key_) == 0) {
+          flags_[at - 1] |= mark;
+          break;
+        }
+      }
     }
   }
-  return hi;
-}
 
-// sortedJoin(keys, keyLength, tables, entryLength) -> Buffer: for each distinct key of `keys`
-// (keyLength bytes each, in any order), in ascending order, the entry of the first of `tables`
-// (each sorted by key, as sortedCheck accepts) that holds it. Keys in no table are left out.
-// The keys are sorted (by their first 8 bytes as a number, then the rest), then each table is
-// walked once, ascending (LowerBoundFrom). A pack index of a volume's 13,700 pieces, joined
-// against its parent's: 2.6-3.1 ms with a binary search of each table for each key, now 1.1 ms.
+  // The slot where a search for key k starts (Find's `from`): computed ahead, with its slot
+  // fetched into the cache meanwhile, it spares a walk of a table most of a miss per entry.
+  size_t Start(const uint8_t* k) const {
+    const size_t s = Hash(k) & mask_;
+    __builtin_prefetch(&slots_[s]);
+    return s;
+  }
+
+  // The key's index in the set (its first occurrence among the keys), or -1.
+  int64_t Find(const uint8_t* k, size_t from) const {
+    for (size_t s = from;; s = (s + 1) & mask_) {
+      const uint32_t at = slots_[s];
+      if (at == 0) return -1;
+      if (memcmp(Key(at - 1), k, key_) == 0) return static_cast<int64_t>(at - 1);
+    }
+  }
+
+  uint8_t& Flags(size_t i) { return flags_[i]; }
+
+  static constexpr uint8_t kLater = 1;
+  static constexpr uint8_t kTaken = 2;
+
+ private:
+  // Every byte of the key, 8 at a time, through a 64-bit finalizer (keys need not be random).
+  uint64_t Hash(const uint8_t* k) const {
+    uint64_t h = key_;
+    for (size_t o = 0; o < key_; o += 8) {
+      uint64_t w = 0;
+      memcpy(&w, k + o, key_ - o < 8 ? key_ - o : 8);
+      h ^= w;
+      h ^= h >> 33;
+      h *= 0xff51afd7ed558ccdULL;
+      h ^= h >> 33;
+      h *= 0xc4ceb9fe1a85ec53ULL;
+      h ^= h >> 33;
+    }
+    return h;
+  }
+
+  const uint8_t* Key(size_t i) const { return i < n1_ ? k1_ + i * key_ : k2_ + (i - n1_) * key_; }
+
+  const uint8_t* k1_;
+  const uint8_t* k2_;
+  size_t n1_;
+  size_t key_;
+  size_t mask_ = 0;
+  std::vector<uint32_t> slots_;
+  std::vector<uint8_t> flags_;
+};
+
+// sortedJoin(keys, keyLength, tables, entryLength[, laterKeys[, before[, after]]]) -> { entries,
+// later }: for each distinct key of `keys` and `laterKeys` (keyLength bytes each, in any order,
+// repeats allowed) that a table holds, in ascending order, the entry of the first of `tables`
+// (each sorted by key, each key once, as sortedCheck accepts) that holds it; keys in no table
+// are left out. `later`: how many of those entries are for keys among `laterKeys`. `entries`
+// has `before` zero bytes ahead of them and `after` behind them (room for a header and a
+// trailer). A pack index (src/storage/store/packs.ts) joins its pieces (keys) and whole blocks
+// (laterKeys) at once, framed where it is joined, and is version 2 when it lists a whole block:
+// when `later` is not 0.
+//
+// The distinct keys go into a hash set; each table is walked once from its start, taking the
+// entries whose key is in the set and not taken from an earlier table (already ascending); the
+// tables' takings are then merged. The cost is that of the keys plus the tables' entries, with
+// no sort: the keys of an index are nearly all in its parent's index, and a chain's indexes
+// grow with the pieces its volume gathered (48,000 after ~120 scattered incrementals of a 16
+// GiB qcow2 volume). Before, the keys were sorted by their first 8 bytes and each table galloped
+// through, and a second join, of the whole blocks, was concatenated with the first and sorted
+// again, and the result copied into its frame: at 48,000 pieces, 5.6 ms then, 2.5 ms now (a
+// join of the same keys and tables in one process, medians of 30), and 7 MB less memory
+// touched for the first time (~1.6 us a page on these VMs).
 Napi::Value SortedJoin(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Bytes keys;
@@ -165,6 +228,23 @@ Napi::Value SortedJoin(const Napi::CallbackInfo& info) {
   }
   if (key == 0 || key > entry || keys.length % key != 0) {
     ThrowInvalid(env, "sortedJoin: the key must be 1 to entryLength bytes, and keys whole keys");
+    return env.Undefined();
+  }
+  Bytes laterKeys;
+  if (info.Length() > 4 && !info[4].IsUndefined() && !ArgBytes(info, 4, "laterKeys", &laterKeys)) return env.Undefined();
+  if (laterKeys.length % key != 0) {
+    ThrowInvalid(env, "sortedJoin: laterKeys must be whole keys");
+    return env.Undefined();
+  }
+  uint64_t before = 0;
+  uint64_t after = 0;
+  if (info.Length() > 5 && !info[5].IsUndefined() && !ArgU64(info, 5, "before", &before)) return env.Undefined();
+  if (info.Length() > 6 && !info[6].IsUndefined() && !ArgU64(info, 6, "after", &after)) return env.Undefined();
+  const size_t n1 = keys.length / key;
+  const size_t n2 = laterKeys.length / key;
+  const size_t n = n1 + n2;
+  if (n >= UINT32_MAX || before > (1u << 20) || after > (1u << 20)) {
+    ThrowInvalid(env, "sortedJoin: too many keys, or room of more than 1 MiB");
     return env.Undefined();
   }
   if (!info[2].IsArray()) {
@@ -186,34 +266,49 @@ Napi::Value SortedJoin(const Napi::CallbackInfo& info) {
     }
     tables[i] = Table{a.Data(), a.ByteLength() / entry, entry, key};
   }
-  const size_t n = keys.length / key;
-  const uint8_t* k0 = keys.data;
-  struct Key {
-    uint64_t prefix;
-    uint32_t i;
-  };
-  std::vector<Key> order(n);
-  for (size_t i = 0; i < n; i++) order[i] = Key{Prefix(k0 + i * key, key), static_cast<uint32_t>(i)};
-  std::sort(order.begin(), order.end(), [&](const Key& a, const Key& b) {
-    if (a.prefix != b.prefix) return a.prefix < b.prefix;
-    return memcmp(k0 + a.i * key, k0 + b.i * key, key) < 0;
-  });
-  std::vector<size_t> at(tables.size(), 0);
-  std::vector<uint8_t> out;
-  out.reserve(n * entry);
-  for (size_t k = 0; k < n; k++) {
-    const uint8_t* want = k0 + static_cast<size_t>(order[k].i) * key;
-    if (k > 0 && order[k - 1].prefix == order[k].prefix && memcmp(k0 + static_cast<size_t>(order[k - 1].i) * key, want, key) == 0) continue;
-    for (size_t ti = 0; ti < tables.size(); ti++) {
-      const Table& t = tables[ti];
-      at[ti] = LowerBoundFrom(t, at[ti], want);
-      if (at[ti] < t.count && memcmp(t.At(at[ti]), want, key) == 0) {
-        out.insert(out.end(), t.At(at[ti]), t.At(at[ti]) + t.entry);
-        break;
-      }
+  KeySet set(keys.data, n1, laterKeys.data, n2, key);
+  // each table's takings, ascending (the table is)
+  std::vector<std::vector<uint32_t>> taken(tables.size());
+  size_t total = 0;
+  size_t later = 0;
+  for (size_t ti = 0; ti < tables.size() && n > 0; ti++) {
+    const Table& t = tables[ti];
+    constexpr size_t kAhead = 16;
+    size_t starts[kAhead];
+    for (size_t e = 0; e < t.count && e < kAhead; e++) starts[e] = set.Start(t.At(e));
+    for (size_t e = 0; e < t.count; e++) {
+      const size_t from = starts[e % kAhead];
+      if (e + kAhead < t.count) starts[e % kAhead] = set.Start(t.At(e + kAhead));
+      const int64_t k = set.Find(t.At(e), from);
+      if (k < 0) continue;
+      uint8_t& f = set.Flags(static_cast<size_t>(k));
+      if (f & KeySet::kTaken) continue;
+      f |= KeySet::kTaken;
+      if (f & KeySet::kLater) later++;
+      taken[ti].push_back(static_cast<uint32_t>(e));
     }
+    total += taken[ti].size();
   }
-  return Napi::Buffer<uint8_t>::Copy(env, out.data(), out.size());
+  Napi::Buffer<uint8_t> out = Napi::Buffer<uint8_t>::New(env, before + total * entry + after);
+  memset(out.Data(), 0, before);
+  memset(out.Data() + before + total * entry, 0, after);
+  uint8_t* w = out.Data() + before;
+  std::vector<size_t> at(tables.size(), 0);
+  for (size_t done = 0; done < total; done++) {
+    // the least head among the tables' takings (keys are distinct across them)
+    size_t best = tables.size();
+    for (size_t ti = 0; ti < tables.size(); ti++) {
+      if (at[ti] == taken[ti].size()) continue;
+      if (best == tables.size() || memcmp(tables[ti].At(taken[ti][at[ti]]), tables[best].At(taken[best][at[best]]), key) < 0) best = ti;
+    }
+    memcpy(w, tables[best].At(taken[best][at[best]]), entry);
+    w += entry;
+    at[best]++;
+  }
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("entries", out);
+  result.Set("later", Napi::Number::New(env, static_cast<double>(later)));
+  return result;
 }
 
 }  // namespace

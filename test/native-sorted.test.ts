@@ -105,7 +105,7 @@ t.test('sortedJoin: each distinct key once, ascending, from the first table that
   for (let i = 0; i < 3000; i += 3) keys.push(keyOf(tb, i));
   for (let k = 0; k < 100; k++) keys.push(randomBytes(KEY));
   for (let k = 0; k < 200; k++) keys.push(keys[(k * 31) % keys.length]);
-  const got = n.sortedJoin(Buffer.concat(keys), KEY, [tA, tb], ENTRY);
+  const got = n.sortedJoin(Buffer.concat(keys), KEY, [tA, tb], ENTRY).entries;
   // the model: distinct keys, sorted, each from the first table holding it
   const distinct = [...new Map(keys.map((k) => [k.toString('hex'), k])).values()].sort((x, y) => x.compare(y));
   const lookIn = (tbl: Buffer, k: Buffer) => rows(tbl).find((r) => r.compare(k, 0, KEY, 0, KEY) === 0);
@@ -113,8 +113,8 @@ t.test('sortedJoin: each distinct key once, ascending, from the first table that
   t.ok(got.equals(want), `${got.length / ENTRY} entries as the model has them (${want.length / ENTRY})`);
   t.ok(rows(got).some((r) => r.readUInt32LE(64) >= 0xa0000000), 'a key in both tables comes from the first');
   t.equal(n.sortedCheck(got, ENTRY, KEY), -1, 'the result is sorted, each key once');
-  t.equal(n.sortedJoin(Buffer.alloc(0), KEY, [tA, tb], ENTRY).length, 0, 'no keys: no entries');
-  t.equal(n.sortedJoin(Buffer.concat(keys), KEY, [], ENTRY).length, 0, 'no tables: no entries');
+  t.equal(n.sortedJoin(Buffer.alloc(0), KEY, [tA, tb], ENTRY).entries.length, 0, 'no keys: no entries');
+  t.equal(n.sortedJoin(Buffer.concat(keys), KEY, [], ENTRY).entries.length, 0, 'no tables: no entries');
   t.throws(() => n.sortedJoin(Buffer.alloc(33), KEY, [tA], ENTRY), { code: 'EINVAL', message: /whole keys/ });
   // keys alike in their first 8 bytes (the native sort compares those as a number first), and
   // keys shorter than 8 bytes; tables walked from both ends
@@ -124,7 +124,7 @@ t.test('sortedJoin: each distinct key once, ascending, from the first table that
   const tAlike = alike.subarray(0, n.sortRecords(alike, ENTRY, KEY) * ENTRY);
   const some = [...rows(tAlike)].filter((_, k) => k % 3 !== 1).map((r) => r.subarray(0, KEY));
   const mixed = [...some].reverse().concat(randomBytes(KEY), Buffer.concat([same, randomBytes(KEY - 8)]));
-  const gotAlike = n.sortedJoin(Buffer.concat(mixed), KEY, [tAlike], ENTRY);
+  const gotAlike = n.sortedJoin(Buffer.concat(mixed), KEY, [tAlike], ENTRY).entries;
   const wantAlike = Buffer.concat(some.sort((x, y) => x.compare(y)).map((k) => rows(tAlike).find((r) => r.compare(k, 0, KEY, 0, KEY) === 0)!));
   t.ok(gotAlike.equals(wantAlike), `keys alike in their first 8 bytes: ${gotAlike.length / ENTRY} entries as the model has them (${wantAlike.length / ENTRY})`);
   const short = Buffer.alloc(6 * 16);
@@ -132,9 +132,39 @@ t.test('sortedJoin: each distinct key once, ascending, from the first table that
   const tShort = Buffer.concat(Array.from({ length: 16 }, (_, k) => Buffer.concat([short.subarray(k * 6, k * 6 + 6), Buffer.alloc(10, k)])));
   const tS = tShort.subarray(0, n.sortRecords(tShort, 16, 6) * 16);
   const shortKeys = Buffer.concat([short.subarray(5 * 6, 6 * 6), short.subarray(0, 6), Buffer.from('zzzzzz')]);
-  t.same(rows16(n.sortedJoin(shortKeys, 6, [tS], 16)).map((r) => r[6]), [0, 5], '6-byte keys: found in order, the one in no table left out');
+  t.same(rows16(n.sortedJoin(shortKeys, 6, [tS], 16).entries).map((r) => r[6]), [0, 5], '6-byte keys: found in order, the one in no table left out');
   t.throws(() => n.sortedJoin(Buffer.alloc(32), KEY, [Buffer.alloc(10)], ENTRY), { code: 'EINVAL', message: /whole entries/ });
   t.throws(() => n.sortedJoin(Buffer.alloc(32), KEY, 'x' as unknown as Buffer[], ENTRY), { code: 'EINVAL', message: /array of buffers/ });
+  // keys that all share one hash-set slot's neighbourhood are still told apart: 2,000 keys
+  // equal but for their last byte pair
+  const near = Buffer.alloc(2000 * ENTRY);
+  for (let k = 0; k < 2000; k++) near.writeUInt16BE(k, k * ENTRY + KEY - 2);
+  const nearKeys = Buffer.concat(rows(near).filter((_, k) => k % 2 === 0).map((r) => r.subarray(0, KEY)).reverse());
+  const gotNear = n.sortedJoin(nearKeys, KEY, [near], ENTRY).entries;
+  t.same(rows(gotNear).map((r) => r.readUInt16BE(KEY - 2)), Array.from({ length: 1000 }, (_, k) => 2 * k), 'keys alike but for their last bytes: each found, in order');
+});
+
+t.test('sortedJoin: `later` counts the entries found for later keys; room around the entries', async (t) => {
+  const a = entries(400);
+  const ta = a.subarray(0, n.sortRecords(a, ENTRY, KEY) * ENTRY);
+  const k = (i: number) => keyOf(ta, i);
+  const absent = randomBytes(KEY);
+  // keys: 0-9; later keys: 10-14 (found), 5 (a key too), an absent key, 12 again
+  const keys = Buffer.concat(Array.from({ length: 10 }, (_, i) => k(i)));
+  const later = Buffer.concat([...[10, 11, 12, 13, 14, 5].map(k), absent, k(12)]);
+  const all = n.sortedJoin(keys, KEY, [ta], ENTRY, later);
+  t.equal(all.entries.length / ENTRY, 15, 'fifteen distinct keys found');
+  t.ok(all.entries.equals(ta.subarray(0, 15 * ENTRY)), 'in order');
+  t.equal(all.later, 6, 'six of them are among the later keys (one of those a key too)');
+  t.equal(n.sortedJoin(keys, KEY, [ta], ENTRY).later, 0, 'no later keys: none');
+  t.equal(n.sortedJoin(Buffer.alloc(0), KEY, [ta], ENTRY, later).later, 6, 'later keys alone');
+  t.equal(n.sortedJoin(k(1), KEY, [ta], ENTRY, absent).later, 0, 'only an absent later key: none found');
+  const framed = n.sortedJoin(keys, KEY, [ta], ENTRY, later, 16, 40);
+  t.equal(framed.entries.length, 16 + 15 * ENTRY + 40, 'room before and after');
+  t.ok(framed.entries.subarray(16, 16 + 15 * ENTRY).equals(all.entries), 'the entries between');
+  t.ok(framed.entries.subarray(0, 16).equals(Buffer.alloc(16)) && framed.entries.subarray(16 + 15 * ENTRY).equals(Buffer.alloc(40)), 'the room zeroed');
+  t.throws(() => n.sortedJoin(keys, KEY, [ta], ENTRY, Buffer.alloc(33)), { code: 'EINVAL', message: /laterKeys must be whole keys/ });
+  t.throws(() => n.sortedJoin(keys, KEY, [ta], ENTRY, undefined, 2 ** 21), { code: 'EINVAL', message: /room/ });
 });
 
 function rows16(b: Buffer): Buffer[] {

@@ -1381,3 +1381,29 @@ t.test('scanEntries: consumes checked manifest entries below a limit, and stops 
   t.throws(() => n.scanEntries(c, c.length + 40, 100, state()), /entry boundary/, 'pos past the chunk');
   t.throws(() => n.scanEntries(c, 0, 100, new Float64Array(3)), /Float64Array of 9/, 'a short state');
 });
+
+t.test('entryDigests: copies the digests of the piece entries, or of the whole-block ones, of a chunk of manifest entries', async (t) => {
+  const n = native();
+  // entries: block index (u32 lo, u24 hi), slot (top byte), then a 32-byte digest
+  const entry = (index: number, slot: number, fill: number) => {
+    const e = Buffer.alloc(40, fill);
+    e.writeUInt32LE(index, 0);
+    e.writeUInt32LE(slot << 24, 4);
+    return e;
+  };
+  const c = Buffer.concat([entry(0, 0, 1), entry(1, 2, 2), entry(1, 5, 3), entry(2, 0, 4), entry(3, 8, 5)]);
+  const out = Buffer.alloc(8 + 5 * 32, 0xee);
+  t.equal(n.entryDigests(c, c.length, true, out, 8), 3, 'three pieces');
+  t.same([...out.subarray(8, 8 + 96)], [...Buffer.alloc(32, 2), ...Buffer.alloc(32, 3), ...Buffer.alloc(32, 5)], 'their digests, in order, from outOffset');
+  t.same([...out.subarray(0, 8)], [...Buffer.alloc(8, 0xee)], 'nothing before outOffset');
+  t.same([...out.subarray(104)], [...Buffer.alloc(64, 0xee)], 'nothing past them');
+  t.equal(n.entryDigests(c, c.length, false, out, 0), 2, 'two whole blocks');
+  t.same([...out.subarray(0, 64)], [...Buffer.alloc(32, 1), ...Buffer.alloc(32, 4)]);
+  t.equal(n.entryDigests(c, 80, true, out, 0), 1, 'only the entries before end');
+  t.equal(n.entryDigests(c, 0, true, out, out.length), 0, 'an empty range, at the end of out');
+  t.throws(() => n.entryDigests(c, 60, true, out, 0), /entry boundary/, 'end inside an entry');
+  t.throws(() => n.entryDigests(c, c.length + 40, true, out, 0), /entry boundary/, 'end past the chunk');
+  t.throws(() => n.entryDigests(c, c.length, true, Buffer.alloc(4 * 32), 0), /no room/, 'out with less room than an entry each');
+  t.throws(() => n.entryDigests(c, c.length, true, out, 40), /no room/, 'room counted from outOffset');
+  t.throws(() => n.entryDigests(c, c.length, 1 as unknown as boolean, out, 0), /boolean/, 'pieces must be a boolean');
+});

@@ -77,12 +77,12 @@ t.test('a pack writer indexes the whole blocks it was told of where a pack holds
   await w.add(sha(whole), whole);
   await w.flush();
   const elsewhere = sha(randomBytes(BS)); // a whole block that is an object of its own
-  const i1 = openPackIndex('idx', w.index(sha(piece)));
+  const i1 = openPackIndex('idx', await w.index(sha(piece)));
   t.same([i1.whole, [...listed(i1.entries).values()]], [false, [PS]], 'told of no whole block: version 1, the piece only');
-  const i2 = openPackIndex('idx', w.index(sha(piece), Buffer.concat([sha(whole), elsewhere, sha(whole)])));
+  const i2 = openPackIndex('idx', await w.index(sha(piece), Buffer.concat([sha(whole), elsewhere, sha(whole)])));
   t.equal(i2.whole, true, 'a whole block in a pack: version 2');
   t.same(listed(i2.entries), new Map([[sha(piece).toString('hex'), PS], [sha(whole).toString('hex'), BS]]), 'the piece and the packed block, once; the object not listed');
-  const i3 = openPackIndex('idx', w.index(sha(piece), elsewhere));
+  const i3 = openPackIndex('idx', await w.index(sha(piece), elsewhere));
   t.equal(i3.whole, false, 'told only of whole blocks that are objects: version 1');
   // the child's writer: the parent's version 2 index in its table
   const table = new PackTable();
@@ -90,7 +90,7 @@ t.test('a pack writer indexes the whole blocks it was told of where a pack holds
   const child = new PackWriter(backend, table, new Throttle(64 * MiB), (d) => `blocks/${d.toString('hex')}`);
   t.notOk(await child.add(sha(whole), whole), 'a whole block the parent packed is not stored again');
   await child.flush();
-  const ic = openPackIndex('idx', child.index(Buffer.alloc(0), sha(whole)));
+  const ic = openPackIndex('idx', await child.index(Buffer.alloc(0), sha(whole)));
   t.same([ic.whole, [...listed(ic.entries).keys()]], [true, [sha(whole).toString('hex')]], 'and the child lists it where the parent put it');
 });
 

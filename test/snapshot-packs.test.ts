@@ -105,7 +105,7 @@ t.test('a pack writer: pieces one after the other, a pack named by its piece tab
   await new Promise((r) => setTimeout(r, 50));
   t.notOk(w.pending, 'every piece is in a written pack');
   t.equal(written.size, 2, 'two packs');
-  const entries = decodePackIndex('idx', w.index(Buffer.concat([d(small), d(big)])));
+  const entries = decodePackIndex('idx', await w.index(Buffer.concat([d(small), d(big)])));
   for (const key of written.keys()) {
     const pack = Buffer.from(key.slice('blocks/'.length), 'hex');
     t.equal(key, `blocks/${packName(partsOf(entries, pack)).toString('hex')}`, 'named by the SHA-256 of its piece table');
@@ -163,7 +163,7 @@ t.test('pieces read into reserved pack regions: the stored ones closed up, the o
   t.ok(body.equals(Buffer.concat([a, b, c])), 'the stored pieces closed up, in their order');
   t.notOk(w.pending, 'every piece is in a written pack');
   const table = new PackTable();
-  table.add(decodePackIndex('idx', w.index(Buffer.concat([d(a), d(b), d(c)]))));
+  table.add(decodePackIndex('idx', await w.index(Buffer.concat([d(a), d(b), d(c)]))));
   for (const piece of [a, b, c]) {
     const at = table.lookup(d(piece))!;
     t.ok(body.subarray(at.offset, at.offset + at.length).equals(piece), 'the index places each piece at its bytes');

@@ -204,6 +204,66 @@ t.test('the manifest writer refuses entries out of order or past the volume', as
   t.same(fs.readdirSync(dir), [], 'abort leaves nothing');
 });
 
+t.test("a packed manifest's writer lists the digests its pack index looks up: every piece, and whole blocks when told", async (t) => {
+  const dir = t.testdir();
+  const be = new DirectoryBackend(dir);
+  const header = (id: string) => ({
+    blockSize: 512 * 1024,
+    volumeSize: 2 ** 40,
+    snapshotId: id,
+    volumeId: 'vol-0123456789abcdef',
+    digest: 'sha256' as const,
+    sealed: false,
+    pieceSize: 65536,
+    packed: true,
+  });
+  const sorted = (b: Buffer) => Array.from({ length: b.length / 32 }, (_, i) => b.subarray(i * 32, i * 32 + 32).toString('hex')).sort();
+  // ~2.3 chunks of entries (a chunk is emitted, and its digests gathered, every 26,214): blocks
+  // alternately whole and in 1 to 3 pieces
+  const plan = (w: ManifestWriter, note: boolean) => {
+    const pieces: string[] = [];
+    const wholes: string[] = [];
+    const noted: string[] = [];
+    let mid: string[] | undefined;
+    let midWant: string[] | undefined;
+    for (let i = 0; i < 40000; i++) {
+      if (i % 2 === 0) {
+        const d = digestOf(i);
+        w.append(i, d);
+        wholes.push(d.toString('hex'));
+        if (note && i % 6 === 0) {
+          w.noteWhole(d);
+          noted.push(d.toString('hex'));
+        }
+      } else {
+        for (let s = 1; s <= 1 + (i % 3); s++) {
+          const d = digestOf(i * 10 + s);
+          w.append(i, d, 0, s);
+          pieces.push(d.toString('hex'));
+        }
+      }
+      if (i === 30001) {
+        mid = sorted(w.pieceDigests); // some emitted, some not yet
+        midWant = pieces.slice().sort();
+      }
+    }
+    return { pieces, wholes, noted, mid: mid!, midWant: midWant! };
+  };
+  const w = new ManifestWriter(await be.create('a.map'), header('snap-0123456789abcdef'));
+  const a = plan(w, true);
+  t.same(a.mid, a.midWant, 'pieces listed in the middle of a chunk: the emitted and the pending');
+  t.same(sorted(w.pieceDigests), a.pieces.slice().sort(), 'every piece, once');
+  t.same(sorted(w.wholeDigests), a.noted.slice().sort(), 'whole blocks: only those noted');
+  await w.commit();
+  const w2 = new ManifestWriter(await be.create('b.map'), header('snap-0123456789abcde0'));
+  w2.noteEveryWhole();
+  const b = plan(w2, true);
+  t.same(sorted(w2.wholeDigests), b.wholes.slice().sort(), 'told to note every whole block: each one, once (noteWhole adds no repeat)');
+  t.same(sorted(w2.pieceDigests), b.pieces.slice().sort());
+  t.throws(() => w2.noteEveryWhole(), /after the first entry/, 'noteEveryWhole comes before any entry');
+  await w2.abort();
+});
+
 t.test('records are validated field by field', async (t) => {
   const good = {
     id: 'snap-0123456789abcdef',

@@ -272,6 +272,12 @@ export interface NativeAddon {
    */
   scanEntries(chunk: Uint8Array, pos: number, limit: number, state: Float64Array): number;
   /**
+   * Copies the digest of each 40-byte manifest entry in [0, end) of `chunk` that is a piece
+   * (`pieces`) or a whole block (not) into `out` at `outOffset`, one after the other; returns
+   * how many (native/manifest.cc). `out` needs room for a digest per entry.
+   */
+  entryDigests(chunk: Uint8Array, end: number, pieces: boolean, out: Uint8Array, outOffset: number): number;
+  /**
    * Whether every 8-byte entry of the qcow2 L2 table `table` is empty, zero, or a plain data
    * cluster inside `fileSize`, cluster-aligned and not a metadata cluster (bit c of `metaBits`,
    * for c below `metaLimit`; a cluster at or past it answers false) (native/qcow2.cc).
@@ -293,11 +299,13 @@ export interface NativeAddon {
   /** Sorts the entries in place by key, keeps the first of each key at the front, and returns how many that is. */
   sortRecords(table: Uint8Array, entryLength: number, keyLength: number): number;
   /**
-   * For each distinct key of `keys` (keyLength bytes each, any order), in ascending order, the
-   * entry of the first of `tables` (sorted, as sortedCheck accepts) that holds it; keys in no
-   * table are left out.
+   * For each distinct key of `keys` and `laterKeys` (keyLength bytes each, any order, repeats
+   * allowed), in ascending order, the entry of the first of `tables` (sorted, as sortedCheck
+   * accepts) that holds it; keys in no table are left out. `later`: how many of those entries
+   * are for keys among `laterKeys`. `entries` has `before` zero bytes ahead of them and `after`
+   * behind (room for a header and a trailer).
    */
-  sortedJoin(keys: Uint8Array, keyLength: number, tables: Uint8Array[], entryLength: number): Buffer;
+  sortedJoin(keys: Uint8Array, keyLength: number, tables: Uint8Array[], entryLength: number, laterKeys?: Uint8Array, before?: number, after?: number): { entries: Buffer; later: number };
   /** Process-wide malloc settings for short commands that move a lot of data (native/object.cc); false where refused. */
   tuneMalloc(): boolean;
   /** Reads [offset, offset+length) of fd and hashes it block by block on worker threads. */

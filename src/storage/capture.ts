@@ -493,7 +493,7 @@ export async function capture(
     // Pieces (./store/manifest.ts) where a dirty-range scan or a tag scan with granule tags
     // (./store/tags.ts) may store them, or the parent has some to keep.
     const pieces = !!(settings.guest?.dirty || settings.reflink || view.reader?.header.pieceSize || view.tags?.granules);
-    ({ writer, tagWriter } = await openOutputs(store, rec, size, settings, pieces ? pieceSizeFor(store.blockSize) : 0));
+    ({ writer, tagWriter } = await openOutputs(store, rec, size, settings, pieces ? pieceSizeFor(store.blockSize) : 0, view.reader?.entryCount));
     p = new ReadPipeline(store, file, rec, size, writer, tagWriter, settings);
     // Unchanged since the parent, proven by its identity and times (see sameStat): nothing to read.
     const unchanged = byCleanPages && !settings.guest && sameStat(parent?.volumeStat, st0);

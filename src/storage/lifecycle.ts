@@ -119,7 +119,7 @@ export async function completeSnapshot(
   // A packed manifest's pack index goes at once with it; the record names neither until both are durable.
   const packs = writer.packs;
   if (packs?.pending) throw new Error(`internal: a pack of ${rec.id} was not written before its manifest`);
-  const index = packs ? store.backend.put(packsKey(rec.id), packs.index(writer.manifest.pieceDigests, writer.manifest.wholeDigests)) : undefined;
+  const index = packs?.index(writer.manifest.pieceDigests, writer.manifest.wholeDigests).then((b) => store.backend.put(packsKey(rec.id), b));
   index?.catch(() => undefined); // awaited below
   try {
     await writer.manifest.commit();

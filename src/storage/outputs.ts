@@ -8,11 +8,11 @@ import { TagReader, TagWriter } from './store/tags';
 import type { SnapshotRecord } from './store/records';
 import type { CaptureSettings, ParentView } from './capture';
 
-/** The new manifest's writer, and the change tags' where they can be written. */
-export async function openOutputs(store: Store, rec: SnapshotRecord, size: number, s: CaptureSettings, pieceSize: number): Promise<{ writer: ManifestWriter; tagWriter?: TagWriter }> {
+/** The new manifest's writer, and the change tags' where they can be written; `expectEntries`: the parent manifest's count, if any. */
+export async function openOutputs(store: Store, rec: SnapshotRecord, size: number, s: CaptureSettings, pieceSize: number, expectEntries?: number): Promise<{ writer: ManifestWriter; tagWriter?: TagWriter }> {
   const bs = store.blockSize;
   // A manifest with pieces is packed (version 3, ./store/packs.ts): it lists the pieces it keeps from a packed parent.
-  const writer = await store.createManifest({ blockSize: bs, volumeSize: size, snapshotId: rec.id, volumeId: rec.volumeId, digest: store.codec.digest, sealed: store.codec.sealed, pieceSize, packed: !!pieceSize });
+  const writer = await store.createManifest({ blockSize: bs, volumeSize: size, snapshotId: rec.id, volumeId: rec.volumeId, digest: store.codec.digest, sealed: store.codec.sealed, pieceSize, packed: !!pieceSize }, expectEntries);
   // whole blocks the parent's chain packed (./store/packs.ts): each entry kept is looked up too
   if (store.packs.listsWhole) writer.noteEveryWhole();
   if (!s.tk) return { writer };

@@ -7,6 +7,8 @@
  */
 import type { Hash, Hmac } from 'node:crypto';
 import type { ObjectWriter } from './backend';
+import { native } from '../../engine/native';
+import { ENTRY_LENGTH } from './manifest-header';
 
 const EMPTY = Buffer.alloc(0);
 
@@ -25,6 +27,8 @@ export class EntryWriter {
     private readonly entryLength: number,
     chunkEntries: number,
     header: Buffer,
+    /** sees each chunk of entries as it is emitted (before the trailer), in order */
+    private readonly onChunk?: (entries: Buffer) => void,
   ) {
     this.chunkBytes = chunkEntries * entryLength;
     this.hash.update(header);
@@ -78,6 +82,11 @@ export class EntryWriter {
     return this.chunk;
   }
 
+  /** The entries added but not emitted yet (a view, valid until the next entry). */
+  get unflushed(): Buffer {
+    return this.chunk.subarray(0, this.used);
+  }
+
   /** A new chunk, the full one (if any) emitted. */
   private room(): void {
     this.flushChunk();
@@ -94,6 +103,7 @@ export class EntryWriter {
   private flushChunk(): void {
     if (this.used === 0) return;
     const data = this.chunk.subarray(0, this.used);
+    this.onChunk?.(data);
     this.hash.update(data);
     this.pending = this.pending.then(() => this.out.write(data));
     this.chunk = EMPTY;
@@ -122,21 +132,52 @@ export class EntryWriter {
   }
 }
 
-/** A growing list of 32-byte digests (a manifest's pieces, and its whole blocks in packs: ./manifest.ts). */
+/**
+ * A growing list of 32-byte digests (a manifest's pieces, and its whole blocks in packs:
+ * ./manifest.ts): pushed one at a time, or gathered from manifest entries a chunk at a time
+ * (native entryDigests).
+ */
 export class DigestList {
-  private b = Buffer.allocUnsafe(64 * 32);
+  private b: Buffer;
   private n = 0;
 
+  /** `expect`: how many digests to make room for at once (memory is touched only as they come). */
+  constructor(expect = 64) {
+    this.b = Buffer.allocUnsafe(Math.max(64, expect) * 32);
+  }
+
   push(src: Uint8Array, offset: number): void {
-    if ((this.n + 1) * 32 > this.b.length) {
-      const bigger = Buffer.allocUnsafe(this.b.length * 2);
-      this.b.copy(bigger);
-      this.b = bigger;
-    }
+    this.room(1);
     this.b.set(src.subarray(offset, offset + 32), this.n++ * 32);
   }
 
+  /** Adds the digests of the 40-byte manifest entries of `entries` that are pieces (`pieces`) or whole blocks (not). */
+  gather(entries: Buffer, pieces: boolean): void {
+    this.n += this.gatherAt(entries, pieces);
+  }
+
+  /** The digests so far (a view, valid until the next addition). */
   get bytes(): Buffer {
     return this.b.subarray(0, this.n * 32);
+  }
+
+  /** The digests so far and those `gather(entries, pieces)` would add, without adding them (a view, valid until the next addition). */
+  bytesWith(entries: Buffer, pieces: boolean): Buffer {
+    const more = this.gatherAt(entries, pieces); // (first: it may grow the buffer)
+    return this.b.subarray(0, (this.n + more) * 32);
+  }
+
+  private gatherAt(entries: Buffer, pieces: boolean): number {
+    if (!entries.length) return 0;
+    this.room(entries.length / ENTRY_LENGTH);
+    return native().entryDigests(entries, entries.length, pieces, this.b, this.n * 32);
+  }
+
+  /** Room for `more` digests past the n held. */
+  private room(more: number): void {
+    if ((this.n + more) * 32 <= this.b.length) return;
+    const bigger = Buffer.allocUnsafe(Math.max(this.b.length * 2, (this.n + more) * 32));
+    this.b.copy(bigger, 0, 0, this.n * 32);
+    this.b = bigger;
   }
 }

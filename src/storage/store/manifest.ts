@@ -141,37 +141,47 @@ export class ManifestWriter {
   private readonly wholeList: DigestList | undefined;
   private everyWhole = false;
 
+  /** `expectEntries`: about how many entries it will have (its parent's): a packed manifest's digest lists get room at once. */
   constructor(
     out: ObjectWriter,
     readonly header: ManifestHeader,
     macKey?: Uint8Array,
+    expectEntries = 0,
   ) {
     this.blocks = blockCount(header.volumeSize, header.blockSize);
     this.slots = header.pieceSize ? header.blockSize / header.pieceSize : 0;
-    this.w = new EntryWriter(out, checksum(header, macKey), ENTRY_LENGTH, CHUNK_ENTRIES, encodeHeader(header));
+    const listed = header.packed ? (entries: Buffer) => this.listed(entries) : undefined;
+    this.w = new EntryWriter(out, checksum(header, macKey), ENTRY_LENGTH, CHUNK_ENTRIES, encodeHeader(header), listed);
     if (header.packed) {
-      this.pieceList = new DigestList();
-      this.wholeList = new DigestList();
+      this.pieceList = new DigestList(expectEntries);
+      this.wholeList = new DigestList(expectEntries);
     }
   }
 
-  /** The digests of every piece entry so far (a packed manifest only; empty otherwise), 32 bytes each. */
+  /** The digests of every piece entry so far (a packed manifest only; empty otherwise), 32 bytes each (a view, valid until the next entry). */
   get pieceDigests(): Buffer {
-    return this.pieceList?.bytes ?? Buffer.alloc(0);
+    return this.pieceList?.bytesWith(this.w.unflushed, true) ?? Buffer.alloc(0);
   }
 
-  /** The whole-block digests noted so far that may be in packs (a packed manifest only), 32 bytes each, repeats possible. */
+  /** The whole-block digests noted so far that may be in packs (a packed manifest only), 32 bytes each, repeats possible (a view, valid until the next entry). */
   get wholeDigests(): Buffer {
-    return this.wholeList?.bytes ?? Buffer.alloc(0);
+    return (this.everyWhole ? this.wholeList?.bytesWith(this.w.unflushed, false) : this.wholeList?.bytes) ?? Buffer.alloc(0);
+  }
+
+  /** Lists the digests of a chunk of entries as it is emitted: its pieces, and its whole blocks where every one is noted. */
+  private listed(entries: Buffer): void {
+    this.pieceList!.gather(entries, true);
+    if (this.everyWhole) this.wholeList!.gather(entries, false);
   }
 
   /** Notes a whole block's digest as one its pack index must look up: one this snapshot put into a pack (./packs.ts). */
   noteWhole(src: Uint8Array, offset = 0): void {
-    this.wholeList?.push(src, offset);
+    if (!this.everyWhole) this.wholeList?.push(src, offset); // (else its entry lists it)
   }
 
-  /** Notes every whole-block entry appended from now on: where the parent's pack index lists whole blocks (PackTable.listsWhole). */
+  /** Notes every whole-block entry: where the parent's pack index lists whole blocks (PackTable.listsWhole). Before the first entry. */
   noteEveryWhole(): void {
+    if (this.w.entries) throw new Error('internal: noteEveryWhole after the first entry');
     this.everyWhole = !!this.wholeList;
   }
 
@@ -196,8 +206,6 @@ export class ManifestWriter {
     this.lastSlot = slot;
     if (Buffer.isBuffer(digest)) digest.copy(this.w.buf, o + 8, digestOffset, digestOffset + DIGEST_LENGTH);
     else this.w.buf.set(digest.subarray(digestOffset, digestOffset + DIGEST_LENGTH), o + 8);
-    if (slot) this.pieceList?.push(digest, digestOffset);
-    else if (this.everyWhole) this.wholeList!.push(digest, digestOffset);
   }
 
   /**
@@ -216,13 +224,6 @@ export class ManifestWriter {
     }
     this.w.addRaw(run.chunk, run.start, run.end, run.last);
     this.lastSlot = run.lastSlot;
-    // the run's pieces, and its whole blocks where every one is noted: one pass over its entries
-    if (this.pieceList && (run.pieces || this.everyWhole)) {
-      for (let o = run.start; o < run.end; o += ENTRY_LENGTH) {
-        if (run.pieces && run.chunk[o + 7]) this.pieceList.push(run.chunk, o + 8);
-        else if (this.everyWhole) this.wholeList!.push(run.chunk, o + 8);
-      }
-    }
   }
 
   /** Waits for buffered writes (keeps memory bounded when called now and then). */

@@ -561,9 +561,9 @@ export class Store {
     return reader;
   }
 
-  async createManifest(header: ManifestHeader): Promise<ManifestWriter> {
+  async createManifest(header: ManifestHeader, expectEntries?: number): Promise<ManifestWriter> {
     if (header.sealed !== this.codec.sealed) throw new DisksnapError(`manifest of ${header.snapshotId}: sealed ${header.sealed} with a ${this.codec.digest} codec`, 'EINVALID');
-    return new ManifestWriter(await this.backend.create(this.manifestKey(header.snapshotId)), header, this.codec.keys?.manifest);
+    return new ManifestWriter(await this.backend.create(this.manifestKey(header.snapshotId)), header, this.codec.keys?.manifest, expectEntries);
   }
 
   /**
