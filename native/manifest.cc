@@ -112,14 +112,11 @@ Napi::Value EntryDigests(const Napi::CallbackInfo& info) {
   Bytes out;
   uint64_t end = 0;
   uint64_t at = 0;
-  if (!ArgBytes(info, 0, "chunk", &chunk) || !ArgU64(info, 1, "end", &end) || !ArgBytes(info, 3, "out", &out) || !ArgU64(info, 4, "outOffset", &at)) {
+  bool pieces = false;
+  if (!ArgBytes(info, 0, "chunk", &chunk) || !ArgU64(info, 1, "end", &end) || !ArgBool(info, 2, "pieces", &pieces) ||
+      !ArgBytes(info, 3, "out", &out) || !ArgU64(info, 4, "outOffset", &at)) {
     return env.Undefined();
   }
-  if (!info[2].IsBoolean()) {
-    ThrowInvalid(env, "entryDigests: argument 3 (pieces) must be a boolean");
-    return env.Undefined();
-  }
-  const bool pieces = info[2].As<Napi::Boolean>().Value();
   if (end % kEntryLength != 0 || end > chunk.length) {
     ThrowInvalid(env, "entryDigests: end must be an entry boundary inside the chunk");
     return env.Undefined();
