@@ -101,7 +101,7 @@ function printTags(rec: { id: string; tags: Record<string, string> }): void {
 }
 
 export function register(program: Command): void {
-  const snapshot = program.command('snapshot').description('EBS-style incremental storage snapshots of raw images');
+  const snapshot = program.command('snapshot').description('EBS-style incremental storage snapshots of volumes (raw images, block devices, qcow2 guest views)');
 
   keyOptions(snapshot.command('create'), 'of an encrypted volume')
     .description('snapshot a raw image, or a qcow2 image as its guest sees it (stores only blocks the store does not hold yet); with --qmp, the image of a running VM')
