@@ -64,6 +64,25 @@ t.test('a snapshot of a qcow2 child is the guest view: 64 MiB, standalone after 
   t.equal(dataBytes, nonZero, 'only non-zero clusters are allocated');
   t.equal(cli(['snapshot', 'restore', s.id, '--to', q, '--format', 'qcow2', '--store', store]).status, 1, 'an existing target is not overwritten');
   t.equal(cli(['snapshot', 'restore', s.id, '--to', path.join(dir, 'x'), '--format', 'vmdk', '--store', store]).status, 2, 'an unknown format is bad usage');
+  t.match(r.out, /as a standalone qcow2 image/, 'the report names the format written');
+
+  // Without --format, the name decides: *.qcow2 (any case) is qcow2, anything else raw, and an
+  // explicit --format wins over the name.
+  const formatOf = (f: string) => (JSON.parse(qemuImgOk('info', '--output=json', f)) as { format: string }).format;
+  const named = path.join(dir, 'named.QCOW2');
+  const n = cli(['snapshot', 'restore', s.id, '--to', named, '--store', store]);
+  t.equal(n.status, 0, `restore --to *.QCOW2: ${n.stderr}`);
+  t.equal(formatOf(named), 'qcow2', 'a FILE named *.qcow2 gets a qcow2 image');
+  assertClean(t, named, 'the qcow2 chosen by its name');
+  t.ok(guestBytes(named).equals(want), 'and it shows exactly the child');
+  const plain = path.join(dir, 'plain.img');
+  const pr = cli(['snapshot', 'restore', s.id, '--to', plain, '--store', store]);
+  t.equal(pr.status, 0, pr.stderr);
+  t.ok(fs.readFileSync(plain).equals(want), 'any other name gets the raw guest view');
+  t.match(pr.out, /as a raw image, the rest left sparse/, 'and the report says raw');
+  const forced = path.join(dir, 'forced.qcow2');
+  t.equal(cli(['snapshot', 'restore', s.id, '--to', forced, '--format', 'raw', '--store', store]).status, 0);
+  t.ok(fs.readFileSync(forced).equals(want), '--format raw wins over a .qcow2 name');
 });
 
 t.test('a three-deep chain restores as its top image showed it', { skip }, async (t) => {

@@ -276,11 +276,11 @@ export function register(program: Command): void {
   keyOptions(snapshot.command('restore'), 'of an encrypted snapshot')
     .description('restore a snapshot into a new sparse image (--to) or roll a volume back (--in-place)')
     .argument('<snap>')
-    .option('--to <file>', 'new raw image to write (refused if it exists, unless --force)')
+    .option('--to <file>', 'new image to write, raw unless --format or a .qcow2 name says qcow2 (refused if it exists, unless --force)')
     .option('--in-place <volume>', 'roll this volume back, rewriting only the blocks that differ (a qcow2 volume through its guest view)')
     .option('--allow-chain-change', "with --in-place into a qcow2 volume: restore although its backing chain is not the one the snapshot recorded")
     .option('-f, --force', 'with --to: replace an existing file')
-    .option('--format <format>', 'with --to: raw (default, sparse) or qcow2 (standalone qcow2 v3, zero blocks unallocated)')
+    .option('--format <format>', 'with --to: raw (sparse) or qcow2 (standalone qcow2 v3, zero blocks unallocated); default qcow2 for a FILE named *.qcow2, else raw')
     .option(storeOption, storeHelp)
     .option('--wait <seconds>', waitHelp, secondsArg)
     .option('--json', 'print a JSON report')
@@ -290,13 +290,16 @@ export function register(program: Command): void {
         if (o.format !== undefined && o.format !== 'raw' && o.format !== 'qcow2') throw new UsageError(`--format must be raw or qcow2, not '${o.format}'`);
         if (o.format !== undefined && o.to === undefined) throw new UsageError('--format applies to --to FILE only');
         if (o.allowChainChange && o.inPlace === undefined) throw new UsageError('--allow-chain-change applies to --in-place only');
-        const format = o.format as 'raw' | 'qcow2' | undefined;
+        // A raw image under a .qcow2 name misleads people and tools that go by the name (QEMU
+        // takes it only by probing it as raw, with a warning, and then keeps its first sector).
+        const format = (o.format ?? (o.to !== undefined && /\.qcow2$/i.test(o.to) ? 'qcow2' : undefined)) as 'raw' | 'qcow2' | undefined;
         const r = await withBar('restore', o.json, (onProgress) =>
           snap.restoreSnapshot(ref, { ...storeOpts(o), to: o.to, inPlace: o.inPlace, force: o.force, format, allowChainChange: o.allowChainChange, key: keySpec(o), onProgress }),
         );
         if (o.json) printJson('snapshot-restore', r);
         else if (r.mode === 'file') {
-          writeOut(`restored ${r.snapshotId} to ${r.target}: ${formatSize(r.volumeSize)}, ${r.blocksWritten} data blocks (${formatSize(r.bytesWritten)}) written, the rest left sparse\n`);
+          const rest = format === 'qcow2' ? 'as a standalone qcow2 image, zero blocks unallocated' : 'as a raw image, the rest left sparse';
+          writeOut(`restored ${r.snapshotId} to ${r.target}: ${formatSize(r.volumeSize)}, ${r.blocksWritten} data blocks (${formatSize(r.bytesWritten)}) written, ${rest}\n`);
         } else {
           writeOut(
             `rolled ${r.target} back to ${r.snapshotId}: ${r.blocksWritten} blocks rewritten, ${r.blocksPunched} punched to holes, ${r.blocksUnchanged} already equal\n`,
