@@ -111,6 +111,28 @@ t.test('diff commit refuses with a sibling (exit 1), commits with --allow-siblin
   const expected = Buffer.from(p.bytes);
   expected.fill(0xee, 0, 5000);
   t.ok(fs.readFileSync(flat).equals(expected), 'flatten output');
+  t.equal((JSON.parse(r.out) as { format: string }).format, 'raw', 'the JSON names the format');
+
+  // qcow2 output: by --format, or by an OUT named *.qcow2; --format raw wins over the name.
+  const formatOf = (f: string) => (JSON.parse(qemuImgOk('info', '--output=json', f)) as { format: string; 'backing-filename'?: string }).format;
+  const flatQ = path.join(dir, 'flat.qcow2');
+  r = cli(['diff', 'flatten', a, flatQ]);
+  t.equal(r.status, 0, r.stderr);
+  t.match(r.out, /: qcow2, /, 'the report says qcow2');
+  t.equal(formatOf(flatQ), 'qcow2', 'an OUT named *.qcow2 is a qcow2 image');
+  t.equal((JSON.parse(qemuImgOk('info', '--output=json', flatQ)) as { 'backing-filename'?: string })['backing-filename'], undefined, 'standalone: no backing file');
+  assertClean(t, flatQ, 'the flattened qcow2');
+  assertShows(t, flatQ, expected, 'the flattened qcow2');
+  const flatF = path.join(dir, 'flat-by-flag.img');
+  t.equal(cli(['diff', 'flatten', a, flatF, '--format', 'qcow2']).status, 0);
+  t.equal(formatOf(flatF), 'qcow2', '--format qcow2 with any name');
+  const flatR = path.join(dir, 'flat-raw.qcow2');
+  t.equal(cli(['diff', 'flatten', a, flatR, '--format', 'raw']).status, 0);
+  t.ok(fs.readFileSync(flatR).equals(expected), '--format raw wins over a .qcow2 name');
+  r = cli(['diff', 'flatten', a, path.join(dir, 'x.vmdk'), '--format', 'vmdk']);
+  t.equal(r.status, 2, 'an unknown format is bad usage');
+  t.notOk(fs.existsSync(path.join(dir, 'x.vmdk')), 'and writes nothing');
+  t.same(fs.readdirSync(dir).filter((f) => f.includes('disksnap-tmp')), [], 'no temporary file left behind');
 
   r = cli(['diff', 'reset', a]);
   t.equal(r.status, 0, r.stderr);

@@ -74,3 +74,24 @@ t.test('ENOSPC names the file: write, write into a child, restore --to, diff com
   t.equal(cli(['write', outerChild, '0', '-i', data]).status, 0);
   oneLineNaming(t, cli(['diff', 'commit', outerChild]), /p\.img/, 'diff commit');
 });
+
+t.test('ENOSPC in diff flatten to qcow2 (its raw stage fits, the qcow2 does not): no output, no temporary file', { skip }, async (t) => {
+  const dir = t.testdir();
+  const mp = smallFs(t, '6m');
+  const data = path.join(dir, 'data.bin');
+  fs.writeFileSync(data, randomBytes(4 << 20));
+  const parent = path.join(dir, 'parent.img');
+  t.equal(cli(['create', parent, '8M']).status, 0);
+  const child = path.join(dir, 'c.qcow2');
+  t.equal(cli(['diff', 'create', parent, child]).status, 0);
+  t.equal(cli(['write', child, '0', '-i', data]).status, 0);
+  const out = path.join(mp, 'flat.qcow2');
+  oneLineNaming(t, cli(['diff', 'flatten', child, out]), /flat\.qcow2/, 'flatten to qcow2');
+  t.same(fs.readdirSync(mp), [], 'nothing left on the filesystem: no output, no raw or qcow2 temporary file');
+  // the same with room for both stages: the flatten goes through
+  fs.rmSync(data);
+  const roomy = path.join(dir, 'flat.qcow2');
+  const r = cli(['diff', 'flatten', child, roomy]);
+  t.equal(r.status, 0, r.stderr);
+  t.same(fs.readdirSync(dir).filter((f) => f.includes('disksnap-tmp')), [], 'and leaves no temporary file');
+});

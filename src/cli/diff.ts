@@ -11,7 +11,7 @@ import { formatSize } from '../engine/size';
 import { qemuCheck } from '../image/qemu';
 import { qmpFor } from '../host/qmp-find';
 import { reporter } from './progress';
-import { action, ExitStatus, OutputFormat, outputOption, outputStyle, printJson, printQemuJson, powerOfTwoArg, UsageError } from './util';
+import { action, ExitStatus, OutputFormat, outputFormat, outputOption, outputStyle, printJson, printQemuJson, powerOfTwoArg, UsageError } from './util';
 import { writeErr, writeOut } from '../engine/stdio';
 
 /** Progress of a commit or flatten on stderr (./progress.ts), in bytes. */
@@ -121,16 +121,18 @@ export function register(program: Command): void {
 
   group
     .command('flatten')
-    .description('write OUT, a standalone sparse raw image of what CHILD shows')
+    .description('write OUT, a standalone image of what CHILD shows: sparse raw, or qcow2 (--format, or an OUT named *.qcow2)')
     .argument('<child>')
     .argument('<out>')
     .option('-f, --force', 'overwrite an existing OUT')
+    .option('--format <format>', 'raw (sparse) or qcow2 (standalone qcow2 v3, zero clusters unallocated); default qcow2 for an OUT named *.qcow2, else raw')
     .option('--json', 'print JSON')
     .action(
-      action(async (child: string, out: string, opts: { force?: boolean; json?: boolean }) => {
-        const r = await diff.flatten(child, out, { force: opts.force, onProgress: progress('flatten') });
+      action(async (child: string, out: string, opts: { force?: boolean; format?: string; json?: boolean }) => {
+        const format = outputFormat(opts.format, out);
+        const r = await diff.flatten(child, out, { force: opts.force, format, onProgress: progress('flatten') });
         if (opts.json) printJson('diff-flatten', r);
-        else writeOut(`wrote ${r.out}: raw, ${formatSize(r.virtualSize)}, ${formatSize(r.dataBytes)} of data\n`);
+        else writeOut(`wrote ${r.out}: ${r.format}, ${formatSize(r.virtualSize)}, ${formatSize(r.dataBytes)} of data\n`);
       }),
     );
 

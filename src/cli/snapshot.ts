@@ -21,7 +21,7 @@ import { parseTags } from '../storage/store/records';
 import type { KeySpec } from '../storage/keys';
 import { formatSize } from '../engine/size';
 import { keepOptions, KeepFlags, policyOf, printPrune } from './retention';
-import { ExitStatus, UsageError, action, collect, log, OutputFormat, outputOption, outputStyle, printJson, printLines, printable, powerOfTwoArg, sizeArg, untilArg } from './util';
+import { ExitStatus, UsageError, action, collect, log, OutputFormat, outputFormat, outputOption, outputStyle, printJson, printLines, printable, powerOfTwoArg, sizeArg, untilArg } from './util';
 import { ec2CopySnapshot, ec2DescribeSnapshots, ec2ListBin, ec2LockSnapshot, ec2Snapshot } from './ec2';
 import { writeOut } from '../engine/stdio';
 
@@ -287,12 +287,9 @@ export function register(program: Command): void {
     .action(
       action(async (ref: string, o: StoreFlag & KeyFlags & { to?: string; inPlace?: string; force?: boolean; format?: string; allowChainChange?: boolean }) => {
         if ((o.to === undefined) === (o.inPlace === undefined)) throw new UsageError('restore needs exactly one of --to FILE and --in-place VOLUME');
-        if (o.format !== undefined && o.format !== 'raw' && o.format !== 'qcow2') throw new UsageError(`--format must be raw or qcow2, not '${o.format}'`);
         if (o.format !== undefined && o.to === undefined) throw new UsageError('--format applies to --to FILE only');
         if (o.allowChainChange && o.inPlace === undefined) throw new UsageError('--allow-chain-change applies to --in-place only');
-        // A raw image under a .qcow2 name misleads people and tools that go by the name (QEMU
-        // takes it only by probing it as raw, with a warning, and then keeps its first sector).
-        const format = (o.format ?? (o.to !== undefined && /\.qcow2$/i.test(o.to) ? 'qcow2' : undefined)) as 'raw' | 'qcow2' | undefined;
+        const format = o.to === undefined ? undefined : outputFormat(o.format, o.to);
         const r = await withBar('restore', o.json, (onProgress) =>
           snap.restoreSnapshot(ref, { ...storeOpts(o), to: o.to, inPlace: o.inPlace, force: o.force, format, allowChainChange: o.allowChainChange, key: keySpec(o), onProgress }),
         );

@@ -95,6 +95,18 @@ export function outputStyle(opts: { json?: boolean; output?: OutputFormat }): 'd
   return opts.output === 'json' ? 'peer' : 'human';
 }
 
+/**
+ * The format of an image a command writes (`snapshot restore --to`, `diff flatten`): --format
+ * when given, else qcow2 for a FILE named *.qcow2 (any case), else raw. A raw image under a
+ * .qcow2 name misleads people and tools that go by the name (QEMU takes it only by probing it
+ * as raw, with a warning, and then keeps its first sector from the guest).
+ */
+export function outputFormat(format: string | undefined, file: string): 'raw' | 'qcow2' {
+  if (format === undefined) return /\.qcow2$/i.test(file) ? 'qcow2' : 'raw';
+  if (format !== 'raw' && format !== 'qcow2') throw new UsageError(`--format must be raw or qcow2, not '${format}'`);
+  return format;
+}
+
 /** Repeatable option collector: `--tag K=V --tag K2=V2`. */
 export function collect(value: string, previous: string[] = []): string[] {
   return [...previous, value];

@@ -9,7 +9,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { rawToQcow2 } from './restore-qcow2';
+import { rawToQcow2 } from '../image/qcow2/from-raw';
 import { randomBytes } from 'node:crypto';
 import { BlockFile } from '../engine/file';
 import { DisksnapError, invalid, isDisksnapError, fromNodeError } from '../engine/errors';

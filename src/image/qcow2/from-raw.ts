@@ -1,16 +1,18 @@
 /**
- * `restore --to FILE --format qcow2`: the restored guest view as a standalone qcow2 v3 image
- * (no backing file). The snapshot is first restored to a sparse raw file (restore.ts, which
- * verifies every block), then its data is copied cluster by cluster into a new image through
- * the qcow2 writer, skipping all-zero clusters so that zero blocks stay unallocated.
+ * A standalone qcow2 v3 image (no backing file) of a sparse raw file's bytes, for the
+ * commands that write qcow2 output: `snapshot restore --to FILE --format qcow2` (the snapshot
+ * restored to a raw file first, ../../storage/restore.ts, which verifies every block) and
+ * `diff flatten CHILD OUT --format qcow2` (the chain flattened to raw first,
+ * ../../differencing/flatten.ts). The raw file's data extents are copied cluster by cluster
+ * through the qcow2 writer, skipping all-zero clusters so that zero blocks stay unallocated.
  *
- * Deliberately simple: the data is written twice (raw, then qcow2); both files are
- * temporary names beside the target until the image is complete and flushed.
+ * Deliberately simple: the data is written twice (raw, then qcow2); the callers keep both
+ * files under temporary names beside the target until the image is complete and flushed.
  */
 import * as fs from 'node:fs';
-import { BlockFile } from '../engine/file';
-import { createQcow2 } from '../image/qcow2/create';
-import { Qcow2Image } from '../image/qcow2/image';
+import { BlockFile } from '../../engine/file';
+import { createQcow2 } from './create';
+import { Qcow2Image } from './image';
 
 /** Bytes copied per read. */
 const COPY_BYTES = 4 * 1024 * 1024;
