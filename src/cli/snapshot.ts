@@ -104,7 +104,7 @@ export function register(program: Command): void {
   const snapshot = program.command('snapshot').description('EBS-style incremental storage snapshots of volumes (raw images, block devices, qcow2 guest views)');
 
   keyOptions(snapshot.command('create'), 'of an encrypted volume')
-    .description('snapshot a raw image, or a qcow2 image as its guest sees it (stores only blocks the store does not hold yet); with --qmp, the image of a running VM')
+    .description('snapshot a raw image or block device, or a qcow2 image as its guest sees it (stores only blocks the store does not hold yet); with --qmp, the image of a running VM')
     .argument('<volume>', 'raw image file or block device, or qcow2 image')
     .option(storeOption, storeHelp)
     .option('--name <name>', 'name of the snapshot', '')
@@ -113,6 +113,7 @@ export function register(program: Command): void {
     .option('--block-size <size>', 'block size of a store this command creates (default 512K)', powerOfTwoArg('block size', 4096, 64 * 1024 * 1024))
     .option('--no-freeze', 'do not freeze a mounted volume (the snapshot is then crash-consistent)')
     .option('--no-reflink', 'keep no reflink clone of the volume for the next snapshot (xfs, btrfs); removes the one it has')
+    .option('--read-all', "read and compare every data block, trusting no record of what changed (a qcow2 image's bitmap, reflink clones, unchanged times): for an image changed behind QEMU's back; still stores only new blocks")
     .option('--cbw-limit <size>', 'a mounted raw volume attached with `attach --via fuse`: the most its FUSE server may preserve of what the VM overwrites during the read (default 1G); past it the snapshot fails, never the VM', sizeArg('--cbw-limit'))
     .option('--qmp <socket>', 'QEMU runs the image: its QMP socket (a live snapshot through a temporary overlay)')
     .option('--qga <socket>', "with --qmp: the guest agent's socket, to freeze the guest for the switch (default: found through QMP)")
@@ -121,7 +122,7 @@ export function register(program: Command): void {
     .option('--json', 'print the snapshot as JSON')
     .addOption(outputOption('ec2'))
     .action(
-      action(async (volume: string, o: StoreFlag & KeyFlags & Out & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean; reflink: boolean; cbwLimit?: number; qmp?: string; qga?: string; agent: boolean }) => {
+      action(async (volume: string, o: StoreFlag & KeyFlags & Out & { name: string; description: string; tag: string[]; blockSize?: number; freeze: boolean; reflink: boolean; readAll?: boolean; cbwLimit?: number; qmp?: string; qga?: string; agent: boolean }) => {
         const style = outputStyle(o);
         const tags = parseTags(o.tag);
         const key = keySpec(o);
@@ -137,6 +138,7 @@ export function register(program: Command): void {
             key,
             noFreeze: o.freeze === false,
             noReflink: o.reflink === false,
+            readAll: o.readAll,
             cbwLimit: o.cbwLimit,
             onProgress,
             onLog: (m: string) => log(`disksnap: ${m}`),

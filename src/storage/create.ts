@@ -67,6 +67,14 @@ export interface CreateSnapshotOptions extends StoreOptions {
    * volume has is removed once this snapshot completes (CLI: --no-reflink).
    */
   noReflink?: boolean;
+  /**
+   * Read and compare every data block, trusting no record of what changed since the parent (a
+   * qcow2 volume's bitmap, reflink clones, unchanged times): for a volume changed behind those
+   * records' backs (its file edited by a tool that bypasses QEMU, metadata damaged). Only the
+   * blocks the store lacks are still written, and the records for the next snapshot (bitmap,
+   * clone) are still kept. CLI: --read-all.
+   */
+  readAll?: boolean;
   /** called with a line of information for the user (a retry) */
   onLog?: (message: string) => void;
   /** called with what the volume's retention policy (volume policy) removed after the snapshot */
@@ -324,25 +332,27 @@ async function runCapture(
       let track: ReflinkAttempt = {};
       try {
         track = plan ? await reflinkAttempt(plan, rec, parent, src) : {};
+        const reflink = opts.readAll ? undefined : track.view; // (read-all: the clone is kept for next time, not trusted now)
         // The clone is read when the blocks to read were chosen by comparing it with the
         // parent's (the rest comes from the parent: all of one moment only through the clone),
         // for a mounted volume, and on a retry after a writer moved the volume. A read of every
         // block goes to the live volume first, whose page cache the fresh clone (a new inode)
         // lacks (1 GiB on xfs: 9.2 s through the clone, 5.6 s live); the capture proves it one
         // moment. Writes between the clone and the read show next time as moved extents.
-        const viaClone = track.clone && (track.view !== undefined || attempt > 1 || src.path !== rec.volumePath);
+        const viaClone = track.clone && (reflink !== undefined || attempt > 1 || src.path !== rec.volumePath);
         from = viaClone ? track.clone!.file : src.path === rec.volumePath ? file : BlockFile.open(src.path, { lock: 'shared' });
-        guest = guestStart ? openGuest(src.path, rec, guestStart, attempt) : undefined;
+        guest = guestStart ? openGuest(src.path, rec, opts.readAll ? { ...guestStart, dirty: undefined } : guestStart, attempt) : undefined;
         // Read live (not frozen, not a clone, not through an image's guest view): the capture
         // proves the read is of one moment.
         const prove = !guest && from === file && src.consistency !== 'frozen';
         // (the test hook runs once the record writes begun so far have landed: see Faults.afterChunk)
         const afterChunk = faults.afterChunk && (async (a: number, c: number) => (await progress.settle(), faults.afterChunk!(a, c)));
-        const settings = { guest, reflink: track.view, threads: threadsOf(opts), attempt, tk, prove, proveByReading: faults.proveByReading, onProgress: opts.onProgress, onLog: opts.onLog, saveProgress: progress.save, afterChunk };
+        const settings = { guest, reflink, threads: threadsOf(opts), attempt, tk, prove, proveByReading: faults.proveByReading, onProgress: opts.onProgress, onLog: opts.onLog, saveProgress: progress.save, afterChunk };
         const pick = (view: ParentView, g?: GuestVolume, r?: ReflinkView, unchanged?: boolean): ChangeDetector => {
-          const d = pickDetector(view, g, r, unchanged);
+          const d = pickDetector(view, g, r, unchanged && !opts.readAll);
           rec.changeSource = changeSourceOf(d);
           if (r && !view.cursor) rec.changeSourceReason = `the manifest of the parent snapshot ${parent?.id} cannot be read`;
+          if (opts.readAll && view.cursor) rec.changeSourceReason = 'every block read and compared, as asked (read-all)';
           return d;
         };
         writer = await capture(store, from, rec, parent, pick, settings, () => src.release());
