@@ -17,6 +17,7 @@ import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { needQemu, pattern, qemuImgOk, qemuIo } from './helpers/qemu';
+import { xorshift32 } from './helpers/rng';
 
 const SEED = Number(process.env.DISKSNAP_FUZZ_SEED ?? 20261202);
 const COUNT = Number(process.env.DISKSNAP_FUZZ_COUNT ?? 250);
@@ -24,18 +25,6 @@ const BATCH = 50;
 const DIST = path.resolve(__dirname, '..', 'dist', 'src');
 const skip = needQemu() || (fs.existsSync(path.join(DIST, 'image', 'qcow2', 'image.js')) ? false : 'needs the compiled library (npm run build)');
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
-
-function rng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x;
-  };
-}
 
 interface Base {
   name: string;
@@ -248,7 +237,7 @@ function qemuRead(file: string, out: string, size: number): string | undefined {
 t.test(`${COUNT} mutated images (seed ${SEED}): same bytes as QEMU or a typed error; no crash, hang or change`, { skip }, async (t) => {
   const dir = t.testdir();
   const bases = makeBases(dir);
-  const next = rng(SEED);
+  const next = xorshift32(SEED);
   const jobs: { i: number; file: string; copy: string; base: string; what: string[]; writeAt: number }[] = [];
   for (let i = 0; i < COUNT; i++) {
     const base = bases[i % bases.length];

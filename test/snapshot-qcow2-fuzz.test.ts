@@ -22,22 +22,11 @@ import { spawnSync } from 'node:child_process';
 import { CLI } from '../fixtures/store/helpers';
 import { qemuImgOk, qemuIo, run } from './helpers/qemu';
 import { needQemuNbd } from './helpers/qemu-bitmaps';
+import { xorshift32 } from './helpers/rng';
 
 const SEED = Number(process.env.DISKSNAP_FUZZ_SEED ?? 20261207);
 const COUNT = Number(process.env.DISKSNAP_FUZZ_COUNT ?? 30);
 const skip = needQemuNbd();
-
-function rng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x;
-  };
-}
 
 /** The guest view as QEMU reads it, or undefined where it does not read the image as qcow2. */
 function guestView(img: string, out: string): Buffer | undefined {
@@ -79,7 +68,7 @@ t.test(`snapshot create of damaged bitmap-tracked qcow2 volumes (seed ${SEED}, $
   const meta: number[] = [];
   for (let o = 0; o < base.length; o += 4096) if (!data.has(o)) meta.push(o);
 
-  const next = rng(SEED);
+  const next = xorshift32(SEED);
   const store = path.join(dir, 'store');
   let internal = 0;
   let viewChanged = 0;
