@@ -7,7 +7,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { cli } from './helpers/cli';
-import { assertClean, assertShows, needQemu, pattern, qemuImgOk } from './helpers/qemu';
+import { assertClean, assertShows, needQemu, pattern, qemuImgOk, qemuInfo } from './helpers/qemu';
 
 const MiB = 2 ** 20;
 const skip = needQemu();
@@ -114,18 +114,18 @@ t.test('diff commit refuses with a sibling (exit 1), commits with --allow-siblin
   t.equal((JSON.parse(r.out) as { format: string }).format, 'raw', 'the JSON names the format');
 
   // qcow2 output: by --format, or by an OUT named *.qcow2; --format raw wins over the name.
-  const formatOf = (f: string) => (JSON.parse(qemuImgOk('info', '--output=json', f)) as { format: string; 'backing-filename'?: string }).format;
   const flatQ = path.join(dir, 'flat.qcow2');
   r = cli(['diff', 'flatten', a, flatQ]);
   t.equal(r.status, 0, r.stderr);
   t.match(r.out, /: qcow2, /, 'the report says qcow2');
-  t.equal(formatOf(flatQ), 'qcow2', 'an OUT named *.qcow2 is a qcow2 image');
-  t.equal((JSON.parse(qemuImgOk('info', '--output=json', flatQ)) as { 'backing-filename'?: string })['backing-filename'], undefined, 'standalone: no backing file');
+  const info = qemuInfo(flatQ);
+  t.equal(info.format, 'qcow2', 'an OUT named *.qcow2 is a qcow2 image');
+  t.equal(info['backing-filename'], undefined, 'standalone: no backing file');
   assertClean(t, flatQ, 'the flattened qcow2');
   assertShows(t, flatQ, expected, 'the flattened qcow2');
   const flatF = path.join(dir, 'flat-by-flag.img');
   t.equal(cli(['diff', 'flatten', a, flatF, '--format', 'qcow2']).status, 0);
-  t.equal(formatOf(flatF), 'qcow2', '--format qcow2 with any name');
+  t.equal(qemuInfo(flatF).format, 'qcow2', '--format qcow2 with any name');
   const flatR = path.join(dir, 'flat-raw.qcow2');
   t.equal(cli(['diff', 'flatten', a, flatR, '--format', 'raw']).status, 0);
   t.ok(fs.readFileSync(flatR).equals(expected), '--format raw wins over a .qcow2 name');

@@ -10,7 +10,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as snap from '../src/storage';
 import { openImage } from '../src/image';
-import { assertClean, makeParent, qemuImgOk, qemuIo, run, guestBytes } from './helpers/qemu';
+import { assertClean, makeParent, qemuImgOk, qemuInfo, qemuIo, run, guestBytes } from './helpers/qemu';
 import { needQemuNbd, qemuBitmaps, qemuDirtyRanges, trackedVolume } from './helpers/qemu-bitmaps';
 import { cli } from './helpers/cli';
 import { withFaults } from '../src/storage/faults';
@@ -68,11 +68,10 @@ t.test('a snapshot of a qcow2 child is the guest view: 64 MiB, standalone after 
 
   // Without --format, the name decides: *.qcow2 (any case) is qcow2, anything else raw, and an
   // explicit --format wins over the name.
-  const formatOf = (f: string) => (JSON.parse(qemuImgOk('info', '--output=json', f)) as { format: string }).format;
   const named = path.join(dir, 'named.QCOW2');
   const n = cli(['snapshot', 'restore', s.id, '--to', named, '--store', store]);
   t.equal(n.status, 0, `restore --to *.QCOW2: ${n.stderr}`);
-  t.equal(formatOf(named), 'qcow2', 'a FILE named *.qcow2 gets a qcow2 image');
+  t.equal(qemuInfo(named).format, 'qcow2', 'a FILE named *.qcow2 gets a qcow2 image');
   assertClean(t, named, 'the qcow2 chosen by its name');
   t.ok(guestBytes(named).equals(want), 'and it shows exactly the child');
   const plain = path.join(dir, 'plain.img');

@@ -36,6 +36,11 @@ export function qemuImgOk(...args: string[]): string {
   return r.stdout;
 }
 
+/** `qemu-img info --output=json` of one image (the fields the tests read). */
+export function qemuInfo(file: string): { format: string; 'virtual-size': number; 'backing-filename'?: string; [k: string]: unknown } {
+  return JSON.parse(qemuImgOk('info', '--output=json', file)) as { format: string; 'virtual-size': number; 'backing-filename'?: string };
+}
+
 export interface QemuCheck {
   'check-errors': number;
   corruptions?: number;
