@@ -305,6 +305,9 @@ function openGuest(path: string, rec: SnapshotRecord, g: GuestStart, attempt: nu
   };
 }
 
+/** changeSourceReason of a snapshot taken with readAll. */
+const READ_ALL = 'every block read and compared, as asked (read-all)';
+
 /** Attempts until one reads the volume without it moving, then the record completed (or `error`). */
 async function runCapture(
   store: Store,
@@ -352,7 +355,8 @@ async function runCapture(
           const d = pickDetector(view, g, r, unchanged && !opts.readAll);
           rec.changeSource = changeSourceOf(d);
           if (r && !view.cursor) rec.changeSourceReason = `the manifest of the parent snapshot ${parent?.id} cannot be read`;
-          if (opts.readAll && view.cursor) rec.changeSourceReason = 'every block read and compared, as asked (read-all)';
+          // (read-all comes first; a reason recorded before it, a bitmap not added, stays after it)
+          if (opts.readAll && view.cursor && !rec.changeSourceReason?.startsWith(READ_ALL)) rec.changeSourceReason = rec.changeSourceReason ? `${READ_ALL}; ${rec.changeSourceReason}` : READ_ALL;
           return d;
         };
         writer = await capture(store, from, rec, parent, pick, settings, () => src.release());
