@@ -36,13 +36,21 @@
  *   second backup and against the first incremental (it must not grow with the chain);
  *   and peak RSS of snapshots of a 1 TiB sparse qcow2 volume holding 4 MiB (budget: 256 MiB).
  *
- * Before each measured operation: `sync`, then the image read once (both tools start from a
- * warm page cache, as in bench/snapshot.ts). The floor processes start from the same state.
+ * Each run measures full snapshot and both incrementals, with their peers and floors, in two
+ * machine states, as bench/snapshot.ts does (issue 18): "fresh" (a `sync` before each measured
+ * operation) and "worked-in" (bench/workedin.ts before each: the page cache full of other data,
+ * 1 GiB written and deleted, a background reader/writer beside it), each state with a store of
+ * its own; then the image read once (both tools start from a warm page cache). The floor
+ * processes start from the same state. The chain and memory rows: fresh only.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BenchOptions, BenchRow } from './types';
 import { CLI, nodeAsCli, GiB, MiB, buildFloor, diskFloor, fillRandom, hasCommand, median, run, sumByRun, warm } from './util';
+import { WorkedIn } from './workedin';
+
+/** The machine states each run measures in (issue 18's "worked-in machine": bench/workedin.ts). */
+const STATES = ['fresh', 'worked-in'] as const;
 
 /** A directory store's block objects (packs included) and their sizes, by path. */
 function objectSizes(store: string): Map<string, number> {
@@ -140,6 +148,16 @@ function peakRss(volume: string, store: string): { rssMiB: number; seconds: numb
   return { rssMiB: r.rss / 1024, seconds: r.ms / 1000 };
 }
 
+/** Empties every file under `dir` (truncated to 0 bytes): its space freed, no inode freed (see `leftovers` below). */
+function hollow(dir: string): void {
+  if (!fs.existsSync(dir)) return;
+  for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+    const at = path.join(dir, e.name);
+    if (e.isDirectory()) hollow(at);
+    else if (e.isFile()) fs.truncateSync(at, 0);
+  }
+}
+
 /** Removes every persistent bitmap of the image (a new run starts as a volume never snapshotted). */
 function dropBitmaps(img: string): void {
   const info = JSON.parse(run('qemu-img', ['info', '--output=json', '-f', 'qcow2', img]).out);
@@ -184,105 +202,141 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
   const t: Record<string, number[]> = {};
   const add = (k: string, v: number) => (t[k] ??= []).push(v);
   const timeOf = (cmd: string, args: string[], env?: NodeJS.ProcessEnv) => run(cmd, args, { env }).seconds;
-  const before = () => {
-    sync();
-    warm(img);
-  };
   const patterns = [
     { key: '64k', piece: 64 * KiB, what: 'scattered 64 KiB writes' },
     { key: '1m', piece: MiB, what: '1 MiB writes' },
   ];
   const facts: Record<string, string> = {};
   const floorBin = buildFloor(opts.dir, 'qcow2vol');
-  for (let i = 0; i < runs; i++) {
-    dropBitmaps(img);
-    const store = path.join(opts.dir, `store-${i}`);
-    const repo = path.join(opts.dir, `restic-${i}`);
-    before();
-    const f0 = process.hrtime.bigint();
-    const fullRec = JSON.parse(run(CLI, ['snapshot', 'create', img, '--store', store, '--json']).out);
-    add('full', Number(process.hrtime.bigint() - f0) / 1e9);
-    // The store's floor for the full snapshot: as many 512 KiB objects written by bench/floor.c
-    // from the image's bytes in the page cache (the same syscalls as below).
-    const fullObjects = fullRec.stats.blocksAdded as number;
-    if (floorBin && fullObjects > 0) {
-      const fdir = path.join(opts.dir, `floor-full-${i}`);
-      before();
-      add('store floor full', Number(run(floorBin, [img, '0', String(fullObjects * BLOCK), String(BLOCK), fdir, '16', String(fullObjects)]).out));
-      fs.rmSync(fdir, { recursive: true, force: true });
-      facts['full objects'] = `${fullObjects} objects of ${BLOCK / KiB} KiB`;
-    }
-    if (fullObjects > 0) {
-      // the device's own floor for as many bytes (4 dd streams, O_DIRECT, fdatasync), and the runtime starting
-      before();
-      const disk = diskFloor(img, 0, fullObjects * BLOCK, opts.dir);
-      add('disk floor full+start', disk + run(...nodeAsCli(['-e', '0'])).seconds);
-    }
-    if (haveRestic) {
-      run('restic', ['--quiet', 'init', '-r', repo], { env: resticEnv });
-      before();
-      add('restic full', timeOf('restic', ['--quiet', '-r', repo, 'backup', img], resticEnv));
-    }
-    for (const [j, p] of patterns.entries()) {
-      const dirty = pieces(regions, p.piece, Math.round((data * 0.01) / p.piece), 100 * i + j + 1);
-      // -n: cache=none, as a VM configured with cache=none writes (O_DIRECT)
-      const src = sourcesFor(p.piece, dirty.length);
-      const cmds = dirty.flatMap((r, k) => ['-c', `write -q -s ${src[k]} ${r.offset} ${r.length}`]);
-      for (let c = 0; c < cmds.length; c += 2000) run('qemu-io', ['-n', '-f', 'qcow2', ...cmds.slice(c, c + 2000), img]);
-      const granules = widen(dirty, 64 * KiB);
-      const blocks = widen(dirty, BLOCK);
-      const lists = { granules: hostRanges(img, granules), blocks: hostRanges(img, blocks) };
-      const had = objectSizes(store);
-      before();
-      const t0 = process.hrtime.bigint();
-      const out = run(CLI, ['snapshot', 'create', img, '--store', store, '--json']).out;
-      add(`incr ${p.key}`, Number(process.hrtime.bigint() - t0) / 1e9);
-      const wrote = [...objectSizes(store)].filter(([k]) => !had.has(k)).map(([, n]) => n);
-      const rec = JSON.parse(out);
-      if (rec.changeSource !== 'bitmap') throw new Error(`bench qcow2vol: the incremental did not use the bitmap: ${rec.changeSource} (${rec.changeSourceReason})`);
-      facts[`${p.key} scanned`] = `${(rec.stats.bytesScanned / MiB).toFixed(0)} MiB read (dirty granules ${(bytesOf(granules) / MiB).toFixed(0)} MiB, blocks ${(bytesOf(blocks) / MiB).toFixed(0)} MiB)`;
-      if (haveRestic) {
-        before();
-        add(`restic incr ${p.key}`, timeOf('restic', ['--quiet', '-r', repo, 'backup', img], resticEnv));
+  // The floors' objects stay until every run is done, as bench/snapshot.ts keeps its stores: on
+  // an ext4 without a journal (this VM's root) the kernel skips the inodes freed in the last few
+  // minutes when it allocates new ones, one by one (ext4 recently_deleted()), so removing the
+  // 8,192 objects of a full snapshot's floor made the next run's full snapshot (8,192 new
+  // objects) measure that, and restic (a few hundred files) hardly. Session 45, a store of
+  // 2,048 objects (1 GiB) removed, then a full snapshot of the same 1 GiB into a new store:
+  // 1.67-1.91 s one second after, 1.77 s 70 s after, 1.19 s 400 s after (the kernel's window is
+  // 60 s, 360 s while the inode table block is dirty).
+  // Their files are emptied instead once their state is done (truncated: the space freed, the
+  // inodes kept), and the whole directories removed at the end.
+  const leftovers: string[] = [];
+  let chainStore = '';
+  const workedIn = new WorkedIn(opts.dir, quick);
+  try {
+    for (let i = 0; i < runs; i++) {
+      for (const state of STATES) {
+        const p = state === 'fresh' ? '' : 'w '; // key prefix of the worked-in figures
+        /** Before each measured operation: a sync on a fresh machine, the worked-in state otherwise (bench/workedin.ts); then the image warm. */
+        const before = () => {
+          if (p) workedIn.prepare();
+          else sync();
+          warm(img);
+        };
+        /** One measured operation, with the worked-in state's background I/O beside it. */
+        const step = <T>(fn: () => T): T => {
+          before();
+          try {
+            return fn();
+          } finally {
+            workedIn.stop();
+          }
+        };
+        dropBitmaps(img);
+        if (chainStore) hollow(chainStore); // the previous state's store (the last one's takes the chain below)
+        const store = path.join(opts.dir, `store-${p ? 'w' : ''}${i}`);
+        const repo = path.join(opts.dir, `restic-${p ? 'w' : ''}${i}`);
+        const scratch = [repo];
+        chainStore = store;
+        leftovers.push(store, repo);
+        const fullRec = step(() => {
+          const f0 = process.hrtime.bigint();
+          const r = JSON.parse(run(CLI, ['snapshot', 'create', img, '--store', store, '--json']).out);
+          add(`${p}full`, Number(process.hrtime.bigint() - f0) / 1e9);
+          return r;
+        });
+        // The store's floor for the full snapshot: as many 512 KiB objects written by bench/floor.c
+        // from the image's bytes in the page cache (the same syscalls as below).
+        const fullObjects = fullRec.stats.blocksAdded as number;
+        if (floorBin && fullObjects > 0) {
+          const fdir = path.join(opts.dir, `floor-full-${p ? 'w' : ''}${i}`);
+          leftovers.push(fdir);
+          scratch.push(fdir);
+          step(() => add(`${p}store floor full`, Number(run(floorBin, [img, '0', String(fullObjects * BLOCK), String(BLOCK), fdir, '16', String(fullObjects)]).out)));
+          facts['full objects'] = `${fullObjects} objects of ${BLOCK / KiB} KiB`;
+        }
+        if (fullObjects > 0) {
+          // the device's own floor for as many bytes (4 dd streams, O_DIRECT, fdatasync), and the runtime starting
+          const disk = step(() => diskFloor(img, 0, fullObjects * BLOCK, opts.dir));
+          add(`${p}disk floor full+start`, disk + run(...nodeAsCli(['-e', '0'])).seconds);
+        }
+        if (haveRestic) {
+          run('restic', ['--quiet', 'init', '-r', repo], { env: resticEnv });
+          step(() => add(`${p}restic full`, timeOf('restic', ['--quiet', '-r', repo, 'backup', img], resticEnv)));
+        }
+        for (const [j, pat] of patterns.entries()) {
+          const dirty = pieces(regions, pat.piece, Math.round((data * 0.01) / pat.piece), 100 * i + j + 1 + (p ? 50 : 0));
+          // -n: cache=none, as a VM configured with cache=none writes (O_DIRECT)
+          const src = sourcesFor(pat.piece, dirty.length);
+          const cmds = dirty.flatMap((r, k) => ['-c', `write -q -s ${src[k]} ${r.offset} ${r.length}`]);
+          for (let c = 0; c < cmds.length; c += 2000) run('qemu-io', ['-n', '-f', 'qcow2', ...cmds.slice(c, c + 2000), img]);
+          const granules = widen(dirty, 64 * KiB);
+          const blocks = widen(dirty, BLOCK);
+          const lists = { granules: hostRanges(img, granules), blocks: hostRanges(img, blocks) };
+          const had = objectSizes(store);
+          const out = step(() => {
+            const t0 = process.hrtime.bigint();
+            const o = run(CLI, ['snapshot', 'create', img, '--store', store, '--json']).out;
+            add(`${p}incr ${pat.key}`, Number(process.hrtime.bigint() - t0) / 1e9);
+            return o;
+          });
+          const wrote = [...objectSizes(store)].filter(([k]) => !had.has(k)).map(([, n]) => n);
+          const rec = JSON.parse(out);
+          if (rec.changeSource !== 'bitmap') throw new Error(`bench qcow2vol: the incremental did not use the bitmap: ${rec.changeSource} (${rec.changeSourceReason})`);
+          facts[`${pat.key} scanned`] = `${(rec.stats.bytesScanned / MiB).toFixed(0)} MiB read (dirty granules ${(bytesOf(granules) / MiB).toFixed(0)} MiB, blocks ${(bytesOf(blocks) / MiB).toFixed(0)} MiB)`;
+          if (haveRestic) step(() => add(`${p}restic incr ${pat.key}`, timeOf('restic', ['--quiet', '-r', repo, 'backup', img], resticEnv)));
+          // The store's own floor: the objects this incremental wrote (as many, of their mean size:
+          // its packs of pieces and whole blocks, not the pieces it counts) written by bench/floor.c
+          // with the same syscalls (O_TMPFILE, O_DIRECT write, fdatasync, linkat, a fsync per
+          // directory; 16 threads), from the image's bytes in the page cache.
+          const objects = wrote.length;
+          if (floorBin && objects > 0) {
+            const objSize = Math.max(4096, Math.round(wrote.reduce((a, b) => a + b, 0) / objects / 4096) * 4096);
+            const fdir = path.join(opts.dir, `floor-${pat.key}-${p ? 'w' : ''}${i}`);
+            leftovers.push(fdir);
+            scratch.push(fdir);
+            step(() => add(`${p}store floor ${pat.key}`, Number(run(floorBin, [img, '0', String(objects * objSize), String(objSize), fdir, '16', String(objects)]).out)));
+            facts[`${pat.key} objects`] = `${objects} objects of ${objSize / KiB} KiB (${rec.stats.blocksAdded} blocks and pieces)`;
+          }
+          // The device's own floor: as many bytes (rounded down to its 4 MiB requests) written by 4
+          // dd streams at once, O_DIRECT, fdatasync: what storing them durably takes on this disk.
+          const wroteBytes = Math.floor(wrote.reduce((a, b) => a + b, 0) / (4 * MiB)) * 4 * MiB;
+          if (wroteBytes > 0) {
+            step(() => add(`${p}disk floor ${pat.key}`, diskFloor(img, 0, wroteBytes, opts.dir)));
+            facts[`${pat.key} bytes`] = `${(wroteBytes / MiB).toFixed(0)} MiB`;
+          }
+          step(() => add(`${p}node start ${pat.key}`, timeOf(...nodeAsCli(['-e', '0']))));
+          for (const [k, list] of Object.entries(lists)) {
+            const f = path.join(opts.dir, `ranges-${k}.json`);
+            fs.writeFileSync(f, JSON.stringify(list.map((r) => [r.offset, r.length])));
+            step(() => add(`${p}floor ${k} ${pat.key}`, timeOf(...nodeAsCli(['-e', FLOOR, img, f]))));
+          }
+        }
+        for (const d of scratch) hollow(d);
+        sync();
       }
-      // The store's own floor: the objects this incremental wrote (as many, of their mean size:
-      // its packs of pieces and whole blocks, not the pieces it counts) written by bench/floor.c
-      // with the same syscalls (O_TMPFILE, O_DIRECT write, fdatasync, linkat, a fsync per
-      // directory; 16 threads), from the image's bytes in the page cache.
-      const objects = wrote.length;
-      if (floorBin && objects > 0) {
-        const objSize = Math.max(4096, Math.round(wrote.reduce((a, b) => a + b, 0) / objects / 4096) * 4096);
-        const fdir = path.join(opts.dir, `floor-${p.key}-${i}`);
-        before();
-        add(`store floor ${p.key}`, Number(run(floorBin, [img, '0', String(objects * objSize), String(objSize), fdir, '16', String(objects)]).out));
-        fs.rmSync(fdir, { recursive: true, force: true });
-        facts[`${p.key} objects`] = `${objects} objects of ${objSize / KiB} KiB (${rec.stats.blocksAdded} blocks and pieces)`;
-      }
-      // The device's own floor: as many bytes (rounded down to its 4 MiB requests) written by 4
-      // dd streams at once, O_DIRECT, fdatasync: what storing them durably takes on this disk.
-      const wroteBytes = Math.floor(wrote.reduce((a, b) => a + b, 0) / (4 * MiB)) * 4 * MiB;
-      if (wroteBytes > 0) {
-        before();
-        add(`disk floor ${p.key}`, diskFloor(img, 0, wroteBytes, opts.dir));
-        facts[`${p.key} bytes`] = `${(wroteBytes / MiB).toFixed(0)} MiB`;
-      }
-      before();
-      add(`node start ${p.key}`, timeOf(...nodeAsCli(['-e', '0'])));
-      for (const [k, list] of Object.entries(lists)) {
-        const f = path.join(opts.dir, `ranges-${k}.json`);
-        fs.writeFileSync(f, JSON.stringify(list.map((r) => [r.offset, r.length])));
-        before();
-        add(`floor ${k} ${p.key}`, timeOf(...nodeAsCli(['-e', FLOOR, img, f])));
-      }
     }
+  } finally {
+    workedIn.close();
   }
+  const before = () => {
+    sync();
+    warm(img);
+  };
 
   // A long chain: an incremental must still cost what changed after many snapshots before it
   // (each pack index lists every packed piece its volume has gathered: session 30 found one
-  // such step growing ~1.5 ms a snapshot). The last run's store takes CHAIN more scattered
-  // rounds, each snapshotted untimed, then 3 timed ones.
+  // such step growing ~1.5 ms a snapshot). The last store of the runs (the image has its bitmap)
+  // takes CHAIN more scattered rounds, each snapshotted untimed, then 3 timed ones (fresh state).
   const CHAIN = quick ? 4 : 20;
-  const chainStore = path.join(opts.dir, `store-${runs - 1}`);
   const p64 = patterns[0];
   const count = Math.round((data * 0.01) / p64.piece);
   for (let k = 0; k < CHAIN + 3; k++) {
@@ -303,22 +357,26 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
     if (!t[k] || !t[pk]) return;
     rows.push({ area: AREA, metric: `${metric} (${label})`, disksnap: m(k), peer, peerValue: m(pk), unit: 's', higherIsBetter: false, note });
   };
-  row('full snapshot', 'full', 'restic backup', 'restic full', 'restic backs up the qcow2 file into a new repository; target: 5x');
-  row('full snapshot, vs storing its objects', 'full', 'floor: bench/floor.c storing the same objects', 'store floor full', `what the store's writes alone cost on this disk: ${facts['full objects']}, each O_TMPFILE, O_DIRECT write, fdatasync, linkat (16 threads), then a fsync per directory; read from the image in the page cache, not hashed`);
-  row('full snapshot, vs the disk writing its bytes', 'full', 'floor: 4 dd streams writing as many bytes + node -e 0', 'disk floor full+start', 'the image\'s first bytes (in the page cache) written by 4 dd processes at once into new files, 4 MiB O_DIRECT requests, fdatasync, plus `node -e 0`: the device and the runtime alone; restic / 5 below this cannot be reached on this machine');
-  for (const p of patterns) {
-    const what = `incremental, ~1% rewritten in ${p.what}`;
-    row(what, `incr ${p.key}`, "restic's second backup", `restic incr ${p.key}`, `changeSource bitmap; ${facts[`${p.key} scanned`]}; target: 50x`);
-    row(`${what}, vs reading and hashing the dirty granules`, `incr ${p.key}`, 'floor: node pread + SHA-256 of the dirty 64 KiB granules', `floor granules ${p.key}`, 'the floor is a process (node start-up included) that reads the dirty data at the host offsets qemu-img map gives; target: ratio >= 0.5 (within 2x)');
-    row(`${what}, vs storing its objects`, `incr ${p.key}`, 'floor: bench/floor.c storing the same objects', `store floor ${p.key}`, `what the store's writes alone cost on this disk: ${facts[`${p.key} objects`]}, each O_TMPFILE, O_DIRECT write, fdatasync, linkat (16 threads), then a fsync per directory`);
-    const dk = `disk floor ${p.key}`;
-    if (t[dk] && t[`node start ${p.key}`]) t[`${dk}+start`] = sumByRun(t[dk], t[`node start ${p.key}`]);
-    row(`${what}, vs the disk writing its bytes + node -e 0`, `incr ${p.key}`, 'floor: 4 dd streams writing as many bytes + node -e 0', `${dk}+start`, `the bytes the incremental stored (${facts[`${p.key} bytes`]}, rounded down to 4 MiB) written by 4 dd processes at once, 4 MiB O_DIRECT requests, fdatasync, plus \`node -e 0\`: the device and the runtime alone, before a byte is read or hashed. A target below it cannot be reached on this machine by a Node process that stores the data durably`);
-    row(`${what}, vs the Node runtime starting`, `incr ${p.key}`, 'node -e 0 (the runtime starting and exiting)', `node start ${p.key}`, 'what no Node process avoids, measured beside it: part of both floors above');
-    row(`${what}, vs reading and hashing the dirty blocks`, `incr ${p.key}`, 'floor: node pread + SHA-256 of the dirty 512 KiB blocks', `floor blocks ${p.key}`, 'the same floor over the whole 512 KiB blocks around the dirty data (what an incremental read before pieces)');
+  for (const state of STATES) {
+    const p = state === 'fresh' ? '' : 'w ';
+    const at = ` [${state}]`;
+    row(`full snapshot${at}`, `${p}full`, 'restic backup', `${p}restic full`, 'restic backs up the qcow2 file into a new repository; target: 5x');
+    row(`full snapshot, vs storing its objects${at}`, `${p}full`, 'floor: bench/floor.c storing the same objects', `${p}store floor full`, `what the store's writes alone cost on this disk: ${facts['full objects']}, each O_TMPFILE, O_DIRECT write, fdatasync, linkat (16 threads), then a fsync per directory; read from the image in the page cache, not hashed`);
+    row(`full snapshot, vs the disk writing its bytes${at}`, `${p}full`, 'floor: 4 dd streams writing as many bytes + node -e 0', `${p}disk floor full+start`, 'the image\'s first bytes (in the page cache) written by 4 dd processes at once into new files, 4 MiB O_DIRECT requests, fdatasync, plus `node -e 0`: the device and the runtime alone; restic / 5 below this cannot be reached on this machine');
+    for (const pat of patterns) {
+      const what = `incremental, ~1% rewritten in ${pat.what}${at}`;
+      row(what, `${p}incr ${pat.key}`, "restic's second backup", `${p}restic incr ${pat.key}`, `changeSource bitmap; ${facts[`${pat.key} scanned`]}; target: 50x`);
+      row(`${what}, vs reading and hashing the dirty granules`, `${p}incr ${pat.key}`, 'floor: node pread + SHA-256 of the dirty 64 KiB granules', `${p}floor granules ${pat.key}`, 'the floor is a process (node start-up included) that reads the dirty data at the host offsets qemu-img map gives; target: ratio >= 0.5 (within 2x)');
+      row(`${what}, vs storing its objects`, `${p}incr ${pat.key}`, 'floor: bench/floor.c storing the same objects', `${p}store floor ${pat.key}`, `what the store's writes alone cost on this disk: ${facts[`${pat.key} objects`]}, each O_TMPFILE, O_DIRECT write, fdatasync, linkat (16 threads), then a fsync per directory`);
+      const dk = `${p}disk floor ${pat.key}`;
+      if (t[dk] && t[`${p}node start ${pat.key}`]) t[`${dk}+start`] = sumByRun(t[dk], t[`${p}node start ${pat.key}`]);
+      row(`${what}, vs the disk writing its bytes + node -e 0`, `${p}incr ${pat.key}`, 'floor: 4 dd streams writing as many bytes + node -e 0', `${dk}+start`, `the bytes the incremental stored (${facts[`${pat.key} bytes`]}, rounded down to 4 MiB) written by 4 dd processes at once, 4 MiB O_DIRECT requests, fdatasync, plus \`node -e 0\`: the device and the runtime alone, before a byte is read or hashed. A target below it cannot be reached on this machine by a Node process that stores the data durably`);
+      row(`${what}, vs the Node runtime starting`, `${p}incr ${pat.key}`, 'node -e 0 (the runtime starting and exiting)', `${p}node start ${pat.key}`, 'what no Node process avoids, measured beside it: part of both floors above');
+      row(`${what}, vs reading and hashing the dirty blocks`, `${p}incr ${pat.key}`, 'floor: node pread + SHA-256 of the dirty 512 KiB blocks', `${p}floor blocks ${pat.key}`, 'the same floor over the whole 512 KiB blocks around the dirty data (what an incremental read before pieces)');
+    }
   }
 
-  const chain = `incremental, ~1% rewritten in scattered 64 KiB writes, after ${CHAIN + 3} earlier snapshots of the volume`;
+  const chain = `incremental, ~1% rewritten in scattered 64 KiB writes, after ${CHAIN + 3} earlier snapshots of the volume [fresh]`;
   row(chain, 'incr 64k chain', "restic's second backup", 'restic incr 64k', `the median of the ${CHAIN + 4}th to ${CHAIN + 6}th snapshots of one volume; ${facts.chainIndex}; target: 50x`);
   row(`${chain}, vs the first incremental`, 'incr 64k chain', 'the same incremental as the 2nd snapshot (above)', 'incr 64k', 'whether an incremental still costs what changed, not what the chain has gathered: ratio 1 when it does');
 
@@ -337,5 +395,6 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
   ] as const) {
     rows.push({ area: AREA, metric, disksnap: r.rssMiB, peer: 'budget of the issue', peerValue: 256, unit: 'MiB', higherIsBetter: false, note: `took ${r.seconds.toFixed(2)} s` });
   }
+  for (const d of [...leftovers, bigStore]) fs.rmSync(d, { recursive: true, force: true });
   return rows;
 }
