@@ -10,14 +10,14 @@ import * as path from 'node:path';
 import * as diff from '../src/differencing';
 import { openImage } from '../src/image';
 import { commitMarkerPath } from '../src/image/sidecars';
-import { assertClean, makeParent, needQemu, pattern, qemuImgOk, qemuIo, snapshotOf, assertUnchanged, Snapshot } from './helpers/qemu';
+import { assertClean, makeParent, needQemu, pattern, qemuImgOk, qemuInfo, qemuIo, snapshotOf, assertUnchanged, Snapshot } from './helpers/qemu';
 
 const MiB = 2 ** 20;
 const skip = needQemu();
 const mode = (f: string) => fs.statSync(f).mode & 0o777;
 
 function virtualSize(file: string): number {
-  return (JSON.parse(qemuImgOk('info', '--output=json', file)) as { 'virtual-size': number })['virtual-size'];
+  return qemuInfo(file)['virtual-size'];
 }
 
 function readAll(file: string): Buffer {

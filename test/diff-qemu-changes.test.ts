@@ -12,7 +12,7 @@ import * as diff from '../src/differencing';
 import { openImage } from '../src/image';
 import { Qcow2Image } from '../src/image/qcow2/image';
 import { childrenRegistryPath } from '../src/image/sidecars';
-import { assertClean, makeParent, needQemu, pattern, qemuImgOk, qemuIo, run } from './helpers/qemu';
+import { assertClean, makeParent, needQemu, pattern, qemuImgOk, qemuInfo, qemuIo, run } from './helpers/qemu';
 import { missing } from './helpers/tools';
 
 const MiB = 2 ** 20;
@@ -20,7 +20,7 @@ const skip = needQemu();
 const mode = (f: string) => fs.statSync(f).mode & 0o777;
 
 function virtualSize(file: string): number {
-  return (JSON.parse(qemuImgOk('info', '--output=json', file)) as { 'virtual-size': number })['virtual-size'];
+  return qemuInfo(file)['virtual-size'];
 }
 
 t.test('diff create on an odd-sized raw parent sizes the child as qemu-img create -b does; the tail is visible to QEMU', { skip }, async (t) => {

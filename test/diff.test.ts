@@ -22,6 +22,7 @@ import {
   needQemu,
   pattern,
   qemuImgOk,
+  qemuInfo,
   qemuIo,
   snapshotOf,
 } from './helpers/qemu';
@@ -65,7 +66,7 @@ t.test('create makes the parent read-only, registers the child and records a gua
   t.equal(mode(parent.file), 0o440, 'parent is read-only');
   t.same(diff.childrenOf(parent.file), [child]);
   const before = snapshotOf(parent.file);
-  const info = JSON.parse(qemuImgOk('info', '--output=json', child)) as Record<string, unknown>;
+  const info = qemuInfo(child);
   t.equal(info['backing-filename'], 'parent.raw');
   t.equal(info['backing-filename-format'], 'raw');
   t.equal((info['format-specific'] as { data: { compat: string } }).data.compat, '1.1');
@@ -365,7 +366,7 @@ t.test('a child made by qemu-img is adopted by accept-parent', { skip }, async (
   t.same(diff.childrenOf(parent.file), [child]);
   assertClean(t, child, 'after adoption');
   assertShows(t, child, parent.bytes, 'after adoption');
-  const info = JSON.parse(qemuImgOk('info', '--output=json', child)) as Record<string, unknown>;
+  const info = qemuInfo(child);
   t.equal(info['backing-filename'], 'parent.raw', 'qemu still finds the backing file');
   // and once more, now in place
   diff.acceptParent(child);

@@ -10,7 +10,7 @@ import { addBitmap, clearBitmap, FileBitmapHost, listBitmaps, markBitmaps, readB
 import { checkBitmaps } from '../src/image/qcow2/bitmaps';
 import { checkImage } from '../src/image/qcow2/check';
 import { BlockFile } from '../src/engine/file';
-import { assertClean, assertShows, makeParent, qemuCheck, qemuImgOk, qemuIo, run } from './helpers/qemu';
+import { assertClean, assertShows, makeParent, qemuCheck, qemuImgOk, qemuInfo, qemuIo, run } from './helpers/qemu';
 import { granules, needQemuNbd, qemuBitmaps, qemuDirtyRanges, Range } from './helpers/qemu-bitmaps';
 
 const KiB = 1024;
@@ -104,7 +104,7 @@ t.test('a bitmap disksnap adds is accepted by qemu-img, kept up to date by qemu-
     ],
     'qemu-img info lists them, consistent (no in-use flag)',
   );
-  const info = JSON.parse(qemuImgOk('info', '--output=json', img)) as { 'backing-filename': string };
+  const info = qemuInfo(img);
   t.equal(info['backing-filename'], parent.file, 'the backing file name survived the header rewrite');
   assertShows(t, img, parent.bytes, 'guest view unchanged');
 

@@ -49,7 +49,7 @@ t.test('a snapshot of a qcow2 child is the guest view: 64 MiB, standalone after 
   const r = cli(['snapshot', 'restore', s.id, '--to', q, '--format', 'qcow2', '--store', store]);
   t.equal(r.status, 0, `restore --format qcow2: ${r.stderr}`);
   assertClean(t, q, 'the restored qcow2');
-  const info = JSON.parse(qemuImgOk('info', '--output=json', q)) as Record<string, unknown>;
+  const info = qemuInfo(q);
   t.equal(info['backing-filename'], undefined, 'no backing file');
   t.equal((info['format-specific'] as { data: { compat: string } }).data.compat, '1.1', 'qcow2 v3');
   t.equal(info['virtual-size'], 64 * MiB);
