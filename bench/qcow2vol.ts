@@ -51,6 +51,8 @@ import { WorkedIn } from './workedin';
 
 /** The machine states each run measures in (issue 18's "worked-in machine": bench/workedin.ts). */
 const STATES = ['fresh', 'worked-in'] as const;
+/** The key prefix of a state's figures ('' for fresh, as before the states). */
+const prefixOf = (state: (typeof STATES)[number]): string => (state === 'fresh' ? '' : 'w ');
 
 /** A directory store's block objects (packs included) and their sizes, by path. */
 function objectSizes(store: string): Map<string, number> {
@@ -226,7 +228,8 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
   try {
     for (let i = 0; i < runs; i++) {
       for (const state of STATES) {
-        const p = state === 'fresh' ? '' : 'w '; // key prefix of the worked-in figures
+        const p = prefixOf(state);
+        const tag = `${p ? 'w' : ''}${i}`; // in the names of the state's directories
         /** Before each measured operation: a sync on a fresh machine, the worked-in state otherwise (bench/workedin.ts); then the image warm. */
         const before = () => {
           if (p) workedIn.prepare();
@@ -244,8 +247,8 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
         };
         dropBitmaps(img);
         if (chainStore) hollow(chainStore); // the previous state's store (the last one's takes the chain below)
-        const store = path.join(opts.dir, `store-${p ? 'w' : ''}${i}`);
-        const repo = path.join(opts.dir, `restic-${p ? 'w' : ''}${i}`);
+        const store = path.join(opts.dir, `store-${tag}`);
+        const repo = path.join(opts.dir, `restic-${tag}`);
         const scratch = [repo];
         chainStore = store;
         leftovers.push(store, repo);
@@ -259,7 +262,7 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
         // from the image's bytes in the page cache (the same syscalls as below).
         const fullObjects = fullRec.stats.blocksAdded as number;
         if (floorBin && fullObjects > 0) {
-          const fdir = path.join(opts.dir, `floor-full-${p ? 'w' : ''}${i}`);
+          const fdir = path.join(opts.dir, `floor-full-${tag}`);
           leftovers.push(fdir);
           scratch.push(fdir);
           step(() => add(`${p}store floor full`, Number(run(floorBin, [img, '0', String(fullObjects * BLOCK), String(BLOCK), fdir, '16', String(fullObjects)]).out)));
@@ -302,7 +305,7 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
           const objects = wrote.length;
           if (floorBin && objects > 0) {
             const objSize = Math.max(4096, Math.round(wrote.reduce((a, b) => a + b, 0) / objects / 4096) * 4096);
-            const fdir = path.join(opts.dir, `floor-${pat.key}-${p ? 'w' : ''}${i}`);
+            const fdir = path.join(opts.dir, `floor-${pat.key}-${tag}`);
             leftovers.push(fdir);
             scratch.push(fdir);
             step(() => add(`${p}store floor ${pat.key}`, Number(run(floorBin, [img, '0', String(objects * objSize), String(objSize), fdir, '16', String(objects)]).out)));
@@ -360,7 +363,7 @@ export async function benchQcow2Volume(opts: BenchOptions): Promise<BenchRow[]> 
     rows.push({ area: AREA, metric: `${metric} (${label})`, disksnap: m(k), peer, peerValue: m(pk), unit: 's', higherIsBetter: false, note });
   };
   for (const state of STATES) {
-    const p = state === 'fresh' ? '' : 'w ';
+    const p = prefixOf(state);
     const at = ` [${state}]`;
     row(`full snapshot${at}`, `${p}full`, 'restic backup', `${p}restic full`, 'restic backs up the qcow2 file into a new repository; target: 5x');
     row(`full snapshot, vs storing its objects${at}`, `${p}full`, 'floor: bench/floor.c storing the same objects', `${p}store floor full`, `what the store's writes alone cost on this disk: ${facts['full objects']}, each O_TMPFILE, O_DIRECT write, fdatasync, linkat (16 threads), then a fsync per directory; read from the image in the page cache, not hashed`);
