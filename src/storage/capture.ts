@@ -510,12 +510,15 @@ export async function capture(
     rec.volumeStat = byCleanPages && !settings.guest ? statOf(st0) : null;
     await readDone();
     await p.packs?.flush();
-    await p.writes.drain();
+    // Every object write is queued; the caller commits the manifest beside the last of them
+    // (../lifecycle.ts completeSnapshot waits for `written` before the record).
+    const written = p.writes.drain();
+    written.catch(() => undefined); // awaited there
     ok = true;
-    return { manifest: writer, tags: tagWriter, packs: p.packs };
+    return { manifest: writer, tags: tagWriter, packs: p.packs, written };
   } finally {
     await p?.chunks.settle();
-    await p?.writes.settle();
+    if (!ok) await p?.writes.settle();
     await view.reader?.close();
     await view.tags?.close();
     if (!ok) {

@@ -8,7 +8,7 @@ import * as os from 'node:os';
 import type { Store } from './store/store';
 import { DisksnapError } from '../engine/errors';
 import type { ManifestWriter } from './store/manifest';
-import type { TagWriter } from './store/tags';
+import { type TagWriter, tagsKey } from './store/tags';
 import { PackWriter, packsKey } from './store/packs';
 import { SnapshotJson, SnapshotRecord, emptyStats, newId, snapshotJson } from './store/records';
 
@@ -20,6 +20,8 @@ export interface Captured {
   tags?: TagWriter;
   /** the packs of a packed manifest (./store/packs.ts): its pack index is written beside it */
   packs?: PackWriter;
+  /** settles once every object write of the capture is done (rejects with the first that failed) */
+  written?: Promise<void>;
 }
 
 /** A new pending record; `fields` fills what the operation knows (volume, sizes, names...). */
@@ -91,8 +93,9 @@ export function percentOf(done: number, total: number): number {
 }
 
 /**
- * Steps 2-4 of the durability order: the new blocks' names, the manifest (and beside it the
- * change tags, a cache: a failure there only costs the next snapshot speed), then the record.
+ * Steps 2-4 of the durability order: the new blocks' names and the manifest (at once; beside
+ * them the change tags, a cache: a failure there only costs the next snapshot speed), then
+ * the record.
  * `committed` is called once the manifest is durable (the caller must not abort it then).
  */
 export async function completeSnapshot(
@@ -103,7 +106,29 @@ export async function completeSnapshot(
   committed: () => void,
   onLog?: (msg: string) => void,
 ): Promise<SnapshotJson> {
-  await store.backend.flush();
+  // The capture's last object writes, then their names (a directory store's fsyncs of their
+  // directories), become durable beside the manifest, its pack index and the tags, not before
+  // them: only the record, which waits for all of them, must come after.
+  const written = writer.written ?? Promise.resolve();
+  const names = written.then(() => store.backend.flush());
+  names.catch(() => undefined); // awaited below, before the manifest counts as committed
+  try {
+    return await commitAndRecord(store, rec, writer, names, progress, committed, onLog);
+  } catch (e) {
+    await written.catch(() => undefined); // no write of this snapshot outlives its failure
+    throw e;
+  }
+}
+
+async function commitAndRecord(
+  store: Store,
+  rec: SnapshotRecord,
+  writer: Captured,
+  names: Promise<void>,
+  progress: ProgressSaver,
+  committed: () => void,
+  onLog?: (msg: string) => void,
+): Promise<SnapshotJson> {
   // Manifest and tags are written at once (one round trip or fsync, not two). Tags that landed
   // beside a manifest that failed belong to no completed snapshot: gc and the reaper remove them.
   const t = writer.tags;
@@ -118,15 +143,25 @@ export async function completeSnapshot(
   proof.catch(() => undefined); // awaited below, after the manifest's own outcome
   // A packed manifest's pack index goes at once with it; the record names neither until both are durable.
   const packs = writer.packs;
-  if (packs?.pending) throw new Error(`internal: a pack of ${rec.id} was not written before its manifest`);
   const index = packs?.index(writer.manifest.pieceDigests, writer.manifest.wholeDigests).then((b) => store.backend.put(packsKey(rec.id), b));
   index?.catch(() => undefined); // awaited below
   try {
-    await writer.manifest.commit();
-  } finally {
-    await tags;
+    try {
+      await writer.manifest.commit();
+    } finally {
+      await tags;
+    }
+    await index;
+    await names;
+  } catch (e) {
+    // Nothing names what this attempt committed (the record's completing write has not begun):
+    // it goes now, as an aborted manifest's temporary file does. Best effort: gc removes the
+    // manifest, pack index and tags of a snapshot that is not completed all the same.
+    await index?.catch(() => undefined);
+    await Promise.all([store.manifestKey(rec.id), packsKey(rec.id), tagsKey(rec.id)].map((k) => store.backend.delete(k).catch(() => false)));
+    throw e;
   }
-  await index;
+  if (packs?.pending) throw new Error(`internal: a pack of ${rec.id} was not written before its record`);
   committed();
   await proof;
   await progress.settle();

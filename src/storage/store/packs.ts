@@ -305,8 +305,10 @@ export class PackWriter {
   private cur: Filling | undefined;
   /** hex digests of pieces queued into packs by this writer */
   private readonly seen = new Set<string>();
-  /** the pieces in packs written so far */
-  private readonly written: Array<{ digest: Buffer } & PackedAt> = [];
+  /** the pieces in packs queued for writing so far, each with its pack's name */
+  private readonly placed: Array<{ digest: Buffer } & PackedAt> = [];
+  /** of those, the pieces whose pack is written */
+  private writtenCount = 0;
   private readonly free: Buffer[] = [];
   private buffers = 0;
   private readonly waiting: Array<() => void> = [];
@@ -458,14 +460,17 @@ export class PackWriter {
       return;
     }
     const buf = f.buf;
+    // Named (and placed, for the pack index) as it is queued: the index can be made while the
+    // last packs are still being written (../lifecycle.ts completeSnapshot).
+    const name = packName(parts);
+    for (const p of parts) this.placed.push({ ...p, pack: name });
     const admitted = this.writes.add(len, async () => {
       try {
         const body = buf.subarray(0, len);
-        const name = packName(parts);
         // a remote backend signs the body's SHA-256 (x-amz-content-sha256): hashed off the event loop
         const payload = this.backend.concurrency ? Buffer.from((await native().hashBlocksAsync(body, len, 1)).digests.subarray(0, 32)) : undefined;
         await this.backend.putIfAbsent(this.keyOf(name), body, payload);
-        for (const p of parts) this.written.push({ ...p, pack: name });
+        this.writtenCount += parts.length;
       } finally {
         // (after a failure too: a filler waiting for a buffer goes on, and the writes' throttle reports the error)
         this.give(buf);
@@ -493,10 +498,11 @@ export class PackWriter {
    * entries that may be in packs are `wholeDigests` (32 bytes each, in any order, repeats
    * allowed): where each one is, from this writer's packs or the tables read (the parent's);
    * those in neither are objects of their own and not listed. Version 2 when it lists a whole
-   * block. Call once every write is done.
+   * block. Call once every pack is queued (`flush`); the writes may still be running, and the
+   * index must not count as durable before they are done (`pending`).
    */
   async index(pieceDigests: Buffer, wholeDigests: Buffer = Buffer.alloc(0)): Promise<Buffer> {
-    const mine = entryTable(this.written);
+    const mine = entryTable(this.placed);
     const tables = [mine.subarray(0, native().sortRecords(mine, ENTRY, 32) * ENTRY), ...this.table.entryTables];
     // One join of both kinds (a digest both a piece's and a whole block's is one object, listed
     // once), into the index's frame; a whole block's digest found makes it version 2. Its
@@ -507,8 +513,8 @@ export class PackWriter {
     return out;
   }
 
-  /** Whether a piece this writer queued has no pack (its write has not finished): a bug if so at commit. */
+  /** Whether a piece this writer took is not in a written pack yet: a bug if so once the writes are done. */
   get pending(): boolean {
-    return this.written.length < this.seen.size;
+    return this.writtenCount < this.seen.size;
   }
 }
