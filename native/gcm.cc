@@ -15,12 +15,12 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
-#include <thread>
 #include <vector>
 
 #include "addon.h"
 #include "args.h"
 #include "error.h"
+#include "hash_engine.h"
 #include "worker.h"
 
 namespace disksnap {
@@ -121,10 +121,7 @@ bool ForEachItem(size_t n, int threads, Body body) {
     }
   };
   const size_t t = std::max<size_t>(1, std::min<size_t>(static_cast<size_t>(threads > 0 ? threads : 1), n));
-  std::vector<std::thread> pool;
-  for (size_t k = 1; k < t; k++) pool.emplace_back(run);
-  run();
-  for (auto& th : pool) th.join();
+  ParallelFor(static_cast<int>(t), [&](int) { run(); });
   return !failed;
 }
 

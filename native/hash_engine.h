@@ -29,9 +29,16 @@ bool IsAllZero(const uint8_t* p, size_t n);
 // threads <= 0 means "one per CPU"; capped at 64.
 int ResolveThreads(int threads);
 
-// Runs fn(0) .. fn(n-1), fn(0) on the calling thread and the others on new threads; a thread
-// that cannot be created runs its share inline after fn(0).
+// Runs fn(0) .. fn(n-1), fn(0) on the calling thread and the others on threads of their own
+// (StartOnThread); one that cannot be had runs its share inline after fn(0).
 void ParallelFor(int n, const std::function<void(int)>& fn);
+
+// Runs `task` on a thread of its own at once: a thread kept from an earlier task where one is
+// idle, else a new one, kept for later tasks (for the process's life, blocked while idle).
+// The same as a thread per task (every task has a thread at once, so tasks may wait for each
+// other), without creating one each time. On success `task` is moved from; false (with `task`
+// as it was) where no thread could be created.
+bool StartOnThread(std::function<void()>& task);
 
 // Which SHA-256 code the hashers use: "sha-ni-x2" (our own, two blocks at once with the x86
 // SHA extensions) or "openssl" (node's OpenSSL, one block at a time; CPUs without SHA-NI, or
