@@ -5,7 +5,9 @@
 // tag (16 bytes, block_tag.h); tagFile reads a file range for tags and zero flags only (no
 // SHA-256), and tagMasks gives the masks that turn unmasked tags into stored ones.
 #include <napi.h>
+#include <errno.h>
 #include <openssl/crypto.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <atomic>
@@ -586,9 +588,30 @@ Napi::Value HashImplementations(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// tagReadCosts(fd) -> { mapped, pread }: what tagFile measured reading this file in this
+// process, ns of CPU per MiB read (-1 where not measured): which way its later calls read.
+Napi::Value TagReadCosts(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber()) {
+    ThrowInvalid(env, "tagReadCosts: fd must be a number");
+    return Napi::Value();
+  }
+  struct stat st;
+  if (::fstat(info[0].As<Napi::Number>().Int32Value(), &st) < 0) {
+    Throw(env, SysError::Errno(errno, "fstat"));
+    return Napi::Value();
+  }
+  const auto costs = TagReadCostsOf(st);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("mapped", Napi::Number::New(env, static_cast<double>(costs.first)));
+  o.Set("pread", Napi::Number::New(env, static_cast<double>(costs.second)));
+  return o;
+}
+
 }  // namespace
 
 void InitHash(Napi::Env env, Napi::Object exports) {
+  exports.Set("tagReadCosts", Napi::Function::New(env, TagReadCosts, "tagReadCosts"));
   exports.Set("hashImplementations", Napi::Function::New(env, HashImplementations, "hashImplementations"));
   exports.Set("hashBlocks", Napi::Function::New(env, HashBlocks, "hashBlocks"));
   exports.Set("hashBlocksAsync", Napi::Function::New(env, HashBlocksAsync, "hashBlocksAsync"));

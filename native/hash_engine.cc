@@ -14,6 +14,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -756,6 +757,67 @@ static bool CollectChanged(FileHashJob* job, const uint8_t* data, size_t len, si
   return true;
 }
 
+namespace {
+
+int64_t ThreadCpuNs() {
+  struct timespec ts;
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+// How tagFile reads a regular file: mapped, or by pread into each thread's buffer. Which is
+// cheaper depends on how the file's pages are held in the page cache, and that changes (session
+// 46, 1 GiB cached, 2 threads, the 16 calls of a raw incremental's scan): pages that readahead
+// brought in (large folios) tag in 37 ms mapped against 42-52 ms by pread; pages that small
+// writes left (a guest's, a copy in 4 KiB writes) or that reclaim split under memory pressure
+// (4 KiB folios: the state after a CI run here) take 94 ms mapped against 60 by pread, and a
+// whole raw incremental 211 against 181 ms. Neither way wins both, and no system call says
+// which state a file is in, so a process measures: its first call over a file (of at least
+// kMeasureBytes of data) maps, its second preads, each timed in its threads' CPU time per byte
+// (faults and copies are both CPU), and every later call takes the cheaper way. A wrong choice
+// costs at most the first two calls' difference. Kept per file (device, inode) for the process.
+enum class ReadWay { kMeasureMapped, kMeasurePread, kMapped, kPread };
+
+constexpr uint64_t kMeasureBytes = uint64_t{16} << 20;
+
+struct WaysSeen {
+  std::mutex mu;
+  // per file: ns of CPU per MiB read mapped, and by pread (-1: not measured yet)
+  std::map<std::pair<dev_t, ino_t>, std::pair<int64_t, int64_t>> costs;
+};
+
+WaysSeen& Ways() {
+  static WaysSeen* w = new WaysSeen();
+  return *w;
+}
+
+ReadWay ChooseReadWay(const struct stat& st) {
+  WaysSeen& w = Ways();
+  std::lock_guard<std::mutex> lock(w.mu);
+  auto it = w.costs.find({st.st_dev, st.st_ino});
+  if (it == w.costs.end() || it->second.first < 0) return ReadWay::kMeasureMapped;
+  if (it->second.second < 0) return ReadWay::kMeasurePread;
+  return it->second.first <= it->second.second ? ReadWay::kMapped : ReadWay::kPread;
+}
+
+void RecordReadWay(const struct stat& st, ReadWay way, int64_t ns, uint64_t bytes) {
+  if (bytes < kMeasureBytes) return;  // too little read to say (a small file, mostly holes)
+  const int64_t perMiB = static_cast<int64_t>(static_cast<double>(ns) * (1 << 20) / static_cast<double>(bytes));
+  WaysSeen& w = Ways();
+  std::lock_guard<std::mutex> lock(w.mu);
+  auto& c = w.costs.emplace(std::make_pair(st.st_dev, st.st_ino), std::make_pair(int64_t{-1}, int64_t{-1})).first->second;
+  (way == ReadWay::kMeasureMapped ? c.first : c.second) = perMiB;
+}
+
+}  // namespace
+
+std::pair<int64_t, int64_t> TagReadCostsOf(const struct stat& st) {
+  WaysSeen& w = Ways();
+  std::lock_guard<std::mutex> lock(w.mu);
+  auto it = w.costs.find({st.st_dev, st.st_ino});
+  return it == w.costs.end() ? std::make_pair(int64_t{-1}, int64_t{-1}) : it->second;
+}
+
 SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>& tick) {
   const uint64_t length = job->length;
   const size_t bs = job->blockSize;
@@ -790,11 +852,19 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
   // guest's writes leave) take 61-63 ms, ~30 ms more of kernel time to fault and map them.
   // pread into this L2-sized buffer takes 40 ms and 50-56 ms there: better in the second case
   // only, and with more CPU (the copy), so a whole raw incremental in that state was no faster
-  // with it (0.155 / 0.157 s in 8 alternating runs). Mapping stays the one way.
+  // with it (0.155 / 0.157 s in 8 alternating runs). Since session 46 each file is read the
+  // way that measured cheaper for it (ChooseReadWay, above); DISKSNAP_NO_MMAP=1 always preads,
+  // DISKSNAP_NO_MMAP=0 always maps (diagnostics).
   const char* noMap = ::getenv("DISKSNAP_NO_MMAP");
-  const bool mapIt = job->digests == nullptr && job->tags != nullptr && S_ISREG(st.st_mode) &&
-                     !(noMap != nullptr && strcmp(noMap, "1") == 0);
+  const bool canMap = job->digests == nullptr && job->tags != nullptr && S_ISREG(st.st_mode) &&
+                      !(noMap != nullptr && strcmp(noMap, "1") == 0);
+  const bool measure = canMap && !(noMap != nullptr && strcmp(noMap, "0") == 0);
+  const ReadWay way = measure ? ChooseReadWay(st) : ReadWay::kMapped;
+  const bool mapIt = canMap && (way == ReadWay::kMapped || way == ReadWay::kMeasureMapped);
   const uint64_t mappedEnd = static_cast<uint64_t>(st.st_size);
+  // what this call's workers spent (their threads' CPU time) on the bytes they read
+  std::atomic<int64_t> spentNs{0};
+  std::atomic<uint64_t> readBytes{0};
 
   std::atomic<uint64_t> next{0};
   std::mutex mu;
@@ -811,6 +881,7 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
   // One worker's share; its buffer, hasher and tagger are gone when it returns (below, before
   // it counts as done: the caller's frame may go right after).
   auto work = [&]() {
+    const int64_t startNs = ThreadCpuNs();
     PieceBuffer buf(piece);
     BlockHasher hasher(job->key);
     std::unique_ptr<BlockTagger> tagger;
@@ -889,9 +960,11 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
           if (!ok) fail(CryptoFailure());
         }
         if (!ok) break;
+        if (!hole) readBytes.fetch_add(want, std::memory_order_relaxed);
         job->done.fetch_add(want, std::memory_order_relaxed);
       }
     }
+    spentNs.fetch_add(ThreadCpuNs() - startNs, std::memory_order_relaxed);
   };
   auto worker = [&]() {
     work();
@@ -925,6 +998,9 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
         lock.lock();
       }
     }
+  }
+  if (measure && (way == ReadWay::kMeasureMapped || way == ReadWay::kMeasurePread) && !firstError.failed()) {
+    RecordReadWay(st, way, spentNs.load(), readBytes.load());
   }
   return firstError;
 }

@@ -15,7 +15,7 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 const n = native();
 
-/** Runs fn with DISKSNAP_NO_MMAP set to `value` (read by the addon at each call). */
+/** Runs fn with DISKSNAP_NO_MMAP set to `value` (read by the addon at each call): 0 maps, 1 preads. */
 async function withNoMap<T>(value: string | undefined, fn: () => Promise<T>): Promise<T> {
   const before = process.env.DISKSNAP_NO_MMAP;
   if (value === undefined) delete process.env.DISKSNAP_NO_MMAP;
@@ -48,7 +48,7 @@ t.test('the mapped tag scan gives what pread gives and what the bytes are: tags,
     for (const [off, len] of [[0, size], [bs, 17 * bs], [512, 9 * bs + 512], [3 * bs, size - 3 * bs]] as const) {
       const what = `bytes ${off}..${off + len}`;
       const scan = () => n.tagFile(fd, off, len, bs, 2, key);
-      const mt = await withNoMap(undefined, scan);
+      const mt = await withNoMap('0', scan);
       const pt = await withNoMap('1', scan);
       t.same(mt.tags, pt.tags, `${what}: the same tags`);
       t.same(Buffer.from(mt.zero), Buffer.from(pt.zero), `${what}: the same zero flags`);
@@ -67,7 +67,7 @@ t.test('the mapped tag scan gives what pread gives and what the bytes are: tags,
       const known = new Uint8Array(blocks).fill(1);
       const into = Buffer.alloc(blocks * bs);
       const collect = (buf: Buffer) => () => n.tagFile(fd, off, len, bs, 2, key, expect, known, buf);
-      const [mc, pc] = [await withNoMap(undefined, collect(into)), await withNoMap('1', collect(Buffer.alloc(blocks * bs)))];
+      const [mc, pc] = [await withNoMap('0', collect(into)), await withNoMap('1', collect(Buffer.alloc(blocks * bs)))];
       t.same(mc.tags, pc.tags, `${what}: collect mode, the same tags`);
       t.equal(mc.collected, pc.collected, `${what}: collect mode, as many blocks collected`);
       t.ok(mc.collected > 0);
@@ -106,8 +106,8 @@ t.test('collect mode with a granule size: the granule tags and zero flags of eac
     const expect = Buffer.alloc(blocks * 16);
     plain.tags.copy(expect, 6 * 16, 6 * 16, 7 * 16); // block 6 as its parent had it
     const known = new Uint8Array(blocks).fill(1);
-    for (const noMap of [undefined, '1']) {
-      const how = noMap ? 'pread' : 'mapped';
+    for (const noMap of ['0', '1']) {
+      const how = noMap === '1' ? 'pread' : 'mapped';
       const into = Buffer.alloc(blocks * bs);
       const r = await withNoMap(noMap, () => n.tagFile(fd, 0, size, bs, 2, key, expect, known, into, gs));
       t.equal(r.collected, 8, `${how}: the 8 changed non-zero blocks collected`);
@@ -191,4 +191,43 @@ t.test('a file that shrinks while it is scanned through the mapping: a short rea
   }
   // A scan cut by the truncation touched pages past the new end through the mapping.
   t.ok(midway > 0, `at least one scan was cut midway by the truncation (${midway})`);
+});
+
+t.test('a file is read the way that measured cheaper: mapped first, by pread second, then the cheaper one; every way gives the same tags', async (t) => {
+  const dir = t.testdir();
+  const f = path.join(dir, 'vol');
+  const bs = 512 * KiB;
+  const size = 40 * MiB; // past the 16 MiB of data a measurement needs
+  const data = randomBytes(size);
+  data.fill(0, 3 * bs, 4 * bs);
+  fs.writeFileSync(f, data);
+  const small = path.join(dir, 'small');
+  fs.writeFileSync(small, randomBytes(4 * MiB));
+  const fd = fs.openSync(f, 'r');
+  const sfd = fs.openSync(small, 'r');
+  try {
+    const key = randomBytes(32);
+    t.same(n.tagReadCosts(fd), { mapped: -1, pread: -1 }, 'nothing measured before the first call');
+    const scan = () => withNoMap(undefined, () => n.tagFile(fd, 0, size, bs, 2, key));
+    const first = await scan();
+    const c1 = n.tagReadCosts(fd);
+    t.ok(c1.mapped > 0 && c1.pread === -1, `the first call read it mapped and measured that (${JSON.stringify(c1)})`);
+    const second = await scan();
+    const c2 = n.tagReadCosts(fd);
+    t.ok(c2.mapped === c1.mapped && c2.pread > 0, `the second read it by pread and measured that (${JSON.stringify(c2)})`);
+    const third = await scan();
+    t.same(n.tagReadCosts(fd), c2, 'a later call measures nothing more');
+    const pread = await withNoMap('1', () => n.tagFile(fd, 0, size, bs, 2, key));
+    for (const [what, r] of [['first (mapped)', first], ['second (pread)', second], ['third', third]] as const) {
+      t.ok(r.tags.equals(pread.tags), `${what}: the tags pread gives`);
+      t.same([...r.zero], [...pread.zero], `${what}: the zero flags pread gives`);
+    }
+    t.equal(pread.zero[3], 1, 'the zero block is one');
+    await n.tagFile(sfd, 0, 4 * MiB, bs, 2, key);
+    await n.tagFile(sfd, 0, 4 * MiB, bs, 2, key);
+    t.same(n.tagReadCosts(sfd), { mapped: -1, pread: -1 }, 'a file with less data than a measurement needs is not measured (mapped, as before)');
+  } finally {
+    fs.closeSync(fd);
+    fs.closeSync(sfd);
+  }
 });

@@ -212,6 +212,13 @@ export interface NativeAddon {
   /** GMAC masks E_K(J0(iv)), 16 bytes per 16-byte iv: stored tag = unmasked tag ^ mask. */
   tagMasks(tagKey: Uint8Array, ivs: Uint8Array): Buffer;
   /**
+   * What tagFile measured reading the file fd is open on, in this process: ns of CPU per MiB
+   * read mapped and by pread (-1 where not measured). A file's first call of at least 16 MiB
+   * of data maps, its second preads, and every later call takes the cheaper way (the page
+   * cache's state decides which: native/hash_engine.cc ChooseReadWay). A diagnostic.
+   */
+  tagReadCosts(fd: number): { mapped: number; pread: number };
+  /**
    * What this process hashes with (DISKSNAP_HASH_IMPL and the CPU decide, once): SHA-256 with
    * SHA-NI (`sha-ni-x2`) or node's OpenSSL; change tags' GHASH with VPCLMULQDQ in 512-bit
    * (`vpclmulqdq-512`, AVX-512) or 256-bit registers, or OpenSSL's GMAC.
