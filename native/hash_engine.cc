@@ -791,13 +791,22 @@ WaysSeen& Ways() {
   return *w;
 }
 
-ReadWay ChooseReadWay(const struct stat& st) {
+}  // namespace
+
+std::pair<int64_t, int64_t> TagReadCostsOf(const struct stat& st) {
   WaysSeen& w = Ways();
   std::lock_guard<std::mutex> lock(w.mu);
   auto it = w.costs.find({st.st_dev, st.st_ino});
-  if (it == w.costs.end() || it->second.first < 0) return ReadWay::kMeasureMapped;
-  if (it->second.second < 0) return ReadWay::kMeasurePread;
-  return it->second.first <= it->second.second ? ReadWay::kMapped : ReadWay::kPread;
+  return it == w.costs.end() ? std::make_pair(int64_t{-1}, int64_t{-1}) : it->second;
+}
+
+namespace {
+
+ReadWay ChooseReadWay(const struct stat& st) {
+  const auto [mapped, pread] = TagReadCostsOf(st);
+  if (mapped < 0) return ReadWay::kMeasureMapped;
+  if (pread < 0) return ReadWay::kMeasurePread;
+  return mapped <= pread ? ReadWay::kMapped : ReadWay::kPread;
 }
 
 void RecordReadWay(const struct stat& st, ReadWay way, int64_t ns, uint64_t bytes) {
@@ -810,13 +819,6 @@ void RecordReadWay(const struct stat& st, ReadWay way, int64_t ns, uint64_t byte
 }
 
 }  // namespace
-
-std::pair<int64_t, int64_t> TagReadCostsOf(const struct stat& st) {
-  WaysSeen& w = Ways();
-  std::lock_guard<std::mutex> lock(w.mu);
-  auto it = w.costs.find({st.st_dev, st.st_ino});
-  return it == w.costs.end() ? std::make_pair(int64_t{-1}, int64_t{-1}) : it->second;
-}
 
 SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>& tick) {
   const uint64_t length = job->length;
