@@ -24,7 +24,7 @@ import * as diff from '../src/differencing';
 import * as cp from '../src/differencing/checkpoint';
 import { createLive } from '../src/differencing/live';
 import { armed } from '../src/host/qmp-cont-guard';
-import type { QmpClient } from '../src/host/qmp';
+import { namedNodes, type QmpClient } from '../src/host/qmp';
 import { makeParent, needQemu, qemuImg } from './helpers/qemu';
 import { missing } from './helpers/tools';
 import { CLI, cli } from './helpers/cli';
@@ -196,7 +196,7 @@ t.test('a switch QEMU refuses after the node was moved is undone: the VM runs IM
   const g = await qmp.execute<{ nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph');
   const disk0 = g.nodes.find((n) => n.name === 'disk0')!.id;
   const file = g.nodes.find((n) => n.id === g.edges.find((e) => e.parent === disk0 && e.name === 'file')?.child)!.name;
-  const named = await qmp.execute<{ 'node-name': string; file: string }[]>('query-named-block-nodes', { flat: true });
+  const named = await namedNodes<{ 'node-name': string; file: string }>(qmp);
   t.equal(named.find((n) => n['node-name'] === file)?.file, image, "QEMU's node for IMAGE sits on a protocol node of IMAGE's own name");
   await qmp.execute('human-monitor-command', { 'command-line': 'qemu-io drv0 "write -P 0x3d 0 64k"' });
   await qmp.execute('human-monitor-command', { 'command-line': 'qemu-io drv0 flush' });

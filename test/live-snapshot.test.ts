@@ -18,7 +18,7 @@ import { createLiveSnapshot, liveOverlaysOf } from '../src/storage/live';
 import { restoreSnapshot, showSnapshot } from '../src/storage';
 import { withFaults } from '../src/storage/faults';
 import { isDisksnapError } from '../src/engine/errors';
-import { QmpClient } from '../src/host/qmp';
+import { namedNodes, QmpClient } from '../src/host/qmp';
 import { makeParent, needQemu, qemuCheck, qemuImgOk, qemuIo, sha256, viewSha256 } from './helpers/qemu';
 import { cli } from './helpers/cli';
 import { missing } from './helpers/tools';
@@ -54,7 +54,7 @@ function fileOf(name: string): string {
 /** The file drv0 runs, and every file a block node of QEMU has open. */
 async function qemuFiles(qmp: QmpClient): Promise<{ active: string; nodes: string[] }> {
   const devs = await qmp.execute<{ device: string; inserted?: { file: string } }[]>('query-block');
-  const nodes = await qmp.execute<{ file: string }[]>('query-named-block-nodes', { flat: true });
+  const nodes = await namedNodes<{ file: string }>(qmp);
   return { active: fileOf(devs.find((d) => d.device === 'drv0')!.inserted!.file), nodes: nodes.map((n) => fileOf(n.file)) };
 }
 

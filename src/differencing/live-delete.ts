@@ -44,7 +44,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { DisksnapError, busy } from '../engine/errors';
-import { blockGraph, graphChild, QmpClient, QmpEvent } from '../host/qmp';
+import { blockGraph, graphChild, namedNodes, QmpClient, QmpEvent } from '../host/qmp';
 import * as cp from './checkpoint';
 import { activeNode, fileOf, LiveOptions } from './live';
 import { cancelJob, jobFailure, waitJob } from '../host/qmp-job';
@@ -75,7 +75,7 @@ function keyOf(file: string | undefined): string | undefined {
 /** QEMU's chain for IMAGE, top (the active node) first. */
 async function qemuChain(qmp: QmpClient, image: string): Promise<ChainNode[]> {
   const { node: top } = await activeNode(qmp, image);
-  const named = await qmp.execute<NamedNode[]>('query-named-block-nodes', { flat: true });
+  const named = await namedNodes<NamedNode>(qmp);
   const g = await blockGraph(qmp);
   const out: ChainNode[] = [];
   const seen = new Set<string>();
@@ -169,7 +169,7 @@ async function stream(qmp: QmpClient, image: string, child: string, node: string
 async function release(qmp: QmpClient, node: string): Promise<void> {
   const key = keyOf(node);
   for (;;) {
-    const named = await qmp.execute<NamedNode[]>('query-named-block-nodes', { flat: true });
+    const named = await namedNodes<NamedNode>(qmp);
     const refs = named.filter((n) => keyOf(fileOf(n.file)) === key);
     if (refs.length === 0) return;
     let gone = 0;

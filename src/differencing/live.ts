@@ -56,7 +56,7 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { DisksnapError, busy } from '../engine/errors';
 import { syncDir } from '../engine/atomic';
-import { backingNode, blockGraph, BlockGraph, childNode, QmpClient } from '../host/qmp';
+import { backingNode, blockGraph, BlockGraph, childNode, namedNodes, QmpClient } from '../host/qmp';
 import { jobFailure, runCommitJob } from '../host/qmp-job';
 import { VmPauser } from '../host/qmp-pause';
 import { commitMarkerPath, writeJsonAtomic } from '../image/sidecars';
@@ -255,7 +255,7 @@ async function moveNodeToPath(qmp: QmpClient, top: string, file: string, opts: {
 
 /** The length QEMU believes the file under protocol node `node` has (what its reads stop at). */
 async function nodeLength(qmp: QmpClient, node: string): Promise<number> {
-  const named = await qmp.execute<{ 'node-name': string; image: { 'virtual-size': number } }[]>('query-named-block-nodes', { flat: true });
+  const named = await namedNodes<{ 'node-name': string; image: { 'virtual-size': number } }>(qmp);
   const n = named.find((x) => x['node-name'] === node);
   if (!n) throw new DisksnapError(`QEMU has no node ${node} right after adding it`, 'EQMP', undefined, qmp.socketPath);
   return n.image['virtual-size'];

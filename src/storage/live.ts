@@ -44,7 +44,7 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { DisksnapError, busy } from '../engine/errors';
 import { syncDir } from '../engine/atomic';
-import { backingNode, QmpClient } from '../host/qmp';
+import { backingNode, namedNodes, QmpClient } from '../host/qmp';
 import { jobFailure, JobWaitOptions, runCommitJob } from '../host/qmp-job';
 import { guestFreeze, pingAgent, type QgaClient } from '../host/qga';
 import type { Consistency } from '../host/point-in-time';
@@ -141,7 +141,7 @@ async function devicesOf(qmp: QmpClient): Promise<Device[]> {
 
 /** Whether any block node of QEMU has `file` open. */
 async function qemuNames(qmp: QmpClient, file: string): Promise<boolean> {
-  const nodes = await qmp.execute<{ file: string }[]>('query-named-block-nodes', { flat: true });
+  const nodes = await namedNodes<{ file: string }>(qmp);
   const want = realOf(file);
   return nodes.some((n) => realOf(fileOf(n.file)) === want);
 }
