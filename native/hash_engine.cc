@@ -772,13 +772,17 @@ int64_t ThreadCpuNs() {
 // writes left (a guest's, a copy in 4 KiB writes) or that reclaim split under memory pressure
 // (4 KiB folios: the state after a CI run here) take 94 ms mapped against 60 by pread, and a
 // whole raw incremental 211 against 181 ms. Neither way wins both, and no system call says
-// which state a file is in, so a process measures: its first call over a file (of at least
-// kMeasureBytes of data) maps, its second preads, each timed in its threads' CPU time per byte
-// (faults and copies are both CPU), and every later call takes the cheaper way. A wrong choice
-// costs at most the first two calls' difference. Kept per file (device, inode) for the process.
-enum class ReadWay { kMeasureMapped, kMeasurePread, kMapped, kPread };
+// which state a file is in, so a process measures: its first call over a file reads its 4 MiB
+// chunks mapped and by pread in turn (even chunks mapped, odd ones by pread, so both ways see
+// the same conditions), times each chunk in its thread's CPU time (faults and copies are both
+// CPU), and once each way has read kMeasureBytes, every later call takes the cheaper way. A
+// wrong choice costs at most half of one call's difference. (Until session 47 the first call
+// mapped and the second preaded, each whole: in the readahead state the second call of a raw
+// incremental then took 22 ms where its neighbours took 4-5.) Kept per file (device, inode)
+// for the process.
+enum class ReadWay { kMeasure, kMapped, kPread };
 
-constexpr uint64_t kMeasureBytes = uint64_t{16} << 20;
+constexpr uint64_t kMeasureBytes = uint64_t{8} << 20;
 
 struct WaysSeen {
   std::mutex mu;
@@ -804,18 +808,26 @@ namespace {
 
 ReadWay ChooseReadWay(const struct stat& st) {
   const auto [mapped, pread] = TagReadCostsOf(st);
-  if (mapped < 0) return ReadWay::kMeasureMapped;
-  if (pread < 0) return ReadWay::kMeasurePread;
+  if (mapped < 0 || pread < 0) return ReadWay::kMeasure;
   return mapped <= pread ? ReadWay::kMapped : ReadWay::kPread;
 }
 
-void RecordReadWay(const struct stat& st, ReadWay way, int64_t ns, uint64_t bytes) {
-  if (bytes < kMeasureBytes) return;  // too little read to say (a small file, mostly holes)
-  const int64_t perMiB = static_cast<int64_t>(static_cast<double>(ns) * (1 << 20) / static_cast<double>(bytes));
+// What one call spent reading each way: CPU ns and bytes, mapped ([0]) and by pread ([1]).
+struct WaySpent {
+  std::atomic<int64_t> ns[2] = {{0}, {0}};
+  std::atomic<uint64_t> bytes[2] = {{0}, {0}};
+};
+
+int64_t PerMiB(int64_t ns, uint64_t bytes) {
+  return static_cast<int64_t>(static_cast<double>(ns) * (1 << 20) / static_cast<double>(bytes));
+}
+
+void RecordReadWays(const struct stat& st, const WaySpent& spent) {
+  const uint64_t mappedBytes = spent.bytes[0].load(), preadBytes = spent.bytes[1].load();
+  if (mappedBytes < kMeasureBytes || preadBytes < kMeasureBytes) return;  // too little read to say
   WaysSeen& w = Ways();
   std::lock_guard<std::mutex> lock(w.mu);
-  auto& c = w.costs.emplace(std::make_pair(st.st_dev, st.st_ino), std::make_pair(int64_t{-1}, int64_t{-1})).first->second;
-  (way == ReadWay::kMeasureMapped ? c.first : c.second) = perMiB;
+  w.costs[{st.st_dev, st.st_ino}] = {PerMiB(spent.ns[0].load(), mappedBytes), PerMiB(spent.ns[1].load(), preadBytes)};
 }
 
 }  // namespace
@@ -855,18 +867,18 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
   // pread into this L2-sized buffer takes 40 ms and 50-56 ms there: better in the second case
   // only, and with more CPU (the copy), so a whole raw incremental in that state was no faster
   // with it (0.155 / 0.157 s in 8 alternating runs). Since session 46 each file is read the
-  // way that measured cheaper for it (ChooseReadWay, above); DISKSNAP_NO_MMAP=1 always preads,
+  // way that measured cheaper for it (ChooseReadWay, above: measured within the first call since
+  // session 47); DISKSNAP_NO_MMAP=1 always preads,
   // DISKSNAP_NO_MMAP=0 always maps (diagnostics).
   const char* noMap = ::getenv("DISKSNAP_NO_MMAP");
   const bool canMap = job->digests == nullptr && job->tags != nullptr && S_ISREG(st.st_mode) &&
                       !(noMap != nullptr && strcmp(noMap, "1") == 0);
   const bool measure = canMap && !(noMap != nullptr && strcmp(noMap, "0") == 0);
   const ReadWay way = measure ? ChooseReadWay(st) : ReadWay::kMapped;
-  const bool mapIt = canMap && (way == ReadWay::kMapped || way == ReadWay::kMeasureMapped);
+  const bool mapIt = canMap && way != ReadWay::kPread;
+  const bool measuring = measure && way == ReadWay::kMeasure;
   const uint64_t mappedEnd = static_cast<uint64_t>(st.st_size);
-  // what this call's workers spent (their threads' CPU time) on the bytes they read
-  std::atomic<int64_t> spentNs{0};
-  std::atomic<uint64_t> readBytes{0};
+  WaySpent spent;  // while measuring: each way's chunks, in their threads' CPU time
 
   std::atomic<uint64_t> next{0};
   std::mutex mu;
@@ -883,7 +895,6 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
   // One worker's share; its buffer, hasher and tagger are gone when it returns (below, before
   // it counts as done: the caller's frame may go right after).
   auto work = [&]() {
-    const int64_t startNs = ThreadCpuNs();
     PieceBuffer buf(piece);
     BlockHasher hasher(job->key);
     std::unique_ptr<BlockTagger> tagger;
@@ -928,11 +939,16 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
         // hash reads it.
         const uint64_t firstBlock = rel / bs;
         bool ok = true;
-        const FileMapping map(mapped && !hole && at + want <= mappedEnd ? job->fd : -1, at, want);
+        // while measuring, odd chunks are pread (ChooseReadWay, above)
+        const bool mapThis = mapped && !(measuring && c % 2 == 1);
+        const int64_t chunkStartNs = measuring ? ThreadCpuNs() : 0;
+        const bool mappedBefore = mapped;
+        const FileMapping map(mapThis && !hole && at + want <= mappedEnd ? job->fd : -1, at, want);
+        const int readWay = map ? 0 : 1;  // (a chunk past the file's end, or not mapped, is pread)
         for (size_t p = 0; p < want && ok; p += piece) {
           const size_t n = std::min(piece, want - p);
           const uint64_t b = firstBlock + p / bs;
-          if (map && mapped) {
+          if (map && mapped) {  // (not after a SIGBUS in this chunk)
             if (GuardedRead([&] { ok = piecework(map.at(at + p), n, b, true); })) {
               if (!ok) fail(CryptoFailure());
               continue;
@@ -962,11 +978,14 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
           if (!ok) fail(CryptoFailure());
         }
         if (!ok) break;
-        if (!hole) readBytes.fetch_add(want, std::memory_order_relaxed);
+        // a chunk that was all hole read nothing, and one cut by a SIGBUS was read both ways
+        if (measuring && !hole && mapped == mappedBefore) {
+          spent.ns[readWay].fetch_add(ThreadCpuNs() - chunkStartNs, std::memory_order_relaxed);
+          spent.bytes[readWay].fetch_add(want, std::memory_order_relaxed);
+        }
         job->done.fetch_add(want, std::memory_order_relaxed);
       }
     }
-    spentNs.fetch_add(ThreadCpuNs() - startNs, std::memory_order_relaxed);
   };
   auto worker = [&]() {
     work();
@@ -1001,9 +1020,7 @@ SysError HashFileRange(FileHashJob* job, int tickMs, const std::function<void()>
       }
     }
   }
-  if (measure && (way == ReadWay::kMeasureMapped || way == ReadWay::kMeasurePread) && !firstError.failed()) {
-    RecordReadWay(st, way, spentNs.load(), readBytes.load());
-  }
+  if (measuring && !firstError.failed()) RecordReadWays(st, spent);
   return firstError;
 }
 
