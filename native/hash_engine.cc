@@ -775,10 +775,10 @@ int64_t ThreadCpuNs() {
 // which state a file is in, so a process measures: its first call over a file reads its 4 MiB
 // chunks mapped and by pread in turn (even chunks mapped, odd ones by pread, so both ways see
 // the same conditions), times each chunk in its thread's CPU time (faults and copies are both
-// CPU), and once each way has read kMeasureBytes, every later call takes the cheaper way. A
-// wrong choice costs at most half of one call's difference. (Until session 47 the first call
-// mapped and the second preaded, each whole: in the readahead state the second call of a raw
-// incremental then took 22 ms where its neighbours took 4-5.) Kept per file (device, inode)
+// CPU), and once each way has read kMeasureBytes, every later call takes the cheaper way.
+// Knowing costs at most half of one call's difference. (Until session 47 the first call mapped
+// and the second preaded, each whole: while a test suite ran beside it, the second call of a
+// raw incremental took 20-22 ms where its neighbours took 4-9.) Kept per file (device, inode)
 // for the process.
 enum class ReadWay { kMeasure, kMapped, kPread };
 
