@@ -115,7 +115,6 @@ async function settleOldJobs(qmp: QmpClient, opts: LiveOptions): Promise<void> {
 }
 
 async function stream(qmp: QmpClient, image: string, child: string, node: string, parent: string | undefined, opts: LiveOptions): Promise<void> {
-  await settleOldJobs(qmp, opts);
   const chain = await qemuChain(qmp, image);
   const i = chain.findIndex((x) => x.key !== undefined && x.key === keyOf(child));
   if (i < 0) throw new DisksnapError(`${child} is not in the chain the QEMU at ${qmp.socketPath} runs for ${image}`, 'ENOTFOUND', undefined, child);
@@ -186,6 +185,9 @@ export async function removeLive(image: string, name: string, opts: LiveOptions)
   const started = Date.now();
   const qmp = await QmpClient.connect(opts.qmp, { timeoutMs: opts.timeoutMs ?? 60_000 });
   try {
+    // first: a killed run's job is waited for with its progress shown, however long it takes
+    // (qemuChain's node list would wait 60 s at most: namedNodes)
+    await settleOldJobs(qmp, opts);
     const chain = await qemuChain(qmp, image);
     const keys = new Set(chain.map((c) => c.key).filter((k): k is string => k !== undefined));
     const nodeKey = keyOf(cp.nodePath(image, name));

@@ -27,8 +27,9 @@
  * made again, up to CONNECT_ATTEMPTS times: nothing has been asked of QEMU yet. Why: a QEMU
  * whose previous client was just killed can drop the next one while it tears the old one down.
  * (The `read ECONNRESET` of a re-run of `checkpoint delete --qmp` right after a SIGKILL, once
- * taken for that, was QEMU crashing: see namedNodes below.) Command ids name this process and connection, not only a counter: an answer QEMU still
- * owed a killed client can never be taken for the answer to one of ours.
+ * taken for that, was QEMU crashing: see namedNodes below.) Command ids name this process and
+ * connection, not only a counter: an answer QEMU still owed a killed client can never be taken
+ * for the answer to one of ours.
  */
 import type * as net from 'node:net';
 import { DisksnapError, fromNodeError } from '../engine/errors';
