@@ -372,33 +372,38 @@ export async function backingNode(qmp: QmpClient, top: string): Promise<string> 
   return child;
 }
 
-/** Job states from which a job goes on to `concluded` by itself. */
-const ENDING = new Set(['created', 'running', 'waiting', 'pending', 'aborting']);
+/** Job states a job passes through on its way to `concluded` (from `running`, within moments). */
+const CONCLUDING = new Set(['waiting', 'pending', 'aborting']);
 const JOB_POLL_MS = 100;
 
 /**
  * QEMU's named block nodes (query-named-block-nodes, flat), asked for only while no block job
- * is concluded or about to be: QEMU 7.2 (Debian 12's) crashes with SIGSEGV on this query while
- * a block-stream job that ended has not been dismissed (4 of 4 runs; after job-dismiss 0 of 5;
- * query-block and x-debug-query-block-graph did not crash either way). It surfaced as the
- * re-run of a `checkpoint delete --qmp` that was killed in its job getting `read ECONNRESET`
- * from a QEMU that had died (1 run in 6 of that test, on a loaded machine). So: disksnap's own
- * jobs (ids disksnap-*, left by a killed run: the callers judge by QEMU's graph what they did)
- * are waited for and dismissed; another client's are waited for (their owner dismisses
- * them) up to `timeoutMs`, then EBUSY names them.
+ * is concluded and not dismissed, or about to be: QEMU 7.2 (Debian 12's) crashes with SIGSEGV
+ * on this query while a block-stream job that ended has not been dismissed (4 of 4 runs; after
+ * job-dismiss 0 of 5; query-block and x-debug-query-block-graph did not crash either way; while
+ * the job ran, hundreds of these queries did not either). It surfaced as the re-run of a
+ * `checkpoint delete --qmp` killed in its job getting `read ECONNRESET` from a QEMU that had
+ * died (8 runs in 30 of that test on a loaded machine). So: disksnap's own jobs (ids
+ * disksnap-*, left by a killed run: the callers judge by QEMU's graph what they did) are
+ * waited for while they run and dismissed; another client's concluded or concluding ones are
+ * waited for (their owner dismisses them) up to `timeoutMs`, then EBUSY names them. Another
+ * client's running job is not waited for: it may run for hours (a backup), and only its end
+ * during the query itself is left to chance.
  */
 export async function namedNodes<T>(qmp: QmpClient, timeoutMs = 60_000): Promise<T[]> {
   const until = Date.now() + timeoutMs;
   for (;;) {
     const jobs = await qmp.execute<{ id: string; status: string }[]>('query-jobs');
-    const mine = jobs.filter((j) => j.id.startsWith('disksnap-') && j.status === 'concluded');
-    for (const j of mine) await qmp.execute('job-dismiss', { id: j.id }).catch(() => undefined); // gone meanwhile: fine
-    const waitFor = jobs.filter((j) => ENDING.has(j.status) || (j.status === 'concluded' && !mine.includes(j)));
+    const ours = (j: { id: string }) => j.id.startsWith('disksnap-');
+    for (const j of jobs.filter((x) => ours(x) && x.status === 'concluded')) {
+      await qmp.execute('job-dismiss', { id: j.id }).catch(() => undefined); // gone meanwhile: fine
+    }
+    const waitFor = jobs.filter((j) => CONCLUDING.has(j.status) || (ours(j) ? j.status === 'created' || j.status === 'running' : j.status === 'concluded'));
     if (waitFor.length === 0) return qmp.execute<T[]>('query-named-block-nodes', { flat: true });
     if (Date.now() >= until) {
       const list = waitFor.map((j) => `${j.id} (${j.status})`).join(', ');
       throw new DisksnapError(
-        `the QEMU at ${qmp.socketPath} still has block job ${list} after ${timeoutMs} ms; disksnap reads QEMU's node list only once no job is ending or waiting to be dismissed (QEMU 7.2 crashes otherwise): retry once it is dismissed`,
+        `the QEMU at ${qmp.socketPath} still has block job ${list} after ${timeoutMs} ms; disksnap reads QEMU's node list only once no job is concluding or concluded and not dismissed (QEMU 7.2 crashes otherwise): retry once it is dismissed`,
         'EBUSY',
         undefined,
         qmp.socketPath,
