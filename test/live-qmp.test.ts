@@ -177,7 +177,7 @@ function compareView(t: Test, saved: string, file: string, what: string): void {
 
 /**
  * The files of QEMU's chain for drv0, top first (by node names: filenames can be json:{...}),
- * once no block job is ending (namedNodes: QEMU 7.2 crashes on the query while one ends).
+ * through namedNodes (QEMU 7.2 crashes on the query while a job that ended is not dismissed).
  */
 async function chainFiles(qmp: QmpClient): Promise<string[]> {
   const named = await namedNodes<{ 'node-name': string; file: string }>(qmp);

@@ -392,9 +392,9 @@ const JOB_POLL_MS = 100;
  */
 export async function namedNodes<T>(qmp: QmpClient, timeoutMs = 60_000): Promise<T[]> {
   const until = Date.now() + timeoutMs;
+  const ours = (j: { id: string }) => j.id.startsWith('disksnap-');
   for (;;) {
     const jobs = await qmp.execute<{ id: string; status: string }[]>('query-jobs');
-    const ours = (j: { id: string }) => j.id.startsWith('disksnap-');
     for (const j of jobs.filter((x) => ours(x) && x.status === 'concluded')) {
       await qmp.execute('job-dismiss', { id: j.id }).catch(() => undefined); // gone meanwhile: fine
     }
